@@ -1,0 +1,331 @@
+//! `import`: a disk image becomes a new version of a machine.
+
+use std::collections::HashSet;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use mbank_catalog::{CommitOutcome, VersionInfo, VersionStats, now_ms};
+use mbank_core::chunk::{DEFAULT_ZSTD_LEVEL, encode_with_id};
+use mbank_core::{ChunkId, DEFAULT_CHUNK_SIZE, DiskIndex, MachineName, VersionId, is_zero};
+use mbank_store::{ChunkStore, StoreError};
+use serde::Serialize;
+
+use crate::image::{ImageFormat, ImageSource, open_image};
+use crate::{Bank, BankError, Progress, Unit};
+
+/// How to import.
+#[derive(Clone, Debug)]
+pub struct ImportOptions {
+    /// Chunk size for a new machine; an existing machine keeps its own.
+    pub chunk_size: Option<u32>,
+    /// Force the image format instead of recognising it.
+    pub format: Option<ImageFormat>,
+    /// Worker threads for hashing, compression and I/O.
+    pub jobs: usize,
+    pub zstd_level: i32,
+    /// Where a non-raw image is converted to raw first.
+    pub temp_dir: PathBuf,
+}
+
+impl Default for ImportOptions {
+    fn default() -> Self {
+        ImportOptions {
+            chunk_size: None,
+            format: None,
+            jobs: crate::default_jobs(),
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+            temp_dir: std::env::temp_dir(),
+        }
+    }
+}
+
+/// What an import did.
+#[derive(Clone, Debug, Serialize)]
+pub struct ImportReport {
+    pub machine: String,
+    pub version: String,
+    pub parent: Option<String>,
+    /// False when another writer moved the head first: the version is kept, unhead.
+    pub head_moved: bool,
+    pub head: Option<String>,
+    pub format: String,
+    pub disk_size: u64,
+    pub chunk_size: u32,
+    pub bytes_read: u64,
+    pub chunks_total: u64,
+    pub chunks_zero: u64,
+    pub chunks_new: u64,
+    pub chunks_dedup: u64,
+    pub bytes_stored: u64,
+    pub seconds: f64,
+}
+
+enum Outcome {
+    Zero,
+    New(ChunkId, u64),
+    Dedup(ChunkId),
+}
+
+/// How often a long import tells the catalog it is still alive.
+const HEARTBEAT: Duration = Duration::from_secs(30);
+
+impl Bank {
+    /// Imports the image at `path` as a new version of `machine`.
+    pub fn import(
+        &mut self,
+        machine: &MachineName,
+        path: &Path,
+        opts: &ImportOptions,
+        progress: &dyn Progress,
+    ) -> Result<ImportReport, BankError> {
+        let started = Instant::now();
+        self.require_writable("import")?;
+        let writer = self.begin_write(&format!("import {machine}"))?;
+        let existing = self.catalog.machine(machine)?;
+        let parent = existing.as_ref().and_then(|m| m.head);
+        let chunk_size = existing
+            .as_ref()
+            .map(|m| m.chunk_size)
+            .or(opts.chunk_size)
+            .unwrap_or(DEFAULT_CHUNK_SIZE);
+        let image = open_image(path, opts.format, &opts.temp_dir)?;
+        let mut index = DiskIndex::zeroed(image.len, chunk_size);
+        let mut stats = VersionStats {
+            source: format!("import {}", path.display()),
+            chunks_total: index.chunks.len() as u64,
+            ..Default::default()
+        };
+        progress.start(
+            &format!("importing {}", path.display()),
+            image.len,
+            Unit::Bytes,
+        );
+        let result = chunk_image(
+            path,
+            &image,
+            &mut index,
+            &self.store,
+            opts,
+            progress,
+            &mut stats,
+            || writer.heartbeat(),
+        );
+        progress.finish();
+        result?;
+        drop(image);
+        // Invariant 1: chunks durable, then index + version, then head.
+        self.store.flush()?;
+        stats.seconds = started.elapsed().as_secs_f64();
+        let info = VersionInfo {
+            id: VersionId::random(),
+            machine: machine.clone(),
+            parent,
+            created_ms: now_ms(),
+            disk_size: index.disk_size,
+            chunk_size,
+            stats: stats.clone(),
+        };
+        let outcome = self.catalog.commit_version(&info, &index, parent)?;
+        drop(writer);
+        let (head_moved, head) = match outcome {
+            CommitOutcome::HeadMoved => (true, Some(info.id)),
+            CommitOutcome::Kept { head } => (false, head),
+        };
+        Ok(ImportReport {
+            machine: machine.to_string(),
+            version: info.id.to_hex(),
+            parent: parent.map(|p| p.to_hex()),
+            head_moved,
+            head: head.map(|h| h.to_hex()),
+            format: opts
+                .format
+                .map_or_else(|| format_name(path), |f| f.name().into()),
+            disk_size: index.disk_size,
+            chunk_size,
+            bytes_read: stats.bytes_read,
+            chunks_total: stats.chunks_total,
+            chunks_zero: stats.chunks_zero,
+            chunks_new: stats.chunks_new,
+            chunks_dedup: stats.chunks_dedup,
+            bytes_stored: stats.bytes_stored,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+fn format_name(path: &Path) -> String {
+    let mut head = [0u8; 512];
+    let n = std::fs::File::open(path)
+        .and_then(|f| f.read_at(&mut head, 0))
+        .unwrap_or(0);
+    ImageFormat::sniff(&head[..n])
+        .unwrap_or(ImageFormat::Raw)
+        .name()
+        .to_string()
+}
+
+/// Reads the image chunk by chunk on one thread, hashes and stores on `jobs` workers,
+/// and fills `index` in order on the calling thread.
+#[allow(clippy::too_many_arguments)]
+fn chunk_image(
+    path: &Path,
+    image: &ImageSource,
+    index: &mut DiskIndex,
+    store: &dyn ChunkStore,
+    opts: &ImportOptions,
+    progress: &dyn Progress,
+    stats: &mut VersionStats,
+    mut heartbeat: impl FnMut(),
+) -> Result<(), BankError> {
+    let jobs = opts.jobs.max(1);
+    let n = index.chunks.len();
+    let cs = index.chunk_size as u64;
+    let abort = &AtomicBool::new(false);
+    let seen = &Mutex::new(HashSet::<ChunkId>::new());
+    let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(jobs * 4);
+    let work_rx = Mutex::new(work_rx);
+    let (done_tx, done_rx) = mpsc::channel::<(usize, u64, Result<Outcome, BankError>)>();
+    std::thread::scope(|s| -> Result<(), BankError> {
+        // Reader: holes (per SEEK_DATA) and short reads become zero chunks without I/O.
+        let reader_done = done_tx.clone();
+        s.spawn(move || {
+            let mut data_at: Option<u64> = Some(0);
+            for i in 0..n {
+                if abort.load(Ordering::Relaxed) {
+                    return;
+                }
+                let off = i as u64 * cs;
+                let len = index_chunk_len(image.len, cs, i);
+                if data_at.is_some_and(|d| d < off) {
+                    data_at = image.next_data(off);
+                }
+                if data_at.is_none_or(|d| d >= off + len as u64) {
+                    let _ = reader_done.send((i, 0, Ok(Outcome::Zero)));
+                    continue;
+                }
+                let mut buf = vec![0u8; len];
+                if let Err(e) = image.file.read_exact_at(&mut buf, off) {
+                    let why = format!("reading {len} bytes at offset {off} failed: {e}");
+                    let path = path.to_path_buf();
+                    let _ = reader_done.send((i, 0, Err(BankError::Image { path, why })));
+                    return;
+                }
+                if work_tx.send((i, buf)).is_err() {
+                    return;
+                }
+            }
+        });
+        for _ in 0..jobs {
+            let done = done_tx.clone();
+            let work_rx = &work_rx;
+            s.spawn(move || {
+                loop {
+                    let next = work_rx.lock().expect("work queue poisoned").recv();
+                    let Ok((i, buf)) = next else { return };
+                    if abort.load(Ordering::Relaxed) {
+                        continue; // drain, so the reader is never stuck
+                    }
+                    let read = buf.len() as u64;
+                    let r = store_chunk(&buf, store, seen, opts.zstd_level);
+                    if done.send((i, read, r)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+        let mut first_err = None;
+        let mut last_beat = Instant::now();
+        for (i, read, r) in done_rx {
+            progress.advance(index_chunk_len(index.disk_size, cs, i) as u64);
+            stats.bytes_read += read;
+            match r {
+                Ok(Outcome::Zero) => stats.chunks_zero += 1,
+                Ok(Outcome::New(id, bytes)) => {
+                    stats.chunks_new += 1;
+                    stats.bytes_stored += bytes;
+                    index.chunks[i] = Some(id);
+                }
+                Ok(Outcome::Dedup(id)) => {
+                    stats.chunks_dedup += 1;
+                    index.chunks[i] = Some(id);
+                }
+                Err(e) => {
+                    abort.store(true, Ordering::Relaxed);
+                    first_err.get_or_insert(e);
+                }
+            }
+            if last_beat.elapsed() > HEARTBEAT {
+                heartbeat();
+                last_beat = Instant::now();
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    })
+}
+
+fn index_chunk_len(disk_size: u64, cs: u64, i: usize) -> usize {
+    (disk_size - i as u64 * cs).min(cs) as usize
+}
+
+fn store_chunk(
+    buf: &[u8],
+    store: &dyn ChunkStore,
+    seen: &Mutex<HashSet<ChunkId>>,
+    level: i32,
+) -> Result<Outcome, BankError> {
+    if is_zero(buf) {
+        return Ok(Outcome::Zero);
+    }
+    let id = ChunkId::of(buf);
+    if !seen.lock().expect("seen set poisoned").insert(id) {
+        return Ok(Outcome::Dedup(id));
+    }
+    if store.touch(&id)? {
+        return Ok(Outcome::Dedup(id));
+    }
+    let enc = encode_with_id(id, buf, level);
+    let bytes = store
+        .put(&enc)
+        .map_err(|e: StoreError| BankError::Store(e))?;
+    Ok(Outcome::New(id, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NoProgress;
+
+    #[test]
+    fn import_dedups_and_skips_zeros() {
+        let d = tempfile::tempdir().unwrap();
+        let mut bank = Bank::init(&d.path().join("bank")).unwrap();
+        let cs = 4096usize;
+        let mut img = vec![0u8; cs * 8 + 512];
+        img[0..cs].fill(1);
+        img[2 * cs..3 * cs].fill(1); // repeat of chunk 0
+        img[5 * cs + 10] = 7;
+        img[8 * cs..].fill(9); // short last chunk
+        let p = d.path().join("a.raw");
+        std::fs::write(&p, &img).unwrap();
+        let m: MachineName = "alice/dev".parse().unwrap();
+        let opts = ImportOptions {
+            chunk_size: Some(cs as u32),
+            ..Default::default()
+        };
+        let r = bank.import(&m, &p, &opts, &NoProgress).unwrap();
+        assert_eq!(r.chunks_total, 9);
+        assert_eq!(r.chunks_zero, 5);
+        assert_eq!(r.chunks_new, 3);
+        assert_eq!(r.chunks_dedup, 1);
+        assert!(r.head_moved);
+        let r2 = bank.import(&m, &p, &opts, &NoProgress).unwrap();
+        assert_eq!(r2.chunks_new, 0);
+        assert_eq!(r2.bytes_stored, 0);
+        assert_eq!(r2.parent.as_deref(), Some(r.version.as_str()));
+    }
+}

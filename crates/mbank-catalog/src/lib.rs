@@ -1,0 +1,816 @@
+//! # mbank-catalog
+//!
+//! The bank's catalog: machines, their versions and heads, and the writers in flight
+//! (which GC must respect). One SQLite database, `catalog.db` in the bank directory.
+//!
+//! ## Invariants
+//!
+//! - A version row is inserted only after every chunk its index references is durable
+//!   (the caller flushes the store first; DESIGN invariant 1). The index travels in the
+//!   same row, so index and version record appear in one transaction.
+//! - A machine's head moves only by compare-and-swap: [`Catalog::commit_version`]
+//!   inserts the version and moves the head in one `BEGIN IMMEDIATE` transaction, and
+//!   only if the head is still the version the writer started from (invariant 2). A
+//!   writer that loses the race still has its version kept; the caller is told.
+//! - Versions are immutable; only [`Catalog::remove_version`] and
+//!   [`Catalog::remove_machine`] delete them, and their chunks go at the next GC.
+//!
+//! ## Concurrency and crashes
+//!
+//! SQLite's rollback journal with a 30 s busy timeout serialises writers across
+//! processes; a process killed mid-transaction leaves a journal that the next opener
+//! rolls back, so a crash leaves the catalog as of its last commit. The rollback journal
+//! (not WAL) is chosen so that a bank on a read-only file system can still be read.
+//!
+//! ## Schema
+//!
+//! `PRAGMA user_version` holds the schema version; [`Catalog::open`] migrates older
+//! schemas forward by code and refuses newer ones. The tables are documented in
+//! `docs/formats.md`.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mbank_core::{DiskIndex, IndexError, MachineName, VersionId};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+/// Schema version this code writes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE machines (
+    name        TEXT PRIMARY KEY,
+    chunk_size  INTEGER NOT NULL,
+    head        BLOB,
+    created_ms  INTEGER NOT NULL
+);
+CREATE TABLE versions (
+    id          BLOB PRIMARY KEY,
+    machine     TEXT NOT NULL,
+    parent      BLOB,
+    created_ms  INTEGER NOT NULL,
+    disk_size   INTEGER NOT NULL,
+    chunk_size  INTEGER NOT NULL,
+    disk_index  BLOB NOT NULL,
+    stats       TEXT NOT NULL
+);
+CREATE INDEX versions_by_machine ON versions (machine, created_ms);
+CREATE TABLE writers (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    started_ms   INTEGER NOT NULL,
+    heartbeat_ms INTEGER NOT NULL,
+    pid          INTEGER NOT NULL,
+    host         TEXT NOT NULL,
+    what         TEXT NOT NULL
+);
+";
+
+/// What went wrong in the catalog.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("catalog: cannot {action}: {source}")]
+    Sqlite {
+        action: &'static str,
+        source: rusqlite::Error,
+    },
+    #[error("no machine named {0}")]
+    MachineNotFound(String),
+    #[error("machine {machine} has no version {prefix}")]
+    VersionNotFound { machine: String, prefix: String },
+    #[error("machine {machine} has {count} versions starting with {prefix}; type more digits")]
+    AmbiguousVersion {
+        machine: String,
+        prefix: String,
+        count: usize,
+    },
+    #[error("machine {0} has no versions yet")]
+    NoHead(String),
+    #[error("the index of {machine}@{version} is damaged: {source}")]
+    BadIndex {
+        machine: String,
+        version: VersionId,
+        source: IndexError,
+    },
+    #[error(
+        "catalog schema version {0} is newer than this mbank understands ({SCHEMA_VERSION}); upgrade mbank"
+    )]
+    TooNew(i64),
+    #[error("catalog row is malformed: {0}")]
+    BadRow(String),
+}
+
+impl CatalogError {
+    /// True for SQLite's "busy"/"locked", which a retry may get past.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, CatalogError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. }
+            if matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
+    }
+
+    /// True when SQLite failed because the disk is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, CatalogError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. }
+            if e.code == rusqlite::ErrorCode::DiskFull)
+    }
+
+    /// True when SQLite failed because the database cannot be written.
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, CatalogError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. }
+            if matches!(e.code, rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::PermissionDenied))
+    }
+}
+
+fn sql(action: &'static str) -> impl FnOnce(rusqlite::Error) -> CatalogError {
+    move |source| CatalogError::Sqlite { action, source }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Statistics recorded with each version.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VersionStats {
+    /// Where the version came from, e.g. `import disk.qcow2`.
+    pub source: String,
+    pub bytes_read: u64,
+    pub chunks_total: u64,
+    pub chunks_zero: u64,
+    /// Chunks this version added to the bank.
+    pub chunks_new: u64,
+    /// Chunks already in the bank (or repeated within this version).
+    pub chunks_dedup: u64,
+    /// Stored (compressed) bytes this version added to the bank.
+    pub bytes_stored: u64,
+    pub seconds: f64,
+}
+
+/// A version without its index.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VersionInfo {
+    pub id: VersionId,
+    pub machine: MachineName,
+    pub parent: Option<VersionId>,
+    pub created_ms: i64,
+    pub disk_size: u64,
+    pub chunk_size: u32,
+    pub stats: VersionStats,
+}
+
+/// A machine and its head.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MachineInfo {
+    pub name: MachineName,
+    pub chunk_size: u32,
+    pub head: Option<VersionId>,
+    pub created_ms: i64,
+    pub versions: u64,
+    pub updated_ms: Option<i64>,
+    pub disk_size: Option<u64>,
+}
+
+/// What happened to the head when a version was committed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// The head moved to the new version.
+    HeadMoved,
+    /// Another writer moved the head first; the new version is kept, the head is this.
+    Kept { head: Option<VersionId> },
+}
+
+/// A registered writer (see the GC scheme in `mbank-store`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriterInfo {
+    pub id: i64,
+    pub started_ms: i64,
+    pub heartbeat_ms: i64,
+    pub pid: u32,
+    pub host: String,
+    pub what: String,
+}
+
+/// The catalog database.
+pub struct Catalog {
+    conn: Connection,
+}
+
+fn vid(b: Vec<u8>) -> Result<VersionId, CatalogError> {
+    let arr: [u8; 16] = b
+        .try_into()
+        .map_err(|_| CatalogError::BadRow("version id is not 16 bytes".into()))?;
+    Ok(VersionId::from_bytes(arr))
+}
+
+fn opt_vid(b: Option<Vec<u8>>) -> Result<Option<VersionId>, CatalogError> {
+    b.map(vid).transpose()
+}
+
+fn mname(s: String) -> Result<MachineName, CatalogError> {
+    s.parse()
+        .map_err(|e| CatalogError::BadRow(format!("machine name: {e}")))
+}
+
+const VERSION_COLS: &str = "id, machine, parent, created_ms, disk_size, chunk_size, stats";
+
+/// A `versions` row as SQLite returns it, before validation.
+type RawVersionRow = (Vec<u8>, String, Option<Vec<u8>>, i64, i64, i64, String);
+
+fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawVersionRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+    ))
+}
+
+fn version_info(row: RawVersionRow) -> Result<VersionInfo, CatalogError> {
+    let (id, machine, parent, created_ms, disk_size, chunk_size, stats) = row;
+    Ok(VersionInfo {
+        id: vid(id)?,
+        machine: mname(machine)?,
+        parent: opt_vid(parent)?,
+        created_ms,
+        disk_size: disk_size as u64,
+        chunk_size: chunk_size as u32,
+        stats: serde_json::from_str(&stats)
+            .map_err(|e| CatalogError::BadRow(format!("version statistics: {e}")))?,
+    })
+}
+
+impl Catalog {
+    /// Opens (and with `create`, creates) the catalog at `path`. `read_only` opens it
+    /// without write access, so a bank on a read-only file system can still be read.
+    pub fn open(path: &Path, create: bool, read_only: bool) -> Result<Self, CatalogError> {
+        let flags = if read_only {
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        } else if create {
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        };
+        let conn = Connection::open_with_flags(path, flags).map_err(sql("open the database"))?;
+        conn.busy_timeout(Duration::from_secs(30))
+            .map_err(sql("set the busy timeout"))?;
+        if !read_only {
+            conn.pragma_update(None, "synchronous", "FULL")
+                .map_err(sql("set synchronous mode"))?;
+        }
+        let mut cat = Catalog { conn };
+        cat.migrate(read_only)?;
+        Ok(cat)
+    }
+
+    fn migrate(&mut self, read_only: bool) -> Result<(), CatalogError> {
+        let v: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql("read the schema version"))?;
+        if v > SCHEMA_VERSION {
+            return Err(CatalogError::TooNew(v));
+        }
+        if v == SCHEMA_VERSION || read_only {
+            return Ok(());
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
+            .map_err(sql("start the schema migration"))?;
+        let v: i64 = tx
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql("read the schema version"))?;
+        if v == 0 {
+            tx.execute_batch(SCHEMA_V1)
+                .map_err(sql("create the schema"))?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(sql("set the schema version"))?;
+        }
+        tx.commit().map_err(sql("commit the schema migration"))
+    }
+
+    /// A machine, or `None`.
+    pub fn machine(&self, name: &MachineName) -> Result<Option<MachineInfo>, CatalogError> {
+        Ok(self.machines_where(Some(name))?.pop())
+    }
+
+    /// Every machine, by name.
+    pub fn machines(&self) -> Result<Vec<MachineInfo>, CatalogError> {
+        self.machines_where(None)
+    }
+
+    fn machines_where(&self, name: Option<&MachineName>) -> Result<Vec<MachineInfo>, CatalogError> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT m.name, m.chunk_size, m.head, m.created_ms,
+                        (SELECT count(*) FROM versions v WHERE v.machine = m.name),
+                        h.created_ms, h.disk_size
+                 FROM machines m LEFT JOIN versions h ON h.id = m.head
+                 WHERE ?1 IS NULL OR m.name = ?1 ORDER BY m.name",
+            )
+            .map_err(sql("list machines"))?;
+        let rows = st
+            .query_map(params![name.map(|n| n.as_str())], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Option<Vec<u8>>>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
+                    r.get::<_, Option<i64>>(6)?,
+                ))
+            })
+            .map_err(sql("list machines"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, cs, head, created, n, updated, size) = row.map_err(sql("list machines"))?;
+            out.push(MachineInfo {
+                name: mname(name)?,
+                chunk_size: cs as u32,
+                head: opt_vid(head)?,
+                created_ms: created,
+                versions: n as u64,
+                updated_ms: updated,
+                disk_size: size.map(|s| s as u64),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Inserts a version and moves its machine's head to it if the head is still
+    /// `expected_head`; creates the machine (with the version's chunk size) if needed.
+    pub fn commit_version(
+        &mut self,
+        info: &VersionInfo,
+        index: &DiskIndex,
+        expected_head: Option<VersionId>,
+    ) -> Result<CommitOutcome, CatalogError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql("start the commit"))?;
+        tx.execute(
+            "INSERT OR IGNORE INTO machines (name, chunk_size, head, created_ms) VALUES (?1, ?2, NULL, ?3)",
+            params![info.machine.as_str(), info.chunk_size, info.created_ms],
+        )
+        .map_err(sql("create the machine"))?;
+        let stats = serde_json::to_string(&info.stats).expect("statistics serialise");
+        tx.execute(
+            "INSERT INTO versions (id, machine, parent, created_ms, disk_size, chunk_size, disk_index, stats)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                &info.id.as_bytes()[..],
+                info.machine.as_str(),
+                info.parent.as_ref().map(|p| p.as_bytes().to_vec()),
+                info.created_ms,
+                info.disk_size as i64,
+                info.chunk_size,
+                index.to_bytes(),
+                stats,
+            ],
+        )
+        .map_err(sql("insert the version"))?;
+        let moved = tx
+            .execute(
+                "UPDATE machines SET head = ?1 WHERE name = ?2 AND head IS ?3",
+                params![
+                    &info.id.as_bytes()[..],
+                    info.machine.as_str(),
+                    expected_head.as_ref().map(|p| p.as_bytes().to_vec())
+                ],
+            )
+            .map_err(sql("move the head"))?;
+        let outcome = if moved == 1 {
+            CommitOutcome::HeadMoved
+        } else {
+            let head: Option<Vec<u8>> = tx
+                .query_row(
+                    "SELECT head FROM machines WHERE name = ?1",
+                    params![info.machine.as_str()],
+                    |r| r.get(0),
+                )
+                .map_err(sql("read the head"))?;
+            CommitOutcome::Kept {
+                head: opt_vid(head)?,
+            }
+        };
+        tx.commit().map_err(sql("commit the version"))?;
+        Ok(outcome)
+    }
+
+    /// The versions of a machine, newest first.
+    pub fn versions(&self, machine: &MachineName) -> Result<Vec<VersionInfo>, CatalogError> {
+        if self.machine(machine)?.is_none() {
+            return Err(CatalogError::MachineNotFound(machine.to_string()));
+        }
+        let mut st = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {VERSION_COLS} FROM versions WHERE machine = ?1 ORDER BY created_ms DESC, rowid DESC"
+            ))
+            .map_err(sql("list versions"))?;
+        let rows = st
+            .query_map(params![machine.as_str()], version_row)
+            .map_err(sql("list versions"))?;
+        rows.map(|r| version_info(r.map_err(sql("list versions"))?))
+            .collect()
+    }
+
+    /// Resolves `prefix` (or the head, for `None`) to one version of `machine`.
+    pub fn resolve(
+        &self,
+        machine: &MachineName,
+        prefix: Option<&str>,
+    ) -> Result<VersionInfo, CatalogError> {
+        let m = self
+            .machine(machine)?
+            .ok_or_else(|| CatalogError::MachineNotFound(machine.to_string()))?;
+        let ids: Vec<Vec<u8>> = match prefix {
+            None => vec![
+                m.head
+                    .ok_or_else(|| CatalogError::NoHead(machine.to_string()))?
+                    .as_bytes()
+                    .to_vec(),
+            ],
+            Some(p) => {
+                let mut st = self
+                    .conn
+                    .prepare_cached(
+                        "SELECT id FROM versions WHERE machine = ?1 AND lower(hex(id)) LIKE ?2 || '%'",
+                    )
+                    .map_err(sql("find the version"))?;
+                let rows = st
+                    .query_map(params![machine.as_str(), p.to_ascii_lowercase()], |r| {
+                        r.get(0)
+                    })
+                    .map_err(sql("find the version"))?;
+                rows.collect::<Result<_, _>>()
+                    .map_err(sql("find the version"))?
+            }
+        };
+        match ids.len() {
+            1 => self.version_by_id(&vid(ids[0].clone())?),
+            0 => Err(CatalogError::VersionNotFound {
+                machine: machine.to_string(),
+                prefix: prefix.unwrap_or("").to_string(),
+            }),
+            count => Err(CatalogError::AmbiguousVersion {
+                machine: machine.to_string(),
+                prefix: prefix.unwrap_or("").to_string(),
+                count,
+            }),
+        }
+    }
+
+    fn version_by_id(&self, id: &VersionId) -> Result<VersionInfo, CatalogError> {
+        let row = self
+            .conn
+            .query_row(
+                &format!("SELECT {VERSION_COLS} FROM versions WHERE id = ?1"),
+                params![&id.as_bytes()[..]],
+                version_row,
+            )
+            .map_err(sql("read the version"))?;
+        version_info(row)
+    }
+
+    /// The disk index of a version.
+    pub fn disk_index(&self, v: &VersionInfo) -> Result<DiskIndex, CatalogError> {
+        let bytes: Vec<u8> = self
+            .conn
+            .query_row(
+                "SELECT disk_index FROM versions WHERE id = ?1",
+                params![&v.id.as_bytes()[..]],
+                |r| r.get(0),
+            )
+            .map_err(sql("read the index"))?;
+        DiskIndex::from_bytes(&bytes).map_err(|source| CatalogError::BadIndex {
+            machine: v.machine.to_string(),
+            version: v.id,
+            source,
+        })
+    }
+
+    /// Calls `f` for every version of every machine (or of one machine) with its index.
+    /// Indexes are read one at a time, so memory stays bounded by the largest one.
+    pub fn for_each_index(
+        &self,
+        machine: Option<&MachineName>,
+        mut f: impl FnMut(&VersionInfo, Result<DiskIndex, CatalogError>) -> Result<(), CatalogError>,
+    ) -> Result<(), CatalogError> {
+        let mut st = self
+            .conn
+            .prepare(&format!(
+                "SELECT {VERSION_COLS}, disk_index FROM versions WHERE ?1 IS NULL OR machine = ?1 ORDER BY machine, created_ms"
+            ))
+            .map_err(sql("list versions"))?;
+        let mut rows = st
+            .query(params![machine.map(|m| m.as_str())])
+            .map_err(sql("list versions"))?;
+        while let Some(r) = rows.next().map_err(sql("list versions"))? {
+            let info = version_info(version_row(r).map_err(sql("list versions"))?)?;
+            let bytes: Vec<u8> = r.get(7).map_err(sql("read an index"))?;
+            let idx = DiskIndex::from_bytes(&bytes).map_err(|source| CatalogError::BadIndex {
+                machine: info.machine.to_string(),
+                version: info.id,
+                source,
+            });
+            f(&info, idx)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets one version. If it was the head, the head moves to its parent when that
+    /// still exists, else to the newest remaining version, else to nothing.
+    pub fn remove_version(&mut self, v: &VersionInfo) -> Result<Option<VersionId>, CatalogError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql("start removing the version"))?;
+        tx.execute(
+            "DELETE FROM versions WHERE id = ?1",
+            params![&v.id.as_bytes()[..]],
+        )
+        .map_err(sql("remove the version"))?;
+        let head: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT head FROM machines WHERE name = ?1",
+                params![v.machine.as_str()],
+                |r| r.get(0),
+            )
+            .map_err(sql("read the head"))?;
+        let mut new_head = opt_vid(head)?;
+        if new_head == Some(v.id) {
+            let parent_exists = match &v.parent {
+                Some(p) => tx
+                    .query_row(
+                        "SELECT 1 FROM versions WHERE id = ?1 AND machine = ?2",
+                        params![&p.as_bytes()[..], v.machine.as_str()],
+                        |_| Ok(()),
+                    )
+                    .optional()
+                    .map_err(sql("read the parent"))?
+                    .is_some(),
+                None => false,
+            };
+            new_head = if parent_exists {
+                v.parent
+            } else {
+                let newest: Option<Vec<u8>> = tx
+                    .query_row(
+                        "SELECT id FROM versions WHERE machine = ?1 ORDER BY created_ms DESC, rowid DESC LIMIT 1",
+                        params![v.machine.as_str()],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(sql("find the newest version"))?;
+                opt_vid(newest)?
+            };
+            tx.execute(
+                "UPDATE machines SET head = ?1 WHERE name = ?2",
+                params![
+                    new_head.as_ref().map(|h| h.as_bytes().to_vec()),
+                    v.machine.as_str()
+                ],
+            )
+            .map_err(sql("move the head"))?;
+        }
+        tx.commit().map_err(sql("commit the removal"))?;
+        Ok(new_head)
+    }
+
+    /// Forgets a machine and all its versions; returns how many versions went.
+    pub fn remove_machine(&mut self, machine: &MachineName) -> Result<u64, CatalogError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql("start removing the machine"))?;
+        let n = tx
+            .execute(
+                "DELETE FROM versions WHERE machine = ?1",
+                params![machine.as_str()],
+            )
+            .map_err(sql("remove the versions"))?;
+        let m = tx
+            .execute(
+                "DELETE FROM machines WHERE name = ?1",
+                params![machine.as_str()],
+            )
+            .map_err(sql("remove the machine"))?;
+        if m == 0 {
+            return Err(CatalogError::MachineNotFound(machine.to_string()));
+        }
+        tx.commit().map_err(sql("commit the removal"))?;
+        Ok(n as u64)
+    }
+
+    /// Registers a writer; GC keeps every chunk newer than the oldest writer's start.
+    pub fn register_writer(
+        &self,
+        pid: u32,
+        host: &str,
+        what: &str,
+    ) -> Result<WriterInfo, CatalogError> {
+        let now = now_ms();
+        self.conn
+            .execute(
+                "INSERT INTO writers (started_ms, heartbeat_ms, pid, host, what) VALUES (?1, ?1, ?2, ?3, ?4)",
+                params![now, pid, host, what],
+            )
+            .map_err(sql("register the writer"))?;
+        Ok(WriterInfo {
+            id: self.conn.last_insert_rowid(),
+            started_ms: now,
+            heartbeat_ms: now,
+            pid,
+            host: host.to_string(),
+            what: what.to_string(),
+        })
+    }
+
+    /// Records that writer `id` is still alive.
+    pub fn heartbeat(&self, id: i64) -> Result<(), CatalogError> {
+        self.conn
+            .execute(
+                "UPDATE writers SET heartbeat_ms = ?1 WHERE id = ?2",
+                params![now_ms(), id],
+            )
+            .map_err(sql("record the writer's heartbeat"))?;
+        Ok(())
+    }
+
+    pub fn unregister_writer(&self, id: i64) -> Result<(), CatalogError> {
+        self.conn
+            .execute("DELETE FROM writers WHERE id = ?1", params![id])
+            .map_err(sql("unregister the writer"))?;
+        Ok(())
+    }
+
+    pub fn writers(&self) -> Result<Vec<WriterInfo>, CatalogError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT id, started_ms, heartbeat_ms, pid, host, what FROM writers ORDER BY started_ms")
+            .map_err(sql("list writers"))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(WriterInfo {
+                    id: r.get(0)?,
+                    started_ms: r.get(1)?,
+                    heartbeat_ms: r.get(2)?,
+                    pid: r.get(3)?,
+                    host: r.get(4)?,
+                    what: r.get(5)?,
+                })
+            })
+            .map_err(sql("list writers"))?;
+        rows.collect::<Result<_, _>>().map_err(sql("list writers"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mbank_core::ChunkId;
+
+    fn cat() -> (tempfile::TempDir, Catalog) {
+        let d = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&d.path().join("catalog.db"), true, false).unwrap();
+        (d, c)
+    }
+
+    fn info(m: &str, parent: Option<VersionId>, t: i64) -> (VersionInfo, DiskIndex) {
+        let mut idx = DiskIndex::zeroed(3 * 4096, 4096);
+        idx.chunks[1] = Some(ChunkId::of(&t.to_le_bytes()));
+        (
+            VersionInfo {
+                id: VersionId::random(),
+                machine: m.parse().unwrap(),
+                parent,
+                created_ms: t,
+                disk_size: idx.disk_size,
+                chunk_size: 4096,
+                stats: VersionStats {
+                    chunks_total: 3,
+                    ..Default::default()
+                },
+            },
+            idx,
+        )
+    }
+
+    #[test]
+    fn head_moves_only_by_compare_and_swap() {
+        let (_d, mut c) = cat();
+        let (v1, i1) = info("alice/dev", None, 1);
+        assert_eq!(
+            c.commit_version(&v1, &i1, None).unwrap(),
+            CommitOutcome::HeadMoved
+        );
+        // Two writers both started from v1; the second loses but keeps its version.
+        let (v2, i2) = info("alice/dev", Some(v1.id), 2);
+        let (v3, i3) = info("alice/dev", Some(v1.id), 3);
+        assert_eq!(
+            c.commit_version(&v2, &i2, Some(v1.id)).unwrap(),
+            CommitOutcome::HeadMoved
+        );
+        assert_eq!(
+            c.commit_version(&v3, &i3, Some(v1.id)).unwrap(),
+            CommitOutcome::Kept { head: Some(v2.id) }
+        );
+        let m = c.machine(&v1.machine).unwrap().unwrap();
+        assert_eq!(m.head, Some(v2.id));
+        assert_eq!(m.versions, 3);
+        let vs = c.versions(&v1.machine).unwrap();
+        assert_eq!(
+            vs.iter().map(|v| v.id).collect::<Vec<_>>(),
+            [v3.id, v2.id, v1.id]
+        );
+        assert_eq!(c.disk_index(&vs[0]).unwrap(), i3);
+        assert_eq!(vs[0].stats.chunks_total, 3);
+    }
+
+    #[test]
+    fn resolve_prefixes() {
+        let (_d, mut c) = cat();
+        let (v1, i1) = info("alice/dev", None, 1);
+        c.commit_version(&v1, &i1, None).unwrap();
+        let m = &v1.machine;
+        assert_eq!(c.resolve(m, None).unwrap().id, v1.id);
+        assert_eq!(c.resolve(m, Some(&v1.id.to_hex()[..6])).unwrap().id, v1.id);
+        assert_eq!(
+            c.resolve(m, Some(&v1.id.to_hex().to_uppercase()))
+                .unwrap()
+                .id,
+            v1.id
+        );
+        let other = if v1.id.to_hex().starts_with("0000") {
+            "1111"
+        } else {
+            "0000"
+        };
+        assert!(matches!(
+            c.resolve(m, Some(other)),
+            Err(CatalogError::VersionNotFound { .. })
+        ));
+        let bob: MachineName = "bob/dev".parse().unwrap();
+        assert!(matches!(
+            c.resolve(&bob, None),
+            Err(CatalogError::MachineNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn remove_moves_head_back() {
+        let (_d, mut c) = cat();
+        let (v1, i1) = info("alice/dev", None, 1);
+        let (v2, i2) = info("alice/dev", Some(v1.id), 2);
+        c.commit_version(&v1, &i1, None).unwrap();
+        c.commit_version(&v2, &i2, Some(v1.id)).unwrap();
+        assert_eq!(c.remove_version(&v2).unwrap(), Some(v1.id));
+        assert_eq!(c.remove_version(&v1).unwrap(), None);
+        assert_eq!(c.machine(&v1.machine).unwrap().unwrap().head, None);
+        assert_eq!(c.remove_machine(&v1.machine).unwrap(), 0);
+        assert!(c.machine(&v1.machine).unwrap().is_none());
+    }
+
+    #[test]
+    fn writers_and_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("catalog.db");
+        let c = Catalog::open(&p, true, false).unwrap();
+        let w = c.register_writer(42, "host", "import").unwrap();
+        c.heartbeat(w.id).unwrap();
+        drop(c);
+        let c = Catalog::open(&p, false, true).unwrap();
+        assert_eq!(c.writers().unwrap().len(), 1);
+        drop(c);
+        let c = Catalog::open(&p, false, false).unwrap();
+        c.unregister_writer(w.id).unwrap();
+        assert!(c.writers().unwrap().is_empty());
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("catalog.db");
+        drop(Catalog::open(&p, true, false).unwrap());
+        let conn = Connection::open(&p).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        assert!(matches!(
+            Catalog::open(&p, false, false),
+            Err(CatalogError::TooNew(99))
+        ));
+    }
+}

@@ -1,0 +1,248 @@
+//! # mbank-store
+//!
+//! Where chunks live. [`ChunkStore`] is the one seam: [`LocalStore`] keeps chunks in a
+//! directory on local disk; [`MemStore`] keeps them in memory for unit tests. (An S3
+//! store comes with the bank server.)
+//!
+//! ## What a store promises
+//!
+//! - **Chunks are immutable and named by their content.** Writing a chunk that exists
+//!   replaces it with identical bytes, so two writers storing the same chunk at once is
+//!   harmless.
+//! - **Reads are verified.** [`ChunkStore::read`] decodes and re-hashes every chunk; a
+//!   chunk that fails is moved aside ([`ChunkStore::quarantine`]) and reported as
+//!   [`StoreError::Corrupt`], never returned. A later write of the same content repairs it.
+//! - **Durable before visible.** [`ChunkStore::put`] may buffer; after
+//!   [`ChunkStore::flush`] returns, every chunk put before it is durable on disk and
+//!   visible to every process. A version may reference a chunk only after that flush
+//!   (DESIGN invariant 1).
+//!
+//! ## Local directory layout
+//!
+//! ```text
+//! <bank>/chunks/00 … ff/           256 fan-out directories, by the id's first byte
+//! <bank>/chunks/ab/<64 hex digits> one chunk, in the format of mbank_core::chunk
+//! <bank>/chunks/ab/.tmp-<hex>-<r>  a chunk being written (not yet a chunk)
+//! <bank>/corrupt/<hex>.<ms>        chunks found damaged and moved aside
+//! ```
+//!
+//! A put writes a temp file in the chunk's fan-out directory without fsync. A flush
+//! calls `syncfs` once (one flush of the whole file system is far cheaper than one fsync
+//! per chunk: measured 0.2 ms against 1.1 ms per 64 KiB chunk here), then renames every
+//! pending temp file into place and fsyncs each fan-out directory it touched. A crash
+//! before the rename leaves only temp files, which GC removes; a crash after it leaves
+//! complete chunks, because their data was on disk before their name was.
+//!
+//! ## Garbage collection scheme (DESIGN invariant 5)
+//!
+//! GC must never delete a chunk that a version, or a writer still in flight, can
+//! reference. The scheme, which the bank crate drives:
+//!
+//! 1. Every writer (an import, later a check-in) registers in the catalog with its start
+//!    time **before** it looks at the store, and unregisters after its version is
+//!    committed (or it fails).
+//! 2. A writer that relies on a chunk already in the store calls
+//!    [`ChunkStore::touch`], which sets the chunk's mtime to now. New chunks get a fresh
+//!    mtime when written. So every chunk a live writer will reference has an mtime no
+//!    older than that writer's start.
+//! 3. GC takes `cutoff = min(now, start of the oldest live writer) - 1 s` (the margin
+//!    covers the kernel's coarse file timestamps), **then** reads every version's index
+//!    to build the set of referenced chunks, **then** sweeps: it deletes a chunk only if
+//!    no version references it **and** its mtime is older than `cutoff`.
+//! 4. The sweep of each fan-out directory holds an exclusive `flock` on that directory;
+//!    `touch` holds a shared one. So a touch either happens before GC looks at the chunk
+//!    (GC sees the new mtime and keeps it) or after GC has finished with the directory
+//!    (the touch sees the chunk is gone, and the writer stores it again).
+//!
+//! A writer that registered after GC read the writer list started after `now`, so
+//! everything it touches is newer than `cutoff`. A writer that unregistered before that
+//! read had already committed its version, which GC then reads in step 3. A writer that
+//! died without unregistering stays "live" until the bank sees its process is gone, which
+//! only makes GC keep more. Temp files older than `cutoff` are leftovers of dead writers
+//! and are removed by the sweep.
+//!
+//! | operation | may overlap with |
+//! | --- | --- |
+//! | put / flush | everything |
+//! | touch | everything; waits while GC sweeps that fan-out directory |
+//! | read | everything; a chunk GC deletes was referenced by no version |
+//! | sweep | everything; a second GC only deletes what the first would |
+
+mod local;
+mod mem;
+
+pub use local::LocalStore;
+pub use mem::MemStore;
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use mbank_core::ChunkId;
+use mbank_core::chunk::{self, ChunkError, EncodedChunk};
+
+/// What went wrong in a store, on which object, and whether retrying may help.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("chunk {0} is missing from the bank")]
+    Missing(ChunkId),
+    #[error("{source}{}", moved_to.as_ref().map(|p| format!("; moved aside to {}", p.display())).unwrap_or_default())]
+    Corrupt {
+        source: ChunkError,
+        moved_to: Option<PathBuf>,
+    },
+    #[error("no space left on the bank's disk while trying to {action} {}", path.display())]
+    NoSpace { action: &'static str, path: PathBuf },
+    #[error("the bank is read-only: cannot {action} {} ({source})", path.display())]
+    ReadOnly {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// Wraps an I/O error with what was being done to which path, sorting out the
+    /// conditions a user can act on (a full disk, a read-only bank).
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        let path = path.into();
+        match source.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => StoreError::NoSpace { action, path },
+            Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM) => StoreError::ReadOnly {
+                action,
+                path,
+                source,
+            },
+            _ => StoreError::Io {
+                action,
+                path,
+                source,
+            },
+        }
+    }
+
+    /// True when the same call may succeed later without anyone changing anything.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::Interrupted
+                    | std::io::ErrorKind::WouldBlock
+                    | std::io::ErrorKind::TimedOut
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// What one GC sweep did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepStats {
+    pub chunks_kept: u64,
+    pub chunks_deleted: u64,
+    pub bytes_deleted: u64,
+    /// Unreferenced chunks kept because they are newer than the cutoff.
+    pub chunks_too_new: u64,
+    pub temp_files_deleted: u64,
+}
+
+/// Totals over the chunks in a store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub chunks: u64,
+    pub bytes: u64,
+}
+
+/// A place to keep chunks. See the crate docs for what every implementation promises.
+pub trait ChunkStore: Send + Sync {
+    /// Stores an encoded chunk; durable and visible once [`ChunkStore::flush`] returns.
+    /// Returns the number of bytes written.
+    fn put(&self, chunk: &EncodedChunk) -> Result<u64, StoreError>;
+
+    /// Makes every chunk put so far durable and visible.
+    fn flush(&self) -> Result<(), StoreError>;
+
+    /// Says whether the chunk is present, and if so marks it as just used, so that a GC
+    /// running now keeps it (see the GC scheme in the crate docs).
+    fn touch(&self, id: &ChunkId) -> Result<bool, StoreError>;
+
+    /// The stored bytes of a chunk, unverified. Most callers want [`ChunkStore::read`].
+    fn get_raw(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError>;
+
+    /// Moves a damaged chunk out of the way; returns where it went, if anywhere.
+    fn quarantine(&self, id: &ChunkId) -> Result<Option<PathBuf>, StoreError>;
+
+    /// Deletes every chunk for which `keep` is false and whose mtime is older than
+    /// `cutoff`, and temp files older than `cutoff`.
+    fn sweep(
+        &self,
+        cutoff: SystemTime,
+        keep: &(dyn Fn(&ChunkId) -> bool + Sync),
+    ) -> Result<SweepStats, StoreError>;
+
+    /// Counts the chunks and their stored bytes.
+    fn stats(&self) -> Result<StoreStats, StoreError>;
+
+    /// Reads, decodes and verifies a chunk; returns its plaintext. A chunk that fails
+    /// verification is quarantined and reported as [`StoreError::Corrupt`].
+    fn read(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        let raw = self.get_raw(id)?;
+        match chunk::decode(id, &raw) {
+            Ok(d) => Ok(d.plain),
+            Err(source) => {
+                let moved_to = self.quarantine(id).ok().flatten();
+                Err(StoreError::Corrupt { source, moved_to })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod contract {
+    //! Behaviour every store must show; each implementation's tests call these.
+    use super::*;
+    use mbank_core::chunk::{DEFAULT_ZSTD_LEVEL, encode};
+    use std::time::Duration;
+
+    pub fn put_flush_read(store: &dyn ChunkStore) {
+        let a = encode(&b"alpha".repeat(1000), DEFAULT_ZSTD_LEVEL);
+        let b = encode(b"beta", DEFAULT_ZSTD_LEVEL);
+        assert!(!store.touch(&a.id).unwrap());
+        assert!(store.put(&a).unwrap() > 0);
+        store.put(&b).unwrap();
+        store.put(&a).unwrap(); // same chunk twice is harmless
+        store.flush().unwrap();
+        assert!(store.touch(&a.id).unwrap());
+        assert_eq!(store.read(&a.id).unwrap(), b"alpha".repeat(1000));
+        assert_eq!(store.read(&b.id).unwrap(), b"beta");
+        let missing = ChunkId::of(b"nope");
+        assert!(matches!(store.read(&missing), Err(StoreError::Missing(_))));
+        let s = store.stats().unwrap();
+        assert_eq!(s.chunks, 2);
+        assert_eq!(s.bytes, (a.bytes.len() + b.bytes.len()) as u64);
+    }
+
+    pub fn sweep_respects_keep_and_cutoff(store: &dyn ChunkStore) {
+        let keep = encode(b"keep me", 3);
+        let drop = encode(b"drop me", 3);
+        store.put(&keep).unwrap();
+        store.put(&drop).unwrap();
+        store.flush().unwrap();
+        // A cutoff in the past protects everything just written.
+        let past = SystemTime::now() - Duration::from_secs(3600);
+        let s = store.sweep(past, &|_| false).unwrap();
+        assert_eq!(s.chunks_deleted, 0);
+        assert_eq!(s.chunks_too_new, 2);
+        let future = SystemTime::now() + Duration::from_secs(3600);
+        let s = store.sweep(future, &|id: &ChunkId| *id == keep.id).unwrap();
+        assert_eq!(s.chunks_deleted, 1);
+        assert_eq!(s.chunks_kept, 1);
+        assert!(store.touch(&keep.id).unwrap());
+        assert!(!store.touch(&drop.id).unwrap());
+    }
+}

@@ -1,0 +1,456 @@
+//! [`LocalStore`]: chunks as files in a directory. Layout and crash behaviour are in the
+//! crate docs.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use mbank_core::ChunkId;
+use mbank_core::chunk::{EncodedChunk, MAX_STORED_LEN};
+
+use crate::{ChunkStore, StoreError, StoreStats, SweepStats};
+
+/// Flush on our own once this many chunks are pending, so memory and the amount of work
+/// a crash throws away stay bounded.
+const FLUSH_EVERY_CHUNKS: usize = 4096;
+const FLUSH_EVERY_BYTES: u64 = 256 << 20;
+const TMP_PREFIX: &str = ".tmp-";
+
+struct PendingChunk {
+    tmp: PathBuf,
+    fanout: u8,
+    len: u64,
+}
+
+#[derive(Default)]
+struct Pending {
+    chunks: HashMap<ChunkId, PendingChunk>,
+    bytes: u64,
+}
+
+/// A chunk store in a local directory.
+pub struct LocalStore {
+    chunks: PathBuf,
+    corrupt: PathBuf,
+    pending: Mutex<Pending>,
+}
+
+impl LocalStore {
+    /// Creates the directory layout under `root` (which must exist).
+    pub fn create(root: &Path) -> Result<Self, StoreError> {
+        let chunks = root.join("chunks");
+        for i in 0..=255u8 {
+            let d = chunks.join(format!("{i:02x}"));
+            fs::create_dir_all(&d).map_err(|e| StoreError::io("create directory", &d, e))?;
+        }
+        let corrupt = root.join("corrupt");
+        fs::create_dir_all(&corrupt)
+            .map_err(|e| StoreError::io("create directory", &corrupt, e))?;
+        fsync_dir(&chunks)?;
+        fsync_dir(root)?;
+        Self::open(root)
+    }
+
+    /// Opens the store under `root`.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        let chunks = root.join("chunks");
+        if !chunks.is_dir() {
+            return Err(StoreError::io(
+                "open chunk directory",
+                &chunks,
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ));
+        }
+        Ok(LocalStore {
+            chunks,
+            corrupt: root.join("corrupt"),
+            pending: Mutex::new(Pending::default()),
+        })
+    }
+
+    fn fanout_dir(&self, fanout: u8) -> PathBuf {
+        self.chunks.join(format!("{fanout:02x}"))
+    }
+
+    /// Where chunk `id` lives.
+    pub fn chunk_path(&self, id: &ChunkId) -> PathBuf {
+        self.fanout_dir(id.fanout()).join(id.to_hex())
+    }
+
+    fn lock_fanout(&self, fanout: u8, exclusive: bool) -> Result<File, StoreError> {
+        let dir = self.fanout_dir(fanout);
+        let f = File::open(&dir).map_err(|e| StoreError::io("open directory", &dir, e))?;
+        let op = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
+        loop {
+            // SAFETY: flock on a file descriptor we own; no memory is involved.
+            let r = unsafe { libc::flock(f.as_raw_fd(), op) };
+            if r == 0 {
+                return Ok(f);
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(StoreError::io("lock directory", &dir, e));
+            }
+        }
+    }
+
+    fn flush_pending(&self, pending: Pending) -> Result<(), StoreError> {
+        if pending.chunks.is_empty() {
+            return Ok(());
+        }
+        // 1. Data of every temp file to disk, with one syncfs.
+        let dir = File::open(&self.chunks)
+            .map_err(|e| StoreError::io("open directory", &self.chunks, e))?;
+        // SAFETY: syncfs on a file descriptor we own.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(StoreError::io(
+                "sync the file system holding",
+                &self.chunks,
+                e,
+            ));
+        }
+        // 2. Names into place; 3. the names to disk.
+        let mut dirs = BTreeSet::new();
+        for (id, p) in &pending.chunks {
+            let dest = self.chunk_path(id);
+            fs::rename(&p.tmp, &dest).map_err(|e| StoreError::io("rename chunk into", &dest, e))?;
+            dirs.insert(p.fanout);
+        }
+        for d in dirs {
+            fsync_dir(&self.fanout_dir(d))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LocalStore {
+    fn drop(&mut self) {
+        // Chunks never flushed were never referenced: remove their temp files.
+        if let Ok(p) = self.pending.get_mut() {
+            for c in p.chunks.values() {
+                let _ = fs::remove_file(&c.tmp);
+            }
+        }
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+    let f = File::open(dir).map_err(|e| StoreError::io("open directory", dir, e))?;
+    f.sync_all()
+        .map_err(|e| StoreError::io("sync directory", dir, e))
+}
+
+fn random_suffix() -> String {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("the operating system's random source failed");
+    format!("{:016x}", u64::from_le_bytes(b))
+}
+
+fn mtime(md: &fs::Metadata) -> SystemTime {
+    md.modified().unwrap_or(UNIX_EPOCH)
+}
+
+impl ChunkStore for LocalStore {
+    fn put(&self, chunk: &EncodedChunk) -> Result<u64, StoreError> {
+        let fanout = chunk.id.fanout();
+        let tmp = self.fanout_dir(fanout).join(format!(
+            "{TMP_PREFIX}{}-{}",
+            chunk.id.to_hex(),
+            random_suffix()
+        ));
+        let write = || -> std::io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(&chunk.bytes)
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError::io("write chunk file", &tmp, e));
+        }
+        let len = chunk.bytes.len() as u64;
+        let full = {
+            let mut p = self.pending.lock().expect("pending lock poisoned");
+            if let Some(old) = p.chunks.insert(chunk.id, PendingChunk { tmp, fanout, len }) {
+                p.bytes -= old.len;
+                let _ = fs::remove_file(&old.tmp);
+            }
+            p.bytes += len;
+            if p.chunks.len() >= FLUSH_EVERY_CHUNKS || p.bytes >= FLUSH_EVERY_BYTES {
+                Some(std::mem::take(&mut *p))
+            } else {
+                None
+            }
+        };
+        if let Some(batch) = full {
+            self.flush_pending(batch)?;
+        }
+        Ok(len)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        let batch = std::mem::take(&mut *self.pending.lock().expect("pending lock poisoned"));
+        self.flush_pending(batch)
+    }
+
+    fn touch(&self, id: &ChunkId) -> Result<bool, StoreError> {
+        if self
+            .pending
+            .lock()
+            .expect("pending lock poisoned")
+            .chunks
+            .contains_key(id)
+        {
+            return Ok(true);
+        }
+        let path = self.chunk_path(id);
+        let c = CString::new(path.as_os_str().as_bytes()).expect("no NUL in a chunk path");
+        let times = [
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_NOW,
+            },
+        ];
+        let _lock = self.lock_fanout(id.fanout(), false)?;
+        // SAFETY: `c` is a valid NUL-terminated path and `times` two valid timespecs,
+        // both alive for the duration of the call.
+        let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Ok(false)
+        } else {
+            Err(StoreError::io("touch chunk", &path, e))
+        }
+    }
+
+    fn get_raw(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        let path = match self
+            .pending
+            .lock()
+            .expect("pending lock poisoned")
+            .chunks
+            .get(id)
+        {
+            Some(p) => p.tmp.clone(),
+            None => self.chunk_path(id),
+        };
+        let mut f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::Missing(*id));
+            }
+            Err(e) => return Err(StoreError::io("open chunk", &path, e)),
+        };
+        let mut buf = Vec::new();
+        // Read at most one byte past the bound, so an oversized file is caught by the
+        // decoder's length checks without reading all of it.
+        (&mut f)
+            .take(MAX_STORED_LEN as u64 + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| StoreError::io("read chunk", &path, e))?;
+        Ok(buf)
+    }
+
+    fn quarantine(&self, id: &ChunkId) -> Result<Option<PathBuf>, StoreError> {
+        let from = self.chunk_path(id);
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let to = self.corrupt.join(format!("{}.{ms}", id.to_hex()));
+        fs::create_dir_all(&self.corrupt)
+            .map_err(|e| StoreError::io("create directory", &self.corrupt, e))?;
+        match fs::rename(&from, &to) {
+            Ok(()) => Ok(Some(to)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io("move damaged chunk aside", &from, e)),
+        }
+    }
+
+    fn sweep(
+        &self,
+        cutoff: SystemTime,
+        keep: &(dyn Fn(&ChunkId) -> bool + Sync),
+    ) -> Result<SweepStats, StoreError> {
+        let mut s = SweepStats::default();
+        for fanout in 0..=255u8 {
+            let dir = self.fanout_dir(fanout);
+            let _lock = self.lock_fanout(fanout, true)?;
+            let entries = fs::read_dir(&dir).map_err(|e| StoreError::io("list", &dir, e))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| StoreError::io("list", &dir, e))?;
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else { continue };
+                let path = entry.path();
+                let md = match fs::symlink_metadata(&path) {
+                    Ok(md) => md,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(StoreError::io("inspect", &path, e)),
+                };
+                if name.starts_with(TMP_PREFIX) {
+                    if mtime(&md) < cutoff {
+                        fs::remove_file(&path)
+                            .map_err(|e| StoreError::io("delete temp file", &path, e))?;
+                        s.temp_files_deleted += 1;
+                    }
+                    continue;
+                }
+                let Ok(id) = name.parse::<ChunkId>() else {
+                    continue;
+                };
+                if keep(&id) {
+                    s.chunks_kept += 1;
+                } else if mtime(&md) >= cutoff {
+                    s.chunks_too_new += 1;
+                } else {
+                    fs::remove_file(&path).map_err(|e| StoreError::io("delete chunk", &path, e))?;
+                    s.chunks_deleted += 1;
+                    s.bytes_deleted += md.len();
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    fn stats(&self) -> Result<StoreStats, StoreError> {
+        let mut s = StoreStats::default();
+        for fanout in 0..=255u8 {
+            let dir = self.fanout_dir(fanout);
+            let entries = fs::read_dir(&dir).map_err(|e| StoreError::io("list", &dir, e))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| StoreError::io("list", &dir, e))?;
+                let name = entry.file_name();
+                if name.to_str().is_some_and(|n| n.parse::<ChunkId>().is_ok()) {
+                    let md = entry
+                        .metadata()
+                        .map_err(|e| StoreError::io("inspect", entry.path(), e))?;
+                    s.chunks += 1;
+                    s.bytes += md.len();
+                }
+            }
+        }
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract;
+    use mbank_core::chunk::encode;
+
+    fn store() -> (tempfile::TempDir, LocalStore) {
+        let d = tempfile::tempdir().unwrap();
+        let s = LocalStore::create(d.path()).unwrap();
+        (d, s)
+    }
+
+    #[test]
+    fn contract_put_flush_read() {
+        let (_d, s) = store();
+        contract::put_flush_read(&s);
+    }
+
+    #[test]
+    fn contract_sweep() {
+        let (_d, s) = store();
+        contract::sweep_respects_keep_and_cutoff(&s);
+    }
+
+    #[test]
+    fn unflushed_chunks_are_invisible_to_other_processes_and_cleaned_on_drop() {
+        let d = tempfile::tempdir().unwrap();
+        let a = LocalStore::create(d.path()).unwrap();
+        let c = encode(b"pending", 3);
+        a.put(&c).unwrap();
+        let b = LocalStore::open(d.path()).unwrap();
+        assert!(!b.touch(&c.id).unwrap(), "not visible before flush");
+        assert!(a.touch(&c.id).unwrap(), "visible to its writer");
+        drop(a);
+        let tmp_left = fs::read_dir(b.fanout_dir(c.id.fanout())).unwrap().count();
+        assert_eq!(tmp_left, 0);
+    }
+
+    #[test]
+    fn corrupt_chunk_is_moved_aside_and_rewritten_later() {
+        let (d, s) = store();
+        let c = encode(&b"precious".repeat(100), 3);
+        s.put(&c).unwrap();
+        s.flush().unwrap();
+        let path = s.chunk_path(&c.id);
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&path, &bytes).unwrap();
+        let err = s.read(&c.id).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Corrupt {
+                    moved_to: Some(_),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&c.id.to_hex()));
+        assert!(!path.exists());
+        assert_eq!(fs::read_dir(d.path().join("corrupt")).unwrap().count(), 1);
+        // Storing the same content again repairs the bank.
+        s.put(&c).unwrap();
+        s.flush().unwrap();
+        assert_eq!(s.read(&c.id).unwrap(), b"precious".repeat(100));
+    }
+
+    #[test]
+    fn stale_temp_files_are_swept() {
+        let (_d, s) = store();
+        let stray = s.fanout_dir(7).join(".tmp-dead-writer");
+        fs::write(&stray, b"half a chunk").unwrap();
+        let st = s
+            .sweep(
+                SystemTime::now() + std::time::Duration::from_secs(5),
+                &|_| true,
+            )
+            .unwrap();
+        assert_eq!(st.temp_files_deleted, 1);
+        assert!(!stray.exists());
+    }
+
+    #[test]
+    fn touch_waits_for_sweep_lock() {
+        // While GC holds a fan-out directory exclusively, a touch in it must wait.
+        let (_d, s) = store();
+        let c = encode(b"contended", 3);
+        s.put(&c).unwrap();
+        s.flush().unwrap();
+        let guard = s.lock_fanout(c.id.fanout(), true).unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                assert!(s.touch(&c.id).unwrap());
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            assert!(!done.load(std::sync::atomic::Ordering::SeqCst));
+            drop(guard);
+        });
+        assert!(done.load(std::sync::atomic::Ordering::SeqCst));
+    }
+}

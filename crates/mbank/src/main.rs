@@ -1,0 +1,418 @@
+//! `mbank`: the Machine Bank command line.
+//!
+//! Output rules: what scripts read goes to standard output (a version id, a table, or
+//! with `--json` one JSON document); progress and summaries go to standard error.
+//! Exit codes: 0 success, 1 failure, 2 bad usage, 3 `verify` found damage.
+
+mod fmt;
+mod progress;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use mbank_bank::{Bank, BankError, ImageFormat, ImportOptions};
+use mbank_core::{MachineName, MachineRef};
+
+use crate::fmt::{bytes, date, parse_size};
+use crate::progress::Bar;
+
+const AFTER_HELP: &str = "\
+A bank is a directory holding a content-addressed chunk store and a catalog of
+machines and their versions. Disks are cut into fixed-size chunks named by their
+BLAKE3 hash; a chunk the bank already has is never stored twice, and all-zero
+chunks are never stored at all.
+
+Examples:
+  mbank --bank ./bank init
+  mbank --bank ./bank import alice/dev disk.qcow2      # prints the new version id
+  mbank --bank ./bank import alice/dev disk-v2.raw     # stores only what changed
+  mbank --bank ./bank log alice/dev
+  mbank --bank ./bank export alice/dev@1a2b3c out.raw
+  mbank --bank ./bank verify && mbank --bank ./bank gc
+
+Exit status: 0 success, 1 failure, 2 bad usage, 3 verify found damage.";
+
+#[derive(Parser)]
+#[command(name = "mbank", version, about = "Machine Bank: keep versioned virtual machine disks in a deduplicating bank", after_help = AFTER_HELP)]
+struct Cli {
+    /// The bank: a directory (created by `init`).
+    #[arg(long, global = true, env = "MBANK_BANK", value_name = "DIR")]
+    bank: Option<PathBuf>,
+    /// Worker threads for hashing, compression and I/O [default: one per core].
+    #[arg(long, short = 'j', global = true, value_name = "N")]
+    jobs: Option<usize>,
+    /// No progress bars or summaries on standard error.
+    #[arg(long, short = 'q', global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a new, empty bank in the --bank directory.
+    Init,
+    /// Store a disk image (raw, qcow2, vmdk, vdi, vhdx, qed) as a new version of a machine.
+    ///
+    /// Prints the new version's id. Only chunks the bank does not have yet are stored.
+    /// A machine is created by its first import.
+    Import {
+        /// The machine, as user/name.
+        machine: MachineName,
+        /// The disk image file.
+        image: PathBuf,
+        /// Chunk size of a new machine: a power of two from 4K to 4M. An existing
+        /// machine keeps its own.
+        #[arg(long, value_parser = parse_chunk_size, value_name = "SIZE")]
+        chunk_size: Option<u32>,
+        /// The image's format, when it should not be recognised from its contents.
+        #[arg(long, value_name = "FORMAT")]
+        format: Option<ImageFormat>,
+        /// Where non-raw images are converted to raw first [default: $TMPDIR or /tmp].
+        #[arg(long, value_name = "DIR")]
+        tmpdir: Option<PathBuf>,
+        /// zstd compression level (1-19).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+        level: i32,
+        /// Print a JSON report instead of the version id.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a version's disk as a raw image (sparse where the disk is zero).
+    Export {
+        /// user/name for the head, or user/name@VERSION (any unique prefix of 4+ digits).
+        machine: MachineRef,
+        /// The output file, or - for standard output.
+        output: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a machine's versions, newest first.
+    Log {
+        machine: MachineName,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the machines in the bank.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every chunk that some version needs (or one machine's versions need).
+    ///
+    /// Damaged chunks are moved aside into <bank>/corrupt and listed with every version
+    /// that needs them; the exit status is then 3. Importing the original image again
+    /// puts a good copy back.
+    Verify {
+        machine: Option<MachineName>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete chunks that no version needs. Safe while imports run.
+    Gc {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a version (user/name@VERSION) or a whole machine (user/name).
+    ///
+    /// Removing the head moves it to the removed version's parent. The chunks are
+    /// deleted by the next gc.
+    Rm {
+        machine: MachineRef,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show totals: machines, versions, chunks, bytes stored, deduplication.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_chunk_size(s: &str) -> Result<u32, String> {
+    let v = parse_size(s)?;
+    if !mbank_core::valid_chunk_size(v) {
+        return Err(format!("{s} is not a power of two from 4K to 4M"));
+    }
+    Ok(v as u32)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mbank: error: {e:#}");
+            if let Some(hint) = e.downcast_ref::<BankError>().and_then(hint) {
+                eprintln!("mbank: {hint}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// What the user can do about an error, where there is something to say.
+fn hint(e: &BankError) -> Option<&'static str> {
+    if e.is_no_space() {
+        return Some(
+            "free space on that disk and run the command again; nothing was committed, and `mbank gc` removes chunks a failed import left behind",
+        );
+    }
+    match e {
+        BankError::ReadOnly { .. } => Some(
+            "the bank's directory cannot be written (a read-only mount?); reading commands such as log, export and verify still work",
+        ),
+        BankError::Damaged { .. } => Some(
+            "nothing was written; run `mbank verify` to list every damaged chunk and the versions that need it; importing the original image again repairs the bank",
+        ),
+        _ => None,
+    }
+}
+
+fn json_out<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let jobs = cli.jobs.unwrap_or_else(mbank_bank::default_jobs).max(1);
+    let bank_dir = cli
+        .bank
+        .clone()
+        .context("no bank given: pass --bank DIR or set MBANK_BANK")?;
+    let bar = Bar::new(cli.quiet);
+    let say = |s: String| {
+        if !cli.quiet {
+            eprintln!("{s}");
+        }
+    };
+    let read_only = !matches!(
+        cli.cmd,
+        Cmd::Init | Cmd::Import { .. } | Cmd::Gc { .. } | Cmd::Rm { .. }
+    );
+    if let Cmd::Init = cli.cmd {
+        Bank::init(&bank_dir)?;
+        say(format!("created an empty bank in {}", bank_dir.display()));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut bank = Bank::open(&bank_dir, read_only)?;
+    match cli.cmd {
+        Cmd::Init => unreachable!("handled above"),
+        Cmd::Import {
+            machine,
+            image,
+            chunk_size,
+            format,
+            tmpdir,
+            level,
+            json,
+        } => {
+            let opts = ImportOptions {
+                chunk_size,
+                format,
+                jobs,
+                zstd_level: level,
+                temp_dir: tmpdir.unwrap_or_else(std::env::temp_dir),
+            };
+            let r = bank.import(&machine, &image, &opts, &bar)?;
+            if json {
+                json_out(&r)?;
+            } else {
+                println!("{}", r.version);
+            }
+            let rate = r.disk_size as f64 / r.seconds.max(1e-9);
+            say(format!(
+                "imported {}@{}: {} disk, {} chunks ({} zero, {} new, {} already in the bank), {} stored, in {:.1} s ({}/s)",
+                r.machine,
+                &r.version[..12],
+                bytes(r.disk_size),
+                r.chunks_total,
+                r.chunks_zero,
+                r.chunks_new,
+                r.chunks_dedup,
+                bytes(r.bytes_stored),
+                r.seconds,
+                bytes(rate as u64),
+            ));
+            if !r.head_moved {
+                say(format!(
+                    "warning: another import moved the head of {} first; this version is kept, but the head is {}",
+                    r.machine,
+                    r.head.as_deref().unwrap_or("none")
+                ));
+            }
+        }
+        Cmd::Export {
+            machine,
+            output,
+            json,
+        } => {
+            let r = bank.export(&machine, &output, jobs, &bar)?;
+            if json {
+                json_out(&r)?;
+            }
+            say(format!(
+                "exported {}@{} to {}: {} ({} chunks read, {} zero) in {:.1} s",
+                r.machine,
+                &r.version[..12],
+                r.path,
+                bytes(r.disk_size),
+                r.chunks_read,
+                r.chunks_zero,
+                r.seconds
+            ));
+        }
+        Cmd::Log { machine, json } => {
+            let versions = bank.log(&machine)?;
+            if json {
+                json_out(&versions)?;
+            } else {
+                println!(
+                    "{:<14} {:<20} {:>10} {:>10} {:>8} {:<12}",
+                    "VERSION", "CREATED (UTC)", "DISK", "NEW DATA", "NEW", "PARENT"
+                );
+                for v in versions {
+                    println!(
+                        "{:<14} {:<20} {:>10} {:>10} {:>8} {:<12}",
+                        format!("{}{}", &v.version[..12], if v.head { " *" } else { "" }),
+                        date(v.created_ms),
+                        bytes(v.disk_size),
+                        bytes(v.stats.bytes_stored),
+                        v.stats.chunks_new,
+                        v.parent.as_deref().map_or("-", |p| &p[..12]),
+                    );
+                }
+            }
+        }
+        Cmd::Ls { json } => {
+            let ms = bank.list()?;
+            if json {
+                json_out(&ms)?;
+            } else {
+                println!(
+                    "{:<40} {:>8} {:<14} {:>10} {:<20}",
+                    "MACHINE", "VERSIONS", "HEAD", "DISK", "UPDATED (UTC)"
+                );
+                for m in ms {
+                    println!(
+                        "{:<40} {:>8} {:<14} {:>10} {:<20}",
+                        m.machine,
+                        m.versions,
+                        m.head.as_deref().map_or("-", |h| &h[..12]),
+                        m.disk_size.map_or("-".into(), bytes),
+                        m.updated_ms.map_or("-".into(), date),
+                    );
+                }
+            }
+        }
+        Cmd::Verify { machine, json } => {
+            let r = bank.verify(machine.as_ref(), jobs, &bar)?;
+            if json {
+                json_out(&r)?;
+            } else {
+                for d in &r.damaged_indexes {
+                    println!("damaged index: {}: {}", d.version, d.problem);
+                }
+                for d in &r.damaged_chunks {
+                    println!("damaged chunk {}: {}", d.chunk, d.problem);
+                    if let Some(m) = &d.moved_to {
+                        println!("  moved aside to {m}");
+                    }
+                    for v in &d.needed_by {
+                        println!("  needed by {v}");
+                    }
+                }
+            }
+            if r.ok() {
+                say(format!(
+                    "ok: {} versions, {} chunks ({}) verified in {:.1} s",
+                    r.versions,
+                    r.chunks_checked,
+                    bytes(r.bytes_checked),
+                    r.seconds
+                ));
+            } else {
+                let versions: std::collections::BTreeSet<&str> = r
+                    .damaged_chunks
+                    .iter()
+                    .flat_map(|d| d.needed_by.iter().map(String::as_str))
+                    .chain(r.damaged_indexes.iter().map(|d| d.version.as_str()))
+                    .collect();
+                eprintln!(
+                    "mbank: verify found {} damaged chunks and {} damaged indexes, affecting {} versions; \
+                     importing the original images again repairs damaged chunks",
+                    r.damaged_chunks.len(),
+                    r.damaged_indexes.len(),
+                    versions.len()
+                );
+                return Ok(ExitCode::from(3));
+            }
+        }
+        Cmd::Gc { json } => {
+            let r = bank.gc(&bar)?;
+            if json {
+                json_out(&r)?;
+            }
+            say(format!(
+                "gc: {} chunks referenced by {} versions; deleted {} chunks ({}) and {} temp files; \
+                 kept {} unreferenced chunks for {} writers in flight; {:.1} s",
+                r.chunks_referenced,
+                r.versions,
+                r.chunks_deleted,
+                bytes(r.bytes_deleted),
+                r.temp_files_deleted,
+                r.chunks_kept_for_writers,
+                r.live_writers,
+                r.seconds
+            ));
+        }
+        Cmd::Rm { machine, json } => {
+            let (removed, head) = bank.remove(&machine)?;
+            let removed: Vec<String> = removed.iter().map(|v| v.to_hex()).collect();
+            if json {
+                json_out(&serde_json::json!({
+                    "machine": machine.machine.to_string(),
+                    "removed": removed,
+                    "head": head.map(|h| h.to_hex()),
+                }))?;
+            }
+            match (&machine.version, head) {
+                (None, _) => say(format!(
+                    "removed machine {} and its {} versions; run gc to free their chunks",
+                    machine.machine,
+                    removed.len()
+                )),
+                (Some(_), h) => say(format!(
+                    "removed {}@{}; head of {} is now {}; run gc to free its chunks",
+                    machine.machine,
+                    &removed[0][..12],
+                    machine.machine,
+                    h.map_or("none".into(), |h| h.short())
+                )),
+            }
+        }
+        Cmd::Stats { json } => {
+            let s = bank.stats()?;
+            if json {
+                json_out(&s)?;
+            } else {
+                println!("machines            {}", s.machines);
+                println!("versions            {}", s.versions);
+                println!("logical size        {}", bytes(s.logical_bytes));
+                println!("  non-zero          {}", bytes(s.logical_nonzero_bytes));
+                println!(
+                    "chunks stored       {} ({} referenced)",
+                    s.chunks, s.chunks_referenced
+                );
+                println!("bytes stored        {}", bytes(s.bytes_stored));
+                println!(
+                    "deduplication       {:.2}x (non-zero data / bytes stored)",
+                    s.dedup_ratio
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,53 @@
+# shellcheck shell=bash disable=SC2034 # variables are used by the sourcing scripts
+# Shared helpers for the scripts/bench-*.sh scripts. Source it, don't run it.
+
+CACHE_DIR=${MBANK_CACHE_DIR:-/var/cache/mbank-dev}
+BENCH_DIR=$CACHE_DIR/bench
+TMP_ROOT=$CACHE_DIR/tmp
+
+# Progress goes to stderr so stdout stays clean for the results.
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# need CMD [PACKAGE]: install PACKAGE (default CMD) with apt only if CMD is missing.
+_apt_updated=
+need() {
+    local cmd=$1 pkg=${2:-$1}
+    command -v "$cmd" >/dev/null 2>&1 && return 0
+    log "installing $pkg (for $cmd)"
+    if [[ -z $_apt_updated ]]; then apt-get update -qq >&2; _apt_updated=1; fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$pkg" >&2
+    command -v "$cmd" >/dev/null 2>&1 || die "$cmd still missing after installing $pkg"
+}
+
+# Apparent size (bytes) of a file, or total of a directory tree.
+bytes_of() { du -sb "$1" | cut -f1; }
+# Allocated size (bytes) on disk; for sparse images this is smaller.
+alloc_of() { du -sB1 "$1" | cut -f1; }
+human() { numfmt --to=iec-i --suffix=B --format=%.1f "$1"; }
+
+# at_exit CMD: run CMD on exit (last registered runs first), before temp dirs go.
+_exit_hooks=()
+_tmp_dirs=()
+at_exit() { _exit_hooks+=("$1"); }
+_on_exit() {
+    local i
+    for ((i = ${#_exit_hooks[@]} - 1; i >= 0; i--)); do ${_exit_hooks[i]} || true; done
+    [[ ${MBANK_KEEP_TMP:-} == 1 ]] && return 0
+    for i in "${_tmp_dirs[@]}"; do rm -rf --one-file-system "$i"; done
+}
+trap _on_exit EXIT
+trap 'exit 130' INT TERM
+
+# Fresh temp dir under $TMP_ROOT, removed on exit (set MBANK_KEEP_TMP=1 to keep).
+# Usage: make_tmp VAR  (sets VAR; not via $(...), which would lose the bookkeeping)
+make_tmp() {
+    mkdir -p "$TMP_ROOT"
+    local d
+    d=$(mktemp -d "$TMP_ROOT/${0##*/}.XXXXXX")
+    _tmp_dirs+=("$d")
+    printf -v "$1" '%s' "$d"
+}
+
+# Best effort: drop the page cache; returns 1 if not allowed.
+drop_caches() { sync; { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null; }
