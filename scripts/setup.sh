@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what building and testing Machine Bank needs on a Debian 12 machine, and
+# nothing when it is already there. Safe to run any number of times.
+#
+#   scripts/setup.sh            what the tests need
+#   scripts/setup.sh --bench    also the peers the benchmarks compare against
+set -euo pipefail
+
+# command  Debian package
+needs=(
+    "qemu-img qemu-utils"
+    "qemu-io qemu-utils"
+    "mkfs.ext4 e2fsprogs"
+    "debugfs e2fsprogs"
+    "debootstrap debootstrap"
+    "python3 python3"
+)
+if [[ ${1:-} == --bench ]]; then
+    needs+=("restic restic" "borg borgbackup" "casync casync" "hyperfine hyperfine")
+fi
+
+missing=()
+for pair in "${needs[@]}"; do
+    read -r cmd pkg <<<"$pair"
+    command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+    echo "setup: installing ${missing[*]}" >&2
+    if [[ $(id -u) != 0 ]]; then
+        echo "setup: need root to install Debian packages: ${missing[*]}" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "setup: cargo is missing; install the Rust toolchain (rustup) first" >&2
+    exit 1
+fi
+for component in rustfmt clippy; do
+    if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then
+        rustup component add "$component"
+    fi
+done
