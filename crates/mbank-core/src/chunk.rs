@@ -27,6 +27,11 @@ pub const MAX_STORED_LEN: usize = HEADER_LEN + MAX_PLAIN_LEN;
 /// zstd level used for new chunks: fast, and within a few percent of level 9 on disk images.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 
+thread_local! {
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// How a chunk's payload is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -117,18 +122,20 @@ pub fn encode_with_id(id: ChunkId, plain: &[u8], level: i32) -> EncodedChunk {
     let limit = plain.len() - plain.len() / 32;
     let mut bytes = Vec::with_capacity(HEADER_LEN + limit);
     bytes.extend_from_slice(&[0u8; HEADER_LEN]);
-    // Compress straight into the output buffer; if it does not fit under `limit` the
-    // compressor fails and the chunk goes raw.
-    let compressed = {
-        let mut out = vec![0u8; limit];
-        match zstd::bulk::compress_to_buffer(plain, &mut out, level) {
-            Ok(n) if n < limit => {
-                out.truncate(n);
-                Some(out)
-            }
+    // Compress with this thread's reusable context (creating one per chunk costs more
+    // than compressing a small chunk); output beyond `limit` fails and the chunk goes raw.
+    let compressed = COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = zstd::bulk::Compressor::new(level).ok().map(|z| (level, z));
+        }
+        let (_, z) = c.as_mut()?;
+        let mut out = Vec::with_capacity(limit);
+        match z.compress_to_buffer(plain, &mut out) {
+            Ok(n) if n < limit => Some(out),
             _ => None,
         }
-    };
+    });
     let codec = match compressed {
         Some(c) => {
             bytes.extend_from_slice(&c);

@@ -281,6 +281,18 @@ mod tests {
 
     proptest! {
         #[test]
+        fn parsers_never_panic(mut bytes in proptest::collection::vec(any::<u8>(), 0..400), kind in 1u8..3) {
+            // Make many inputs get past the magic and version checks.
+            if bytes.len() >= 6 {
+                bytes[..4].copy_from_slice(&MAGIC);
+                bytes[4] = FORMAT_VERSION;
+                bytes[5] = kind;
+            }
+            let _ = DiskIndex::from_bytes(&bytes);
+            let _ = MemoryIndex::from_bytes(&bytes);
+        }
+
+        #[test]
         fn memory_round_trip(lens in proptest::collection::vec((1u32..300_000, any::<bool>()), 0..50)) {
             let runs: Vec<MemoryRun> = lens.iter().enumerate().map(|(i, &(len, zero))| MemoryRun {
                 id: (!zero).then(|| ChunkId::of(&i.to_le_bytes())),
