@@ -14,6 +14,7 @@ needs=(
     "debugfs e2fsprogs"
     "debootstrap debootstrap"
     "python3 python3"
+    "strace strace"
 )
 if [[ ${1:-} == --bench ]]; then
     needs+=("restic restic" "borg borgbackup" "casync casync" "hyperfine hyperfine")

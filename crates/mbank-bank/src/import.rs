@@ -129,7 +129,10 @@ impl Bank {
             chunk_size,
             stats: stats.clone(),
         };
-        let outcome = self.catalog.commit_version(&info, &index, parent)?;
+        let outcome = self
+            .catalog
+            .commit_version(&info, &index, parent)
+            .map_err(|e| self.catalog_err("commit the version to", e))?;
         drop(writer);
         let (head_moved, head) = match outcome {
             CommitOutcome::HeadMoved => (true, Some(info.id)),

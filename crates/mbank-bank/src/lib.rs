@@ -337,7 +337,11 @@ impl Bank {
             });
         }
         let store = LocalStore::open(path)?;
-        let catalog = Catalog::open(&path.join("catalog.db"), false, read_only)?;
+        // Read-only commands still open the catalog for writing when they can, so that
+        // SQLite can roll back a journal left by a process killed mid-transaction
+        // (a read-only connection cannot, and would refuse to read).
+        let catalog_read_only = read_only && !dir_is_writable(path);
+        let catalog = Catalog::open(&path.join("catalog.db"), false, catalog_read_only)?;
         Ok(Bank {
             root: path.into(),
             store,
@@ -363,6 +367,18 @@ impl Bank {
         self.store.chunk_path(id)
     }
 
+    /// Names the catalog file in errors a user can act on (a full disk).
+    fn catalog_err(&self, action: &'static str, e: CatalogError) -> BankError {
+        if e.is_disk_full() {
+            BankError::Store(StoreError::NoSpace {
+                action,
+                path: self.root.join("catalog.db"),
+            })
+        } else {
+            e.into()
+        }
+    }
+
     fn require_writable(&self, action: &'static str) -> Result<(), BankError> {
         if self.read_only {
             return Err(BankError::ReadOnly {
@@ -378,7 +394,9 @@ impl Bank {
     pub fn begin_write(&self, what: &str) -> Result<WriterGuard, BankError> {
         self.require_writable("write")?;
         let catalog = Catalog::open(&self.root.join("catalog.db"), false, false)?;
-        let info = catalog.register_writer(std::process::id(), &this_host(), what)?;
+        let info = catalog
+            .register_writer(std::process::id(), &this_host(), what)
+            .map_err(|e| self.catalog_err("register a writer in", e))?;
         Ok(WriterGuard { catalog, info })
     }
 

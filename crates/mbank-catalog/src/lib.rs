@@ -18,8 +18,10 @@
 //! ## Concurrency and crashes
 //!
 //! SQLite's rollback journal with a 30 s busy timeout serialises writers across
-//! processes; a process killed mid-transaction leaves a journal that the next opener
-//! rolls back, so a crash leaves the catalog as of its last commit. The rollback journal
+//! processes; a process killed mid-transaction leaves a hot journal that the next
+//! writable opener rolls back, so a crash leaves the catalog as of its last commit. (A
+//! read-only connection cannot roll back and refuses to read, so the bank opens the
+//! catalog writable whenever its directory is writable, even for reading commands.) The rollback journal
 //! (not WAL) is chosen so that a bank on a read-only file system can still be read.
 //!
 //! ## Schema
@@ -69,7 +71,7 @@ CREATE TABLE writers (
 /// What went wrong in the catalog.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error("catalog: cannot {action}: {source}")]
+    #[error("{}", sqlite_message(action, source))]
     Sqlite {
         action: &'static str,
         source: rusqlite::Error,
@@ -117,6 +119,17 @@ impl CatalogError {
     pub fn is_read_only(&self) -> bool {
         matches!(self, CatalogError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. }
             if matches!(e.code, rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::PermissionDenied))
+    }
+}
+
+fn sqlite_message(action: &str, source: &rusqlite::Error) -> String {
+    match source {
+        rusqlite::Error::SqliteFailure(e, _) if e.code == rusqlite::ErrorCode::DiskFull => {
+            format!(
+                "no space left on the bank's disk while trying to {action} in the catalog (catalog.db)"
+            )
+        }
+        _ => format!("catalog: cannot {action}: {source}"),
     }
 }
 

@@ -144,7 +144,9 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("mbank: error: {e:#}");
+            // Every error of ours already states its cause in its own message, so print
+            // only the outermost one (`{:#}` would repeat each cause).
+            eprintln!("mbank: error: {e}");
             if let Some(hint) = e.downcast_ref::<BankError>().and_then(hint) {
                 eprintln!("mbank: {hint}");
             }
