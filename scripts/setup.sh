@@ -15,6 +15,11 @@ needs=(
     "debootstrap debootstrap"
     "python3 python3"
     "strace strace"
+    "nbdinfo libnbd-bin"
+    "nbdcopy libnbd-bin"
+    "nbdsh libnbd-bin"
+    "/usr/lib/python3/dist-packages/nbd.py python3-libnbd"
+    "fio fio"
 )
 if [[ ${1:-} == --bench ]]; then
     needs+=("restic restic" "borg borgbackup" "casync casync" "hyperfine hyperfine")
@@ -23,6 +28,7 @@ fi
 missing=()
 for pair in "${needs[@]}"; do
     read -r cmd pkg <<<"$pair"
+    if [[ $cmd == /* ]]; then [[ -e $cmd ]] && continue; fi
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if ((${#missing[@]})); then

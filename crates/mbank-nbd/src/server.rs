@@ -1,0 +1,1440 @@
+//! The server: listeners, the handshake, and the transmission loop of one connection.
+//!
+//! See the [crate docs](crate) for the concurrency model and the guarantees.
+
+use std::any::Any;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Mutex, Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, error, warn};
+
+use crate::device::{BlockDevice, DeviceError, Extent};
+use crate::errno::{Failure, Refusal, failure_errno};
+use crate::proto::{self, *};
+
+/// Metadata context id this server gives `base:allocation` (any nonzero value would do).
+pub const BASE_ALLOCATION_ID: u32 = 1;
+
+/// How a server behaves. `Default` gives sensible values for a station.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Name of the one export. Clients may also use the empty (default) name.
+    pub export_name: String,
+    /// Optional description, returned by `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`.
+    pub description: Option<String>,
+    /// Requests executing at once on one connection.
+    pub max_in_flight: usize,
+    /// Bytes of READ/WRITE buffers held at once on one connection (never less than
+    /// [`proto::MAX_PAYLOAD`], so one largest request always fits).
+    pub max_in_flight_bytes: usize,
+    /// Connections served at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// Answer `NBD_OPT_LIST` (else `NBD_REP_ERR_POLICY`).
+    pub allow_list: bool,
+    /// Send reads that are entirely zero as `OFFSET_HOLE` chunks (structured replies only).
+    pub sparse_reads: bool,
+    /// A client that has not finished the handshake within this time is dropped.
+    pub handshake_timeout: Duration,
+    /// On shutdown, how long connections may take to finish their requests in flight
+    /// before they are cut.
+    pub shutdown_grace: Duration,
+    /// Counters, shared so that the caller can watch them while the server runs.
+    pub stats: Arc<ServerStats>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            export_name: String::new(),
+            description: None,
+            max_in_flight: 64,
+            max_in_flight_bytes: 256 * 1024 * 1024,
+            max_connections: 64,
+            allow_list: true,
+            sparse_reads: true,
+            handshake_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+            stats: Arc::default(),
+        }
+    }
+}
+
+impl ServerOptions {
+    /// Options exporting `name`.
+    pub fn with_export_name(name: impl Into<String>) -> Self {
+        Self {
+            export_name: name.into(),
+            ..Self::default()
+        }
+    }
+
+    fn serves(&self, requested: &str) -> bool {
+        requested.is_empty() || requested == self.export_name
+    }
+}
+
+/// Counters of one server (or of whatever shares them), updated with relaxed atomics.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    connections_accepted: AtomicU64,
+    connections_active: AtomicU64,
+    connections_failed: AtomicU64,
+    requests: AtomicU64,
+    request_errors: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+/// A copy of [`ServerStats`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Connections accepted since start.
+    pub connections_accepted: u64,
+    /// Connections open now.
+    pub connections_active: u64,
+    /// Connections that ended with an error (protocol violation, I/O error, a client
+    /// that vanished mid-message).
+    pub connections_failed: u64,
+    /// Transmission requests received (not counting `DISC`).
+    pub requests: u64,
+    /// Requests answered with an error.
+    pub request_errors: u64,
+    /// Bytes returned by successful reads.
+    pub bytes_read: u64,
+    /// Bytes stored by successful writes.
+    pub bytes_written: u64,
+}
+
+impl ServerStats {
+    /// The current values.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            connections_accepted: get(&self.connections_accepted),
+            connections_active: get(&self.connections_active),
+            connections_failed: get(&self.connections_failed),
+            requests: get(&self.requests),
+            request_errors: get(&self.request_errors),
+            bytes_read: get(&self.bytes_read),
+            bytes_written: get(&self.bytes_written),
+        }
+    }
+
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Why a server could not start.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    /// Creating the listening socket failed.
+    #[error("binding the NBD socket {endpoint}: {source}")]
+    Bind {
+        /// The path or address.
+        endpoint: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Another server is listening on the socket path.
+    #[error("the NBD socket {0} is in use by a running server")]
+    InUse(PathBuf),
+    /// Something other than a socket exists at the socket path; it is left alone.
+    #[error("refusing to replace {0}: it exists and is not a socket")]
+    NotASocket(PathBuf),
+}
+
+/// How a connection ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionEnd {
+    /// The client ended the handshake (`NBD_OPT_ABORT`, or it closed the socket).
+    Aborted,
+    /// The client sent `NBD_CMD_DISC`.
+    Disconnected,
+    /// The client closed the socket between requests.
+    Closed,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// Why a connection ended with an error. None of these affects other connections.
+#[derive(Debug, Error)]
+pub enum ConnectionError {
+    /// The client closed the connection in the middle of a message.
+    #[error("{during}: the client closed the connection mid-message")]
+    Truncated {
+        /// What the server was doing.
+        during: &'static str,
+    },
+    /// Reading from or writing to the socket failed.
+    #[error("{during}: {source}")]
+    Io {
+        /// What the server was doing.
+        during: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The client broke the protocol in a way that leaves no safe way to go on.
+    #[error("{during}: {source}")]
+    Protocol {
+        /// What the server was doing.
+        during: &'static str,
+        /// What was wrong.
+        #[source]
+        source: proto::CodecError,
+    },
+    /// `NBD_OPT_EXPORT_NAME` named an export this server does not have (that option
+    /// cannot carry an error, so the protocol requires closing the connection).
+    #[error("the client asked for export {requested:?}, but this server exports {served:?}")]
+    UnknownExport {
+        /// The name the client sent.
+        requested: String,
+        /// The name this server exports.
+        served: String,
+    },
+    /// The handshake took too long.
+    #[error("the client did not finish the handshake within {0:?}")]
+    HandshakeTimeout(Duration),
+}
+
+fn io_err(during: &'static str) -> impl FnOnce(io::Error) -> ConnectionError {
+    move |source| ConnectionError::Io { during, source }
+}
+
+fn protocol_err(during: &'static str) -> impl FnOnce(proto::CodecError) -> ConnectionError {
+    move |source| ConnectionError::Protocol { during, source }
+}
+
+// ---- public entry points ------------------------------------------------------------
+
+/// Serves `device` on a unix socket at `path` until `shutdown` completes.
+///
+/// A stale socket file at `path` (one nobody listens on) is removed first; a live one, or
+/// a file that is not a socket, is an error. The socket is created with mode 0600 before
+/// it appears at `path` (bound under a temporary name, then renamed), so no other user
+/// can ever connect. On shutdown the server stops accepting and removes the socket file
+/// (if it is still the one it created), lets each connection finish the requests it has
+/// in flight (up to [`ServerOptions::shutdown_grace`]), then returns.
+pub async fn serve_unix<D, F>(
+    path: impl AsRef<Path>,
+    device: Arc<D>,
+    opts: ServerOptions,
+    shutdown: F,
+) -> Result<(), ServeError>
+where
+    D: BlockDevice,
+    F: Future + Send,
+{
+    let (listener, socket_file) = bind_unix(path.as_ref())?;
+    let opts = Arc::new(opts);
+    let conns = accept_until(&listener, device, opts.clone(), shutdown).await;
+    drop(listener);
+    drop(socket_file);
+    drain(conns, opts.shutdown_grace).await;
+    Ok(())
+}
+
+/// Serves `device` on TCP at `addr` until `shutdown` completes; see [`serve_tcp_listener`].
+pub async fn serve_tcp<D, F>(
+    addr: SocketAddr,
+    device: Arc<D>,
+    opts: ServerOptions,
+    shutdown: F,
+) -> Result<(), ServeError>
+where
+    D: BlockDevice,
+    F: Future + Send,
+{
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            endpoint: addr.to_string(),
+            source,
+        })?;
+    serve_tcp_listener(listener, device, opts, shutdown).await
+}
+
+/// Serves `device` on an already bound TCP listener (handy with port 0) until
+/// `shutdown` completes, then lets connections finish their requests in flight.
+/// NBD has no authentication here: bind to loopback or a trusted network only.
+pub async fn serve_tcp_listener<D, F>(
+    listener: TcpListener,
+    device: Arc<D>,
+    opts: ServerOptions,
+    shutdown: F,
+) -> Result<(), ServeError>
+where
+    D: BlockDevice,
+    F: Future + Send,
+{
+    let opts = Arc::new(opts);
+    let conns = accept_until(&listener, device, opts.clone(), shutdown).await;
+    drop(listener);
+    drain(conns, opts.shutdown_grace).await;
+    Ok(())
+}
+
+/// Serves one already connected client over any byte stream, from the greeting to the
+/// end of the connection. The connection's counters go to `opts.stats`.
+pub async fn serve_connection<S, D>(
+    stream: S,
+    device: Arc<D>,
+    opts: &ServerOptions,
+) -> Result<ConnectionEnd, ConnectionError>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+    D: BlockDevice,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    let (_keep_open, stop) = watch::channel(false);
+    run_connection(rd, wr, device, opts, stop).await
+}
+
+// ---- listeners ----------------------------------------------------------------------
+
+trait Listener: Send + Sync {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    fn next_conn(&self) -> impl Future<Output = io::Result<(Self::Read, Self::Write)>> + Send;
+}
+
+impl Listener for UnixListener {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    async fn next_conn(&self) -> io::Result<(Self::Read, Self::Write)> {
+        let (stream, _) = self.accept().await?;
+        Ok(stream.into_split())
+    }
+}
+
+impl Listener for TcpListener {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    async fn next_conn(&self) -> io::Result<(Self::Read, Self::Write)> {
+        let (stream, _) = self.accept().await?;
+        // proto.md: both sides SHOULD disable Nagle.
+        stream.set_nodelay(true)?;
+        Ok(stream.into_split())
+    }
+}
+
+/// The socket file this server created; removed on drop if it is still ours.
+struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(meta) if meta.dev() == self.dev && meta.ino() == self.ino => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    warn!(path = %self.path.display(), error = %e, "removing the NBD socket");
+                }
+            }
+            // Replaced by someone else, or already gone: not ours to remove.
+            _ => {}
+        }
+    }
+}
+
+fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), ServeError> {
+    let bind_err = |source| ServeError::Bind {
+        endpoint: path.display().to_string(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(ServeError::NotASocket(path.to_owned()));
+        }
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(ServeError::InUse(path.to_owned())),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                match std::fs::remove_file(path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(bind_err(e)),
+                }
+            }
+            Err(e) => return Err(bind_err(e)),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bind_err(e)),
+    }
+
+    // Bind under a temporary name, restrict it, then rename into place: the socket never
+    // exists at `path` with looser permissions, and it is listening once it is there.
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let tmp = path.with_file_name(format!(
+        ".nbd-{}-{}.tmp",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(bind_err)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .and_then(|()| std::fs::symlink_metadata(path));
+    match placed {
+        Ok(meta) => Ok((
+            listener,
+            SocketFile {
+                path: path.to_owned(),
+                dev: meta.dev(),
+                ino: meta.ino(),
+            },
+        )),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(bind_err(e))
+        }
+    }
+}
+
+struct Connections {
+    set: JoinSet<()>,
+    stop: watch::Sender<bool>,
+}
+
+async fn accept_until<L, D, F>(
+    listener: &L,
+    device: Arc<D>,
+    opts: Arc<ServerOptions>,
+    shutdown: F,
+) -> Connections
+where
+    L: Listener,
+    D: BlockDevice,
+    F: Future + Send,
+{
+    let (stop, stop_rx) = watch::channel(false);
+    let mut set = JoinSet::new();
+    let slots = Arc::new(Semaphore::new(opts.max_connections.max(1)));
+    let mut shutdown = pin!(shutdown);
+    let mut next_id = 0u64;
+    loop {
+        while let Some(done) = set.try_join_next() {
+            if let Err(e) = done {
+                error!(error = %e, "an NBD connection task failed");
+            }
+        }
+        let slot = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            accepted = listener.next_conn() => accepted,
+        };
+        match accepted {
+            Ok((rd, wr)) => {
+                next_id += 1;
+                set.spawn(connection_task(
+                    next_id,
+                    rd,
+                    wr,
+                    device.clone(),
+                    opts.clone(),
+                    stop_rx.clone(),
+                    slot,
+                ));
+            }
+            Err(e) => {
+                // Usually transient (EMFILE, ECONNABORTED): back off a little, go on.
+                warn!(error = %e, "accepting an NBD connection");
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => break,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        }
+    }
+    Connections { set, stop }
+}
+
+async fn drain(mut conns: Connections, grace: Duration) {
+    let _ = conns.stop.send(true);
+    let finished = tokio::time::timeout(grace, async {
+        while conns.set.join_next().await.is_some() {}
+    })
+    .await
+    .is_ok();
+    if !finished {
+        warn!(
+            connections = conns.set.len(),
+            "NBD connections still busy after the shutdown grace period; cutting them"
+        );
+        conns.set.abort_all();
+        while conns.set.join_next().await.is_some() {}
+    }
+}
+
+/// Keeps `connections_active` right even if the task is aborted.
+struct ActiveGuard(Arc<ServerStats>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.connections_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn connection_task<R, W, D>(
+    id: u64,
+    rd: R,
+    wr: W,
+    device: Arc<D>,
+    opts: Arc<ServerOptions>,
+    stop: watch::Receiver<bool>,
+    _slot: OwnedSemaphorePermit,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+    D: BlockDevice,
+{
+    match run_connection(rd, wr, device, &opts, stop).await {
+        Ok(end) => debug!(connection = id, ?end, "NBD connection ended"),
+        Err(e) => warn!(connection = id, error = %e, "NBD connection failed"),
+    }
+}
+
+// ---- one connection -----------------------------------------------------------------
+
+/// Waits until the stop flag is raised (forever if its sender is gone without raising it).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Reads exactly `buf.len()` bytes. `Ok(false)` if the peer closed (or reset) the
+/// connection before the first byte; an error if it closed part-way.
+async fn read_full<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut [u8],
+    during: &'static str,
+) -> Result<bool, ConnectionError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match rd.read(&mut buf[got..]).await {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => return Err(ConnectionError::Truncated { during }),
+            Ok(n) => got += n,
+            Err(e) if got == 0 && e.kind() == io::ErrorKind::ConnectionReset => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ConnectionError::Io { during, source: e }),
+        }
+    }
+    Ok(true)
+}
+
+async fn read_message<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut [u8],
+    during: &'static str,
+) -> Result<(), ConnectionError> {
+    if read_full(rd, buf, during).await? {
+        Ok(())
+    } else {
+        Err(ConnectionError::Truncated { during })
+    }
+}
+
+fn activate(stats: &Arc<ServerStats>) -> ActiveGuard {
+    ServerStats::add(&stats.connections_accepted, 1);
+    ServerStats::add(&stats.connections_active, 1);
+    ActiveGuard(stats.clone())
+}
+
+async fn run_connection<R, W, D>(
+    mut rd: R,
+    mut wr: W,
+    device: Arc<D>,
+    opts: &ServerOptions,
+    mut stop: watch::Receiver<bool>,
+) -> Result<ConnectionEnd, ConnectionError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+    D: BlockDevice,
+{
+    let _active = activate(&opts.stats);
+    let result = async {
+        let negotiated = tokio::select! {
+            biased;
+            () = stopped(&mut stop) => return Ok(ConnectionEnd::Shutdown),
+            r = tokio::time::timeout(
+                opts.handshake_timeout,
+                handshake(&mut rd, &mut wr, &*device, opts),
+            ) => r.map_err(|_| ConnectionError::HandshakeTimeout(opts.handshake_timeout))??,
+        };
+        match negotiated {
+            None => Ok(ConnectionEnd::Aborted),
+            Some(n) => transmission(rd, wr, device, opts, n, stop).await,
+        }
+    }
+    .await;
+    if result.is_err() {
+        ServerStats::add(&opts.stats.connections_failed, 1);
+    }
+    result
+}
+
+/// What the handshake settled.
+#[derive(Debug, Clone, Copy)]
+struct Negotiated {
+    structured: bool,
+    meta: bool,
+}
+
+/// The transmission flags for `device`, given whether structured replies are on.
+pub fn transmission_flags<D: BlockDevice>(device: &D, structured: bool) -> u16 {
+    let mut flags = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_CACHE;
+    if device.read_only() {
+        flags |= FLAG_READ_ONLY;
+    } else {
+        flags |= FLAG_SEND_FUA | FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES;
+    }
+    if device.multi_conn() {
+        flags |= FLAG_CAN_MULTI_CONN;
+    }
+    if structured {
+        // Reads always go back as one content chunk, so "don't fragment" costs nothing.
+        flags |= FLAG_SEND_DF;
+    }
+    flags
+}
+
+fn preferred_block_size<D: BlockDevice>(device: &D) -> u32 {
+    let p = device.preferred_block_size();
+    if p.is_power_of_two() && p >= 512 {
+        p
+    } else {
+        4096
+    }
+}
+
+async fn send_replies<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    option: u32,
+    replies: &[OptionReply],
+) -> Result<(), ConnectionError> {
+    let mut out = Vec::new();
+    for r in replies {
+        out.extend_from_slice(&encode_option_reply(option, r));
+    }
+    wr.write_all(&out)
+        .await
+        .map_err(io_err("sending an option reply"))?;
+    wr.flush().await.map_err(io_err("sending an option reply"))
+}
+
+/// Option haggling. `Ok(None)` if the client ended the session before transmission.
+async fn handshake<R, W, D>(
+    rd: &mut R,
+    wr: &mut W,
+    device: &D,
+    opts: &ServerOptions,
+) -> Result<Option<Negotiated>, ConnectionError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    D: BlockDevice,
+{
+    wr.write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        .await
+        .map_err(io_err("sending the greeting"))?;
+    wr.flush().await.map_err(io_err("sending the greeting"))?;
+
+    let mut flags = [0u8; 4];
+    if !read_full(rd, &mut flags, "reading the client flags").await? {
+        return Ok(None);
+    }
+    // Clients that do not set FIXED_NEWSTYLE are served as fixed-newstyle anyway
+    // (proto.md allows it); such clients only ever send EXPORT_NAME.
+    let client = parse_client_flags(&flags).map_err(protocol_err("reading the client flags"))?;
+
+    let mut structured = false;
+    let mut meta = false;
+    loop {
+        let mut header = [0u8; OPTION_HEADER_LEN];
+        if !read_full(rd, &mut header, "reading an option").await? {
+            return Ok(None);
+        }
+        let header = parse_option_header(&header).map_err(protocol_err("reading an option"))?;
+        let mut data = vec![0u8; header.len as usize];
+        read_message(rd, &mut data, "reading an option's data").await?;
+        let code = header.option;
+        let option = match parse_option(code, &data) {
+            Ok(option) => option,
+            Err(e) if code == OPT_EXPORT_NAME => {
+                return Err(ConnectionError::Protocol {
+                    during: "reading the EXPORT_NAME option",
+                    source: e,
+                });
+            }
+            Err(e) => {
+                send_replies(
+                    wr,
+                    code,
+                    &[OptionReply::error(RepError::Invalid, e.to_string())],
+                )
+                .await?;
+                continue;
+            }
+        };
+        let unknown_export = |name: &str| {
+            OptionReply::error(
+                RepError::Unknown,
+                format!(
+                    "no export named {name:?}; this server exports {:?}",
+                    opts.export_name
+                ),
+            )
+        };
+        match option {
+            ClientOption::ExportName(name) => {
+                if !opts.serves(&name) {
+                    return Err(ConnectionError::UnknownExport {
+                        requested: name,
+                        served: opts.export_name.clone(),
+                    });
+                }
+                let flags = transmission_flags(device, structured);
+                wr.write_all(&encode_export_name_reply(
+                    device.size(),
+                    flags,
+                    client.no_zeroes,
+                ))
+                .await
+                .map_err(io_err("answering EXPORT_NAME"))?;
+                wr.flush().await.map_err(io_err("answering EXPORT_NAME"))?;
+                return Ok(Some(Negotiated { structured, meta }));
+            }
+            ClientOption::Abort => {
+                // The client may already be gone; it need not wait for this reply.
+                let _ = send_replies(wr, code, &[OptionReply::Ack]).await;
+                return Ok(None);
+            }
+            ClientOption::List => {
+                let replies = if opts.allow_list {
+                    vec![
+                        OptionReply::Server {
+                            name: opts.export_name.clone(),
+                            details: opts.description.clone().unwrap_or_default(),
+                        },
+                        OptionReply::Ack,
+                    ]
+                } else {
+                    vec![OptionReply::error(
+                        RepError::Policy,
+                        "listing exports is disabled on this server",
+                    )]
+                };
+                send_replies(wr, code, &replies).await?;
+            }
+            ClientOption::StartTls => {
+                send_replies(
+                    wr,
+                    code,
+                    &[OptionReply::error(
+                        RepError::Unsup,
+                        "this server does not offer TLS; reach it over a unix socket or a trusted network",
+                    )],
+                )
+                .await?;
+            }
+            ClientOption::Info(req) | ClientOption::Go(req) => {
+                if !opts.serves(&req.export) {
+                    send_replies(wr, code, &[unknown_export(&req.export)]).await?;
+                    continue;
+                }
+                let mut replies = vec![OptionReply::Info(Info::Export {
+                    size: device.size(),
+                    flags: transmission_flags(device, structured),
+                })];
+                if req.requests.contains(&INFO_NAME) {
+                    replies.push(OptionReply::Info(Info::Name(opts.export_name.clone())));
+                }
+                if let Some(text) = &opts.description
+                    && req.requests.contains(&INFO_DESCRIPTION)
+                {
+                    replies.push(OptionReply::Info(Info::Description(text.clone())));
+                }
+                // Always sent: it tells clients about the 32 MiB request limit.
+                replies.push(OptionReply::Info(Info::BlockSize {
+                    min: 1,
+                    preferred: preferred_block_size(device),
+                    max: MAX_PAYLOAD,
+                }));
+                replies.push(OptionReply::Ack);
+                send_replies(wr, code, &replies).await?;
+                if code == OPT_GO {
+                    return Ok(Some(Negotiated { structured, meta }));
+                }
+            }
+            ClientOption::StructuredReply => {
+                structured = true;
+                send_replies(wr, code, &[OptionReply::Ack]).await?;
+            }
+            ClientOption::ListMetaContext(req) | ClientOption::SetMetaContext(req) => {
+                let set = code == OPT_SET_META_CONTEXT;
+                if set {
+                    // Replaces the selection even when it fails.
+                    meta = false;
+                }
+                if !structured {
+                    send_replies(
+                        wr,
+                        code,
+                        &[OptionReply::error(
+                            RepError::Invalid,
+                            "negotiate structured replies before metadata contexts",
+                        )],
+                    )
+                    .await?;
+                    continue;
+                }
+                if !opts.serves(&req.export) {
+                    send_replies(wr, code, &[unknown_export(&req.export)]).await?;
+                    continue;
+                }
+                let selected = if set {
+                    req.queries.iter().any(|q| q == META_BASE_ALLOCATION)
+                } else {
+                    req.queries.is_empty()
+                        || req
+                            .queries
+                            .iter()
+                            .any(|q| q == "base:" || q == META_BASE_ALLOCATION)
+                };
+                let mut replies = Vec::new();
+                if selected {
+                    replies.push(OptionReply::MetaContext {
+                        id: if set { BASE_ALLOCATION_ID } else { 0 },
+                        name: META_BASE_ALLOCATION.into(),
+                    });
+                    meta |= set;
+                }
+                replies.push(OptionReply::Ack);
+                send_replies(wr, code, &replies).await?;
+            }
+            ClientOption::Unknown(code) => {
+                send_replies(
+                    wr,
+                    code,
+                    &[OptionReply::error(
+                        RepError::Unsup,
+                        format!("option {code} is not supported by this server"),
+                    )],
+                )
+                .await?;
+            }
+        }
+    }
+}
+
+/// State shared by the reader loop and the request tasks of one connection.
+struct Conn<D, W> {
+    device: Arc<D>,
+    writer: Mutex<W>,
+    size: u64,
+    read_only: bool,
+    structured: bool,
+    meta: bool,
+    sparse_reads: bool,
+    stats: Arc<ServerStats>,
+    write_failed: Notify,
+    write_error: std::sync::Mutex<Option<io::Error>>,
+}
+
+/// What a successful request returns.
+#[derive(Debug)]
+enum Done {
+    Ok,
+    Data(Vec<u8>),
+    Extents(Vec<BlockDescriptor>),
+}
+
+async fn transmission<R, W, D>(
+    mut rd: R,
+    wr: W,
+    device: Arc<D>,
+    opts: &ServerOptions,
+    negotiated: Negotiated,
+    mut stop: watch::Receiver<bool>,
+) -> Result<ConnectionEnd, ConnectionError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+    D: BlockDevice,
+{
+    let conn = Arc::new(Conn {
+        size: device.size(),
+        read_only: device.read_only(),
+        device,
+        writer: Mutex::new(wr),
+        structured: negotiated.structured,
+        meta: negotiated.meta,
+        sparse_reads: opts.sparse_reads,
+        stats: opts.stats.clone(),
+        write_failed: Notify::new(),
+        write_error: std::sync::Mutex::new(None),
+    });
+    let requests = Arc::new(Semaphore::new(opts.max_in_flight.max(1)));
+    let byte_budget = opts.max_in_flight_bytes.max(MAX_PAYLOAD as usize);
+    let bytes = Arc::new(Semaphore::new(byte_budget));
+    let mut tasks = JoinSet::new();
+
+    let end: Result<ConnectionEnd, ConnectionError> = loop {
+        while let Some(done) = tasks.try_join_next() {
+            if let Err(e) = done {
+                error!(error = %e, "an NBD request task failed");
+            }
+        }
+        let mut header = [0u8; REQUEST_LEN];
+        let got = tokio::select! {
+            biased;
+            () = conn.write_failed.notified() => break Ok(ConnectionEnd::Closed),
+            () = stopped(&mut stop) => break Ok(ConnectionEnd::Shutdown),
+            got = read_full(&mut rd, &mut header, "reading a request") => got,
+        };
+        match got {
+            Ok(true) => {}
+            Ok(false) => break Ok(ConnectionEnd::Closed),
+            Err(e) => break Err(e),
+        }
+        let req = match parse_request(&header) {
+            Ok(req) => req,
+            Err(e) => {
+                break Err(ConnectionError::Protocol {
+                    during: "reading a request",
+                    source: e,
+                });
+            }
+        };
+        if req.command == Command::Disc {
+            break Ok(ConnectionEnd::Disconnected);
+        }
+
+        // Back-pressure: stop reading the socket while too much is in flight.
+        let Ok(slot) = requests.clone().acquire_owned().await else {
+            break Ok(ConnectionEnd::Shutdown);
+        };
+        let cost = match req.command {
+            Command::Read | Command::Write => req.len.clamp(1, MAX_PAYLOAD),
+            _ => 1,
+        };
+        let Ok(budget) = bytes.clone().acquire_many_owned(cost).await else {
+            break Ok(ConnectionEnd::Shutdown);
+        };
+
+        let mut payload = Vec::new();
+        if req.payload_len() > 0 {
+            payload = vec![0u8; req.payload_len() as usize];
+            let read = tokio::select! {
+                biased;
+                () = stopped(&mut stop) => break Ok(ConnectionEnd::Shutdown),
+                r = read_message(&mut rd, &mut payload, "reading the payload of a WRITE") => r,
+            };
+            if let Err(e) = read {
+                break Err(e);
+            }
+        }
+
+        ServerStats::add(&conn.stats.requests, 1);
+        let conn = conn.clone();
+        tasks.spawn(async move {
+            let _held = (slot, budget);
+            serve_request(&conn, req, payload).await;
+        });
+    };
+
+    // Let every request already read finish and answer, whatever ended the loop
+    // (proto.md: on shutdown, service requests in flight before disconnecting).
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = done {
+            error!(error = %e, "an NBD request task failed");
+        }
+    }
+    {
+        let mut w = conn.writer.lock().await;
+        let _ = w.shutdown().await;
+    }
+    let write_error = conn
+        .write_error
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    match (end, write_error) {
+        (Err(e), _) => Err(e),
+        (Ok(_), Some(source)) => Err(ConnectionError::Io {
+            during: "sending a reply",
+            source,
+        }),
+        (Ok(end), None) => Ok(end),
+    }
+}
+
+/// Polls a future, turning a panic inside it into an error value.
+struct CatchUnwind<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn Any + Send>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+async fn serve_request<D, W>(conn: &Conn<D, W>, req: Request, payload: Vec<u8>)
+where
+    D: BlockDevice,
+    W: AsyncWrite + Unpin + Send,
+{
+    let result = match CatchUnwind(Box::pin(execute(conn, &req, payload))).await {
+        Ok(result) => result,
+        Err(_) => {
+            error!(
+                command = req.command.name(),
+                offset = req.offset,
+                len = req.len,
+                "the block device panicked"
+            );
+            Err(Failure::Device(DeviceError::io(
+                format!("{} at offset {}", req.command.name(), req.offset),
+                io::Error::other("the block device panicked"),
+            )))
+        }
+    };
+    match &result {
+        Ok(Done::Data(d)) => ServerStats::add(&conn.stats.bytes_read, d.len() as u64),
+        Ok(_) if req.command == Command::Write => {
+            ServerStats::add(&conn.stats.bytes_written, u64::from(req.len))
+        }
+        Ok(_) => {}
+        Err(e) => {
+            ServerStats::add(&conn.stats.request_errors, 1);
+            debug!(
+                command = req.command.name(),
+                offset = req.offset,
+                len = req.len,
+                errno = failure_errno(e),
+                error = %e,
+                "NBD request failed"
+            );
+        }
+    }
+    let (head, data) = encode_reply(&req, result, conn.structured, conn.sparse_reads);
+    let mut w = conn.writer.lock().await;
+    let sent = async {
+        w.write_all(&head).await?;
+        if let Some(data) = &data {
+            w.write_all(data).await?;
+        }
+        w.flush().await
+    }
+    .await;
+    drop(w);
+    if let Err(e) = sent {
+        let mut slot = conn
+            .write_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        drop(slot);
+        conn.write_failed.notify_one();
+    }
+}
+
+/// Checks a request against the export before the device sees it.
+fn validate(
+    req: &Request,
+    size: u64,
+    read_only: bool,
+    structured: bool,
+    meta: bool,
+) -> Result<(), Refusal> {
+    let command = req.command;
+    let allowed = match command {
+        Command::Read if structured => CMD_FLAG_FUA | CMD_FLAG_DF,
+        Command::Read | Command::Write | Command::Flush | Command::Trim | Command::Cache => {
+            CMD_FLAG_FUA
+        }
+        Command::WriteZeroes => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        Command::BlockStatus => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+        Command::Disc => u16::MAX,
+        Command::Unknown(code) => return Err(Refusal::UnknownCommand(code)),
+    };
+    if req.flags & !allowed != 0 {
+        return Err(Refusal::BadFlags {
+            command,
+            flags: req.flags & !allowed,
+        });
+    }
+    let writes = matches!(
+        command,
+        Command::Write | Command::Trim | Command::WriteZeroes
+    );
+    if writes && read_only {
+        return Err(Refusal::ReadOnly { command });
+    }
+    if command == Command::BlockStatus {
+        if !meta {
+            return Err(Refusal::NoMetaContext);
+        }
+        if req.len == 0 {
+            return Err(Refusal::ZeroLengthStatus);
+        }
+    }
+    if command == Command::Read && req.len > MAX_PAYLOAD {
+        return Err(Refusal::TooLarge {
+            command,
+            len: req.len,
+            max: MAX_PAYLOAD,
+        });
+    }
+    if matches!(command, Command::Flush | Command::Disc) {
+        // Offset and length are reserved (zero); nothing to check against the size.
+        return Ok(());
+    }
+    let fits = req
+        .offset
+        .checked_add(u64::from(req.len))
+        .is_some_and(|end| end <= size);
+    if !fits {
+        let (offset, len) = (req.offset, req.len);
+        return Err(
+            if matches!(command, Command::Write | Command::WriteZeroes) {
+                Refusal::PastEnd {
+                    command,
+                    offset,
+                    len,
+                    size,
+                }
+            } else {
+                Refusal::OutOfRange {
+                    command,
+                    offset,
+                    len,
+                    size,
+                }
+            },
+        );
+    }
+    Ok(())
+}
+
+async fn execute<D: BlockDevice, W>(
+    conn: &Conn<D, W>,
+    req: &Request,
+    payload: Vec<u8>,
+) -> Result<Done, Failure> {
+    validate(req, conn.size, conn.read_only, conn.structured, conn.meta)?;
+    let dev = &*conn.device;
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let (offset, len) = (req.offset, req.len);
+    // Zero-length requests are no-ops (proto.md: behaviour unspecified, SHOULD NOT
+    // disconnect); the device never sees them.
+    match req.command {
+        Command::Read if len == 0 => Ok(Done::Data(Vec::new())),
+        Command::Read => {
+            let data = dev.read(offset, len).await?;
+            if data.len() != len as usize {
+                return Err(Failure::Device(DeviceError::io(
+                    format!("reading {len} bytes at offset {offset}"),
+                    io::Error::other(format!("the device returned {} bytes", data.len())),
+                )));
+            }
+            Ok(Done::Data(data))
+        }
+        Command::Write if len == 0 => Ok(Done::Ok),
+        Command::Write => {
+            dev.write(offset, payload, fua).await?;
+            Ok(Done::Ok)
+        }
+        Command::Flush => {
+            dev.flush().await?;
+            Ok(Done::Ok)
+        }
+        Command::Trim if len == 0 => Ok(Done::Ok),
+        Command::Trim => {
+            dev.trim(offset, len).await?;
+            if fua {
+                dev.flush().await?;
+            }
+            Ok(Done::Ok)
+        }
+        Command::WriteZeroes if len == 0 => Ok(Done::Ok),
+        Command::WriteZeroes => {
+            let no_hole = req.flags & CMD_FLAG_NO_HOLE != 0;
+            dev.write_zeroes(offset, len, no_hole, fua).await?;
+            Ok(Done::Ok)
+        }
+        Command::Cache if len == 0 => Ok(Done::Ok),
+        Command::Cache => {
+            dev.cache(offset, len).await?;
+            Ok(Done::Ok)
+        }
+        Command::BlockStatus => {
+            let extents = dev.block_status(offset, len).await?;
+            let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
+            Ok(Done::Extents(descriptors(&extents, len, req_one)))
+        }
+        // Handled by the reader loop / refused by `validate`.
+        Command::Disc | Command::Unknown(_) => Err(Failure::Refused(Refusal::UnknownCommand(
+            req.command.code(),
+        ))),
+    }
+}
+
+/// Most descriptors in one block status reply (128 KiB of payload). proto.md lets the
+/// server describe less than asked; clients ask again from where the reply stopped.
+pub const MAX_DESCRIPTORS: usize = 16 * 1024;
+
+/// Turns what the device reported into valid `base:allocation` descriptors for a request
+/// of `len` (> 0) bytes: zero-length extents dropped, the total cut to `len`, equal
+/// neighbours merged, at most [`MAX_DESCRIPTORS`], at least one (status 0, "allocated,
+/// unknown", if the device gave nothing), exactly one with `req_one`.
+pub fn descriptors(extents: &[Extent], len: u32, req_one: bool) -> Vec<BlockDescriptor> {
+    let mut out: Vec<BlockDescriptor> = Vec::new();
+    let mut covered = 0u32;
+    for e in extents {
+        if covered >= len {
+            break;
+        }
+        let flags = e.status_flags();
+        let merges = out.last().is_some_and(|last| last.flags == flags);
+        if !merges && out.len() >= MAX_DESCRIPTORS {
+            break;
+        }
+        if e.len == 0 {
+            continue;
+        }
+        let take = e.len.min(len - covered);
+        match out.last_mut() {
+            Some(last) if last.flags == flags => last.len += take,
+            _ => out.push(BlockDescriptor { len: take, flags }),
+        }
+        covered += take;
+    }
+    if out.is_empty() {
+        out.push(BlockDescriptor {
+            len: len.max(1),
+            flags: 0,
+        });
+    }
+    if req_one {
+        out.truncate(1);
+    }
+    out
+}
+
+/// The bytes of the reply to `req`: a header, and for data replies the data itself
+/// (sent separately to avoid copying it).
+fn encode_reply(
+    req: &Request,
+    result: Result<Done, Failure>,
+    structured: bool,
+    sparse_reads: bool,
+) -> (Vec<u8>, Option<Vec<u8>>) {
+    let handle = req.handle;
+    if !structured {
+        return match result {
+            Ok(Done::Data(data)) => (encode_simple_reply(handle, 0).to_vec(), Some(data)),
+            Ok(_) => (encode_simple_reply(handle, 0).to_vec(), None),
+            Err(e) => (
+                encode_simple_reply(handle, failure_errno(&e)).to_vec(),
+                None,
+            ),
+        };
+    }
+    let chunk = match result {
+        Ok(Done::Data(data)) if data.is_empty() => Chunk::None,
+        Ok(Done::Data(data))
+            if sparse_reads && req.flags & CMD_FLAG_DF == 0 && crate::is_zero(&data) =>
+        {
+            Chunk::OffsetHole {
+                offset: req.offset,
+                len: req.len,
+            }
+        }
+        Ok(Done::Data(data)) => {
+            return match encode_offset_data_header(handle, true, req.offset, data.len()) {
+                Ok(head) => (head.to_vec(), Some(data)),
+                Err(e) => (error_chunk(handle, EIO, &e.to_string()), None),
+            };
+        }
+        Ok(Done::Ok) => Chunk::None,
+        Ok(Done::Extents(extents)) => Chunk::BlockStatus {
+            context: BASE_ALLOCATION_ID,
+            extents,
+        },
+        Err(e) => return (error_chunk(handle, failure_errno(&e), &e.to_string()), None),
+    };
+    match encode_chunk(handle, true, &chunk) {
+        Ok(bytes) => (bytes, None),
+        Err(e) => (error_chunk(handle, EIO, &e.to_string()), None),
+    }
+}
+
+const NONZERO_EIO: NonZeroU32 = NonZeroU32::new(EIO).expect("EIO is nonzero");
+
+/// A final error chunk (`EIO` if `error` is zero, which no caller passes).
+fn error_chunk(handle: u64, error: u32, message: &str) -> Vec<u8> {
+    let error = NonZeroU32::new(error).unwrap_or(NONZERO_EIO);
+    encode_error_chunk(handle, true, error, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn req(command: Command, flags: u16, offset: u64, len: u32) -> Request {
+        Request {
+            flags,
+            command,
+            handle: 1,
+            offset,
+            len,
+        }
+    }
+
+    #[test]
+    fn validation() {
+        let v = |r: Request| validate(&r, 4096, false, true, true);
+        assert_eq!(v(req(Command::Read, 0, 0, 4096)), Ok(()));
+        assert_eq!(v(req(Command::Read, 0, 4096, 0)), Ok(()));
+        assert!(matches!(
+            v(req(Command::Read, 0, 1, 4096)),
+            Err(Refusal::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            v(req(Command::Read, 0, u64::MAX, 2)),
+            Err(Refusal::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            v(req(Command::Write, 0, 4000, 100)),
+            Err(Refusal::PastEnd { .. })
+        ));
+        assert!(matches!(
+            v(req(Command::WriteZeroes, 0, 4097, 0)),
+            Err(Refusal::PastEnd { .. })
+        ));
+        assert!(matches!(
+            v(req(Command::Trim, 0, 4000, 100)),
+            Err(Refusal::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            v(req(Command::Unknown(42), 0, 0, 0)),
+            Err(Refusal::UnknownCommand(42))
+        ));
+        assert!(matches!(
+            v(req(Command::Write, CMD_FLAG_NO_HOLE, 0, 1)),
+            Err(Refusal::BadFlags { .. })
+        ));
+        assert!(matches!(
+            v(req(Command::WriteZeroes, CMD_FLAG_FAST_ZERO, 0, 1)),
+            Err(Refusal::BadFlags { .. })
+        ));
+        assert_eq!(
+            v(req(
+                Command::WriteZeroes,
+                CMD_FLAG_NO_HOLE | CMD_FLAG_FUA,
+                0,
+                1
+            )),
+            Ok(())
+        );
+        assert!(matches!(
+            v(req(Command::BlockStatus, 0, 0, 0)),
+            Err(Refusal::ZeroLengthStatus)
+        ));
+        assert_eq!(v(req(Command::Flush, 0, 0, 0)), Ok(()));
+        assert!(matches!(
+            validate(
+                &req(Command::BlockStatus, 0, 0, 1),
+                4096,
+                false,
+                true,
+                false
+            ),
+            Err(Refusal::NoMetaContext)
+        ));
+        assert!(matches!(
+            validate(&req(Command::Trim, 0, 0, 1), 4096, true, true, true),
+            Err(Refusal::ReadOnly { .. })
+        ));
+        assert!(matches!(
+            validate(
+                &req(Command::Read, CMD_FLAG_DF, 0, 1),
+                4096,
+                false,
+                false,
+                false
+            ),
+            Err(Refusal::BadFlags { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn descriptors_are_valid(
+            lens in proptest::collection::vec((0u32..100_000, any::<bool>(), any::<bool>()), 0..20),
+            len in 1u32..500_000,
+            req_one in any::<bool>(),
+        ) {
+            let extents: Vec<Extent> = lens.iter().map(|&(len, hole, zero)| Extent { len, hole, zero }).collect();
+            let out = descriptors(&extents, len, req_one);
+            prop_assert!(!out.is_empty() && out.len() <= MAX_DESCRIPTORS);
+            prop_assert!(out.iter().all(|d| d.len > 0));
+            let total: u64 = out.iter().map(|d| u64::from(d.len)).sum();
+            prop_assert!(total <= u64::from(len));
+            if req_one {
+                prop_assert_eq!(out.len(), 1);
+            }
+            for pair in out.windows(2) {
+                prop_assert_ne!(pair[0].flags, pair[1].flags);
+            }
+        }
+
+        #[test]
+        fn validation_never_panics(flags in any::<u16>(), code in any::<u16>(), offset in any::<u64>(),
+                                   len in any::<u32>(), size in any::<u64>(), ro in any::<bool>(),
+                                   st in any::<bool>(), meta in any::<bool>()) {
+            let r = req(Command::from_code(code), flags, offset, len);
+            let _ = validate(&r, size, ro, st, meta);
+        }
+    }
+}
