@@ -15,7 +15,7 @@ use mbank_store::{ChunkStore, StoreError};
 use serde::Serialize;
 
 use crate::image::{ImageFormat, ImageSource, open_image};
-use crate::{Bank, BankError, Progress, Unit};
+use crate::{Bank, BankError, Progress, Unit, WriterGuard};
 
 /// How to import.
 #[derive(Clone, Debug)]
@@ -73,6 +73,24 @@ enum Outcome {
 /// How often a long import tells the catalog it is still alive.
 const HEARTBEAT: Duration = Duration::from_secs(30);
 
+/// One chunk handed to [`Bank::write_version`]: its position in the index and its
+/// plaintext, or `None` when the reader already knows it is all zeros.
+pub type ChunkItem = (usize, Option<Vec<u8>>);
+
+/// Where a new version's chunks come from.
+pub struct VersionSource<'a> {
+    /// What to record as the version's source, e.g. `import disk.raw`.
+    pub description: String,
+    /// The version this one is made from (its parent), or `None` for a first import.
+    pub parent: Option<VersionId>,
+    /// The index to start from: every entry not replaced by an item is kept as is.
+    pub base: DiskIndex,
+    /// The chunks that replace entries of `base`, in any order. Runs on its own thread.
+    pub items: Box<dyn Iterator<Item = Result<ChunkItem, BankError>> + Send + 'a>,
+    /// The bytes `items` will cover, for progress.
+    pub total_bytes: u64,
+}
+
 impl Bank {
     /// Imports the image at `path` as a new version of `machine`.
     pub fn import(
@@ -82,32 +100,59 @@ impl Bank {
         opts: &ImportOptions,
         progress: &dyn Progress,
     ) -> Result<ImportReport, BankError> {
-        let started = Instant::now();
         self.require_writable("import")?;
         let writer = self.begin_write(&format!("import {machine}"))?;
         let existing = self.catalog.machine(machine)?;
-        let parent = existing.as_ref().and_then(|m| m.head);
         let chunk_size = existing
             .as_ref()
             .map(|m| m.chunk_size)
             .or(opts.chunk_size)
             .unwrap_or(DEFAULT_CHUNK_SIZE);
         let image = open_image(path, opts.format, &opts.temp_dir)?;
-        let mut index = DiskIndex::zeroed(image.len, chunk_size);
+        let base = DiskIndex::zeroed(image.len, chunk_size);
+        let source = VersionSource {
+            description: format!("import {}", path.display()),
+            parent: existing.as_ref().and_then(|m| m.head),
+            total_bytes: image.len,
+            items: Box::new(image_items(path, &image, chunk_size as u64)),
+            base,
+        };
+        let mut report = self.write_version(machine, source, &writer, opts, progress)?;
+        report.format = opts
+            .format
+            .map_or_else(|| format_name(path), |f| f.name().into());
+        Ok(report)
+    }
+
+    /// Stores the chunks of `source` (hashing, compressing and skipping what the bank
+    /// has on `opts.jobs` threads), flushes the store, and commits a version whose
+    /// parent is `source.parent`, moving the head by compare-and-swap. The caller keeps
+    /// `writer` registered until this returns.
+    pub fn write_version(
+        &mut self,
+        machine: &MachineName,
+        source: VersionSource<'_>,
+        writer: &WriterGuard,
+        opts: &ImportOptions,
+        progress: &dyn Progress,
+    ) -> Result<ImportReport, BankError> {
+        let started = Instant::now();
+        let VersionSource {
+            description,
+            parent,
+            mut base,
+            items,
+            total_bytes,
+        } = source;
         let mut stats = VersionStats {
-            source: format!("import {}", path.display()),
-            chunks_total: index.chunks.len() as u64,
+            source: description.clone(),
+            chunks_total: base.chunks.len() as u64,
             ..Default::default()
         };
-        progress.start(
-            &format!("importing {}", path.display()),
-            image.len,
-            Unit::Bytes,
-        );
-        let result = chunk_image(
-            path,
-            &image,
-            &mut index,
+        progress.start(&description, total_bytes, Unit::Bytes);
+        let result = store_chunks(
+            items,
+            &mut base,
             &self.store,
             opts,
             progress,
@@ -116,7 +161,7 @@ impl Bank {
         );
         progress.finish();
         result?;
-        drop(image);
+        let index = base;
         // Invariant 1: chunks durable, then index + version, then head.
         self.store.flush()?;
         stats.seconds = started.elapsed().as_secs_f64();
@@ -126,14 +171,13 @@ impl Bank {
             parent,
             created_ms: now_ms(),
             disk_size: index.disk_size,
-            chunk_size,
+            chunk_size: index.chunk_size,
             stats: stats.clone(),
         };
         let outcome = self
             .catalog
             .commit_version(&info, &index, parent)
             .map_err(|e| self.catalog_err("commit the version to", e))?;
-        drop(writer);
         let (head_moved, head) = match outcome {
             CommitOutcome::HeadMoved => (true, Some(info.id)),
             CommitOutcome::Kept { head } => (false, head),
@@ -144,11 +188,9 @@ impl Bank {
             parent: parent.map(|p| p.to_hex()),
             head_moved,
             head: head.map(|h| h.to_hex()),
-            format: opts
-                .format
-                .map_or_else(|| format_name(path), |f| f.name().into()),
+            format: "raw".into(),
             disk_size: index.disk_size,
-            chunk_size,
+            chunk_size: index.chunk_size,
             bytes_read: stats.bytes_read,
             chunks_total: stats.chunks_total,
             chunks_zero: stats.chunks_zero,
@@ -158,6 +200,36 @@ impl Bank {
             seconds: started.elapsed().as_secs_f64(),
         })
     }
+}
+
+/// The chunks of an image, in order. Holes (per `SEEK_DATA`) become zero items
+/// without I/O.
+fn image_items<'a>(
+    path: &'a Path,
+    image: &'a ImageSource,
+    cs: u64,
+) -> impl Iterator<Item = Result<ChunkItem, BankError>> + Send + 'a {
+    let n = DiskIndex::chunk_count(image.len, cs as u32) as usize;
+    let mut data_at: Option<u64> = Some(0);
+    (0..n).map(move |i| {
+        let off = i as u64 * cs;
+        let len = index_chunk_len(image.len, cs, i);
+        if data_at.is_some_and(|d| d < off) {
+            data_at = image.next_data(off);
+        }
+        if data_at.is_none_or(|d| d >= off + len as u64) {
+            return Ok((i, None));
+        }
+        let mut buf = vec![0u8; len];
+        image
+            .file
+            .read_exact_at(&mut buf, off)
+            .map_err(|e| BankError::Image {
+                path: path.to_path_buf(),
+                why: format!("reading {len} bytes at offset {off} failed: {e}"),
+            })?;
+        Ok((i, Some(buf)))
+    })
 }
 
 fn format_name(path: &Path) -> String {
@@ -171,12 +243,10 @@ fn format_name(path: &Path) -> String {
         .to_string()
 }
 
-/// Reads the image chunk by chunk on one thread, hashes and stores on `jobs` workers,
-/// and fills `index` in order on the calling thread.
-#[allow(clippy::too_many_arguments)]
-fn chunk_image(
-    path: &Path,
-    image: &ImageSource,
+/// Runs `items` on one reader thread, hashes and stores on `jobs` workers, and fills
+/// `index` on the calling thread.
+fn store_chunks(
+    items: Box<dyn Iterator<Item = Result<ChunkItem, BankError>> + Send + '_>,
     index: &mut DiskIndex,
     store: &dyn ChunkStore,
     opts: &ImportOptions,
@@ -185,7 +255,6 @@ fn chunk_image(
     mut heartbeat: impl FnMut(),
 ) -> Result<(), BankError> {
     let jobs = opts.jobs.max(1);
-    let n = index.chunks.len();
     let cs = index.chunk_size as u64;
     let abort = &AtomicBool::new(false);
     let seen = &Mutex::new(HashSet::<ChunkId>::new());
@@ -193,32 +262,25 @@ fn chunk_image(
     let work_rx = Mutex::new(work_rx);
     let (done_tx, done_rx) = mpsc::channel::<(usize, u64, Result<Outcome, BankError>)>();
     std::thread::scope(|s| -> Result<(), BankError> {
-        // Reader: holes (per SEEK_DATA) and short reads become zero chunks without I/O.
         let reader_done = done_tx.clone();
         s.spawn(move || {
-            let mut data_at: Option<u64> = Some(0);
-            for i in 0..n {
+            for item in items {
                 if abort.load(Ordering::Relaxed) {
                     return;
                 }
-                let off = i as u64 * cs;
-                let len = index_chunk_len(image.len, cs, i);
-                if data_at.is_some_and(|d| d < off) {
-                    data_at = image.next_data(off);
-                }
-                if data_at.is_none_or(|d| d >= off + len as u64) {
-                    let _ = reader_done.send((i, 0, Ok(Outcome::Zero)));
-                    continue;
-                }
-                let mut buf = vec![0u8; len];
-                if let Err(e) = image.file.read_exact_at(&mut buf, off) {
-                    let why = format!("reading {len} bytes at offset {off} failed: {e}");
-                    let path = path.to_path_buf();
-                    let _ = reader_done.send((i, 0, Err(BankError::Image { path, why })));
-                    return;
-                }
-                if work_tx.send((i, buf)).is_err() {
-                    return;
+                match item {
+                    Ok((i, None)) => {
+                        let _ = reader_done.send((i, 0, Ok(Outcome::Zero)));
+                    }
+                    Ok((i, Some(buf))) => {
+                        if work_tx.send((i, buf)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = reader_done.send((usize::MAX, 0, Err(e)));
+                        return;
+                    }
                 }
             }
         });
@@ -244,10 +306,15 @@ fn chunk_image(
         let mut first_err = None;
         let mut last_beat = Instant::now();
         for (i, read, r) in done_rx {
-            progress.advance(index_chunk_len(index.disk_size, cs, i) as u64);
+            if i < index.chunks.len() {
+                progress.advance(index_chunk_len(index.disk_size, cs, i) as u64);
+            }
             stats.bytes_read += read;
             match r {
-                Ok(Outcome::Zero) => stats.chunks_zero += 1,
+                Ok(Outcome::Zero) => {
+                    stats.chunks_zero += 1;
+                    index.chunks[i] = None;
+                }
                 Ok(Outcome::New(id, bytes)) => {
                     stats.chunks_new += 1;
                     stats.bytes_stored += bytes;

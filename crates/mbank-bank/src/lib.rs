@@ -39,7 +39,7 @@ mod verify;
 
 pub use export::ExportReport;
 pub use image::ImageFormat;
-pub use import::{ImportOptions, ImportReport};
+pub use import::{ChunkItem, ImportOptions, ImportReport, VersionSource};
 pub use stream::StreamStats;
 pub use verify::{DamagedChunk, DamagedIndex, GcReport, VerifyReport};
 
