@@ -92,6 +92,13 @@ pub enum BankError {
         machine: MachineName,
         version: VersionId,
     },
+    #[error(
+        "{machine} is checked out on station {station}: a version a session reads from cannot be removed until the session ends"
+    )]
+    InUse {
+        machine: MachineName,
+        station: String,
+    },
     #[error("reading the input stream failed: {0}")]
     Stream(#[from] std::io::Error),
     #[error(transparent)]
@@ -362,6 +369,10 @@ impl Bank {
         &self.catalog
     }
 
+    pub fn catalog_mut(&mut self) -> &mut Catalog {
+        &mut self.catalog
+    }
+
     /// Where a chunk's file lives (for messages and tests).
     pub fn chunk_path(&self, id: &ChunkId) -> PathBuf {
         self.store.chunk_path(id)
@@ -442,6 +453,21 @@ impl Bank {
         r: &MachineRef,
     ) -> Result<(Vec<VersionId>, Option<VersionId>), BankError> {
         self.require_writable("remove versions")?;
+        // A session's base version must outlive the session: its clean chunks are read
+        // from it, and GC would otherwise take them.
+        if let Some(lease) = self.catalog.lease(&r.machine)? {
+            let base_goes = match (&r.version, lease.base) {
+                (None, _) => true,
+                (Some(_), Some(b)) => self.resolve(r)?.id == b,
+                (Some(_), None) => false,
+            };
+            if base_goes {
+                return Err(BankError::InUse {
+                    machine: r.machine.clone(),
+                    station: lease.station_name,
+                });
+            }
+        }
         match &r.version {
             Some(_) => {
                 let v = self.resolve(r)?;

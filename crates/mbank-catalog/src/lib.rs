@@ -38,7 +38,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 /// Schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE machines (
@@ -68,6 +68,20 @@ CREATE TABLE writers (
 );
 ";
 
+/// Version 2: leases, one per machine with a live session (DESIGN invariant 6).
+const SCHEMA_V2: &str = "
+CREATE TABLE leases (
+    machine      TEXT PRIMARY KEY,
+    session      TEXT NOT NULL,
+    station      TEXT NOT NULL,
+    station_name TEXT NOT NULL,
+    pid          INTEGER NOT NULL,
+    base         BLOB,
+    started_ms   INTEGER NOT NULL,
+    heartbeat_ms INTEGER NOT NULL
+);
+";
+
 /// What went wrong in the catalog.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -86,6 +100,8 @@ pub enum CatalogError {
         prefix: String,
         count: usize,
     },
+    #[error("{machine} is in use: checked out by station {} (pid {}) since {} UTC; end that session, or take it over with --force (its work is still kept as a version when it checks in)", held.station_name, held.pid, held.started_utc())]
+    LeaseHeld { machine: String, held: Box<Lease> },
     #[error("machine {0} has no versions yet")]
     NoHead(String),
     #[error("the index of {machine}@{version} is damaged: {source}")]
@@ -207,6 +223,46 @@ pub struct WriterInfo {
     pub what: String,
 }
 
+/// A machine checked out to one station (DESIGN invariant 6).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub machine: String,
+    /// The session's id (random, hex).
+    pub session: String,
+    /// The station's id (random, kept in its cache directory).
+    pub station: String,
+    /// A name for people: host and cache directory.
+    pub station_name: String,
+    pub pid: u32,
+    /// The version checked out.
+    pub base: Option<VersionId>,
+    pub started_ms: i64,
+    pub heartbeat_ms: i64,
+}
+
+impl Lease {
+    /// `started_ms` as `YYYY-MM-DD HH:MM:SS`.
+    pub fn started_utc(&self) -> String {
+        let secs = self.started_ms.div_euclid(1000);
+        let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let d = doy - (153 * mp + 2) / 5 + 1;
+        let m = if mp < 10 { mp + 3 } else { mp - 9 };
+        let y = yoe + era * 400 + i64::from(m <= 2);
+        format!(
+            "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60
+        )
+    }
+}
+
 /// The catalog database.
 pub struct Catalog {
     conn: Connection,
@@ -302,12 +358,16 @@ impl Catalog {
         let v: i64 = tx
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(sql("read the schema version"))?;
-        if v == 0 {
+        if v < 1 {
             tx.execute_batch(SCHEMA_V1)
                 .map_err(sql("create the schema"))?;
-            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-                .map_err(sql("set the schema version"))?;
         }
+        if v < 2 {
+            tx.execute_batch(SCHEMA_V2)
+                .map_err(sql("migrate the schema to version 2"))?;
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(sql("set the schema version"))?;
         tx.commit().map_err(sql("commit the schema migration"))
     }
 
@@ -691,6 +751,119 @@ impl Catalog {
     }
 }
 
+fn read_lease(conn: &Connection, machine: &str) -> Result<Option<Lease>, CatalogError> {
+    let row = conn
+        .query_row(
+            "SELECT session, station, station_name, pid, base, started_ms, heartbeat_ms
+             FROM leases WHERE machine = ?1",
+            params![machine],
+            |r| {
+                Ok((
+                    Lease {
+                        machine: machine.to_string(),
+                        session: r.get(0)?,
+                        station: r.get(1)?,
+                        station_name: r.get(2)?,
+                        pid: r.get(3)?,
+                        base: None,
+                        started_ms: r.get(5)?,
+                        heartbeat_ms: r.get(6)?,
+                    },
+                    r.get::<_, Option<Vec<u8>>>(4)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(sql("read the lease"))?;
+    row.map(|(mut lease, base)| {
+        lease.base = opt_vid(base)?;
+        Ok(lease)
+    })
+    .transpose()
+}
+
+impl Catalog {
+    /// The lease on `machine`, if any.
+    pub fn lease(&self, machine: &MachineName) -> Result<Option<Lease>, CatalogError> {
+        read_lease(&self.conn, machine.as_str())
+    }
+
+    /// Takes the lease on `lease.machine`. If another session holds it, `may_replace`
+    /// decides: it sees the holder and returns true to take over (for `--force`, or a
+    /// holder known to be dead). Returns the lease that was replaced, if any.
+    pub fn acquire_lease(
+        &mut self,
+        lease: &Lease,
+        may_replace: impl FnOnce(&Lease) -> bool,
+    ) -> Result<Option<Lease>, CatalogError> {
+        mname(lease.machine.clone())?; // validate before writing
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql("start taking the lease"))?;
+        // Read through the transaction's connection: `self.lease` would borrow self.
+        let held = read_lease(&tx, &lease.machine)?;
+        if let Some(h) = &held
+            && h.session != lease.session
+            && !may_replace(h)
+        {
+            return Err(CatalogError::LeaseHeld {
+                machine: lease.machine.clone(),
+                held: Box::new(h.clone()),
+            });
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO leases (machine, session, station, station_name, pid, base, started_ms, heartbeat_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                lease.machine,
+                lease.session,
+                lease.station,
+                lease.station_name,
+                lease.pid,
+                lease.base.as_ref().map(|b| b.as_bytes().to_vec()),
+                lease.started_ms,
+                lease.heartbeat_ms
+            ],
+        )
+        .map_err(sql("write the lease"))?;
+        tx.commit().map_err(sql("commit the lease"))?;
+        Ok(held)
+    }
+
+    /// Releases the lease on `machine` if `session` still holds it; returns whether it did.
+    pub fn release_lease(
+        &self,
+        machine: &MachineName,
+        session: &str,
+    ) -> Result<bool, CatalogError> {
+        let n = self
+            .conn
+            .execute(
+                "DELETE FROM leases WHERE machine = ?1 AND session = ?2",
+                params![machine.as_str(), session],
+            )
+            .map_err(sql("release the lease"))?;
+        Ok(n == 1)
+    }
+
+    /// Records that `session` is alive; false if it no longer holds the lease.
+    pub fn heartbeat_lease(
+        &self,
+        machine: &MachineName,
+        session: &str,
+    ) -> Result<bool, CatalogError> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE leases SET heartbeat_ms = ?1 WHERE machine = ?2 AND session = ?3",
+                params![now_ms(), machine.as_str(), session],
+            )
+            .map_err(sql("renew the lease"))?;
+        Ok(n == 1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -811,6 +984,54 @@ mod tests {
         let c = Catalog::open(&p, false, false).unwrap();
         c.unregister_writer(w.id).unwrap();
         assert!(c.writers().unwrap().is_empty());
+    }
+
+    #[test]
+    fn one_lease_per_machine() {
+        let (_d, mut c) = cat();
+        let lease = |session: &str, station: &str| Lease {
+            machine: "alice/dev".into(),
+            session: session.into(),
+            station: station.into(),
+            station_name: format!("host:{station}"),
+            pid: 1,
+            base: None,
+            started_ms: 1_795_000_000_000,
+            heartbeat_ms: 0,
+        };
+        assert_eq!(c.acquire_lease(&lease("s1", "a"), |_| false).unwrap(), None);
+        let err = c.acquire_lease(&lease("s2", "b"), |_| false).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("host:a") && msg.contains("2026-11-18 11:06:40"),
+            "{msg}"
+        );
+        let old = c
+            .acquire_lease(&lease("s2", "b"), |h| h.station == "a")
+            .unwrap();
+        assert_eq!(old.unwrap().session, "s1");
+        let m: MachineName = "alice/dev".parse().unwrap();
+        assert!(
+            !c.release_lease(&m, "s1").unwrap(),
+            "the replaced session no longer holds it"
+        );
+        assert!(!c.heartbeat_lease(&m, "s1").unwrap());
+        assert!(c.heartbeat_lease(&m, "s2").unwrap());
+        assert!(c.release_lease(&m, "s2").unwrap());
+        assert_eq!(c.lease(&m).unwrap(), None);
+    }
+
+    #[test]
+    fn version_1_catalog_is_migrated() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("catalog.db");
+        let conn = Connection::open(&p).unwrap();
+        conn.execute_batch(SCHEMA_V1).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        drop(conn);
+        let c = Catalog::open(&p, false, false).unwrap();
+        let m: MachineName = "alice/dev".parse().unwrap();
+        assert_eq!(c.lease(&m).unwrap(), None);
     }
 
     #[test]

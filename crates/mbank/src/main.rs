@@ -4,6 +4,7 @@
 //! with `--json` one JSON document); progress and summaries go to standard error.
 //! Exit codes: 0 success, 1 failure, 2 bad usage, 3 `verify` found damage.
 
+mod attach;
 mod fmt;
 mod progress;
 
@@ -46,6 +47,13 @@ struct Cli {
     /// No progress bars or summaries on standard error.
     #[arg(long, short = 'q', global = true)]
     quiet: bool,
+    /// The station's chunk cache, shared by every session on this PC
+    /// [default: /var/cache/mbank for root, else ~/.cache/mbank].
+    #[arg(long, global = true, env = "MBANK_CACHE", value_name = "DIR")]
+    cache: Option<PathBuf>,
+    /// Bound on the station cache's size, e.g. 10G [default: 10G].
+    #[arg(long, global = true, value_parser = parse_size, value_name = "SIZE")]
+    cache_size: Option<u64>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -124,6 +132,42 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Serve a machine's disk over NBD; check in what was written when it ends.
+    ///
+    /// Reads are fetched from the bank on demand and kept in the station cache; writes
+    /// go to a session overlay. On SIGINT or SIGTERM the server stops, the written chunks
+    /// are checked in as a new version (printed on standard output), and the lease is
+    /// released. Any NBD client can use the disk: qemu, qemu-img, qemu-io, nbdcopy, fio.
+    /// A session left behind by a crash is checked in by the next attach or `recover`.
+    Attach {
+        /// user/name for the head, or user/name@VERSION.
+        machine: MachineRef,
+        /// Serve on this Unix socket (URI: nbd+unix:///?socket=PATH).
+        #[arg(long, value_name = "PATH", required_unless_present = "listen")]
+        socket: Option<PathBuf>,
+        /// Serve on this TCP address instead, e.g. 127.0.0.1:10809.
+        #[arg(long, value_name = "ADDR", conflicts_with = "socket")]
+        listen: Option<std::net::SocketAddr>,
+        /// End without checking in: everything written is dropped.
+        #[arg(long)]
+        discard: bool,
+        /// Take the machine over from the session holding it (that session's work is
+        /// still kept as a version when it checks in).
+        #[arg(long)]
+        force: bool,
+        /// Fetch the whole disk into the cache in the background (reads the guest waits
+        /// on go first).
+        #[arg(long)]
+        prefetch: bool,
+        /// Print the end-of-session statistics as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check in sessions left behind on this station by a crash.
+    Recover {
+        #[arg(long)]
+        json: bool,
+    },
     /// Show totals: machines, versions, chunks, bytes stored, deduplication.
     Stats {
         #[arg(long)]
@@ -192,8 +236,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
     };
     let read_only = !matches!(
         cli.cmd,
-        Cmd::Init | Cmd::Import { .. } | Cmd::Gc { .. } | Cmd::Rm { .. }
+        Cmd::Init
+            | Cmd::Import { .. }
+            | Cmd::Gc { .. }
+            | Cmd::Rm { .. }
+            | Cmd::Attach { .. }
+            | Cmd::Recover { .. }
     );
+    let cache_dir = cli
+        .cache
+        .clone()
+        .unwrap_or_else(mbank_station::Station::default_dir);
+    let cache_size = cli.cache_size.unwrap_or(mbank_station::DEFAULT_CACHE_SIZE);
     if let Cmd::Init = cli.cmd {
         Bank::init(&bank_dir)?;
         say(format!("created an empty bank in {}", bank_dir.display()));
@@ -393,6 +447,48 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     machine.machine,
                     h.map_or("none".into(), |h| h.short())
                 )),
+            }
+        }
+        Cmd::Attach {
+            machine,
+            socket,
+            listen,
+            discard,
+            force,
+            prefetch,
+            json,
+        } => {
+            let station = mbank_station::Station::open(&cache_dir, cache_size)?;
+            let args = attach::Args {
+                machine,
+                socket,
+                listen,
+                discard,
+                force,
+                prefetch,
+                jobs,
+            };
+            let report = attach::run(&mut bank, &bank_dir, &station, args, &bar, &say)?;
+            if json {
+                json_out(&report)?;
+            } else if let Some(v) = &report.version {
+                println!("{v}");
+            }
+        }
+        Cmd::Recover { json } => {
+            let station = mbank_station::Station::open(&cache_dir, cache_size)?;
+            let opts = ImportOptions {
+                jobs,
+                ..Default::default()
+            };
+            let reports = station.recover(&mut bank, &opts)?;
+            for r in &reports {
+                say(attach::describe(r));
+            }
+            if json {
+                json_out(&reports)?;
+            } else if reports.is_empty() {
+                say("no sessions to recover".into());
             }
         }
         Cmd::Stats { json } => {

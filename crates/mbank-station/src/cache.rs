@@ -1,0 +1,305 @@
+//! The station's chunk cache: one directory shared by every session and user on the
+//! station, keyed by chunk id, bounded in size with least-recently-used eviction.
+//!
+//! ```text
+//! <cache>/chunks/ab/<64 hex>   a chunk's plaintext
+//! <cache>/cache.db             SQLite: chunks(id, size, used_ms), for the size bound and LRU
+//! ```
+//!
+//! Files are written to a temp name and renamed, without fsync: the cache is never
+//! trusted blindly. Each process re-hashes a cached chunk the first time it reads it
+//! and remembers that it did, so whatever a crash (or a stranger) left in the
+//! directory is verified before it is served, and dropped if it fails. A row without a
+//! file, or a file without a row, only costs a fetch or some slack in the bound.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use mbank_catalog::now_ms;
+use mbank_core::ChunkId;
+use rusqlite::{Connection, params};
+
+use crate::StationError;
+
+/// Uses are written to the database in batches of this many.
+const USE_BATCH: usize = 512;
+
+/// Counters of one process's use of the cache.
+#[derive(Debug, Default)]
+pub struct CacheCounters {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub inserted_bytes: AtomicU64,
+    pub evicted_chunks: AtomicU64,
+    pub dropped_corrupt: AtomicU64,
+}
+
+pub struct ChunkCache {
+    dir: PathBuf,
+    db: Mutex<Connection>,
+    max_bytes: u64,
+    /// Chunks this process has re-hashed since it opened the cache.
+    verified: Mutex<HashSet<ChunkId>>,
+    uses: Mutex<Vec<ChunkId>>,
+    /// Bytes added by this process since the last eviction check.
+    added_since_check: AtomicU64,
+    pub counters: CacheCounters,
+}
+
+fn db_err(what: &'static str) -> impl FnOnce(rusqlite::Error) -> StationError {
+    move |e| StationError::Cache {
+        what: what.to_string(),
+        why: e.to_string(),
+    }
+}
+
+fn io_err(what: String) -> impl FnOnce(std::io::Error) -> StationError {
+    move |e| StationError::Cache {
+        what,
+        why: e.to_string(),
+    }
+}
+
+impl ChunkCache {
+    /// Opens (creating if needed) the cache in `dir`, bounded to `max_bytes`.
+    pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, StationError> {
+        let chunks = dir.join("chunks");
+        fs::create_dir_all(&chunks).map_err(io_err(format!("create {}", chunks.display())))?;
+        let conn = Connection::open(dir.join("cache.db")).map_err(db_err("open cache.db"))?;
+        conn.busy_timeout(Duration::from_secs(30))
+            .map_err(db_err("set the busy timeout"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db_err("set WAL mode"))?;
+        conn.pragma_update(None, "synchronous", "OFF")
+            .map_err(db_err("set synchronous mode"))?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS chunks (
+                 id BLOB PRIMARY KEY, size INTEGER NOT NULL, used_ms INTEGER NOT NULL);
+             CREATE INDEX IF NOT EXISTS chunks_by_use ON chunks (used_ms);",
+        )
+        .map_err(db_err("create the cache schema"))?;
+        Ok(ChunkCache {
+            dir: chunks,
+            db: Mutex::new(conn),
+            max_bytes,
+            verified: Mutex::new(HashSet::new()),
+            uses: Mutex::new(Vec::new()),
+            added_since_check: AtomicU64::new(0),
+            counters: CacheCounters::default(),
+        })
+    }
+
+    fn path(&self, id: &ChunkId) -> PathBuf {
+        let hex = id.to_hex();
+        self.dir.join(&hex[..2]).join(hex)
+    }
+
+    /// The chunk's plaintext, if the cache holds a good copy.
+    pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        let path = self.path(id);
+        let Ok(data) = fs::read(&path) else {
+            self.counters.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        let known = self.verified.lock().expect("cache lock").contains(id);
+        if !known {
+            if ChunkId::of(&data) != *id {
+                // Left by a crash or damaged on disk: never serve it.
+                let _ = fs::remove_file(&path);
+                let _ = self.db.lock().expect("cache lock").execute(
+                    "DELETE FROM chunks WHERE id = ?1",
+                    params![&id.as_bytes()[..]],
+                );
+                self.counters
+                    .dropped_corrupt
+                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            self.verified.lock().expect("cache lock").insert(*id);
+        }
+        self.counters.hits.fetch_add(1, Ordering::Relaxed);
+        self.note_use(*id);
+        Some(data)
+    }
+
+    /// True if the cache has a file for the chunk (not verified).
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.path(id).exists()
+    }
+
+    fn note_use(&self, id: ChunkId) {
+        let batch = {
+            let mut u = self.uses.lock().expect("cache lock");
+            u.push(id);
+            if u.len() < USE_BATCH {
+                return;
+            }
+            std::mem::take(&mut *u)
+        };
+        let _ = self.record_uses(&batch);
+    }
+
+    fn record_uses(&self, ids: &[ChunkId]) -> Result<(), StationError> {
+        let mut db = self.db.lock().expect("cache lock");
+        let tx = db.transaction().map_err(db_err("record chunk uses"))?;
+        {
+            let mut st = tx
+                .prepare_cached("UPDATE chunks SET used_ms = ?1 WHERE id = ?2")
+                .map_err(db_err("record chunk uses"))?;
+            let now = now_ms();
+            for id in ids {
+                st.execute(params![now, &id.as_bytes()[..]])
+                    .map_err(db_err("record chunk uses"))?;
+            }
+        }
+        tx.commit().map_err(db_err("record chunk uses"))
+    }
+
+    /// Adds a verified chunk. Evicts least recently used chunks when over the bound.
+    pub fn insert(&self, id: &ChunkId, plain: &[u8]) -> Result<(), StationError> {
+        let path = self.path(id);
+        let parent = path.parent().expect("chunk path has a parent");
+        fs::create_dir_all(parent).map_err(io_err(format!("create {}", parent.display())))?;
+        let mut r = [0u8; 8];
+        getrandom::fill(&mut r).expect("the operating system's random source failed");
+        let tmp = parent.join(format!(".tmp-{}", u64::from_le_bytes(r)));
+        let write = || -> std::io::Result<()> {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(plain)?;
+            fs::rename(&tmp, &path)
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(format!("write {}", path.display()))(e));
+        }
+        self.verified.lock().expect("cache lock").insert(*id);
+        self.db
+            .lock()
+            .expect("cache lock")
+            .execute(
+                "INSERT OR REPLACE INTO chunks (id, size, used_ms) VALUES (?1, ?2, ?3)",
+                params![&id.as_bytes()[..], plain.len() as i64, now_ms()],
+            )
+            .map_err(db_err("record a cached chunk"))?;
+        self.counters
+            .inserted_bytes
+            .fetch_add(plain.len() as u64, Ordering::Relaxed);
+        // Check the bound every 1/64 of it, so eviction stays cheap.
+        let added = self
+            .added_since_check
+            .fetch_add(plain.len() as u64, Ordering::Relaxed)
+            + plain.len() as u64;
+        if added >= (self.max_bytes / 64).max(1) {
+            self.added_since_check.store(0, Ordering::Relaxed);
+            self.evict()?;
+        }
+        Ok(())
+    }
+
+    /// Total bytes the cache records.
+    pub fn size(&self) -> Result<u64, StationError> {
+        self.db
+            .lock()
+            .expect("cache lock")
+            .query_row("SELECT coalesce(sum(size), 0) FROM chunks", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n as u64)
+            .map_err(db_err("measure the cache"))
+    }
+
+    /// Deletes least recently used chunks until the cache is within its bound.
+    pub fn evict(&self) -> Result<u64, StationError> {
+        let pending = std::mem::take(&mut *self.uses.lock().expect("cache lock"));
+        self.record_uses(&pending)?;
+        let mut total = self.size()?;
+        let mut evicted = 0;
+        while total > self.max_bytes {
+            let victims: Vec<(Vec<u8>, i64)> = {
+                let db = self.db.lock().expect("cache lock");
+                let mut st = db
+                    .prepare_cached("SELECT id, size FROM chunks ORDER BY used_ms LIMIT 256")
+                    .map_err(db_err("choose chunks to evict"))?;
+                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .map_err(db_err("choose chunks to evict"))?
+                    .collect::<Result<_, _>>()
+                    .map_err(db_err("choose chunks to evict"))?
+            };
+            if victims.is_empty() {
+                break;
+            }
+            let db = self.db.lock().expect("cache lock");
+            for (id, size) in victims {
+                if total <= self.max_bytes {
+                    break;
+                }
+                let Ok(arr) = <[u8; 32]>::try_from(id.as_slice()) else {
+                    continue;
+                };
+                let id = ChunkId::from_bytes(arr);
+                let _ = fs::remove_file(self.path(&id));
+                db.execute(
+                    "DELETE FROM chunks WHERE id = ?1",
+                    params![&id.as_bytes()[..]],
+                )
+                .map_err(db_err("evict a chunk"))?;
+                total = total.saturating_sub(size as u64);
+                evicted += 1;
+            }
+        }
+        self.counters
+            .evicted_chunks
+            .fetch_add(evicted, Ordering::Relaxed);
+        Ok(evicted)
+    }
+
+    /// Writes batched use times to the database.
+    pub fn sync(&self) -> Result<(), StationError> {
+        let pending = std::mem::take(&mut *self.uses.lock().expect("cache lock"));
+        self.record_uses(&pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_insert_verify_and_bound() {
+        let d = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(d.path(), 10 * 1000).unwrap();
+        let data: Vec<Vec<u8>> = (0..30u8).map(|i| vec![i; 1000]).collect();
+        for (n, x) in data.iter().enumerate() {
+            c.insert(&ChunkId::of(x), x).unwrap();
+            // Keep chunk 0 hot.
+            assert_eq!(
+                c.get(&ChunkId::of(&data[0])).as_deref(),
+                Some(&data[0][..]),
+                "{n}"
+            );
+        }
+        c.evict().unwrap();
+        assert!(c.size().unwrap() <= 10 * 1000);
+        assert!(
+            c.get(&ChunkId::of(&data[0])).is_some(),
+            "hot chunk survived"
+        );
+        assert!(
+            c.get(&ChunkId::of(&data[1])).is_none(),
+            "cold chunk evicted"
+        );
+        // A damaged file is caught by a new process (a fresh open) and dropped.
+        let id = ChunkId::of(&data[29]);
+        fs::write(c.path(&id), b"garbage").unwrap();
+        let c2 = ChunkCache::open(d.path(), 10 * 1000).unwrap();
+        assert!(c2.get(&id).is_none());
+        assert!(!c2.contains(&id));
+        assert_eq!(c2.counters.dropped_corrupt.load(Ordering::Relaxed), 1);
+    }
+}

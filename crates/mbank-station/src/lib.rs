@@ -1,0 +1,397 @@
+//! # mbank-station
+//!
+//! The two lightweight hooks on a lab PC: a **chunk cache** shared by every session on
+//! the station ([`cache`]), and **write tracking**: each session's writes go to an
+//! overlay with a dirty map ([`session`], [`device`]), so checking in sends only the
+//! chunks the guest wrote, without rescanning the disk.
+//!
+//! ## A session's life
+//!
+//! 1. [`Station::check_out`] takes the machine's lease in the catalog (one live session
+//!    per machine, DESIGN invariant 6), writes `session.json` and an empty overlay.
+//! 2. The [`device::Disk`] serves reads and writes (over NBD, see `mbank-nbd`). A FLUSH
+//!    or FUA write makes the overlay durable, then the dirty map (invariant 4).
+//! 3. [`Station::check_in`] stores the dirty chunks (only those the bank lacks are
+//!    written), commits a version whose parent is the version checked out, moving the
+//!    head by compare-and-swap (a lost race is kept as its own version), then releases
+//!    the lease and deletes the session. Dirty bits live until the version is committed.
+//!
+//! ## Crashes
+//!
+//! A session whose process died (kill -9, power loss) stays in `<cache>/sessions/`. The
+//! next `mbank attach` or `mbank recover` on the station finds it ([`Station::recover`])
+//! and checks in what its durable dirty map names: every flushed write.
+//!
+//! ## Station identity
+//!
+//! `<cache>/STATION` holds a random station id (`MBANK-STATION 1` then `id <hex>`). Two
+//! cache directories are two stations, even on one host.
+
+pub mod cache;
+pub mod device;
+pub mod session;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use mbank_bank::{Bank, BankError, ImportOptions, NoProgress, Progress, VersionSource};
+use mbank_catalog::{CatalogError, Lease, now_ms};
+use mbank_core::{MachineName, MachineRef, VersionId};
+use mbank_store::ChunkStore;
+use serde::Serialize;
+
+use crate::cache::ChunkCache;
+use crate::device::Disk;
+use crate::session::{SESSION_FORMAT, SessionDir, SessionMeta};
+
+/// Default bound of a station cache: 10 GiB.
+pub const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
+const STATION_MAGIC: &str = "MBANK-STATION";
+
+/// What went wrong on the station.
+#[derive(Debug, thiserror::Error)]
+pub enum StationError {
+    #[error("station cache: cannot {what}: {why}")]
+    Cache { what: String, why: String },
+    #[error("cannot {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("session state {} is damaged: {why}", path.display())]
+    BadSession { path: PathBuf, why: String },
+    #[error(transparent)]
+    Bank(#[from] BankError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+/// What a session did, as `attach --json` prints it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SessionReport {
+    pub machine: String,
+    pub session: String,
+    pub base: Option<String>,
+    /// The version check-in made, if it made one.
+    pub version: Option<String>,
+    pub head_moved: bool,
+    pub bytes_fetched: u64,
+    pub chunks_fetched: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub chunks_written: u64,
+    pub chunks_uploaded: u64,
+    pub bytes_uploaded: u64,
+    pub seconds: f64,
+    pub checkin_seconds: f64,
+    pub recovered: bool,
+}
+
+/// A station: its cache directory and identity.
+pub struct Station {
+    pub dir: PathBuf,
+    pub id: String,
+    pub name: String,
+    pub cache: Arc<ChunkCache>,
+}
+
+fn host() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn random_hex() -> String {
+    VersionId::random().to_hex()
+}
+
+impl Station {
+    /// The cache directory to use when none is given: `$MBANK_CACHE` is handled by the
+    /// CLI; this is `/var/cache/mbank` for root, else `$XDG_CACHE_HOME/mbank` or
+    /// `~/.cache/mbank`.
+    pub fn default_dir() -> PathBuf {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            return PathBuf::from("/var/cache/mbank");
+        }
+        if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+            return PathBuf::from(x).join("mbank");
+        }
+        std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".cache/mbank"))
+            .unwrap_or_else(|| PathBuf::from("/tmp/mbank-cache"))
+    }
+
+    /// Opens (creating if needed) the station whose cache is `dir`.
+    pub fn open(dir: &Path, cache_size: u64) -> Result<Station, StationError> {
+        fs::create_dir_all(dir.join("sessions")).map_err(|e| StationError::Io {
+            what: format!("create the station cache {}", dir.display()),
+            source: e,
+        })?;
+        let marker = dir.join("STATION");
+        let id = match fs::read_to_string(&marker) {
+            Ok(t) => {
+                let mut lines = t.lines();
+                if lines.next().map(str::trim) != Some(&format!("{STATION_MAGIC} 1")) {
+                    return Err(StationError::BadSession {
+                        path: marker,
+                        why: "not a station marker".into(),
+                    });
+                }
+                lines
+                    .find_map(|l| l.strip_prefix("id "))
+                    .map(|s| s.trim().to_string())
+                    .ok_or_else(|| StationError::BadSession {
+                        path: marker.clone(),
+                        why: "no id line".into(),
+                    })?
+            }
+            Err(_) => {
+                let id = random_hex();
+                let tmp = dir.join(".STATION.tmp");
+                fs::write(&tmp, format!("{STATION_MAGIC} 1\nid {id}\n"))
+                    .and_then(|_| fs::rename(&tmp, &marker))
+                    .map_err(|e| StationError::Io {
+                        what: format!("write {}", marker.display()),
+                        source: e,
+                    })?;
+                id
+            }
+        };
+        let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        Ok(Station {
+            name: format!("{}:{}", host(), dir.display()),
+            cache: Arc::new(ChunkCache::open(&dir, cache_size)?),
+            id,
+            dir,
+        })
+    }
+
+    fn sessions_dir(&self) -> PathBuf {
+        self.dir.join("sessions")
+    }
+
+    /// Checks out `r` for a new session: takes the lease (refusing, unless `force`, if
+    /// another live session holds it) and prepares the overlay.
+    pub fn check_out(
+        &self,
+        bank: &mut Bank,
+        r: &MachineRef,
+        force: bool,
+        fetch_from: Arc<dyn ChunkStore>,
+    ) -> Result<Arc<Disk>, StationError> {
+        let v = bank.resolve(r)?;
+        let index = bank.catalog().disk_index(&v)?;
+        let session = random_hex();
+        let lease = Lease {
+            machine: v.machine.to_string(),
+            session: session.clone(),
+            station: self.id.clone(),
+            station_name: self.name.clone(),
+            pid: std::process::id(),
+            base: Some(v.id),
+            started_ms: now_ms(),
+            heartbeat_ms: now_ms(),
+        };
+        let my_station = self.id.clone();
+        bank.catalog_mut().acquire_lease(&lease, |held| {
+            force || (held.station == my_station && !pid_alive(held.pid))
+        })?;
+        let meta = SessionMeta {
+            format: SESSION_FORMAT,
+            session: session.clone(),
+            machine: v.machine.to_string(),
+            base: Some(v.id.to_hex()),
+            disk_size: index.disk_size,
+            chunk_size: index.chunk_size,
+            station: self.id.clone(),
+            pid: std::process::id(),
+            started_ms: now_ms(),
+            bank: bank.root().display().to_string(),
+        };
+        let (dir, overlay) = match SessionDir::create(self.sessions_dir().join(&session), &meta) {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = bank.catalog().release_lease(&v.machine, &session);
+                return Err(e);
+            }
+        };
+        let bits = vec![0u64; index.chunks.len().div_ceil(64)];
+        Ok(Arc::new(Disk::new(
+            meta,
+            dir,
+            index,
+            overlay,
+            bits,
+            self.cache.clone(),
+            fetch_from,
+        )))
+    }
+
+    /// Checks in a live session: flushes it, stores its dirty chunks, commits a version,
+    /// releases the lease and deletes the session.
+    pub fn check_in(
+        &self,
+        bank: &mut Bank,
+        disk: &Disk,
+        opts: &ImportOptions,
+        progress: &dyn Progress,
+    ) -> Result<SessionReport, StationError> {
+        disk.flush_sync().map_err(|e| StationError::Io {
+            what: "flush the session before check-in".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let dirty = disk.dirty_chunks();
+        let mut report = self.commit(
+            bank,
+            &disk.meta,
+            &disk.dir,
+            &disk.base,
+            disk.overlay(),
+            dirty,
+            opts,
+            progress,
+        )?;
+        report.bytes_fetched = disk.counters.bytes_fetched.load(Ordering::Relaxed);
+        report.chunks_fetched = disk.counters.chunks_fetched.load(Ordering::Relaxed);
+        report.cache_hits = self.cache.counters.hits.load(Ordering::Relaxed);
+        report.cache_misses = self.cache.counters.misses.load(Ordering::Relaxed);
+        let _ = self.cache.sync();
+        Ok(report)
+    }
+
+    /// Ends a session without a check-in: its writes are dropped.
+    pub fn discard(&self, bank: &Bank, disk: &Disk) -> Result<(), StationError> {
+        let m: MachineName = disk
+            .meta
+            .machine
+            .parse()
+            .map_err(|e| StationError::BadSession {
+                path: disk.dir.dir.clone(),
+                why: format!("{e}"),
+            })?;
+        bank.catalog().release_lease(&m, &disk.meta.session)?;
+        disk.dir.remove()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn commit(
+        &self,
+        bank: &mut Bank,
+        meta: &SessionMeta,
+        dir: &SessionDir,
+        base: &mbank_core::DiskIndex,
+        overlay: &fs::File,
+        dirty: Vec<usize>,
+        opts: &ImportOptions,
+        progress: &dyn Progress,
+    ) -> Result<SessionReport, StationError> {
+        let started = Instant::now();
+        let machine: MachineName = meta.machine.parse().map_err(|e| StationError::BadSession {
+            path: dir.meta_path(),
+            why: format!("{e}"),
+        })?;
+        let mut report = SessionReport {
+            machine: meta.machine.clone(),
+            session: meta.session.clone(),
+            base: meta.base.clone(),
+            chunks_written: dirty.len() as u64,
+            seconds: (now_ms() - meta.started_ms) as f64 / 1000.0,
+            ..Default::default()
+        };
+        if !dirty.is_empty() {
+            let writer = bank.begin_write(&format!("check-in {}", meta.machine))?;
+            let total = dirty.iter().map(|&i| base.chunk_len(i) as u64).sum();
+            let cs = base.chunk_size as u64;
+            let lens: Vec<usize> = dirty.iter().map(|&i| base.chunk_len(i)).collect();
+            let items = dirty.into_iter().zip(lens).map(move |(i, len)| {
+                let mut buf = vec![0u8; len];
+                std::os::unix::fs::FileExt::read_exact_at(overlay, &mut buf, i as u64 * cs)
+                    .map_err(|e| BankError::Image {
+                        path: dir.overlay_path(),
+                        why: format!("reading dirty chunk {i} failed: {e}"),
+                    })?;
+                Ok((i, Some(buf)))
+            });
+            let source = VersionSource {
+                description: format!("check-in from {}", self.name),
+                parent: meta.base_version()?,
+                base: base.clone(),
+                items: Box::new(items),
+                total_bytes: total,
+            };
+            let r = bank.write_version(&machine, source, &writer, opts, progress)?;
+            report.version = Some(r.version);
+            report.head_moved = r.head_moved;
+            report.chunks_uploaded = r.chunks_new;
+            report.bytes_uploaded = r.bytes_stored;
+        }
+        // The version is committed: only now may the dirty map go.
+        bank.catalog().release_lease(&machine, &meta.session)?;
+        dir.remove()?;
+        report.checkin_seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    /// Finds sessions on this station whose process is gone and checks in what their
+    /// durable dirty maps name. Sessions of live processes are left alone.
+    pub fn recover(
+        &self,
+        bank: &mut Bank,
+        opts: &ImportOptions,
+    ) -> Result<Vec<SessionReport>, StationError> {
+        let mut out = Vec::new();
+        let Ok(entries) = fs::read_dir(self.sessions_dir()) else {
+            return Ok(out);
+        };
+        for entry in entries.flatten() {
+            let dir = SessionDir { dir: entry.path() };
+            let meta = match dir.read_meta() {
+                Ok(m) => m,
+                Err(_) if !dir.meta_path().exists() => {
+                    // Died before its metadata was written: nothing was served.
+                    let _ = dir.remove();
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if meta.pid == std::process::id() || pid_alive(meta.pid) {
+                continue;
+            }
+            let Some(base_id) = meta.base_version()? else {
+                continue;
+            };
+            let m: MachineName = meta.machine.parse().map_err(|e| StationError::BadSession {
+                path: dir.meta_path(),
+                why: format!("{e}"),
+            })?;
+            let v = bank.resolve(&MachineRef {
+                machine: m,
+                version: Some(base_id.to_hex()),
+            })?;
+            let base = bank.catalog().disk_index(&v)?;
+            let count = base.chunks.len() as u64;
+            let bits = dir.read_dirty(count)?;
+            let dirty: Vec<usize> = (0..count as usize)
+                .filter(|&i| bits[i / 64] & (1 << (i % 64)) != 0)
+                .collect();
+            let overlay = fs::File::open(dir.overlay_path()).map_err(|e| StationError::Io {
+                what: format!("open {}", dir.overlay_path().display()),
+                source: e,
+            })?;
+            let mut r =
+                self.commit(bank, &meta, &dir, &base, &overlay, dirty, opts, &NoProgress)?;
+            r.recovered = true;
+            out.push(r);
+        }
+        Ok(out)
+    }
+}

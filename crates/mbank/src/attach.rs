@@ -1,0 +1,198 @@
+//! `mbank attach`: serve a machine's disk over NBD until a signal, then check in.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use mbank_bank::{Bank, ImportOptions, Progress};
+use mbank_core::MachineRef;
+use mbank_nbd::ServerOptions;
+use mbank_station::device::NbdDisk;
+use mbank_station::{SessionReport, Station};
+use mbank_store::{ChunkStore, LocalStore};
+
+use crate::fmt::bytes;
+
+pub struct Args {
+    pub machine: MachineRef,
+    pub socket: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub discard: bool,
+    pub force: bool,
+    pub prefetch: bool,
+    pub jobs: usize,
+}
+
+/// One line about a finished session.
+pub fn describe(r: &SessionReport) -> String {
+    let what = if r.recovered {
+        "recovered session"
+    } else {
+        "session"
+    };
+    match &r.version {
+        Some(v) => format!(
+            "{what} of {} checked in as {}@{}: {} chunks written, {} uploaded ({}){}",
+            r.machine,
+            r.machine,
+            &v[..12],
+            r.chunks_written,
+            r.chunks_uploaded,
+            bytes(r.bytes_uploaded),
+            if r.head_moved {
+                String::new()
+            } else {
+                "; another session moved the head first, so this version is kept beside it".into()
+            }
+        ),
+        None => format!(
+            "{what} of {} ended with nothing written; no new version",
+            r.machine
+        ),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+pub fn run(
+    bank: &mut Bank,
+    bank_dir: &Path,
+    station: &Station,
+    args: Args,
+    progress: &dyn Progress,
+    say: &dyn Fn(String),
+) -> Result<SessionReport> {
+    let opts = ImportOptions {
+        jobs: args.jobs,
+        ..Default::default()
+    };
+    for r in station.recover(bank, &opts)? {
+        say(describe(&r));
+    }
+    let fetch: Arc<dyn ChunkStore> = Arc::new(LocalStore::open(bank_dir)?);
+    let disk = station.check_out(bank, &args.machine, args.force, fetch)?;
+    let what = format!(
+        "{}@{} ({}, {} chunks of {})",
+        disk.meta.machine,
+        disk.meta.base.as_deref().map_or("-", |b| &b[..12]),
+        bytes(disk.base.disk_size),
+        disk.base.chunks.len(),
+        bytes(disk.base.chunk_size as u64)
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    // The lease's heartbeat, on its own catalog connection.
+    let heartbeat = {
+        let stop = stop.clone();
+        let catalog_path = bank_dir.join("catalog.db");
+        let machine = args.machine.machine.clone();
+        let session = disk.meta.session.clone();
+        std::thread::spawn(move || {
+            let Ok(cat) = mbank_catalog::Catalog::open(&catalog_path, false, false) else {
+                return;
+            };
+            let mut warned = false;
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..300 {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                if let Ok(false) = cat.heartbeat_lease(&machine, &session)
+                    && !warned
+                {
+                    eprintln!(
+                        "mbank: warning: another station took {machine} over (--force); \
+                         this session's writes will still be checked in as their own version"
+                    );
+                    warned = true;
+                }
+            }
+        })
+    };
+    let prefetcher = args.prefetch.then(|| {
+        let (d, stop) = (disk.clone(), stop.clone());
+        std::thread::spawn(move || d.prefetch(&stop))
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let device = Arc::new(NbdDisk(disk.clone()));
+    let served = rt.block_on(async {
+        let opts = ServerOptions {
+            export_name: disk.meta.machine.clone(),
+            description: Some(format!("Machine Bank: {what}")),
+            ..Default::default()
+        };
+        match (&args.socket, args.listen) {
+            (Some(path), _) => {
+                if let Some(parent) = path.parent()
+                    && !parent.as_os_str().is_empty()
+                {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("cannot create {}", parent.display()))?;
+                }
+                say(format!(
+                    "serving {what} on nbd+unix:///?socket={}; Ctrl-C or SIGTERM checks in and ends",
+                    path.display()
+                ));
+                mbank_nbd::serve_unix(path, device, opts, shutdown_signal()).await?;
+            }
+            (None, Some(addr)) => {
+                say(format!(
+                    "serving {what} on nbd://{addr}; Ctrl-C or SIGTERM checks in and ends"
+                ));
+                mbank_nbd::serve_tcp(addr, device, opts, shutdown_signal()).await?;
+            }
+            (None, None) => anyhow::bail!("give --socket PATH or --listen ADDR"),
+        }
+        anyhow::Ok(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    if let Some(p) = prefetcher {
+        let _ = p.join();
+    }
+    let _ = heartbeat.join();
+    drop(rt);
+    if let Err(e) = served {
+        return Err(e.context(format!(
+            "the NBD server failed; the session is kept in {} and the next `mbank attach` or \
+             `mbank recover` on this station checks in what was flushed",
+            disk.dir.dir.display()
+        )));
+    }
+    if args.discard {
+        station.discard(bank, &disk)?;
+        say(format!(
+            "discarded the session of {}: nothing checked in",
+            disk.meta.machine
+        ));
+        return Ok(SessionReport {
+            machine: disk.meta.machine.clone(),
+            session: disk.meta.session.clone(),
+            base: disk.meta.base.clone(),
+            chunks_written: disk.dirty_chunks().len() as u64,
+            ..Default::default()
+        });
+    }
+    let report = station.check_in(bank, &disk, &opts, progress)?;
+    say(describe(&report));
+    Ok(report)
+}
