@@ -17,13 +17,10 @@ MACHINE=bench/dev
 need jq
 log "checking the data set"
 "$REPO_ROOT/scripts/bench-data.sh" >/dev/null
-if [[ -z ${MBANK:-} ]]; then
-    log "cargo build --release -p mbank"
-    (cd "$REPO_ROOT" && cargo build --release -q -p mbank) >&2
-    MBANK=$REPO_ROOT/target/release/mbank
-fi
+build_mbank "$REPO_ROOT"
 [[ -x $MBANK ]] || die "mbank binary not found: $MBANK"
 make_tmp W
+LOAD=$(load_note)
 
 if drop_caches; then
     CACHE_MODE="cold (page cache dropped before each import)"
@@ -37,22 +34,23 @@ import() {
     local t0 t1 json
     drop_caches || true
     t0=$(date +%s.%N)
-    json=$("$MBANK" --bank "$1" import --json --chunk-size "$3" "$MACHINE" "$2")
+    json=$("$MBANK" -q --bank "$1" import --json --chunk-size "$3" "$MACHINE" "$2")
     t1=$(date +%s.%N)
     jq -c --argjson wall "$(bc -l <<<"$t1 - $t0")" '. + {wall: $wall}' <<<"$json"
 }
 stored() { "$MBANK" --bank "$1" stats --json | jq .bytes_stored; }
 to_bytes() { numfmt --from=iec "$1"; }
-MiB() { jq -rn --argjson b "$1" '$b / 1048576 * 10 | round / 10'; }
+MiB() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 
 echo "## Chunk size: base.raw then v2.raw into a fresh bank per size"
 echo
-echo "- images: $(human "$(bytes_of "$BENCH_DIR/base.raw")") raw ext4; page cache: $CACHE_MODE; $(nproc) cores"
+echo "- images: $(human "$(bytes_of "$BENCH_DIR/base.raw")") raw ext4; page cache: $CACHE_MODE; $(nproc) cores, $LOAD"
+echo "- mbank: $MBANK${MBANK_NOTE:+ ($MBANK_NOTE)}"
 echo "- stored = mbank stats bytes_stored after the import; index = disk_size / chunk * 32 B per version"
 echo "- 4 KiB write cost = one chunk re-uploaded: raw chunk size, and compressed estimate"
 echo "  (bytes_stored / chunks_new of the base import)"
 echo
-echo "| chunk | base s | stored after base MiB | v2 s | stored after v2 MiB | v2 delta MiB | v2 dedup chunks | index / version KiB | 4 KiB write costs (raw / est. compressed) |"
+echo "| chunk | base s | stored after base MiB | v2 s | stored after v2 MiB | v2 delta MiB | v2 chunks dedup/total | index / version KiB | 4 KiB write costs (raw / est. compressed) |"
 echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for cs in $SIZES; do
     bank=$W/bank-$cs
@@ -72,7 +70,7 @@ for cs in $SIZES; do
     printf '| %s | %.2f | %s | %.2f | %s | %s | %s/%s | %s | %s / %s |\n' "$cs" \
         "$(jq .wall <<<"$j1")" "$(MiB "$b1")" "$(jq .wall <<<"$j2")" "$(MiB "$b2")" \
         "$(MiB $((b2 - b1)))" "$(jq .chunks_dedup <<<"$j2")" "$(jq .chunks_total <<<"$j2")" \
-        "$(jq -rn --argjson b "$index" '$b / 1024 * 10 | round / 10')" \
+        "$((index / 1024))" \
         "$(human "$csb")" "$(human "$est")"
     [[ ${MBANK_KEEP_TMP:-} == 1 ]] || rm -rf "$bank"
 done

@@ -31,7 +31,7 @@ FS_UUID=6d62616e-6b00-4265-6e63-680000000001
 mkdir -p "$BENCH_DIR"
 cd "$BENCH_DIR"
 exec 9>.lock
-flock -n 9 || die "another bench-data.sh is running ($BENCH_DIR/.lock)"
+flock -n 9 || { log "waiting for another bench-data.sh ($BENCH_DIR/.lock)"; flock 9; }
 
 # Changing any parameter invalidates the whole cached set.
 PARAMS="suite=$SUITE mirror=$MIRROR variant=$VARIANT base=$BASE_PKGS extra=$EXTRA_PKGS size=$IMG_SIZE"
@@ -88,7 +88,8 @@ mkfs_image() {
 }
 
 # chroot_install ROOT: apt-get install $EXTRA_PKGS inside ROOT (with recommends,
-# like a user would), then drop downloaded .debs and apt lists.
+# like a user would), then apt-get clean (the freed blocks keep the old .deb
+# bytes, as on a real guest disk).
 chroot_install() {
     local root=$1 n=${#MOUNTS[@]}
     mnt -t proc proc "$root/proc"
@@ -120,8 +121,10 @@ debugfs_apply() {
             if [[ -d $old/$p && ! -L $old/$p ]]; then echo "rmdir \"/$p\""; else echo "rm \"/$p\""; fi
         done >"$work/cmds"
     # New or changed entries, parents first (sorted order).
-    LC_ALL=C join -t $'\t' -a2 -o 2.1,1.2,2.2 "$work/old" "$work/new" |
+    # (-e: tabs are IFS whitespace, so an empty middle field would be lost)
+    LC_ALL=C join -t $'\t' -a2 -e '?' -o 2.1,1.2,2.2 "$work/old" "$work/new" |
         while IFS=$'\t' read -r p o n; do
+            [[ $o == '?' ]] && o=
             [[ $o == "$n" ]] && continue
             [[ $p == *'"'* || $p == *\\* ]] && { log "skip odd name: $p"; continue; }
             local src=$new/$p t=${n%% *} dir base mode uid gid mt
@@ -168,22 +171,29 @@ debugfs_apply() {
 build_v2() {
     local method=$V2_METHOD m logs
     make_tmp logs
-    if [[ $method == auto ]]; then
-        method=debugfs
-        if [[ -c /dev/fuse ]] && grep -qw fuse /proc/filesystems; then method=fuse2fs; fi
-    fi
     rm -rf --one-file-system v2-root.tmp v2.raw.tmp
-    case $method in
-    fuse2fs)
+    if [[ $method == auto || $method == fuse2fs ]]; then
         need fuse2fs
         cp --sparse=always base.raw v2.raw.tmp
         make_tmp m
         # allow_other: apt downloads as user _apt; -f keeps it ours to wait for.
         fuse2fs -f -o allow_other v2.raw.tmp "$m" >"$logs/fuse2fs.log" 2>&1 &
         FUSE_PID=$!
-        MOUNTS+=("$m")
         for _ in $(seq 50); do mountpoint -q "$m" && break; sleep 0.2; done
-        mountpoint -q "$m" || { cat "$logs/fuse2fs.log" >&2; die "fuse2fs mount failed"; }
+        if mountpoint -q "$m"; then
+            MOUNTS+=("$m") method=fuse2fs
+        else
+            cat "$logs/fuse2fs.log" >&2
+            kill "$FUSE_PID" 2>/dev/null || true
+            wait "$FUSE_PID" 2>/dev/null || true
+            FUSE_PID=
+            [[ $method == auto ]] || die "fuse2fs mount failed"
+            log "fuse2fs mount failed (no FUSE here?); falling back to debugfs"
+            method=debugfs
+        fi
+    fi
+    case $method in
+    fuse2fs)
         chroot_install "$m"
         log "copying the v2 tree out of the image"
         mkdir v2-root.tmp

@@ -37,15 +37,12 @@ log "checking the data set"
 B=$BENCH_DIR
 
 if [[ " $TOOLS " == *" mbank "* ]]; then
-    if [[ -z ${MBANK:-} ]]; then
-        log "cargo build --release -p mbank"
-        (cd "$REPO_ROOT" && cargo build --release -q -p mbank) >&2
-        MBANK=$REPO_ROOT/target/release/mbank
-    fi
+    build_mbank "$REPO_ROOT"
     [[ -x $MBANK ]] || die "mbank binary not found: $MBANK"
 fi
 
 make_tmp W
+LOAD=$(load_note)
 export RESTIC_PASSWORD=bench RESTIC_CACHE_DIR=$W/restic-cache
 export BORG_BASE_DIR=$W/borg-base BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes
 
@@ -53,7 +50,7 @@ export BORG_BASE_DIR=$W/borg-base BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes
 # everyone); otherwise read every input once so all tools start warm.
 if drop_caches; then
     CACHE_MODE="cold (page cache dropped before each step)"
-    prep() { drop_caches; }
+    prep() { drop_caches || true; }
 else
     CACHE_MODE="warm (drop_caches not permitted; inputs read once beforehand)"
     log "warming inputs"
@@ -78,7 +75,7 @@ init_mbank() { "$MBANK" --bank "$1" init >&2; }
 step_mbank() {
     local cs=()
     [[ -n ${BENCH_CHUNK_SIZE:-} ]] && cs=(--chunk-size "$BENCH_CHUNK_SIZE")
-    "$MBANK" --bank "$1" import --json "${cs[@]}" "$MACHINE" "$3"
+    "$MBANK" -q --bank "$1" import --json "${cs[@]}" "$MACHINE" "$3"
 }
 init_restic() { restic init -q -r "$1" >&2; }
 step_restic() { restic backup -q -r "$1" --host bench --tag "$2" "$3" >&2; }
@@ -119,12 +116,12 @@ echo "- data: base.raw / v2.raw $(human "$(bytes_of "$B/base.raw")") raw ext4 ea
     "($(human "$(alloc_of "$B/base.raw")") / $(human "$(alloc_of "$B/v2.raw")") allocated);" \
     "trees $(human "$(bytes_of "$B/base-root")") / $(human "$(bytes_of "$B/v2-root")");" \
     "v2 made with $(cat "$B/v2.method" 2>/dev/null || echo '?')"
-echo "- page cache: $CACHE_MODE; $(nproc) cores; $(uname -r)"
+echo "- page cache: $CACHE_MODE; $(nproc) cores, $LOAD; kernel $(uname -r)"
 echo "- $(restic version | cut -d' ' -f1-2) (repo v2, compression auto = zstd, CDC ~1 MiB avg);" \
     "$(borg --version) (encryption none, compression $BORG_COMPRESSION, CDC ~2 MiB avg);" \
     "casync $(casync --version | awk 'NR==1{print $2}') (defaults: zstd, CDC 64 KiB avg)"
 if [[ " $TOOLS " == *" mbank "* ]]; then
-    echo "- mbank: $MBANK${BENCH_CHUNK_SIZE:+ --chunk-size $BENCH_CHUNK_SIZE}; import JSON:"
+    echo "- mbank: $MBANK${BENCH_CHUNK_SIZE:+ --chunk-size $BENCH_CHUNK_SIZE}${MBANK_NOTE:+ ($MBANK_NOTE)}; import JSON:"
     for i in 1 2; do echo "  \`$(jq -c . "$W/mbank.$i.out")\`"; done
 fi
 echo

@@ -1,6 +1,8 @@
 # shellcheck shell=bash disable=SC2034 # variables are used by the sourcing scripts
 # Shared helpers for the scripts/bench-*.sh scripts. Source it, don't run it.
 
+shopt -s inherit_errexit # set -e also inside $(...)
+
 CACHE_DIR=${MBANK_CACHE_DIR:-/var/cache/mbank-dev}
 BENCH_DIR=$CACHE_DIR/bench
 TMP_ROOT=$CACHE_DIR/tmp
@@ -51,3 +53,28 @@ make_tmp() {
 
 # Best effort: drop the page cache; returns 1 if not allowed.
 drop_caches() { sync; { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null; }
+
+# Other work on the machine skews timings: say so in the report and on stderr.
+load_note() {
+    local l
+    l=$(cut -d' ' -f1 /proc/loadavg)
+    if awk -v l="$l" -v n="$(nproc)" 'BEGIN{exit !(l > n / 4)}'; then
+        log "WARNING: load average $l on $(nproc) cores before starting; timings will be noisy"
+    fi
+    echo "load average $l at start"
+}
+
+# build_mbank REPO_ROOT: set MBANK (unless given) to a fresh release build. If the
+# build fails but an older binary exists, use it and set MBANK_NOTE to say so.
+MBANK_NOTE=
+build_mbank() {
+    [[ -n ${MBANK:-} ]] && return 0
+    MBANK=$1/target/release/mbank
+    log "cargo build --release -p mbank"
+    if ! (cd "$1" && cargo build --release -q -p mbank) >&2; then
+        [[ -x $MBANK ]] || die "cargo build failed and there is no $MBANK"
+        MBANK_NOTE="cargo build failed; STALE binary built $(date -r "$MBANK" '+%F %T')"
+        log "WARNING: $MBANK_NOTE"
+    fi
+}
+
