@@ -51,3 +51,7 @@ for component in rustfmt clippy; do
         rustup component add "$component"
     fi
 done
+
+# The test guest: QEMU (pinned so qemu-system-x86 and qemu-utils match), a Debian
+# cloud kernel and a busybox initramfs, cached outside the repo.
+"$(dirname "$0")/build-guest.sh" build >/dev/null
