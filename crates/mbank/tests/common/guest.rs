@@ -477,7 +477,10 @@ pub fn socket_listening(path: &Path) -> bool {
 pub fn wait_for_socket(path: &Path, timeout: Duration, server: &mut Child) {
     let deadline = Instant::now() + timeout;
     loop {
-        if socket_listening(path) {
+        // A server may bind a temp name and rename it into place (mbank attach does,
+        // so the socket never exists with loose permissions); /proc/net/unix then shows
+        // the old name, so also try a connection.
+        if socket_listening(path) || std::os::unix::net::UnixStream::connect(path).is_ok() {
             return;
         }
         if let Ok(Some(st)) = server.try_wait() {
