@@ -12,10 +12,12 @@
 //! directory is verified before it is served, and dropped if it fails. A row without a
 //! file, or a file without a row, only costs a fetch or some slack in the bound.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -26,6 +28,8 @@ use rusqlite::{Connection, params};
 
 use crate::StationError;
 
+/// Open chunk files kept per process.
+const OPEN_FILES: usize = 2048;
 /// Uses are written to the database in batches of this many.
 const USE_BATCH: usize = 512;
 
@@ -46,6 +50,8 @@ pub struct ChunkCache {
     /// Chunks this process has re-hashed since it opened the cache.
     verified: Mutex<HashSet<ChunkId>>,
     uses: Mutex<Vec<ChunkId>>,
+    /// Open files of verified chunks, so a small read is one `pread`.
+    open: Mutex<HashMap<ChunkId, Arc<fs::File>>>,
     /// Bytes added by this process since the last eviction check.
     added_since_check: AtomicU64,
     pub counters: CacheCounters,
@@ -89,6 +95,7 @@ impl ChunkCache {
             max_bytes,
             verified: Mutex::new(HashSet::new()),
             uses: Mutex::new(Vec::new()),
+            open: Mutex::new(HashMap::new()),
             added_since_check: AtomicU64::new(0),
             counters: CacheCounters::default(),
         })
@@ -126,6 +133,44 @@ impl ChunkCache {
         self.counters.hits.fetch_add(1, Ordering::Relaxed);
         self.note_use(*id);
         Some(data)
+    }
+
+    /// Reads `dst.len()` bytes at `offset` of a cached chunk into `dst`; false if the
+    /// cache has no good copy. The first read of a chunk in this process verifies the
+    /// whole chunk; later reads are one `pread` on a kept file descriptor.
+    pub fn read_into(&self, id: &ChunkId, offset: usize, dst: &mut [u8]) -> bool {
+        let f = self.open.lock().expect("cache lock").get(id).cloned();
+        let f = match f {
+            Some(f) => f,
+            None => {
+                if self.get(id).is_none() {
+                    return false;
+                }
+                let Ok(f) = fs::File::open(self.path(id)) else {
+                    return false;
+                };
+                let f = Arc::new(f);
+                let mut open = self.open.lock().expect("cache lock");
+                if open.len() >= OPEN_FILES {
+                    open.clear();
+                }
+                open.insert(*id, f.clone());
+                // `get` counted the hit and the use.
+                return f.read_exact_at(dst, offset as u64).is_ok();
+            }
+        };
+        if f.read_exact_at(dst, offset as u64).is_err() {
+            self.open.lock().expect("cache lock").remove(id);
+            return false;
+        }
+        self.counters.hits.fetch_add(1, Ordering::Relaxed);
+        self.note_use(*id);
+        true
+    }
+
+    /// True if a read of the chunk is one `pread` (its file is open and verified).
+    pub fn is_open(&self, id: &ChunkId) -> bool {
+        self.open.lock().expect("cache lock").contains_key(id)
     }
 
     /// True if the cache has a file for the chunk (not verified).
@@ -244,6 +289,7 @@ impl ChunkCache {
                 };
                 let id = ChunkId::from_bytes(arr);
                 let _ = fs::remove_file(self.path(&id));
+                self.open.lock().expect("cache lock").remove(&id);
                 db.execute(
                     "DELETE FROM chunks WHERE id = ?1",
                     params![&id.as_bytes()[..]],

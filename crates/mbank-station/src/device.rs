@@ -125,6 +125,12 @@ impl Disk {
         if let Some(d) = self.cache.get(id) {
             return Ok(Arc::new(d));
         }
+        self.fetch_missing(id)
+    }
+
+    /// [`Disk::fetch`] of a chunk the cache was just asked for and lacked (asking it
+    /// again would count a second miss).
+    fn fetch_missing(&self, id: &ChunkId) -> Result<Arc<Vec<u8>>, DeviceError> {
         let (flight, leader) = {
             let mut f = self.flights.lock().expect("flight lock");
             match f.get(id) {
@@ -191,6 +197,24 @@ impl Disk {
         })
     }
 
+    /// True if serving `[off, off+len)` needs neither a fetch, a first verification,
+    /// nor a merge: every piece is dirty, zero or open in the cache (and, for a write,
+    /// dirty or a whole chunk). Such requests are cheap enough to run inline.
+    fn is_fast(&self, off: u64, len: u64, write: bool) -> bool {
+        self.pieces(off, len).all(|(i, a, n)| {
+            if self.is_dirty(i) {
+                return true;
+            }
+            if write {
+                return a == 0 && n == self.base.chunk_len(i);
+            }
+            match &self.base.chunks[i] {
+                None => true,
+                Some(id) => self.cache.is_open(id),
+            }
+        })
+    }
+
     pub fn read_sync(&self, off: u64, len: u32) -> Result<Vec<u8>, DeviceError> {
         self.demand.fetch_add(1, Ordering::AcqRel);
         let r = self.read_inner(off, len);
@@ -208,8 +232,10 @@ impl Disk {
                 self.overlay
                     .read_exact_at(dst, chunk_off + a as u64)
                     .map_err(|e| io("read the session overlay", e))?;
-            } else if let Some(id) = &self.base.chunks[i] {
-                let data = self.fetch(id)?;
+            } else if let Some(id) = &self.base.chunks[i]
+                && !self.cache.read_into(id, a, dst)
+            {
+                let data = self.fetch_missing(id)?;
                 dst.copy_from_slice(&data[a..a + n]);
             }
             at += n;
@@ -385,7 +411,13 @@ impl BlockDevice for NbdDisk {
         len: u32,
     ) -> impl Future<Output = Result<Vec<u8>, DeviceError>> + Send {
         let d = self.0.clone();
-        blocking(move || d.read_sync(offset, len))
+        async move {
+            // Warm reads are a pread or two: a thread hand-off would cost more.
+            if d.is_fast(offset, len as u64, false) {
+                return d.read_sync(offset, len);
+            }
+            blocking(move || d.read_sync(offset, len)).await
+        }
     }
 
     fn write(
@@ -395,10 +427,16 @@ impl BlockDevice for NbdDisk {
         fua: bool,
     ) -> impl Future<Output = Result<(), DeviceError>> + Send {
         let d = self.0.clone();
-        blocking(move || {
-            d.write_sync(offset, Some(&data), data.len() as u64)?;
-            if fua { d.flush_sync() } else { Ok(()) }
-        })
+        async move {
+            if !fua && d.is_fast(offset, data.len() as u64, true) {
+                return d.write_sync(offset, Some(&data), data.len() as u64);
+            }
+            blocking(move || {
+                d.write_sync(offset, Some(&data), data.len() as u64)?;
+                if fua { d.flush_sync() } else { Ok(()) }
+            })
+            .await
+        }
     }
 
     fn flush(&self) -> impl Future<Output = Result<(), DeviceError>> + Send {

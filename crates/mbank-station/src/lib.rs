@@ -109,6 +109,55 @@ fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// When process `pid` started, in ms since the epoch (to a second or so), if known.
+fn process_start_ms(pid: u32) -> Option<i64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22, starttime in clock ticks since boot; fields 3.. follow "(comm) ".
+    let ticks: i64 = stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    let btime: i64 = fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| btime * 1000 + ticks * 1000 / hz as i64)
+}
+
+/// Whether process `pid` has `path` open; None if its descriptors cannot be read.
+fn holds_open(pid: u32, path: &Path) -> Option<bool> {
+    let fds = fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(
+        fds.flatten()
+            .any(|fd| fs::read_link(fd.path()).is_ok_and(|p| p == path)),
+    )
+}
+
+/// True if the session that process `pid` started at `started_ms`, with its overlay at
+/// `overlay`, may still be running. A live pid is not enough: after a reboot (a power
+/// loss) pids start again and the session's pid may name some unrelated process. That
+/// process does not hold the overlay open and started after the session; a session's
+/// own process holds its overlay open from just after `started_ms` to its end.
+fn session_alive(pid: u32, started_ms: i64, overlay: &Path) -> bool {
+    pid_alive(pid)
+        && (holds_open(pid, overlay) != Some(false)
+            || process_start_ms(pid).is_none_or(|t| t <= started_ms + 2000))
+}
+
+/// How a session names its bank: the bank directory's canonical path.
+fn bank_path(p: &Path) -> String {
+    fs::canonicalize(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
+}
+
 fn random_hex() -> String {
     VersionId::random().to_hex()
 }
@@ -202,8 +251,12 @@ impl Station {
             heartbeat_ms: now_ms(),
         };
         let my_station = self.id.clone();
+        let sessions = self.sessions_dir();
         bank.catalog_mut().acquire_lease(&lease, |held| {
-            force || (held.station == my_station && !pid_alive(held.pid))
+            let overlay = sessions.join(&held.session).join("overlay");
+            force
+                || (held.station == my_station
+                    && !session_alive(held.pid, held.started_ms, &overlay))
         })?;
         let meta = SessionMeta {
             format: SESSION_FORMAT,
@@ -215,7 +268,7 @@ impl Station {
             station: self.id.clone(),
             pid: std::process::id(),
             started_ms: now_ms(),
-            bank: bank.root().display().to_string(),
+            bank: bank_path(bank.root()),
         };
         let (dir, overlay) = match SessionDir::create(self.sessions_dir().join(&session), &meta) {
             Ok(x) => x,
@@ -363,7 +416,14 @@ impl Station {
                 }
                 Err(e) => return Err(e),
             };
-            if meta.pid == std::process::id() || pid_alive(meta.pid) {
+            if meta.pid == std::process::id()
+                || session_alive(meta.pid, meta.started_ms, &dir.overlay_path())
+            {
+                continue;
+            }
+            // The cache is shared by every bank used on this station: a session of
+            // another bank is that bank's to recover (its versions are not in this one).
+            if bank_path(Path::new(&meta.bank)) != bank_path(bank.root()) {
                 continue;
             }
             let Some(base_id) = meta.base_version()? else {

@@ -554,3 +554,199 @@ impl Drop for Tmpfs {
             .status();
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Station helpers: `mbank attach` as a child process, and NBD clients against it.
+// ---------------------------------------------------------------------------------
+
+/// How long to wait for an attach to start serving, or to end after a signal: generous,
+/// so that a slow CI machine does not fail a test (nothing asserts on the time taken).
+pub const ATTACH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A running `mbank attach`, serving on a Unix socket. Killed (SIGKILL) if dropped while
+/// still running, so a failing test leaves no server behind.
+pub struct Attached {
+    pub child: Option<std::process::Child>,
+    pub socket: PathBuf,
+    pub what: String,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Bank {
+    /// `mbank --bank B --cache CACHE attach MACHINE --socket <scratch>/attach-N.sock
+    /// EXTRA...`, started in the background. Returns once the socket is there (it is
+    /// listening by then), or the finished run if the process ended first.
+    pub fn try_attach(&self, cache: &Path, machine: &str, extra: &[&str]) -> Result<Attached, Run> {
+        let n = unique();
+        let socket = self.file(&format!("attach-{n}.sock"));
+        let out = self.file(&format!("attach-{n}.stdout"));
+        let err = self.file(&format!("attach-{n}.stderr"));
+        let mut c = self.cmd();
+        c.arg("--cache").arg(cache).arg("attach").arg(machine);
+        c.arg("--socket").arg(&socket).args(extra);
+        c.stdout(fs::File::create(&out).unwrap());
+        c.stderr(fs::File::create(&err).unwrap());
+        let what = format!("{c:?}");
+        let child = c
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+        let mut a = Attached {
+            child: Some(child),
+            socket,
+            what,
+            out,
+            err,
+        };
+        let start = std::time::Instant::now();
+        loop {
+            let serving = fs::symlink_metadata(&a.socket)
+                .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                .unwrap_or(false);
+            if serving {
+                return Ok(a);
+            }
+            if a.child.as_mut().unwrap().try_wait().unwrap().is_some() {
+                return Err(a.wait());
+            }
+            if start.elapsed() > ATTACH_TIMEOUT {
+                let socket = a.socket.display().to_string();
+                panic!(
+                    "attach did not start serving on {socket} in {ATTACH_TIMEOUT:?}:\n{}",
+                    a.kill9()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Like [`Bank::try_attach`], but the attach must start serving.
+    pub fn attach(&self, cache: &Path, machine: &str, extra: &[&str]) -> Attached {
+        self.try_attach(cache, machine, extra)
+            .unwrap_or_else(|r| panic!("attach ended before serving:\n{r}"))
+    }
+}
+
+impl Attached {
+    /// The NBD URI of the export.
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("still running").id()
+    }
+
+    /// Sends a signal to the attach process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let r = unsafe { libc::kill(self.pid() as libc::pid_t, sig) };
+        assert_eq!(r, 0, "cannot signal the attach process");
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
+    /// Waits (up to [`ATTACH_TIMEOUT`], then SIGKILL and panic) for the process to end.
+    pub fn wait(&mut self) -> Run {
+        let mut child = self.child.take().expect("waited twice");
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if start.elapsed() > ATTACH_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "attach did not end within {ATTACH_TIMEOUT:?}:\n{}",
+                    self.collect(None)
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        self.collect(status.code())
+    }
+
+    fn collect(&self, code: Option<i32>) -> Run {
+        Run {
+            what: self.what.clone(),
+            code,
+            stdout: fs::read_to_string(&self.out).unwrap_or_default(),
+            stderr: fs::read_to_string(&self.err).unwrap_or_default(),
+        }
+    }
+
+    /// SIGINT (Ctrl-C): the server stops and checks in. Returns the finished run.
+    pub fn stop(&mut self) -> Run {
+        self.signal(libc::SIGINT);
+        self.wait()
+    }
+
+    /// SIGKILL: no cleanup of any kind. Returns the run (code None).
+    pub fn kill9(&mut self) -> Run {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+        }
+        self.wait()
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `program args...` to completion (standard input closed).
+pub fn tool<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Run {
+    let mut c = Command::new(program);
+    c.args(args).stdin(Stdio::null());
+    run_cmd(c)
+}
+
+/// The command for `nbdsh -u URI -c SCRIPT`. nbdsh is a Python program that needs the
+/// system python3 (with the libnbd module): put /usr/bin first in PATH, since another
+/// python3 earlier in PATH would not have it.
+pub fn nbdsh_cmd(uri: &str, script: &str) -> Command {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let mut c = Command::new("/usr/bin/nbdsh");
+    c.env("PATH", format!("/usr/bin:{path}"))
+        .arg("-u")
+        .arg(uri)
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null());
+    c
+}
+
+/// Runs a Python script in nbdsh against `uri` (the handle is `h`) to completion.
+pub fn nbdsh(uri: &str, script: &str) -> Run {
+    run_cmd(nbdsh_cmd(uri, script))
+}
+
+/// The bytes of the regular files under `dir`, recursively (apparent sizes: what `du -b`
+/// would count for the files, without the directories themselves).
+pub fn file_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    for e in entries.flatten() {
+        let Ok(t) = e.file_type() else { continue };
+        if t.is_dir() {
+            total += file_bytes(&e.path());
+        } else if t.is_file() {
+            total += e.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    total
+}
