@@ -89,6 +89,9 @@ pub struct VersionSource<'a> {
     pub items: Box<dyn Iterator<Item = Result<ChunkItem, BankError>> + Send + 'a>,
     /// The bytes `items` will cover, for progress.
     pub total_bytes: u64,
+    /// The new version's id; random when `None`. A caller that may repeat the same
+    /// write after a crash (a station's check-in) fixes it, so the repeat is detected.
+    pub id: Option<VersionId>,
 }
 
 impl Bank {
@@ -116,6 +119,7 @@ impl Bank {
             total_bytes: image.len,
             items: Box::new(image_items(path, &image, chunk_size as u64)),
             base,
+            id: None,
         };
         let mut report = self.write_version(machine, source, &writer, opts, progress)?;
         report.format = opts
@@ -143,6 +147,7 @@ impl Bank {
             mut base,
             items,
             total_bytes,
+            id,
         } = source;
         let mut stats = VersionStats {
             source: description.clone(),
@@ -166,7 +171,7 @@ impl Bank {
         self.store.flush()?;
         stats.seconds = started.elapsed().as_secs_f64();
         let info = VersionInfo {
-            id: VersionId::random(),
+            id: id.unwrap_or_else(VersionId::random),
             machine: machine.clone(),
             parent,
             created_ms: now_ms(),

@@ -158,6 +158,14 @@ fn bank_path(p: &Path) -> String {
         .to_string()
 }
 
+/// The id of the version a session's check-in makes: derived from the session id.
+fn checkin_version_id(session: &str) -> VersionId {
+    let h = mbank_core::ChunkId::of(format!("mbank check-in of session {session}").as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h.as_bytes()[..16]);
+    VersionId::from_bytes(b)
+}
+
 fn random_hex() -> String {
     VersionId::random().to_hex()
 }
@@ -360,7 +368,19 @@ impl Station {
             seconds: (now_ms() - meta.started_ms) as f64 / 1000.0,
             ..Default::default()
         };
-        if !dirty.is_empty() {
+        // The check-in's version id follows from the session, so a check-in repeated
+        // after a crash between its commit and the session's removal is recognised.
+        let id = checkin_version_id(&meta.session);
+        if !dirty.is_empty()
+            && let Ok(done) = bank.resolve(&MachineRef {
+                machine: machine.clone(),
+                version: Some(id.to_hex()),
+            })
+        {
+            report.version = Some(done.id.to_hex());
+            report.head_moved =
+                bank.catalog().machine(&machine)?.and_then(|m| m.head) == Some(done.id);
+        } else if !dirty.is_empty() {
             let writer = bank.begin_write(&format!("check-in {}", meta.machine))?;
             let total = dirty.iter().map(|&i| base.chunk_len(i) as u64).sum();
             let cs = base.chunk_size as u64;
@@ -380,6 +400,7 @@ impl Station {
                 base: base.clone(),
                 items: Box::new(items),
                 total_bytes: total,
+                id: Some(id),
             };
             let r = bank.write_version(&machine, source, &writer, opts, progress)?;
             report.version = Some(r.version);
@@ -453,5 +474,63 @@ impl Station {
             out.push(r);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mbank_store::LocalStore;
+
+    fn copy_dir(from: &Path, to: &Path) {
+        fs::create_dir_all(to).unwrap();
+        for e in fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_check_in_repeated_after_a_crash_makes_no_second_version() {
+        let d = tempfile::tempdir().unwrap();
+        let mut bank = Bank::init(&d.path().join("bank")).unwrap();
+        let img = d.path().join("disk.raw");
+        fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+        let m: MachineName = "alice/dev".parse().unwrap();
+        bank.import(&m, &img, &ImportOptions::default(), &NoProgress)
+            .unwrap();
+        let station = Station::open(&d.path().join("cache"), 64 << 20).unwrap();
+        let store: Arc<dyn ChunkStore> = Arc::new(LocalStore::open(bank.root()).unwrap());
+        let r: MachineRef = "alice/dev".parse().unwrap();
+        let disk = station.check_out(&mut bank, &r, false, store).unwrap();
+        disk.write_sync(4096, Some(&[1u8; 4096]), 4096).unwrap();
+        disk.flush_sync().unwrap();
+        // What a crash right after the commit would leave: the session directory.
+        let saved = d.path().join("saved");
+        copy_dir(&disk.dir.dir, &saved);
+        let first = station
+            .check_in(&mut bank, &disk, &ImportOptions::default(), &NoProgress)
+            .unwrap();
+        let v = first.version.clone().unwrap();
+        let mut meta: SessionMeta =
+            serde_json::from_slice(&fs::read(saved.join("session.json")).unwrap()).unwrap();
+        meta.pid = u32::MAX - 1; // a process that does not exist
+        fs::write(
+            saved.join("session.json"),
+            serde_json::to_vec(&meta).unwrap(),
+        )
+        .unwrap();
+        copy_dir(&saved, &disk.dir.dir);
+        let again = station
+            .recover(&mut bank, &ImportOptions::default())
+            .unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].version.as_deref(), Some(v.as_str()));
+        assert_eq!(
+            bank.log(&m).unwrap().len(),
+            2,
+            "no second copy of the check-in"
+        );
+        assert!(!disk.dir.dir.exists());
     }
 }
