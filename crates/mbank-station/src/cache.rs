@@ -18,8 +18,8 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use mbank_catalog::now_ms;
@@ -50,8 +50,9 @@ pub struct ChunkCache {
     /// Chunks this process has re-hashed since it opened the cache.
     verified: Mutex<HashSet<ChunkId>>,
     uses: Mutex<Vec<ChunkId>>,
+    use_tx: Mutex<Option<std::sync::mpsc::Sender<Vec<ChunkId>>>>,
     /// Open files of verified chunks, so a small read is one `pread`.
-    open: Mutex<HashMap<ChunkId, Arc<fs::File>>>,
+    open: RwLock<HashMap<ChunkId, Arc<fs::File>>>,
     /// Bytes added by this process since the last eviction check.
     added_since_check: AtomicU64,
     pub counters: CacheCounters,
@@ -95,7 +96,8 @@ impl ChunkCache {
             max_bytes,
             verified: Mutex::new(HashSet::new()),
             uses: Mutex::new(Vec::new()),
-            open: Mutex::new(HashMap::new()),
+            use_tx: Mutex::new(None),
+            open: RwLock::new(HashMap::new()),
             added_since_check: AtomicU64::new(0),
             counters: CacheCounters::default(),
         })
@@ -139,7 +141,7 @@ impl ChunkCache {
     /// cache has no good copy. The first read of a chunk in this process verifies the
     /// whole chunk; later reads are one `pread` on a kept file descriptor.
     pub fn read_into(&self, id: &ChunkId, offset: usize, dst: &mut [u8]) -> bool {
-        let f = self.open.lock().expect("cache lock").get(id).cloned();
+        let f = self.open.read().expect("cache lock").get(id).cloned();
         let f = match f {
             Some(f) => f,
             None => {
@@ -150,7 +152,7 @@ impl ChunkCache {
                     return false;
                 };
                 let f = Arc::new(f);
-                let mut open = self.open.lock().expect("cache lock");
+                let mut open = self.open.write().expect("cache lock");
                 if open.len() >= OPEN_FILES {
                     open.clear();
                 }
@@ -160,7 +162,7 @@ impl ChunkCache {
             }
         };
         if f.read_exact_at(dst, offset as u64).is_err() {
-            self.open.lock().expect("cache lock").remove(id);
+            self.open.write().expect("cache lock").remove(id);
             return false;
         }
         self.counters.hits.fetch_add(1, Ordering::Relaxed);
@@ -170,7 +172,7 @@ impl ChunkCache {
 
     /// True if a read of the chunk is one `pread` (its file is open and verified).
     pub fn is_open(&self, id: &ChunkId) -> bool {
-        self.open.lock().expect("cache lock").contains_key(id)
+        self.open.read().expect("cache lock").contains_key(id)
     }
 
     /// True if the cache has a file for the chunk (not verified).
@@ -187,7 +189,30 @@ impl ChunkCache {
             }
             std::mem::take(&mut *u)
         };
-        let _ = self.record_uses(&batch);
+        // Recording uses is bookkeeping for eviction: keep it off the request path
+        // when a background writer is running.
+        match &*self.use_tx.lock().expect("cache lock") {
+            Some(tx) => {
+                let _ = tx.send(batch);
+            }
+            None => {
+                let _ = self.record_uses(&batch);
+            }
+        }
+    }
+
+    /// Starts a thread that writes batched use times, so reads never wait on SQLite.
+    /// The thread ends when the cache is dropped.
+    pub fn start_use_writer(self: &Arc<Self>) {
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<ChunkId>>();
+        let weak = Arc::downgrade(self);
+        std::thread::spawn(move || {
+            for batch in rx {
+                let Some(cache) = weak.upgrade() else { return };
+                let _ = cache.record_uses(&batch);
+            }
+        });
+        *self.use_tx.lock().expect("cache lock") = Some(tx);
     }
 
     fn record_uses(&self, ids: &[ChunkId]) -> Result<(), StationError> {
@@ -289,7 +314,7 @@ impl ChunkCache {
                 };
                 let id = ChunkId::from_bytes(arr);
                 let _ = fs::remove_file(self.path(&id));
-                self.open.lock().expect("cache lock").remove(&id);
+                self.open.write().expect("cache lock").remove(&id);
                 db.execute(
                     "DELETE FROM chunks WHERE id = ?1",
                     params![&id.as_bytes()[..]],

@@ -226,7 +226,11 @@ impl Station {
         let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
         Ok(Station {
             name: format!("{}:{}", host(), dir.display()),
-            cache: Arc::new(ChunkCache::open(&dir, cache_size)?),
+            cache: {
+                let c = Arc::new(ChunkCache::open(&dir, cache_size)?);
+                c.start_use_writer();
+                c
+            },
             id,
             dir,
         })
