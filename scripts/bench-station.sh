@@ -40,11 +40,11 @@ fi
 
 BANK=$T/bank CACHE=$T/cache SOCK=$T/mbank.sock QSOCK=$T/qemu.sock
 "$MBANK" -q --bank "$BANK" init
-V0=$("$MBANK" -q --bank "$BANK" import bench/disk "$DISK")
+"$MBANK" -q --bank "$BANK" import bench/disk "$DISK" >/dev/null
 
-attach_start() { # attach_start [args...]: starts attach in the background, waits for the socket
+attach_start() { # starts attach in the background, waits for the socket
     rm -f "$SOCK"
-    "$MBANK" -q --bank "$BANK" --cache "$CACHE" attach bench/disk --socket "$SOCK" --json "$@" >"$T/attach.json" &
+    "$MBANK" -q --bank "$BANK" --cache "$CACHE" attach bench/disk --socket "$SOCK" --json >"$T/attach.json" &
     ATTACH_PID=$!
     for _ in $(seq 600); do [[ -S $SOCK ]] && return 0; sleep 0.1; done
     die "attach did not start"
