@@ -139,6 +139,9 @@ pub fn run(
         let opts = ServerOptions {
             export_name: disk.meta.machine.clone(),
             description: Some(format!("Machine Bank: {what}")),
+            // Zero chunks are reported by BLOCK_STATUS; scanning every read for zeros
+            // costs more than it saves on a local socket.
+            sparse_reads: false,
             ..Default::default()
         };
         match (&args.socket, args.listen) {
