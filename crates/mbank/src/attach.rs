@@ -175,6 +175,15 @@ pub fn run(
     let _ = heartbeat.join();
     drop(rt);
     if let Err(e) = served {
+        // Nothing was served (the socket could not be bound, say) or nothing written:
+        // give the machine back rather than hold its lease until a recover.
+        if disk.dirty_chunks().is_empty() {
+            station.discard(bank, &disk)?;
+            return Err(e.context(format!(
+                "the NBD server failed; {} was released unchanged",
+                disk.meta.machine
+            )));
+        }
         return Err(e.context(format!(
             "the NBD server failed; the session is kept in {} and the next `mbank attach` or \
              `mbank recover` on this station checks in what was flushed",

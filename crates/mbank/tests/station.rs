@@ -1236,3 +1236,30 @@ fn crashed_session_whose_pid_was_reused_is_recovered() {
     );
     assert_same_bytes(&export(&bank, "alice/dev"), &expected, "recovered version");
 }
+
+/// An attach whose socket cannot be bound fails clearly and leaves the machine free.
+#[test]
+fn failed_bind_releases_the_machine() {
+    let bank = Bank::new();
+    let size = 4 * MIB;
+    let img = image(size, &[(0, size)], 43);
+    import(&bank, "alice/dev", &img, &[]);
+    // A regular file where the socket should go: the server refuses to replace it.
+    let blocker = bank.file("not-a-socket");
+    fs::write(&blocker, b"precious").unwrap();
+    let mut c = bank.cmd();
+    c.arg("--cache")
+        .arg(bank.file("station-1"))
+        .args(["attach", "alice/dev", "--socket"])
+        .arg(&blocker);
+    let r = common::run_cmd(c).code(1);
+    r.stderr_has(&["released unchanged"]);
+    assert_eq!(
+        fs::read(&blocker).unwrap(),
+        b"precious",
+        "the file was left alone"
+    );
+    // Another station can take the machine at once, without --force.
+    let mut a = bank.attach(&bank.file("station-2"), "alice/dev", &["--json"]);
+    a.stop();
+}
