@@ -13,9 +13,27 @@ use common::{Bank, mbank};
 use guest::{DEFAULT_TIMEOUT, DriveSpec, Guest};
 use serde_json::Value;
 
+/// Kills the attach process if the test fails before ending it.
+struct Session(Option<Child>);
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Starts `mbank attach` on `socket` with the cache `cache`; returns once it listens.
-fn attach(bank: &Bank, cache: &std::path::Path, machine: &str, socket: &std::path::Path) -> Child {
-    let mut child = mbank()
+fn attach(
+    bank: &Bank,
+    cache: &std::path::Path,
+    machine: &str,
+    socket: &std::path::Path,
+) -> Session {
+    let mut session = Session(None);
+    let child = mbank()
         .arg("--bank")
         .arg(&bank.path)
         .arg("--cache")
@@ -26,12 +44,14 @@ fn attach(bank: &Bank, cache: &std::path::Path, machine: &str, socket: &std::pat
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn mbank attach");
-    guest::wait_for_socket(socket, Duration::from_secs(60), &mut child);
-    child
+    let child = session.0.insert(child);
+    guest::wait_for_socket(socket, Duration::from_secs(60), child);
+    session
 }
 
 /// Sends SIGINT and returns the session report.
-fn end(child: Child) -> Value {
+fn end(mut session: Session) -> Value {
+    let child = session.0.take().expect("a running attach");
     let st = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
