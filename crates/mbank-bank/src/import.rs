@@ -121,10 +121,9 @@ impl Bank {
             base,
             id: None,
         };
+        let format = image.format.name();
         let mut report = self.write_version(machine, source, &writer, opts, progress)?;
-        report.format = opts
-            .format
-            .map_or_else(|| format_name(path), |f| f.name().into());
+        report.format = format.into();
         Ok(report)
     }
 
@@ -235,17 +234,6 @@ fn image_items<'a>(
             })?;
         Ok((i, Some(buf)))
     })
-}
-
-fn format_name(path: &Path) -> String {
-    let mut head = [0u8; 512];
-    let n = std::fs::File::open(path)
-        .and_then(|f| f.read_at(&mut head, 0))
-        .unwrap_or(0);
-    ImageFormat::sniff(&head[..n])
-        .unwrap_or(ImageFormat::Raw)
-        .name()
-        .to_string()
 }
 
 /// Runs `items` on one reader thread, hashes and stores on `jobs` workers, and fills

@@ -8,6 +8,7 @@ use std::io::{Read, Write};
 
 use mbank_core::chunk::{DEFAULT_ZSTD_LEVEL, encode_with_id};
 use mbank_core::{ChunkId, MemoryIndex, MemoryRun, cdc, is_zero};
+use mbank_store::ChunkStore;
 use serde::Serialize;
 
 use crate::{Bank, BankError, WriterGuard};
@@ -42,9 +43,9 @@ impl Bank {
                 None
             } else {
                 let id = ChunkId::of(&data);
-                if !mbank_store::ChunkStore::touch(store, &id)? {
+                if !store.touch(&id)? {
                     let enc = encode_with_id(id, &data, DEFAULT_ZSTD_LEVEL);
-                    st.bytes_stored += mbank_store::ChunkStore::put(store, &enc)?;
+                    st.bytes_stored += store.put(&enc)?;
                     st.chunks_new += 1;
                 }
                 Some(id)
@@ -53,7 +54,7 @@ impl Bank {
             Ok(())
         })?;
         idx.total_len = st.bytes;
-        mbank_store::ChunkStore::flush(store)?;
+        store.flush()?;
         Ok((idx, st))
     }
 
@@ -68,7 +69,7 @@ impl Bank {
         for run in &idx.runs {
             let res = match &run.id {
                 Some(id) => {
-                    let plain = mbank_store::ChunkStore::read(&self.store, id)?;
+                    let plain = self.store.read(id)?;
                     if plain.len() != run.len as usize {
                         return Err(BankError::Store(mbank_store::StoreError::Corrupt {
                             source: mbank_core::ChunkError::BadLength {

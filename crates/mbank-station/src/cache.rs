@@ -38,8 +38,6 @@ const USE_BATCH: usize = 512;
 pub struct CacheCounters {
     pub hits: AtomicU64,
     pub misses: AtomicU64,
-    pub inserted_bytes: AtomicU64,
-    pub evicted_chunks: AtomicU64,
     pub dropped_corrupt: AtomicU64,
 }
 
@@ -257,9 +255,6 @@ impl ChunkCache {
                 params![&id.as_bytes()[..], plain.len() as i64, now_ms()],
             )
             .map_err(db_err("record a cached chunk"))?;
-        self.counters
-            .inserted_bytes
-            .fetch_add(plain.len() as u64, Ordering::Relaxed);
         // Check the bound every 1/64 of it, so eviction stays cheap.
         let added = self
             .added_since_check
@@ -324,9 +319,6 @@ impl ChunkCache {
                 evicted += 1;
             }
         }
-        self.counters
-            .evicted_chunks
-            .fetch_add(evicted, Ordering::Relaxed);
         Ok(evicted)
     }
 

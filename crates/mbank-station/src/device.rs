@@ -37,9 +37,6 @@ struct Flight {
 pub struct DiskCounters {
     pub chunks_fetched: AtomicU64,
     pub bytes_fetched: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub bytes_written: AtomicU64,
-    pub flushes: AtomicU64,
 }
 
 /// A checked-out disk: base index, overlay, dirty map.
@@ -240,9 +237,6 @@ impl Disk {
             }
             at += n;
         }
-        self.counters
-            .bytes_read
-            .fetch_add(len as u64, Ordering::Relaxed);
         Ok(out)
     }
 
@@ -274,7 +268,9 @@ impl Disk {
             } else {
                 // First write to a clean chunk: merge it with the base chunk.
                 let mut buf = match &self.base.chunks[i] {
-                    Some(id) => self.fetch(id)?.as_ref().clone(),
+                    Some(id) => {
+                        Arc::try_unwrap(self.fetch(id)?).unwrap_or_else(|shared| (*shared).clone())
+                    }
                     None => vec![0u8; clen],
                 };
                 match piece {
@@ -286,9 +282,6 @@ impl Disk {
             self.set_dirty(i);
             at += n;
         }
-        self.counters
-            .bytes_written
-            .fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
 
@@ -313,7 +306,6 @@ impl Disk {
                 })?;
             *durable = generation;
         }
-        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
