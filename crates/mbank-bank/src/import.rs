@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use mbank_catalog::{CommitOutcome, VersionInfo, VersionStats, now_ms};
+use mbank_catalog::{CommitOutcome, NamedStream, VersionInfo, VersionStats, now_ms};
 use mbank_core::chunk::{DEFAULT_ZSTD_LEVEL, encode_with_id};
 use mbank_core::{ChunkId, DEFAULT_CHUNK_SIZE, DiskIndex, MachineName, VersionId, is_zero};
 use mbank_store::{ChunkStore, StoreError};
@@ -92,6 +92,11 @@ pub struct VersionSource<'a> {
     /// The new version's id; random when `None`. A caller that may repeat the same
     /// write after a crash (a station's check-in) fixes it, so the repeat is detected.
     pub id: Option<VersionId>,
+    /// The machine configuration (JSON) stored with the version.
+    pub config: Option<String>,
+    /// Byte streams (memory state, kernel, initrd) stored with the version. Their
+    /// chunks must already be durable in the bank, written under the same writer.
+    pub streams: Vec<NamedStream>,
 }
 
 impl Bank {
@@ -117,9 +122,11 @@ impl Bank {
             description: format!("import {}", path.display()),
             parent: existing.as_ref().and_then(|m| m.head),
             total_bytes: image.len,
-            items: Box::new(image_items(path, &image, chunk_size as u64)),
+            items: Box::new(image_items(path, &image, chunk_size as u64, image.len)),
             base,
             id: None,
+            config: None,
+            streams: Vec::new(),
         };
         let format = image.format.name();
         let mut report = self.write_version(machine, source, &writer, opts, progress)?;
@@ -147,6 +154,8 @@ impl Bank {
             items,
             total_bytes,
             id,
+            config,
+            streams,
         } = source;
         let mut stats = VersionStats {
             source: description.clone(),
@@ -177,10 +186,12 @@ impl Bank {
             disk_size: index.disk_size,
             chunk_size: index.chunk_size,
             stats: stats.clone(),
+            config,
+            streams: Vec::new(),
         };
         let outcome = self
             .catalog
-            .commit_version(&info, &index, parent)
+            .commit_version(&info, &index, &streams, parent)
             .map_err(|e| self.catalog_err("commit the version to", e))?;
         let (head_moved, head) = match outcome {
             CommitOutcome::HeadMoved => (true, Some(info.id)),
@@ -206,18 +217,23 @@ impl Bank {
     }
 }
 
-/// The chunks of an image, in order. Holes (per `SEEK_DATA`) become zero items
-/// without I/O.
-fn image_items<'a>(
+/// The chunks of an image, in order, for a disk of `disk_len` bytes (at least the
+/// image's length; what lies past the image is zeros). Holes (per `SEEK_DATA`) become
+/// zero items without I/O.
+pub(crate) fn image_items<'a>(
     path: &'a Path,
     image: &'a ImageSource,
     cs: u64,
+    disk_len: u64,
 ) -> impl Iterator<Item = Result<ChunkItem, BankError>> + Send + 'a {
-    let n = DiskIndex::chunk_count(image.len, cs as u32) as usize;
+    let n = DiskIndex::chunk_count(disk_len, cs as u32) as usize;
     let mut data_at: Option<u64> = Some(0);
     (0..n).map(move |i| {
         let off = i as u64 * cs;
-        let len = index_chunk_len(image.len, cs, i);
+        let len = index_chunk_len(disk_len, cs, i);
+        if off >= image.len {
+            return Ok((i, None));
+        }
         if data_at.is_some_and(|d| d < off) {
             data_at = image.next_data(off);
         }
@@ -225,9 +241,10 @@ fn image_items<'a>(
             return Ok((i, None));
         }
         let mut buf = vec![0u8; len];
+        let have = len.min((image.len - off) as usize);
         image
             .file
-            .read_exact_at(&mut buf, off)
+            .read_exact_at(&mut buf[..have], off)
             .map_err(|e| BankError::Image {
                 path: path.to_path_buf(),
                 why: format!("reading {len} bytes at offset {off} failed: {e}"),

@@ -31,12 +31,14 @@
 //! Hashing, compression and file I/O run on `jobs` worker threads (default: one per
 //! core); the catalog is used from the calling thread only.
 
+mod create;
 mod export;
 pub mod image;
 mod import;
 mod stream;
 mod verify;
 
+pub use create::{DiskFrom, NewMachine};
 pub use export::ExportReport;
 pub use image::ImageFormat;
 pub use import::{ChunkItem, ImportOptions, ImportReport, VersionSource};
@@ -99,6 +101,10 @@ pub enum BankError {
         machine: MachineName,
         station: String,
     },
+    #[error(
+        "a machine named {0} exists already; pick another name, or remove it with `mbank rm {0}`"
+    )]
+    MachineExists(MachineName),
     #[error("reading the input stream failed: {0}")]
     Stream(#[from] std::io::Error),
     #[error(transparent)]
@@ -212,6 +218,10 @@ pub struct VersionSummary {
     pub created_ms: i64,
     pub disk_size: u64,
     pub chunk_size: u32,
+    /// The version holds a saved memory state: `mbank run` resumes it.
+    pub suspended: bool,
+    /// The version holds a machine configuration (made by `mbank create` or `run`).
+    pub configured: bool,
     pub stats: mbank_catalog::VersionStats,
 }
 
@@ -436,6 +446,8 @@ impl Bank {
                 created_ms: v.created_ms,
                 disk_size: v.disk_size,
                 chunk_size: v.chunk_size,
+                suspended: v.has_memory(),
+                configured: v.config.is_some(),
                 stats: v.stats,
             })
             .collect())
@@ -507,6 +519,10 @@ impl Bank {
                     seen.insert(*c);
                 }
             }
+            Ok(())
+        })?;
+        self.catalog.for_each_stream(None, |_, _, idx| {
+            seen.extend(idx?.runs.iter().filter_map(|r| r.id));
             Ok(())
         })?;
         s.chunks_referenced = seen.len() as u64;

@@ -115,6 +115,26 @@ impl Bank {
             names.push(name);
             Ok(())
         })?;
+        self.catalog.for_each_stream(machine, |v, stream, idx| {
+            let name = format!("{}@{} ({stream})", v.machine, v.id.to_hex());
+            match idx {
+                Ok(idx) => {
+                    let n = names.len() as u32;
+                    for c in idx.runs.iter().filter_map(|r| r.id.as_ref()) {
+                        let e = refs.entry(*c).or_default();
+                        if e.last() != Some(&n) {
+                            e.push(n);
+                        }
+                    }
+                }
+                Err(e) => report.damaged_indexes.push(DamagedIndex {
+                    version: name.clone(),
+                    problem: e.to_string(),
+                }),
+            }
+            names.push(name);
+            Ok(())
+        })?;
         let chunks: Vec<&ChunkId> = refs.keys().collect();
         progress.start("verifying chunks", chunks.len() as u64, Unit::Chunks);
         let next = AtomicUsize::new(0);
@@ -193,6 +213,15 @@ impl Bank {
             report.versions += 1;
             match idx {
                 Ok(idx) => live.extend(idx.chunks.iter().flatten().copied()),
+                Err(_) => {
+                    refused.get_or_insert((v.machine.clone(), v.id));
+                }
+            }
+            Ok(())
+        })?;
+        self.catalog.for_each_stream(None, |v, _, idx| {
+            match idx {
+                Ok(idx) => live.extend(idx.runs.iter().filter_map(|r| r.id)),
                 Err(_) => {
                     refused.get_or_insert((v.machine.clone(), v.id));
                 }

@@ -33,12 +33,12 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use mbank_core::{DiskIndex, IndexError, MachineName, VersionId};
+use mbank_core::{DiskIndex, IndexError, MachineName, MemoryIndex, VersionId};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 /// Schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE machines (
@@ -79,6 +79,19 @@ CREATE TABLE leases (
     base         BLOB,
     started_ms   INTEGER NOT NULL,
     heartbeat_ms INTEGER NOT NULL
+);
+";
+
+/// Version 3: a machine's configuration and its byte streams (memory state, kernel,
+/// initrd) travel with each version.
+const SCHEMA_V3: &str = "
+ALTER TABLE versions ADD COLUMN config TEXT;
+CREATE TABLE version_streams (
+    version     BLOB NOT NULL,
+    name        TEXT NOT NULL,
+    len         INTEGER NOT NULL,
+    idx         BLOB NOT NULL,
+    PRIMARY KEY (version, name)
 );
 ";
 
@@ -189,7 +202,22 @@ pub struct VersionInfo {
     pub disk_size: u64,
     pub chunk_size: u32,
     pub stats: VersionStats,
+    /// The machine's configuration (JSON, owned by `mbank-vm`), if the version has one.
+    pub config: Option<String>,
+    /// The names of the byte streams stored with the version (`memory`, `kernel`,
+    /// `initrd`), sorted.
+    pub streams: Vec<String>,
 }
+
+impl VersionInfo {
+    /// True when the version holds a saved memory state (a suspended machine).
+    pub fn has_memory(&self) -> bool {
+        self.streams.iter().any(|s| s == "memory")
+    }
+}
+
+/// A byte stream stored with a version, by name.
+pub type NamedStream = (String, MemoryIndex);
 
 /// A machine and its head.
 #[derive(Clone, Debug, PartialEq)]
@@ -268,10 +296,21 @@ fn mname(s: String) -> Result<MachineName, CatalogError> {
         .map_err(|e| CatalogError::BadRow(format!("machine name: {e}")))
 }
 
-const VERSION_COLS: &str = "id, machine, parent, created_ms, disk_size, chunk_size, stats";
+const VERSION_COLS: &str = "id, machine, parent, created_ms, disk_size, chunk_size, stats, config,
+    (SELECT group_concat(s.name, ',') FROM version_streams s WHERE s.version = versions.id)";
 
 /// A `versions` row as SQLite returns it, before validation.
-type RawVersionRow = (Vec<u8>, String, Option<Vec<u8>>, i64, i64, i64, String);
+type RawVersionRow = (
+    Vec<u8>,
+    String,
+    Option<Vec<u8>>,
+    i64,
+    i64,
+    i64,
+    String,
+    Option<String>,
+    Option<String>,
+);
 
 fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawVersionRow> {
     Ok((
@@ -282,11 +321,17 @@ fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawVersionRow> {
         r.get(4)?,
         r.get(5)?,
         r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
     ))
 }
 
 fn version_info(row: RawVersionRow) -> Result<VersionInfo, CatalogError> {
-    let (id, machine, parent, created_ms, disk_size, chunk_size, stats) = row;
+    let (id, machine, parent, created_ms, disk_size, chunk_size, stats, config, streams) = row;
+    let mut streams: Vec<String> = streams
+        .map(|s| s.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
+    streams.sort();
     Ok(VersionInfo {
         id: vid(id)?,
         machine: mname(machine)?,
@@ -296,6 +341,8 @@ fn version_info(row: RawVersionRow) -> Result<VersionInfo, CatalogError> {
         chunk_size: chunk_size as u32,
         stats: serde_json::from_str(&stats)
             .map_err(|e| CatalogError::BadRow(format!("version statistics: {e}")))?,
+        config,
+        streams,
     })
 }
 
@@ -349,6 +396,10 @@ impl Catalog {
         if v < 2 {
             tx.execute_batch(SCHEMA_V2)
                 .map_err(sql("migrate the schema to version 2"))?;
+        }
+        if v < 3 {
+            tx.execute_batch(SCHEMA_V3)
+                .map_err(sql("migrate the schema to version 3"))?;
         }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(sql("set the schema version"))?;
@@ -405,12 +456,14 @@ impl Catalog {
         Ok(out)
     }
 
-    /// Inserts a version and moves its machine's head to it if the head is still
-    /// `expected_head`; creates the machine (with the version's chunk size) if needed.
+    /// Inserts a version (with its configuration and streams) and moves its machine's
+    /// head to it if the head is still `expected_head`; creates the machine (with the
+    /// version's chunk size) if needed. `info.streams` is ignored: `streams` is stored.
     pub fn commit_version(
         &mut self,
         info: &VersionInfo,
         index: &DiskIndex,
+        streams: &[NamedStream],
         expected_head: Option<VersionId>,
     ) -> Result<CommitOutcome, CatalogError> {
         let tx = self
@@ -424,8 +477,8 @@ impl Catalog {
         .map_err(sql("create the machine"))?;
         let stats = serde_json::to_string(&info.stats).expect("statistics serialise");
         tx.execute(
-            "INSERT INTO versions (id, machine, parent, created_ms, disk_size, chunk_size, disk_index, stats)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO versions (id, machine, parent, created_ms, disk_size, chunk_size, disk_index, stats, config)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 &info.id.as_bytes()[..],
                 info.machine.as_str(),
@@ -435,9 +488,22 @@ impl Catalog {
                 info.chunk_size,
                 index.to_bytes(),
                 stats,
+                info.config,
             ],
         )
         .map_err(sql("insert the version"))?;
+        for (name, idx) in streams {
+            tx.execute(
+                "INSERT INTO version_streams (version, name, len, idx) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    &info.id.as_bytes()[..],
+                    name,
+                    idx.total_len as i64,
+                    idx.to_bytes()
+                ],
+            )
+            .map_err(sql("insert the version's streams"))?;
+        }
         let moved = tx
             .execute(
                 "UPDATE machines SET head = ?1 WHERE name = ?2 AND head IS ?3",
@@ -559,6 +625,73 @@ impl Catalog {
         })
     }
 
+    /// The stream `name` of a version, or `None` if it has none by that name.
+    pub fn stream(&self, v: &VersionInfo, name: &str) -> Result<Option<MemoryIndex>, CatalogError> {
+        let bytes: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT idx FROM version_streams WHERE version = ?1 AND name = ?2",
+                params![&v.id.as_bytes()[..], name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("read a stream's index"))?;
+        bytes
+            .map(|b| {
+                MemoryIndex::from_bytes(&b).map_err(|source| CatalogError::BadIndex {
+                    machine: v.machine.to_string(),
+                    version: v.id,
+                    source,
+                })
+            })
+            .transpose()
+    }
+
+    /// Every stream of a version, by name.
+    pub fn streams(&self, v: &VersionInfo) -> Result<Vec<NamedStream>, CatalogError> {
+        let mut out = Vec::new();
+        for name in &v.streams {
+            if let Some(idx) = self.stream(v, name)? {
+                out.push((name.clone(), idx));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Calls `f` for every stream of every version (or of one machine's versions).
+    pub fn for_each_stream(
+        &self,
+        machine: Option<&MachineName>,
+        mut f: impl FnMut(
+            &VersionInfo,
+            &str,
+            Result<MemoryIndex, CatalogError>,
+        ) -> Result<(), CatalogError>,
+    ) -> Result<(), CatalogError> {
+        let mut st = self
+            .conn
+            .prepare(&format!(
+                "SELECT {VERSION_COLS}, s.name, s.idx FROM version_streams s JOIN versions ON versions.id = s.version
+                 WHERE ?1 IS NULL OR versions.machine = ?1 ORDER BY versions.machine, versions.created_ms, s.name"
+            ))
+            .map_err(sql("list streams"))?;
+        let mut rows = st
+            .query(params![machine.map(|m| m.as_str())])
+            .map_err(sql("list streams"))?;
+        while let Some(r) = rows.next().map_err(sql("list streams"))? {
+            let info = version_info(version_row(r).map_err(sql("list streams"))?)?;
+            let name: String = r.get(9).map_err(sql("read a stream"))?;
+            let bytes: Vec<u8> = r.get(10).map_err(sql("read a stream"))?;
+            let idx = MemoryIndex::from_bytes(&bytes).map_err(|source| CatalogError::BadIndex {
+                machine: info.machine.to_string(),
+                version: info.id,
+                source,
+            });
+            f(&info, &name, idx)?;
+        }
+        Ok(())
+    }
+
     /// Calls `f` for every version of every machine (or of one machine) with its index.
     /// Indexes are read one at a time, so memory stays bounded by the largest one.
     pub fn for_each_index(
@@ -577,7 +710,7 @@ impl Catalog {
             .map_err(sql("list versions"))?;
         while let Some(r) = rows.next().map_err(sql("list versions"))? {
             let info = version_info(version_row(r).map_err(sql("list versions"))?)?;
-            let bytes: Vec<u8> = r.get(7).map_err(sql("read an index"))?;
+            let bytes: Vec<u8> = r.get(9).map_err(sql("read an index"))?;
             let idx = DiskIndex::from_bytes(&bytes).map_err(|source| CatalogError::BadIndex {
                 machine: info.machine.to_string(),
                 version: info.id,
@@ -600,6 +733,11 @@ impl Catalog {
             params![&v.id.as_bytes()[..]],
         )
         .map_err(sql("remove the version"))?;
+        tx.execute(
+            "DELETE FROM version_streams WHERE version = ?1",
+            params![&v.id.as_bytes()[..]],
+        )
+        .map_err(sql("remove the version's streams"))?;
         let head: Option<Vec<u8>> = tx
             .query_row(
                 "SELECT head FROM machines WHERE name = ?1",
@@ -653,6 +791,11 @@ impl Catalog {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(sql("start removing the machine"))?;
+        tx.execute(
+            "DELETE FROM version_streams WHERE version IN (SELECT id FROM versions WHERE machine = ?1)",
+            params![machine.as_str()],
+        )
+        .map_err(sql("remove the versions' streams"))?;
         let n = tx
             .execute(
                 "DELETE FROM versions WHERE machine = ?1",
@@ -874,6 +1017,8 @@ mod tests {
                     chunks_total: 3,
                     ..Default::default()
                 },
+                config: None,
+                streams: Vec::new(),
             },
             idx,
         )
@@ -884,18 +1029,18 @@ mod tests {
         let (_d, mut c) = cat();
         let (v1, i1) = info("alice/dev", None, 1);
         assert_eq!(
-            c.commit_version(&v1, &i1, None).unwrap(),
+            c.commit_version(&v1, &i1, &[], None).unwrap(),
             CommitOutcome::HeadMoved
         );
         // Two writers both started from v1; the second loses but keeps its version.
         let (v2, i2) = info("alice/dev", Some(v1.id), 2);
         let (v3, i3) = info("alice/dev", Some(v1.id), 3);
         assert_eq!(
-            c.commit_version(&v2, &i2, Some(v1.id)).unwrap(),
+            c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap(),
             CommitOutcome::HeadMoved
         );
         assert_eq!(
-            c.commit_version(&v3, &i3, Some(v1.id)).unwrap(),
+            c.commit_version(&v3, &i3, &[], Some(v1.id)).unwrap(),
             CommitOutcome::Kept { head: Some(v2.id) }
         );
         let m = c.machine(&v1.machine).unwrap().unwrap();
@@ -914,7 +1059,7 @@ mod tests {
     fn resolve_prefixes() {
         let (_d, mut c) = cat();
         let (v1, i1) = info("alice/dev", None, 1);
-        c.commit_version(&v1, &i1, None).unwrap();
+        c.commit_version(&v1, &i1, &[], None).unwrap();
         let m = &v1.machine;
         assert_eq!(c.resolve(m, None).unwrap().id, v1.id);
         assert_eq!(c.resolve(m, Some(&v1.id.to_hex()[..6])).unwrap().id, v1.id);
@@ -945,8 +1090,8 @@ mod tests {
         let (_d, mut c) = cat();
         let (v1, i1) = info("alice/dev", None, 1);
         let (v2, i2) = info("alice/dev", Some(v1.id), 2);
-        c.commit_version(&v1, &i1, None).unwrap();
-        c.commit_version(&v2, &i2, Some(v1.id)).unwrap();
+        c.commit_version(&v1, &i1, &[], None).unwrap();
+        c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
         assert_eq!(c.remove_version(&v2).unwrap(), Some(v1.id));
         assert_eq!(c.remove_version(&v1).unwrap(), None);
         assert_eq!(c.machine(&v1.machine).unwrap().unwrap().head, None);
@@ -1013,9 +1158,69 @@ mod tests {
         conn.execute_batch(SCHEMA_V1).unwrap();
         conn.pragma_update(None, "user_version", 1).unwrap();
         drop(conn);
-        let c = Catalog::open(&p, false, false).unwrap();
+        let mut c = Catalog::open(&p, false, false).unwrap();
         let m: MachineName = "alice/dev".parse().unwrap();
         assert_eq!(c.lease(&m).unwrap(), None);
+        // Version 3's columns and table are there too.
+        let (mut v1, i1) = info("alice/dev", None, 1);
+        v1.config = Some("{}".into());
+        c.commit_version(&v1, &i1, &[], None).unwrap();
+        assert_eq!(c.resolve(&m, None).unwrap().config.as_deref(), Some("{}"));
+    }
+
+    #[test]
+    fn streams_travel_with_their_version() {
+        let (_d, mut c) = cat();
+        let m: MachineName = "alice/dev".parse().unwrap();
+        let (mut v1, i1) = info("alice/dev", None, 1);
+        v1.config = Some(r#"{"memory_mib":256}"#.into());
+        let mem = MemoryIndex {
+            total_len: 10,
+            runs: vec![mbank_core::MemoryRun {
+                id: Some(ChunkId::of(b"0123456789")),
+                len: 10,
+            }],
+        };
+        let kernel = MemoryIndex {
+            total_len: 4,
+            runs: vec![mbank_core::MemoryRun { id: None, len: 4 }],
+        };
+        let streams = vec![
+            ("memory".to_string(), mem.clone()),
+            ("kernel".into(), kernel),
+        ];
+        c.commit_version(&v1, &i1, &streams, None).unwrap();
+        let (v2, i2) = info("alice/dev", Some(v1.id), 2);
+        c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
+        let got = c.resolve(&m, Some(&v1.id.to_hex())).unwrap();
+        assert_eq!(
+            got.streams,
+            vec!["kernel".to_string(), "memory".to_string()]
+        );
+        assert!(got.has_memory());
+        assert_eq!(got.config, v1.config);
+        assert_eq!(c.stream(&got, "memory").unwrap(), Some(mem));
+        assert_eq!(c.stream(&got, "initrd").unwrap(), None);
+        let head = c.resolve(&m, None).unwrap();
+        assert!(!head.has_memory() && head.config.is_none());
+        let mut seen = Vec::new();
+        c.for_each_stream(None, |v, name, idx| {
+            seen.push((v.id, name.to_string(), idx.unwrap().total_len));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            vec![(v1.id, "kernel".into(), 4), (v1.id, "memory".into(), 10)]
+        );
+        c.remove_version(&got).unwrap();
+        let mut n = 0;
+        c.for_each_stream(None, |_, _, _| {
+            n += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(n, 0, "a removed version's streams go with it");
     }
 
     #[test]

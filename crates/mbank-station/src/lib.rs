@@ -38,7 +38,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use mbank_bank::{Bank, BankError, ImportOptions, NoProgress, Progress, VersionSource};
-use mbank_catalog::{CatalogError, Lease, now_ms};
+use mbank_catalog::{CatalogError, Lease, NamedStream, now_ms};
 use mbank_core::{MachineName, MachineRef, VersionId};
 use mbank_store::ChunkStore;
 use serde::Serialize;
@@ -89,6 +89,20 @@ pub struct SessionReport {
     pub seconds: f64,
     pub checkin_seconds: f64,
     pub recovered: bool,
+}
+
+/// What a check-in stores besides the disk's dirty chunks.
+#[derive(Clone, Debug, Default)]
+pub struct CheckinExtras {
+    /// The new version's machine configuration; `None` keeps the base version's.
+    pub config: Option<String>,
+    /// Streams for the new version (a saved `memory` state). The base version's other
+    /// streams (`kernel`, `initrd`) are kept unless replaced; its `memory` never is,
+    /// because the disk has moved on from it.
+    pub streams: Vec<NamedStream>,
+    /// Commit a version even when no chunk is dirty: a memory state was saved, or the
+    /// machine was powered off and the base's saved memory must not be resumed again.
+    pub always: bool,
 }
 
 /// A station: its cache directory and identity.
@@ -310,6 +324,18 @@ impl Station {
         opts: &ImportOptions,
         progress: &dyn Progress,
     ) -> Result<SessionReport, StationError> {
+        self.check_in_with(bank, disk, &CheckinExtras::default(), opts, progress)
+    }
+
+    /// [`Station::check_in`], storing `extras` with the new version.
+    pub fn check_in_with(
+        &self,
+        bank: &mut Bank,
+        disk: &Disk,
+        extras: &CheckinExtras,
+        opts: &ImportOptions,
+        progress: &dyn Progress,
+    ) -> Result<SessionReport, StationError> {
         disk.flush_sync().map_err(|e| StationError::Io {
             what: "flush the session before check-in".into(),
             source: std::io::Error::other(e.to_string()),
@@ -322,6 +348,7 @@ impl Station {
             &disk.base,
             disk.overlay(),
             dirty,
+            extras,
             opts,
             progress,
         )?;
@@ -356,6 +383,7 @@ impl Station {
         base: &mbank_core::DiskIndex,
         overlay: &fs::File,
         dirty: Vec<usize>,
+        extras: &CheckinExtras,
         opts: &ImportOptions,
         progress: &dyn Progress,
     ) -> Result<SessionReport, StationError> {
@@ -375,7 +403,8 @@ impl Station {
         // The check-in's version id follows from the session, so a check-in repeated
         // after a crash between its commit and the session's removal is recognised.
         let id = checkin_version_id(&meta.session);
-        if !dirty.is_empty()
+        let commit = !dirty.is_empty() || extras.always;
+        if commit
             && let Ok(done) = bank.resolve(&MachineRef {
                 machine: machine.clone(),
                 version: Some(id.to_hex()),
@@ -384,8 +413,24 @@ impl Station {
             report.version = Some(done.id.to_hex());
             report.head_moved =
                 bank.catalog().machine(&machine)?.and_then(|m| m.head) == Some(done.id);
-        } else if !dirty.is_empty() {
+        } else if commit {
             let writer = bank.begin_write(&format!("check-in {}", meta.machine))?;
+            let parent = meta.base_version()?;
+            let (mut config, mut streams) = (None, Vec::new());
+            if let Some(p) = parent {
+                let v = bank.resolve(&MachineRef {
+                    machine: machine.clone(),
+                    version: Some(p.to_hex()),
+                })?;
+                config = v.config.clone();
+                streams = bank.catalog().streams(&v)?;
+                streams
+                    .retain(|(n, _)| n != "memory" && !extras.streams.iter().any(|(e, _)| e == n));
+            }
+            if extras.config.is_some() {
+                config = extras.config.clone();
+            }
+            streams.extend(extras.streams.iter().cloned());
             let total = dirty.iter().map(|&i| base.chunk_len(i) as u64).sum();
             let cs = base.chunk_size as u64;
             let lens: Vec<usize> = dirty.iter().map(|&i| base.chunk_len(i)).collect();
@@ -400,11 +445,13 @@ impl Station {
             });
             let source = VersionSource {
                 description: format!("check-in from {}", self.name),
-                parent: meta.base_version()?,
+                parent,
                 base: base.clone(),
                 items: Box::new(items),
                 total_bytes: total,
                 id: Some(id),
+                config,
+                streams,
             };
             let r = bank.write_version(&machine, source, &writer, opts, progress)?;
             report.version = Some(r.version);
@@ -417,6 +464,21 @@ impl Station {
         dir.remove()?;
         report.checkin_seconds = started.elapsed().as_secs_f64();
         Ok(report)
+    }
+
+    /// The live session of `machine` on this station, if there is one.
+    pub fn live_session(&self, machine: &MachineName) -> Option<(SessionDir, SessionMeta)> {
+        let entries = fs::read_dir(self.sessions_dir()).ok()?;
+        for entry in entries.flatten() {
+            let dir = SessionDir { dir: entry.path() };
+            let Ok(meta) = dir.read_meta() else { continue };
+            if meta.machine == machine.as_str()
+                && session_alive(meta.pid, meta.started_ms, &dir.overlay_path())
+            {
+                return Some((dir, meta));
+            }
+        }
+        None
     }
 
     /// Finds sessions on this station whose process is gone and checks in what their
@@ -472,8 +534,18 @@ impl Station {
                 what: format!("open {}", dir.overlay_path().display()),
                 source: e,
             })?;
-            let mut r =
-                self.commit(bank, &meta, &dir, &base, &overlay, dirty, opts, &NoProgress)?;
+            let extras = CheckinExtras::default();
+            let mut r = self.commit(
+                bank,
+                &meta,
+                &dir,
+                &base,
+                &overlay,
+                dirty,
+                &extras,
+                opts,
+                &NoProgress,
+            )?;
             r.recovered = true;
             out.push(r);
         }

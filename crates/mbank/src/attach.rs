@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use mbank_bank::{Bank, ImportOptions, Progress};
-use mbank_core::MachineRef;
+use mbank_core::{MachineName, MachineRef};
 use mbank_nbd::ServerOptions;
 use mbank_station::device::NbdDisk;
 use mbank_station::{SessionReport, Station};
@@ -55,6 +55,40 @@ pub fn describe(r: &SessionReport) -> String {
     }
 }
 
+/// Keeps the session's lease fresh (every 30 s, on its own catalog connection) until
+/// `stop`; warns once if another station took the machine over.
+pub fn spawn_heartbeat(
+    bank_dir: &Path,
+    machine: MachineName,
+    session: String,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let catalog_path = bank_dir.join("catalog.db");
+    std::thread::spawn(move || {
+        let Ok(cat) = mbank_catalog::Catalog::open(&catalog_path, false, false) else {
+            return;
+        };
+        let mut warned = false;
+        while !stop.load(Ordering::Relaxed) {
+            for _ in 0..300 {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if let Ok(false) = cat.heartbeat_lease(&machine, &session)
+                && !warned
+            {
+                eprintln!(
+                    "mbank: warning: another station took {machine} over (--force); \
+                     this session's writes will still be checked in as their own version"
+                );
+                warned = true;
+            }
+        }
+    })
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
@@ -96,36 +130,12 @@ pub fn run(
         bytes(disk.base.chunk_size as u64)
     );
     let stop = Arc::new(AtomicBool::new(false));
-    // The lease's heartbeat, on its own catalog connection.
-    let heartbeat = {
-        let stop = stop.clone();
-        let catalog_path = bank_dir.join("catalog.db");
-        let machine = args.machine.machine.clone();
-        let session = disk.meta.session.clone();
-        std::thread::spawn(move || {
-            let Ok(cat) = mbank_catalog::Catalog::open(&catalog_path, false, false) else {
-                return;
-            };
-            let mut warned = false;
-            while !stop.load(Ordering::Relaxed) {
-                for _ in 0..300 {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                if let Ok(false) = cat.heartbeat_lease(&machine, &session)
-                    && !warned
-                {
-                    eprintln!(
-                        "mbank: warning: another station took {machine} over (--force); \
-                         this session's writes will still be checked in as their own version"
-                    );
-                    warned = true;
-                }
-            }
-        })
-    };
+    let heartbeat = spawn_heartbeat(
+        bank_dir,
+        args.machine.machine.clone(),
+        disk.meta.session.clone(),
+        stop.clone(),
+    );
     let prefetcher = args.prefetch.then(|| {
         let (d, stop) = (disk.clone(), stop.clone());
         std::thread::spawn(move || d.prefetch(&stop))

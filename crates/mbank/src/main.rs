@@ -5,8 +5,10 @@
 //! Exit codes: 0 success, 1 failure, 2 bad usage, 3 `verify` found damage.
 
 mod attach;
+mod create;
 mod fmt;
 mod progress;
+mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -163,6 +165,96 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Create a machine: from an image, an empty disk, or another machine's version.
+    ///
+    /// Prints the new version's id. --from forks any version (user/name@VERSION) or a
+    /// published base: the new machine shares every chunk, and takes its hardware
+    /// unless options here change it. A suspended version forks with its memory, so
+    /// the fork resumes where it stopped (its hardware cannot change).
+    #[command(after_help = "Examples:
+  mbank create alice/dev --image disk.qcow2 --memory 2G --cpus 2
+  mbank create alice/dev --disk-size 8G --memory 1G --from lab/debian12
+  mbank create alice/try --from alice/dev@1a2b3c
+  mbank create alice/k --disk-size 1G --kernel vmlinuz --initrd initrd.img --append 'console=ttyS0'")]
+    Create {
+        /// The new machine, as user/name.
+        machine: MachineName,
+        /// Start from this machine's head, or user/name@VERSION.
+        #[arg(long, value_name = "MACHINE", conflicts_with = "image")]
+        from: Option<MachineRef>,
+        /// Start from a disk image (raw, qcow2, vmdk, vdi, vhdx, qed).
+        #[arg(long, value_name = "FILE")]
+        image: Option<PathBuf>,
+        /// The disk's size, e.g. 8G (grows an image's or a base's disk; never shrinks).
+        #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+        disk_size: Option<u64>,
+        /// Memory, e.g. 1G or 512M [default: 1G, or the --from machine's].
+        #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+        memory: Option<u64>,
+        /// Virtual CPUs [default: 1, or the --from machine's].
+        #[arg(long, value_name = "N")]
+        cpus: Option<u32>,
+        /// QEMU machine type: pc or q35 (pinned to the exact version at the first run).
+        #[arg(long, value_name = "TYPE")]
+        machine_type: Option<String>,
+        /// Network: user (NAT to the station's network) or none.
+        #[arg(long, value_name = "KIND")]
+        network: Option<mbank_vm::Network>,
+        /// Display card: std or none.
+        #[arg(long, value_name = "KIND")]
+        display: Option<mbank_vm::DisplayDevice>,
+        /// Boot this kernel directly (stored in the bank with the machine) instead of
+        /// booting from the disk.
+        #[arg(long, value_name = "FILE")]
+        kernel: Option<PathBuf>,
+        /// The initrd for --kernel.
+        #[arg(long, value_name = "FILE", requires = "kernel")]
+        initrd: Option<PathBuf>,
+        /// The kernel command line for --kernel [default: console=ttyS0].
+        #[arg(long, value_name = "TEXT")]
+        append: Option<String>,
+        /// Where non-raw images are converted to raw first [default: $TMPDIR or /tmp].
+        #[arg(long, value_name = "DIR")]
+        tmpdir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Boot a machine, or resume it if it was suspended; check in when it ends.
+    ///
+    /// The disk is served from the bank through the station cache (fetched on demand);
+    /// QEMU runs with KVM where it works, else TCG. The session ends when the guest
+    /// powers off (its disk is checked in), or is suspended by `mbank suspend`, SIGTERM
+    /// or Ctrl-C (memory and disk are saved as one version; the next `run`, on any
+    /// station, continues where it stopped). Prints the new version's id.
+    Run {
+        /// user/name for the head, or user/name@VERSION.
+        machine: MachineRef,
+        /// Serial console on this terminal instead of a screen (for scripts and tests).
+        #[arg(long)]
+        console: bool,
+        /// Show the screen over VNC at this address (unix:PATH or HOST:DISPLAY)
+        /// [default: a window on a desktop, else VNC on a socket in the session].
+        #[arg(long, value_name = "ADDR", conflicts_with = "console")]
+        vnc: Option<String>,
+        /// Accelerator: kvm or tcg [default: kvm where it works].
+        #[arg(long, value_name = "ACCEL")]
+        accel: Option<mbank_vm::Accel>,
+        /// Add to the kernel command line for this boot (kernel-boot machines only).
+        #[arg(long, value_name = "TEXT")]
+        append: Option<String>,
+        /// Take the machine over from the session holding it.
+        #[arg(long)]
+        force: bool,
+        /// Print the session's statistics as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Suspend a machine that `mbank run` runs on this station: save memory and disk.
+    ///
+    /// Prints the new version's id once the memory state and the disk are in the bank.
+    Suspend { machine: MachineName },
+    /// Power a machine off (ACPI power button) that `mbank run` runs on this station.
+    Poweroff { machine: MachineName },
     /// Check in sessions left behind on this station by a crash.
     Recover {
         #[arg(long)]
@@ -242,6 +334,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             | Cmd::Rm { .. }
             | Cmd::Attach { .. }
             | Cmd::Recover { .. }
+            | Cmd::Create { .. }
+            | Cmd::Run { .. }
     );
     let cache_dir = cli
         .cache
@@ -253,9 +347,89 @@ fn run(cli: Cli) -> Result<ExitCode> {
         say(format!("created an empty bank in {}", bank_dir.display()));
         return Ok(ExitCode::SUCCESS);
     }
+    if let Cmd::Suspend { machine } | Cmd::Poweroff { machine } = &cli.cmd {
+        let station = mbank_station::Station::open(&cache_dir, cache_size)?;
+        let off = matches!(cli.cmd, Cmd::Poweroff { .. });
+        match run::suspend(&station, machine, off, &say)? {
+            Some(v) => println!("{v}"),
+            None => say(format!("{machine} ended with no new version")),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut bank = Bank::open(&bank_dir, read_only)?;
     match cli.cmd {
-        Cmd::Init => unreachable!("handled above"),
+        Cmd::Init | Cmd::Suspend { .. } | Cmd::Poweroff { .. } => unreachable!("handled above"),
+        Cmd::Create {
+            machine,
+            from,
+            image,
+            disk_size,
+            memory,
+            cpus,
+            machine_type,
+            network,
+            display,
+            kernel,
+            initrd,
+            append,
+            tmpdir,
+            json,
+        } => {
+            let args = create::Args {
+                machine,
+                from,
+                image,
+                disk_size,
+                memory,
+                cpus,
+                machine_type,
+                network,
+                display,
+                kernel,
+                initrd,
+                append,
+                tmpdir,
+                jobs,
+            };
+            let r = create::run(&mut bank, args, &bar)?;
+            if json {
+                json_out(&r)?;
+            } else {
+                println!("{}", r.version);
+            }
+            say(format!(
+                "created {} ({} disk, {} new in the bank)",
+                r.machine,
+                bytes(r.disk_size),
+                bytes(r.bytes_stored)
+            ));
+        }
+        Cmd::Run {
+            machine,
+            console,
+            vnc,
+            accel,
+            append,
+            force,
+            json,
+        } => {
+            let station = mbank_station::Station::open(&cache_dir, cache_size)?;
+            let args = run::Args {
+                machine,
+                console,
+                vnc,
+                accel,
+                append,
+                force,
+                jobs,
+            };
+            let report = run::run(&mut bank, &bank_dir, &station, args, &bar, &say)?;
+            if json {
+                json_out(&report)?;
+            } else if let Some(v) = &report.session.version {
+                println!("{v}");
+            }
+        }
         Cmd::Import {
             machine,
             image,
@@ -326,18 +500,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 json_out(&versions)?;
             } else {
                 println!(
-                    "{:<14} {:<20} {:>10} {:>10} {:>8} {:<12}",
-                    "VERSION", "CREATED (UTC)", "DISK", "NEW DATA", "NEW", "PARENT"
+                    "{:<14} {:<20} {:>10} {:>10} {:>8} {:<12} {:<9}",
+                    "VERSION", "CREATED (UTC)", "DISK", "NEW DATA", "NEW", "PARENT", "STATE"
                 );
                 for v in versions {
                     println!(
-                        "{:<14} {:<20} {:>10} {:>10} {:>8} {:<12}",
+                        "{:<14} {:<20} {:>10} {:>10} {:>8} {:<12} {:<9}",
                         format!("{}{}", &v.version[..12], if v.head { " *" } else { "" }),
                         date(v.created_ms),
                         bytes(v.disk_size),
                         bytes(v.stats.bytes_stored),
                         v.stats.chunks_new,
                         v.parent.as_deref().map_or("-", |p| &p[..12]),
+                        if v.suspended { "suspended" } else { "off" },
                     );
                 }
             }

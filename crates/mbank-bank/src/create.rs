@@ -1,0 +1,175 @@
+//! New machines: from an image, an empty disk, or another machine's version (a fork,
+//! or a published base). A new machine's first version has no parent; its statistics
+//! name where it came from.
+
+use std::path::Path;
+
+use mbank_catalog::{NamedStream, VersionInfo};
+use mbank_core::{ChunkId, DEFAULT_CHUNK_SIZE, DiskIndex, MachineName};
+use mbank_store::{ChunkStore, StoreError};
+
+use crate::image::open_image;
+use crate::import::image_items;
+use crate::{Bank, BankError, ImportOptions, ImportReport, Progress, VersionSource, WriterGuard};
+
+/// Where a new machine's disk comes from.
+pub enum DiskFrom<'a> {
+    /// An image file (raw, qcow2, vmdk, vdi, vhdx, qed).
+    Image(&'a Path),
+    /// A disk of zeros of this many bytes.
+    Empty(u64),
+    /// The disk of an existing version, shared chunk for chunk.
+    Version(&'a VersionInfo),
+}
+
+/// A new machine.
+pub struct NewMachine<'a> {
+    pub machine: &'a MachineName,
+    pub disk: DiskFrom<'a>,
+    /// Grow the disk to this size (bytes); never shrinks.
+    pub grow_to: Option<u64>,
+    /// The machine configuration (JSON).
+    pub config: String,
+    /// Streams stored with the first version; chunks already durable under `writer`.
+    pub streams: Vec<NamedStream>,
+}
+
+impl Bank {
+    /// Creates a machine with one version. Refuses a name that exists.
+    pub fn create(
+        &mut self,
+        new: NewMachine<'_>,
+        writer: &WriterGuard,
+        opts: &ImportOptions,
+        progress: &dyn Progress,
+    ) -> Result<ImportReport, BankError> {
+        self.require_writable("create a machine")?;
+        if self.catalog.machine(new.machine)?.is_some() {
+            return Err(BankError::MachineExists(new.machine.clone()));
+        }
+        let cs = opts.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
+        let image = match new.disk {
+            DiskFrom::Image(path) => Some((path, open_image(path, opts.format, &opts.temp_dir)?)),
+            _ => None,
+        };
+        let (description, base, items, total): (String, DiskIndex, Items<'_>, u64) = match new.disk
+        {
+            DiskFrom::Image(_) => {
+                let (path, image) = image.as_ref().expect("opened above");
+                let len = image.len.max(new.grow_to.unwrap_or(0));
+                (
+                    format!("create from image {}", path.display()),
+                    DiskIndex::zeroed(len, cs),
+                    Box::new(image_items(path, image, cs as u64, len)),
+                    len,
+                )
+            }
+            DiskFrom::Empty(size) => (
+                "create with an empty disk".to_string(),
+                DiskIndex::zeroed(size, cs),
+                none(),
+                0,
+            ),
+            DiskFrom::Version(v) => {
+                let idx = self.catalog.disk_index(v)?;
+                // The chunks must outlive a removal of `v` racing with this commit:
+                // touching them puts them after the GC cutoff this writer holds.
+                for id in idx.chunks.iter().flatten() {
+                    self.touch_existing(id, v)?;
+                }
+                for (_, s) in &new.streams {
+                    for id in s.runs.iter().filter_map(|r| r.id.as_ref()) {
+                        self.touch_existing(id, v)?;
+                    }
+                }
+                (
+                    format!("create from {}@{}", v.machine, v.id.to_hex()),
+                    idx,
+                    none(),
+                    0,
+                )
+            }
+        };
+        let (base, items, total) = match new.grow_to {
+            Some(size) if size > base.disk_size => {
+                let (grown, last) = self.grow(base, size)?;
+                match last {
+                    Some(item) => (grown, one(item), total + size),
+                    None => (grown, items, total),
+                }
+            }
+            _ => (base, items, total),
+        };
+        let source = VersionSource {
+            description,
+            parent: None,
+            base,
+            items,
+            total_bytes: total,
+            id: None,
+            config: Some(new.config),
+            streams: new.streams,
+        };
+        self.write_version(new.machine, source, writer, opts, progress)
+    }
+
+    fn touch_existing(&self, id: &ChunkId, v: &VersionInfo) -> Result<(), BankError> {
+        if self.store.touch(id)? {
+            Ok(())
+        } else {
+            Err(BankError::Damaged {
+                machine: v.machine.clone(),
+                version: v.id,
+                source: Box::new(StoreError::Missing(*id)),
+            })
+        }
+    }
+
+    /// `idx` grown to `size` bytes with zeros. A partial last chunk that holds data is
+    /// padded and returned as an item to store (its id changes).
+    fn grow(
+        &self,
+        mut idx: DiskIndex,
+        size: u64,
+    ) -> Result<(DiskIndex, Option<crate::ChunkItem>), BankError> {
+        let cs = idx.chunk_size as u64;
+        let old = idx.disk_size;
+        let mut item = None;
+        if !old.is_multiple_of(cs) {
+            let last = idx.chunks.len() - 1;
+            if let Some(id) = idx.chunks[last] {
+                let mut plain = self.store.read(&id)?;
+                plain.resize(cs.min(size - last as u64 * cs) as usize, 0);
+                item = Some((last, Some(plain)));
+            }
+        }
+        let n = DiskIndex::chunk_count(size, idx.chunk_size) as usize;
+        idx.chunks.resize(n, None);
+        idx.disk_size = size;
+        Ok((idx, item))
+    }
+
+    /// Stores `data` (a kernel, an initrd) as a stream under `writer`.
+    pub fn store_file(
+        &self,
+        writer: &WriterGuard,
+        path: &Path,
+    ) -> Result<mbank_core::MemoryIndex, BankError> {
+        let f = std::fs::File::open(path).map_err(|e| BankError::Io {
+            action: "open",
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        Ok(self.store_stream(writer, std::io::BufReader::new(f))?.0)
+    }
+}
+
+type Items<'a> = Box<dyn Iterator<Item = Result<crate::ChunkItem, BankError>> + Send + 'a>;
+
+fn none<'a>() -> Items<'a> {
+    Box::new(std::iter::empty())
+}
+
+fn one<'a>(item: crate::ChunkItem) -> Items<'a> {
+    Box::new(std::iter::once(Ok(item)))
+}

@@ -1,0 +1,145 @@
+//! `mbank create`: a new machine with its configuration.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use mbank_bank::{Bank, DiskFrom, ImportOptions, ImportReport, NewMachine, Progress};
+use mbank_core::{MachineName, MachineRef};
+use mbank_vm::{Boot, DisplayDevice, MachineConfig, Network};
+
+pub struct Args {
+    pub machine: MachineName,
+    pub from: Option<MachineRef>,
+    pub image: Option<PathBuf>,
+    pub disk_size: Option<u64>,
+    pub memory: Option<u64>,
+    pub cpus: Option<u32>,
+    pub machine_type: Option<String>,
+    pub network: Option<Network>,
+    pub display: Option<DisplayDevice>,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub append: Option<String>,
+    pub tmpdir: Option<PathBuf>,
+    pub jobs: usize,
+}
+
+impl Args {
+    fn changes_hardware(&self) -> bool {
+        self.memory.is_some()
+            || self.cpus.is_some()
+            || self.machine_type.is_some()
+            || self.network.is_some()
+            || self.display.is_some()
+            || self.kernel.is_some()
+            || self.append.is_some()
+            || self.disk_size.is_some()
+    }
+}
+
+pub fn run(bank: &mut Bank, a: Args, progress: &dyn Progress) -> Result<ImportReport> {
+    if bank.catalog().machine(&a.machine)?.is_some() {
+        return Err(mbank_bank::BankError::MachineExists(a.machine.clone()).into());
+    }
+    let source = a.from.as_ref().map(|r| bank.resolve(r)).transpose()?;
+    let mut config = match source.as_ref().and_then(|v| v.config.as_deref()) {
+        Some(c) => MachineConfig::from_json(c).context("the --from machine's configuration")?,
+        None => MachineConfig::new(),
+    };
+    let suspended = source.as_ref().is_some_and(|v| v.has_memory());
+    if suspended && a.changes_hardware() {
+        bail!(
+            "{} is suspended: a fork resumes on the same hardware, so it cannot change memory, CPUs, disk size, devices or kernel; fork an older version, or run and power it off first",
+            a.from.as_ref().expect("suspended implies --from")
+        );
+    }
+    if !suspended {
+        // A fork is a new machine on the network: it gets its own MAC address.
+        config.mac = MachineConfig::new().mac;
+        config.saved = None;
+    }
+    if let Some(m) = a.memory {
+        if m % (1 << 20) != 0 {
+            bail!("--memory must be a whole number of MiB, e.g. 512M or 2G");
+        }
+        config.memory_mib = m >> 20;
+    }
+    if let Some(n) = a.cpus {
+        config.cpus = n;
+    }
+    if let Some(t) = &a.machine_type {
+        config.machine_type = t.clone();
+    }
+    if let Some(n) = a.network {
+        config.network = n;
+    }
+    if let Some(d) = a.display {
+        config.display = d;
+    }
+    if a.kernel.is_some() || a.append.is_some() {
+        let append = a.append.clone().unwrap_or_else(|| match &config.boot {
+            Boot::Kernel { append } => append.clone(),
+            Boot::Firmware => "console=ttyS0".into(),
+        });
+        if a.kernel.is_none()
+            && !source
+                .as_ref()
+                .is_some_and(|v| v.streams.iter().any(|s| s == "kernel"))
+        {
+            bail!("--append needs --kernel (or a --from machine that boots a kernel)");
+        }
+        config.boot = Boot::Kernel { append };
+    }
+    config.check()?;
+    if let Some(have) = mbank_vm::station_memory_mib()
+        && config.memory_mib > have
+    {
+        eprintln!(
+            "mbank: warning: {} MiB of memory is more than this station has ({have} MiB); it runs only on larger stations",
+            config.memory_mib
+        );
+    }
+    let disk = match (&a.image, &source, a.disk_size) {
+        (Some(p), _, _) => DiskFrom::Image(p),
+        (None, Some(v), _) => DiskFrom::Version(v),
+        (None, None, Some(size)) => DiskFrom::Empty(size),
+        (None, None, None) => {
+            bail!("give the disk: --image FILE, --from MACHINE, or --disk-size SIZE")
+        }
+    };
+    if let DiskFrom::Empty(size) = disk
+        && (size == 0 || size % 512 != 0)
+    {
+        bail!("--disk-size must be a positive multiple of 512 bytes");
+    }
+    let writer = bank.begin_write(&format!("create {}", a.machine))?;
+    let mut streams = match &source {
+        Some(v) => bank.catalog().streams(v)?,
+        None => Vec::new(),
+    };
+    if let Some(k) = &a.kernel {
+        streams.retain(|(n, _)| n != "kernel" && n != "initrd");
+        streams.push(("kernel".into(), bank.store_file(&writer, k)?));
+        if let Some(i) = &a.initrd {
+            streams.push(("initrd".into(), bank.store_file(&writer, i)?));
+        }
+    }
+    if !suspended {
+        streams.retain(|(n, _)| n != "memory");
+    }
+    let mut opts = ImportOptions {
+        jobs: a.jobs,
+        ..Default::default()
+    };
+    if let Some(t) = &a.tmpdir {
+        opts.temp_dir = t.clone();
+    }
+    let new = NewMachine {
+        machine: &a.machine,
+        disk,
+        grow_to: a.disk_size,
+        config: config.to_json(),
+        streams,
+    };
+    Ok(bank.create(new, &writer, &opts, progress)?)
+}

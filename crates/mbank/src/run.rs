@@ -1,0 +1,1025 @@
+//! `mbank run` and `mbank suspend`: a machine as a running virtual PC.
+//!
+//! `run` checks the machine out on this station (the lease), serves its disk over NBD
+//! on a socket in the session directory, and starts QEMU with a QMP control socket.
+//! A version holding a memory state is resumed: QEMU starts paused with `-incoming`
+//! reading the state from a FIFO that a thread fills from the bank (through the station
+//! cache, several chunks in flight), then continues. The session ends when:
+//!
+//! - the guest powers off (QEMU exits): the disk is checked in;
+//! - `mbank suspend` (over `<session>/control.sock`), SIGTERM, or Ctrl-C and "suspend":
+//!   the guest is paused, its memory state streams out through QMP migration
+//!   (`exec:cat > FIFO`) into content-defined chunks, and one version holds disk and
+//!   memory;
+//! - Ctrl-C and "power off": ACPI power button, then a hard stop if the guest ignores it.
+//!
+//! QEMU runs in its own process group (a terminal's Ctrl-C reaches only `mbank`) and
+//! dies with `mbank` (`PR_SET_PDEATHSIG`); a `run` killed with -9 leaves its session
+//! for the next `mbank` on the station to recover, like `attach`.
+
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use mbank_bank::{Bank, ImportOptions, Progress, StreamStats, Unit};
+use mbank_core::{MachineRef, MemoryIndex};
+use mbank_nbd::ServerOptions;
+use mbank_station::device::{Disk, NbdDisk};
+use mbank_station::{CheckinExtras, SessionReport, Station};
+use mbank_store::{ChunkStore, LocalStore};
+use mbank_vm::qmp::Qmp;
+use mbank_vm::{Accel, Boot, Display, Launch, MachineConfig, SavedHardware};
+use serde::Serialize;
+
+use crate::attach::{describe, spawn_heartbeat};
+use crate::fmt::bytes;
+
+pub struct Args {
+    pub machine: MachineRef,
+    pub console: bool,
+    pub vnc: Option<String>,
+    pub accel: Option<Accel>,
+    pub append: Option<String>,
+    pub force: bool,
+    pub jobs: usize,
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ending {
+    /// The guest powered itself off (or was powered off on request).
+    Poweroff,
+    /// Memory and disk were saved; `run` resumes.
+    Suspend,
+    /// QEMU stopped on its own with an error; the disk was checked in as after a
+    /// power loss.
+    Crash,
+}
+
+/// What `run --json` prints.
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    pub machine: String,
+    pub ending: Ending,
+    pub resumed: bool,
+    pub accel: Accel,
+    /// Seconds from the start of `run` until the guest ran (after a resume, until the
+    /// memory state was loaded).
+    pub seconds_to_running: f64,
+    pub memory_loaded_bytes: u64,
+    pub memory_load_seconds: f64,
+    pub memory_saved: Option<StreamStats>,
+    pub memory_save_seconds: f64,
+    pub session: SessionReport,
+}
+
+/// Requests from `mbank suspend` and friends, over the control socket.
+enum Request {
+    Suspend(UnixStream),
+    Poweroff(UnixStream),
+}
+
+/// Seconds a guest gets to power off after the ACPI power button.
+const POWERDOWN_GRACE: Duration = Duration::from_secs(60);
+/// Chunks of a memory state fetched at once on resume.
+const FETCH_WINDOW: usize = 32;
+
+fn session_file(disk: &Disk, name: &str) -> PathBuf {
+    disk.dir.dir.join(name)
+}
+
+/// One fetched chunk of a window, or why it could not be fetched.
+type Slot = Mutex<Option<Result<Arc<Vec<u8>>, String>>>;
+
+/// Writes the stream `idx` to `out`, fetching chunks through the station cache with
+/// `jobs` in flight, in order.
+fn fetch_stream(
+    disk: &Disk,
+    idx: &MemoryIndex,
+    mut out: impl Write,
+    jobs: usize,
+    done: &AtomicU64,
+) -> Result<()> {
+    let zeros = vec![0u8; mbank_core::cdc::MAX_SIZE as usize];
+    for window in idx.runs.chunks(FETCH_WINDOW) {
+        let next = AtomicUsize::new(0);
+        let slots: Vec<Slot> = window.iter().map(|_| Mutex::new(None)).collect();
+        std::thread::scope(|s| {
+            for _ in 0..jobs.clamp(1, 8) {
+                s.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(run) = window.get(i) else { return };
+                        if let Some(id) = &run.id {
+                            let r = disk.fetch(id).map_err(|e| e.to_string());
+                            *slots[i].lock().expect("slot") = Some(r);
+                        }
+                    }
+                });
+            }
+        });
+        for (run, slot) in window.iter().zip(slots) {
+            match (run.id, slot.into_inner().expect("slot")) {
+                (None, _) => {
+                    let mut left = run.len as usize;
+                    while left > 0 {
+                        let k = left.min(zeros.len());
+                        out.write_all(&zeros[..k])?;
+                        left -= k;
+                    }
+                }
+                (Some(id), Some(Ok(data))) => {
+                    if data.len() != run.len as usize {
+                        bail!(
+                            "chunk {id} is {} bytes, but the memory state's index says {}",
+                            data.len(),
+                            run.len
+                        );
+                    }
+                    out.write_all(&data)?;
+                }
+                (Some(_), Some(Err(e))) => bail!("{e}"),
+                (Some(id), None) => bail!("chunk {id} was not fetched"),
+            }
+            done.fetch_add(run.len as u64, Ordering::Relaxed);
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Counts bytes read through it.
+struct Counting<R> {
+    inner: R,
+    n: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.n.fetch_add(k as u64, Ordering::Relaxed);
+        Ok(k)
+    }
+}
+
+/// Shows the progress of a phase whose bytes another thread counts in `n`.
+fn watch(progress: &dyn Progress, what: &str, total: u64, n: &AtomicU64, until: &AtomicBool) {
+    progress.start(what, total, Unit::Bytes);
+    let mut shown = 0;
+    while !until.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = n.load(Ordering::Relaxed);
+        progress.advance(now - shown);
+        shown = now;
+    }
+    progress.finish();
+}
+
+/// A running QEMU with its control connection.
+struct Vm {
+    child: Child,
+    qmp: Qmp,
+    stderr: Arc<Mutex<Vec<String>>>,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl Vm {
+    fn stderr_tail(&self) -> String {
+        let lines = self.stderr.lock().expect("stderr lock");
+        let n = lines.len();
+        lines[n.saturating_sub(5)..].join("; ")
+    }
+
+    /// Waits for QEMU to exit, up to `timeout`.
+    fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let t = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if t.elapsed() >= timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_qemu(
+    args: &[String],
+    console: bool,
+    log: &Path,
+) -> Result<(Child, Arc<Mutex<Vec<String>>>)> {
+    let bin = mbank_vm::qemu_binary();
+    let mut cmd = Command::new(&bin);
+    cmd.args(args)
+        .stdin(if console {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(if console {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stderr(Stdio::piped())
+        .process_group(0);
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // prctl(2), which is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|source| mbank_vm::VmError::NoQemu {
+        binary: bin.clone(),
+        source,
+    })?;
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    if let Some(err) = child.stderr.take() {
+        let keep = stderr.clone();
+        let log = log.to_path_buf();
+        std::thread::spawn(move || {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .ok();
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if let Some(f) = &mut file {
+                    let _ = writeln!(f, "{line}");
+                }
+                eprintln!("qemu: {line}");
+                keep.lock().expect("stderr lock").push(line);
+            }
+        });
+    }
+    if let Some(out) = child.stdout.take() {
+        // The serial console: to our standard output as it comes.
+        std::thread::spawn(move || {
+            let mut out = out;
+            let mut buf = [0u8; 4096];
+            let stdout = std::io::stdout();
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut o = stdout.lock();
+                let _ = o.write_all(&buf[..n]);
+                let _ = o.flush();
+            }
+        });
+    }
+    Ok((child, stderr))
+}
+
+/// Accepts `mbank suspend` connections on the session's control socket.
+fn spawn_control(path: &Path, tx: mpsc::Sender<Request>) -> Result<()> {
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot create the control socket {}", path.display()))?;
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let Ok(reader) = conn.try_clone() else {
+                continue;
+            };
+            let mut line = String::new();
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+            if BufReader::new(reader).read_line(&mut line).is_err() {
+                continue;
+            }
+            let req = match line.trim() {
+                "suspend" => Request::Suspend(conn),
+                "poweroff" => Request::Poweroff(conn),
+                other => {
+                    let mut c = conn;
+                    let _ = writeln!(
+                        c,
+                        "{}",
+                        serde_json::json!({"ok": false, "error": format!("unknown request {other:?}")})
+                    );
+                    continue;
+                }
+            };
+            if tx.send(req).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Lines typed on our standard input, for the guest's console or for a question.
+fn spawn_stdin() -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        for line in stdin.lock().lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+pub fn run(
+    bank: &mut Bank,
+    bank_dir: &Path,
+    station: &Station,
+    args: Args,
+    progress: &dyn Progress,
+    say: &dyn Fn(String),
+) -> Result<RunReport> {
+    let started = Instant::now();
+    let opts = ImportOptions {
+        jobs: args.jobs,
+        ..Default::default()
+    };
+    for r in station.recover(bank, &opts)? {
+        say(describe(&r));
+    }
+    let v = bank.resolve(&args.machine)?;
+    let mut config = match &v.config {
+        Some(c) => MachineConfig::from_json(c)
+            .with_context(|| format!("{}@{}", v.machine, v.id.short()))?,
+        None => {
+            say(format!(
+                "{} has no machine configuration (it was imported, not created); using {} MiB, {} CPU, booting from the disk",
+                v.machine,
+                MachineConfig::default().memory_mib,
+                MachineConfig::default().cpus
+            ));
+            MachineConfig::new()
+        }
+    };
+    if let Some(have) = mbank_vm::station_memory_mib()
+        && config.memory_mib > have
+    {
+        bail!(
+            "{} needs {} of memory, more than this station has ({})",
+            v.machine,
+            bytes(config.memory_mib << 20),
+            bytes(have << 20)
+        );
+    }
+    let resume = v.has_memory();
+    if resume && args.append.is_some() {
+        bail!(
+            "{}@{} is suspended: it resumes where it stopped, so --append cannot change its kernel command line",
+            v.machine,
+            v.id.short()
+        );
+    }
+    let (accel, machine_type) = match &config.saved {
+        Some(saved) if resume => {
+            if args.accel.is_some_and(|a| a != saved.accel) {
+                bail!(
+                    "{}@{} was suspended under {}; it can be resumed only under {}",
+                    v.machine,
+                    v.id.short(),
+                    saved.accel.name(),
+                    saved.accel.name()
+                );
+            }
+            if saved.accel == Accel::Kvm && !mbank_vm::kvm_works() {
+                bail!(
+                    "{}@{} was suspended under KVM, which does not work on this station; resume it on a station with KVM, or run its parent version",
+                    v.machine,
+                    v.id.short()
+                );
+            }
+            (saved.accel, saved.machine_type.clone())
+        }
+        _ => {
+            let accel = match args.accel {
+                Some(a) => a,
+                None if mbank_vm::kvm_works() => Accel::Kvm,
+                None => {
+                    say("KVM does not work on this station; using TCG (slower)".into());
+                    Accel::Tcg
+                }
+            };
+            (accel, mbank_vm::resolve_machine_type(&config.machine_type)?)
+        }
+    };
+    let qemu_version = mbank_vm::qemu_version()?;
+
+    let fetch: Arc<dyn ChunkStore> = Arc::new(LocalStore::open(bank_dir)?);
+    let disk = station.check_out(bank, &args.machine, args.force, fetch)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let heartbeat = spawn_heartbeat(
+        bank_dir,
+        args.machine.machine.clone(),
+        disk.meta.session.clone(),
+        stop.clone(),
+    );
+    let result = run_session(
+        bank,
+        &v,
+        &mut config,
+        &disk,
+        station,
+        &args,
+        accel,
+        &machine_type,
+        &qemu_version,
+        resume,
+        started,
+        progress,
+        say,
+    );
+    stop.store(true, Ordering::Relaxed);
+    let _ = heartbeat.join();
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_session(
+    bank: &mut Bank,
+    v: &mbank_catalog::VersionInfo,
+    config: &mut MachineConfig,
+    disk: &Arc<Disk>,
+    station: &Station,
+    args: &Args,
+    accel: Accel,
+    machine_type: &str,
+    qemu_version: &str,
+    resume: bool,
+    started: Instant,
+    progress: &dyn Progress,
+    say: &dyn Fn(String),
+) -> Result<RunReport> {
+    let opts = ImportOptions {
+        jobs: args.jobs,
+        ..Default::default()
+    };
+    let machine = v.machine.to_string();
+    let fail_clean = |bank: &mut Bank, e: anyhow::Error| -> anyhow::Error {
+        // Nothing ran: give the machine back unchanged.
+        match station.discard(bank, disk) {
+            Ok(()) => e.context(format!("{machine} was released unchanged")),
+            Err(d) => e.context(format!("also, releasing {machine} failed: {d}")),
+        }
+    };
+    // Kernel and initrd, from the bank through the station cache.
+    let mut files: Vec<(String, PathBuf)> = Vec::new();
+    if let Boot::Kernel { .. } = config.boot {
+        for name in ["kernel", "initrd"] {
+            let Some(idx) = bank.catalog().stream(v, name)? else {
+                continue;
+            };
+            let path = session_file(disk, name);
+            let f = std::fs::File::create(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            let n = AtomicU64::new(0);
+            if let Err(e) = fetch_stream(disk, &idx, std::io::BufWriter::new(f), args.jobs, &n) {
+                return Err(fail_clean(
+                    bank,
+                    e.context(format!(
+                        "cannot read the {name} of {machine}@{}",
+                        v.id.short()
+                    )),
+                ));
+            }
+            files.push((name.to_string(), path));
+        }
+    }
+    let file = |n: &str| files.iter().find(|(k, _)| k == n).map(|(_, p)| p.as_path());
+    // The disk service.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let disk_socket = session_file(disk, "disk.sock");
+    let end_service = Arc::new(tokio::sync::Notify::new());
+    let service = {
+        let end = end_service.clone();
+        let device = Arc::new(NbdDisk(disk.clone()));
+        let sopts = ServerOptions {
+            export_name: machine.clone(),
+            description: Some(format!("Machine Bank: {machine}")),
+            sparse_reads: false,
+            ..Default::default()
+        };
+        let path = disk_socket.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let h = rt.spawn(async move {
+            let path2 = path.clone();
+            let fut = mbank_nbd::serve_unix(path, device, sopts, async move {
+                end.notified().await;
+            });
+            // serve_unix binds before its first await point returns control.
+            let _ = ready_tx.send(());
+            let r = fut.await;
+            let _ = std::fs::remove_file(path2);
+            r
+        });
+        let _ = ready_rx.recv_timeout(Duration::from_secs(5));
+        h
+    };
+    let signals = Arc::new(AtomicUsize::new(0)); // 1 = SIGINT, 2 = SIGTERM
+    {
+        let s = signals.clone();
+        rt.spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = int.recv() => s.store(1, Ordering::SeqCst),
+                    _ = term.recv() => s.store(2, Ordering::SeqCst),
+                }
+            }
+        });
+    }
+    let stop_service = |rt: &tokio::runtime::Runtime| {
+        end_service.notify_one();
+        end_service.notify_waiters();
+        let _ = rt.block_on(service);
+    };
+    // Wait for the socket to exist before QEMU connects to it.
+    let t = Instant::now();
+    while !disk_socket.exists() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let qmp_socket = session_file(disk, "qmp.sock");
+    let control_socket = session_file(disk, "control.sock");
+    let serial_log = session_file(disk, "console.log");
+    let mem_in = session_file(disk, "memory.in");
+    if resume {
+        mbank_vm::make_fifo(&mem_in)?;
+    }
+    let display = if args.console {
+        Display::Console
+    } else if let Some(vnc) = &args.vnc {
+        Display::Vnc(vnc.clone())
+    } else if std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some()
+    {
+        Display::Window
+    } else {
+        Display::Vnc(format!("unix:{}", session_file(disk, "vnc.sock").display()))
+    };
+    let launch = Launch {
+        name: &machine,
+        config,
+        accel,
+        machine_type,
+        disk_socket: &disk_socket,
+        qmp_socket: &qmp_socket,
+        kernel: file("kernel"),
+        initrd: file("initrd"),
+        extra_append: args.append.as_deref(),
+        display: display.clone(),
+        serial_log: &serial_log,
+        incoming: resume.then_some(mem_in.as_path()),
+    };
+    let qargs = mbank_vm::qemu_args(&launch)?;
+    std::fs::write(session_file(disk, "qemu.args"), qargs.join("\n"))
+        .context("cannot record the QEMU command line")?;
+    let (child, stderr) = match spawn_qemu(&qargs, args.console, &session_file(disk, "qemu.log")) {
+        Ok(x) => x,
+        Err(e) => {
+            stop_service(&rt);
+            return Err(fail_clean(bank, e));
+        }
+    };
+    let mut vm = Vm {
+        stdin: None,
+        qmp: match Qmp::connect(&qmp_socket, Duration::from_secs(30)) {
+            Ok(q) => q,
+            Err(e) => {
+                let mut child = child;
+                let _ = child.kill();
+                let _ = child.wait();
+                stop_service(&rt);
+                let tail = stderr.lock().expect("stderr lock").join("; ");
+                return Err(fail_clean(bank, anyhow!("QEMU did not start: {e} {tail}")));
+            }
+        },
+        child,
+        stderr,
+    };
+    vm.stdin = vm.child.stdin.take();
+
+    // Resume: feed the memory state, wait for QEMU to load it, continue.
+    let mut memory_loaded_bytes = 0;
+    let mut memory_load_seconds = 0.0;
+    if resume {
+        let t = Instant::now();
+        let idx = bank
+            .catalog()
+            .stream(v, "memory")?
+            .context("the version's memory state is missing")?;
+        let total = idx.total_len;
+        let n = AtomicU64::new(0);
+        let done = AtomicBool::new(false);
+        let fed = std::thread::scope(|s| {
+            let feeder = s.spawn(|| {
+                let r = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&mem_in)
+                    .context("cannot open the memory FIFO")
+                    .and_then(|f| {
+                        fetch_stream(
+                            disk,
+                            &idx,
+                            std::io::BufWriter::with_capacity(1 << 20, f),
+                            args.jobs,
+                            &n,
+                        )
+                    });
+                done.store(true, Ordering::Relaxed);
+                r
+            });
+            s.spawn(|| watch(progress, "loading memory", total, &n, &done));
+            feeder.join().expect("feeder thread")
+        });
+        if let Err(e) = fed {
+            vm.kill();
+            stop_service(&rt);
+            return Err(fail_clean(
+                bank,
+                e.context(format!(
+                    "the saved memory of {machine}@{} cannot be read; that version's disk and every older version are untouched (run an older one with `mbank run {machine}@VERSION`, see `mbank log {machine}`)",
+                    v.id.short()
+                )),
+            ));
+        }
+        // QEMU has the whole stream; wait until it has loaded it.
+        let loaded = loop {
+            match vm.qmp.migration() {
+                Ok((s, _, _)) if s == "completed" => break Ok(()),
+                Ok((s, _, err)) if s == "failed" => {
+                    break Err(anyhow!(
+                        "QEMU could not load the memory state: {}",
+                        err.unwrap_or_default()
+                    ));
+                }
+                Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => break Err(anyhow!("QEMU stopped while loading the memory state: {e}")),
+            }
+        };
+        if let Err(e) = loaded {
+            let tail = vm.stderr_tail();
+            vm.kill();
+            stop_service(&rt);
+            return Err(fail_clean(bank, e.context(tail)));
+        }
+        vm.qmp.execute("cont", None)?;
+        memory_loaded_bytes = total;
+        memory_load_seconds = t.elapsed().as_secs_f64();
+        say(format!(
+            "resumed {machine}@{}: loaded {} of memory in {:.1} s",
+            v.id.short(),
+            bytes(total),
+            memory_load_seconds
+        ));
+    } else {
+        say(format!(
+            "booting {machine}@{} ({} MiB, {} CPU, {}){}",
+            v.id.short(),
+            config.memory_mib,
+            config.cpus,
+            accel.name(),
+            match &display {
+                Display::Vnc(s) => format!("; display: VNC on {s}"),
+                Display::Window => "; display: a window".into(),
+                _ => String::new(),
+            }
+        ));
+    }
+    let seconds_to_running = started.elapsed().as_secs_f64();
+    let (tx, requests) = mpsc::channel();
+    spawn_control(&control_socket, tx)?;
+    let interactive = std::io::stdin().is_terminal();
+    let lines = if args.console || interactive {
+        Some(spawn_stdin())
+    } else {
+        None
+    };
+    say(format!(
+        "{machine} is running; `mbank suspend {machine}`{} ends the session and keeps everything",
+        if interactive {
+            " or Ctrl-C"
+        } else {
+            ", SIGTERM"
+        }
+    ));
+
+    // The session.
+    let mut asking = false;
+    let mut waiting_since: Option<Instant> = None;
+    let mut reply_to: Option<UnixStream> = None;
+    let mut shutdown_seen = false;
+    let mut ending = loop {
+        if let Ok(Some(st)) = vm.child.try_wait() {
+            // The guest powered off, or QEMU died.
+            let asked = waiting_since.is_some();
+            let events = vm.qmp.take_events();
+            let guest_off = shutdown_seen || events.iter().any(|e| e.name == "SHUTDOWN");
+            break if st.success() || guest_off || asked {
+                Ending::Poweroff
+            } else {
+                say(format!(
+                    "QEMU stopped unexpectedly ({st}): {}",
+                    vm.stderr_tail()
+                ));
+                Ending::Crash
+            };
+        }
+        if let Some(since) = waiting_since
+            && since.elapsed() > POWERDOWN_GRACE
+        {
+            say(format!(
+                "the guest did not power off within {} s; switching it off (what it flushed is kept)",
+                POWERDOWN_GRACE.as_secs()
+            ));
+            let _ = vm.qmp.execute("quit", None);
+            vm.wait_exit(Duration::from_secs(10));
+            vm.kill();
+            break Ending::Poweroff;
+        }
+        match requests.try_recv() {
+            Ok(Request::Suspend(c)) => {
+                reply_to = Some(c);
+                break Ending::Suspend;
+            }
+            Ok(Request::Poweroff(c)) => {
+                reply_to = Some(c);
+                let _ = vm.qmp.execute("system_powerdown", None);
+                waiting_since.get_or_insert_with(Instant::now);
+            }
+            Err(_) => {}
+        }
+        match signals.swap(0, Ordering::SeqCst) {
+            2 => break Ending::Suspend,
+            1 if interactive && !asking => {
+                eprint!(
+                    "\nmbank: end the session of {machine}? [s]uspend (keep memory and disk), [p]ower off, [c]ontinue: "
+                );
+                let _ = std::io::stderr().flush();
+                asking = true;
+            }
+            1 if !interactive => break Ending::Suspend,
+            _ => {}
+        }
+        if let Some(rx) = &lines {
+            while let Ok(line) = rx.try_recv() {
+                if asking {
+                    asking = false;
+                    match line.trim() {
+                        "s" | "suspend" => {
+                            signals.store(3, Ordering::SeqCst);
+                        }
+                        "p" | "poweroff" | "power off" => {
+                            let _ = vm.qmp.execute("system_powerdown", None);
+                            waiting_since.get_or_insert_with(Instant::now);
+                            eprintln!("mbank: asked the guest to power off");
+                        }
+                        _ => eprintln!("mbank: continuing"),
+                    }
+                } else if let Some(stdin) = &mut vm.stdin {
+                    let _ = writeln!(stdin, "{line}");
+                    let _ = stdin.flush();
+                }
+            }
+        }
+        if signals.load(Ordering::SeqCst) == 3 {
+            break Ending::Suspend;
+        }
+        // Events (and a poll of QEMU) every 100 ms.
+        if let Ok(Some(e)) = vm.qmp.wait_event(Duration::from_millis(100))
+            && e.name == "SHUTDOWN"
+        {
+            shutdown_seen = true;
+        }
+    };
+
+    // Suspend: save memory, then stop QEMU.
+    let mut memory_saved = None;
+    let mut memory_save_seconds = 0.0;
+    let mut streams = Vec::new();
+    let mut writer_guard = None;
+    if ending == Ending::Suspend {
+        let t = Instant::now();
+        let say_client = |reply: &mut Option<UnixStream>, s: &str| {
+            if let Some(c) = reply {
+                let _ = writeln!(c, "{s}");
+            }
+        };
+        say_client(&mut reply_to, "saving memory");
+        match save_memory(bank, &mut vm, disk, config, progress) {
+            Ok((idx, stats, guard)) => {
+                memory_save_seconds = t.elapsed().as_secs_f64();
+                say(format!(
+                    "saved {} of memory in {:.1} s: {} new in the bank",
+                    bytes(stats.bytes),
+                    memory_save_seconds,
+                    bytes(stats.bytes_stored)
+                ));
+                streams.push(("memory".to_string(), idx));
+                memory_saved = Some(stats);
+                writer_guard = Some(guard);
+                config.saved = Some(SavedHardware {
+                    accel,
+                    machine_type: machine_type.to_string(),
+                    qemu_version: qemu_version.to_string(),
+                });
+            }
+            Err(e) => {
+                // The guest keeps running; nothing is lost. Report and go on as a
+                // power-off would be wrong: ask the caller to try again.
+                say(format!(
+                    "saving the memory state failed: {e:#}; stopping the guest instead (its flushed writes are kept)"
+                ));
+                if let Some(c) = &mut reply_to {
+                    let _ = writeln!(
+                        c,
+                        "{}",
+                        serde_json::json!({"ok": false, "error": format!("{e:#}")})
+                    );
+                }
+                reply_to = None;
+                ending = Ending::Crash;
+            }
+        }
+        let _ = vm.qmp.execute("quit", None);
+        if vm.wait_exit(Duration::from_secs(30)).is_none() {
+            vm.kill();
+        }
+    }
+    stop_service(&rt);
+    drop(rt);
+
+    // Check in.
+    if ending != Ending::Suspend {
+        config.saved = None;
+    }
+    config.machine_type = machine_type.to_string();
+    let extras = CheckinExtras {
+        config: Some(config.to_json()),
+        streams,
+        // A version with memory is always made on suspend; after a power-off, a base
+        // that held memory must not be resumed again.
+        always: ending == Ending::Suspend || (resume && ending == Ending::Poweroff),
+    };
+    let session = station.check_in_with(bank, disk, &extras, &opts, progress)?;
+    drop(writer_guard);
+    say(describe(&session));
+    if let Some(c) = &mut reply_to {
+        let _ = writeln!(
+            c,
+            "{}",
+            serde_json::json!({"ok": true, "version": session.version, "ending": ending})
+        );
+    }
+    let report = RunReport {
+        machine,
+        ending,
+        resumed: resume,
+        accel,
+        seconds_to_running,
+        memory_loaded_bytes,
+        memory_load_seconds,
+        memory_saved,
+        memory_save_seconds,
+        session,
+    };
+    if ending == Ending::Crash {
+        bail!(
+            "{} stopped abnormally; its disk was checked in as {} (as after a power loss)",
+            report.machine,
+            report
+                .session
+                .version
+                .as_deref()
+                .unwrap_or("no new version")
+        );
+    }
+    Ok(report)
+}
+
+/// Pauses the guest and streams its memory state into the bank.
+fn save_memory(
+    bank: &Bank,
+    vm: &mut Vm,
+    disk: &Disk,
+    config: &MachineConfig,
+    progress: &dyn Progress,
+) -> Result<(MemoryIndex, StreamStats, mbank_bank::WriterGuard)> {
+    let guard = bank.begin_write(&format!("suspend {}", disk.meta.machine))?;
+    vm.qmp.execute("stop", None)?;
+    // QEMU 7.2 limits migration to 32 MiB/s by default.
+    vm.qmp.execute(
+        "migrate-set-parameters",
+        Some(serde_json::json!({"max-bandwidth": 1u64 << 40})),
+    )?;
+    let fifo = session_file(disk, "memory.out");
+    let _ = std::fs::remove_file(&fifo);
+    mbank_vm::make_fifo(&fifo)?;
+    let n = Arc::new(AtomicU64::new(0));
+    let done = AtomicBool::new(false);
+    let total = config.memory_mib << 20;
+    let quoted = format!("'{}'", fifo.display().to_string().replace('\'', r"'\''"));
+    let (status, stored) = std::thread::scope(|s| {
+        // QEMU's side on a thread; the bank (not Sync) stays on this one.
+        let qmp = &mut vm.qmp;
+        let fifo_ref = &fifo;
+        let done_ref = &done;
+        let qemu_side = s.spawn(move || -> Result<()> {
+            let uri = format!("exec:cat > {quoted}");
+            if let Err(e) = qmp.execute("migrate", Some(serde_json::json!({ "uri": uri }))) {
+                // Unblock the reader: open the FIFO for writing and close it.
+                let _ = std::fs::OpenOptions::new().write(true).open(fifo_ref);
+                return Err(anyhow!("QEMU refused to save the memory state: {e}"));
+            }
+            loop {
+                match qmp.migration() {
+                    Ok((s, _, _)) if s == "completed" => return Ok(()),
+                    Ok((s, _, err)) if s == "failed" || s == "cancelled" => {
+                        bail!("QEMU failed to save the memory state: {}", err.unwrap_or(s));
+                    }
+                    Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+                    Err(e) => bail!("QEMU stopped while saving the memory state: {e}"),
+                }
+            }
+        });
+        s.spawn(|| watch(progress, "saving memory", total, &n, done_ref));
+        let stored = std::fs::File::open(&fifo)
+            .context("cannot open the memory FIFO")
+            .and_then(|f| {
+                let counting = Counting {
+                    inner: std::io::BufReader::with_capacity(1 << 20, f),
+                    n: n.clone(),
+                };
+                Ok(bank.store_stream(&guard, counting)?)
+            });
+        done.store(true, Ordering::Relaxed);
+        (qemu_side.join().expect("QMP thread"), stored)
+    });
+    if let Err(e) = status {
+        let _ = vm.qmp.execute("cont", None);
+        return Err(e);
+    }
+    let (idx, stats) = stored?;
+    Ok((idx, stats, guard))
+}
+
+/// `mbank suspend`: asks the `run` of `machine` on this station to suspend, shows its
+/// progress, and returns the new version.
+pub fn suspend(
+    station: &Station,
+    machine: &mbank_core::MachineName,
+    poweroff: bool,
+    say: &dyn Fn(String),
+) -> Result<Option<String>> {
+    let Some((dir, meta)) = station.live_session(machine) else {
+        bail!(
+            "{machine} is not running on this station (cache {}); `mbank suspend` must run on the station where `mbank run` runs",
+            station.dir.display()
+        );
+    };
+    let path = dir.dir.join("control.sock");
+    let mut c = UnixStream::connect(&path).with_context(|| {
+        format!(
+            "{machine} is checked out here (pid {}), but not by `mbank run` (an `attach`? end it with SIGTERM)",
+            meta.pid
+        )
+    })?;
+    writeln!(c, "{}", if poweroff { "poweroff" } else { "suspend" })?;
+    for line in BufReader::new(c).lines() {
+        let line = line.context("lost the connection to `mbank run`")?;
+        if line.starts_with('{') {
+            let v: serde_json::Value = serde_json::from_str(&line)?;
+            if v["ok"] == true {
+                return Ok(v["version"].as_str().map(str::to_string));
+            }
+            bail!("{}", v["error"].as_str().unwrap_or("the session failed"));
+        }
+        say(line);
+    }
+    bail!("`mbank run` of {machine} ended without an answer; see its output")
+}
