@@ -29,7 +29,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(format!("{s:?} has an unknown unit (use K, M or G)")),
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("{s:?} has an unknown unit (use K, M, G or T)")),
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("{s:?} is too large"))

@@ -280,9 +280,17 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            // Every error of ours already states its cause in its own message, so print
-            // only the outermost one (`{:#}` would repeat each cause).
-            eprintln!("mbank: error: {e}");
+            // Most errors of ours already state their cause in their own message, so a
+            // cause is added only when the message does not contain it yet (`{:#}` would
+            // repeat each cause).
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg = format!("{msg}: {c}");
+                }
+            }
+            eprintln!("mbank: error: {msg}");
             if let Some(hint) = e.downcast_ref::<BankError>().and_then(hint) {
                 eprintln!("mbank: {hint}");
             }

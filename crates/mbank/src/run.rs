@@ -475,8 +475,8 @@ fn run_session(
     let fail_clean = |bank: &mut Bank, e: anyhow::Error| -> anyhow::Error {
         // Nothing ran: give the machine back unchanged.
         match station.discard(bank, disk) {
-            Ok(()) => e.context(format!("{machine} was released unchanged")),
-            Err(d) => e.context(format!("also, releasing {machine} failed: {d}")),
+            Ok(()) => anyhow!("{e:#}; {machine} was released unchanged"),
+            Err(d) => anyhow!("{e:#}; also, releasing {machine} failed: {d}"),
         }
     };
     // Kernel and initrd, from the bank through the station cache.

@@ -1,0 +1,505 @@
+//! Virtual PCs with a real guest under QEMU TCG: `mbank create`, `run`, `suspend`.
+//!
+//! The guest is the project's test guest (Debian cloud kernel + busybox initramfs,
+//! stored in the bank with the machine and booted directly); its disk is a 64 MiB ext4
+//! image served by `run` from the bank through the station cache. Jobs are picked per
+//! boot with `run --append mbank.job=...`.
+
+mod common;
+#[path = "common/guest.rs"]
+mod guest;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::Bank;
+use guest::{DEFAULT_TIMEOUT, Guest, make_ext4};
+use serde_json::Value;
+
+/// A 64 MiB ext4 machine that boots the test guest's kernel.
+fn create_machine(bank: &Bank, name: &str) -> String {
+    create_machine_mib(bank, name, 64)
+}
+
+fn create_machine_mib(bank: &Bank, name: &str, mib: u64) -> String {
+    let g = Guest::build();
+    let img = bank.file(&format!("{}.raw", name.replace('/', "-")));
+    make_ext4(&img, mib);
+    let r = bank
+        .run(&[
+            OsStr("-q"),
+            OsStr("create"),
+            OsStr("--json"),
+            OsStr(name),
+            OsStr("--image"),
+            img.as_os_str(),
+            OsStr("--memory"),
+            OsStr("256M"),
+            OsStr("--network"),
+            OsStr("none"),
+            OsStr("--display"),
+            OsStr("none"),
+            OsStr("--kernel"),
+            g.kernel.as_os_str(),
+            OsStr("--initrd"),
+            g.initrd.as_os_str(),
+            OsStr("--append"),
+            OsStr("console=ttyS0 panic=-1"),
+        ])
+        .ok()
+        .json();
+    r["version"].as_str().unwrap().to_string()
+}
+
+#[allow(non_snake_case)]
+fn OsStr(s: &str) -> &std::ffi::OsStr {
+    std::ffi::OsStr::new(s)
+}
+
+/// `mbank run --console --json` in the background, its console collected.
+struct Running {
+    child: Option<Child>,
+    stdin: Option<ChildStdin>,
+    out: Arc<Mutex<String>>,
+    err: Arc<Mutex<String>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let b = buf.clone();
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = r.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            // The serial console ends lines with CR LF.
+            b.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&chunk[..n]).replace('\r', ""));
+        }
+    });
+    buf
+}
+
+fn start(bank: &Bank, cache: &Path, machine: &str, extra: &[&str]) -> Running {
+    let mut c = bank.cmd();
+    c.arg("--cache")
+        .arg(cache)
+        .args(["run", machine, "--console", "--json"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn mbank run");
+    let out = collect(child.stdout.take().unwrap());
+    let err = collect(child.stderr.take().unwrap());
+    let stdin = child.stdin.take();
+    Running {
+        child: Some(child),
+        stdin,
+        out,
+        err,
+    }
+}
+
+impl Running {
+    fn stdout(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    fn stderr(&self) -> String {
+        self.err.lock().unwrap().clone()
+    }
+
+    /// Waits until the console shows `needle`; panics with both outputs on a timeout or
+    /// if `run` exits first.
+    fn wait_for(&mut self, needle: &str) {
+        let t = Instant::now();
+        while !self.stdout().contains(needle) {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "mbank run exited ({st}) before {needle:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            assert!(
+                t.elapsed() < DEFAULT_TIMEOUT,
+                "no {needle:?} after {DEFAULT_TIMEOUT:?}\nstdout:\n{}\nstderr:\n{}",
+                self.stdout(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn type_line(&mut self, line: &str) {
+        let s = self.stdin.as_mut().unwrap();
+        writeln!(s, "{line}").unwrap();
+        s.flush().unwrap();
+    }
+
+    /// Waits for `run` to exit; returns (success, its JSON report if it printed one).
+    fn wait(&mut self) -> (bool, Option<Value>) {
+        let mut child = self.child.take().expect("running");
+        let t = Instant::now();
+        let st = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if t.elapsed() > DEFAULT_TIMEOUT {
+                let _ = child.kill();
+                panic!(
+                    "mbank run did not end\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // The output threads finish at EOF.
+        std::thread::sleep(Duration::from_millis(200));
+        let out = self.stdout();
+        let report = out
+            .rfind("\n{\n")
+            .or_else(|| out.starts_with("{\n").then_some(0))
+            .and_then(|i| serde_json::from_str(out[i..].trim()).ok());
+        (st.success(), report)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn counters(&self) -> Vec<u64> {
+        self.stdout()
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("MBANK-COUNTER "))
+            .filter_map(|n| n.trim().parse().ok())
+            .collect()
+    }
+}
+
+/// Runs `job` to its end on `cache`; returns the report. The guest powers off itself.
+fn run_job(bank: &Bank, cache: &Path, machine: &str, append: &str) -> (Value, String) {
+    let mut r = start(bank, cache, machine, &["--append", append]);
+    let (ok, report) = r.wait();
+    assert!(
+        ok,
+        "run failed\nstdout:\n{}\nstderr:\n{}",
+        r.stdout(),
+        r.stderr()
+    );
+    let report = report.unwrap_or_else(|| panic!("no JSON report in:\n{}", r.stdout()));
+    (report, r.stdout())
+}
+
+fn suspend(bank: &Bank, cache: &Path, machine: &str) -> String {
+    let mut c = bank.cmd();
+    c.arg("--cache").arg(cache).args(["suspend", machine]);
+    let r = common::run_cmd(c).ok();
+    r.stdout.trim().to_string()
+}
+
+fn chunk_set(bank: &Bank) -> BTreeSet<String> {
+    bank.chunk_files()
+}
+
+#[test]
+fn a_file_written_on_one_station_is_there_on_another() {
+    let bank = Bank::new();
+    let a = bank.file("cacheA");
+    let b = bank.file("cacheB");
+    create_machine_mib(&bank, "alice/dev", 256);
+    let (report, console) = run_job(
+        &bank,
+        &a,
+        "alice/dev",
+        "mbank.job=write mbank.token=persisted-on-A mbank.size_mib=2",
+    );
+    assert!(console.contains("MBANK-JOB-DONE"), "{console}");
+    assert_eq!(report["ending"], "poweroff");
+    assert_eq!(report["resumed"], false);
+    let v = report["session"]["version"].as_str().unwrap().to_string();
+    assert_eq!(bank.head("alice/dev").as_deref(), Some(v.as_str()));
+    let md5_a = console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("MBANK-MD5 big.bin "))
+        .unwrap()
+        .to_string();
+
+    // Station B, empty cache: the file is there, and B fetched far less than the disk.
+    let (report, console) = run_job(&bank, &b, "alice/dev", "mbank.job=check");
+    assert!(
+        console.contains("MBANK-FILE-BEGIN hello.txt\npersisted-on-A"),
+        "{console}"
+    );
+    assert!(console.contains(&format!("MBANK-MD5 big.bin {md5_a}")));
+    let fetched = report["session"]["bytes_fetched"].as_u64().unwrap();
+    assert!(fetched > 0);
+    // What B fetched: the kernel and initrd (stored with the machine), the file
+    // system's metadata and the files read; far less than the disk.
+    assert!(
+        fetched < (256 << 20) / 4,
+        "station B fetched {fetched} bytes of a 256 MiB disk"
+    );
+    // Mounting wrote a little (the superblock), checked in on top of A's version.
+    let log = bank.log("alice/dev");
+    assert_eq!(log[0]["parent"], v.as_str());
+    assert!(report["session"]["chunks_written"].as_u64().unwrap() < 16);
+    bank.verify_ok();
+}
+
+#[test]
+fn memory_moves_across_stations_and_a_damaged_memory_chunk_fails_clearly() {
+    let bank = Bank::new();
+    let (a, b, c) = (
+        bank.file("cacheA"),
+        bank.file("cacheB"),
+        bank.file("cacheC"),
+    );
+    let created = create_machine(&bank, "alice/dev");
+
+    // Station A: a counter kept in memory only.
+    let mut run_a = start(&bank, &a, "alice/dev", &["--append", "mbank.job=counter"]);
+    run_a.wait_for("MBANK-COUNTER 5\n");
+    // The same machine on a second station while A runs: refused, naming A.
+    let mut refused = bank.cmd();
+    refused
+        .arg("--cache")
+        .arg(&b)
+        .args(["run", "alice/dev", "--console"]);
+    let r = common::run_cmd(refused).failed();
+    r.stderr_has(&["alice/dev is in use", "station", "since", "--force"]);
+    let suspended_a = suspend(&bank, &a, "alice/dev");
+    let after_a = chunk_set(&bank);
+    let (ok, report) = run_a.wait();
+    assert!(ok, "{}", run_a.stderr());
+    let report = report.unwrap();
+    assert_eq!(report["ending"], "suspend");
+    assert_eq!(report["session"]["version"], suspended_a.as_str());
+    let saved = &report["memory_saved"];
+    assert!(saved["bytes"].as_u64().unwrap() > 0);
+    let last_a = *run_a.counters().last().unwrap();
+    assert!(last_a >= 5);
+    let log = bank.log("alice/dev");
+    assert_eq!(log[0]["version"], suspended_a.as_str());
+    assert_eq!(log[0]["suspended"], true);
+
+    // Station B, empty cache: the counter goes on from where it was.
+    let mut run_b = start(&bank, &b, "alice/dev", &[]);
+    run_b.wait_for(&format!("MBANK-COUNTER {}\n", last_a + 3));
+    let first_b = run_b.counters()[0];
+    assert!(
+        first_b > last_a - 1 && first_b <= last_a + 2,
+        "A stopped at {last_a}, B started at {first_b}"
+    );
+    // A second suspend after a little work sends little.
+    let suspended_b = suspend(&bank, &b, "alice/dev");
+    let after_b = chunk_set(&bank);
+    let (ok, report) = run_b.wait();
+    assert!(ok, "{}", run_b.stderr());
+    let report = report.unwrap();
+    assert_eq!(report["resumed"], true);
+    assert!(report["memory_loaded_bytes"].as_u64().unwrap() > 0);
+    let saved_b = &report["memory_saved"];
+    assert!(
+        saved_b["bytes_stored"].as_u64().unwrap() * 4 < saved["bytes_stored"].as_u64().unwrap(),
+        "second suspend stored {} bytes, the first {}",
+        saved_b["bytes_stored"],
+        saved["bytes_stored"]
+    );
+    // The guest's disk is consistent: verify passes and the disk is a clean ext4.
+    bank.verify_ok();
+    let img = bank.file("after.raw");
+    bank.export(&format!("alice/dev@{suspended_b}"), &img);
+    let fsck = std::process::Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+
+    // A fork of A's suspended version shares every chunk and resumes too.
+    let fork = bank.json(&[
+        "-q",
+        "create",
+        "--json",
+        "alice/try",
+        "--from",
+        &format!("alice/dev@{suspended_a}"),
+    ]);
+    assert_eq!(fork["chunks_new"], 0);
+    assert_eq!(fork["bytes_stored"], 0);
+    assert_eq!(bank.log("alice/try")[0]["suspended"], true);
+
+    // Damage a chunk only B's memory state has: resuming it on an empty station fails
+    // clearly and releases the machine; the older suspended version still resumes.
+    let b_only: Vec<String> = after_b.difference(&after_a).cloned().collect();
+    assert!(!b_only.is_empty(), "B's suspend added no chunk");
+    let target = b_only[b_only.len() / 2].clone();
+    let p = bank.chunk_path(&target);
+    let mut bytes = std::fs::read(&p).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&p, bytes).unwrap();
+    let mut resume_c = bank.cmd();
+    resume_c
+        .arg("--cache")
+        .arg(&c)
+        .args(["run", "alice/dev", "--console"]);
+    let r = common::run_cmd(resume_c).failed();
+    r.stderr_has(&["saved memory of alice/dev", "older", "released unchanged"]);
+    // The lease was released, and the version before still resumes.
+    let mut run_old = start(&bank, &c, &format!("alice/dev@{suspended_a}"), &[]);
+    run_old.wait_for(&format!("MBANK-COUNTER {}\n", last_a + 2));
+    let again = suspend(&bank, &c, "alice/dev");
+    let (ok, _) = run_old.wait();
+    assert!(ok, "{}", run_old.stderr());
+    assert_ne!(again, suspended_a);
+    // The created version is untouched by all of this.
+    assert!(
+        bank.log("alice/dev")
+            .iter()
+            .any(|v| v["version"] == created.as_str())
+    );
+}
+
+#[test]
+fn a_killed_run_is_recovered_with_its_flushed_writes() {
+    let bank = Bank::new();
+    let a = bank.file("cacheA");
+    create_machine(&bank, "alice/dev");
+    let mut r = start(&bank, &a, "alice/dev", &["--append", "mbank.job=shell"]);
+    r.wait_for("busybox shell");
+    // Typed on the console: write, flush, and say so (the marker is computed, so the
+    // echo of the typed line does not match it).
+    r.type_line(
+        "mount -t ext4 /dev/vda /mnt && echo flushed-before-kill > /mnt/hello.txt && sync && echo SYNCED-$((40+2))",
+    );
+    r.wait_for("SYNCED-42");
+    let pid = r.pid();
+    unsafe_free_kill(pid);
+    let (ok, _) = r.wait();
+    assert!(!ok);
+    // The next run on this station recovers the session first, then boots its version.
+    let mut next = start(&bank, &a, "alice/dev", &["--append", "mbank.job=check"]);
+    let (ok, _) = next.wait();
+    assert!(ok, "{}", next.stderr());
+    assert!(
+        next.stderr()
+            .contains("recovered session of alice/dev checked in"),
+        "{}",
+        next.stderr()
+    );
+    assert!(
+        next.stdout()
+            .contains("MBANK-FILE-BEGIN hello.txt\nflushed-before-kill"),
+        "{}",
+        next.stdout()
+    );
+    bank.verify_ok();
+    // QEMU died with mbank: nothing is left running on the machine's disk socket.
+    let ps = std::process::Command::new("pgrep")
+        .args(["-f", &a.to_string_lossy()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&ps.stdout).trim().is_empty(),
+        "processes left behind: {}",
+        String::from_utf8_lossy(&ps.stdout)
+    );
+}
+
+fn unsafe_free_kill(pid: u32) {
+    let st = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let bank = Bank::new();
+    let cache = bank.file("cache");
+    let run = |args: &[&str]| {
+        let mut c = bank.cmd();
+        c.arg("--cache").arg(&cache).args(args);
+        common::run_cmd(c)
+    };
+    run(&["run", "nobody/here", "--console"])
+        .failed()
+        .stderr_has(&["no machine named nobody/here"]);
+    create_machine(&bank, "alice/dev");
+    run(&["run", "alice/dev@ffffffff", "--console"])
+        .failed()
+        .stderr_has(&["alice/dev has no version ffffffff"]);
+    // An image that is not a disk.
+    let text = bank.file("notes.txt");
+    std::fs::write(&text, "not a disk image\n").unwrap();
+    run(&["create", "alice/text", "--image", text.to_str().unwrap()])
+        .failed()
+        .stderr_has(&["notes.txt"]);
+    // More memory than the station has: created with a warning, refused by run.
+    run(&[
+        "create",
+        "alice/huge",
+        "--disk-size",
+        "1G",
+        "--memory",
+        "4T",
+    ])
+    .ok()
+    .stderr_has(&["more than this station has"]);
+    run(&["run", "alice/huge", "--console", "--accel", "tcg"])
+        .failed()
+        .stderr_has(&["alice/huge needs 4.0 TiB of memory, more than this station has"]);
+    // Names that exist, and nothing to make a disk from.
+    run(&["create", "alice/dev", "--disk-size", "1G"])
+        .failed()
+        .stderr_has(&["alice/dev exists already"]);
+    run(&["create", "alice/nothing"])
+        .failed()
+        .stderr_has(&["--image", "--from", "--disk-size"]);
+    run(&["create", "alice/bad", "--disk-size", "1G", "--memory", "0"])
+        .failed()
+        .stderr_has(&["memory 0 MiB is out of range"]);
+    // None of this left a session or a lease behind.
+    assert!(
+        std::fs::read_dir(cache.join("sessions"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 0
+    );
+    let machines: Vec<String> = bank
+        .json(&["ls", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["machine"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        !machines
+            .iter()
+            .any(|m| m == "alice/text" || m == "alice/nothing")
+    );
+}
