@@ -32,6 +32,8 @@ pub struct NewMachine<'a> {
     pub config: String,
     /// Streams stored with the first version; chunks already durable under `writer`.
     pub streams: Vec<NamedStream>,
+    /// Chunks and bytes storing those streams added to the bank.
+    pub streams_stored: (u64, u64),
 }
 
 impl Bank {
@@ -109,6 +111,7 @@ impl Bank {
             id: None,
             config: Some(new.config),
             streams: new.streams,
+            streams_stored: new.streams_stored,
         };
         self.write_version(new.machine, source, writer, opts, progress)
     }
@@ -149,18 +152,18 @@ impl Bank {
         Ok((idx, item))
     }
 
-    /// Stores `data` (a kernel, an initrd) as a stream under `writer`.
+    /// Stores a file (a kernel, an initrd) as a stream under `writer`.
     pub fn store_file(
         &self,
         writer: &WriterGuard,
         path: &Path,
-    ) -> Result<mbank_core::MemoryIndex, BankError> {
+    ) -> Result<(mbank_core::MemoryIndex, crate::StreamStats), BankError> {
         let f = std::fs::File::open(path).map_err(|e| BankError::Io {
             action: "open",
             path: path.to_path_buf(),
             source: e,
         })?;
-        Ok(self.store_stream(writer, std::io::BufReader::new(f))?.0)
+        self.store_stream(writer, std::io::BufReader::new(f))
     }
 }
 

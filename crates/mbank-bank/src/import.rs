@@ -97,6 +97,8 @@ pub struct VersionSource<'a> {
     /// Byte streams (memory state, kernel, initrd) stored with the version. Their
     /// chunks must already be durable in the bank, written under the same writer.
     pub streams: Vec<NamedStream>,
+    /// Chunks and stored bytes the streams added to the bank, for the statistics.
+    pub streams_stored: (u64, u64),
 }
 
 impl Bank {
@@ -127,6 +129,7 @@ impl Bank {
             id: None,
             config: None,
             streams: Vec::new(),
+            streams_stored: (0, 0),
         };
         let format = image.format.name();
         let mut report = self.write_version(machine, source, &writer, opts, progress)?;
@@ -156,6 +159,7 @@ impl Bank {
             id,
             config,
             streams,
+            streams_stored,
         } = source;
         let mut stats = VersionStats {
             source: description.clone(),
@@ -174,6 +178,8 @@ impl Bank {
         );
         progress.finish();
         result?;
+        stats.chunks_new += streams_stored.0;
+        stats.bytes_stored += streams_stored.1;
         let index = base;
         // Invariant 1: chunks durable, then index + version, then head.
         self.store.flush()?;

@@ -103,6 +103,8 @@ pub struct CheckinExtras {
     /// Commit a version even when no chunk is dirty: a memory state was saved, or the
     /// machine was powered off and the base's saved memory must not be resumed again.
     pub always: bool,
+    /// Chunks and bytes storing `streams` added to the bank, for the statistics.
+    pub streams_stored: (u64, u64),
 }
 
 /// A station: its cache directory and identity.
@@ -452,6 +454,7 @@ impl Station {
                 id: Some(id),
                 config,
                 streams,
+                streams_stored: extras.streams_stored,
             };
             let r = bank.write_version(&machine, source, &writer, opts, progress)?;
             report.version = Some(r.version);

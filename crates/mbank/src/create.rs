@@ -117,11 +117,16 @@ pub fn run(bank: &mut Bank, a: Args, progress: &dyn Progress) -> Result<ImportRe
         Some(v) => bank.catalog().streams(v)?,
         None => Vec::new(),
     };
+    let mut stored = (0, 0);
     if let Some(k) = &a.kernel {
         streams.retain(|(n, _)| n != "kernel" && n != "initrd");
-        streams.push(("kernel".into(), bank.store_file(&writer, k)?));
-        if let Some(i) = &a.initrd {
-            streams.push(("initrd".into(), bank.store_file(&writer, i)?));
+        let files = [("kernel", Some(k)), ("initrd", a.initrd.as_ref())];
+        for (name, path) in files {
+            let Some(path) = path else { continue };
+            let (idx, st) = bank.store_file(&writer, path)?;
+            stored.0 += st.chunks_new;
+            stored.1 += st.bytes_stored;
+            streams.push((name.to_string(), idx));
         }
     }
     if !suspended {
@@ -140,6 +145,7 @@ pub fn run(bank: &mut Bank, a: Args, progress: &dyn Progress) -> Result<ImportRe
         grow_to: a.disk_size,
         config: config.to_json(),
         streams,
+        streams_stored: stored,
     };
     Ok(bank.create(new, &writer, &opts, progress)?)
 }

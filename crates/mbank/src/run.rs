@@ -822,6 +822,7 @@ fn run_session(
     let mut memory_saved = None;
     let mut memory_save_seconds = 0.0;
     let mut streams = Vec::new();
+    let mut streams_stored = (0, 0);
     let mut writer_guard = None;
     if ending == Ending::Suspend {
         let t = Instant::now();
@@ -841,6 +842,7 @@ fn run_session(
                     bytes(stats.bytes_stored)
                 ));
                 streams.push(("memory".to_string(), idx));
+                streams_stored = (stats.chunks_new, stats.bytes_stored);
                 memory_saved = Some(stats);
                 writer_guard = Some(guard);
                 config.saved = Some(SavedHardware {
@@ -885,6 +887,7 @@ fn run_session(
         // A version with memory is always made on suspend; after a power-off, a base
         // that held memory must not be resumed again.
         always: ending == Ending::Suspend || (resume && ending == Ending::Poweroff),
+        streams_stored,
     };
     let session = station.check_in_with(bank, disk, &extras, &opts, progress)?;
     drop(writer_guard);

@@ -371,10 +371,25 @@ fn memory_moves_across_stations_and_a_damaged_memory_chunk_fails_clearly() {
     // The lease was released, and the version before still resumes.
     let mut run_old = start(&bank, &c, &format!("alice/dev@{suspended_a}"), &[]);
     run_old.wait_for(&format!("MBANK-COUNTER {}\n", last_a + 2));
-    let again = suspend(&bank, &c, "alice/dev");
-    let (ok, _) = run_old.wait();
+    // SIGTERM suspends too: nothing is lost when the session is told to end.
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &run_old.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (ok, report) = run_old.wait();
     assert!(ok, "{}", run_old.stderr());
+    let report = report.unwrap();
+    assert_eq!(report["ending"], "suspend");
+    let again = report["session"]["version"].as_str().unwrap();
     assert_ne!(again, suspended_a);
+    // It was made from an older version, so it is kept beside the head, not over it.
+    assert_eq!(report["session"]["head_moved"], false);
+    assert_eq!(
+        bank.head("alice/dev").as_deref(),
+        Some(suspended_b.as_str())
+    );
+    assert!(bank.log("alice/dev").iter().any(|v| v["version"] == again));
     // The created version is untouched by all of this.
     assert!(
         bank.log("alice/dev")
