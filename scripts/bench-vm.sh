@@ -23,6 +23,7 @@ source scripts/lib.sh
 sizes=${BENCH_VM_SIZES:-256 1024 2048}
 build_mbank "$root"
 eval "$(scripts/build-guest.sh build)"
+work=
 make_tmp work
 note=$(load_note)
 

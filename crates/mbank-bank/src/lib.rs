@@ -466,17 +466,21 @@ impl Bank {
     ) -> Result<(Vec<VersionId>, Option<VersionId>), BankError> {
         self.require_writable("remove versions")?;
         // A session's base version must outlive the session: its clean chunks are read
-        // from it, and GC would otherwise take them.
-        if let Some(lease) = self.catalog.lease(&r.machine)? {
-            let base_goes = match (&r.version, lease.base) {
-                (None, _) => true,
-                (Some(_), Some(b)) => self.resolve(r)?.id == b,
-                (Some(_), None) => false,
+        // from it, and GC would otherwise take them. That holds for sessions displaced
+        // by `--force` too, until they check in.
+        let bases = self.catalog.session_bases(&r.machine)?;
+        if !bases.is_empty() {
+            let going = match &r.version {
+                None => None,
+                Some(_) => Some(self.resolve(r)?.id),
             };
-            if base_goes {
+            if let Some((_, station)) = bases
+                .into_iter()
+                .find(|(b, _)| going.is_none_or(|g| g == *b))
+            {
                 return Err(BankError::InUse {
                     machine: r.machine.clone(),
-                    station: lease.station_name,
+                    station,
                 });
             }
         }

@@ -83,8 +83,17 @@ CREATE TABLE leases (
 ";
 
 /// Version 3: a machine's configuration and its byte streams (memory state, kernel,
-/// initrd) travel with each version.
+/// initrd) travel with each version; sessions whose lease was taken over (`--force`, or
+/// a crashed session's machine checked out again) keep their base version protected
+/// until they check in.
 const SCHEMA_V3: &str = "
+CREATE TABLE displaced (
+    session      TEXT PRIMARY KEY,
+    machine      TEXT NOT NULL,
+    station_name TEXT NOT NULL,
+    base         BLOB,
+    since_ms     INTEGER NOT NULL
+);
 ALTER TABLE versions ADD COLUMN config TEXT;
 CREATE TABLE version_streams (
     version     BLOB NOT NULL,
@@ -939,6 +948,23 @@ impl Catalog {
                 held: Box::new(h.clone()),
             });
         }
+        if let Some(h) = &held
+            && h.session != lease.session
+        {
+            // The displaced session may still check in; until then its base stays.
+            tx.execute(
+                "INSERT OR REPLACE INTO displaced (session, machine, station_name, base, since_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    h.session,
+                    h.machine,
+                    h.station_name,
+                    h.base.as_ref().map(|b| b.as_bytes().to_vec()),
+                    now_ms()
+                ],
+            )
+            .map_err(sql("record the displaced session"))?;
+        }
         tx.execute(
             "INSERT OR REPLACE INTO leases (machine, session, station, station_name, pid, base, started_ms, heartbeat_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -959,11 +985,18 @@ impl Catalog {
     }
 
     /// Releases the lease on `machine` if `session` still holds it; returns whether it did.
+    /// A displaced session's protection of its base ends too.
     pub fn release_lease(
         &self,
         machine: &MachineName,
         session: &str,
     ) -> Result<bool, CatalogError> {
+        self.conn
+            .execute(
+                "DELETE FROM displaced WHERE machine = ?1 AND session = ?2",
+                params![machine.as_str(), session],
+            )
+            .map_err(sql("release the displaced session"))?;
         let n = self
             .conn
             .execute(
@@ -972,6 +1005,33 @@ impl Catalog {
             )
             .map_err(sql("release the lease"))?;
         Ok(n == 1)
+    }
+
+    /// Versions of `machine` that sessions still read from, with the station of each:
+    /// the live lease's base and the bases of sessions displaced from it.
+    pub fn session_bases(
+        &self,
+        machine: &MachineName,
+    ) -> Result<Vec<(VersionId, String)>, CatalogError> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT base, station_name FROM leases WHERE machine = ?1 AND base IS NOT NULL
+                 UNION ALL
+                 SELECT base, station_name FROM displaced WHERE machine = ?1 AND base IS NOT NULL",
+            )
+            .map_err(sql("list the sessions' versions"))?;
+        let rows = st
+            .query_map(params![machine.as_str()], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(sql("list the sessions' versions"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (b, station) = row.map_err(sql("list the sessions' versions"))?;
+            out.push((vid(b)?, station));
+        }
+        Ok(out)
     }
 
     /// Records that `session` is alive; false if it no longer holds the lease.
@@ -1118,13 +1178,15 @@ mod tests {
     #[test]
     fn one_lease_per_machine() {
         let (_d, mut c) = cat();
+        let b1 = VersionId::random();
+        let b2 = VersionId::random();
         let lease = |session: &str, station: &str| Lease {
             machine: "alice/dev".into(),
             session: session.into(),
             station: station.into(),
             station_name: format!("host:{station}"),
             pid: 1,
-            base: None,
+            base: Some(if station == "a" { b1 } else { b2 }),
             started_ms: 1_795_000_000_000,
             heartbeat_ms: 0,
         };
@@ -1140,14 +1202,25 @@ mod tests {
             .unwrap();
         assert_eq!(old.unwrap().session, "s1");
         let m: MachineName = "alice/dev".parse().unwrap();
+        // Both sessions' bases stay protected until each checks in.
+        let mut bases = c.session_bases(&m).unwrap();
+        bases.sort();
+        let mut want = vec![(b1, "host:a".to_string()), (b2, "host:b".to_string())];
+        want.sort();
+        assert_eq!(bases, want);
         assert!(
             !c.release_lease(&m, "s1").unwrap(),
             "the replaced session no longer holds it"
+        );
+        assert_eq!(
+            c.session_bases(&m).unwrap(),
+            vec![(b2, "host:b".to_string())]
         );
         assert!(!c.heartbeat_lease(&m, "s1").unwrap());
         assert!(c.heartbeat_lease(&m, "s2").unwrap());
         assert!(c.release_lease(&m, "s2").unwrap());
         assert_eq!(c.lease(&m).unwrap(), None);
+        assert!(c.session_bases(&m).unwrap().is_empty());
     }
 
     #[test]

@@ -863,6 +863,11 @@ fn second_station_is_refused_then_takes_over_with_force() {
     let r2 = a2.wait().ok();
     let j2 = report(&r2);
     assert_eq!(j2["head_moved"], true, "{r2}");
+    // The displaced first session still reads from the base: removing it is refused
+    // although no lease names it any more.
+    bank.run(&["rm", &format!("alice/dev@{base}")])
+        .code(1)
+        .stderr_has(&["checked out", &holder.display().to_string()]);
     let r1 = a1.stop().ok();
     let j1 = report(&r1);
     assert_eq!(
