@@ -41,8 +41,11 @@ wait_for() { # FILE PATTERN PID
 }
 
 now() { date +%s.%N; }
-json_of() { sed -n '/^{$/,$p' "$1"; }
-field() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(eval("d"+sys.argv[1]))' "$1"; }
+# The JSON report `run --json` prints after the console output.
+json_of() { tr -d '\r' <"$1"; }
+field() {
+    python3 -c 'import json,sys; s=sys.stdin.read(); d=json.loads(s[s.rfind("{\n  \"machine\""):]); print(eval("d"+sys.argv[1]))' "$1"
+}
 
 printf '# %s\n# %s\n' "$note" "${MBANK_NOTE:-mbank $(git -C "$root" rev-parse --short HEAD)}"
 printf '%-7s %-10s %10s %12s %12s %8s %10s\n' memory step seconds stream sent sent/str resume_s

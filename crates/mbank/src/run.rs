@@ -95,6 +95,39 @@ fn session_file(disk: &Disk, name: &str) -> PathBuf {
     disk.dir.dir.join(name)
 }
 
+/// Where a session's Unix sockets live: a private directory with a short path
+/// (`$XDG_RUNTIME_DIR` or `/tmp`, then `mbank-<session>`), because a socket's path
+/// must fit in 108 bytes and a cache directory may be deep.
+pub fn socket_dir(session: &str) -> PathBuf {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    base.join(format!("mbank-{session}"))
+}
+
+fn make_socket_dir(session: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let dir = socket_dir(session);
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => Ok(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // Left by a crashed run of this session? Only if it is ours and private.
+            let m = std::fs::symlink_metadata(&dir)?;
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let me = unsafe { libc::geteuid() };
+            if !m.is_dir() || m.uid() != me || m.mode() & 0o077 != 0 {
+                bail!(
+                    "{} exists and is not a private directory of this user; remove it",
+                    dir.display()
+                );
+            }
+            Ok(dir)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot create {}", dir.display())),
+    }
+}
+
 /// One fetched chunk of a window, or why it could not be fetched.
 type Slot = Mutex<Option<Result<Arc<Vec<u8>>, String>>>;
 
@@ -472,12 +505,18 @@ fn run_session(
         ..Default::default()
     };
     let machine = v.machine.to_string();
+    let sockets = make_socket_dir(&disk.meta.session);
     let fail_clean = |bank: &mut Bank, e: anyhow::Error| -> anyhow::Error {
         // Nothing ran: give the machine back unchanged.
+        let _ = std::fs::remove_dir_all(socket_dir(&disk.meta.session));
         match station.discard(bank, disk) {
             Ok(()) => anyhow!("{e:#}; {machine} was released unchanged"),
             Err(d) => anyhow!("{e:#}; also, releasing {machine} failed: {d}"),
         }
+    };
+    let sockets = match sockets {
+        Ok(d) => d,
+        Err(e) => return Err(fail_clean(bank, e)),
     };
     // Kernel and initrd, from the bank through the station cache.
     let mut files: Vec<(String, PathBuf)> = Vec::new();
@@ -508,7 +547,7 @@ fn run_session(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let disk_socket = session_file(disk, "disk.sock");
+    let disk_socket = sockets.join("disk.sock");
     let end_service = Arc::new(tokio::sync::Notify::new());
     let service = {
         let end = end_service.clone();
@@ -535,6 +574,19 @@ fn run_session(
         let _ = ready_rx.recv_timeout(Duration::from_secs(5));
         h
     };
+    // Wait for the socket to exist before QEMU connects to it.
+    let t = Instant::now();
+    while !disk_socket.exists() && t.elapsed() < Duration::from_secs(10) {
+        if service.is_finished() {
+            let e = match rt.block_on(service) {
+                Ok(Err(e)) => anyhow!("cannot serve the disk on {}: {e}", disk_socket.display()),
+                Ok(Ok(())) => anyhow!("the disk service ended at once"),
+                Err(e) => anyhow!("the disk service failed: {e}"),
+            };
+            return Err(fail_clean(bank, e));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let signals = Arc::new(AtomicUsize::new(0)); // 1 = SIGINT, 2 = SIGTERM
     {
         let s = signals.clone();
@@ -559,14 +611,9 @@ fn run_session(
         end_service.notify_waiters();
         let _ = rt.block_on(service);
     };
-    // Wait for the socket to exist before QEMU connects to it.
-    let t = Instant::now();
-    while !disk_socket.exists() && t.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
 
-    let qmp_socket = session_file(disk, "qmp.sock");
-    let control_socket = session_file(disk, "control.sock");
+    let qmp_socket = sockets.join("qmp.sock");
+    let control_socket = sockets.join("control.sock");
     let serial_log = session_file(disk, "console.log");
     let mem_in = session_file(disk, "memory.in");
     if resume {
@@ -580,7 +627,7 @@ fn run_session(
     {
         Display::Window
     } else {
-        Display::Vnc(format!("unix:{}", session_file(disk, "vnc.sock").display()))
+        Display::Vnc(format!("unix:{}", sockets.join("vnc.sock").display()))
     };
     let launch = Launch {
         name: &machine,
@@ -875,6 +922,7 @@ fn run_session(
     }
     stop_service(&rt);
     drop(rt);
+    let _ = std::fs::remove_dir_all(&sockets);
 
     // Check in.
     if ending != Ending::Suspend {
@@ -1005,7 +1053,8 @@ pub fn suspend(
             station.dir.display()
         );
     };
-    let path = dir.dir.join("control.sock");
+    let _ = dir;
+    let path = socket_dir(&meta.session).join("control.sock");
     let mut c = UnixStream::connect(&path).with_context(|| {
         format!(
             "{machine} is checked out here (pid {}), but not by `mbank run` (an `attach`? end it with SIGTERM)",
