@@ -121,8 +121,16 @@ fn host() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// True if process `pid` exists and is not a zombie (a killed process whose parent
+/// has not reaped it yet is gone for our purposes).
 fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
 /// When process `pid` started, in ms since the epoch (to a second or so), if known.

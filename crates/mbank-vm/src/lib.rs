@@ -327,8 +327,9 @@ fn parse_machine_alias(help: &str, name: &str) -> String {
 /// How a person sees the machine.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Display {
-    /// Serial console on QEMU's stdin and stdout (which the caller relays); no screen.
-    Console,
+    /// Serial console on a Unix socket (QEMU listens and waits for the first client
+    /// before it starts the guest), also logged to a file; no screen.
+    Console { socket: PathBuf, log: PathBuf },
     /// VNC on a Unix socket or `host:display`.
     Vnc(String),
     /// A window (GTK) on the person's desktop.
@@ -432,8 +433,15 @@ pub fn qemu_args(l: &Launch<'_>) -> Result<Vec<String>, VmError> {
     }
     push(&["-serial", "chardev:serial0"]);
     match &l.display {
-        Display::Console => {
-            push(&["-chardev", "stdio,id=serial0,signal=off"]);
+        Display::Console { socket, log } => {
+            push(&[
+                "-chardev",
+                &format!(
+                    "socket,id=serial0,path={},server=on,wait=on,logfile={},logappend=on",
+                    opt_path(socket),
+                    opt_path(log)
+                ),
+            ]);
             push(&["-display", "none"]);
         }
         other => {
@@ -495,7 +503,10 @@ mod tests {
             kernel: Some(Path::new("/run/s/kernel")),
             initrd: Some(Path::new("/run/s/initrd")),
             extra_append: Some("mbank.job=ready"),
-            display: Display::Console,
+            display: Display::Console {
+                socket: PathBuf::from("/run/s/console.sock"),
+                log: PathBuf::from("/run/s/console.log"),
+            },
             serial_log: Path::new("/run/s/console.log"),
             incoming,
         }
@@ -521,6 +532,9 @@ mod tests {
             "commas doubled"
         );
         assert!(joined.contains("mac=52:54:00:12:34:56,addr=0x3"));
+        assert!(joined.contains(
+            "socket,id=serial0,path=/run/s/console.sock,server=on,wait=on,logfile=/run/s/console.log"
+        ));
         let i = a.iter().position(|x| x == "-append").unwrap();
         assert_eq!(a[i + 1], "console=ttyS0 mbank.job=ready");
         assert!(!a.contains(&"-incoming".to_string()));

@@ -248,6 +248,9 @@ enum Cmd {
         /// Print the session's statistics as JSON.
         #[arg(long)]
         json: bool,
+        /// Internal: be the session process that `run` starts.
+        #[arg(long, hide = true)]
+        supervise: bool,
     },
     /// Suspend a machine that `mbank run` runs on this station: save memory and disk.
     ///
@@ -420,6 +423,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             append,
             force,
             json,
+            supervise,
         } => {
             let station = mbank_station::Station::open(&cache_dir, cache_size)?;
             let args = run::Args {
@@ -431,11 +435,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 force,
                 jobs,
             };
-            let report = run::run(&mut bank, &bank_dir, &station, args, &bar, &say)?;
-            if json {
-                json_out(&report)?;
-            } else if let Some(v) = &report.session.version {
-                println!("{v}");
+            if supervise {
+                return Ok(run::supervise(&mut bank, &bank_dir, &station, args));
+            }
+            drop(bank);
+            let front = run::Front {
+                bank_dir: &bank_dir,
+                cache_dir: &cache_dir,
+                cache_size: cli.cache_size,
+                jobs,
+            };
+            if let Some(report) = run::front(&station, &front, &args, &say)? {
+                if json {
+                    json_out(&report)?;
+                } else if let Some(v) = report["session"]["version"].as_str() {
+                    println!("{v}");
+                }
             }
         }
         Cmd::Import {

@@ -80,10 +80,166 @@ pub struct RunReport {
     pub session: SessionReport,
 }
 
-/// Requests from `mbank suspend` and friends, over the control socket.
+/// Requests over the control socket: a front that shows the session (`mbank run`
+/// itself, or a later `mbank run` of the same machine on this station), `mbank
+/// suspend`, `mbank poweroff`. Each connection then receives the session's messages
+/// and, at the end, one JSON line with the outcome.
 enum Request {
     Suspend(UnixStream),
     Poweroff(UnixStream),
+}
+
+/// Where a supervised session's messages go: its log file, and every front attached.
+/// Before the session is ready they go to standard output (read by the front that
+/// started it) as `say <text>` lines.
+pub struct Hub {
+    ready: AtomicBool,
+    fronts: Mutex<Vec<UnixStream>>,
+    log: Mutex<Option<std::fs::File>>,
+}
+
+impl Hub {
+    pub fn new() -> Hub {
+        Hub {
+            ready: AtomicBool::new(false),
+            fronts: Mutex::new(Vec::new()),
+            log: Mutex::new(None),
+        }
+    }
+
+    fn line(&self, line: &str) {
+        if let Some(f) = &mut *self.log.lock().expect("hub lock") {
+            let _ = writeln!(f, "{line}");
+        }
+        if self.ready.load(Ordering::SeqCst) {
+            // A front that went away (detached) is dropped.
+            self.fronts
+                .lock()
+                .expect("hub lock")
+                .retain_mut(|c| writeln!(c, "{line}").is_ok());
+        } else {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "say {line}");
+            let _ = out.flush();
+        }
+    }
+
+    pub fn say(&self, s: &str) {
+        for l in s.lines() {
+            self.line(l);
+        }
+    }
+
+    fn add(&self, c: UnixStream) {
+        self.fronts.lock().expect("hub lock").push(c);
+    }
+
+    /// The session is up: fronts may attach; standard output and error are done with.
+    fn set_ready(&self, session: &str, log: &Path) {
+        *self.log.lock().expect("hub lock") = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .ok();
+        {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "ready {session}");
+            let _ = out.flush();
+        }
+        self.ready.store(true, Ordering::SeqCst);
+        // Nobody reads them once the front that started us goes; a write to a closed
+        // pipe must not fail the session.
+        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            use std::os::fd::AsRawFd;
+            // SAFETY: dup2 on two valid descriptors; fds 1 and 2 stay open (now /dev/null).
+            unsafe {
+                libc::dup2(null.as_raw_fd(), 1);
+                libc::dup2(null.as_raw_fd(), 2);
+            }
+        }
+    }
+
+    /// The final line for every front: `{"ok": true, "report": …}` or an error.
+    fn finish(&self, result: &Result<RunReport>) {
+        let line = match result {
+            Ok(r) => serde_json::json!({ "ok": true, "report": r }),
+            Err(e) => serde_json::json!({ "ok": false, "error": flatten(e) }),
+        };
+        if self.ready.load(Ordering::SeqCst) {
+            self.line(&line.to_string());
+        } else if let Err(e) = result {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "error {}", flatten(e).replace('\n', " "));
+            let _ = out.flush();
+        }
+    }
+}
+
+/// An error with the causes its message does not already contain.
+pub fn flatten(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg = format!("{msg}: {c}");
+        }
+    }
+    msg
+}
+
+/// Progress of a supervised session's long steps, as lines with bytes and rate.
+pub struct HubProgress<'a> {
+    hub: &'a Hub,
+    state: Mutex<(String, u64, u64, Instant, Instant)>,
+}
+
+impl<'a> HubProgress<'a> {
+    pub fn new(hub: &'a Hub) -> Self {
+        HubProgress {
+            hub,
+            state: Mutex::new((String::new(), 0, 0, Instant::now(), Instant::now())),
+        }
+    }
+}
+
+impl Progress for HubProgress<'_> {
+    fn start(&self, what: &str, total: u64, _unit: Unit) {
+        *self.state.lock().expect("progress lock") =
+            (what.to_string(), total, 0, Instant::now(), Instant::now());
+    }
+
+    fn advance(&self, n: u64) {
+        let mut st = self.state.lock().expect("progress lock");
+        st.2 += n;
+        if st.4.elapsed() >= Duration::from_secs(1) {
+            st.4 = Instant::now();
+            let rate = st.2 as f64 / st.3.elapsed().as_secs_f64().max(1e-3);
+            let of = if st.1 > 0 {
+                format!(" of {}", bytes(st.1))
+            } else {
+                String::new()
+            };
+            self.hub.say(&format!(
+                "{}: {}{of} ({}/s)",
+                st.0,
+                bytes(st.2),
+                bytes(rate as u64)
+            ));
+        }
+    }
+
+    fn finish(&self) {
+        let st = self.state.lock().expect("progress lock");
+        let secs = st.3.elapsed().as_secs_f64();
+        if secs >= 1.0 {
+            self.hub.say(&format!(
+                "{}: {} in {secs:.1} s ({}/s)",
+                st.0,
+                bytes(st.2),
+                bytes((st.2 as f64 / secs) as u64)
+            ));
+        }
+    }
 }
 
 /// Seconds a guest gets to power off after the ACPI power button.
@@ -220,7 +376,6 @@ struct Vm {
     child: Child,
     qmp: Qmp,
     stderr: Arc<Mutex<Vec<String>>>,
-    stdin: Option<std::process::ChildStdin>,
 }
 
 impl Vm {
@@ -250,24 +405,12 @@ impl Vm {
     }
 }
 
-fn spawn_qemu(
-    args: &[String],
-    console: bool,
-    log: &Path,
-) -> Result<(Child, Arc<Mutex<Vec<String>>>)> {
+fn spawn_qemu(args: &[String], log: &Path) -> Result<(Child, Arc<Mutex<Vec<String>>>)> {
     let bin = mbank_vm::qemu_binary();
     let mut cmd = Command::new(&bin);
     cmd.args(args)
-        .stdin(if console {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(if console {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .process_group(0);
     // SAFETY: the closure runs in the child between fork and exec and calls only
@@ -303,27 +446,11 @@ fn spawn_qemu(
             }
         });
     }
-    if let Some(out) = child.stdout.take() {
-        // The serial console: to our standard output as it comes.
-        std::thread::spawn(move || {
-            let mut out = out;
-            let mut buf = [0u8; 4096];
-            let stdout = std::io::stdout();
-            while let Ok(n) = out.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                let mut o = stdout.lock();
-                let _ = o.write_all(&buf[..n]);
-                let _ = o.flush();
-            }
-        });
-    }
     Ok((child, stderr))
 }
 
 /// Accepts `mbank suspend` connections on the session's control socket.
-fn spawn_control(path: &Path, tx: mpsc::Sender<Request>) -> Result<()> {
+fn spawn_control(path: &Path, tx: mpsc::Sender<Request>, hub: Arc<Hub>) -> Result<()> {
     let listener = UnixListener::bind(path)
         .with_context(|| format!("cannot create the control socket {}", path.display()))?;
     std::thread::spawn(move || {
@@ -337,7 +464,12 @@ fn spawn_control(path: &Path, tx: mpsc::Sender<Request>) -> Result<()> {
             if BufReader::new(reader).read_line(&mut line).is_err() {
                 continue;
             }
+            let _ = conn.set_read_timeout(None);
             let req = match line.trim() {
+                "attach" => {
+                    hub.add(conn);
+                    continue;
+                }
                 "suspend" => Request::Suspend(conn),
                 "poweroff" => Request::Poweroff(conn),
                 other => {
@@ -358,29 +490,14 @@ fn spawn_control(path: &Path, tx: mpsc::Sender<Request>) -> Result<()> {
     Ok(())
 }
 
-/// Lines typed on our standard input, for the guest's console or for a question.
-fn spawn_stdin() -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let stdin = std::io::stdin();
-        for line in stdin.lock().lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-pub fn run(
+fn run(
     bank: &mut Bank,
     bank_dir: &Path,
     station: &Station,
     args: Args,
-    progress: &dyn Progress,
-    say: &dyn Fn(String),
+    hub: &Arc<Hub>,
 ) -> Result<RunReport> {
+    let say = &|s: String| hub.say(&s);
     let started = Instant::now();
     let opts = ImportOptions {
         jobs: args.jobs,
@@ -476,8 +593,7 @@ pub fn run(
         &qemu_version,
         resume,
         started,
-        progress,
-        say,
+        hub,
     );
     stop.store(true, Ordering::Relaxed);
     let _ = heartbeat.join();
@@ -497,9 +613,10 @@ fn run_session(
     qemu_version: &str,
     resume: bool,
     started: Instant,
-    progress: &dyn Progress,
-    say: &dyn Fn(String),
+    hub: &Arc<Hub>,
 ) -> Result<RunReport> {
+    let say = &|s: String| hub.say(&s);
+    let progress = &HubProgress::new(hub);
     let opts = ImportOptions {
         jobs: args.jobs,
         ..Default::default()
@@ -587,6 +704,14 @@ fn run_session(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    // Fronts and `mbank suspend` may connect from now on.
+    let (tx, requests) = mpsc::channel();
+    if let Err(e) = spawn_control(&sockets.join("control.sock"), tx, hub.clone()) {
+        end_service.notify_one();
+        let _ = rt.block_on(service);
+        return Err(fail_clean(bank, e));
+    }
+    hub.set_ready(&disk.meta.session, &session_file(disk, "run.log"));
     let signals = Arc::new(AtomicUsize::new(0)); // 1 = SIGINT, 2 = SIGTERM
     {
         let s = signals.clone();
@@ -613,14 +738,16 @@ fn run_session(
     };
 
     let qmp_socket = sockets.join("qmp.sock");
-    let control_socket = sockets.join("control.sock");
     let serial_log = session_file(disk, "console.log");
     let mem_in = session_file(disk, "memory.in");
     if resume {
         mbank_vm::make_fifo(&mem_in)?;
     }
     let display = if args.console {
-        Display::Console
+        Display::Console {
+            socket: sockets.join("console.sock"),
+            log: serial_log.clone(),
+        }
     } else if let Some(vnc) = &args.vnc {
         Display::Vnc(vnc.clone())
     } else if std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some()
@@ -646,7 +773,7 @@ fn run_session(
     let qargs = mbank_vm::qemu_args(&launch)?;
     std::fs::write(session_file(disk, "qemu.args"), qargs.join("\n"))
         .context("cannot record the QEMU command line")?;
-    let (child, stderr) = match spawn_qemu(&qargs, args.console, &session_file(disk, "qemu.log")) {
+    let (child, stderr) = match spawn_qemu(&qargs, &session_file(disk, "qemu.log")) {
         Ok(x) => x,
         Err(e) => {
             stop_service(&rt);
@@ -654,7 +781,6 @@ fn run_session(
         }
     };
     let mut vm = Vm {
-        stdin: None,
         qmp: match Qmp::connect(&qmp_socket, Duration::from_secs(30)) {
             Ok(q) => q,
             Err(e) => {
@@ -669,7 +795,6 @@ fn run_session(
         child,
         stderr,
     };
-    vm.stdin = vm.child.stdin.take();
 
     // Resume: feed the memory state, wait for QEMU to load it, continue.
     let mut memory_loaded_bytes = 0;
@@ -759,27 +884,12 @@ fn run_session(
         ));
     }
     let seconds_to_running = started.elapsed().as_secs_f64();
-    let (tx, requests) = mpsc::channel();
-    spawn_control(&control_socket, tx)?;
-    let interactive = std::io::stdin().is_terminal();
-    let lines = if args.console || interactive {
-        Some(spawn_stdin())
-    } else {
-        None
-    };
     say(format!(
-        "{machine} is running; `mbank suspend {machine}`{} ends the session and keeps everything",
-        if interactive {
-            " or Ctrl-C"
-        } else {
-            ", SIGTERM"
-        }
+        "{machine} is running; `mbank suspend {machine}` (or Ctrl-C, or SIGTERM) ends the session and keeps everything"
     ));
 
     // The session.
-    let mut asking = false;
     let mut waiting_since: Option<Instant> = None;
-    let mut reply_to: Option<UnixStream> = None;
     let mut shutdown_seen = false;
     let mut ending = loop {
         if let Ok(Some(st)) = vm.child.try_wait() {
@@ -811,50 +921,20 @@ fn run_session(
         }
         match requests.try_recv() {
             Ok(Request::Suspend(c)) => {
-                reply_to = Some(c);
+                hub.add(c);
                 break Ending::Suspend;
             }
             Ok(Request::Poweroff(c)) => {
-                reply_to = Some(c);
-                let _ = vm.qmp.execute("system_powerdown", None);
-                waiting_since.get_or_insert_with(Instant::now);
+                hub.add(c);
+                if waiting_since.is_none() {
+                    say("pressing the power button".into());
+                    let _ = vm.qmp.execute("system_powerdown", None);
+                    waiting_since = Some(Instant::now());
+                }
             }
             Err(_) => {}
         }
-        match signals.swap(0, Ordering::SeqCst) {
-            2 => break Ending::Suspend,
-            1 if interactive && !asking => {
-                eprint!(
-                    "\nmbank: end the session of {machine}? [s]uspend (keep memory and disk), [p]ower off, [c]ontinue: "
-                );
-                let _ = std::io::stderr().flush();
-                asking = true;
-            }
-            1 if !interactive => break Ending::Suspend,
-            _ => {}
-        }
-        if let Some(rx) = &lines {
-            while let Ok(line) = rx.try_recv() {
-                if asking {
-                    asking = false;
-                    match line.trim() {
-                        "s" | "suspend" => {
-                            signals.store(3, Ordering::SeqCst);
-                        }
-                        "p" | "poweroff" | "power off" => {
-                            let _ = vm.qmp.execute("system_powerdown", None);
-                            waiting_since.get_or_insert_with(Instant::now);
-                            eprintln!("mbank: asked the guest to power off");
-                        }
-                        _ => eprintln!("mbank: continuing"),
-                    }
-                } else if let Some(stdin) = &mut vm.stdin {
-                    let _ = writeln!(stdin, "{line}");
-                    let _ = stdin.flush();
-                }
-            }
-        }
-        if signals.load(Ordering::SeqCst) == 3 {
+        if signals.swap(0, Ordering::SeqCst) != 0 {
             break Ending::Suspend;
         }
         // Events (and a poll of QEMU) every 100 ms.
@@ -873,12 +953,7 @@ fn run_session(
     let mut writer_guard = None;
     if ending == Ending::Suspend {
         let t = Instant::now();
-        let say_client = |reply: &mut Option<UnixStream>, s: &str| {
-            if let Some(c) = reply {
-                let _ = writeln!(c, "{s}");
-            }
-        };
-        say_client(&mut reply_to, "saving memory");
+        say("pausing the guest and saving its memory".into());
         match save_memory(bank, &mut vm, disk, config, progress) {
             Ok((idx, stats, guard)) => {
                 memory_save_seconds = t.elapsed().as_secs_f64();
@@ -904,14 +979,6 @@ fn run_session(
                 say(format!(
                     "saving the memory state failed: {e:#}; stopping the guest instead (its flushed writes are kept)"
                 ));
-                if let Some(c) = &mut reply_to {
-                    let _ = writeln!(
-                        c,
-                        "{}",
-                        serde_json::json!({"ok": false, "error": format!("{e:#}")})
-                    );
-                }
-                reply_to = None;
                 ending = Ending::Crash;
             }
         }
@@ -940,13 +1007,6 @@ fn run_session(
     let session = station.check_in_with(bank, disk, &extras, &opts, progress)?;
     drop(writer_guard);
     say(describe(&session));
-    if let Some(c) = &mut reply_to {
-        let _ = writeln!(
-            c,
-            "{}",
-            serde_json::json!({"ok": true, "version": session.version, "ending": ending})
-        );
-    }
     let report = RunReport {
         machine,
         ending,
@@ -1067,11 +1127,311 @@ pub fn suspend(
         if line.starts_with('{') {
             let v: serde_json::Value = serde_json::from_str(&line)?;
             if v["ok"] == true {
-                return Ok(v["version"].as_str().map(str::to_string));
+                return Ok(v["report"]["session"]["version"]
+                    .as_str()
+                    .map(str::to_string));
             }
             bail!("{}", v["error"].as_str().unwrap_or("the session failed"));
         }
         say(line);
     }
     bail!("`mbank run` of {machine} ended without an answer; see its output")
+}
+
+/// `mbank run --supervise`: the session itself. The front that started it reads its
+/// standard output until `ready`; from then on it talks over the control socket.
+pub fn supervise(
+    bank: &mut Bank,
+    bank_dir: &Path,
+    station: &Station,
+    args: Args,
+) -> std::process::ExitCode {
+    let hub = Arc::new(Hub::new());
+    let r = run(bank, bank_dir, station, args, &hub);
+    hub.finish(&r);
+    if r.is_ok() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(1)
+    }
+}
+
+/// What the front passes on to the session process it starts.
+pub struct Front<'a> {
+    pub bank_dir: &'a Path,
+    pub cache_dir: &'a Path,
+    pub cache_size: Option<u64>,
+    pub jobs: usize,
+}
+
+enum FrontEvent {
+    Control(String),
+    ControlEnd,
+    Stdin(String),
+}
+
+/// Sends one request on a new control connection and lets the answer go.
+fn request(sockets: &Path, what: &str) -> Result<()> {
+    let mut c = UnixStream::connect(sockets.join("control.sock"))
+        .context("cannot reach the session's control socket")?;
+    writeln!(c, "{what}")?;
+    Ok(())
+}
+
+/// `mbank run`: starts the session in its own process (so that it outlives this
+/// terminal when detached), or attaches to the one already running on this station,
+/// and shows it: messages on standard error, with `--console` the serial console on
+/// standard input and output. Ctrl-C asks how to end. Returns the session's JSON
+/// report, or `None` when detached.
+pub fn front(
+    station: &Station,
+    f: &Front<'_>,
+    args: &Args,
+    say: &dyn Fn(String),
+) -> Result<Option<serde_json::Value>> {
+    let machine = &args.machine.machine;
+    let running = station
+        .live_session(machine)
+        .filter(|(_, m)| UnixStream::connect(socket_dir(&m.session).join("control.sock")).is_ok());
+    let session = if let Some((_, meta)) = running {
+        if args.machine.version.is_some() || args.append.is_some() || args.force {
+            bail!(
+                "{machine} is already running on this station (pid {}); `mbank run {machine}` shows it, `mbank suspend {machine}` ends it",
+                meta.pid
+            );
+        }
+        say(format!("{machine} is running here already; showing it"));
+        meta.session
+    } else {
+        start_supervisor(f, args, say)?
+    };
+    let sockets = socket_dir(&session);
+    let control = UnixStream::connect(sockets.join("control.sock"))
+        .context("cannot reach the session's control socket")?;
+    writeln!(&control, "attach")?;
+    let (tx, events) = mpsc::channel();
+    {
+        let tx = tx.clone();
+        let reader = control.try_clone()?;
+        std::thread::spawn(move || {
+            for line in BufReader::new(reader).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(FrontEvent::Control(line)).is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send(FrontEvent::ControlEnd);
+        });
+    }
+    // The console: QEMU waits for its first client before the guest starts.
+    let console: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
+    let stop = Arc::new(AtomicBool::new(false));
+    if args.console {
+        let (console, stop, path) = (console.clone(), stop.clone(), sockets.join("console.sock"));
+        std::thread::spawn(move || {
+            let c = loop {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                match UnixStream::connect(&path) {
+                    Ok(c) => break c,
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            };
+            let Ok(mut reader) = c.try_clone() else {
+                return;
+            };
+            *console.lock().expect("console lock") = Some(c);
+            let mut buf = [0u8; 4096];
+            let stdout = std::io::stdout();
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut o = stdout.lock();
+                let _ = o.write_all(&buf[..n]);
+                let _ = o.flush();
+            }
+        });
+    }
+    let interactive = std::io::stdin().is_terminal();
+    if args.console || interactive {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines() {
+                let Ok(line) = line else { return };
+                if tx.send(FrontEvent::Stdin(line)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let signals = Arc::new(AtomicUsize::new(0)); // 1 = SIGINT, 2 = SIGTERM
+    {
+        let s = signals.clone();
+        std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                let (Ok(mut int), Ok(mut term)) = (
+                    signal(SignalKind::interrupt()),
+                    signal(SignalKind::terminate()),
+                ) else {
+                    return;
+                };
+                loop {
+                    tokio::select! {
+                        _ = int.recv() => s.store(1, Ordering::SeqCst),
+                        _ = term.recv() => s.store(2, Ordering::SeqCst),
+                    }
+                }
+            });
+        });
+    }
+    let mut asking = false;
+    let result = loop {
+        match signals.swap(0, Ordering::SeqCst) {
+            1 if interactive && !asking => {
+                eprint!(
+                    "\nmbank: end the session of {machine}? [s]uspend (keep memory and disk), [p]ower off, [d]etach (keep it running), [c]ontinue: "
+                );
+                let _ = std::io::stderr().flush();
+                asking = true;
+            }
+            1 | 2 if !asking => {
+                say(format!("suspending {machine}"));
+                request(&sockets, "suspend")?;
+            }
+            _ => {}
+        }
+        let event = match events.recv_timeout(Duration::from_millis(100)) {
+            Ok(e) => e,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break Err(anyhow!("lost the session")),
+        };
+        match event {
+            FrontEvent::Control(line) if line.starts_with('{') => {
+                let v: serde_json::Value =
+                    serde_json::from_str(&line).context("the session sent a malformed result")?;
+                break if v["ok"] == true {
+                    Ok(Some(v["report"].clone()))
+                } else {
+                    Err(anyhow!(
+                        "{}",
+                        v["error"].as_str().unwrap_or("the session failed")
+                    ))
+                };
+            }
+            FrontEvent::Control(line) => say(line),
+            FrontEvent::ControlEnd => {
+                break Err(anyhow!(
+                    "the session of {machine} ended without a result (killed?); the next `mbank run` or `mbank recover` on this station checks in what it flushed"
+                ));
+            }
+            FrontEvent::Stdin(line) if asking => {
+                asking = false;
+                match line.trim() {
+                    "s" | "suspend" => request(&sockets, "suspend")?,
+                    "p" | "poweroff" | "power off" => request(&sockets, "poweroff")?,
+                    "d" | "detach" => {
+                        say(format!(
+                            "detached: {machine} keeps running on this station; `mbank run {machine}` shows it again, `mbank suspend {machine}` or `mbank poweroff {machine}` ends it"
+                        ));
+                        break Ok(None);
+                    }
+                    _ => eprintln!("mbank: continuing"),
+                }
+            }
+            FrontEvent::Stdin(line) => {
+                if let Some(c) = &mut *console.lock().expect("console lock") {
+                    let _ = writeln!(c, "{line}");
+                }
+            }
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    // Let the console's last output through before the report.
+    std::thread::sleep(Duration::from_millis(100));
+    result
+}
+
+/// Starts `mbank run --supervise` in a new process session and waits until it is
+/// ready; returns the session id.
+fn start_supervisor(f: &Front<'_>, args: &Args, say: &dyn Fn(String)) -> Result<String> {
+    let exe = std::env::current_exe().context("cannot find the mbank binary")?;
+    let mut c = Command::new(exe);
+    c.arg("--bank")
+        .arg(f.bank_dir)
+        .arg("--cache")
+        .arg(f.cache_dir)
+        .arg("-j")
+        .arg(f.jobs.to_string());
+    if let Some(n) = f.cache_size {
+        c.arg("--cache-size").arg(n.to_string());
+    }
+    c.args(["run", &args.machine.to_string(), "--supervise"]);
+    if args.console {
+        c.arg("--console");
+    }
+    if let Some(v) = &args.vnc {
+        c.arg("--vnc").arg(v);
+    }
+    if let Some(a) = args.accel {
+        c.arg("--accel").arg(a.name());
+    }
+    if let Some(a) = &args.append {
+        c.arg("--append").arg(a);
+    }
+    if args.force {
+        c.arg("--force");
+    }
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: runs in the child between fork and exec; setsid(2) is async-signal-safe
+    // and touches no memory of the parent.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = c.spawn().context("cannot start the session process")?;
+    let err = child.stderr.take().expect("piped");
+    let err_text = Arc::new(Mutex::new(String::new()));
+    {
+        let t = err_text.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut t = t.lock().expect("stderr lock");
+                t.push_str(&line);
+                t.push('\n');
+            }
+        });
+    }
+    let out = child.stdout.take().expect("piped");
+    for line in BufReader::new(out).lines() {
+        let line = line.context("reading from the session process")?;
+        if let Some(s) = line.strip_prefix("say ") {
+            say(s.to_string());
+        } else if let Some(s) = line.strip_prefix("ready ") {
+            return Ok(s.trim().to_string());
+        } else if let Some(e) = line.strip_prefix("error ") {
+            let _ = child.wait();
+            bail!("{e}");
+        }
+    }
+    let st = child.wait()?;
+    std::thread::sleep(Duration::from_millis(50));
+    bail!(
+        "the session process exited ({st}) before it was ready: {}",
+        err_text.lock().expect("stderr lock").trim()
+    )
 }

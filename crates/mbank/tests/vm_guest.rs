@@ -411,10 +411,18 @@ fn a_killed_run_is_recovered_with_its_flushed_writes() {
         "mount -t ext4 /dev/vda /mnt && echo flushed-before-kill > /mnt/hello.txt && sync && echo SYNCED-$((40+2))",
     );
     r.wait_for("SYNCED-42");
-    let pid = r.pid();
-    unsafe_free_kill(pid);
+    // The session runs in its own process (so that `run` can detach from a terminal):
+    // kill that one, as a crash would.
+    let session = session_pid(&a);
+    assert_ne!(session, r.pid());
+    unsafe_free_kill(session);
     let (ok, _) = r.wait();
-    assert!(!ok);
+    assert!(!ok, "the front reports the lost session");
+    assert!(
+        r.stderr().contains("ended without a result"),
+        "{}",
+        r.stderr()
+    );
     // The next run on this station recovers the session first, then boots its version.
     let mut next = start(&bank, &a, "alice/dev", &["--append", "mbank.job=check"]);
     let (ok, _) = next.wait();
@@ -442,6 +450,18 @@ fn a_killed_run_is_recovered_with_its_flushed_writes() {
         "processes left behind: {}",
         String::from_utf8_lossy(&ps.stdout)
     );
+}
+
+/// The pid of the one session on the station `cache` (from its session.json).
+fn session_pid(cache: &Path) -> u32 {
+    let dirs: Vec<_> = std::fs::read_dir(cache.join("sessions"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(dirs[0].join("session.json")).unwrap()).unwrap();
+    meta["pid"].as_u64().unwrap() as u32
 }
 
 fn unsafe_free_kill(pid: u32) {
@@ -517,4 +537,153 @@ fn bad_input_gets_clear_errors() {
             .iter()
             .any(|m| m == "alice/text" || m == "alice/nothing")
     );
+}
+
+/// A process on a new pseudo-terminal, as a person at a terminal would run it.
+struct OnPty {
+    master: std::fs::File,
+    child: Child,
+    out: Arc<Mutex<String>>,
+}
+
+impl Drop for OnPty {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl OnPty {
+    fn spawn(mut cmd: std::process::Command) -> OnPty {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::process::CommandExt;
+        let (mut m, mut s) = (0, 0);
+        // SAFETY: openpty stores two new descriptors in `m` and `s`; the name, termios
+        // and window size arguments may be null.
+        let rc = unsafe {
+            libc::openpty(
+                &mut m,
+                &mut s,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors were just opened by openpty and are owned by nobody else.
+        let (master, slave) =
+            unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) };
+        cmd.stdin(slave.try_clone().unwrap())
+            .stdout(slave.try_clone().unwrap())
+            .stderr(slave);
+        // SAFETY: runs in the child before exec: setsid and ioctl are async-signal-safe;
+        // the terminal becomes the new session's controlling terminal.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn on a pty");
+        let out = collect(master.try_clone().unwrap());
+        OnPty { master, child, out }
+    }
+
+    fn text(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    /// Waits until `needle` has appeared `n` times.
+    fn wait_for_n(&mut self, needle: &str, n: usize) {
+        let t = Instant::now();
+        while self.text().matches(needle).count() < n {
+            assert!(
+                t.elapsed() < DEFAULT_TIMEOUT,
+                "no {needle:?} (x{n}) on the terminal:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn type_bytes(&mut self, b: &[u8]) {
+        self.master.write_all(b).unwrap();
+        self.master.flush().unwrap();
+    }
+
+    fn wait_exit(&mut self) -> bool {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(200));
+                return st.success();
+            }
+            assert!(
+                t.elapsed() < DEFAULT_TIMEOUT,
+                "still running:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn counters(&self) -> Vec<u64> {
+        self.text()
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("MBANK-COUNTER "))
+            .filter_map(|n| n.trim().parse().ok())
+            .collect()
+    }
+}
+
+#[test]
+fn ctrl_c_asks_and_a_detached_machine_keeps_running() {
+    let bank = Bank::new();
+    let a = bank.file("cacheA");
+    create_machine(&bank, "alice/dev");
+    let run = |extra: &[&str]| {
+        let mut c = bank.cmd();
+        c.arg("--cache")
+            .arg(&a)
+            .args(["run", "alice/dev", "--console"])
+            .args(extra);
+        OnPty::spawn(c)
+    };
+    let mut t = run(&["--append", "mbank.job=counter"]);
+    t.wait_for_n("MBANK-COUNTER 3\n", 1);
+    // Ctrl-C asks; "continue" goes on.
+    t.type_bytes(b"\x03");
+    t.wait_for_n("[c]ontinue", 1);
+    t.type_bytes(b"c\n");
+    t.wait_for_n("continuing", 1);
+    // Ctrl-C, "detach": this terminal is free, the machine keeps running.
+    t.type_bytes(b"\x03");
+    t.wait_for_n("[c]ontinue", 2);
+    t.type_bytes(b"d\n");
+    t.wait_for_n("detached", 1);
+    assert!(t.wait_exit(), "{}", t.text());
+    let at_detach = *t.counters().last().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    // `run` again on the station shows the running machine.
+    let mut t2 = run(&[]);
+    t2.wait_for_n("running here already", 1);
+    t2.wait_for_n("MBANK-COUNTER", 3);
+    let seen = t2.counters()[0];
+    assert!(
+        seen > at_detach + 5,
+        "the guest stood still while detached: {at_detach} then {seen}"
+    );
+    // Ctrl-C, "suspend": memory and disk become a version.
+    t2.type_bytes(b"\x03");
+    t2.wait_for_n("[c]ontinue", 1);
+    t2.type_bytes(b"s\n");
+    assert!(t2.wait_exit(), "{}", t2.text());
+    assert!(
+        t2.text().contains("checked in as alice/dev@"),
+        "{}",
+        t2.text()
+    );
+    assert_eq!(bank.log("alice/dev")[0]["suspended"], true);
 }
