@@ -274,6 +274,23 @@ pub fn kvm_works() -> bool {
     true
 }
 
+/// True when QEMU can open a window (its GTK display is installed: Debian's
+/// `qemu-system-gui`) and there is a desktop to open it on.
+pub fn window_available() -> bool {
+    if std::env::var_os("DISPLAY").is_none() && std::env::var_os("WAYLAND_DISPLAY").is_none() {
+        return false;
+    }
+    Command::new(qemu_binary())
+        .args(["-display", "help"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == "gtk")
+        })
+}
+
 /// `qemu-system-x86_64 --version`'s first line.
 pub fn qemu_version() -> Result<String, VmError> {
     let bin = qemu_binary();

@@ -750,8 +750,7 @@ fn run_session(
         }
     } else if let Some(vnc) = &args.vnc {
         Display::Vnc(vnc.clone())
-    } else if std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some()
-    {
+    } else if mbank_vm::window_available() {
         Display::Window
     } else {
         Display::Vnc(format!("unix:{}", sockets.join("vnc.sock").display()))
