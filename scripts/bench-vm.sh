@@ -44,7 +44,7 @@ now() { date +%s.%N; }
 # The JSON report `run --json` prints after the console output.
 json_of() { tr -d '\r' <"$1"; }
 field() {
-    python3 -c 'import json,sys; s=sys.stdin.read(); d=json.loads(s[s.rfind("{\n  \"machine\""):]); print(eval("d"+sys.argv[1]))' "$1"
+    python3 -c 'import json,sys; s=sys.stdin.read(); d=json.loads(s[s.rfind("{\n  \""):]); print(eval("d"+sys.argv[1]))' "$1"
 }
 
 printf '# %s\n# %s\n' "$note" "${MBANK_NOTE:-mbank $(git -C "$root" rev-parse --short HEAD)}"

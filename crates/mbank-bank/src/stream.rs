@@ -5,6 +5,7 @@
 //! [`crate::WriterGuard`] it passed in, until a version referencing the index commits.
 
 use std::io::{Read, Write};
+use std::sync::{Mutex, mpsc};
 
 use mbank_core::chunk::{DEFAULT_ZSTD_LEVEL, encode_with_id};
 use mbank_core::{ChunkId, MemoryIndex, MemoryRun, cdc, is_zero};
@@ -25,35 +26,85 @@ pub struct StreamStats {
 
 impl Bank {
     /// Cuts `reader` into content-defined chunks, stores those the bank lacks, flushes,
-    /// and returns the index. Runs of zeros are recorded, not stored.
+    /// and returns the index. Runs of zeros are recorded, not stored. Cutting runs on
+    /// the calling thread; hashing, compression and writes on one worker per core.
     pub fn store_stream(
         &self,
         _writer: &WriterGuard,
         reader: impl Read,
     ) -> Result<(MemoryIndex, StreamStats), BankError> {
-        let mut idx = MemoryIndex::default();
-        let mut st = StreamStats::default();
         let store = &self.store;
-        cdc::chunk_stream::<_, BankError>(reader, |data| {
-            let len = data.len() as u32;
-            st.bytes += len as u64;
-            st.chunks += 1;
-            let id = if is_zero(&data) {
-                st.chunks_zero += 1;
-                None
-            } else {
-                let id = ChunkId::of(&data);
-                if !store.touch(&id)? {
-                    let enc = encode_with_id(id, &data, DEFAULT_ZSTD_LEVEL);
-                    st.bytes_stored += store.put(&enc)?;
-                    st.chunks_new += 1;
+        let jobs = crate::default_jobs();
+        let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(jobs * 4);
+        let work_rx = Mutex::new(work_rx);
+        type Done = (usize, u32, Result<(Option<ChunkId>, bool, u64), BankError>);
+        let (done_tx, done_rx) = mpsc::channel::<Done>();
+        let mut st = StreamStats::default();
+        let mut runs: Vec<Option<MemoryRun>> = Vec::new();
+        let cut = std::thread::scope(|s| -> Result<(), BankError> {
+            for _ in 0..jobs {
+                let (work_rx, done_tx) = (&work_rx, done_tx.clone());
+                s.spawn(move || {
+                    loop {
+                        let next = work_rx.lock().expect("work lock").recv();
+                        let Ok((i, data)) = next else { return };
+                        let len = data.len() as u32;
+                        let r = (|| {
+                            if is_zero(&data) {
+                                return Ok((None, false, 0));
+                            }
+                            let id = ChunkId::of(&data);
+                            if store.touch(&id)? {
+                                return Ok((Some(id), false, 0));
+                            }
+                            let enc = encode_with_id(id, &data, DEFAULT_ZSTD_LEVEL);
+                            Ok((Some(id), true, store.put(&enc)?))
+                        })();
+                        if done_tx.send((i, len, r)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(done_tx);
+            let mut n = 0usize;
+            let sent = cdc::chunk_stream::<_, BankError>(reader, |data| {
+                work_tx
+                    .send((n, data))
+                    .map_err(|_| BankError::Stream(std::io::Error::other("a worker stopped")))?;
+                n += 1;
+                Ok(())
+            });
+            drop(work_tx);
+            runs.resize(n, None);
+            let mut first_err = sent.err();
+            for (i, len, r) in done_rx.iter() {
+                match r {
+                    Ok((id, new, stored)) => {
+                        st.bytes += len as u64;
+                        st.chunks += 1;
+                        st.chunks_zero += id.is_none() as u64;
+                        st.chunks_new += new as u64;
+                        st.bytes_stored += stored;
+                        if i < runs.len() {
+                            runs[i] = Some(MemoryRun { id, len });
+                        }
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
                 }
-                Some(id)
-            };
-            idx.runs.push(MemoryRun { id, len });
-            Ok(())
-        })?;
-        idx.total_len = st.bytes;
+            }
+            first_err.map_or(Ok(()), Err)
+        });
+        cut?;
+        let idx = MemoryIndex {
+            total_len: st.bytes,
+            runs: runs
+                .into_iter()
+                .map(|r| r.expect("every chunk was stored"))
+                .collect(),
+        };
         store.flush()?;
         Ok((idx, st))
     }

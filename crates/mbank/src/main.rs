@@ -447,6 +447,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             if let Some(report) = run::front(&station, &front, &args, &say)? {
                 if json {
+                    if args.console {
+                        // The console may have left a line unfinished (a prompt).
+                        println!();
+                    }
                     json_out(&report)?;
                 } else if let Some(v) = report["session"]["version"].as_str() {
                     println!("{v}");
