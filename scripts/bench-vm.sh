@@ -47,6 +47,33 @@ field() {
     python3 -c 'import json,sys; s=sys.stdin.read(); d=json.loads(s[s.rfind("{\n  \""):]); print(eval("d"+sys.argv[1]))' "$1"
 }
 
+# start_run DIR STATION [ARGS...]: `mbank run --console --json` of bench/pc on the
+# station's cache in the background, its console input on fd 3; sets pid.
+start_run() {
+    local d=$1 st=$2
+    shift 2
+    mkfifo "$d/in$st"
+    "$MBANK" --cache "$d/cache$st" run bench/pc --console --json "$@" \
+        <"$d/in$st" >"$d/run$st.out" 2>"$d/run$st.err" &
+    pid=$!
+    exec 3>"$d/in$st"
+}
+
+# suspend_row DIR STATION SIZE STEP RESUME: suspend, wait for the run, print a row.
+suspend_row() {
+    local d=$1 st=$2 t0 t1 j stream sent
+    t0=$(now)
+    "$MBANK" --cache "$d/cache$st" -q suspend bench/pc >/dev/null
+    t1=$(now)
+    exec 3>&-
+    wait "$pid" || die "run on $st failed: $(cat "$d/run$st.err")"
+    j=$(json_of "$d/run$st.out")
+    stream=$(field '["memory_saved"]["bytes"]' <<<"$j")
+    sent=$(field '["memory_saved"]["bytes_stored"]' <<<"$j")
+    printf '%-7s %-10s %10.2f %12s %12s %8.3f %10s\n' "$3" "$4" "$(echo "$t1 - $t0" | bc)" \
+        "$(human "$stream")" "$(human "$sent")" "$(echo "$sent / $stream" | bc -l)" "$5"
+}
+
 printf '# %s\n# %s\n' "$note" "${MBANK_NOTE:-mbank $(git -C "$root" rev-parse --short HEAD)}"
 printf '%-7s %-10s %10s %12s %12s %8s %10s\n' memory step seconds stream sent sent/str resume_s
 for mib in $sizes; do
@@ -61,46 +88,19 @@ for mib in $sizes; do
         --append "console=ttyS0 panic=-1 quiet" >/dev/null
 
     # Station A: boot, fill memory, first suspend.
-    mkfifo "$d/inA"
-    "$MBANK" --cache "$d/cacheA" run bench/pc --console --accel tcg --json \
-        --append mbank.job=shell <"$d/inA" >"$d/runA.out" 2>"$d/runA.err" &
-    pid=$!
-    exec 3>"$d/inA"
-    wait_for "$d/runA.out" "busybox shell" $pid
+    start_run "$d" A --accel tcg --append mbank.job=shell
+    wait_for "$d/runA.out" "busybox shell" "$pid"
     console_line "dd if=/dev/urandom of=/fill bs=1M count=$((mib / 4)) 2>/dev/null; echo FILLED-\$((40+2))"
-    wait_for "$d/runA.out" "FILLED-42" $pid
-    t0=$(now)
-    "$MBANK" --cache "$d/cacheA" -q suspend bench/pc >/dev/null
-    t1=$(now)
-    exec 3>&-
-    wait $pid || die "run on A failed: $(cat "$d/runA.err")"
-    j=$(json_of "$d/runA.out")
-    stream=$(field '["memory_saved"]["bytes"]' <<<"$j")
-    sent=$(field '["memory_saved"]["bytes_stored"]' <<<"$j")
-    printf '%-7s %-10s %10.2f %12s %12s %8.3f %10s\n' "${mib}M" suspend-1 "$(echo "$t1 - $t0" | bc)" \
-        "$(human "$stream")" "$(human "$sent")" "$(echo "$sent / $stream" | bc -l)" -
+    wait_for "$d/runA.out" "FILLED-42" "$pid"
+    suspend_row "$d" A "${mib}M" suspend-1 -
 
     # Station B (empty cache): resume, a little work, second suspend.
-    mkfifo "$d/inB"
     t0=$(now)
-    "$MBANK" --cache "$d/cacheB" run bench/pc --console --json \
-        <"$d/inB" >"$d/runB.out" 2>"$d/runB.err" &
-    pid=$!
-    exec 3>"$d/inB"
-    wait_for "$d/runB.err" "resumed bench/pc" $pid
-    t1=$(now)
-    resume=$(echo "$t1 - $t0" | bc)
+    start_run "$d" B
+    wait_for "$d/runB.err" "resumed bench/pc" "$pid"
+    resume=$(echo "$(now) - $t0" | bc)
     console_line "dd if=/dev/urandom of=/fill2 bs=1M count=4 2>/dev/null; echo WORKED-\$((40+2))"
-    wait_for "$d/runB.out" "WORKED-42" $pid
-    t0=$(now)
-    "$MBANK" --cache "$d/cacheB" -q suspend bench/pc >/dev/null
-    t1=$(now)
-    exec 3>&-
-    wait $pid || die "run on B failed: $(cat "$d/runB.err")"
-    j=$(json_of "$d/runB.out")
-    stream=$(field '["memory_saved"]["bytes"]' <<<"$j")
-    sent=$(field '["memory_saved"]["bytes_stored"]' <<<"$j")
-    printf '%-7s %-10s %10.2f %12s %12s %8.3f %10.2f\n' "${mib}M" suspend-2 "$(echo "$t1 - $t0" | bc)" \
-        "$(human "$stream")" "$(human "$sent")" "$(echo "$sent / $stream" | bc -l)" "$resume"
+    wait_for "$d/runB.out" "WORKED-42" "$pid"
+    suspend_row "$d" B "${mib}M" suspend-2 "$(printf '%.2f' "$resume")"
     rm -rf "$d"
 done

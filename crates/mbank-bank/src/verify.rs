@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use mbank_catalog::{WriterInfo, now_ms};
+use mbank_catalog::{CatalogError, WriterInfo, now_ms};
 use mbank_core::{ChunkId, MachineName};
 use mbank_store::{ChunkStore, StoreError};
 use serde::Serialize;
@@ -94,14 +94,13 @@ impl Bank {
         let mut report = VerifyReport::default();
         let mut names: Vec<String> = Vec::new();
         let mut refs: HashMap<ChunkId, Vec<u32>> = HashMap::new();
-        self.catalog.for_each_index(machine, |v, idx| {
-            report.versions += 1;
-            let name = format!("{}@{}", v.machine, v.id.to_hex());
-            match idx {
-                Ok(idx) => {
+        // Which versions (by their position in `names`) need each chunk.
+        let mut note = |name: String, ids: Result<Vec<ChunkId>, CatalogError>| {
+            match ids {
+                Ok(ids) => {
                     let n = names.len() as u32;
-                    for c in idx.chunks.iter().flatten() {
-                        let e = refs.entry(*c).or_default();
+                    for c in ids {
+                        let e = refs.entry(c).or_default();
                         if e.last() != Some(&n) {
                             e.push(n);
                         }
@@ -113,28 +112,20 @@ impl Bank {
                 }),
             }
             names.push(name);
+        };
+        let mut versions = 0;
+        self.catalog.for_each_index(machine, |v, idx| {
+            versions += 1;
+            let ids = idx.map(|i| i.chunks.into_iter().flatten().collect());
+            note(format!("{}@{}", v.machine, v.id.to_hex()), ids);
             Ok(())
         })?;
         self.catalog.for_each_stream(machine, |v, stream, idx| {
-            let name = format!("{}@{} ({stream})", v.machine, v.id.to_hex());
-            match idx {
-                Ok(idx) => {
-                    let n = names.len() as u32;
-                    for c in idx.runs.iter().filter_map(|r| r.id.as_ref()) {
-                        let e = refs.entry(*c).or_default();
-                        if e.last() != Some(&n) {
-                            e.push(n);
-                        }
-                    }
-                }
-                Err(e) => report.damaged_indexes.push(DamagedIndex {
-                    version: name.clone(),
-                    problem: e.to_string(),
-                }),
-            }
-            names.push(name);
+            let ids = idx.map(|i| i.runs.into_iter().filter_map(|r| r.id).collect());
+            note(format!("{}@{} ({stream})", v.machine, v.id.to_hex()), ids);
             Ok(())
         })?;
+        report.versions = versions;
         let chunks: Vec<&ChunkId> = refs.keys().collect();
         progress.start("verifying chunks", chunks.len() as u64, Unit::Chunks);
         let next = AtomicUsize::new(0);

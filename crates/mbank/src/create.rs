@@ -7,21 +7,49 @@ use mbank_bank::{Bank, DiskFrom, ImportOptions, ImportReport, NewMachine, Progre
 use mbank_core::{MachineName, MachineRef};
 use mbank_vm::{Boot, DisplayDevice, MachineConfig, Network};
 
+use crate::fmt::parse_size;
+
+#[derive(clap::Args)]
 pub struct Args {
+    /// The new machine, as user/name.
     pub machine: MachineName,
+    /// Start from this machine's head, or user/name@VERSION.
+    #[arg(long, value_name = "MACHINE", conflicts_with = "image")]
     pub from: Option<MachineRef>,
+    /// Start from a disk image (raw, qcow2, vmdk, vdi, vhdx, qed).
+    #[arg(long, value_name = "FILE")]
     pub image: Option<PathBuf>,
+    /// The disk's size, e.g. 8G (grows an image's or a base's disk; never shrinks).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
     pub disk_size: Option<u64>,
+    /// Memory, e.g. 1G or 512M [default: 1G, or the --from machine's].
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
     pub memory: Option<u64>,
+    /// Virtual CPUs [default: 1, or the --from machine's].
+    #[arg(long, value_name = "N")]
     pub cpus: Option<u32>,
+    /// QEMU machine type: pc or q35 (pinned to the exact version at the first run).
+    #[arg(long, value_name = "TYPE")]
     pub machine_type: Option<String>,
+    /// Network: user (NAT to the station's network) or none.
+    #[arg(long, value_name = "KIND")]
     pub network: Option<Network>,
+    /// Display card: std or none.
+    #[arg(long, value_name = "KIND")]
     pub display: Option<DisplayDevice>,
+    /// Boot this kernel directly (stored in the bank with the machine) instead of
+    /// booting from the disk.
+    #[arg(long, value_name = "FILE")]
     pub kernel: Option<PathBuf>,
+    /// The initrd for --kernel.
+    #[arg(long, value_name = "FILE", requires = "kernel")]
     pub initrd: Option<PathBuf>,
+    /// The kernel command line for --kernel [default: console=ttyS0].
+    #[arg(long, value_name = "TEXT")]
     pub append: Option<String>,
+    /// Where non-raw images are converted to raw first [default: $TMPDIR or /tmp].
+    #[arg(long, value_name = "DIR")]
     pub tmpdir: Option<PathBuf>,
-    pub jobs: usize,
 }
 
 impl Args {
@@ -37,7 +65,7 @@ impl Args {
     }
 }
 
-pub fn run(bank: &mut Bank, a: Args, progress: &dyn Progress) -> Result<ImportReport> {
+pub fn run(bank: &mut Bank, a: Args, jobs: usize, progress: &dyn Progress) -> Result<ImportReport> {
     if bank.catalog().machine(&a.machine)?.is_some() {
         return Err(mbank_bank::BankError::MachineExists(a.machine.clone()).into());
     }
@@ -133,7 +161,7 @@ pub fn run(bank: &mut Bank, a: Args, progress: &dyn Progress) -> Result<ImportRe
         streams.retain(|(n, _)| n != "memory");
     }
     let mut opts = ImportOptions {
-        jobs: a.jobs,
+        jobs,
         ..Default::default()
     };
     if let Some(t) = &a.tmpdir {

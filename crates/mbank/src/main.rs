@@ -177,45 +177,8 @@ enum Cmd {
   mbank create alice/try --from alice/dev@1a2b3c
   mbank create alice/k --disk-size 1G --kernel vmlinuz --initrd initrd.img --append 'console=ttyS0'")]
     Create {
-        /// The new machine, as user/name.
-        machine: MachineName,
-        /// Start from this machine's head, or user/name@VERSION.
-        #[arg(long, value_name = "MACHINE", conflicts_with = "image")]
-        from: Option<MachineRef>,
-        /// Start from a disk image (raw, qcow2, vmdk, vdi, vhdx, qed).
-        #[arg(long, value_name = "FILE")]
-        image: Option<PathBuf>,
-        /// The disk's size, e.g. 8G (grows an image's or a base's disk; never shrinks).
-        #[arg(long, value_parser = parse_size, value_name = "SIZE")]
-        disk_size: Option<u64>,
-        /// Memory, e.g. 1G or 512M [default: 1G, or the --from machine's].
-        #[arg(long, value_parser = parse_size, value_name = "SIZE")]
-        memory: Option<u64>,
-        /// Virtual CPUs [default: 1, or the --from machine's].
-        #[arg(long, value_name = "N")]
-        cpus: Option<u32>,
-        /// QEMU machine type: pc or q35 (pinned to the exact version at the first run).
-        #[arg(long, value_name = "TYPE")]
-        machine_type: Option<String>,
-        /// Network: user (NAT to the station's network) or none.
-        #[arg(long, value_name = "KIND")]
-        network: Option<mbank_vm::Network>,
-        /// Display card: std or none.
-        #[arg(long, value_name = "KIND")]
-        display: Option<mbank_vm::DisplayDevice>,
-        /// Boot this kernel directly (stored in the bank with the machine) instead of
-        /// booting from the disk.
-        #[arg(long, value_name = "FILE")]
-        kernel: Option<PathBuf>,
-        /// The initrd for --kernel.
-        #[arg(long, value_name = "FILE", requires = "kernel")]
-        initrd: Option<PathBuf>,
-        /// The kernel command line for --kernel [default: console=ttyS0].
-        #[arg(long, value_name = "TEXT")]
-        append: Option<String>,
-        /// Where non-raw images are converted to raw first [default: $TMPDIR or /tmp].
-        #[arg(long, value_name = "DIR")]
-        tmpdir: Option<PathBuf>,
+        #[command(flatten)]
+        args: create::Args,
         #[arg(long)]
         json: bool,
     },
@@ -370,39 +333,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let mut bank = Bank::open(&bank_dir, read_only)?;
     match cli.cmd {
         Cmd::Init | Cmd::Suspend { .. } | Cmd::Poweroff { .. } => unreachable!("handled above"),
-        Cmd::Create {
-            machine,
-            from,
-            image,
-            disk_size,
-            memory,
-            cpus,
-            machine_type,
-            network,
-            display,
-            kernel,
-            initrd,
-            append,
-            tmpdir,
-            json,
-        } => {
-            let args = create::Args {
-                machine,
-                from,
-                image,
-                disk_size,
-                memory,
-                cpus,
-                machine_type,
-                network,
-                display,
-                kernel,
-                initrd,
-                append,
-                tmpdir,
-                jobs,
-            };
-            let r = create::run(&mut bank, args, &bar)?;
+        Cmd::Create { args, json } => {
+            let r = create::run(&mut bank, args, jobs, &bar)?;
             if json {
                 json_out(&r)?;
             } else {

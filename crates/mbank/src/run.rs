@@ -344,6 +344,23 @@ fn fetch_stream(
     Ok(())
 }
 
+/// Records SIGINT as 1 and SIGTERM as 2 in `s`, for a loop that polls it.
+async fn record_signals(s: Arc<AtomicUsize>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = int.recv() => s.store(1, Ordering::SeqCst),
+            _ = term.recv() => s.store(2, Ordering::SeqCst),
+        }
+    }
+}
+
 /// Counts bytes read through it.
 struct Counting<R> {
     inner: R,
@@ -715,21 +732,7 @@ fn run_session(
     let signals = Arc::new(AtomicUsize::new(0)); // 1 = SIGINT, 2 = SIGTERM
     {
         let s = signals.clone();
-        rt.spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut int), Ok(mut term)) = (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) else {
-                return;
-            };
-            loop {
-                tokio::select! {
-                    _ = int.recv() => s.store(1, Ordering::SeqCst),
-                    _ = term.recv() => s.store(2, Ordering::SeqCst),
-                }
-            }
-        });
+        rt.spawn(record_signals(s));
     }
     let stop_service = |rt: &tokio::runtime::Runtime| {
         end_service.notify_one();
@@ -1275,21 +1278,7 @@ pub fn front(
             else {
                 return;
             };
-            rt.block_on(async move {
-                use tokio::signal::unix::{SignalKind, signal};
-                let (Ok(mut int), Ok(mut term)) = (
-                    signal(SignalKind::interrupt()),
-                    signal(SignalKind::terminate()),
-                ) else {
-                    return;
-                };
-                loop {
-                    tokio::select! {
-                        _ = int.recv() => s.store(1, Ordering::SeqCst),
-                        _ = term.recv() => s.store(2, Ordering::SeqCst),
-                    }
-                }
-            });
+            rt.block_on(record_signals(s));
         });
     }
     let mut asking = false;
