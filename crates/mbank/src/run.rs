@@ -893,7 +893,36 @@ fn run_session(
     // The session.
     let mut waiting_since: Option<Instant> = None;
     let mut shutdown_seen = false;
-    let mut ending = loop {
+    let mut memory_saved = None;
+    let mut memory_save_seconds = 0.0;
+    let mut streams = Vec::new();
+    let mut streams_stored = (0, 0);
+    let mut writer_guard = None;
+    // Saves the memory state; on failure the guest goes on running and nothing is lost.
+    let mut try_suspend = |vm: &mut Vm, bank: &mut Bank| -> Result<()> {
+        let t = Instant::now();
+        say("pausing the guest and saving its memory".into());
+        let (idx, stats, guard) = save_memory(bank, vm, disk, config, progress)?;
+        memory_save_seconds = t.elapsed().as_secs_f64();
+        say(format!(
+            "saved {} of memory in {:.1} s: {} new in the bank",
+            bytes(stats.bytes),
+            memory_save_seconds,
+            bytes(stats.bytes_stored)
+        ));
+        streams.push(("memory".to_string(), idx));
+        streams_stored = (stats.chunks_new, stats.bytes_stored);
+        memory_saved = Some(stats);
+        writer_guard = Some(guard);
+        Ok(())
+    };
+    let suspend_failed = |e: &anyhow::Error| {
+        say(format!(
+            "saving the memory state failed: {}; {machine} keeps running (try again, or power it off)",
+            flatten(e)
+        ));
+    };
+    let ending = loop {
         if let Ok(Some(st)) = vm.child.try_wait() {
             // The guest powered off, or QEMU died.
             let asked = waiting_since.is_some();
@@ -922,10 +951,20 @@ fn run_session(
             break Ending::Poweroff;
         }
         match requests.try_recv() {
-            Ok(Request::Suspend(c)) => {
-                hub.add(c);
-                break Ending::Suspend;
-            }
+            Ok(Request::Suspend(mut c)) => match try_suspend(&mut vm, bank) {
+                Ok(()) => {
+                    hub.add(c);
+                    break Ending::Suspend;
+                }
+                Err(e) => {
+                    suspend_failed(&e);
+                    let _ = writeln!(
+                        c,
+                        "{}",
+                        serde_json::json!({"ok": false, "error": format!("{}; the machine keeps running", flatten(&e))})
+                    );
+                }
+            },
             Ok(Request::Poweroff(c)) => {
                 hub.add(c);
                 if waiting_since.is_none() {
@@ -937,7 +976,10 @@ fn run_session(
             Err(_) => {}
         }
         if signals.swap(0, Ordering::SeqCst) != 0 {
-            break Ending::Suspend;
+            match try_suspend(&mut vm, bank) {
+                Ok(()) => break Ending::Suspend,
+                Err(e) => suspend_failed(&e),
+            }
         }
         // Events (and a poll of QEMU) every 100 ms.
         if let Ok(Some(e)) = vm.qmp.wait_event(Duration::from_millis(100))
@@ -947,43 +989,13 @@ fn run_session(
         }
     };
 
-    // Suspend: save memory, then stop QEMU.
-    let mut memory_saved = None;
-    let mut memory_save_seconds = 0.0;
-    let mut streams = Vec::new();
-    let mut streams_stored = (0, 0);
-    let mut writer_guard = None;
+    // Suspended: the memory is saved; stop QEMU.
     if ending == Ending::Suspend {
-        let t = Instant::now();
-        say("pausing the guest and saving its memory".into());
-        match save_memory(bank, &mut vm, disk, config, progress) {
-            Ok((idx, stats, guard)) => {
-                memory_save_seconds = t.elapsed().as_secs_f64();
-                say(format!(
-                    "saved {} of memory in {:.1} s: {} new in the bank",
-                    bytes(stats.bytes),
-                    memory_save_seconds,
-                    bytes(stats.bytes_stored)
-                ));
-                streams.push(("memory".to_string(), idx));
-                streams_stored = (stats.chunks_new, stats.bytes_stored);
-                memory_saved = Some(stats);
-                writer_guard = Some(guard);
-                config.saved = Some(SavedHardware {
-                    accel,
-                    machine_type: machine_type.to_string(),
-                    qemu_version: qemu_version.to_string(),
-                });
-            }
-            Err(e) => {
-                // The guest keeps running; nothing is lost. Report and go on as a
-                // power-off would be wrong: ask the caller to try again.
-                say(format!(
-                    "saving the memory state failed: {e:#}; stopping the guest instead (its flushed writes are kept)"
-                ));
-                ending = Ending::Crash;
-            }
-        }
+        config.saved = Some(SavedHardware {
+            accel,
+            machine_type: machine_type.to_string(),
+            qemu_version: qemu_version.to_string(),
+        });
         let _ = vm.qmp.execute("quit", None);
         if vm.wait_exit(Duration::from_secs(30)).is_none() {
             vm.kill();
@@ -1045,6 +1057,24 @@ fn save_memory(
 ) -> Result<(MemoryIndex, StreamStats, mbank_bank::WriterGuard)> {
     let guard = bank.begin_write(&format!("suspend {}", disk.meta.machine))?;
     vm.qmp.execute("stop", None)?;
+    match save_paused(bank, vm, disk, config, progress, &guard) {
+        Ok((idx, stats)) => Ok((idx, stats, guard)),
+        Err(e) => {
+            // The guest goes on as if nothing happened.
+            let _ = vm.qmp.execute("cont", None);
+            Err(e)
+        }
+    }
+}
+
+fn save_paused(
+    bank: &Bank,
+    vm: &mut Vm,
+    disk: &Disk,
+    config: &MachineConfig,
+    progress: &dyn Progress,
+    guard: &mbank_bank::WriterGuard,
+) -> Result<(MemoryIndex, StreamStats)> {
     // QEMU 7.2 limits migration to 32 MiB/s by default.
     vm.qmp.execute(
         "migrate-set-parameters",
@@ -1088,17 +1118,13 @@ fn save_memory(
                     inner: std::io::BufReader::with_capacity(1 << 20, f),
                     n: n.clone(),
                 };
-                Ok(bank.store_stream(&guard, counting)?)
+                Ok(bank.store_stream(guard, counting)?)
             });
         done.store(true, Ordering::Relaxed);
         (qemu_side.join().expect("QMP thread"), stored)
     });
-    if let Err(e) = status {
-        let _ = vm.qmp.execute("cont", None);
-        return Err(e);
-    }
-    let (idx, stats) = stored?;
-    Ok((idx, stats, guard))
+    status?;
+    stored
 }
 
 /// `mbank suspend`: asks the `run` of `machine` on this station to suspend, shows its

@@ -687,3 +687,41 @@ fn ctrl_c_asks_and_a_detached_machine_keeps_running() {
     );
     assert_eq!(bank.log("alice/dev")[0]["suspended"], true);
 }
+
+#[test]
+fn a_suspend_that_finds_the_bank_disk_full_fails_and_the_machine_keeps_running() {
+    let mnt = common::Tmpfs::mount("40m");
+    let bank = Bank::init_at(&mnt.dir.join("bank"), &mnt.outside);
+    let cache = mnt.outside.join("cache");
+    create_machine(&bank, "alice/dev");
+    let mut r = start(
+        &bank,
+        &cache,
+        "alice/dev",
+        &["--append", "mbank.job=counter"],
+    );
+    r.wait_for("MBANK-COUNTER 3\n");
+    // The memory state does not fit: a clear error, and the guest goes on.
+    let mut c = bank.cmd();
+    c.arg("--cache").arg(&cache).args(["suspend", "alice/dev"]);
+    common::run_cmd(c)
+        .failed()
+        .stderr_has(&["no space", "keeps running"]);
+    let after = *r.counters().last().unwrap();
+    r.wait_for(&format!("MBANK-COUNTER {}\n", after + 5));
+    // With room again, the same session suspends.
+    common::sh(
+        "mount",
+        &[
+            std::ffi::OsStr::new("-o"),
+            std::ffi::OsStr::new("remount,size=512m"),
+            mnt.dir.as_os_str(),
+        ],
+    );
+    let v = suspend(&bank, &cache, "alice/dev");
+    let (ok, report) = r.wait();
+    assert!(ok, "{}", r.stderr());
+    assert_eq!(report.unwrap()["ending"], "suspend");
+    assert_eq!(bank.head("alice/dev").as_deref(), Some(v.as_str()));
+    bank.verify_ok();
+}
