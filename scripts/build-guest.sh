@@ -24,9 +24,11 @@
 #
 # The cache lives in ${MBANK_CACHE_DIR:-/var/cache/mbank-dev}/guest/:
 #   vmlinuz         the kernel (bzImage) of linux-image-*-cloud-amd64
-#   initramfs.img   busybox, the virtio modules and /init (cpio newc, gzip)
+#   initramfs-<stamp>.img  busybox, the virtio modules and /init (cpio newc, gzip);
+#                   <stamp> hashes this script and the kernel package, so a change builds
+#                   a new one and worktrees with different versions of this script share
+#                   the cache without rebuilding each other's (unused ones go after 7 days)
 #   kernel/         the kernel package, extracted with dpkg-deb -x (never installed)
-#   stamp           hash of this script and the kernel package; a change rebuilds
 #   root-tree/      rootdisk: the debootstrap output, pristine (root-tree.params says how)
 #   root.raw        rootdisk: the root disk, raw ext4 without a partition table, sparse
 #   root.stamp      hash of this script, the kernel package and the root parameters
@@ -82,8 +84,7 @@ shopt -s inherit_errexit nullglob
 CACHE_DIR=${MBANK_CACHE_DIR:-/var/cache/mbank-dev}
 GUEST_DIR=$CACHE_DIR/guest
 KERNEL=$GUEST_DIR/vmlinuz
-INITRD=$GUEST_DIR/initramfs.img
-STAMP=$GUEST_DIR/stamp
+INITRD= # set_initrd: its name holds the stamp
 ROOT_TREE=$GUEST_DIR/root-tree
 ROOT_IMG=$GUEST_DIR/root.raw
 ROOT_STAMP=$GUEST_DIR/root.stamp
@@ -391,9 +392,13 @@ current_stamp() {
     { sha256sum "$0" | cut -d' ' -f1; cat "$GUEST_DIR/kernel/.package" 2>/dev/null; } | sha256sum | cut -d' ' -f1
 }
 
+set_initrd() { INITRD=$GUEST_DIR/initramfs-$(current_stamp | cut -c1-16).img; }
+
 # The guest is built for this script and kernel, and what running it needs is here.
 up_to_date() {
-    [[ -f $KERNEL && -f $INITRD && -f $STAMP && $(cat "$STAMP") == "$(current_stamp)" ]] || return 1
+    set_initrd
+    [[ -f $KERNEL && -f $INITRD ]] || return 1
+    touch -c "$INITRD" 2>/dev/null || true # in use: keep it from the 7-day clean-up
     local c
     for c in qemu-system-x86_64 qemu-nbd qemu-img mkfs.ext4; do
         command -v "$c" >/dev/null 2>&1 || return 1
@@ -423,10 +428,10 @@ build() {
     cp "${vmlinuz[0]}" "$tmp/vmlinuz"
     log "building the initramfs"
     build_initramfs "$tmp" "$tmp/initramfs.img"
-    current_stamp >"$tmp/stamp"
+    set_initrd
     mv -f "$tmp/vmlinuz" "$KERNEL"
     mv -f "$tmp/initramfs.img" "$INITRD"
-    mv -f "$tmp/stamp" "$STAMP"
+    find "$GUEST_DIR" -maxdepth 1 -name 'initramfs-*.img' -mtime +7 -delete
     log "built in $((SECONDS - start)) s: $(sed -n 1,2p "$GUEST_DIR/kernel/.package" | tr '\n' ' ')"
     print_paths
 }
@@ -597,7 +602,7 @@ run_guest() {
 case ${1:-build} in
 build) build ;;
 --force) FORCE=1 build ;;
-paths) [[ -f $KERNEL && -f $INITRD ]] || die "not built yet: run scripts/build-guest.sh"; print_paths ;;
+paths) set_initrd; [[ -f $KERNEL && -f $INITRD ]] || die "not built yet: run scripts/build-guest.sh"; print_paths ;;
 mkfs) shift; mkfs_image "$@" ;;
 rootdisk)
     [[ ${2:-} == --force ]] && ROOT_FORCE=1
