@@ -9,14 +9,18 @@
 # the disk's own init. `rootdisk` builds such a disk: a Debian 12 system made with
 # debootstrap (systemd as init, openssh-server, the same kernel's modules) whose
 # mbank-job.service prints the same markers and runs the same jobs, on files in /srv/mbank.
+# Under TCG its systemd takes about 37 s from switch_root to ready (the initramfs-only
+# guest: about 4 s), so the tests use it only where booting a real system is the point.
 #
 #   scripts/build-guest.sh [build]         build if missing; print KERNEL=... INITRD=...
 #   scripts/build-guest.sh --force         rebuild the initramfs and re-fetch the kernel
 #   scripts/build-guest.sh paths           print the paths only (fails if not built)
 #   scripts/build-guest.sh mkfs FILE [MiB] make FILE a fresh raw ext4 image (default 64)
 #   scripts/build-guest.sh rootdisk [--force]
-#                                           build if missing the root disk image; print
-#                                           KERNEL=... INITRD=... ROOTDISK=...
+#                                           build the root disk if missing (--force: run
+#                                           debootstrap again); print KERNEL=... INITRD=...
+#                                           ROOTDISK=...; a few minutes the first time, a
+#                                           few seconds after a change of this script
 #   scripts/build-guest.sh run JOB [--root] [--disk FILE | --nbd SOCKET] [APPEND...]
 #                                           boot the guest by hand (JOB=shell for a prompt);
 #                                           --root boots with its root on the disk (without
