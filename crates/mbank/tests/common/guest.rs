@@ -558,3 +558,51 @@ impl Drop for QemuNbd {
         self.terminate();
     }
 }
+
+/// A hang guard for one boot with the root on the disk: the disk's systemd takes tens of
+/// seconds under TCG, more on a loaded machine.
+pub const ROOT_BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The kernel command line option that makes the initramfs mount `/dev/vda` and
+/// `switch_root` into the disk's own system (whose jobs keep their files in /srv/mbank).
+pub const ROOT_ON_VDA: &str = "mbank.root=/dev/vda";
+
+/// Printed by the initramfs just before it switches to the root on the disk.
+pub const SWITCH_ROOT_MARKER: &str = "MBANK-SWITCH-ROOT";
+
+static ROOT_DISK: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+/// The root disk built (once, cached; the first build runs debootstrap, as root) by
+/// `scripts/build-guest.sh rootdisk`: a raw ext4 Debian 12 system that boots systemd and
+/// runs the `mbank.job=` jobs. It is shared: import it or copy it, never boot it in place.
+pub fn root_disk() -> &'static Path {
+    let built = ROOT_DISK.get_or_init(|| {
+        let script = script_path();
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg("rootdisk")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            return Err(format!(
+                "{} rootdisk failed ({}):\n{stdout}\n{}",
+                script.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("ROOTDISK="))
+            .map(PathBuf::from)
+            .ok_or_else(|| {
+                format!("no ROOTDISK= in the output of build-guest.sh rootdisk:\n{stdout}")
+            })
+    });
+    match built {
+        Ok(p) => p,
+        Err(e) => panic!("building the root disk: {e}"),
+    }
+}
