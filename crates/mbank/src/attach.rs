@@ -206,11 +206,17 @@ pub fn run(
             "discarded the session of {}: nothing checked in",
             disk.meta.machine
         ));
+        let counters = &disk.counters;
         return Ok(SessionReport {
             machine: disk.meta.machine.clone(),
             session: disk.meta.session.clone(),
             base: disk.meta.base.clone(),
             chunks_written: disk.dirty_chunks().len() as u64,
+            bytes_fetched: counters.bytes_fetched.load(Ordering::Relaxed),
+            chunks_fetched: counters.chunks_fetched.load(Ordering::Relaxed),
+            cache_hits: station.cache.counters.hits.load(Ordering::Relaxed),
+            cache_misses: station.cache.counters.misses.load(Ordering::Relaxed),
+            seconds: (mbank_catalog::now_ms() - disk.meta.started_ms) as f64 / 1000.0,
             ..Default::default()
         });
     }

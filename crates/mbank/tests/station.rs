@@ -1120,6 +1120,7 @@ fn discard_older_version_and_crash_before_any_flush() {
     // --discard: the writes are dropped.
     let mut a = bank.attach(&cache, "alice/dev", &["--discard", "--json"]);
     Script::new(&bank)
+        .expect(0, &img2[..CS])
         .write(CS, &w, false)
         .flush()
         .run(&a.uri());
@@ -1127,6 +1128,9 @@ fn discard_older_version_and_crash_before_any_flush() {
     let j = report(&r);
     assert_eq!(j["version"], Value::Null, "{r}");
     assert_eq!(u(&j, "chunks_written"), 1, "{r}");
+    // Its statistics still say what the session did.
+    assert!(u(&j, "bytes_fetched") >= CS as u64, "{r}");
+    assert!(u(&j, "cache_misses") >= 1, "{r}");
     assert_eq!(bank.log("alice/dev").len(), 2);
     assert!(sessions(&cache).is_empty());
 
