@@ -7,9 +7,12 @@
 #   b. warm cache:  the same with the cache (a) left
 #   c. local raw:   the same guest booted from a local raw copy of the disk
 #   d. copy first:  `mbank export` of the whole disk to a raw file, then boot it
+#   f. `mbank run` of a machine made from the same disk (kernel and initrd stored in the
+#      bank with it) with an empty station cache, until the ready marker
+#   g. the same with the cache (f) left
 #
-# and prints (d)/(a), "how much faster than copying first" (target >= 5x), and (b)/(c),
-# "warm cache against a local disk" (target <= 1.2x).
+# and prints (d)/(a) and (d)/(f), "how much faster than copying first" (target >= 5x),
+# and (b)/(c) and (g)/(c), "warm cache against a local disk" (target <= 1.2x).
 #
 # Under TCG the guest's CPU time dominates every boot, so (d)/(a) mostly compares boot
 # with boot. To see the I/O alone (issue 3's "time to read the boot working set"), one
@@ -62,6 +65,11 @@ log "importing $ROOTDISK into a fresh bank"
 "$MBANK" -q --bank "$BANK" init
 "$MBANK" -q --bank "$BANK" import --json "$MACHINE" "$ROOTDISK" >"$T/import.json"
 V0=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["version"])' "$T/import.json")
+# The same disk as a virtual PC for `mbank run` (f, g): its kernel and initrd in the bank.
+"$MBANK" -q --bank "$BANK" create --json bench/pc --image "$ROOTDISK" --memory 256M \
+    --network none --display none --kernel "$KERNEL" --initrd "$INITRD" \
+    --append "console=ttyS0 panic=-1 mbank.root=/dev/vda" >"$T/create.json"
+VPC=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["version"])' "$T/create.json")
 
 now() { date +%s.%N; }
 calc() { echo "$*" | bc -l; }
@@ -161,8 +169,30 @@ h.shutdown()
 PY2
 }
 
+# run_boot CACHE LOG: `mbank run` of bench/pc@VPC until ready (echoes seconds); the
+# guest then powers off, the session checks in, and that version is removed again.
+run_boot() {
+    local s e pid deadline=$((SECONDS + BOOT_TIMEOUT))
+    s=$(now)
+    "$MBANK" --bank "$BANK" --cache "$1" run "bench/pc@${VPC:0:12}" --console --accel tcg --json \
+        --append mbank.job=ready </dev/null >"$2" 2>"$2.err" &
+    pid=$!
+    until grep -qa "$READY" "$2"; do
+        kill -0 "$pid" 2>/dev/null || die "mbank run exited before $READY: $(tail -n 5 "$2.err")"
+        ((SECONDS < deadline)) || { kill -TERM "$pid"; die "no $READY within $BOOT_TIMEOUT s"; }
+        sleep 0.05
+    done
+    e=$(now)
+    grep -qa MBANK-SWITCH-ROOT "$2" || die "the guest did not boot from its disk (no MBANK-SWITCH-ROOT)"
+    wait "$pid" || die "mbank run failed: $(tail -n 5 "$2.err")"
+    local v
+    v=$(python3 -c 'import json,sys; s=open(sys.argv[1]).read(); d=json.loads(s[s.rfind("{\n  \""):]); print(d["session"]["version"] or "")' "$2")
+    if [[ -n $v ]]; then "$MBANK" -q --bank "$BANK" rm "bench/pc@$v" >/dev/null; fi
+    calc "$e - $s"
+}
+
 NBD_DRIVE="driver=raw,file.driver=nbd,file.server.type=unix,file.server.path=$SOCK,if=virtio"
-declare -a A B C D DX DB E E_FETCHED FETCHED FETCHED_CHUNKS WARM_FETCHED
+declare -a A B C D DX DB E E_FETCHED FETCHED FETCHED_CHUNKS WARM_FETCHED F G
 for ((r = 0; r < ROUNDS; r++)); do
     log "round $((r + 1))/$ROUNDS"
     cache=$T/cache-$r
@@ -227,6 +257,14 @@ for ((r = 0; r < ROUNDS; r++)); do
     E_FETCHED[r]=$(json_field "$T/e$r.json" bytes_fetched)
     rm -rf "$T/cache-e$r"
     log "  e. replay: $(printf %.2f "${E[r]}") s, fetched $(human "${E_FETCHED[r]}")"
+
+    # f, g. mbank run: empty cache, then warm
+    drop_caches || true
+    F[r]=$(run_boot "$T/cache-f$r" "$T/f$r.out")
+    log "  f. mbank run, empty cache: $(printf %.1f "${F[r]}") s"
+    G[r]=$(run_boot "$T/cache-f$r" "$T/g$r.out")
+    log "  g. mbank run, warm cache: $(printf %.1f "${G[r]}") s"
+    rm -rf "$T/cache-f$r"
 done
 
 median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
@@ -234,7 +272,7 @@ list() { local x out=; for x in "$@"; do out+="${out:+, }$(printf %.1f "$x")"; d
 list2() { local x out=; for x in "$@"; do out+="${out:+, }$(printf %.2f "$x")"; done; echo "$out"; }
 ratio() { printf '%.2f' "$(calc "$1 / $2")"; }
 mA=$(median "${A[@]}") mB=$(median "${B[@]}") mC=$(median "${C[@]}") mD=$(median "${D[@]}")
-mDX=$(median "${DX[@]}") mE=$(median "${E[@]}") mF=$(median "${FETCHED[@]}") mFC=$(median "${FETCHED_CHUNKS[@]}")
+mDX=$(median "${DX[@]}") mE=$(median "${E[@]}") mFR=$(median "${F[@]}") mG=$(median "${G[@]}") mF=$(median "${FETCHED[@]}") mFC=$(median "${FETCHED_CHUNKS[@]}")
 size=$(stat -c %s "$ROOTDISK")
 alloc=$(alloc_of "$ROOTDISK")
 stored=$(json_field "$T/import.json" bytes_stored)
@@ -258,12 +296,16 @@ mkdir -p "$CACHE_DIR/results"
     echo "| d. export, then boot the raw file | $(printf %.1f "$mD") | $(list "${D[@]}") | whole disk |"
     echo "| (d: of which export) | $(printf %.1f "$mDX") | $(list "${DX[@]}") | $(human "$nonzero_bytes") |"
     echo "| (d: of which boot) | $(printf %.1f "$(median "${DB[@]}")") | $(list "${DB[@]}") | |"
+    echo "| f. mbank run, empty cache | $(printf %.1f "$mFR") | $(list "${F[@]}") | |"
+    echo "| g. mbank run, warm cache | $(printf %.1f "$mG") | $(list "${G[@]}") | |"
     echo "| e. replay of the boot's reads, attach, empty cache | $(printf %.2f "$mE") | $(list2 "${E[@]}") | $(human "$(median "${E_FETCHED[@]}")") |"
     echo
     echo "- the boot read $(human "$read_bytes") from its disk in $n_reads requests ($(human "$read_unique") distinct)"
     echo "- empty cache against copying first, I/O only, export (d) / replay (e): $(ratio "$mDX" "$mE")x faster"
     echo "- empty cache against copying first, (d)/(a): $(ratio "$mD" "$mA")x faster (target >= 5x)"
     echo "- warm cache against a local raw file, (b)/(c): $(ratio "$mB" "$mC")x (target <= 1.2x)"
+    echo "- mbank run: copying first against an empty cache, (d)/(f): $(ratio "$mD" "$mFR")x (target >= 5x);" \
+        "warm cache against a local raw file, (g)/(c): $(ratio "$mG" "$mC")x (target <= 1.2x)"
     echo "- working set: the boot fetched $(human "$mF") of the disk's $(human "$nonzero_bytes") of non-zero chunks" \
         "($(printf %.1f "$(calc "100 * $mF / $nonzero_bytes")")%), plaintext"
 } | tee "$CACHE_DIR/results/bench-boot.md"
