@@ -8,9 +8,12 @@
 //!
 //! Files are written to a temp name and renamed, without fsync: the cache is never
 //! trusted blindly. Each process re-hashes a cached chunk the first time it reads it
-//! and remembers that it did, so whatever a crash (or a stranger) left in the
-//! directory is verified before it is served, and dropped if it fails. A row without a
-//! file, or a file without a row, only costs a fetch or some slack in the bound.
+//! and remembers that it did (and which inode it hashed: a file replaced since is
+//! hashed again), so whatever a crash (or a stranger) left in the directory is
+//! verified before it is served, and dropped if it fails. After that a small read is
+//! one `pread` on a kept descriptor (or an `open` and a `pread` once the process keeps
+//! as many as its descriptor limit allows). A row without a file, or a file without a
+//! row, only costs a fetch or some slack in the bound.
 
 use std::collections::HashMap;
 use std::fs;
@@ -207,6 +210,14 @@ impl ChunkCache {
         Some(data)
     }
 
+    /// [`ChunkCache::get`] for the station's own work (check-in): counted neither as a
+    /// hit or miss nor as a use.
+    pub fn peek(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        let mut data = Vec::new();
+        self.open_checked(id, true, Some(&mut data))?;
+        Some(data)
+    }
+
     /// Appends `n` bytes at `offset` of a cached chunk to `buf`; false (and `buf` as it
     /// was) if the cache has no good copy. Without `verify`, false also when this
     /// process has not verified the chunk yet (reading it whole to do so is slow), and
@@ -260,18 +271,6 @@ impl ChunkCache {
         if c.is_none_or(|c| c.noted.swap(epoch, Ordering::Relaxed) != epoch) {
             self.note_use(*id);
         }
-    }
-
-    /// Reads `dst.len()` bytes at `offset` of a cached chunk into `dst`; false if the
-    /// cache has no good copy. The first read of a chunk in this process verifies the
-    /// whole chunk; later reads are one `pread`.
-    pub fn read_into(&self, id: &ChunkId, offset: usize, dst: &mut [u8]) -> bool {
-        let mut buf = Vec::with_capacity(dst.len());
-        if !self.read_append(id, offset, dst.len(), &mut buf, true) {
-            return false;
-        }
-        dst.copy_from_slice(&buf);
-        true
     }
 
     /// True if the cache has a file for the chunk (not verified).

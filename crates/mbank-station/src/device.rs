@@ -349,8 +349,18 @@ impl Disk {
             self.overlay_append(buf, chunk_off + a as u64, n)?;
             return Ok(true);
         }
-        // Partly dirty: runs of blocks alike, each from where it lives.
+        // Partly dirty: the range from the base (one cache lookup), then the runs of
+        // blocks the overlay holds over it.
         let bs = self.block_size;
+        let touched = block_range(a / bs, (a + n - 1) / bs);
+        if mask & touched == touched {
+            self.overlay_append(buf, chunk_off + a as u64, n)?;
+            return Ok(true);
+        }
+        let start = buf.len();
+        if !self.base_append(i, a, n, buf, inline)? {
+            return Ok(false);
+        }
         let (end, mut pos) = (a + n, a);
         while pos < end {
             let dirty = mask & (1 << (pos / bs)) != 0;
@@ -360,9 +370,11 @@ impl Disk {
             }
             let run_end = run_end.min(end);
             if dirty {
-                self.overlay_append(buf, chunk_off + pos as u64, run_end - pos)?;
-            } else if !self.base_append(i, pos, run_end - pos, buf, inline)? {
-                return Ok(false);
+                let dst = &mut buf[start + pos - a..start + run_end - a];
+                if let Err(e) = self.overlay.read_exact_at(dst, chunk_off + pos as u64) {
+                    buf.truncate(start);
+                    return Err(io("read the session overlay", e));
+                }
             }
             pos = run_end;
         }
@@ -448,16 +460,24 @@ impl Disk {
                 } else {
                     a + n
                 };
+                let base = match &self.base.chunks[i] {
+                    Some(id) => Some(self.fetch(id)?),
+                    None => None,
+                };
+                let from_base = |buf: &mut Vec<u8>, s: usize, e: usize| match &base {
+                    Some(b) => buf.extend_from_slice(&b[s..e]),
+                    None => buf.resize(buf.len() + e - s, 0),
+                };
                 let mut buf = Vec::with_capacity(end - start);
                 if head {
-                    self.base_append(i, start, a - start, &mut buf, false)?;
+                    from_base(&mut buf, start, a);
                 }
                 match piece {
                     Some(p) => buf.extend_from_slice(p),
                     None => buf.resize(buf.len() + n, 0),
                 }
                 if tail {
-                    self.base_append(i, a + n, end - a - n, &mut buf, false)?;
+                    from_base(&mut buf, a + n, end);
                 }
                 write(&buf, start)?;
             }

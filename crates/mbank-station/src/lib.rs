@@ -395,7 +395,7 @@ impl Station {
             let (cache, store) = (&self.cache, bank.store());
             device::fill_partial_chunks(overlay, base, &map, &dirty, &|id| {
                 cache
-                    .get(id)
+                    .peek(id)
                     .map_or_else(|| store.read(id).map_err(|e| e.to_string()), Ok)
             })?;
             let items = dirty.into_iter().zip(lens).map(move |(i, len)| {

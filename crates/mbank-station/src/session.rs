@@ -2,13 +2,15 @@
 //!
 //! ```text
 //! <cache>/sessions/<session id>/session.json   what was checked out (below)
-//! <cache>/sessions/<session id>/overlay        sparse file, the disk's size: dirty chunks
+//! <cache>/sessions/<session id>/overlay        sparse file, the disk's size: written blocks
 //! <cache>/sessions/<session id>/dirty          the durable dirty map (docs/formats.md)
 //! ```
 //!
-//! A chunk's bit reaches the durable map only after its overlay data was fsynced, so
-//! after a crash every chunk the map names holds what the guest last flushed (or
-//! newer). Chunks written but never flushed may be lost, as on a real disk.
+//! The dirty map ([`DirtyMap`]) names, per chunk, the blocks the overlay holds. A
+//! block reaches the durable map only after its overlay data was fsynced, so after a
+//! crash every block the map names holds what the guest last flushed (or newer), and
+//! the rest of a partly written chunk comes from its base chunk. Blocks written but
+//! never flushed may be lost, as on a real disk.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
