@@ -9,12 +9,17 @@
 #    faster; bytes sent <= 1.1x the compressed changed chunks.
 #
 # Data: the 4 GiB disk is base.raw followed by v2.raw from scripts/bench-data.sh.
-# Env: MBANK (binary), BENCH_SKIP_PEERS=1, BENCH_FIO_SECONDS (default 10).
+# Env: MBANK (binary), BENCH_SKIP_PEERS=1 (no restic/borg/rsync), BENCH_FIO_SECONDS
+# (default 10), BENCH_ROUNDS (default 3): the warm-read comparison runs this many
+# rounds, each a fresh `attach --discard` session warmed by one full read, with mbank
+# and qemu-nbd measured back to back (alternating which goes first) so both see the
+# same load; it prints the median of each and the range of the per-round ratios.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 FIO_SECONDS=${BENCH_FIO_SECONDS:-10}
+ROUNDS=${BENCH_ROUNDS:-3}
 
 need nbdcopy libnbd-bin
 need fio
@@ -42,9 +47,9 @@ BANK=$T/bank CACHE=$T/cache SOCK=$T/mbank.sock QSOCK=$T/qemu.sock
 "$MBANK" -q --bank "$BANK" init
 "$MBANK" -q --bank "$BANK" import bench/disk "$DISK" >/dev/null
 
-attach_start() { # starts attach in the background, waits for the socket
+attach_start() { # [--discard]: starts attach in the background, waits for the socket
     rm -f "$SOCK"
-    "$MBANK" -q --bank "$BANK" --cache "$CACHE" attach bench/disk --socket "$SOCK" --json >"$T/attach.json" &
+    "$MBANK" -q --bank "$BANK" --cache "$CACHE" attach bench/disk --socket "$SOCK" --json "$@" >"$T/attach.json" &
     ATTACH_PID=$!
     for _ in $(seq 600); do [[ -S $SOCK ]] && return 0; sleep 0.1; done
     die "attach did not start"
@@ -59,32 +64,54 @@ fio_iops() { # fio_iops URI rw
         --size=4g --time_based --runtime="$FIO_SECONDS" --randrepeat=1 --output-format=json 2>/dev/null | sed -n "/^{/,\$p" |
         python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(int(j["read"]["iops"]+j["write"]["iops"]))'
 }
-ratio() { echo "scale=2; $1 / $2" | bc -l; }
+ratio() { printf '%.2f' "$(echo "scale=4; $1 / $2" | bc -l)"; }
 json_field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$T/attach.json" "$1"; }
 
 # ---- 1. warm-cache reads -----------------------------------------------------------
-log "1. warm-cache reads: attach vs qemu-nbd"
-attach_start
-nbdcopy "nbd+unix:///?socket=$SOCK" null: # warm the station cache (and page cache)
-mb_seq=$(secs nbdcopy "nbd+unix:///?socket=$SOCK" null:)
-mb_rr=$(fio_iops "nbd+unix:///?socket=$SOCK" randread)
-mb_rw=$(fio_iops "nbd+unix:///?socket=$SOCK" randwrite)
-attach_stop
-# The random writes made a version; drop it so the check-in below starts from V0.
-"$MBANK" -q --bank "$BANK" rm "bench/disk@$(json_field version)" >/dev/null
-cp --sparse=always "$DISK" "$T/q.raw"
-qemu-nbd -f raw --socket "$QSOCK" --persistent --shared=8 "$T/q.raw" &
-QPID=$!
-at_exit "kill $QPID"
-for _ in $(seq 100); do [[ -S $QSOCK ]] && break; sleep 0.1; done
-cat "$T/q.raw" >/dev/null
-nbdcopy "nbd+unix:///?socket=$QSOCK" null:
-q_seq=$(secs nbdcopy "nbd+unix:///?socket=$QSOCK" null:)
-q_rr=$(fio_iops "nbd+unix:///?socket=$QSOCK" randread)
-q_rw=$(fio_iops "nbd+unix:///?socket=$QSOCK" randwrite)
-kill "$QPID"; wait "$QPID" 2>/dev/null || true
-rm -f "$T/q.raw"
+log "1. warm-cache reads: attach vs qemu-nbd, $ROUNDS rounds"
 size=$(stat -c %s "$DISK")
+MURI="nbd+unix:///?socket=$SOCK" QURI="nbd+unix:///?socket=$QSOCK"
+qemu_start() { # qemu-nbd on a fresh copy (random writes fill holes, which later reads
+    # would then have to read: each round starts both sides from the same content)
+    rm -f "$QSOCK"
+    cp --sparse=always "$DISK" "$T/q.raw"
+    cat "$T/q.raw" >/dev/null
+    qemu-nbd -f raw --socket "$QSOCK" --persistent --shared=8 "$T/q.raw" &
+    QPID=$!
+    for _ in $(seq 100); do [[ -S $QSOCK ]] && break; sleep 0.1; done
+    nbdcopy "$QURI" null: # warm
+}
+qemu_stop() {
+    kill "$QPID"
+    wait "$QPID" 2>/dev/null || true
+    QPID=
+    rm -f "$T/q.raw"
+}
+qemu_kill() { [[ -z ${QPID:-} ]] || kill "$QPID"; }
+at_exit qemu_kill
+measure() { # measure WORKLOAD URI: MiB/s for seq, IOPS for rr / rw
+    case $1 in
+        seq) echo "scale=0; $size / 1048576 / $(secs nbdcopy "$2" null:)" | bc -l ;;
+        rr) fio_iops "$2" randread ;;
+        rw) fio_iops "$2" randwrite ;;
+    esac
+}
+declare -A MB Q R
+for ((r = 1; r <= ROUNDS; r++)); do
+    qemu_start
+    attach_start --discard
+    nbdcopy "$MURI" null: # warm: the station cache, and this process's first verification
+    for w in seq rr rw; do
+        if ((r % 2)); then m=$(measure $w "$MURI"); q=$(measure $w "$QURI")
+        else q=$(measure $w "$QURI"); m=$(measure $w "$MURI"); fi
+        MB[$w]+="$m " Q[$w]+="$q " R[$w]+="$(ratio "$m" "$q") "
+        log "  round $r $w: mbank $m, qemu-nbd $q"
+    done
+    attach_stop
+    qemu_stop
+done
+median() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+range() { tr ' ' '\n' | grep . | sort -g | awk 'NR==1{lo=$1} {hi=$1} END {printf "%s–%s", lo, hi}'; }
 
 # ---- 2. check-in after changing 1% ------------------------------------------------
 log "2. check-in of a 1% change"
@@ -147,11 +174,14 @@ fi
     echo
     echo "- $note; ${MBANK_NOTE:-mbank $MBANK}; disk: 4 GiB (base.raw + v2.raw), 64 KiB chunks"
     echo
-    echo "| read | mbank attach | qemu-nbd | ratio |"
-    echo "|---|---:|---:|---:|"
-    echo "| sequential, nbdcopy (MiB/s) | $(echo "$size/1048576/$mb_seq" | bc) | $(echo "$size/1048576/$q_seq" | bc) | $(ratio "$q_seq" "$mb_seq") |"
-    echo "| 4 KiB random read, fio qd32 (IOPS) | $mb_rr | $q_rr | $(ratio "$mb_rr" "$q_rr") |"
-    echo "| 4 KiB random write, fio qd32 (IOPS) | $mb_rw | $q_rw | $(ratio "$mb_rw" "$q_rw") |"
+    echo "Warm reads, $ROUNDS rounds (median of each; ratio = mbank / qemu-nbd per round):"
+    echo
+    echo "| workload | mbank attach | qemu-nbd | median ratio | ratios |"
+    echo "|---|---:|---:|---:|---:|"
+    declare -A names=([seq]="sequential, nbdcopy (MiB/s)" [rr]="4 KiB random read, fio qd32 (IOPS)" [rw]="4 KiB random write, fio qd32 (IOPS)")
+    for w in seq rr rw; do
+        echo "| ${names[$w]} | $(median <<<"${MB[$w]}") | $(median <<<"${Q[$w]}") | $(median <<<"${R[$w]}") | $(range <<<"${R[$w]}") |"
+    done
     echo
     echo "Check-in after writing $nchunks chunks ($((size / 100 / 1048576)) MiB, 1% of the disk):"
     echo "mbank check-in ${mb_checkin} s (SIGINT to exit ${checkin_total} s), sent $mb_sent bytes in $mb_chunks chunks;"

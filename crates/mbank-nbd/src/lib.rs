@@ -54,9 +54,13 @@
 //!
 //! ## Concurrency
 //!
-//! Per connection, one task reads requests off the socket in order, and each request
-//! runs on its own task; replies go back in completion order (out of order is allowed by
-//! NBD: clients match replies by handle). Ordering between overlapping requests in
+//! Per connection, one task reads requests off the socket in order (buffered, so a
+//! burst of small requests costs one read). Each request is first run right there, up
+//! to the point where it would wait: one the device answers at once (a warm read) is
+//! answered without a task switch or a thread wake-up; one that waits (a fetch, a
+//! flush) continues on its own task, and the loop goes on reading. Replies go back in
+//! completion order (out of order is allowed by NBD: clients match replies by handle),
+//! each header and its data in one vectored write. Ordering between overlapping requests in
 //! flight is the client's business, as in NBD. The only lock this crate takes on the
 //! data path is the connection's writer mutex, and nothing else is locked while it is
 //! held, so there is no lock order to get wrong.

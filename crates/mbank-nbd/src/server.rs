@@ -880,7 +880,7 @@ enum Done {
 }
 
 async fn transmission<R, W, D>(
-    mut rd: R,
+    rd: R,
     wr: W,
     device: Arc<D>,
     opts: &ServerOptions,
@@ -892,6 +892,8 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
     D: BlockDevice,
 {
+    // Many small requests arrive together: read them with one syscall, not one each.
+    let mut rd = tokio::io::BufReader::with_capacity(REQUEST_BUFFER, rd);
     let conn = Arc::new(Conn {
         size: device.size(),
         read_only: device.read_only(),
@@ -954,23 +956,30 @@ where
 
         let mut payload = Vec::new();
         if req.payload_len() > 0 {
-            payload = vec![0u8; req.payload_len() as usize];
             let read = tokio::select! {
                 biased;
                 () = stopped(&mut stop) => break Ok(ConnectionEnd::Shutdown),
-                r = read_message(&mut rd, &mut payload, "reading the payload of a WRITE") => r,
+                r = read_payload(&mut rd, req.payload_len() as usize) => r,
             };
-            if let Err(e) = read {
-                break Err(e);
+            match read {
+                Ok(p) => payload = p,
+                Err(e) => break Err(e),
             }
         }
 
         ServerStats::add(&conn.stats.requests, 1);
         let conn = conn.clone();
-        tasks.spawn(async move {
+        let mut request = Box::pin(async move {
             let _held = (slot, budget);
             serve_request(&conn, req, payload).await;
         });
+        // Run it here until it would wait: a request the device answers at once (a
+        // warm read, a write to the page cache) is done without a task or a thread
+        // wake-up. Only one that waits becomes a task of its own, so the loop never
+        // stops reading requests for it.
+        if poll_once(request.as_mut()).await.is_pending() {
+            tasks.spawn(request);
+        }
     };
 
     // Let every request already read finish and answer, whatever ended the loop
@@ -1055,14 +1064,7 @@ where
     }
     let (head, data) = encode_reply(&req, result, conn.structured, conn.sparse_reads);
     let mut w = conn.writer.lock().await;
-    let sent = async {
-        w.write_all(&head).await?;
-        if let Some(data) = &data {
-            w.write_all(data).await?;
-        }
-        w.flush().await
-    }
-    .await;
+    let sent = write_reply(&mut *w, &head, data.as_deref()).await;
     drop(w);
     if let Err(e) = sent {
         let mut slot = conn
@@ -1075,6 +1077,60 @@ where
         drop(slot);
         conn.write_failed.notify_one();
     }
+}
+
+/// Polls `fut` once in the calling task's context.
+async fn poll_once<F: Future + ?Sized>(mut fut: Pin<&mut F>) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await
+}
+
+/// Bytes of requests read from the socket at once.
+const REQUEST_BUFFER: usize = 64 * 1024;
+
+/// Reads a WRITE payload of `len` bytes into a fresh buffer, without zeroing it first.
+async fn read_payload<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    len: usize,
+) -> Result<Vec<u8>, ConnectionError> {
+    const DURING: &str = "reading the payload of a WRITE";
+    let mut payload = Vec::with_capacity(len);
+    while payload.len() < len {
+        let want = (len - payload.len()) as u64;
+        match (&mut *rd).take(want).read_buf(&mut payload).await {
+            Ok(0) => return Err(ConnectionError::Truncated { during: DURING }),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(ConnectionError::Io {
+                    during: DURING,
+                    source: e,
+                });
+            }
+        }
+    }
+    Ok(payload)
+}
+
+/// Writes `head` then `data` with as few syscalls as the socket allows (one, usually).
+async fn write_reply<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    head: &[u8],
+    data: Option<&[u8]>,
+) -> io::Result<()> {
+    let mut bufs = [
+        io::IoSlice::new(head),
+        io::IoSlice::new(data.unwrap_or(&[])),
+    ];
+    let mut bufs = &mut bufs[..];
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs).await {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    w.flush().await
 }
 
 /// Checks a request against the export before the device sees it.
@@ -1406,6 +1462,50 @@ mod tests {
             ),
             Err(Refusal::BadFlags { .. })
         ));
+    }
+
+    /// A writer that takes at most 3 bytes per call, vectored or not.
+    struct Trickle(Vec<u8>);
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(3);
+            self.0.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn replies_survive_short_writes_and_payloads_are_read_exactly() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut w = Trickle(Vec::new());
+            write_reply(&mut w, b"header-16-bytes!", Some(b"and some data"))
+                .await
+                .unwrap();
+            write_reply(&mut w, b"alone", None).await.unwrap();
+            assert_eq!(w.0, b"header-16-bytes!and some dataalone");
+
+            let mut rd: &[u8] = b"0123456789rest";
+            assert_eq!(read_payload(&mut rd, 10).await.unwrap(), b"0123456789");
+            assert_eq!(rd, b"rest", "nothing past the payload is consumed");
+            assert!(matches!(
+                read_payload(&mut rd, 5).await,
+                Err(ConnectionError::Truncated { .. })
+            ));
+        });
     }
 
     proptest! {

@@ -8,17 +8,20 @@
 //!
 //! Files are written to a temp name and renamed, without fsync: the cache is never
 //! trusted blindly. Each process re-hashes a cached chunk the first time it reads it
-//! and remembers that it did, so whatever a crash (or a stranger) left in the
-//! directory is verified before it is served, and dropped if it fails. A row without a
-//! file, or a file without a row, only costs a fetch or some slack in the bound.
+//! and remembers that it did (and which inode it hashed: a file replaced since is
+//! hashed again), so whatever a crash (or a stranger) left in the directory is
+//! verified before it is served, and dropped if it fails. After that a small read is
+//! one `pread` on a kept descriptor (or an `open` and a `pread` once the process keeps
+//! as many as its descriptor limit allows). A row without a file, or a file without a
+//! row, only costs a fetch or some slack in the bound.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
@@ -27,11 +30,15 @@ use mbank_core::ChunkId;
 use rusqlite::{Connection, params};
 
 use crate::StationError;
+use crate::device::append_pread;
 
-/// Open chunk files kept per process.
-const OPEN_FILES: usize = 2048;
+/// Most chunk files kept open per process (fewer if the descriptor limit is low).
+const OPEN_FILES_MAX: usize = 65536;
 /// Uses are written to the database in batches of this many.
 const USE_BATCH: usize = 512;
+/// A chunk's use is recorded at most once per this many milliseconds: LRU order to
+/// within a few seconds is enough, and a recorded use costs an SQLite update.
+const USE_EPOCH_MS: i64 = 5000;
 
 /// Counters of one process's use of the cache.
 #[derive(Debug, Default)]
@@ -41,16 +48,24 @@ pub struct CacheCounters {
     pub dropped_corrupt: AtomicU64,
 }
 
+/// A verified chunk file this process keeps open, so a small read is one `pread`.
+struct OpenChunk {
+    file: fs::File,
+    /// The use epoch in which this chunk's use was last noted.
+    noted: AtomicU32,
+}
+
 pub struct ChunkCache {
     dir: PathBuf,
     db: Mutex<Connection>,
     max_bytes: u64,
-    /// Chunks this process has re-hashed since it opened the cache.
-    verified: Mutex<HashSet<ChunkId>>,
+    /// Chunks this process has re-hashed (or written) since it opened the cache, with
+    /// the inode of the file it checked: a file replaced since is checked again.
+    verified: RwLock<HashMap<ChunkId, u64>>,
     uses: Mutex<Vec<ChunkId>>,
     use_tx: Mutex<Option<std::sync::mpsc::Sender<Vec<ChunkId>>>>,
-    /// Open files of verified chunks, so a small read is one `pread`.
-    open: RwLock<HashMap<ChunkId, Arc<fs::File>>>,
+    open: RwLock<HashMap<ChunkId, Arc<OpenChunk>>>,
+    open_max: usize,
     /// Bytes added by this process since the last eviction check.
     added_since_check: AtomicU64,
     pub counters: CacheCounters,
@@ -68,6 +83,36 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> StationError {
         what,
         why: e.to_string(),
     }
+}
+
+fn use_epoch() -> u32 {
+    (now_ms() / USE_EPOCH_MS) as u32
+}
+
+/// How many chunk files to keep open: half the descriptor limit, after raising the
+/// soft limit to the hard one (a cache of many chunks is what the limit is for; the
+/// rest stays for sockets, the overlay and SQLite).
+fn open_file_budget() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass, which lives across the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 512;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct we pass; raising the soft limit up
+        // to the hard one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    ((lim.rlim_cur / 2) as usize).clamp(64, OPEN_FILES_MAX)
 }
 
 impl ChunkCache {
@@ -92,10 +137,11 @@ impl ChunkCache {
             dir: chunks,
             db: Mutex::new(conn),
             max_bytes,
-            verified: Mutex::new(HashSet::new()),
+            verified: RwLock::new(HashMap::new()),
             uses: Mutex::new(Vec::new()),
             use_tx: Mutex::new(None),
             open: RwLock::new(HashMap::new()),
+            open_max: open_file_budget(),
             added_since_check: AtomicU64::new(0),
             counters: CacheCounters::default(),
         })
@@ -106,71 +152,125 @@ impl ChunkCache {
         self.dir.join(&hex[..2]).join(hex)
     }
 
+    /// Drops a cached chunk that failed its hash: it is never served.
+    fn drop_corrupt(&self, id: &ChunkId) {
+        let _ = fs::remove_file(self.path(id));
+        let _ = self.db.lock().expect("cache lock").execute(
+            "DELETE FROM chunks WHERE id = ?1",
+            params![&id.as_bytes()[..]],
+        );
+        self.counters
+            .dropped_corrupt
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Opens the chunk's file if it is one this process verified. With `verify`, a file
+    /// not verified yet is read whole and hashed first (`data` gets its bytes), and
+    /// dropped if it fails. `None`: no good copy (or, without `verify`, none verified).
+    fn open_checked(
+        &self,
+        id: &ChunkId,
+        verify: bool,
+        data: Option<&mut Vec<u8>>,
+    ) -> Option<fs::File> {
+        let mut f = fs::File::open(self.path(id)).ok()?;
+        let ino = f.metadata().ok()?.ino();
+        let known = self.verified.read().expect("cache lock").get(id) == Some(&ino);
+        if known {
+            if let Some(d) = data {
+                f.read_to_end(d).ok()?;
+            }
+            return Some(f);
+        }
+        if !verify {
+            return None;
+        }
+        let mut whole = Vec::new();
+        let d = data.unwrap_or(&mut whole);
+        f.read_to_end(d).ok()?;
+        if ChunkId::of(d) != *id {
+            // Left by a crash or damaged on disk: never serve it.
+            d.clear();
+            self.drop_corrupt(id);
+            return None;
+        }
+        self.verified.write().expect("cache lock").insert(*id, ino);
+        Some(f)
+    }
+
     /// The chunk's plaintext, if the cache holds a good copy.
     pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
-        let path = self.path(id);
-        let Ok(data) = fs::read(&path) else {
+        let mut data = Vec::new();
+        if self.open_checked(id, true, Some(&mut data)).is_none() {
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
             return None;
-        };
-        let known = self.verified.lock().expect("cache lock").contains(id);
-        if !known {
-            if ChunkId::of(&data) != *id {
-                // Left by a crash or damaged on disk: never serve it.
-                let _ = fs::remove_file(&path);
-                let _ = self.db.lock().expect("cache lock").execute(
-                    "DELETE FROM chunks WHERE id = ?1",
-                    params![&id.as_bytes()[..]],
-                );
-                self.counters
-                    .dropped_corrupt
-                    .fetch_add(1, Ordering::Relaxed);
-                self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                return None;
-            }
-            self.verified.lock().expect("cache lock").insert(*id);
         }
         self.counters.hits.fetch_add(1, Ordering::Relaxed);
         self.note_use(*id);
         Some(data)
     }
 
-    /// Reads `dst.len()` bytes at `offset` of a cached chunk into `dst`; false if the
-    /// cache has no good copy. The first read of a chunk in this process verifies the
-    /// whole chunk; later reads are one `pread` on a kept file descriptor.
-    pub fn read_into(&self, id: &ChunkId, offset: usize, dst: &mut [u8]) -> bool {
-        let f = self.open.read().expect("cache lock").get(id).cloned();
-        let f = match f {
-            Some(f) => f,
-            None => {
-                if self.get(id).is_none() {
-                    return false;
-                }
-                let Ok(f) = fs::File::open(self.path(id)) else {
-                    return false;
-                };
-                let f = Arc::new(f);
-                let mut open = self.open.write().expect("cache lock");
-                if open.len() >= OPEN_FILES {
-                    open.clear();
-                }
-                open.insert(*id, f.clone());
-                // `get` counted the hit and the use.
-                return f.read_exact_at(dst, offset as u64).is_ok();
+    /// [`ChunkCache::get`] for the station's own work (check-in): counted neither as a
+    /// hit or miss nor as a use.
+    pub fn peek(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        let mut data = Vec::new();
+        self.open_checked(id, true, Some(&mut data))?;
+        Some(data)
+    }
+
+    /// Appends `n` bytes at `offset` of a cached chunk to `buf`; false (and `buf` as it
+    /// was) if the cache has no good copy. Without `verify`, false also when this
+    /// process has not verified the chunk yet (reading it whole to do so is slow), and
+    /// a miss is not counted: the caller asks again with `verify`.
+    pub fn read_append(
+        &self,
+        id: &ChunkId,
+        offset: usize,
+        n: usize,
+        buf: &mut Vec<u8>,
+        verify: bool,
+    ) -> bool {
+        let kept = self.open.read().expect("cache lock").get(id).cloned();
+        if let Some(c) = kept {
+            if append_pread(buf, &c.file, offset as u64, n).is_ok() {
+                self.hit(id, Some(&c));
+                return true;
             }
-        };
-        if f.read_exact_at(dst, offset as u64).is_err() {
             self.open.write().expect("cache lock").remove(id);
+        }
+        let Some(file) = self.open_checked(id, verify, None) else {
+            if verify {
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+            }
+            return false;
+        };
+        if append_pread(buf, &file, offset as u64, n).is_err() {
+            if verify {
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+            }
             return false;
         }
-        self.counters.hits.fetch_add(1, Ordering::Relaxed);
-        self.note_use(*id);
+        let c = Arc::new(OpenChunk {
+            file,
+            noted: AtomicU32::new(0),
+        });
+        self.hit(id, Some(&c));
+        let mut open = self.open.write().expect("cache lock");
+        if open.len() >= self.open_max
+            && let Some(victim) = open.keys().next().copied()
+        {
+            open.remove(&victim);
+        }
+        open.insert(*id, c);
         true
     }
 
-    /// True if a read of the chunk is one `pread` (its file is open and verified).
-    pub fn is_open(&self, id: &ChunkId) -> bool {
-        self.open.read().expect("cache lock").contains_key(id)
+    fn hit(&self, id: &ChunkId, c: Option<&OpenChunk>) {
+        self.counters.hits.fetch_add(1, Ordering::Relaxed);
+        let epoch = use_epoch();
+        if c.is_none_or(|c| c.noted.swap(epoch, Ordering::Relaxed) != epoch) {
+            self.note_use(*id);
+        }
     }
 
     /// True if the cache has a file for the chunk (not verified).
@@ -237,16 +337,22 @@ impl ChunkCache {
         let mut r = [0u8; 8];
         getrandom::fill(&mut r).expect("the operating system's random source failed");
         let tmp = parent.join(format!(".tmp-{}", u64::from_le_bytes(r)));
-        let write = || -> std::io::Result<()> {
+        let write = || -> std::io::Result<u64> {
             let mut f = fs::File::create(&tmp)?;
             f.write_all(plain)?;
-            fs::rename(&tmp, &path)
+            let ino = f.metadata()?.ino();
+            fs::rename(&tmp, &path)?;
+            Ok(ino)
         };
-        if let Err(e) = write() {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_err(format!("write {}", path.display()))(e));
-        }
-        self.verified.lock().expect("cache lock").insert(*id);
+        let ino = match write() {
+            Ok(ino) => ino,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(io_err(format!("write {}", path.display()))(e));
+            }
+        };
+        // The caller verified `plain`, and this file holds exactly it.
+        self.verified.write().expect("cache lock").insert(*id, ino);
         self.db
             .lock()
             .expect("cache lock")
@@ -310,6 +416,7 @@ impl ChunkCache {
                 let id = ChunkId::from_bytes(arr);
                 let _ = fs::remove_file(self.path(&id));
                 self.open.write().expect("cache lock").remove(&id);
+                self.verified.write().expect("cache lock").remove(&id);
                 db.execute(
                     "DELETE FROM chunks WHERE id = ?1",
                     params![&id.as_bytes()[..]],

@@ -1,9 +1,15 @@
 //! [`Disk`]: a machine's disk on the station, served to NBD clients.
 //!
-//! Reads come from the overlay if the chunk is dirty, else cost nothing if the chunk is
-//! zero, else from the station cache, else from the bank (verified, then cached). Only
-//! one fetch per chunk is in flight; others wait for it. Writes go to the overlay at
-//! chunk granularity: a partial write to a clean chunk first copies the base chunk in.
+//! Reads come from the overlay for the blocks of a chunk the session wrote, else cost
+//! nothing if the chunk is zero, else from the station cache, else from the bank
+//! (verified, then cached). Only one fetch per chunk is in flight; others wait for it.
+//!
+//! Writes go to the overlay, tracked per block (4 KiB for 64 KiB chunks; see
+//! [`block_size_for`]): a write covering whole blocks of a clean chunk is written as
+//! is and marks those blocks dirty, so a 4 KiB write costs 4 KiB. Only a write that
+//! covers part of a block not yet in the overlay first merges that block with the
+//! base chunk. Check-in and recovery make each partly dirty chunk whole in the
+//! overlay ([`fill_partial_chunks`]) before hashing it.
 //!
 //! Lock order: a chunk's stripe lock, then the flush lock; the flight map is held only
 //! to look up or insert a flight, never across I/O.
@@ -19,8 +25,9 @@ use mbank_core::{ChunkId, DiskIndex};
 use mbank_nbd::{BlockDevice, DeviceError, Extent};
 use mbank_store::{ChunkStore, StoreError};
 
+use crate::StationError;
 use crate::cache::ChunkCache;
-use crate::session::{SessionDir, SessionMeta};
+use crate::session::{DirtyMap, SessionDir, SessionMeta, block_size_for, full_mask};
 
 const STRIPES: usize = 256;
 
@@ -39,13 +46,62 @@ pub struct DiskCounters {
     pub bytes_fetched: AtomicU64,
 }
 
+/// Appends exactly `n` bytes read at `off` of `f` to `buf`, without first zeroing
+/// them. On error `buf` is left as it was.
+pub fn append_pread(buf: &mut Vec<u8>, f: &File, off: u64, n: usize) -> std::io::Result<()> {
+    let start = buf.len();
+    buf.reserve(n);
+    while buf.len() < start + n {
+        let want = start + n - buf.len();
+        let at = off + (buf.len() - start) as u64;
+        let spare = &mut buf.spare_capacity_mut()[..want];
+        // SAFETY: `spare` is `want` bytes of the vector's allocation past its length,
+        // valid for writes; pread writes at most `want` bytes there and nothing else.
+        let r = unsafe {
+            libc::pread(
+                f.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                want,
+                at as libc::off_t,
+            )
+        };
+        let err = match r {
+            0 => std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+            r if r > 0 => {
+                // SAFETY: pread initialised the first `r` (<= `want`) spare bytes.
+                unsafe { buf.set_len(buf.len() + r as usize) };
+                continue;
+            }
+            _ => std::io::Error::last_os_error(),
+        };
+        if err.kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        buf.truncate(start);
+        return Err(err);
+    }
+    Ok(())
+}
+
+/// The mask of blocks `first..=last`.
+fn block_range(first: usize, last: usize) -> u64 {
+    let upto = if last >= 63 {
+        u64::MAX
+    } else {
+        (1u64 << (last + 1)) - 1
+    };
+    upto & !((1u64 << first) - 1)
+}
+
 /// A checked-out disk: base index, overlay, dirty map.
 pub struct Disk {
     pub meta: SessionMeta,
     pub dir: SessionDir,
     pub base: DiskIndex,
     overlay: File,
+    /// Per chunk, the blocks the overlay holds (see [`DirtyMap`]).
     dirty: Vec<AtomicU64>,
+    block_size: usize,
     dirty_gen: AtomicU64,
     durable_gen: Mutex<u64>,
     stripes: Vec<Mutex<()>>,
@@ -65,6 +121,8 @@ fn io(what: &str, e: std::io::Error) -> DeviceError {
 }
 
 impl Disk {
+    /// A disk whose chunks named in `dirty_bits` (one bit per chunk, least significant
+    /// first) are whole in the overlay.
     pub fn new(
         meta: SessionMeta,
         dir: SessionDir,
@@ -74,12 +132,40 @@ impl Disk {
         cache: Arc<ChunkCache>,
         store: Arc<dyn ChunkStore>,
     ) -> Self {
+        let mut map = DirtyMap::clean(base.disk_size, base.chunk_size);
+        for i in 0..map.masks.len() {
+            if dirty_bits
+                .get(i / 64)
+                .is_some_and(|b| b & (1 << (i % 64)) != 0)
+            {
+                map.masks[i] = map.full_mask(i);
+            }
+        }
+        Self::with_map(meta, dir, base, overlay, map, cache, store)
+    }
+
+    /// A disk whose overlay holds the blocks `map` names.
+    pub fn with_map(
+        meta: SessionMeta,
+        dir: SessionDir,
+        base: DiskIndex,
+        overlay: File,
+        map: DirtyMap,
+        cache: Arc<ChunkCache>,
+        store: Arc<dyn ChunkStore>,
+    ) -> Self {
+        assert_eq!(
+            map.masks.len(),
+            base.chunks.len(),
+            "dirty map of another disk"
+        );
         Disk {
             meta,
             dir,
+            block_size: block_size_for(base.chunk_size) as usize,
             base,
             overlay,
-            dirty: dirty_bits.into_iter().map(AtomicU64::new).collect(),
+            dirty: map.masks.into_iter().map(AtomicU64::new).collect(),
             dirty_gen: AtomicU64::new(0),
             durable_gen: Mutex::new(0),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -95,15 +181,35 @@ impl Disk {
         self.base.chunk_size as u64
     }
 
+    /// True if the overlay holds any block of chunk `i`.
     pub fn is_dirty(&self, i: usize) -> bool {
-        self.dirty[i / 64].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+        self.mask(i) != 0
     }
 
-    fn set_dirty(&self, i: usize) {
-        let prev = self.dirty[i / 64].fetch_or(1 << (i % 64), Ordering::AcqRel);
-        if prev & (1 << (i % 64)) == 0 {
+    /// The blocks of chunk `i` the overlay holds.
+    pub fn mask(&self, i: usize) -> u64 {
+        self.dirty[i].load(Ordering::Acquire)
+    }
+
+    fn full(&self, i: usize) -> u64 {
+        full_mask(self.base.chunk_len(i), self.block_size as u32)
+    }
+
+    /// Marks blocks of chunk `i` dirty; their data must already be in the overlay.
+    fn set_dirty(&self, i: usize, blocks: u64) {
+        let prev = self.dirty[i].fetch_or(blocks, Ordering::AcqRel);
+        if prev | blocks != prev {
             self.dirty_gen.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// The dirty map as it is now.
+    pub fn dirty_map(&self) -> DirtyMap {
+        let mut map = DirtyMap::clean(self.base.disk_size, self.base.chunk_size);
+        for (m, d) in map.masks.iter_mut().zip(&self.dirty) {
+            *m = d.load(Ordering::Acquire);
+        }
+        map
     }
 
     /// Indices of the dirty chunks.
@@ -194,50 +300,132 @@ impl Disk {
         })
     }
 
-    /// True if serving `[off, off+len)` needs neither a fetch, a first verification,
-    /// nor a merge: every piece is dirty, zero or open in the cache (and, for a write,
-    /// dirty or a whole chunk). Such requests are cheap enough to run inline.
-    fn is_fast(&self, off: u64, len: u64, write: bool) -> bool {
-        self.pieces(off, len).all(|(i, a, n)| {
-            if self.is_dirty(i) {
-                return true;
+    /// Appends `n` bytes at `a` of chunk `i`'s base content to `buf`. With `inline`,
+    /// returns `Ok(false)` instead of doing anything slow (a fetch, a first
+    /// verification), leaving `buf` as it was.
+    fn base_append(
+        &self,
+        i: usize,
+        a: usize,
+        n: usize,
+        buf: &mut Vec<u8>,
+        inline: bool,
+    ) -> Result<bool, DeviceError> {
+        let Some(id) = &self.base.chunks[i] else {
+            buf.resize(buf.len() + n, 0);
+            return Ok(true);
+        };
+        if self.cache.read_append(id, a, n, buf, !inline) {
+            return Ok(true);
+        }
+        if inline {
+            return Ok(false);
+        }
+        let data = self.fetch_missing(id)?;
+        buf.extend_from_slice(&data[a..a + n]);
+        Ok(true)
+    }
+
+    fn overlay_append(&self, buf: &mut Vec<u8>, off: u64, n: usize) -> Result<(), DeviceError> {
+        append_pread(buf, &self.overlay, off, n).map_err(|e| io("read the session overlay", e))
+    }
+
+    /// Appends bytes `[a, a+n)` of chunk `i` to `buf`: each block from the overlay if
+    /// the session wrote it, else from the base. `Ok(false)` as for `base_append`.
+    fn chunk_append(
+        &self,
+        i: usize,
+        a: usize,
+        n: usize,
+        buf: &mut Vec<u8>,
+        inline: bool,
+    ) -> Result<bool, DeviceError> {
+        let chunk_off = i as u64 * self.chunk_size();
+        let mask = self.mask(i);
+        if mask == 0 {
+            return self.base_append(i, a, n, buf, inline);
+        }
+        if mask == self.full(i) {
+            self.overlay_append(buf, chunk_off + a as u64, n)?;
+            return Ok(true);
+        }
+        // Partly dirty: the range from the base (one cache lookup), then the runs of
+        // blocks the overlay holds over it.
+        let bs = self.block_size;
+        let touched = block_range(a / bs, (a + n - 1) / bs);
+        if mask & touched == touched {
+            self.overlay_append(buf, chunk_off + a as u64, n)?;
+            return Ok(true);
+        }
+        let start = buf.len();
+        if !self.base_append(i, a, n, buf, inline)? {
+            return Ok(false);
+        }
+        let (end, mut pos) = (a + n, a);
+        while pos < end {
+            let dirty = mask & (1 << (pos / bs)) != 0;
+            let mut run_end = (pos / bs + 1) * bs;
+            while run_end < end && (mask & (1 << (run_end / bs)) != 0) == dirty {
+                run_end += bs;
             }
-            if write {
-                return a == 0 && n == self.base.chunk_len(i);
+            let run_end = run_end.min(end);
+            if dirty {
+                let dst = &mut buf[start + pos - a..start + run_end - a];
+                if let Err(e) = self.overlay.read_exact_at(dst, chunk_off + pos as u64) {
+                    buf.truncate(start);
+                    return Err(io("read the session overlay", e));
+                }
             }
-            match &self.base.chunks[i] {
-                None => true,
-                Some(id) => self.cache.is_open(id),
+            pos = run_end;
+        }
+        Ok(true)
+    }
+
+    /// Reads `len` bytes at `off`. With `inline`, `Ok(None)` if that needs anything
+    /// slower than a `pread` or two (a fetch from the bank, a first verification of a
+    /// cached chunk), so the caller can run it where blocking is fine.
+    pub fn read_with(
+        &self,
+        off: u64,
+        len: u32,
+        inline: bool,
+    ) -> Result<Option<Vec<u8>>, DeviceError> {
+        let mut out = Vec::with_capacity(len as usize);
+        for (i, a, n) in self.pieces(off, len as u64) {
+            if !self.chunk_append(i, a, n, &mut out, inline)? {
+                return Ok(None);
             }
-        })
+        }
+        debug_assert_eq!(out.len(), len as usize);
+        Ok(Some(out))
     }
 
     pub fn read_sync(&self, off: u64, len: u32) -> Result<Vec<u8>, DeviceError> {
         self.demand.fetch_add(1, Ordering::AcqRel);
-        let r = self.read_inner(off, len);
+        let r = self.read_with(off, len, false);
         self.demand.fetch_sub(1, Ordering::AcqRel);
-        r
+        Ok(r?.expect("a read that may block always completes"))
     }
 
-    fn read_inner(&self, off: u64, len: u32) -> Result<Vec<u8>, DeviceError> {
-        let mut out = vec![0u8; len as usize];
-        let mut at = 0usize;
-        for (i, a, n) in self.pieces(off, len as u64) {
-            let dst = &mut out[at..at + n];
-            let chunk_off = i as u64 * self.chunk_size();
-            if self.is_dirty(i) {
-                self.overlay
-                    .read_exact_at(dst, chunk_off + a as u64)
-                    .map_err(|e| io("read the session overlay", e))?;
-            } else if let Some(id) = &self.base.chunks[i]
-                && !self.cache.read_into(id, a, dst)
-            {
-                let data = self.fetch_missing(id)?;
-                dst.copy_from_slice(&data[a..a + n]);
-            }
-            at += n;
-        }
-        Ok(out)
+    /// The blocks a write of `[a, a+n)` into chunk `i` touches, and whether it must
+    /// first merge its first / last block with what is there (the write covers only
+    /// part of a block the overlay does not hold yet).
+    fn write_plan(&self, i: usize, a: usize, n: usize) -> (usize, usize, bool, bool) {
+        let (bs, clen, mask) = (self.block_size, self.base.chunk_len(i), self.mask(i));
+        let (first, last) = (a / bs, (a + n - 1) / bs);
+        let head = !a.is_multiple_of(bs) && mask & (1 << first) == 0;
+        let tail_end = ((last + 1) * bs).min(clen);
+        let tail = a + n < tail_end && mask & (1 << last) == 0;
+        (first, last, head, tail)
+    }
+
+    /// True if a write of `[off, off+len)` needs no merge with a base chunk that is
+    /// not zero, so it is a `pwrite` or two and cheap enough to run inline.
+    fn write_is_fast(&self, off: u64, len: u64) -> bool {
+        self.pieces(off, len).all(|(i, a, n)| {
+            let (_, _, head, tail) = self.write_plan(i, a, n);
+            !(head || tail) || self.base.chunks[i].is_none()
+        })
     }
 
     /// Writes `data` (or zeros, for `None`) at `off`.
@@ -247,39 +435,53 @@ impl Disk {
             let _g = self.stripes[i % STRIPES].lock().expect("stripe lock");
             let chunk_off = i as u64 * self.chunk_size();
             let clen = self.base.chunk_len(i);
-            let whole = a == 0 && n == clen;
             let piece = data.map(|d| &d[at..at + n]);
-            let write = |buf: &[u8], at: u64| {
+            let write = |buf: &[u8], at: usize| {
                 self.overlay
-                    .write_all_at(buf, at)
+                    .write_all_at(buf, chunk_off + at as u64)
                     .map_err(|e| io("write the session overlay", e))
             };
-            if whole {
+            let zero = |at: usize, n: usize| {
+                punch_hole(&self.overlay, chunk_off + at as u64, n as u64)
+                    .map_err(|e| io("clear a range in the session overlay", e))
+            };
+            let (first, last, head, tail) = self.write_plan(i, a, n);
+            if !head && !tail {
                 match piece {
-                    Some(p) => write(p, chunk_off)?,
-                    None => punch_hole(&self.overlay, chunk_off, clen as u64)
-                        .map_err(|e| io("clear a chunk in the session overlay", e))?,
-                }
-            } else if self.is_dirty(i) {
-                match piece {
-                    Some(p) => write(p, chunk_off + a as u64)?,
-                    None => write(&vec![0u8; n], chunk_off + a as u64)?,
+                    Some(p) => write(p, a)?,
+                    None => zero(a, n)?,
                 }
             } else {
-                // First write to a clean chunk: merge it with the base chunk.
-                let mut buf = match &self.base.chunks[i] {
-                    Some(id) => {
-                        Arc::try_unwrap(self.fetch(id)?).unwrap_or_else(|shared| (*shared).clone())
-                    }
-                    None => vec![0u8; clen],
+                // Part of a block the overlay lacks: merge it with the base first.
+                let bs = self.block_size;
+                let start = if head { first * bs } else { a };
+                let end = if tail {
+                    ((last + 1) * bs).min(clen)
+                } else {
+                    a + n
                 };
-                match piece {
-                    Some(p) => buf[a..a + n].copy_from_slice(p),
-                    None => buf[a..a + n].fill(0),
+                let base = match &self.base.chunks[i] {
+                    Some(id) => Some(self.fetch(id)?),
+                    None => None,
+                };
+                let from_base = |buf: &mut Vec<u8>, s: usize, e: usize| match &base {
+                    Some(b) => buf.extend_from_slice(&b[s..e]),
+                    None => buf.resize(buf.len() + e - s, 0),
+                };
+                let mut buf = Vec::with_capacity(end - start);
+                if head {
+                    from_base(&mut buf, start, a);
                 }
-                write(&buf, chunk_off)?;
+                match piece {
+                    Some(p) => buf.extend_from_slice(p),
+                    None => buf.resize(buf.len() + n, 0),
+                }
+                if tail {
+                    from_base(&mut buf, a + n, end);
+                }
+                write(&buf, start)?;
             }
-            self.set_dirty(i);
+            self.set_dirty(i, block_range(first, last));
             at += n;
         }
         Ok(())
@@ -290,20 +492,16 @@ impl Disk {
     pub fn flush_sync(&self) -> Result<(), DeviceError> {
         let mut durable = self.durable_gen.lock().expect("flush lock");
         let generation = self.dirty_gen.load(Ordering::Acquire);
-        let bits: Vec<u64> = self
-            .dirty
-            .iter()
-            .map(|b| b.load(Ordering::Acquire))
-            .collect();
+        // Taken before the fsync: every block it names was written before it was
+        // marked, so the fsync below covers its data.
+        let map = self.dirty_map();
         self.overlay
             .sync_data()
             .map_err(|e| io("sync the session overlay", e))?;
         if generation != *durable || !self.dir.dirty_path().exists() {
-            self.dir
-                .write_dirty(&bits, self.base.chunks.len() as u64)
-                .map_err(|e| {
-                    DeviceError::io("write the dirty map", std::io::Error::other(e.to_string()))
-                })?;
+            self.dir.write_dirty(&map).map_err(|e| {
+                DeviceError::io("write the dirty map", std::io::Error::other(e.to_string()))
+            })?;
             *durable = generation;
         }
         Ok(())
@@ -311,7 +509,7 @@ impl Disk {
 
     pub fn cache_sync(&self, off: u64, len: u32) -> Result<(), DeviceError> {
         for (i, _, _) in self.pieces(off, len as u64) {
-            if !self.is_dirty(i)
+            if self.mask(i) != self.full(i)
                 && let Some(id) = &self.base.chunks[i]
             {
                 self.fetch(id)?;
@@ -336,8 +534,8 @@ impl Disk {
         out
     }
 
-    /// Fetches every clean, non-zero chunk the cache lacks, one at a time, yielding
-    /// to reads the guest waits on. Stops when `stop` is set.
+    /// Fetches every non-zero chunk not whole in the overlay that the cache lacks, one
+    /// at a time, yielding to reads the guest waits on. Stops when `stop` is set.
     pub fn prefetch(&self, stop: &AtomicBool) {
         for (i, c) in self.base.chunks.iter().enumerate() {
             let Some(id) = c else { continue };
@@ -347,12 +545,60 @@ impl Disk {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            if self.is_dirty(i) || self.cache.contains(id) {
+            if self.mask(i) == self.full(i) || self.cache.contains(id) {
                 continue;
             }
             let _ = self.fetch(id);
         }
     }
+}
+
+/// Makes each chunk of `dirty` whole in the overlay, as check-in and recovery need to
+/// hash it: the blocks of a partly dirty chunk that `map` does not name are written
+/// with the base chunk's bytes (from `fetch`; zeros for a zero chunk). What the
+/// overlay held there (say, a write never flushed before a crash) is not part of the
+/// session's durable state. Repeating this after a crash gives the same result; the
+/// dirty map is not changed.
+pub fn fill_partial_chunks(
+    overlay: &File,
+    base: &DiskIndex,
+    map: &DirtyMap,
+    dirty: &[usize],
+    fetch: &dyn Fn(&ChunkId) -> Result<Vec<u8>, String>,
+) -> Result<(), StationError> {
+    let cs = base.chunk_size as u64;
+    let bs = map.block_size as usize;
+    for &i in dirty {
+        let mask = map.masks[i];
+        let full = map.full_mask(i);
+        if mask == full {
+            continue;
+        }
+        if mask == 0 {
+            return Err(StationError::Io {
+                what: format!("check in chunk {i}"),
+                source: std::io::Error::other("it is dirty but not in the durable dirty map"),
+            });
+        }
+        let len = base.chunk_len(i);
+        let data = match &base.chunks[i] {
+            Some(id) => fetch(id).map_err(|e| StationError::Io {
+                what: format!("fetch base chunk {id} to merge with the writes to chunk {i}"),
+                source: std::io::Error::other(e),
+            })?,
+            None => vec![0u8; len],
+        };
+        for j in (0..len.div_ceil(bs)).filter(|j| mask & (1 << j) == 0) {
+            let (s, e) = (j * bs, ((j + 1) * bs).min(len));
+            overlay
+                .write_all_at(&data[s..e], i as u64 * cs + s as u64)
+                .map_err(|e| StationError::Io {
+                    what: format!("merge chunk {i} with its base in the session overlay"),
+                    source: e,
+                })?;
+        }
+    }
+    Ok(())
 }
 
 fn punch_hole(f: &File, off: u64, len: u64) -> std::io::Result<()> {
@@ -405,8 +651,8 @@ impl BlockDevice for NbdDisk {
         let d = self.0.clone();
         async move {
             // Warm reads are a pread or two: a thread hand-off would cost more.
-            if d.is_fast(offset, len as u64, false) {
-                return d.read_sync(offset, len);
+            if let Some(data) = d.read_with(offset, len, true)? {
+                return Ok(data);
             }
             blocking(move || d.read_sync(offset, len)).await
         }
@@ -420,7 +666,7 @@ impl BlockDevice for NbdDisk {
     ) -> impl Future<Output = Result<(), DeviceError>> + Send {
         let d = self.0.clone();
         async move {
-            if !fua && d.is_fast(offset, data.len() as u64, true) {
+            if !fua && d.write_is_fast(offset, data.len() as u64) {
                 return d.write_sync(offset, Some(&data), data.len() as u64);
             }
             blocking(move || {
@@ -467,5 +713,247 @@ impl BlockDevice for NbdDisk {
     ) -> impl Future<Output = Result<Vec<Extent>, DeviceError>> + Send {
         let d = self.0.clone();
         blocking(move || Ok(d.block_status_sync(offset, len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Station;
+    use crate::session::encode_dirty_v1;
+    use mbank_bank::{Bank, ImportOptions, NoProgress};
+    use mbank_core::{MachineName, MachineRef};
+    use mbank_store::LocalStore;
+
+    const CS: usize = 65536;
+    /// Eight 64 KiB chunks (chunk 3 all zero) and a last chunk of 5120 bytes.
+    const DISK: usize = 8 * CS + 5120;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        bank: Bank,
+        station: Station,
+        /// What the disk should read as.
+        model: Vec<u8>,
+        /// The disk as imported.
+        base: Vec<u8>,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bank = Bank::init(&dir.path().join("bank")).unwrap();
+        let mut base: Vec<u8> = (0..DISK)
+            .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8 | 1)
+            .collect();
+        base[3 * CS..4 * CS].fill(0);
+        let img = dir.path().join("disk.raw");
+        std::fs::write(&img, &base).unwrap();
+        let m: MachineName = "alice/dev".parse().unwrap();
+        bank.import(&m, &img, &ImportOptions::default(), &NoProgress)
+            .unwrap();
+        let station = Station::open(&dir.path().join("cache"), 64 << 20).unwrap();
+        Fixture {
+            dir,
+            bank,
+            station,
+            model: base.clone(),
+            base,
+        }
+    }
+
+    impl Fixture {
+        fn check_out(&mut self) -> Arc<Disk> {
+            let store: Arc<dyn ChunkStore> = Arc::new(LocalStore::open(self.bank.root()).unwrap());
+            let r: MachineRef = "alice/dev".parse().unwrap();
+            self.station
+                .check_out(&mut self.bank, &r, false, store)
+                .unwrap()
+        }
+
+        fn write(&mut self, disk: &Disk, off: usize, data: Option<&[u8]>, len: usize) {
+            disk.write_sync(off as u64, data, len as u64).unwrap();
+            match data {
+                Some(d) => self.model[off..off + len].copy_from_slice(d),
+                None => self.model[off..off + len].fill(0),
+            }
+        }
+
+        /// The head version's disk, exported by the bank.
+        fn head(&self) -> Vec<u8> {
+            let out = self.dir.path().join("head.raw");
+            let r: MachineRef = "alice/dev".parse().unwrap();
+            self.bank.export(&r, &out, 2, &NoProgress).unwrap();
+            std::fs::read(out).unwrap()
+        }
+    }
+
+    fn pattern(n: usize, seed: u8) -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+    }
+
+    /// The session is abandoned as a crash leaves it: its process gone.
+    fn crash(disk: Arc<Disk>) {
+        let path = disk.dir.meta_path();
+        let mut meta = disk.dir.read_meta().unwrap();
+        meta.pid = u32::MAX - 1; // a process that does not exist
+        std::fs::write(path, serde_json::to_vec(&meta).unwrap()).unwrap();
+        drop(disk);
+    }
+
+    #[test]
+    fn block_writes_cost_only_their_blocks_and_read_back_merged() {
+        let mut f = fixture();
+        let disk = f.check_out();
+        // 4 KiB, block-aligned, into a clean chunk: no merge, only that block.
+        f.write(&disk, CS + 8192, Some(&pattern(4096, 1)), 4096);
+        assert_eq!(disk.mask(1), 0b100);
+        let overlay = std::fs::read(disk.dir.overlay_path()).unwrap();
+        assert_eq!(
+            &overlay[CS + 8192..CS + 12288],
+            &f.model[CS + 8192..CS + 12288]
+        );
+        assert!(
+            overlay[..CS + 8192]
+                .iter()
+                .chain(&overlay[CS + 12288..])
+                .all(|&b| b == 0),
+            "nothing but the written block reached the overlay"
+        );
+        // Unaligned, inside one clean block: that block is merged with the base.
+        f.write(&disk, 2 * CS + 5000, Some(&pattern(100, 2)), 100);
+        assert_eq!(disk.mask(2), 0b10);
+        // Across a chunk boundary, both ends unaligned.
+        f.write(&disk, 5 * CS - 6000, Some(&pattern(12000, 3)), 12000);
+        assert_eq!(disk.mask(4), 0b11 << 14);
+        assert_eq!(disk.mask(5), 0b11);
+        // Into the zero chunk, and into the short last chunk's partial last block.
+        f.write(&disk, 3 * CS + 1, Some(&pattern(10, 4)), 10);
+        assert_eq!(disk.mask(3), 0b1);
+        f.write(&disk, 8 * CS + 4500, Some(&pattern(100, 5)), 100);
+        assert_eq!(disk.mask(8), 0b10);
+        // Zeros over one block; a whole chunk; a second write into a dirty block.
+        f.write(&disk, 6 * CS + 4096, None, 4096);
+        assert_eq!(disk.mask(6), 0b10);
+        f.write(&disk, 7 * CS, Some(&pattern(CS, 6)), CS);
+        assert_eq!(disk.mask(7), 0xffff);
+        f.write(&disk, CS + 9000, Some(&pattern(50, 7)), 50);
+        assert_eq!(disk.mask(1), 0b100);
+        assert_eq!(disk.mask(0), 0);
+        assert_eq!(disk.dirty_chunks(), [1, 2, 3, 4, 5, 6, 7, 8]);
+
+        assert_eq!(disk.read_sync(0, DISK as u32).unwrap(), f.model);
+        for (off, len) in [(CS + 8000, 5000), (5 * CS - 7000, 9000), (8 * CS, 5000)] {
+            let got = disk.read_sync(off as u64, len as u32).unwrap();
+            assert_eq!(got, &f.model[off..off + len], "read at {off}");
+        }
+        // The zero chunk now holds data.
+        let st = disk.block_status_sync(3 * CS as u64, CS as u32);
+        assert_eq!(st, [Extent::data(CS as u32)]);
+
+        // Check-in stores each written chunk whole: merged with its base.
+        let r = f
+            .station
+            .check_in(&mut f.bank, &disk, &ImportOptions::default(), &NoProgress)
+            .unwrap();
+        assert_eq!(r.chunks_written, 8);
+        assert_eq!(f.head(), f.model);
+    }
+
+    #[test]
+    fn flushed_block_writes_survive_a_crash_and_unflushed_ones_do_not_leak() {
+        let mut f = fixture();
+        let disk = f.check_out();
+        f.write(&disk, CS + 8192, Some(&pattern(4096, 1)), 4096);
+        f.write(&disk, 2 * CS + 100, Some(&pattern(300, 2)), 300);
+        f.write(&disk, 3 * CS + 4096, Some(&pattern(8192, 3)), 8192);
+        f.write(&disk, 4 * CS, Some(&pattern(CS, 4)), CS);
+        disk.flush_sync().unwrap();
+        let flushed = f.model.clone();
+        let map = disk
+            .dir
+            .read_dirty(DISK as u64, CS as u32)
+            .expect("the durable map reads back");
+        assert_eq!(map, disk.dirty_map());
+        assert_eq!(map.masks[1..5], [0b100, 0b1, 0b110, 0xffff]);
+        let bytes = std::fs::read(disk.dir.dirty_path()).unwrap();
+        assert_eq!(bytes[4], 2, "format 2");
+
+        // Written, never flushed: into a clean block of a partly dirty chunk, and into
+        // a clean chunk. The overlay holds them, the durable map does not.
+        f.write(&disk, CS + 5 * 4096, Some(&pattern(4096, 9)), 4096);
+        f.write(&disk, 6 * CS, Some(&pattern(4096, 9)), 4096);
+        crash(disk);
+
+        let reports = f
+            .station
+            .recover(&mut f.bank, &ImportOptions::default())
+            .unwrap();
+        assert_eq!(reports.len(), 1);
+        assert!(reports[0].recovered);
+        assert_eq!(reports[0].chunks_written, 4);
+        let head = f.head();
+        assert_eq!(head, flushed, "every flushed write, merged with the base");
+        assert_eq!(
+            head[CS + 5 * 4096..CS + 6 * 4096],
+            f.base[CS + 5 * 4096..CS + 6 * 4096]
+        );
+    }
+
+    #[test]
+    fn a_session_left_by_an_older_mbank_is_recovered() {
+        let mut f = fixture();
+        let disk = f.check_out();
+        // What an older mbank left: chunk 2 whole in the overlay, a format 1 map.
+        let new = pattern(CS, 8);
+        disk.overlay().write_all_at(&new, 2 * CS as u64).unwrap();
+        f.model[2 * CS..3 * CS].copy_from_slice(&new);
+        std::fs::write(disk.dir.dirty_path(), encode_dirty_v1(&[0b100], 9)).unwrap();
+        crash(disk);
+        let reports = f
+            .station
+            .recover(&mut f.bank, &ImportOptions::default())
+            .unwrap();
+        assert_eq!(reports.len(), 1);
+        assert_eq!(reports[0].chunks_written, 1);
+        assert_eq!(f.head(), f.model);
+    }
+
+    #[test]
+    fn reads_without_blocking_need_a_verified_cache_copy() {
+        let mut f = fixture();
+        let disk = f.check_out();
+        // Nothing is cached yet: an inline read declines, a blocking one fetches.
+        assert!(disk.read_with(0, 4096, true).unwrap().is_none());
+        assert_eq!(disk.read_sync(0, 4096).unwrap(), f.base[..4096]);
+        let inline = disk.read_with(100, 8000, true).unwrap();
+        assert_eq!(inline.as_deref(), Some(&f.base[100..8100]));
+        // A zero chunk and overlay blocks never need the cache.
+        f.write(&disk, CS + 4096, Some(&pattern(4096, 1)), 4096);
+        let got = disk.read_with(3 * CS as u64, 4096, true).unwrap();
+        assert_eq!(got.as_deref(), Some(&[0u8; 4096][..]));
+        let got = disk.read_with(CS as u64 + 4096, 4096, true).unwrap();
+        assert_eq!(got.as_deref(), Some(&f.model[CS + 4096..CS + 8192]));
+        assert!(disk.write_is_fast(CS as u64 + 4096, 4096));
+        assert!(disk.write_is_fast(CS as u64, 4096 * 3));
+        assert!(!disk.write_is_fast(CS as u64 + 100, 4096), "needs a merge");
+        assert!(
+            disk.write_is_fast(3 * CS as u64 + 100, 10),
+            "the zero chunk merges free"
+        );
+    }
+
+    #[test]
+    fn append_pread_reads_exactly_or_leaves_the_buffer_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        std::fs::write(&p, pattern(10000, 3)).unwrap();
+        let f = File::open(&p).unwrap();
+        let mut buf = vec![7u8; 3];
+        append_pread(&mut buf, &f, 100, 5000).unwrap();
+        assert_eq!(buf[..3], [7, 7, 7]);
+        assert_eq!(buf[3..], pattern(10000, 3)[100..5100]);
+        let err = append_pread(&mut buf, &f, 9000, 2000).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert_eq!(buf.len(), 5003, "a short read leaves the buffer as it was");
     }
 }

@@ -444,6 +444,15 @@ impl Station {
             let total = dirty.iter().map(|&i| base.chunk_len(i) as u64).sum();
             let cs = base.chunk_size as u64;
             let lens: Vec<usize> = dirty.iter().map(|&i| base.chunk_len(i)).collect();
+            // A chunk the session wrote only in part is made whole in the overlay first,
+            // with its base chunk's bytes where the durable dirty map names no write.
+            let map = dir.read_dirty(base.disk_size, base.chunk_size)?;
+            let (cache, store) = (&self.cache, bank.store());
+            device::fill_partial_chunks(overlay, base, &map, &dirty, &|id| {
+                cache
+                    .peek(id)
+                    .map_or_else(|| store.read(id).map_err(|e| e.to_string()), Ok)
+            })?;
             let items = dirty.into_iter().zip(lens).map(move |(i, len)| {
                 let mut buf = vec![0u8; len];
                 std::os::unix::fs::FileExt::read_exact_at(overlay, &mut buf, i as u64 * cs)
@@ -536,15 +545,18 @@ impl Station {
                 version: Some(base_id.to_hex()),
             })?;
             let base = bank.catalog().disk_index(&v)?;
-            let count = base.chunks.len() as u64;
-            let bits = dir.read_dirty(count)?;
-            let dirty: Vec<usize> = (0..count as usize)
-                .filter(|&i| bits[i / 64] & (1 << (i % 64)) != 0)
-                .collect();
-            let overlay = fs::File::open(dir.overlay_path()).map_err(|e| StationError::Io {
-                what: format!("open {}", dir.overlay_path().display()),
-                source: e,
-            })?;
+            let dirty = dir
+                .read_dirty(base.disk_size, base.chunk_size)?
+                .dirty_chunks();
+            // Writable: check-in merges partly written chunks with their base in it.
+            let overlay = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(dir.overlay_path())
+                .map_err(|e| StationError::Io {
+                    what: format!("open {}", dir.overlay_path().display()),
+                    source: e,
+                })?;
             let extras = CheckinExtras::default();
             let mut r = self.commit(
                 bank,

@@ -2,13 +2,15 @@
 //!
 //! ```text
 //! <cache>/sessions/<session id>/session.json   what was checked out (below)
-//! <cache>/sessions/<session id>/overlay        sparse file, the disk's size: dirty chunks
+//! <cache>/sessions/<session id>/overlay        sparse file, the disk's size: written blocks
 //! <cache>/sessions/<session id>/dirty          the durable dirty map (docs/formats.md)
 //! ```
 //!
-//! A chunk's bit reaches the durable map only after its overlay data was fsynced, so
-//! after a crash every chunk the map names holds what the guest last flushed (or
-//! newer). Chunks written but never flushed may be lost, as on a real disk.
+//! The dirty map ([`DirtyMap`]) names, per chunk, the blocks the overlay holds. A
+//! block reaches the durable map only after its overlay data was fsynced, so after a
+//! crash every block the map names holds what the guest last flushed (or newer), and
+//! the rest of a partly written chunk comes from its base chunk. Blocks written but
+//! never flushed may be lost, as on a real disk.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -20,8 +22,12 @@ use serde::{Deserialize, Serialize};
 use crate::StationError;
 
 pub const DIRTY_MAGIC: [u8; 4] = *b"MBDM";
-pub const DIRTY_VERSION: u8 = 1;
-const DIRTY_HEADER: usize = 16;
+/// The dirty map format this build writes: 2 (per-block masks of partly dirty chunks).
+/// Version 1 (one bit per chunk, every dirty chunk whole in the overlay) is still read.
+pub const DIRTY_VERSION: u8 = 2;
+const DIRTY_HEADER_V1: usize = 16;
+const DIRTY_HEADER_V2: usize = 32;
+const DIRTY_ENTRY: usize = 16;
 const DIRTY_TRAILER: usize = 32;
 /// Format of `session.json`.
 pub const SESSION_FORMAT: u32 = 1;
@@ -122,19 +128,19 @@ impl SessionDir {
     }
 
     /// Writes the dirty map durably: temp file, fsync, rename, fsync the directory.
-    pub fn write_dirty(&self, bits: &[u64], count: u64) -> Result<(), StationError> {
-        write_atomic(&self.dirty_path(), &encode_dirty(bits, count))
+    pub fn write_dirty(&self, map: &DirtyMap) -> Result<(), StationError> {
+        write_atomic(&self.dirty_path(), &encode_dirty(map))
     }
 
-    /// Reads the durable dirty map; a session that never flushed has none (all clean).
-    pub fn read_dirty(&self, count: u64) -> Result<Vec<u64>, StationError> {
+    /// Reads the durable dirty map (format 1 or 2) of a disk of `disk_size` bytes in
+    /// chunks of `chunk_size`; a session that never flushed has none (all clean).
+    pub fn read_dirty(&self, disk_size: u64, chunk_size: u32) -> Result<DirtyMap, StationError> {
         let p = self.dirty_path();
         match fs::read(&p) {
-            Ok(b) => {
-                decode_dirty(&b, count).map_err(|why| StationError::BadSession { path: p, why })
-            }
+            Ok(b) => decode_dirty(&b, disk_size, chunk_size)
+                .map_err(|why| StationError::BadSession { path: p, why }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok(vec![0; count.div_ceil(64) as usize])
+                Ok(DirtyMap::clean(disk_size, chunk_size))
             }
             Err(e) => Err(io("read", &p)(e)),
         }
@@ -157,16 +163,90 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StationError> {
     w().map_err(io("write", path))
 }
 
-/// The dirty map's bytes: header, one bit per chunk (LSB first), BLAKE3 trailer.
-pub fn encode_dirty(bits: &[u64], count: u64) -> Vec<u8> {
-    let nbytes = count.div_ceil(8) as usize;
-    let mut out = Vec::with_capacity(DIRTY_HEADER + nbytes + DIRTY_TRAILER);
+/// The size of the blocks the dirty map tracks inside a chunk of `chunk_size` bytes:
+/// 4 KiB, or 1/64 of the chunk for chunks over 256 KiB, so a chunk's blocks fit a `u64`.
+pub fn block_size_for(chunk_size: u32) -> u32 {
+    (chunk_size / 64).clamp(4096, chunk_size.max(1))
+}
+
+/// The mask with a bit for every block of a chunk of `chunk_len` bytes.
+pub fn full_mask(chunk_len: usize, block_size: u32) -> u64 {
+    match chunk_len.div_ceil(block_size as usize) {
+        n if n >= 64 => u64::MAX,
+        n => (1u64 << n) - 1,
+    }
+}
+
+/// Which blocks of each chunk the session overlay holds. A chunk is clean (mask 0),
+/// whole in the overlay (every block of it set: its full mask), or partly dirty: the
+/// overlay holds the set blocks, the base chunk holds the rest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirtyMap {
+    pub disk_size: u64,
+    pub chunk_size: u32,
+    pub block_size: u32,
+    /// Per chunk: bit *j* set = block *j* of the chunk is in the overlay.
+    pub masks: Vec<u64>,
+}
+
+impl DirtyMap {
+    /// Every chunk clean.
+    pub fn clean(disk_size: u64, chunk_size: u32) -> Self {
+        DirtyMap {
+            disk_size,
+            chunk_size,
+            block_size: block_size_for(chunk_size),
+            masks: vec![0; disk_size.div_ceil(chunk_size as u64) as usize],
+        }
+    }
+
+    /// Bytes in chunk `i` (the last chunk may be short).
+    pub fn chunk_len(&self, i: usize) -> usize {
+        let start = i as u64 * self.chunk_size as u64;
+        (self.disk_size - start).min(self.chunk_size as u64) as usize
+    }
+
+    /// The mask of chunk `i` when it is whole in the overlay.
+    pub fn full_mask(&self, i: usize) -> u64 {
+        full_mask(self.chunk_len(i), self.block_size)
+    }
+
+    /// Indices of the chunks with at least one block in the overlay.
+    pub fn dirty_chunks(&self) -> Vec<usize> {
+        (0..self.masks.len())
+            .filter(|&i| self.masks[i] != 0)
+            .collect()
+    }
+}
+
+/// The dirty map's bytes (format 2): header, one bit per chunk with any block in the
+/// overlay, the block masks of the chunks only partly there, BLAKE3 trailer.
+pub fn encode_dirty(map: &DirtyMap) -> Vec<u8> {
+    let count = map.masks.len();
+    let nbytes = count.div_ceil(8);
+    let partial: Vec<(usize, u64)> = (0..count)
+        .filter(|&i| map.masks[i] != 0 && map.masks[i] != map.full_mask(i))
+        .map(|i| (i, map.masks[i]))
+        .collect();
+    let mut out =
+        Vec::with_capacity(DIRTY_HEADER_V2 + nbytes + partial.len() * DIRTY_ENTRY + DIRTY_TRAILER);
     out.extend_from_slice(&DIRTY_MAGIC);
     out.push(DIRTY_VERSION);
     out.extend_from_slice(&[0; 3]);
-    out.extend_from_slice(&count.to_le_bytes());
-    for i in 0..nbytes {
-        out.push((bits[i / 8] >> ((i % 8) * 8)) as u8);
+    out.extend_from_slice(&(count as u64).to_le_bytes());
+    out.extend_from_slice(&map.block_size.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&(partial.len() as u64).to_le_bytes());
+    let mut bits = vec![0u8; nbytes];
+    for (i, m) in map.masks.iter().enumerate() {
+        if *m != 0 {
+            bits[i / 8] |= 1 << (i % 8);
+        }
+    }
+    out.extend_from_slice(&bits);
+    for (i, m) in partial {
+        out.extend_from_slice(&(i as u64).to_le_bytes());
+        out.extend_from_slice(&m.to_le_bytes());
     }
     let sum = blake3_of(&out);
     out.extend_from_slice(&sum);
@@ -178,30 +258,104 @@ fn blake3_of(b: &[u8]) -> [u8; 32] {
     *mbank_core::ChunkId::of(b).as_bytes()
 }
 
-pub fn decode_dirty(b: &[u8], count: u64) -> Result<Vec<u64>, String> {
-    let nbytes = count.div_ceil(8) as usize;
-    if b.len() != DIRTY_HEADER + nbytes + DIRTY_TRAILER {
-        return Err(format!(
-            "dirty map is {} bytes, expected {}",
-            b.len(),
-            DIRTY_HEADER + nbytes + DIRTY_TRAILER
-        ));
+fn le64(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
+}
+
+/// Reads a dirty map of format 1 or 2 for a disk of `disk_size` bytes in chunks of
+/// `chunk_size`. A format 1 map names whole chunks: each is whole in the overlay.
+pub fn decode_dirty(b: &[u8], disk_size: u64, chunk_size: u32) -> Result<DirtyMap, String> {
+    let mut map = DirtyMap::clean(disk_size, chunk_size);
+    let count = map.masks.len();
+    let nbytes = count.div_ceil(8);
+    if b.len() < DIRTY_HEADER_V1 + DIRTY_TRAILER || b[..4] != DIRTY_MAGIC || b[5..8] != [0; 3] {
+        return Err("dirty map has a bad magic or header".into());
     }
-    if b[..4] != DIRTY_MAGIC || b[4] != DIRTY_VERSION || b[5..8] != [0; 3] {
-        return Err("dirty map has a bad magic or version".into());
-    }
-    if u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")) != count {
-        return Err("dirty map is for a disk of another size".into());
+    let header = match b[4] {
+        1 => DIRTY_HEADER_V1,
+        2 => DIRTY_HEADER_V2,
+        v => return Err(format!("dirty map format {v} (this mbank knows 1 and 2)")),
+    };
+    if b.len() < header + nbytes + DIRTY_TRAILER {
+        return Err(format!("dirty map is {} bytes, too short", b.len()));
     }
     let body = b.len() - DIRTY_TRAILER;
     if blake3_of(&b[..body]) != b[body..] {
         return Err("dirty map checksum mismatch".into());
     }
-    let mut bits = vec![0u64; count.div_ceil(64) as usize];
-    for (i, byte) in b[DIRTY_HEADER..body].iter().enumerate() {
-        bits[i / 8] |= (*byte as u64) << ((i % 8) * 8);
+    if le64(&b[8..16]) != count as u64 {
+        return Err("dirty map is for a disk of another size".into());
     }
-    Ok(bits)
+    let bits = &b[header..header + nbytes];
+    let set = |i: usize| bits[i / 8] & (1 << (i % 8)) != 0;
+    if !count.is_multiple_of(8) && bits[nbytes - 1] >> (count % 8) != 0 && b[4] == 2 {
+        return Err("dirty map marks chunks past the end of the disk".into());
+    }
+    for i in 0..count {
+        if set(i) {
+            map.masks[i] = map.full_mask(i);
+        }
+    }
+    let entries = &b[header + nbytes..body];
+    if b[4] == 1 {
+        if !entries.is_empty() {
+            return Err(format!(
+                "dirty map is {} bytes, expected {}",
+                b.len(),
+                header + nbytes + DIRTY_TRAILER
+            ));
+        }
+        return Ok(map);
+    }
+    let block = u32::from_le_bytes(b[16..20].try_into().expect("4 bytes"));
+    if block != map.block_size || b[20..24] != [0; 4] {
+        return Err(format!(
+            "dirty map tracks {block}-byte blocks, expected {}",
+            map.block_size
+        ));
+    }
+    let partial = le64(&b[24..32]);
+    if entries.len() as u64 != partial.saturating_mul(DIRTY_ENTRY as u64) {
+        return Err(format!(
+            "dirty map is {} bytes, expected {} for {partial} partly dirty chunks",
+            b.len(),
+            header as u64 + nbytes as u64 + partial.saturating_mul(16) + DIRTY_TRAILER as u64
+        ));
+    }
+    let mut last = None;
+    for e in entries.chunks_exact(DIRTY_ENTRY) {
+        let (i, mask) = (le64(&e[..8]), le64(&e[8..]));
+        if i >= count as u64 || last.is_some_and(|l| i <= l) {
+            return Err(format!("dirty map entry for chunk {i} is out of order"));
+        }
+        last = Some(i);
+        let i = i as usize;
+        let full = map.full_mask(i);
+        if !set(i) || mask == 0 || mask == full || mask & !full != 0 {
+            return Err(format!(
+                "dirty map entry for chunk {i} is not a partial mask"
+            ));
+        }
+        map.masks[i] = mask;
+    }
+    Ok(map)
+}
+
+/// What an older mbank wrote: format 1, one bit per chunk (for tests).
+#[cfg(test)]
+pub(crate) fn encode_dirty_v1(bits: &[u64], count: u64) -> Vec<u8> {
+    let nbytes = count.div_ceil(8) as usize;
+    let mut out = Vec::new();
+    out.extend_from_slice(&DIRTY_MAGIC);
+    out.push(1);
+    out.extend_from_slice(&[0; 3]);
+    out.extend_from_slice(&count.to_le_bytes());
+    for i in 0..nbytes {
+        out.push((bits[i / 8] >> ((i % 8) * 8)) as u8);
+    }
+    let sum = blake3_of(&out);
+    out.extend_from_slice(&sum);
+    out
 }
 
 #[cfg(test)]
@@ -209,19 +363,94 @@ mod tests {
     use super::*;
 
     #[test]
+    fn block_sizes() {
+        assert_eq!(block_size_for(4096), 4096);
+        assert_eq!(block_size_for(64 << 10), 4096);
+        assert_eq!(block_size_for(256 << 10), 4096);
+        assert_eq!(block_size_for(4 << 20), 64 << 10);
+        assert_eq!(full_mask(64 << 10, 4096), 0xffff);
+        assert_eq!(full_mask(4097, 4096), 0b11);
+        assert_eq!(full_mask(256 << 10, 4096), u64::MAX);
+    }
+
+    #[test]
     fn dirty_map_round_trip_and_damage() {
-        let count = 1000;
+        // 1000 chunks of 64 KiB, the last one 5000 bytes (two blocks).
+        let disk = 999 * 65536 + 5000;
+        let mut map = DirtyMap::clean(disk, 65536);
+        assert_eq!(map.masks.len(), 1000);
+        for i in [0usize, 7, 63, 64, 998] {
+            map.masks[i] = map.full_mask(i);
+        }
+        map.masks[3] = 0b1000_0000_0000_0001;
+        map.masks[500] = 0x7fff;
+        map.masks[999] = 0b10;
+        let b = encode_dirty(&map);
+        assert_eq!(b[4], 2);
+        assert_eq!(b.len(), 32 + 125 + 3 * 16 + 32);
+        assert_eq!(decode_dirty(&b, disk, 65536).unwrap(), map);
+        assert_eq!(map.dirty_chunks(), [0, 3, 7, 63, 64, 500, 998, 999]);
+        for pos in 0..b.len() {
+            let mut bad = b.clone();
+            bad[pos] ^= 1;
+            assert!(decode_dirty(&bad, disk, 65536).is_err(), "flip at {pos}");
+        }
+        assert!(decode_dirty(&b, disk - 65536, 65536).is_err());
+        assert!(decode_dirty(&b[..b.len() - 1], disk, 65536).is_err());
+    }
+
+    #[test]
+    fn a_map_that_lies_is_refused_even_with_a_good_checksum() {
+        let disk = 16 * 65536;
+        let mut map = DirtyMap::clean(disk, 65536);
+        map.masks[2] = 0b11;
+        let good = encode_dirty(&map);
+        let reseal = |mut b: Vec<u8>| {
+            let body = b.len() - 32;
+            let sum = blake3_of(&b[..body]);
+            b[body..].copy_from_slice(&sum);
+            b
+        };
+        // The entry's mask is full (it should have been a plain bit), or names a block
+        // past the chunk, or its chunk's bit is clear.
+        let entry = good.len() - 32 - 16;
+        for (at, byte) in [(entry + 8, 0xff), (entry + 10, 0x01), (32, 0)] {
+            let mut b = good.clone();
+            if byte == 0xff {
+                b[at] = 0xff;
+                b[at + 1] = 0xff;
+            } else {
+                b[at] = byte;
+            }
+            assert!(decode_dirty(&reseal(b), disk, 65536).is_err(), "at {at}");
+        }
+        // A block size other than the one this chunk size uses.
+        let mut b = good.clone();
+        b[17] = 0x20;
+        assert!(decode_dirty(&reseal(b), disk, 65536).is_err());
+    }
+
+    #[test]
+    fn format_1_maps_are_still_read_as_whole_chunks() {
+        let count = 1000u64;
+        let disk = count * 65536 - 100;
         let mut bits = vec![0u64; 16];
         for i in [0usize, 7, 63, 64, 999] {
             bits[i / 64] |= 1 << (i % 64);
         }
-        let b = encode_dirty(&bits, count);
-        assert_eq!(decode_dirty(&b, count).unwrap(), bits);
+        let b = encode_dirty_v1(&bits, count);
+        let map = decode_dirty(&b, disk, 65536).unwrap();
+        assert_eq!(map.dirty_chunks(), [0, 7, 63, 64, 999]);
+        assert_eq!(map.masks[0], 0xffff);
+        assert_eq!(
+            map.masks[999], 0xffff,
+            "the short last chunk still has 16 blocks"
+        );
         for pos in 0..b.len() {
             let mut bad = b.clone();
             bad[pos] ^= 1;
-            assert!(decode_dirty(&bad, count).is_err(), "flip at {pos}");
+            assert!(decode_dirty(&bad, disk, 65536).is_err(), "flip at {pos}");
         }
-        assert!(decode_dirty(&b, 999).is_err());
+        assert!(decode_dirty(&b, disk - 65536, 65536).is_err());
     }
 }
