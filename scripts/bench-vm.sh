@@ -89,7 +89,7 @@ for mib in $sizes; do
 
     # Station A: boot, fill memory, first suspend.
     start_run "$d" A --accel tcg --append mbank.job=shell
-    wait_for "$d/runA.out" "busybox shell" "$pid"
+    wait_for "$d/runA.out" "exit it to power off" "$pid"
     console_line "dd if=/dev/urandom of=/fill bs=1M count=$((mib / 4)) 2>/dev/null; echo FILLED-\$((40+2))"
     wait_for "$d/runA.out" "FILLED-42" "$pid"
     suspend_row "$d" A "${mib}M" suspend-1 -

@@ -404,7 +404,7 @@ fn a_killed_run_is_recovered_with_its_flushed_writes() {
     let a = bank.file("cacheA");
     create_machine(&bank, "alice/dev");
     let mut r = start(&bank, &a, "alice/dev", &["--append", "mbank.job=shell"]);
-    r.wait_for("busybox shell");
+    r.wait_for("exit it to power off");
     // Typed on the console: write, flush, and say so (the marker is computed, so the
     // echo of the typed line does not match it).
     r.type_line(
