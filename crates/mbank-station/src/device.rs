@@ -787,6 +787,108 @@ mod tests {
         }
     }
 
+    /// A bank store that logs every read and makes reads of one chunk slow.
+    struct SlowStore {
+        inner: LocalStore,
+        slow: Mutex<Option<ChunkId>>,
+        log: Mutex<Vec<(ChunkId, bool)>>,
+        demand_reading: AtomicBool,
+    }
+
+    impl ChunkStore for SlowStore {
+        fn put(&self, c: &mbank_core::chunk::EncodedChunk) -> Result<u64, StoreError> {
+            self.inner.put(c)
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            self.inner.flush()
+        }
+        fn touch(&self, id: &ChunkId) -> Result<bool, StoreError> {
+            self.inner.touch(id)
+        }
+        fn get_raw(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+            let slow = *self.slow.lock().unwrap() == Some(*id);
+            // Which reads start while the slow (demand) read is in flight.
+            let during = self.demand_reading.load(Ordering::SeqCst);
+            self.log.lock().unwrap().push((*id, during));
+            if slow {
+                self.demand_reading.store(true, Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                self.demand_reading.store(false, Ordering::SeqCst);
+            } else {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            self.inner.get_raw(id)
+        }
+        fn quarantine(&self, id: &ChunkId) -> Result<Option<std::path::PathBuf>, StoreError> {
+            self.inner.quarantine(id)
+        }
+        fn sweep(
+            &self,
+            cutoff: std::time::SystemTime,
+            keep: &(dyn Fn(&ChunkId) -> bool + Sync),
+        ) -> Result<mbank_store::SweepStats, StoreError> {
+            self.inner.sweep(cutoff, keep)
+        }
+        fn stats(&self) -> Result<mbank_store::StoreStats, StoreError> {
+            self.inner.stats()
+        }
+    }
+
+    /// Reads the guest waits on go before background work: while a demand read fetches,
+    /// the prefetcher starts no fetch of its own; without demand it fetches everything.
+    #[test]
+    fn prefetch_yields_to_reads_the_guest_waits_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bank = Bank::init(&dir.path().join("bank")).unwrap();
+        let n = 64;
+        let base: Vec<u8> = (0..n * CS).map(|i| (i / 7 % 251) as u8 | 1).collect();
+        let img = dir.path().join("disk.raw");
+        std::fs::write(&img, &base).unwrap();
+        let m: MachineName = "alice/dev".parse().unwrap();
+        bank.import(&m, &img, &ImportOptions::default(), &NoProgress)
+            .unwrap();
+        let station = Station::open(&dir.path().join("cache"), 64 << 20).unwrap();
+        let store = Arc::new(SlowStore {
+            inner: LocalStore::open(bank.root()).unwrap(),
+            slow: Mutex::new(None),
+            log: Mutex::new(Vec::new()),
+            demand_reading: AtomicBool::new(false),
+        });
+        let r: MachineRef = "alice/dev".parse().unwrap();
+        let disk = station
+            .check_out(&mut bank, &r, false, store.clone())
+            .unwrap();
+        // The guest will want the last chunk, which the prefetcher reaches last.
+        let last = disk.base.chunks[n - 1].unwrap();
+        *store.slow.lock().unwrap() = Some(last);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let d = disk.clone();
+            let stop = &stop;
+            s.spawn(move || d.prefetch(stop));
+            // Let the prefetcher get going, then read as the guest would.
+            while store.log.lock().unwrap().len() < 3 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let got = disk.read_sync(((n - 1) * CS) as u64, 4096).unwrap();
+            assert_eq!(got, base[(n - 1) * CS..(n - 1) * CS + 4096]);
+        });
+        let log = store.log.lock().unwrap().clone();
+        let during = log.iter().filter(|(_, d)| *d).count();
+        // At most the one fetch the prefetcher had already decided on before the demand
+        // read began may start; every other waits (60 would fit in the window otherwise).
+        assert!(
+            during <= 1,
+            "{during} prefetch reads started during a demand read"
+        );
+        // And the prefetcher went on to fetch the whole disk once, the demanded chunk
+        // only by the demand read.
+        let ids: std::collections::HashSet<ChunkId> = log.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids.len(), n, "every chunk fetched");
+        assert_eq!(log.len(), n, "no chunk fetched twice: {log:?}");
+        drop(disk);
+    }
+
     fn pattern(n: usize, seed: u8) -> Vec<u8> {
         (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
     }
