@@ -155,6 +155,8 @@ pub struct S3Store {
 
 /// One answer from the server.
 struct Reply {
+    /// The endpoint that answered.
+    endpoint: String,
     status: u16,
     body: Vec<u8>,
 }
@@ -225,12 +227,6 @@ impl S3Store {
         format!("{CHUNK_PREFIX}{:02x}/{}", id.fanout(), id.to_hex())
     }
 
-    fn url_of(&self, key: &str) -> String {
-        let ep =
-            &self.cfg.endpoints[self.preferred.load(Ordering::Relaxed) % self.cfg.endpoints.len()];
-        format!("s3://{}/{key} at {ep}", self.cfg.bucket)
-    }
-
     /// Sends `r`, retrying transient failures (see the module docs).
     fn send(&self, action: &'static str, r: &Req<'_>) -> Result<Reply, StoreError> {
         let n = self.cfg.endpoints.len();
@@ -278,7 +274,11 @@ impl S3Store {
     }
 
     fn send_once(&self, endpoint: &str, r: &Req<'_>) -> Result<Reply, ureq::Error> {
-        let path = format!("/{}/{}", self.cfg.bucket, r.key);
+        let path = if r.key.is_empty() {
+            format!("/{}", self.cfg.bucket)
+        } else {
+            format!("/{}/{}", self.cfg.bucket, r.key)
+        };
         let canonical_path = uri_encode(&path, false);
         let mut query: Vec<(String, String)> = r
             .query
@@ -330,7 +330,11 @@ impl S3Store {
             .take(r.limit)
             .read_to_end(&mut out)
             .map_err(ureq::Error::Io)?;
-        Ok(Reply { status, body: out })
+        Ok(Reply {
+            endpoint: endpoint.to_string(),
+            status,
+            body: out,
+        })
     }
 
     /// An error for an answer that is neither success nor an expected 404.
@@ -344,7 +348,10 @@ impl S3Store {
         };
         StoreError::Io {
             action,
-            path: PathBuf::from(self.url_of(key)),
+            path: PathBuf::from(format!(
+                "s3://{}/{key} at {}",
+                self.cfg.bucket, reply.endpoint
+            )),
             source: std::io::Error::new(
                 kind,
                 format!("HTTP {} {code} {message}", reply.status)

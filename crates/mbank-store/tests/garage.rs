@@ -75,6 +75,19 @@ impl Drop for Cluster {
     }
 }
 
+/// Incompressible bytes (xorshift), so the object is stored in Garage's data blocks
+/// rather than inline in its metadata.
+fn noise(len: usize, mut x: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 fn chunk(s: &str) -> EncodedChunk {
     encode(&s.repeat(500).into_bytes(), DEFAULT_ZSTD_LEVEL)
 }
@@ -104,6 +117,13 @@ fn s3_store_on_a_three_node_garage_cluster() {
         (s.chunks, s.bytes),
         (2, (a.bytes.len() + b.bytes.len()) as u64)
     );
+    let big = encode(&noise(256 << 10, 7), DEFAULT_ZSTD_LEVEL);
+    store.put(&big).unwrap();
+    assert!(
+        store.touch(&big.id).unwrap(),
+        "touch of a chunk in data blocks"
+    );
+    assert_eq!(store.read(&big.id).unwrap(), noise(256 << 10, 7));
 
     // A damaged object is detected on read, moved under corrupt/, and repaired by a put.
     let c = chunk("precious");
@@ -126,7 +146,7 @@ fn s3_store_on_a_three_node_garage_cluster() {
         !store.touch(&c.id).unwrap(),
         "the damaged chunk is out of chunks/"
     );
-    assert_eq!(store.stats().unwrap().chunks, 2, "corrupt/ is not counted");
+    assert_eq!(store.stats().unwrap().chunks, 3, "corrupt/ is not counted");
     store.put(&c).unwrap();
     assert_eq!(
         store.read(&c.id).unwrap(),
@@ -144,18 +164,18 @@ fn s3_store_on_a_three_node_garage_cluster() {
     let new = chunk("new and unreferenced");
     store.put(&new).unwrap();
     assert!(store.touch(&touched.id).unwrap());
-    let referenced = [a.id, b.id, c.id];
+    let referenced = [a.id, b.id, c.id, big.id];
     let s = store
         .sweep(cutoff, &|id: &ChunkId| referenced.contains(id))
         .unwrap();
     assert_eq!(
         (s.chunks_kept, s.chunks_too_new, s.chunks_deleted),
-        (3, 2, 1),
+        (4, 2, 1),
         "{s:?}"
     );
     assert_eq!(s.bytes_deleted, old.bytes.len() as u64);
     assert!(!store.touch(&old.id).unwrap());
-    for id in [a.id, b.id, c.id, touched.id, new.id] {
+    for id in [a.id, b.id, c.id, big.id, touched.id, new.id] {
         assert!(store.touch(&id).unwrap(), "{id} survived the sweep");
     }
 
@@ -169,7 +189,7 @@ fn s3_store_on_a_three_node_garage_cluster() {
     );
     assert_eq!(store.read(&a.id).unwrap(), "alpha".repeat(500).into_bytes());
     assert!(store.touch(&b.id).unwrap());
-    assert_eq!(store.stats().unwrap().chunks, 6);
+    assert_eq!(store.stats().unwrap().chunks, 7);
 
     // A store that can reach no node says which endpoint and object it gave up on.
     let dead = cluster.env["GARAGE_ENDPOINT_1"].clone();
