@@ -10,7 +10,7 @@
 #                                         stopped cluster, starts its nodes again.
 #   scripts/garage.sh stop DIR            stops every node of the cluster in DIR
 #   scripts/garage.sh stop-node DIR N     stops node N (1..3)
-#   scripts/garage.sh start-node DIR N    starts node N again
+#   scripts/garage.sh start-node DIR N    starts node N again; returns once it is healthy
 #
 # The printed lines: GARAGE_ENDPOINTS (the nodes' S3 URLs, space-separated),
 # GARAGE_ENDPOINT_N, GARAGE_REGION, GARAGE_BUCKET, AWS_ACCESS_KEY_ID,
@@ -86,6 +86,14 @@ start_node() {
     retry "start node $n" g "$n" node id -q >/dev/null
 }
 
+# Waits until node N answers its admin API's /health with 200: the cluster has a
+# quorum as that node sees it (a restarted node needs a few seconds to rejoin).
+wait_healthy() {
+    retry "node $1 to be healthy" python3 -c \
+        'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+        "http://127.0.0.1:$(cat "$dir/node$1/admin_port")/health" >/dev/null
+}
+
 stop_node() {
     local n=$1 pid i
     local pidfile="$dir/node$n/pid"
@@ -106,6 +114,7 @@ start() {
     mkdir -p "$dir"
     if [[ -e $dir/env ]]; then # a cluster made before: start its nodes again
         for n in "${nodes[@]}"; do start_node "$n"; done
+        for n in "${nodes[@]}"; do wait_healthy "$n"; done
         cat "$dir/env"
         for n in "${nodes[@]}"; do echo "GARAGE_PID_$n=$(cat "$dir/node$n/pid")"; done
         return 0
@@ -137,6 +146,7 @@ root_domain = ".s3.garage.localhost"
 api_bind_addr = "127.0.0.1:$admin"
 TOML
         echo "$s3" >"$dir/node$n/s3_port"
+        echo "$admin" >"$dir/node$n/admin_port"
     done
     for n in "${nodes[@]}"; do start_node "$n"; done
     local ids=()
@@ -152,6 +162,7 @@ TOML
     retry "create the bucket" g 1 bucket create mbank >/dev/null
     retry "import the key" g 1 key import --yes -n mbank "$key_id" "$secret_key" >/dev/null
     retry "allow the key" g 1 bucket allow --read --write --owner mbank --key "$key_id" >/dev/null
+    for n in "${nodes[@]}"; do wait_healthy "$n"; done
     {
         local eps=()
         for n in "${nodes[@]}"; do eps+=("http://127.0.0.1:$(cat "$dir/node$n/s3_port")"); done
@@ -180,6 +191,7 @@ start | stop | stop-node | start-node)
         [[ -e $dir/env ]] || die "no cluster in $dir"
         if [[ $cmd == stop-node ]]; then stop_node "$3"; else
             start_node "$3"
+            wait_healthy "$3"
             echo "GARAGE_PID_$3=$(cat "$dir/node$3/pid")"
         fi
         ;;

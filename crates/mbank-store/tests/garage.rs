@@ -95,7 +95,10 @@ fn chunk(s: &str) -> EncodedChunk {
 /// One cluster for every check: starting one costs seconds.
 #[test]
 fn s3_store_on_a_three_node_garage_cluster() {
+    let t0 = std::time::Instant::now();
+    let phase = |what: &str| eprintln!("{:>6.1} s  {what}", t0.elapsed().as_secs_f64());
     let cluster = Cluster::start();
+    phase("cluster started");
     let store = cluster.store();
     store.check().unwrap();
 
@@ -125,6 +128,8 @@ fn s3_store_on_a_three_node_garage_cluster() {
     );
     assert_eq!(store.read(&big.id).unwrap(), noise(256 << 10, 7));
 
+    phase("round trip");
+
     // A damaged object is detected on read, moved under corrupt/, and repaired by a put.
     let c = chunk("precious");
     let mut bad = c.clone();
@@ -153,6 +158,8 @@ fn s3_store_on_a_three_node_garage_cluster() {
         "precious".repeat(500).into_bytes()
     );
 
+    phase("corrupt object");
+
     // Sweep: only unreferenced chunks older than the cutoff go; touch protects.
     let old = chunk("old and unreferenced");
     let touched = chunk("old but touched");
@@ -179,6 +186,8 @@ fn s3_store_on_a_three_node_garage_cluster() {
         assert!(store.touch(&id).unwrap(), "{id} survived the sweep");
     }
 
+    phase("sweep");
+
     // One node down (the store's first endpoint): reads and writes go on.
     cluster.node("stop-node", 1);
     let d = chunk("written while node 1 is down");
@@ -190,6 +199,8 @@ fn s3_store_on_a_three_node_garage_cluster() {
     assert_eq!(store.read(&a.id).unwrap(), "alpha".repeat(500).into_bytes());
     assert!(store.touch(&b.id).unwrap());
     assert_eq!(store.stats().unwrap().chunks, 7);
+
+    phase("one node down");
 
     // A store that can reach no node says which endpoint and object it gave up on.
     let dead = cluster.env["GARAGE_ENDPOINT_1"].clone();
@@ -205,8 +216,11 @@ fn s3_store_on_a_three_node_garage_cluster() {
     assert!(msg.contains(&S3Store::chunk_key(&a.id)), "{msg}");
     assert!(msg.contains("3 tries"), "{msg}");
 
+    phase("no node reachable");
+
     // The node comes back and serves again.
     cluster.node("start-node", 1);
     let back = S3Store::new(cluster.config(vec![dead])).unwrap();
     assert_eq!(back.read(&d.id).unwrap().len(), 500 * 28);
+    phase("node back");
 }
