@@ -9,7 +9,7 @@
 #                                         (also kept in DIR/env). On a DIR that holds a
 #                                         stopped cluster, starts its nodes again.
 #   scripts/garage.sh stop DIR            stops every node of the cluster in DIR
-#   scripts/garage.sh stop-node DIR N     stops node N (1..3)
+#   scripts/garage.sh stop-node DIR N     kills node N (1..3), as in a crash
 #   scripts/garage.sh start-node DIR N    starts node N again; returns once it is healthy
 #
 # The printed lines: GARAGE_ENDPOINTS (the nodes' S3 URLs, space-separated),
@@ -94,19 +94,23 @@ wait_healthy() {
         "http://127.0.0.1:$(cat "$dir/node$1/admin_port")/health" >/dev/null
 }
 
-stop_node() {
-    local n=$1 pid i
-    local pidfile="$dir/node$n/pid"
-    [[ -f $pidfile ]] || return 0
-    pid=$(cat "$pidfile")
-    if kill "$pid" 2>/dev/null; then
-        for ((i = 0; i < 100; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -9 "$pid" 2>/dev/null || true
-    fi
-    rm -f "$pidfile"
+# stop_nodes SIGNAL N...: signals nodes N..., waits up to 10 s for all of them to exit,
+# then kills what is left.
+stop_nodes() {
+    local sig=$1 n i pids=()
+    shift
+    for n in "$@"; do
+        [[ -f $dir/node$n/pid ]] || continue
+        pids+=("$(cat "$dir/node$n/pid")")
+        rm -f "$dir/node$n/pid"
+    done
+    ((${#pids[@]})) || return 0
+    kill "-$sig" "${pids[@]}" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "${pids[@]}" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -9 "${pids[@]}" 2>/dev/null || true
 }
 
 start() {
@@ -136,6 +140,7 @@ replication_factor = 3
 rpc_bind_addr = "127.0.0.1:$rpc"
 rpc_public_addr = "127.0.0.1:$rpc"
 rpc_secret = "$secret"
+bootstrap_peers = []
 
 [s3_api]
 api_bind_addr = "127.0.0.1:$s3"
@@ -152,6 +157,12 @@ TOML
     local ids=()
     for n in "${nodes[@]}"; do ids+=("$(g "$n" node id -q)"); done
     for n in 2 3; do retry "connect node $n" g 1 node connect "${ids[n - 1]}" >/dev/null; done
+    # So that a node started again (start-node) rejoins at once rather than when the
+    # others next retry it, which takes tens of seconds.
+    for n in "${nodes[@]}"; do
+        sed -i "s/^bootstrap_peers = .*/bootstrap_peers = [$(printf '"%s", ' "${ids[@]}" | sed 's/, $//')]/" \
+            "$dir/node$n/garage.toml"
+    done
     for n in "${nodes[@]}"; do
         retry "assign node $n" g 1 layout assign -z dc1 -c 1G "${ids[n - 1]%%@*}" >/dev/null
     done
@@ -185,11 +196,12 @@ start | stop | stop-node | start-node)
     dir=$(realpath -m "$2")
     case $cmd in
     start) start ;;
-    stop) for n in "${nodes[@]}"; do stop_node "$n"; done ;;
+    stop) stop_nodes TERM "${nodes[@]}" ;;
     stop-node | start-node)
         [[ ${3:-} =~ ^[123]$ ]] || die "usage: $0 $cmd DIR N (N in 1..3)"
         [[ -e $dir/env ]] || die "no cluster in $dir"
-        if [[ $cmd == stop-node ]]; then stop_node "$3"; else
+        # stop-node kills: the failure tests want a node that vanishes, as in a crash.
+        if [[ $cmd == stop-node ]]; then stop_nodes KILL "$3"; else
             start_node "$3"
             wait_healthy "$3"
             echo "GARAGE_PID_$3=$(cat "$dir/node$3/pid")"

@@ -44,8 +44,9 @@
 //! Garage then writes a new object version with a new timestamp (checked in Garage's
 //! `copy.rs`: same-key copies are supported and get `now_msec()`; the data blocks are
 //! shared, not copied), which the listing reports as `LastModified`. A 404 says the
-//! chunk is absent. `sweep` lists each fan-out prefix and deletes what `keep` rejects
-//! and whose `LastModified` is older than the cutoff.
+//! chunk is absent. `sweep` lists every chunk once; each fan-out prefix holding a chunk
+//! that `keep` rejects and whose `LastModified` is older than the cutoff is then listed
+//! again under that prefix's lock (below), and what still qualifies is deleted.
 //!
 //! What the local store gets from `flock` (a touch and a sweep of the same fan-out
 //! directory never interleave) we get from one lock per fan-out prefix **inside this
@@ -459,6 +460,24 @@ fn chunk_of_key(key: &str) -> Option<ChunkId> {
     (format!("{:02x}", id.fanout()) == fan).then_some(id)
 }
 
+/// Counts one listed chunk into `s`: kept, too new, or to delete.
+fn tally(
+    s: &mut SweepStats,
+    id: &ChunkId,
+    o: &Listed,
+    cutoff: SystemTime,
+    keep: &(dyn Fn(&ChunkId) -> bool + Sync),
+) {
+    if keep(id) {
+        s.chunks_kept += 1;
+    } else if o.modified >= cutoff {
+        s.chunks_too_new += 1;
+    } else {
+        s.chunks_deleted += 1;
+        s.bytes_deleted += o.size;
+    }
+}
+
 impl ChunkStore for S3Store {
     fn put(&self, chunk: &EncodedChunk) -> Result<u64, StoreError> {
         let key = Self::chunk_key(&chunk.id);
@@ -518,30 +537,45 @@ impl ChunkStore for S3Store {
         cutoff: SystemTime,
         keep: &(dyn Fn(&ChunkId) -> bool + Sync),
     ) -> Result<SweepStats, StoreError> {
-        let mut s = SweepStats::default();
-        for fanout in 0..=255u8 {
-            let _exclusive = self.fanout_locks[usize::from(fanout)]
+        // Pass 1, without locks: one listing of every chunk, counted per fan-out prefix.
+        let mut per: Vec<SweepStats> = vec![SweepStats::default(); 256];
+        self.list(CHUNK_PREFIX, &mut |o| {
+            if let Some(id) = chunk_of_key(&o.key) {
+                tally(&mut per[usize::from(id.fanout())], &id, &o, cutoff, keep);
+            }
+            Ok(())
+        })?;
+        // Pass 2: each prefix with something to delete again, listed and swept under
+        // its exclusive lock, so no touch lands between the listing and the delete.
+        for (fanout, stats) in per.iter_mut().enumerate() {
+            if stats.chunks_deleted == 0 {
+                continue;
+            }
+            *stats = SweepStats::default();
+            let _exclusive = self.fanout_locks[fanout]
                 .write()
                 .expect("fan-out lock poisoned");
             let mut doomed = Vec::new();
             self.list(&format!("{CHUNK_PREFIX}{fanout:02x}/"), &mut |o| {
-                let Some(id) = chunk_of_key(&o.key) else {
-                    return Ok(());
-                };
-                if keep(&id) {
-                    s.chunks_kept += 1;
-                } else if o.modified >= cutoff {
-                    s.chunks_too_new += 1;
-                } else {
-                    doomed.push(o);
+                if let Some(id) = chunk_of_key(&o.key) {
+                    let before = stats.chunks_deleted;
+                    tally(stats, &id, &o, cutoff, keep);
+                    if stats.chunks_deleted > before {
+                        doomed.push(o.key);
+                    }
                 }
                 Ok(())
             })?;
-            for o in doomed {
-                self.delete(&o.key)?;
-                s.chunks_deleted += 1;
-                s.bytes_deleted += o.size;
+            for key in doomed {
+                self.delete(&key)?;
             }
+        }
+        let mut s = SweepStats::default();
+        for p in per {
+            s.chunks_kept += p.chunks_kept;
+            s.chunks_too_new += p.chunks_too_new;
+            s.chunks_deleted += p.chunks_deleted;
+            s.bytes_deleted += p.bytes_deleted;
         }
         Ok(s)
     }

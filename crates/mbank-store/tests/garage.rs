@@ -190,8 +190,10 @@ fn s3_store_on_a_three_node_garage_cluster() {
 
     // One node down (the store's first endpoint): reads and writes go on.
     cluster.node("stop-node", 1);
+    phase("node 1 stopped");
     let d = chunk("written while node 1 is down");
     store.put(&d).unwrap();
+    phase("put with node 1 down");
     assert_eq!(
         store.read(&d.id).unwrap(),
         "written while node 1 is down".repeat(500).into_bytes()
@@ -220,6 +222,7 @@ fn s3_store_on_a_three_node_garage_cluster() {
 
     // The node comes back and serves again.
     cluster.node("start-node", 1);
+    phase("node 1 healthy again");
     let back = S3Store::new(cluster.config(vec![dead])).unwrap();
     assert_eq!(back.read(&d.id).unwrap().len(), 500 * 28);
     phase("node back");
