@@ -102,6 +102,18 @@ fn s3_store_on_a_three_node_garage_cluster() {
     let store = cluster.store();
     store.check().unwrap();
 
+    // Wrong credentials: a clear error at once (not retried), naming the endpoint.
+    let mut wrong = cluster.config(vec![cluster.env["GARAGE_ENDPOINT_2"].clone()]);
+    wrong.secret_access_key = "0".repeat(64);
+    let msg = S3Store::new(wrong)
+        .unwrap()
+        .check()
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("HTTP 403"), "{msg}");
+    assert!(msg.contains(&cluster.env["GARAGE_ENDPOINT_2"]), "{msg}");
+    assert!(!msg.contains("tries"), "{msg}");
+
     // Round trip.
     let a = chunk("alpha");
     let b = encode(b"beta", DEFAULT_ZSTD_LEVEL);
