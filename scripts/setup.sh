@@ -55,3 +55,4 @@ done
 # The test guest: QEMU (pinned so qemu-system-x86 and qemu-utils match), a Debian
 # cloud kernel and a busybox initramfs, cached outside the repo.
 "$(dirname "$0")/build-guest.sh" build >/dev/null
+"$(dirname "$0")/garage.sh" install # the S3 store tests run a Garage cluster

@@ -70,9 +70,11 @@
 
 mod local;
 mod mem;
+mod s3;
 
 pub use local::LocalStore;
 pub use mem::MemStore;
+pub use s3::{Retry, S3Config, S3Store};
 
 use std::path::PathBuf;
 use std::time::SystemTime;

@@ -1,0 +1,241 @@
+//! The S3 store against a real Garage cluster: three nodes on 127.0.0.1, replication
+//! factor 3, started by `scripts/garage.sh` in a temp dir. Builds Garage first when it
+//! is not cached yet (`scripts/garage.sh install`), so this test never skips.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use mbank_core::ChunkId;
+use mbank_core::chunk::{DEFAULT_ZSTD_LEVEL, EncodedChunk, encode};
+use mbank_store::{ChunkStore, Retry, S3Config, S3Store, StoreError};
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/garage.sh")
+}
+
+fn garage(args: &[&str]) -> String {
+    let out = Command::new(script()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "garage.sh {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A running cluster; stopped when dropped, even when the test fails.
+struct Cluster {
+    dir: tempfile::TempDir,
+    env: HashMap<String, String>,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        garage(&["install"]);
+        let dir = tempfile::tempdir().unwrap();
+        let out = garage(&["start", dir.path().to_str().unwrap()]);
+        let env = out
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
+            .collect();
+        Cluster { dir, env }
+    }
+
+    fn node(&self, verb: &str, n: u32) {
+        garage(&[verb, self.dir.path().to_str().unwrap(), &n.to_string()]);
+    }
+
+    fn config(&self, endpoints: Vec<String>) -> S3Config {
+        S3Config::new(
+            endpoints,
+            &self.env["GARAGE_REGION"],
+            &self.env["GARAGE_BUCKET"],
+            &self.env["AWS_ACCESS_KEY_ID"],
+            &self.env["AWS_SECRET_ACCESS_KEY"],
+        )
+    }
+
+    fn store(&self) -> S3Store {
+        let eps = self.env["GARAGE_ENDPOINTS"]
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        S3Store::new(self.config(eps)).unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(script())
+            .args(["stop", self.dir.path().to_str().unwrap()])
+            .status();
+    }
+}
+
+/// Incompressible bytes (xorshift), so the object is stored in Garage's data blocks
+/// rather than inline in its metadata.
+fn noise(len: usize, mut x: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn chunk(s: &str) -> EncodedChunk {
+    encode(&s.repeat(500).into_bytes(), DEFAULT_ZSTD_LEVEL)
+}
+
+/// One cluster for every check: starting one costs seconds.
+#[test]
+fn s3_store_on_a_three_node_garage_cluster() {
+    let t0 = std::time::Instant::now();
+    let phase = |what: &str| eprintln!("{:>6.1} s  {what}", t0.elapsed().as_secs_f64());
+    let cluster = Cluster::start();
+    phase("cluster started");
+    let store = cluster.store();
+    store.check().unwrap();
+
+    // Wrong credentials: a clear error at once (not retried), naming the endpoint.
+    let mut wrong = cluster.config(vec![cluster.env["GARAGE_ENDPOINT_2"].clone()]);
+    wrong.secret_access_key = "0".repeat(64);
+    let msg = S3Store::new(wrong)
+        .unwrap()
+        .check()
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("HTTP 403"), "{msg}");
+    assert!(msg.contains(&cluster.env["GARAGE_ENDPOINT_2"]), "{msg}");
+    assert!(!msg.contains("tries"), "{msg}");
+
+    // Round trip.
+    let a = chunk("alpha");
+    let b = encode(b"beta", DEFAULT_ZSTD_LEVEL);
+    assert!(!store.touch(&a.id).unwrap(), "touch of a missing chunk");
+    assert_eq!(store.put(&a).unwrap(), a.bytes.len() as u64);
+    store.put(&b).unwrap();
+    store.put(&a).unwrap(); // the same chunk twice is harmless
+    store.flush().unwrap();
+    assert!(store.touch(&a.id).unwrap(), "touch of a present chunk");
+    assert_eq!(store.read(&a.id).unwrap(), "alpha".repeat(500).into_bytes());
+    assert_eq!(store.read(&b.id).unwrap(), b"beta");
+    let missing = ChunkId::of(b"never stored");
+    assert!(matches!(store.read(&missing), Err(StoreError::Missing(_))));
+    let s = store.stats().unwrap();
+    assert_eq!(
+        (s.chunks, s.bytes),
+        (2, (a.bytes.len() + b.bytes.len()) as u64)
+    );
+    let big = encode(&noise(256 << 10, 7), DEFAULT_ZSTD_LEVEL);
+    store.put(&big).unwrap();
+    assert!(
+        store.touch(&big.id).unwrap(),
+        "touch of a chunk in data blocks"
+    );
+    assert_eq!(store.read(&big.id).unwrap(), noise(256 << 10, 7));
+
+    phase("round trip");
+
+    // A damaged object is detected on read, moved under corrupt/, and repaired by a put.
+    let c = chunk("precious");
+    let mut bad = c.clone();
+    let last = bad.bytes.len() - 1;
+    bad.bytes[last] ^= 0xff;
+    store.put(&bad).unwrap();
+    let err = store.read(&c.id).unwrap_err();
+    match &err {
+        StoreError::Corrupt {
+            moved_to: Some(p), ..
+        } => assert!(
+            p.to_str().unwrap().starts_with("s3://mbank/corrupt/"),
+            "{err}"
+        ),
+        other => panic!("expected a quarantined corrupt chunk, got {other}"),
+    }
+    assert!(err.to_string().contains(&c.id.to_hex()));
+    assert!(
+        !store.touch(&c.id).unwrap(),
+        "the damaged chunk is out of chunks/"
+    );
+    assert_eq!(store.stats().unwrap().chunks, 3, "corrupt/ is not counted");
+    store.put(&c).unwrap();
+    assert_eq!(
+        store.read(&c.id).unwrap(),
+        "precious".repeat(500).into_bytes()
+    );
+
+    phase("corrupt object");
+
+    // Sweep: only unreferenced chunks older than the cutoff go; touch protects.
+    let old = chunk("old and unreferenced");
+    let touched = chunk("old but touched");
+    store.put(&old).unwrap();
+    store.put(&touched).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let cutoff = SystemTime::now();
+    std::thread::sleep(Duration::from_millis(50));
+    let new = chunk("new and unreferenced");
+    store.put(&new).unwrap();
+    assert!(store.touch(&touched.id).unwrap());
+    let referenced = [a.id, b.id, c.id, big.id];
+    let s = store
+        .sweep(cutoff, &|id: &ChunkId| referenced.contains(id))
+        .unwrap();
+    assert_eq!(
+        (s.chunks_kept, s.chunks_too_new, s.chunks_deleted),
+        (4, 2, 1),
+        "{s:?}"
+    );
+    assert_eq!(s.bytes_deleted, old.bytes.len() as u64);
+    assert!(!store.touch(&old.id).unwrap());
+    for id in [a.id, b.id, c.id, big.id, touched.id, new.id] {
+        assert!(store.touch(&id).unwrap(), "{id} survived the sweep");
+    }
+
+    phase("sweep");
+
+    // One node down (the store's first endpoint): reads and writes go on.
+    cluster.node("stop-node", 1);
+    phase("node 1 stopped");
+    let d = chunk("written while node 1 is down");
+    store.put(&d).unwrap();
+    phase("put with node 1 down");
+    assert_eq!(
+        store.read(&d.id).unwrap(),
+        "written while node 1 is down".repeat(500).into_bytes()
+    );
+    assert_eq!(store.read(&a.id).unwrap(), "alpha".repeat(500).into_bytes());
+    assert!(store.touch(&b.id).unwrap());
+    assert_eq!(store.stats().unwrap().chunks, 7);
+
+    phase("one node down");
+
+    // A store that can reach no node says which endpoint and object it gave up on.
+    let dead = cluster.env["GARAGE_ENDPOINT_1"].clone();
+    let mut cfg = cluster.config(vec![dead.clone()]);
+    cfg.retry = Retry {
+        attempts: 3,
+        first_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(20),
+    };
+    let lonely = S3Store::new(cfg).unwrap();
+    let msg = lonely.get_raw(&a.id).unwrap_err().to_string();
+    assert!(msg.contains(&dead), "{msg}");
+    assert!(msg.contains(&S3Store::chunk_key(&a.id)), "{msg}");
+    assert!(msg.contains("3 tries"), "{msg}");
+
+    phase("no node reachable");
+
+    // The node comes back and serves again.
+    cluster.node("start-node", 1);
+    phase("node 1 healthy again");
+    let back = S3Store::new(cluster.config(vec![dead])).unwrap();
+    assert_eq!(back.read(&d.id).unwrap().len(), 500 * 28);
+    phase("node back");
+}
