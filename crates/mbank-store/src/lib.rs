@@ -1,8 +1,9 @@
 //! # mbank-store
 //!
 //! Where chunks live. [`ChunkStore`] is the one seam: [`LocalStore`] keeps chunks in a
-//! directory on local disk; [`MemStore`] keeps them in memory for unit tests. (An S3
-//! store comes with the bank server.)
+//! directory on local disk; [`MemStore`] keeps them in memory for unit tests;
+//! [`S3Store`] keeps them in an S3-compatible object store (tested against a three-node
+//! Garage cluster; the bank uses it once the bank server wires it in).
 //!
 //! ## What a store promises
 //!
