@@ -16,13 +16,29 @@ use mbank_store::{ChunkStore, LocalStore};
 
 use crate::fmt::bytes;
 
+#[derive(clap::Args)]
 pub struct Args {
+    /// user/name for the head, or user/name@VERSION.
     pub machine: MachineRef,
+    /// Serve on this Unix socket (URI: nbd+unix:///?socket=PATH).
+    #[arg(long, value_name = "PATH", required_unless_present = "listen")]
     pub socket: Option<PathBuf>,
+    /// Serve on this TCP address instead, e.g. 127.0.0.1:10809.
+    #[arg(long, value_name = "ADDR", conflicts_with = "socket")]
     pub listen: Option<SocketAddr>,
+    /// End without checking in: everything written is dropped.
+    #[arg(long)]
     pub discard: bool,
+    /// Take the machine over from the session holding it (that session's work is
+    /// still kept as a version when it checks in).
+    #[arg(long)]
     pub force: bool,
+    /// Fetch the whole disk into the cache in the background (reads the guest waits
+    /// on go first).
+    #[arg(long)]
     pub prefetch: bool,
+    /// Worker threads (the global `-j`).
+    #[arg(skip)]
     pub jobs: usize,
 }
 

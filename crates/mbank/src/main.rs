@@ -142,25 +142,8 @@ enum Cmd {
     /// released. Any NBD client can use the disk: qemu, qemu-img, qemu-io, nbdcopy, fio.
     /// A session left behind by a crash is checked in by the next attach or `recover`.
     Attach {
-        /// user/name for the head, or user/name@VERSION.
-        machine: MachineRef,
-        /// Serve on this Unix socket (URI: nbd+unix:///?socket=PATH).
-        #[arg(long, value_name = "PATH", required_unless_present = "listen")]
-        socket: Option<PathBuf>,
-        /// Serve on this TCP address instead, e.g. 127.0.0.1:10809.
-        #[arg(long, value_name = "ADDR", conflicts_with = "socket")]
-        listen: Option<std::net::SocketAddr>,
-        /// End without checking in: everything written is dropped.
-        #[arg(long)]
-        discard: bool,
-        /// Take the machine over from the session holding it (that session's work is
-        /// still kept as a version when it checks in).
-        #[arg(long)]
-        force: bool,
-        /// Fetch the whole disk into the cache in the background (reads the guest waits
-        /// on go first).
-        #[arg(long)]
-        prefetch: bool,
+        #[command(flatten)]
+        args: attach::Args,
         /// Print the end-of-session statistics as JSON.
         #[arg(long)]
         json: bool,
@@ -190,24 +173,8 @@ enum Cmd {
     /// or Ctrl-C (memory and disk are saved as one version; the next `run`, on any
     /// station, continues where it stopped). Prints the new version's id.
     Run {
-        /// user/name for the head, or user/name@VERSION.
-        machine: MachineRef,
-        /// Serial console on this terminal instead of a screen (for scripts and tests).
-        #[arg(long)]
-        console: bool,
-        /// Show the screen over VNC at this address (unix:PATH or HOST:DISPLAY)
-        /// [default: a window on a desktop, else VNC on a socket in the session].
-        #[arg(long, value_name = "ADDR", conflicts_with = "console")]
-        vnc: Option<String>,
-        /// Accelerator: kvm or tcg [default: kvm where it works].
-        #[arg(long, value_name = "ACCEL")]
-        accel: Option<mbank_vm::Accel>,
-        /// Add to the kernel command line for this boot (kernel-boot machines only).
-        #[arg(long, value_name = "TEXT")]
-        append: Option<String>,
-        /// Take the machine over from the session holding it.
-        #[arg(long)]
-        force: bool,
+        #[command(flatten)]
+        args: run::Args,
         /// Print the session's statistics as JSON.
         #[arg(long)]
         json: bool,
@@ -348,25 +315,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ));
         }
         Cmd::Run {
-            machine,
-            console,
-            vnc,
-            accel,
-            append,
-            force,
+            mut args,
             json,
             supervise,
         } => {
             let station = mbank_station::Station::open(&cache_dir, cache_size)?;
-            let args = run::Args {
-                machine,
-                console,
-                vnc,
-                accel,
-                append,
-                force,
-                jobs,
-            };
+            args.jobs = jobs;
             if supervise {
                 return Ok(run::supervise(&mut bank, &bank_dir, &station, args));
             }
@@ -583,25 +537,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 )),
             }
         }
-        Cmd::Attach {
-            machine,
-            socket,
-            listen,
-            discard,
-            force,
-            prefetch,
-            json,
-        } => {
+        Cmd::Attach { mut args, json } => {
             let station = mbank_station::Station::open(&cache_dir, cache_size)?;
-            let args = attach::Args {
-                machine,
-                socket,
-                listen,
-                discard,
-                force,
-                prefetch,
-                jobs,
-            };
+            args.jobs = jobs;
             let report = attach::run(&mut bank, &bank_dir, &station, args, &bar, &say)?;
             if json {
                 json_out(&report)?;

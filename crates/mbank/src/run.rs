@@ -40,13 +40,28 @@ use serde::Serialize;
 use crate::attach::{describe, spawn_heartbeat};
 use crate::fmt::bytes;
 
+#[derive(clap::Args)]
 pub struct Args {
+    /// user/name for the head, or user/name@VERSION.
     pub machine: MachineRef,
+    /// Serial console on this terminal instead of a screen (for scripts and tests).
+    #[arg(long)]
     pub console: bool,
+    /// Show the screen over VNC at this address (unix:PATH or HOST:DISPLAY)
+    /// [default: a window on a desktop, else VNC on a socket in the session].
+    #[arg(long, value_name = "ADDR", conflicts_with = "console")]
     pub vnc: Option<String>,
-    pub accel: Option<Accel>,
+    /// Accelerator: kvm or tcg [default: kvm where it works].
+    #[arg(long, value_name = "ACCEL")]
+    pub accel: Option<mbank_vm::Accel>,
+    /// Add to the kernel command line for this boot (kernel-boot machines only).
+    #[arg(long, value_name = "TEXT")]
     pub append: Option<String>,
+    /// Take the machine over from the session holding it.
+    #[arg(long)]
     pub force: bool,
+    /// Worker threads (the global `-j`).
+    #[arg(skip)]
     pub jobs: usize,
 }
 
