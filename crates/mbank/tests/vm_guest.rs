@@ -66,6 +66,7 @@ struct Running {
     stdin: Option<ChildStdin>,
     out: Arc<Mutex<String>>,
     err: Arc<Mutex<String>>,
+    cache: std::path::PathBuf,
 }
 
 impl Drop for Running {
@@ -73,6 +74,39 @@ impl Drop for Running {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            // A test that failed while the session ran: the session process lives on
+            // without its front (as after a detach); stop it, and QEMU goes with it.
+            kill_sessions(&self.cache);
+        }
+    }
+}
+
+/// Kills the station's session processes when dropped (a test that fails while a
+/// detached session runs must not leave it behind).
+struct KillSessions(std::path::PathBuf);
+
+impl Drop for KillSessions {
+    fn drop(&mut self) {
+        kill_sessions(&self.0);
+    }
+}
+
+/// Kills every live session process of the station `cache` (from session.json).
+fn kill_sessions(cache: &Path) {
+    let Ok(dirs) = std::fs::read_dir(cache.join("sessions")) else {
+        return;
+    };
+    for d in dirs.flatten() {
+        let Ok(b) = std::fs::read(d.path().join("session.json")) else {
+            continue;
+        };
+        if let Some(pid) = serde_json::from_slice::<Value>(&b)
+            .ok()
+            .and_then(|m| m["pid"].as_u64())
+        {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
         }
     }
 }
@@ -113,6 +147,7 @@ fn start(bank: &Bank, cache: &Path, machine: &str, extra: &[&str]) -> Running {
         stdin,
         out,
         err,
+        cache: cache.to_path_buf(),
     }
 }
 
@@ -548,7 +583,9 @@ struct OnPty {
 
 impl Drop for OnPty {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
     }
 }
@@ -642,6 +679,7 @@ impl OnPty {
 fn ctrl_c_asks_and_a_detached_machine_keeps_running() {
     let bank = Bank::new();
     let a = bank.file("cacheA");
+    let _cleanup = KillSessions(a.clone());
     create_machine(&bank, "alice/dev");
     let run = |extra: &[&str]| {
         let mut c = bank.cmd();
