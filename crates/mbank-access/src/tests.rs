@@ -1,0 +1,516 @@
+use super::*;
+
+const PW: &str = "correct horse";
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn open() -> (tempfile::TempDir, Access) {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Access::open(dir.path()).unwrap();
+    (dir, a)
+}
+
+fn with_user(name: &str, admin: bool, quota: Option<u64>) -> (tempfile::TempDir, Access) {
+    let (d, a) = open();
+    a.add_user(name, PW, admin, quota).unwrap();
+    (d, a)
+}
+
+fn id(n: u8) -> ChunkId {
+    ChunkId::of(&[n])
+}
+
+fn user(a: &Access, name: &str) -> User {
+    let t = a.login(name, PW, HOUR, "test").unwrap();
+    a.authenticate(&t.token).unwrap()
+}
+
+fn assert_unauthorized(r: Result<User, AccessError>, what: &str) {
+    match r {
+        Err(AccessError::Unauthorized) => {}
+        other => panic!("{what}: expected Unauthorized, got {other:?}"),
+    }
+}
+
+#[test]
+fn access_is_send() {
+    fn send<T: Send>() {}
+    send::<Access>();
+}
+
+#[test]
+fn dummy_phc_is_a_valid_argon2id_hash() {
+    // If it did not parse, a login for an unknown user would be faster than one with a
+    // wrong password.
+    let h = argon2::password_hash::phc::PasswordHash::new(DUMMY_PHC).unwrap();
+    assert_eq!(h.algorithm.as_str(), "argon2id");
+    assert!(!verify_password("anything at all", DUMMY_PHC));
+}
+
+#[test]
+fn open_creates_and_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let a = Access::open(dir.path()).unwrap();
+        a.add_user("alice", PW, false, None).unwrap();
+    }
+    let a = Access::open(dir.path()).unwrap();
+    assert_eq!(a.users().unwrap().len(), 1);
+    let v: i64 = a
+        .conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, SCHEMA_VERSION);
+    let app: i32 = a
+        .conn
+        .pragma_query_value(None, "application_id", |r| r.get(0))
+        .unwrap();
+    assert_eq!(app, APPLICATION_ID);
+    let mode: String = a
+        .conn
+        .pragma_query_value(None, "journal_mode", |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
+
+#[test]
+fn open_refuses_newer_schema_and_foreign_database() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Access::open(dir.path()).unwrap());
+    let c = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+    c.pragma_update(None, "user_version", 99).unwrap();
+    drop(c);
+    assert!(matches!(
+        Access::open(dir.path()),
+        Err(AccessError::TooNew(99))
+    ));
+
+    let other = tempfile::tempdir().unwrap();
+    let c = Connection::open(other.path().join(FILE_NAME)).unwrap();
+    c.execute_batch("CREATE TABLE t (x)").unwrap();
+    drop(c);
+    assert!(matches!(
+        Access::open(other.path()),
+        Err(AccessError::NotAccessDb { .. })
+    ));
+}
+
+#[test]
+fn add_login_authenticate_round_trip() {
+    let (_d, a) = with_user("alice", false, Some(1 << 20));
+    let t = a.login("alice", PW, HOUR, "station-1").unwrap();
+    assert!(t.token.starts_with("mbt_"));
+    assert_eq!(t.token.len(), 4 + 32 + 1 + 64);
+    assert!(t.token.contains(&t.id));
+    let u = a.authenticate(&t.token).unwrap();
+    assert_eq!(
+        u,
+        User {
+            name: "alice".into(),
+            admin: false,
+            quota: Some(1 << 20)
+        }
+    );
+    let toks = a.tokens(Some("alice")).unwrap();
+    assert_eq!(toks.len(), 1);
+    assert_eq!(toks[0].id, t.id);
+    assert_eq!(toks[0].label, "station-1");
+    assert!(toks[0].live);
+    let users = a.users().unwrap();
+    assert_eq!(users.len(), 1);
+    assert_eq!(users[0].tokens_live, 1);
+    // The stored row never holds the secret itself.
+    let secret = &t.token[4 + 32 + 1..];
+    let n: i64 = a
+        .conn
+        .query_row(
+            "SELECT count(*) FROM tokens WHERE instr(lower(hex(secret_hash)), ?1) > 0 OR instr(label, ?1) > 0",
+            params![secret],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 0);
+}
+
+#[test]
+fn add_user_rejects_duplicates_bad_names_and_weak_passwords() {
+    let (_d, a) = with_user("alice", false, None);
+    let e = a.add_user("alice", PW, false, None).unwrap_err();
+    assert!(
+        matches!(&e, AccessError::UserExists(n) if n == "alice"),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("exists already"));
+    for bad in [
+        "",
+        "Alice",
+        "al/ice",
+        "-alice",
+        "_a",
+        "a b",
+        "ålice",
+        "a.b",
+        &"a".repeat(33),
+    ] {
+        assert!(
+            matches!(
+                a.add_user(bad, PW, false, None),
+                Err(AccessError::BadName { .. })
+            ),
+            "{bad:?} accepted"
+        );
+    }
+    for good in ["bob", "b0b_-x", "9", &"a".repeat(32)] {
+        a.add_user(good, PW, false, None).unwrap();
+    }
+    for weak in ["", "short", "1234567", &"x".repeat(MAX_PASSWORD_BYTES + 1)] {
+        assert!(matches!(
+            a.add_user("carol", weak, false, None),
+            Err(AccessError::WeakPassword)
+        ));
+    }
+    // 8 characters, some of them multi-byte, is enough.
+    a.add_user("carol", "ééééèèèè", false, None).unwrap();
+}
+
+#[test]
+fn user_name_rule_matches_machine_names() {
+    for s in ["a", "a-b", "A", "a/b", "", "a b", "z_9", "-x", "x-", "é"] {
+        let machine_ok = format!("{s}/m").parse::<MachineName>().is_ok() && !s.contains('/');
+        assert_eq!(check_user_name(s).is_ok(), machine_ok, "{s:?}");
+    }
+}
+
+#[test]
+fn wrong_password_and_unknown_user_look_the_same() {
+    let (_d, a) = with_user("alice", false, None);
+    let e1 = a.login("alice", "wrong password", HOUR, "").unwrap_err();
+    let e2 = a.login("mallory", PW, HOUR, "").unwrap_err();
+    let e3 = a
+        .login("alice", &"x".repeat(MAX_PASSWORD_BYTES + 1), HOUR, "")
+        .unwrap_err();
+    assert!(e1.is_unauthorized() && e2.is_unauthorized() && e3.is_unauthorized());
+    assert_eq!(e1.to_string(), e2.to_string());
+    assert_eq!(e1.to_string(), e3.to_string());
+    assert!(e1.to_string().contains("mbank login"));
+    assert!(a.tokens(None).unwrap().is_empty());
+}
+
+#[test]
+fn tampered_and_malformed_tokens_are_unauthorized() {
+    let (_d, a) = with_user("alice", false, None);
+    let t = a.login("alice", PW, HOUR, "").unwrap().token;
+    assert!(a.authenticate(&t).is_ok());
+    let flip = |s: &str, i: usize| {
+        let mut b = s.as_bytes().to_vec();
+        b[i] = if b[i] == b'0' { b'1' } else { b'0' };
+        String::from_utf8(b).unwrap()
+    };
+    let mut cases = vec![
+        flip(&t, t.len() - 1), // last digit of the secret
+        flip(&t, 4 + 32 + 1),  // first digit of the secret
+        flip(&t, 4),           // first digit of the id
+        flip(&t, 4 + 31),      // last digit of the id
+        t[..t.len() - 1].to_string(),
+        format!("{t}0"),
+        t.to_uppercase(),
+        t.replacen("mbt_", "mbx_", 1),
+        t.replacen('_', "-", 2),
+        t[4..].to_string(),
+        String::new(),
+        "garbage".into(),
+        "mbt_".into(),
+        "mbt__".into(),
+        format!("mbt_{}_{}", "g".repeat(32), "0".repeat(64)),
+        format!("mbt_{}_{}", "0".repeat(32), "0".repeat(64)),
+        format!(" {t}"),
+        format!("{t}\n"),
+    ];
+    // Non-ASCII of the same byte length, and at every split point.
+    let mut na = t.clone();
+    na.replace_range(t.len() - 2.., "é");
+    cases.push(na);
+    cases.push(format!("mbt_{}é{}", &t[4..35], &t[37..]));
+    cases.push("mbt_ééééééééééééééééééééééééééééééééééééééééééééééééé".into());
+    for c in &cases {
+        assert_unauthorized(a.authenticate(c), c);
+    }
+    // The real token still works: none of this revoked it.
+    assert!(a.authenticate(&t).is_ok());
+}
+
+#[test]
+fn expired_tokens_are_unauthorized() {
+    let (_d, a) = with_user("alice", false, None);
+    let t0 = a.login("alice", PW, Duration::ZERO, "").unwrap();
+    assert_unauthorized(a.authenticate(&t0.token), "ttl 0");
+    let t = a.login("alice", PW, HOUR, "").unwrap();
+    assert!(a.authenticate(&t.token).is_ok());
+    a.conn
+        .execute(
+            "UPDATE tokens SET expires_ms = ?2 WHERE id = ?1",
+            params![t.id, now_ms() - 1],
+        )
+        .unwrap();
+    assert_unauthorized(a.authenticate(&t.token), "expired");
+    assert!(!a.tokens(None).unwrap().iter().any(|t| t.live));
+    assert_eq!(a.users().unwrap()[0].tokens_live, 0);
+}
+
+#[test]
+fn revoked_tokens_are_unauthorized() {
+    let (_d, a) = with_user("alice", false, None);
+    let t1 = a.login("alice", PW, HOUR, "").unwrap();
+    let t2 = a.login("alice", PW, HOUR, "").unwrap();
+    let t3 = a.login("alice", PW, HOUR, "").unwrap();
+    assert!(a.revoke_token(&t1.id).unwrap());
+    assert!(!a.revoke_token(&t1.id).unwrap(), "second revoke is a no-op");
+    assert_unauthorized(a.authenticate(&t1.token), "revoked by id");
+    assert!(a.authenticate(&t2.token).is_ok());
+    // By the whole token string, but only with the right secret.
+    let forged = format!("mbt_{}_{}", t2.id, "0".repeat(64));
+    assert!(!a.revoke_token(&forged).unwrap());
+    assert!(a.authenticate(&t2.token).is_ok());
+    assert!(a.revoke_token(&t2.token).unwrap());
+    assert_unauthorized(a.authenticate(&t2.token), "revoked by token");
+    assert!(!a.revoke_token("not an id").unwrap());
+    assert_eq!(a.revoke_user_tokens("alice").unwrap(), 1);
+    assert_unauthorized(a.authenticate(&t3.token), "revoked with the user's tokens");
+    assert!(matches!(
+        a.revoke_user_tokens("bob"),
+        Err(AccessError::UnknownUser(_))
+    ));
+}
+
+#[test]
+fn set_password_revokes_tokens() {
+    let (_d, a) = with_user("alice", false, None);
+    let t = a.login("alice", PW, HOUR, "").unwrap();
+    a.set_password("alice", "new password 1").unwrap();
+    assert_unauthorized(a.authenticate(&t.token), "after password change");
+    assert!(
+        a.login("alice", PW, HOUR, "")
+            .unwrap_err()
+            .is_unauthorized()
+    );
+    let t = a.login("alice", "new password 1", HOUR, "").unwrap();
+    assert!(a.authenticate(&t.token).is_ok());
+    assert!(matches!(
+        a.set_password("alice", "short"),
+        Err(AccessError::WeakPassword)
+    ));
+    assert!(matches!(
+        a.set_password("bob", PW),
+        Err(AccessError::UnknownUser(_))
+    ));
+}
+
+#[test]
+fn remove_user_kills_tokens_and_rows() {
+    let (_d, a) = with_user("alice", false, None);
+    let u = user(&a, "alice");
+    let t = a.login("alice", PW, HOUR, "").unwrap();
+    a.record_upload(&u, &id(1), 100).unwrap();
+    a.remove_user("alice").unwrap();
+    assert_unauthorized(a.authenticate(&t.token), "removed user");
+    assert!(a.tokens(None).unwrap().is_empty());
+    // A new user of the same name gets nothing of the old one.
+    a.add_user("alice", PW, false, None).unwrap();
+    assert_unauthorized(a.authenticate(&t.token), "re-added user, old token");
+    assert_eq!(a.usage("alice").unwrap(), 0);
+    let u = user(&a, "alice");
+    assert_eq!(a.readable(&u, &[id(1)]).unwrap(), [false]);
+    assert!(matches!(
+        a.remove_user("bob"),
+        Err(AccessError::UnknownUser(_))
+    ));
+}
+
+#[test]
+fn machine_rules() {
+    let (_d, a) = with_user("alice", false, None);
+    a.add_user("root", PW, true, None).unwrap();
+    let alice = user(&a, "alice");
+    let root = user(&a, "root");
+    let own: MachineName = "alice/dev".parse().unwrap();
+    let other: MachineName = "bob/dev".parse().unwrap();
+    let lab: MachineName = "lab/debian".parse().unwrap();
+    assert!(a.can_read_machine(&alice, &own).unwrap());
+    assert!(a.can_write_machine(&alice, &own));
+    assert!(!a.can_read_machine(&alice, &other).unwrap());
+    assert!(!a.can_write_machine(&alice, &other));
+    assert!(!a.can_read_machine(&alice, &lab).unwrap());
+    assert!(a.can_read_machine(&root, &other).unwrap());
+    assert!(a.can_write_machine(&root, &other));
+    a.publish(&lab, "root", [id(7)]).unwrap();
+    assert!(a.is_published(&lab).unwrap());
+    assert!(a.can_read_machine(&alice, &lab).unwrap());
+    assert!(!a.can_write_machine(&alice, &lab));
+    assert_eq!(a.published().unwrap(), ["lab/debian"]);
+    assert!(a.unpublish(&lab).unwrap());
+    assert!(!a.unpublish(&lab).unwrap());
+    assert!(!a.can_read_machine(&alice, &lab).unwrap());
+    assert!(a.published().unwrap().is_empty());
+}
+
+#[test]
+fn readable_per_user_public_and_admin() {
+    let (_d, a) = with_user("alice", false, None);
+    a.add_user("bob", PW, false, None).unwrap();
+    a.add_user("root", PW, true, None).unwrap();
+    let (alice, bob, root) = (user(&a, "alice"), user(&a, "bob"), user(&a, "root"));
+    a.record_upload(&alice, &id(1), 10).unwrap();
+    a.record_upload(&bob, &id(2), 10).unwrap();
+    let ids = [id(1), id(2), id(3)];
+    assert_eq!(a.readable(&alice, &ids).unwrap(), [true, false, false]);
+    assert_eq!(a.readable(&bob, &ids).unwrap(), [false, true, false]);
+    assert_eq!(a.readable(&root, &ids).unwrap(), [true, true, true]);
+    assert!(a.readable(&alice, &[]).unwrap().is_empty());
+
+    // Publishing grants to everyone; unpublishing takes back only what no other
+    // published machine contributed.
+    let lab: MachineName = "lab/a".parse().unwrap();
+    let lab2: MachineName = "lab/b".parse().unwrap();
+    a.publish(&lab, "root", [id(3), id(4)]).unwrap();
+    a.publish(&lab2, "root", [id(4)]).unwrap();
+    assert_eq!(a.readable(&alice, &ids).unwrap(), [true, false, true]);
+    assert_eq!(a.readable(&bob, &ids).unwrap(), [false, true, true]);
+    assert_eq!(
+        a.usage("alice").unwrap(),
+        10,
+        "public chunks are not charged"
+    );
+    a.unpublish(&lab).unwrap();
+    assert_eq!(a.readable(&alice, &[id(3), id(4)]).unwrap(), [false, true]);
+
+    // A grant (e.g. a fork of a published base) is per user and uncharged.
+    a.grant("alice", &[(id(3), 50), (id(1), 50)]).unwrap();
+    assert_eq!(a.readable(&alice, &ids).unwrap(), [true, false, true]);
+    assert_eq!(a.readable(&bob, &ids).unwrap(), [false, true, false]);
+    assert_eq!(a.usage("alice").unwrap(), 10);
+    assert!(matches!(
+        a.grant("nobody", &[(id(3), 1)]),
+        Err(AccessError::UnknownUser(_))
+    ));
+}
+
+#[test]
+fn record_upload_charges_once_and_enforces_the_quota() {
+    let (_d, a) = with_user("alice", false, Some(1000));
+    a.add_user("bob", PW, false, None).unwrap();
+    let alice = user(&a, "alice");
+    let bob = user(&a, "bob");
+    a.record_upload(&alice, &id(1), 600).unwrap();
+    a.record_upload(&alice, &id(1), 600).unwrap();
+    assert_eq!(a.usage("alice").unwrap(), 600, "charged once");
+    // Another user sending the same chunk is charged too (each proves they have it).
+    a.record_upload(&bob, &id(1), 600).unwrap();
+    assert_eq!(a.usage("bob").unwrap(), 600);
+    // Over the quota: refused before anything is recorded.
+    let e = a.record_upload(&alice, &id(2), 401).unwrap_err();
+    match &e {
+        AccessError::QuotaExceeded {
+            user,
+            used,
+            quota,
+            need,
+        } => {
+            assert_eq!(
+                (user.as_str(), *used, *quota, *need),
+                ("alice", 600, 1000, 401)
+            );
+        }
+        other => panic!("expected QuotaExceeded, got {other:?}"),
+    }
+    let msg = e.to_string();
+    assert!(
+        msg.contains("mbank rm") && msg.contains("mbank admin user quota alice"),
+        "{msg}"
+    );
+    assert_eq!(a.readable(&alice, &[id(2)]).unwrap(), [false]);
+    assert_eq!(a.usage("alice").unwrap(), 600);
+    // Exactly up to the quota is fine.
+    a.record_upload(&alice, &id(2), 400).unwrap();
+    assert_eq!(a.usage("alice").unwrap(), 1000);
+    // A chunk the user already has costs nothing even when full.
+    a.record_upload(&alice, &id(2), 400).unwrap();
+    // A batch over the quota records none of it.
+    a.set_quota("alice", Some(1500)).unwrap();
+    let batch = [(id(3), 300), (id(4), 300), (id(1), 600)];
+    assert!(matches!(
+        a.record_uploads(&alice, &batch),
+        Err(AccessError::QuotaExceeded { need: 600, .. })
+    ));
+    assert_eq!(a.readable(&alice, &[id(3), id(4)]).unwrap(), [false, false]);
+    a.set_quota("alice", None).unwrap();
+    a.record_uploads(&alice, &batch).unwrap();
+    assert_eq!(a.usage("alice").unwrap(), 1600);
+    // Granted chunks are not charged, and a later upload of one is not charged either.
+    a.grant("bob", &[(id(9), 5000)]).unwrap();
+    a.record_upload(&bob, &id(9), 5000).unwrap();
+    assert_eq!(a.usage("bob").unwrap(), 600);
+    let users = a.users().unwrap();
+    let al = users.iter().find(|u| u.name == "alice").unwrap();
+    assert_eq!((al.used, al.quota), (1600, None));
+    assert!(matches!(
+        a.set_quota("nobody", None),
+        Err(AccessError::UnknownUser(_))
+    ));
+}
+
+#[test]
+fn quota_is_read_from_the_database_not_the_token() {
+    let (_d, a) = with_user("alice", false, None);
+    let alice = user(&a, "alice");
+    a.set_quota("alice", Some(10)).unwrap();
+    assert!(matches!(
+        a.record_upload(&alice, &id(1), 11),
+        Err(AccessError::QuotaExceeded { .. })
+    ));
+}
+
+#[test]
+fn prune_drops_rows_of_deleted_chunks() {
+    let (_d, a) = with_user("alice", false, None);
+    a.add_user("bob", PW, false, None).unwrap();
+    let alice = user(&a, "alice");
+    let bob = user(&a, "bob");
+    a.record_upload(&alice, &id(1), 100).unwrap();
+    a.record_upload(&alice, &id(2), 100).unwrap();
+    a.record_upload(&bob, &id(2), 100).unwrap();
+    let lab: MachineName = "lab/a".parse().unwrap();
+    a.publish(&lab, "root", [id(2), id(3)]).unwrap();
+    let keep = [id(1)];
+    let n = a.prune(&|c| keep.contains(c)).unwrap();
+    assert_eq!(
+        n, 4,
+        "alice's and bob's rows of chunk 2, and PUBLIC's of 2 and 3"
+    );
+    assert_eq!(a.usage("alice").unwrap(), 100);
+    assert_eq!(a.usage("bob").unwrap(), 0);
+    assert_eq!(
+        a.readable(&alice, &[id(1), id(2), id(3)]).unwrap(),
+        [true, false, false]
+    );
+    assert_eq!(a.prune(&|_| true).unwrap(), 0);
+    let left: i64 = a
+        .conn
+        .query_row("SELECT count(*) FROM published_chunks", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, 0);
+    // The machine stays published (its remaining chunks would be re-granted by publish).
+    assert!(a.is_published(&lab).unwrap());
+}
+
+#[test]
+fn two_connections_see_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Access::open(dir.path()).unwrap();
+    let b = Access::open(dir.path()).unwrap();
+    a.add_user("alice", PW, false, None).unwrap();
+    let t = b.login("alice", PW, HOUR, "").unwrap();
+    assert!(a.authenticate(&t.token).is_ok());
+    a.revoke_token(&t.id).unwrap();
+    assert_unauthorized(b.authenticate(&t.token), "revoked on another connection");
+    let h = std::thread::spawn(move || b.users().unwrap().len());
+    assert_eq!(h.join().unwrap(), 1);
+}
