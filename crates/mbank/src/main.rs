@@ -7,13 +7,15 @@
 mod attach;
 mod create;
 mod fmt;
+mod login;
 mod progress;
 mod run;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use mbank_bank::{Bank, BankError, ImageFormat, ImportOptions};
 use mbank_core::{MachineName, MachineRef};
@@ -40,8 +42,9 @@ Exit status: 0 success, 1 failure, 2 bad usage, 3 verify found damage.";
 #[derive(Parser)]
 #[command(name = "mbank", version, about = "Machine Bank: keep versioned virtual machine disks in a deduplicating bank", after_help = AFTER_HELP)]
 struct Cli {
-    /// The bank: a directory (created by `init`).
-    #[arg(long, global = true, env = "MBANK_BANK", value_name = "DIR")]
+    /// The bank: a directory (created by `init`), or a bank server's URL
+    /// (https://HOST:PORT; log in first with `mbank login`).
+    #[arg(long, global = true, env = "MBANK_BANK", value_name = "DIR|URL")]
     bank: Option<PathBuf>,
     /// Worker threads for hashing, compression and I/O [default: one per core].
     #[arg(long, short = 'j', global = true, value_name = "N")]
@@ -193,6 +196,28 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Serve this bank (--bank DIR) to stations over HTTPS: the API of docs/api.md.
+    ///
+    /// Users log in with `mbank login URL --user NAME` (an administrator adds them with
+    /// `mbank admin user add`) and then use `--bank URL` with every command. Each user
+    /// sees only their own machines and published ones; storage is shared and
+    /// deduplicated. Prints `listening on URL` when ready; stops on SIGINT or SIGTERM.
+    /// `gc` and `verify` may run on the bank directory while it serves.
+    #[command(after_help = "Examples:
+  mbank --bank /srv/mbank serve --listen 0.0.0.0:7070 --tls-cert cert.pem --tls-key key.pem
+  mbank --bank /srv/mbank serve                       # http://127.0.0.1:7070, this host only")]
+    Serve(serve::Args),
+    /// Log in to a bank server: asks for your password and keeps a token for this URL.
+    ///
+    /// The token goes to ~/.config/mbank/credentials.json (readable only by you), and
+    /// every command given `--bank URL` uses it until it expires or you log out. The
+    /// environment variable MBANK_TOKEN overrides it.
+    #[command(after_help = "Examples:
+  mbank login https://bank.lab:7070 --user alice
+  mbank login https://bank.lab:7070 --user alice --ca-cert lab-ca.pem --ttl 8h")]
+    Login(login::Args),
+    /// Log out of a bank server (--bank URL): the token is revoked and forgotten.
+    Logout,
     /// Show totals: machines, versions, chunks, bytes stored, deduplication.
     Stats {
         #[arg(long)]
@@ -257,16 +282,46 @@ fn json_out<T: serde::Serialize>(v: &T) -> Result<()> {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     let jobs = cli.jobs.unwrap_or_else(mbank_bank::default_jobs).max(1);
-    let bank_dir = cli
-        .bank
-        .clone()
-        .context("no bank given: pass --bank DIR or set MBANK_BANK")?;
-    let bar = Bar::new(cli.quiet);
     let say = |s: String| {
         if !cli.quiet {
             eprintln!("{s}");
         }
     };
+    if let Cmd::Login(args) = cli.cmd {
+        login::login(args, &say)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bank_dir = cli
+        .bank
+        .clone()
+        .context("no bank given: pass --bank DIR (or URL) or set MBANK_BANK")?;
+    // A bank server's URL, or None for a bank directory on this machine.
+    let url = bank_dir
+        .to_str()
+        .filter(|s| mbank_remote::is_url(s))
+        .map(str::to_string);
+    if let Some(url) = &url {
+        let host_only = match &cli.cmd {
+            Cmd::Init => Some("init"),
+            Cmd::Serve(_) => Some("serve"),
+            Cmd::Gc { .. } => Some("gc"),
+            Cmd::Verify { .. } => Some("verify"),
+            Cmd::Stats { .. } => Some("stats"),
+            _ => None,
+        };
+        if let Some(what) = host_only {
+            bail!(
+                "`mbank {what}` runs on the bank's host, on its directory (--bank DIR); {url} is a bank server"
+            );
+        }
+        if let Cmd::Logout = cli.cmd {
+            login::logout(url, &say)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+    } else if let Cmd::Logout = cli.cmd {
+        bail!("logout needs the bank server's URL: mbank --bank https://HOST:PORT logout");
+    }
+    let bar = Bar::new(cli.quiet);
     let read_only = !matches!(
         cli.cmd,
         Cmd::Init
@@ -288,6 +343,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         say(format!("created an empty bank in {}", bank_dir.display()));
         return Ok(ExitCode::SUCCESS);
     }
+    if let Cmd::Serve(args) = cli.cmd {
+        serve::run(&bank_dir, args, cli.quiet)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Cmd::Suspend { machine } | Cmd::Poweroff { machine } = &cli.cmd {
         let station = mbank_station::Station::open(&cache_dir, cache_size)?;
         let off = matches!(cli.cmd, Cmd::Poweroff { .. });
@@ -297,9 +356,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let mut bank = Bank::open(&bank_dir, read_only)?;
+    let mut bank = match &url {
+        Some(url) => {
+            let (store, catalog) = mbank_remote::open_bank(url, None)?;
+            Bank::with_parts(mbank_remote::normalize_url(url), store, catalog)
+        }
+        None => Bank::open(&bank_dir, read_only)?,
+    };
     match cli.cmd {
-        Cmd::Init | Cmd::Suspend { .. } | Cmd::Poweroff { .. } => unreachable!("handled above"),
+        Cmd::Init
+        | Cmd::Suspend { .. }
+        | Cmd::Poweroff { .. }
+        | Cmd::Serve(_)
+        | Cmd::Login(_)
+        | Cmd::Logout => {
+            unreachable!("handled above")
+        }
         Cmd::Create { args, json } => {
             let r = create::run(&mut bank, args, jobs, &bar)?;
             if json {

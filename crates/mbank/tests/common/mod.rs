@@ -127,6 +127,8 @@ pub struct Bank {
     pub path: PathBuf,
     /// Scratch space next to the bank for images and exports.
     pub scratch: PathBuf,
+    /// Environment for every command (a bank server's client: its credentials).
+    pub env: Vec<(String, PathBuf)>,
     _tmp: Option<TempDir>,
 }
 
@@ -140,6 +142,7 @@ impl Bank {
         let b = Bank {
             path,
             scratch,
+            env: Vec::new(),
             _tmp: Some(tmp),
         };
         b.run(&["init"]).ok();
@@ -152,6 +155,7 @@ impl Bank {
         let b = Bank {
             path: path.to_path_buf(),
             scratch: scratch.to_path_buf(),
+            env: Vec::new(),
             _tmp: None,
         };
         b.run(&["init"]).ok();
@@ -163,9 +167,24 @@ impl Bank {
         self.scratch.join(name)
     }
 
+    /// A bank served at `url`, used with the credentials in `config` (the client's
+    /// XDG_CONFIG_HOME); scratch files go to `scratch`.
+    pub fn remote(url: &str, scratch: &Path, config: &Path) -> Bank {
+        fs::create_dir_all(scratch).unwrap();
+        Bank {
+            path: PathBuf::from(url),
+            scratch: scratch.to_path_buf(),
+            env: vec![("XDG_CONFIG_HOME".into(), config.to_path_buf())],
+            _tmp: None,
+        }
+    }
+
     pub fn cmd(&self) -> Command {
         let mut c = mbank();
         c.arg("--bank").arg(&self.path);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
         c
     }
 

@@ -1,0 +1,905 @@
+//! # mbank-server
+//!
+//! `mbank serve`: the HTTP API of `docs/api.md` over a bank on this machine, shared by
+//! many users. The catalog (SQLite) stays the single writer of heads and sessions; the
+//! chunk store is the bank's (a directory, or S3). Each request runs its catalog, store
+//! and access-database work on tokio's blocking pool, with pooled connections.
+//!
+//! ## Isolation (DESIGN invariant 7)
+//!
+//! Every request is authenticated by a bearer token ([`mbank_access::Access`]). A user
+//! sees their own machines and published ones; anything else is answered as if it did
+//! not exist. A chunk is readable by a user who sent its bytes, or whose committed or
+//! published versions reference it; a commit may only reference chunks its user can
+//! read, so knowing an id grants nothing. Storage is shared: a chunk sent by a second
+//! user is verified and counted against their quota, and stored once.
+
+mod error;
+mod metrics;
+mod tls;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use mbank_access::{Access, User};
+use mbank_catalog::{Catalog, CatalogApi, CommitOutcome};
+use mbank_core::chunk::{EncodedChunk, MAX_STORED_LEN};
+use mbank_core::{ChunkId, DiskIndex, MachineName, MemoryIndex, VersionId};
+use mbank_remote::wire;
+use mbank_store::ChunkStore;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use error::ApiError;
+use metrics::Metrics;
+
+/// How `mbank serve` runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The bank's directory (catalog, access database; chunks unless in S3).
+    pub bank_dir: PathBuf,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// PEM certificate chain and key; `None` serves plain HTTP.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+/// The server's shared state.
+struct App {
+    bank_dir: PathBuf,
+    store: Arc<dyn ChunkStore>,
+    catalogs: Mutex<Vec<Catalog>>,
+    access: Mutex<Vec<Access>>,
+    metrics: Metrics,
+    host: String,
+}
+
+type Shared = Arc<App>;
+
+impl App {
+    fn catalog<R>(&self, f: impl FnOnce(&mut Catalog) -> Result<R, ApiError>) -> Result<R, ApiError> {
+        let taken = self.catalogs.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut c = match taken {
+            Some(c) => c,
+            None => Catalog::open(&self.bank_dir.join("catalog.db"), false, false)?,
+        };
+        let r = f(&mut c);
+        self.catalogs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(c);
+        r
+    }
+
+    fn access<R>(&self, f: impl FnOnce(&Access) -> Result<R, ApiError>) -> Result<R, ApiError> {
+        let taken = self.access.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let a = match taken {
+            Some(a) => a,
+            None => Access::open(&self.bank_dir)?,
+        };
+        let r = f(&a);
+        self.access.lock().unwrap_or_else(|p| p.into_inner()).push(a);
+        r
+    }
+
+    /// The machine, if `user` may see it; else the answer for a machine that does not
+    /// exist.
+    fn readable_machine(&self, user: &User, m: &MachineName) -> Result<(), ApiError> {
+        if self.access(|a| Ok(a.can_read_machine(user, m)?))? {
+            Ok(())
+        } else {
+            Err(ApiError::no_machine(m.as_str()))
+        }
+    }
+
+    fn writable_machine(&self, user: &User, m: &MachineName) -> Result<(), ApiError> {
+        if self.access(|a| Ok(a.can_write_machine(user, m)))? {
+            return Ok(());
+        }
+        Err(ApiError::forbidden(format!(
+            "{} may write only machines named {}/NAME; {m} is not one",
+            user.name, user.name
+        )))
+    }
+}
+
+/// Runs `f` on the blocking pool after authenticating the request.
+async fn authed<R: Send + 'static>(
+    app: &Shared,
+    headers: &HeaderMap,
+    f: impl FnOnce(&App, &User) -> Result<R, ApiError> + Send + 'static,
+) -> Result<R, ApiError> {
+    let token = bearer(headers).ok_or_else(ApiError::unauthorized)?;
+    let app = app.clone();
+    tokio::task::spawn_blocking(move || {
+        let user = app.access(|a| Ok(a.authenticate(&token)?))?;
+        f(&app, &user)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("the request's worker failed: {e}")))?
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let t = v.strip_prefix("Bearer ")?.trim();
+    (!t.is_empty() && t.len() <= 256).then(|| t.to_string())
+}
+
+fn json<T: Serialize>(v: &T) -> Response {
+    match serde_json::to_vec(v) {
+        Ok(b) => ([(header::CONTENT_TYPE, "application/json")], b).into_response(),
+        Err(e) => ApiError::internal(format!("cannot encode the answer: {e}")).into_response(),
+    }
+}
+
+fn binary(b: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "application/octet-stream")], b).into_response()
+}
+
+fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    b.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(format!("the request body is too large: {e}"))
+        } else {
+            ApiError::bad_request(format!("cannot read the request body: {e}"))
+        }
+    })
+}
+
+fn parse_json<T: DeserializeOwned>(b: &[u8]) -> Result<T, ApiError> {
+    if b.len() > wire::MAX_JSON {
+        return Err(ApiError::too_large(format!(
+            "a JSON body may have at most {} bytes",
+            wire::MAX_JSON
+        )));
+    }
+    serde_json::from_slice(b).map_err(|e| ApiError::bad_request(format!("the JSON body is not valid: {e}")))
+}
+
+fn machine_name(user: &str, name: &str) -> Result<MachineName, ApiError> {
+    format!("{user}/{name}")
+        .parse()
+        .map_err(|e| ApiError::bad_request(format!("{e}")))
+}
+
+fn version_id(s: &str) -> Result<VersionId, ApiError> {
+    s.parse().map_err(|e| ApiError::bad_request(format!("{e}")))
+}
+
+fn chunk_id(s: &str) -> Result<ChunkId, ApiError> {
+    s.parse().map_err(|e| ApiError::bad_request(format!("{e}")))
+}
+
+/// Builds the router over the bank in `bank_dir`.
+fn router(app: Shared) -> Router {
+    let chunk_limit = MAX_STORED_LEN + 4096;
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/login", post(login))
+        .route("/v1/logout", post(logout))
+        .route("/v1/whoami", get(whoami))
+        .route("/v1/machines", get(machines))
+        .route("/v1/machines/{u}/{n}", get(machine).delete(remove_machine))
+        .route(
+            "/v1/machines/{u}/{n}/versions",
+            get(versions).post(commit).layer(DefaultBodyLimit::max(wire::MAX_COMMIT)),
+        )
+        .route("/v1/machines/{u}/{n}/resolve", get(resolve))
+        .route(
+            "/v1/machines/{u}/{n}/versions/{v}",
+            axum::routing::delete(remove_version),
+        )
+        .route("/v1/machines/{u}/{n}/versions/{v}/index", get(index))
+        .route("/v1/machines/{u}/{n}/versions/{v}/streams/{s}", get(stream))
+        .route(
+            "/v1/machines/{u}/{n}/lease",
+            get(lease).put(take_lease).delete(release_lease),
+        )
+        .route("/v1/machines/{u}/{n}/lease/heartbeat", post(lease_heartbeat))
+        .route("/v1/machines/{u}/{n}/sessions", get(sessions))
+        .route("/v1/writers", post(register_writer))
+        .route(
+            "/v1/writers/{id}",
+            axum::routing::delete(unregister_writer),
+        )
+        .route("/v1/writers/{id}/heartbeat", post(writer_heartbeat))
+        .route("/v1/chunks/have", post(have))
+        .route("/v1/chunks/{id}", get(get_chunk).put(put_chunk))
+        .fallback(|| async { ApiError::not_found("no such endpoint; see docs/api.md") })
+        .layer(DefaultBodyLimit::max(chunk_limit))
+        .layer(middleware::from_fn_with_state(app.clone(), observe))
+        .with_state(app)
+}
+
+/// Counts and logs every request (one structured line each).
+async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let len_in = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let resp = next.run(req).await;
+    let m = &app.metrics;
+    m.requests.fetch_add(1, Relaxed);
+    m.bytes_in.fetch_add(len_in, Relaxed);
+    let out = axum::body::HttpBody::size_hint(resp.body()).exact().unwrap_or(0);
+    m.bytes_out.fetch_add(out, Relaxed);
+    let status = resp.status();
+    if status.is_client_error() || status.is_server_error() {
+        m.error(&status.as_u16().to_string());
+    }
+    tracing::info!(
+        target: "mbank::http",
+        %method,
+        path,
+        status = status.as_u16(),
+        bytes_in = len_in,
+        bytes_out = out,
+        ms = started.elapsed().as_millis() as u64,
+    );
+    resp
+}
+
+async fn health() -> Response {
+    json(&wire::Health {
+        ok: true,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    })
+}
+
+async fn metrics_text(State(app): State<Shared>) -> Result<Response, ApiError> {
+    let a = app.clone();
+    let (sessions, machines, users) = tokio::task::spawn_blocking(move || {
+        let (sessions, machines) = a.catalog(|c| {
+            let ms = c.machines()?;
+            let mut s = 0;
+            for m in &ms {
+                s += u64::from(c.lease(&m.name)?.is_some());
+            }
+            Ok((s, ms.len() as u64))
+        })?;
+        let users = a.access(|x| Ok(x.users()?.len() as u64))?;
+        Ok::<_, ApiError>((sessions, machines, users))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))??;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(sessions, machines, users),
+    )
+        .into_response())
+}
+
+async fn login(State(app): State<Shared>, b: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let req: wire::LoginRequest = parse_json(&body(b)?)?;
+    let ttl = Duration::from_secs(
+        req.ttl_secs
+            .unwrap_or(wire::DEFAULT_TTL_SECS)
+            .min(wire::MAX_TTL_SECS),
+    );
+    let a = app.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        a.access(|x| {
+            Ok(x.login(
+                &req.user,
+                &req.password,
+                ttl,
+                req.label.as_deref().unwrap_or(""),
+            )?)
+        })
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?;
+    match r {
+        Ok(t) => {
+            app.metrics.logins.fetch_add(1, Relaxed);
+            Ok(json(&wire::LoginResponse {
+                token: t.token,
+                expires_ms: t.expires_ms,
+            }))
+        }
+        Err(e) => {
+            app.metrics.login_failures.fetch_add(1, Relaxed);
+            Err(e)
+        }
+    }
+}
+
+async fn logout(State(app): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let token = bearer(&headers).ok_or_else(ApiError::unauthorized)?;
+    authed(&app, &headers, move |app, _| {
+        app.access(|a| Ok(a.revoke_token(&token)?))?;
+        Ok(StatusCode::NO_CONTENT.into_response())
+    })
+    .await
+}
+
+async fn whoami(State(app): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authed(&app, &headers, |app, user| {
+        let used = app.access(|a| Ok(a.usage(&user.name)?))?;
+        Ok(json(&wire::WhoAmI {
+            user: user.name.clone(),
+            admin: user.admin,
+            quota: user.quota,
+            used,
+        }))
+    })
+    .await
+}
+
+async fn machines(State(app): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authed(&app, &headers, |app, user| {
+        let all = app.catalog(|c| Ok(c.machines()?))?;
+        let mut out = Vec::new();
+        app.access(|a| {
+            for m in all {
+                if a.can_read_machine(user, &m.name)? {
+                    out.push(m);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(json(&out))
+    })
+    .await
+}
+
+async fn machine(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Path((u, n)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let m = machine_name(&u, &n)?;
+    authed(&app, &headers, move |app, user| {
+        app.readable_machine(user, &m)?;
+        match app.catalog(|c| Ok(c.machine(&m)?))? {
+            Some(info) => Ok(json(&info)),
+            None => Err(ApiError::no_machine(m.as_str())),
+        }
+    })
+    .await
+}
+
+async fn versions(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Path((u, n)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let m = machine_name(&u, &n)?;
+    authed(&app, &headers, move |app, user| {
+        app.readable_machine(user, &m)?;
+        if app.catalog(|c| Ok(c.machine(&m)?))?.is_none() {
+            return Err(ApiError::no_machine(m.as_str()));
+        }
+        Ok(json(&app.catalog(|c| Ok(c.versions(&m)?))?))
+    })
+    .await
+}
+
+#[derive(serde::Deserialize)]
+struct VersionQuery {
+    version: Option<String>,
+}
+
+async fn resolve(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Path((u, n)): Path<(String, String)>,
+    q: Result<Query<VersionQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let m = machine_name(&u, &n)?;
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.to_string()))?;
+    authed(&app, &headers, move |app, user| {
+        app.readable_machine(user, &m)?;
+        Ok(json(&app.catalog(|c| Ok(c.resolve(&m, q.version.as_deref())?))?))
+    })
+    .await
+}
+
+/// The version `v` of `m`, exactly, if `user` may see it.
+fn exact_version(
+    app: &App,
+    user: &User,
+    m: &MachineName,
+    v: VersionId,
+) -> Result<mbank_catalog::VersionInfo, ApiError> {
+    app.readable_machine(user, m)?;
+    let info = app.catalog(|c| Ok(c.resolve(m, Some(&v.to_hex()))?))?;
+    if info.id != v {
+        return Err(ApiError::from(mbank_catalog::CatalogError::VersionNotFound {
+            machine: m.to_string(),
+            prefix: v.to_hex(),
+        }));
+    }
+    Ok(info)
+}
+
+async fn index(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Path((u, n, v)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    let (m, v) = (machine_name(&u, &n)?, version_id(&v)?);
+    authed(&app, &headers, move |app, user| {
+        let info = exact_version(app, user, &m, v)?;
+        let idx = app.catalog(|c| Ok(c.disk_index(&info)?))?;
+        Ok(binary(idx.to_bytes()))
+    })
+    .await
+}
+
+async fn stream(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Path((u, n, v, s)): Path<(String, String, String, String)>,
+) -> Result<Response, ApiError> {
+    let (m, v) = (machine_name(&u, &n)?, version_id(&v)?);
+    authed(&app, &headers, move |app, user| {
+        let info = exact_version(app, user, &m, v)?;
+        match app.catalog(|c| Ok(c.stream(&info, &s)?))? {
+            Some(idx) => Ok(binary(idx.to_bytes())),
+            None => Err(ApiError::not_found(format!(
+                "version {} of {m} has no stream {s:?}",
+                v.short()
+            ))),
+        }
+    })
+    .await
+}
+
+async fn commit(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Path((u, n)): Path<(String, String)>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let m = machine_name(&u, &n)?;
+    let b = body(b)?;
+    authed(&app, &headers, move |app, user| {
+        app.writable_machine(user, &m)?;
+        let (h, index, streams) = wire::parse_commit_body(&b).map_err(ApiError::bad_request)?;
+        if h.info.machine != m {
+            return Err(ApiError::bad_request(format!(
+                "the commit is for {} but was sent to {m}",
+                h.info.machine
+            )));
+        }
+        let index = DiskIndex::from_bytes(index)
+            .map_err(|e| ApiError::bad_request(format!("the disk index is not valid: {e}")))?;
+        if index.disk_size != h.info.disk_size || index.chunk_size != h.info.chunk_size {
+            return Err(ApiError::bad_request(
+                "the disk index's size or chunk size differs from the version's",
+            ));
+        }
+        let mut named = Vec::with_capacity(streams.len());
+        for ((name, _), bytes) in h.streams.iter().zip(streams) {
+            let idx = MemoryIndex::from_bytes(bytes).map_err(|e| {
+                ApiError::bad_request(format!("the index of stream {name:?} is not valid: {e}"))
+            })?;
+            named.push((name.clone(), idx));
+        }
+        // A repeated commit (the answer to the first was lost) answers its outcome.
+        if let Ok(done) = app.catalog(|c| Ok(c.resolve(&m, Some(&h.info.id.to_hex()))?))
+            && done.id == h.info.id
+        {
+            let head = app.catalog(|c| Ok(c.machine(&m)?))?.and_then(|x| x.head);
+            let outcome = if head == Some(done.id) {
+                CommitOutcome::HeadMoved
+            } else {
+                CommitOutcome::Kept { head }
+            };
+            return Ok(json(&wire::CommitResponse { outcome }));
+        }
+        // Every chunk named must be one the user may read: ids alone grant nothing.
+        let mut ids: HashSet<ChunkId> = index.chunks.iter().flatten().copied().collect();
+        for (_, idx) in &named {
+            ids.extend(idx.runs.iter().filter_map(|r| r.id));
+        }
+        let ids: Vec<ChunkId> = ids.into_iter().collect();
+        let ok = app.access(|a| Ok(a.readable(user, &ids)?))?;
+        if let Some((id, _)) = ids.iter().zip(&ok).find(|(_, ok)| !**ok) {
+            let mut e = ApiError::bad_request(format!(
+                "the version names chunk {id}, which is not in the bank for {}; send its bytes first",
+                user.name
+            ));
+            e.body.chunk = Some(*id);
+            return Err(e);
+        }
+        let published = app.access(|a| Ok(a.is_published(&m)?))?;
+        let grants: Vec<(ChunkId, u64)> = ids.iter().map(|id| (*id, 0)).collect();
+        app.access(|a| {
+            a.grant(&user.name, &grants)?;
+            if published {
+                a.grant(mbank_access::PUBLIC, &grants)?;
+            }
+            Ok(())
+        })?;
+        // Invariant 1: the chunks are durable before the version names them.
+        app.store.flush()?;
+        let outcome = app.catalog(|c| {
+            Ok(c.commit_version(&h.info, &index, &named, h.expected_head)?)
+        })?;
+        app.metrics.commits.fetch_add(1, Relaxed);
+        tracing::info!(user = %user.name, machine = %m, version = %h.info.id, ?outcome, "commit");
+        Ok(json(&wire::CommitResponse { outcome }))
+    })
+    .await
+}
+
+/// Refuses to remove what a session reads from (as `Bank::remove` does).
+fn check_not_in_use(app: &App, m: &MachineName, going: Option<VersionId>) -> Result<(), ApiError> {
+    let bases = app.catalog(|c| Ok(c.session_bases(m)?))?;
+    if let Some((_, station)) = bases.into_iter().find(|(b, _)| going.is_none_or(|g| g == *b)) {
+        let mut e = ApiError::new(
+            StatusCode::CONFLICT,
+            "in_use",
+            mbank_bank::BankError::InUse {
+                machine: m.clone(),
+                station: station.clone(),
+            }
+            .to_string(),
+        );
+        e.body.machine = Some(m.to_string());
+        e.body.station = Some(station);
+        return Err(e);
+    }
+    Ok(())
+}
+
+async fn remove_version(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Path((u, n, v)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    let (m, v) = (machine_name(&u, &n)?, version_id(&v)?);
+    authed(&app, &headers, move |app, user| {
+        let info = exact_version(app, user, &m, v)?;
+        app.writable_machine(user, &m)?;
+        check_not_in_use(app, &m, Some(v))?;
+        let head = app.catalog(|c| Ok(c.remove_version(&info)?))?;
+        Ok(json(&wire::Head { head }))
+    })
+    .await
+}
+
+async fn remove_machine(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Path((u, n)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let m = machine_name(&u, &n)?;
+    authed(&app, &headers, move |app, user| {
+        app.readable_machine(user, &m)?;
+        app.writable_machine(user, &m)?;
+        check_not_in_use(app, &m, None)?;
+        let removed = app.catalog(|c| Ok(c.remove_machine(&m)?))?;
+        Ok(json(&wire::Removed { removed }))
+    })
+    .await
+}
+
+async fn lease(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Path((u, n)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let m = machine_name(&u, &n)?;
+    authed(&app, &headers, move |app, user| {
+        app.readable_machine(user, &m)?;
+        Ok(json(&app.catalog(|c| Ok(c.lease(&m)?))?))
+    })
+    .await
+}
+
+async fn take_lease(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Path((u, n)): Path<(String, String)>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let m = machine_name(&u, &n)?;
+    let req: wire::LeaseRequest = parse_json(&body(b)?)?;
+    authed(&app, &headers, move |app, user| {
+        app.readable_machine(user, &m)?;
+        app.writable_machine(user, &m)?;
+        if req.lease.machine != m.as_str() {
+            return Err(ApiError::bad_request(format!(
+                "the lease is for {} but was sent to {m}",
+                req.lease.machine
+            )));
+        }
+        if req.lease.session.is_empty() || req.lease.session.len() > 128 {
+            return Err(ApiError::bad_request("a session id has 1 to 128 characters"));
+        }
+        let replaced =
+            app.catalog(|c| Ok(CatalogApi::take_lease(c, &req.lease, req.replace.as_deref())?))?;
+        Ok(json(&wire::LeaseResponse { replaced }))
+    })
+    .await
+}
+
+#[derive(serde::Deserialize)]
+struct SessionQuery {
+    session: String,
+}
+
+async fn release_lease(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Path((u, n)): Path<(String, String)>,
+    q: Result<Query<SessionQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let m = machine_name(&u, &n)?;
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.to_string()))?;
+    authed(&app, &headers, move |app, user| {
+        app.readable_machine(user, &m)?;
+        app.writable_machine(user, &m)?;
+        let released = app.catalog(|c| Ok(c.release_lease(&m, &q.session)?))?;
+        Ok(json(&wire::Released { released }))
+    })
+    .await
+}
+
+async fn lease_heartbeat(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Path((u, n)): Path<(String, String)>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let m = machine_name(&u, &n)?;
+    let req: wire::SessionBody = parse_json(&body(b)?)?;
+    authed(&app, &headers, move |app, user| {
+        app.readable_machine(user, &m)?;
+        app.writable_machine(user, &m)?;
+        let held = app.catalog(|c| Ok(c.heartbeat_lease(&m, &req.session)?))?;
+        Ok(json(&wire::Held { held }))
+    })
+    .await
+}
+
+async fn sessions(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Path((u, n)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let m = machine_name(&u, &n)?;
+    authed(&app, &headers, move |app, user| {
+        app.readable_machine(user, &m)?;
+        Ok(json(&app.catalog(|c| Ok(c.session_bases(&m)?))?))
+    })
+    .await
+}
+
+/// A writer's `what` starts with its user's name, so only they may touch it.
+fn writer_tag(user: &str) -> String {
+    format!("{user}: ")
+}
+
+async fn register_writer(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: wire::WriterRequest = parse_json(&body(b)?)?;
+    authed(&app, &headers, move |app, user| {
+        let host: String = req.host.chars().take(128).collect();
+        let what: String = req.what.chars().take(256).collect();
+        // Another host than the server's: GC judges it by its heartbeats, not its pid.
+        let w = app.catalog(|c| {
+            Ok(c.register_writer(
+                req.pid,
+                &format!("{host} via {}", app.host),
+                &format!("{}{what}", writer_tag(&user.name)),
+            )?)
+        })?;
+        Ok(json(&w))
+    })
+    .await
+}
+
+fn own_writer(app: &App, user: &User, id: i64) -> Result<(), ApiError> {
+    let tag = writer_tag(&user.name);
+    let found = app.catalog(|c| Ok(c.writers()?))?;
+    if found.iter().any(|w| w.id == id && w.what.starts_with(&tag)) {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!("no writer {id}")))
+    }
+}
+
+async fn writer_heartbeat(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Response, ApiError> {
+    authed(&app, &headers, move |app, user| {
+        own_writer(app, user, id)?;
+        app.catalog(|c| Ok(c.heartbeat(id)?))?;
+        Ok(StatusCode::NO_CONTENT.into_response())
+    })
+    .await
+}
+
+async fn unregister_writer(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Response, ApiError> {
+    authed(&app, &headers, move |app, user| {
+        own_writer(app, user, id)?;
+        app.catalog(|c| Ok(c.unregister_writer(id)?))?;
+        Ok(StatusCode::NO_CONTENT.into_response())
+    })
+    .await
+}
+
+async fn have(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let b = body(b)?;
+    if b.len() % ChunkId::LEN != 0 {
+        return Err(ApiError::bad_request(format!(
+            "a have query is a list of {}-byte chunk ids; {} bytes is not",
+            ChunkId::LEN,
+            b.len()
+        )));
+    }
+    let n = b.len() / ChunkId::LEN;
+    if n > wire::MAX_HAVE {
+        return Err(ApiError::too_large(format!(
+            "a have query may ask about at most {} chunks, not {n}",
+            wire::MAX_HAVE
+        )));
+    }
+    authed(&app, &headers, move |app, user| {
+        let ids: Vec<ChunkId> = b
+            .chunks_exact(ChunkId::LEN)
+            .map(|c| ChunkId::from_bytes(c.try_into().expect("32 bytes")))
+            .collect();
+        let readable = app.access(|a| Ok(a.readable(user, &ids)?))?;
+        let mut out = vec![0u8; n];
+        for (i, (id, ok)) in ids.iter().zip(readable).enumerate() {
+            // Readable and present: touched, so a GC running now keeps it.
+            if ok && app.store.touch(id)? {
+                out[i] = 1;
+            }
+        }
+        let hits = out.iter().filter(|&&x| x == 1).count() as u64;
+        app.metrics.have_asked.fetch_add(n as u64, Relaxed);
+        app.metrics.have_hits.fetch_add(hits, Relaxed);
+        Ok(binary(out))
+    })
+    .await
+}
+
+async fn get_chunk(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = chunk_id(&id)?;
+    authed(&app, &headers, move |app, user| {
+        let ok = app.access(|a| Ok(a.readable(user, &[id])?))?;
+        if !ok.first().copied().unwrap_or(false) {
+            return Err(ApiError::no_chunk(&id));
+        }
+        let raw = app.store.get_raw(&id)?;
+        app.metrics.chunks_served.fetch_add(1, Relaxed);
+        Ok(binary(raw))
+    })
+    .await
+}
+
+async fn put_chunk(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let id = chunk_id(&id)?;
+    let b = body(b)?;
+    authed(&app, &headers, move |app, user| {
+        // The bytes must be the chunk: decoded and hashed before anything is recorded.
+        let codec = match mbank_core::chunk::decode(&id, &b) {
+            Ok(_) => mbank_core::chunk::parse_header(&id, &b).map(|(c, _)| c),
+            Err(e) => Err(e),
+        };
+        let codec = codec.map_err(|e| {
+            let mut a = ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "bad_chunk",
+                format!("the bytes sent are not chunk {id}: {e}"),
+            );
+            a.body.chunk = Some(id);
+            a
+        })?;
+        let size = b.len() as u64;
+        app.access(|a| Ok(a.record_upload(user, &id, size)?))?;
+        if app.store.touch(&id)? {
+            app.metrics.chunks_dedup.fetch_add(1, Relaxed);
+        } else {
+            app.store.put(&EncodedChunk {
+                id,
+                bytes: b.to_vec(),
+                codec,
+            })?;
+            app.metrics.chunks_stored.fetch_add(1, Relaxed);
+            app.metrics.bytes_stored.fetch_add(size, Relaxed);
+        }
+        Ok((StatusCode::CREATED, json(&wire::Stored { bytes: size })).into_response())
+    })
+    .await
+}
+
+/// Opens the bank in `cfg.bank_dir`, binds, and serves until `shutdown` resolves.
+/// `ready` is called with the bound address (port 0 picks one) before the first accept.
+pub async fn serve(
+    cfg: Config,
+    ready: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let app = open_app(&cfg.bank_dir)?;
+    let tcp = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let local = tcp
+        .local_addr()
+        .map_err(|e| format!("cannot read the bound address: {e}"))?;
+    let router = router(app);
+    match &cfg.tls {
+        Some((cert, key)) => {
+            let tls = tls::server_config(cert, key)?;
+            let listener = tls::TlsListener::new(tcp, tls)
+                .map_err(|e| format!("cannot listen on {local}: {e}"))?;
+            ready(local);
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        None => {
+            ready(local);
+            axum::serve(tcp, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
+    .map_err(|e| format!("the server failed: {e}"))
+}
+
+fn open_app(bank_dir: &FsPath) -> Result<Shared, String> {
+    // Opening the bank checks its marker and opens its store (a directory or S3).
+    let bank = mbank_bank::Bank::open(bank_dir, false).map_err(|e| e.to_string())?;
+    let store = bank.store_arc();
+    drop(bank);
+    let access = Access::open(bank_dir).map_err(|e| e.to_string())?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "bank".into());
+    Ok(Arc::new(App {
+        bank_dir: bank_dir.to_path_buf(),
+        store,
+        catalogs: Mutex::new(Vec::new()),
+        access: Mutex::new(vec![access]),
+        metrics: Metrics::default(),
+        host,
+    }))
+}

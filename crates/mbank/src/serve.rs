@@ -1,0 +1,69 @@
+//! `mbank serve`: the bank server (crate `mbank-server`) on this bank's directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Address and port to listen on.
+    #[arg(long, default_value = "127.0.0.1:7070", value_name = "ADDR:PORT")]
+    pub listen: SocketAddr,
+    /// The server's TLS certificate chain (PEM). With --tls-key, the server speaks HTTPS.
+    #[arg(long, requires = "tls_key", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The TLS certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP on an address other than loopback. Passwords and tokens then
+    /// cross the network unencrypted: only for a network you trust.
+    #[arg(long)]
+    pub insecure_http: bool,
+}
+
+pub fn run(bank_dir: &Path, args: Args, quiet: bool) -> Result<()> {
+    if args.tls_cert.is_none() && !args.listen.ip().is_loopback() && !args.insecure_http {
+        bail!(
+            "refusing to serve plain HTTP on {}: give --tls-cert and --tls-key, or --insecure-http for a trusted network",
+            args.listen
+        );
+    }
+    // One line per request and per event, as key=value fields; MBANK_LOG sets the level.
+    let level = std::env::var("MBANK_LOG")
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(if quiet {
+            tracing_subscriber::filter::LevelFilter::WARN
+        } else {
+            tracing_subscriber::filter::LevelFilter::INFO
+        });
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+    let scheme = if args.tls_cert.is_some() { "https" } else { "http" };
+    let cfg = mbank_server::Config {
+        bank_dir: bank_dir.to_path_buf(),
+        listen: args.listen,
+        tls: args.tls_cert.zip(args.tls_key),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(mbank_server::serve(
+        cfg,
+        |addr| {
+            // Scripts wait for this line (on standard output) to know the port.
+            println!("listening on {scheme}://{addr}");
+        },
+        crate::attach::shutdown_signal(),
+    ))
+    .map_err(anyhow::Error::msg)?;
+    if !quiet {
+        eprintln!("mbank: server stopped");
+    }
+    Ok(())
+}

@@ -1,0 +1,669 @@
+//! The bank server end to end: `mbank serve` over HTTPS (a test CA made with openssl),
+//! users added with `mbank admin`, clients logged in with `mbank login`, and every
+//! command run with `--bank https://…`. Raw requests (isolation probes, bad tokens,
+//! garbage) go through curl.
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+use serde_json::Value;
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * 1024;
+
+fn need(tools: &[&str]) {
+    for t in tools {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(found, "this test needs {t}: run scripts/setup.sh");
+    }
+}
+
+/// A bank served by `mbank serve` with TLS, with users alice and bob.
+struct Served {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    bank_dir: PathBuf,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+const PASSWORDS: &[(&str, &str)] = &[("alice", "alice-secret-1"), ("bob", "bob-secret-22")];
+
+fn openssl(args: &[&str], dir: &Path) {
+    let o = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        o.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+impl Served {
+    fn start() -> Served {
+        need(&["openssl", "curl"]);
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let bank_dir = root.join("bank");
+        mbank_run(&[OsStr("--bank"), bank_dir.as_os_str(), OsStr("init")]).ok();
+        // A test CA and a server certificate for 127.0.0.1 signed by it.
+        openssl(
+            &[
+                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj",
+                "/CN=mbank test CA",
+            ],
+            &root,
+        );
+        openssl(
+            &[
+                "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                "-keyout", "key.pem", "-out", "server.csr", "-subj", "/CN=127.0.0.1",
+            ],
+            &root,
+        );
+        fs::write(
+            root.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        openssl(
+            &[
+                "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", "cert.pem", "-days", "2", "-extfile", "ext.cnf",
+            ],
+            &root,
+        );
+        let mut s = Served {
+            bank_dir,
+            ca: root.join("ca.pem"),
+            cert: root.join("cert.pem"),
+            key: root.join("key.pem"),
+            log: root.join("server.log"),
+            root,
+            _tmp: tmp,
+            port: 0,
+            child: None,
+        };
+        for (user, pw) in PASSWORDS {
+            s.add_user(user, pw, &[]);
+        }
+        s.spawn();
+        s
+    }
+
+    fn add_user(&self, user: &str, pw: &str, extra: &[&str]) {
+        let mut c = mbank();
+        c.arg("--bank").arg(&self.bank_dir);
+        c.args(["admin", "user", "add", user, "--password-stdin"]);
+        c.args(extra);
+        self.with_stdin(c, pw).ok();
+    }
+
+    fn with_stdin(&self, mut c: Command, input: &str) -> Run {
+        c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let what = format!("{c:?}");
+        let mut child = c.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{input}\n").as_bytes())
+            .unwrap();
+        Run::from_output(what, child.wait_with_output().unwrap())
+    }
+
+    /// Starts the server (on the port it had, after the first start).
+    fn spawn(&mut self) {
+        let mut c = mbank();
+        c.arg("--bank").arg(&self.bank_dir).arg("serve");
+        c.arg("--listen").arg(format!("127.0.0.1:{}", self.port));
+        c.arg("--tls-cert").arg(&self.cert).arg("--tls-key").arg(&self.key);
+        c.stdout(Stdio::piped());
+        c.stderr(fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap());
+        let mut child = c.spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "serve did not say where it listens: {line:?}\n{}",
+                    fs::read_to_string(&self.log).unwrap_or_default()
+                )
+            });
+        assert!(line.starts_with("listening on https://127.0.0.1:"), "{line}");
+        self.port = port;
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// `mbank --bank DIR ARGS` on the bank's host.
+    fn local(&self, args: &[&str]) -> Run {
+        let mut c = mbank();
+        c.arg("--bank").arg(&self.bank_dir).args(args);
+        run_cmd(c)
+    }
+
+    fn config_dir(&self, user: &str) -> PathBuf {
+        self.root.join(format!("config-{user}"))
+    }
+
+    fn try_login(&self, user: &str, pw: &str, extra: &[&str]) -> Run {
+        let mut c = mbank();
+        c.env("XDG_CONFIG_HOME", self.config_dir(user));
+        c.arg("login").arg(self.url()).args(["--user", user, "--password-stdin"]);
+        c.arg("--ca-cert").arg(&self.ca).args(extra);
+        self.with_stdin(c, pw)
+    }
+
+    /// Logs `user` in and returns their client view of the bank.
+    fn login(&self, user: &str) -> Bank {
+        let pw = PASSWORDS.iter().find(|(u, _)| *u == user).unwrap().1;
+        self.try_login(user, pw, &[]).ok();
+        self.client(user)
+    }
+
+    fn client(&self, user: &str) -> Bank {
+        Bank::remote(
+            &self.url(),
+            &self.root.join(format!("scratch-{user}")),
+            &self.config_dir(user),
+        )
+    }
+
+    /// The token `mbank login` stored for `user`.
+    fn token(&self, user: &str) -> String {
+        let p = self.config_dir(user).join("mbank/credentials.json");
+        let text = fs::read_to_string(&p).unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        find_token(&v).unwrap_or_else(|| panic!("no token in {}: {text}", p.display()))
+    }
+
+    /// A raw request with curl: (status, body).
+    fn curl(&self, token: Option<&str>, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Vec<u8>) {
+        let out = self.root.join(format!("curl-{}.out", unique()));
+        let mut c = Command::new("curl");
+        c.args(["-s", "-g", "--path-as-is", "-o"]).arg(&out);
+        c.args(["-w", "%{http_code}", "-X", method, "--cacert"]).arg(&self.ca);
+        if let Some(t) = token {
+            c.arg("-H").arg(format!("Authorization: Bearer {t}"));
+        }
+        let body_file = self.root.join(format!("curl-{}.in", unique()));
+        if let Some(b) = body {
+            fs::write(&body_file, b).unwrap();
+            c.arg("-H").arg("Content-Type: application/octet-stream");
+            c.arg("--data-binary").arg(format!("@{}", body_file.display()));
+        }
+        c.arg(format!("{}{path}", self.url()));
+        let o = c.output().unwrap();
+        let code: u16 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap_or(0);
+        let got = fs::read(&out).unwrap_or_default();
+        let _ = fs::remove_file(&out);
+        let _ = fs::remove_file(&body_file);
+        (code, got)
+    }
+
+    fn curl_json(&self, token: Option<&str>, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
+        let (code, b) = self.curl(token, method, path, body);
+        let v = serde_json::from_slice(&b).unwrap_or_else(|_| {
+            Value::String(String::from_utf8_lossy(&b).into_owned())
+        });
+        (code, v)
+    }
+
+    /// Chunk files in the bank's directory (its store).
+    fn chunk_count(&self) -> usize {
+        chunk_files(&self.bank_dir).len()
+    }
+
+    fn server_log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[allow(non_snake_case)]
+fn OsStr(s: &str) -> &std::ffi::OsStr {
+    std::ffi::OsStr::new(s)
+}
+
+fn find_token(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if s.starts_with("mbt_") => Some(s.clone()),
+        Value::Object(m) => m.values().find_map(find_token),
+        Value::Array(a) => a.iter().find_map(find_token),
+        _ => None,
+    }
+}
+
+/// An image of `size` bytes with random data in `ranges`.
+fn image(size: usize, ranges: &[(usize, usize)], seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; size];
+    let mut rng = Rng::new(seed);
+    for &(a, b) in ranges {
+        rng.fill(&mut v[a..b]);
+    }
+    v
+}
+
+fn write_img(bank: &Bank, img: &[u8]) -> PathBuf {
+    let p = bank.file(&format!("image-{}.raw", unique()));
+    fs::write(&p, img).unwrap();
+    p
+}
+
+fn export_bytes(bank: &Bank, r: &str) -> Vec<u8> {
+    let out = bank.file(&format!("export-{}.raw", unique()));
+    bank.export(r, &out)
+}
+
+/// The chunk ids of a machine's head, read from the bank directory's catalog with the
+/// embedded bank (the bank's host sees everything).
+fn head_chunks(s: &Served, machine: &str) -> Vec<String> {
+    let r = s.local(&["verify", machine, "--json"]).ok();
+    let _ = r;
+    let bank = mbank_bank::Bank::open(&s.bank_dir, true).unwrap();
+    let v = bank
+        .resolve(&machine.parse().unwrap())
+        .unwrap();
+    let idx = bank.catalog().disk_index(&v).unwrap();
+    idx.chunks.iter().flatten().map(|c| c.to_hex()).collect()
+}
+
+#[test]
+fn two_users_full_flows_over_https() {
+    need(&["qemu-io", "qemu-img"]);
+    let s = Served::start();
+    let alice = s.login("alice");
+    let bob = s.login("bob");
+
+    let img_a = image(8 * MIB, &[(0, MIB), (3 * MIB, 3 * MIB + 300 * KIB)], 1);
+    let img_b = image(6 * MIB, &[(MIB, 2 * MIB + 5)], 2);
+    let pa = write_img(&alice, &img_a);
+    let pb = write_img(&bob, &img_b);
+    let ra = alice.import("alice/dev", &pa, &[]);
+    let rb = bob.import("bob/dev", &pb, &[]);
+    assert!(ra["chunks_new"].as_u64().unwrap() > 0, "{ra}");
+    assert_same_bytes(&export_bytes(&alice, "alice/dev"), &img_a, "alice's export");
+    assert_same_bytes(&export_bytes(&bob, "bob/dev"), &img_b, "bob's export");
+
+    // log and ls over HTTP; each sees only their own machine.
+    let log = alice.log("alice/dev");
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0]["version"], ra["version"]);
+    let ls: Vec<String> = alice.json(&["ls", "--json"]).as_array().unwrap().iter()
+        .map(|m| m["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ls, vec!["alice/dev".to_string()]);
+    let ls: Vec<String> = bob.json(&["ls", "--json"]).as_array().unwrap().iter()
+        .map(|m| m["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ls, vec!["bob/dev".to_string()]);
+
+    // attach over HTTP with a real NBD client: write, read back, check in.
+    let cache = s.root.join("cache-alice");
+    let mut a = alice.attach(&cache, "alice/dev", &[]);
+    let patch = random_bytes(100 * KIB, 9);
+    let pf = alice.file("patch.bin");
+    fs::write(&pf, &patch).unwrap();
+    let at = 5 * MIB + 4096;
+    let r = tool(
+        "qemu-io",
+        &[
+            "-f".to_string(), "raw".into(),
+            "-c".into(), format!("write -s {} {at} {}", pf.display(), patch.len()),
+            "-c".into(), "flush".into(),
+            "-c".into(), format!("read -v {} 16", at),
+            a.uri(),
+        ],
+    );
+    assert!(r.success() && !r.stdout.contains("failed"), "qemu-io:\n{r}");
+    let done = a.stop();
+    assert!(done.success(), "attach:\n{done}");
+    let mut want = img_a.clone();
+    want[at..at + patch.len()].copy_from_slice(&patch);
+    assert_same_bytes(&export_bytes(&alice, "alice/dev"), &want, "alice's checked-in disk");
+    assert_eq!(alice.log("alice/dev").len(), 2);
+
+    // bob reads his disk through attach with qemu-img compare (every byte).
+    let cache_b = s.root.join("cache-bob");
+    let mut b = bob.attach(&cache_b, "bob/dev", &[]);
+    let r = tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", &pb.display().to_string(), &b.uri()]);
+    assert!(r.success(), "qemu-img compare:\n{r}");
+    assert!(b.stop().success());
+
+    // The server counted it all.
+    let (code, m) = s.curl(None, "GET", "/metrics", None);
+    let m = String::from_utf8_lossy(&m).into_owned();
+    assert_eq!(code, 200, "{m}");
+    for needle in ["mbank_bytes_in_total", "mbank_chunks_stored_total", "mbank_dedup_ratio", "mbank_sessions 0", "mbank_users 2"] {
+        assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
+    }
+    let commits: u64 = m.lines().find_map(|l| l.strip_prefix("mbank_commits_total ")).unwrap().parse().unwrap();
+    assert!(commits >= 3, "{m}");
+}
+
+#[test]
+fn isolation_probes_see_nothing_of_another_user() {
+    let s = Served::start();
+    let alice = s.login("alice");
+    let bob = s.login("bob");
+    let secret = image(4 * MIB, &[(0, 4 * MIB)], 77);
+    let pb = write_img(&bob, &secret);
+    let rb = bob.import("bob/secret", &pb, &[]);
+    let bver = rb["version"].as_str().unwrap().to_string();
+    let chunks = head_chunks(&s, "bob/secret");
+    let (ta, tb) = (s.token("alice"), s.token("bob"));
+
+    // Machines and versions: exactly as if absent.
+    let probe = |args: &[&str], absent: &[&str]| {
+        let got = alice.run(args).failed();
+        let want = alice.run(absent).failed();
+        let norm = |t: &str| t.replace("bob/secret", "X").replace("bob/nothere", "X").replace(&bver, "V").replace("0123456789abcdef0123456789abcdef", "V");
+        assert_eq!(norm(&got.stderr), norm(&want.stderr), "{got}\n{want}");
+    };
+    probe(&["log", "bob/secret"], &["log", "bob/nothere"]);
+    probe(&["export", &format!("bob/secret@{bver}"), "/dev/null"], &["export", "bob/nothere@0123456789abcdef0123456789abcdef", "/dev/null"]);
+    let ls = alice.json(&["ls", "--json"]);
+    assert!(!ls.to_string().contains("bob"), "{ls}");
+    for path in [
+        "/v1/machines/bob/secret".to_string(),
+        "/v1/machines/bob/secret/versions".to_string(),
+        format!("/v1/machines/bob/secret/versions/{bver}/index"),
+        "/v1/machines/bob/secret/lease".to_string(),
+    ] {
+        let (code, v) = s.curl_json(Some(&ta), "GET", &path, None);
+        let (code2, v2) = s.curl_json(Some(&ta), "GET", &path.replace("secret", "nothere"), None);
+        assert_eq!((code, &v["kind"]), (404, &Value::from("machine_not_found")), "{path}: {v}");
+        assert_eq!((code2, &v2["kind"]), (code, &v["kind"]), "{path}");
+    }
+
+    // A chunk id known to be bob's: alice gets what a missing chunk gets.
+    let bobs = &chunks[0];
+    let (code, v) = s.curl_json(Some(&ta), "GET", &format!("/v1/chunks/{bobs}"), None);
+    let none = "ab".repeat(32);
+    let (code2, v2) = s.curl_json(Some(&ta), "GET", &format!("/v1/chunks/{none}"), None);
+    assert_eq!((code, code2), (404, 404));
+    assert_eq!(v["kind"], v2["kind"]);
+    assert_eq!(
+        v["message"].as_str().unwrap().replace(bobs, "ID"),
+        v2["message"].as_str().unwrap().replace(&none, "ID")
+    );
+    let (code, _) = s.curl(Some(&tb), "GET", &format!("/v1/chunks/{bobs}"), None);
+    assert_eq!(code, 200, "bob reads his own chunk");
+
+    // The missing-chunk query never reveals bob's chunks to alice.
+    let ids: Vec<u8> = chunks.iter().flat_map(|c| hex(c)).collect();
+    let (code, have_a) = s.curl(Some(&ta), "POST", "/v1/chunks/have", Some(&ids));
+    assert_eq!(code, 200);
+    assert!(have_a.iter().all(|&b| b == 0), "alice's have answered {have_a:?}");
+    let (_, have_b) = s.curl(Some(&tb), "POST", "/v1/chunks/have", Some(&ids));
+    assert!(have_b.iter().all(|&b| b == 1), "bob's have answered {have_b:?}");
+
+    // Alice importing the same bytes must send them all, yet they are stored once.
+    let before = s.chunk_count();
+    let pa = write_img(&alice, &secret);
+    let ra = alice.import("alice/copy", &pa, &[]);
+    assert_eq!(ra["chunks_new"], rb["chunks_new"], "alice had to send every chunk: {ra}");
+    assert_eq!(s.chunk_count(), before, "the bank stores each chunk once");
+    assert_same_bytes(&export_bytes(&alice, "alice/copy"), &secret, "alice's copy");
+
+    // Naming bob's chunk in a commit without sending it is refused.
+    let fresh = image(64 * KIB, &[(0, 64 * KIB)], 5);
+    let pf = write_img(&alice, &fresh);
+    alice.import("alice/steal", &pf, &[]);
+    let other = image(4 * MIB, &[(0, 4 * MIB)], 78);
+    let po = write_img(&bob, &other);
+    bob.import("bob/other", &po, &[]);
+    let bob_only = head_chunks(&s, "bob/other");
+    let body = steal_commit(&s, "alice/steal", &bob_only[0]);
+    let (code, v) = s.curl_json(Some(&ta), "POST", "/v1/machines/alice/steal/versions", Some(&body));
+    assert_eq!(code, 400, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("send its bytes"), "{v}");
+    assert_eq!(alice.log("alice/steal").len(), 1, "nothing was committed");
+
+    // Writing under another user's name is refused.
+    alice
+        .run(&["import", "bob/planted", &pf.display().to_string()])
+        .failed()
+        .stderr_has(&["alice may write only machines named alice/"]);
+    assert!(s.local(&["log", "bob/planted"]).failed().stderr.contains("no machine"));
+
+    // What an administrator publishes, every user reads and forks.
+    let base = image(2 * MIB, &[(0, MIB)], 31);
+    let pbase = s.root.join("base.raw");
+    fs::write(&pbase, &base).unwrap();
+    s.local(&["-q", "import", "lab/base", &pbase.display().to_string()]).ok();
+    assert!(alice.run(&["log", "lab/base"]).failed().stderr.contains("no machine named lab/base"));
+    s.local(&["admin", "publish", "lab/base"]).ok();
+    assert_eq!(alice.log("lab/base").len(), 1);
+    alice.run(&["-q", "create", "alice/fork", "--from", "lab/base", "--memory", "256M"]).ok();
+    assert_same_bytes(&export_bytes(&alice, "alice/fork"), &base, "alice's fork of the published base");
+    assert!(s.server_log().contains("status=404"), "the server logs each request");
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+}
+
+/// A commit body for a new version of `machine` whose one chunk is `chunk`.
+fn steal_commit(s: &Served, machine: &str, chunk: &str) -> Vec<u8> {
+    let bank = mbank_bank::Bank::open(&s.bank_dir, true).unwrap();
+    let mut v = bank.resolve(&machine.parse().unwrap()).unwrap();
+    let mut idx = bank.catalog().disk_index(&v).unwrap();
+    idx.chunks[0] = Some(chunk.parse().unwrap());
+    let parent = v.id;
+    v.id = mbank_core::VersionId::random();
+    v.parent = Some(parent);
+    let index = idx.to_bytes();
+    let h = mbank_remote::wire::CommitHeader {
+        info: v,
+        expected_head: Some(parent),
+        index_len: index.len() as u64,
+        streams: vec![],
+    };
+    mbank_remote::wire::commit_body(&h, &index, &[])
+}
+
+#[test]
+fn bad_credentials_get_401_and_change_nothing() {
+    let s = Served::start();
+    let wrong = s.try_login("alice", "not-the-password", &[]).failed();
+    let unknown = s.try_login("mallory", "whatever-password", &[]).failed();
+    assert!(wrong.stderr.contains("not valid"), "{wrong}");
+    assert_eq!(wrong.stderr, unknown.stderr, "a wrong password and an unknown user look alike");
+    let alice = s.login("alice");
+    alice.json(&["ls", "--json"]);
+    let token = s.token("alice");
+    let img = write_img(&alice, &image(MIB, &[(0, MIB)], 3));
+
+    // Tampered tokens: a flipped digit of the secret, of the id, cut short, garbage.
+    let flip = |t: &str, at: usize| {
+        let mut b = t.as_bytes().to_vec();
+        b[at] = if b[at] == b'0' { b'1' } else { b'0' };
+        String::from_utf8(b).unwrap()
+    };
+    for bad in [flip(&token, token.len() - 1), flip(&token, 5), token[..token.len() - 2].to_string(), "mbt_garbage".into(), "x".repeat(300)] {
+        let (code, v) = s.curl_json(Some(&bad), "GET", "/v1/machines", None);
+        assert_eq!(code, 401, "{bad}: {v}");
+        assert_eq!(v["kind"], "unauthorized");
+        let mut c = alice.cmd();
+        c.env("MBANK_TOKEN", &bad).args(["import", "alice/x", &img.display().to_string()]);
+        let r = run_cmd(c).failed();
+        assert!(r.stderr.contains("not valid"), "{r}");
+    }
+    let (code, _) = s.curl_json(None, "GET", "/v1/machines", None);
+    assert_eq!(code, 401, "no token");
+
+    // Expired: a token that lived one second.
+    let short = s.try_login("bob", "bob-secret-22", &["--ttl", "1s"]).ok();
+    let _ = short;
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let r = s.client("bob").run(&["ls"]).failed();
+    assert!(r.stderr.contains("not valid"), "{r}");
+
+    // Revoked by the administrator, and by logout.
+    let id = token.strip_prefix("mbt_").unwrap().split('_').next().unwrap().to_string();
+    s.local(&["admin", "token", "revoke", &id]).ok();
+    let r = alice.run(&["import", "alice/x", &img.display().to_string()]).failed();
+    assert!(r.stderr.contains("not valid"), "{r}");
+    let alice = s.login("alice");
+    alice.run(&["ls"]).ok();
+    alice.run(&["logout"]).ok();
+    let (code, _) = s.curl_json(Some(&s.token_or_last("alice", &token)), "GET", "/v1/machines", None);
+    assert_eq!(code, 401);
+    // Nothing changed: no machine was made by any refused request.
+    let ls = s.local(&["ls", "--json"]).ok().json();
+    assert_eq!(ls.as_array().unwrap().len(), 0, "{ls}");
+}
+
+impl Served {
+    /// The stored token, or `fallback` when logout removed it.
+    fn token_or_last(&self, user: &str, fallback: &str) -> String {
+        let p = self.config_dir(user).join("mbank/credentials.json");
+        fs::read_to_string(p)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| find_token(&v))
+            .unwrap_or_else(|| fallback.to_string())
+    }
+}
+
+#[test]
+fn garbage_oversized_and_path_tricks_get_4xx_and_the_server_keeps_serving() {
+    let s = Served::start();
+    let alice = s.login("alice");
+    let t = s.token("alice");
+    let cases: Vec<(&str, String, Vec<u8>, u16)> = vec![
+        ("POST", "/v1/login".into(), b"not json".to_vec(), 400),
+        ("POST", "/v1/login".into(), vec![b'{'; 2 * MIB], 413),
+        ("PUT", "/v1/chunks/zz".into(), b"x".to_vec(), 400),
+        ("PUT", format!("/v1/chunks/{}", "ab".repeat(32)), random_bytes(1000, 1), 422),
+        ("PUT", format!("/v1/chunks/{}", "ab".repeat(32)), vec![7u8; 17 * MIB], 413),
+        ("POST", "/v1/chunks/have".into(), vec![1u8; 33], 400),
+        ("POST", "/v1/chunks/have".into(), vec![1u8; 32 * 4097], 413),
+        ("GET", "/v1/machines/..%2F..%2Fetc/passwd".into(), vec![], 400),
+        ("GET", "/v1/machines/alice/..".into(), vec![], 400),
+        ("GET", "/v1/machines/../../etc/passwd".into(), vec![], 404),
+        ("GET", "/v1/machines/alice/dev/versions/nothex/index".into(), vec![], 400),
+        ("POST", "/v1/machines/alice/dev/versions".into(), b"\x05\x00\x00\x00{".to_vec(), 400),
+        ("POST", "/v1/machines/alice/dev/versions".into(), vec![0xff; 100], 400),
+        ("PUT", "/v1/machines/alice/dev/lease".into(), b"[1,2,3]".to_vec(), 400),
+        ("POST", "/v1/writers/notanumber/heartbeat".into(), vec![], 400),
+        ("GET", "/v1/nothing/here".into(), vec![], 404),
+    ];
+    for (method, path, body, want) in &cases {
+        let b = (!body.is_empty()).then_some(&body[..]);
+        let (code, v) = s.curl_json(Some(&t), method, path, b);
+        assert_eq!(code, *want, "{method} {path}: {v}");
+        if code != 404 || v.is_object() {
+            assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{method} {path}: a message: {v}");
+        }
+    }
+    let (code, v) = s.curl_json(None, "GET", "/v1/health", None);
+    assert_eq!((code, &v["ok"]), (200, &Value::from(true)));
+    alice.run(&["ls"]).ok();
+    assert!(!s.server_log().contains("panicked"), "{}", s.server_log());
+
+    // A quota: an import that would exceed it fails, saying so; nothing is committed.
+    s.add_user("carol", "carol-secret-3", &["--quota", "1M"]);
+    s.try_login("carol", "carol-secret-3", &[]).ok();
+    let carol = s.client("carol");
+    let p = write_img(&carol, &image(4 * MIB, &[(0, 4 * MIB)], 8));
+    carol
+        .run(&["import", "carol/big", &p.display().to_string()])
+        .failed()
+        .stderr_has(&["quota", "mbank rm"]);
+    assert!(carol.run(&["log", "carol/big"]).failed().stderr.contains("no machine"));
+}
+
+#[test]
+fn a_station_rides_out_a_bank_restart_and_gc_verify_run_while_serving() {
+    need(&["qemu-io"]);
+    let mut s = Served::start();
+    let alice = s.login("alice");
+    let img = image(16 * MIB, &[(0, 16 * MIB)], 11);
+    let p = write_img(&alice, &img);
+    alice.import("alice/dev", &p, &[]);
+    let cache = s.root.join("cache");
+    let mut a = alice.attach(&cache, "alice/dev", &[]);
+
+    // The bank goes away; the station's reads of chunks it has not fetched wait for it.
+    s.kill();
+    let patch = random_bytes(64 * KIB, 12);
+    let pf = alice.file("patch.bin");
+    fs::write(&pf, &patch).unwrap();
+    let copy = alice.file("read.raw");
+    let uri = a.uri();
+    let io = std::thread::spawn({
+        let (pf, copy, uri) = (pf.clone(), copy.clone(), uri.clone());
+        move || {
+            let r1 = tool("qemu-img", &["convert", "-f", "raw", "-O", "raw", &uri, &copy.display().to_string()]);
+            let r2 = tool(
+                "qemu-io",
+                &["-f".to_string(), "raw".into(), "-c".into(), format!("write -s {} {} {}", pf.display(), 3 * MIB, 64 * KIB), "-c".into(), "flush".into(), uri],
+            );
+            (r1, r2)
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    s.spawn();
+    let (r1, r2) = io.join().unwrap();
+    assert!(r1.success(), "the read through the restart:\n{r1}");
+    assert!(r2.success() && !r2.stdout.contains("failed"), "the write:\n{r2}");
+    assert_same_bytes(&fs::read(&copy).unwrap(), &img, "what the station read across the restart");
+    let done = a.stop();
+    assert!(done.success(), "check-in after the restart:\n{done}");
+    let mut want = img.clone();
+    want[3 * MIB..3 * MIB + 64 * KIB].copy_from_slice(&patch);
+    assert_same_bytes(&export_bytes(&alice, "alice/dev"), &want, "the checked-in disk");
+
+    // gc and verify on the bank's host while the server serves an import.
+    let img2 = image(8 * MIB, &[(0, 8 * MIB)], 13);
+    let p2 = write_img(&alice, &img2);
+    let import = std::thread::spawn({
+        let alice = s.client("alice");
+        move || alice.run(&["-q", "import", "alice/two", &p2.display().to_string()])
+    });
+    s.local(&["gc", "--json"]).ok();
+    s.local(&["verify", "--json"]).ok();
+    import.join().unwrap().ok();
+    s.local(&["verify", "--json"]).ok();
+    assert_same_bytes(&export_bytes(&alice, "alice/two"), &img2, "the import that ran beside gc");
+    assert_same_bytes(&export_bytes(&alice, "alice/dev"), &want, "alice/dev after gc");
+}
