@@ -4,6 +4,7 @@
 //! with `--json` one JSON document); progress and summaries go to standard error.
 //! Exit codes: 0 success, 1 failure, 2 bad usage, 3 `verify` found damage.
 
+mod admin;
 mod attach;
 mod create;
 mod fmt;
@@ -198,6 +199,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Manage the users, tokens and published machines of a bank served by `mbank serve` (run on the bank host with --bank DIR).
+    Admin {
+        #[command(subcommand)]
+        cmd: admin::AdminCmd,
+    },
 }
 
 fn parse_chunk_size(s: &str) -> Result<u32, String> {
@@ -288,6 +294,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         say(format!("created an empty bank in {}", bank_dir.display()));
         return Ok(ExitCode::SUCCESS);
     }
+    if let Cmd::Admin { cmd } = cli.cmd {
+        admin::run(&bank_dir, cmd, cli.quiet)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Cmd::Suspend { machine } | Cmd::Poweroff { machine } = &cli.cmd {
         let station = mbank_station::Station::open(&cache_dir, cache_size)?;
         let off = matches!(cli.cmd, Cmd::Poweroff { .. });
@@ -299,7 +309,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     let mut bank = Bank::open(&bank_dir, read_only)?;
     match cli.cmd {
-        Cmd::Init | Cmd::Suspend { .. } | Cmd::Poweroff { .. } => unreachable!("handled above"),
+        Cmd::Init | Cmd::Suspend { .. } | Cmd::Poweroff { .. } | Cmd::Admin { .. } => {
+            unreachable!("handled above")
+        }
         Cmd::Create { args, json } => {
             let r = create::run(&mut bank, args, jobs, &bar)?;
             if json {
