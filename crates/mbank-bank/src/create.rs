@@ -6,7 +6,7 @@ use std::path::Path;
 
 use mbank_catalog::{NamedStream, VersionInfo};
 use mbank_core::{ChunkId, DEFAULT_CHUNK_SIZE, DiskIndex, MachineName};
-use mbank_store::{ChunkStore, StoreError};
+use mbank_store::StoreError;
 
 use crate::image::open_image;
 use crate::import::image_items;

@@ -105,7 +105,7 @@ impl Bank {
                 .map_err(|e| BankError::io("create", &tmp, e))?;
             file.set_len(index.disk_size)
                 .map_err(|e| BankError::io("size", &tmp, e))?;
-            let n = write_chunks(&self.store, &index, &file, &tmp, jobs, progress, damaged)?;
+            let n = write_chunks(&*self.store, &index, &file, &tmp, jobs, progress, damaged)?;
             file.sync_all()
                 .map_err(|e| BankError::io("sync", &tmp, e))?;
             fs::rename(&tmp, out).map_err(|e| BankError::io("rename the export to", out, e))?;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use mbank_catalog::{CommitOutcome, NamedStream, VersionInfo, VersionStats, now_ms};
 use mbank_core::chunk::{DEFAULT_ZSTD_LEVEL, encode_with_id};
 use mbank_core::{ChunkId, DEFAULT_CHUNK_SIZE, DiskIndex, MachineName, VersionId, is_zero};
-use mbank_store::{ChunkStore, StoreError};
+use mbank_store::ChunkStore;
 use serde::Serialize;
 
 use crate::image::{ImageFormat, ImageSource, open_image};
@@ -170,7 +170,7 @@ impl Bank {
         let result = store_chunks(
             items,
             &mut base,
-            &self.store,
+            &*self.store,
             opts,
             progress,
             &mut stats,
@@ -274,12 +274,15 @@ fn store_chunks(
     let cs = index.chunk_size as u64;
     let abort = &AtomicBool::new(false);
     let seen = &Mutex::new(HashSet::<ChunkId>::new());
-    let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(jobs * 4);
+    // Chunks travel in batches, so that a bank server is asked which it lacks once
+    // per batch rather than once per chunk.
+    let (work_tx, work_rx) = mpsc::sync_channel::<Vec<(usize, Vec<u8>)>>(jobs * 2);
     let work_rx = Mutex::new(work_rx);
     let (done_tx, done_rx) = mpsc::channel::<(usize, u64, Result<Outcome, BankError>)>();
     std::thread::scope(|s| -> Result<(), BankError> {
         let reader_done = done_tx.clone();
         s.spawn(move || {
+            let mut batch = Vec::with_capacity(BATCH);
             for item in items {
                 if abort.load(Ordering::Relaxed) {
                     return;
@@ -289,7 +292,12 @@ fn store_chunks(
                         let _ = reader_done.send((i, 0, Ok(Outcome::Zero)));
                     }
                     Ok((i, Some(buf))) => {
-                        if work_tx.send((i, buf)).is_err() {
+                        batch.push((i, buf));
+                        if batch.len() == BATCH
+                            && work_tx
+                                .send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))
+                                .is_err()
+                        {
                             return;
                         }
                     }
@@ -299,6 +307,9 @@ fn store_chunks(
                     }
                 }
             }
+            if !batch.is_empty() {
+                let _ = work_tx.send(batch);
+            }
         });
         for _ in 0..jobs {
             let done = done_tx.clone();
@@ -306,14 +317,14 @@ fn store_chunks(
             s.spawn(move || {
                 loop {
                     let next = work_rx.lock().expect("work queue poisoned").recv();
-                    let Ok((i, buf)) = next else { return };
+                    let Ok(batch) = next else { return };
                     if abort.load(Ordering::Relaxed) {
                         continue; // drain, so the reader is never stuck
                     }
-                    let read = buf.len() as u64;
-                    let r = store_chunk(&buf, store, seen, opts.zstd_level);
-                    if done.send((i, read, r)).is_err() {
-                        return;
+                    for (i, read, r) in store_batch(batch, store, seen, opts.zstd_level) {
+                        if done.send((i, read, r)).is_err() {
+                            return;
+                        }
                     }
                 }
             });
@@ -358,27 +369,61 @@ fn index_chunk_len(disk_size: u64, cs: u64, i: usize) -> usize {
     (disk_size - i as u64 * cs).min(cs) as usize
 }
 
-fn store_chunk(
-    buf: &[u8],
+/// Chunks a worker takes at a time.
+const BATCH: usize = 32;
+
+/// Hashes a batch, skips zeros and repeats, asks the store which it has (touching
+/// those), and stores the rest. One result per chunk, with the bytes it read.
+fn store_batch(
+    batch: Vec<(usize, Vec<u8>)>,
     store: &dyn ChunkStore,
     seen: &Mutex<HashSet<ChunkId>>,
     level: i32,
-) -> Result<Outcome, BankError> {
-    if is_zero(buf) {
-        return Ok(Outcome::Zero);
+) -> Vec<(usize, u64, Result<Outcome, BankError>)> {
+    let mut out = Vec::with_capacity(batch.len());
+    let mut ask = Vec::new();
+    for (i, buf) in batch {
+        let read = buf.len() as u64;
+        if is_zero(&buf) {
+            out.push((i, read, Ok(Outcome::Zero)));
+            continue;
+        }
+        let id = ChunkId::of(&buf);
+        if !seen.lock().expect("seen set poisoned").insert(id) {
+            out.push((i, read, Ok(Outcome::Dedup(id))));
+            continue;
+        }
+        ask.push((i, id, buf));
     }
-    let id = ChunkId::of(buf);
-    if !seen.lock().expect("seen set poisoned").insert(id) {
-        return Ok(Outcome::Dedup(id));
+    if ask.is_empty() {
+        return out;
     }
-    if store.touch(&id)? {
-        return Ok(Outcome::Dedup(id));
+    let ids: Vec<ChunkId> = ask.iter().map(|(_, id, _)| *id).collect();
+    let have = match store.touch_many(&ids) {
+        Ok(h) => h,
+        Err(e) => {
+            // The first error aborts the write; the batch's other chunks need no report.
+            out.push((ask[0].0, 0, Err(BankError::Store(e))));
+            return out;
+        }
+    };
+    for ((i, id, buf), have) in ask.into_iter().zip(have) {
+        let read = buf.len() as u64;
+        if have {
+            out.push((i, read, Ok(Outcome::Dedup(id))));
+            continue;
+        }
+        let enc = encode_with_id(id, &buf, level);
+        out.push((
+            i,
+            read,
+            store
+                .put(&enc)
+                .map(|b| Outcome::New(id, b))
+                .map_err(BankError::Store),
+        ));
     }
-    let enc = encode_with_id(id, buf, level);
-    let bytes = store
-        .put(&enc)
-        .map_err(|e: StoreError| BankError::Store(e))?;
-    Ok(Outcome::New(id, bytes))
+    out
 }
 
 #[cfg(test)]

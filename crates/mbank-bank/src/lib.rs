@@ -48,8 +48,9 @@ pub use verify::{DamagedChunk, DamagedIndex, GcReport, VerifyReport};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use mbank_catalog::{Catalog, CatalogError, MachineInfo, VersionInfo, WriterInfo};
+use mbank_catalog::{Catalog, CatalogApi, CatalogError, MachineInfo, VersionInfo, WriterInfo};
 use mbank_core::{ChunkId, MachineName, MachineRef, VersionId};
 use mbank_store::{ChunkStore, LocalStore, StoreError};
 use serde::Serialize;
@@ -107,6 +108,13 @@ pub enum BankError {
     MachineExists(MachineName),
     #[error("reading the input stream failed: {0}")]
     Stream(#[from] std::io::Error),
+    #[error(
+        "{action} runs on the bank's host: {location} is a bank server; run it there with --bank DIR"
+    )]
+    NotLocal {
+        location: String,
+        action: &'static str,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -228,7 +236,7 @@ pub struct VersionSummary {
 /// A registered writer; unregisters when dropped, so a failed write does not hold GC
 /// back longer than the process lives. It has its own catalog connection.
 pub struct WriterGuard {
-    catalog: Catalog,
+    catalog: Box<dyn CatalogApi>,
     pub info: WriterInfo,
 }
 
@@ -245,11 +253,15 @@ impl Drop for WriterGuard {
     }
 }
 
-/// A bank on local disk.
+/// A bank: a chunk store and a catalog. On local disk ([`Bank::open`]) both are the
+/// bank directory's; a bank server's client ([`Bank::with_parts`]) brings its own.
 pub struct Bank {
-    root: PathBuf,
-    store: LocalStore,
-    catalog: Catalog,
+    /// The bank's name for people and session records: its canonical directory, or URL.
+    location: String,
+    /// The bank's directory, when it is on this machine.
+    root: Option<PathBuf>,
+    store: Arc<dyn ChunkStore>,
+    catalog: Box<dyn CatalogApi>,
     read_only: bool,
 }
 
@@ -359,51 +371,98 @@ impl Bank {
         // (a read-only connection cannot, and would refuse to read).
         let catalog_read_only = read_only && !dir_is_writable(path);
         let catalog = Catalog::open(&path.join("catalog.db"), false, catalog_read_only)?;
+        let location = fs::canonicalize(path)
+            .unwrap_or_else(|_| path.to_path_buf())
+            .display()
+            .to_string();
         Ok(Bank {
-            root: path.into(),
-            store,
-            catalog,
+            location,
+            root: Some(path.into()),
+            store: Arc::new(store),
+            catalog: Box::new(catalog),
             read_only,
         })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// A bank made of a store and a catalog from elsewhere (a bank server's client).
+    /// `location` names it (a URL).
+    pub fn with_parts(
+        location: String,
+        store: Arc<dyn ChunkStore>,
+        catalog: Box<dyn CatalogApi>,
+    ) -> Bank {
+        Bank {
+            location,
+            root: None,
+            store,
+            catalog,
+            read_only: false,
+        }
+    }
+
+    /// The bank's directory; `None` for a bank served by another machine.
+    pub fn root(&self) -> Option<&Path> {
+        self.root.as_deref()
+    }
+
+    /// The bank's canonical directory or its URL: what session records name.
+    pub fn location(&self) -> &str {
+        &self.location
     }
 
     pub fn store(&self) -> &dyn ChunkStore {
-        &self.store
+        &*self.store
     }
 
-    pub fn catalog(&self) -> &Catalog {
-        &self.catalog
+    /// The store, shareable with threads that outlive a borrow (a station's fetches).
+    pub fn store_arc(&self) -> Arc<dyn ChunkStore> {
+        self.store.clone()
     }
 
-    pub fn catalog_mut(&mut self) -> &mut Catalog {
-        &mut self.catalog
+    pub fn catalog(&self) -> &dyn CatalogApi {
+        &*self.catalog
     }
 
-    /// Where a chunk's file lives (for messages and tests).
+    pub fn catalog_mut(&mut self) -> &mut dyn CatalogApi {
+        &mut *self.catalog
+    }
+
+    /// The bank's directory, or an error saying `action` runs on the bank's host.
+    fn local_root(&self, action: &'static str) -> Result<&Path, BankError> {
+        self.root.as_deref().ok_or_else(|| BankError::NotLocal {
+            location: self.location.clone(),
+            action,
+        })
+    }
+
+    /// A connection of its own to a local bank's catalog, for the walks over every
+    /// index that only the bank's host does (verify, gc, stats).
+    fn local_catalog(&self, action: &'static str) -> Result<Catalog, BankError> {
+        let root = self.local_root(action)?;
+        let read_only = self.read_only && !dir_is_writable(root);
+        Ok(Catalog::open(&root.join("catalog.db"), false, read_only)?)
+    }
+
+    /// Where a chunk's file lives in a local bank (for messages and tests).
     pub fn chunk_path(&self, id: &ChunkId) -> PathBuf {
-        self.store.chunk_path(id)
+        LocalStore::chunk_path_in(self.root.as_deref().unwrap_or(Path::new("")), id)
     }
 
     /// Names the catalog file in errors a user can act on (a full disk).
     fn catalog_err(&self, action: &'static str, e: CatalogError) -> BankError {
-        if e.is_disk_full() {
-            BankError::Store(StoreError::NoSpace {
+        match &self.root {
+            Some(root) if e.is_disk_full() => BankError::Store(StoreError::NoSpace {
                 action,
-                path: self.root.join("catalog.db"),
-            })
-        } else {
-            e.into()
+                path: root.join("catalog.db"),
+            }),
+            _ => e.into(),
         }
     }
 
     fn require_writable(&self, action: &'static str) -> Result<(), BankError> {
         if self.read_only {
             return Err(BankError::ReadOnly {
-                path: self.root.clone(),
+                path: PathBuf::from(&self.location),
                 action,
             });
         }
@@ -414,7 +473,7 @@ impl Bank {
     /// guard alive until the version that references the written chunks is committed.
     pub fn begin_write(&self, what: &str) -> Result<WriterGuard, BankError> {
         self.require_writable("write")?;
-        let catalog = Catalog::open(&self.root.join("catalog.db"), false, false)?;
+        let catalog = self.catalog.reopen()?;
         let info = catalog
             .register_writer(std::process::id(), &this_host(), what)
             .map_err(|e| self.catalog_err("register a writer in", e))?;
@@ -505,6 +564,7 @@ impl Bank {
 
     /// Totals over the bank.
     pub fn stats(&self) -> Result<BankStats, BankError> {
+        let catalog = self.local_catalog("stats")?;
         let store = self.store.stats()?;
         let mut s = BankStats {
             chunks: store.chunks,
@@ -513,7 +573,7 @@ impl Bank {
             ..Default::default()
         };
         let mut seen = std::collections::HashSet::new();
-        self.catalog.for_each_index(None, |v, idx| {
+        catalog.for_each_index(None, |v, idx| {
             s.versions += 1;
             s.logical_bytes += v.disk_size;
             let idx = idx?;
@@ -525,7 +585,7 @@ impl Bank {
             }
             Ok(())
         })?;
-        self.catalog.for_each_stream(None, |_, _, idx| {
+        catalog.for_each_stream(None, |_, _, idx| {
             seen.extend(idx?.runs.iter().filter_map(|r| r.id));
             Ok(())
         })?;

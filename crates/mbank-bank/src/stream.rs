@@ -33,7 +33,7 @@ impl Bank {
         _writer: &WriterGuard,
         reader: impl Read,
     ) -> Result<(MemoryIndex, StreamStats), BankError> {
-        let store = &self.store;
+        let store: &dyn ChunkStore = &*self.store;
         let jobs = crate::default_jobs();
         let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(jobs * 4);
         let work_rx = Mutex::new(work_rx);

@@ -86,6 +86,7 @@ impl Bank {
         progress: &dyn Progress,
     ) -> Result<VerifyReport, BankError> {
         let started = Instant::now();
+        let catalog = self.local_catalog("verify")?;
         if let Some(m) = machine
             && self.catalog.machine(m)?.is_none()
         {
@@ -114,13 +115,13 @@ impl Bank {
             names.push(name);
         };
         let mut versions = 0;
-        self.catalog.for_each_index(machine, |v, idx| {
+        catalog.for_each_index(machine, |v, idx| {
             versions += 1;
             let ids = idx.map(|i| i.chunks.into_iter().flatten().collect());
             note(format!("{}@{}", v.machine, v.id.to_hex()), ids);
             Ok(())
         })?;
-        self.catalog.for_each_stream(machine, |v, stream, idx| {
+        catalog.for_each_stream(machine, |v, stream, idx| {
             let ids = idx.map(|i| i.runs.into_iter().filter_map(|r| r.id).collect());
             note(format!("{}@{} ({stream})", v.machine, v.id.to_hex()), ids);
             Ok(())
@@ -131,7 +132,7 @@ impl Bank {
         let next = AtomicUsize::new(0);
         let bytes = AtomicU64::new(0);
         let bad: Mutex<Vec<(ChunkId, StoreError)>> = Mutex::new(Vec::new());
-        let store: &dyn ChunkStore = &self.store;
+        let store: &dyn ChunkStore = &*self.store;
         std::thread::scope(|s| {
             for _ in 0..jobs.max(1) {
                 s.spawn(|| {
@@ -182,17 +183,18 @@ impl Bank {
     pub fn gc(&self, progress: &dyn Progress) -> Result<GcReport, BankError> {
         let started = Instant::now();
         self.require_writable("collect garbage")?;
+        let catalog = self.local_catalog("gc")?;
         let mut report = GcReport::default();
         // 1. Cutoff: now, or the start of the oldest live writer, less a margin.
         let t0 = now_ms();
         let host = this_host();
         let mut oldest = t0;
-        for w in self.catalog.writers()? {
+        for w in catalog.writers()? {
             if writer_is_alive(&w, &host) {
                 report.live_writers += 1;
                 oldest = oldest.min(w.started_ms);
             } else {
-                self.catalog.unregister_writer(w.id)?;
+                catalog.unregister_writer(w.id)?;
                 report.stale_writers_removed += 1;
             }
         }
@@ -200,7 +202,7 @@ impl Bank {
         // 2. Mark: every chunk of every version.
         let mut live = HashSet::new();
         let mut refused = None;
-        self.catalog.for_each_index(None, |v, idx| {
+        catalog.for_each_index(None, |v, idx| {
             report.versions += 1;
             match idx {
                 Ok(idx) => live.extend(idx.chunks.iter().flatten().copied()),
@@ -210,7 +212,7 @@ impl Bank {
             }
             Ok(())
         })?;
-        self.catalog.for_each_stream(None, |v, _, idx| {
+        catalog.for_each_stream(None, |v, _, idx| {
             match idx {
                 Ok(idx) => live.extend(idx.runs.iter().filter_map(|r| r.id)),
                 Err(_) => {

@@ -138,6 +138,13 @@ pub enum CatalogError {
     TooNew(i64),
     #[error("catalog row is malformed: {0}")]
     BadRow(String),
+    /// A bank server refused or failed the request; the message is the server's (or
+    /// the client's account of what failed: which server, what, how many tries).
+    #[error("{0}")]
+    Remote(String),
+    /// A bank server did not accept the credentials (HTTP 401).
+    #[error("{0}")]
+    Unauthorized(String),
 }
 
 impl CatalogError {
@@ -175,6 +182,153 @@ fn sql(action: &'static str) -> impl FnOnce(rusqlite::Error) -> CatalogError {
     move |source| CatalogError::Sqlite { action, source }
 }
 
+/// The catalog operations a bank's users need, local ([`Catalog`]) or over HTTP (a
+/// bank server's client). Authorisation is the server's: a remote catalog answers as if
+/// what the user may not see did not exist.
+pub trait CatalogApi: Send {
+    /// A machine, or `None`.
+    fn machine(&self, name: &MachineName) -> Result<Option<MachineInfo>, CatalogError>;
+    /// Every machine (that the user may see), by name.
+    fn machines(&self) -> Result<Vec<MachineInfo>, CatalogError>;
+    /// A machine's versions, newest first.
+    fn versions(&self, machine: &MachineName) -> Result<Vec<VersionInfo>, CatalogError>;
+    /// `machine`'s head, or its version whose id starts with `prefix`.
+    fn resolve(
+        &self,
+        machine: &MachineName,
+        prefix: Option<&str>,
+    ) -> Result<VersionInfo, CatalogError>;
+    /// A version's disk index.
+    fn disk_index(&self, v: &VersionInfo) -> Result<DiskIndex, CatalogError>;
+    /// One of a version's streams, or `None`.
+    fn stream(&self, v: &VersionInfo, name: &str) -> Result<Option<MemoryIndex>, CatalogError>;
+    /// All of a version's streams.
+    fn streams(&self, v: &VersionInfo) -> Result<Vec<NamedStream>, CatalogError>;
+    /// See [`Catalog::commit_version`].
+    fn commit_version(
+        &mut self,
+        info: &VersionInfo,
+        index: &DiskIndex,
+        streams: &[NamedStream],
+        expected_head: Option<VersionId>,
+    ) -> Result<CommitOutcome, CatalogError>;
+    /// Forgets a version; returns the machine's new head.
+    fn remove_version(&mut self, v: &VersionInfo) -> Result<Option<VersionId>, CatalogError>;
+    /// Forgets a machine; returns how many versions went.
+    fn remove_machine(&mut self, machine: &MachineName) -> Result<u64, CatalogError>;
+    /// Registers a writer (see the GC scheme in `mbank-store`).
+    fn register_writer(&self, pid: u32, host: &str, what: &str)
+    -> Result<WriterInfo, CatalogError>;
+    /// Records that writer `id` is alive.
+    fn heartbeat(&self, id: i64) -> Result<(), CatalogError>;
+    /// Ends writer `id`.
+    fn unregister_writer(&self, id: i64) -> Result<(), CatalogError>;
+    /// The lease on `machine`, if any.
+    fn lease(&self, machine: &MachineName) -> Result<Option<Lease>, CatalogError>;
+    /// Takes the lease on `lease.machine`; a lease held by another session is replaced
+    /// only if that session is `replace` (else [`CatalogError::LeaseHeld`] names the
+    /// holder, and the caller decides whether to ask again with its session).
+    fn take_lease(
+        &mut self,
+        lease: &Lease,
+        replace: Option<&str>,
+    ) -> Result<Option<Lease>, CatalogError>;
+    /// See [`Catalog::release_lease`].
+    fn release_lease(&self, machine: &MachineName, session: &str) -> Result<bool, CatalogError>;
+    /// See [`Catalog::session_bases`].
+    fn session_bases(
+        &self,
+        machine: &MachineName,
+    ) -> Result<Vec<(VersionId, String)>, CatalogError>;
+    /// See [`Catalog::heartbeat_lease`].
+    fn heartbeat_lease(&self, machine: &MachineName, session: &str) -> Result<bool, CatalogError>;
+    /// Another handle on the same catalog (its own connection), e.g. for a writer's
+    /// heartbeats from another thread.
+    fn reopen(&self) -> Result<Box<dyn CatalogApi>, CatalogError>;
+}
+
+impl CatalogApi for Catalog {
+    fn machine(&self, name: &MachineName) -> Result<Option<MachineInfo>, CatalogError> {
+        Catalog::machine(self, name)
+    }
+    fn machines(&self) -> Result<Vec<MachineInfo>, CatalogError> {
+        Catalog::machines(self)
+    }
+    fn versions(&self, machine: &MachineName) -> Result<Vec<VersionInfo>, CatalogError> {
+        Catalog::versions(self, machine)
+    }
+    fn resolve(
+        &self,
+        machine: &MachineName,
+        prefix: Option<&str>,
+    ) -> Result<VersionInfo, CatalogError> {
+        Catalog::resolve(self, machine, prefix)
+    }
+    fn disk_index(&self, v: &VersionInfo) -> Result<DiskIndex, CatalogError> {
+        Catalog::disk_index(self, v)
+    }
+    fn stream(&self, v: &VersionInfo, name: &str) -> Result<Option<MemoryIndex>, CatalogError> {
+        Catalog::stream(self, v, name)
+    }
+    fn streams(&self, v: &VersionInfo) -> Result<Vec<NamedStream>, CatalogError> {
+        Catalog::streams(self, v)
+    }
+    fn commit_version(
+        &mut self,
+        info: &VersionInfo,
+        index: &DiskIndex,
+        streams: &[NamedStream],
+        expected_head: Option<VersionId>,
+    ) -> Result<CommitOutcome, CatalogError> {
+        Catalog::commit_version(self, info, index, streams, expected_head)
+    }
+    fn remove_version(&mut self, v: &VersionInfo) -> Result<Option<VersionId>, CatalogError> {
+        Catalog::remove_version(self, v)
+    }
+    fn remove_machine(&mut self, machine: &MachineName) -> Result<u64, CatalogError> {
+        Catalog::remove_machine(self, machine)
+    }
+    fn register_writer(
+        &self,
+        pid: u32,
+        host: &str,
+        what: &str,
+    ) -> Result<WriterInfo, CatalogError> {
+        Catalog::register_writer(self, pid, host, what)
+    }
+    fn heartbeat(&self, id: i64) -> Result<(), CatalogError> {
+        Catalog::heartbeat(self, id)
+    }
+    fn unregister_writer(&self, id: i64) -> Result<(), CatalogError> {
+        Catalog::unregister_writer(self, id)
+    }
+    fn lease(&self, machine: &MachineName) -> Result<Option<Lease>, CatalogError> {
+        Catalog::lease(self, machine)
+    }
+    fn take_lease(
+        &mut self,
+        lease: &Lease,
+        replace: Option<&str>,
+    ) -> Result<Option<Lease>, CatalogError> {
+        self.acquire_lease(lease, |held| replace == Some(held.session.as_str()))
+    }
+    fn release_lease(&self, machine: &MachineName, session: &str) -> Result<bool, CatalogError> {
+        Catalog::release_lease(self, machine, session)
+    }
+    fn session_bases(
+        &self,
+        machine: &MachineName,
+    ) -> Result<Vec<(VersionId, String)>, CatalogError> {
+        Catalog::session_bases(self, machine)
+    }
+    fn heartbeat_lease(&self, machine: &MachineName, session: &str) -> Result<bool, CatalogError> {
+        Catalog::heartbeat_lease(self, machine, session)
+    }
+    fn reopen(&self) -> Result<Box<dyn CatalogApi>, CatalogError> {
+        Ok(Box::new(Catalog::open(&self.path, false, false)?))
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -202,7 +356,7 @@ pub struct VersionStats {
 }
 
 /// A version without its index.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VersionInfo {
     pub id: VersionId,
     pub machine: MachineName,
@@ -229,7 +383,7 @@ impl VersionInfo {
 pub type NamedStream = (String, MemoryIndex);
 
 /// A machine and its head.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MachineInfo {
     pub name: MachineName,
     pub chunk_size: u32,
@@ -241,7 +395,7 @@ pub struct MachineInfo {
 }
 
 /// What happened to the head when a version was committed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommitOutcome {
     /// The head moved to the new version.
     HeadMoved,
@@ -250,7 +404,7 @@ pub enum CommitOutcome {
 }
 
 /// A registered writer (see the GC scheme in `mbank-store`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WriterInfo {
     pub id: i64,
     pub started_ms: i64,
@@ -261,7 +415,7 @@ pub struct WriterInfo {
 }
 
 /// A machine checked out to one station (DESIGN invariant 6).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     pub machine: String,
     /// The session's id (random, hex).
@@ -287,6 +441,7 @@ impl Lease {
 /// The catalog database.
 pub struct Catalog {
     conn: Connection,
+    path: std::path::PathBuf,
 }
 
 fn vid(b: Vec<u8>) -> Result<VersionId, CatalogError> {
@@ -375,7 +530,10 @@ impl Catalog {
             conn.pragma_update(None, "synchronous", "FULL")
                 .map_err(sql("set synchronous mode"))?;
         }
-        let mut cat = Catalog { conn };
+        let mut cat = Catalog {
+            conn,
+            path: path.to_path_buf(),
+        };
         cat.migrate(read_only)?;
         Ok(cat)
     }

@@ -356,3 +356,33 @@ mod tests {
         assert_eq!("alice/dev".parse::<MachineRef>().unwrap().version, None);
     }
 }
+
+/// Identifiers travel as their text form (hex digits, `user/name`) in JSON.
+macro_rules! serde_as_text {
+    ($t:ty, $what:literal) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl serde::de::Visitor<'_> for V {
+                    type Value = $t;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str($what)
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<$t, E> {
+                        v.parse().map_err(E::custom)
+                    }
+                }
+                d.deserialize_str(V)
+            }
+        }
+    };
+}
+serde_as_text!(ChunkId, "a chunk id (64 hexadecimal digits)");
+serde_as_text!(VersionId, "a version id (32 hexadecimal digits)");
+serde_as_text!(MachineName, "a machine name (user/name)");
+serde_as_text!(MachineRef, "a machine (user/name or user/name@VERSION)");

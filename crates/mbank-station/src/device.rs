@@ -763,7 +763,8 @@ mod tests {
 
     impl Fixture {
         fn check_out(&mut self) -> Arc<Disk> {
-            let store: Arc<dyn ChunkStore> = Arc::new(LocalStore::open(self.bank.root()).unwrap());
+            let store: Arc<dyn ChunkStore> =
+                Arc::new(LocalStore::open(self.bank.root().unwrap()).unwrap());
             let r: MachineRef = "alice/dev".parse().unwrap();
             self.station
                 .check_out(&mut self.bank, &r, false, store)
@@ -849,7 +850,7 @@ mod tests {
             .unwrap();
         let station = Station::open(&dir.path().join("cache"), 64 << 20).unwrap();
         let store = Arc::new(SlowStore {
-            inner: LocalStore::open(bank.root()).unwrap(),
+            inner: LocalStore::open(bank.root().unwrap()).unwrap(),
             slow: Mutex::new(None),
             log: Mutex::new(Vec::new()),
             demand_reading: AtomicBool::new(false),

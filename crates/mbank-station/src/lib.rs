@@ -175,7 +175,13 @@ fn session_alive(pid: u32, started_ms: i64, overlay: &Path) -> bool {
 }
 
 /// How a session names its bank: the bank directory's canonical path.
-fn bank_path(p: &Path) -> String {
+/// A session record's bank as [`Bank::location`] names it: URLs as they are,
+/// directories canonical.
+fn bank_path(bank: &str) -> String {
+    if bank.contains("://") {
+        return bank.to_string();
+    }
+    let p = Path::new(bank);
     fs::canonicalize(p)
         .unwrap_or_else(|_| p.to_path_buf())
         .display()
@@ -288,12 +294,30 @@ impl Station {
         };
         let my_station = self.id.clone();
         let sessions = self.sessions_dir();
-        bank.catalog_mut().acquire_lease(&lease, |held| {
-            let overlay = sessions.join(&held.session).join("overlay");
-            force
-                || (held.station == my_station
-                    && !session_alive(held.pid, held.started_ms, &overlay))
-        })?;
+        // A session that holds the machine is replaced with --force, or when it is a
+        // dead session of this station. Asking again names the session replaced, so a
+        // third session taking the lease in between is not displaced unseen.
+        let mut replace: Option<String> = None;
+        for _ in 0..3 {
+            match bank.catalog_mut().take_lease(&lease, replace.as_deref()) {
+                Err(CatalogError::LeaseHeld { held, .. })
+                    if replace.as_deref() != Some(held.session.as_str())
+                        && (force
+                            || (held.station == my_station
+                                && !session_alive(
+                                    held.pid,
+                                    held.started_ms,
+                                    &sessions.join(&held.session).join("overlay"),
+                                ))) =>
+                {
+                    replace = Some(held.session.clone());
+                }
+                r => {
+                    r?;
+                    break;
+                }
+            }
+        }
         let meta = SessionMeta {
             format: SESSION_FORMAT,
             session: session.clone(),
@@ -304,7 +328,7 @@ impl Station {
             station: self.id.clone(),
             pid: std::process::id(),
             started_ms: now_ms(),
-            bank: bank_path(bank.root()),
+            bank: bank.location().to_string(),
         };
         let (dir, overlay) = match SessionDir::create(self.sessions_dir().join(&session), &meta) {
             Ok(x) => x,
@@ -530,7 +554,7 @@ impl Station {
             }
             // The cache is shared by every bank used on this station: a session of
             // another bank is that bank's to recover (its versions are not in this one).
-            if bank_path(Path::new(&meta.bank)) != bank_path(bank.root()) {
+            if bank_path(&meta.bank) != bank.location() {
                 continue;
             }
             let Some(base_id) = meta.base_version()? else {
@@ -599,7 +623,7 @@ mod tests {
         bank.import(&m, &img, &ImportOptions::default(), &NoProgress)
             .unwrap();
         let station = Station::open(&d.path().join("cache"), 64 << 20).unwrap();
-        let store: Arc<dyn ChunkStore> = Arc::new(LocalStore::open(bank.root()).unwrap());
+        let store: Arc<dyn ChunkStore> = Arc::new(LocalStore::open(bank.root().unwrap()).unwrap());
         let r: MachineRef = "alice/dev".parse().unwrap();
         let disk = station.check_out(&mut bank, &r, false, store).unwrap();
         disk.write_sync(4096, Some(&[1u8; 4096]), 4096).unwrap();

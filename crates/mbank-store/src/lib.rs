@@ -174,6 +174,11 @@ pub trait ChunkStore: Send + Sync {
     /// running now keeps it (see the GC scheme in the crate docs).
     fn touch(&self, id: &ChunkId) -> Result<bool, StoreError>;
 
+    /// [`ChunkStore::touch`] for many chunks at once (one request to a bank server).
+    fn touch_many(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
+        ids.iter().map(|id| self.touch(id)).collect()
+    }
+
     /// The stored bytes of a chunk, unverified. Most callers want [`ChunkStore::read`].
     fn get_raw(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError>;
 

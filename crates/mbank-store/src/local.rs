@@ -83,6 +83,13 @@ impl LocalStore {
         self.fanout_dir(id.fanout()).join(id.to_hex())
     }
 
+    /// Where chunk `id` lives in the store under `root`.
+    pub fn chunk_path_in(root: &Path, id: &ChunkId) -> PathBuf {
+        root.join("chunks")
+            .join(format!("{:02x}", id.fanout()))
+            .join(id.to_hex())
+    }
+
     fn lock_fanout(&self, fanout: u8, exclusive: bool) -> Result<File, StoreError> {
         let dir = self.fanout_dir(fanout);
         let f = File::open(&dir).map_err(|e| StoreError::io("open directory", &dir, e))?;

@@ -1,7 +1,7 @@
 //! `mbank attach`: serve a machine's disk over NBD until a signal, then check in.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -12,7 +12,7 @@ use mbank_core::{MachineName, MachineRef};
 use mbank_nbd::ServerOptions;
 use mbank_station::device::NbdDisk;
 use mbank_station::{SessionReport, Station};
-use mbank_store::{ChunkStore, LocalStore};
+use mbank_store::ChunkStore;
 
 use crate::fmt::bytes;
 
@@ -74,16 +74,12 @@ pub fn describe(r: &SessionReport) -> String {
 /// Keeps the session's lease fresh (every 30 s, on its own catalog connection) until
 /// `stop`; warns once if another station took the machine over.
 pub fn spawn_heartbeat(
-    bank_dir: &Path,
+    cat: Box<dyn mbank_catalog::CatalogApi>,
     machine: MachineName,
     session: String,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
-    let catalog_path = bank_dir.join("catalog.db");
     std::thread::spawn(move || {
-        let Ok(cat) = mbank_catalog::Catalog::open(&catalog_path, false, false) else {
-            return;
-        };
         let mut warned = false;
         while !stop.load(Ordering::Relaxed) {
             for _ in 0..300 {
@@ -122,7 +118,6 @@ async fn shutdown_signal() {
 
 pub fn run(
     bank: &mut Bank,
-    bank_dir: &Path,
     station: &Station,
     args: Args,
     progress: &dyn Progress,
@@ -135,7 +130,7 @@ pub fn run(
     for r in station.recover(bank, &opts)? {
         say(describe(&r));
     }
-    let fetch: Arc<dyn ChunkStore> = Arc::new(LocalStore::open(bank_dir)?);
+    let fetch: Arc<dyn ChunkStore> = bank.store_arc();
     let disk = station.check_out(bank, &args.machine, args.force, fetch)?;
     let what = format!(
         "{}@{} ({}, {} chunks of {})",
@@ -147,7 +142,7 @@ pub fn run(
     );
     let stop = Arc::new(AtomicBool::new(false));
     let heartbeat = spawn_heartbeat(
-        bank_dir,
+        bank.catalog().reopen()?,
         args.machine.machine.clone(),
         disk.meta.session.clone(),
         stop.clone(),

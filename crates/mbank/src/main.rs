@@ -334,7 +334,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let station = mbank_station::Station::open(&cache_dir, cache_size)?;
             args.jobs = jobs;
             if supervise {
-                return Ok(run::supervise(&mut bank, &bank_dir, &station, args));
+                return Ok(run::supervise(&mut bank, &station, args));
             }
             drop(bank);
             let front = run::Front {
@@ -552,7 +552,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Attach { mut args, json } => {
             let station = mbank_station::Station::open(&cache_dir, cache_size)?;
             args.jobs = jobs;
-            let report = attach::run(&mut bank, &bank_dir, &station, args, &bar, &say)?;
+            let report = attach::run(&mut bank, &station, args, &bar, &say)?;
             if json {
                 json_out(&report)?;
             } else if let Some(v) = &report.version {

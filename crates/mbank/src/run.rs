@@ -32,7 +32,7 @@ use mbank_core::{MachineRef, MemoryIndex};
 use mbank_nbd::ServerOptions;
 use mbank_station::device::{Disk, NbdDisk};
 use mbank_station::{CheckinExtras, SessionReport, Station};
-use mbank_store::{ChunkStore, LocalStore};
+use mbank_store::ChunkStore;
 use mbank_vm::qmp::Qmp;
 use mbank_vm::{Accel, Boot, Display, Launch, MachineConfig, SavedHardware};
 use serde::Serialize;
@@ -522,13 +522,7 @@ fn spawn_control(path: &Path, tx: mpsc::Sender<Request>, hub: Arc<Hub>) -> Resul
     Ok(())
 }
 
-fn run(
-    bank: &mut Bank,
-    bank_dir: &Path,
-    station: &Station,
-    args: Args,
-    hub: &Arc<Hub>,
-) -> Result<RunReport> {
+fn run(bank: &mut Bank, station: &Station, args: Args, hub: &Arc<Hub>) -> Result<RunReport> {
     let say = &|s: String| hub.say(&s);
     let started = Instant::now();
     let opts = ImportOptions {
@@ -604,11 +598,11 @@ fn run(
     };
     let qemu_version = mbank_vm::qemu_version()?;
 
-    let fetch: Arc<dyn ChunkStore> = Arc::new(LocalStore::open(bank_dir)?);
+    let fetch: Arc<dyn ChunkStore> = bank.store_arc();
     let disk = station.check_out(bank, &args.machine, args.force, fetch)?;
     let stop = Arc::new(AtomicBool::new(false));
     let heartbeat = spawn_heartbeat(
-        bank_dir,
+        bank.catalog().reopen()?,
         args.machine.machine.clone(),
         disk.meta.session.clone(),
         stop.clone(),
@@ -1183,14 +1177,9 @@ pub fn suspend(
 
 /// `mbank run --supervise`: the session itself. The front that started it reads its
 /// standard output until `ready`; from then on it talks over the control socket.
-pub fn supervise(
-    bank: &mut Bank,
-    bank_dir: &Path,
-    station: &Station,
-    args: Args,
-) -> std::process::ExitCode {
+pub fn supervise(bank: &mut Bank, station: &Station, args: Args) -> std::process::ExitCode {
     let hub = Arc::new(Hub::new());
-    let r = run(bank, bank_dir, station, args, &hub);
+    let r = run(bank, station, args, &hub);
     hub.finish(&r);
     if r.is_ok() {
         std::process::ExitCode::SUCCESS

@@ -1,0 +1,236 @@
+//! What travels between a station and the bank server (`docs/api.md`). Both sides use
+//! these types, so a change here is a change of the API.
+
+use mbank_catalog::{CommitOutcome, Lease, VersionInfo};
+use mbank_core::{ChunkId, VersionId};
+use serde::{Deserialize, Serialize};
+
+/// The API's version: every path starts with `/v1`.
+pub const PREFIX: &str = "/v1";
+/// Largest JSON body the server reads.
+pub const MAX_JSON: usize = 1 << 20;
+/// Largest commit body (header, disk index, stream indexes).
+pub const MAX_COMMIT: usize = 64 << 20;
+/// Most ids in one `have` query.
+pub const MAX_HAVE: usize = 4096;
+/// Default and longest token lifetimes.
+pub const DEFAULT_TTL_SECS: u64 = 30 * 24 * 3600;
+pub const MAX_TTL_SECS: u64 = 365 * 24 * 3600;
+
+/// An error answer: `kind` is one of the kinds in `docs/api.md`, `message` is for people.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub kind: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub station: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk: Option<ChunkId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub need: Option<u64>,
+}
+
+/// `POST /v1/login`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LoginRequest {
+    pub user: String,
+    pub password: String,
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    #[serde(default)]
+    pub label: Option<String>,
+}
+
+/// The answer to a login.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LoginResponse {
+    pub token: String,
+    pub expires_ms: i64,
+}
+
+/// `GET /v1/whoami`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WhoAmI {
+    pub user: String,
+    pub admin: bool,
+    pub quota: Option<u64>,
+    pub used: u64,
+}
+
+/// The JSON header of a commit body (`POST /v1/machines/{m}/versions`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommitHeader {
+    pub info: VersionInfo,
+    pub expected_head: Option<VersionId>,
+    pub index_len: u64,
+    /// Each stream's name and the length of its index, in body order.
+    pub streams: Vec<(String, u64)>,
+}
+
+/// The answer to a commit.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommitResponse {
+    pub outcome: CommitOutcome,
+}
+
+/// `PUT /v1/machines/{m}/lease`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LeaseRequest {
+    pub lease: Lease,
+    pub replace: Option<String>,
+}
+
+/// The answer to taking a lease.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LeaseResponse {
+    pub replaced: Option<Lease>,
+}
+
+/// `POST /v1/machines/{m}/lease/heartbeat`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SessionBody {
+    pub session: String,
+}
+
+/// `{held}`, `{released}`, `{removed}`, `{head}`, `{bytes}` answers.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Held {
+    pub held: bool,
+}
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Released {
+    pub released: bool,
+}
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Removed {
+    pub removed: u64,
+}
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Head {
+    pub head: Option<VersionId>,
+}
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Stored {
+    pub bytes: u64,
+}
+
+/// `POST /v1/writers`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WriterRequest {
+    pub pid: u32,
+    pub host: String,
+    pub what: String,
+}
+
+/// `GET /v1/health`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Health {
+    pub ok: bool,
+    pub version: String,
+}
+
+/// Builds a commit body: header length, header, disk index, stream indexes.
+pub fn commit_body(header: &CommitHeader, index: &[u8], streams: &[Vec<u8>]) -> Vec<u8> {
+    let json = serde_json::to_vec(header).expect("a commit header always serialises");
+    let mut out = Vec::with_capacity(4 + json.len() + index.len());
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(index);
+    for s in streams {
+        out.extend_from_slice(s);
+    }
+    out
+}
+
+/// A commit body, split: header, disk index, stream indexes.
+pub type CommitParts<'a> = (CommitHeader, &'a [u8], Vec<&'a [u8]>);
+
+/// Splits a commit body into its header, disk index and stream indexes, checking every
+/// length against the body. The indexes themselves are parsed by their owners.
+pub fn parse_commit_body(body: &[u8]) -> Result<CommitParts<'_>, String> {
+    let n = body
+        .get(..4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+        .ok_or("the commit body is shorter than its 4-byte header length")?;
+    if n > MAX_JSON {
+        return Err(format!(
+            "the commit header claims {n} bytes; at most {MAX_JSON}"
+        ));
+    }
+    let json = body
+        .get(4..4 + n)
+        .ok_or("the commit body ends inside its header")?;
+    let header: CommitHeader =
+        serde_json::from_slice(json).map_err(|e| format!("the commit header is not valid: {e}"))?;
+    let mut rest = &body[4 + n..];
+    let mut take = |len: u64, what: &str| -> Result<&[u8], String> {
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&l| l <= rest.len())
+            .ok_or_else(|| format!("the commit body ends inside {what} ({len} bytes announced)"))?;
+        let (a, b) = rest.split_at(len);
+        rest = b;
+        Ok(a)
+    };
+    let index = take(header.index_len, "the disk index")?;
+    let mut streams = Vec::with_capacity(header.streams.len());
+    for (name, len) in &header.streams {
+        streams.push(take(*len, &format!("stream {name:?}"))?);
+    }
+    if !rest.is_empty() {
+        return Err(format!("{} bytes follow the last index", rest.len()));
+    }
+    Ok((header, index, streams))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_body_round_trips_and_rejects_damage() {
+        let info = VersionInfo {
+            id: VersionId::random(),
+            machine: "alice/dev".parse().unwrap(),
+            parent: None,
+            created_ms: 1,
+            disk_size: 4096,
+            chunk_size: 4096,
+            stats: Default::default(),
+            config: None,
+            streams: vec![],
+        };
+        let h = CommitHeader {
+            info,
+            expected_head: None,
+            index_len: 3,
+            streams: vec![("memory".into(), 2)],
+        };
+        let body = commit_body(&h, b"abc", &[b"xy".to_vec()]);
+        let (h2, idx, s) = parse_commit_body(&body).unwrap();
+        assert_eq!(h2.info, h.info);
+        assert_eq!(idx, b"abc");
+        assert_eq!(s, vec![&b"xy"[..]]);
+        for cut in 0..body.len() {
+            assert!(parse_commit_body(&body[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut long = body.clone();
+        long.push(0);
+        assert!(parse_commit_body(&long).is_err());
+        assert!(parse_commit_body(&[255, 255, 255, 255]).is_err());
+    }
+}
