@@ -265,14 +265,12 @@ fn machine_chunks(bank_dir: &Path, machine: &MachineName) -> Result<Vec<ChunkId>
         bail!("there is no machine {machine} in the bank; `mbank ls` lists them");
     }
     let mut seen = HashSet::new();
-    catalog.for_each_index(Some(machine), |_, idx| {
-        seen.extend(idx?.chunks.iter().flatten().copied());
-        Ok(())
-    })?;
-    catalog.for_each_stream(Some(machine), |_, _, idx| {
-        seen.extend(idx?.runs.iter().filter_map(|r| r.id));
-        Ok(())
-    })?;
+    for v in catalog.versions(machine)? {
+        seen.extend(catalog.disk_index(&v)?.chunks.iter().flatten().copied());
+        for (_, idx) in catalog.streams(&v)? {
+            seen.extend(idx.runs.iter().filter_map(|r| r.id));
+        }
+    }
     Ok(seen.into_iter().collect())
 }
 

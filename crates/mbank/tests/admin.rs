@@ -251,3 +251,41 @@ fn admin_needs_a_bank() {
         .failed()
         .stderr_has(&["--bank"]);
 }
+
+#[test]
+fn publish_covers_the_streams() {
+    // A machine whose only chunks are its kernel and initrd streams (its disk is empty).
+    let bank = Bank::new();
+    let kernel = bank.file("vmlinuz");
+    let initrd = bank.file("initrd.img");
+    std::fs::write(&kernel, common::random_bytes(300 << 10, 11)).unwrap();
+    std::fs::write(&initrd, common::random_bytes(200 << 10, 12)).unwrap();
+    let (k, i) = (kernel.to_str().unwrap(), initrd.to_str().unwrap());
+    bank.run(&[
+        "-q",
+        "create",
+        "lab/k",
+        "--disk-size",
+        "1M",
+        "--kernel",
+        k,
+        "--initrd",
+        i,
+    ])
+    .ok();
+    let chunks: Vec<ChunkId> = bank
+        .chunk_files()
+        .iter()
+        .map(|h| h.parse().unwrap())
+        .collect();
+    assert!(chunks.len() >= 2, "{chunks:?}");
+    add_user(&bank, "alice", &[]).ok();
+    let (a, t) = login(&bank, "alice");
+    let alice = a.authenticate(&t.token).unwrap();
+    assert!(a.readable(&alice, &chunks).unwrap().iter().all(|r| !r));
+    admin(&bank, &["publish", "lab/k"]).ok();
+    assert!(
+        a.readable(&alice, &chunks).unwrap().iter().all(|r| *r),
+        "every stream chunk of the published machine is readable"
+    );
+}
