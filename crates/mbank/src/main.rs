@@ -4,6 +4,7 @@
 //! with `--json` one JSON document); progress and summaries go to standard error.
 //! Exit codes: 0 success, 1 failure, 2 bad usage, 3 `verify` found damage.
 
+mod admin;
 mod attach;
 mod create;
 mod fmt;
@@ -223,6 +224,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Manage the users, tokens and published machines of a bank served by `mbank serve` (run on the bank host with --bank DIR).
+    Admin {
+        #[command(subcommand)]
+        cmd: admin::AdminCmd,
+    },
 }
 
 fn parse_chunk_size(s: &str) -> Result<u32, String> {
@@ -307,6 +313,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Cmd::Gc { .. } => Some("gc"),
             Cmd::Verify { .. } => Some("verify"),
             Cmd::Stats { .. } => Some("stats"),
+            Cmd::Admin { .. } => Some("admin"),
             _ => None,
         };
         if let Some(what) = host_only {
@@ -347,6 +354,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         serve::run(&bank_dir, args, cli.quiet)?;
         return Ok(ExitCode::SUCCESS);
     }
+    if let Cmd::Admin { cmd } = cli.cmd {
+        admin::run(&bank_dir, cmd, cli.quiet)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Cmd::Suspend { machine } | Cmd::Poweroff { machine } = &cli.cmd {
         let station = mbank_station::Station::open(&cache_dir, cache_size)?;
         let off = matches!(cli.cmd, Cmd::Poweroff { .. });
@@ -368,6 +379,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         | Cmd::Suspend { .. }
         | Cmd::Poweroff { .. }
         | Cmd::Serve(_)
+        | Cmd::Admin { .. }
         | Cmd::Login(_)
         | Cmd::Logout => {
             unreachable!("handled above")
