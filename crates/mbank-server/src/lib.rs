@@ -527,7 +527,8 @@ async fn commit(
         app.access(|a| {
             a.grant(&user.name, &grants)?;
             if published {
-                a.grant(mbank_access::PUBLIC, &grants)?;
+                // A published machine's new version is published with it.
+                a.publish(&m, &user.name, ids.iter().copied())?;
             }
             Ok(())
         })?;
