@@ -79,6 +79,7 @@ SERVER_PID= URL=
 serve_start() { # serve_start BANK [--tls-cert C --tls-key K]: sets SERVER_PID, URL
     local bank=$1 out=$T/serve.$((++_serves)).out i
     shift
+    : >"$out"
     "$MBANK" -q --bank "$bank" serve --listen 127.0.0.1:0 "$@" >"$out" 2>>"$T/serve.log" &
     SERVER_PID=$!
     for ((i = 0; i < 600; i++)); do
@@ -110,15 +111,15 @@ GARAGE_DIR=
 garage_stop() { [[ -z $GARAGE_DIR ]] || "$REPO_ROOT/scripts/garage.sh" stop "$GARAGE_DIR" >&2 || true; }
 at_exit garage_stop
 
-# Users: password "pw-NAME"; each user's token in its own XDG_CONFIG_HOME.
-add_user() { printf 'pw-%s\n' "$2" | "$MBANK" -q --bank "$1" admin user add "$2" --password-stdin >/dev/null; }
+# Users: password "bench-password-NAME"; each user's token in its own XDG_CONFIG_HOME.
+add_user() { printf 'bench-password-%s\n' "$2" | "$MBANK" -q --bank "$1" admin user add "$2" --password-stdin >/dev/null; }
 as() { # as USER CMD...: a client command run as USER
     local u=$1
     shift
     XDG_CONFIG_HOME=$T/cfg/$u "$@"
 }
 login() { # login USER [--ca-cert CA]
-    printf 'pw-%s\n' "$1" | as "$1" "$MBANK" -q login "$URL" --user "$1" --password-stdin "${@:2}" >/dev/null
+    printf 'bench-password-%s\n' "$1" | as "$1" "$MBANK" -q login "$URL" --user "$1" --password-stdin "${@:2}" >/dev/null
 }
 timed() { # timed CMD...: seconds CMD took (its stdout discarded)
     local s e
@@ -209,7 +210,8 @@ stations_round() { # stations_round COLUMN N
     log "  $col, $n station(s): attach"
     for ((k = 1; k <= n; k++)); do
         rm -f "$T/st$k.sock"
-        as "s$k" "$MBANK" -q --bank "$URL" --cache "$T/cache/$k" attach "s$k/dev" \
+        # not through `as`: $! must be mbank's pid, not a subshell's
+        XDG_CONFIG_HOME=$T/cfg/s$k "$MBANK" -q --bank "$URL" --cache "$T/cache/$k" attach "s$k/dev" \
             --socket "$T/st$k.sock" --json >"$T/att$k.json" 2>"$T/att$k.err" &
         ATTACH_PIDS+=($!)
     done
@@ -237,7 +239,7 @@ stations_round() { # stations_round COLUMN N
         < <($PY "$HELPER" summary "$start" "${outs[@]}")
     for k in "${!ATTACH_PIDS[@]}"; do kill -TERM "${ATTACH_PIDS[k]}"; done
     for ((k = 1; k <= n; k++)); do
-        wait "${ATTACH_PIDS[k - 1]}" || die "attach s$k/dev failed: $(tail -n 5 "$T/att$k.err")"
+        wait "${ATTACH_PIDS[k - 1]}" || die "attach s$k/dev failed (exit $?): $(tail -n 5 "$T/att$k.err")"
         f=$(jfield "$T/att$k.json" bytes_fetched)
         fetched=$((fetched + ${f:-0}))
     done
@@ -265,9 +267,9 @@ stations_column() { # stations_column COLUMN [init args...]
 }
 COLS=()
 if [[ -z ${BENCH_SKIP_STATIONS:-} ]]; then
-    log "2. many stations: ${STATIONS[*]}; $NREADS reads, about $(human "$READ_TOTAL") each"
     $PY "$HELPER" reads "$BASE.extents" "$READS" "$NREADS" "$READ_TOTAL"
     read -r READ_N READ_BYTES < <(awk '{n++; b += $2} END {print n + 0, b + 0}' "$READS")
+    log "2. many stations: ${STATIONS[*]}; each station reads $(human "$READ_BYTES") in $READ_N reads"
     stations_column local
     COLS=(local)
     if [[ -n ${BENCH_SKIP_GARAGE:-} ]]; then

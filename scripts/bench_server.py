@@ -137,8 +137,8 @@ def summary(start, outs):
     wall = max(r["end"] for r in rs) - start
     lat = sorted(x for r in rs for x in r["latencies_ms"])
     late = sum(1 for r in rs if r["connected"] > start)
-    print(f"{total} {wall:.3f} {total / MIB / wall:.1f} {pct(lat, 50):.3f} "
-          f"{pct(lat, 99):.3f} {lat[-1]:.1f} {late}")
+    print(f"{total} {wall:.2f} {total / MIB / wall:.1f} {pct(lat, 50):.2f} "
+          f"{pct(lat, 99):.2f} {lat[-1]:.1f} {late}")
 
 
 def main():
