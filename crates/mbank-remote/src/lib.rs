@@ -50,22 +50,37 @@ pub fn open_bank(url: &str, ca: Option<&Path>) -> Result<BankParts, ClientError>
 
 /// A [`Client`] of the bank at `url` with the token and CA [`open_bank`] would use.
 pub fn connect(url: &str, ca: Option<&Path>) -> Result<Client, ClientError> {
-    let env_token = std::env::var(credentials::TOKEN_ENV)
-        .ok()
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty());
-    // The file is needed for the token (unless the environment gives one) and the CA
-    // (unless the caller gives one); a missing or unfindable file is no credential.
-    let filed = if env_token.is_some() && ca.is_some() {
-        None
-    } else {
-        match credentials::default_path() {
-            Some(p) => Credentials::load_from(&p)?.get(url).cloned(),
-            None => None,
+    let env_token = std::env::var(credentials::TOKEN_ENV).ok();
+    connect_with(
+        url,
+        ca,
+        env_token.as_deref(),
+        credentials::default_path().as_deref(),
+        ClientOptions::from_env(),
+    )
+}
+
+/// [`connect`] with its environment spelled out: `env_token` (`MBANK_TOKEN`) wins over
+/// the token filed for `url` in the credentials file at `creds`; `ca` wins over the CA
+/// filed with it. A missing credentials file is no credential.
+pub fn connect_with(
+    url: &str,
+    ca: Option<&Path>,
+    env_token: Option<&str>,
+    creds: Option<&Path>,
+    mut o: ClientOptions,
+) -> Result<Client, ClientError> {
+    let env_token = env_token.map(str::trim).filter(|t| !t.is_empty());
+    let filed = match creds {
+        // The file is needed only for what the caller and environment do not give.
+        Some(p) if env_token.is_none() || ca.is_none() => {
+            Credentials::load_from(p)?.get(url).cloned()
         }
+        _ => None,
     };
-    let mut o = ClientOptions::from_env();
-    o.token = env_token.or_else(|| filed.as_ref().map(|c| c.token.clone()));
+    o.token = env_token
+        .map(str::to_string)
+        .or_else(|| filed.as_ref().map(|c| c.token.clone()));
     o.ca_file = ca
         .map(Path::to_path_buf)
         .or_else(|| filed.and_then(|c| c.ca));

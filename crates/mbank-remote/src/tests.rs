@@ -565,3 +565,80 @@ fn credentials_file_is_private_and_round_trips() {
         Err(ClientError::Local(m)) if m.contains("damaged")
     ));
 }
+
+/// A self-signed CA (P-256), for checking that a PEM file is taken.
+const TEST_CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBhzCCAS2gAwIBAgIUOXkcJN4udffwf96sAqXH/g8LRb4wCgYIKoZIzj0EAwIw
+GDEWMBQGA1UEAwwNbWJhbmsgdGVzdCBDQTAgFw0yNjEyMDMwNzAwNDZaGA8yMTI2
+MTEwOTA3MDA0NlowGDEWMBQGA1UEAwwNbWJhbmsgdGVzdCBDQTBZMBMGByqGSM49
+AgEGCCqGSM49AwEHA0IABMF8m9jrV9iY4k0oZ+Xw9l1JoxvECIknV8GCLh9c1AJw
+TPKl++ScOKNLbCGB+yK/K912ktbCi5zCfQR7qOzVkAyjUzBRMB0GA1UdDgQWBBT2
+W61jiPaNd0xbxiukL9fsHKhYdDAfBgNVHSMEGDAWgBT2W61jiPaNd0xbxiukL9fs
+HKhYdDAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIQDUEWasUETA
+JeQwWDMMb8LVZOTHaAzskjaiLtUYiOmsVQIgILwB0WiUFQqa9DTVIMoBzeZ71TwF
+ohkU3N2AnfHx4Ls=
+-----END CERTIFICATE-----
+";
+
+#[test]
+fn a_pem_ca_file_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("ca.pem");
+    std::fs::write(&pem, TEST_CA).unwrap();
+    let o = ClientOptions {
+        ca_file: Some(pem),
+        ..ClientOptions::default()
+    };
+    let c = Client::with_options("https://bank.example:8443/", o).unwrap();
+    assert_eq!(c.url(), "https://bank.example:8443");
+}
+
+#[test]
+fn the_environment_token_wins_over_the_file() {
+    let srv = Server::start(|_, _| (200, b"[]".to_vec()));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("credentials.json");
+    let mut creds = Credentials::load_from(&path).unwrap();
+    creds.set(
+        &srv.url,
+        Credential {
+            token: "filed".into(),
+            user: "alice".into(),
+            expires_ms: 0,
+            ca: None,
+        },
+    );
+    creds.save().unwrap();
+    // The token each way of connecting sends.
+    let sent = |env: Option<&str>, file: &std::path::Path, url: &str| {
+        let c = crate::connect_with(url, None, env, Some(file), ClientOptions::default()).unwrap();
+        RemoteCatalog::new(c).machines().unwrap();
+        srv.seen()
+            .last()
+            .unwrap()
+            .header("authorization")
+            .map(str::to_string)
+    };
+    let with_slash = format!("{}/", srv.url);
+    assert_eq!(
+        sent(None, &path, &with_slash).as_deref(),
+        Some("Bearer filed")
+    );
+    assert_eq!(
+        sent(Some(" mbt_env "), &path, &srv.url).as_deref(),
+        Some("Bearer mbt_env")
+    );
+    assert_eq!(
+        sent(Some(""), &path, &srv.url).as_deref(),
+        Some("Bearer filed")
+    );
+    assert_eq!(sent(None, &dir.path().join("nope.json"), &srv.url), None);
+}
+
+#[test]
+fn clients_and_adapters_can_be_shared_across_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Client>();
+    send_sync::<RemoteStore>();
+    send_sync::<RemoteCatalog>();
+}
