@@ -223,16 +223,17 @@ fn load_ca(path: &Path) -> Result<TlsConfig, ClientError> {
 }
 
 /// True for failures that may go away by waiting: the server down or restarting, the
-/// network interrupted, a timeout.
+/// network interrupted, a timeout. Not a TLS failure (an unknown issuer, a peer that does
+/// not speak TLS): rustls reports those as I/O errors of kind `InvalidData`.
 fn retryable(e: &ureq::Error) -> bool {
-    matches!(
-        e,
-        ureq::Error::Io(_)
-            | ureq::Error::Timeout(_)
-            | ureq::Error::ConnectionFailed
-            | ureq::Error::Protocol(_)
-            | ureq::Error::BodyStalled
-    )
+    matches!(e, ureq::Error::Io(io) if io.kind() != std::io::ErrorKind::InvalidData)
+        || matches!(
+            e,
+            ureq::Error::Timeout(_)
+                | ureq::Error::ConnectionFailed
+                | ureq::Error::Protocol(_)
+                | ureq::Error::BodyStalled
+        )
 }
 
 fn status_text(status: u16) -> String {

@@ -642,3 +642,23 @@ fn clients_and_adapters_can_be_shared_across_threads() {
     send_sync::<RemoteStore>();
     send_sync::<RemoteCatalog>();
 }
+
+#[test]
+fn a_tls_failure_is_not_retried() {
+    // A peer that answers a TLS hello with plain HTTP.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let _ = c.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n");
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    });
+    let t = Instant::now();
+    let e = client(&url, Duration::from_secs(30)).health().unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Unreachable { tries: 1, .. }),
+        "{e:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
