@@ -20,6 +20,8 @@ needs=(
     "nbdsh libnbd-bin"
     "/usr/lib/python3/dist-packages/nbd.py python3-libnbd"
     "fio fio"
+    "openssl openssl"
+    "curl curl"
 )
 if [[ ${1:-} == --bench ]]; then
     needs+=("restic restic" "borg borgbackup" "casync casync" "hyperfine hyperfine")

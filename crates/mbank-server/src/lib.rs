@@ -70,8 +70,15 @@ struct App {
 type Shared = Arc<App>;
 
 impl App {
-    fn catalog<R>(&self, f: impl FnOnce(&mut Catalog) -> Result<R, ApiError>) -> Result<R, ApiError> {
-        let taken = self.catalogs.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    fn catalog<R>(
+        &self,
+        f: impl FnOnce(&mut Catalog) -> Result<R, ApiError>,
+    ) -> Result<R, ApiError> {
+        let taken = self
+            .catalogs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
         let mut c = match taken {
             Some(c) => c,
             None => Catalog::open(&self.bank_dir.join("catalog.db"), false, false)?,
@@ -91,7 +98,10 @@ impl App {
             None => Access::open(&self.bank_dir)?,
         };
         let r = f(&a);
-        self.access.lock().unwrap_or_else(|p| p.into_inner()).push(a);
+        self.access
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(a);
         r
     }
 
@@ -166,7 +176,8 @@ fn parse_json<T: DeserializeOwned>(b: &[u8]) -> Result<T, ApiError> {
             wire::MAX_JSON
         )));
     }
-    serde_json::from_slice(b).map_err(|e| ApiError::bad_request(format!("the JSON body is not valid: {e}")))
+    serde_json::from_slice(b)
+        .map_err(|e| ApiError::bad_request(format!("the JSON body is not valid: {e}")))
 }
 
 fn machine_name(user: &str, name: &str) -> Result<MachineName, ApiError> {
@@ -196,7 +207,9 @@ fn router(app: Shared) -> Router {
         .route("/v1/machines/{u}/{n}", get(machine).delete(remove_machine))
         .route(
             "/v1/machines/{u}/{n}/versions",
-            get(versions).post(commit).layer(DefaultBodyLimit::max(wire::MAX_COMMIT)),
+            get(versions)
+                .post(commit)
+                .layer(DefaultBodyLimit::max(wire::MAX_COMMIT)),
         )
         .route("/v1/machines/{u}/{n}/resolve", get(resolve))
         .route(
@@ -209,13 +222,13 @@ fn router(app: Shared) -> Router {
             "/v1/machines/{u}/{n}/lease",
             get(lease).put(take_lease).delete(release_lease),
         )
-        .route("/v1/machines/{u}/{n}/lease/heartbeat", post(lease_heartbeat))
+        .route(
+            "/v1/machines/{u}/{n}/lease/heartbeat",
+            post(lease_heartbeat),
+        )
         .route("/v1/machines/{u}/{n}/sessions", get(sessions))
         .route("/v1/writers", post(register_writer))
-        .route(
-            "/v1/writers/{id}",
-            axum::routing::delete(unregister_writer),
-        )
+        .route("/v1/writers/{id}", axum::routing::delete(unregister_writer))
         .route("/v1/writers/{id}/heartbeat", post(writer_heartbeat))
         .route("/v1/chunks/have", post(have))
         .route("/v1/chunks/{id}", get(get_chunk).put(put_chunk))
@@ -235,11 +248,13 @@ async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Respons
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .unwrap_or(0);
-    let resp = next.run(req).await;
+    let resp = json_errors(next.run(req).await).await;
     let m = &app.metrics;
     m.requests.fetch_add(1, Relaxed);
     m.bytes_in.fetch_add(len_in, Relaxed);
-    let out = axum::body::HttpBody::size_hint(resp.body()).exact().unwrap_or(0);
+    let out = axum::body::HttpBody::size_hint(resp.body())
+        .exact()
+        .unwrap_or(0);
     m.bytes_out.fetch_add(out, Relaxed);
     let status = resp.status();
     if status.is_client_error() || status.is_server_error() {
@@ -255,6 +270,39 @@ async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Respons
         ms = started.elapsed().as_millis() as u64,
     );
     resp
+}
+
+/// Error answers that axum made itself (a path segment that does not parse, a method
+/// a route lacks) become JSON [`wire::ErrorBody`]s like ours.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let text = match axum::body::to_bytes(resp.into_body(), 64 * 1024).await {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(_) => String::new(),
+    };
+    let kind = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::METHOD_NOT_ALLOWED => "bad_request",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let message = if text.trim().is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_string()
+    } else {
+        text
+    };
+    ApiError::new(status, kind, message).into_response()
 }
 
 async fn health() -> Response {
@@ -287,7 +335,10 @@ async fn metrics_text(State(app): State<Shared>) -> Result<Response, ApiError> {
         .into_response())
 }
 
-async fn login(State(app): State<Shared>, b: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn login(
+    State(app): State<Shared>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let req: wire::LoginRequest = parse_json(&body(b)?)?;
     let ttl = Duration::from_secs(
         req.ttl_secs
@@ -408,7 +459,9 @@ async fn resolve(
     let Query(q) = q.map_err(|e| ApiError::bad_request(e.to_string()))?;
     authed(&app, &headers, move |app, user| {
         app.readable_machine(user, &m)?;
-        Ok(json(&app.catalog(|c| Ok(c.resolve(&m, q.version.as_deref())?))?))
+        Ok(json(
+            &app.catalog(|c| Ok(c.resolve(&m, q.version.as_deref())?))?,
+        ))
     })
     .await
 }
@@ -423,10 +476,12 @@ fn exact_version(
     app.readable_machine(user, m)?;
     let info = app.catalog(|c| Ok(c.resolve(m, Some(&v.to_hex()))?))?;
     if info.id != v {
-        return Err(ApiError::from(mbank_catalog::CatalogError::VersionNotFound {
-            machine: m.to_string(),
-            prefix: v.to_hex(),
-        }));
+        return Err(ApiError::from(
+            mbank_catalog::CatalogError::VersionNotFound {
+                machine: m.to_string(),
+                prefix: v.to_hex(),
+            },
+        ));
     }
     Ok(info)
 }
@@ -547,7 +602,10 @@ async fn commit(
 /// Refuses to remove what a session reads from (as `Bank::remove` does).
 fn check_not_in_use(app: &App, m: &MachineName, going: Option<VersionId>) -> Result<(), ApiError> {
     let bases = app.catalog(|c| Ok(c.session_bases(m)?))?;
-    if let Some((_, station)) = bases.into_iter().find(|(b, _)| going.is_none_or(|g| g == *b)) {
+    if let Some((_, station)) = bases
+        .into_iter()
+        .find(|(b, _)| going.is_none_or(|g| g == *b))
+    {
         let mut e = ApiError::new(
             StatusCode::CONFLICT,
             "in_use",
@@ -627,10 +685,17 @@ async fn take_lease(
             )));
         }
         if req.lease.session.is_empty() || req.lease.session.len() > 128 {
-            return Err(ApiError::bad_request("a session id has 1 to 128 characters"));
+            return Err(ApiError::bad_request(
+                "a session id has 1 to 128 characters",
+            ));
         }
-        let replaced =
-            app.catalog(|c| Ok(CatalogApi::take_lease(c, &req.lease, req.replace.as_deref())?))?;
+        let replaced = app.catalog(|c| {
+            Ok(CatalogApi::take_lease(
+                c,
+                &req.lease,
+                req.replace.as_deref(),
+            )?)
+        })?;
         Ok(json(&wire::LeaseResponse { replaced }))
     })
     .await

@@ -37,7 +37,10 @@ impl Metrics {
     pub fn render(&self, sessions: u64, machines: u64, users: u64) -> String {
         let mut out = String::new();
         let mut counter = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
         };
         counter(
             "mbank_requests_total",
@@ -122,12 +125,7 @@ impl Metrics {
             out,
             "# HELP mbank_errors_total Error answers by kind.\n# TYPE mbank_errors_total counter"
         );
-        for (kind, n) in self
-            .errors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+        for (kind, n) in self.errors.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let _ = writeln!(out, "mbank_errors_total{{kind=\"{kind}\"}} {n}");
         }
         out

@@ -24,7 +24,12 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| format!("cannot read the TLS certificate {}: {e}", cert.display()))?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("the TLS certificate {} is not valid PEM: {e}", cert.display()))?;
+        .map_err(|e| {
+            format!(
+                "the TLS certificate {} is not valid PEM: {e}",
+                cert.display()
+            )
+        })?;
     if certs.is_empty() {
         return Err(format!(
             "{} holds no certificate (expected PEM \"BEGIN CERTIFICATE\" blocks)",

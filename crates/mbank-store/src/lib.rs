@@ -107,6 +107,10 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A bank server refused or failed the request; the message is the server's (e.g.
+    /// a quota exceeded) or the client's account of what failed, shown as is.
+    #[error("{0}")]
+    Remote(String),
 }
 
 impl StoreError {

@@ -44,7 +44,11 @@ pub fn run(bank_dir: &Path, args: Args, quiet: bool) -> Result<()> {
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();
-    let scheme = if args.tls_cert.is_some() { "https" } else { "http" };
+    let scheme = if args.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let cfg = mbank_server::Config {
         bank_dir: bank_dir.to_path_buf(),
         listen: args.listen,

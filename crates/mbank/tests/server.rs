@@ -65,16 +65,38 @@ impl Served {
         // A test CA and a server certificate for 127.0.0.1 signed by it.
         openssl(
             &[
-                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
                 "/CN=mbank test CA",
             ],
             &root,
         );
         openssl(
             &[
-                "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                "-keyout", "key.pem", "-out", "server.csr", "-subj", "/CN=127.0.0.1",
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
             ],
             &root,
         );
@@ -85,8 +107,21 @@ impl Served {
         .unwrap();
         openssl(
             &[
-                "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-out", "cert.pem", "-days", "2", "-extfile", "ext.cnf",
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "cert.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
             ],
             &root,
         );
@@ -117,7 +152,9 @@ impl Served {
     }
 
     fn with_stdin(&self, mut c: Command, input: &str) -> Run {
-        c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let what = format!("{c:?}");
         let mut child = c.spawn().unwrap();
         child
@@ -134,9 +171,18 @@ impl Served {
         let mut c = mbank();
         c.arg("--bank").arg(&self.bank_dir).arg("serve");
         c.arg("--listen").arg(format!("127.0.0.1:{}", self.port));
-        c.arg("--tls-cert").arg(&self.cert).arg("--tls-key").arg(&self.key);
+        c.arg("--tls-cert")
+            .arg(&self.cert)
+            .arg("--tls-key")
+            .arg(&self.key);
         c.stdout(Stdio::piped());
-        c.stderr(fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap());
+        c.stderr(
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .unwrap(),
+        );
         let mut child = c.spawn().unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
@@ -153,7 +199,10 @@ impl Served {
                     fs::read_to_string(&self.log).unwrap_or_default()
                 )
             });
-        assert!(line.starts_with("listening on https://127.0.0.1:"), "{line}");
+        assert!(
+            line.starts_with("listening on https://127.0.0.1:"),
+            "{line}"
+        );
         self.port = port;
         self.child = Some(child);
     }
@@ -183,7 +232,9 @@ impl Served {
     fn try_login(&self, user: &str, pw: &str, extra: &[&str]) -> Run {
         let mut c = mbank();
         c.env("XDG_CONFIG_HOME", self.config_dir(user));
-        c.arg("login").arg(self.url()).args(["--user", user, "--password-stdin"]);
+        c.arg("login")
+            .arg(self.url())
+            .args(["--user", user, "--password-stdin"]);
         c.arg("--ca-cert").arg(&self.ca).args(extra);
         self.with_stdin(c, pw)
     }
@@ -212,11 +263,19 @@ impl Served {
     }
 
     /// A raw request with curl: (status, body).
-    fn curl(&self, token: Option<&str>, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Vec<u8>) {
+    fn curl(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> (u16, Vec<u8>) {
         let out = self.root.join(format!("curl-{}.out", unique()));
         let mut c = Command::new("curl");
-        c.args(["-s", "-g", "--path-as-is", "-o"]).arg(&out);
-        c.args(["-w", "%{http_code}", "-X", method, "--cacert"]).arg(&self.ca);
+        c.args(["-s", "-g", "--path-as-is", "-H", "Expect:", "-o"])
+            .arg(&out);
+        c.args(["-w", "%{http_code}", "-X", method, "--cacert"])
+            .arg(&self.ca);
         if let Some(t) = token {
             c.arg("-H").arg(format!("Authorization: Bearer {t}"));
         }
@@ -224,22 +283,31 @@ impl Served {
         if let Some(b) = body {
             fs::write(&body_file, b).unwrap();
             c.arg("-H").arg("Content-Type: application/octet-stream");
-            c.arg("--data-binary").arg(format!("@{}", body_file.display()));
+            c.arg("--data-binary")
+                .arg(format!("@{}", body_file.display()));
         }
         c.arg(format!("{}{path}", self.url()));
         let o = c.output().unwrap();
-        let code: u16 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap_or(0);
+        let code: u16 = String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
         let got = fs::read(&out).unwrap_or_default();
         let _ = fs::remove_file(&out);
         let _ = fs::remove_file(&body_file);
         (code, got)
     }
 
-    fn curl_json(&self, token: Option<&str>, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
+    fn curl_json(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> (u16, Value) {
         let (code, b) = self.curl(token, method, path, body);
-        let v = serde_json::from_slice(&b).unwrap_or_else(|_| {
-            Value::String(String::from_utf8_lossy(&b).into_owned())
-        });
+        let v = serde_json::from_slice(&b)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&b).into_owned()));
         (code, v)
     }
 
@@ -297,12 +365,8 @@ fn export_bytes(bank: &Bank, r: &str) -> Vec<u8> {
 /// The chunk ids of a machine's head, read from the bank directory's catalog with the
 /// embedded bank (the bank's host sees everything).
 fn head_chunks(s: &Served, machine: &str) -> Vec<String> {
-    let r = s.local(&["verify", machine, "--json"]).ok();
-    let _ = r;
     let bank = mbank_bank::Bank::open(&s.bank_dir, true).unwrap();
-    let v = bank
-        .resolve(&machine.parse().unwrap())
-        .unwrap();
+    let v = bank.resolve(&machine.parse().unwrap()).unwrap();
     let idx = bank.catalog().disk_index(&v).unwrap();
     idx.chunks.iter().flatten().map(|c| c.to_hex()).collect()
 }
@@ -328,11 +392,22 @@ fn two_users_full_flows_over_https() {
     let log = alice.log("alice/dev");
     assert_eq!(log.len(), 1);
     assert_eq!(log[0]["version"], ra["version"]);
-    let ls: Vec<String> = alice.json(&["ls", "--json"]).as_array().unwrap().iter()
-        .map(|m| m["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(bob.log("bob/dev")[0]["version"], rb["version"]);
+    let ls: Vec<String> = alice
+        .json(&["ls", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["machine"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ls, vec!["alice/dev".to_string()]);
-    let ls: Vec<String> = bob.json(&["ls", "--json"]).as_array().unwrap().iter()
-        .map(|m| m["name"].as_str().unwrap().to_string()).collect();
+    let ls: Vec<String> = bob
+        .json(&["ls", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["machine"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ls, vec!["bob/dev".to_string()]);
 
     // attach over HTTP with a real NBD client: write, read back, check in.
@@ -345,10 +420,14 @@ fn two_users_full_flows_over_https() {
     let r = tool(
         "qemu-io",
         &[
-            "-f".to_string(), "raw".into(),
-            "-c".into(), format!("write -s {} {at} {}", pf.display(), patch.len()),
-            "-c".into(), "flush".into(),
-            "-c".into(), format!("read -v {} 16", at),
+            "-f".to_string(),
+            "raw".into(),
+            "-c".into(),
+            format!("write -s {} {at} {}", pf.display(), patch.len()),
+            "-c".into(),
+            "flush".into(),
+            "-c".into(),
+            format!("read -v {} 16", at),
             a.uri(),
         ],
     );
@@ -357,13 +436,28 @@ fn two_users_full_flows_over_https() {
     assert!(done.success(), "attach:\n{done}");
     let mut want = img_a.clone();
     want[at..at + patch.len()].copy_from_slice(&patch);
-    assert_same_bytes(&export_bytes(&alice, "alice/dev"), &want, "alice's checked-in disk");
+    assert_same_bytes(
+        &export_bytes(&alice, "alice/dev"),
+        &want,
+        "alice's checked-in disk",
+    );
     assert_eq!(alice.log("alice/dev").len(), 2);
 
     // bob reads his disk through attach with qemu-img compare (every byte).
     let cache_b = s.root.join("cache-bob");
     let mut b = bob.attach(&cache_b, "bob/dev", &[]);
-    let r = tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", &pb.display().to_string(), &b.uri()]);
+    let r = tool(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &pb.display().to_string(),
+            &b.uri(),
+        ],
+    );
     assert!(r.success(), "qemu-img compare:\n{r}");
     assert!(b.stop().success());
 
@@ -371,10 +465,21 @@ fn two_users_full_flows_over_https() {
     let (code, m) = s.curl(None, "GET", "/metrics", None);
     let m = String::from_utf8_lossy(&m).into_owned();
     assert_eq!(code, 200, "{m}");
-    for needle in ["mbank_bytes_in_total", "mbank_chunks_stored_total", "mbank_dedup_ratio", "mbank_sessions 0", "mbank_users 2"] {
+    for needle in [
+        "mbank_bytes_in_total",
+        "mbank_chunks_stored_total",
+        "mbank_dedup_ratio",
+        "mbank_sessions 0",
+        "mbank_users 2",
+    ] {
         assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
     }
-    let commits: u64 = m.lines().find_map(|l| l.strip_prefix("mbank_commits_total ")).unwrap().parse().unwrap();
+    let commits: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("mbank_commits_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(commits >= 3, "{m}");
 }
 
@@ -394,11 +499,23 @@ fn isolation_probes_see_nothing_of_another_user() {
     let probe = |args: &[&str], absent: &[&str]| {
         let got = alice.run(args).failed();
         let want = alice.run(absent).failed();
-        let norm = |t: &str| t.replace("bob/secret", "X").replace("bob/nothere", "X").replace(&bver, "V").replace("0123456789abcdef0123456789abcdef", "V");
+        let norm = |t: &str| {
+            t.replace("bob/secret", "X")
+                .replace("bob/nothere", "X")
+                .replace(&bver, "V")
+                .replace("0123456789abcdef0123456789abcdef", "V")
+        };
         assert_eq!(norm(&got.stderr), norm(&want.stderr), "{got}\n{want}");
     };
     probe(&["log", "bob/secret"], &["log", "bob/nothere"]);
-    probe(&["export", &format!("bob/secret@{bver}"), "/dev/null"], &["export", "bob/nothere@0123456789abcdef0123456789abcdef", "/dev/null"]);
+    probe(
+        &["export", &format!("bob/secret@{bver}"), "/dev/null"],
+        &[
+            "export",
+            "bob/nothere@0123456789abcdef0123456789abcdef",
+            "/dev/null",
+        ],
+    );
     let ls = alice.json(&["ls", "--json"]);
     assert!(!ls.to_string().contains("bob"), "{ls}");
     for path in [
@@ -409,7 +526,11 @@ fn isolation_probes_see_nothing_of_another_user() {
     ] {
         let (code, v) = s.curl_json(Some(&ta), "GET", &path, None);
         let (code2, v2) = s.curl_json(Some(&ta), "GET", &path.replace("secret", "nothere"), None);
-        assert_eq!((code, &v["kind"]), (404, &Value::from("machine_not_found")), "{path}: {v}");
+        assert_eq!(
+            (code, &v["kind"]),
+            (404, &Value::from("machine_not_found")),
+            "{path}: {v}"
+        );
         assert_eq!((code2, &v2["kind"]), (code, &v["kind"]), "{path}");
     }
 
@@ -431,15 +552,24 @@ fn isolation_probes_see_nothing_of_another_user() {
     let ids: Vec<u8> = chunks.iter().flat_map(|c| hex(c)).collect();
     let (code, have_a) = s.curl(Some(&ta), "POST", "/v1/chunks/have", Some(&ids));
     assert_eq!(code, 200);
-    assert!(have_a.iter().all(|&b| b == 0), "alice's have answered {have_a:?}");
+    assert!(
+        have_a.iter().all(|&b| b == 0),
+        "alice's have answered {have_a:?}"
+    );
     let (_, have_b) = s.curl(Some(&tb), "POST", "/v1/chunks/have", Some(&ids));
-    assert!(have_b.iter().all(|&b| b == 1), "bob's have answered {have_b:?}");
+    assert!(
+        have_b.iter().all(|&b| b == 1),
+        "bob's have answered {have_b:?}"
+    );
 
     // Alice importing the same bytes must send them all, yet they are stored once.
     let before = s.chunk_count();
     let pa = write_img(&alice, &secret);
     let ra = alice.import("alice/copy", &pa, &[]);
-    assert_eq!(ra["chunks_new"], rb["chunks_new"], "alice had to send every chunk: {ra}");
+    assert_eq!(
+        ra["chunks_new"], rb["chunks_new"],
+        "alice had to send every chunk: {ra}"
+    );
     assert_eq!(s.chunk_count(), before, "the bank stores each chunk once");
     assert_same_bytes(&export_bytes(&alice, "alice/copy"), &secret, "alice's copy");
 
@@ -452,9 +582,17 @@ fn isolation_probes_see_nothing_of_another_user() {
     bob.import("bob/other", &po, &[]);
     let bob_only = head_chunks(&s, "bob/other");
     let body = steal_commit(&s, "alice/steal", &bob_only[0]);
-    let (code, v) = s.curl_json(Some(&ta), "POST", "/v1/machines/alice/steal/versions", Some(&body));
+    let (code, v) = s.curl_json(
+        Some(&ta),
+        "POST",
+        "/v1/machines/alice/steal/versions",
+        Some(&body),
+    );
     assert_eq!(code, 400, "{v}");
-    assert!(v["message"].as_str().unwrap().contains("send its bytes"), "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("send its bytes"),
+        "{v}"
+    );
     assert_eq!(alice.log("alice/steal").len(), 1, "nothing was committed");
 
     // Writing under another user's name is refused.
@@ -462,23 +600,55 @@ fn isolation_probes_see_nothing_of_another_user() {
         .run(&["import", "bob/planted", &pf.display().to_string()])
         .failed()
         .stderr_has(&["alice may write only machines named alice/"]);
-    assert!(s.local(&["log", "bob/planted"]).failed().stderr.contains("no machine"));
+    assert!(
+        s.local(&["log", "bob/planted"])
+            .failed()
+            .stderr
+            .contains("no machine")
+    );
 
     // What an administrator publishes, every user reads and forks.
     let base = image(2 * MIB, &[(0, MIB)], 31);
     let pbase = s.root.join("base.raw");
     fs::write(&pbase, &base).unwrap();
-    s.local(&["-q", "import", "lab/base", &pbase.display().to_string()]).ok();
-    assert!(alice.run(&["log", "lab/base"]).failed().stderr.contains("no machine named lab/base"));
+    s.local(&["-q", "import", "lab/base", &pbase.display().to_string()])
+        .ok();
+    assert!(
+        alice
+            .run(&["log", "lab/base"])
+            .failed()
+            .stderr
+            .contains("no machine named lab/base")
+    );
     s.local(&["admin", "publish", "lab/base"]).ok();
     assert_eq!(alice.log("lab/base").len(), 1);
-    alice.run(&["-q", "create", "alice/fork", "--from", "lab/base", "--memory", "256M"]).ok();
-    assert_same_bytes(&export_bytes(&alice, "alice/fork"), &base, "alice's fork of the published base");
-    assert!(s.server_log().contains("status=404"), "the server logs each request");
+    alice
+        .run(&[
+            "-q",
+            "create",
+            "alice/fork",
+            "--from",
+            "lab/base",
+            "--memory",
+            "256M",
+        ])
+        .ok();
+    assert_same_bytes(
+        &export_bytes(&alice, "alice/fork"),
+        &base,
+        "alice's fork of the published base",
+    );
+    assert!(
+        s.server_log().contains("status=404"),
+        "the server logs each request"
+    );
 }
 
 fn hex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 /// A commit body for a new version of `machine` whose one chunk is `chunk`.
@@ -506,7 +676,10 @@ fn bad_credentials_get_401_and_change_nothing() {
     let wrong = s.try_login("alice", "not-the-password", &[]).failed();
     let unknown = s.try_login("mallory", "whatever-password", &[]).failed();
     assert!(wrong.stderr.contains("not valid"), "{wrong}");
-    assert_eq!(wrong.stderr, unknown.stderr, "a wrong password and an unknown user look alike");
+    assert_eq!(
+        wrong.stderr, unknown.stderr,
+        "a wrong password and an unknown user look alike"
+    );
     let alice = s.login("alice");
     alice.json(&["ls", "--json"]);
     let token = s.token("alice");
@@ -518,12 +691,19 @@ fn bad_credentials_get_401_and_change_nothing() {
         b[at] = if b[at] == b'0' { b'1' } else { b'0' };
         String::from_utf8(b).unwrap()
     };
-    for bad in [flip(&token, token.len() - 1), flip(&token, 5), token[..token.len() - 2].to_string(), "mbt_garbage".into(), "x".repeat(300)] {
+    for bad in [
+        flip(&token, token.len() - 1),
+        flip(&token, 5),
+        token[..token.len() - 2].to_string(),
+        "mbt_garbage".into(),
+        "x".repeat(300),
+    ] {
         let (code, v) = s.curl_json(Some(&bad), "GET", "/v1/machines", None);
         assert_eq!(code, 401, "{bad}: {v}");
         assert_eq!(v["kind"], "unauthorized");
         let mut c = alice.cmd();
-        c.env("MBANK_TOKEN", &bad).args(["import", "alice/x", &img.display().to_string()]);
+        c.env("MBANK_TOKEN", &bad)
+            .args(["import", "alice/x", &img.display().to_string()]);
         let r = run_cmd(c).failed();
         assert!(r.stderr.contains("not valid"), "{r}");
     }
@@ -531,21 +711,33 @@ fn bad_credentials_get_401_and_change_nothing() {
     assert_eq!(code, 401, "no token");
 
     // Expired: a token that lived one second.
-    let short = s.try_login("bob", "bob-secret-22", &["--ttl", "1s"]).ok();
-    let _ = short;
+    s.try_login("bob", "bob-secret-22", &["--ttl", "1s"]).ok();
     std::thread::sleep(std::time::Duration::from_millis(2100));
     let r = s.client("bob").run(&["ls"]).failed();
     assert!(r.stderr.contains("not valid"), "{r}");
 
     // Revoked by the administrator, and by logout.
-    let id = token.strip_prefix("mbt_").unwrap().split('_').next().unwrap().to_string();
+    let id = token
+        .strip_prefix("mbt_")
+        .unwrap()
+        .split('_')
+        .next()
+        .unwrap()
+        .to_string();
     s.local(&["admin", "token", "revoke", &id]).ok();
-    let r = alice.run(&["import", "alice/x", &img.display().to_string()]).failed();
+    let r = alice
+        .run(&["import", "alice/x", &img.display().to_string()])
+        .failed();
     assert!(r.stderr.contains("not valid"), "{r}");
     let alice = s.login("alice");
     alice.run(&["ls"]).ok();
     alice.run(&["logout"]).ok();
-    let (code, _) = s.curl_json(Some(&s.token_or_last("alice", &token)), "GET", "/v1/machines", None);
+    let (code, _) = s.curl_json(
+        Some(&s.token_or_last("alice", &token)),
+        "GET",
+        "/v1/machines",
+        None,
+    );
     assert_eq!(code, 401);
     // Nothing changed: no machine was made by any refused request.
     let ls = s.local(&["ls", "--json"]).ok().json();
@@ -573,18 +765,58 @@ fn garbage_oversized_and_path_tricks_get_4xx_and_the_server_keeps_serving() {
         ("POST", "/v1/login".into(), b"not json".to_vec(), 400),
         ("POST", "/v1/login".into(), vec![b'{'; 2 * MIB], 413),
         ("PUT", "/v1/chunks/zz".into(), b"x".to_vec(), 400),
-        ("PUT", format!("/v1/chunks/{}", "ab".repeat(32)), random_bytes(1000, 1), 422),
-        ("PUT", format!("/v1/chunks/{}", "ab".repeat(32)), vec![7u8; 17 * MIB], 413),
+        (
+            "PUT",
+            format!("/v1/chunks/{}", "ab".repeat(32)),
+            random_bytes(1000, 1),
+            422,
+        ),
+        (
+            "PUT",
+            format!("/v1/chunks/{}", "ab".repeat(32)),
+            vec![7u8; 17 * MIB],
+            413,
+        ),
         ("POST", "/v1/chunks/have".into(), vec![1u8; 33], 400),
         ("POST", "/v1/chunks/have".into(), vec![1u8; 32 * 4097], 413),
-        ("GET", "/v1/machines/..%2F..%2Fetc/passwd".into(), vec![], 400),
+        (
+            "GET",
+            "/v1/machines/..%2F..%2Fetc/passwd".into(),
+            vec![],
+            400,
+        ),
         ("GET", "/v1/machines/alice/..".into(), vec![], 400),
         ("GET", "/v1/machines/../../etc/passwd".into(), vec![], 404),
-        ("GET", "/v1/machines/alice/dev/versions/nothex/index".into(), vec![], 400),
-        ("POST", "/v1/machines/alice/dev/versions".into(), b"\x05\x00\x00\x00{".to_vec(), 400),
-        ("POST", "/v1/machines/alice/dev/versions".into(), vec![0xff; 100], 400),
-        ("PUT", "/v1/machines/alice/dev/lease".into(), b"[1,2,3]".to_vec(), 400),
-        ("POST", "/v1/writers/notanumber/heartbeat".into(), vec![], 400),
+        (
+            "GET",
+            "/v1/machines/alice/dev/versions/nothex/index".into(),
+            vec![],
+            400,
+        ),
+        (
+            "POST",
+            "/v1/machines/alice/dev/versions".into(),
+            b"\x05\x00\x00\x00{".to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/machines/alice/dev/versions".into(),
+            vec![0xff; 100],
+            400,
+        ),
+        (
+            "PUT",
+            "/v1/machines/alice/dev/lease".into(),
+            b"[1,2,3]".to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/writers/notanumber/heartbeat".into(),
+            vec![],
+            400,
+        ),
         ("GET", "/v1/nothing/here".into(), vec![], 404),
     ];
     for (method, path, body, want) in &cases {
@@ -592,7 +824,10 @@ fn garbage_oversized_and_path_tricks_get_4xx_and_the_server_keeps_serving() {
         let (code, v) = s.curl_json(Some(&t), method, path, b);
         assert_eq!(code, *want, "{method} {path}: {v}");
         if code != 404 || v.is_object() {
-            assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{method} {path}: a message: {v}");
+            assert!(
+                v["message"].as_str().is_some_and(|m| !m.is_empty()),
+                "{method} {path}: a message: {v}"
+            );
         }
     }
     let (code, v) = s.curl_json(None, "GET", "/v1/health", None);
@@ -609,7 +844,13 @@ fn garbage_oversized_and_path_tricks_get_4xx_and_the_server_keeps_serving() {
         .run(&["import", "carol/big", &p.display().to_string()])
         .failed()
         .stderr_has(&["quota", "mbank rm"]);
-    assert!(carol.run(&["log", "carol/big"]).failed().stderr.contains("no machine"));
+    assert!(
+        carol
+            .run(&["log", "carol/big"])
+            .failed()
+            .stderr
+            .contains("no machine")
+    );
 }
 
 #[test]
@@ -633,10 +874,29 @@ fn a_station_rides_out_a_bank_restart_and_gc_verify_run_while_serving() {
     let io = std::thread::spawn({
         let (pf, copy, uri) = (pf.clone(), copy.clone(), uri.clone());
         move || {
-            let r1 = tool("qemu-img", &["convert", "-f", "raw", "-O", "raw", &uri, &copy.display().to_string()]);
+            let r1 = tool(
+                "qemu-img",
+                &[
+                    "convert",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "raw",
+                    &uri,
+                    &copy.display().to_string(),
+                ],
+            );
             let r2 = tool(
                 "qemu-io",
-                &["-f".to_string(), "raw".into(), "-c".into(), format!("write -s {} {} {}", pf.display(), 3 * MIB, 64 * KIB), "-c".into(), "flush".into(), uri],
+                &[
+                    "-f".to_string(),
+                    "raw".into(),
+                    "-c".into(),
+                    format!("write -s {} {} {}", pf.display(), 3 * MIB, 64 * KIB),
+                    "-c".into(),
+                    "flush".into(),
+                    uri,
+                ],
             );
             (r1, r2)
         }
@@ -645,13 +905,24 @@ fn a_station_rides_out_a_bank_restart_and_gc_verify_run_while_serving() {
     s.spawn();
     let (r1, r2) = io.join().unwrap();
     assert!(r1.success(), "the read through the restart:\n{r1}");
-    assert!(r2.success() && !r2.stdout.contains("failed"), "the write:\n{r2}");
-    assert_same_bytes(&fs::read(&copy).unwrap(), &img, "what the station read across the restart");
+    assert!(
+        r2.success() && !r2.stdout.contains("failed"),
+        "the write:\n{r2}"
+    );
+    assert_same_bytes(
+        &fs::read(&copy).unwrap(),
+        &img,
+        "what the station read across the restart",
+    );
     let done = a.stop();
     assert!(done.success(), "check-in after the restart:\n{done}");
     let mut want = img.clone();
     want[3 * MIB..3 * MIB + 64 * KIB].copy_from_slice(&patch);
-    assert_same_bytes(&export_bytes(&alice, "alice/dev"), &want, "the checked-in disk");
+    assert_same_bytes(
+        &export_bytes(&alice, "alice/dev"),
+        &want,
+        "the checked-in disk",
+    );
 
     // gc and verify on the bank's host while the server serves an import.
     let img2 = image(8 * MIB, &[(0, 8 * MIB)], 13);
@@ -664,6 +935,14 @@ fn a_station_rides_out_a_bank_restart_and_gc_verify_run_while_serving() {
     s.local(&["verify", "--json"]).ok();
     import.join().unwrap().ok();
     s.local(&["verify", "--json"]).ok();
-    assert_same_bytes(&export_bytes(&alice, "alice/two"), &img2, "the import that ran beside gc");
-    assert_same_bytes(&export_bytes(&alice, "alice/dev"), &want, "alice/dev after gc");
+    assert_same_bytes(
+        &export_bytes(&alice, "alice/two"),
+        &img2,
+        "the import that ran beside gc",
+    );
+    assert_same_bytes(
+        &export_bytes(&alice, "alice/dev"),
+        &want,
+        "alice/dev after gc",
+    );
 }

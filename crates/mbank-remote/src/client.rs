@@ -1,0 +1,530 @@
+//! [`Client`]: one bank server, one token, one pool of kept-alive connections, and the
+//! retry policy of `docs/api.md`.
+//!
+//! Every request is safe to repeat (the API promises it), so connection failures and
+//! the answers `429`, `502`, `503` and `504` are retried with exponential backoff
+//! (0.2 s doubling to 5 s) until the retry budget (`MBANK_RETRY_SECS`, default 120 s)
+//! is spent. While it waits the client says so on standard error, at most once every
+//! 5 s: `mbank: waiting for the bank at URL (WHAT): CAUSE; retrying`. An unknown host,
+//! a TLS failure or a malformed URL is not retried: waiting would not change it.
+//!
+//! Any other error answer is parsed as [`wire::ErrorBody`] (or, if it is not JSON,
+//! described by its status) and returned as [`ClientError::Api`]; the catalog and store
+//! adapters turn it into their own error types.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use ureq::http;
+use ureq::tls::{PemItem, RootCerts, TlsConfig};
+
+use crate::wire::{self, ErrorBody, Health, LoginRequest, LoginResponse, WhoAmI};
+
+/// The environment variable holding the retry budget in seconds.
+pub const RETRY_ENV: &str = "MBANK_RETRY_SECS";
+/// The retry budget when [`RETRY_ENV`] is not set.
+pub const DEFAULT_RETRY_SECS: u64 = 120;
+/// Longest wait for a TCP (and TLS) connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest time one request may take, from connecting to the end of the answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Largest answer the client reads (a disk index can be as large as a commit).
+pub const MAX_ANSWER: u64 = wire::MAX_COMMIT as u64;
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const WARN_EVERY: Duration = Duration::from_secs(5);
+
+/// What went wrong talking to a bank server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error; the message is the server's, for people.
+    #[error("{}", .body.message)]
+    Api {
+        /// The bank's base URL.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+        /// The error answer (`kind` empty when the answer was not the API's JSON).
+        body: Box<ErrorBody>,
+    },
+    /// No answer, after retrying for as long as the retry budget allows (or at once,
+    /// for failures that waiting does not cure).
+    #[error("cannot reach the bank at {url}: {cause} (tried {} over {secs:.1} s)", times(*.tries))]
+    Unreachable {
+        /// The bank's base URL.
+        url: String,
+        /// The last failure.
+        cause: String,
+        /// Requests sent, the first included.
+        tries: u32,
+        /// Seconds spent trying.
+        secs: f64,
+    },
+    /// The server answered, but not as the API says it does.
+    #[error("the bank at {url} sent an unexpected answer to the {what}: {why}")]
+    BadAnswer {
+        /// The bank's base URL.
+        url: String,
+        /// What was asked.
+        what: String,
+        /// What was wrong with the answer.
+        why: String,
+    },
+    /// A problem on this machine before any request: a malformed URL, an unreadable CA
+    /// certificate or credentials file.
+    #[error("{0}")]
+    Local(String),
+}
+
+fn times(n: u32) -> String {
+    if n == 1 {
+        "once".into()
+    } else {
+        format!("{n} times")
+    }
+}
+
+impl ClientError {
+    /// The API's error kind, for an error answer.
+    pub fn kind(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { body, .. } => Some(&body.kind),
+            _ => None,
+        }
+    }
+}
+
+/// How to reach a bank server.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// The bearer token sent with every request (`None`: anonymous, for login and
+    /// health checks).
+    pub token: Option<String>,
+    /// A PEM file of CA certificates to trust for `https://` (a bank with its own CA).
+    /// When given, these certificates replace the public web roots.
+    pub ca_file: Option<PathBuf>,
+    /// How long to keep retrying a request that gets no usable answer.
+    pub retry_budget: Duration,
+    /// See [`CONNECT_TIMEOUT`].
+    pub connect_timeout: Duration,
+    /// See [`REQUEST_TIMEOUT`].
+    pub request_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    /// No token, the public web roots, a 120 s retry budget, the default timeouts.
+    fn default() -> Self {
+        ClientOptions {
+            token: None,
+            ca_file: None,
+            retry_budget: Duration::from_secs(DEFAULT_RETRY_SECS),
+            connect_timeout: CONNECT_TIMEOUT,
+            request_timeout: REQUEST_TIMEOUT,
+        }
+    }
+}
+
+impl ClientOptions {
+    /// The defaults, with the retry budget from `MBANK_RETRY_SECS` when it is set.
+    pub fn from_env() -> Self {
+        let mut o = ClientOptions::default();
+        if let Some(secs) = std::env::var(RETRY_ENV)
+            .ok()
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+        {
+            o.retry_budget = Duration::from_secs_f64(secs);
+        }
+        o
+    }
+}
+
+/// A bank server's client: cheap to clone (the clones share one connection pool).
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// `http(s)://host:port`, no trailing slash.
+    url: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+    retry_budget: Duration,
+    /// When the last "waiting for the bank" line went to standard error.
+    last_warning: Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("url", &self.inner.url)
+            .field("token", &self.inner.token.as_ref().map(|_| "…"))
+            .finish()
+    }
+}
+
+/// A request body.
+pub(crate) enum Payload<'a> {
+    Empty,
+    Json(Vec<u8>),
+    Bytes(&'a [u8]),
+}
+
+/// True when `s` names a bank server (`http://…` or `https://…`), not a directory.
+pub fn is_url(s: &str) -> bool {
+    let l = s.get(..8).unwrap_or(s).to_ascii_lowercase();
+    l.starts_with("http://") || l.starts_with("https://")
+}
+
+/// `url` without trailing slashes: the form credentials are filed under.
+pub fn normalize_url(url: &str) -> String {
+    url.trim().trim_end_matches('/').to_string()
+}
+
+/// Percent-encodes one path segment or query value (everything but unreserved bytes).
+pub(crate) fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn load_ca(path: &Path) -> Result<TlsConfig, ClientError> {
+    let local = |why: String| {
+        ClientError::Local(format!(
+            "cannot use {} as the bank's CA certificate: {why}",
+            path.display()
+        ))
+    };
+    let pem = std::fs::read(path).map_err(|e| local(e.to_string()))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        if let PemItem::Certificate(c) = item.map_err(|e| local(e.to_string()))? {
+            certs.push(c);
+        }
+    }
+    if certs.is_empty() {
+        return Err(local("it holds no PEM certificate".into()));
+    }
+    Ok(TlsConfig::builder()
+        .root_certs(RootCerts::new_with_certs(&certs))
+        .build())
+}
+
+/// True for failures that may go away by waiting: the server down or restarting, the
+/// network interrupted, a timeout. Not a TLS failure (an unknown issuer, a peer that does
+/// not speak TLS): rustls reports those as I/O errors of kind `InvalidData`.
+fn retryable(e: &ureq::Error) -> bool {
+    matches!(e, ureq::Error::Io(io) if io.kind() != std::io::ErrorKind::InvalidData)
+        || matches!(
+            e,
+            ureq::Error::Timeout(_)
+                | ureq::Error::ConnectionFailed
+                | ureq::Error::Protocol(_)
+                | ureq::Error::BodyStalled
+        )
+}
+
+fn status_text(status: u16) -> String {
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    format!("HTTP {status} {reason}").trim_end().to_string()
+}
+
+/// An error answer as the API's [`ErrorBody`], or one made from the status when the
+/// answer is not the API's JSON (a proxy's page, say).
+pub(crate) fn error_body(status: u16, body: &[u8]) -> ErrorBody {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(b) if !b.kind.is_empty() => b,
+        _ => {
+            let text = String::from_utf8_lossy(&body[..body.len().min(200)])
+                .trim()
+                .to_string();
+            ErrorBody {
+                kind: if status == 401 {
+                    "unauthorized".into()
+                } else {
+                    String::new()
+                },
+                message: if text.is_empty() || text.starts_with('<') {
+                    status_text(status)
+                } else {
+                    format!("{}: {text}", status_text(status))
+                },
+                ..ErrorBody::default()
+            }
+        }
+    }
+}
+
+impl Client {
+    /// A client of the bank at `url` (`http://host:port` or `https://host:port`), with
+    /// `token` and an optional CA file, and the retry budget from `MBANK_RETRY_SECS`.
+    /// Makes no request.
+    pub fn new(
+        url: &str,
+        token: Option<String>,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, ClientError> {
+        let mut o = ClientOptions::from_env();
+        o.token = token;
+        o.ca_file = ca_file.map(Path::to_path_buf);
+        Client::with_options(url, o)
+    }
+
+    /// A client of the bank at `url` configured by `o`. Makes no request.
+    pub fn with_options(url: &str, o: ClientOptions) -> Result<Self, ClientError> {
+        let url = normalize_url(url);
+        if !is_url(&url) || url.contains(['?', '#', ' ']) {
+            return Err(ClientError::Local(format!(
+                "{url:?} is not a bank URL: expected http://HOST:PORT or https://HOST:PORT"
+            )));
+        }
+        let mut cfg = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(o.request_timeout))
+            .timeout_connect(Some(o.connect_timeout))
+            .max_redirects(0)
+            .user_agent(concat!("mbank/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = &o.ca_file {
+            cfg = cfg.tls_config(load_ca(ca)?);
+        }
+        Ok(Client {
+            inner: Arc::new(Inner {
+                url,
+                token: o.token,
+                agent: cfg.build().new_agent(),
+                retry_budget: o.retry_budget,
+                last_warning: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The bank's base URL, without a trailing slash.
+    pub fn url(&self) -> &str {
+        &self.inner.url
+    }
+
+    /// True when requests carry a token.
+    pub fn has_token(&self) -> bool {
+        self.inner.token.is_some()
+    }
+
+    /// `GET /v1/health`: the server's version (no token needed).
+    pub fn health(&self) -> Result<Health, ClientError> {
+        self.get_json("/health", "health check")
+    }
+
+    /// `GET /v1/whoami`: the token's user, whether an administrator, quota and use.
+    pub fn whoami(&self) -> Result<WhoAmI, ClientError> {
+        self.get_json("/whoami", "who-am-I question")
+    }
+
+    /// `POST /v1/login`: a new token for `user`. `ttl_secs` defaults (server side) to
+    /// 30 days; `label` names the token for people (e.g. the host it was made for).
+    pub fn login(
+        &self,
+        user: &str,
+        password: &str,
+        ttl_secs: Option<u64>,
+        label: Option<String>,
+    ) -> Result<LoginResponse, ClientError> {
+        let req = LoginRequest {
+            user: user.into(),
+            password: password.into(),
+            ttl_secs,
+            label,
+        };
+        self.send_json(http::Method::POST, "/login", "login", &req)
+    }
+
+    /// `POST /v1/logout`: revokes the token this client uses.
+    pub fn logout(&self) -> Result<(), ClientError> {
+        self.call(
+            http::Method::POST,
+            "/logout",
+            "logout",
+            Payload::Empty,
+            1 << 16,
+        )
+        .map(drop)
+    }
+
+    /// GETs `path` (under `/v1`) and parses the JSON answer.
+    pub(crate) fn get_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        what: &str,
+    ) -> Result<T, ClientError> {
+        let body = self.call(http::Method::GET, path, what, Payload::Empty, MAX_ANSWER)?;
+        self.parse(&body, what)
+    }
+
+    /// Sends `body` as JSON and parses the JSON answer.
+    pub(crate) fn send_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: http::Method,
+        path: &str,
+        what: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let json = serde_json::to_vec(body).expect("a request body always serialises");
+        let answer = self.call(method, path, what, Payload::Json(json), MAX_ANSWER)?;
+        self.parse(&answer, what)
+    }
+
+    /// Parses a JSON answer.
+    pub(crate) fn parse<T: DeserializeOwned>(
+        &self,
+        body: &[u8],
+        what: &str,
+    ) -> Result<T, ClientError> {
+        serde_json::from_slice(body).map_err(|e| ClientError::BadAnswer {
+            url: self.inner.url.clone(),
+            what: what.into(),
+            why: format!("not the expected JSON ({e})"),
+        })
+    }
+
+    /// An error for an answer that breaks the API.
+    pub(crate) fn bad_answer(&self, what: &str, why: String) -> ClientError {
+        ClientError::BadAnswer {
+            url: self.inner.url.clone(),
+            what: what.into(),
+            why,
+        }
+    }
+
+    /// Sends one request, retrying as the module docs say; returns a success's body
+    /// (at most `limit` bytes). `what` says what the request is for, for people.
+    pub(crate) fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        what: &str,
+        payload: Payload<'_>,
+        limit: u64,
+    ) -> Result<Vec<u8>, ClientError> {
+        let started = Instant::now();
+        let mut backoff = FIRST_BACKOFF;
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            let cause = match self.send_once(&method, path, &payload, limit) {
+                Ok((status, body)) if (200..300).contains(&status) => return Ok(body),
+                Ok((status, body)) if matches!(status, 429 | 502 | 503 | 504) => {
+                    let b = error_body(status, &body);
+                    if b.kind.is_empty() {
+                        b.message
+                    } else {
+                        format!("{}: {}", status_text(status), b.message)
+                    }
+                }
+                Ok((status, body)) => {
+                    return Err(ClientError::Api {
+                        url: self.inner.url.clone(),
+                        status,
+                        body: Box::new(error_body(status, &body)),
+                    });
+                }
+                Err(ureq::Error::BodyExceedsLimit(n)) => {
+                    return Err(self.bad_answer(what, format!("longer than {n} bytes")));
+                }
+                Err(e) if retryable(&e) => e.to_string(),
+                Err(e) => return Err(self.unreachable(e.to_string(), tries, started)),
+            };
+            if started.elapsed() + backoff > self.inner.retry_budget {
+                return Err(self.unreachable(cause, tries, started));
+            }
+            self.warn(what, &cause);
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    fn unreachable(&self, cause: String, tries: u32, started: Instant) -> ClientError {
+        ClientError::Unreachable {
+            url: self.inner.url.clone(),
+            cause,
+            tries,
+            secs: started.elapsed().as_secs_f64(),
+        }
+    }
+
+    /// Says on standard error what the client waits for, at most once every 5 s.
+    fn warn(&self, what: &str, cause: &str) {
+        let mut last = self
+            .inner
+            .last_warning
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+            *last = Some(Instant::now());
+            eprintln!(
+                "mbank: waiting for the bank at {} ({what}): {cause}; retrying",
+                self.inner.url
+            );
+        }
+    }
+
+    fn send_once(
+        &self,
+        method: &http::Method,
+        path: &str,
+        payload: &Payload<'_>,
+        limit: u64,
+    ) -> Result<(u16, Vec<u8>), ureq::Error> {
+        let url = format!("{}{}{path}", self.inner.url, wire::PREFIX);
+        let mut b = http::Request::builder().method(method.clone()).uri(&url);
+        if let Some(t) = &self.inner.token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        let agent = &self.inner.agent;
+        let mut resp = match payload {
+            Payload::Empty if *method == http::Method::GET => agent.run(b.body(())?)?,
+            // An explicit empty body: `content-length: 0`, not a chunked nothing.
+            Payload::Empty => agent.run(b.body(&[][..])?)?,
+            Payload::Json(json) => agent.run(
+                b.header("content-type", "application/json")
+                    .body(json.as_slice())?,
+            )?,
+            Payload::Bytes(bytes) => agent.run(
+                b.header("content-type", "application/octet-stream")
+                    .body(*bytes)?,
+            )?,
+        };
+        let status = resp.status().as_u16();
+        // Error answers are small; read a little of them whatever the limit.
+        let limit = if (200..300).contains(&status) {
+            limit
+        } else {
+            1 << 16
+        };
+        let mut out = Vec::new();
+        resp.body_mut()
+            .as_reader()
+            .take(limit + 1)
+            .read_to_end(&mut out)
+            .map_err(ureq::Error::Io)?;
+        if out.len() as u64 > limit {
+            if (200..300).contains(&status) {
+                return Err(ureq::Error::BodyExceedsLimit(limit));
+            }
+            out.truncate(limit as usize);
+        }
+        Ok((status, out))
+    }
+}

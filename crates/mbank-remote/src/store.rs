@@ -1,0 +1,164 @@
+//! [`RemoteStore`]: [`ChunkStore`] over the bank server's chunk endpoints
+//! (`docs/api.md`).
+//!
+//! `put` returns once the server has the chunk; the server makes chunks durable before
+//! it commits a version that references them, so [`ChunkStore::flush`] has nothing to
+//! do. Garbage collection and store statistics run on the bank's host, not through a
+//! client.
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use mbank_core::ChunkId;
+use mbank_core::chunk::{EncodedChunk, MAX_STORED_LEN};
+use mbank_store::{ChunkStore, StoreError, StoreStats, SweepStats};
+use ureq::http::Method;
+
+use crate::client::{Client, ClientError, Payload};
+use crate::wire::{self, Stored};
+
+/// A bank server's chunk store.
+#[derive(Clone, Debug)]
+pub struct RemoteStore {
+    client: Client,
+}
+
+/// Turns a client error into the store's: `chunk_not_found` is
+/// [`StoreError::Missing`] (`chunk` is the chunk asked for, used when the answer does not
+/// name one); everything else is [`StoreError::Remote`] with the server's message as is
+/// (a quota exceeded, say).
+pub fn store_error(e: ClientError, chunk: Option<&ChunkId>) -> StoreError {
+    match e {
+        ClientError::Api { body, .. } if body.kind == "chunk_not_found" => {
+            match body.chunk.or(chunk.copied()) {
+                Some(id) => StoreError::Missing(id),
+                None => StoreError::Remote(body.message.clone()),
+            }
+        }
+        ClientError::Api { url, body, .. } if body.kind == "unauthorized" => {
+            StoreError::Remote(format!("{} (bank {url})", body.message))
+        }
+        ClientError::Api { body, .. } => StoreError::Remote(body.message.clone()),
+        other => StoreError::Remote(other.to_string()),
+    }
+}
+
+fn short(id: &ChunkId) -> String {
+    id.to_hex()[..12].to_string()
+}
+
+impl RemoteStore {
+    /// The chunk store of the bank `client` talks to.
+    pub fn new(client: Client) -> Self {
+        RemoteStore { client }
+    }
+
+    /// The client underneath.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn on_the_host(&self, what: &str) -> StoreError {
+        StoreError::Remote(format!(
+            "{what} runs on the bank's host, not through its client: run it where the bank at {} keeps its store",
+            self.client.url()
+        ))
+    }
+}
+
+impl ChunkStore for RemoteStore {
+    fn put(&self, chunk: &EncodedChunk) -> Result<u64, StoreError> {
+        let what = format!("upload of chunk {}", short(&chunk.id));
+        let path = format!("/chunks/{}", chunk.id.to_hex());
+        let answer = self
+            .client
+            .call(
+                Method::PUT,
+                &path,
+                &what,
+                Payload::Bytes(&chunk.bytes),
+                1 << 16,
+            )
+            .map_err(|e| store_error(e, Some(&chunk.id)))?;
+        let s: Stored = self
+            .client
+            .parse(&answer, &what)
+            .map_err(|e| store_error(e, None))?;
+        Ok(s.bytes)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn touch(&self, id: &ChunkId) -> Result<bool, StoreError> {
+        Ok(self.touch_many(std::slice::from_ref(id))?[0])
+    }
+
+    fn touch_many(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for batch in ids.chunks(wire::MAX_HAVE) {
+            let mut body = Vec::with_capacity(batch.len() * ChunkId::LEN);
+            for id in batch {
+                body.extend_from_slice(id.as_bytes());
+            }
+            let what = format!("question which of {} chunks the bank has", batch.len());
+            let answer = self
+                .client
+                .call(
+                    Method::POST,
+                    "/chunks/have",
+                    &what,
+                    Payload::Bytes(&body),
+                    batch.len() as u64,
+                )
+                .map_err(|e| store_error(e, None))?;
+            if answer.len() != batch.len() || answer.iter().any(|&b| b > 1) {
+                return Err(store_error(
+                    self.client.bad_answer(
+                        &what,
+                        format!(
+                            "{} bytes, expected {} bytes of 0 or 1",
+                            answer.len(),
+                            batch.len()
+                        ),
+                    ),
+                    None,
+                ));
+            }
+            out.extend(answer.iter().map(|&b| b == 1));
+        }
+        Ok(out)
+    }
+
+    fn get_raw(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        let what = format!("download of chunk {}", short(id));
+        self.client
+            .call(
+                Method::GET,
+                &format!("/chunks/{}", id.to_hex()),
+                &what,
+                Payload::Empty,
+                MAX_STORED_LEN as u64,
+            )
+            .map_err(|e| store_error(e, Some(id)))
+    }
+
+    fn quarantine(&self, _id: &ChunkId) -> Result<Option<PathBuf>, StoreError> {
+        // The server verifies what it stores and serves; a chunk damaged on the way is
+        // fetched again by the caller, and nothing here can move the server's copy.
+        Ok(None)
+    }
+
+    fn sweep(
+        &self,
+        _cutoff: SystemTime,
+        _keep: &(dyn Fn(&ChunkId) -> bool + Sync),
+    ) -> Result<SweepStats, StoreError> {
+        Err(self.on_the_host("garbage collection"))
+    }
+
+    fn stats(&self) -> Result<StoreStats, StoreError> {
+        Err(self.on_the_host("counting the stored chunks"))
+    }
+}
