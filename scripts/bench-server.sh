@@ -72,6 +72,8 @@ now() { date +%s.%N; }
 calc() { echo "$*" | bc -l; }
 mibps() { printf '%.0f' "$(calc "$1 / 1048576 / $2")"; } # mibps BYTES SECONDS
 ratio() { printf '%.2f' "$(calc "$1 / $2")"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system, in clock ticks
+TICKS=$(getconf CLK_TCK)
 jfield() { $PY -c 'import json,sys; v=json.load(open(sys.argv[1])).get(sys.argv[2]); print("" if v is None else v)' "$1" "$2"; }
 
 # ---- processes: every one we start is stopped on exit ------------------------------
@@ -203,7 +205,7 @@ fi
 
 # ==== 2. many stations ===============================================================
 READS=$T/reads.txt
-declare -A TP P50 P99 PMAX WALL FETCHED LATE
+declare -A TP P50 P99 PMAX WALL FETCHED LATE SCPU
 GARAGE_NOTE=
 stations_round() { # stations_round COLUMN N
     local col=$1 n=$2 k i start
@@ -225,6 +227,8 @@ stations_round() { # stations_round COLUMN N
     done
     # Every reader connects, then waits for the same instant.
     start=$(calc "$(now) + 1.5 + $n * 0.15")
+    local cpu0
+    cpu0=$(cpu_ticks "$SERVER_PID")
     for ((k = 1; k <= n; k++)); do
         $PY "$HELPER" read "$T/st$k.sock" "$READS" "$start" "$T/read$k.json" 2>"$T/read$k.err" &
         READER_PIDS+=($!)
@@ -233,6 +237,7 @@ stations_round() { # stations_round COLUMN N
         wait "${READER_PIDS[k - 1]}" || die "reader $k failed: $(tail -n 5 "$T/read$k.err")"
     done
     READER_PIDS=()
+    SCPU[$col,$n]=$(calc "($(cpu_ticks "$SERVER_PID") - $cpu0) / $TICKS")
     local outs=() fetched=0 f
     for ((k = 1; k <= n; k++)); do outs+=("$T/read$k.json"); done
     read -r _ WALL[$col,$n] TP[$col,$n] P50[$col,$n] P99[$col,$n] PMAX[$col,$n] LATE[$col,$n] \
@@ -312,7 +317,8 @@ fi
                 "$(ratio "${UP[embedded]}" "${UP[$k]}")" "$(ratio "${DOWN[embedded]}" "${DOWN[$k]}")"
         done
         echo
-        echo "(ratios are served/embedded throughput: 1.00 = as fast as the embedded bank)"
+        echo "- times are whole commands (process start included; login before, untimed); ratios are" \
+            "served/embedded throughput (1.00 = as fast as the embedded bank)"
     fi
     if ((${#COLS[@]})); then
         echo
@@ -320,14 +326,15 @@ fi
             "N \`mbank attach\` (plain HTTP, each its own empty cache) and N readers at once, each" \
             "$READ_N reads ($(human "$READ_BYTES")) of 4–64 KiB one at a time:"
         echo
-        echo "| bank | stations | total MiB/s | per station MiB/s | p50 ms | p99 ms | max ms | wall s | fetched |"
-        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        echo "| bank | stations | total MiB/s | per station MiB/s | p50 ms | p99 ms | max ms | wall s | fetched from the server | fetched MiB/s | server CPU s |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         for c in "${COLS[@]}"; do
             for n in "${STATIONS[@]}"; do
-                printf '| %s | %s | %s | %.1f | %s | %s | %s | %s | %s |\n' "$c" "$n" "${TP[$c,$n]}" \
+                printf '| %s | %s | %s | %.1f | %s | %s | %s | %s | %s | %s | %.1f |\n' "$c" "$n" "${TP[$c,$n]}" \
                     "$(calc "${TP[$c,$n]} / $n")" "${P50[$c,$n]}" "${P99[$c,$n]}" "${PMAX[$c,$n]}" \
-                    "${WALL[$c,$n]}" "$(human "${FETCHED[$c,$n]}")"
-                ((LATE[$c,$n] == 0)) || echo "|  | (${LATE[$c,$n]} reader(s) connected after the start: a late start) | | | | | | | |"
+                    "${WALL[$c,$n]}" "$(human "${FETCHED[$c,$n]}")" "$(mibps "${FETCHED[$c,$n]}" "${WALL[$c,$n]}")" \
+                    "${SCPU[$c,$n]}"
+                ((LATE[$c,$n] == 0)) || echo "|  | (${LATE[$c,$n]} reader(s) connected after the start: a late start) | | | | | | | | | |"
             done
         done
         if [[ " ${COLS[*]} " == *" garage "* ]]; then
@@ -338,6 +345,11 @@ fi
                 echo "| $n | $(ratio "${TP[garage,$n]}" "${TP[local,$n]}") | $(ratio "${P99[garage,$n]}" "${P99[local,$n]}") |"
             done
         fi
-        [[ -z $GARAGE_NOTE ]] || { echo; echo "- $GARAGE_NOTE"; }
+        echo
+        echo "- total MiB/s: what the readers read, over the time from their common start to the last" \
+            "one's end; latencies of all reads of all stations pooled; fetched: bytes_fetched summed" \
+            "over the stations' \\`attach --json\\` (64 KiB chunks: about twice what is read); server CPU:" \
+            "user + system seconds of \\`mbank serve\\` during the reads"
+        [[ -z $GARAGE_NOTE ]] || echo "- $GARAGE_NOTE"
     fi
 } | tee "$CACHE_DIR/results/bench-server.md"
