@@ -205,7 +205,7 @@ fi
 
 # ==== 2. many stations ===============================================================
 READS=$T/reads.txt
-declare -A TP P50 P99 PMAX WALL FETCHED LATE SCPU
+declare -A TP P50 P99 PMAX WALL FETCHED LATE SCPU SETUP_IMPORT SETUP_FORKS
 GARAGE_NOTE=
 stations_round() { # stations_round COLUMN N
     local col=$1 n=$2 k i start
@@ -259,13 +259,27 @@ stations_column() { # stations_column COLUMN [init args...]
     log "  $col: bank, $MAX_N users, lab/base published, one fork per user"
     "$MBANK" -q --bank "$bank" init "$@"
     for ((k = 1; k <= MAX_N; k++)); do add_user "$bank" "s$k"; done
+    local s e pids=()
+    s=$(now)
     "$MBANK" -q --bank "$bank" import lab/base "$BASE" >/dev/null
+    e=$(now)
+    SETUP_IMPORT[$col]=$(calc "$e - $s")
     "$MBANK" -q --bank "$bank" admin publish lab/base >/dev/null
     serve_start "$bank"
+    for ((k = 1; k <= MAX_N; k++)); do login "s$k"; done
+    # The forks, all at once: each asks the server which of lab/base's chunks it has
+    # (POST /v1/chunks/have), which touches every one of them in the store.
+    s=$(now)
     for ((k = 1; k <= MAX_N; k++)); do
-        login "s$k"
-        as "s$k" "$MBANK" -q --bank "$URL" create "s$k/dev" --from lab/base >/dev/null
+        XDG_CONFIG_HOME=$T/cfg/s$k "$MBANK" -q --bank "$URL" create "s$k/dev" --from lab/base >/dev/null 2>"$T/create$k.err" &
+        pids+=($!)
     done
+    for ((k = 1; k <= MAX_N; k++)); do
+        wait "${pids[k - 1]}" || die "create s$k/dev --from lab/base failed: $(tail -n 5 "$T/create$k.err")"
+    done
+    e=$(now)
+    SETUP_FORKS[$col]=$(calc "$e - $s")
+    log "  $col: import of lab/base $(printf %.1f "${SETUP_IMPORT[$col]}") s, $MAX_N forks through the server $(printf %.1f "${SETUP_FORKS[$col]}") s"
     for n in "${STATIONS[@]}"; do stations_round "$col" "$n"; done
     serve_stop
     rm -rf "$bank"
@@ -337,6 +351,11 @@ fi
                 ((LATE[$c,$n] == 0)) || echo "|  | (${LATE[$c,$n]} reader(s) connected after the start: a late start) | | | | | | | | | |"
             done
         done
+        echo
+        for c in "${COLS[@]}"; do
+            printf -- '- setup, %s: import of lab/base on the host %.1f s; %s forks (`create sK/dev --from lab/base`, all at once, through the server) %.1f s\n' \
+                "$c" "${SETUP_IMPORT[$c]}" "$MAX_N" "${SETUP_FORKS[$c]}"
+        done
         if [[ " ${COLS[*]} " == *" garage "* ]]; then
             echo
             echo "| stations | throughput Garage/local | p99 Garage/local |"
@@ -348,8 +367,8 @@ fi
         echo
         echo "- total MiB/s: what the readers read, over the time from their common start to the last" \
             "one's end; latencies of all reads of all stations pooled; fetched: bytes_fetched summed" \
-            "over the stations' \\`attach --json\\` (64 KiB chunks: about twice what is read); server CPU:" \
-            "user + system seconds of \\`mbank serve\\` during the reads"
+            'over the stations'"'"' `attach --json` (64 KiB chunks: about twice what is read); server CPU:' \
+            'user + system seconds of `mbank serve` during the reads'
         [[ -z $GARAGE_NOTE ]] || echo "- $GARAGE_NOTE"
     fi
 } | tee "$CACHE_DIR/results/bench-server.md"
