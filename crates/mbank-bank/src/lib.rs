@@ -126,8 +126,6 @@ pub enum BankError {
         location: String,
         action: &'static str,
     },
-    #[error("{url} is not a usable chunk store: {why}; the form is {STORE_URL_FORM}")]
-    BadStore { url: String, why: String },
     #[error(
         "no S3 credentials for the bank at {}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or write them to {} as two lines, key_id=... and secret=..., with mode 0600",
         bank.display(), file.display()
