@@ -127,6 +127,8 @@ pub struct Bank {
     pub path: PathBuf,
     /// Scratch space next to the bank for images and exports.
     pub scratch: PathBuf,
+    /// Environment variables set (`Some`) or removed (`None`) for every command.
+    pub env: Vec<(String, Option<String>)>,
     _tmp: Option<TempDir>,
 }
 
@@ -140,6 +142,7 @@ impl Bank {
         let b = Bank {
             path,
             scratch,
+            env: Vec::new(),
             _tmp: Some(tmp),
         };
         b.run(&["init"]).ok();
@@ -149,13 +152,19 @@ impl Bank {
 
     /// A bank at `path` (initialised by this call); scratch files go to `scratch`.
     pub fn init_at(path: &Path, scratch: &Path) -> Bank {
-        let b = Bank {
-            path: path.to_path_buf(),
-            scratch: scratch.to_path_buf(),
-            _tmp: None,
-        };
+        let b = Bank::at(path, scratch);
         b.run(&["init"]).ok();
         b
+    }
+
+    /// A bank at `path`, not initialised by this call; scratch files go to `scratch`.
+    pub fn at(path: &Path, scratch: &Path) -> Bank {
+        Bank {
+            path: path.to_path_buf(),
+            scratch: scratch.to_path_buf(),
+            env: Vec::new(),
+            _tmp: None,
+        }
     }
 
     /// A path in the scratch directory.
@@ -166,6 +175,12 @@ impl Bank {
     pub fn cmd(&self) -> Command {
         let mut c = mbank();
         c.arg("--bank").arg(&self.path);
+        for (k, v) in &self.env {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
         c
     }
 
