@@ -213,6 +213,12 @@ impl S3Store {
 
     /// Checks that the bucket answers and the credentials work (one small listing).
     pub fn check(&self) -> Result<(), StoreError> {
+        self.holds_chunks().map(|_| ())
+    }
+
+    /// Whether the bucket holds any chunk (one small listing, which also checks as
+    /// [`S3Store::check`] does). A new bank refuses a bucket that does.
+    pub fn holds_chunks(&self) -> Result<bool, StoreError> {
         let mut r = Req::new("GET", "");
         r.query = vec![
             ("list-type", "2".into()),
@@ -220,7 +226,8 @@ impl S3Store {
             ("prefix", CHUNK_PREFIX.into()),
         ];
         let reply = self.send("list", &r)?;
-        self.expect_ok("list", "", &reply)
+        self.expect_ok("list", "", &reply)?;
+        Ok(!xml_blocks(&reply.body_str(), "Contents").is_empty())
     }
 
     /// The object key of chunk `id`.

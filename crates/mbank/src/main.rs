@@ -67,7 +67,17 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a new, empty bank in the --bank directory.
-    Init,
+    Init {
+        /// Keep the chunks in an S3 bucket of their own rather than in the directory
+        /// (the catalog stays in the directory):
+        /// s3://BUCKET?endpoint=URL[,URL...]&region=REGION, e.g.
+        /// s3://mbank?endpoint=http://127.0.0.1:3900&region=garage. Give every node's
+        /// endpoint. The key comes from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, else
+        /// from DIR/s3-credentials (lines key_id=... and secret=..., mode 0600), which may
+        /// be in DIR before init; every later command reads it the same way.
+        #[arg(long, value_name = "URL")]
+        store: Option<mbank_bank::StoreSpec>,
+    },
     /// Store a disk image (raw, qcow2, vmdk, vdi, vhdx, qed) as a new version of a machine.
     ///
     /// Prints the new version's id. Only chunks the bank does not have yet are stored.
@@ -308,7 +318,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .map(str::to_string);
     if let Some(url) = &url {
         let host_only = match &cli.cmd {
-            Cmd::Init => Some("init"),
+            Cmd::Init { .. } => Some("init"),
             Cmd::Serve(_) => Some("serve"),
             Cmd::Gc { .. } => Some("gc"),
             Cmd::Verify { .. } => Some("verify"),
@@ -331,7 +341,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let bar = Bar::new(cli.quiet);
     let read_only = !matches!(
         cli.cmd,
-        Cmd::Init
+        Cmd::Init { .. }
             | Cmd::Import { .. }
             | Cmd::Gc { .. }
             | Cmd::Rm { .. }
@@ -345,9 +355,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(mbank_station::Station::default_dir);
     let cache_size = cli.cache_size.unwrap_or(mbank_station::DEFAULT_CACHE_SIZE);
-    if let Cmd::Init = cli.cmd {
-        Bank::init(&bank_dir)?;
-        say(format!("created an empty bank in {}", bank_dir.display()));
+    if let Cmd::Init { store } = &cli.cmd {
+        Bank::init_with_store(&bank_dir, store.as_ref())?;
+        say(format!(
+            "created an empty bank in {}{}",
+            bank_dir.display(),
+            store
+                .as_ref()
+                .map(|s| format!(" with its chunks in {s}"))
+                .unwrap_or_default()
+        ));
         return Ok(ExitCode::SUCCESS);
     }
     if let Cmd::Serve(args) = cli.cmd {
@@ -375,7 +392,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         None => Bank::open(&bank_dir, read_only)?,
     };
     match cli.cmd {
-        Cmd::Init
+        Cmd::Init { .. }
         | Cmd::Suspend { .. }
         | Cmd::Poweroff { .. }
         | Cmd::Serve(_)
@@ -652,6 +669,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 json_out(&s)?;
             } else {
+                println!("store               {}", s.store);
                 println!("machines            {}", s.machines);
                 println!("versions            {}", s.versions);
                 println!("logical size        {}", bytes(s.logical_bytes));
