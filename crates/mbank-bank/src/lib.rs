@@ -365,7 +365,7 @@ fn this_host() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-fn dir_is_writable(path: &Path) -> bool {
+pub(crate) fn dir_is_writable(path: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
         return false;
     };

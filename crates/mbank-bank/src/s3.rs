@@ -276,13 +276,21 @@ pub(crate) fn read_credentials_file(path: &Path) -> Result<Option<Credentials>, 
 /// request; the credentials' origin is returned for messages.
 pub(crate) fn open_store(bank: &Path, spec: &StoreSpec) -> Result<(S3Store, String), BankError> {
     let c = credentials(bank, &|k| std::env::var(k).ok())?;
-    let cfg = S3Config::new(
+    let mut cfg = S3Config::new(
         spec.endpoints.clone(),
         &spec.region,
         &spec.bucket,
         &c.key_id,
         &c.secret,
     );
+    // Every writer and every GC of this bank runs on this host (the catalog is here):
+    // lock files beside the catalog make touch and sweep exclude each other across
+    // processes, as flock on the chunk directories does for a local bank.
+    // The store makes the directory at its first lock. A bank on read-only media
+    // cannot have it, and needs none: it writes nothing.
+    if crate::dir_is_writable(bank) {
+        cfg.lock_dir = Some(bank.join("locks"));
+    }
     Ok((S3Store::new(cfg)?, c.from))
 }
 

@@ -241,13 +241,17 @@ fn bank_with_its_chunks_in_a_three_node_garage_cluster() {
     let st = bank.json(&["stats", "--json"]);
     assert_eq!(st["chunks"], 32, "{st}");
 
-    // The bank directory holds the catalog and the credentials, and no chunk.
+    // The bank directory holds the catalog, the credentials and the GC locks (empty
+    // files), and no chunk.
     let mut names: Vec<String> = fs::read_dir(&bank.path)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| !n.starts_with("catalog.db-"))
         .collect();
     names.sort();
-    assert_eq!(names, ["MBANK", "catalog.db", "s3-credentials"]);
+    assert_eq!(names, ["MBANK", "catalog.db", "locks", "s3-credentials"]);
+    for lock in fs::read_dir(bank.path.join("locks")).unwrap() {
+        assert_eq!(lock.unwrap().metadata().unwrap().len(), 0);
+    }
     phase("done");
 }
