@@ -4,6 +4,8 @@
 //! garbage) go through curl.
 
 mod common;
+#[path = "common/garage.rs"]
+mod garage;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -57,11 +59,40 @@ fn openssl(args: &[&str], dir: &Path) {
 
 impl Served {
     fn start() -> Served {
+        Served::start_on(None)
+    }
+
+    /// A served bank whose chunks are in `cluster`'s bucket, when given.
+    fn start_on(cluster: Option<&garage::Cluster>) -> Served {
         need(&["openssl", "curl"]);
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
         let bank_dir = root.join("bank");
-        mbank_run(&[OsStr("--bank"), bank_dir.as_os_str(), OsStr("init")]).ok();
+        match cluster {
+            None => {
+                mbank_run(&[OsStr("--bank"), bank_dir.as_os_str(), OsStr("init")]).ok();
+            }
+            Some(c) => {
+                // The key in the bank's credentials file (0600), so that the server
+                // needs nothing in its environment.
+                use std::os::unix::fs::PermissionsExt;
+                fs::create_dir(&bank_dir).unwrap();
+                let creds = bank_dir.join("s3-credentials");
+                fs::write(
+                    &creds,
+                    format!("key_id={}\nsecret={}\n", c.key_id(), c.secret()),
+                )
+                .unwrap();
+                fs::set_permissions(&creds, fs::Permissions::from_mode(0o600)).unwrap();
+                let mut cmd = mbank();
+                cmd.env_remove("AWS_ACCESS_KEY_ID")
+                    .env_remove("AWS_SECRET_ACCESS_KEY");
+                cmd.arg("--bank")
+                    .arg(&bank_dir)
+                    .args(["init", "--store", &c.store_url()]);
+                run_cmd(cmd).ok();
+            }
+        }
         // A test CA and a server certificate for 127.0.0.1 signed by it.
         openssl(
             &[
@@ -945,4 +976,111 @@ fn a_station_rides_out_a_bank_restart_and_gc_verify_run_while_serving() {
         &want,
         "alice/dev after gc",
     );
+}
+
+/// The served bank with its chunks in a three-node Garage cluster: import and export
+/// over HTTPS; one node stopped, reads and writes go on; the bank restarted while a
+/// station reads and writes: the station waits, its user sees no error, nothing is lost.
+#[test]
+fn served_bank_on_a_three_node_garage_cluster() {
+    need(&["qemu-io", "qemu-img"]);
+    let cluster = garage::Cluster::start();
+    let mut s = Served::start_on(Some(&cluster));
+    let alice = s.login("alice");
+    let bob = s.login("bob");
+    let img = image(12 * MIB, &[(0, 5 * MIB), (8 * MIB, 9 * MIB)], 21);
+    let p = write_img(&alice, &img);
+    alice.import("alice/dev", &p, &[]);
+    assert_same_bytes(
+        &export_bytes(&alice, "alice/dev"),
+        &img,
+        "export from Garage over HTTPS",
+    );
+    assert!(
+        mbank_store::ChunkStore::stats(&cluster.store())
+            .unwrap()
+            .chunks
+            > 0,
+        "the chunks are in the bucket"
+    );
+    assert_eq!(s.chunk_count(), 0, "and not in the bank directory");
+
+    // One node down: reads and writes go on (replication 3, write quorum 2).
+    cluster.stop_node(2);
+    let img_b = image(6 * MIB, &[(0, 6 * MIB)], 22);
+    let pb = write_img(&bob, &img_b);
+    bob.import("bob/dev", &pb, &[]);
+    assert_same_bytes(
+        &export_bytes(&bob, "bob/dev"),
+        &img_b,
+        "bob's export with a node down",
+    );
+    assert_same_bytes(
+        &export_bytes(&alice, "alice/dev"),
+        &img,
+        "alice's export with a node down",
+    );
+    cluster.start_node(2);
+
+    // The bank restarted under a station that reads and writes.
+    let cache = s.root.join("cache-garage");
+    let mut a = alice.attach(&cache, "alice/dev", &[]);
+    s.kill();
+    let patch = random_bytes(64 * KIB, 23);
+    let pf = alice.file("patch.bin");
+    fs::write(&pf, &patch).unwrap();
+    let copy = alice.file("read.raw");
+    let io = std::thread::spawn({
+        let (pf, copy, uri) = (pf.clone(), copy.clone(), a.uri());
+        move || {
+            let r1 = tool(
+                "qemu-img",
+                &[
+                    "convert",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "raw",
+                    &uri,
+                    &copy.display().to_string(),
+                ],
+            );
+            let r2 = tool(
+                "qemu-io",
+                &[
+                    "-f".to_string(),
+                    "raw".into(),
+                    "-c".into(),
+                    format!("write -s {} {} {}", pf.display(), MIB, 64 * KIB),
+                    "-c".into(),
+                    "flush".into(),
+                    uri,
+                ],
+            );
+            (r1, r2)
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    s.spawn();
+    let (r1, r2) = io.join().unwrap();
+    assert!(r1.success(), "the read through the restart:\n{r1}");
+    assert!(
+        r2.success() && !r2.stdout.contains("failed"),
+        "the write:\n{r2}"
+    );
+    assert_same_bytes(
+        &fs::read(&copy).unwrap(),
+        &img,
+        "what the station read across the restart",
+    );
+    let done = a.stop();
+    assert!(done.success(), "check-in after the restart:\n{done}");
+    let mut want = img.clone();
+    want[MIB..MIB + 64 * KIB].copy_from_slice(&patch);
+    assert_same_bytes(
+        &export_bytes(&alice, "alice/dev"),
+        &want,
+        "the checked-in disk",
+    );
+    s.local(&["verify", "--json"]).ok();
 }
