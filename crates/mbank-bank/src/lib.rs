@@ -684,6 +684,22 @@ impl Bank {
         }
     }
 
+    /// Every chunk some version's disk or stream names (a walk over every index, on
+    /// the bank's host).
+    pub fn referenced_chunks(&self) -> Result<std::collections::HashSet<ChunkId>, BankError> {
+        let catalog = self.local_catalog("listing the referenced chunks")?;
+        let mut seen = std::collections::HashSet::new();
+        catalog.for_each_index(None, |_, idx| {
+            seen.extend(idx?.chunks.iter().flatten().copied());
+            Ok(())
+        })?;
+        catalog.for_each_stream(None, |_, _, idx| {
+            seen.extend(idx?.runs.iter().filter_map(|r| r.id));
+            Ok(())
+        })?;
+        Ok(seen)
+    }
+
     /// Totals over the bank.
     pub fn stats(&self) -> Result<BankStats, BankError> {
         let catalog = self.local_catalog("stats")?;

@@ -597,8 +597,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Gc { json } => {
             let r = bank.gc(&bar)?;
+            // A served bank: who may read a chunk that is gone is forgotten, so that
+            // quotas count what is still stored.
+            let pruned = if bank_dir.join(mbank_access::FILE_NAME).is_file() {
+                let referenced = bank.referenced_chunks()?;
+                let access = mbank_access::Access::open(&bank_dir)?;
+                let store = bank.store();
+                access.prune(&|id| {
+                    referenced.contains(id)
+                        || !matches!(store.get_raw(id), Err(mbank_store::StoreError::Missing(_)))
+                })?
+            } else {
+                0
+            };
             if json {
-                json_out(&r)?;
+                let mut v = serde_json::to_value(&r)?;
+                v["access_rows_pruned"] = pruned.into();
+                json_out(&v)?;
+            }
+            if pruned > 0 {
+                say(format!(
+                    "gc: forgot {pruned} users' rights to chunks that are gone"
+                ));
             }
             say(format!(
                 "gc: {} chunks referenced by {} versions; deleted {} chunks ({}) and {} temp files; \

@@ -882,6 +882,29 @@ fn garbage_oversized_and_path_tricks_get_4xx_and_the_server_keeps_serving() {
             .stderr
             .contains("no machine")
     );
+    // The chunks it sent before the quota stopped it count until the administrator's
+    // gc deletes them (nothing references them); then the space is hers again.
+    let age_and_gc = || {
+        Bank::at(&s.bank_dir, &s.root).age_chunks();
+        let gc = s.local(&["gc", "--json"]).ok().json();
+        assert!(gc["access_rows_pruned"].as_u64().unwrap() > 0, "{gc}");
+    };
+    age_and_gc();
+    // Under the quota it works; after rm and gc, a second image as large fits.
+    let small = write_img(&carol, &image(640 * KIB, &[(0, 640 * KIB)], 9));
+    carol
+        .run(&["-q", "import", "carol/small", &small.display().to_string()])
+        .ok();
+    let other = write_img(&carol, &image(640 * KIB, &[(0, 640 * KIB)], 10));
+    carol
+        .run(&["import", "carol/other", &other.display().to_string()])
+        .failed()
+        .stderr_has(&["quota"]);
+    carol.run(&["rm", "carol/small"]).ok();
+    age_and_gc();
+    carol
+        .run(&["-q", "import", "carol/other", &other.display().to_string()])
+        .ok();
 }
 
 #[test]
