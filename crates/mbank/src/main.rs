@@ -47,7 +47,8 @@ struct Cli {
     /// (https://HOST:PORT; log in first with `mbank login`).
     #[arg(long, global = true, env = "MBANK_BANK", value_name = "DIR|URL")]
     bank: Option<PathBuf>,
-    /// Worker threads for hashing, compression and I/O [default: one per core].
+    /// Worker threads for hashing, compression and I/O [default: one per core; at
+    /// least 8 for a bank server].
     #[arg(long, short = 'j', global = true, value_name = "N")]
     jobs: Option<usize>,
     /// No progress bars or summaries on standard error.
@@ -297,7 +298,20 @@ fn json_out<T: serde::Serialize>(v: &T) -> Result<()> {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let jobs = cli.jobs.unwrap_or_else(mbank_bank::default_jobs).max(1);
+    // A bank server is reached over the network: more requests in flight than cores
+    // hide its latency.
+    let remote = cli
+        .bank
+        .as_deref()
+        .and_then(|b| b.to_str())
+        .is_some_and(mbank_remote::is_url);
+    let jobs = cli
+        .jobs
+        .unwrap_or_else(|| {
+            let n = mbank_bank::default_jobs();
+            if remote { n.max(8) } else { n }
+        })
+        .max(1);
     let say = |s: String| {
         if !cli.quiet {
             eprintln!("{s}");
