@@ -916,67 +916,7 @@ fn a_station_rides_out_a_bank_restart_and_gc_verify_run_while_serving() {
     let p = write_img(&alice, &img);
     alice.import("alice/dev", &p, &[]);
     let cache = s.root.join("cache");
-    let mut a = alice.attach(&cache, "alice/dev", &[]);
-
-    // The bank goes away; the station's reads of chunks it has not fetched wait for it.
-    s.kill();
-    let patch = random_bytes(64 * KIB, 12);
-    let pf = alice.file("patch.bin");
-    fs::write(&pf, &patch).unwrap();
-    let copy = alice.file("read.raw");
-    let uri = a.uri();
-    let io = std::thread::spawn({
-        let (pf, copy, uri) = (pf.clone(), copy.clone(), uri.clone());
-        move || {
-            let r1 = tool(
-                "qemu-img",
-                &[
-                    "convert",
-                    "-f",
-                    "raw",
-                    "-O",
-                    "raw",
-                    &uri,
-                    &copy.display().to_string(),
-                ],
-            );
-            let r2 = tool(
-                "qemu-io",
-                &[
-                    "-f".to_string(),
-                    "raw".into(),
-                    "-c".into(),
-                    format!("write -s {} {} {}", pf.display(), 3 * MIB, 64 * KIB),
-                    "-c".into(),
-                    "flush".into(),
-                    uri,
-                ],
-            );
-            (r1, r2)
-        }
-    });
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    s.spawn();
-    let (r1, r2) = io.join().unwrap();
-    assert!(r1.success(), "the read through the restart:\n{r1}");
-    assert!(
-        r2.success() && !r2.stdout.contains("failed"),
-        "the write:\n{r2}"
-    );
-    assert_same_bytes(
-        &fs::read(&copy).unwrap(),
-        &img,
-        "what the station read across the restart",
-    );
-    let done = a.stop();
-    assert!(done.success(), "check-in after the restart:\n{done}");
-    let mut want = img.clone();
-    want[3 * MIB..3 * MIB + 64 * KIB].copy_from_slice(&patch);
-    assert_same_bytes(
-        &export_bytes(&alice, "alice/dev"),
-        &want,
-        "the checked-in disk",
-    );
+    let want = restart_under_a_station(&mut s, &alice, &img, &cache, 3 * MIB);
 
     // gc and verify on the bank's host while the server serves an import.
     let img2 = image(8 * MIB, &[(0, 8 * MIB)], 13);
@@ -1047,12 +987,27 @@ fn served_bank_on_a_three_node_garage_cluster() {
 
     // The bank restarted under a station that reads and writes.
     let cache = s.root.join("cache-garage");
-    let mut a = alice.attach(&cache, "alice/dev", &[]);
+    restart_under_a_station(&mut s, &alice, &img, &cache, MIB);
+    s.local(&["verify", "--json"]).ok();
+}
+
+/// Attaches alice/dev (whose disk is `img`) with an empty cache, kills the server, reads
+/// the whole disk and writes 64 KiB at `at` through NBD while it is away, starts it
+/// again: the station waits and its clients see no error. Checks in and checks the
+/// export; returns the disk as it should now be.
+fn restart_under_a_station(
+    s: &mut Served,
+    alice: &Bank,
+    img: &[u8],
+    cache: &Path,
+    at: usize,
+) -> Vec<u8> {
+    let mut a = alice.attach(cache, "alice/dev", &[]);
     s.kill();
-    let patch = random_bytes(64 * KIB, 23);
-    let pf = alice.file("patch.bin");
+    let patch = random_bytes(64 * KIB, at as u64);
+    let pf = alice.file(&format!("patch-{}.bin", unique()));
     fs::write(&pf, &patch).unwrap();
-    let copy = alice.file("read.raw");
+    let copy = alice.file(&format!("read-{}.raw", unique()));
     let io = std::thread::spawn({
         let (pf, copy, uri) = (pf.clone(), copy.clone(), a.uri());
         move || {
@@ -1074,7 +1029,7 @@ fn served_bank_on_a_three_node_garage_cluster() {
                     "-f".to_string(),
                     "raw".into(),
                     "-c".into(),
-                    format!("write -s {} {} {}", pf.display(), MIB, 64 * KIB),
+                    format!("write -s {} {at} {}", pf.display(), 64 * KIB),
                     "-c".into(),
                     "flush".into(),
                     uri,
@@ -1093,17 +1048,17 @@ fn served_bank_on_a_three_node_garage_cluster() {
     );
     assert_same_bytes(
         &fs::read(&copy).unwrap(),
-        &img,
+        img,
         "what the station read across the restart",
     );
     let done = a.stop();
     assert!(done.success(), "check-in after the restart:\n{done}");
-    let mut want = img.clone();
-    want[MIB..MIB + 64 * KIB].copy_from_slice(&patch);
+    let mut want = img.to_vec();
+    want[at..at + 64 * KIB].copy_from_slice(&patch);
     assert_same_bytes(
-        &export_bytes(&alice, "alice/dev"),
+        &export_bytes(alice, "alice/dev"),
         &want,
         "the checked-in disk",
     );
-    s.local(&["verify", "--json"]).ok();
+    want
 }
