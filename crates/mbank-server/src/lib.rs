@@ -801,12 +801,7 @@ async fn writer_heartbeat(
     headers: HeaderMap,
     Path(id): Path<i64>,
 ) -> Result<Response, ApiError> {
-    authed(&app, &headers, move |app, user| {
-        own_writer(app, user, id)?;
-        app.catalog(|c| Ok(c.heartbeat(id)?))?;
-        Ok(StatusCode::NO_CONTENT.into_response())
-    })
-    .await
+    on_writer(&app, &headers, id, |c, id| Ok(c.heartbeat(id)?)).await
 }
 
 async fn unregister_writer(
@@ -814,9 +809,19 @@ async fn unregister_writer(
     headers: HeaderMap,
     Path(id): Path<i64>,
 ) -> Result<Response, ApiError> {
-    authed(&app, &headers, move |app, user| {
+    on_writer(&app, &headers, id, |c, id| Ok(c.unregister_writer(id)?)).await
+}
+
+/// Runs `f` on writer `id` if it is the user's (else: no such writer).
+async fn on_writer(
+    app: &Shared,
+    headers: &HeaderMap,
+    id: i64,
+    f: impl FnOnce(&mut Catalog, i64) -> Result<(), ApiError> + Send + 'static,
+) -> Result<Response, ApiError> {
+    authed(app, headers, move |app, user| {
         own_writer(app, user, id)?;
-        app.catalog(|c| Ok(c.unregister_writer(id)?))?;
+        app.catalog(|c| f(c, id))?;
         Ok(StatusCode::NO_CONTENT.into_response())
     })
     .await

@@ -424,22 +424,15 @@ fn two_users_full_flows_over_https() {
     assert_eq!(log.len(), 1);
     assert_eq!(log[0]["version"], ra["version"]);
     assert_eq!(bob.log("bob/dev")[0]["version"], rb["version"]);
-    let ls: Vec<String> = alice
-        .json(&["ls", "--json"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["machine"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(ls, vec!["alice/dev".to_string()]);
-    let ls: Vec<String> = bob
-        .json(&["ls", "--json"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["machine"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(ls, vec!["bob/dev".to_string()]);
+    let names = |b: &Bank| -> Vec<String> {
+        let v = b.json(&["ls", "--json"]);
+        let names = v.as_array().unwrap().iter();
+        names
+            .map(|m| m["machine"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(&alice), ["alice/dev"]);
+    assert_eq!(names(&bob), ["bob/dev"]);
 
     // attach over HTTP with a real NBD client: write, read back, check in.
     let cache = s.root.join("cache-alice");
