@@ -76,14 +76,11 @@ impl Bank {
                 let idx = self.catalog.disk_index(v)?;
                 // The chunks must outlive a removal of `v` racing with this commit:
                 // touching them puts them after the GC cutoff this writer holds.
-                for id in idx.chunks.iter().flatten() {
-                    self.touch_existing(id, v)?;
-                }
+                let mut ids: Vec<ChunkId> = idx.chunks.iter().flatten().copied().collect();
                 for (_, s) in &new.streams {
-                    for id in s.runs.iter().filter_map(|r| r.id.as_ref()) {
-                        self.touch_existing(id, v)?;
-                    }
+                    ids.extend(s.runs.iter().filter_map(|r| r.id));
                 }
+                self.touch_existing(&ids, v)?;
                 (
                     format!("create from {}@{}", v.machine, v.id.to_hex()),
                     idx,
@@ -116,16 +113,20 @@ impl Bank {
         self.write_version(new.machine, source, writer, opts, progress)
     }
 
-    fn touch_existing(&self, id: &ChunkId, v: &VersionInfo) -> Result<(), BankError> {
-        if self.store.touch(id)? {
-            Ok(())
-        } else {
-            Err(BankError::Damaged {
-                machine: v.machine.clone(),
-                version: v.id,
-                source: Box::new(StoreError::Missing(*id)),
-            })
+    /// Touches `ids` (in batches: one request each to a bank server); an absent one
+    /// means `v` is damaged.
+    fn touch_existing(&self, ids: &[ChunkId], v: &VersionInfo) -> Result<(), BankError> {
+        for batch in ids.chunks(1024) {
+            let have = self.store.touch_many(batch)?;
+            if let Some((id, _)) = batch.iter().zip(have).find(|(_, h)| !h) {
+                return Err(BankError::Damaged {
+                    machine: v.machine.clone(),
+                    version: v.id,
+                    source: Box::new(StoreError::Missing(*id)),
+                });
+            }
         }
+        Ok(())
     }
 
     /// `idx` grown to `size` bytes with zeros. A partial last chunk that holds data is

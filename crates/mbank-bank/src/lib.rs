@@ -1,18 +1,24 @@
 //! # mbank-bank
 //!
-//! A bank on local disk, opened in-process: a [`LocalStore`] of chunks plus a
-//! [`Catalog`] of machines and versions, and the operations users run on them:
+//! A bank opened in-process: a chunk store (a [`LocalStore`] in the bank directory, or
+//! an [`S3Store`](mbank_store::S3Store) bucket that the `MBANK` marker names, see
+//! [`StoreSpec`]) plus a [`Catalog`] of machines and versions, always in the bank
+//! directory, and the operations users run on them:
 //! [`Bank::import`], [`Bank::export`], [`Bank::verify`], [`Bank::gc`], [`Bank::remove`],
 //! and the memory-stream API ([`Bank::store_stream`], [`Bank::restore_stream`]).
 //!
 //! ## Directory
 //!
 //! ```text
-//! <bank>/MBANK        marker: magic line, format version, bank id (docs/formats.md)
-//! <bank>/catalog.db   the catalog (mbank-catalog)
-//! <bank>/chunks/…     the chunk store (mbank-store)
-//! <bank>/corrupt/…    damaged chunks moved aside
+//! <bank>/MBANK           marker: magic line, format version, bank id, store (docs/formats.md)
+//! <bank>/catalog.db      the catalog (mbank-catalog)
+//! <bank>/chunks/…        the chunk store (mbank-store), when the bank keeps its chunks here
+//! <bank>/corrupt/…       damaged chunks moved aside (the same)
+//! <bank>/s3-credentials  the S3 key, when the chunks are in a bucket (mode 0600; optional)
 //! ```
+//!
+//! The catalog stays local even when the chunks are in S3: it alone moves heads and
+//! records sessions, by compare-and-swap in SQLite (Garage ignores conditional PUTs).
 //!
 //! ## Order of a write (DESIGN invariants 1, 2 and 5)
 //!
@@ -35,6 +41,7 @@ mod create;
 mod export;
 pub mod image;
 mod import;
+mod s3;
 mod stream;
 mod verify;
 
@@ -42,6 +49,7 @@ pub use create::{DiskFrom, NewMachine};
 pub use export::ExportReport;
 pub use image::ImageFormat;
 pub use import::{ChunkItem, ImportOptions, ImportReport, VersionSource};
+pub use s3::{CREDENTIALS_FILE, STORE_URL_FORM, StoreSpec};
 pub use stream::StreamStats;
 pub use verify::{DamagedChunk, DamagedIndex, GcReport, VerifyReport};
 
@@ -57,8 +65,11 @@ use serde::Serialize;
 
 /// First line of the `MBANK` marker file.
 pub const MARKER_MAGIC: &str = "MBANK-BANK";
-/// Bank directory format version written by this code.
-pub const MARKER_VERSION: u32 = 1;
+/// The newest bank directory format version this code reads and writes. `init` writes
+/// version 1 for a bank that keeps its chunks in its directory (so older mbank opens
+/// it) and version 2 for one whose marker has a `store` line (so older mbank, which
+/// would ignore the line and look for chunks in the directory, refuses it).
+pub const MARKER_VERSION: u32 = 2;
 const MARKER_MAX_LEN: u64 = 4096;
 
 /// Everything that can go wrong in a bank operation. Messages name the action, the
@@ -115,6 +126,29 @@ pub enum BankError {
         location: String,
         action: &'static str,
     },
+    #[error(
+        "no S3 credentials for the bank at {}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or write them to {} as two lines, key_id=... and secret=..., with mode 0600",
+        bank.display(), file.display()
+    )]
+    NoCredentials { bank: PathBuf, file: PathBuf },
+    #[error(
+        "{} may be read or written by group or others (mode {mode:04o}) and holds an S3 secret: run `chmod 600 {}`",
+        path.display(), path.display()
+    )]
+    CredentialsExposed { path: PathBuf, mode: u32 },
+    #[error("cannot use the S3 credentials from {from}: {why}")]
+    BadCredentials { from: String, why: String },
+    #[error("cannot reach the bank's chunk store {url}: {source}; {advice}")]
+    StoreUnreachable {
+        url: String,
+        advice: String,
+        #[source]
+        source: Box<StoreError>,
+    },
+    #[error(
+        "bucket {bucket} (at {endpoints}) already holds chunks, perhaps another bank's: a bank's gc deletes every chunk its own catalog does not reference, so each bank needs a bucket of its own; give an empty bucket"
+    )]
+    BucketInUse { bucket: String, endpoints: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -214,6 +248,8 @@ pub struct BankStats {
     pub chunks_referenced: u64,
     /// logical_nonzero_bytes / bytes_stored.
     pub dedup_ratio: f64,
+    /// Where the chunks are: `local` (the bank directory) or the store URL.
+    pub store: String,
 }
 
 /// A version as `log` shows it.
@@ -261,8 +297,66 @@ pub struct Bank {
     /// The bank's directory, when it is on this machine.
     root: Option<PathBuf>,
     store: Arc<dyn ChunkStore>,
+    /// The store the marker names; `None` for chunks in the bank directory (or a bank
+    /// server's).
+    store_spec: Option<StoreSpec>,
     catalog: Box<dyn CatalogApi>,
     read_only: bool,
+}
+
+/// What the `MBANK` marker says.
+#[derive(Debug, PartialEq, Eq)]
+struct Marker {
+    version: u32,
+    store: Option<StoreSpec>,
+}
+
+/// Parses the marker's text (docs/formats.md); the error says what is wrong.
+fn parse_marker(text: &str) -> Result<Marker, String> {
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or("");
+    let version = first
+        .strip_prefix(MARKER_MAGIC)
+        .and_then(|v| v.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .ok_or_else(|| {
+            format!("first line is {first:?}, expected \"{MARKER_MAGIC} N\" (N a format version)")
+        })?;
+    if !(1..=MARKER_VERSION).contains(&version) {
+        return Err(format!(
+            "bank format version {version}; this mbank knows 1 to {MARKER_VERSION}"
+        ));
+    }
+    let mut store = None;
+    for line in lines {
+        let (key, value) = line.split_once(' ').unwrap_or((line, ""));
+        if key != "store" {
+            continue; // unknown lines are ignored
+        }
+        if version < 2 {
+            return Err("a store line needs bank format version 2".into());
+        }
+        if store.is_some() {
+            return Err("it has two store lines".into());
+        }
+        let spec = StoreSpec::parse(value.trim())
+            .map_err(|why| format!("store {}: {why}", value.trim()))?;
+        store = Some(spec);
+    }
+    Ok(Marker { version, store })
+}
+
+/// The marker of a new bank.
+fn marker_text(id: &VersionId, created_ms: i64, store: Option<&StoreSpec>) -> String {
+    let version = if store.is_some() { 2 } else { 1 };
+    let mut body = format!(
+        "{MARKER_MAGIC} {version}\nid {}\ncreated_ms {created_ms}\n",
+        id.to_hex()
+    );
+    if let Some(s) = store {
+        body.push_str(&format!("store {s}\n"));
+    }
+    body
 }
 
 fn this_host() -> String {
@@ -271,7 +365,7 @@ fn this_host() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-fn dir_is_writable(path: &Path) -> bool {
+pub(crate) fn dir_is_writable(path: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
         return false;
     };
@@ -280,16 +374,27 @@ fn dir_is_writable(path: &Path) -> bool {
 }
 
 impl Bank {
-    /// Creates a new bank in `path` (which may exist if it is empty).
+    /// Creates a new bank in `path` (which may exist if it is empty) that keeps its
+    /// chunks in the directory.
     pub fn init(path: &Path) -> Result<Bank, BankError> {
+        Bank::init_with_store(path, None)
+    }
+
+    /// Creates a new bank in `path` (which may exist if it is empty) with its chunks in
+    /// `store`, or in the directory when `None`. With a store, the directory may already
+    /// hold the credentials file, and the bucket must answer and hold no chunks yet.
+    pub fn init_with_store(path: &Path, store: Option<&StoreSpec>) -> Result<Bank, BankError> {
         if path.join("MBANK").exists() {
             return Err(BankError::AlreadyABank { path: path.into() });
         }
         if path.exists() {
-            let mut entries =
+            let entries =
                 fs::read_dir(path).map_err(|e| BankError::io("read directory", path, e))?;
-            if entries.next().is_some() {
-                return Err(BankError::NotEmpty { path: path.into() });
+            for e in entries {
+                let e = e.map_err(|e| BankError::io("read directory", path, e))?;
+                if !(store.is_some() && e.file_name() == CREDENTIALS_FILE) {
+                    return Err(BankError::NotEmpty { path: path.into() });
+                }
             }
         }
         fs::create_dir_all(path).map_err(|e| match e.raw_os_error() {
@@ -305,16 +410,27 @@ impl Bank {
                 action: "create a bank in it",
             });
         }
-        LocalStore::create(path)?;
+        match store {
+            None => drop(LocalStore::create(path)?),
+            Some(spec) => {
+                let (s3, creds_from) = s3::open_store(path, spec)?;
+                match s3.holds_chunks() {
+                    Err(e) => return Err(s3::unreachable(spec, &creds_from, e)),
+                    Ok(true) => {
+                        return Err(BankError::BucketInUse {
+                            bucket: spec.bucket.clone(),
+                            endpoints: spec.endpoints.join(", "),
+                        });
+                    }
+                    Ok(false) => {}
+                }
+            }
+        }
         drop(Catalog::open(&path.join("catalog.db"), true, false)?);
         // The marker goes last: a directory without it is not (yet) a bank.
         let marker = path.join("MBANK");
         let tmp = path.join(".MBANK.tmp");
-        let body = format!(
-            "{MARKER_MAGIC} {MARKER_VERSION}\nid {}\ncreated_ms {}\n",
-            VersionId::random().to_hex(),
-            mbank_catalog::now_ms()
-        );
+        let body = marker_text(&VersionId::random(), mbank_catalog::now_ms(), store);
         let write = || -> std::io::Result<()> {
             let mut f = fs::File::create(&tmp)?;
             f.write_all(body.as_bytes())?;
@@ -343,29 +459,25 @@ impl Bank {
             Ok(_) => fs::read_to_string(&marker)
                 .map_err(|e| BankError::io("read the bank marker", &marker, e))?,
         };
-        let first = text.lines().next().unwrap_or("");
-        let version = first
-            .strip_prefix(MARKER_MAGIC)
-            .and_then(|v| v.trim().parse::<u32>().ok())
-            .ok_or_else(|| BankError::BadMarker {
-                path: marker.clone(),
-                why: format!(
-                    "first line is {first:?}, expected \"{MARKER_MAGIC} {MARKER_VERSION}\""
-                ),
-            })?;
-        if version != MARKER_VERSION {
-            return Err(BankError::BadMarker {
-                path: marker,
-                why: format!("bank format version {version}; this mbank knows {MARKER_VERSION}"),
-            });
-        }
+        let parsed = parse_marker(&text).map_err(|why| BankError::BadMarker {
+            path: marker.clone(),
+            why,
+        })?;
         if !read_only && !dir_is_writable(path) {
             return Err(BankError::ReadOnly {
                 path: path.into(),
                 action: "write to it",
             });
         }
-        let store = LocalStore::open(path)?;
+        let store: Arc<dyn ChunkStore> = match &parsed.store {
+            None => Arc::new(LocalStore::open(path)?),
+            Some(spec) => {
+                let (s3, creds_from) = s3::open_store(path, spec)?;
+                s3.check()
+                    .map_err(|e| s3::unreachable(spec, &creds_from, e))?;
+                Arc::new(s3)
+            }
+        };
         // Read-only commands still open the catalog for writing when they can, so that
         // SQLite can roll back a journal left by a process killed mid-transaction
         // (a read-only connection cannot, and would refuse to read).
@@ -378,7 +490,8 @@ impl Bank {
         Ok(Bank {
             location,
             root: Some(path.into()),
-            store: Arc::new(store),
+            store,
+            store_spec: parsed.store,
             catalog: Box::new(catalog),
             read_only,
         })
@@ -395,6 +508,7 @@ impl Bank {
             location,
             root: None,
             store,
+            store_spec: None,
             catalog,
             read_only: false,
         }
@@ -412,6 +526,12 @@ impl Bank {
 
     pub fn store(&self) -> &dyn ChunkStore {
         &*self.store
+    }
+
+    /// The store the bank's marker names; `None` when the chunks are in the bank
+    /// directory (or the bank is a server's).
+    pub fn store_spec(&self) -> Option<&StoreSpec> {
+        self.store_spec.as_ref()
     }
 
     /// The store, shareable with threads that outlive a borrow (a station's fetches).
@@ -443,7 +563,9 @@ impl Bank {
         Ok(Catalog::open(&root.join("catalog.db"), false, read_only)?)
     }
 
-    /// Where a chunk's file lives in a local bank (for messages and tests).
+    /// Where a chunk's file lives in a bank that keeps its chunks in its directory (for
+    /// messages and tests). Meaningless for a bank whose chunks are in S3
+    /// ([`Bank::store_spec`] is `Some`) or on a server: no file has that name there.
     pub fn chunk_path(&self, id: &ChunkId) -> PathBuf {
         LocalStore::chunk_path_in(self.root.as_deref().unwrap_or(Path::new("")), id)
     }
@@ -562,6 +684,22 @@ impl Bank {
         }
     }
 
+    /// Every chunk some version's disk or stream names (a walk over every index, on
+    /// the bank's host).
+    pub fn referenced_chunks(&self) -> Result<std::collections::HashSet<ChunkId>, BankError> {
+        let catalog = self.local_catalog("listing the referenced chunks")?;
+        let mut seen = std::collections::HashSet::new();
+        catalog.for_each_index(None, |_, idx| {
+            seen.extend(idx?.chunks.iter().flatten().copied());
+            Ok(())
+        })?;
+        catalog.for_each_stream(None, |_, _, idx| {
+            seen.extend(idx?.runs.iter().filter_map(|r| r.id));
+            Ok(())
+        })?;
+        Ok(seen)
+    }
+
     /// Totals over the bank.
     pub fn stats(&self) -> Result<BankStats, BankError> {
         let catalog = self.local_catalog("stats")?;
@@ -570,6 +708,10 @@ impl Bank {
             chunks: store.chunks,
             bytes_stored: store.bytes,
             machines: self.catalog.machines()?.len() as u64,
+            store: self
+                .store_spec
+                .as_ref()
+                .map_or_else(|| "local".to_string(), |s| s.to_string()),
             ..Default::default()
         };
         let mut seen = std::collections::HashSet::new();
@@ -602,4 +744,132 @@ impl Bank {
 /// Number of worker threads to use when the caller does not say.
 pub fn default_jobs() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GARAGE: &str =
+        "s3://mbank?endpoint=http://127.0.0.1:3900,http://127.0.0.1:3901&region=garage";
+
+    #[test]
+    fn marker_round_trips_with_and_without_a_store() {
+        let id = VersionId::random();
+        let local = marker_text(&id, 17, None);
+        assert!(local.starts_with("MBANK-BANK 1\n"), "{local}");
+        assert_eq!(
+            parse_marker(&local).unwrap(),
+            Marker {
+                version: 1,
+                store: None
+            }
+        );
+        let spec = StoreSpec::parse(GARAGE).unwrap();
+        let s3 = marker_text(&id, 17, Some(&spec));
+        assert!(s3.starts_with("MBANK-BANK 2\n"), "{s3}");
+        assert!(s3.ends_with(&format!("\nstore {GARAGE}\n")), "{s3}");
+        assert_eq!(
+            parse_marker(&s3).unwrap(),
+            Marker {
+                version: 2,
+                store: Some(spec)
+            }
+        );
+        assert!(s3.len() as u64 <= MARKER_MAX_LEN);
+    }
+
+    #[test]
+    fn marker_lines_older_readers_know() {
+        // A version-1 marker as every mbank so far wrote it, with an unknown line.
+        let m = parse_marker("MBANK-BANK 1\nid 00\ncreated_ms 1\nfuture thing\n").unwrap();
+        assert_eq!(m.store, None);
+        // Version 2 without a store line is a bank with local chunks.
+        assert_eq!(parse_marker("MBANK-BANK 2\nid 00\n").unwrap().store, None);
+    }
+
+    #[test]
+    fn bad_markers_are_refused_with_a_reason() {
+        let cases = [
+            ("", "first line"),
+            ("MBANK-BANK\n", "first line"),
+            ("MBANK-BANKX 1\n", "first line"),
+            ("MBANK-STATION 1\n", "first line"),
+            ("MBANK-BANK 0\n", "version 0"),
+            ("MBANK-BANK 3\n", "version 3"),
+            (
+                "MBANK-BANK 1\nstore s3://mbank?endpoint=http://h&region=r\n",
+                "needs bank format version 2",
+            ),
+            (
+                "MBANK-BANK 2\nstore s3://mbank?endpoint=http://h&region=r\nstore s3://other?endpoint=http://h&region=r\n",
+                "two store lines",
+            ),
+            ("MBANK-BANK 2\nstore s3://mbank?region=r\n", "no endpoint"),
+            ("MBANK-BANK 2\nstore /some/dir\n", "s3://"),
+            ("MBANK-BANK 2\nstore\n", "s3://"),
+        ];
+        for (text, needle) in cases {
+            let e = parse_marker(text).unwrap_err();
+            assert!(e.contains(needle), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn init_and_open_a_local_bank_write_version_1() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("bank");
+        let bank = Bank::init(&path).unwrap();
+        assert!(bank.store_spec().is_none());
+        assert_eq!(bank.stats().unwrap().store, "local");
+        let text = fs::read_to_string(path.join("MBANK")).unwrap();
+        assert!(text.starts_with("MBANK-BANK 1\n"), "{text}");
+        assert!(!text.contains("store"), "{text}");
+    }
+
+    #[test]
+    fn init_with_a_store_refuses_a_directory_with_other_files() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("notes"), "x").unwrap();
+        let spec = StoreSpec::parse(GARAGE).unwrap();
+        let e = Bank::init_with_store(d.path(), Some(&spec)).err().unwrap();
+        assert!(matches!(e, BankError::NotEmpty { .. }), "{e}");
+        // A local bank may not have a credentials file in the way either.
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join(CREDENTIALS_FILE), "x").unwrap();
+        let e = Bank::init(d.path()).err().unwrap();
+        assert!(matches!(e, BankError::NotEmpty { .. }), "{e}");
+    }
+
+    #[test]
+    fn open_refuses_an_exposed_credentials_file_before_any_request() {
+        // The endpoint is never contacted: the permission check comes first. (The
+        // process environment must not hold AWS credentials for this to reach the
+        // file; the test is skipped in that case.)
+        if std::env::var_os("AWS_ACCESS_KEY_ID").is_some()
+            || std::env::var_os("AWS_SECRET_ACCESS_KEY").is_some()
+        {
+            eprintln!("AWS_* credentials set in the environment; not testing the file");
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path();
+        drop(Catalog::open(&path.join("catalog.db"), true, false).unwrap());
+        let spec =
+            StoreSpec::parse("s3://mbank?endpoint=http://127.0.0.1:9&region=garage").unwrap();
+        fs::write(
+            path.join("MBANK"),
+            marker_text(&VersionId::random(), 1, Some(&spec)),
+        )
+        .unwrap();
+        let creds = path.join(CREDENTIALS_FILE);
+        fs::write(&creds, "key_id=a\nsecret=b\n").unwrap();
+        fs::set_permissions(&creds, fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Bank::open(path, true).err().unwrap();
+        assert!(matches!(e, BankError::CredentialsExposed { .. }), "{e}");
+        fs::remove_file(&creds).unwrap();
+        let e = Bank::open(path, true).err().unwrap();
+        assert!(matches!(e, BankError::NoCredentials { .. }), "{e}");
+    }
 }

@@ -142,6 +142,34 @@ async fn authed<R: Send + 'static>(
     .map_err(|e| ApiError::internal(format!("the request's worker failed: {e}")))?
 }
 
+/// What a request does to a machine.
+#[derive(Clone, Copy)]
+enum Need {
+    Read,
+    Write,
+}
+
+/// Runs `f` on machine `{u}/{n}` after authentication, if the user may see it (else the
+/// answer for a machine that does not exist) and, for `Write`, write it.
+async fn on_machine<R: Send + 'static>(
+    app: &Shared,
+    headers: &HeaderMap,
+    u: &str,
+    n: &str,
+    need: Need,
+    f: impl FnOnce(&App, &User, &MachineName) -> Result<R, ApiError> + Send + 'static,
+) -> Result<R, ApiError> {
+    let m = machine_name(u, n)?;
+    authed(app, headers, move |app, user| {
+        app.readable_machine(user, &m)?;
+        if let Need::Write = need {
+            app.writable_machine(user, &m)?;
+        }
+        f(app, user, &m)
+    })
+    .await
+}
+
 fn bearer(headers: &HeaderMap) -> Option<String> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let t = v.strip_prefix("Bearer ")?.trim();
@@ -417,10 +445,8 @@ async fn machine(
     headers: HeaderMap,
     Path((u, n)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let m = machine_name(&u, &n)?;
-    authed(&app, &headers, move |app, user| {
-        app.readable_machine(user, &m)?;
-        match app.catalog(|c| Ok(c.machine(&m)?))? {
+    on_machine(&app, &headers, &u, &n, Need::Read, |app, _, m| {
+        match app.catalog(|c| Ok(c.machine(m)?))? {
             Some(info) => Ok(json(&info)),
             None => Err(ApiError::no_machine(m.as_str())),
         }
@@ -433,13 +459,11 @@ async fn versions(
     headers: HeaderMap,
     Path((u, n)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let m = machine_name(&u, &n)?;
-    authed(&app, &headers, move |app, user| {
-        app.readable_machine(user, &m)?;
-        if app.catalog(|c| Ok(c.machine(&m)?))?.is_none() {
+    on_machine(&app, &headers, &u, &n, Need::Read, |app, _, m| {
+        if app.catalog(|c| Ok(c.machine(m)?))?.is_none() {
             return Err(ApiError::no_machine(m.as_str()));
         }
-        Ok(json(&app.catalog(|c| Ok(c.versions(&m)?))?))
+        Ok(json(&app.catalog(|c| Ok(c.versions(m)?))?))
     })
     .await
 }
@@ -455,12 +479,10 @@ async fn resolve(
     Path((u, n)): Path<(String, String)>,
     q: Result<Query<VersionQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let m = machine_name(&u, &n)?;
     let Query(q) = q.map_err(|e| ApiError::bad_request(e.to_string()))?;
-    authed(&app, &headers, move |app, user| {
-        app.readable_machine(user, &m)?;
+    on_machine(&app, &headers, &u, &n, Need::Read, move |app, _, m| {
         Ok(json(
-            &app.catalog(|c| Ok(c.resolve(&m, q.version.as_deref())?))?,
+            &app.catalog(|c| Ok(c.resolve(m, q.version.as_deref())?))?,
         ))
     })
     .await
@@ -643,12 +665,9 @@ async fn remove_machine(
     headers: HeaderMap,
     Path((u, n)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let m = machine_name(&u, &n)?;
-    authed(&app, &headers, move |app, user| {
-        app.readable_machine(user, &m)?;
-        app.writable_machine(user, &m)?;
-        check_not_in_use(app, &m, None)?;
-        let removed = app.catalog(|c| Ok(c.remove_machine(&m)?))?;
+    on_machine(&app, &headers, &u, &n, Need::Write, |app, _, m| {
+        check_not_in_use(app, m, None)?;
+        let removed = app.catalog(|c| Ok(c.remove_machine(m)?))?;
         Ok(json(&wire::Removed { removed }))
     })
     .await
@@ -659,10 +678,8 @@ async fn lease(
     headers: HeaderMap,
     Path((u, n)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let m = machine_name(&u, &n)?;
-    authed(&app, &headers, move |app, user| {
-        app.readable_machine(user, &m)?;
-        Ok(json(&app.catalog(|c| Ok(c.lease(&m)?))?))
+    on_machine(&app, &headers, &u, &n, Need::Read, |app, _, m| {
+        Ok(json(&app.catalog(|c| Ok(c.lease(m)?))?))
     })
     .await
 }
@@ -673,11 +690,8 @@ async fn take_lease(
     Path((u, n)): Path<(String, String)>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let m = machine_name(&u, &n)?;
     let req: wire::LeaseRequest = parse_json(&body(b)?)?;
-    authed(&app, &headers, move |app, user| {
-        app.readable_machine(user, &m)?;
-        app.writable_machine(user, &m)?;
+    on_machine(&app, &headers, &u, &n, Need::Write, move |app, _, m| {
         if req.lease.machine != m.as_str() {
             return Err(ApiError::bad_request(format!(
                 "the lease is for {} but was sent to {m}",
@@ -712,12 +726,9 @@ async fn release_lease(
     Path((u, n)): Path<(String, String)>,
     q: Result<Query<SessionQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let m = machine_name(&u, &n)?;
     let Query(q) = q.map_err(|e| ApiError::bad_request(e.to_string()))?;
-    authed(&app, &headers, move |app, user| {
-        app.readable_machine(user, &m)?;
-        app.writable_machine(user, &m)?;
-        let released = app.catalog(|c| Ok(c.release_lease(&m, &q.session)?))?;
+    on_machine(&app, &headers, &u, &n, Need::Write, move |app, _, m| {
+        let released = app.catalog(|c| Ok(c.release_lease(m, &q.session)?))?;
         Ok(json(&wire::Released { released }))
     })
     .await
@@ -729,12 +740,9 @@ async fn lease_heartbeat(
     Path((u, n)): Path<(String, String)>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let m = machine_name(&u, &n)?;
     let req: wire::SessionBody = parse_json(&body(b)?)?;
-    authed(&app, &headers, move |app, user| {
-        app.readable_machine(user, &m)?;
-        app.writable_machine(user, &m)?;
-        let held = app.catalog(|c| Ok(c.heartbeat_lease(&m, &req.session)?))?;
+    on_machine(&app, &headers, &u, &n, Need::Write, move |app, _, m| {
+        let held = app.catalog(|c| Ok(c.heartbeat_lease(m, &req.session)?))?;
         Ok(json(&wire::Held { held }))
     })
     .await
@@ -745,10 +753,8 @@ async fn sessions(
     headers: HeaderMap,
     Path((u, n)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let m = machine_name(&u, &n)?;
-    authed(&app, &headers, move |app, user| {
-        app.readable_machine(user, &m)?;
-        Ok(json(&app.catalog(|c| Ok(c.session_bases(&m)?))?))
+    on_machine(&app, &headers, &u, &n, Need::Read, |app, _, m| {
+        Ok(json(&app.catalog(|c| Ok(c.session_bases(m)?))?))
     })
     .await
 }
@@ -795,12 +801,7 @@ async fn writer_heartbeat(
     headers: HeaderMap,
     Path(id): Path<i64>,
 ) -> Result<Response, ApiError> {
-    authed(&app, &headers, move |app, user| {
-        own_writer(app, user, id)?;
-        app.catalog(|c| Ok(c.heartbeat(id)?))?;
-        Ok(StatusCode::NO_CONTENT.into_response())
-    })
-    .await
+    on_writer(&app, &headers, id, |c, id| Ok(c.heartbeat(id)?)).await
 }
 
 async fn unregister_writer(
@@ -808,9 +809,19 @@ async fn unregister_writer(
     headers: HeaderMap,
     Path(id): Path<i64>,
 ) -> Result<Response, ApiError> {
-    authed(&app, &headers, move |app, user| {
+    on_writer(&app, &headers, id, |c, id| Ok(c.unregister_writer(id)?)).await
+}
+
+/// Runs `f` on writer `id` if it is the user's (else: no such writer).
+async fn on_writer(
+    app: &Shared,
+    headers: &HeaderMap,
+    id: i64,
+    f: impl FnOnce(&mut Catalog, i64) -> Result<(), ApiError> + Send + 'static,
+) -> Result<Response, ApiError> {
+    authed(app, headers, move |app, user| {
         own_writer(app, user, id)?;
-        app.catalog(|c| Ok(c.unregister_writer(id)?))?;
+        app.catalog(|c| f(c, id))?;
         Ok(StatusCode::NO_CONTENT.into_response())
     })
     .await

@@ -147,6 +147,44 @@ impl StoreError {
     }
 }
 
+/// Opens `path` (a directory, or a lock file created if missing) and takes a shared or
+/// exclusive `flock` on it, held until the returned file is closed. Touch (shared)
+/// against sweep (exclusive) across processes; see the GC scheme above.
+pub(crate) fn flock_path(
+    path: &std::path::Path,
+    create: bool,
+    exclusive: bool,
+) -> Result<std::fs::File, StoreError> {
+    use std::os::fd::AsRawFd;
+    let f = if create {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+    } else {
+        std::fs::File::open(path)
+    }
+    .map_err(|e| StoreError::io("open lock", path, e))?;
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    loop {
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        let r = unsafe { libc::flock(f.as_raw_fd(), op) };
+        if r == 0 {
+            return Ok(f);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(StoreError::io("lock", path, e));
+        }
+    }
+}
+
 /// What one GC sweep did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SweepStats {

@@ -91,24 +91,7 @@ impl LocalStore {
     }
 
     fn lock_fanout(&self, fanout: u8, exclusive: bool) -> Result<File, StoreError> {
-        let dir = self.fanout_dir(fanout);
-        let f = File::open(&dir).map_err(|e| StoreError::io("open directory", &dir, e))?;
-        let op = if exclusive {
-            libc::LOCK_EX
-        } else {
-            libc::LOCK_SH
-        };
-        loop {
-            // SAFETY: flock on a file descriptor we own; no memory is involved.
-            let r = unsafe { libc::flock(f.as_raw_fd(), op) };
-            if r == 0 {
-                return Ok(f);
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(StoreError::io("lock directory", &dir, e));
-            }
-        }
+        crate::flock_path(&self.fanout_dir(fanout), false, exclusive)
     }
 
     fn flush_pending(&self, pending: Pending) -> Result<(), StoreError> {

@@ -49,12 +49,14 @@
 //! again under that prefix's lock (below), and what still qualifies is deleted.
 //!
 //! What the local store gets from `flock` (a touch and a sweep of the same fan-out
-//! directory never interleave) we get from one lock per fan-out prefix **inside this
-//! `S3Store`**: `touch` holds it shared, `sweep` exclusive. That covers every writer and
-//! GC that go through one `S3Store`, which is the intended deployment: the bank server
-//! is the only client of its bucket. Two processes running a writer and a GC on one
-//! bucket are *not* protected against a touch landing between the listing and the
-//! delete; S3 offers no conditional delete to close that gap.
+//! directory never interleave) we get from one lock per fan-out prefix: `touch` holds
+//! it shared, `sweep` exclusive. Inside one `S3Store` it is an `RwLock`; across
+//! processes it is also an `flock` on `lock_dir/<ab>.lock` when [`S3Config::lock_dir`]
+//! is set, which a bank sets to `<bank>/locks`: every writer and GC of a bank runs on
+//! the bank's host (its catalog is there), so the server, `mbank gc` and local imports
+//! exclude each other. Without a lock directory, two processes running a writer and a
+//! GC on one bucket are *not* protected against a touch landing between the listing
+//! and the delete; S3 offers no conditional delete to close that gap.
 //!
 //! Timestamps come from the Garage nodes' clocks and the cutoff from the bank's: keep
 //! them synchronised (NTP); the scheme's 1 s margin covers small skew.
@@ -118,6 +120,10 @@ pub struct S3Config {
     pub retry: Retry,
     /// Longest time one request may take, connecting included.
     pub request_timeout: Duration,
+    /// A local directory for one lock file per fan-out prefix, so that touches and
+    /// sweeps exclude each other across processes on this host (the bank's host: the
+    /// server, `mbank gc`, imports). `None`: within this process only.
+    pub lock_dir: Option<PathBuf>,
 }
 
 impl S3Config {
@@ -140,6 +146,7 @@ impl S3Config {
             secret_access_key: secret_access_key.into(),
             retry: Retry::default(),
             request_timeout: Duration::from_secs(60),
+            lock_dir: None,
         }
     }
 }
@@ -213,6 +220,12 @@ impl S3Store {
 
     /// Checks that the bucket answers and the credentials work (one small listing).
     pub fn check(&self) -> Result<(), StoreError> {
+        self.holds_chunks().map(|_| ())
+    }
+
+    /// Whether the bucket holds any chunk (one small listing, which also checks as
+    /// [`S3Store::check`] does). A new bank refuses a bucket that does.
+    pub fn holds_chunks(&self) -> Result<bool, StoreError> {
         let mut r = Req::new("GET", "");
         r.query = vec![
             ("list-type", "2".into()),
@@ -220,10 +233,24 @@ impl S3Store {
             ("prefix", CHUNK_PREFIX.into()),
         ];
         let reply = self.send("list", &r)?;
-        self.expect_ok("list", "", &reply)
+        self.expect_ok("list", "", &reply)?;
+        Ok(!xml_blocks(&reply.body_str(), "Contents").is_empty())
     }
 
     /// The object key of chunk `id`.
+    /// The cross-process lock of one fan-out prefix, when the store has a lock
+    /// directory (held until dropped).
+    fn lock_file(&self, fanout: u8, exclusive: bool) -> Result<Option<std::fs::File>, StoreError> {
+        let Some(d) = &self.cfg.lock_dir else {
+            return Ok(None);
+        };
+        if !d.is_dir() {
+            std::fs::create_dir_all(d)
+                .map_err(|e| StoreError::io("create the lock directory", d, e))?;
+        }
+        crate::flock_path(&d.join(format!("{fanout:02x}.lock")), true, exclusive).map(Some)
+    }
+
     pub fn chunk_key(id: &ChunkId) -> String {
         format!("{CHUNK_PREFIX}{:02x}/{}", id.fanout(), id.to_hex())
     }
@@ -497,6 +524,7 @@ impl ChunkStore for S3Store {
         let _shared = self.fanout_locks[usize::from(id.fanout())]
             .read()
             .expect("fan-out lock poisoned");
+        let _shared_file = self.lock_file(id.fanout(), false)?;
         let key = Self::chunk_key(id);
         self.copy("touch chunk", &key, &key)
     }
@@ -555,6 +583,7 @@ impl ChunkStore for S3Store {
             let _exclusive = self.fanout_locks[fanout]
                 .write()
                 .expect("fan-out lock poisoned");
+            let _exclusive_file = self.lock_file(fanout as u8, true)?;
             let mut doomed = Vec::new();
             self.list(&format!("{CHUNK_PREFIX}{fanout:02x}/"), &mut |o| {
                 if let Some(id) = chunk_of_key(&o.key) {

@@ -47,7 +47,8 @@ struct Cli {
     /// (https://HOST:PORT; log in first with `mbank login`).
     #[arg(long, global = true, env = "MBANK_BANK", value_name = "DIR|URL")]
     bank: Option<PathBuf>,
-    /// Worker threads for hashing, compression and I/O [default: one per core].
+    /// Worker threads for hashing, compression and I/O [default: one per core; at
+    /// least 8 for a bank server].
     #[arg(long, short = 'j', global = true, value_name = "N")]
     jobs: Option<usize>,
     /// No progress bars or summaries on standard error.
@@ -67,7 +68,17 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a new, empty bank in the --bank directory.
-    Init,
+    Init {
+        /// Keep the chunks in an S3 bucket of their own rather than in the directory
+        /// (the catalog stays in the directory):
+        /// s3://BUCKET?endpoint=URL[,URL...]&region=REGION, e.g.
+        /// s3://mbank?endpoint=http://127.0.0.1:3900&region=garage. Give every node's
+        /// endpoint. The key comes from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, else
+        /// from DIR/s3-credentials (lines key_id=... and secret=..., mode 0600), which may
+        /// be in DIR before init; every later command reads it the same way.
+        #[arg(long, value_name = "URL")]
+        store: Option<mbank_bank::StoreSpec>,
+    },
     /// Store a disk image (raw, qcow2, vmdk, vdi, vhdx, qed) as a new version of a machine.
     ///
     /// Prints the new version's id. Only chunks the bank does not have yet are stored.
@@ -287,7 +298,20 @@ fn json_out<T: serde::Serialize>(v: &T) -> Result<()> {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let jobs = cli.jobs.unwrap_or_else(mbank_bank::default_jobs).max(1);
+    // A bank server is reached over the network: more requests in flight than cores
+    // hide its latency.
+    let remote = cli
+        .bank
+        .as_deref()
+        .and_then(|b| b.to_str())
+        .is_some_and(mbank_remote::is_url);
+    let jobs = cli
+        .jobs
+        .unwrap_or_else(|| {
+            let n = mbank_bank::default_jobs();
+            if remote { n.max(8) } else { n }
+        })
+        .max(1);
     let say = |s: String| {
         if !cli.quiet {
             eprintln!("{s}");
@@ -308,7 +332,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .map(str::to_string);
     if let Some(url) = &url {
         let host_only = match &cli.cmd {
-            Cmd::Init => Some("init"),
+            Cmd::Init { .. } => Some("init"),
             Cmd::Serve(_) => Some("serve"),
             Cmd::Gc { .. } => Some("gc"),
             Cmd::Verify { .. } => Some("verify"),
@@ -331,7 +355,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let bar = Bar::new(cli.quiet);
     let read_only = !matches!(
         cli.cmd,
-        Cmd::Init
+        Cmd::Init { .. }
             | Cmd::Import { .. }
             | Cmd::Gc { .. }
             | Cmd::Rm { .. }
@@ -345,9 +369,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(mbank_station::Station::default_dir);
     let cache_size = cli.cache_size.unwrap_or(mbank_station::DEFAULT_CACHE_SIZE);
-    if let Cmd::Init = cli.cmd {
-        Bank::init(&bank_dir)?;
-        say(format!("created an empty bank in {}", bank_dir.display()));
+    if let Cmd::Init { store } = &cli.cmd {
+        Bank::init_with_store(&bank_dir, store.as_ref())?;
+        say(format!(
+            "created an empty bank in {}{}",
+            bank_dir.display(),
+            store
+                .as_ref()
+                .map(|s| format!(" with its chunks in {s}"))
+                .unwrap_or_default()
+        ));
         return Ok(ExitCode::SUCCESS);
     }
     if let Cmd::Serve(args) = cli.cmd {
@@ -375,7 +406,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         None => Bank::open(&bank_dir, read_only)?,
     };
     match cli.cmd {
-        Cmd::Init
+        Cmd::Init { .. }
         | Cmd::Suspend { .. }
         | Cmd::Poweroff { .. }
         | Cmd::Serve(_)
@@ -580,8 +611,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Gc { json } => {
             let r = bank.gc(&bar)?;
+            // A served bank: who may read a chunk that is gone is forgotten, so that
+            // quotas count what is still stored.
+            let pruned = if bank_dir.join(mbank_access::FILE_NAME).is_file() {
+                let referenced = bank.referenced_chunks()?;
+                let access = mbank_access::Access::open(&bank_dir)?;
+                let store = bank.store();
+                access.prune(&|id| {
+                    referenced.contains(id)
+                        || !matches!(store.get_raw(id), Err(mbank_store::StoreError::Missing(_)))
+                })?
+            } else {
+                0
+            };
             if json {
-                json_out(&r)?;
+                let mut v = serde_json::to_value(&r)?;
+                v["access_rows_pruned"] = pruned.into();
+                json_out(&v)?;
+            }
+            if pruned > 0 {
+                say(format!(
+                    "gc: forgot {pruned} users' rights to chunks that are gone"
+                ));
             }
             say(format!(
                 "gc: {} chunks referenced by {} versions; deleted {} chunks ({}) and {} temp files; \
@@ -652,6 +703,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 json_out(&s)?;
             } else {
+                println!("store               {}", s.store);
                 println!("machines            {}", s.machines);
                 println!("versions            {}", s.versions);
                 println!("logical size        {}", bytes(s.logical_bytes));

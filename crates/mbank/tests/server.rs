@@ -4,6 +4,8 @@
 //! garbage) go through curl.
 
 mod common;
+#[path = "common/garage.rs"]
+mod garage;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -57,11 +59,40 @@ fn openssl(args: &[&str], dir: &Path) {
 
 impl Served {
     fn start() -> Served {
+        Served::start_on(None)
+    }
+
+    /// A served bank whose chunks are in `cluster`'s bucket, when given.
+    fn start_on(cluster: Option<&garage::Cluster>) -> Served {
         need(&["openssl", "curl"]);
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
         let bank_dir = root.join("bank");
-        mbank_run(&[OsStr("--bank"), bank_dir.as_os_str(), OsStr("init")]).ok();
+        match cluster {
+            None => {
+                mbank_run(&[OsStr("--bank"), bank_dir.as_os_str(), OsStr("init")]).ok();
+            }
+            Some(c) => {
+                // The key in the bank's credentials file (0600), so that the server
+                // needs nothing in its environment.
+                use std::os::unix::fs::PermissionsExt;
+                fs::create_dir(&bank_dir).unwrap();
+                let creds = bank_dir.join("s3-credentials");
+                fs::write(
+                    &creds,
+                    format!("key_id={}\nsecret={}\n", c.key_id(), c.secret()),
+                )
+                .unwrap();
+                fs::set_permissions(&creds, fs::Permissions::from_mode(0o600)).unwrap();
+                let mut cmd = mbank();
+                cmd.env_remove("AWS_ACCESS_KEY_ID")
+                    .env_remove("AWS_SECRET_ACCESS_KEY");
+                cmd.arg("--bank")
+                    .arg(&bank_dir)
+                    .args(["init", "--store", &c.store_url()]);
+                run_cmd(cmd).ok();
+            }
+        }
         // A test CA and a server certificate for 127.0.0.1 signed by it.
         openssl(
             &[
@@ -393,22 +424,15 @@ fn two_users_full_flows_over_https() {
     assert_eq!(log.len(), 1);
     assert_eq!(log[0]["version"], ra["version"]);
     assert_eq!(bob.log("bob/dev")[0]["version"], rb["version"]);
-    let ls: Vec<String> = alice
-        .json(&["ls", "--json"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["machine"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(ls, vec!["alice/dev".to_string()]);
-    let ls: Vec<String> = bob
-        .json(&["ls", "--json"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["machine"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(ls, vec!["bob/dev".to_string()]);
+    let names = |b: &Bank| -> Vec<String> {
+        let v = b.json(&["ls", "--json"]);
+        let names = v.as_array().unwrap().iter();
+        names
+            .map(|m| m["machine"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(&alice), ["alice/dev"]);
+    assert_eq!(names(&bob), ["bob/dev"]);
 
     // attach over HTTP with a real NBD client: write, read back, check in.
     let cache = s.root.join("cache-alice");
@@ -851,6 +875,29 @@ fn garbage_oversized_and_path_tricks_get_4xx_and_the_server_keeps_serving() {
             .stderr
             .contains("no machine")
     );
+    // The chunks it sent before the quota stopped it count until the administrator's
+    // gc deletes them (nothing references them); then the space is hers again.
+    let age_and_gc = || {
+        Bank::at(&s.bank_dir, &s.root).age_chunks();
+        let gc = s.local(&["gc", "--json"]).ok().json();
+        assert!(gc["access_rows_pruned"].as_u64().unwrap() > 0, "{gc}");
+    };
+    age_and_gc();
+    // Under the quota it works; after rm and gc, a second image as large fits.
+    let small = write_img(&carol, &image(640 * KIB, &[(0, 640 * KIB)], 9));
+    carol
+        .run(&["-q", "import", "carol/small", &small.display().to_string()])
+        .ok();
+    let other = write_img(&carol, &image(640 * KIB, &[(0, 640 * KIB)], 10));
+    carol
+        .run(&["import", "carol/other", &other.display().to_string()])
+        .failed()
+        .stderr_has(&["quota"]);
+    carol.run(&["rm", "carol/small"]).ok();
+    age_and_gc();
+    carol
+        .run(&["-q", "import", "carol/other", &other.display().to_string()])
+        .ok();
 }
 
 #[test]
@@ -862,67 +909,7 @@ fn a_station_rides_out_a_bank_restart_and_gc_verify_run_while_serving() {
     let p = write_img(&alice, &img);
     alice.import("alice/dev", &p, &[]);
     let cache = s.root.join("cache");
-    let mut a = alice.attach(&cache, "alice/dev", &[]);
-
-    // The bank goes away; the station's reads of chunks it has not fetched wait for it.
-    s.kill();
-    let patch = random_bytes(64 * KIB, 12);
-    let pf = alice.file("patch.bin");
-    fs::write(&pf, &patch).unwrap();
-    let copy = alice.file("read.raw");
-    let uri = a.uri();
-    let io = std::thread::spawn({
-        let (pf, copy, uri) = (pf.clone(), copy.clone(), uri.clone());
-        move || {
-            let r1 = tool(
-                "qemu-img",
-                &[
-                    "convert",
-                    "-f",
-                    "raw",
-                    "-O",
-                    "raw",
-                    &uri,
-                    &copy.display().to_string(),
-                ],
-            );
-            let r2 = tool(
-                "qemu-io",
-                &[
-                    "-f".to_string(),
-                    "raw".into(),
-                    "-c".into(),
-                    format!("write -s {} {} {}", pf.display(), 3 * MIB, 64 * KIB),
-                    "-c".into(),
-                    "flush".into(),
-                    uri,
-                ],
-            );
-            (r1, r2)
-        }
-    });
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    s.spawn();
-    let (r1, r2) = io.join().unwrap();
-    assert!(r1.success(), "the read through the restart:\n{r1}");
-    assert!(
-        r2.success() && !r2.stdout.contains("failed"),
-        "the write:\n{r2}"
-    );
-    assert_same_bytes(
-        &fs::read(&copy).unwrap(),
-        &img,
-        "what the station read across the restart",
-    );
-    let done = a.stop();
-    assert!(done.success(), "check-in after the restart:\n{done}");
-    let mut want = img.clone();
-    want[3 * MIB..3 * MIB + 64 * KIB].copy_from_slice(&patch);
-    assert_same_bytes(
-        &export_bytes(&alice, "alice/dev"),
-        &want,
-        "the checked-in disk",
-    );
+    let want = restart_under_a_station(&mut s, &alice, &img, &cache, 3 * MIB);
 
     // gc and verify on the bank's host while the server serves an import.
     let img2 = image(8 * MIB, &[(0, 8 * MIB)], 13);
@@ -945,4 +932,126 @@ fn a_station_rides_out_a_bank_restart_and_gc_verify_run_while_serving() {
         &want,
         "alice/dev after gc",
     );
+}
+
+/// The served bank with its chunks in a three-node Garage cluster: import and export
+/// over HTTPS; one node stopped, reads and writes go on; the bank restarted while a
+/// station reads and writes: the station waits, its user sees no error, nothing is lost.
+#[test]
+fn served_bank_on_a_three_node_garage_cluster() {
+    need(&["qemu-io", "qemu-img"]);
+    let cluster = garage::Cluster::start();
+    let mut s = Served::start_on(Some(&cluster));
+    let alice = s.login("alice");
+    let bob = s.login("bob");
+    let img = image(12 * MIB, &[(0, 5 * MIB), (8 * MIB, 9 * MIB)], 21);
+    let p = write_img(&alice, &img);
+    alice.import("alice/dev", &p, &[]);
+    assert_same_bytes(
+        &export_bytes(&alice, "alice/dev"),
+        &img,
+        "export from Garage over HTTPS",
+    );
+    assert!(
+        mbank_store::ChunkStore::stats(&cluster.store())
+            .unwrap()
+            .chunks
+            > 0,
+        "the chunks are in the bucket"
+    );
+    assert_eq!(s.chunk_count(), 0, "and not in the bank directory");
+
+    // One node down: reads and writes go on (replication 3, write quorum 2).
+    cluster.stop_node(2);
+    let img_b = image(6 * MIB, &[(0, 6 * MIB)], 22);
+    let pb = write_img(&bob, &img_b);
+    bob.import("bob/dev", &pb, &[]);
+    assert_same_bytes(
+        &export_bytes(&bob, "bob/dev"),
+        &img_b,
+        "bob's export with a node down",
+    );
+    assert_same_bytes(
+        &export_bytes(&alice, "alice/dev"),
+        &img,
+        "alice's export with a node down",
+    );
+    cluster.start_node(2);
+
+    // The bank restarted under a station that reads and writes.
+    let cache = s.root.join("cache-garage");
+    restart_under_a_station(&mut s, &alice, &img, &cache, MIB);
+    s.local(&["verify", "--json"]).ok();
+}
+
+/// Attaches alice/dev (whose disk is `img`) with an empty cache, kills the server, reads
+/// the whole disk and writes 64 KiB at `at` through NBD while it is away, starts it
+/// again: the station waits and its clients see no error. Checks in and checks the
+/// export; returns the disk as it should now be.
+fn restart_under_a_station(
+    s: &mut Served,
+    alice: &Bank,
+    img: &[u8],
+    cache: &Path,
+    at: usize,
+) -> Vec<u8> {
+    let mut a = alice.attach(cache, "alice/dev", &[]);
+    s.kill();
+    let patch = random_bytes(64 * KIB, at as u64);
+    let pf = alice.file(&format!("patch-{}.bin", unique()));
+    fs::write(&pf, &patch).unwrap();
+    let copy = alice.file(&format!("read-{}.raw", unique()));
+    let io = std::thread::spawn({
+        let (pf, copy, uri) = (pf.clone(), copy.clone(), a.uri());
+        move || {
+            let r1 = tool(
+                "qemu-img",
+                &[
+                    "convert",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "raw",
+                    &uri,
+                    &copy.display().to_string(),
+                ],
+            );
+            let r2 = tool(
+                "qemu-io",
+                &[
+                    "-f".to_string(),
+                    "raw".into(),
+                    "-c".into(),
+                    format!("write -s {} {at} {}", pf.display(), 64 * KIB),
+                    "-c".into(),
+                    "flush".into(),
+                    uri,
+                ],
+            );
+            (r1, r2)
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    s.spawn();
+    let (r1, r2) = io.join().unwrap();
+    assert!(r1.success(), "the read through the restart:\n{r1}");
+    assert!(
+        r2.success() && !r2.stdout.contains("failed"),
+        "the write:\n{r2}"
+    );
+    assert_same_bytes(
+        &fs::read(&copy).unwrap(),
+        img,
+        "what the station read across the restart",
+    );
+    let done = a.stop();
+    assert!(done.success(), "check-in after the restart:\n{done}");
+    let mut want = img.to_vec();
+    want[at..at + 64 * KIB].copy_from_slice(&patch);
+    assert_same_bytes(
+        &export_bytes(alice, "alice/dev"),
+        &want,
+        "the checked-in disk",
+    );
+    want
 }

@@ -763,3 +763,105 @@ fn a_suspend_that_finds_the_bank_disk_full_fails_and_the_machine_keeps_running()
     assert_eq!(bank.head("alice/dev").as_deref(), Some(v.as_str()));
     bank.verify_ok();
 }
+
+/// A bank served by `mbank serve` (plain HTTP on loopback), with user alice logged in;
+/// the server is killed when dropped.
+struct ServedBank {
+    _tmp: tempfile::TempDir,
+    server: Child,
+    client: Bank,
+}
+
+impl Drop for ServedBank {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+fn served_bank() -> ServedBank {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("bank");
+    let local = Bank::at(&dir, tmp.path());
+    local.run(&["init"]).ok();
+    let with_password = |mut c: std::process::Command| {
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"alice-password\n")
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let mut add = local.cmd();
+    add.args(["admin", "user", "add", "alice", "--password-stdin"]);
+    with_password(add);
+    let mut serve = local.cmd();
+    serve
+        .args(["-q", "serve", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped());
+    let mut server = serve.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("serve said {line:?}"))
+        .to_string();
+    let config = tmp.path().join("config");
+    let mut login = common::mbank();
+    login.env("XDG_CONFIG_HOME", &config).args([
+        "login",
+        &url,
+        "--user",
+        "alice",
+        "--password-stdin",
+    ]);
+    with_password(login);
+    let client = Bank::remote(&url, &tmp.path().join("scratch"), &config);
+    ServedBank {
+        _tmp: tmp,
+        server,
+        client,
+    }
+}
+
+/// `create`, `run`, `suspend` and a resume on another station, all with `--bank URL`.
+#[test]
+fn a_virtual_pc_suspends_and_resumes_through_the_bank_server() {
+    let served = served_bank();
+    let bank = &served.client;
+    let (a, b) = (bank.file("cacheA"), bank.file("cacheB"));
+    create_machine(bank, "alice/dev");
+    let mut run_a = start(bank, &a, "alice/dev", &["--append", "mbank.job=counter"]);
+    run_a.wait_for("MBANK-COUNTER 3\n");
+    let suspended = suspend(bank, &a, "alice/dev");
+    let (ok, report) = run_a.wait();
+    assert!(ok, "{}", run_a.stderr());
+    assert_eq!(report.unwrap()["ending"], "suspend");
+    let last_a = *run_a.counters().last().unwrap();
+    let log = bank.log("alice/dev");
+    assert_eq!(log[0]["version"], suspended.as_str());
+    assert_eq!(log[0]["suspended"], true);
+
+    let mut run_b = start(bank, &b, "alice/dev", &[]);
+    run_b.wait_for(&format!("MBANK-COUNTER {}\n", last_a + 2));
+    let first_b = run_b.counters()[0];
+    assert!(
+        first_b > last_a - 1 && first_b <= last_a + 2,
+        "A stopped at {last_a}, B started at {first_b}"
+    );
+    let again = suspend(bank, &b, "alice/dev");
+    let (ok, report) = run_b.wait();
+    assert!(ok, "{}", run_b.stderr());
+    assert_eq!(report.unwrap()["resumed"], true);
+    assert_eq!(bank.log("alice/dev")[0]["version"], again.as_str());
+}

@@ -127,8 +127,8 @@ pub struct Bank {
     pub path: PathBuf,
     /// Scratch space next to the bank for images and exports.
     pub scratch: PathBuf,
-    /// Environment for every command (a bank server's client: its credentials).
-    pub env: Vec<(String, PathBuf)>,
+    /// Environment variables set (`Some`) or removed (`None`) for every command.
+    pub env: Vec<(String, Option<String>)>,
     _tmp: Option<TempDir>,
 }
 
@@ -152,14 +152,19 @@ impl Bank {
 
     /// A bank at `path` (initialised by this call); scratch files go to `scratch`.
     pub fn init_at(path: &Path, scratch: &Path) -> Bank {
-        let b = Bank {
+        let b = Bank::at(path, scratch);
+        b.run(&["init"]).ok();
+        b
+    }
+
+    /// A bank at `path`, not initialised by this call; scratch files go to `scratch`.
+    pub fn at(path: &Path, scratch: &Path) -> Bank {
+        Bank {
             path: path.to_path_buf(),
             scratch: scratch.to_path_buf(),
             env: Vec::new(),
             _tmp: None,
-        };
-        b.run(&["init"]).ok();
-        b
+        }
     }
 
     /// A path in the scratch directory.
@@ -174,7 +179,7 @@ impl Bank {
         Bank {
             path: PathBuf::from(url),
             scratch: scratch.to_path_buf(),
-            env: vec![("XDG_CONFIG_HOME".into(), config.to_path_buf())],
+            env: vec![("XDG_CONFIG_HOME".into(), Some(config.display().to_string()))],
             _tmp: None,
         }
     }
@@ -183,7 +188,10 @@ impl Bank {
         let mut c = mbank();
         c.arg("--bank").arg(&self.path);
         for (k, v) in &self.env {
-            c.env(k, v);
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
         }
         c
     }
