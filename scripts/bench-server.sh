@@ -169,7 +169,7 @@ make_cert() {
 }
 
 # ==== 1. upload and download: embedded vs HTTP vs HTTPS ==============================
-declare -A UP DOWN STORED
+declare -A UP DOWN STORED UPCPU DOWNCPU
 upload_download() { # upload_download KIND: sets UP[KIND] DOWN[KIND] STORED[KIND] (s, s, bytes)
     local kind=$1 bank=$T/bank-$1 target
     "$MBANK" -q --bank "$bank" init
@@ -187,14 +187,21 @@ upload_download() { # upload_download KIND: sets UP[KIND] DOWN[KIND] STORED[KIND
         target=$URL
     fi
     log "  $kind: import into $target"
-    local s e
+    local s e c0=
+    [[ -z $SERVER_PID ]] || c0=$(cpu_ticks "$SERVER_PID")
     s=$(now)
     as bench "$MBANK" -q --bank "$target" import --json bench/img "$IMG" >"$T/import-$kind.json"
     e=$(now)
     UP[$kind]=$(calc "$e - $s")
     STORED[$kind]=$(jfield "$T/import-$kind.json" bytes_stored)
+    UPCPU[$kind]=- DOWNCPU[$kind]=-
+    if [[ -n $SERVER_PID ]]; then
+        UPCPU[$kind]=$(printf %.1f "$(calc "($(cpu_ticks "$SERVER_PID") - $c0) / $TICKS")")
+        c0=$(cpu_ticks "$SERVER_PID")
+    fi
     log "  $kind: export from $target"
     DOWN[$kind]=$(timed as bench "$MBANK" -q --bank "$target" export bench/img -)
+    [[ -z $SERVER_PID ]] || DOWNCPU[$kind]=$(printf %.1f "$(calc "($(cpu_ticks "$SERVER_PID") - $c0) / $TICKS")")
     log "  $kind: import $(mibps "$SIZE" "${UP[$kind]}") MiB/s, export $(mibps "$SIZE" "${DOWN[$kind]}") MiB/s"
     serve_stop
     rm -rf "$bank"
@@ -336,12 +343,13 @@ fi
         echo "Upload (import) and download (export to /dev/null) of one $(human "$SIZE") image" \
             "(70% random, 10% zero, 10% repeated, 10% text), each into a fresh bank; MiB/s of the image's size:"
         echo
-        echo "| bank | import s | import MiB/s | export s | export MiB/s | stored | import vs embedded | export vs embedded |"
-        echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+        echo "| bank | import s | import MiB/s | export s | export MiB/s | stored | import vs embedded | export vs embedded | server CPU s, import / export |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         for k in "${KINDS[@]}"; do
-            printf '| %s | %.2f | %s | %.2f | %s | %s | %s | %s |\n' "$k" "${UP[$k]}" "$(mibps "$SIZE" "${UP[$k]}")" \
+            printf '| %s | %.2f | %s | %.2f | %s | %s | %s | %s | %s / %s |\n' "$k" "${UP[$k]}" "$(mibps "$SIZE" "${UP[$k]}")" \
                 "${DOWN[$k]}" "$(mibps "$SIZE" "${DOWN[$k]}")" "$(human "${STORED[$k]:-0}")" \
-                "$(ratio "${UP[embedded]}" "${UP[$k]}")" "$(ratio "${DOWN[embedded]}" "${DOWN[$k]}")"
+                "$(ratio "${UP[embedded]}" "${UP[$k]}")" "$(ratio "${DOWN[embedded]}" "${DOWN[$k]}")" \
+                "${UPCPU[$k]}" "${DOWNCPU[$k]}"
         done
         echo
         echo "- times are whole commands (process start included; login before, untimed); ratios are" \
