@@ -20,6 +20,8 @@
 #    (scripts/garage.sh) when garage is installed and this mbank has `init --store`;
 #    prints Garage/local for throughput and p99.
 #
+# With the defaults it takes about 7 minutes on 2 cores, 4 of them making 32 forks in
+# Garage (see BENCHMARKS.md: the server touches every chunk of a fork's source in S3).
 # The server runs with -q (warnings only: no per-request log lines). Page cache is not
 # dropped: both sides of every ratio read warm files. Everything runs on this machine,
 # so server, stations and readers share its cores.
