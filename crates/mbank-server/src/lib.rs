@@ -853,12 +853,19 @@ async fn have(
             .map(|c| ChunkId::from_bytes(c.try_into().expect("32 bytes")))
             .collect();
         let readable = app.access(|a| Ok(a.readable(user, &ids)?))?;
+        // Readable and present: touched (all at once: an S3 store copies each object
+        // onto itself), so a GC running now keeps them.
+        let (at, asked): (Vec<usize>, Vec<ChunkId>) = ids
+            .iter()
+            .zip(&readable)
+            .enumerate()
+            .filter(|(_, (_, ok))| **ok)
+            .map(|(i, (id, _))| (i, *id))
+            .unzip();
+        let present = app.store.touch_many(&asked)?;
         let mut out = vec![0u8; n];
-        for (i, (id, ok)) in ids.iter().zip(readable).enumerate() {
-            // Readable and present: touched, so a GC running now keeps it.
-            if ok && app.store.touch(id)? {
-                out[i] = 1;
-            }
+        for (i, p) in at.into_iter().zip(present) {
+            out[i] = u8::from(p);
         }
         let hits = out.iter().filter(|&&x| x == 1).count() as u64;
         app.metrics.have_asked.fetch_add(n as u64, Relaxed);

@@ -151,6 +151,9 @@ impl S3Config {
     }
 }
 
+/// Parallel requests of one [`ChunkStore::touch_many`].
+const TOUCH_THREADS: usize = 16;
+
 /// A chunk store in an S3 bucket. See the module docs.
 pub struct S3Store {
     cfg: S3Config,
@@ -527,6 +530,27 @@ impl ChunkStore for S3Store {
         let _shared_file = self.lock_file(id.fanout(), false)?;
         let key = Self::chunk_key(id);
         self.copy("touch chunk", &key, &key)
+    }
+
+    /// Touches run in parallel: each is a round trip (a copy of the object onto
+    /// itself), and a fork or a server's `have` query asks about thousands.
+    fn touch_many(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
+        if ids.len() <= 1 {
+            return ids.iter().map(|id| self.touch(id)).collect();
+        }
+        let per = ids.len().div_ceil(TOUCH_THREADS);
+        std::thread::scope(|s| {
+            let parts: Vec<_> = ids
+                .chunks(per)
+                .map(|part| s.spawn(move || part.iter().map(|id| self.touch(id)).collect()))
+                .collect();
+            let mut out = Vec::with_capacity(ids.len());
+            for p in parts {
+                let r: Result<Vec<bool>, StoreError> = p.join().expect("a touch thread panicked");
+                out.extend(r?);
+            }
+            Ok(out)
+        })
     }
 
     fn get_raw(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
