@@ -407,21 +407,27 @@ fn store_batch(
             return out;
         }
     };
+    let (mut at, mut encoded) = (Vec::new(), Vec::new());
     for ((i, id, buf), have) in ask.into_iter().zip(have) {
         let read = buf.len() as u64;
         if have {
             out.push((i, read, Ok(Outcome::Dedup(id))));
-            continue;
+        } else {
+            at.push((i, read));
+            encoded.push(encode_with_id(id, &buf, level));
         }
-        let enc = encode_with_id(id, &buf, level);
-        out.push((
-            i,
-            read,
-            store
-                .put(&enc)
-                .map(|b| Outcome::New(id, b))
-                .map_err(BankError::Store),
-        ));
+    }
+    if encoded.is_empty() {
+        return out;
+    }
+    match store.put_many(&encoded) {
+        Ok(sizes) => out.extend(
+            at.into_iter()
+                .zip(encoded.iter().zip(sizes))
+                .map(|((i, read), (e, b))| (i, read, Ok(Outcome::New(e.id, b)))),
+        ),
+        // The first error aborts the write; the batch's other chunks need no report.
+        Err(e) => out.push((at[0].0, 0, Err(BankError::Store(e)))),
     }
     out
 }

@@ -87,6 +87,52 @@ impl ChunkStore for RemoteStore {
         Ok(s.bytes)
     }
 
+    /// One `POST /v1/chunks` per batch of at most `MAX_BATCH_CHUNKS` chunks and
+    /// `MAX_BATCH_BYTES` bytes: the server records the user's rights to all of them in
+    /// one transaction.
+    fn put_many(&self, chunks: &[EncodedChunk]) -> Result<Vec<u64>, StoreError> {
+        let mut out = Vec::with_capacity(chunks.len());
+        let mut start = 0;
+        while start < chunks.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < chunks.len()
+                && end - start < wire::MAX_BATCH_CHUNKS
+                && (end == start || bytes + 36 + chunks[end].bytes.len() <= wire::MAX_BATCH_BYTES)
+            {
+                bytes += 36 + chunks[end].bytes.len();
+                end += 1;
+            }
+            let part = &chunks[start..end];
+            let body = wire::batch_body(part.iter().map(|c| (&c.id, &c.bytes[..])));
+            let what = format!("upload of {} chunks", part.len());
+            let answer = self
+                .client
+                .call(
+                    Method::POST,
+                    "/chunks",
+                    &what,
+                    Payload::Bytes(&body),
+                    1 << 20,
+                )
+                .map_err(|e| store_error(e, None))?;
+            let s: wire::StoredMany = self
+                .client
+                .parse(&answer, &what)
+                .map_err(|e| store_error(e, None))?;
+            if s.bytes.len() != part.len() {
+                return Err(StoreError::Remote(format!(
+                    "the bank answered {} sizes for an upload of {} chunks",
+                    s.bytes.len(),
+                    part.len()
+                )));
+            }
+            out.extend(s.bytes);
+            start = end;
+        }
+        Ok(out)
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
     }

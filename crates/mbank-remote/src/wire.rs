@@ -13,6 +13,9 @@ pub const MAX_JSON: usize = 1 << 20;
 pub const MAX_COMMIT: usize = 64 << 20;
 /// Most ids in one `have` query.
 pub const MAX_HAVE: usize = 4096;
+/// Most chunks, and most bytes, in one upload batch (`POST /v1/chunks`).
+pub const MAX_BATCH_CHUNKS: usize = 256;
+pub const MAX_BATCH_BYTES: usize = 64 << 20;
 /// Default and longest token lifetimes.
 pub const DEFAULT_TTL_SECS: u64 = 30 * 24 * 3600;
 pub const MAX_TTL_SECS: u64 = 365 * 24 * 3600;
@@ -143,6 +146,57 @@ pub struct Health {
     pub version: String,
 }
 
+/// The answer to an upload batch: the stored size of each chunk, in order.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StoredMany {
+    pub bytes: Vec<u64>,
+}
+
+/// Builds an upload batch body: for each chunk its 32-byte id, its length (4 bytes,
+/// little-endian) and its encoded bytes.
+pub fn batch_body<'a>(chunks: impl IntoIterator<Item = (&'a ChunkId, &'a [u8])>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (id, bytes) in chunks {
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+/// Splits an upload batch body into (id, encoded bytes) pairs, checking every length
+/// and the caps.
+pub fn parse_batch_body(body: &[u8]) -> Result<Vec<(ChunkId, &[u8])>, String> {
+    let mut rest = body;
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        if out.len() == MAX_BATCH_CHUNKS {
+            return Err(format!(
+                "an upload batch holds at most {MAX_BATCH_CHUNKS} chunks"
+            ));
+        }
+        if rest.len() < 36 {
+            return Err(format!(
+                "the batch ends inside the header of chunk {}",
+                out.len()
+            ));
+        }
+        let id = ChunkId::from_bytes(rest[..32].try_into().expect("32 bytes"));
+        let len = u32::from_le_bytes(rest[32..36].try_into().expect("4 bytes")) as usize;
+        rest = &rest[36..];
+        if len > rest.len() {
+            return Err(format!(
+                "chunk {} of the batch claims {len} bytes; {} are left",
+                out.len(),
+                rest.len()
+            ));
+        }
+        out.push((id, &rest[..len]));
+        rest = &rest[len..];
+    }
+    Ok(out)
+}
+
 /// Builds a commit body: header length, header, disk index, stream indexes.
 pub fn commit_body(header: &CommitHeader, index: &[u8], streams: &[Vec<u8>]) -> Vec<u8> {
     let json = serde_json::to_vec(header).expect("a commit header always serialises");
@@ -232,5 +286,22 @@ mod tests {
         long.push(0);
         assert!(parse_commit_body(&long).is_err());
         assert!(parse_commit_body(&[255, 255, 255, 255]).is_err());
+    }
+
+    #[test]
+    fn batch_body_round_trips_and_rejects_damage() {
+        let (a, b) = (ChunkId::of(b"a"), ChunkId::of(b"b"));
+        let body = batch_body([(&a, &b"xyz"[..]), (&b, &b""[..])]);
+        let parts = parse_batch_body(&body).unwrap();
+        assert_eq!(parts, vec![(a, &b"xyz"[..]), (b, &b""[..])]);
+        for cut in 1..body.len() {
+            if cut != 39 {
+                assert!(parse_batch_body(&body[..cut]).is_err(), "cut at {cut}");
+            }
+        }
+        let many: Vec<u8> = (0..=MAX_BATCH_CHUNKS)
+            .flat_map(|_| batch_body([(&a, &b"x"[..])]))
+            .collect();
+        assert!(parse_batch_body(&many).is_err());
     }
 }

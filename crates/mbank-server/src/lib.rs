@@ -259,6 +259,10 @@ fn router(app: Shared) -> Router {
         .route("/v1/writers/{id}", axum::routing::delete(unregister_writer))
         .route("/v1/writers/{id}/heartbeat", post(writer_heartbeat))
         .route("/v1/chunks/have", post(have))
+        .route(
+            "/v1/chunks",
+            post(put_chunks).layer(DefaultBodyLimit::max(wire::MAX_BATCH_BYTES + 4096)),
+        )
         .route("/v1/chunks/{id}", get(get_chunk).put(put_chunk))
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/api.md") })
         .layer(DefaultBodyLimit::max(chunk_limit))
@@ -902,36 +906,69 @@ async fn put_chunk(
     let id = chunk_id(&id)?;
     let b = body(b)?;
     authed(&app, &headers, move |app, user| {
-        // The bytes must be the chunk: decoded and hashed before anything is recorded.
-        let codec = match mbank_core::chunk::decode(&id, &b) {
-            Ok(_) => mbank_core::chunk::parse_header(&id, &b).map(|(c, _)| c),
-            Err(e) => Err(e),
-        };
-        let codec = codec.map_err(|e| {
-            let mut a = ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "bad_chunk",
-                format!("the bytes sent are not chunk {id}: {e}"),
-            );
-            a.body.chunk = Some(id);
-            a
-        })?;
-        let size = b.len() as u64;
-        app.access(|a| Ok(a.record_upload(user, &id, size)?))?;
-        if app.store.touch(&id)? {
-            app.metrics.chunks_dedup.fetch_add(1, Relaxed);
-        } else {
-            app.store.put(&EncodedChunk {
-                id,
-                bytes: b.to_vec(),
-                codec,
-            })?;
-            app.metrics.chunks_stored.fetch_add(1, Relaxed);
-            app.metrics.bytes_stored.fetch_add(size, Relaxed);
-        }
-        Ok((StatusCode::CREATED, json(&wire::Stored { bytes: size })).into_response())
+        let sizes = store_uploads(app, user, &[(id, &b[..])])?;
+        let bytes = sizes[0];
+        Ok((StatusCode::CREATED, json(&wire::Stored { bytes })).into_response())
     })
     .await
+}
+
+async fn put_chunks(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let b = body(b)?;
+    authed(&app, &headers, move |app, user| {
+        let parts = wire::parse_batch_body(&b).map_err(ApiError::bad_request)?;
+        let bytes = store_uploads(app, user, &parts)?;
+        Ok((StatusCode::CREATED, json(&wire::StoredMany { bytes })).into_response())
+    })
+    .await
+}
+
+/// Verifies uploaded chunks (each must decode to content hashing to its id), records
+/// the user's right to read them in one transaction (charged against their quota,
+/// refused whole if over it), and stores those the bank lacks. Returns each one's size.
+fn store_uploads(app: &App, user: &User, parts: &[(ChunkId, &[u8])]) -> Result<Vec<u64>, ApiError> {
+    let mut codecs = Vec::with_capacity(parts.len());
+    for (id, bytes) in parts {
+        let codec = mbank_core::chunk::decode(id, bytes)
+            .and_then(|_| mbank_core::chunk::parse_header(id, bytes).map(|(c, _)| c))
+            .map_err(|e| {
+                let mut a = ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "bad_chunk",
+                    format!("the bytes sent are not chunk {id}: {e}"),
+                );
+                a.body.chunk = Some(*id);
+                a
+            })?;
+        codecs.push(codec);
+    }
+    let rows: Vec<(ChunkId, u64)> = parts.iter().map(|(id, b)| (*id, b.len() as u64)).collect();
+    app.access(|a| Ok(a.record_uploads(user, &rows)?))?;
+    let ids: Vec<ChunkId> = parts.iter().map(|(id, _)| *id).collect();
+    let present = app.store.touch_many(&ids)?;
+    let mut fresh = Vec::new();
+    for (((id, bytes), codec), have) in parts.iter().zip(codecs).zip(present) {
+        if have {
+            app.metrics.chunks_dedup.fetch_add(1, Relaxed);
+        } else {
+            fresh.push(EncodedChunk {
+                id: *id,
+                bytes: bytes.to_vec(),
+                codec,
+            });
+        }
+    }
+    app.store.put_many(&fresh)?;
+    let stored: u64 = fresh.iter().map(|c| c.bytes.len() as u64).sum();
+    app.metrics
+        .chunks_stored
+        .fetch_add(fresh.len() as u64, Relaxed);
+    app.metrics.bytes_stored.fetch_add(stored, Relaxed);
+    Ok(rows.into_iter().map(|(_, n)| n).collect())
 }
 
 /// Opens the bank in `cfg.bank_dir`, binds, and serves until `shutdown` resolves.

@@ -209,6 +209,12 @@ pub trait ChunkStore: Send + Sync {
     /// Returns the number of bytes written.
     fn put(&self, chunk: &EncodedChunk) -> Result<u64, StoreError>;
 
+    /// [`ChunkStore::put`] for many chunks (one request to a bank server); returns the
+    /// bytes written for each.
+    fn put_many(&self, chunks: &[EncodedChunk]) -> Result<Vec<u64>, StoreError> {
+        chunks.iter().map(|c| self.put(c)).collect()
+    }
+
     /// Makes every chunk put so far durable and visible.
     fn flush(&self) -> Result<(), StoreError>;
 

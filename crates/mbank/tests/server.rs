@@ -875,15 +875,14 @@ fn garbage_oversized_and_path_tricks_get_4xx_and_the_server_keeps_serving() {
             .stderr
             .contains("no machine")
     );
-    // The chunks it sent before the quota stopped it count until the administrator's
-    // gc deletes them (nothing references them); then the space is hers again.
+    // A batch that would go over is refused whole, so the refused import took none of
+    // her quota. Under the quota it works; a second image as large does not fit until
+    // she removes the first and the administrator's gc deletes its chunks.
     let age_and_gc = || {
         Bank::at(&s.bank_dir, &s.root).age_chunks();
         let gc = s.local(&["gc", "--json"]).ok().json();
         assert!(gc["access_rows_pruned"].as_u64().unwrap() > 0, "{gc}");
     };
-    age_and_gc();
-    // Under the quota it works; after rm and gc, a second image as large fits.
     let small = write_img(&carol, &image(640 * KIB, &[(0, 640 * KIB)], 9));
     carol
         .run(&["-q", "import", "carol/small", &small.display().to_string()])
