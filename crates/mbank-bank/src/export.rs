@@ -140,6 +140,8 @@ fn write_chunks(
     progress: &dyn Progress,
     damaged: impl Fn(mbank_store::StoreError) -> BankError + Sync,
 ) -> Result<u64, BankError> {
+    // Workers take runs of chunks, fetched with one request each from a bank server.
+    const RUN: usize = 16;
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let err: Mutex<Option<BankError>> = Mutex::new(None);
@@ -148,24 +150,29 @@ fn write_chunks(
         for _ in 0..jobs.max(1) {
             s.spawn(|| {
                 while !stop.load(Ordering::Relaxed) {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= index.chunks.len() {
+                    let first = next.fetch_add(RUN, Ordering::Relaxed);
+                    if first >= index.chunks.len() {
                         return;
                     }
-                    let len = index.chunk_len(i) as u64;
-                    if let Some(id) = &index.chunks[i] {
-                        let r = store.read(id).map_err(&damaged).and_then(|plain| {
-                            file.write_all_at(&plain, i as u64 * index.chunk_size as u64)
-                                .map_err(|e| BankError::io("write", path, e))
-                        });
-                        if let Err(e) = r {
-                            stop.store(true, Ordering::Relaxed);
-                            err.lock().expect("error slot poisoned").get_or_insert(e);
-                            return;
+                    let run = first..(first + RUN).min(index.chunks.len());
+                    let (at, ids): (Vec<usize>, Vec<_>) = run
+                        .clone()
+                        .filter_map(|i| index.chunks[i].map(|id| (i, id)))
+                        .unzip();
+                    let r = store.read_many(&ids).map_err(&damaged).and_then(|plains| {
+                        for (i, plain) in at.iter().zip(plains) {
+                            file.write_all_at(&plain, *i as u64 * index.chunk_size as u64)
+                                .map_err(|e| BankError::io("write", path, e))?;
                         }
-                        read.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    });
+                    if let Err(e) = r {
+                        stop.store(true, Ordering::Relaxed);
+                        err.lock().expect("error slot poisoned").get_or_insert(e);
+                        return;
                     }
-                    progress.advance(len);
+                    read.fetch_add(ids.len(), Ordering::Relaxed);
+                    progress.advance(run.map(|i| index.chunk_len(i) as u64).sum());
                 }
             });
         }

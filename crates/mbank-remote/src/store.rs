@@ -190,6 +190,35 @@ impl ChunkStore for RemoteStore {
             .map_err(|e| store_error(e, Some(id)))
     }
 
+    /// One `POST /v1/chunks/get` per `MAX_GET_MANY` ids.
+    fn get_raw_many(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for part in ids.chunks(wire::MAX_GET_MANY) {
+            if part.len() == 1 {
+                out.push(self.get_raw(&part[0])?);
+                continue;
+            }
+            let what = format!("download of {} chunks", part.len());
+            let body: Vec<u8> = part.iter().flat_map(|id| *id.as_bytes()).collect();
+            let limit = (part.len() * (4 + MAX_STORED_LEN)) as u64;
+            let answer = self
+                .client
+                .call(
+                    Method::POST,
+                    "/chunks/get",
+                    &what,
+                    Payload::Bytes(&body),
+                    limit,
+                )
+                .map_err(|e| store_error(e, None))?;
+            let chunks = wire::parse_chunks_answer(&answer, part.len()).map_err(|why| {
+                StoreError::Remote(format!("the bank's answer to a {what}: {why}"))
+            })?;
+            out.extend(chunks.into_iter().map(<[u8]>::to_vec));
+        }
+        Ok(out)
+    }
+
     fn quarantine(&self, _id: &ChunkId) -> Result<Option<PathBuf>, StoreError> {
         // The server verifies what it stores and serves; a chunk damaged on the way is
         // fetched again by the caller, and nothing here can move the server's copy.

@@ -16,6 +16,8 @@ pub const MAX_HAVE: usize = 4096;
 /// Most chunks, and most bytes, in one upload batch (`POST /v1/chunks`).
 pub const MAX_BATCH_CHUNKS: usize = 256;
 pub const MAX_BATCH_BYTES: usize = 64 << 20;
+/// Most ids in one `POST /v1/chunks/get`.
+pub const MAX_GET_MANY: usize = 64;
 /// Default and longest token lifetimes.
 pub const DEFAULT_TTL_SECS: u64 = 30 * 24 * 3600;
 pub const MAX_TTL_SECS: u64 = 365 * 24 * 3600;
@@ -197,6 +199,38 @@ pub fn parse_batch_body(body: &[u8]) -> Result<Vec<(ChunkId, &[u8])>, String> {
     Ok(out)
 }
 
+/// Builds the answer to `POST /v1/chunks/get`: each chunk's length (u32 little-endian)
+/// and stored bytes, in the order asked.
+pub fn chunks_answer<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in chunks {
+        out.extend_from_slice(&(c.len() as u32).to_le_bytes());
+        out.extend_from_slice(c);
+    }
+    out
+}
+
+/// Splits an answer to `POST /v1/chunks/get` that must hold `n` chunks.
+pub fn parse_chunks_answer(body: &[u8], n: usize) -> Result<Vec<&[u8]>, String> {
+    let mut rest = body;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let len = rest
+            .get(..4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+            .ok_or_else(|| format!("it ends after {} of {n} chunks", out.len()))?;
+        let chunk = rest
+            .get(4..4 + len)
+            .ok_or_else(|| format!("it ends inside chunk {} of {n}", out.len()))?;
+        out.push(chunk);
+        rest = &rest[4 + len..];
+    }
+    if !rest.is_empty() {
+        return Err(format!("{} bytes follow the last chunk", rest.len()));
+    }
+    Ok(out)
+}
+
 /// Builds a commit body: header length, header, disk index, stream indexes.
 pub fn commit_body(header: &CommitHeader, index: &[u8], streams: &[Vec<u8>]) -> Vec<u8> {
     let json = serde_json::to_vec(header).expect("a commit header always serialises");
@@ -286,6 +320,23 @@ mod tests {
         long.push(0);
         assert!(parse_commit_body(&long).is_err());
         assert!(parse_commit_body(&[255, 255, 255, 255]).is_err());
+    }
+
+    #[test]
+    fn chunks_answer_round_trips_and_rejects_damage() {
+        let body = chunks_answer([&b"abc"[..], &b""[..], &b"z"[..]]);
+        assert_eq!(
+            parse_chunks_answer(&body, 3).unwrap(),
+            vec![&b"abc"[..], &b""[..], &b"z"[..]]
+        );
+        assert!(parse_chunks_answer(&body, 2).is_err());
+        assert!(parse_chunks_answer(&body, 4).is_err());
+        for cut in 0..body.len() {
+            assert!(
+                parse_chunks_answer(&body[..cut], 3).is_err(),
+                "cut at {cut}"
+            );
+        }
     }
 
     #[test]

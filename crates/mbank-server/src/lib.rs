@@ -259,6 +259,7 @@ fn router(app: Shared) -> Router {
         .route("/v1/writers/{id}", axum::routing::delete(unregister_writer))
         .route("/v1/writers/{id}/heartbeat", post(writer_heartbeat))
         .route("/v1/chunks/have", post(have))
+        .route("/v1/chunks/get", post(get_chunks))
         .route(
             "/v1/chunks",
             post(put_chunks).layer(DefaultBodyLimit::max(wire::MAX_BATCH_BYTES + 4096)),
@@ -893,6 +894,38 @@ async fn get_chunk(
         let raw = app.store.get_raw(&id)?;
         app.metrics.chunks_served.fetch_add(1, Relaxed);
         Ok(binary(raw))
+    })
+    .await
+}
+
+async fn get_chunks(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let b = body(b)?;
+    if b.len() % ChunkId::LEN != 0 || b.len() / ChunkId::LEN > wire::MAX_GET_MANY {
+        return Err(ApiError::bad_request(format!(
+            "a get query is a list of at most {} chunk ids of {} bytes; {} bytes is not",
+            wire::MAX_GET_MANY,
+            ChunkId::LEN,
+            b.len()
+        )));
+    }
+    authed(&app, &headers, move |app, user| {
+        let ids: Vec<ChunkId> = b
+            .chunks_exact(ChunkId::LEN)
+            .map(|c| ChunkId::from_bytes(c.try_into().expect("32 bytes")))
+            .collect();
+        let ok = app.access(|a| Ok(a.readable(user, &ids)?))?;
+        if let Some((id, _)) = ids.iter().zip(&ok).find(|(_, ok)| !**ok) {
+            return Err(ApiError::no_chunk(id));
+        }
+        let raws = app.store.get_raw_many(&ids)?;
+        app.metrics
+            .chunks_served
+            .fetch_add(ids.len() as u64, Relaxed);
+        Ok(binary(wire::chunks_answer(raws.iter().map(Vec::as_slice))))
     })
     .await
 }

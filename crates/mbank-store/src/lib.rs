@@ -244,10 +244,29 @@ pub trait ChunkStore: Send + Sync {
     /// Counts the chunks and their stored bytes.
     fn stats(&self) -> Result<StoreStats, StoreError>;
 
+    /// [`ChunkStore::get_raw`] for many chunks (one request to a bank server).
+    fn get_raw_many(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>, StoreError> {
+        ids.iter().map(|id| self.get_raw(id)).collect()
+    }
+
     /// Reads, decodes and verifies a chunk; returns its plaintext. A chunk that fails
     /// verification is quarantined and reported as [`StoreError::Corrupt`].
     fn read(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
         let raw = self.get_raw(id)?;
+        self.verify(id, raw)
+    }
+
+    /// [`ChunkStore::read`] for many chunks, fetched with [`ChunkStore::get_raw_many`].
+    fn read_many(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>, StoreError> {
+        let raws = self.get_raw_many(ids)?;
+        ids.iter()
+            .zip(raws)
+            .map(|(id, raw)| self.verify(id, raw))
+            .collect()
+    }
+
+    /// Decodes and verifies a chunk's stored bytes; quarantines it if they are damaged.
+    fn verify(&self, id: &ChunkId, raw: Vec<u8>) -> Result<Vec<u8>, StoreError> {
         match chunk::decode(id, &raw) {
             Ok(d) => Ok(d.plain),
             Err(source) => {

@@ -571,6 +571,24 @@ fn isolation_probes_see_nothing_of_another_user() {
     );
     let (code, _) = s.curl(Some(&tb), "GET", &format!("/v1/chunks/{bobs}"), None);
     assert_eq!(code, 200, "bob reads his own chunk");
+    // The same in a batch download: bob gets his chunks, alice the answer for a
+    // missing one, the same whether it is bob's or no one's.
+    let two: Vec<u8> = chunks[..2].iter().flat_map(|c| hex(c)).collect();
+    let (code, got) = s.curl(Some(&tb), "POST", "/v1/chunks/get", Some(&two));
+    assert_eq!(code, 200);
+    assert!(
+        got.len() > 2 * 64 * KIB / 2,
+        "bob's two chunks: {} bytes",
+        got.len()
+    );
+    let (code, v) = s.curl_json(Some(&ta), "POST", "/v1/chunks/get", Some(&two));
+    let nobody: Vec<u8> = [none.clone(), none.clone()]
+        .iter()
+        .flat_map(|c| hex(c))
+        .collect();
+    let (code2, v2) = s.curl_json(Some(&ta), "POST", "/v1/chunks/get", Some(&nobody));
+    assert_eq!((code, code2), (404, 404), "{v} {v2}");
+    assert_eq!(v["kind"], v2["kind"]);
 
     // The missing-chunk query never reveals bob's chunks to alice.
     let ids: Vec<u8> = chunks.iter().flat_map(|c| hex(c)).collect();
