@@ -39,7 +39,7 @@ impl Drop for PartialFile {
 
 impl Bank {
     /// Writes the disk of `r` to `out` as a raw image. `out` of `-` means standard
-    /// output. A regular file is written beside its final name and renamed into place
+    /// output; a device or FIFO is written in order. A regular file is written beside its final name and renamed into place
     /// only once every chunk has been read and verified, so a damaged bank never leaves
     /// a wrong image behind.
     pub fn export(
@@ -62,26 +62,39 @@ impl Bank {
             index.disk_size,
             Unit::Bytes,
         );
-        let (chunks_read, bytes_written) = if out == Path::new("-") {
-            let stdout = std::io::stdout();
-            let mut w = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+        // Standard output, a device or a FIFO (e.g. /dev/null) is written in order,
+        // in place: renaming a temp file onto it would replace it.
+        let special = out != Path::new("-")
+            && fs::metadata(out).is_ok_and(|m| !m.file_type().is_file() && !m.is_dir());
+        let (chunks_read, bytes_written) = if out == Path::new("-") || special {
+            let (sink, name): (Box<dyn Write>, String) = if special {
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(out)
+                    .map_err(|e| BankError::io("open", out, e))?;
+                (Box::new(f), out.display().to_string())
+            } else {
+                (Box::new(std::io::stdout().lock()), "standard output".into())
+            };
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, sink);
             let zeros = vec![0u8; index.chunk_size as usize];
             let mut n = 0;
-            for (i, c) in index.chunks.iter().enumerate() {
-                let len = index.chunk_len(i);
-                let res = match c {
-                    Some(id) => {
-                        n += 1;
-                        let plain = self.store.read(id).map_err(damaged)?;
-                        w.write_all(&plain)
-                    }
-                    None => w.write_all(&zeros[..len]),
-                };
-                res.map_err(|e| BankError::io("write to", "standard output", e))?;
-                progress.advance(len as u64);
+            // Runs of 16 chunks, fetched with one request each from a bank server.
+            for (run_no, run) in index.chunks.chunks(16).enumerate() {
+                let ids: Vec<_> = run.iter().flatten().copied().collect();
+                let mut plains = self.store.read_many(&ids).map_err(damaged)?.into_iter();
+                n += ids.len() as u64;
+                for (k, c) in run.iter().enumerate() {
+                    let len = index.chunk_len(run_no * 16 + k);
+                    let res = match c {
+                        Some(_) => w.write_all(&plains.next().expect("one per id")),
+                        None => w.write_all(&zeros[..len]),
+                    };
+                    res.map_err(|e| BankError::io("write to", &name, e))?;
+                    progress.advance(len as u64);
+                }
             }
-            w.flush()
-                .map_err(|e| BankError::io("write to", "standard output", e))?;
+            w.flush().map_err(|e| BankError::io("write to", &name, e))?;
             (n, index.disk_size)
         } else {
             let dir = match out.parent() {

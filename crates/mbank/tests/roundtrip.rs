@@ -298,3 +298,35 @@ fn qcow2_image_round_trips() {
     assert_eq!(fs::read_dir(&tmpdir).unwrap().count(), 0);
     bank.verify_ok();
 }
+
+/// Export to a FIFO (as to /dev/null or any device) writes the disk into it in order
+/// and leaves it a FIFO: a temp file renamed onto it would replace it.
+#[test]
+fn export_to_a_fifo_writes_into_it_and_keeps_it() {
+    use std::os::unix::fs::FileTypeExt;
+    let bank = Bank::new();
+    let mut img = vec![0u8; 3 << 20];
+    Rng::new(7).fill(&mut img[..(1 << 20) + 5]);
+    let p = bank.file("img.raw");
+    fs::write(&p, &img).unwrap();
+    bank.import("alice/dev", &p, &[]);
+    let fifo = bank.file("out.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let reader = std::thread::spawn({
+        let fifo = fifo.clone();
+        move || fs::read(&fifo).unwrap()
+    });
+    bank.run(&[
+        OsStr::new("-q"),
+        OsStr::new("export"),
+        OsStr::new("alice/dev"),
+        fifo.as_os_str(),
+    ])
+    .ok();
+    assert_same_bytes(&reader.join().unwrap(), &img, "what came out of the FIFO");
+    assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+}
