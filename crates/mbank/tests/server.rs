@@ -388,6 +388,11 @@ fn write_img(bank: &Bank, img: &[u8]) -> PathBuf {
     p
 }
 
+/// Exports `r` through `bank` and checks it is `want`.
+fn assert_export(bank: &Bank, r: &str, want: &[u8], what: &str) {
+    assert_same_bytes(&export_bytes(bank, r), want, what);
+}
+
 fn export_bytes(bank: &Bank, r: &str) -> Vec<u8> {
     let out = bank.file(&format!("export-{}.raw", unique()));
     bank.export(r, &out)
@@ -416,8 +421,8 @@ fn two_users_full_flows_over_https() {
     let ra = alice.import("alice/dev", &pa, &[]);
     let rb = bob.import("bob/dev", &pb, &[]);
     assert!(ra["chunks_new"].as_u64().unwrap() > 0, "{ra}");
-    assert_same_bytes(&export_bytes(&alice, "alice/dev"), &img_a, "alice's export");
-    assert_same_bytes(&export_bytes(&bob, "bob/dev"), &img_b, "bob's export");
+    assert_export(&alice, "alice/dev", &img_a, "alice's export");
+    assert_export(&bob, "bob/dev", &img_b, "bob's export");
 
     // log and ls over HTTP; each sees only their own machine.
     let log = alice.log("alice/dev");
@@ -460,11 +465,7 @@ fn two_users_full_flows_over_https() {
     assert!(done.success(), "attach:\n{done}");
     let mut want = img_a.clone();
     want[at..at + patch.len()].copy_from_slice(&patch);
-    assert_same_bytes(
-        &export_bytes(&alice, "alice/dev"),
-        &want,
-        "alice's checked-in disk",
-    );
+    assert_export(&alice, "alice/dev", &want, "alice's checked-in disk");
     assert_eq!(alice.log("alice/dev").len(), 2);
 
     // bob reads his disk through attach with qemu-img compare (every byte).
@@ -613,7 +614,7 @@ fn isolation_probes_see_nothing_of_another_user() {
         "alice had to send every chunk: {ra}"
     );
     assert_eq!(s.chunk_count(), before, "the bank stores each chunk once");
-    assert_same_bytes(&export_bytes(&alice, "alice/copy"), &secret, "alice's copy");
+    assert_export(&alice, "alice/copy", &secret, "alice's copy");
 
     // Naming bob's chunk in a commit without sending it is refused.
     let fresh = image(64 * KIB, &[(0, 64 * KIB)], 5);
@@ -675,8 +676,9 @@ fn isolation_probes_see_nothing_of_another_user() {
             "256M",
         ])
         .ok();
-    assert_same_bytes(
-        &export_bytes(&alice, "alice/fork"),
+    assert_export(
+        &alice,
+        "alice/fork",
         &base,
         "alice's fork of the published base",
     );
@@ -939,16 +941,8 @@ fn a_station_rides_out_a_bank_restart_and_gc_verify_run_while_serving() {
     s.local(&["verify", "--json"]).ok();
     import.join().unwrap().ok();
     s.local(&["verify", "--json"]).ok();
-    assert_same_bytes(
-        &export_bytes(&alice, "alice/two"),
-        &img2,
-        "the import that ran beside gc",
-    );
-    assert_same_bytes(
-        &export_bytes(&alice, "alice/dev"),
-        &want,
-        "alice/dev after gc",
-    );
+    assert_export(&alice, "alice/two", &img2, "the import that ran beside gc");
+    assert_export(&alice, "alice/dev", &want, "alice/dev after gc");
 }
 
 /// The served bank with its chunks in a three-node Garage cluster: import and export
@@ -964,11 +958,7 @@ fn served_bank_on_a_three_node_garage_cluster() {
     let img = image(12 * MIB, &[(0, 5 * MIB), (8 * MIB, 9 * MIB)], 21);
     let p = write_img(&alice, &img);
     alice.import("alice/dev", &p, &[]);
-    assert_same_bytes(
-        &export_bytes(&alice, "alice/dev"),
-        &img,
-        "export from Garage over HTTPS",
-    );
+    assert_export(&alice, "alice/dev", &img, "export from Garage over HTTPS");
     assert!(
         mbank_store::ChunkStore::stats(&cluster.store())
             .unwrap()
@@ -983,16 +973,8 @@ fn served_bank_on_a_three_node_garage_cluster() {
     let img_b = image(6 * MIB, &[(0, 6 * MIB)], 22);
     let pb = write_img(&bob, &img_b);
     bob.import("bob/dev", &pb, &[]);
-    assert_same_bytes(
-        &export_bytes(&bob, "bob/dev"),
-        &img_b,
-        "bob's export with a node down",
-    );
-    assert_same_bytes(
-        &export_bytes(&alice, "alice/dev"),
-        &img,
-        "alice's export with a node down",
-    );
+    assert_export(&bob, "bob/dev", &img_b, "bob's export with a node down");
+    assert_export(&alice, "alice/dev", &img, "alice's export with a node down");
     cluster.start_node(2);
 
     // The bank restarted under a station that reads and writes.
@@ -1065,10 +1047,6 @@ fn restart_under_a_station(
     assert!(done.success(), "check-in after the restart:\n{done}");
     let mut want = img.to_vec();
     want[at..at + 64 * KIB].copy_from_slice(&patch);
-    assert_same_bytes(
-        &export_bytes(alice, "alice/dev"),
-        &want,
-        "the checked-in disk",
-    );
+    assert_export(alice, "alice/dev", &want, "the checked-in disk");
     want
 }
