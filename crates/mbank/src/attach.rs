@@ -71,6 +71,18 @@ pub fn describe(r: &SessionReport) -> String {
     }
 }
 
+/// Says what recovering the station's dead sessions did: each session checked in, and
+/// each that could not be (damaged and set aside, or left for the next try) with why
+/// and what to do. Other sessions' trouble is a warning, never a reason to stop.
+pub fn report_recovery(r: &mbank_station::Recovery, say: &dyn Fn(String)) {
+    for s in &r.recovered {
+        say(describe(s));
+    }
+    for p in &r.problems {
+        say(format!("warning: {p}"));
+    }
+}
+
 /// Keeps the session's lease fresh (every 30 s, on its own catalog connection) until
 /// `stop`; warns once if another station took the machine over.
 pub fn spawn_heartbeat(
@@ -127,9 +139,7 @@ pub fn run(
         jobs: args.jobs,
         ..Default::default()
     };
-    for r in station.recover(bank, &opts)? {
-        say(describe(&r));
-    }
+    report_recovery(&station.recover(bank, &opts)?, say);
     let fetch: Arc<dyn ChunkStore> = bank.store_arc();
     let disk = station.check_out(bank, &args.machine, args.force, fetch)?;
     let what = format!(

@@ -688,14 +688,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 jobs,
                 ..Default::default()
             };
-            let reports = station.recover(&mut bank, &opts)?;
-            for r in &reports {
-                say(attach::describe(r));
-            }
+            let recovery = station.recover(&mut bank, &opts)?;
+            attach::report_recovery(&recovery, &say);
             if json {
-                json_out(&reports)?;
-            } else if reports.is_empty() {
+                json_out(&recovery)?;
+            } else if recovery.recovered.is_empty() && recovery.problems.is_empty() {
                 say("no sessions to recover".into());
+            }
+            if !recovery.problems.is_empty() {
+                return Ok(ExitCode::FAILURE);
             }
         }
         Cmd::Stats { json } => {

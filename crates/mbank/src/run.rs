@@ -529,9 +529,7 @@ fn run(bank: &mut Bank, station: &Station, args: Args, hub: &Arc<Hub>) -> Result
         jobs: args.jobs,
         ..Default::default()
     };
-    for r in station.recover(bank, &opts)? {
-        say(describe(&r));
-    }
+    crate::attach::report_recovery(&station.recover(bank, &opts)?, say);
     let v = bank.resolve(&args.machine)?;
     let mut config = match &v.config {
         Some(c) => MachineConfig::from_json(c)

@@ -115,6 +115,11 @@ fn sessions(cache: &Path) -> Vec<PathBuf> {
     }
 }
 
+/// What `recover --json` prints when there is nothing to recover.
+fn nothing_recovered() -> Value {
+    serde_json::json!({"recovered": [], "problems": []})
+}
+
 /// `mbank --cache CACHE recover --json`.
 fn recover(bank: &Bank, cache: &Path) -> Run {
     bank.run(&[
@@ -768,7 +773,10 @@ fn sigkill_during_checkin_then_recover() {
 
     let r = recover(&bank, &cache);
     let reports = r.ok().json();
-    let reports = reports.as_array().expect("recover --json is an array");
+    assert_eq!(reports["problems"], serde_json::json!([]));
+    let reports = reports["recovered"]
+        .as_array()
+        .expect("recover --json lists the sessions recovered");
     assert_eq!(reports.len(), 1, "{reports:?}");
     let j = &reports[0];
     assert_eq!(j["recovered"], true);
@@ -789,7 +797,7 @@ fn sigkill_during_checkin_then_recover() {
     assert_eq!(bank.head("alice/dev").as_deref(), Some(version.as_str()));
     // Nothing is left to recover.
     let again = recover(&bank, &cache);
-    assert_eq!(again.ok().json(), serde_json::json!([]));
+    assert_eq!(again.ok().json(), nothing_recovered());
 }
 
 // ----------------------------------------------------------------------------------
@@ -830,7 +838,7 @@ fn second_station_is_refused_then_takes_over_with_force() {
         ),
         Err(r) => r.code(1).stderr_has(&["since"]),
     };
-    assert_eq!(recover(&bank, &c1).ok().json(), serde_json::json!([]));
+    assert_eq!(recover(&bank, &c1).ok().json(), nothing_recovered());
     assert_eq!(sessions(&c1).len(), 1);
 
     // Removing the version the session reads from, or the machine, is refused.
@@ -1081,13 +1089,17 @@ fn crashed_session_of_another_bank_does_not_block_attach() {
     );
     assert_eq!(sessions(&cache).len(), 1, "bank A's session is kept");
     let r = recover(&bank_b, &cache);
-    assert_eq!(r.ok().json(), serde_json::json!([]));
+    assert_eq!(r.ok().json(), nothing_recovered());
 
     // Bank A recovers it.
     let r = recover(&bank_a, &cache);
     let reports = r.ok().json();
-    assert_eq!(reports.as_array().unwrap().len(), 1, "{reports}");
-    let v = reports[0]["version"].as_str().unwrap();
+    assert_eq!(
+        reports["recovered"].as_array().unwrap().len(),
+        1,
+        "{reports}"
+    );
+    let v = reports["recovered"][0]["version"].as_str().unwrap();
     let mut expected = img_a.clone();
     apply(&mut expected, CS, &w);
     assert_same_bytes(
@@ -1210,7 +1222,7 @@ fn crashed_session_whose_pid_was_reused_is_recovered() {
     // now looks younger than the session, but it holds the overlay open, so it is alive
     // and `recover` must leave it alone.
     edit_meta(&|m| m["started_ms"] = (m["started_ms"].as_i64().unwrap() - 60_000).into());
-    assert_eq!(recover(&bank, &cache).ok().json(), serde_json::json!([]));
+    assert_eq!(recover(&bank, &cache).ok().json(), nothing_recovered());
     assert_eq!(sessions(&cache).len(), 1);
     Script::new(&bank).expect(CS, &w).run(&a.uri());
     a.kill9();
