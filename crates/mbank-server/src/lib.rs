@@ -12,7 +12,19 @@
 //! not exist. A chunk is readable by a user who sent its bytes, or whose committed or
 //! published versions reference it; a commit may only reference chunks its user can
 //! read, so knowing an id grants nothing. Storage is shared: a chunk sent by a second
-//! user is verified and counted against their quota, and stored once.
+//! user is verified and counted against their quota, and stored once. `/metrics` is for
+//! administrators: its bank-wide counts would tell a user what others store.
+//!
+//! ## Under abuse
+//!
+//! Nothing a client without a valid token sends is held: [`gate`] checks the token from
+//! the headers before reading a body, refuses an oversized `Content-Length` unread, and
+//! reads bodies only within a memory budget and a deadline. The connection loop
+//! (`conn.rs`) bounds connections in total and per address and closes those that send
+//! no headers or idle too long (hyper's header timeout). Logins hash on a few threads
+//! behind a short queue and back off per address and per user (`limits.rs`). A
+//! `chunks/get` answer is streamed, each id once, up to a byte cap. docs/api.md lists
+//! the limits and their answers.
 
 mod conn;
 mod error;
