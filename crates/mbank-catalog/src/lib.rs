@@ -154,6 +154,12 @@ impl CatalogError {
             if matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
     }
 
+    /// True when SQLite refused a row that breaks a constraint (a version id taken).
+    pub fn is_constraint(&self) -> bool {
+        matches!(self, CatalogError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. }
+            if e.code == rusqlite::ErrorCode::ConstraintViolation)
+    }
+
     /// True when SQLite failed because the disk is full.
     pub fn is_disk_full(&self) -> bool {
         matches!(self, CatalogError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. }
