@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use mbank_bank::{Bank, ImportOptions, Progress};
 use mbank_core::{MachineName, MachineRef};
 use mbank_nbd::ServerOptions;
-use mbank_station::device::NbdDisk;
+use mbank_station::device::{Disk, NbdDisk};
 use mbank_station::{SessionReport, Station};
 use mbank_store::ChunkStore;
 
@@ -81,6 +81,31 @@ pub fn report_recovery(r: &mbank_station::Recovery, say: &dyn Fn(String)) {
     for p in &r.problems {
         say(format!("warning: {p}"));
     }
+}
+
+/// The error of a failed check-in: what failed, that the session's writes are kept on
+/// this station and where, and the command that checks them in once the cause is fixed.
+/// `lost` says what the session had that the writes do not hold (a saved memory state),
+/// if anything.
+pub fn checkin_failed(
+    e: impl Into<anyhow::Error>,
+    bank: &Bank,
+    station: &Station,
+    disk: &Disk,
+    lost: Option<&str>,
+) -> anyhow::Error {
+    let e = e.into();
+    anyhow::anyhow!(
+        "the check-in of {} failed: {}; the session's writes are kept on this station in {}{}; \
+         once the cause is fixed, run `mbank --bank {} --cache {} recover` to check them in \
+         (the next `mbank attach` or `mbank run` with this bank on this station does it too)",
+        disk.meta.machine,
+        crate::run::flatten(&e),
+        disk.dir.dir.display(),
+        lost.map(|l| format!(" ({l})")).unwrap_or_default(),
+        bank.location(),
+        station.dir.display(),
+    )
 }
 
 /// Keeps the session's lease fresh (every 30 s, on its own catalog connection) until
@@ -241,7 +266,9 @@ pub fn run(
             ..Default::default()
         });
     }
-    let report = station.check_in(bank, &disk, &opts, progress)?;
+    let report = station
+        .check_in(bank, &disk, &opts, progress)
+        .map_err(|e| checkin_failed(e, bank, station, &disk, None))?;
     say(describe(&report));
     Ok(report)
 }
