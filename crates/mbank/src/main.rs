@@ -571,6 +571,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 json_out(&r)?;
             } else {
+                for d in &r.damaged_databases {
+                    println!("damaged database {}:", d.file);
+                    for p in &d.problems {
+                        println!("  {p}");
+                    }
+                    println!("  {}", d.advice);
+                }
+                for d in &r.damaged_records {
+                    println!("damaged record: {}: {}", d.record, d.problem);
+                }
                 for d in &r.damaged_indexes {
                     println!("damaged index: {}: {}", d.version, d.problem);
                 }
@@ -598,12 +608,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .iter()
                     .flat_map(|d| d.needed_by.iter().map(String::as_str))
                     .chain(r.damaged_indexes.iter().map(|d| d.version.as_str()))
+                    .chain(
+                        r.damaged_records
+                            .iter()
+                            .map(|d| d.record.as_str())
+                            .filter(|v| v.contains('@')),
+                    )
                     .collect();
                 eprintln!(
-                    "mbank: verify found {} damaged chunks and {} damaged indexes, affecting {} versions; \
-                     importing the original images again repairs damaged chunks",
+                    "mbank: verify found {} damaged chunks, {} damaged indexes, {} damaged catalog records \
+                     and {} damaged databases, affecting {} versions; importing the original images again \
+                     repairs damaged chunks; a damaged catalog is restored from a backup",
                     r.damaged_chunks.len(),
                     r.damaged_indexes.len(),
+                    r.damaged_records.len(),
+                    r.damaged_databases.len(),
                     versions.len()
                 );
                 return Ok(ExitCode::from(3));
