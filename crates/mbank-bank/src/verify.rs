@@ -184,9 +184,13 @@ fn writer_is_alive(w: &WriterInfo, host: &str) -> bool {
 }
 
 impl Bank {
-    /// Re-hashes every chunk reachable from every version (or one machine's versions).
-    /// Damaged chunks are moved aside (if the bank is writable) and reported with every
-    /// version that needs them.
+    /// Checks the catalog (SQLite's integrity check of `catalog.db` and `access.db`,
+    /// every record against its checksum, the links between records), then re-hashes
+    /// every chunk reachable from every version (or one machine's versions). Damaged
+    /// chunks are moved aside (if the bank is writable) and reported with every version
+    /// that needs them when verify finishes: a chunk no version needs by then (its
+    /// version removed by `rm` and `gc` meanwhile) is not damage, nor one that reads
+    /// well on a second try.
     pub fn verify(
         &self,
         machine: Option<&MachineName>,

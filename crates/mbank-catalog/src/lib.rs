@@ -850,15 +850,7 @@ impl Catalog {
     /// The disk index of a version.
     /// Refuses a version whose record fails its checksum.
     pub fn disk_index(&self, v: &VersionInfo) -> Result<DiskIndex, CatalogError> {
-        self.check_record(v)?;
-        let bytes: Vec<u8> = self
-            .conn
-            .query_row(
-                "SELECT disk_index FROM versions WHERE id = ?1",
-                params![&v.id.as_bytes()[..]],
-                |r| r.get(0),
-            )
-            .map_err(sql("read the index"))?;
+        let bytes = self.checked_index_bytes(v)?;
         DiskIndex::from_bytes(&bytes).map_err(|source| CatalogError::BadIndex {
             machine: v.machine.to_string(),
             version: v.id,

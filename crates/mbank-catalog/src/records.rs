@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use mbank_core::MachineName;
 use rusqlite::types::ValueRef;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, params};
 use serde::{Deserialize, Serialize};
 
 use crate::{Catalog, CatalogError, VersionInfo, sql};
@@ -22,8 +22,11 @@ const VERSION_DOMAIN: &[u8] = b"mbank version record 1\0";
 const MACHINE_DOMAIN: &[u8] = b"mbank machine record 1\0";
 const STREAM_TAG: &[u8] = b"S";
 
-/// The columns of a `versions` row its checksum covers, in order (after `rowid`).
-const VERSION_SUMMED: &str = "rowid, id, machine, parent, created_ms, disk_size, chunk_size, stats, config, substr(disk_index, -32)";
+/// The columns of a `versions` row its checksum covers, in order (after `rowid`). Of
+/// the last, the index, only its final 32 bytes (its trailer) count; it is read whole
+/// so that [`Catalog::disk_index`] reads it once.
+const VERSION_SUMMED: &str =
+    "rowid, id, machine, parent, created_ms, disk_size, chunk_size, stats, config, disk_index";
 /// Number of summed columns, not counting `rowid`.
 const VERSION_SUMMED_N: usize = 9;
 /// The columns of a `machines` row its checksum covers, in order.
@@ -76,9 +79,10 @@ fn hash_value(h: &mut blake3::Hasher, v: ValueRef<'_>) {
 fn version_sum(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Result<[u8; 32]> {
     let mut h = blake3::Hasher::new();
     h.update(VERSION_DOMAIN);
-    for i in 1..=VERSION_SUMMED_N {
+    for i in 1..VERSION_SUMMED_N {
         hash_value(&mut h, r.get_ref(i)?);
     }
+    hash_value(&mut h, trailer(r.get_ref(VERSION_SUMMED_N)?));
     let rowid: i64 = r.get(0)?;
     let mut st = conn.prepare_cached(
         "SELECT name, len, substr(idx, -32) FROM version_streams
@@ -92,6 +96,15 @@ fn version_sum(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Result<[u8
         }
     }
     Ok(*h.finalize().as_bytes())
+}
+
+/// An index's last 32 bytes (all of it if shorter), as SQL's `substr(idx, -32)` of a
+/// blob gives them.
+fn trailer(v: ValueRef<'_>) -> ValueRef<'_> {
+    match v {
+        ValueRef::Blob(b) => ValueRef::Blob(&b[b.len().saturating_sub(32)..]),
+        other => other,
+    }
 }
 
 /// The checksum of the `machines` row `r` (selected as [`MACHINE_SUMMED`]).
@@ -210,32 +223,42 @@ fn text(v: ValueRef<'_>) -> String {
 }
 
 impl Catalog {
-    /// Refuses version `v` if its record fails its checksum (see the crate docs).
-    pub(crate) fn check_record(&self, v: &VersionInfo) -> Result<(), CatalogError> {
-        if self.schema < 4 {
-            return Ok(());
-        }
-        let why = self
+    /// The bytes of version `v`'s disk index, read in one query with its record, which
+    /// must match its checksum (see the crate docs).
+    pub(crate) fn checked_index_bytes(&self, v: &VersionInfo) -> Result<Vec<u8>, CatalogError> {
+        let checked = self.schema >= 4;
+        let sum_col = if checked { "sum" } else { "NULL" };
+        let (bytes, why) = self
             .conn
             .query_row(
-                &format!("SELECT {VERSION_SUMMED}, sum FROM versions WHERE id = ?1"),
+                &format!("SELECT {VERSION_SUMMED}, {sum_col} FROM versions WHERE id = ?1"),
                 params![&v.id.as_bytes()[..]],
                 |r| {
-                    let sum = version_sum(&self.conn, r)?;
-                    Ok(judge(r.get_ref(VERSION_SUMMED_N + 1)?, &sum))
+                    let why = if checked {
+                        judge(
+                            r.get_ref(VERSION_SUMMED_N + 1)?,
+                            &version_sum(&self.conn, r)?,
+                        )
+                    } else {
+                        None
+                    };
+                    Ok((r.get::<_, Vec<u8>>(VERSION_SUMMED_N)?, why))
                 },
             )
-            .optional()
-            .map_err(sql("check the version's record"))?
-            .flatten();
+            .map_err(sql("read the index"))?;
         match why {
-            None => Ok(()),
+            None => Ok(bytes),
             Some(why) => Err(CatalogError::RecordDamaged {
                 machine: v.machine.to_string(),
                 version: v.id,
                 why,
             }),
         }
+    }
+
+    /// Refuses version `v` if its record fails its checksum.
+    pub(crate) fn check_record(&self, v: &VersionInfo) -> Result<(), CatalogError> {
+        self.checked_index_bytes(v).map(drop)
     }
 
     /// Checks every version's and machine's record against its checksum (or those of

@@ -129,7 +129,8 @@ enum Cmd {
     ///
     /// Damaged chunks are moved aside into <bank>/corrupt and listed with every version
     /// that needs them; the exit status is then 3. Importing the original image again
-    /// puts a good copy back.
+    /// puts a good copy back. The catalog is checked too (SQLite's integrity check, each
+    /// version's record against its checksum).
     Verify {
         machine: Option<MachineName>,
         #[arg(long)]
