@@ -138,7 +138,8 @@ enum Cmd {
     ///
     /// Damaged chunks are moved aside into <bank>/corrupt and listed with every version
     /// that needs them; the exit status is then 3. `mbank import --repair MACHINE IMAGE`
-    /// with the image a version was made from puts good copies back.
+    /// with the image a version was made from puts good copies back. The catalog is
+    /// checked too (SQLite's integrity check, each version's record against its checksum).
     Verify {
         machine: Option<MachineName>,
         #[arg(long)]
@@ -623,6 +624,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 json_out(&r)?;
             } else {
+                for d in &r.damaged_databases {
+                    outln!("damaged database {}:", d.file)?;
+                    for p in &d.problems {
+                        outln!("  {p}")?;
+                    }
+                    outln!("  {}", d.advice)?;
+                }
+                for d in &r.damaged_records {
+                    outln!("damaged record: {}: {}", d.record, d.problem)?;
+                }
                 for d in &r.damaged_indexes {
                     outln!("damaged index: {}: {}", d.version, d.problem)?;
                 }
@@ -650,11 +661,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .iter()
                     .flat_map(|d| d.needed_by.iter().map(String::as_str))
                     .chain(r.damaged_indexes.iter().map(|d| d.version.as_str()))
+                    .chain(
+                        r.damaged_records
+                            .iter()
+                            .map(|d| d.record.as_str())
+                            .filter(|v| v.contains('@')),
+                    )
                     .collect();
                 out::say(&format!(
-                    "mbank: verify found {} damaged chunks and {} damaged indexes, affecting {} versions",
+                    "mbank: verify found {} damaged chunks, {} damaged indexes, {} damaged catalog records \
+                     and {} damaged databases, affecting {} versions; a damaged catalog is restored from a backup",
                     r.damaged_chunks.len(),
                     r.damaged_indexes.len(),
+                    r.damaged_records.len(),
+                    r.damaged_databases.len(),
                     versions.len()
                 ));
                 // A version is named user/name@ID, with " (stream)" for a memory state,
