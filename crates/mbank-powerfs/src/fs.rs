@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::model::{Attr, Model, Res};
@@ -338,8 +338,7 @@ impl Filesystem for PowerFs {
             (OsString::from("."), ino.0, true),
             (OsString::from(".."), ino.0, true),
         ];
-        for (i, (name, child, dir)) in dots.iter().chain(list).enumerate().skip(offset as usize)
-        {
+        for (i, (name, child, dir)) in dots.iter().chain(list).enumerate().skip(offset as usize) {
             let kind = if *dir {
                 FileType::Directory
             } else {

@@ -107,6 +107,12 @@ impl PowerMount {
         self.m().cut();
     }
 
+    /// Cuts the power by itself after `n` more changing or syncing operations: the
+    /// one after them fails with EIO, and so does every later one.
+    pub fn cut_after(&self, n: u64) {
+        self.m().cut_after(n);
+    }
+
     /// True once the power was cut (by [`PowerMount::cut`] or by itself).
     pub fn is_cut(&self) -> bool {
         self.m().is_cut()

@@ -11,7 +11,8 @@ use std::process::ExitCode;
 
 use mbank_powerfs::{Metadata, Options, PowerMount};
 
-const USAGE: &str = "usage: mbank-powerfs MOUNTPOINT DUMP_DIR [--journal] [--keep-unsynced SEED] [--cut-after N]";
+const USAGE: &str =
+    "usage: mbank-powerfs MOUNTPOINT DUMP_DIR [--journal] [--keep-unsynced SEED] [--cut-after N]";
 
 fn parse() -> Result<(PathBuf, PathBuf, Options), String> {
     let mut args = std::env::args_os().skip(1);

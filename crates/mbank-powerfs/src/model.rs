@@ -152,6 +152,12 @@ impl Model {
         }
     }
 
+    /// Cuts by itself after `n` more changing or syncing operations (see
+    /// [`Options::cut_after`]).
+    pub fn cut_after(&mut self, n: u64) {
+        self.opts.cut_after = Some(self.ops + n);
+    }
+
     /// True once the power was cut.
     pub fn is_cut(&self) -> bool {
         self.cut
@@ -425,7 +431,7 @@ impl Model {
     /// Zeros `[off, end)` inside the file (a punched hole; the size stays). Whole pages
     /// are dropped, found through the maps, so a huge range costs only its pages.
     fn zero_range(f: &mut FileData, off: u64, end: u64) {
-        let mut zero_part = |f: &mut FileData, p: u64, a: u64, b: u64| {
+        let zero_part = |f: &mut FileData, p: u64, a: u64, b: u64| {
             if let Some(page) = f.pages.get_mut(&p) {
                 Arc::make_mut(page)[a as usize..b as usize].fill(0);
             }
@@ -686,7 +692,10 @@ mod tests {
         m.cut();
         let d = dumped(&m);
         assert_eq!(fs::read(d.path().join("f")).unwrap(), b"synced");
-        assert!(!d.path().join("g").exists(), "g's directory was never synced");
+        assert!(
+            !d.path().join("g").exists(),
+            "g's directory was never synced"
+        );
     }
 
     #[test]
@@ -713,14 +722,19 @@ mod tests {
         let write_atomic = |m: &mut Model, data: &[u8], sync: bool| {
             let t = match m.lookup(ROOT, name("x.tmp")) {
                 Ok(a) => a.ino,
-                Err(_) => m.create(ROOT, name("x.tmp"), false, 0o644, 0, 0).unwrap().ino,
+                Err(_) => {
+                    m.create(ROOT, name("x.tmp"), false, 0o644, 0, 0)
+                        .unwrap()
+                        .ino
+                }
             };
             m.truncate(t, 0).unwrap();
             m.write(t, 0, data).unwrap();
             if sync {
                 m.sync_file(t).unwrap();
             }
-            m.rename(ROOT, name("x.tmp"), ROOT, name("x"), false).unwrap();
+            m.rename(ROOT, name("x.tmp"), ROOT, name("x"), false)
+                .unwrap();
             m.sync_dir(ROOT).unwrap();
         };
         write_atomic(&mut m, b"one", true);
@@ -812,11 +826,17 @@ mod tests {
         let mut m = Model::new(opts(Metadata::Posix));
         let d = m.create(ROOT, name("d"), true, 0o755, 0, 0).unwrap().ino;
         m.create(d, name("f"), false, 0o644, 0, 0).unwrap();
-        assert_eq!(m.create(d, name("f"), false, 0o644, 0, 0).err(), Some(libc::EEXIST));
+        assert_eq!(
+            m.create(d, name("f"), false, 0o644, 0, 0).err(),
+            Some(libc::EEXIST)
+        );
         assert_eq!(m.remove(ROOT, name("d"), true), Err(libc::ENOTEMPTY));
         assert_eq!(m.remove(ROOT, name("d"), false), Err(libc::EISDIR));
         m.create(ROOT, name("g"), false, 0o644, 0, 0).unwrap();
-        assert_eq!(m.rename(ROOT, name("g"), d, name("f"), true), Err(libc::EEXIST));
+        assert_eq!(
+            m.rename(ROOT, name("g"), d, name("f"), true),
+            Err(libc::EEXIST)
+        );
         m.rename(ROOT, name("g"), d, name("f"), false).unwrap();
         assert_eq!(m.list(d).unwrap().len(), 1);
         m.remove(d, name("f"), false).unwrap();

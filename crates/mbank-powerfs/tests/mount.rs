@@ -65,7 +65,10 @@ fn synced_writes_survive_a_cut_and_the_rest_do_not() {
     fs::rename(sessions.join("dirty.tmp"), sessions.join("dirty")).unwrap();
     File::open(&sessions).unwrap().sync_all().unwrap();
     // Make the session directory's own names durable up to the root.
-    File::open(dir.join("sessions")).unwrap().sync_all().unwrap();
+    File::open(dir.join("sessions"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
     File::open(&dir).unwrap().sync_all().unwrap();
     // Never synced.
     fs::write(sessions.join("late"), b"lost").unwrap();
@@ -75,7 +78,10 @@ fn synced_writes_survive_a_cut_and_the_rest_do_not() {
     m.cut();
     let e = overlay.write_all_at(b"x", 0).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
-    assert_eq!(overlay.sync_data().unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert_eq!(
+        overlay.sync_data().unwrap_err().raw_os_error(),
+        Some(libc::EIO)
+    );
     drop(overlay);
     let out = t.path().join("out");
     fs::create_dir(&out).unwrap();
@@ -84,7 +90,11 @@ fn synced_writes_survive_a_cut_and_the_rest_do_not() {
 
     let s = out.join("sessions/s1");
     assert_eq!(fs::read(s.join("dirty")).unwrap(), b"map");
-    assert_eq!(fs::read(s.join("late")).unwrap(), b"", "named, never synced");
+    assert_eq!(
+        fs::read(s.join("late")).unwrap(),
+        b"",
+        "named, never synced"
+    );
     let o = File::open(s.join("overlay")).unwrap();
     assert_eq!(o.metadata().unwrap().len(), 1 << 30);
     let mut got = vec![0u8; 90000];
@@ -92,7 +102,10 @@ fn synced_writes_survive_a_cut_and_the_rest_do_not() {
     let mut want = vec![0u8; 90000];
     want[12345..12345 + 70000].fill(1);
     want[20000..30000].fill(0);
-    assert!(got == want, "the overlay holds what was synced, not the later write");
+    assert!(
+        got == want,
+        "the overlay holds what was synced, not the later write"
+    );
     // Sparse: only the written pages take room.
     use std::os::unix::fs::MetadataExt;
     assert!(o.metadata().unwrap().blocks() * 512 < 1 << 20);
@@ -119,4 +132,39 @@ fn posix_metadata_loses_an_unsynced_directory_and_a_journal_keeps_it() {
             Metadata::Journal => assert_eq!(found.as_deref(), Some(&b"{}"[..])),
         }
     }
+}
+
+#[test]
+fn the_binary_cuts_on_sigusr1_and_dumps_the_durable_state() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "run as root: it mounts FUSE");
+    let t = tempfile::tempdir().unwrap();
+    let (mnt, out) = (t.path().join("mnt"), t.path().join("out"));
+    fs::create_dir(&mnt).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mbank-powerfs"))
+        .arg(&mnt)
+        .arg(&out)
+        .arg("--journal")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.starts_with("mounted "), "{first}");
+    let mut f = File::create(mnt.join("kept")).unwrap();
+    f.write_all(b"synced").unwrap();
+    f.sync_all().unwrap();
+    f.write_all(b" and not").unwrap();
+    drop(f);
+    // SAFETY: kill(2) on our own child; no memory is involved.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGUSR1) },
+        0
+    );
+    let last = lines.next().unwrap().unwrap();
+    assert!(last.ends_with("(cut)"), "{last}");
+    assert!(child.wait().unwrap().success());
+    assert_eq!(fs::read(out.join("kept")).unwrap(), b"synced");
 }
