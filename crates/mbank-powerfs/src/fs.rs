@@ -20,9 +20,12 @@ use crate::model::{Attr, Model, Res};
 /// be found, but every operation that reaches the file system fails.
 const TTL: Duration = Duration::from_secs(1);
 
+/// A directory's entries as `opendir` took them: (name, inode, is a directory).
+type Listing = Vec<(OsString, u64, bool)>;
+
 pub(crate) struct PowerFs {
     pub(crate) model: Arc<Mutex<Model>>,
-    listings: Mutex<HashMap<u64, Vec<(OsString, u64, bool)>>>,
+    listings: Mutex<HashMap<u64, Listing>>,
     next_fh: Mutex<u64>,
 }
 

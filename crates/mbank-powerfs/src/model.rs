@@ -438,10 +438,10 @@ impl Model {
             f.unsynced.insert(p);
         };
         let (first, last) = (off / PAGE, end.div_ceil(PAGE));
-        if off % PAGE != 0 || end - off < PAGE {
+        if !off.is_multiple_of(PAGE) || end - off < PAGE {
             zero_part(f, first, off % PAGE, (end - first * PAGE).min(PAGE));
         }
-        if end % PAGE != 0 && last - 1 > first {
+        if !end.is_multiple_of(PAGE) && last - 1 > first {
             zero_part(f, last - 1, 0, end % PAGE);
         }
         let whole = off.div_ceil(PAGE)..end / PAGE;

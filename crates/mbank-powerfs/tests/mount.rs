@@ -11,9 +11,9 @@ use mbank_powerfs::{Metadata, Options, PowerMount};
 
 fn mount(metadata: Metadata) -> (tempfile::TempDir, PowerMount) {
     // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
     assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+        uid, 0,
         "this test mounts a FUSE file system: run it as root (CI does)"
     );
     let t = tempfile::tempdir().unwrap();
@@ -139,7 +139,8 @@ fn the_binary_cuts_on_sigusr1_and_dumps_the_durable_state() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "run as root: it mounts FUSE");
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(uid, 0, "run as root: it mounts FUSE");
     let t = tempfile::tempdir().unwrap();
     let (mnt, out) = (t.path().join("mnt"), t.path().join("out"));
     fs::create_dir(&mnt).unwrap();
@@ -159,10 +160,8 @@ fn the_binary_cuts_on_sigusr1_and_dumps_the_durable_state() {
     f.write_all(b" and not").unwrap();
     drop(f);
     // SAFETY: kill(2) on our own child; no memory is involved.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGUSR1) },
-        0
-    );
+    let r = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGUSR1) };
+    assert_eq!(r, 0, "cannot signal mbank-powerfs");
     let last = lines.next().unwrap().unwrap();
     assert!(last.ends_with("(cut)"), "{last}");
     assert!(child.wait().unwrap().success());
