@@ -121,6 +121,38 @@ fn host() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// The id in a station marker's text, if it is one.
+fn parse_marker(t: &str) -> Option<String> {
+    let mut lines = t.lines();
+    if lines.next().map(str::trim) != Some(&format!("{STATION_MAGIC} 1")) {
+        return None;
+    }
+    lines
+        .find_map(|l| l.strip_prefix("id "))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Writes the station marker durably (temp file, fsync, rename, fsync the directory)
+/// with `id`, or a new random one; returns the id.
+fn write_marker(dir: &Path, marker: &Path, id: Option<String>) -> Result<String, StationError> {
+    use std::io::Write;
+    let id = id.unwrap_or_else(random_hex);
+    let tmp = dir.join(".STATION.tmp");
+    (|| -> std::io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(format!("{STATION_MAGIC} 1\nid {id}\n").as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, marker)?;
+        fs::File::open(dir)?.sync_all()
+    })()
+    .map_err(|e| StationError::Io {
+        what: format!("write {}", marker.display()),
+        source: e,
+    })?;
+    Ok(id)
+}
+
 /// True if process `pid` exists and is not a zombie (a killed process whose parent
 /// has not reaped it yet is gone for our purposes).
 fn pid_alive(pid: u32) -> bool {
@@ -246,38 +278,32 @@ impl Station {
 
     /// Opens (creating if needed) the station whose cache is `dir`.
     pub fn open(dir: &Path, cache_size: u64) -> Result<Station, StationError> {
-        fs::create_dir_all(dir.join("sessions")).map_err(|e| StationError::Io {
+        let sessions = dir.join("sessions");
+        let new = !sessions.exists();
+        fs::create_dir_all(&sessions).map_err(|e| StationError::Io {
             what: format!("create the station cache {}", dir.display()),
             source: e,
         })?;
+        if new {
+            // The directories must survive a power loss before sessions go in them.
+            for d in [Some(dir), dir.parent()].into_iter().flatten() {
+                let _ = fs::File::open(d).and_then(|f| f.sync_all());
+            }
+        }
         let marker = dir.join("STATION");
         let id = match fs::read_to_string(&marker) {
-            Ok(t) => {
-                let mut lines = t.lines();
-                if lines.next().map(str::trim) != Some(&format!("{STATION_MAGIC} 1")) {
-                    return Err(StationError::BadSession {
-                        path: marker,
-                        why: "not a station marker".into(),
-                    });
-                }
-                lines
-                    .find_map(|l| l.strip_prefix("id "))
-                    .map(|s| s.trim().to_string())
-                    .ok_or_else(|| StationError::BadSession {
-                        path: marker.clone(),
-                        why: "no id line".into(),
-                    })?
-            }
-            Err(_) => {
-                let id = random_hex();
-                let tmp = dir.join(".STATION.tmp");
-                fs::write(&tmp, format!("{STATION_MAGIC} 1\nid {id}\n"))
-                    .and_then(|_| fs::rename(&tmp, &marker))
-                    .map_err(|e| StationError::Io {
-                        what: format!("write {}", marker.display()),
-                        source: e,
-                    })?;
-                id
+            Ok(t) => match parse_marker(&t) {
+                Some(id) => id,
+                // Damaged (say, empty after a power loss under an older mbank): the
+                // id the station's sessions record, else a new one.
+                None => write_marker(dir, &marker, Self::id_from_sessions(&sessions))?,
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_marker(dir, &marker, None)?,
+            Err(e) => {
+                return Err(StationError::Io {
+                    what: format!("read {}", marker.display()),
+                    source: e,
+                });
             }
         };
         let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
@@ -290,6 +316,17 @@ impl Station {
             },
             id,
             dir,
+        })
+    }
+
+    /// The station id its sessions record, if any session records one.
+    fn id_from_sessions(sessions: &Path) -> Option<String> {
+        fs::read_dir(sessions).ok()?.flatten().find_map(|e| {
+            SessionDir { dir: e.path() }
+                .read_meta()
+                .ok()
+                .map(|m| m.station)
+                .filter(|s| parse_marker(&format!("{STATION_MAGIC} 1\nid {s}\n")).is_some())
         })
     }
 

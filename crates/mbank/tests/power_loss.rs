@@ -390,18 +390,12 @@ fn power_loss_keeps_every_acknowledged_flush_on_a_journaling_fs() {
 
 /// Metadata as POSIX promises it: a name is durable only after its directory's fsync.
 #[test]
-#[ignore = "station bug: SessionDir::create never fsyncs sessions/ after making the \
-            session directory, so a power cut can lose the whole session with its flushed \
-            writes; passes with that fsync added"]
 fn power_loss_keeps_every_acknowledged_flush_with_posix_metadata() {
     rounds(Metadata::Posix, Station::UsedBefore);
 }
 
 /// The power goes during a new station's first session.
 #[test]
-#[ignore = "station bug: Station::open writes STATION without fsync before the rename, so \
-            after a cut it can be there but empty, and every attach and recover then fails \
-            with 'STATION is damaged: not a station marker'; passes with a sync_data added"]
 fn power_loss_in_the_first_session_of_a_new_station() {
     rounds(Metadata::Journal, Station::New);
 }
