@@ -116,6 +116,7 @@ mod errno;
 mod mem;
 pub mod proto;
 mod server;
+mod tls;
 
 pub use device::{BlockDevice, DeviceError, Extent};
 pub use errno::{Failure, Refusal, device_errno, failure_errno};
@@ -125,6 +126,7 @@ pub use server::{
     ServerStats, StatsSnapshot, descriptors, serve_connection, serve_tcp, serve_tcp_listener,
     serve_unix, transmission_flags,
 };
+pub use tls::{TlsConfig, TlsConfigError};
 
 /// True when every byte of `data` is zero.
 pub(crate) fn is_zero(data: &[u8]) -> bool {
