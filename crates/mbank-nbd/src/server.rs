@@ -391,7 +391,8 @@ where
 
 /// Serves `device` on an already bound TCP listener (handy with port 0) until
 /// `shutdown` completes, then lets connections finish their requests in flight.
-/// NBD has no authentication here: bind to loopback or a trusted network only.
+/// Without [`ServerOptions::tls`] nobody is authenticated and nothing is encrypted:
+/// bind to loopback or a trusted network only.
 pub async fn serve_tcp_listener<D, F>(
     listener: TcpListener,
     device: Arc<D>,
