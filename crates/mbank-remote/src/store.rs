@@ -190,17 +190,28 @@ impl ChunkStore for RemoteStore {
             .map_err(|e| store_error(e, Some(id)))
     }
 
-    /// One `POST /v1/chunks/get` per `MAX_GET_MANY` ids.
+    /// `POST /v1/chunks/get` for the distinct ids, `MAX_GET_MANY` at a time; the server
+    /// may answer fewer (its byte cap), and the rest are asked again.
     fn get_raw_many(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>, StoreError> {
-        let mut out = Vec::with_capacity(ids.len());
-        for part in ids.chunks(wire::MAX_GET_MANY) {
+        let mut seen = std::collections::HashMap::new();
+        let distinct: Vec<ChunkId> = ids
+            .iter()
+            .filter(|id| seen.insert(**id, ()).is_none())
+            .copied()
+            .collect();
+        let mut got: std::collections::HashMap<ChunkId, Vec<u8>> =
+            std::collections::HashMap::with_capacity(distinct.len());
+        let mut rest = &distinct[..];
+        while !rest.is_empty() {
+            let part = &rest[..rest.len().min(wire::MAX_GET_MANY)];
             if part.len() == 1 {
-                out.push(self.get_raw(&part[0])?);
+                got.insert(part[0], self.get_raw(&part[0])?);
+                rest = &rest[1..];
                 continue;
             }
             let what = format!("download of {} chunks", part.len());
             let body: Vec<u8> = part.iter().flat_map(|id| *id.as_bytes()).collect();
-            let limit = (part.len() * (4 + MAX_STORED_LEN)) as u64;
+            let limit = (wire::MAX_GET_BYTES + 4 + MAX_STORED_LEN) as u64;
             let answer = self
                 .client
                 .call(
@@ -214,9 +225,23 @@ impl ChunkStore for RemoteStore {
             let chunks = wire::parse_chunks_answer(&answer, part.len()).map_err(|why| {
                 StoreError::Remote(format!("the bank's answer to a {what}: {why}"))
             })?;
-            out.extend(chunks.into_iter().map(<[u8]>::to_vec));
+            let n = chunks.len();
+            for (id, c) in part.iter().zip(chunks) {
+                got.insert(*id, c.to_vec());
+            }
+            rest = &rest[n..];
         }
-        Ok(out)
+        let repeats = distinct.len() != ids.len();
+        ids.iter()
+            .map(|id| {
+                if repeats {
+                    got.get(id).cloned()
+                } else {
+                    got.remove(id)
+                }
+                .ok_or_else(|| StoreError::Remote(format!("chunk {} was not fetched", short(id))))
+            })
+            .collect()
     }
 
     fn quarantine(&self, _id: &ChunkId) -> Result<Option<PathBuf>, StoreError> {

@@ -18,6 +18,9 @@ pub const MAX_BATCH_CHUNKS: usize = 256;
 pub const MAX_BATCH_BYTES: usize = 64 << 20;
 /// Most ids in one `POST /v1/chunks/get`.
 pub const MAX_GET_MANY: usize = 64;
+/// Most bytes in one answer to `POST /v1/chunks/get` (unless its first chunk alone is
+/// larger): the server answers a prefix of the ids asked and the client asks again.
+pub const MAX_GET_BYTES: usize = 64 << 20;
 /// Default and longest token lifetimes.
 pub const DEFAULT_TTL_SECS: u64 = 30 * 24 * 3600;
 pub const MAX_TTL_SECS: u64 = 365 * 24 * 3600;
@@ -210,23 +213,30 @@ pub fn chunks_answer<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> 
     out
 }
 
-/// Splits an answer to `POST /v1/chunks/get` that must hold `n` chunks.
+/// Splits an answer to `POST /v1/chunks/get` that asked for `n` distinct chunks: the
+/// first 1 to `n` of them, whole (the server stops at [`MAX_GET_BYTES`]).
 pub fn parse_chunks_answer(body: &[u8], n: usize) -> Result<Vec<&[u8]>, String> {
     let mut rest = body;
     let mut out = Vec::with_capacity(n);
-    while out.len() < n {
+    while !rest.is_empty() {
+        if out.len() == n {
+            return Err(format!(
+                "{} bytes follow the last of {n} chunks",
+                rest.len()
+            ));
+        }
         let len = rest
             .get(..4)
             .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
-            .ok_or_else(|| format!("it ends after {} of {n} chunks", out.len()))?;
+            .ok_or_else(|| format!("it ends inside the length of chunk {} of {n}", out.len()))?;
         let chunk = rest
             .get(4..4 + len)
             .ok_or_else(|| format!("it ends inside chunk {} of {n}", out.len()))?;
         out.push(chunk);
         rest = &rest[4 + len..];
     }
-    if !rest.is_empty() {
-        return Err(format!("{} bytes follow the last chunk", rest.len()));
+    if out.is_empty() && n > 0 {
+        return Err(format!("it holds none of the {n} chunks asked"));
     }
     Ok(out)
 }
@@ -330,8 +340,11 @@ mod tests {
             vec![&b"abc"[..], &b""[..], &b"z"[..]]
         );
         assert!(parse_chunks_answer(&body, 2).is_err());
-        assert!(parse_chunks_answer(&body, 4).is_err());
-        for cut in 0..body.len() {
+        // A prefix (the server's byte cap) is an answer; a cut inside a chunk is not.
+        assert_eq!(parse_chunks_answer(&body, 4).unwrap().len(), 3);
+        assert_eq!(parse_chunks_answer(&body[..7], 3).unwrap().len(), 1);
+        assert!(parse_chunks_answer(&[], 3).is_err());
+        for cut in (1..body.len()).filter(|c| ![7, 11].contains(c)) {
             assert!(
                 parse_chunks_answer(&body[..cut], 3).is_err(),
                 "cut at {cut}"

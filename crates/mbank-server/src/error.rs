@@ -15,6 +15,8 @@ use mbank_store::StoreError;
 pub struct ApiError {
     pub status: StatusCode,
     pub body: Box<ErrorBody>,
+    /// Seconds for a `Retry-After` header (`429`, `503`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -26,7 +28,14 @@ impl ApiError {
                 message: message.into(),
                 ..Default::default()
             }),
+            retry_after: None,
         }
+    }
+
+    /// The same answer, telling the client to retry after `secs` seconds.
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -88,12 +97,17 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::to_vec(&self.body).unwrap_or_default();
-        (
+        let mut r = (
             self.status,
             [(axum::http::header::CONTENT_TYPE, "application/json")],
             body,
         )
-            .into_response()
+            .into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        r
     }
 }
 

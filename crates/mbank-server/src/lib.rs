@@ -12,9 +12,23 @@
 //! not exist. A chunk is readable by a user who sent its bytes, or whose committed or
 //! published versions reference it; a commit may only reference chunks its user can
 //! read, so knowing an id grants nothing. Storage is shared: a chunk sent by a second
-//! user is verified and counted against their quota, and stored once.
+//! user is verified and counted against their quota, and stored once. `/metrics` is for
+//! administrators: its bank-wide counts would tell a user what others store.
+//!
+//! ## Under abuse
+//!
+//! Nothing a client without a valid token sends is held: [`gate`] checks the token from
+//! the headers before reading a body, refuses an oversized `Content-Length` unread, and
+//! reads bodies only within a memory budget and a deadline. The connection loop
+//! (`conn.rs`) bounds connections in total and per address and closes those that send
+//! no headers or idle too long (hyper's header timeout). Logins hash on a few threads
+//! behind a short queue and back off per address and per user (`limits.rs`). A
+//! `chunks/get` answer is streamed, each id once, up to a byte cap. docs/api.md lists
+//! the limits and their answers.
 
+mod conn;
 mod error;
+mod limits;
 mod metrics;
 mod tls;
 
@@ -29,8 +43,11 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{
+    ConnectInfo, DefaultBodyLimit, FromRequestParts, MatchedPath, Path, Query, Request, State,
+};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -44,6 +61,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use error::ApiError;
+pub use limits::Limits;
+use limits::{BodyBudget, LoginGuard};
 use metrics::Metrics;
 
 /// How `mbank serve` runs.
@@ -55,6 +74,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// PEM certificate chain and key; `None` serves plain HTTP.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Timeouts and caps.
+    pub limits: Limits,
 }
 
 /// The server's shared state.
@@ -65,6 +86,9 @@ struct App {
     access: Mutex<Vec<Access>>,
     metrics: Metrics,
     host: String,
+    limits: Limits,
+    logins: LoginGuard,
+    bodies: BodyBudget,
 }
 
 type Shared = Arc<App>;
@@ -126,20 +150,33 @@ impl App {
     }
 }
 
-/// Runs `f` on the blocking pool after authenticating the request.
+/// Runs `f` for the authenticated `caller` on the blocking pool.
 async fn authed<R: Send + 'static>(
     app: &Shared,
-    headers: &HeaderMap,
+    caller: Caller,
     f: impl FnOnce(&App, &User) -> Result<R, ApiError> + Send + 'static,
 ) -> Result<R, ApiError> {
-    let token = bearer(headers).ok_or_else(ApiError::unauthorized)?;
     let app = app.clone();
-    tokio::task::spawn_blocking(move || {
-        let user = app.access(|a| Ok(a.authenticate(&token)?))?;
-        f(&app, &user)
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("the request's worker failed: {e}")))?
+    tokio::task::spawn_blocking(move || f(&app, &caller.0))
+        .await
+        .map_err(|e| ApiError::internal(format!("the request's worker failed: {e}")))?
+}
+
+/// The user a request's token belongs to, authenticated by [`gate`] from the headers
+/// before any body was read.
+#[derive(Clone)]
+struct Caller(User);
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(ApiError::unauthorized)
+    }
 }
 
 /// What a request does to a machine.
@@ -153,14 +190,14 @@ enum Need {
 /// answer for a machine that does not exist) and, for `Write`, write it.
 async fn on_machine<R: Send + 'static>(
     app: &Shared,
-    headers: &HeaderMap,
+    caller: Caller,
     u: &str,
     n: &str,
     need: Need,
     f: impl FnOnce(&App, &User, &MachineName) -> Result<R, ApiError> + Send + 'static,
 ) -> Result<R, ApiError> {
     let m = machine_name(u, n)?;
-    authed(app, headers, move |app, user| {
+    authed(app, caller, move |app, user| {
         app.readable_machine(user, &m)?;
         if let Need::Write = need {
             app.writable_machine(user, &m)?;
@@ -224,7 +261,6 @@ fn chunk_id(s: &str) -> Result<ChunkId, ApiError> {
 
 /// Builds the router over the bank in `bank_dir`.
 fn router(app: Shared) -> Router {
-    let chunk_limit = MAX_STORED_LEN + 4096;
     Router::new()
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics_text))
@@ -233,12 +269,7 @@ fn router(app: Shared) -> Router {
         .route("/v1/whoami", get(whoami))
         .route("/v1/machines", get(machines))
         .route("/v1/machines/{u}/{n}", get(machine).delete(remove_machine))
-        .route(
-            "/v1/machines/{u}/{n}/versions",
-            get(versions)
-                .post(commit)
-                .layer(DefaultBodyLimit::max(wire::MAX_COMMIT)),
-        )
+        .route("/v1/machines/{u}/{n}/versions", get(versions).post(commit))
         .route("/v1/machines/{u}/{n}/resolve", get(resolve))
         .route(
             "/v1/machines/{u}/{n}/versions/{v}",
@@ -260,15 +291,116 @@ fn router(app: Shared) -> Router {
         .route("/v1/writers/{id}/heartbeat", post(writer_heartbeat))
         .route("/v1/chunks/have", post(have))
         .route("/v1/chunks/get", post(get_chunks))
-        .route(
-            "/v1/chunks",
-            post(put_chunks).layer(DefaultBodyLimit::max(wire::MAX_BATCH_BYTES + 4096)),
-        )
+        .route("/v1/chunks", post(put_chunks))
         .route("/v1/chunks/{id}", get(get_chunk).put(put_chunk))
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/api.md") })
-        .layer(DefaultBodyLimit::max(chunk_limit))
+        // `gate` has read the body within its route's cap (`body_limit`).
+        .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(app.clone(), gate))
         .layer(middleware::from_fn_with_state(app.clone(), observe))
         .with_state(app)
+}
+
+/// The most body bytes a route takes; `None` for a route that reads no body.
+fn body_limit(method: &Method, route: &str) -> Option<usize> {
+    let m = method.as_str();
+    Some(match (m, route) {
+        ("POST", "/v1/chunks") => wire::MAX_BATCH_BYTES + 4096,
+        ("PUT", "/v1/chunks/{id}") => MAX_STORED_LEN,
+        ("POST", "/v1/machines/{u}/{n}/versions") => wire::MAX_COMMIT,
+        ("POST", "/v1/chunks/have") => wire::MAX_HAVE * ChunkId::LEN,
+        ("POST", "/v1/chunks/get") => wire::MAX_GET_MANY * ChunkId::LEN,
+        ("POST", _) | ("PUT", _) => wire::MAX_JSON,
+        _ => return None,
+    })
+}
+
+/// Runs before every handler, in this order, so that nobody can make the server hold
+/// memory or a worker without a valid token:
+///
+/// 1. authenticates the token from the headers (all routes but login, health and
+///    unknown paths), answering `401` before any of the body is read;
+/// 2. refuses a `Content-Length` over the route's cap (`413`), still unread;
+/// 3. waits (bounded) for the body's share of [`Limits::body_memory`] (`503`);
+/// 4. reads the body within [`Limits::body_timeout`] plus a second per MiB (`408`).
+async fn gate(State(app): State<Shared>, mut req: Request, next: Next) -> Response {
+    let Some(route) = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+    else {
+        return next.run(req).await;
+    };
+    if !matches!(route.as_str(), "/v1/login" | "/v1/health") {
+        let Some(token) = bearer(req.headers()) else {
+            return ApiError::unauthorized().into_response();
+        };
+        let a = app.clone();
+        let user = tokio::task::spawn_blocking(move || a.access(|x| Ok(x.authenticate(&token)?)))
+            .await
+            .map_err(|e| ApiError::internal(format!("the request's worker failed: {e}")))
+            .and_then(|r| r);
+        match user {
+            Ok(u) => {
+                req.extensions_mut().insert(Caller(u));
+            }
+            Err(e) => return e.into_response(),
+        }
+    }
+    let Some(limit) = body_limit(req.method(), &route) else {
+        return next.run(req).await;
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return ApiError::too_large(format!(
+            "the request body has {} bytes; {} {route} takes at most {limit}",
+            declared.unwrap_or(0),
+            req.method()
+        ))
+        .into_response();
+    }
+    // Without a length (chunked), the body may be as large as the cap.
+    let len = declared.map_or(limit, |n| n as usize);
+    let permit = match app.bodies.reserve(len, app.limits.body_timeout).await {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let (parts, body) = req.into_parts();
+    let deadline = app.limits.body_timeout + Duration::from_secs((len >> 20) as u64);
+    let bytes = match tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            let e = e.into_inner();
+            return if e.is::<http_body_util::LengthLimitError>() {
+                ApiError::too_large(format!(
+                    "{} {route} takes at most {limit} bytes",
+                    parts.method
+                ))
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {e}"))
+            }
+            .into_response();
+        }
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!(
+                    "the request body did not arrive within {} s; send it faster or in smaller parts",
+                    deadline.as_secs()
+                ),
+            )
+            .into_response();
+        }
+    };
+    let resp = next
+        .run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await;
+    drop(permit);
+    resp
 }
 
 /// Counts and logs every request (one structured line each).
@@ -345,7 +477,15 @@ async fn health() -> Response {
     })
 }
 
-async fn metrics_text(State(app): State<Shared>) -> Result<Response, ApiError> {
+/// `GET /metrics`, for administrators only: its bank-wide counts (deduplication above
+/// all) would tell a user what others store.
+async fn metrics_text(State(app): State<Shared>, caller: Caller) -> Result<Response, ApiError> {
+    if !caller.0.admin {
+        return Err(ApiError::forbidden(format!(
+            "/metrics shows bank-wide counts and is for administrators; {} is not one (scrape it with an administrator's token)",
+            caller.0.name
+        )));
+    }
     let a = app.clone();
     let (sessions, machines, users) = tokio::task::spawn_blocking(move || {
         let (sessions, machines) = a.catalog(|c| {
@@ -368,8 +508,12 @@ async fn metrics_text(State(app): State<Shared>) -> Result<Response, ApiError> {
         .into_response())
 }
 
+/// `POST /v1/login`: refused at once (`429`) while the user or the address is in
+/// backoff after failed logins; else waits for a password-hash slot (`503` when the
+/// queue is full) and checks the password.
 async fn login(
     State(app): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: wire::LoginRequest = parse_json(&body(b)?)?;
@@ -378,21 +522,30 @@ async fn login(
             .unwrap_or(wire::DEFAULT_TTL_SECS)
             .min(wire::MAX_TTL_SECS),
     );
+    let addr = peer.ip();
+    if let Err(e) = app.logins.check(&req.user, addr) {
+        app.metrics.login_failures.fetch_add(1, Relaxed);
+        tracing::warn!(user = %req.user, %addr, "login refused: in backoff after failed logins");
+        return Err(e);
+    }
     let a = app.clone();
-    let r = tokio::task::spawn_blocking(move || {
-        a.access(|x| {
-            Ok(x.login(
-                &req.user,
-                &req.password,
-                ttl,
-                req.label.as_deref().unwrap_or(""),
-            )?)
+    let user = req.user.clone();
+    let r = app
+        .logins
+        .hash(move || {
+            a.access(|x| {
+                Ok(x.login(
+                    &req.user,
+                    &req.password,
+                    ttl,
+                    req.label.as_deref().unwrap_or(""),
+                )?)
+            })
         })
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?;
+        .await?;
     match r {
         Ok(t) => {
+            app.logins.succeeded(&user);
             app.metrics.logins.fetch_add(1, Relaxed);
             Ok(json(&wire::LoginResponse {
                 token: t.token,
@@ -400,23 +553,31 @@ async fn login(
             }))
         }
         Err(e) => {
+            if e.status == StatusCode::UNAUTHORIZED {
+                app.logins.failed(&user, addr);
+                tracing::warn!(%user, %addr, "login failed: wrong user or password");
+            }
             app.metrics.login_failures.fetch_add(1, Relaxed);
             Err(e)
         }
     }
 }
 
-async fn logout(State(app): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn logout(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    caller: Caller,
+) -> Result<Response, ApiError> {
     let token = bearer(&headers).ok_or_else(ApiError::unauthorized)?;
-    authed(&app, &headers, move |app, _| {
+    authed(&app, caller, move |app, _| {
         app.access(|a| Ok(a.revoke_token(&token)?))?;
         Ok(StatusCode::NO_CONTENT.into_response())
     })
     .await
 }
 
-async fn whoami(State(app): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
-    authed(&app, &headers, |app, user| {
+async fn whoami(State(app): State<Shared>, caller: Caller) -> Result<Response, ApiError> {
+    authed(&app, caller, |app, user| {
         let used = app.access(|a| Ok(a.usage(&user.name)?))?;
         Ok(json(&wire::WhoAmI {
             user: user.name.clone(),
@@ -428,8 +589,8 @@ async fn whoami(State(app): State<Shared>, headers: HeaderMap) -> Result<Respons
     .await
 }
 
-async fn machines(State(app): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
-    authed(&app, &headers, |app, user| {
+async fn machines(State(app): State<Shared>, caller: Caller) -> Result<Response, ApiError> {
+    authed(&app, caller, |app, user| {
         let all = app.catalog(|c| Ok(c.machines()?))?;
         let mut out = Vec::new();
         app.access(|a| {
@@ -447,10 +608,10 @@ async fn machines(State(app): State<Shared>, headers: HeaderMap) -> Result<Respo
 
 async fn machine(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     Path((u, n)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    on_machine(&app, &headers, &u, &n, Need::Read, |app, _, m| {
+    on_machine(&app, caller, &u, &n, Need::Read, |app, _, m| {
         match app.catalog(|c| Ok(c.machine(m)?))? {
             Some(info) => Ok(json(&info)),
             None => Err(ApiError::no_machine(m.as_str())),
@@ -461,10 +622,10 @@ async fn machine(
 
 async fn versions(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     Path((u, n)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    on_machine(&app, &headers, &u, &n, Need::Read, |app, _, m| {
+    on_machine(&app, caller, &u, &n, Need::Read, |app, _, m| {
         if app.catalog(|c| Ok(c.machine(m)?))?.is_none() {
             return Err(ApiError::no_machine(m.as_str()));
         }
@@ -480,12 +641,12 @@ struct VersionQuery {
 
 async fn resolve(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     Path((u, n)): Path<(String, String)>,
     q: Result<Query<VersionQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::bad_request(e.to_string()))?;
-    on_machine(&app, &headers, &u, &n, Need::Read, move |app, _, m| {
+    on_machine(&app, caller, &u, &n, Need::Read, move |app, _, m| {
         Ok(json(
             &app.catalog(|c| Ok(c.resolve(m, q.version.as_deref())?))?,
         ))
@@ -515,11 +676,11 @@ fn exact_version(
 
 async fn index(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     Path((u, n, v)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     let (m, v) = (machine_name(&u, &n)?, version_id(&v)?);
-    authed(&app, &headers, move |app, user| {
+    authed(&app, caller, move |app, user| {
         let info = exact_version(app, user, &m, v)?;
         let idx = app.catalog(|c| Ok(c.disk_index(&info)?))?;
         Ok(binary(idx.to_bytes()))
@@ -529,11 +690,11 @@ async fn index(
 
 async fn stream(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     Path((u, n, v, s)): Path<(String, String, String, String)>,
 ) -> Result<Response, ApiError> {
     let (m, v) = (machine_name(&u, &n)?, version_id(&v)?);
-    authed(&app, &headers, move |app, user| {
+    authed(&app, caller, move |app, user| {
         let info = exact_version(app, user, &m, v)?;
         match app.catalog(|c| Ok(c.stream(&info, &s)?))? {
             Some(idx) => Ok(binary(idx.to_bytes())),
@@ -548,13 +709,13 @@ async fn stream(
 
 async fn commit(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     Path((u, n)): Path<(String, String)>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let m = machine_name(&u, &n)?;
     let b = body(b)?;
-    authed(&app, &headers, move |app, user| {
+    authed(&app, caller, move |app, user| {
         app.writable_machine(user, &m)?;
         let (h, index, streams) = wire::parse_commit_body(&b).map_err(ApiError::bad_request)?;
         if h.info.machine != m {
@@ -571,7 +732,13 @@ async fn commit(
             ));
         }
         let mut named = Vec::with_capacity(streams.len());
+        let mut names = HashSet::new();
         for ((name, _), bytes) in h.streams.iter().zip(streams) {
+            if !names.insert(name) {
+                return Err(ApiError::bad_request(format!(
+                    "the commit names stream {name:?} twice"
+                )));
+            }
             let idx = MemoryIndex::from_bytes(bytes).map_err(|e| {
                 ApiError::bad_request(format!("the index of stream {name:?} is not valid: {e}"))
             })?;
@@ -617,7 +784,23 @@ async fn commit(
         // Invariant 1: the chunks are durable before the version names them.
         app.store.flush()?;
         let outcome = app.catalog(|c| {
-            Ok(c.commit_version(&h.info, &index, &named, h.expected_head)?)
+            c.commit_version(&h.info, &index, &named, h.expected_head)
+                .map_err(|e| {
+                    if e.is_constraint() {
+                        // Version ids are unique in the bank: this one belongs to a
+                        // version of another machine (which must stay unnamed).
+                        ApiError::new(
+                            StatusCode::CONFLICT,
+                            "version_exists",
+                            format!(
+                                "version id {} is already taken in this bank; commit the version under a new id",
+                                h.info.id
+                            ),
+                        )
+                    } else {
+                        e.into()
+                    }
+                })
         })?;
         app.metrics.commits.fetch_add(1, Relaxed);
         tracing::info!(user = %user.name, machine = %m, version = %h.info.id, ?outcome, "commit");
@@ -651,11 +834,11 @@ fn check_not_in_use(app: &App, m: &MachineName, going: Option<VersionId>) -> Res
 
 async fn remove_version(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     Path((u, n, v)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     let (m, v) = (machine_name(&u, &n)?, version_id(&v)?);
-    authed(&app, &headers, move |app, user| {
+    authed(&app, caller, move |app, user| {
         let info = exact_version(app, user, &m, v)?;
         app.writable_machine(user, &m)?;
         check_not_in_use(app, &m, Some(v))?;
@@ -667,10 +850,10 @@ async fn remove_version(
 
 async fn remove_machine(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     Path((u, n)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    on_machine(&app, &headers, &u, &n, Need::Write, |app, _, m| {
+    on_machine(&app, caller, &u, &n, Need::Write, |app, _, m| {
         check_not_in_use(app, m, None)?;
         let removed = app.catalog(|c| Ok(c.remove_machine(m)?))?;
         Ok(json(&wire::Removed { removed }))
@@ -680,10 +863,10 @@ async fn remove_machine(
 
 async fn lease(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     Path((u, n)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    on_machine(&app, &headers, &u, &n, Need::Read, |app, _, m| {
+    on_machine(&app, caller, &u, &n, Need::Read, |app, _, m| {
         Ok(json(&app.catalog(|c| Ok(c.lease(m)?))?))
     })
     .await
@@ -691,12 +874,12 @@ async fn lease(
 
 async fn take_lease(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     Path((u, n)): Path<(String, String)>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: wire::LeaseRequest = parse_json(&body(b)?)?;
-    on_machine(&app, &headers, &u, &n, Need::Write, move |app, _, m| {
+    on_machine(&app, caller, &u, &n, Need::Write, move |app, _, m| {
         if req.lease.machine != m.as_str() {
             return Err(ApiError::bad_request(format!(
                 "the lease is for {} but was sent to {m}",
@@ -727,12 +910,12 @@ struct SessionQuery {
 
 async fn release_lease(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     Path((u, n)): Path<(String, String)>,
     q: Result<Query<SessionQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::bad_request(e.to_string()))?;
-    on_machine(&app, &headers, &u, &n, Need::Write, move |app, _, m| {
+    on_machine(&app, caller, &u, &n, Need::Write, move |app, _, m| {
         let released = app.catalog(|c| Ok(c.release_lease(m, &q.session)?))?;
         Ok(json(&wire::Released { released }))
     })
@@ -741,12 +924,12 @@ async fn release_lease(
 
 async fn lease_heartbeat(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     Path((u, n)): Path<(String, String)>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: wire::SessionBody = parse_json(&body(b)?)?;
-    on_machine(&app, &headers, &u, &n, Need::Write, move |app, _, m| {
+    on_machine(&app, caller, &u, &n, Need::Write, move |app, _, m| {
         let held = app.catalog(|c| Ok(c.heartbeat_lease(m, &req.session)?))?;
         Ok(json(&wire::Held { held }))
     })
@@ -755,10 +938,10 @@ async fn lease_heartbeat(
 
 async fn sessions(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     Path((u, n)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    on_machine(&app, &headers, &u, &n, Need::Read, |app, _, m| {
+    on_machine(&app, caller, &u, &n, Need::Read, |app, _, m| {
         Ok(json(&app.catalog(|c| Ok(c.session_bases(m)?))?))
     })
     .await
@@ -771,11 +954,11 @@ fn writer_tag(user: &str) -> String {
 
 async fn register_writer(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: wire::WriterRequest = parse_json(&body(b)?)?;
-    authed(&app, &headers, move |app, user| {
+    authed(&app, caller, move |app, user| {
         let host: String = req.host.chars().take(128).collect();
         let what: String = req.what.chars().take(256).collect();
         // Another host than the server's: GC judges it by its heartbeats, not its pid.
@@ -803,28 +986,28 @@ fn own_writer(app: &App, user: &User, id: i64) -> Result<(), ApiError> {
 
 async fn writer_heartbeat(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<i64>,
 ) -> Result<Response, ApiError> {
-    on_writer(&app, &headers, id, |c, id| Ok(c.heartbeat(id)?)).await
+    on_writer(&app, caller, id, |c, id| Ok(c.heartbeat(id)?)).await
 }
 
 async fn unregister_writer(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<i64>,
 ) -> Result<Response, ApiError> {
-    on_writer(&app, &headers, id, |c, id| Ok(c.unregister_writer(id)?)).await
+    on_writer(&app, caller, id, |c, id| Ok(c.unregister_writer(id)?)).await
 }
 
 /// Runs `f` on writer `id` if it is the user's (else: no such writer).
 async fn on_writer(
     app: &Shared,
-    headers: &HeaderMap,
+    caller: Caller,
     id: i64,
     f: impl FnOnce(&mut Catalog, i64) -> Result<(), ApiError> + Send + 'static,
 ) -> Result<Response, ApiError> {
-    authed(app, headers, move |app, user| {
+    authed(app, caller, move |app, user| {
         own_writer(app, user, id)?;
         app.catalog(|c| f(c, id))?;
         Ok(StatusCode::NO_CONTENT.into_response())
@@ -834,7 +1017,7 @@ async fn on_writer(
 
 async fn have(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let b = body(b)?;
@@ -852,7 +1035,7 @@ async fn have(
             wire::MAX_HAVE
         )));
     }
-    authed(&app, &headers, move |app, user| {
+    authed(&app, caller, move |app, user| {
         let ids: Vec<ChunkId> = b
             .chunks_exact(ChunkId::LEN)
             .map(|c| ChunkId::from_bytes(c.try_into().expect("32 bytes")))
@@ -882,11 +1065,11 @@ async fn have(
 
 async fn get_chunk(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = chunk_id(&id)?;
-    authed(&app, &headers, move |app, user| {
+    authed(&app, caller, move |app, user| {
         let ok = app.access(|a| Ok(a.readable(user, &[id])?))?;
         if !ok.first().copied().unwrap_or(false) {
             return Err(ApiError::no_chunk(&id));
@@ -898,9 +1081,14 @@ async fn get_chunk(
     .await
 }
 
+/// `POST /v1/chunks/get`: each distinct id once, in the order first asked, streamed one
+/// chunk at a time, and only as many as fit in [`wire::MAX_GET_BYTES`] (at least one):
+/// the answer is a prefix of the distinct ids and the client asks again for the rest.
+/// A chunk that cannot be read after the first also ends the answer, so the client's
+/// next request reports it.
 async fn get_chunks(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let b = body(b)?;
@@ -912,33 +1100,82 @@ async fn get_chunks(
             b.len()
         )));
     }
-    authed(&app, &headers, move |app, user| {
-        let ids: Vec<ChunkId> = b
-            .chunks_exact(ChunkId::LEN)
-            .map(|c| ChunkId::from_bytes(c.try_into().expect("32 bytes")))
-            .collect();
+    let mut seen = HashSet::new();
+    let ids: Vec<ChunkId> = b
+        .chunks_exact(ChunkId::LEN)
+        .map(|c| ChunkId::from_bytes(c.try_into().expect("32 bytes")))
+        .filter(|id| seen.insert(*id))
+        .collect();
+    let Some(&first_id) = ids.first() else {
+        return Ok(binary(Vec::new()));
+    };
+    let (first, ids) = authed(&app, caller, move |app, user| {
         let ok = app.access(|a| Ok(a.readable(user, &ids)?))?;
         if let Some((id, _)) = ids.iter().zip(&ok).find(|(_, ok)| !**ok) {
             return Err(ApiError::no_chunk(id));
         }
-        let raws = app.store.get_raw_many(&ids)?;
-        app.metrics
-            .chunks_served
-            .fetch_add(ids.len() as u64, Relaxed);
-        Ok(binary(wire::chunks_answer(raws.iter().map(Vec::as_slice))))
+        Ok((app.store.get_raw(&first_id)?, ids))
     })
-    .await
+    .await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let a = app.clone();
+    tokio::task::spawn_blocking(move || {
+        let m = &a.metrics;
+        let frame = |raw: Vec<u8>| {
+            let mut f = Vec::with_capacity(4 + raw.len());
+            f.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+            f.extend_from_slice(&raw);
+            m.chunks_served.fetch_add(1, Relaxed);
+            m.bytes_out.fetch_add(f.len() as u64, Relaxed);
+            Bytes::from(f)
+        };
+        let mut sent = 4 + first.len();
+        if tx.blocking_send(frame(first)).is_err() {
+            return;
+        }
+        for id in &ids[1..] {
+            let Ok(raw) = a.store.get_raw(id) else {
+                return;
+            };
+            sent += 4 + raw.len();
+            if sent > wire::MAX_GET_BYTES || tx.blocking_send(frame(raw)).is_err() {
+                return;
+            }
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        axum::body::Body::new(ChannelBody(rx)),
+    )
+        .into_response())
+}
+
+/// A response body fed by a channel, one frame per message.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|b| b.map(|b| Ok(http_body::Frame::data(b))))
+    }
 }
 
 async fn put_chunk(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let id = chunk_id(&id)?;
     let b = body(b)?;
-    authed(&app, &headers, move |app, user| {
+    authed(&app, caller, move |app, user| {
         let sizes = store_uploads(app, user, &[(id, &b[..])])?;
         let bytes = sizes[0];
         Ok((StatusCode::CREATED, json(&wire::Stored { bytes })).into_response())
@@ -948,11 +1185,11 @@ async fn put_chunk(
 
 async fn put_chunks(
     State(app): State<Shared>,
-    headers: HeaderMap,
+    caller: Caller,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let b = body(b)?;
-    authed(&app, &headers, move |app, user| {
+    authed(&app, caller, move |app, user| {
         let parts = wire::parse_batch_body(&b).map_err(ApiError::bad_request)?;
         let bytes = store_uploads(app, user, &parts)?;
         Ok((StatusCode::CREATED, json(&wire::StoredMany { bytes })).into_response())
@@ -1011,35 +1248,23 @@ pub async fn serve(
     ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let app = open_app(&cfg.bank_dir)?;
+    let app = open_app(&cfg.bank_dir, cfg.limits.clone())?;
+    let tls = match &cfg.tls {
+        Some((cert, key)) => Some(tls::acceptor(cert, key)?),
+        None => None,
+    };
     let tcp = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
     let local = tcp
         .local_addr()
         .map_err(|e| format!("cannot read the bound address: {e}"))?;
-    let router = router(app);
-    match &cfg.tls {
-        Some((cert, key)) => {
-            let tls = tls::server_config(cert, key)?;
-            let listener = tls::TlsListener::new(tcp, tls)
-                .map_err(|e| format!("cannot listen on {local}: {e}"))?;
-            ready(local);
-            axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
-        None => {
-            ready(local);
-            axum::serve(tcp, router)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
-    }
-    .map_err(|e| format!("the server failed: {e}"))
+    ready(local);
+    conn::run(tcp, tls, router(app), cfg.limits, shutdown).await;
+    Ok(())
 }
 
-fn open_app(bank_dir: &FsPath) -> Result<Shared, String> {
+fn open_app(bank_dir: &FsPath, limits: Limits) -> Result<Shared, String> {
     // Opening the bank checks its marker and opens its store (a directory or S3).
     let bank = mbank_bank::Bank::open(bank_dir, false).map_err(|e| e.to_string())?;
     let store = bank.store_arc();
@@ -1055,5 +1280,8 @@ fn open_app(bank_dir: &FsPath) -> Result<Shared, String> {
         access: Mutex::new(vec![access]),
         metrics: Metrics::default(),
         host,
+        logins: LoginGuard::new(limits.hash_concurrency),
+        bodies: BodyBudget::new(limits.body_memory),
+        limits,
     }))
 }

@@ -1,5 +1,6 @@
 //! `mbank serve`: the bank server (crate `mbank-server`) on this bank's directory.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -20,6 +21,19 @@ pub struct Args {
     /// cross the network unencrypted: only for a network you trust.
     #[arg(long)]
     pub insecure_http: bool,
+    /// Seconds a client has for its TLS handshake, for a request's headers, and to
+    /// start its next request on an idle connection.
+    #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout: u64,
+    /// Open connections at most, in all.
+    #[arg(long, default_value_t = 512, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+    /// Open connections at most from one client address.
+    #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections_per_address: u64,
+    /// MiB of request bodies held in memory at once (a request waits for room).
+    #[arg(long, default_value_t = 512, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_memory: u64,
 }
 
 pub fn run(bank_dir: &Path, args: Args, quiet: bool) -> Result<()> {
@@ -53,6 +67,13 @@ pub fn run(bank_dir: &Path, args: Args, quiet: bool) -> Result<()> {
         bank_dir: bank_dir.to_path_buf(),
         listen: args.listen,
         tls: args.tls_cert.zip(args.tls_key),
+        limits: mbank_server::Limits {
+            header_timeout: std::time::Duration::from_secs(args.header_timeout),
+            max_connections: args.max_connections as usize,
+            max_connections_per_address: args.max_connections_per_address as usize,
+            body_memory: (args.body_memory as usize).saturating_mul(1 << 20),
+            ..Default::default()
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -60,14 +81,17 @@ pub fn run(bank_dir: &Path, args: Args, quiet: bool) -> Result<()> {
     rt.block_on(mbank_server::serve(
         cfg,
         |addr| {
-            // Scripts wait for this line (on standard output) to know the port.
-            println!("listening on {scheme}://{addr}");
+            // Scripts wait for this line (on standard output) to know the port. A
+            // server whose starter stopped reading keeps serving.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "listening on {scheme}://{addr}");
+            let _ = out.flush();
         },
         crate::attach::shutdown_signal(),
     ))
     .map_err(anyhow::Error::msg)?;
     if !quiet {
-        eprintln!("mbank: server stopped");
+        crate::out::say("mbank: server stopped");
     }
     Ok(())
 }

@@ -486,8 +486,12 @@ fn two_users_full_flows_over_https() {
     assert!(r.success(), "qemu-img compare:\n{r}");
     assert!(b.stop().success());
 
-    // The server counted it all.
-    let (code, m) = s.curl(None, "GET", "/metrics", None);
+    // The server counted it all; an administrator's token reads the counts.
+    let (code, _) = s.curl(None, "GET", "/metrics", None);
+    assert_eq!(code, 401);
+    s.add_user("ops", "ops-secret-4444", &["--admin"]);
+    s.try_login("ops", "ops-secret-4444", &[]).ok();
+    let (code, m) = s.curl(Some(&s.token("ops")), "GET", "/metrics", None);
     let m = String::from_utf8_lossy(&m).into_owned();
     assert_eq!(code, 200, "{m}");
     for needle in [
@@ -495,7 +499,7 @@ fn two_users_full_flows_over_https() {
         "mbank_chunks_stored_total",
         "mbank_dedup_ratio",
         "mbank_sessions 0",
-        "mbank_users 2",
+        "mbank_users 3",
     ] {
         assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
     }
