@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use mbank_nbd::proto::*;
-use mbank_nbd::{BlockDevice, DeviceError, Extent, MemDevice, ServerOptions};
+use mbank_nbd::{MemDevice, ServerOptions};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -92,7 +92,6 @@ fn idle_clients_at_the_cap_make_room_for_new_ones() {
     c.disconnect();
     server.stop();
 }
-
 
 #[test]
 fn a_full_server_of_busy_connections_refuses_newcomers_with_policy() {

@@ -10,9 +10,7 @@ use std::sync::Arc;
 
 use common::*;
 use mbank_nbd::proto::*;
-use mbank_nbd::{
-    BlockDevice, ConnectionEnd, DeviceError, Extent, MemDevice, ServeError, ServerOptions,
-};
+use mbank_nbd::{ConnectionEnd, MemDevice, ServeError, ServerOptions};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -496,7 +494,6 @@ fn read_only_export_refuses_writes_with_eperm() {
     assert_eq!(dev.to_vec(), pattern(MIB as usize, 3));
     server.stop();
 }
-
 
 fn gated() -> Arc<GatedDevice> {
     let inner = MemDevice::from_bytes(&pattern(MIB as usize, 11));

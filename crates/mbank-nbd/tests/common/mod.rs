@@ -530,7 +530,12 @@ impl BlockDevice for GatedDevice {
         }
         self.inner.read(offset, len).await
     }
-    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), mbank_nbd::DeviceError> {
+    async fn write(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> Result<(), mbank_nbd::DeviceError> {
         self.inner.write(offset, data, fua).await
     }
     async fn flush(&self) -> Result<(), mbank_nbd::DeviceError> {

@@ -779,7 +779,8 @@ pub fn file_bytes(dir: &Path) -> u64 {
 }
 
 /// The port a just-started `mbank serve` (its standard output piped) says it listens
-/// on, in its first line; panics with its log (`log`) if it says nothing usable.
+/// on, in its first line (`listening on https://127.0.0.1:PORT`); panics with its log
+/// (`log`) if it says anything else.
 #[allow(dead_code)] // not every test file starts a server
 pub fn serve_port(child: &mut std::process::Child, log: &Path) -> u16 {
     use std::io::BufRead;
@@ -788,8 +789,7 @@ pub fn serve_port(child: &mut std::process::Child, log: &Path) -> u16 {
         .read_line(&mut line)
         .unwrap();
     line.trim()
-        .rsplit(':')
-        .next()
+        .strip_prefix("listening on https://127.0.0.1:")
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| {
             panic!(
