@@ -148,10 +148,9 @@ impl Bank {
             let last = idx.chunks.len() - 1;
             if let Some(id) = idx.chunks[last] {
                 let mut plain = self.store.read(&id)?;
-                if let (Some(w), Some(v)) = (
-                    crate::WrongLength::disk(&idx, last, id, plain.len()),
-                    from,
-                ) {
+                if let (Some(w), Some(v)) =
+                    (crate::WrongLength::disk(&idx, last, id, plain.len()), from)
+                {
                     return Err(BankError::WrongLength {
                         machine: v.machine.clone(),
                         version: v.id,

@@ -87,7 +87,11 @@ pub fn length_pairs(index: &DiskIndex, streams: &[NamedStream]) -> HashSet<(Chun
         }
     }
     for (_, s) in streams {
-        out.extend(s.runs.iter().filter_map(|r| r.id.map(|id| (id, r.len as u64))));
+        out.extend(
+            s.runs
+                .iter()
+                .filter_map(|r| r.id.map(|id| (id, r.len as u64))),
+        );
     }
     out
 }
@@ -225,7 +229,10 @@ mod tests {
         let gone = mbank_core::ChunkId::of(b"gone");
         idx.chunks[0] = Some(gone);
         let known = HashSet::from([(gone, 4096)]);
-        assert_eq!(check_chunk_lengths(&store, &idx, &[], &known).unwrap(), None);
+        assert_eq!(
+            check_chunk_lengths(&store, &idx, &[], &known).unwrap(),
+            None
+        );
         assert!(matches!(
             check_chunk_lengths(&store, &idx, &[], &none),
             Err(StoreError::Missing(_))

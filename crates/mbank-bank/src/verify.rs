@@ -408,7 +408,9 @@ impl Bank {
         // it there: looked up now, in the versions that exist now.
         let misfits = misfits.into_inner().expect("poisoned");
         if !misfits.is_empty() {
-            report.damaged_indexes.extend(misplaced(&catalog, machine, &misfits)?);
+            report
+                .damaged_indexes
+                .extend(misplaced(&catalog, machine, &misfits)?);
         }
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)

@@ -1256,18 +1256,25 @@ mod tests {
         let disk = f.check_out();
         // Chunk 0 reads, and is now cached and verified.
         assert_eq!(disk.read_sync(0, CS as u32).unwrap(), f.base[..CS]);
-        let e = disk.read_sync(CS as u64, 4096).err().expect("read of chunk 1 failed");
+        let Err(e) = disk.read_sync(CS as u64, 4096) else {
+            panic!("a read of chunk 1 served the misplaced chunk");
+        };
         assert!(
             matches!(e, DeviceError::Io { .. }) && e.to_string().contains(&big.id.to_hex()),
             "{e}"
         );
-        assert!(!f.station.cache.contains(&big.id), "the misplaced chunk was cached");
+        assert!(
+            !f.station.cache.contains(&big.id),
+            "the misplaced chunk was cached"
+        );
         let last = 8 * CS as u64;
         assert!(
             !matches!(disk.read_with(last, 4096, true), Ok(Some(_))),
             "an inline read served chunk 0 at the last place"
         );
-        let e = disk.read_sync(last, 4096).err().expect("read of the last chunk failed");
+        let Err(e) = disk.read_sync(last, 4096) else {
+            panic!("a read of the last chunk served chunk 0");
+        };
         assert!(e.to_string().contains(&c0.to_hex()), "{e}");
         let e = disk
             .write_sync(CS as u64 + 100, Some(&[1u8; 10]), 10)

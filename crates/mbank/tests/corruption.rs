@@ -526,9 +526,7 @@ fn a_chunk_of_the_wrong_length_for_its_place_is_refused_and_reported() {
     let big_id = mbank_core::ChunkId::of(&big).to_hex();
     let bad = commit_misplaced(&bank, "alice/dev", &big, &[1]);
     assert_export_refused(&bank, "alice/dev", &big_id);
-    let r = bank
-        .run(&["export", "alice/dev", "/dev/null"])
-        .code(1);
+    let r = bank.run(&["export", "alice/dev", "/dev/null"]).code(1);
     r.stderr_has(&[&big_id, "disk chunk 1", "65536", "16777216"]);
     bank.run(&["export", "alice/dev", "-"]).code(1);
     let (r, v) = verify_report(&bank);

@@ -1112,7 +1112,11 @@ fn a_commit_naming_a_chunk_of_the_wrong_length_for_its_place_is_refused() {
     let path = "/v1/machines/alice/dev/versions";
     let body = edited_commit(&s, "alice/dev", |i| i.chunks[1] = Some(c.id), &[]);
     let (code, v) = s.curl_json(Some(&ta), "POST", path, Some(&body));
-    assert_eq!((code, &v["kind"]), (400, &Value::from("bad_chunk_length")), "{v}");
+    assert_eq!(
+        (code, &v["kind"]),
+        (400, &Value::from("bad_chunk_length")),
+        "{v}"
+    );
     assert_eq!(v["chunk"], c.id.to_hex(), "{v}");
     let msg = v["message"].as_str().unwrap();
     assert!(
@@ -1132,7 +1136,11 @@ fn a_commit_naming_a_chunk_of_the_wrong_length_for_its_place_is_refused() {
     };
     let body = edited_commit(&s, "alice/dev", |_| {}, &[("memory", run(1000))]);
     let (code, v) = s.curl_json(Some(&ta), "POST", path, Some(&body));
-    assert_eq!((code, &v["kind"]), (400, &Value::from("bad_chunk_length")), "{v}");
+    assert_eq!(
+        (code, &v["kind"]),
+        (400, &Value::from("bad_chunk_length")),
+        "{v}"
+    );
     assert!(
         v["message"].as_str().unwrap().contains("stream memory"),
         "{v}"
@@ -1144,5 +1152,10 @@ fn a_commit_naming_a_chunk_of_the_wrong_length_for_its_place_is_refused() {
     let (code, v) = s.curl_json(Some(&ta), "POST", path, Some(&body));
     assert_eq!(code, 200, "{v}");
     assert_eq!(alice.log("alice/dev").len(), 2);
-    assert_export(&alice, "alice/dev", &img, "alice/dev after the refused commits");
+    assert_export(
+        &alice,
+        "alice/dev",
+        &img,
+        "alice/dev after the refused commits",
+    );
 }
