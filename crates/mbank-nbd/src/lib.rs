@@ -12,6 +12,7 @@
 //! - [`BlockDevice`], [`Extent`], [`DeviceError`]: the seam under the protocol.
 //! - [`device_errno`] / [`failure_errno`]: the one mapping from failures to NBD errors.
 //! - [`serve_unix`], [`serve_tcp`], [`serve_tcp_listener`], [`serve_connection`]: the server.
+//! - [`TlsConfig`]: the certificate (and optional client CA) for NBD over TLS.
 //! - [`MemDevice`]: a sparse in-memory device for tests and demos.
 //!
 //! ## What is served
@@ -19,9 +20,10 @@
 //! One export per server, under a configurable name; the empty (default) name reaches it
 //! too. Fixed newstyle negotiation only (`NBD_FLAG_FIXED_NEWSTYLE`,
 //! `NBD_FLAG_NO_ZEROES`), with `NBD_OPT_GO`, `INFO`, `LIST`, `ABORT`,
-//! `STRUCTURED_REPLY`, `LIST_META_CONTEXT` / `SET_META_CONTEXT` (`base:allocation`) and
-//! the older `EXPORT_NAME`. Every other option (TLS, extended headers, ...) is answered
-//! `NBD_REP_ERR_UNSUP` and the handshake goes on. In transmission: `READ`, `WRITE`
+//! `STRUCTURED_REPLY`, `LIST_META_CONTEXT` / `SET_META_CONTEXT` (`base:allocation`),
+//! `STARTTLS` when TLS is configured (see [TLS](#tls)) and the older `EXPORT_NAME`. Every
+//! other option (extended headers, ...) is answered `NBD_REP_ERR_UNSUP` and the
+//! handshake goes on. In transmission: `READ`, `WRITE`
 //! (with `FUA`), `FLUSH`, `TRIM`, `WRITE_ZEROES` (with `NO_HOLE`), `CACHE`,
 //! `BLOCK_STATUS` and `DISC`. The advertised block sizes are 1 / the device's preferred
 //! size / 32 MiB ([`proto::MAX_PAYLOAD`]).
@@ -53,6 +55,23 @@
 //!    vanishes mid-request, ends only its own connection: its requests already read run
 //!    to completion (their replies are dropped), then its task ends. A device that panics
 //!    fails that one request with `EIO`.
+//!
+//! ## TLS
+//!
+//! With [`ServerOptions::tls`] set, the server runs the protocol's FORCEDTLS mode, as
+//! qemu-nbd with `--tls-creds` does: before TLS, every option but `NBD_OPT_STARTTLS` and
+//! `NBD_OPT_ABORT` is answered `NBD_REP_ERR_TLS_REQD`, and `NBD_OPT_EXPORT_NAME` (which
+//! cannot carry an error) closes the connection. `STARTTLS` is acknowledged, the TLS
+//! handshake runs on the same socket (within the handshake timeout), and option
+//! haggling starts afresh inside TLS, where a second `STARTTLS` gets
+//! `NBD_REP_ERR_INVALID`. A failed TLS handshake ends that connection
+//! ([`ConnectionError::Tls`]). TLS is rustls (1.2 and 1.3, the `ring` provider, as the
+//! bank server): an X.509 certificate chain and key, and optionally a CA whose
+//! certificates clients must present ([`TlsConfig::from_pem_files`]), which is what
+//! QEMU's and libnbd's x509 credentials do. TLS-PSK (QEMU's `tls-creds-psk`) is not
+//! offered: rustls does not implement TLS-PSK. Without TLS the server is in NOTLS mode
+//! (`STARTTLS` gets `NBD_REP_ERR_UNSUP`) and authenticates nobody: serve it on a unix
+//! socket, loopback, or a trusted network only.
 //!
 //! ## Limits on clients
 //!
@@ -116,6 +135,7 @@ mod errno;
 mod mem;
 pub mod proto;
 mod server;
+mod tls;
 
 pub use device::{BlockDevice, DeviceError, Extent};
 pub use errno::{Failure, Refusal, device_errno, failure_errno};
@@ -125,6 +145,7 @@ pub use server::{
     ServerStats, StatsSnapshot, descriptors, serve_connection, serve_tcp, serve_tcp_listener,
     serve_unix, transmission_flags,
 };
+pub use tls::{TlsConfig, TlsConfigError};
 
 /// True when every byte of `data` is zero.
 pub(crate) fn is_zero(data: &[u8]) -> bool {

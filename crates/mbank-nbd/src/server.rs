@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, error, warn};
@@ -27,6 +27,7 @@ use tracing::{debug, error, warn};
 use crate::device::{BlockDevice, DeviceError, Extent};
 use crate::errno::{Failure, Refusal, failure_errno};
 use crate::proto::{self, *};
+use crate::tls::TlsConfig;
 
 /// Metadata context id this server gives `base:allocation` (any nonzero value would do).
 pub const BASE_ALLOCATION_ID: u32 = 1;
@@ -76,6 +77,11 @@ pub struct ServerOptions {
     pub shutdown_grace: Duration,
     /// Counters, shared so that the caller can watch them while the server runs.
     pub stats: Arc<ServerStats>,
+    /// Speak TLS, and require it: every option but `NBD_OPT_STARTTLS` (and `ABORT`) is
+    /// answered `NBD_REP_ERR_TLS_REQD` until the client has upgraded the connection
+    /// (the protocol's FORCEDTLS mode, as qemu-nbd with `--tls-creds`). `None` (the
+    /// default): no TLS, `NBD_OPT_STARTTLS` is answered `NBD_REP_ERR_UNSUP`.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerOptions {
@@ -94,6 +100,7 @@ impl Default for ServerOptions {
             write_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             stats: Arc::default(),
+            tls: None,
         }
     }
 }
@@ -307,6 +314,22 @@ pub enum ConnectionError {
         /// [`ServerOptions::max_connections`].
         max: usize,
     },
+    /// The TLS handshake after `NBD_OPT_STARTTLS` failed: the client does not trust the
+    /// server's certificate, presented none or one the server does not trust, or is no
+    /// TLS client at all.
+    #[error("the TLS handshake with the client failed: {source}")]
+    Tls {
+        /// The cause, as rustls reports it.
+        #[source]
+        source: io::Error,
+    },
+    /// `NBD_OPT_EXPORT_NAME` before TLS on a server that requires TLS (that option
+    /// cannot carry an error, so the connection is closed).
+    #[error(
+        "the client asked for the export without TLS, which this server requires; connect \
+         with TLS (an nbds:// URI, or QEMU's tls-creds)"
+    )]
+    TlsRequired,
 }
 
 fn io_err(during: &'static str) -> impl FnOnce(io::Error) -> ConnectionError {
@@ -368,7 +391,8 @@ where
 
 /// Serves `device` on an already bound TCP listener (handy with port 0) until
 /// `shutdown` completes, then lets connections finish their requests in flight.
-/// NBD has no authentication here: bind to loopback or a trusted network only.
+/// Without [`ServerOptions::tls`] nobody is authenticated and nothing is encrypted:
+/// bind to loopback or a trusted network only.
 pub async fn serve_tcp_listener<D, F>(
     listener: TcpListener,
     device: Arc<D>,
@@ -397,36 +421,74 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
     D: BlockDevice,
 {
-    let (rd, wr) = tokio::io::split(stream);
     let (_keep_open, stop) = watch::channel(false);
-    run_connection(rd, wr, device, opts, stop, None).await
+    run_connection(Box::pin(stream), device, opts, stop, None).await
 }
 
 // ---- listeners ----------------------------------------------------------------------
 
 trait Listener: Send + Sync {
-    type Read: AsyncRead + Unpin + Send + 'static;
-    type Write: AsyncWrite + Unpin + Send + 'static;
-    fn next_conn(&self) -> impl Future<Output = io::Result<(Self::Read, Self::Write)>> + Send;
+    type Stream: Transport;
+    fn next_conn(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
 }
 
 impl Listener for UnixListener {
-    type Read = tokio::net::unix::OwnedReadHalf;
-    type Write = tokio::net::unix::OwnedWriteHalf;
-    async fn next_conn(&self) -> io::Result<(Self::Read, Self::Write)> {
+    type Stream = UnixStream;
+    async fn next_conn(&self) -> io::Result<UnixStream> {
         let (stream, _) = self.accept().await?;
-        Ok(stream.into_split())
+        Ok(stream)
     }
 }
 
 impl Listener for TcpListener {
-    type Read = tokio::net::tcp::OwnedReadHalf;
-    type Write = tokio::net::tcp::OwnedWriteHalf;
-    async fn next_conn(&self) -> io::Result<(Self::Read, Self::Write)> {
+    type Stream = TcpStream;
+    async fn next_conn(&self) -> io::Result<TcpStream> {
         let (stream, _) = self.accept().await?;
         // proto.md: both sides SHOULD disable Nagle.
         stream.set_nodelay(true)?;
-        Ok(stream.into_split())
+        Ok(stream)
+    }
+}
+
+/// A connection's byte stream: one piece during the handshake (which may upgrade it to
+/// TLS), two independently owned halves in transmission (the request reader and the
+/// reply writer).
+trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    fn halves(self) -> (Self::Read, Self::Write);
+}
+
+impl Transport for UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl Transport for TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+/// Any stream given to [`serve_connection`].
+impl<S: AsyncRead + AsyncWrite + Send + 'static> Transport for Pin<Box<S>> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
+impl<S: Transport> Transport for tokio_rustls::server::TlsStream<S> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
     }
 }
 
@@ -553,7 +615,7 @@ where
             accepted = listener.next_conn() => accepted,
         };
         match accepted {
-            Ok((rd, wr)) => {
+            Ok(stream) => {
                 next_id += 1;
                 let admission = Admission {
                     id: next_id,
@@ -562,8 +624,7 @@ where
                 };
                 set.spawn(connection_task(
                     next_id,
-                    rd,
-                    wr,
+                    stream,
                     device.clone(),
                     opts.clone(),
                     stop_rx.clone(),
@@ -610,20 +671,18 @@ impl Drop for ActiveGuard {
     }
 }
 
-async fn connection_task<R, W, D>(
+async fn connection_task<S, D>(
     id: u64,
-    rd: R,
-    wr: W,
+    stream: S,
     device: Arc<D>,
     opts: Arc<ServerOptions>,
     stop: watch::Receiver<bool>,
     admission: Admission,
 ) where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    S: Transport,
     D: BlockDevice,
 {
-    match run_connection(rd, wr, device, &opts, stop, Some(admission)).await {
+    match run_connection(stream, device, &opts, stop, Some(admission)).await {
         Ok(end) => debug!(connection = id, ?end, "NBD connection ended"),
         Err(e) => warn!(connection = id, error = %e, "NBD connection failed"),
     }
@@ -860,17 +919,15 @@ fn activate(stats: &Arc<ServerStats>) -> ActiveGuard {
     ActiveGuard(stats.clone())
 }
 
-async fn run_connection<R, W, D>(
-    mut rd: R,
-    mut wr: W,
+async fn run_connection<S, D>(
+    stream: S,
     device: Arc<D>,
     opts: &ServerOptions,
     mut stop: watch::Receiver<bool>,
     mut admission: Option<Admission>,
 ) -> Result<ConnectionEnd, ConnectionError>
 where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    S: Transport,
     D: BlockDevice,
 {
     let _active = activate(&opts.stats);
@@ -881,7 +938,7 @@ where
             () = stopped(&mut stop) => return Ok(ConnectionEnd::Shutdown),
             r = tokio::time::timeout(
                 opts.handshake_timeout,
-                handshake(&mut rd, &mut wr, &*device, opts, &activity, admission.as_ref()),
+                handshake(stream, &*device, opts, &activity, admission.as_ref()),
             ) => match r {
                 Ok(r) => r?,
                 Err(_) => {
@@ -896,7 +953,14 @@ where
         }
         match negotiated {
             None => Ok(ConnectionEnd::Aborted),
-            Some(n) => transmission(rd, wr, device, opts, n, activity, stop).await,
+            Some((n, Secured::Plain(stream))) => {
+                let (rd, wr) = stream.halves();
+                transmission(rd, wr, device, opts, n, activity, stop).await
+            }
+            Some((n, Secured::Tls(stream))) => {
+                let (rd, wr) = stream.halves();
+                transmission(rd, wr, device, opts, n, activity, stop).await
+            }
         }
     }
     .await;
@@ -956,33 +1020,139 @@ async fn send_replies<W: AsyncWrite + Unpin>(
     wr.flush().await.map_err(io_err("sending an option reply"))
 }
 
-/// Option haggling. `Ok(None)` if the client ended the session before transmission.
-async fn handshake<R, W, D>(
-    rd: &mut R,
-    wr: &mut W,
+/// A connection's stream after the handshake: as accepted, or upgraded to TLS.
+enum Secured<S> {
+    Plain(S),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>),
+}
+
+/// Where a connection stands with TLS during option haggling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsState {
+    /// The server has no TLS (NOTLS mode): STARTTLS is unsupported.
+    Off,
+    /// The server requires TLS and the client has not upgraded yet (FORCEDTLS mode):
+    /// only STARTTLS and ABORT are served.
+    Required,
+    /// The connection runs over TLS.
+    On,
+}
+
+/// How option haggling ended.
+enum Haggled {
+    /// The client ended the session (`NBD_OPT_ABORT`, or it closed the connection).
+    Aborted,
+    /// The export was chosen: transmission follows.
+    Go(Negotiated),
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake follows.
+    StartTls,
+}
+
+/// The handshake: greeting, option haggling, and the TLS upgrade when the server
+/// requires TLS. `Ok(None)` if the client ended the session before transmission.
+async fn handshake<S, D>(
+    mut stream: S,
     device: &D,
     opts: &ServerOptions,
     activity: &Arc<Activity>,
     admission: Option<&Admission>,
-) -> Result<Option<Negotiated>, ConnectionError>
+) -> Result<Option<(Negotiated, Secured<S>)>, ConnectionError>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: Transport,
     D: BlockDevice,
 {
-    wr.write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+    stream
+        .write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
         .await
         .map_err(io_err("sending the greeting"))?;
-    wr.flush().await.map_err(io_err("sending the greeting"))?;
+    stream
+        .flush()
+        .await
+        .map_err(io_err("sending the greeting"))?;
 
     let mut flags = [0u8; 4];
-    if !read_full(rd, &mut flags, "reading the client flags").await? {
+    if !read_full(&mut stream, &mut flags, "reading the client flags").await? {
         return Ok(None);
     }
     // Clients that do not set FIXED_NEWSTYLE are served as fixed-newstyle anyway
     // (proto.md allows it); such clients only ever send EXPORT_NAME.
     let client = parse_client_flags(&flags).map_err(protocol_err("reading the client flags"))?;
 
+    let Some(tls) = &opts.tls else {
+        let haggled = haggle(
+            &mut stream,
+            client,
+            TlsState::Off,
+            device,
+            opts,
+            activity,
+            admission,
+        )
+        .await?;
+        return Ok(match haggled {
+            Haggled::Go(n) => Some((n, Secured::Plain(stream))),
+            Haggled::Aborted | Haggled::StartTls => None,
+        });
+    };
+    let haggled = haggle(
+        &mut stream,
+        client,
+        TlsState::Required,
+        device,
+        opts,
+        activity,
+        admission,
+    )
+    .await?;
+    match haggled {
+        Haggled::Aborted => return Ok(None),
+        // `haggle` never lets a client reach the export before TLS; should it ever,
+        // the connection ends rather than serve in the clear.
+        Haggled::Go(_) => return Err(ConnectionError::TlsRequired),
+        Haggled::StartTls => {}
+    }
+    // proto.md: after the ACK, the TLS handshake on the same socket; haggling goes on
+    // inside TLS, with no option state carried over (none was accepted before TLS).
+    let mut stream = tls
+        .acceptor
+        .accept(stream)
+        .await
+        .map_err(|source| ConnectionError::Tls { source })?;
+    let haggled = haggle(
+        &mut stream,
+        client,
+        TlsState::On,
+        device,
+        opts,
+        activity,
+        admission,
+    )
+    .await?;
+    match haggled {
+        Haggled::Go(n) => Ok(Some((n, Secured::Tls(Box::new(stream))))),
+        Haggled::Aborted | Haggled::StartTls => {
+            // Close TLS politely; the client may already be gone.
+            let _ = stream.shutdown().await;
+            Ok(None)
+        }
+    }
+}
+
+/// Option haggling on `io` until the client chooses the export, ends the session, or
+/// (in [`TlsState::Required`]) asks for TLS.
+async fn haggle<T, D>(
+    io: &mut T,
+    client: ClientFlags,
+    tls: TlsState,
+    device: &D,
+    opts: &ServerOptions,
+    activity: &Arc<Activity>,
+    admission: Option<&Admission>,
+) -> Result<Haggled, ConnectionError>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    D: BlockDevice,
+{
     let admit = || match admission {
         None => Ok(None),
         Some(a) => a.registry.admit(a.id, activity).map(Some),
@@ -991,13 +1161,30 @@ where
     let mut meta = false;
     loop {
         let mut header = [0u8; OPTION_HEADER_LEN];
-        if !read_full(rd, &mut header, "reading an option").await? {
-            return Ok(None);
+        if !read_full(io, &mut header, "reading an option").await? {
+            return Ok(Haggled::Aborted);
         }
         let header = parse_option_header(&header).map_err(protocol_err("reading an option"))?;
         let mut data = vec![0u8; header.len as usize];
-        read_message(rd, &mut data, "reading an option's data").await?;
+        read_message(io, &mut data, "reading an option's data").await?;
         let code = header.option;
+        if tls == TlsState::Required && code != OPT_STARTTLS && code != OPT_ABORT {
+            // FORCEDTLS: nothing but the upgrade (or leaving) before TLS.
+            if code == OPT_EXPORT_NAME {
+                return Err(ConnectionError::TlsRequired);
+            }
+            send_replies(
+                io,
+                code,
+                &[OptionReply::error(
+                    RepError::TlsReqd,
+                    "this server requires TLS: send NBD_OPT_STARTTLS first (an nbds:// URI, \
+                     or QEMU's tls-creds)",
+                )],
+            )
+            .await?;
+            continue;
+        }
         let option = match parse_option(code, &data) {
             Ok(option) => option,
             Err(e) if code == OPT_EXPORT_NAME => {
@@ -1008,7 +1195,7 @@ where
             }
             Err(e) => {
                 send_replies(
-                    wr,
+                    io,
                     code,
                     &[OptionReply::error(RepError::Invalid, e.to_string())],
                 )
@@ -1035,15 +1222,15 @@ where
                 }
                 let place = admit().map_err(|max| ConnectionError::Full { max })?;
                 let flags = transmission_flags(device, structured);
-                wr.write_all(&encode_export_name_reply(
+                io.write_all(&encode_export_name_reply(
                     device.size(),
                     flags,
                     client.no_zeroes,
                 ))
                 .await
                 .map_err(io_err("answering EXPORT_NAME"))?;
-                wr.flush().await.map_err(io_err("answering EXPORT_NAME"))?;
-                return Ok(Some(Negotiated {
+                io.flush().await.map_err(io_err("answering EXPORT_NAME"))?;
+                return Ok(Haggled::Go(Negotiated {
                     structured,
                     meta,
                     _place: place,
@@ -1051,8 +1238,8 @@ where
             }
             ClientOption::Abort => {
                 // The client may already be gone; it need not wait for this reply.
-                let _ = send_replies(wr, code, &[OptionReply::Ack]).await;
-                return Ok(None);
+                let _ = send_replies(io, code, &[OptionReply::Ack]).await;
+                return Ok(Haggled::Aborted);
             }
             ClientOption::List => {
                 let replies = if opts.allow_list {
@@ -1069,22 +1256,39 @@ where
                         "listing exports is disabled on this server",
                     )]
                 };
-                send_replies(wr, code, &replies).await?;
+                send_replies(io, code, &replies).await?;
             }
-            ClientOption::StartTls => {
-                send_replies(
-                    wr,
-                    code,
-                    &[OptionReply::error(
-                        RepError::Unsup,
-                        "this server does not offer TLS; reach it over a unix socket or a trusted network",
-                    )],
-                )
-                .await?;
-            }
+            ClientOption::StartTls => match tls {
+                TlsState::Off => {
+                    send_replies(
+                        io,
+                        code,
+                        &[OptionReply::error(
+                            RepError::Unsup,
+                            "this server does not offer TLS; reach it over a unix socket or a trusted network",
+                        )],
+                    )
+                    .await?;
+                }
+                TlsState::Required => {
+                    send_replies(io, code, &[OptionReply::Ack]).await?;
+                    return Ok(Haggled::StartTls);
+                }
+                TlsState::On => {
+                    send_replies(
+                        io,
+                        code,
+                        &[OptionReply::error(
+                            RepError::Invalid,
+                            "TLS is already on for this connection",
+                        )],
+                    )
+                    .await?;
+                }
+            },
             ClientOption::Info(req) | ClientOption::Go(req) => {
                 if !opts.serves(&req.export) {
-                    send_replies(wr, code, &[unknown_export(&req.export)]).await?;
+                    send_replies(io, code, &[unknown_export(&req.export)]).await?;
                     continue;
                 }
                 let place = if code == OPT_GO {
@@ -1098,7 +1302,7 @@ where
                                      and none of them is idle; try again later"
                                 ),
                             );
-                            send_replies(wr, code, &[refusal]).await?;
+                            send_replies(io, code, &[refusal]).await?;
                             continue;
                         }
                     }
@@ -1124,9 +1328,9 @@ where
                     max: MAX_PAYLOAD,
                 }));
                 replies.push(OptionReply::Ack);
-                send_replies(wr, code, &replies).await?;
+                send_replies(io, code, &replies).await?;
                 if code == OPT_GO {
-                    return Ok(Some(Negotiated {
+                    return Ok(Haggled::Go(Negotiated {
                         structured,
                         meta,
                         _place: place,
@@ -1135,7 +1339,7 @@ where
             }
             ClientOption::StructuredReply => {
                 structured = true;
-                send_replies(wr, code, &[OptionReply::Ack]).await?;
+                send_replies(io, code, &[OptionReply::Ack]).await?;
             }
             ClientOption::ListMetaContext(req) | ClientOption::SetMetaContext(req) => {
                 let set = code == OPT_SET_META_CONTEXT;
@@ -1145,7 +1349,7 @@ where
                 }
                 if !structured {
                     send_replies(
-                        wr,
+                        io,
                         code,
                         &[OptionReply::error(
                             RepError::Invalid,
@@ -1156,7 +1360,7 @@ where
                     continue;
                 }
                 if !opts.serves(&req.export) {
-                    send_replies(wr, code, &[unknown_export(&req.export)]).await?;
+                    send_replies(io, code, &[unknown_export(&req.export)]).await?;
                     continue;
                 }
                 let selected = if set {
@@ -1177,11 +1381,11 @@ where
                     meta |= set;
                 }
                 replies.push(OptionReply::Ack);
-                send_replies(wr, code, &replies).await?;
+                send_replies(io, code, &replies).await?;
             }
             ClientOption::Unknown(code) => {
                 send_replies(
-                    wr,
+                    io,
                     code,
                     &[OptionReply::error(
                         RepError::Unsup,

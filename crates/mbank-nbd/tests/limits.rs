@@ -93,52 +93,10 @@ fn idle_clients_at_the_cap_make_room_for_new_ones() {
     server.stop();
 }
 
-/// Reads wait for a permit on `gate`; everything else goes straight to memory.
-struct GatedDevice {
-    inner: MemDevice,
-    gate: tokio::sync::Semaphore,
-}
-
-impl BlockDevice for GatedDevice {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, DeviceError> {
-        self.gate.acquire().await.expect("gate closed").forget();
-        self.inner.read(offset, len).await
-    }
-    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {
-        self.inner.write(offset, data, fua).await
-    }
-    async fn flush(&self) -> Result<(), DeviceError> {
-        self.inner.flush().await
-    }
-    async fn trim(&self, offset: u64, len: u32) -> Result<(), DeviceError> {
-        self.inner.trim(offset, len).await
-    }
-    async fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u32,
-        no_hole: bool,
-        fua: bool,
-    ) -> Result<(), DeviceError> {
-        self.inner.write_zeroes(offset, len, no_hole, fua).await
-    }
-    async fn cache(&self, offset: u64, len: u32) -> Result<(), DeviceError> {
-        self.inner.cache(offset, len).await
-    }
-    async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, DeviceError> {
-        self.inner.block_status(offset, len).await
-    }
-}
 
 #[test]
 fn a_full_server_of_busy_connections_refuses_newcomers_with_policy() {
-    let dev = Arc::new(GatedDevice {
-        inner: MemDevice::new(MIB),
-        gate: tokio::sync::Semaphore::new(0),
-    });
+    let dev = Arc::new(GatedDevice::new(MemDevice::new(MIB), true));
     let server = TestServer::start_with(
         dev.clone(),
         ServerOptions {
@@ -239,10 +197,7 @@ fn a_client_that_never_reads_replies_pins_bounded_memory_and_is_closed() {
 
 #[test]
 fn idle_timeout_closes_idle_connections_but_not_busy_ones() {
-    let dev = Arc::new(GatedDevice {
-        inner: MemDevice::new(MIB),
-        gate: tokio::sync::Semaphore::new(0),
-    });
+    let dev = Arc::new(GatedDevice::new(MemDevice::new(MIB), true));
     let server = TestServer::start_with(
         dev.clone(),
         ServerOptions {

@@ -497,56 +497,10 @@ fn read_only_export_refuses_writes_with_eperm() {
     server.stop();
 }
 
-/// A device whose reads at offset 0 wait until the test opens the gate (adds a permit):
-/// forces replies out of order, and keeps requests in flight, without any timing.
-struct GatedDevice {
-    inner: MemDevice,
-    gate: tokio::sync::Semaphore,
-}
-
-impl BlockDevice for GatedDevice {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, DeviceError> {
-        if offset == 0 {
-            let permit = self.gate.acquire().await.expect("gate open");
-            permit.forget();
-        }
-        self.inner.read(offset, len).await
-    }
-    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {
-        self.inner.write(offset, data, fua).await
-    }
-    async fn flush(&self) -> Result<(), DeviceError> {
-        self.inner.flush().await
-    }
-    async fn trim(&self, offset: u64, len: u32) -> Result<(), DeviceError> {
-        self.inner.trim(offset, len).await
-    }
-    async fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u32,
-        no_hole: bool,
-        fua: bool,
-    ) -> Result<(), DeviceError> {
-        self.inner.write_zeroes(offset, len, no_hole, fua).await
-    }
-    async fn cache(&self, offset: u64, len: u32) -> Result<(), DeviceError> {
-        self.inner.cache(offset, len).await
-    }
-    async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, DeviceError> {
-        self.inner.block_status(offset, len).await
-    }
-}
 
 fn gated() -> Arc<GatedDevice> {
     let inner = MemDevice::from_bytes(&pattern(MIB as usize, 11));
-    Arc::new(GatedDevice {
-        inner,
-        gate: tokio::sync::Semaphore::new(0),
-    })
+    Arc::new(GatedDevice::new(inner, false))
 }
 
 #[test]

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use mbank_bank::{Bank, ImportOptions, Progress};
 use mbank_core::{MachineName, MachineRef};
-use mbank_nbd::ServerOptions;
+use mbank_nbd::{ServerOptions, TlsConfig};
 use mbank_station::device::{Disk, NbdDisk};
 use mbank_station::{SessionReport, Station};
 use mbank_store::ChunkStore;
@@ -23,9 +23,33 @@ pub struct Args {
     /// Serve on this Unix socket (URI: nbd+unix:///?socket=PATH).
     #[arg(long, value_name = "PATH", required_unless_present = "listen")]
     pub socket: Option<PathBuf>,
-    /// Serve on this TCP address instead, e.g. 127.0.0.1:10809.
+    /// Serve on this TCP address instead, e.g. 127.0.0.1:10809 (port 0: any free port,
+    /// printed). An address other than loopback needs --tls-cert and --tls-key, or
+    /// --insecure.
     #[arg(long, value_name = "ADDR", conflicts_with = "socket")]
     pub listen: Option<SocketAddr>,
+    /// Speak NBD over TLS with this certificate chain (PEM), and require it: clients
+    /// connect with nbds:// URIs or QEMU's tls-creds-x509. Needs --tls-key and --listen.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_key",
+        conflicts_with = "socket"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The TLS certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Let in only clients presenting a certificate signed by this CA (PEM), as
+    /// qemu-nbd's x509 credentials with verify-peer. Without it, TLS encrypts but any
+    /// client may connect.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// Serve plain NBD on an address other than loopback: no encryption and no
+    /// authentication, so anyone who reaches the port can read and write the disk.
+    /// Only for a network you trust.
+    #[arg(long, conflicts_with_all = ["socket", "tls_cert"])]
+    pub insecure: bool,
     /// End without checking in: everything written is dropped.
     #[arg(long)]
     pub discard: bool,
@@ -153,6 +177,30 @@ pub(crate) async fn shutdown_signal() {
     }
 }
 
+/// Refuses plain NBD beyond loopback (unless --insecure), and reads the TLS
+/// credentials: before anything is recovered or checked out.
+fn tls_setup(args: &Args) -> Result<Option<TlsConfig>> {
+    if let Some(addr) = args.listen
+        && args.tls_cert.is_none()
+        && !addr.ip().is_loopback()
+        && !args.insecure
+    {
+        bail!(
+            "refusing to serve {} as plain NBD on {addr}: anyone who reaches that address \
+             could read and write the disk. Give --tls-cert and --tls-key (and --tls-ca to \
+             require client certificates), listen on 127.0.0.1, or give --insecure for a \
+             network you trust",
+            args.machine
+        );
+    }
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let tls = TlsConfig::from_pem_files(cert, key, args.tls_ca.as_deref())
+        .context("cannot set up TLS for the NBD server; nothing was checked out")?;
+    Ok(Some(tls))
+}
+
 pub fn run(
     bank: &mut Bank,
     station: &Station,
@@ -160,6 +208,7 @@ pub fn run(
     progress: &dyn Progress,
     say: &dyn Fn(String),
 ) -> Result<SessionReport> {
+    let tls = tls_setup(&args)?;
     let opts = ImportOptions {
         jobs: args.jobs,
         ..Default::default()
@@ -198,6 +247,7 @@ pub fn run(
             // Zero chunks are reported by BLOCK_STATUS; scanning every read for zeros
             // costs more than it saves on a local socket.
             sparse_reads: false,
+            tls: tls.clone(),
             ..Default::default()
         };
         match (&args.socket, args.listen) {
@@ -215,10 +265,24 @@ pub fn run(
                 mbank_nbd::serve_unix(path, device, opts, shutdown_signal()).await?;
             }
             (None, Some(addr)) => {
+                let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| {
+                    mbank_nbd::ServeError::Bind {
+                        endpoint: addr.to_string(),
+                        source,
+                    }
+                })?;
+                let local = listener.local_addr().unwrap_or(addr);
+                let how = match &tls {
+                    None => format!("nbd://{local}"),
+                    Some(t) if t.requires_client_certificates() => format!(
+                        "nbds://{local} (TLS required, clients need a certificate from the --tls-ca CA)"
+                    ),
+                    Some(_) => format!("nbds://{local} (TLS required)"),
+                };
                 say(format!(
-                    "serving {what} on nbd://{addr}; Ctrl-C or SIGTERM checks in and ends"
+                    "serving {what} on {how}; Ctrl-C or SIGTERM checks in and ends"
                 ));
-                mbank_nbd::serve_tcp(addr, device, opts, shutdown_signal()).await?;
+                mbank_nbd::serve_tcp_listener(listener, device, opts, shutdown_signal()).await?;
             }
             (None, None) => anyhow::bail!("give --socket PATH or --listen ADDR"),
         }
@@ -271,4 +335,67 @@ pub fn run(
         .map_err(|e| checkin_failed(e, bank, station, &disk, None))?;
     say(describe(&report));
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        args: super::Args,
+    }
+
+    fn parse(argv: &[&str]) -> Result<super::Args, clap::Error> {
+        let argv = std::iter::once("attach").chain(argv.iter().copied());
+        Cmd::try_parse_from(argv).map(|c| c.args)
+    }
+
+    fn allowed(argv: &[&str]) -> bool {
+        super::tls_setup(&parse(argv).expect("valid arguments")).is_ok()
+    }
+
+    #[test]
+    fn plain_nbd_only_on_loopback_unless_insecure() {
+        assert!(allowed(&["a/b", "--socket", "/tmp/x.sock"]));
+        assert!(allowed(&["a/b", "--listen", "127.0.0.1:10809"]));
+        assert!(allowed(&["a/b", "--listen", "127.0.0.2:10809"]));
+        assert!(allowed(&["a/b", "--listen", "[::1]:10809"]));
+        for addr in ["0.0.0.0:10809", "192.168.1.5:10809", "[::]:10809"] {
+            assert!(!allowed(&["a/b", "--listen", addr]), "{addr}");
+            assert!(allowed(&["a/b", "--listen", addr, "--insecure"]), "{addr}");
+        }
+    }
+
+    #[test]
+    fn tls_options_go_together() {
+        for argv in [
+            &["a/b", "--listen", "0.0.0.0:1", "--tls-cert", "c.pem"][..],
+            &["a/b", "--listen", "0.0.0.0:1", "--tls-key", "k.pem"],
+            &["a/b", "--listen", "0.0.0.0:1", "--tls-ca", "ca.pem"],
+            &[
+                "a/b",
+                "--socket",
+                "s",
+                "--tls-cert",
+                "c.pem",
+                "--tls-key",
+                "k.pem",
+            ],
+            &["a/b", "--socket", "s", "--insecure"],
+            &[
+                "a/b",
+                "--listen",
+                "0.0.0.0:1",
+                "--insecure",
+                "--tls-cert",
+                "c.pem",
+                "--tls-key",
+                "k.pem",
+            ],
+        ] {
+            assert!(parse(argv).is_err(), "{argv:?} was accepted");
+        }
+    }
 }

@@ -214,6 +214,11 @@ enum Cmd {
     /// Power a machine off (ACPI power button) that `mbank run` runs on this station.
     Poweroff { machine: MachineName },
     /// Check in sessions left behind on this station by a crash.
+    ///
+    /// Sessions of live processes are left alone. A session whose files are damaged or
+    /// missing is moved to <cache>/damaged (never deleted) and reported with what to do;
+    /// one that cannot be checked in now (the bank is away) stays for the next try. The
+    /// others go on; the exit status is 1 if any session could not be recovered.
     Recover {
         #[arg(long)]
         json: bool,

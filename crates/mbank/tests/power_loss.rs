@@ -326,7 +326,7 @@ fn round(seed: u64, metadata: Metadata, station: Station) -> Result<String, Stri
         return Err(format!("{what}\nrecover failed:\n{r}"));
     }
     let head = bank.head("alice/dev").unwrap();
-    let recovered = r.json().as_array().map_or(0, |a| a.len());
+    let recovered = r.json()["recovered"].as_array().map_or(0, |a| a.len());
     let what = format!("{what}; {recovered} session(s) recovered");
     let out = bank.file("head.raw");
     let got = bank.export(&format!("alice/dev@{head}"), &out);

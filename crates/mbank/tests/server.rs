@@ -215,21 +215,7 @@ impl Served {
                 .unwrap(),
         );
         let mut child = c.spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| {
-                panic!(
-                    "serve did not say where it listens: {line:?}\n{}",
-                    fs::read_to_string(&self.log).unwrap_or_default()
-                )
-            });
+        let port = common::serve_port(&mut child, &self.log);
         assert!(
             line.starts_with("listening on https://127.0.0.1:"),
             "{line}"

@@ -81,21 +81,7 @@ impl Server {
         c.stdout(Stdio::piped()).stdin(Stdio::null());
         c.stderr(fs::File::create(tmp.path().join("server.log")).unwrap());
         let mut child = c.spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| {
-                panic!(
-                    "serve did not say where it listens: {line:?}\n{}",
-                    fs::read_to_string(tmp.path().join("server.log")).unwrap_or_default()
-                )
-            });
+        let port = common::serve_port(&mut child, &tmp.path().join("server.log"));
         Server {
             _tmp: tmp,
             dir,

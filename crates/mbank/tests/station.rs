@@ -1434,3 +1434,68 @@ fn a_damaged_session_is_set_aside_and_others_go_on() {
     r.stderr_has(&["is damaged", "session.json", "kept in"]);
     assert!(sessions(&cache).is_empty());
 }
+
+/// A guest read that needs a chunk the bank cannot give fails with an I/O error, and
+/// attach says so on its standard error, once per chunk, with what to do.
+#[test]
+fn a_damaged_bank_chunk_read_is_reported_on_stderr() {
+    need(&[("nbdsh", "python3-libnbd")]);
+    let bank = Bank::new();
+    let img = image(4 * CS, &[(0, 4 * CS)], 74);
+    import(&bank, "alice/dev", &img, &[]);
+    for id in bank.chunk_files() {
+        let p = bank.chunk_path(&id);
+        let mut b = fs::read(&p).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x20;
+        fs::write(&p, &b).unwrap();
+    }
+    let mut a = bank.attach(&bank.file("station"), "alice/dev", &["--json"]);
+    Script::new(&bank)
+        .line(
+            "for i in range(3):\n    try:\n        h.pread(4096, 0)\n        raise SystemExit('a read of a damaged chunk succeeded')\n    except nbd.Error:\n        pass",
+        )
+        .run(&a.uri());
+    let r = a.stop().ok();
+    r.stderr_has(&["alice/dev", "a guest read needs chunk", "mbank verify"]);
+    assert_eq!(
+        r.stderr.matches("a guest read needs chunk").count(),
+        1,
+        "once per chunk:\n{r}"
+    );
+}
+
+/// Attaches go on while `recover` runs in a loop on the same station: a session being
+/// made is never taken for a dead one, and no recovery fails.
+#[test]
+fn attaches_go_on_while_recover_runs_in_a_loop() {
+    need(&[("nbdsh", "python3-libnbd")]);
+    let bank = Bank::new();
+    let img = image(16 * CS, &[(0, 16 * CS)], 75);
+    import(&bank, "alice/dev", &img, &[]);
+    let cache = bank.file("station");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let rounds = 15;
+    let recovers = std::thread::scope(|s| {
+        let looper = s.spawn(|| {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = recover(&bank, &cache);
+                assert!(r.success(), "a recover beside attaches failed:\n{r}");
+                n += 1;
+            }
+            n
+        });
+        for i in 0..rounds {
+            let mut a = bank.attach(&cache, "alice/dev", &["--json"]);
+            let data = common::random_bytes(4 * KIB, 500 + i);
+            Script::new(&bank).write(0, &data, true).run(&a.uri());
+            let j = report(&a.stop().ok());
+            assert!(j["version"].is_string(), "round {i}: {j}");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        looper.join().unwrap()
+    });
+    assert!(recovers > 0);
+    assert_eq!(bank.log("alice/dev").len(), 1 + rounds as usize);
+}

@@ -497,3 +497,65 @@ impl RawClient {
         );
     }
 }
+
+/// A device whose reads wait until the test opens the gate (adds a permit): all reads,
+/// or with `all_reads` false only reads at offset 0. Forces replies out of order and
+/// keeps requests in flight, without any timing. Everything else goes straight to
+/// memory.
+#[allow(dead_code)] // not every test file uses it
+pub struct GatedDevice {
+    pub inner: mbank_nbd::MemDevice,
+    pub gate: tokio::sync::Semaphore,
+    all_reads: bool,
+}
+
+#[allow(dead_code)]
+impl GatedDevice {
+    pub fn new(inner: mbank_nbd::MemDevice, all_reads: bool) -> GatedDevice {
+        GatedDevice {
+            inner,
+            gate: tokio::sync::Semaphore::new(0),
+            all_reads,
+        }
+    }
+}
+
+impl BlockDevice for GatedDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, mbank_nbd::DeviceError> {
+        if self.all_reads || offset == 0 {
+            self.gate.acquire().await.expect("gate open").forget();
+        }
+        self.inner.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), mbank_nbd::DeviceError> {
+        self.inner.write(offset, data, fua).await
+    }
+    async fn flush(&self) -> Result<(), mbank_nbd::DeviceError> {
+        self.inner.flush().await
+    }
+    async fn trim(&self, offset: u64, len: u32) -> Result<(), mbank_nbd::DeviceError> {
+        self.inner.trim(offset, len).await
+    }
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+        fua: bool,
+    ) -> Result<(), mbank_nbd::DeviceError> {
+        self.inner.write_zeroes(offset, len, no_hole, fua).await
+    }
+    async fn cache(&self, offset: u64, len: u32) -> Result<(), mbank_nbd::DeviceError> {
+        self.inner.cache(offset, len).await
+    }
+    async fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<mbank_nbd::Extent>, mbank_nbd::DeviceError> {
+        self.inner.block_status(offset, len).await
+    }
+}

@@ -777,3 +777,24 @@ pub fn file_bytes(dir: &Path) -> u64 {
     }
     total
 }
+
+/// The port a just-started `mbank serve` (its standard output piped) says it listens
+/// on, in its first line; panics with its log (`log`) if it says nothing usable.
+#[allow(dead_code)] // not every test file starts a server
+pub fn serve_port(child: &mut std::process::Child, log: &Path) -> u16 {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("serve's stdout is piped"))
+        .read_line(&mut line)
+        .unwrap();
+    line.trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "serve did not say where it listens: {line:?}\n{}",
+                fs::read_to_string(log).unwrap_or_default()
+            )
+        })
+}
