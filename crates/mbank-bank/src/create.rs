@@ -91,7 +91,11 @@ impl Bank {
         };
         let (base, items, total) = match new.grow_to {
             Some(size) if size > base.disk_size => {
-                let (grown, last) = self.grow(base, size)?;
+                let from = match new.disk {
+                    DiskFrom::Version(v) => Some(v),
+                    _ => None,
+                };
+                let (grown, last) = self.grow(base, size, from)?;
                 match last {
                     Some(item) => (grown, one(item), total + size),
                     None => (grown, items, total),
@@ -135,6 +139,7 @@ impl Bank {
         &self,
         mut idx: DiskIndex,
         size: u64,
+        from: Option<&VersionInfo>,
     ) -> Result<(DiskIndex, Option<crate::ChunkItem>), BankError> {
         let cs = idx.chunk_size as u64;
         let old = idx.disk_size;
@@ -143,6 +148,15 @@ impl Bank {
             let last = idx.chunks.len() - 1;
             if let Some(id) = idx.chunks[last] {
                 let mut plain = self.store.read(&id)?;
+                if let (Some(w), Some(v)) =
+                    (crate::WrongLength::disk(&idx, last, id, plain.len()), from)
+                {
+                    return Err(BankError::WrongLength {
+                        machine: v.machine.clone(),
+                        version: v.id,
+                        wrong: Box::new(w),
+                    });
+                }
                 plain.resize(cs.min(size - last as u64 * cs) as usize, 0);
                 item = Some((last, Some(plain)));
             }

@@ -12,7 +12,7 @@ use mbank_core::{DiskIndex, MachineRef};
 use mbank_store::ChunkStore;
 use serde::Serialize;
 
-use crate::{Bank, BankError, Progress, Unit};
+use crate::{Bank, BankError, Progress, Unit, WrongLength};
 
 /// What an export did.
 #[derive(Clone, Debug, Serialize)]
@@ -57,6 +57,11 @@ impl Bank {
             version: v.id,
             source: Box::new(source),
         };
+        let wrong = |w| BankError::WrongLength {
+            machine: v.machine.clone(),
+            version: v.id,
+            wrong: Box::new(w),
+        };
         progress.start(
             &format!("exporting {}@{}", v.machine, v.id.short()),
             index.disk_size,
@@ -85,9 +90,16 @@ impl Bank {
                 let mut plains = self.store.read_many(&ids).map_err(damaged)?.into_iter();
                 n += ids.len() as u64;
                 for (k, c) in run.iter().enumerate() {
-                    let len = index.chunk_len(run_no * 16 + k);
+                    let i = run_no * 16 + k;
+                    let len = index.chunk_len(i);
                     let res = match c {
-                        Some(_) => w.write_all(&plains.next().expect("one per id")),
+                        Some(id) => {
+                            let plain = plains.next().expect("one per id");
+                            if let Some(w) = WrongLength::disk(&index, i, *id, plain.len()) {
+                                return Err(wrong(w));
+                            }
+                            w.write_all(&plain)
+                        }
                         None => w.write_all(&zeros[..len]),
                     };
                     res.map_err(|e| BankError::io("write to", &name, e))?;
@@ -118,7 +130,15 @@ impl Bank {
                 .map_err(|e| BankError::io("create", &tmp, e))?;
             file.set_len(index.disk_size)
                 .map_err(|e| BankError::io("size", &tmp, e))?;
-            let n = write_chunks(&*self.store, &index, &file, &tmp, jobs, progress, damaged)?;
+            let n = write_chunks(
+                &*self.store,
+                &index,
+                &file,
+                &tmp,
+                jobs,
+                progress,
+                (damaged, wrong),
+            )?;
             file.sync_all()
                 .map_err(|e| BankError::io("sync", &tmp, e))?;
             fs::rename(&tmp, out).map_err(|e| BankError::io("rename the export to", out, e))?;
@@ -142,8 +162,8 @@ impl Bank {
     }
 }
 
-/// Reads, verifies and writes every non-zero chunk on `jobs` threads. Zero chunks are
-/// left as holes of the pre-sized file.
+/// Reads, verifies and writes every non-zero chunk on `jobs` threads, each only if it
+/// is as long as its place. Zero chunks are left as holes of the pre-sized file.
 fn write_chunks(
     store: &dyn ChunkStore,
     index: &DiskIndex,
@@ -151,7 +171,10 @@ fn write_chunks(
     path: &Path,
     jobs: usize,
     progress: &dyn Progress,
-    damaged: impl Fn(mbank_store::StoreError) -> BankError + Sync,
+    (damaged, wrong): (
+        impl Fn(mbank_store::StoreError) -> BankError + Sync,
+        impl Fn(WrongLength) -> BankError + Sync,
+    ),
 ) -> Result<u64, BankError> {
     // Workers take runs of chunks, fetched with one request each from a bank server.
     const RUN: usize = 16;
@@ -173,7 +196,11 @@ fn write_chunks(
                         .filter_map(|i| index.chunks[i].map(|id| (i, id)))
                         .unzip();
                     let r = store.read_many(&ids).map_err(&damaged).and_then(|plains| {
-                        for (i, plain) in at.iter().zip(plains) {
+                        for ((i, id), plain) in at.iter().zip(&ids).zip(plains) {
+                            // A chunk longer than its place would overwrite the next.
+                            if let Some(w) = WrongLength::disk(index, *i, *id, plain.len()) {
+                                return Err(wrong(w));
+                            }
                             file.write_all_at(&plain, *i as u64 * index.chunk_size as u64)
                                 .map_err(|e| BankError::io("write", path, e))?;
                         }

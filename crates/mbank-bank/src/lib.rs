@@ -41,6 +41,7 @@ mod create;
 mod export;
 pub mod image;
 mod import;
+pub mod lengths;
 mod s3;
 mod stream;
 mod verify;
@@ -49,6 +50,7 @@ pub use create::{DiskFrom, NewMachine};
 pub use export::ExportReport;
 pub use image::ImageFormat;
 pub use import::{ChunkItem, ImportOptions, ImportReport, RepairReport, VersionSource};
+pub use lengths::{Place, WrongLength, check_chunk_lengths, length_pairs};
 pub use s3::{CREDENTIALS_FILE, STORE_URL_FORM, StoreSpec};
 pub use stream::StreamStats;
 pub use verify::{DamagedChunk, DamagedIndex, GcReport, VerifyReport};
@@ -94,6 +96,12 @@ pub enum BankError {
         version: VersionId,
         #[source]
         source: Box<StoreError>,
+    },
+    #[error("version {version} of {machine} is damaged: {wrong}")]
+    WrongLength {
+        machine: MachineName,
+        version: VersionId,
+        wrong: Box<WrongLength>,
     },
     #[error("cannot {action} {}: {source}", path.display())]
     Io {

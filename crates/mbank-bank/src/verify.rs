@@ -10,7 +10,7 @@ use mbank_core::{ChunkId, MachineName};
 use mbank_store::{ChunkStore, StoreError};
 use serde::Serialize;
 
-use crate::{Bank, BankError, Progress, Unit, this_host};
+use crate::{Bank, BankError, Place, Progress, Unit, WrongLength, this_host};
 
 /// A chunk that is missing or fails verification, and who needs it.
 #[derive(Clone, Debug, Serialize)]
@@ -170,6 +170,88 @@ fn needed_now(
     Ok(now)
 }
 
+/// Each chunk of a disk index with the length of its place.
+fn disk_places(idx: &mbank_core::DiskIndex) -> impl Iterator<Item = (ChunkId, u64)> + '_ {
+    idx.chunks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.map(|id| (id, idx.chunk_len(i) as u64)))
+}
+
+/// Each chunk of a stream's index with the length its run claims.
+fn stream_places(idx: &mbank_core::MemoryIndex) -> impl Iterator<Item = (ChunkId, u64)> + '_ {
+    idx.runs
+        .iter()
+        .filter_map(|r| r.id.map(|id| (id, r.len as u64)))
+}
+
+/// The versions (and streams) that put a chunk of `actual` at a place of another
+/// length, each with its first such place and how many there are.
+fn misplaced(
+    catalog: &Catalog,
+    machine: Option<&MachineName>,
+    actual: &HashMap<ChunkId, u64>,
+) -> Result<Vec<DamagedIndex>, CatalogError> {
+    let mut out = Vec::new();
+    let mut judge = |name: String, wrong: Vec<WrongLength>| {
+        if let Some(first) = wrong.first() {
+            let more = match wrong.len() {
+                1 => String::new(),
+                n => format!(" ({} more places are wrong)", n - 1),
+            };
+            out.push(DamagedIndex {
+                version: name,
+                problem: format!(
+                    "{first}{more}; export and attach refuse this version: remove it \
+                     (`mbank rm`) or use another"
+                ),
+            });
+        }
+    };
+    catalog.for_each_index(machine, |v, idx| {
+        if let Ok(idx) = idx {
+            let wrong = idx
+                .chunks
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| {
+                    let id = (*c)?;
+                    WrongLength::disk(&idx, i, id, *actual.get(&id)? as usize)
+                })
+                .collect();
+            judge(version_name(v, None), wrong);
+        }
+        Ok(())
+    })?;
+    catalog.for_each_stream(machine, |v, stream, idx| {
+        if let Ok(idx) = idx {
+            let mut offset = 0;
+            let mut wrong = Vec::new();
+            for (k, r) in idx.runs.iter().enumerate() {
+                if let Some(id) = r.id
+                    && let Some(&n) = actual.get(&id)
+                    && n != r.len as u64
+                {
+                    wrong.push(WrongLength {
+                        chunk: id,
+                        place: Place::Stream {
+                            stream: stream.to_string(),
+                            index: k,
+                            offset,
+                        },
+                        expected: r.len as u64,
+                        actual: n,
+                    });
+                }
+                offset += r.len as u64;
+            }
+            judge(version_name(v, Some(stream)), wrong);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 /// Margin under the GC cutoff for the kernel's coarse file timestamps.
 const MTIME_MARGIN: Duration = Duration::from_secs(1);
 /// A writer on another host that has not been heard from for this long is dead.
@@ -207,10 +289,17 @@ impl Bank {
         let root = self.local_root("verify")?.to_path_buf();
         let mut report = VerifyReport::default();
         self.verify_databases(&catalog, &root, machine, &mut report)?;
-        // Every chunk some version needs; who needs a damaged one is asked at the end.
-        let mut refs: HashSet<ChunkId> = HashSet::new();
-        let mut note = |name: String, ids: Result<Vec<ChunkId>, CatalogError>| match ids {
-            Ok(ids) => refs.extend(ids),
+        // Every chunk some version needs, with the length of the first place it has and
+        // whether another place wants another length; who needs a damaged chunk, and
+        // which places a chunk does not fit, is asked at the end.
+        let mut refs: HashMap<ChunkId, (u64, bool)> = HashMap::new();
+        let mut note = |name: String, ids: Result<Vec<(ChunkId, u64)>, CatalogError>| match ids {
+            Ok(ids) => {
+                for (id, len) in ids {
+                    let e = refs.entry(id).or_insert((len, false));
+                    e.1 |= e.0 != len;
+                }
+            }
             Err(e) => report.damaged_indexes.push(DamagedIndex {
                 version: name,
                 problem: e.to_string(),
@@ -220,13 +309,13 @@ impl Bank {
         let walked = catalog
             .for_each_index(machine, |v, idx| {
                 versions += 1;
-                let ids = idx.map(|i| i.chunks.into_iter().flatten().collect());
+                let ids = idx.map(|i| disk_places(&i).collect());
                 note(version_name(v, None), ids);
                 Ok(())
             })
             .and_then(|()| {
                 catalog.for_each_stream(machine, |v, stream, idx| {
-                    let ids = idx.map(|i| i.runs.into_iter().filter_map(|r| r.id).collect());
+                    let ids = idx.map(|i| stream_places(&i).collect());
                     note(version_name(v, Some(stream)), ids);
                     Ok(())
                 })
@@ -241,21 +330,29 @@ impl Bank {
             );
         }
         report.versions = versions;
-        let chunks: Vec<&ChunkId> = refs.iter().collect();
+        let chunks: Vec<(&ChunkId, &(u64, bool))> = refs.iter().collect();
         progress.start("verifying chunks", chunks.len() as u64, Unit::Chunks);
         let next = AtomicUsize::new(0);
         let bytes = AtomicU64::new(0);
         let bad: Mutex<Vec<(ChunkId, StoreError)>> = Mutex::new(Vec::new());
+        // Good chunks some place wants at another length: (chunk, its length).
+        let misfits: Mutex<HashMap<ChunkId, u64>> = Mutex::new(HashMap::new());
         let store: &dyn ChunkStore = &*self.store;
         std::thread::scope(|s| {
             for _ in 0..jobs.max(1) {
                 s.spawn(|| {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(id) = chunks.get(i) else { return };
+                        let Some((id, (len, varied))) = chunks.get(i) else {
+                            return;
+                        };
                         match store.read(id) {
                             Ok(plain) => {
-                                bytes.fetch_add(plain.len() as u64, Ordering::Relaxed);
+                                let n = plain.len() as u64;
+                                bytes.fetch_add(n, Ordering::Relaxed);
+                                if *varied || n != *len {
+                                    misfits.lock().expect("poisoned").insert(**id, n);
+                                }
                             }
                             Err(e) => bad.lock().expect("poisoned").push((**id, e)),
                         }
@@ -306,6 +403,14 @@ impl Bank {
                 moved_to,
                 needed_by,
             });
+        }
+        // A good chunk at a place of another length is damage of the index that puts
+        // it there: looked up now, in the versions that exist now.
+        let misfits = misfits.into_inner().expect("poisoned");
+        if !misfits.is_empty() {
+            report
+                .damaged_indexes
+                .extend(misplaced(&catalog, machine, &misfits)?);
         }
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)

@@ -154,11 +154,22 @@ pub fn encode_with_id(id: ChunkId, plain: &[u8], level: i32) -> EncodedChunk {
 /// Parses the header of stored bytes without touching the payload: returns
 /// (codec, plaintext length). Used by stores to sanity-check a file cheaply.
 pub fn parse_header(id: &ChunkId, bytes: &[u8]) -> Result<(Codec, usize), ChunkError> {
+    parse_header_of(id, bytes, bytes.len())
+}
+
+/// [`parse_header`] of a stored chunk of `stored_len` bytes of which `bytes` holds at
+/// least the first [`HEADER_LEN`] (a store that reads only the header to learn the
+/// plaintext length).
+pub fn parse_header_of(
+    id: &ChunkId,
+    bytes: &[u8],
+    stored_len: usize,
+) -> Result<(Codec, usize), ChunkError> {
     let id = *id;
-    if bytes.len() < HEADER_LEN {
+    if bytes.len() < HEADER_LEN || stored_len < HEADER_LEN {
         return Err(ChunkError::Truncated {
             id,
-            len: bytes.len(),
+            len: bytes.len().min(stored_len),
         });
     }
     if bytes[..4] != MAGIC {
@@ -187,7 +198,7 @@ pub fn parse_header(id: &ChunkId, bytes: &[u8]) -> Result<(Codec, usize), ChunkE
             why: "plaintext must be 1 byte to 16 MiB",
         });
     }
-    if payload_len != bytes.len() - HEADER_LEN {
+    if payload_len != stored_len - HEADER_LEN {
         return Err(ChunkError::BadLength {
             id,
             claimed: payload_len as u64,

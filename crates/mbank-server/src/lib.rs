@@ -771,6 +771,7 @@ async fn commit(
             e.body.chunk = Some(*id);
             return Err(e);
         }
+        check_lengths(app, &m, &h.info, &index, &named)?;
         let published = app.access(|a| Ok(a.is_published(&m)?))?;
         let grants: Vec<(ChunkId, u64)> = ids.iter().map(|id| (*id, 0)).collect();
         app.access(|a| {
@@ -807,6 +808,58 @@ async fn commit(
         Ok(json(&wire::CommitResponse { outcome }))
     })
     .await
+}
+
+/// Refuses a commit whose index or streams put a chunk at a place of another length
+/// (`400 bad_chunk_length`): `export` would write such a chunk over its neighbours.
+/// Pairs of chunk and length the parent (a version of the same machine, checked when
+/// it was committed) already has are trusted; every other distinct chunk costs one
+/// header read from the store (a GET of the chunk on S3), so a check-in pays for the
+/// chunks it changed, a fork or first commit for all of its chunks.
+fn check_lengths(
+    app: &App,
+    m: &MachineName,
+    info: &mbank_catalog::VersionInfo,
+    index: &DiskIndex,
+    streams: &[mbank_catalog::NamedStream],
+) -> Result<(), ApiError> {
+    let known = match info.parent {
+        Some(p) => app.catalog(|c| {
+            let Ok(parent) = c.resolve(m, Some(&p.to_hex())) else {
+                return Ok(HashSet::new());
+            };
+            if parent.id != p {
+                return Ok(HashSet::new());
+            }
+            let idx = c.disk_index(&parent)?;
+            let streams = c.streams(&parent)?;
+            Ok(mbank_bank::length_pairs(&idx, &streams))
+        })?,
+        None => HashSet::new(),
+    };
+    match mbank_bank::check_chunk_lengths(&*app.store, index, streams, &known) {
+        Ok(None) => Ok(()),
+        Ok(Some(w)) => {
+            let mut e = ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_chunk_length",
+                format!(
+                    "version {} of {m} cannot be committed: {w}; a chunk's length is fixed by its content",
+                    info.id
+                ),
+            );
+            e.body.chunk = Some(w.chunk);
+            Err(e)
+        }
+        Err(mbank_store::StoreError::Missing(id)) => {
+            let mut e = ApiError::bad_request(format!(
+                "the version names chunk {id}, which the bank does not have; send its bytes first"
+            ));
+            e.body.chunk = Some(id);
+            Err(e)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Refuses to remove what a session reads from (as `Bank::remove` does).

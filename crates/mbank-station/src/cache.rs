@@ -320,16 +320,23 @@ impl ChunkCache {
     /// was) if the cache has no good copy. Without `verify`, false also when this
     /// process has not verified the chunk yet (reading it whole to do so is slow), and
     /// a miss is not counted: the caller asks again with `verify`.
+    ///
+    /// `len` is the length of the chunk's place in the disk: a cached chunk of another
+    /// length is not served there (false), whatever its content.
     pub fn read_append(
         &self,
         id: &ChunkId,
         offset: usize,
         n: usize,
+        len: usize,
         buf: &mut Vec<u8>,
         verify: bool,
     ) -> bool {
         let start = buf.len();
         let kept = self.open.read().expect("cache lock").get(id).cloned();
+        if kept.as_ref().is_some_and(|c| c.stamp.size != len as u64) {
+            return false;
+        }
         if let Some(c) = kept {
             // Read, then look: a file changed since it was hashed is not served.
             if append_pread(buf, &c.file, offset as u64, n).is_ok()
@@ -347,6 +354,9 @@ impl ChunkCache {
             }
             return false;
         };
+        if stamp.size != len as u64 {
+            return false;
+        }
         if append_pread(buf, &file, offset as u64, n).is_err() || Stamp::of(&file) != Some(stamp) {
             buf.truncate(start);
             if verify {

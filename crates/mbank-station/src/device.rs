@@ -245,12 +245,52 @@ impl Disk {
         if let Some(d) = self.cache.get(id) {
             return Ok(Arc::new(d));
         }
-        self.fetch_missing(id)
+        self.fetch_missing(id, None)
+    }
+
+    /// [`Disk::fetch`] of the base chunk `id` for its place `i` in the disk: an I/O
+    /// error if the chunk is not as long as the place (the version's index is wrong).
+    fn fetch_at(&self, i: usize, id: &ChunkId) -> Result<Arc<Vec<u8>>, DeviceError> {
+        match self.cache.get(id) {
+            Some(d) => {
+                self.check_len(i, id, d.len())?;
+                Ok(Arc::new(d))
+            }
+            None => self.fetch_missing(id, Some(i)),
+        }
+    }
+
+    /// An I/O error (reported once on stderr) if chunk `id`, `len` bytes long, does not
+    /// fit place `i` of the base disk.
+    fn check_len(&self, i: usize, id: &ChunkId, len: usize) -> Result<(), DeviceError> {
+        let Some(w) = mbank_bank::WrongLength::disk(&self.base, i, *id, len) else {
+            return Ok(());
+        };
+        if self.reported.lock().expect("report lock").insert(*id) {
+            eprintln!(
+                "mbank: {}@{}: version damaged: {w}; guest reads there fail with an I/O \
+                 error. Run `mbank verify` on the bank",
+                self.meta.machine,
+                self.meta
+                    .base
+                    .as_deref()
+                    .map_or("-", |b| &b[..b.len().min(12)]),
+            );
+        }
+        Err(DeviceError::io(
+            format!("chunk {i} of the disk"),
+            std::io::Error::other(w.to_string()),
+        ))
     }
 
     /// [`Disk::fetch`] of a chunk the cache was just asked for and lacked (asking it
-    /// again would count a second miss).
-    fn fetch_missing(&self, id: &ChunkId) -> Result<Arc<Vec<u8>>, DeviceError> {
+    /// again would count a second miss); with `place`, for that place of the disk,
+    /// checked against its length (and cached only if it fits).
+    fn fetch_missing(
+        &self,
+        id: &ChunkId,
+        place: Option<usize>,
+    ) -> Result<Arc<Vec<u8>>, DeviceError> {
         let (flight, leader) = {
             let mut f = self.flights.lock().expect("flight lock");
             match f.get(id) {
@@ -268,7 +308,12 @@ impl Disk {
                 done = flight.cv.wait(done).expect("flight lock");
             }
             return match done.as_ref().expect("set") {
-                Ok(d) => Ok(d.clone()),
+                Ok(d) => {
+                    if let Some(i) = place {
+                        self.check_len(i, id, d.len())?;
+                    }
+                    Ok(d.clone())
+                }
                 Err(e) => Err(DeviceError::Unavailable(e.clone())),
             };
         }
@@ -278,8 +323,11 @@ impl Disk {
                 self.counters
                     .bytes_fetched
                     .fetch_add(plain.len() as u64, Ordering::Relaxed);
-                // A full cache disk must not fail the guest's read.
-                let _ = self.cache.insert(id, &plain);
+                // A full cache disk must not fail the guest's read; a chunk that does
+                // not fit its place is not kept.
+                if place.is_none_or(|i| self.base.chunk_len(i) == plain.len()) {
+                    let _ = self.cache.insert(id, &plain);
+                }
                 Ok(Arc::new(plain))
             }
             Err(e) => Err(e),
@@ -291,7 +339,7 @@ impl Disk {
         *flight.done.lock().expect("flight lock") = Some(shared);
         flight.cv.notify_all();
         self.flights.lock().expect("flight lock").remove(id);
-        result.map_err(|e| match e {
+        let data = result.map_err(|e| match e {
             StoreError::Corrupt { .. } | StoreError::Missing(_) => {
                 if self.reported.lock().expect("report lock").insert(*id) {
                     eprintln!(
@@ -311,7 +359,11 @@ impl Disk {
                 )
             }
             other => DeviceError::Unavailable(other.to_string()),
-        })
+        })?;
+        if let Some(i) = place {
+            self.check_len(i, id, data.len())?;
+        }
+        Ok(data)
     }
 
     /// Splits `[off, off+len)` into (chunk index, offset in chunk, length) pieces.
@@ -346,13 +398,14 @@ impl Disk {
             buf.resize(buf.len() + n, 0);
             return Ok(true);
         };
-        if self.cache.read_append(id, a, n, buf, !inline) {
+        let len = self.base.chunk_len(i);
+        if self.cache.read_append(id, a, n, len, buf, !inline) {
             return Ok(true);
         }
         if inline {
             return Ok(false);
         }
-        let data = self.fetch_missing(id)?;
+        let data = self.fetch_missing(id, Some(i))?;
         buf.extend_from_slice(&data[a..a + n]);
         Ok(true)
     }
@@ -492,7 +545,7 @@ impl Disk {
                     a + n
                 };
                 let base = match &self.base.chunks[i] {
-                    Some(id) => Some(self.fetch(id)?),
+                    Some(id) => Some(self.fetch_at(i, id)?),
                     None => None,
                 };
                 let from_base = |buf: &mut Vec<u8>, s: usize, e: usize| match &base {
@@ -543,7 +596,7 @@ impl Disk {
             if self.mask(i) != self.full(i)
                 && let Some(id) = &self.base.chunks[i]
             {
-                self.fetch(id)?;
+                self.fetch_at(i, id)?;
             }
         }
         Ok(())
@@ -579,7 +632,7 @@ impl Disk {
             if self.mask(i) == self.full(i) || self.cache.contains(id) {
                 continue;
             }
-            let _ = self.fetch(id);
+            let _ = self.fetch_at(i, id);
         }
     }
 }
@@ -1173,6 +1226,63 @@ mod tests {
                 .dropped_corrupt
                 .load(Ordering::Relaxed)
                 >= 1
+        );
+    }
+
+    /// A base version whose index puts a chunk at a place of another length (a 1 MiB
+    /// chunk at a 64 KiB place; chunk 0's 64 KiB at the 5120-byte last place): reads
+    /// of those places fail with an I/O error naming the chunk, from the bank or from
+    /// the cache, inline or not; a write that merges with such a base fails; the
+    /// misplaced chunk is not cached; the other chunks read as before.
+    #[test]
+    fn a_base_chunk_of_the_wrong_length_for_its_place_fails_the_guest_read() {
+        let mut f = fixture();
+        let big = mbank_core::chunk::encode(&vec![0x5a; 1 << 20], 3);
+        f.bank.store().put(&big).unwrap();
+        f.bank.store().flush().unwrap();
+        let r: MachineRef = "alice/dev".parse().unwrap();
+        let mut v = f.bank.resolve(&r).unwrap();
+        let mut idx = f.bank.catalog().disk_index(&v).unwrap();
+        let c0 = idx.chunks[0].unwrap();
+        idx.chunks[1] = Some(big.id);
+        idx.chunks[8] = Some(c0);
+        let parent = v.id;
+        v.id = mbank_core::VersionId::random();
+        v.parent = Some(parent);
+        f.bank
+            .catalog_mut()
+            .commit_version(&v, &idx, &[], Some(parent))
+            .unwrap();
+        let disk = f.check_out();
+        // Chunk 0 reads, and is now cached and verified.
+        assert_eq!(disk.read_sync(0, CS as u32).unwrap(), f.base[..CS]);
+        let Err(e) = disk.read_sync(CS as u64, 4096) else {
+            panic!("a read of chunk 1 served the misplaced chunk");
+        };
+        assert!(
+            matches!(e, DeviceError::Io { .. }) && e.to_string().contains(&big.id.to_hex()),
+            "{e}"
+        );
+        assert!(
+            !f.station.cache.contains(&big.id),
+            "the misplaced chunk was cached"
+        );
+        let last = 8 * CS as u64;
+        assert!(
+            !matches!(disk.read_with(last, 4096, true), Ok(Some(_))),
+            "an inline read served chunk 0 at the last place"
+        );
+        let Err(e) = disk.read_sync(last, 4096) else {
+            panic!("a read of the last chunk served chunk 0");
+        };
+        assert!(e.to_string().contains(&c0.to_hex()), "{e}");
+        let e = disk
+            .write_sync(CS as u64 + 100, Some(&[1u8; 10]), 10)
+            .unwrap_err();
+        assert!(e.to_string().contains(&big.id.to_hex()), "{e}");
+        assert_eq!(
+            disk.read_sync(2 * CS as u64, CS as u32).unwrap(),
+            f.base[2 * CS..3 * CS]
         );
     }
 }

@@ -265,6 +265,21 @@ pub trait ChunkStore: Send + Sync {
             .collect()
     }
 
+    /// A stored chunk's plaintext length, from its header: a check of where an index
+    /// may place the chunk, not a verification of the chunk ([`ChunkStore::read`]
+    /// does that). The default reads the whole chunk; a store that can read just the
+    /// header does so. A header that does not parse is [`StoreError::Corrupt`] (the
+    /// chunk is not moved aside).
+    fn plain_len(&self, id: &ChunkId) -> Result<usize, StoreError> {
+        let raw = self.get_raw(id)?;
+        chunk::parse_header(id, &raw)
+            .map(|(_, n)| n)
+            .map_err(|source| StoreError::Corrupt {
+                source,
+                moved_to: None,
+            })
+    }
+
     /// Decodes and verifies a chunk's stored bytes; quarantines it if they are damaged.
     fn verify(&self, id: &ChunkId, raw: Vec<u8>) -> Result<Vec<u8>, StoreError> {
         match chunk::decode(id, &raw) {
@@ -297,6 +312,12 @@ pub(crate) mod contract {
         assert_eq!(store.read(&b.id).unwrap(), b"beta");
         let missing = ChunkId::of(b"nope");
         assert!(matches!(store.read(&missing), Err(StoreError::Missing(_))));
+        assert_eq!(store.plain_len(&a.id).unwrap(), 5000);
+        assert_eq!(store.plain_len(&b.id).unwrap(), 4);
+        assert!(matches!(
+            store.plain_len(&missing),
+            Err(StoreError::Missing(_))
+        ));
         let s = store.stats().unwrap();
         assert_eq!(s.chunks, 2);
         assert_eq!(s.bytes, (a.bytes.len() + b.bytes.len()) as u64);

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use mbank_core::ChunkId;
-use mbank_core::chunk::{EncodedChunk, MAX_STORED_LEN};
+use mbank_core::chunk::{self, EncodedChunk, MAX_STORED_LEN};
 
 use crate::{ChunkStore, StoreError, StoreStats, SweepStats};
 
@@ -227,6 +227,49 @@ impl ChunkStore for LocalStore {
         } else {
             Err(StoreError::io("touch chunk", &path, e))
         }
+    }
+
+    /// Reads only the chunk's 16-byte header and the file's size.
+    fn plain_len(&self, id: &ChunkId) -> Result<usize, StoreError> {
+        use std::os::unix::fs::FileExt;
+        let path = match self
+            .pending
+            .lock()
+            .expect("pending lock poisoned")
+            .chunks
+            .get(id)
+        {
+            Some(p) => p.tmp.clone(),
+            None => self.chunk_path(id),
+        };
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::Missing(*id));
+            }
+            Err(e) => return Err(StoreError::io("open chunk", &path, e)),
+        };
+        let size = f
+            .metadata()
+            .map_err(|e| StoreError::io("stat chunk", &path, e))?
+            .len();
+        let mut h = [0u8; chunk::HEADER_LEN];
+        let mut n = 0;
+        while n < h.len() {
+            match f.read_at(&mut h[n..], n as u64) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(StoreError::io("read chunk header", &path, e)),
+            }
+        }
+        let stored = usize::try_from(size).unwrap_or(usize::MAX);
+        chunk::parse_header_of(id, &h[..n], stored)
+            .map(|(_, len)| len)
+            .map_err(|source| StoreError::Corrupt {
+                source,
+                moved_to: None,
+            })
     }
 
     fn get_raw(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {

@@ -305,6 +305,10 @@ fn hint(e: &BankError) -> Option<String> {
             "nothing was written; run `mbank verify` to list every damaged chunk and the versions that need it; \
              `mbank import --repair {machine} IMAGE`, with the image the version was made from, repairs the bank"
         )),
+        BankError::WrongLength { machine, .. } => Some(format!(
+            "nothing was written; the version's index is wrong, not the chunk: run `mbank verify` to list \
+             the damaged versions, and use another version of {machine} or remove this one with `mbank rm`"
+        )),
         _ => None,
     }
 }

@@ -486,3 +486,70 @@ fn version_removed_by_rm_and_gc_during_verify_is_not_damage() {
         s.bank.assert_exports(v, &s.image);
     }
 }
+
+/// Commits, through the catalog API (as a hostile or broken writer could, bypassing
+/// import), a new head of `machine` whose index puts `chunk` at each of `places`;
+/// stores `chunk` first. Returns the version as `machine@id`.
+fn commit_misplaced(bank: &Bank, machine: &str, chunk: &[u8], places: &[usize]) -> String {
+    let mut b = mbank_bank::Bank::open(&bank.path, false).unwrap();
+    let c = mbank_core::chunk::encode(chunk, 3);
+    b.store().put(&c).unwrap();
+    b.store().flush().unwrap();
+    let mut v = b.resolve(&machine.parse().unwrap()).unwrap();
+    let mut idx = b.catalog().disk_index(&v).unwrap();
+    for &i in places {
+        idx.chunks[i] = Some(c.id);
+    }
+    let parent = v.id;
+    v.id = mbank_core::VersionId::random();
+    v.parent = Some(parent);
+    b.catalog_mut()
+        .commit_version(&v, &idx, &[], Some(parent))
+        .unwrap();
+    format!("{machine}@{}", v.id.to_hex())
+}
+
+/// A version whose index puts a 16 MiB chunk at a 64 KiB place (and a full chunk at
+/// the short last place) is damage of that version: export refuses it, writing
+/// nothing and exiting 1, to a file and to standard output alike, and verify reports
+/// the index (not the chunk, which is good) and exits 3. The parent still exports.
+#[test]
+fn a_chunk_of_the_wrong_length_for_its_place_is_refused_and_reported() {
+    let bank = Bank::new();
+    let image = bank.file("disk.raw");
+    // 4 MiB and 1 KiB: 64 full chunks of 64 KiB and a short last one.
+    let data = common::random_bytes((4 << 20) + 1024, 41);
+    fs::write(&image, &data).unwrap();
+    let first = bank.import("alice/dev", &image, &["--chunk-size", "64K"]);
+    let first = format!("alice/dev@{}", first["version"].as_str().unwrap());
+    let big: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
+    let big_id = mbank_core::ChunkId::of(&big).to_hex();
+    let bad = commit_misplaced(&bank, "alice/dev", &big, &[1]);
+    assert_export_refused(&bank, "alice/dev", &big_id);
+    let r = bank.run(&["export", "alice/dev", "/dev/null"]).code(1);
+    r.stderr_has(&[&big_id, "disk chunk 1", "65536", "16777216"]);
+    bank.run(&["export", "alice/dev", "-"]).code(1);
+    let (r, v) = verify_report(&bank);
+    assert_eq!(v["damaged_chunks"], Value::Array(vec![]), "{r}");
+    let d = v["damaged_indexes"].as_array().unwrap();
+    assert_eq!(d.len(), 1, "{r}");
+    assert_eq!(d[0]["version"], bad.as_str(), "{r}");
+    let p = d[0]["problem"].as_str().unwrap();
+    assert!(p.contains(&big_id) && p.contains("disk chunk 1"), "{r}");
+    bank.assert_exports(&first, &image);
+
+    // A full 64 KiB chunk of the disk itself at the short last place.
+    bank.run(&["rm", &bad]).ok();
+    let full = data[..64 << 10].to_vec();
+    let bad = commit_misplaced(&bank, "alice/dev", &full, &[64]);
+    let full_id = mbank_core::ChunkId::of(&full).to_hex();
+    assert_export_refused(&bank, "alice/dev", &full_id);
+    let (r, v) = verify_report(&bank);
+    let d = v["damaged_indexes"].as_array().unwrap();
+    assert_eq!(d.len(), 1, "{r}");
+    assert_eq!(d[0]["version"], bad.as_str(), "{r}");
+    assert!(
+        d[0]["problem"].as_str().unwrap().contains("disk chunk 64"),
+        "{r}"
+    );
+}

@@ -1036,3 +1036,108 @@ fn restart_under_a_station(
     assert_export(alice, "alice/dev", &want, "the checked-in disk");
     want
 }
+
+/// A commit body for a new head of `machine`: its head's index changed by `edit`, with
+/// `streams`.
+fn edited_commit(
+    s: &Served,
+    machine: &str,
+    edit: impl FnOnce(&mut mbank_core::DiskIndex),
+    streams: &[(&str, mbank_core::MemoryIndex)],
+) -> Vec<u8> {
+    let bank = mbank_bank::Bank::open(&s.bank_dir, true).unwrap();
+    let mut v = bank.resolve(&machine.parse().unwrap()).unwrap();
+    let mut idx = bank.catalog().disk_index(&v).unwrap();
+    edit(&mut idx);
+    let parent = v.id;
+    v.id = mbank_core::VersionId::random();
+    v.parent = Some(parent);
+    v.streams = streams.iter().map(|(n, _)| n.to_string()).collect();
+    let index = idx.to_bytes();
+    let bodies: Vec<Vec<u8>> = streams.iter().map(|(_, i)| i.to_bytes()).collect();
+    let h = mbank_remote::wire::CommitHeader {
+        info: v,
+        expected_head: Some(parent),
+        index_len: index.len() as u64,
+        streams: streams
+            .iter()
+            .zip(&bodies)
+            .map(|((n, _), b)| (n.to_string(), b.len() as u64))
+            .collect(),
+    };
+    mbank_remote::wire::commit_body(&h, &index, &bodies)
+}
+
+/// The server refuses a commit whose index puts a chunk at a place of another length
+/// (a 16 MiB chunk the user sent, at a 64 KiB place of the disk; a disk chunk as a run
+/// of a memory stream that claims another length): `400 bad_chunk_length` naming the
+/// chunk, and nothing is committed, so no one (nor the users of a published machine)
+/// is handed the version. A commit whose lengths fit is accepted.
+#[test]
+fn a_commit_naming_a_chunk_of_the_wrong_length_for_its_place_is_refused() {
+    let s = Served::start();
+    let alice = s.login("alice");
+    let img = image(4 * MIB, &[(0, 4 * MIB)], 91);
+    let p = write_img(&alice, &img);
+    alice.import("alice/dev", &p, &[]);
+    let ta = s.token("alice");
+    // A 16 MiB chunk, sent as its bytes (compressed, it is small); the server takes it.
+    let big: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
+    let c = mbank_core::chunk::encode(&big, 3);
+    let (code, v) = s.curl_json(
+        Some(&ta),
+        "PUT",
+        &format!("/v1/chunks/{}", c.id),
+        Some(&c.bytes),
+    );
+    assert_eq!(code, 201, "{v}");
+    let path = "/v1/machines/alice/dev/versions";
+    let body = edited_commit(&s, "alice/dev", |i| i.chunks[1] = Some(c.id), &[]);
+    let (code, v) = s.curl_json(Some(&ta), "POST", path, Some(&body));
+    assert_eq!(
+        (code, &v["kind"]),
+        (400, &Value::from("bad_chunk_length")),
+        "{v}"
+    );
+    assert_eq!(v["chunk"], c.id.to_hex(), "{v}");
+    let msg = v["message"].as_str().unwrap();
+    assert!(
+        msg.contains("disk chunk 1") && msg.contains("16777216") && msg.contains("65536"),
+        "{v}"
+    );
+    assert_eq!(alice.log("alice/dev").len(), 1, "nothing was committed");
+
+    // A memory stream whose one run claims 1000 bytes of a 64 KiB chunk.
+    let disk_chunk: mbank_core::ChunkId = head_chunks(&s, "alice/dev")[0].parse().unwrap();
+    let run = |len| mbank_core::MemoryIndex {
+        total_len: len as u64,
+        runs: vec![mbank_core::MemoryRun {
+            id: Some(disk_chunk),
+            len,
+        }],
+    };
+    let body = edited_commit(&s, "alice/dev", |_| {}, &[("memory", run(1000))]);
+    let (code, v) = s.curl_json(Some(&ta), "POST", path, Some(&body));
+    assert_eq!(
+        (code, &v["kind"]),
+        (400, &Value::from("bad_chunk_length")),
+        "{v}"
+    );
+    assert!(
+        v["message"].as_str().unwrap().contains("stream memory"),
+        "{v}"
+    );
+    assert_eq!(alice.log("alice/dev").len(), 1, "nothing was committed");
+
+    // The same run at its true length, and the disk as it was, are accepted.
+    let body = edited_commit(&s, "alice/dev", |_| {}, &[("memory", run(64 << 10))]);
+    let (code, v) = s.curl_json(Some(&ta), "POST", path, Some(&body));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(alice.log("alice/dev").len(), 2);
+    assert_export(
+        &alice,
+        "alice/dev",
+        &img,
+        "alice/dev after the refused commits",
+    );
+}
