@@ -966,6 +966,18 @@ impl Access {
     /// (over quota) none. The quota is checked against the sum of the chunks new to the
     /// user (each counted once).
     pub fn record_uploads(&self, user: &User, ids: &[(ChunkId, u64)]) -> Result<(), AccessError> {
+        self.record_uploads_beside(user, ids, 0)
+    }
+
+    /// [`Access::record_uploads`] for a user who also uses `other` bytes that this
+    /// database does not hold (the bank server passes what their versions cost in the
+    /// catalog): the quota is checked against their chunks plus `other`.
+    pub fn record_uploads_beside(
+        &self,
+        user: &User,
+        ids: &[(ChunkId, u64)],
+        other: u64,
+    ) -> Result<(), AccessError> {
         let tx = self.write("record an upload")?;
         // The quota in the database is authoritative; it may have changed since login.
         let quota: Option<Option<i64>> = tx
@@ -997,7 +1009,7 @@ impl Access {
         }
         let need = new.iter().fold(0u64, |a, (_, b)| a.saturating_add(*b));
         if let Some(quota) = quota {
-            let used = Self::usage_in(&tx, &user.name)?;
+            let used = Self::usage_in(&tx, &user.name)?.saturating_add(other);
             if used.saturating_add(need) > quota {
                 return Err(AccessError::QuotaExceeded {
                     user: user.name.clone(),
@@ -1049,6 +1061,19 @@ impl Access {
             .and_then(|mut st| st.query_row(params![user], |r| r.get(0)))
             .map_err(sql("sum a user's usage"))?;
         Ok(n.max(0) as u64)
+    }
+
+    /// `user`'s quota in bytes (`None`: unlimited).
+    pub fn quota(&self, user: &str) -> Result<Option<u64>, AccessError> {
+        let q: Option<Option<i64>> = self
+            .conn
+            .prepare_cached("SELECT quota_bytes FROM users WHERE name = ?1")
+            .and_then(|mut st| st.query_row(params![user], |r| r.get(0)).optional())
+            .map_err(sql("read a quota"))?;
+        match q {
+            Some(q) => Ok(quota_from_sql(q)),
+            None => Err(AccessError::UnknownUser(user.to_string())),
+        }
     }
 
     /// Bytes charged to `user`: the stored sizes of the chunks they sent, each once.
