@@ -71,6 +71,7 @@
 //! tables are documented in `docs/formats.md`.
 
 use std::collections::HashSet;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -209,6 +210,16 @@ pub enum AccessError {
     /// Hashing a password failed (should not happen with valid parameters).
     #[error("could not hash the password: {0}")]
     Hash(String),
+    /// A file operation on the access database failed.
+    #[error("could not {action} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The system's error.
+        source: std::io::Error,
+    },
     /// SQLite failed.
     #[error("could not {action} in the access database: {source}")]
     Sqlite {
@@ -422,6 +433,24 @@ impl Access {
     /// migrating an older schema forward.
     pub fn open(bank_dir: &Path) -> Result<Access, AccessError> {
         let path = bank_dir.join(FILE_NAME);
+        // Password hashes: readable by the bank's owner alone (SQLite gives its -wal
+        // and -shm files the database's mode).
+        match std::fs::OpenOptions::new()
+            .mode(0o600)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(AccessError::Io {
+                    action: "create the access database",
+                    path: path.clone(),
+                    source: e,
+                });
+            }
+        }
         let conn = Connection::open_with_flags(
             &path,
             OpenFlags::SQLITE_OPEN_READ_WRITE

@@ -219,10 +219,17 @@ impl Station {
 
     /// Opens (creating if needed) the station whose cache is `dir`.
     pub fn open(dir: &Path, cache_size: u64) -> Result<Station, StationError> {
-        fs::create_dir_all(dir.join("sessions")).map_err(|e| StationError::Io {
-            what: format!("create the station cache {}", dir.display()),
-            source: e,
-        })?;
+        // The cache and its sessions are private to the station's user (one service
+        // account serves every user of the PC): 0700, whatever the umask.
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.join("sessions"))
+            .map_err(|e| StationError::Io {
+                what: format!("create the station cache {}", dir.display()),
+                source: e,
+            })?;
         let marker = dir.join("STATION");
         let id = match fs::read_to_string(&marker) {
             Ok(t) => {

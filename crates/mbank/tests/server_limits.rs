@@ -539,7 +539,7 @@ fn a_bank_and_a_station_cache_are_private_to_their_owner() {
 }
 
 #[test]
-fn serve_and_verify_warn_about_a_bank_open_to_others() {
+fn verify_warns_about_a_bank_open_to_others() {
     let bank = Bank::new();
     fs::set_permissions(&bank.path, fs::Permissions::from_mode(0o755)).unwrap();
     let r = bank.run(&["verify"]).ok();
