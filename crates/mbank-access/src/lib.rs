@@ -55,7 +55,11 @@
 //! counts once per user, when they first send it, and never when it was granted.
 //! [`Access::record_upload`] fails with [`AccessError::QuotaExceeded`] before recording
 //! anything when the upload would go over. [`Access::prune`] drops the rows of chunks
-//! that garbage collection deleted, which gives the space back.
+//! that garbage collection deleted, which gives the space back. The bank server also
+//! counts what a user's versions cost in the catalog, which this database does not
+//! hold: it passes that to [`Access::record_uploads_beside`].
+//!
+//! `access.db` is created 0600: it holds password hashes.
 //!
 //! ## Concurrency and crashes
 //!

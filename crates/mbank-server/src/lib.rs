@@ -23,8 +23,9 @@
 //! (`conn.rs`) bounds connections in total and per address and closes those that send
 //! no headers or idle too long (hyper's header timeout). Logins hash on a few threads
 //! behind a short queue and back off per address and per user (`limits.rs`). A
-//! `chunks/get` answer is streamed, each id once, up to a byte cap. docs/api.md lists
-//! the limits and their answers.
+//! `chunks/get` answer is streamed, each id once, up to a byte cap. What a user may make
+//! the catalog keep is capped, and counted toward their quota (`caps.rs`). docs/api.md
+//! lists the limits and their answers.
 
 mod caps;
 mod conn;
