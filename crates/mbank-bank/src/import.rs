@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use mbank_catalog::{CommitOutcome, NamedStream, VersionInfo, VersionStats, now_ms};
-use mbank_core::chunk::{DEFAULT_ZSTD_LEVEL, encode_with_id};
+use mbank_catalog::{CatalogError, CommitOutcome, NamedStream, VersionInfo, VersionStats, now_ms};
+use mbank_core::chunk::{DEFAULT_ZSTD_LEVEL, decode, encode_with_id};
 use mbank_core::{ChunkId, DEFAULT_CHUNK_SIZE, DiskIndex, MachineName, VersionId, is_zero};
-use mbank_store::ChunkStore;
+use mbank_store::{ChunkStore, StoreError};
 use serde::Serialize;
 
 use crate::image::{ImageFormat, ImageSource, open_image};
@@ -64,10 +64,30 @@ pub struct ImportReport {
     pub seconds: f64,
 }
 
+/// What `import --repair` ([`Bank::repair_from_image`]) did.
+#[derive(Clone, Debug, Serialize)]
+pub struct RepairReport {
+    pub machine: String,
+    pub image: String,
+    pub chunk_size: u32,
+    pub chunks_total: u64,
+    pub chunks_zero: u64,
+    /// Chunks the bank had intact (counting each time the image repeats one).
+    pub chunks_intact: u64,
+    /// Chunks the bank had damaged (they failed their hash): rewritten from the image.
+    pub chunks_repaired: u64,
+    /// Chunks the bank lacked (`verify` had moved them aside, say): stored.
+    pub chunks_stored: u64,
+    pub bytes_written: u64,
+    pub seconds: f64,
+}
+
 enum Outcome {
     Zero,
     New(ChunkId, u64),
     Dedup(ChunkId),
+    /// The store had the chunk, damaged; it was rewritten (`repair` only).
+    Repaired(ChunkId, u64),
 }
 
 /// How often a long import tells the catalog it is still alive.
@@ -137,6 +157,61 @@ impl Bank {
         Ok(report)
     }
 
+    /// Repairs the bank from the image at `path`, an image `machine` was made from (or
+    /// shares chunks with): re-reads and re-hashes every chunk of the image the bank
+    /// has, rewrites from the image those that fail (an atomic replacement of the
+    /// damaged file), and stores those the bank lacks. Makes no version and moves no
+    /// head. Slower than an import, which trusts a chunk it finds present: this reads
+    /// back every shared chunk, like `verify`. On the bank's host only: a bank server
+    /// keeps a chunk it has rather than take a copy from a client.
+    pub fn repair_from_image(
+        &mut self,
+        machine: &MachineName,
+        path: &Path,
+        opts: &ImportOptions,
+        progress: &dyn Progress,
+    ) -> Result<RepairReport, BankError> {
+        self.require_writable("repair")?;
+        self.local_root("import --repair")?;
+        let started = Instant::now();
+        let m = self
+            .catalog
+            .machine(machine)?
+            .ok_or_else(|| CatalogError::MachineNotFound(machine.to_string()))?;
+        let writer = self.begin_write(&format!("repair {machine}"))?;
+        let image = open_image(path, opts.format, &opts.temp_dir)?;
+        let mut index = DiskIndex::zeroed(image.len, m.chunk_size);
+        let mut stats = VersionStats::default();
+        let what = format!("repairing {machine} from {}", path.display());
+        progress.start(&what, image.len, Unit::Bytes);
+        let items = Box::new(image_items(path, &image, m.chunk_size as u64, image.len));
+        let result = store_chunks(
+            items,
+            &mut index,
+            &*self.store,
+            opts,
+            true,
+            progress,
+            &mut stats,
+            || writer.heartbeat(),
+        );
+        progress.finish();
+        let (repaired, repaired_bytes) = result?;
+        self.store.flush()?;
+        Ok(RepairReport {
+            machine: machine.to_string(),
+            image: path.display().to_string(),
+            chunk_size: m.chunk_size,
+            chunks_total: index.chunks.len() as u64,
+            chunks_zero: stats.chunks_zero,
+            chunks_intact: stats.chunks_dedup,
+            chunks_repaired: repaired,
+            chunks_stored: stats.chunks_new,
+            bytes_written: stats.bytes_stored + repaired_bytes,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
     /// Stores the chunks of `source` (hashing, compressing and skipping what the bank
     /// has on `opts.jobs` threads), flushes the store, and commits a version whose
     /// parent is `source.parent`, moving the head by compare-and-swap. The caller keeps
@@ -172,6 +247,7 @@ impl Bank {
             &mut base,
             &*self.store,
             opts,
+            false,
             progress,
             &mut stats,
             || writer.heartbeat(),
@@ -260,16 +336,20 @@ pub(crate) fn image_items<'a>(
 }
 
 /// Runs `items` on one reader thread, hashes and stores on `jobs` workers, and fills
-/// `index` on the calling thread.
+/// `index` on the calling thread. With `repair`, every chunk the store has is read back
+/// and rewritten if damaged; returns the chunks and bytes so rewritten (counted in
+/// `stats` as already in the bank).
+#[allow(clippy::too_many_arguments)]
 fn store_chunks(
     items: Box<dyn Iterator<Item = Result<ChunkItem, BankError>> + Send + '_>,
     index: &mut DiskIndex,
     store: &dyn ChunkStore,
     opts: &ImportOptions,
+    repair: bool,
     progress: &dyn Progress,
     stats: &mut VersionStats,
     mut heartbeat: impl FnMut(),
-) -> Result<(), BankError> {
+) -> Result<(u64, u64), BankError> {
     let jobs = opts.jobs.max(1);
     let cs = index.chunk_size as u64;
     let abort = &AtomicBool::new(false);
@@ -279,7 +359,7 @@ fn store_chunks(
     let (work_tx, work_rx) = mpsc::sync_channel::<Vec<(usize, Vec<u8>)>>(jobs * 2);
     let work_rx = Mutex::new(work_rx);
     let (done_tx, done_rx) = mpsc::channel::<(usize, u64, Result<Outcome, BankError>)>();
-    std::thread::scope(|s| -> Result<(), BankError> {
+    std::thread::scope(|s| -> Result<(u64, u64), BankError> {
         let reader_done = done_tx.clone();
         s.spawn(move || {
             let mut batch = Vec::with_capacity(BATCH);
@@ -321,7 +401,7 @@ fn store_chunks(
                     if abort.load(Ordering::Relaxed) {
                         continue; // drain, so the reader is never stuck
                     }
-                    for (i, read, r) in store_batch(batch, store, seen, opts.zstd_level) {
+                    for (i, read, r) in store_batch(batch, store, seen, opts.zstd_level, repair) {
                         if done.send((i, read, r)).is_err() {
                             return;
                         }
@@ -331,6 +411,7 @@ fn store_chunks(
         }
         drop(done_tx);
         let mut first_err = None;
+        let mut repaired = (0, 0);
         let mut last_beat = Instant::now();
         for (i, read, r) in done_rx {
             if i < index.chunks.len() {
@@ -351,6 +432,12 @@ fn store_chunks(
                     stats.chunks_dedup += 1;
                     index.chunks[i] = Some(id);
                 }
+                Ok(Outcome::Repaired(id, bytes)) => {
+                    stats.chunks_dedup += 1;
+                    repaired.0 += 1;
+                    repaired.1 += bytes;
+                    index.chunks[i] = Some(id);
+                }
                 Err(e) => {
                     abort.store(true, Ordering::Relaxed);
                     first_err.get_or_insert(e);
@@ -361,7 +448,7 @@ fn store_chunks(
                 last_beat = Instant::now();
             }
         }
-        first_err.map_or(Ok(()), Err)
+        first_err.map_or(Ok(repaired), Err)
     })
 }
 
@@ -373,12 +460,15 @@ fn index_chunk_len(disk_size: u64, cs: u64, i: usize) -> usize {
 const BATCH: usize = 32;
 
 /// Hashes a batch, skips zeros and repeats, asks the store which it has (touching
-/// those), and stores the rest. One result per chunk, with the bytes it read.
+/// those), and stores the rest. With `repair`, reads back each chunk the store has and
+/// stores it again if its stored bytes fail their hash. One result per chunk, with the
+/// bytes it read.
 fn store_batch(
     batch: Vec<(usize, Vec<u8>)>,
     store: &dyn ChunkStore,
     seen: &Mutex<HashSet<ChunkId>>,
     level: i32,
+    repair: bool,
 ) -> Vec<(usize, u64, Result<Outcome, BankError>)> {
     let mut out = Vec::with_capacity(batch.len());
     let mut ask = Vec::new();
@@ -407,13 +497,30 @@ fn store_batch(
             return out;
         }
     };
+    // With `repair`, which chunks the store has are damaged (or went missing since).
+    let mut damaged = vec![false; ask.len()];
+    if repair {
+        for (k, (i, id, _)) in ask.iter().enumerate() {
+            if !have[k] {
+                continue;
+            }
+            damaged[k] = match store.get_raw(id) {
+                Ok(raw) => decode(id, &raw).is_err(),
+                Err(StoreError::Missing(_)) => true,
+                Err(e) => {
+                    out.push((*i, 0, Err(BankError::Store(e))));
+                    return out;
+                }
+            };
+        }
+    }
     let (mut at, mut encoded) = (Vec::new(), Vec::new());
-    for ((i, id, buf), have) in ask.into_iter().zip(have) {
+    for (((i, id, buf), have), damaged) in ask.into_iter().zip(have).zip(damaged) {
         let read = buf.len() as u64;
-        if have {
+        if have && !damaged {
             out.push((i, read, Ok(Outcome::Dedup(id))));
         } else {
-            at.push((i, read));
+            at.push((i, read, damaged));
             encoded.push(encode_with_id(id, &buf, level));
         }
     }
@@ -421,11 +528,16 @@ fn store_batch(
         return out;
     }
     match store.put_many(&encoded) {
-        Ok(sizes) => out.extend(
-            at.into_iter()
-                .zip(encoded.iter().zip(sizes))
-                .map(|((i, read), (e, b))| (i, read, Ok(Outcome::New(e.id, b)))),
-        ),
+        Ok(sizes) => out.extend(at.into_iter().zip(encoded.iter().zip(sizes)).map(
+            |((i, read, damaged), (e, b))| {
+                let o = if damaged {
+                    Outcome::Repaired(e.id, b)
+                } else {
+                    Outcome::New(e.id, b)
+                };
+                (i, read, Ok(o))
+            },
+        )),
         // The first error aborts the write; the batch's other chunks need no report.
         Err(e) => out.push((at[0].0, 0, Err(BankError::Store(e)))),
     }

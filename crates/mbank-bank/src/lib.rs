@@ -48,7 +48,7 @@ mod verify;
 pub use create::{DiskFrom, NewMachine};
 pub use export::ExportReport;
 pub use image::ImageFormat;
-pub use import::{ChunkItem, ImportOptions, ImportReport, VersionSource};
+pub use import::{ChunkItem, ImportOptions, ImportReport, RepairReport, VersionSource};
 pub use s3::{CREDENTIALS_FILE, STORE_URL_FORM, StoreSpec};
 pub use stream::StreamStats;
 pub use verify::{DamagedChunk, DamagedIndex, GcReport, VerifyReport};

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use mbank_catalog::{CatalogError, WriterInfo, now_ms};
+use mbank_catalog::{Catalog, CatalogError, RecordProblem, WriterInfo, now_ms};
 use mbank_core::{ChunkId, MachineName};
 use mbank_store::{ChunkStore, StoreError};
 use serde::Serialize;
@@ -30,6 +30,17 @@ pub struct DamagedIndex {
     pub problem: String,
 }
 
+/// A database file of the bank (`catalog.db`, a served bank's `access.db`) that
+/// SQLite's integrity check, or reading it, found damaged.
+#[derive(Clone, Debug, Serialize)]
+pub struct DamagedDatabase {
+    pub file: String,
+    /// What SQLite reported (at most 100 lines).
+    pub problems: Vec<String>,
+    /// What the user can do.
+    pub advice: String,
+}
+
 /// What `verify` found.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct VerifyReport {
@@ -38,13 +49,61 @@ pub struct VerifyReport {
     pub bytes_checked: u64,
     pub damaged_chunks: Vec<DamagedChunk>,
     pub damaged_indexes: Vec<DamagedIndex>,
+    pub damaged_databases: Vec<DamagedDatabase>,
+    /// Version and machine records that fail their checksum, or whose links are broken.
+    pub damaged_records: Vec<RecordProblem>,
+    /// False when the catalog predates record checksums (schema 3, opened read-only).
+    pub records_checked: bool,
+    /// Chunks found missing or damaged that no version needed any more when verify
+    /// finished (their versions were removed, e.g. by `rm` and `gc`, while it ran), or
+    /// that read well on a second look: not damage.
+    pub chunks_no_longer_needed: u64,
     pub seconds: f64,
 }
 
 impl VerifyReport {
     pub fn ok(&self) -> bool {
-        self.damaged_chunks.is_empty() && self.damaged_indexes.is_empty()
+        self.damaged_chunks.is_empty()
+            && self.damaged_indexes.is_empty()
+            && self.damaged_databases.is_empty()
+            && self.damaged_records.is_empty()
     }
+
+    fn catalog_damaged(&mut self, file: &std::path::Path, problems: Vec<String>) {
+        let file = file.display().to_string();
+        if let Some(d) = self.damaged_databases.iter_mut().find(|d| d.file == file) {
+            d.problems.extend(problems);
+            return;
+        }
+        let advice = if file.ends_with(mbank_access::FILE_NAME) {
+            format!(
+                "SQLite finds {file} damaged (who may read what, users, tokens): stop the server, \
+                 copy the file aside and restore it from a backup"
+            )
+        } else {
+            format!(
+                "SQLite finds {file} damaged: stop writing to the bank (and do not run gc, which \
+                 could delete chunks of versions the damaged catalog no longer lists), copy \
+                 catalog.db aside and restore it from a backup; the chunks are not affected. \
+                 Until then, versions not listed as damaged still export (`mbank export`)"
+            )
+        };
+        self.damaged_databases.push(DamagedDatabase {
+            file,
+            problems,
+            advice,
+        });
+    }
+}
+
+/// True when a failed walk over the catalog is damage to report rather than an error:
+/// SQLite found the file damaged, a row does not parse, or the catalog is already
+/// known to be damaged.
+fn walk_failure_is_damage(e: &CatalogError, report: &VerifyReport) -> bool {
+    e.is_corrupt()
+        || matches!(e, CatalogError::BadRow(_))
+        || !report.damaged_databases.is_empty()
+        || !report.damaged_records.is_empty()
 }
 
 /// What `gc` did.
@@ -62,6 +121,55 @@ pub struct GcReport {
     pub seconds: f64,
 }
 
+/// `machine@version`, or `machine@version (stream)`, as verify names what it found.
+fn version_name(v: &mbank_catalog::VersionInfo, stream: Option<&str>) -> String {
+    match stream {
+        None => format!("{}@{}", v.machine, v.id.to_hex()),
+        Some(s) => format!("{}@{} ({s})", v.machine, v.id.to_hex()),
+    }
+}
+
+/// The versions (and streams) that exist now, named as [`version_name`] does, and which
+/// of them need each of some chunks.
+struct NeededNow {
+    versions: HashSet<String>,
+    needs: HashMap<ChunkId, Vec<String>>,
+}
+
+fn needed_now(
+    catalog: &Catalog,
+    machine: Option<&MachineName>,
+    chunks: &HashSet<ChunkId>,
+) -> Result<NeededNow, CatalogError> {
+    let mut now = NeededNow {
+        versions: HashSet::new(),
+        needs: HashMap::new(),
+    };
+    let mut note = |name: String, ids: &mut dyn Iterator<Item = ChunkId>| {
+        for c in ids.filter(|c| chunks.contains(c)) {
+            let e = now.needs.entry(c).or_default();
+            if e.last() != Some(&name) {
+                e.push(name.clone());
+            }
+        }
+        now.versions.insert(name);
+    };
+    catalog.for_each_index(machine, |v, idx| {
+        let ids = idx.map(|i| i.chunks).unwrap_or_default();
+        note(version_name(v, None), &mut ids.into_iter().flatten());
+        Ok(())
+    })?;
+    catalog.for_each_stream(machine, |v, stream, idx| {
+        let runs = idx.map(|i| i.runs).unwrap_or_default();
+        note(
+            version_name(v, Some(stream)),
+            &mut runs.into_iter().filter_map(|r| r.id),
+        );
+        Ok(())
+    })?;
+    Ok(now)
+}
+
 /// Margin under the GC cutoff for the kernel's coarse file timestamps.
 const MTIME_MARGIN: Duration = Duration::from_secs(1);
 /// A writer on another host that has not been heard from for this long is dead.
@@ -76,9 +184,13 @@ fn writer_is_alive(w: &WriterInfo, host: &str) -> bool {
 }
 
 impl Bank {
-    /// Re-hashes every chunk reachable from every version (or one machine's versions).
-    /// Damaged chunks are moved aside (if the bank is writable) and reported with every
-    /// version that needs them.
+    /// Checks the catalog (SQLite's integrity check of `catalog.db` and `access.db`,
+    /// every record against its checksum, the links between records), then re-hashes
+    /// every chunk reachable from every version (or one machine's versions). Damaged
+    /// chunks are moved aside (if the bank is writable) and reported with every version
+    /// that needs them when verify finishes: a chunk no version needs by then (its
+    /// version removed by `rm` and `gc` meanwhile) is not damage, nor one that reads
+    /// well on a second try.
     pub fn verify(
         &self,
         machine: Option<&MachineName>,
@@ -92,42 +204,44 @@ impl Bank {
         {
             return Err(mbank_catalog::CatalogError::MachineNotFound(m.to_string()).into());
         }
+        let root = self.local_root("verify")?.to_path_buf();
         let mut report = VerifyReport::default();
-        let mut names: Vec<String> = Vec::new();
-        let mut refs: HashMap<ChunkId, Vec<u32>> = HashMap::new();
-        // Which versions (by their position in `names`) need each chunk.
-        let mut note = |name: String, ids: Result<Vec<ChunkId>, CatalogError>| {
-            match ids {
-                Ok(ids) => {
-                    let n = names.len() as u32;
-                    for c in ids {
-                        let e = refs.entry(c).or_default();
-                        if e.last() != Some(&n) {
-                            e.push(n);
-                        }
-                    }
-                }
-                Err(e) => report.damaged_indexes.push(DamagedIndex {
-                    version: name.clone(),
-                    problem: e.to_string(),
-                }),
-            }
-            names.push(name);
+        self.verify_databases(&catalog, &root, machine, &mut report)?;
+        // Every chunk some version needs; who needs a damaged one is asked at the end.
+        let mut refs: HashSet<ChunkId> = HashSet::new();
+        let mut note = |name: String, ids: Result<Vec<ChunkId>, CatalogError>| match ids {
+            Ok(ids) => refs.extend(ids),
+            Err(e) => report.damaged_indexes.push(DamagedIndex {
+                version: name,
+                problem: e.to_string(),
+            }),
         };
         let mut versions = 0;
-        catalog.for_each_index(machine, |v, idx| {
-            versions += 1;
-            let ids = idx.map(|i| i.chunks.into_iter().flatten().collect());
-            note(format!("{}@{}", v.machine, v.id.to_hex()), ids);
-            Ok(())
-        })?;
-        catalog.for_each_stream(machine, |v, stream, idx| {
-            let ids = idx.map(|i| i.runs.into_iter().filter_map(|r| r.id).collect());
-            note(format!("{}@{} ({stream})", v.machine, v.id.to_hex()), ids);
-            Ok(())
-        })?;
+        let walked = catalog
+            .for_each_index(machine, |v, idx| {
+                versions += 1;
+                let ids = idx.map(|i| i.chunks.into_iter().flatten().collect());
+                note(version_name(v, None), ids);
+                Ok(())
+            })
+            .and_then(|()| {
+                catalog.for_each_stream(machine, |v, stream, idx| {
+                    let ids = idx.map(|i| i.runs.into_iter().filter_map(|r| r.id).collect());
+                    note(version_name(v, Some(stream)), ids);
+                    Ok(())
+                })
+            });
+        if let Err(e) = walked {
+            if !walk_failure_is_damage(&e, &report) {
+                return Err(e.into());
+            }
+            report.catalog_damaged(
+                &root.join("catalog.db"),
+                vec![format!("reading every version's index failed: {e}")],
+            );
+        }
         report.versions = versions;
-        let chunks: Vec<&ChunkId> = refs.keys().collect();
+        let chunks: Vec<&ChunkId> = refs.iter().collect();
         progress.start("verifying chunks", chunks.len() as u64, Unit::Chunks);
         let next = AtomicUsize::new(0);
         let bytes = AtomicU64::new(0);
@@ -155,7 +269,29 @@ impl Bank {
         report.bytes_checked = bytes.into_inner();
         let mut bad = bad.into_inner().expect("poisoned");
         bad.sort_by_key(|(id, _)| *id);
+        // Judge what was found against the versions that exist now: `rm` and `gc` may
+        // have removed a version, and its chunks, while verify read them.
+        let now = if bad.is_empty() && report.damaged_indexes.is_empty() {
+            None
+        } else {
+            let wanted: HashSet<ChunkId> = bad.iter().map(|(id, _)| *id).collect();
+            Some(needed_now(&catalog, machine, &wanted)?)
+        };
+        if let Some(now) = &now {
+            report
+                .damaged_indexes
+                .retain(|d| now.versions.contains(&d.version));
+        }
         for (id, e) in bad {
+            let needed_by = match &now {
+                Some(now) => now.needs.get(&id).cloned().unwrap_or_default(),
+                None => Vec::new(),
+            };
+            // Not needed any more, or good on a second read (written again meanwhile).
+            if needed_by.is_empty() || store.read(&id).is_ok() {
+                report.chunks_no_longer_needed += 1;
+                continue;
+            }
             let (problem, moved_to) = match e {
                 StoreError::Missing(_) => ("missing".to_string(), None),
                 StoreError::Corrupt { source, moved_to } => (
@@ -168,14 +304,45 @@ impl Bank {
                 chunk: id.to_hex(),
                 problem,
                 moved_to,
-                needed_by: refs[&id]
-                    .iter()
-                    .map(|&n| names[n as usize].clone())
-                    .collect(),
+                needed_by,
             });
         }
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
+    }
+
+    /// SQLite's integrity check of `catalog.db` (and of `access.db`, if the bank is
+    /// served), and every version's and machine's record against its checksum.
+    fn verify_databases(
+        &self,
+        catalog: &Catalog,
+        root: &std::path::Path,
+        machine: Option<&MachineName>,
+        report: &mut VerifyReport,
+    ) -> Result<(), BankError> {
+        let file = root.join("catalog.db");
+        let found = catalog.integrity_check()?;
+        if !found.is_empty() {
+            report.catalog_damaged(&file, found);
+        }
+        let access = root.join(mbank_access::FILE_NAME);
+        if access.is_file() {
+            let found = mbank_catalog::integrity_check_file(&access)?;
+            if !found.is_empty() {
+                report.catalog_damaged(&access, found);
+            }
+        }
+        match catalog.check_records(machine) {
+            Ok(check) => {
+                report.records_checked = check.checksums_checked;
+                report.damaged_records = check.problems;
+            }
+            Err(e) if walk_failure_is_damage(&e, report) => {
+                report.catalog_damaged(&file, vec![format!("checking the records failed: {e}")]);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
     }
 
     /// Deletes every chunk that no version references and no writer in flight can

@@ -29,6 +29,35 @@
 //! `PRAGMA user_version` holds the schema version; [`Catalog::open`] migrates older
 //! schemas forward by code and refuses newer ones. The tables are documented in
 //! `docs/formats.md`.
+//!
+//! ## Record checksums (schema 4)
+//!
+//! SQLite keeps no checksums of its own: a flipped bit in a row's text or integer is
+//! read back as a different, valid value (a renamed machine, another parent). So each
+//! version's record carries a BLAKE3 checksum (`versions.sum`), written in the
+//! transaction that commits it, over every field of the row, its streams' names,
+//! lengths and index checksums, and its disk index's checksum (the index's own trailer,
+//! which parsing checks against the index's bytes). Each machine's record has one too
+//! (`machines.sum`: name, chunk size, creation time; not the head, which moves).
+//! [`Catalog::disk_index`] and [`Catalog::stream`], which export, attach and run read
+//! through, refuse a version whose record fails ([`CatalogError::RecordDamaged`]); so
+//! does `verify` ([`Catalog::check_records`]), which also runs SQLite's own
+//! `integrity_check` ([`Catalog::integrity_check`]). Listing and removing do not check,
+//! so a damaged version can still be seen and removed. The walks of GC and stats use
+//! the index, whose own checksum they check, and not the record: GC keeps what an index
+//! names whatever the record says, which is the conservative choice.
+//!
+//! The migration from schema 3 computes the checksums of the rows already there,
+//! rather than leaving them "unchecked": versions are immutable, so an unchecked row
+//! would stay unprotected for ever, while a checksum computed at migration catches every
+//! later change. What it cannot catch is damage done before the migration (an index
+//! damaged by then still fails its own trailer). A read-only catalog of schema 3 is
+//! not migrated and not checked; `verify` says so.
+
+mod records;
+
+pub use records::{RecordCheck, RecordProblem, integrity_check_file};
+use records::{seal_all, seal_machine, seal_version};
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -41,7 +70,7 @@ mod usage;
 pub use usage::{OwnerUsage, VERSION_OVERHEAD, version_cost};
 
 /// Schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE machines (
@@ -107,6 +136,14 @@ CREATE TABLE version_streams (
 );
 ";
 
+/// Version 4: a checksum of each version's record (and of each machine's), written when
+/// it is committed; see "Record checksums" in the crate docs. The migration computes
+/// them for the rows already there.
+const SCHEMA_V4: &str = "
+ALTER TABLE versions ADD COLUMN sum BLOB;
+ALTER TABLE machines ADD COLUMN sum BLOB;
+";
+
 /// What went wrong in the catalog.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -134,6 +171,18 @@ pub enum CatalogError {
         machine: String,
         version: VersionId,
         source: IndexError,
+    },
+    /// A version's record does not match the checksum written when it was committed:
+    /// some field (its machine, id, parent, sizes, statistics, configuration, streams or
+    /// index) changed since.
+    #[error(
+        "the catalog record of {machine}@{} is damaged: {why}; nothing was read from it; run `mbank verify` to see what else is damaged, and restore catalog.db from a backup or remove the version",
+        version.short()
+    )]
+    RecordDamaged {
+        machine: String,
+        version: VersionId,
+        why: &'static str,
     },
     #[error(
         "catalog schema version {0} is newer than this mbank understands ({SCHEMA_VERSION}); upgrade mbank"
@@ -167,6 +216,12 @@ impl CatalogError {
     pub fn is_disk_full(&self) -> bool {
         matches!(self, CatalogError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. }
             if e.code == rusqlite::ErrorCode::DiskFull)
+    }
+
+    /// True when SQLite found the database file damaged (or not a database at all).
+    pub fn is_corrupt(&self) -> bool {
+        matches!(self, CatalogError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. }
+            if matches!(e.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase))
     }
 
     /// True when SQLite failed because the database cannot be written.
@@ -451,6 +506,9 @@ impl Lease {
 pub struct Catalog {
     conn: Connection,
     path: std::path::PathBuf,
+    /// The schema version of the file as opened: a read-only catalog older than 4 has
+    /// no record checksums to check.
+    schema: i64,
 }
 
 fn vid(b: Vec<u8>) -> Result<VersionId, CatalogError> {
@@ -542,12 +600,15 @@ impl Catalog {
         let mut cat = Catalog {
             conn,
             path: path.to_path_buf(),
+            schema: 0,
         };
-        cat.migrate(read_only)?;
+        cat.schema = cat.migrate(read_only)?;
         Ok(cat)
     }
 
-    fn migrate(&mut self, read_only: bool) -> Result<(), CatalogError> {
+    /// Brings the schema up to [`SCHEMA_VERSION`] (unless `read_only`); returns the
+    /// schema version the file now has.
+    fn migrate(&mut self, read_only: bool) -> Result<i64, CatalogError> {
         let v: i64 = self
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -556,7 +617,7 @@ impl Catalog {
             return Err(CatalogError::TooNew(v));
         }
         if v == SCHEMA_VERSION || read_only {
-            return Ok(());
+            return Ok(v);
         }
         let tx = self
             .conn
@@ -577,9 +638,15 @@ impl Catalog {
             tx.execute_batch(SCHEMA_V3)
                 .map_err(sql("migrate the schema to version 3"))?;
         }
+        if v < 4 {
+            tx.execute_batch(SCHEMA_V4)
+                .map_err(sql("migrate the schema to version 4"))?;
+            seal_all(&tx)?;
+        }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(sql("set the schema version"))?;
-        tx.commit().map_err(sql("commit the schema migration"))
+        tx.commit().map_err(sql("commit the schema migration"))?;
+        Ok(SCHEMA_VERSION)
     }
 
     /// A machine, or `None`.
@@ -646,11 +713,15 @@ impl Catalog {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(sql("start the commit"))?;
-        tx.execute(
-            "INSERT OR IGNORE INTO machines (name, chunk_size, head, created_ms) VALUES (?1, ?2, NULL, ?3)",
-            params![info.machine.as_str(), info.chunk_size, info.created_ms],
-        )
-        .map_err(sql("create the machine"))?;
+        let created = tx
+            .execute(
+                "INSERT OR IGNORE INTO machines (name, chunk_size, head, created_ms) VALUES (?1, ?2, NULL, ?3)",
+                params![info.machine.as_str(), info.chunk_size, info.created_ms],
+            )
+            .map_err(sql("create the machine"))?;
+        if created == 1 {
+            seal_machine(&tx, info.machine.as_str())?;
+        }
         let stats = serde_json::to_string(&info.stats).expect("statistics serialise");
         tx.execute(
             "INSERT INTO versions (id, machine, parent, created_ms, disk_size, chunk_size, disk_index, stats, config)
@@ -680,6 +751,7 @@ impl Catalog {
             )
             .map_err(sql("insert the version's streams"))?;
         }
+        seal_version(&tx, &info.id)?;
         let moved = tx
             .execute(
                 "UPDATE machines SET head = ?1 WHERE name = ?2 AND head IS ?3",
@@ -785,15 +857,9 @@ impl Catalog {
     }
 
     /// The disk index of a version.
+    /// Refuses a version whose record fails its checksum.
     pub fn disk_index(&self, v: &VersionInfo) -> Result<DiskIndex, CatalogError> {
-        let bytes: Vec<u8> = self
-            .conn
-            .query_row(
-                "SELECT disk_index FROM versions WHERE id = ?1",
-                params![&v.id.as_bytes()[..]],
-                |r| r.get(0),
-            )
-            .map_err(sql("read the index"))?;
+        let bytes = self.checked_index_bytes(v)?;
         DiskIndex::from_bytes(&bytes).map_err(|source| CatalogError::BadIndex {
             machine: v.machine.to_string(),
             version: v.id,
@@ -802,7 +868,9 @@ impl Catalog {
     }
 
     /// The stream `name` of a version, or `None` if it has none by that name.
+    /// Refuses a version whose record fails its checksum.
     pub fn stream(&self, v: &VersionInfo, name: &str) -> Result<Option<MemoryIndex>, CatalogError> {
+        self.check_record(v)?;
         let bytes: Option<Vec<u8>> = self
             .conn
             .query_row(
@@ -1461,6 +1529,143 @@ mod tests {
         })
         .unwrap();
         assert_eq!(n, 0, "a removed version's streams go with it");
+    }
+
+    /// Each statement changes one field a version's or machine's checksum covers, as a
+    /// flipped bit on disk would.
+    const CHANGES: [&str; 7] = [
+        "UPDATE versions SET stats = '{\"source\":\"x\"}'",
+        "UPDATE versions SET parent = x'00112233445566778899aabbccddeeff'",
+        "UPDATE versions SET machine = 'alice/dew'",
+        "UPDATE versions SET created_ms = created_ms + 1",
+        "UPDATE version_streams SET len = 5",
+        "UPDATE version_streams SET name = 'initrd'",
+        "UPDATE versions SET sum = NULL",
+    ];
+
+    fn with_stream() -> (VersionInfo, DiskIndex, Vec<NamedStream>) {
+        let (v, i) = info("alice/dev", None, 1);
+        let kernel = MemoryIndex {
+            total_len: 4,
+            runs: vec![mbank_core::MemoryRun {
+                id: Some(ChunkId::of(b"kern")),
+                len: 4,
+            }],
+        };
+        (v, i, vec![("kernel".to_string(), kernel)])
+    }
+
+    #[test]
+    fn a_changed_record_is_refused_and_reported() {
+        for change in CHANGES {
+            let (d, mut c) = cat();
+            let (v, i, streams) = with_stream();
+            c.commit_version(&v, &i, &streams, None).unwrap();
+            let check = c.check_records(None).unwrap();
+            assert!(
+                check.checksums_checked && check.problems.is_empty(),
+                "{check:?}"
+            );
+            assert_eq!(check.records, 2);
+            c.conn.execute_batch(change).unwrap();
+            let check = c.check_records(None).unwrap();
+            assert!(
+                check
+                    .problems
+                    .iter()
+                    .any(|p| p.record.ends_with(&v.id.to_hex())),
+                "{change}: {check:?}"
+            );
+            // Readers of the index refuse it, naming the version.
+            let v = Catalog::open(&d.path().join("catalog.db"), false, true)
+                .unwrap()
+                .conn
+                .query_row("SELECT machine FROM versions", [], |r| {
+                    r.get::<_, String>(0)
+                })
+                .map(|m| VersionInfo {
+                    machine: m.parse().unwrap(),
+                    ..v.clone()
+                })
+                .unwrap();
+            let e = c.disk_index(&v).unwrap_err();
+            assert!(
+                matches!(e, CatalogError::RecordDamaged { .. }),
+                "{change}: {e}"
+            );
+            assert!(e.to_string().contains(&v.id.short()), "{e}");
+            assert!(matches!(
+                c.stream(&v, "kernel"),
+                Err(CatalogError::RecordDamaged { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn a_changed_machine_record_and_broken_links_are_reported() {
+        let (_d, mut c) = cat();
+        let (v, i, streams) = with_stream();
+        c.commit_version(&v, &i, &streams, None).unwrap();
+        c.conn
+            .execute_batch("UPDATE machines SET name = 'alice/dew'")
+            .unwrap();
+        let found: Vec<String> = c
+            .check_records(None)
+            .unwrap()
+            .problems
+            .iter()
+            .map(|p| format!("{}: {}", p.record, p.problem))
+            .collect();
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("machine alice/dew: its catalog record")),
+            "{found:?}"
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.contains("machine alice/dev is not in the catalog")),
+            "{found:?}"
+        );
+        c.conn
+            .execute_batch("DELETE FROM versions; UPDATE machines SET name = 'alice/dev'")
+            .unwrap();
+        let found = format!("{:?}", c.check_records(None).unwrap().problems);
+        assert!(found.contains("is not a version in the catalog"), "{found}");
+        assert!(found.contains("stream kernel of version"), "{found}");
+    }
+
+    #[test]
+    fn version_3_catalog_gets_checksums_when_migrated() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("catalog.db");
+        let (v, i, streams) = with_stream();
+        {
+            // A schema-3 catalog with one version, as an older mbank wrote it.
+            let mut c = Catalog::open(&p, true, false).unwrap();
+            c.commit_version(&v, &i, &streams, None).unwrap();
+            c.conn
+                .execute_batch(
+                    "ALTER TABLE versions DROP COLUMN sum; ALTER TABLE machines DROP COLUMN sum;
+                     PRAGMA user_version = 3;",
+                )
+                .unwrap();
+        }
+        // Read-only, it is not migrated, and says its records are unchecked.
+        let c = Catalog::open(&p, false, true).unwrap();
+        assert!(!c.check_records(None).unwrap().checksums_checked);
+        assert_eq!(c.disk_index(&v).unwrap(), i);
+        drop(c);
+        let c = Catalog::open(&p, false, false).unwrap();
+        let check = c.check_records(None).unwrap();
+        assert!(
+            check.checksums_checked && check.problems.is_empty(),
+            "{check:?}"
+        );
+        c.conn.execute_batch(CHANGES[0]).unwrap();
+        assert_eq!(c.check_records(None).unwrap().problems.len(), 1);
+        assert!(c.integrity_check().unwrap().is_empty());
     }
 
     #[test]

@@ -44,13 +44,41 @@
 //! 4. **Bounded memory per connection.** A `WRITE` announcing more than 32 MiB ends the
 //!    connection (its payload cannot be skipped safely); at most
 //!    [`ServerOptions::max_in_flight`] requests and
-//!    [`ServerOptions::max_in_flight_bytes`] of buffers are in flight, after which the
-//!    server stops reading the socket until a request completes. Option data is bounded
-//!    by [`proto::MAX_OPTION_LEN`].
+//!    [`ServerOptions::max_in_flight_bytes`] (32 MiB) of buffers, replies not yet written
+//!    included, are held, after which the server stops reading the socket until replies
+//!    drain. A client that never reads its replies pins at most that (plus the kernel's
+//!    socket buffer), and is closed after [`ServerOptions::write_timeout`] without
+//!    progress. Option data is bounded by [`proto::MAX_OPTION_LEN`].
 //! 5. **One connection cannot hurt another.** A client that breaks the protocol, or
 //!    vanishes mid-request, ends only its own connection: its requests already read run
 //!    to completion (their replies are dropped), then its task ends. A device that panics
 //!    fails that one request with `EIO`.
+//!
+//! ## Limits on clients
+//!
+//! Idle or stalled clients cannot keep others out:
+//!
+//! - **Handshake**: at most [`ServerOptions::max_connections`] clients negotiate at once
+//!   (the rest wait in the listen backlog), each for at most
+//!   [`ServerOptions::handshake_timeout`] (10 s, as qemu-nbd's handshake limit).
+//! - **Connection cap**: at most [`ServerOptions::max_connections`] (64) connections in
+//!   transmission. A client that asks for the export (`NBD_OPT_GO` / `EXPORT_NAME`) when
+//!   the server is full takes the place of the connection that has gone longest without
+//!   a request (none in flight, idle at least [`ServerOptions::evict_idle_after`], 10 s),
+//!   which is closed after answering what it had read; if every connection is busy, the
+//!   newcomer is refused at once with `NBD_REP_ERR_POLICY` and a message naming the limit
+//!   (as nbdkit's limit filter refuses; `EXPORT_NAME` cannot carry an error, so that
+//!   connection is closed). Nobody waits forever behind idle connections.
+//! - **Idle connections are not timed out by default** ([`ServerOptions::idle_timeout`]
+//!   is `None`): QEMU keeps its NBD connection open while the guest does nothing, and
+//!   closing it would turn the guest's next disk access into an error or a reconnect.
+//!   Idle connections go only to make room at the cap, the longest idle first.
+//! - **Replies nobody reads**: a reply write that makes no progress for
+//!   [`ServerOptions::write_timeout`] (60 s) closes the connection; the replies still
+//!   queued are dropped.
+//!
+//! [`ServerStats`] counts refused, evicted and timed-out connections and the buffered
+//! bytes (now and at peak).
 //!
 //! ## Concurrency
 //!

@@ -3,6 +3,7 @@
 //! See the [crate docs](crate) for the concurrency model and the guarantees.
 
 use std::any::Any;
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -12,14 +13,14 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, OnceLock, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{Mutex, Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, error, warn};
 
@@ -39,17 +40,37 @@ pub struct ServerOptions {
     pub description: Option<String>,
     /// Requests executing at once on one connection.
     pub max_in_flight: usize,
-    /// Bytes of READ/WRITE buffers held at once on one connection (never less than
-    /// [`proto::MAX_PAYLOAD`], so one largest request always fits).
+    /// Bytes of READ/WRITE buffers held at once on one connection, replies not yet
+    /// written included (never less than [`proto::MAX_PAYLOAD`], so one largest request
+    /// always fits). When they are used up the server reads no more requests from that
+    /// connection until replies drain, so a client that never reads its replies pins at
+    /// most this much.
     pub max_in_flight_bytes: usize,
-    /// Connections served at once; further clients wait in the listen backlog.
+    /// Connections in transmission at once. A new client that asks for the export
+    /// (`NBD_OPT_GO` / `EXPORT_NAME`) when the server is full takes the place of the
+    /// connection idle longest, if one has had no request for [`Self::evict_idle_after`];
+    /// otherwise it is refused (`NBD_REP_ERR_POLICY`; `EXPORT_NAME`, which cannot carry
+    /// an error, gets the connection closed). At most this many clients handshake at
+    /// once; further ones wait in the listen backlog, each handshake bounded by
+    /// [`Self::handshake_timeout`].
     pub max_connections: usize,
+    /// How long a connection must have been without requests (none in flight) before a
+    /// new client may take its place when the server is full.
+    pub evict_idle_after: Duration,
+    /// Close a connection in transmission that has had no request in flight for this
+    /// long. `None` (the default) keeps idle connections open: QEMU holds its NBD
+    /// connection while the guest does nothing, and that must not cost the guest its
+    /// disk. Idle connections still make room for new clients at the cap.
+    pub idle_timeout: Option<Duration>,
     /// Answer `NBD_OPT_LIST` (else `NBD_REP_ERR_POLICY`).
     pub allow_list: bool,
     /// Send reads that are entirely zero as `OFFSET_HOLE` chunks (structured replies only).
     pub sparse_reads: bool,
     /// A client that has not finished the handshake within this time is dropped.
     pub handshake_timeout: Duration,
+    /// A connection whose replies cannot be written for this long (the client reads
+    /// nothing) is closed; its requests in flight are dropped.
+    pub write_timeout: Duration,
     /// On shutdown, how long connections may take to finish their requests in flight
     /// before they are cut.
     pub shutdown_grace: Duration,
@@ -63,11 +84,14 @@ impl Default for ServerOptions {
             export_name: String::new(),
             description: None,
             max_in_flight: 64,
-            max_in_flight_bytes: 256 * 1024 * 1024,
+            max_in_flight_bytes: 32 * 1024 * 1024,
             max_connections: 64,
+            evict_idle_after: Duration::from_secs(10),
+            idle_timeout: None,
             allow_list: true,
             sparse_reads: true,
-            handshake_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             stats: Arc::default(),
         }
@@ -98,6 +122,11 @@ pub struct ServerStats {
     request_errors: AtomicU64,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
+    connections_refused: AtomicU64,
+    connections_evicted: AtomicU64,
+    connections_timed_out: AtomicU64,
+    buffered_bytes: AtomicU64,
+    buffered_bytes_peak: AtomicU64,
 }
 
 /// A copy of [`ServerStats`] at one moment.
@@ -118,6 +147,18 @@ pub struct StatsSnapshot {
     pub bytes_read: u64,
     /// Bytes stored by successful writes.
     pub bytes_written: u64,
+    /// Clients refused because the server was full and no connection was idle.
+    pub connections_refused: u64,
+    /// Idle connections closed to make room for a new client.
+    pub connections_evicted: u64,
+    /// Connections closed by a timeout: handshake, idle, or replies the client did not
+    /// read.
+    pub connections_timed_out: u64,
+    /// Bytes of READ data and WRITE payloads the server holds now, replies waiting to
+    /// be written included.
+    pub buffered_bytes: u64,
+    /// The most [`Self::buffered_bytes`] ever held at once.
+    pub buffered_bytes_peak: u64,
 }
 
 impl ServerStats {
@@ -132,11 +173,42 @@ impl ServerStats {
             request_errors: get(&self.request_errors),
             bytes_read: get(&self.bytes_read),
             bytes_written: get(&self.bytes_written),
+            connections_refused: get(&self.connections_refused),
+            connections_evicted: get(&self.connections_evicted),
+            connections_timed_out: get(&self.connections_timed_out),
+            buffered_bytes: get(&self.buffered_bytes),
+            buffered_bytes_peak: get(&self.buffered_bytes_peak),
         }
     }
 
     fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Bytes of buffers counted in [`ServerStats::buffered_bytes`] while this lives.
+struct Buffered {
+    stats: Arc<ServerStats>,
+    n: u64,
+}
+
+impl Buffered {
+    fn new(stats: &Arc<ServerStats>, n: usize) -> Self {
+        let n = n as u64;
+        let now = stats.buffered_bytes.fetch_add(n, Ordering::Relaxed) + n;
+        stats.buffered_bytes_peak.fetch_max(now, Ordering::Relaxed);
+        Self {
+            stats: stats.clone(),
+            n,
+        }
+    }
+}
+
+impl Drop for Buffered {
+    fn drop(&mut self) {
+        self.stats
+            .buffered_bytes
+            .fetch_sub(self.n, Ordering::Relaxed);
     }
 }
 
@@ -171,6 +243,11 @@ pub enum ConnectionEnd {
     Closed,
     /// The server is shutting down.
     Shutdown,
+    /// The connection was idle and a new client took its place (the server was at
+    /// [`ServerOptions::max_connections`]).
+    Evicted,
+    /// The connection had no request for [`ServerOptions::idle_timeout`].
+    IdleTimeout,
 }
 
 /// Why a connection ended with an error. None of these affects other connections.
@@ -212,6 +289,24 @@ pub enum ConnectionError {
     /// The handshake took too long.
     #[error("the client did not finish the handshake within {0:?}")]
     HandshakeTimeout(Duration),
+    /// The client read none of its replies for this long (or the socket accepted
+    /// nothing), so the server closed the connection and dropped the replies.
+    #[error(
+        "the client read no reply data for {0:?}; closed its connection (a client must read \
+         replies while it sends requests)"
+    )]
+    WriteStalled(Duration),
+    /// `NBD_OPT_EXPORT_NAME` while the server was full and no connection was idle (that
+    /// option cannot carry an error, so the connection is closed; `NBD_OPT_GO` gets
+    /// `NBD_REP_ERR_POLICY` instead).
+    #[error(
+        "the server already serves {max} connections, none of them idle; end one, or raise \
+         the limit"
+    )]
+    Full {
+        /// [`ServerOptions::max_connections`].
+        max: usize,
+    },
 }
 
 fn io_err(during: &'static str) -> impl FnOnce(io::Error) -> ConnectionError {
@@ -304,7 +399,7 @@ where
 {
     let (rd, wr) = tokio::io::split(stream);
     let (_keep_open, stop) = watch::channel(false);
-    run_connection(rd, wr, device, opts, stop).await
+    run_connection(rd, wr, device, opts, stop, None).await
 }
 
 // ---- listeners ----------------------------------------------------------------------
@@ -427,7 +522,15 @@ where
 {
     let (stop, stop_rx) = watch::channel(false);
     let mut set = JoinSet::new();
+    // Handshakes at once; each is bounded by the handshake timeout, so clients waiting
+    // in the backlog get their turn.
     let slots = Arc::new(Semaphore::new(opts.max_connections.max(1)));
+    let registry = Arc::new(Registry {
+        max: opts.max_connections.max(1),
+        evict_after: opts.evict_idle_after,
+        stats: opts.stats.clone(),
+        conns: std::sync::Mutex::new(HashMap::new()),
+    });
     let mut shutdown = pin!(shutdown);
     let mut next_id = 0u64;
     loop {
@@ -452,6 +555,11 @@ where
         match accepted {
             Ok((rd, wr)) => {
                 next_id += 1;
+                let admission = Admission {
+                    id: next_id,
+                    registry: registry.clone(),
+                    handshake_slot: Some(slot),
+                };
                 set.spawn(connection_task(
                     next_id,
                     rd,
@@ -459,7 +567,7 @@ where
                     device.clone(),
                     opts.clone(),
                     stop_rx.clone(),
-                    slot,
+                    admission,
                 ));
             }
             Err(e) => {
@@ -509,15 +617,198 @@ async fn connection_task<R, W, D>(
     device: Arc<D>,
     opts: Arc<ServerOptions>,
     stop: watch::Receiver<bool>,
-    _slot: OwnedSemaphorePermit,
+    admission: Admission,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
     D: BlockDevice,
 {
-    match run_connection(rd, wr, device, &opts, stop).await {
+    match run_connection(rd, wr, device, &opts, stop, Some(admission)).await {
         Ok(end) => debug!(connection = id, ?end, "NBD connection ended"),
         Err(e) => warn!(connection = id, error = %e, "NBD connection failed"),
+    }
+}
+
+// ---- the connection cap, idleness and eviction --------------------------------------
+
+/// Microseconds since the first call in this process: a clock an atomic can hold.
+fn now_us() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Why a connection is being closed by the server's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    /// A reply could not be written (error or stall): drop the rest.
+    WriteFailed,
+    /// A new client took this idle connection's place.
+    Evicted,
+}
+
+/// What a connection, its requests and the listener's registry share.
+struct Activity {
+    /// Requests read and not yet answered (or dropped).
+    in_flight: AtomicU64,
+    /// When the last request was read or answered ([`now_us`]).
+    last_us: AtomicU64,
+    close: watch::Sender<Option<Close>>,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            in_flight: AtomicU64::new(0),
+            last_us: AtomicU64::new(now_us()),
+            close: watch::Sender::new(None),
+        })
+    }
+
+    /// How long the connection has been without requests, if it has none in flight.
+    fn idle_us(&self) -> Option<u64> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        Some(now_us().saturating_sub(self.last_us.load(Ordering::Relaxed)))
+    }
+
+    /// Asks the connection to close; the first reason wins.
+    fn close(&self, why: Close) {
+        self.close.send_if_modified(|c| {
+            let first = c.is_none();
+            if first {
+                *c = Some(why);
+            }
+            first
+        });
+    }
+
+    fn closing(&self) -> Option<Close> {
+        *self.close.borrow()
+    }
+}
+
+/// One request in flight, from its header being read until its reply is written or
+/// dropped.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.last_us.store(now_us(), Ordering::Relaxed);
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self(activity.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.last_us.store(now_us(), Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The connections of one listener that are in transmission.
+struct Registry {
+    max: usize,
+    evict_after: Duration,
+    stats: Arc<ServerStats>,
+    conns: std::sync::Mutex<HashMap<u64, Arc<Activity>>>,
+}
+
+impl Registry {
+    /// A place for connection `id`. When the server is full, the connection idle longest
+    /// (at least `evict_after`; the oldest on a tie) is asked to close and gives up its
+    /// place; if none is idle, `Err(max)`.
+    fn admit(self: &Arc<Self>, id: u64, activity: &Arc<Activity>) -> Result<Place, usize> {
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        if conns.len() >= self.max {
+            let min = u64::try_from(self.evict_after.as_micros()).unwrap_or(u64::MAX);
+            let victim = conns
+                .iter()
+                .filter_map(|(&other, a)| {
+                    let idle = a.idle_us().filter(|&idle| idle >= min)?;
+                    Some((idle, std::cmp::Reverse(other)))
+                })
+                .max();
+            let Some((idle_us, std::cmp::Reverse(victim))) = victim else {
+                ServerStats::add(&self.stats.connections_refused, 1);
+                return Err(self.max);
+            };
+            if let Some(a) = conns.remove(&victim) {
+                a.close(Close::Evicted);
+            }
+            ServerStats::add(&self.stats.connections_evicted, 1);
+            debug!(
+                connection = victim,
+                idle_ms = idle_us / 1000,
+                "closing an idle NBD connection to make room for a new client"
+            );
+        }
+        activity.last_us.store(now_us(), Ordering::Relaxed);
+        conns.insert(id, activity.clone());
+        Ok(Place {
+            registry: self.clone(),
+            id,
+        })
+    }
+}
+
+/// A connection's place among those in transmission; given back on drop.
+struct Place {
+    registry: Arc<Registry>,
+    id: u64,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.registry
+            .conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+/// What a listener gives each connection it accepts.
+struct Admission {
+    id: u64,
+    registry: Arc<Registry>,
+    /// Held until the handshake ends.
+    handshake_slot: Option<OwnedSemaphorePermit>,
+}
+
+/// Waits until the connection is asked to close; returns why.
+async fn closed(rx: &mut watch::Receiver<Option<Close>>) -> Close {
+    if let Ok(why) = rx.wait_for(Option::is_some).await
+        && let Some(why) = *why
+    {
+        return why;
+    }
+    std::future::pending().await
+}
+
+/// Completes once the connection has had no request in flight for `limit` (never if
+/// `None`).
+async fn idle_for(activity: &Activity, limit: Option<Duration>) {
+    let Some(limit) = limit else {
+        return std::future::pending().await;
+    };
+    let limit = u64::try_from(limit.as_micros()).unwrap_or(u64::MAX);
+    loop {
+        let wait = match activity.idle_us() {
+            Some(idle) if idle >= limit => return,
+            Some(idle) => limit - idle,
+            None => limit,
+        };
+        tokio::time::sleep(Duration::from_micros(wait)).await;
+    }
+}
+
+fn end_for(why: Close) -> ConnectionEnd {
+    match why {
+        // The write error is reported when the connection ends.
+        Close::WriteFailed => ConnectionEnd::Closed,
+        Close::Evicted => ConnectionEnd::Evicted,
     }
 }
 
@@ -575,6 +866,7 @@ async fn run_connection<R, W, D>(
     device: Arc<D>,
     opts: &ServerOptions,
     mut stop: watch::Receiver<bool>,
+    mut admission: Option<Admission>,
 ) -> Result<ConnectionEnd, ConnectionError>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -582,18 +874,29 @@ where
     D: BlockDevice,
 {
     let _active = activate(&opts.stats);
+    let activity = Activity::new();
     let result = async {
         let negotiated = tokio::select! {
             biased;
             () = stopped(&mut stop) => return Ok(ConnectionEnd::Shutdown),
             r = tokio::time::timeout(
                 opts.handshake_timeout,
-                handshake(&mut rd, &mut wr, &*device, opts),
-            ) => r.map_err(|_| ConnectionError::HandshakeTimeout(opts.handshake_timeout))??,
+                handshake(&mut rd, &mut wr, &*device, opts, &activity, admission.as_ref()),
+            ) => match r {
+                Ok(r) => r?,
+                Err(_) => {
+                    ServerStats::add(&opts.stats.connections_timed_out, 1);
+                    return Err(ConnectionError::HandshakeTimeout(opts.handshake_timeout));
+                }
+            },
         };
+        // The next client may handshake now.
+        if let Some(a) = &mut admission {
+            a.handshake_slot = None;
+        }
         match negotiated {
             None => Ok(ConnectionEnd::Aborted),
-            Some(n) => transmission(rd, wr, device, opts, n, stop).await,
+            Some(n) => transmission(rd, wr, device, opts, n, activity, stop).await,
         }
     }
     .await;
@@ -604,10 +907,11 @@ where
 }
 
 /// What the handshake settled.
-#[derive(Debug, Clone, Copy)]
 struct Negotiated {
     structured: bool,
     meta: bool,
+    /// Its place among the connections in transmission (`None` without a listener).
+    _place: Option<Place>,
 }
 
 /// The transmission flags for `device`, given whether structured replies are on.
@@ -658,6 +962,8 @@ async fn handshake<R, W, D>(
     wr: &mut W,
     device: &D,
     opts: &ServerOptions,
+    activity: &Arc<Activity>,
+    admission: Option<&Admission>,
 ) -> Result<Option<Negotiated>, ConnectionError>
 where
     R: AsyncRead + Unpin,
@@ -677,6 +983,10 @@ where
     // (proto.md allows it); such clients only ever send EXPORT_NAME.
     let client = parse_client_flags(&flags).map_err(protocol_err("reading the client flags"))?;
 
+    let admit = || match admission {
+        None => Ok(None),
+        Some(a) => a.registry.admit(a.id, activity).map(Some),
+    };
     let mut structured = false;
     let mut meta = false;
     loop {
@@ -723,6 +1033,7 @@ where
                         served: opts.export_name.clone(),
                     });
                 }
+                let place = admit().map_err(|max| ConnectionError::Full { max })?;
                 let flags = transmission_flags(device, structured);
                 wr.write_all(&encode_export_name_reply(
                     device.size(),
@@ -732,7 +1043,11 @@ where
                 .await
                 .map_err(io_err("answering EXPORT_NAME"))?;
                 wr.flush().await.map_err(io_err("answering EXPORT_NAME"))?;
-                return Ok(Some(Negotiated { structured, meta }));
+                return Ok(Some(Negotiated {
+                    structured,
+                    meta,
+                    _place: place,
+                }));
             }
             ClientOption::Abort => {
                 // The client may already be gone; it need not wait for this reply.
@@ -772,6 +1087,24 @@ where
                     send_replies(wr, code, &[unknown_export(&req.export)]).await?;
                     continue;
                 }
+                let place = if code == OPT_GO {
+                    match admit() {
+                        Ok(place) => place,
+                        Err(max) => {
+                            let refusal = OptionReply::error(
+                                RepError::Policy,
+                                format!(
+                                    "this server already serves {max} connections, its limit, \
+                                     and none of them is idle; try again later"
+                                ),
+                            );
+                            send_replies(wr, code, &[refusal]).await?;
+                            continue;
+                        }
+                    }
+                } else {
+                    None
+                };
                 let mut replies = vec![OptionReply::Info(Info::Export {
                     size: device.size(),
                     flags: transmission_flags(device, structured),
@@ -793,7 +1126,11 @@ where
                 replies.push(OptionReply::Ack);
                 send_replies(wr, code, &replies).await?;
                 if code == OPT_GO {
-                    return Ok(Some(Negotiated { structured, meta }));
+                    return Ok(Some(Negotiated {
+                        structured,
+                        meta,
+                        _place: place,
+                    }));
                 }
             }
             ClientOption::StructuredReply => {
@@ -867,7 +1204,8 @@ struct Conn<D, W> {
     meta: bool,
     sparse_reads: bool,
     stats: Arc<ServerStats>,
-    write_failed: Notify,
+    activity: Arc<Activity>,
+    write_timeout: Duration,
     write_error: std::sync::Mutex<Option<io::Error>>,
 }
 
@@ -885,6 +1223,7 @@ async fn transmission<R, W, D>(
     device: Arc<D>,
     opts: &ServerOptions,
     negotiated: Negotiated,
+    activity: Arc<Activity>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<ConnectionEnd, ConnectionError>
 where
@@ -903,9 +1242,11 @@ where
         meta: negotiated.meta,
         sparse_reads: opts.sparse_reads,
         stats: opts.stats.clone(),
-        write_failed: Notify::new(),
+        activity,
+        write_timeout: opts.write_timeout,
         write_error: std::sync::Mutex::new(None),
     });
+    let mut closing = conn.activity.close.subscribe();
     let requests = Arc::new(Semaphore::new(opts.max_in_flight.max(1)));
     let byte_budget = opts.max_in_flight_bytes.max(MAX_PAYLOAD as usize);
     let bytes = Arc::new(Semaphore::new(byte_budget));
@@ -920,8 +1261,12 @@ where
         let mut header = [0u8; REQUEST_LEN];
         let got = tokio::select! {
             biased;
-            () = conn.write_failed.notified() => break Ok(ConnectionEnd::Closed),
+            why = closed(&mut closing) => break Ok(end_for(why)),
             () = stopped(&mut stop) => break Ok(ConnectionEnd::Shutdown),
+            () = idle_for(&conn.activity, opts.idle_timeout) => {
+                ServerStats::add(&conn.stats.connections_timed_out, 1);
+                break Ok(ConnectionEnd::IdleTimeout);
+            }
             got = read_full(&mut rd, &mut header, "reading a request") => got,
         };
         match got {
@@ -941,23 +1286,39 @@ where
         if req.command == Command::Disc {
             break Ok(ConnectionEnd::Disconnected);
         }
+        let busy = Busy::new(&conn.activity);
 
-        // Back-pressure: stop reading the socket while too much is in flight.
-        let Ok(slot) = requests.clone().acquire_owned().await else {
-            break Ok(ConnectionEnd::Shutdown);
+        // Back-pressure: stop reading the socket while too much is in flight. Replies
+        // hold their budget until written, so a client that reads none stalls here.
+        let slot = tokio::select! {
+            biased;
+            why = closed(&mut closing) => break Ok(end_for(why)),
+            () = stopped(&mut stop) => break Ok(ConnectionEnd::Shutdown),
+            slot = requests.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break Ok(ConnectionEnd::Shutdown),
+            },
         };
         let cost = match req.command {
             Command::Read | Command::Write => req.len.clamp(1, MAX_PAYLOAD),
             _ => 1,
         };
-        let Ok(budget) = bytes.clone().acquire_many_owned(cost).await else {
-            break Ok(ConnectionEnd::Shutdown);
+        let budget = tokio::select! {
+            biased;
+            why = closed(&mut closing) => break Ok(end_for(why)),
+            () = stopped(&mut stop) => break Ok(ConnectionEnd::Shutdown),
+            budget = bytes.clone().acquire_many_owned(cost) => match budget {
+                Ok(budget) => budget,
+                Err(_) => break Ok(ConnectionEnd::Shutdown),
+            },
         };
 
         let mut payload = Vec::new();
+        let mut held = None;
         if req.payload_len() > 0 {
             let read = tokio::select! {
                 biased;
+                why = closed(&mut closing) => break Ok(end_for(why)),
                 () = stopped(&mut stop) => break Ok(ConnectionEnd::Shutdown),
                 r = read_payload(&mut rd, req.payload_len() as usize) => r,
             };
@@ -965,12 +1326,13 @@ where
                 Ok(p) => payload = p,
                 Err(e) => break Err(e),
             }
+            held = Some(Buffered::new(&conn.stats, payload.len()));
         }
 
         ServerStats::add(&conn.stats.requests, 1);
         let conn = conn.clone();
         let mut request = Box::pin(async move {
-            let _held = (slot, budget);
+            let _held = (slot, budget, held, busy);
             serve_request(&conn, req, payload).await;
         });
         // Run it here until it would wait: a request the device answers at once (a
@@ -989,10 +1351,11 @@ where
             error!(error = %e, "an NBD request task failed");
         }
     }
-    {
+    let _ = tokio::time::timeout(conn.write_timeout, async {
         let mut w = conn.writer.lock().await;
-        let _ = w.shutdown().await;
-    }
+        w.shutdown().await
+    })
+    .await;
     let write_error = conn
         .write_error
         .lock()
@@ -1000,6 +1363,10 @@ where
         .take();
     match (end, write_error) {
         (Err(e), _) => Err(e),
+        (Ok(_), Some(e)) if e.kind() == io::ErrorKind::TimedOut => {
+            ServerStats::add(&conn.stats.connections_timed_out, 1);
+            Err(ConnectionError::WriteStalled(conn.write_timeout))
+        }
         (Ok(_), Some(source)) => Err(ConnectionError::Io {
             during: "sending a reply",
             source,
@@ -1062,9 +1429,20 @@ where
             );
         }
     }
+    let _buffered = match &result {
+        Ok(Done::Data(d)) => Some(Buffered::new(&conn.stats, d.len())),
+        _ => None,
+    };
     let (head, data) = encode_reply(&req, result, conn.structured, conn.sparse_reads);
+    // After a failed or stalled write nothing more goes out: drop the reply.
+    if conn.activity.closing() == Some(Close::WriteFailed) {
+        return;
+    }
     let mut w = conn.writer.lock().await;
-    let sent = write_reply(&mut *w, &head, data.as_deref()).await;
+    if conn.activity.closing() == Some(Close::WriteFailed) {
+        return;
+    }
+    let sent = write_reply(&mut *w, &head, data.as_deref(), conn.write_timeout).await;
     drop(w);
     if let Err(e) = sent {
         let mut slot = conn
@@ -1075,7 +1453,7 @@ where
             *slot = Some(e);
         }
         drop(slot);
-        conn.write_failed.notify_one();
+        conn.activity.close(Close::WriteFailed);
     }
 }
 
@@ -1112,25 +1490,38 @@ async fn read_payload<R: AsyncRead + Unpin>(
 }
 
 /// Writes `head` then `data` with as few syscalls as the socket allows (one, usually).
+/// Fails with `TimedOut` if the socket takes no byte for `stall`.
 async fn write_reply<W: AsyncWrite + Unpin>(
     w: &mut W,
     head: &[u8],
     data: Option<&[u8]>,
+    stall: Duration,
 ) -> io::Result<()> {
+    let stalled = || {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the client took no reply data for {stall:?}"),
+        )
+    };
     let mut bufs = [
         io::IoSlice::new(head),
         io::IoSlice::new(data.unwrap_or(&[])),
     ];
     let mut bufs = &mut bufs[..];
     while !bufs.is_empty() {
-        match w.write_vectored(bufs).await {
+        let written = tokio::time::timeout(stall, w.write_vectored(bufs))
+            .await
+            .map_err(|_| stalled())?;
+        match written {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    w.flush().await
+    tokio::time::timeout(stall, w.flush())
+        .await
+        .map_err(|_| stalled())?
 }
 
 /// Checks a request against the export before the device sees it.
@@ -1488,14 +1879,16 @@ mod tests {
     #[test]
     fn replies_survive_short_writes_and_payloads_are_read_exactly() {
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .unwrap();
         rt.block_on(async {
             let mut w = Trickle(Vec::new());
-            write_reply(&mut w, b"header-16-bytes!", Some(b"and some data"))
+            let stall = Duration::from_secs(60);
+            write_reply(&mut w, b"header-16-bytes!", Some(b"and some data"), stall)
                 .await
                 .unwrap();
-            write_reply(&mut w, b"alone", None).await.unwrap();
+            write_reply(&mut w, b"alone", None, stall).await.unwrap();
             assert_eq!(w.0, b"header-16-bytes!and some dataalone");
 
             let mut rd: &[u8] = b"0123456789rest";

@@ -8,12 +8,20 @@
 //!
 //! Files are written to a temp name and renamed, without fsync: the cache is never
 //! trusted blindly. Each process re-hashes a cached chunk the first time it reads it
-//! and remembers that it did (and which inode it hashed: a file replaced since is
-//! hashed again), so whatever a crash (or a stranger) left in the directory is
+//! and remembers that it did, with the file's [`Stamp`] (inode, size, change and
+//! modification times), so whatever a crash (or a stranger) left in the directory is
 //! verified before it is served, and dropped if it fails. After that a small read is
 //! one `pread` on a kept descriptor (or an `open` and a `pread` once the process keeps
-//! as many as its descriptor limit allows). A row without a file, or a file without a
-//! row, only costs a fetch or some slack in the bound.
+//! as many as its descriptor limit allows) and one `fstat` after it: a file written,
+//! truncated or replaced since it was hashed has another stamp (every change to a
+//! file's data moves its change time, which no caller can set back), so its bytes are
+//! not served but hashed again, and dropped if they no longer match. The cache sets
+//! each file it writes to a fixed modification time ([`MARK_MTIME`]), which any write
+//! moves to the present, so a change is seen even within one tick of a coarse clock;
+//! a file without the mark whose change time is within a second of its hashing is
+//! not remembered as verified (a write in the same tick could leave it unchanged). What a check-in stores is never taken
+//! on trust: [`ChunkCache::peek`] re-hashes every time. A row without a file, or a
+//! file without a row, only costs a fetch or some slack in the bound.
 
 use std::collections::HashMap;
 use std::fs;
@@ -48,9 +56,73 @@ pub struct CacheCounters {
     pub dropped_corrupt: AtomicU64,
 }
 
+/// What changes whenever a file's contents may have: its inode, size, change time
+/// (set by the kernel on every write, truncation or metadata change) and modification
+/// time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    size: u64,
+    ctime: (i64, i64),
+    mtime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(f: &fs::File) -> Option<Stamp> {
+        let m = f.metadata().ok()?;
+        Some(Stamp {
+            ino: m.ino(),
+            size: m.size(),
+            ctime: (m.ctime(), m.ctime_nsec()),
+            mtime: (m.mtime(), m.mtime_nsec()),
+        })
+    }
+
+    /// True if the file changed so recently that a write in the same clock tick could
+    /// leave the stamp as it is. A file with the cache's [`MARK_MTIME`] is not: any
+    /// write to it moves its modification time off the mark.
+    fn racy(&self) -> bool {
+        if self.mtime == (MARK_MTIME, 0) {
+            return false;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        now - self.ctime.0 <= 1
+    }
+}
+
+/// The modification time (seconds since the epoch) the cache gives each chunk file it
+/// writes. Any later write to the file sets its modification time to the present, so a
+/// change is seen whatever the clock's resolution.
+pub const MARK_MTIME: i64 = 1;
+
+fn set_mark(f: &fs::File) -> std::io::Result<()> {
+    let t = libc::timespec {
+        tv_sec: MARK_MTIME as libc::time_t,
+        tv_nsec: 0,
+    };
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        t,
+    ];
+    // SAFETY: futimens on a descriptor we own, with a pointer to two timespecs that
+    // live across the call.
+    if unsafe { libc::futimens(std::os::fd::AsRawFd::as_raw_fd(f), times.as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// A verified chunk file this process keeps open, so a small read is one `pread`.
 struct OpenChunk {
     file: fs::File,
+    /// The file's stamp when it was verified.
+    stamp: Stamp,
     /// The use epoch in which this chunk's use was last noted.
     noted: AtomicU32,
 }
@@ -60,8 +132,8 @@ pub struct ChunkCache {
     db: Mutex<Connection>,
     max_bytes: u64,
     /// Chunks this process has re-hashed (or written) since it opened the cache, with
-    /// the inode of the file it checked: a file replaced since is checked again.
-    verified: RwLock<HashMap<ChunkId, u64>>,
+    /// the stamp of the file it checked: a file changed since is checked again.
+    verified: RwLock<HashMap<ChunkId, Stamp>>,
     uses: Mutex<Vec<ChunkId>>,
     use_tx: Mutex<Option<std::sync::mpsc::Sender<Vec<ChunkId>>>>,
     open: RwLock<HashMap<ChunkId, Arc<OpenChunk>>>,
@@ -164,44 +236,69 @@ impl ChunkCache {
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Opens the chunk's file if it is one this process verified. With `verify`, a file
-    /// not verified yet is read whole and hashed first (`data` gets its bytes), and
+    /// Opens the chunk's file if it is one this process verified and that has not
+    /// changed since. With `verify`, a file not verified yet (or changed, or with
+    /// `rehash` any file) is read whole and hashed first (`data` gets its bytes), and
     /// dropped if it fails. `None`: no good copy (or, without `verify`, none verified).
     fn open_checked(
         &self,
         id: &ChunkId,
         verify: bool,
-        data: Option<&mut Vec<u8>>,
-    ) -> Option<fs::File> {
+        rehash: bool,
+        mut data: Option<&mut Vec<u8>>,
+    ) -> Option<(fs::File, Stamp)> {
         let mut f = fs::File::open(self.path(id)).ok()?;
-        let ino = f.metadata().ok()?.ino();
-        let known = self.verified.read().expect("cache lock").get(id) == Some(&ino);
+        let stamp = Stamp::of(&f)?;
+        let known = !rehash && self.verified.read().expect("cache lock").get(id) == Some(&stamp);
         if known {
-            if let Some(d) = data {
-                f.read_to_end(d).ok()?;
+            match data.as_deref_mut() {
+                None => return Some((f, stamp)),
+                Some(d) => {
+                    // Read, then look again: a change during the read moves the stamp.
+                    if f.read_to_end(d).is_ok() && Stamp::of(&f) == Some(stamp) {
+                        return Some((f, stamp));
+                    }
+                    d.clear();
+                    f = fs::File::open(self.path(id)).ok()?;
+                }
             }
-            return Some(f);
         }
         if !verify {
             return None;
         }
+        let stamp = Stamp::of(&f)?;
         let mut whole = Vec::new();
         let d = data.unwrap_or(&mut whole);
         f.read_to_end(d).ok()?;
         if ChunkId::of(d) != *id {
-            // Left by a crash or damaged on disk: never serve it.
+            // Left by a crash, damaged on disk or changed in place: never serve it.
             d.clear();
             self.drop_corrupt(id);
             return None;
         }
-        self.verified.write().expect("cache lock").insert(*id, ino);
-        Some(f)
+        if Stamp::of(&f) != Some(stamp) {
+            // Changed while it was hashed: what was read is good, the file is not.
+            self.verified.write().expect("cache lock").remove(id);
+            return None;
+        }
+        if stamp.racy() {
+            self.verified.write().expect("cache lock").remove(id);
+        } else {
+            self.verified
+                .write()
+                .expect("cache lock")
+                .insert(*id, stamp);
+        }
+        Some((f, stamp))
     }
 
     /// The chunk's plaintext, if the cache holds a good copy.
     pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
         let mut data = Vec::new();
-        if self.open_checked(id, true, Some(&mut data)).is_none() {
+        if self
+            .open_checked(id, true, false, Some(&mut data))
+            .is_none()
+        {
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -210,11 +307,12 @@ impl ChunkCache {
         Some(data)
     }
 
-    /// [`ChunkCache::get`] for the station's own work (check-in): counted neither as a
-    /// hit or miss nor as a use.
+    /// The chunk's plaintext, re-hashed now whatever this process knew of the file,
+    /// for the station's own work (what a check-in stores must be verified data):
+    /// counted neither as a hit or miss nor as a use.
     pub fn peek(&self, id: &ChunkId) -> Option<Vec<u8>> {
         let mut data = Vec::new();
-        self.open_checked(id, true, Some(&mut data))?;
+        self.open_checked(id, true, true, Some(&mut data))?;
         Some(data)
     }
 
@@ -230,21 +328,27 @@ impl ChunkCache {
         buf: &mut Vec<u8>,
         verify: bool,
     ) -> bool {
+        let start = buf.len();
         let kept = self.open.read().expect("cache lock").get(id).cloned();
         if let Some(c) = kept {
-            if append_pread(buf, &c.file, offset as u64, n).is_ok() {
+            // Read, then look: a file changed since it was hashed is not served.
+            if append_pread(buf, &c.file, offset as u64, n).is_ok()
+                && Stamp::of(&c.file) == Some(c.stamp)
+            {
                 self.hit(id, Some(&c));
                 return true;
             }
+            buf.truncate(start);
             self.open.write().expect("cache lock").remove(id);
         }
-        let Some(file) = self.open_checked(id, verify, None) else {
+        let Some((file, stamp)) = self.open_checked(id, verify, false, None) else {
             if verify {
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
             }
             return false;
         };
-        if append_pread(buf, &file, offset as u64, n).is_err() {
+        if append_pread(buf, &file, offset as u64, n).is_err() || Stamp::of(&file) != Some(stamp) {
+            buf.truncate(start);
             if verify {
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
             }
@@ -252,6 +356,7 @@ impl ChunkCache {
         }
         let c = Arc::new(OpenChunk {
             file,
+            stamp,
             noted: AtomicU32::new(0),
         });
         self.hit(id, Some(&c));
@@ -337,22 +442,28 @@ impl ChunkCache {
         let mut r = [0u8; 8];
         getrandom::fill(&mut r).expect("the operating system's random source failed");
         let tmp = parent.join(format!(".tmp-{}", u64::from_le_bytes(r)));
-        let write = || -> std::io::Result<u64> {
+        let write = || -> std::io::Result<Option<Stamp>> {
             let mut f = fs::File::create(&tmp)?;
             f.write_all(plain)?;
-            let ino = f.metadata()?.ino();
+            set_mark(&f)?;
             fs::rename(&tmp, &path)?;
-            Ok(ino)
+            // After the rename, which moves the change time.
+            Ok(Stamp::of(&f))
         };
-        let ino = match write() {
-            Ok(ino) => ino,
+        let stamp = match write() {
+            Ok(s) => s,
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
                 return Err(io_err(format!("write {}", path.display()))(e));
             }
         };
         // The caller verified `plain`, and this file holds exactly it.
-        self.verified.write().expect("cache lock").insert(*id, ino);
+        if let Some(stamp) = stamp {
+            self.verified
+                .write()
+                .expect("cache lock")
+                .insert(*id, stamp);
+        }
         self.db
             .lock()
             .expect("cache lock")

@@ -8,8 +8,8 @@
 //! [`block_size_for`]): a write covering whole blocks of a clean chunk is written as
 //! is and marks those blocks dirty, so a 4 KiB write costs 4 KiB. Only a write that
 //! covers part of a block not yet in the overlay first merges that block with the
-//! base chunk. Check-in and recovery make each partly dirty chunk whole in the
-//! overlay ([`fill_partial_chunks`]) before hashing it.
+//! base chunk. Check-in and recovery assemble each partly dirty chunk in memory
+//! ([`assemble_chunk`]) from the overlay's blocks and a freshly verified base chunk.
 //!
 //! Lock order: a chunk's stripe lock, then the flush lock; the flight map is held only
 //! to look up or insert a flight, never across I/O.
@@ -27,7 +27,7 @@ use mbank_store::{ChunkStore, StoreError};
 
 use crate::StationError;
 use crate::cache::ChunkCache;
-use crate::session::{DirtyMap, SessionDir, SessionMeta, block_size_for, full_mask};
+use crate::session::{DirtyMap, SessionDir, SessionLock, SessionMeta, block_size_for, full_mask};
 
 const STRIPES: usize = 256;
 
@@ -110,6 +110,10 @@ pub struct Disk {
     flights: Mutex<HashMap<ChunkId, Arc<Flight>>>,
     demand: AtomicUsize,
     pub counters: DiskCounters,
+    /// The session directory's lock, held while the disk is served.
+    lock: Option<SessionLock>,
+    /// Damaged bank chunks already reported on stderr.
+    reported: Mutex<std::collections::HashSet<ChunkId>>,
 }
 
 fn io(what: &str, e: std::io::Error) -> DeviceError {
@@ -174,7 +178,20 @@ impl Disk {
             flights: Mutex::new(HashMap::new()),
             demand: AtomicUsize::new(0),
             counters: DiskCounters::default(),
+            lock: None,
+            reported: Mutex::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// This disk holds `lock` (its session directory's) until it is dropped.
+    pub fn holding(mut self, lock: SessionLock) -> Self {
+        self.lock = Some(lock);
+        self
+    }
+
+    /// True if this disk holds its session directory's lock.
+    pub fn holds_lock(&self) -> bool {
+        self.lock.is_some()
     }
 
     pub fn chunk_size(&self) -> u64 {
@@ -275,10 +292,24 @@ impl Disk {
         flight.cv.notify_all();
         self.flights.lock().expect("flight lock").remove(id);
         result.map_err(|e| match e {
-            StoreError::Corrupt { .. } | StoreError::Missing(_) => DeviceError::io(
-                format!("chunk {id} of the disk"),
-                std::io::Error::other(e.to_string()),
-            ),
+            StoreError::Corrupt { .. } | StoreError::Missing(_) => {
+                if self.reported.lock().expect("report lock").insert(*id) {
+                    eprintln!(
+                        "mbank: {}@{}: a guest read needs chunk {id}, which the bank cannot \
+                         give: {e}; the read fails with an I/O error. Run `mbank verify` on the \
+                         bank to see what else is damaged",
+                        self.meta.machine,
+                        self.meta
+                            .base
+                            .as_deref()
+                            .map_or("-", |b| &b[..b.len().min(12)]),
+                    );
+                }
+                DeviceError::io(
+                    format!("chunk {id} of the disk"),
+                    std::io::Error::other(e.to_string()),
+                )
+            }
             other => DeviceError::Unavailable(other.to_string()),
         })
     }
@@ -553,52 +584,80 @@ impl Disk {
     }
 }
 
-/// Makes each chunk of `dirty` whole in the overlay, as check-in and recovery need to
-/// hash it: the blocks of a partly dirty chunk that `map` does not name are written
-/// with the base chunk's bytes (from `fetch`; zeros for a zero chunk). What the
-/// overlay held there (say, a write never flushed before a crash) is not part of the
-/// session's durable state. Repeating this after a crash gives the same result; the
-/// dirty map is not changed.
-pub fn fill_partial_chunks(
+/// Chunk `i` as a check-in stores it: the blocks `map` names from the overlay, the
+/// rest from the base chunk, got from `base_chunk` (which must return data verified
+/// against its id just now, not trusted from earlier; zeros for a zero chunk). What
+/// the overlay holds outside the map (say, a write never flushed before a crash) is
+/// not part of the session's durable state and is not read. Nothing is written: a
+/// check-in needs no space on the station.
+pub fn assemble_chunk(
     overlay: &File,
+    overlay_path: &std::path::Path,
     base: &DiskIndex,
     map: &DirtyMap,
-    dirty: &[usize],
-    fetch: &dyn Fn(&ChunkId) -> Result<Vec<u8>, String>,
-) -> Result<(), StationError> {
+    i: usize,
+    base_chunk: &dyn Fn(&ChunkId) -> Result<Vec<u8>, String>,
+) -> Result<Vec<u8>, StationError> {
     let cs = base.chunk_size as u64;
     let bs = map.block_size as usize;
-    for &i in dirty {
-        let mask = map.masks[i];
-        let full = map.full_mask(i);
-        if mask == full {
+    let len = base.chunk_len(i);
+    let (mask, full) = (map.masks[i], map.full_mask(i));
+    let read = |buf: &mut [u8], at: usize| {
+        overlay
+            .read_exact_at(buf, i as u64 * cs + at as u64)
+            .map_err(|e| StationError::Io {
+                what: format!(
+                    "read chunk {i} (bytes {}..{}) from the session overlay {}",
+                    i as u64 * cs + at as u64,
+                    i as u64 * cs + (at + buf.len()) as u64,
+                    overlay_path.display()
+                ),
+                source: e,
+            })
+    };
+    let mut data = if mask == full {
+        vec![0u8; len]
+    } else {
+        match &base.chunks[i] {
+            Some(id) => {
+                let d = base_chunk(id).map_err(|e| StationError::Io {
+                    what: format!("fetch base chunk {id} to merge with the writes to chunk {i}"),
+                    source: std::io::Error::other(e),
+                })?;
+                if d.len() != len {
+                    return Err(StationError::Io {
+                        what: format!("merge chunk {i} with its base chunk {id}"),
+                        source: std::io::Error::other(format!(
+                            "the base chunk is {} bytes, its place in the disk {len}",
+                            d.len()
+                        )),
+                    });
+                }
+                d
+            }
+            None => vec![0u8; len],
+        }
+    };
+    if mask == full {
+        read(&mut data, 0)?;
+        return Ok(data);
+    }
+    // Runs of blocks the overlay holds, each read in one go.
+    let blocks = len.div_ceil(bs);
+    let mut j = 0;
+    while j < blocks {
+        if mask & (1 << j) == 0 {
+            j += 1;
             continue;
         }
-        if mask == 0 {
-            return Err(StationError::Io {
-                what: format!("check in chunk {i}"),
-                source: std::io::Error::other("it is dirty but not in the durable dirty map"),
-            });
+        let first = j;
+        while j < blocks && mask & (1 << j) != 0 {
+            j += 1;
         }
-        let len = base.chunk_len(i);
-        let data = match &base.chunks[i] {
-            Some(id) => fetch(id).map_err(|e| StationError::Io {
-                what: format!("fetch base chunk {id} to merge with the writes to chunk {i}"),
-                source: std::io::Error::other(e),
-            })?,
-            None => vec![0u8; len],
-        };
-        for j in (0..len.div_ceil(bs)).filter(|j| mask & (1 << j) == 0) {
-            let (s, e) = (j * bs, ((j + 1) * bs).min(len));
-            overlay
-                .write_all_at(&data[s..e], i as u64 * cs + s as u64)
-                .map_err(|e| StationError::Io {
-                    what: format!("merge chunk {i} with its base in the session overlay"),
-                    source: e,
-                })?;
-        }
+        let (s, e) = (first * bs, (j * bs).min(len));
+        read(&mut data[s..e], s)?;
     }
-    Ok(())
+    Ok(data)
 }
 
 fn punch_hole(f: &File, off: u64, len: u64) -> std::io::Result<()> {
@@ -990,7 +1049,8 @@ mod tests {
         let reports = f
             .station
             .recover(&mut f.bank, &ImportOptions::default())
-            .unwrap();
+            .unwrap()
+            .recovered;
         assert_eq!(reports.len(), 1);
         assert!(reports[0].recovered);
         assert_eq!(reports[0].chunks_written, 4);
@@ -1015,7 +1075,8 @@ mod tests {
         let reports = f
             .station
             .recover(&mut f.bank, &ImportOptions::default())
-            .unwrap();
+            .unwrap()
+            .recovered;
         assert_eq!(reports.len(), 1);
         assert_eq!(reports[0].chunks_written, 1);
         assert_eq!(f.head(), f.model);
@@ -1058,5 +1119,60 @@ mod tests {
         let err = append_pread(&mut buf, &f, 9000, 2000).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
         assert_eq!(buf.len(), 5003, "a short read leaves the buffer as it was");
+    }
+
+    /// Flips one byte of the station cache's file of `id`, in place (same inode).
+    fn flip_cached(f: &Fixture, id: &ChunkId, at: u64) {
+        let hex = id.to_hex();
+        let p = f.dir.path().join("cache/chunks").join(&hex[..2]).join(&hex);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        let mut b = [0u8];
+        file.read_exact_at(&mut b, at).unwrap();
+        file.write_all_at(&[b[0] ^ 0xff], at).unwrap();
+    }
+
+    /// A cached chunk verified once and changed in place afterwards is neither given
+    /// to the guest nor used to fill a partly written chunk at check-in: the changed
+    /// byte never reaches the bank.
+    #[test]
+    fn a_cache_file_changed_in_place_is_neither_served_nor_checked_in() {
+        let mut f = fixture();
+        let disk = f.check_out();
+        // Chunks 0 and 1 are fetched, cached and verified; reads now trust the cache.
+        assert_eq!(disk.read_sync(0, 2 * CS as u32).unwrap(), f.base[..2 * CS]);
+        let got = disk.read_with(100, 4096, true).unwrap();
+        assert_eq!(got.as_deref(), Some(&f.base[100..4196]));
+        let (c0, c1) = (disk.base.chunks[0].unwrap(), disk.base.chunks[1].unwrap());
+        flip_cached(&f, &c0, 200);
+        flip_cached(&f, &c1, 40000);
+        // The guest reads the bank's bytes, inline or not.
+        if let Some(got) = disk.read_with(100, 4096, true).unwrap() {
+            assert!(
+                got == f.base[100..4196],
+                "an inline read served the changed byte"
+            );
+        }
+        let got = disk.read_sync(0, 4096).unwrap();
+        assert!(got == f.base[..4096], "a read served the changed byte");
+        // A block of chunk 1 written: check-in fills the rest of it from verified data.
+        f.write(&disk, CS + 8192, Some(&pattern(4096, 1)), 4096);
+        let r = f
+            .station
+            .check_in(&mut f.bank, &disk, &ImportOptions::default(), &NoProgress)
+            .unwrap();
+        assert_eq!(r.chunks_written, 1);
+        assert!(f.head() == f.model, "the version holds the changed byte");
+        assert!(
+            f.station
+                .cache
+                .counters
+                .dropped_corrupt
+                .load(Ordering::Relaxed)
+                >= 1
+        );
     }
 }

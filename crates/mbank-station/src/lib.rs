@@ -39,13 +39,13 @@ use std::time::Instant;
 
 use mbank_bank::{Bank, BankError, ImportOptions, NoProgress, Progress, VersionSource};
 use mbank_catalog::{CatalogError, Lease, NamedStream, now_ms};
-use mbank_core::{MachineName, MachineRef, VersionId};
+use mbank_core::{ChunkId, MachineName, MachineRef, VersionId};
 use mbank_store::ChunkStore;
 use serde::Serialize;
 
 use crate::cache::ChunkCache;
 use crate::device::Disk;
-use crate::session::{SESSION_FORMAT, SessionDir, SessionMeta};
+use crate::session::{DirtyMap, SESSION_FORMAT, SessionDir, SessionMeta};
 
 /// Default bound of a station cache: 10 GiB.
 pub const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
@@ -121,6 +121,38 @@ fn host() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// The id in a station marker's text, if it is one.
+fn parse_marker(t: &str) -> Option<String> {
+    let mut lines = t.lines();
+    if lines.next().map(str::trim) != Some(&format!("{STATION_MAGIC} 1")) {
+        return None;
+    }
+    lines
+        .find_map(|l| l.strip_prefix("id "))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Writes the station marker durably (temp file, fsync, rename, fsync the directory)
+/// with `id`, or a new random one; returns the id.
+fn write_marker(dir: &Path, marker: &Path, id: Option<String>) -> Result<String, StationError> {
+    use std::io::Write;
+    let id = id.unwrap_or_else(random_hex);
+    let tmp = dir.join(".STATION.tmp");
+    (|| -> std::io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(format!("{STATION_MAGIC} 1\nid {id}\n").as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, marker)?;
+        fs::File::open(dir)?.sync_all()
+    })()
+    .map_err(|e| StationError::Io {
+        what: format!("write {}", marker.display()),
+        source: e,
+    })?;
+    Ok(id)
+}
+
 /// True if process `pid` exists and is not a zombie (a killed process whose parent
 /// has not reaped it yet is gone for our purposes).
 fn pid_alive(pid: u32) -> bool {
@@ -174,6 +206,33 @@ fn session_alive(pid: u32, started_ms: i64, overlay: &Path) -> bool {
             || process_start_ms(pid).is_none_or(|t| t <= started_ms + 2000))
 }
 
+/// True if the session in `dir` (of process `pid`, started at `started_ms`) is being
+/// served: its process holds the directory's lock. A session of an older mbank
+/// (format 1, no lock) is judged by [`session_alive`]; a directory that is gone, by
+/// its process.
+fn session_live(dir: &Path, pid: u32, started_ms: i64) -> bool {
+    let mut sd = SessionDir {
+        dir: dir.to_path_buf(),
+    };
+    if !sd.dir.exists() {
+        let name = dir.file_name().unwrap_or_default().to_string_lossy();
+        sd.dir = dir.with_file_name(format!(".new-{name}"));
+        if !sd.dir.exists() {
+            // Neither made nor being made (a session has one or the other from
+            // before its lease is taken to its end): it ended, or was set aside.
+            return false;
+        }
+        // Being made: alive while its maker holds the lock.
+        return matches!(sd.try_lock(), Ok(None));
+    }
+    let old_format = sd.read_meta().map_or(true, |m| m.format < 2);
+    match sd.try_lock() {
+        Ok(None) => pid_alive(pid) || !old_format,
+        Ok(Some(_)) if !old_format => false,
+        _ => session_alive(pid, started_ms, &sd.overlay_path()),
+    }
+}
+
 /// How a session names its bank: the bank directory's canonical path.
 /// A session record's bank as [`Bank::location`] names it: URLs as they are,
 /// directories canonical.
@@ -219,45 +278,39 @@ impl Station {
 
     /// Opens (creating if needed) the station whose cache is `dir`.
     pub fn open(dir: &Path, cache_size: u64) -> Result<Station, StationError> {
+        let sessions = dir.join("sessions");
+        let new = !sessions.exists();
         // The cache and its sessions are private to the station's user (one service
         // account serves every user of the PC): 0700, whatever the umask.
         use std::os::unix::fs::DirBuilderExt;
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(dir.join("sessions"))
+            .create(&sessions)
             .map_err(|e| StationError::Io {
                 what: format!("create the station cache {}", dir.display()),
                 source: e,
             })?;
+        if new {
+            // The directories must survive a power loss before sessions go in them.
+            for d in [Some(dir), dir.parent()].into_iter().flatten() {
+                let _ = fs::File::open(d).and_then(|f| f.sync_all());
+            }
+        }
         let marker = dir.join("STATION");
         let id = match fs::read_to_string(&marker) {
-            Ok(t) => {
-                let mut lines = t.lines();
-                if lines.next().map(str::trim) != Some(&format!("{STATION_MAGIC} 1")) {
-                    return Err(StationError::BadSession {
-                        path: marker,
-                        why: "not a station marker".into(),
-                    });
-                }
-                lines
-                    .find_map(|l| l.strip_prefix("id "))
-                    .map(|s| s.trim().to_string())
-                    .ok_or_else(|| StationError::BadSession {
-                        path: marker.clone(),
-                        why: "no id line".into(),
-                    })?
-            }
-            Err(_) => {
-                let id = random_hex();
-                let tmp = dir.join(".STATION.tmp");
-                fs::write(&tmp, format!("{STATION_MAGIC} 1\nid {id}\n"))
-                    .and_then(|_| fs::rename(&tmp, &marker))
-                    .map_err(|e| StationError::Io {
-                        what: format!("write {}", marker.display()),
-                        source: e,
-                    })?;
-                id
+            Ok(t) => match parse_marker(&t) {
+                Some(id) => id,
+                // Damaged (say, empty after a power loss under an older mbank): the
+                // id the station's sessions record, else a new one.
+                None => write_marker(dir, &marker, Self::id_from_sessions(&sessions))?,
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_marker(dir, &marker, None)?,
+            Err(e) => {
+                return Err(StationError::Io {
+                    what: format!("read {}", marker.display()),
+                    source: e,
+                });
             }
         };
         let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
@@ -270,6 +323,17 @@ impl Station {
             },
             id,
             dir,
+        })
+    }
+
+    /// The station id its sessions record, if any session records one.
+    fn id_from_sessions(sessions: &Path) -> Option<String> {
+        fs::read_dir(sessions).ok()?.flatten().find_map(|e| {
+            SessionDir { dir: e.path() }
+                .read_meta()
+                .ok()
+                .map(|m| m.station)
+                .filter(|s| parse_marker(&format!("{STATION_MAGIC} 1\nid {s}\n")).is_some())
         })
     }
 
@@ -301,28 +365,46 @@ impl Station {
         };
         let my_station = self.id.clone();
         let sessions = self.sessions_dir();
+        // The session's directory exists, locked, before its lease is taken, so no
+        // other process on the station takes the lease for a dead session's.
+        let new = SessionDir::begin(sessions.join(&session))?;
         // A session that holds the machine is replaced with --force, or when it is a
         // dead session of this station. Asking again names the session replaced, so a
         // third session taking the lease in between is not displaced unseen.
         let mut replace: Option<String> = None;
+        let mut taken = None;
         for _ in 0..3 {
             match bank.catalog_mut().take_lease(&lease, replace.as_deref()) {
                 Err(CatalogError::LeaseHeld { held, .. })
                     if replace.as_deref() != Some(held.session.as_str())
                         && (force
                             || (held.station == my_station
-                                && !session_alive(
+                                && !session_live(
+                                    &sessions.join(&held.session),
                                     held.pid,
                                     held.started_ms,
-                                    &sessions.join(&held.session).join("overlay"),
                                 ))) =>
                 {
                     replace = Some(held.session.clone());
                 }
                 r => {
-                    r?;
+                    taken = Some(r.map(|_| ()));
                     break;
                 }
+            }
+        }
+        match taken {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                new.abandon();
+                return Err(e.into());
+            }
+            None => {
+                new.abandon();
+                return Err(StationError::Cache {
+                    what: format!("take the lease of {}", v.machine),
+                    why: "it changed hands three times while this station asked; try again".into(),
+                });
             }
         }
         let meta = SessionMeta {
@@ -337,7 +419,7 @@ impl Station {
             started_ms: now_ms(),
             bank: bank.location().to_string(),
         };
-        let (dir, overlay) = match SessionDir::create(self.sessions_dir().join(&session), &meta) {
+        let (dir, overlay, lock) = match new.finish(&meta) {
             Ok(x) => x,
             Err(e) => {
                 let _ = bank.catalog().release_lease(&v.machine, &session);
@@ -345,15 +427,18 @@ impl Station {
             }
         };
         let bits = vec![0u64; index.chunks.len().div_ceil(64)];
-        Ok(Arc::new(Disk::new(
-            meta,
-            dir,
-            index,
-            overlay,
-            bits,
-            self.cache.clone(),
-            fetch_from,
-        )))
+        Ok(Arc::new(
+            Disk::new(
+                meta,
+                dir,
+                index,
+                overlay,
+                bits,
+                self.cache.clone(),
+                fetch_from,
+            )
+            .holding(lock),
+        ))
     }
 
     /// Checks in a live session: flushes it, stores its dirty chunks, commits a version,
@@ -381,14 +466,13 @@ impl Station {
             what: "flush the session before check-in".into(),
             source: std::io::Error::other(e.to_string()),
         })?;
-        let dirty = disk.dirty_chunks();
         let mut report = self.commit(
             bank,
             &disk.meta,
             &disk.dir,
             &disk.base,
             disk.overlay(),
-            dirty,
+            &disk.dirty_map(),
             extras,
             opts,
             progress,
@@ -423,12 +507,13 @@ impl Station {
         dir: &SessionDir,
         base: &mbank_core::DiskIndex,
         overlay: &fs::File,
-        dirty: Vec<usize>,
+        map: &DirtyMap,
         extras: &CheckinExtras,
         opts: &ImportOptions,
         progress: &dyn Progress,
     ) -> Result<SessionReport, StationError> {
         let started = Instant::now();
+        let dirty = map.dirty_chunks();
         let machine: MachineName = meta.machine.parse().map_err(|e| StationError::BadSession {
             path: dir.meta_path(),
             why: format!("{e}"),
@@ -473,25 +558,23 @@ impl Station {
             }
             streams.extend(extras.streams.iter().cloned());
             let total = dirty.iter().map(|&i| base.chunk_len(i) as u64).sum();
-            let cs = base.chunk_size as u64;
-            let lens: Vec<usize> = dirty.iter().map(|&i| base.chunk_len(i)).collect();
-            // A chunk the session wrote only in part is made whole in the overlay first,
-            // with its base chunk's bytes where the durable dirty map names no write.
-            let map = dir.read_dirty(base.disk_size, base.chunk_size)?;
-            let (cache, store) = (&self.cache, bank.store());
-            device::fill_partial_chunks(overlay, base, &map, &dirty, &|id| {
-                cache
-                    .peek(id)
-                    .map_or_else(|| store.read(id).map_err(|e| e.to_string()), Ok)
-            })?;
-            let items = dirty.into_iter().zip(lens).map(move |(i, len)| {
-                let mut buf = vec![0u8; len];
-                std::os::unix::fs::FileExt::read_exact_at(overlay, &mut buf, i as u64 * cs)
+            // A chunk the session wrote only in part is assembled in memory: the
+            // blocks the dirty map names from the overlay, the rest from its base
+            // chunk, verified now (re-hashed from the cache, or fetched and checked).
+            let (cache, store) = (self.cache.clone(), bank.store_arc());
+            let overlay_path = dir.overlay_path();
+            let items = dirty.into_iter().map(move |i| {
+                let fetch = |id: &ChunkId| {
+                    cache
+                        .peek(id)
+                        .map_or_else(|| store.read(id).map_err(|e| e.to_string()), Ok)
+                };
+                device::assemble_chunk(overlay, &overlay_path, base, map, i, &fetch)
+                    .map(|buf| (i, Some(buf)))
                     .map_err(|e| BankError::Image {
-                        path: dir.overlay_path(),
-                        why: format!("reading dirty chunk {i} failed: {e}"),
-                    })?;
-                Ok((i, Some(buf)))
+                        path: overlay_path.clone(),
+                        why: format!("{e}"),
+                    })
             });
             let source = VersionSource {
                 description: format!("check-in from {}", self.name),
@@ -521,10 +604,12 @@ impl Station {
     pub fn live_session(&self, machine: &MachineName) -> Option<(SessionDir, SessionMeta)> {
         let entries = fs::read_dir(self.sessions_dir()).ok()?;
         for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
             let dir = SessionDir { dir: entry.path() };
             let Ok(meta) = dir.read_meta() else { continue };
-            if meta.machine == machine.as_str()
-                && session_alive(meta.pid, meta.started_ms, &dir.overlay_path())
+            if meta.machine == machine.as_str() && session_live(&dir.dir, meta.pid, meta.started_ms)
             {
                 return Some((dir, meta));
             }
@@ -532,79 +617,333 @@ impl Station {
         None
     }
 
+    /// Where sessions that recovery could not account for are kept.
+    pub fn damaged_dir(&self) -> PathBuf {
+        self.dir.join("damaged")
+    }
+
     /// Finds sessions on this station whose process is gone and checks in what their
-    /// durable dirty maps name. Sessions of live processes are left alone.
-    pub fn recover(
-        &self,
-        bank: &mut Bank,
-        opts: &ImportOptions,
-    ) -> Result<Vec<SessionReport>, StationError> {
-        let mut out = Vec::new();
-        let Ok(entries) = fs::read_dir(self.sessions_dir()) else {
-            return Ok(out);
+    /// durable dirty maps name: every flushed write. Sessions of live processes, and
+    /// those another process is recovering, are left alone. One session's trouble
+    /// stops only that session: a damaged one is moved to [`Station::damaged_dir`]
+    /// (never deleted), one that cannot be checked in now (the bank is away, a base
+    /// chunk is damaged) stays for the next try; both are reported in
+    /// [`Recovery::problems`] with what to do, and the others go on.
+    pub fn recover(&self, bank: &mut Bank, opts: &ImportOptions) -> Result<Recovery, StationError> {
+        let mut out = Recovery::default();
+        let entries = match fs::read_dir(self.sessions_dir()) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => {
+                return Err(StationError::Io {
+                    what: format!("list {}", self.sessions_dir().display()),
+                    source: e,
+                });
+            }
         };
-        for entry in entries.flatten() {
-            let dir = SessionDir { dir: entry.path() };
-            let meta = match dir.read_meta() {
-                Ok(m) => m,
-                Err(_) if !dir.meta_path().exists() => {
-                    // Died before its metadata was written: nothing was served.
-                    let _ = dir.remove();
+        let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        dirs.sort();
+        for path in dirs {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if !path.is_dir() {
+                continue;
+            }
+            let dir = SessionDir { dir: path.clone() };
+            if name.starts_with(".new-") {
+                self.clean_unfinished(&dir);
+                continue;
+            }
+            if name.starts_with('.') {
+                continue;
+            }
+            // Held: the session is alive, or another process is recovering it.
+            let _lock = match dir.try_lock() {
+                Ok(Some(l)) => l,
+                Ok(None) => continue,
+                // Gone since we listed it: another process finished it.
+                Err(_) if !path.exists() => continue,
+                Err(e) => {
+                    out.problems
+                        .push(self.problem(bank, &dir, None, false, e.to_string()));
                     continue;
                 }
-                Err(e) => return Err(e),
             };
-            if meta.pid == std::process::id()
-                || session_alive(meta.pid, meta.started_ms, &dir.overlay_path())
-            {
+            if !path.exists() {
                 continue;
             }
-            // The cache is shared by every bank used on this station: a session of
-            // another bank is that bank's to recover (its versions are not in this one).
-            if bank_path(&meta.bank) != bank.location() {
-                continue;
+            match self.recover_one(bank, &dir, opts) {
+                Ok(Some(r)) => out.recovered.push(r),
+                Ok(None) => {}
+                Err(p) => out.problems.push(*p),
             }
-            let Some(base_id) = meta.base_version()? else {
-                continue;
-            };
-            let m: MachineName = meta.machine.parse().map_err(|e| StationError::BadSession {
-                path: dir.meta_path(),
-                why: format!("{e}"),
-            })?;
-            let v = bank.resolve(&MachineRef {
-                machine: m,
-                version: Some(base_id.to_hex()),
-            })?;
-            let base = bank.catalog().disk_index(&v)?;
-            let dirty = dir
-                .read_dirty(base.disk_size, base.chunk_size)?
-                .dirty_chunks();
-            // Writable: check-in merges partly written chunks with their base in it.
-            let overlay = fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(dir.overlay_path())
-                .map_err(|e| StationError::Io {
-                    what: format!("open {}", dir.overlay_path().display()),
-                    source: e,
-                })?;
-            let extras = CheckinExtras::default();
-            let mut r = self.commit(
-                bank,
-                &meta,
-                &dir,
-                &base,
-                &overlay,
-                dirty,
-                &extras,
-                opts,
-                &NoProgress,
-            )?;
-            r.recovered = true;
-            out.push(r);
         }
         Ok(out)
     }
+
+    /// A `.new-` session directory whose creator died before it was complete has
+    /// served nothing: it goes once it is unlocked and a minute old (a younger one may
+    /// be between its creation and its lock).
+    fn clean_unfinished(&self, dir: &SessionDir) {
+        let old = fs::metadata(&dir.dir)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(60));
+        if old && let Ok(Some(_lock)) = dir.try_lock() {
+            let _ = dir.remove();
+        }
+    }
+
+    fn problem(
+        &self,
+        bank: &Bank,
+        dir: &SessionDir,
+        meta: Option<&SessionMeta>,
+        set_aside: bool,
+        why: String,
+    ) -> SessionProblem {
+        let session = meta.map_or_else(
+            || {
+                dir.dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            },
+            |m| m.session.clone(),
+        );
+        let machine = meta.map(|m| m.machine.clone());
+        let base = meta.and_then(|m| m.base.clone());
+        let mut kept_at = dir.dir.clone();
+        let mut why = why;
+        let advice = if set_aside {
+            match dir.set_aside(&self.damaged_dir(), &why) {
+                Ok(to) => {
+                    kept_at = to;
+                    // Dead and out of the way: the machine is free for a new session.
+                    if let Some(m) = meta
+                        && let Ok(name) = m.machine.parse::<MachineName>()
+                    {
+                        let _ = bank.catalog().release_lease(&name, &m.session);
+                    }
+                    format!(
+                        "nothing was checked in from it and nothing was deleted: its files are kept in {} \
+                         (`overlay` is a raw image holding the blocks it wrote, `WHY` says what is wrong); \
+                         {} starts from its last version on the next run; remove that directory once you \
+                         no longer need it",
+                        kept_at.display(),
+                        machine.as_deref().unwrap_or("the machine")
+                    )
+                }
+                Err(e) => {
+                    why = format!("{why}; moving it aside failed too: {e}");
+                    "it stays where it is; move it out of the sessions directory by hand".into()
+                }
+            }
+        } else {
+            "it stays where it is, and the next `mbank recover` (or attach or run) on this station \
+             tries again once the cause is fixed"
+                .into()
+        };
+        SessionProblem {
+            session,
+            machine,
+            base,
+            kept_at,
+            set_aside,
+            why,
+            advice,
+        }
+    }
+
+    /// Recovers the session in `dir`, which the caller has locked. `Ok(None)`: not
+    /// this call's to recover (alive, another bank's) or nothing to recover.
+    fn recover_one(
+        &self,
+        bank: &mut Bank,
+        dir: &SessionDir,
+        opts: &ImportOptions,
+    ) -> Result<Option<SessionReport>, Box<SessionProblem>> {
+        let damaged = |bank: &Bank, meta: Option<&SessionMeta>, why: String| {
+            Box::new(self.problem(bank, dir, meta, true, why))
+        };
+        let meta = match dir.read_meta() {
+            Ok(m) => m,
+            Err(e) => {
+                // No metadata and nothing written: an empty session, nothing to keep.
+                if !dir.meta_path().exists()
+                    && !dir.dirty_path().exists()
+                    && !dir.overlay_has_data().unwrap_or(true)
+                {
+                    let _ = dir.remove();
+                    return Ok(None);
+                }
+                let why = if dir.meta_path().exists() {
+                    format!("{e}")
+                } else {
+                    format!("{} is missing", dir.meta_path().display())
+                };
+                return Err(damaged(bank, None, why));
+            }
+        };
+        // Sessions of an older mbank hold no lock: judge them by their process.
+        if meta.format < 2 && session_alive(meta.pid, meta.started_ms, &dir.overlay_path()) {
+            return Ok(None);
+        }
+        // The cache is shared by every bank used on this station: a session of
+        // another bank is that bank's to recover (its versions are not in this one).
+        if bank_path(&meta.bank) != bank.location() {
+            return Ok(None);
+        }
+        let m = &meta;
+        let base_id = match meta.base_version() {
+            Ok(Some(b)) => b,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(damaged(bank, Some(m), e.to_string())),
+        };
+        let machine: MachineName = meta.machine.parse().map_err(|e| {
+            damaged(
+                bank,
+                Some(m),
+                format!("machine name {:?}: {e}", meta.machine),
+            )
+        })?;
+        // Trouble reaching the bank is not the session's damage: it stays for later.
+        let later = |bank: &Bank, e: String| Box::new(self.problem(bank, dir, Some(m), false, e));
+        let v = bank
+            .resolve(&MachineRef {
+                machine,
+                version: Some(base_id.to_hex()),
+            })
+            .map_err(|e| later(bank, format!("its base version: {e}")))?;
+        let base = bank
+            .catalog()
+            .disk_index(&v)
+            .map_err(|e| later(bank, format!("its base version's index: {e}")))?;
+        if (base.disk_size, base.chunk_size) != (meta.disk_size, meta.chunk_size) {
+            return Err(damaged(
+                bank,
+                Some(m),
+                format!(
+                    "it records a disk of {} bytes in chunks of {}, its base version has {} in {}",
+                    meta.disk_size, meta.chunk_size, base.disk_size, base.chunk_size
+                ),
+            ));
+        }
+        let map = if dir.dirty_path().exists() || meta.format >= 2 {
+            match dir.read_dirty(base.disk_size, base.chunk_size) {
+                Ok(map) if dir.dirty_path().exists() => map,
+                Ok(_) => {
+                    return Err(damaged(
+                        bank,
+                        Some(m),
+                        format!("{} is missing", dir.dirty_path().display()),
+                    ));
+                }
+                Err(e) => return Err(damaged(bank, Some(m), e.to_string())),
+            }
+        } else if dir.overlay_has_data().unwrap_or(true) {
+            // An older mbank's session that never flushed, with data in its overlay:
+            // what it holds was never acknowledged, but it is not ours to throw away.
+            return Err(damaged(
+                bank,
+                Some(m),
+                "it has no dirty map, but its overlay holds data".into(),
+            ));
+        } else {
+            session::DirtyMap::clean(base.disk_size, base.chunk_size)
+        };
+        let dirty = map.dirty_chunks();
+        let overlay = match fs::File::open(dir.overlay_path()) {
+            Ok(f) => f,
+            Err(e) if dirty.is_empty() && e.kind() == std::io::ErrorKind::NotFound => {
+                fs::File::open("/dev/null").map_err(|e| later(bank, e.to_string()))?
+            }
+            Err(e) => {
+                return Err(damaged(
+                    bank,
+                    Some(m),
+                    format!("cannot open {}: {e}", dir.overlay_path().display()),
+                ));
+            }
+        };
+        let end = dirty.last().map_or(0, |&i| {
+            i as u64 * base.chunk_size as u64 + map.chunk_len(i) as u64
+        });
+        match overlay.metadata() {
+            Ok(md) if md.len() >= end => {}
+            Ok(md) => {
+                return Err(damaged(
+                    bank,
+                    Some(m),
+                    format!(
+                        "{} is {} bytes, short of the {end} its dirty map needs",
+                        dir.overlay_path().display(),
+                        md.len()
+                    ),
+                ));
+            }
+            Err(e) => return Err(later(bank, e.to_string())),
+        }
+        let extras = CheckinExtras::default();
+        let mut r = self
+            .commit(
+                bank,
+                &meta,
+                dir,
+                &base,
+                &overlay,
+                &map,
+                &extras,
+                opts,
+                &NoProgress,
+            )
+            .map_err(|e| later(bank, format!("checking it in failed: {e}")))?;
+        r.recovered = true;
+        Ok(Some(r))
+    }
+}
+
+/// A session recovery could not check in, and what became of it.
+#[derive(Clone, Debug, Serialize)]
+pub struct SessionProblem {
+    pub session: String,
+    pub machine: Option<String>,
+    pub base: Option<String>,
+    /// Where the session's files are now.
+    pub kept_at: PathBuf,
+    /// True if the session was damaged and moved out of the sessions directory;
+    /// false if it stays there to be tried again.
+    pub set_aside: bool,
+    pub why: String,
+    pub advice: String,
+}
+
+impl std::fmt::Display for SessionProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match (&self.machine, &self.base) {
+            (Some(m), Some(b)) => {
+                format!("session {} of {m}@{}", self.session, &b[..b.len().min(12)])
+            }
+            (Some(m), None) => format!("session {} of {m}", self.session),
+            _ => format!("session {}", self.session),
+        };
+        let verb = if self.set_aside {
+            "is damaged"
+        } else {
+            "could not be checked in"
+        };
+        write!(f, "{what} {verb}: {}; {}", self.why, self.advice)
+    }
+}
+
+/// What [`Station::recover`] did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Recovery {
+    pub recovered: Vec<SessionReport>,
+    pub problems: Vec<SessionProblem>,
 }
 
 #[cfg(test)]
@@ -653,7 +992,8 @@ mod tests {
         copy_dir(&saved, &disk.dir.dir);
         let again = station
             .recover(&mut bank, &ImportOptions::default())
-            .unwrap();
+            .unwrap()
+            .recovered;
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].version.as_deref(), Some(v.as_str()));
         assert_eq!(
@@ -662,5 +1002,170 @@ mod tests {
             "no second copy of the check-in"
         );
         assert!(!disk.dir.dir.exists());
+    }
+
+    struct Setup {
+        d: tempfile::TempDir,
+        bank: Bank,
+        station: Station,
+        image: Vec<u8>,
+    }
+
+    /// A bank holding alice/dev and bob/dev (1 MiB each, 16 chunks) and a station.
+    fn setup() -> Setup {
+        let d = tempfile::tempdir().unwrap();
+        let mut bank = Bank::init(&d.path().join("bank")).unwrap();
+        let image: Vec<u8> = (0..1usize << 20).map(|i| (i % 251) as u8 | 1).collect();
+        let img = d.path().join("disk.raw");
+        fs::write(&img, &image).unwrap();
+        for m in ["alice/dev", "bob/dev"] {
+            let m: MachineName = m.parse().unwrap();
+            bank.import(&m, &img, &ImportOptions::default(), &NoProgress)
+                .unwrap();
+        }
+        let station = Station::open(&d.path().join("cache"), 64 << 20).unwrap();
+        Setup {
+            d,
+            bank,
+            station,
+            image,
+        }
+    }
+
+    impl Setup {
+        /// A session of `machine` that wrote `data` at `off`, flushed, and died.
+        fn dead_session(&mut self, machine: &str, off: u64, data: &[u8]) -> SessionDir {
+            let store: Arc<dyn ChunkStore> =
+                Arc::new(LocalStore::open(self.bank.root().unwrap()).unwrap());
+            let r: MachineRef = machine.parse().unwrap();
+            let disk = self
+                .station
+                .check_out(&mut self.bank, &r, false, store)
+                .unwrap();
+            disk.write_sync(off, Some(data), data.len() as u64).unwrap();
+            disk.flush_sync().unwrap();
+            let dir = disk.dir.clone();
+            drop(disk); // its lock goes with it, as with a killed process
+            dir
+        }
+
+        fn export(&self, machine: &str) -> Vec<u8> {
+            let out = self.d.path().join("out.raw");
+            let r: MachineRef = machine.parse().unwrap();
+            self.bank.export(&r, &out, 2, &NoProgress).unwrap();
+            fs::read(out).unwrap()
+        }
+
+        fn recover(&mut self) -> Recovery {
+            self.station
+                .recover(&mut self.bank, &ImportOptions::default())
+                .unwrap()
+        }
+    }
+
+    /// A session whose dirty map or metadata is gone is not taken for one that wrote
+    /// nothing: its overlay is kept aside, reported, and no version is made from it.
+    #[test]
+    fn a_session_missing_its_files_is_kept_aside_not_deleted() {
+        for lost in ["dirty", "session.json"] {
+            let mut s = setup();
+            let dir = s.dead_session("alice/dev", 4096, &[9u8; 4096]);
+            fs::remove_file(dir.dir.join(lost)).unwrap();
+            let r = s.recover();
+            assert!(r.recovered.is_empty(), "{lost}: {r:?}");
+            assert_eq!(r.problems.len(), 1, "{lost}: {r:?}");
+            let p = &r.problems[0];
+            assert!(p.set_aside && p.why.contains(lost), "{lost}: {p}");
+            assert!(
+                !dir.dir.exists(),
+                "{lost}: moved out of the sessions directory"
+            );
+            let kept = fs::read(p.kept_at.join("overlay")).unwrap();
+            assert_eq!(kept[4096..8192], [9u8; 4096], "{lost}: the overlay is kept");
+            assert!(p.advice.contains(&p.kept_at.display().to_string()));
+            assert_eq!(s.export("alice/dev"), s.image, "{lost}: no version made");
+            // Nothing more to do, and the machine can be checked out again.
+            let again = s.recover();
+            assert!(again.recovered.is_empty() && again.problems.is_empty());
+            s.dead_session("alice/dev", 0, &[1u8; 4096]);
+            assert_eq!(s.recover().recovered.len(), 1, "{lost}");
+        }
+    }
+
+    /// One session with a damaged dirty map or metadata stops only itself: the others
+    /// on the station are recovered, and the damaged one is set aside with the reason.
+    #[test]
+    fn a_damaged_session_does_not_stop_the_others() {
+        for (file, damage) in [("dirty", "truncate"), ("session.json", "garbage")] {
+            let mut s = setup();
+            let bad = s.dead_session("alice/dev", 0, &[7u8; 8192]);
+            s.dead_session("bob/dev", 65536, &[8u8; 4096]);
+            let p = bad.dir.join(file);
+            let bytes = fs::read(&p).unwrap();
+            match damage {
+                "truncate" => fs::write(&p, &bytes[..bytes.len() / 2]).unwrap(),
+                _ => fs::write(&p, b"{ not json").unwrap(),
+            }
+            let r = s.recover();
+            assert_eq!(r.recovered.len(), 1, "{file}: {r:?}");
+            assert_eq!(r.recovered[0].machine, "bob/dev");
+            assert_eq!(r.problems.len(), 1, "{file}: {r:?}");
+            assert!(r.problems[0].set_aside, "{file}");
+            let mut want = s.image.clone();
+            want[65536..65536 + 4096].fill(8);
+            assert_eq!(s.export("bob/dev"), want, "{file}");
+            assert_eq!(s.export("alice/dev"), s.image, "{file}");
+            assert!(s.d.path().join("cache/damaged").read_dir().unwrap().count() == 1);
+        }
+    }
+
+    /// Two recoveries of one dead session at once: one checks it in, the other leaves
+    /// it alone; neither fails, and there is one version.
+    #[test]
+    fn concurrent_recoveries_check_a_session_in_once() {
+        for round in 0..8 {
+            let mut s = setup();
+            s.dead_session("alice/dev", 0, &[round as u8 + 1; 4096]);
+            let bank_dir = s.bank.root().unwrap().to_path_buf();
+            let cache_dir = s.station.dir.clone();
+            let results: Vec<Recovery> = std::thread::scope(|sc| {
+                let hs: Vec<_> = (0..2)
+                    .map(|_| {
+                        let (b, c) = (bank_dir.clone(), cache_dir.clone());
+                        sc.spawn(move || {
+                            let mut bank = Bank::open(&b, false).unwrap();
+                            let st = Station::open(&c, 64 << 20).unwrap();
+                            st.recover(&mut bank, &ImportOptions::default()).unwrap()
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let done: usize = results.iter().map(|r| r.recovered.len()).sum();
+            let problems: Vec<_> = results.iter().flat_map(|r| &r.problems).collect();
+            assert!(problems.is_empty(), "round {round}: {problems:?}");
+            assert_eq!(done, 1, "round {round}: {results:?}");
+            let m: MachineName = "alice/dev".parse().unwrap();
+            assert_eq!(s.bank.log(&m).unwrap().len(), 2, "round {round}");
+        }
+    }
+
+    /// A session directory being made is never taken for a dead session: a young
+    /// `.new-` directory is left alone, an abandoned old one is cleaned up.
+    #[test]
+    fn a_session_being_created_is_left_alone() {
+        let mut s = setup();
+        let young = s.station.sessions_dir().join(".new-0123");
+        fs::create_dir_all(&young).unwrap();
+        fs::write(young.join("session.json"), b"{").unwrap();
+        let r = s.recover();
+        assert!(r.recovered.is_empty() && r.problems.is_empty(), "{r:?}");
+        assert!(young.exists(), "a session being created is not removed");
+        // The same, abandoned two minutes ago by a process that died.
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(120);
+        fs::File::open(&young).unwrap().set_modified(old).unwrap();
+        let r = s.recover();
+        assert!(r.recovered.is_empty() && r.problems.is_empty(), "{r:?}");
+        assert!(!young.exists(), "an abandoned half-made session goes");
     }
 }

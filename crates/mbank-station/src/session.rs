@@ -4,7 +4,21 @@
 //! <cache>/sessions/<session id>/session.json   what was checked out (below)
 //! <cache>/sessions/<session id>/overlay        sparse file, the disk's size: written blocks
 //! <cache>/sessions/<session id>/dirty          the durable dirty map (docs/formats.md)
+//! <cache>/sessions/.new-<session id>/          a session being created (renamed when ready)
+//! <cache>/damaged/<session id>/                a session recovery could not account for, kept
 //! ```
+//!
+//! A session directory appears under its own name only once it is complete: it is
+//! made as `.new-<id>` (metadata, an empty overlay, an empty durable dirty map, all
+//! synced) and renamed. So a missing `session.json` or `dirty` in a session directory
+//! is damage, never a session half made, and recovery sets such a session aside
+//! rather than guess (format 1 sessions, from before the empty map, are told apart by
+//! their `session.json` format).
+//!
+//! The process serving a session holds an exclusive `flock` on its directory for the
+//! session's life, and recovery takes the same lock before it touches a session: a
+//! session whose lock is held is alive (or being recovered by another process), and
+//! the kernel drops the lock when its holder dies, however it dies.
 //!
 //! The dirty map ([`DirtyMap`]) names, per chunk, the blocks the overlay holds. A
 //! block reaches the durable map only after its overlay data was fsynced, so after a
@@ -29,8 +43,9 @@ const DIRTY_HEADER_V1: usize = 16;
 const DIRTY_HEADER_V2: usize = 32;
 const DIRTY_ENTRY: usize = 16;
 const DIRTY_TRAILER: usize = 32;
-/// Format of `session.json`.
-pub const SESSION_FORMAT: u32 = 1;
+/// Format of `session.json` this build writes: 2 (the session's directory is complete,
+/// with an empty durable dirty map, before it appears). Format 1 is still read.
+pub const SESSION_FORMAT: u32 = 2;
 
 /// `session.json`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -67,6 +82,68 @@ pub struct SessionDir {
     pub dir: PathBuf,
 }
 
+/// A session directory being made (see [`SessionDir::begin`]).
+#[derive(Debug)]
+pub struct NewSession {
+    tmp: SessionDir,
+    dir: PathBuf,
+    lock: SessionLock,
+}
+
+impl NewSession {
+    /// Writes the metadata, an empty overlay of the disk's size and an empty durable
+    /// dirty map, all synced, and renames the directory into place.
+    pub fn finish(
+        self,
+        meta: &SessionMeta,
+    ) -> Result<(SessionDir, File, SessionLock), StationError> {
+        let tmp = &self.tmp;
+        let made = (|| {
+            write_atomic(
+                &tmp.meta_path(),
+                &serde_json::to_vec_pretty(meta).expect("serialises"),
+            )?;
+            let overlay = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(tmp.overlay_path())
+                .map_err(io("create", &tmp.overlay_path()))?;
+            overlay
+                .set_len(meta.disk_size)
+                .map_err(io("size", &tmp.overlay_path()))?;
+            overlay
+                .sync_all()
+                .map_err(io("sync", &tmp.overlay_path()))?;
+            tmp.write_dirty(&DirtyMap::clean(meta.disk_size, meta.chunk_size))?;
+            fs::rename(&tmp.dir, &self.dir).map_err(io("rename into place", &tmp.dir))?;
+            let parent = self.dir.parent().unwrap_or(Path::new("."));
+            sync_dir(parent).map_err(io("sync", parent))?;
+            Ok(overlay)
+        })();
+        match made {
+            Ok(overlay) => Ok((SessionDir { dir: self.dir }, overlay, self.lock)),
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp.dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives up: removes the directory.
+    pub fn abandon(self) {
+        let _ = fs::remove_dir_all(&self.tmp.dir);
+    }
+}
+
+/// An exclusive `flock` on a session's directory: whoever holds it serves or recovers
+/// the session. Released when dropped, or when the holding process dies.
+#[derive(Debug)]
+pub struct SessionLock {
+    _dir: File,
+}
+
 fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> StationError {
     let what = format!("{what} {}", path.display());
     move |e| StationError::Io { what, source: e }
@@ -83,25 +160,71 @@ impl SessionDir {
         self.dir.join("dirty")
     }
 
-    /// Creates the directory, the metadata and an empty overlay of the disk's size.
-    pub fn create(dir: PathBuf, meta: &SessionMeta) -> Result<(SessionDir, File), StationError> {
-        fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-        let s = SessionDir { dir };
-        write_atomic(
-            &s.meta_path(),
-            &serde_json::to_vec_pretty(meta).expect("serialises"),
-        )?;
-        let overlay = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(s.overlay_path())
-            .map_err(io("create", &s.overlay_path()))?;
-        overlay
-            .set_len(meta.disk_size)
-            .map_err(io("size", &s.overlay_path()))?;
-        Ok((s, overlay))
+    /// Starts making the session `dir` (which must not exist): a locked `.new-` directory
+    /// beside it, which [`NewSession::finish`] completes and renames into place. A
+    /// session exists under one of the two names, locked, from before its lease is
+    /// taken to its end.
+    pub fn begin(dir: PathBuf) -> Result<NewSession, StationError> {
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let parent = dir.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let tmp = SessionDir {
+            dir: parent.join(format!(".new-{name}")),
+        };
+        fs::create_dir_all(&tmp.dir).map_err(io("create", &tmp.dir))?;
+        match tmp.try_lock() {
+            Ok(Some(lock)) => Ok(NewSession { tmp, dir, lock }),
+            other => {
+                let _ = fs::remove_dir_all(&tmp.dir);
+                Err(other.err().unwrap_or_else(|| StationError::BadSession {
+                    path: tmp.dir.clone(),
+                    why: "another process holds the new session's lock".into(),
+                }))
+            }
+        }
+    }
+
+    /// Takes the session's lock without waiting: `None` if another process (or
+    /// another open of it in this one) holds it.
+    pub fn try_lock(&self) -> Result<Option<SessionLock>, StationError> {
+        let f = File::open(&self.dir).map_err(io("open", &self.dir))?;
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } == 0
+        {
+            return Ok(Some(SessionLock { _dir: f }));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Ok(None);
+        }
+        Err(io("lock", &self.dir)(e))
+    }
+
+    /// True if the overlay file holds any data (not only holes).
+    pub fn overlay_has_data(&self) -> Result<bool, StationError> {
+        let p = self.overlay_path();
+        let f = match File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io("open", &p)(e)),
+        };
+        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        let r = unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(&f), 0, libc::SEEK_DATA) };
+        if r >= 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(false),
+            _ => Err(io("look for data in", &p)(e)),
+        }
     }
 
     pub fn read_meta(&self) -> Result<SessionMeta, StationError> {
@@ -118,10 +241,13 @@ impl SessionDir {
                 path: p.clone(),
                 why: e.to_string(),
             })?;
-        if m.format != SESSION_FORMAT {
+        if m.format != 1 && m.format != SESSION_FORMAT {
             return Err(StationError::BadSession {
                 path: p,
-                why: format!("format {} (this mbank knows {SESSION_FORMAT})", m.format),
+                why: format!(
+                    "format {} (this mbank knows 1 to {SESSION_FORMAT})",
+                    m.format
+                ),
             });
         }
         Ok(m)
@@ -149,6 +275,31 @@ impl SessionDir {
     pub fn remove(&self) -> Result<(), StationError> {
         fs::remove_dir_all(&self.dir).map_err(io("remove", &self.dir))
     }
+
+    /// Moves the session to `<damaged>/<name>` (another name if that exists), with a
+    /// `WHY` file saying what was wrong, and returns where it went.
+    pub fn set_aside(&self, damaged: &Path, why: &str) -> Result<PathBuf, StationError> {
+        fs::create_dir_all(damaged).map_err(io("create", damaged))?;
+        let name = self
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().trim_start_matches(".new-").to_string())
+            .unwrap_or_else(|| "session".into());
+        let mut to = damaged.join(&name);
+        let mut n = 1;
+        while to.exists() {
+            n += 1;
+            to = damaged.join(format!("{name}.{n}"));
+        }
+        fs::rename(&self.dir, &to).map_err(io("move aside", &self.dir))?;
+        let _ = sync_dir(damaged);
+        let _ = fs::write(to.join("WHY"), format!("{why}\n"));
+        Ok(to)
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StationError> {

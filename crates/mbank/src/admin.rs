@@ -12,6 +12,7 @@ use mbank_access::Access;
 use mbank_core::{ChunkId, MachineName};
 
 use crate::fmt::{bytes, date, parse_size};
+use crate::out::outln;
 
 /// The `admin` subcommands.
 #[derive(Subcommand)]
@@ -111,7 +112,7 @@ fn parse_quota(s: &str) -> Result<Quota, String> {
 pub fn run(bank_dir: &Path, cmd: AdminCmd, quiet: bool) -> Result<()> {
     let say = |s: String| {
         if !quiet {
-            eprintln!("{s}");
+            crate::out::say(&s);
         }
     };
     if !bank_dir.join("MBANK").is_file() {
@@ -168,12 +169,17 @@ pub fn run(bank_dir: &Path, cmd: AdminCmd, quiet: bool) -> Result<()> {
                 if json {
                     crate::json_out(&users)?;
                 } else {
-                    println!(
+                    outln!(
                         "{:<32} {:<5} {:>10} {:>10} {:>6} {:<20}",
-                        "USER", "ADMIN", "QUOTA", "USED", "TOKENS", "CREATED (UTC)"
-                    );
+                        "USER",
+                        "ADMIN",
+                        "QUOTA",
+                        "USED",
+                        "TOKENS",
+                        "CREATED (UTC)"
+                    )?;
                     for u in users {
-                        println!(
+                        outln!(
                             "{:<32} {:<5} {:>10} {:>10} {:>6} {:<20}",
                             u.name,
                             if u.admin { "yes" } else { "no" },
@@ -181,7 +187,7 @@ pub fn run(bank_dir: &Path, cmd: AdminCmd, quiet: bool) -> Result<()> {
                             bytes(u.used),
                             u.tokens_live,
                             date(u.created_ms),
-                        );
+                        )?;
                     }
                 }
             }
@@ -192,12 +198,16 @@ pub fn run(bank_dir: &Path, cmd: AdminCmd, quiet: bool) -> Result<()> {
                 if json {
                     crate::json_out(&tokens)?;
                 } else {
-                    println!(
+                    outln!(
                         "{:<32} {:<16} {:<20} {:<20} {:<8} LABEL",
-                        "ID", "USER", "CREATED (UTC)", "EXPIRES (UTC)", "STATE"
-                    );
+                        "ID",
+                        "USER",
+                        "CREATED (UTC)",
+                        "EXPIRES (UTC)",
+                        "STATE"
+                    )?;
                     for t in tokens {
-                        println!(
+                        outln!(
                             "{:<32} {:<16} {:<20} {:<20} {:<8} {}",
                             t.id,
                             t.user,
@@ -211,7 +221,7 @@ pub fn run(bank_dir: &Path, cmd: AdminCmd, quiet: bool) -> Result<()> {
                                 "expired"
                             },
                             t.label.escape_debug(),
-                        );
+                        )?;
                     }
                 }
             }
@@ -248,7 +258,7 @@ pub fn run(bank_dir: &Path, cmd: AdminCmd, quiet: bool) -> Result<()> {
                 crate::json_out(&ms)?;
             } else {
                 for m in ms {
-                    println!("{m}");
+                    outln!("{m}")?;
                 }
             }
         }

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use mbank_bank::{Bank, ImportOptions, Progress};
 use mbank_core::{MachineName, MachineRef};
 use mbank_nbd::ServerOptions;
-use mbank_station::device::NbdDisk;
+use mbank_station::device::{Disk, NbdDisk};
 use mbank_station::{SessionReport, Station};
 use mbank_store::ChunkStore;
 
@@ -71,6 +71,43 @@ pub fn describe(r: &SessionReport) -> String {
     }
 }
 
+/// Says what recovering the station's dead sessions did: each session checked in, and
+/// each that could not be (damaged and set aside, or left for the next try) with why
+/// and what to do. Other sessions' trouble is a warning, never a reason to stop.
+pub fn report_recovery(r: &mbank_station::Recovery, say: &dyn Fn(String)) {
+    for s in &r.recovered {
+        say(describe(s));
+    }
+    for p in &r.problems {
+        say(format!("warning: {p}"));
+    }
+}
+
+/// The error of a failed check-in: what failed, that the session's writes are kept on
+/// this station and where, and the command that checks them in once the cause is fixed.
+/// `lost` says what the session had that the writes do not hold (a saved memory state),
+/// if anything.
+pub fn checkin_failed(
+    e: impl Into<anyhow::Error>,
+    bank: &Bank,
+    station: &Station,
+    disk: &Disk,
+    lost: Option<&str>,
+) -> anyhow::Error {
+    let e = e.into();
+    anyhow::anyhow!(
+        "the check-in of {} failed: {}; the session's writes are kept on this station in {}{}; \
+         once the cause is fixed, run `mbank --bank {} --cache {} recover` to check them in \
+         (the next `mbank attach` or `mbank run` with this bank on this station does it too)",
+        disk.meta.machine,
+        crate::run::flatten(&e),
+        disk.dir.dir.display(),
+        lost.map(|l| format!(" ({l})")).unwrap_or_default(),
+        bank.location(),
+        station.dir.display(),
+    )
+}
+
 /// Keeps the session's lease fresh (every 30 s, on its own catalog connection) until
 /// `stop`; warns once if another station took the machine over.
 pub fn spawn_heartbeat(
@@ -127,9 +164,7 @@ pub fn run(
         jobs: args.jobs,
         ..Default::default()
     };
-    for r in station.recover(bank, &opts)? {
-        say(describe(&r));
-    }
+    report_recovery(&station.recover(bank, &opts)?, say);
     let fetch: Arc<dyn ChunkStore> = bank.store_arc();
     let disk = station.check_out(bank, &args.machine, args.force, fetch)?;
     let what = format!(
@@ -231,7 +266,9 @@ pub fn run(
             ..Default::default()
         });
     }
-    let report = station.check_in(bank, &disk, &opts, progress)?;
+    let report = station
+        .check_in(bank, &disk, &opts, progress)
+        .map_err(|e| checkin_failed(e, bank, station, &disk, None))?;
     say(describe(&report));
     Ok(report)
 }

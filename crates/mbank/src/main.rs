@@ -9,6 +9,7 @@ mod attach;
 mod create;
 mod fmt;
 mod login;
+mod out;
 mod progress;
 mod run;
 mod serve;
@@ -22,6 +23,7 @@ use mbank_bank::{Bank, BankError, ImageFormat, ImportOptions};
 use mbank_core::{MachineName, MachineRef};
 
 use crate::fmt::{bytes, date, parse_size};
+use crate::out::outln;
 use crate::progress::Bar;
 
 const AFTER_HELP: &str = "\
@@ -104,6 +106,13 @@ enum Cmd {
         /// Print a JSON report instead of the version id.
         #[arg(long)]
         json: bool,
+        /// Repair the bank from this image instead of adding a version: re-read every
+        /// chunk the image shares with the bank, rewrite from the image each one that
+        /// fails its hash, and store any the bank lacks. Use the image the damaged
+        /// versions were imported from. Slower than an import (it reads back every
+        /// shared chunk); on the bank's host only.
+        #[arg(long, conflicts_with = "chunk_size")]
+        repair: bool,
     },
     /// Write a version's disk as a raw image (sparse where the disk is zero).
     Export {
@@ -128,8 +137,9 @@ enum Cmd {
     /// Re-hash every chunk that some version needs (or one machine's versions need).
     ///
     /// Damaged chunks are moved aside into <bank>/corrupt and listed with every version
-    /// that needs them; the exit status is then 3. Importing the original image again
-    /// puts a good copy back.
+    /// that needs them; the exit status is then 3. `mbank import --repair MACHINE IMAGE`
+    /// with the image a version was made from puts good copies back. The catalog is
+    /// checked too (SQLite's integrity check, each version's record against its checksum).
     Verify {
         machine: Option<MachineName>,
         #[arg(long)]
@@ -204,6 +214,11 @@ enum Cmd {
     /// Power a machine off (ACPI power button) that `mbank run` runs on this station.
     Poweroff { machine: MachineName },
     /// Check in sessions left behind on this station by a crash.
+    ///
+    /// Sessions of live processes are left alone. A session whose files are damaged or
+    /// missing is moved to <cache>/damaged (never deleted) and reported with what to do;
+    /// one that cannot be checked in now (the bank is away) stays for the next try. The
+    /// others go on; the exit status is 1 if any session could not be recovered.
     Recover {
         #[arg(long)]
         json: bool,
@@ -258,6 +273,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
+        Err(e) if out::is_stdout_closed(&e) => out::die_of_sigpipe(),
         Err(e) => {
             // Most errors of ours already state their cause in their own message, so a
             // cause is added only when the message does not contain it yet (`{:#}` would
@@ -269,9 +285,9 @@ fn main() -> ExitCode {
                     msg = format!("{msg}: {c}");
                 }
             }
-            eprintln!("mbank: error: {msg}");
+            out::say(&format!("mbank: error: {msg}"));
             if let Some(hint) = e.downcast_ref::<BankError>().and_then(hint) {
-                eprintln!("mbank: {hint}");
+                out::say(&format!("mbank: {hint}"));
             }
             ExitCode::from(1)
         }
@@ -279,25 +295,26 @@ fn main() -> ExitCode {
 }
 
 /// What the user can do about an error, where there is something to say.
-fn hint(e: &BankError) -> Option<&'static str> {
+fn hint(e: &BankError) -> Option<String> {
     if e.is_no_space() {
         return Some(
-            "free space on that disk and run the command again; nothing was committed, and `mbank gc` removes chunks a failed import left behind",
+            "free space on that disk and run the command again; nothing was committed, and `mbank gc` removes chunks a failed import left behind".into(),
         );
     }
     match e {
         BankError::ReadOnly { .. } => Some(
-            "the bank's directory cannot be written (a read-only mount?); reading commands such as log, export and verify still work",
+            "the bank's directory cannot be written (a read-only mount?); reading commands such as log, export and verify still work".into(),
         ),
-        BankError::Damaged { .. } => Some(
-            "nothing was written; run `mbank verify` to list every damaged chunk and the versions that need it; importing the original image again repairs the bank",
-        ),
+        BankError::Damaged { machine, .. } => Some(format!(
+            "nothing was written; run `mbank verify` to list every damaged chunk and the versions that need it; \
+             `mbank import --repair {machine} IMAGE`, with the image the version was made from, repairs the bank"
+        )),
         _ => None,
     }
 }
 
 fn json_out<T: serde::Serialize>(v: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", serde_json::to_string_pretty(v)?)?;
     Ok(())
 }
 
@@ -318,7 +335,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .max(1);
     let say = |s: String| {
         if !cli.quiet {
-            eprintln!("{s}");
+            out::say(&s);
         }
     };
     if let Cmd::Login(args) = cli.cmd {
@@ -397,7 +414,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         let station = mbank_station::Station::open(&cache_dir, cache_size)?;
         let off = matches!(cli.cmd, Cmd::Poweroff { .. });
         match run::suspend(&station, machine, off, &say)? {
-            Some(v) => println!("{v}"),
+            Some(v) => outln!("{v}")?,
             None => say(format!("{machine} ended with no new version")),
         }
         return Ok(ExitCode::SUCCESS);
@@ -424,7 +441,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 json_out(&r)?;
             } else {
-                println!("{}", r.version);
+                outln!("{}", r.version)?;
             }
             say(format!(
                 "created {} ({} disk, {} new in the bank)",
@@ -454,11 +471,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 if json {
                     if args.console {
                         // The console may have left a line unfinished (a prompt).
-                        println!();
+                        outln!()?;
                     }
                     json_out(&report)?;
                 } else if let Some(v) = report["session"]["version"].as_str() {
-                    println!("{v}");
+                    outln!("{v}")?;
                 }
             }
         }
@@ -470,6 +487,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             tmpdir,
             level,
             json,
+            repair,
         } => {
             let opts = ImportOptions {
                 chunk_size,
@@ -478,11 +496,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 zstd_level: level,
                 temp_dir: tmpdir.unwrap_or_else(std::env::temp_dir),
             };
+            if repair {
+                let r = bank.repair_from_image(&machine, &image, &opts, &bar)?;
+                if json {
+                    json_out(&r)?;
+                }
+                say(format!(
+                    "repaired {} from {}: {} chunks ({} zero, {} intact, {} damaged and rewritten, {} missing and stored), {} written, in {:.1} s; no version was made",
+                    r.machine,
+                    r.image,
+                    r.chunks_total,
+                    r.chunks_zero,
+                    r.chunks_intact,
+                    r.chunks_repaired,
+                    r.chunks_stored,
+                    bytes(r.bytes_written),
+                    r.seconds
+                ));
+                return Ok(ExitCode::SUCCESS);
+            }
             let r = bank.import(&machine, &image, &opts, &bar)?;
             if json {
                 json_out(&r)?;
             } else {
-                println!("{}", r.version);
+                outln!("{}", r.version)?;
             }
             let rate = r.disk_size as f64 / r.seconds.max(1e-9);
             say(format!(
@@ -511,7 +548,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output,
             json,
         } => {
-            let r = bank.export(&machine, &output, jobs, &bar)?;
+            let r = bank
+                .export(&machine, &output, jobs, &bar)
+                .map_err(|e| match e {
+                    // Standard output's reader went away.
+                    BankError::Io { source, .. }
+                        if output == std::path::Path::new("-")
+                            && source.kind() == std::io::ErrorKind::BrokenPipe =>
+                    {
+                        out::StdoutClosed.into()
+                    }
+                    e => anyhow::Error::from(e),
+                })?;
             if json {
                 json_out(&r)?;
             }
@@ -531,12 +579,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 json_out(&versions)?;
             } else {
-                println!(
+                outln!(
                     "{:<14} {:<20} {:>10} {:>10} {:>8} {:<12} {:<9}",
-                    "VERSION", "CREATED (UTC)", "DISK", "NEW DATA", "NEW", "PARENT", "STATE"
-                );
+                    "VERSION",
+                    "CREATED (UTC)",
+                    "DISK",
+                    "NEW DATA",
+                    "NEW",
+                    "PARENT",
+                    "STATE"
+                )?;
                 for v in versions {
-                    println!(
+                    outln!(
                         "{:<14} {:<20} {:>10} {:>10} {:>8} {:<12} {:<9}",
                         format!("{}{}", &v.version[..12], if v.head { " *" } else { "" }),
                         date(v.created_ms),
@@ -545,7 +599,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         v.stats.chunks_new,
                         v.parent.as_deref().map_or("-", |p| &p[..12]),
                         if v.suspended { "suspended" } else { "off" },
-                    );
+                    )?;
                 }
             }
         }
@@ -554,19 +608,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 json_out(&ms)?;
             } else {
-                println!(
+                outln!(
                     "{:<40} {:>8} {:<14} {:>10} {:<20}",
-                    "MACHINE", "VERSIONS", "HEAD", "DISK", "UPDATED (UTC)"
-                );
+                    "MACHINE",
+                    "VERSIONS",
+                    "HEAD",
+                    "DISK",
+                    "UPDATED (UTC)"
+                )?;
                 for m in ms {
-                    println!(
+                    outln!(
                         "{:<40} {:>8} {:<14} {:>10} {:<20}",
                         m.machine,
                         m.versions,
                         m.head.as_deref().map_or("-", |h| &h[..12]),
                         m.disk_size.map_or("-".into(), bytes),
                         m.updated_ms.map_or("-".into(), date),
-                    );
+                    )?;
                 }
             }
         }
@@ -578,16 +636,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 json_out(&r)?;
             } else {
+                for d in &r.damaged_databases {
+                    outln!("damaged database {}:", d.file)?;
+                    for p in &d.problems {
+                        outln!("  {p}")?;
+                    }
+                    outln!("  {}", d.advice)?;
+                }
+                for d in &r.damaged_records {
+                    outln!("damaged record: {}: {}", d.record, d.problem)?;
+                }
                 for d in &r.damaged_indexes {
-                    println!("damaged index: {}: {}", d.version, d.problem);
+                    outln!("damaged index: {}: {}", d.version, d.problem)?;
                 }
                 for d in &r.damaged_chunks {
-                    println!("damaged chunk {}: {}", d.chunk, d.problem);
+                    outln!("damaged chunk {}: {}", d.chunk, d.problem)?;
                     if let Some(m) = &d.moved_to {
-                        println!("  moved aside to {m}");
+                        outln!("  moved aside to {m}")?;
                     }
                     for v in &d.needed_by {
-                        println!("  needed by {v}");
+                        outln!("  needed by {v}")?;
                     }
                 }
             }
@@ -605,14 +673,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .iter()
                     .flat_map(|d| d.needed_by.iter().map(String::as_str))
                     .chain(r.damaged_indexes.iter().map(|d| d.version.as_str()))
+                    .chain(
+                        r.damaged_records
+                            .iter()
+                            .map(|d| d.record.as_str())
+                            .filter(|v| v.contains('@')),
+                    )
                     .collect();
-                eprintln!(
-                    "mbank: verify found {} damaged chunks and {} damaged indexes, affecting {} versions; \
-                     importing the original images again repairs damaged chunks",
+                out::say(&format!(
+                    "mbank: verify found {} damaged chunks, {} damaged indexes, {} damaged catalog records \
+                     and {} damaged databases, affecting {} versions; a damaged catalog is restored from a backup",
                     r.damaged_chunks.len(),
                     r.damaged_indexes.len(),
+                    r.damaged_records.len(),
+                    r.damaged_databases.len(),
                     versions.len()
-                );
+                ));
+                // A version is named user/name@ID, with " (stream)" for a memory state,
+                // kernel or initrd, which no disk image holds.
+                let machines: std::collections::BTreeSet<&str> = r
+                    .damaged_chunks
+                    .iter()
+                    .flat_map(|d| d.needed_by.iter())
+                    .filter(|v| !v.ends_with(')'))
+                    .filter_map(|v| v.split_once('@').map(|(m, _)| m))
+                    .collect();
+                for m in machines {
+                    out::say(&format!(
+                        "mbank: to repair {m}'s damaged chunks, run `mbank import --repair {m} IMAGE` with the image its versions were made from"
+                    ));
+                }
                 return Ok(ExitCode::from(3));
             }
         }
@@ -686,7 +776,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 json_out(&report)?;
             } else if let Some(v) = &report.version {
-                println!("{v}");
+                outln!("{v}")?;
             }
         }
         Cmd::Recover { json } => {
@@ -695,14 +785,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 jobs,
                 ..Default::default()
             };
-            let reports = station.recover(&mut bank, &opts)?;
-            for r in &reports {
-                say(attach::describe(r));
-            }
+            let recovery = station.recover(&mut bank, &opts)?;
+            attach::report_recovery(&recovery, &say);
             if json {
-                json_out(&reports)?;
-            } else if reports.is_empty() {
+                json_out(&recovery)?;
+            } else if recovery.recovered.is_empty() && recovery.problems.is_empty() {
                 say("no sessions to recover".into());
+            }
+            if !recovery.problems.is_empty() {
+                return Ok(ExitCode::FAILURE);
             }
         }
         Cmd::Stats { json } => {
@@ -710,20 +801,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 json_out(&s)?;
             } else {
-                println!("store               {}", s.store);
-                println!("machines            {}", s.machines);
-                println!("versions            {}", s.versions);
-                println!("logical size        {}", bytes(s.logical_bytes));
-                println!("  non-zero          {}", bytes(s.logical_nonzero_bytes));
-                println!(
+                outln!("store               {}", s.store)?;
+                outln!("machines            {}", s.machines)?;
+                outln!("versions            {}", s.versions)?;
+                outln!("logical size        {}", bytes(s.logical_bytes))?;
+                outln!("  non-zero          {}", bytes(s.logical_nonzero_bytes))?;
+                outln!(
                     "chunks stored       {} ({} referenced)",
-                    s.chunks, s.chunks_referenced
-                );
-                println!("bytes stored        {}", bytes(s.bytes_stored));
-                println!(
+                    s.chunks,
+                    s.chunks_referenced
+                )?;
+                outln!("bytes stored        {}", bytes(s.bytes_stored))?;
+                outln!(
                     "deduplication       {:.2}x (non-zero data / bytes stored)",
                     s.dedup_ratio
-                );
+                )?;
             }
         }
     }

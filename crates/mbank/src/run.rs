@@ -37,7 +37,7 @@ use mbank_vm::qmp::Qmp;
 use mbank_vm::{Accel, Boot, Display, Launch, MachineConfig, SavedHardware};
 use serde::Serialize;
 
-use crate::attach::{describe, spawn_heartbeat};
+use crate::attach::{checkin_failed, describe, spawn_heartbeat};
 use crate::fmt::bytes;
 
 #[derive(clap::Args)]
@@ -529,9 +529,7 @@ fn run(bank: &mut Bank, station: &Station, args: Args, hub: &Arc<Hub>) -> Result
         jobs: args.jobs,
         ..Default::default()
     };
-    for r in station.recover(bank, &opts)? {
-        say(describe(&r));
-    }
+    crate::attach::report_recovery(&station.recover(bank, &opts)?, say);
     let v = bank.resolve(&args.machine)?;
     let mut config = match &v.config {
         Some(c) => MachineConfig::from_json(c)
@@ -1027,7 +1025,14 @@ fn run_session(
         always: ending == Ending::Suspend || (resume && ending == Ending::Poweroff),
         streams_stored,
     };
-    let session = station.check_in_with(bank, disk, &extras, &opts, progress)?;
+    let session = station
+        .check_in_with(bank, disk, &extras, &opts, progress)
+        .map_err(|e| {
+            let lost = (ending == Ending::Suspend).then_some(
+                "the saved memory state is not: the machine will boot from its disk, as after a power loss",
+            );
+            checkin_failed(e, bank, station, disk, lost)
+        })?;
     drop(writer_guard);
     say(describe(&session));
     let report = RunReport {

@@ -1,5 +1,6 @@
 //! `mbank serve`: the bank server (crate `mbank-server`) on this bank's directory.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -83,14 +84,17 @@ pub fn run(bank_dir: &Path, args: Args, quiet: bool) -> Result<()> {
     rt.block_on(mbank_server::serve(
         cfg,
         |addr| {
-            // Scripts wait for this line (on standard output) to know the port.
-            println!("listening on {scheme}://{addr}");
+            // Scripts wait for this line (on standard output) to know the port. A
+            // server whose starter stopped reading keeps serving.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "listening on {scheme}://{addr}");
+            let _ = out.flush();
         },
         crate::attach::shutdown_signal(),
     ))
     .map_err(anyhow::Error::msg)?;
     if !quiet {
-        eprintln!("mbank: server stopped");
+        crate::out::say("mbank: server stopped");
     }
     Ok(())
 }

@@ -247,3 +247,242 @@ fn export_error_says_it_once() {
         "the error line repeats itself:\n{r}"
     );
 }
+
+// ---- Damage to the catalog itself, and a version removed while verify runs ----
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// Every offset in `hay` where `needle` starts.
+fn find_all(hay: &[u8], needle: &[u8]) -> Vec<usize> {
+    hay.windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Where the `versions` row of `reference` (`machine@hexid`) starts its id in
+/// catalog.db: the row holds the 16-byte id followed at once by the machine's name,
+/// which no index of the catalog does. (A stale copy of the row in free space may be
+/// found too; every place is returned, and tests damage them all.)
+fn version_rows(catalog: &[u8], reference: &str) -> Vec<usize> {
+    let (machine, id) = reference.split_once('@').unwrap();
+    let mut needle = unhex(id);
+    assert_eq!(needle.len(), 16, "{reference}");
+    needle.extend_from_slice(machine.as_bytes());
+    let at = find_all(catalog, &needle);
+    assert!(
+        !at.is_empty(),
+        "the row of {reference} is not in catalog.db"
+    );
+    at
+}
+
+/// Flips one bit at each of `offsets` in the bank's catalog.db.
+fn flip_catalog(bank: &Bank, offsets: &[usize]) {
+    let path = bank.path.join("catalog.db");
+    let mut bytes = fs::read(&path).unwrap();
+    for &at in offsets {
+        bytes[at] ^= 0x01;
+    }
+    fs::write(&path, &bytes).unwrap();
+}
+
+/// `verify --json` exits 3; returns its report.
+fn verify_report(bank: &Bank) -> (Run, Value) {
+    let r = bank.run(&["verify", "--json"]).code(3);
+    let v = r.json();
+    (r, v)
+}
+
+/// A flipped byte in a version's machine name: the row no longer matches the catalog's
+/// index by machine, which SQLite's integrity check (not its quick check) finds.
+#[test]
+fn damaged_catalog_page_fails_sqlites_integrity_check() {
+    let s = setup();
+    let catalog = fs::read(s.bank.path.join("catalog.db")).unwrap();
+    let rows = version_rows(&catalog, &s.versions[2]);
+    // The 'd' of "bob/dev" becomes an 'e': still a valid name.
+    flip_catalog(
+        &s.bank,
+        &rows.iter().map(|r| r + 16 + 4).collect::<Vec<_>>(),
+    );
+
+    let (r, v) = verify_report(&s.bank);
+    let dbs = v["damaged_databases"].as_array().unwrap();
+    assert_eq!(dbs.len(), 1, "{r}");
+    assert!(
+        dbs[0]["file"].as_str().unwrap().ends_with("catalog.db"),
+        "{r}"
+    );
+    assert!(!dbs[0]["problems"].as_array().unwrap().is_empty(), "{r}");
+    assert!(dbs[0]["advice"].as_str().unwrap().contains("backup"), "{r}");
+    // The record's checksum names the version too.
+    let id = s.versions[2].split_once('@').unwrap().1;
+    let records = v["damaged_records"].to_string();
+    assert!(records.contains(id), "{r}");
+    // The text form says which file and what to do.
+    let r = s.bank.run(&["verify"]).code(3);
+    assert!(r.stdout.contains("catalog.db"), "{r}");
+    assert!(r.stdout.contains("backup"), "{r}");
+    r.stderr_has(&["damaged"]);
+}
+
+/// A flipped byte in a field no SQLite index covers (a version's parent) passes
+/// SQLite's integrity check; the record's checksum catches it, and export refuses.
+#[test]
+fn damaged_version_record_is_found_and_refused() {
+    let s = setup();
+    let catalog = fs::read(s.bank.path.join("catalog.db")).unwrap();
+    let (_, parent) = s.versions[0].split_once('@').unwrap();
+    let parent = unhex(parent);
+    let mut at = Vec::new();
+    for row in version_rows(&catalog, &s.versions[1]) {
+        // id (16 bytes), machine ("alice/dev"), then the parent's 16 bytes.
+        let p = row + 16 + "alice/dev".len();
+        assert_eq!(
+            catalog[p..p + 16],
+            parent[..],
+            "the parent is not where expected"
+        );
+        at.push(p + 7);
+    }
+    flip_catalog(&s.bank, &at);
+
+    let (r, v) = verify_report(&s.bank);
+    assert!(v["damaged_databases"].as_array().unwrap().is_empty(), "{r}");
+    let records = v["damaged_records"].as_array().unwrap();
+    assert_eq!(records.len(), 1, "{r}");
+    assert_eq!(records[0]["record"], s.versions[1].as_str(), "{r}");
+    assert!(v["damaged_chunks"].as_array().unwrap().is_empty(), "{r}");
+    let r = s.bank.run(&["verify"]).code(3);
+    assert!(r.stdout.contains(&s.versions[1]), "{r}");
+    // Export refuses the damaged version and names it; the others still export.
+    let (machine, id) = s.versions[1].split_once('@').unwrap();
+    let out = s.bank.file("out.raw");
+    let r = s
+        .bank
+        .run(&[
+            std::ffi::OsStr::new("export"),
+            std::ffi::OsStr::new(&s.versions[1]),
+            out.as_os_str(),
+        ])
+        .code(1);
+    assert!(
+        r.stderr.contains(machine) && r.stderr.contains(&id[..8]),
+        "{r}"
+    );
+    r.stderr_has(&["damaged"]);
+    assert!(!out.exists());
+    s.bank.assert_exports(&s.versions[0], &s.image);
+    s.bank.assert_exports(&s.versions[2], &s.image);
+}
+
+/// A flipped byte inside a stored disk index: its checksum catches it.
+#[test]
+fn damaged_stored_index_is_found_and_refused() {
+    let s = setup();
+    let catalog = fs::read(s.bank.path.join("catalog.db")).unwrap();
+    let mut at = Vec::new();
+    for row in version_rows(&catalog, &s.versions[2]) {
+        let magic = row + find_all(&catalog[row..], b"MBIX")[0];
+        at.push(magic + 40); // in the first chunk id
+    }
+    flip_catalog(&s.bank, &at);
+    let (r, v) = verify_report(&s.bank);
+    let d = v["damaged_indexes"].as_array().unwrap();
+    assert_eq!(d.len(), 1, "{r}");
+    assert_eq!(d[0]["version"], s.versions[2].as_str(), "{r}");
+    let out = s.bank.file("out.raw");
+    let r = s
+        .bank
+        .run(&[
+            std::ffi::OsStr::new("export"),
+            std::ffi::OsStr::new("bob/dev"),
+            out.as_os_str(),
+        ])
+        .code(1);
+    r.stderr_has(&["bob/dev", "damaged"]);
+    assert!(!out.exists());
+}
+
+/// `rm` and `gc` remove a version while verify reads its chunks: verify must not call
+/// that damage. The race is made certain, not likely: one of the removed version's
+/// chunks is a FIFO, so verify's read of it waits until the test has run `rm` and `gc`
+/// (which deletes the version's other chunks) and then closes the FIFO.
+#[test]
+fn version_removed_by_rm_and_gc_during_verify_is_not_damage() {
+    use std::os::unix::fs::FileTypeExt;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let s = setup();
+    let before = s.bank.chunk_files();
+    let other = s.bank.file("other.raw");
+    fs::write(&other, common::random_bytes(256 << 10, 99)).unwrap();
+    s.bank.import("bob/tmp", &other, &["--chunk-size", "16K"]);
+    let only_tmp: Vec<String> = s.bank.chunk_files().difference(&before).cloned().collect();
+    assert!(only_tmp.len() >= 2, "{only_tmp:?}");
+    s.bank.age_chunks(); // so that gc deletes them at once
+
+    // One of bob/tmp's chunks becomes a FIFO that the test holds open for writing.
+    let fifo = s.bank.chunk_path(&only_tmp[0]);
+    fs::remove_file(&fifo).unwrap();
+    let st = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let held = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    assert!(held.metadata().unwrap().file_type().is_fifo());
+    held.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .unwrap();
+
+    let mut verify = s.bank.cmd();
+    verify.args(["verify", "--json"]);
+    verify.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = verify.spawn().unwrap();
+    // Wait (bounded) until verify has the FIFO open, i.e. is blocked reading it.
+    let fds = PathBuf::from(format!("/proc/{}/fd", child.id()));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let open = fs::read_dir(&fds)
+            .map(|d| {
+                d.flatten()
+                    .any(|e| fs::read_link(e.path()).ok() == Some(fifo.clone()))
+            })
+            .unwrap_or(false);
+        if open {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "verify ended before reading the FIFO"
+        );
+        assert!(Instant::now() < deadline, "verify never opened the FIFO");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.bank.run(&["rm", "bob/tmp"]).ok();
+    let gc = s.bank.gc();
+    assert!(gc["chunks_deleted"].as_u64().unwrap() >= 2, "{gc}");
+    drop(held); // verify now reads an empty file in place of the chunk
+    let out = child.wait_with_output().unwrap();
+    let r = Run::from_output("verify --json (racing rm and gc)".into(), out);
+    let r = r.ok();
+    let v = r.json();
+    assert!(v["damaged_chunks"].as_array().unwrap().is_empty(), "{r}");
+    assert!(v["chunks_no_longer_needed"].as_u64().unwrap() >= 1, "{r}");
+    s.bank.verify_ok();
+    for v in &s.versions {
+        s.bank.assert_exports(v, &s.image);
+    }
+}

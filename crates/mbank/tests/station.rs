@@ -115,6 +115,11 @@ fn sessions(cache: &Path) -> Vec<PathBuf> {
     }
 }
 
+/// What `recover --json` prints when there is nothing to recover.
+fn nothing_recovered() -> Value {
+    serde_json::json!({"recovered": [], "problems": []})
+}
+
 /// `mbank --cache CACHE recover --json`.
 fn recover(bank: &Bank, cache: &Path) -> Run {
     bank.run(&[
@@ -768,7 +773,10 @@ fn sigkill_during_checkin_then_recover() {
 
     let r = recover(&bank, &cache);
     let reports = r.ok().json();
-    let reports = reports.as_array().expect("recover --json is an array");
+    assert_eq!(reports["problems"], serde_json::json!([]));
+    let reports = reports["recovered"]
+        .as_array()
+        .expect("recover --json lists the sessions recovered");
     assert_eq!(reports.len(), 1, "{reports:?}");
     let j = &reports[0];
     assert_eq!(j["recovered"], true);
@@ -789,7 +797,7 @@ fn sigkill_during_checkin_then_recover() {
     assert_eq!(bank.head("alice/dev").as_deref(), Some(version.as_str()));
     // Nothing is left to recover.
     let again = recover(&bank, &cache);
-    assert_eq!(again.ok().json(), serde_json::json!([]));
+    assert_eq!(again.ok().json(), nothing_recovered());
 }
 
 // ----------------------------------------------------------------------------------
@@ -830,7 +838,7 @@ fn second_station_is_refused_then_takes_over_with_force() {
         ),
         Err(r) => r.code(1).stderr_has(&["since"]),
     };
-    assert_eq!(recover(&bank, &c1).ok().json(), serde_json::json!([]));
+    assert_eq!(recover(&bank, &c1).ok().json(), nothing_recovered());
     assert_eq!(sessions(&c1).len(), 1);
 
     // Removing the version the session reads from, or the machine, is refused.
@@ -1081,13 +1089,17 @@ fn crashed_session_of_another_bank_does_not_block_attach() {
     );
     assert_eq!(sessions(&cache).len(), 1, "bank A's session is kept");
     let r = recover(&bank_b, &cache);
-    assert_eq!(r.ok().json(), serde_json::json!([]));
+    assert_eq!(r.ok().json(), nothing_recovered());
 
     // Bank A recovers it.
     let r = recover(&bank_a, &cache);
     let reports = r.ok().json();
-    assert_eq!(reports.as_array().unwrap().len(), 1, "{reports}");
-    let v = reports[0]["version"].as_str().unwrap();
+    assert_eq!(
+        reports["recovered"].as_array().unwrap().len(),
+        1,
+        "{reports}"
+    );
+    let v = reports["recovered"][0]["version"].as_str().unwrap();
     let mut expected = img_a.clone();
     apply(&mut expected, CS, &w);
     assert_same_bytes(
@@ -1165,7 +1177,7 @@ fn discard_older_version_and_crash_before_any_flush() {
     Script::new(&bank).write(0, &w, false).run(&a.uri());
     a.kill9();
     let r = recover(&bank, &cache).ok();
-    let reports = r.json();
+    let reports = r.json()["recovered"].clone();
     assert_eq!(reports.as_array().map(Vec::len), Some(1), "{r}");
     assert_eq!(reports[0]["recovered"], true, "{r}");
     assert_eq!(reports[0]["version"], Value::Null, "{r}");
@@ -1210,7 +1222,7 @@ fn crashed_session_whose_pid_was_reused_is_recovered() {
     // now looks younger than the session, but it holds the overlay open, so it is alive
     // and `recover` must leave it alone.
     edit_meta(&|m| m["started_ms"] = (m["started_ms"].as_i64().unwrap() - 60_000).into());
-    assert_eq!(recover(&bank, &cache).ok().json(), serde_json::json!([]));
+    assert_eq!(recover(&bank, &cache).ok().json(), nothing_recovered());
     assert_eq!(sessions(&cache).len(), 1);
     Script::new(&bank).expect(CS, &w).run(&a.uri());
     a.kill9();
@@ -1275,4 +1287,150 @@ fn failed_bind_releases_the_machine() {
     // Another station can take the machine at once, without --force.
     let mut a = bank.attach(&bank.file("station-2"), "alice/dev", &["--json"]);
     a.stop();
+}
+
+// ----------------------------------------------------------------------------------
+// 7. A station under damage: full disks, damaged sessions
+// ----------------------------------------------------------------------------------
+
+/// Fills the file system of `dir` with one file, until it is full.
+fn fill_up(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let p = dir.join("filler");
+    let mut f = fs::File::create(&p).unwrap();
+    let block = vec![0x5au8; 64 * KIB];
+    loop {
+        match f.write_all(&block) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc_enospc()) => break,
+            Err(e) => panic!("filling {}: {e}", p.display()),
+        }
+    }
+    let _ = f.sync_all();
+    p
+}
+
+fn libc_enospc() -> i32 {
+    28 // ENOSPC on Linux
+}
+
+/// Recovery needs no space on the station: with the cache's file system full, a
+/// session that wrote parts of many chunks is checked in (its partly written chunks
+/// are made whole in memory, not in the overlay), and attach works again after it.
+#[test]
+fn recovery_on_a_full_station_disk_needs_no_space() {
+    need(&[("nbdsh", "python3-libnbd")]);
+    let tmpfs = common::Tmpfs::mount("24m");
+    let bank = Bank::new();
+    let size = 8 * MIB;
+    let img = image(size, &[(0, size)], 71);
+    let (base, _) = import(&bank, "alice/dev", &img, &[]);
+    let cache = tmpfs.dir.join("cache");
+    let mut a = bank.attach(&cache, "alice/dev", &["--json"]);
+    // One 4 KiB block into each of the 128 chunks: every chunk partly written.
+    let mut expected = img.clone();
+    let mut s = Script::new(&bank);
+    for i in 0..size / CS {
+        let block = random_bytes_for(i);
+        s.write(i * CS + 8 * KIB, &block, false);
+        apply(&mut expected, i * CS + 8 * KIB, &block);
+    }
+    s.flush().run(&a.uri());
+    a.kill9();
+    let filler = fill_up(&tmpfs.dir);
+    assert!(
+        tmpfs.free_bytes() < 64 * KIB as u64,
+        "the file system is full"
+    );
+
+    let r = recover(&bank, &cache).ok();
+    let j = r.json();
+    assert_eq!(j["problems"], serde_json::json!([]), "{r}");
+    let version = j["recovered"][0]["version"].as_str().expect("a version");
+    assert_eq!(u(&j["recovered"][0], "chunks_written"), (size / CS) as u64);
+    assert_same_bytes(
+        &export(&bank, &format!("alice/dev@{version}")),
+        &expected,
+        "recovered on a full disk",
+    );
+    assert_eq!(
+        log_entry(&bank, "alice/dev", version)["parent"],
+        base.as_str()
+    );
+    // The space the session held is free again: the machine can be attached.
+    fs::remove_file(filler).unwrap();
+    let mut b = bank.attach(&cache, "alice/dev", &["--json"]);
+    Script::new(&bank).expect(0, &expected[..CS]).run(&b.uri());
+    b.stop().ok();
+}
+
+fn random_bytes_for(i: usize) -> Vec<u8> {
+    common::random_bytes(4 * KIB, 1000 + i as u64)
+}
+
+/// A damaged session of one machine does not stop the station: attach of another
+/// machine recovers what it can, warns about the damaged one (where it is kept, what
+/// to do), and serves; `recover` exits 1 naming it; the kept overlay holds the data.
+#[test]
+fn a_damaged_session_is_set_aside_and_others_go_on() {
+    need(&[("nbdsh", "python3-libnbd")]);
+    let bank = Bank::new();
+    let size = 4 * MIB;
+    let img = image(size, &[(0, size)], 72);
+    import(&bank, "alice/dev", &img, &[]);
+    import(&bank, "bob/dev", &img, &[]);
+    let cache = bank.file("station");
+    let data = common::random_bytes(64 * KIB, 73);
+    let mut a = bank.attach(&cache, "alice/dev", &["--json"]);
+    Script::new(&bank).write(0, &data, true).run(&a.uri());
+    a.kill9();
+    // Alice's session loses the end of its dirty map.
+    let dirty = sessions(&cache)[0].join("dirty");
+    let bytes = fs::read(&dirty).unwrap();
+    fs::write(&dirty, &bytes[..bytes.len() - 5]).unwrap();
+
+    // Bob's attach sets Alice's session aside, says so, and serves.
+    let mut b = bank.attach(&cache, "bob/dev", &["--json"]);
+    Script::new(&bank).write(0, &data, true).run(&b.uri());
+    b.kill9()
+        .stderr_has(&["alice/dev", "is damaged", "dirty map", "damaged"]);
+    // A third machine's attach recovers Bob's session.
+    import(&bank, "carol/dev", &img, &[]);
+    let mut c = bank.attach(&cache, "carol/dev", &["--json"]);
+    Script::new(&bank).expect(0, &img[..CS]).run(&c.uri());
+    c.stop().ok().stderr_has(&["recovered session of bob/dev"]);
+    let mut want = img.clone();
+    apply(&mut want, 0, &data);
+    assert_same_bytes(&export(&bank, "bob/dev"), &want, "bob's recovered writes");
+    assert_same_bytes(&export(&bank, "alice/dev"), &img, "nothing made of alice's");
+    let kept: Vec<PathBuf> = fs::read_dir(cache.join("damaged"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(kept.len(), 1);
+    let overlay = fs::read(kept[0].join("overlay")).unwrap();
+    assert!(
+        overlay[..64 * KIB] == data[..],
+        "the kept overlay holds the writes"
+    );
+    assert!(
+        fs::read_to_string(kept[0].join("WHY"))
+            .unwrap()
+            .contains("dirty map")
+    );
+    // Alice's machine is free again.
+    let mut a = bank.attach(&cache, "alice/dev", &["--json"]);
+    a.stop().ok();
+    // And a damaged session.json is the same: recover reports it and exits 1.
+    let mut b = bank.attach(&cache, "bob/dev", &["--json"]);
+    Script::new(&bank)
+        .write(0, &img[..4 * KIB], true)
+        .run(&b.uri());
+    b.kill9();
+    let s = sessions(&cache);
+    fs::write(s[0].join("session.json"), b"{\"format\": 2, \"sess").unwrap();
+    let r = recover(&bank, &cache).code(1);
+    r.stderr_has(&["is damaged", "session.json", "kept in"]);
+    assert!(sessions(&cache).is_empty());
 }

@@ -269,7 +269,10 @@ impl RawClient {
     }
 
     pub fn from_stream_with_flags(sock: UnixStream, client_flags: u32) -> Self {
-        sock.set_read_timeout(Some(WATCHDOG)).expect("timeout");
+        // A caller's shorter bound stays.
+        if sock.read_timeout().expect("timeout").is_none() {
+            sock.set_read_timeout(Some(WATCHDOG)).expect("timeout");
+        }
         let mut c = Self {
             sock,
             handshake_flags: 0,

@@ -1,0 +1,466 @@
+//! Record checksums, and the checks `verify` runs on the catalog itself.
+//!
+//! A version's checksum (`versions.sum`) is BLAKE3 over the values SQLite holds for the
+//! row, each encoded with its type, and then over each of its streams in name order;
+//! the disk and stream indexes enter by their 32-byte trailer, which is already the
+//! BLAKE3 of the index (and checked whenever the index is parsed). A machine's checksum
+//! (`machines.sum`) covers its name, chunk size and creation time, but not its head,
+//! which moves; `verify` checks that each head names a version of that machine instead.
+//! The encoding is in `docs/formats.md`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use mbank_core::MachineName;
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, OpenFlags, params};
+use serde::{Deserialize, Serialize};
+
+use crate::{Catalog, CatalogError, VersionInfo, sql};
+
+const VERSION_DOMAIN: &[u8] = b"mbank version record 1\0";
+const MACHINE_DOMAIN: &[u8] = b"mbank machine record 1\0";
+const STREAM_TAG: &[u8] = b"S";
+
+/// The columns of a `versions` row its checksum covers, in order (after `rowid`). Of
+/// the last, the index, only its final 32 bytes (its trailer) count; it is read whole
+/// so that [`Catalog::disk_index`] reads it once.
+const VERSION_SUMMED: &str =
+    "rowid, id, machine, parent, created_ms, disk_size, chunk_size, stats, config, disk_index";
+/// Number of summed columns, not counting `rowid`.
+const VERSION_SUMMED_N: usize = 9;
+/// The columns of a `machines` row its checksum covers, in order.
+const MACHINE_SUMMED: &str = "name, chunk_size, created_ms";
+
+/// Why a record failed its check, for [`CatalogError::RecordDamaged`].
+const MISMATCH: &str = "it does not match the checksum written when it was committed";
+const NO_SUM: &str = "it has no checksum";
+
+/// A damaged record (or a broken link between records) that `verify` found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordProblem {
+    /// What: `machine@version` (full hex id), `machine NAME`, or a row number.
+    pub record: String,
+    pub problem: String,
+}
+
+/// What [`Catalog::check_records`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordCheck {
+    /// False when the catalog predates record checksums (a read-only schema 3 catalog):
+    /// only the links between records were checked.
+    pub checksums_checked: bool,
+    pub records: u64,
+    pub problems: Vec<RecordProblem>,
+}
+
+fn hash_value(h: &mut blake3::Hasher, v: ValueRef<'_>) {
+    match v {
+        ValueRef::Null => {
+            h.update(&[0]);
+        }
+        ValueRef::Integer(i) => {
+            h.update(&[1]);
+            h.update(&i.to_le_bytes());
+        }
+        ValueRef::Real(f) => {
+            h.update(&[2]);
+            h.update(&f.to_bits().to_le_bytes());
+        }
+        ValueRef::Text(b) | ValueRef::Blob(b) => {
+            h.update(&[if matches!(v, ValueRef::Text(_)) { 3 } else { 4 }]);
+            h.update(&(b.len() as u64).to_le_bytes());
+            h.update(b);
+        }
+    }
+}
+
+/// The checksum of the `versions` row `r` (selected as [`VERSION_SUMMED`]).
+fn version_sum(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Result<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    h.update(VERSION_DOMAIN);
+    for i in 1..VERSION_SUMMED_N {
+        hash_value(&mut h, r.get_ref(i)?);
+    }
+    hash_value(&mut h, trailer(r.get_ref(VERSION_SUMMED_N)?));
+    let rowid: i64 = r.get(0)?;
+    let mut st = conn.prepare_cached(
+        "SELECT name, len, substr(idx, -32) FROM version_streams
+         WHERE version = (SELECT id FROM versions WHERE rowid = ?1) ORDER BY name",
+    )?;
+    let mut rows = st.query(params![rowid])?;
+    while let Some(s) = rows.next()? {
+        h.update(STREAM_TAG);
+        for i in 0..3 {
+            hash_value(&mut h, s.get_ref(i)?);
+        }
+    }
+    Ok(*h.finalize().as_bytes())
+}
+
+/// An index's last 32 bytes (all of it if shorter), as SQL's `substr(idx, -32)` of a
+/// blob gives them.
+fn trailer(v: ValueRef<'_>) -> ValueRef<'_> {
+    match v {
+        ValueRef::Blob(b) => ValueRef::Blob(&b[b.len().saturating_sub(32)..]),
+        other => other,
+    }
+}
+
+/// The checksum of the `machines` row `r` (selected as [`MACHINE_SUMMED`]).
+fn machine_sum(r: &rusqlite::Row<'_>) -> rusqlite::Result<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    h.update(MACHINE_DOMAIN);
+    for i in 0..3 {
+        hash_value(&mut h, r.get_ref(i)?);
+    }
+    Ok(*h.finalize().as_bytes())
+}
+
+/// How a stored checksum compares with the record's.
+fn judge(stored: ValueRef<'_>, computed: &[u8; 32]) -> Option<&'static str> {
+    match stored {
+        ValueRef::Blob(b) if b == computed => None,
+        ValueRef::Null => Some(NO_SUM),
+        _ => Some(MISMATCH),
+    }
+}
+
+fn seal_version_row(conn: &Connection, rowid: i64) -> Result<(), CatalogError> {
+    let sum = conn
+        .query_row(
+            &format!("SELECT {VERSION_SUMMED} FROM versions WHERE rowid = ?1"),
+            params![rowid],
+            |r| version_sum(conn, r),
+        )
+        .map_err(sql("compute the version's checksum"))?;
+    conn.execute(
+        "UPDATE versions SET sum = ?1 WHERE rowid = ?2",
+        params![&sum[..], rowid],
+    )
+    .map_err(sql("record the version's checksum"))?;
+    Ok(())
+}
+
+/// Records the checksum of version `id` (inside the transaction that inserts it, after
+/// its streams).
+pub(crate) fn seal_version(
+    conn: &Connection,
+    id: &mbank_core::VersionId,
+) -> Result<(), CatalogError> {
+    let rowid: i64 = conn
+        .query_row(
+            "SELECT rowid FROM versions WHERE id = ?1",
+            params![&id.as_bytes()[..]],
+            |r| r.get(0),
+        )
+        .map_err(sql("find the version to record its checksum"))?;
+    seal_version_row(conn, rowid)
+}
+
+/// Records the checksum of machine `name` (inside the transaction that creates it).
+pub(crate) fn seal_machine(conn: &Connection, name: &str) -> Result<(), CatalogError> {
+    let sum = conn
+        .query_row(
+            &format!("SELECT {MACHINE_SUMMED} FROM machines WHERE name = ?1"),
+            params![name],
+            machine_sum,
+        )
+        .map_err(sql("compute the machine's checksum"))?;
+    conn.execute(
+        "UPDATE machines SET sum = ?1 WHERE name = ?2",
+        params![&sum[..], name],
+    )
+    .map_err(sql("record the machine's checksum"))?;
+    Ok(())
+}
+
+/// Records the checksum of every row (the migration to schema 4).
+pub(crate) fn seal_all(conn: &Connection) -> Result<(), CatalogError> {
+    let collect = |q: &str| -> rusqlite::Result<Vec<rusqlite::types::Value>> {
+        let mut st = conn.prepare(q)?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        rows.collect()
+    };
+    let versions = collect("SELECT rowid FROM versions").map_err(sql("list the versions"))?;
+    for rowid in versions {
+        if let rusqlite::types::Value::Integer(rowid) = rowid {
+            seal_version_row(conn, rowid)?;
+        }
+    }
+    let machines = collect("SELECT name FROM machines").map_err(sql("list the machines"))?;
+    for name in machines {
+        if let rusqlite::types::Value::Text(name) = name {
+            seal_machine(conn, &name)?;
+        }
+    }
+    Ok(())
+}
+
+/// `machine@version` for a row whose values may be damaged.
+fn describe_version(machine: ValueRef<'_>, id: ValueRef<'_>, rowid: i64) -> String {
+    let m = match machine {
+        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+        _ => "?".into(),
+    };
+    match id {
+        ValueRef::Blob(b) => {
+            let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            format!("{m}@{hex}")
+        }
+        _ => format!("{m}@? (versions row {rowid})"),
+    }
+}
+
+fn text(v: ValueRef<'_>) -> String {
+    match v {
+        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+        ValueRef::Blob(b) => b.iter().map(|x| format!("{x:02x}")).collect(),
+        ValueRef::Integer(i) => i.to_string(),
+        ValueRef::Real(f) => f.to_string(),
+        ValueRef::Null => "NULL".into(),
+    }
+}
+
+impl Catalog {
+    /// The bytes of version `v`'s disk index, read in one query with its record, which
+    /// must match its checksum (see the crate docs).
+    pub(crate) fn checked_index_bytes(&self, v: &VersionInfo) -> Result<Vec<u8>, CatalogError> {
+        let checked = self.schema >= 4;
+        let sum_col = if checked { "sum" } else { "NULL" };
+        let (bytes, why) = self
+            .conn
+            .query_row(
+                &format!("SELECT {VERSION_SUMMED}, {sum_col} FROM versions WHERE id = ?1"),
+                params![&v.id.as_bytes()[..]],
+                |r| {
+                    let why = if checked {
+                        judge(
+                            r.get_ref(VERSION_SUMMED_N + 1)?,
+                            &version_sum(&self.conn, r)?,
+                        )
+                    } else {
+                        None
+                    };
+                    Ok((r.get::<_, Vec<u8>>(VERSION_SUMMED_N)?, why))
+                },
+            )
+            .map_err(sql("read the index"))?;
+        match why {
+            None => Ok(bytes),
+            Some(why) => Err(CatalogError::RecordDamaged {
+                machine: v.machine.to_string(),
+                version: v.id,
+                why,
+            }),
+        }
+    }
+
+    /// Refuses version `v` if its record fails its checksum.
+    pub(crate) fn check_record(&self, v: &VersionInfo) -> Result<(), CatalogError> {
+        self.checked_index_bytes(v).map(drop)
+    }
+
+    /// Checks every version's and machine's record against its checksum (or those of
+    /// one machine), and the links between them: each head names a version of its
+    /// machine, each version's machine exists, each stream's version exists.
+    pub fn check_records(
+        &self,
+        machine: Option<&MachineName>,
+    ) -> Result<RecordCheck, CatalogError> {
+        let mut out = RecordCheck {
+            checksums_checked: self.schema >= 4,
+            ..Default::default()
+        };
+        let wanted = |m: ValueRef<'_>| machine.is_none_or(|w| text(m) == w.as_str());
+        let sum_col = if out.checksums_checked { "sum" } else { "NULL" };
+        let action = "check the versions' records";
+        let mut st = self
+            .conn
+            .prepare(&format!(
+                "SELECT {VERSION_SUMMED}, {sum_col} FROM versions ORDER BY rowid"
+            ))
+            .map_err(sql(action))?;
+        let mut rows = st.query([]).map_err(sql(action))?;
+        while let Some(r) = rows.next().map_err(sql(action))? {
+            let (id, m) = (
+                r.get_ref(1).map_err(sql(action))?,
+                r.get_ref(2).map_err(sql(action))?,
+            );
+            if !wanted(m) {
+                continue;
+            }
+            out.records += 1;
+            if !out.checksums_checked {
+                continue;
+            }
+            let sum = version_sum(&self.conn, r).map_err(sql(action))?;
+            let stored = r.get_ref(VERSION_SUMMED_N + 1).map_err(sql(action))?;
+            if let Some(why) = judge(stored, &sum) {
+                let rowid: i64 = r.get(0).map_err(sql(action))?;
+                out.problems.push(RecordProblem {
+                    record: describe_version(m, id, rowid),
+                    problem: format!("its catalog record is damaged: {why}"),
+                });
+            }
+        }
+        drop(rows);
+        let action = "check the machines' records";
+        let mut st = self
+            .conn
+            .prepare(&format!(
+                "SELECT {MACHINE_SUMMED}, {sum_col} FROM machines ORDER BY name"
+            ))
+            .map_err(sql(action))?;
+        let mut rows = st.query([]).map_err(sql(action))?;
+        while let Some(r) = rows.next().map_err(sql(action))? {
+            let name = r.get_ref(0).map_err(sql(action))?;
+            if !wanted(name) {
+                continue;
+            }
+            out.records += 1;
+            if !out.checksums_checked {
+                continue;
+            }
+            let sum = machine_sum(r).map_err(sql(action))?;
+            if let Some(why) = judge(r.get_ref(3).map_err(sql(action))?, &sum) {
+                out.problems.push(RecordProblem {
+                    record: format!("machine {}", text(name)),
+                    problem: format!("its catalog record is damaged: {why}"),
+                });
+            }
+        }
+        drop(rows);
+        self.check_links(machine, &mut out.problems)?;
+        Ok(out)
+    }
+
+    fn check_links(
+        &self,
+        machine: Option<&MachineName>,
+        problems: &mut Vec<RecordProblem>,
+    ) -> Result<(), CatalogError> {
+        let action = "check the links between the catalog's records";
+        let m = machine.map(|m| m.as_str());
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT m.name, m.head, v.machine FROM machines m LEFT JOIN versions v ON v.id = m.head
+                 WHERE m.head IS NOT NULL AND (v.id IS NULL OR v.machine IS NOT m.name)
+                   AND (?1 IS NULL OR m.name = ?1)",
+            )
+            .map_err(sql(action))?;
+        let mut rows = st.query(params![m]).map_err(sql(action))?;
+        while let Some(r) = rows.next().map_err(sql(action))? {
+            let (name, head, owner) = (r.get_ref(0), r.get_ref(1), r.get_ref(2));
+            let (name, head, owner) = (
+                name.map_err(sql(action))?,
+                head.map_err(sql(action))?,
+                owner.map_err(sql(action))?,
+            );
+            let problem = match owner {
+                ValueRef::Null => {
+                    format!("its head {} is not a version in the catalog", text(head))
+                }
+                o => format!("its head {} is a version of {}", text(head), text(o)),
+            };
+            problems.push(RecordProblem {
+                record: format!("machine {}", text(name)),
+                problem,
+            });
+        }
+        drop(rows);
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT v.rowid, v.machine, v.id FROM versions v LEFT JOIN machines m ON m.name = v.machine
+                 WHERE m.name IS NULL AND (?1 IS NULL OR v.machine = ?1)",
+            )
+            .map_err(sql(action))?;
+        let mut rows = st.query(params![m]).map_err(sql(action))?;
+        while let Some(r) = rows.next().map_err(sql(action))? {
+            let rowid: i64 = r.get(0).map_err(sql(action))?;
+            let (mv, id) = (
+                r.get_ref(1).map_err(sql(action))?,
+                r.get_ref(2).map_err(sql(action))?,
+            );
+            problems.push(RecordProblem {
+                record: describe_version(mv, id, rowid),
+                problem: format!("its machine {} is not in the catalog", text(mv)),
+            });
+        }
+        drop(rows);
+        if machine.is_none() {
+            let mut st = self
+                .conn
+                .prepare(
+                    "SELECT s.version, s.name FROM version_streams s
+                     WHERE NOT EXISTS (SELECT 1 FROM versions v WHERE v.id = s.version)",
+                )
+                .map_err(sql(action))?;
+            let mut rows = st.query([]).map_err(sql(action))?;
+            while let Some(r) = rows.next().map_err(sql(action))? {
+                let (v, n) = (
+                    r.get_ref(0).map_err(sql(action))?,
+                    r.get_ref(1).map_err(sql(action))?,
+                );
+                problems.push(RecordProblem {
+                    record: format!("stream {} of version {}", text(n), text(v)),
+                    problem: "its version is not in the catalog".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs SQLite's `PRAGMA integrity_check` (every page, every index against its
+    /// table; `quick_check` would skip the latter) on the catalog. Returns what it found,
+    /// empty when the database is sound.
+    pub fn integrity_check(&self) -> Result<Vec<String>, CatalogError> {
+        integrity(&self.conn)
+    }
+}
+
+/// [`Catalog::integrity_check`] for another SQLite file (a served bank's `access.db`).
+pub fn integrity_check_file(path: &Path) -> Result<Vec<String>, CatalogError> {
+    // Writable when possible, so that a journal left by a killed writer is rolled back
+    // rather than refused.
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .or_else(|_| {
+        Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+    })
+    .map_err(sql("open the database"))?;
+    conn.busy_timeout(Duration::from_secs(30))
+        .map_err(sql("set the busy timeout"))?;
+    integrity(&conn)
+}
+
+fn integrity(conn: &Connection) -> Result<Vec<String>, CatalogError> {
+    let run = || -> rusqlite::Result<Vec<String>> {
+        let mut st = conn.prepare("PRAGMA integrity_check")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        rows.collect()
+    };
+    match run() {
+        Ok(found) if found.len() == 1 && found[0] == "ok" => Ok(Vec::new()),
+        Ok(found) => Ok(found),
+        Err(source) => {
+            let e = CatalogError::Sqlite {
+                action: "check the database's integrity",
+                source,
+            };
+            // So damaged that SQLite cannot even walk it: that is the finding.
+            if e.is_corrupt() {
+                Ok(vec![e.to_string()])
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
