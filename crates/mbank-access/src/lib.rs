@@ -55,7 +55,11 @@
 //! counts once per user, when they first send it, and never when it was granted.
 //! [`Access::record_upload`] fails with [`AccessError::QuotaExceeded`] before recording
 //! anything when the upload would go over. [`Access::prune`] drops the rows of chunks
-//! that garbage collection deleted, which gives the space back.
+//! that garbage collection deleted, which gives the space back. The bank server also
+//! counts what a user's versions cost in the catalog, which this database does not
+//! hold: it passes that to [`Access::record_uploads_beside`].
+//!
+//! `access.db` is created 0600: it holds password hashes.
 //!
 //! ## Concurrency and crashes
 //!
@@ -71,6 +75,7 @@
 //! tables are documented in `docs/formats.md`.
 
 use std::collections::HashSet;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -209,6 +214,16 @@ pub enum AccessError {
     /// Hashing a password failed (should not happen with valid parameters).
     #[error("could not hash the password: {0}")]
     Hash(String),
+    /// A file operation on the access database failed.
+    #[error("could not {action} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The system's error.
+        source: std::io::Error,
+    },
     /// SQLite failed.
     #[error("could not {action} in the access database: {source}")]
     Sqlite {
@@ -422,6 +437,24 @@ impl Access {
     /// migrating an older schema forward.
     pub fn open(bank_dir: &Path) -> Result<Access, AccessError> {
         let path = bank_dir.join(FILE_NAME);
+        // Password hashes: readable by the bank's owner alone (SQLite gives its -wal
+        // and -shm files the database's mode).
+        match std::fs::OpenOptions::new()
+            .mode(0o600)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(AccessError::Io {
+                    action: "create the access database",
+                    path: path.clone(),
+                    source: e,
+                });
+            }
+        }
         let conn = Connection::open_with_flags(
             &path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -966,6 +999,18 @@ impl Access {
     /// (over quota) none. The quota is checked against the sum of the chunks new to the
     /// user (each counted once).
     pub fn record_uploads(&self, user: &User, ids: &[(ChunkId, u64)]) -> Result<(), AccessError> {
+        self.record_uploads_beside(user, ids, 0)
+    }
+
+    /// [`Access::record_uploads`] for a user who also uses `other` bytes that this
+    /// database does not hold (the bank server passes what their versions cost in the
+    /// catalog): the quota is checked against their chunks plus `other`.
+    pub fn record_uploads_beside(
+        &self,
+        user: &User,
+        ids: &[(ChunkId, u64)],
+        other: u64,
+    ) -> Result<(), AccessError> {
         let tx = self.write("record an upload")?;
         // The quota in the database is authoritative; it may have changed since login.
         let quota: Option<Option<i64>> = tx
@@ -997,7 +1042,7 @@ impl Access {
         }
         let need = new.iter().fold(0u64, |a, (_, b)| a.saturating_add(*b));
         if let Some(quota) = quota {
-            let used = Self::usage_in(&tx, &user.name)?;
+            let used = Self::usage_in(&tx, &user.name)?.saturating_add(other);
             if used.saturating_add(need) > quota {
                 return Err(AccessError::QuotaExceeded {
                     user: user.name.clone(),
@@ -1049,6 +1094,19 @@ impl Access {
             .and_then(|mut st| st.query_row(params![user], |r| r.get(0)))
             .map_err(sql("sum a user's usage"))?;
         Ok(n.max(0) as u64)
+    }
+
+    /// `user`'s quota in bytes (`None`: unlimited).
+    pub fn quota(&self, user: &str) -> Result<Option<u64>, AccessError> {
+        let q: Option<Option<i64>> = self
+            .conn
+            .prepare_cached("SELECT quota_bytes FROM users WHERE name = ?1")
+            .and_then(|mut st| st.query_row(params![user], |r| r.get(0)).optional())
+            .map_err(sql("read a quota"))?;
+        match q {
+            Some(q) => Ok(quota_from_sql(q)),
+            None => Err(AccessError::UnknownUser(user.to_string())),
+        }
     }
 
     /// Bytes charged to `user`: the stored sizes of the chunks they sent, each once.

@@ -57,6 +57,7 @@ pub use verify::{DamagedChunk, DamagedIndex, GcReport, VerifyReport};
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -373,6 +374,21 @@ fn this_host() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// A warning when the bank directory `path` lets users other than its owner in (a bank
+/// made before `init` made banks private, or one opened up by hand): its catalog,
+/// access database (password hashes) and chunks are the owner's alone. `None` when it
+/// is private, or cannot be read.
+pub fn open_to_others(path: &Path) -> Option<String> {
+    let mode = fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "the bank directory {} has mode {mode:o}: its catalog, chunks and access database (password hashes) are readable by other users of this machine; make it private with `chmod -R go-rwx {}`",
+            path.display(),
+            path.display()
+        )
+    })
+}
+
 pub(crate) fn dir_is_writable(path: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
         return false;
@@ -405,8 +421,19 @@ impl Bank {
                 }
             }
         }
-        fs::create_dir_all(path).map_err(|e| match e.raw_os_error() {
-            Some(libc::EROFS) | Some(libc::EACCES) => BankError::ReadOnly {
+        // A bank is private to the user or service that owns it: its directory is
+        // 0700 (made so here if it existed empty), its files 0600, whatever the umask.
+        let made = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => fs::create_dir_all(p),
+            _ => Ok(()),
+        }
+        .and_then(|()| match fs::create_dir(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            r => r,
+        })
+        .and_then(|()| fs::set_permissions(path, fs::Permissions::from_mode(0o700)));
+        made.map_err(|e| match e.raw_os_error() {
+            Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM) => BankError::ReadOnly {
                 path: path.into(),
                 action: "create the bank directory",
             },
@@ -434,13 +461,26 @@ impl Bank {
                 }
             }
         }
-        drop(Catalog::open(&path.join("catalog.db"), true, false)?);
+        // SQLite gives the catalog's -wal and -shm files the database's mode.
+        let catalog = path.join("catalog.db");
+        fs::OpenOptions::new()
+            .mode(0o600)
+            .write(true)
+            .create_new(true)
+            .open(&catalog)
+            .map_err(|e| BankError::io("create the catalog", &catalog, e))?;
+        drop(Catalog::open(&catalog, true, false)?);
         // The marker goes last: a directory without it is not (yet) a bank.
         let marker = path.join("MBANK");
         let tmp = path.join(".MBANK.tmp");
         let body = marker_text(&VersionId::random(), mbank_catalog::now_ms(), store);
         let write = || -> std::io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
+            let mut f = fs::OpenOptions::new()
+                .mode(0o600)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
             f.write_all(body.as_bytes())?;
             f.sync_all()?;
             fs::rename(&tmp, &marker)?;

@@ -66,6 +66,9 @@ use mbank_core::{DiskIndex, IndexError, MachineName, MemoryIndex, VersionId};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
+mod usage;
+pub use usage::{OwnerUsage, VERSION_OVERHEAD, version_cost};
+
 /// Schema version this code writes.
 pub const SCHEMA_VERSION: i64 = 4;
 

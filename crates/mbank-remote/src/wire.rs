@@ -50,6 +50,12 @@ pub struct ErrorBody {
     pub quota: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub need: Option<u64>,
+    /// The request field over a limit (`too_large`, `bad_request`, `too_many`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// That limit: bytes for a field, a count for `too_many`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
 }
 
 /// `POST /v1/login`.

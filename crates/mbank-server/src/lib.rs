@@ -23,9 +23,11 @@
 //! (`conn.rs`) bounds connections in total and per address and closes those that send
 //! no headers or idle too long (hyper's header timeout). Logins hash on a few threads
 //! behind a short queue and back off per address and per user (`limits.rs`). A
-//! `chunks/get` answer is streamed, each id once, up to a byte cap. docs/api.md lists
-//! the limits and their answers.
+//! `chunks/get` answer is streamed, each id once, up to a byte cap. What a user may make
+//! the catalog keep is capped, and counted toward their quota (`caps.rs`). docs/api.md
+//! lists the limits and their answers.
 
+mod caps;
 mod conn;
 mod error;
 mod limits;
@@ -89,6 +91,8 @@ struct App {
     limits: Limits,
     logins: LoginGuard,
     bodies: BodyBudget,
+    /// Held while a user's quota is checked and what it pays for recorded.
+    quota_locks: caps::UserLocks,
 }
 
 type Shared = Arc<App>;
@@ -137,6 +141,18 @@ impl App {
         } else {
             Err(ApiError::no_machine(m.as_str()))
         }
+    }
+
+    /// What `owner`'s machines hold in the catalog (their versions' bytes, leases).
+    fn owner_usage(&self, owner: &str) -> Result<mbank_catalog::OwnerUsage, ApiError> {
+        let since = mbank_catalog::now_ms() - caps::DISPLACED_WINDOW_MS;
+        self.catalog(|c| Ok(c.owner_usage(owner, since)?))
+    }
+
+    /// `owner`'s usage: the chunks charged to them plus their versions' catalog bytes.
+    fn usage(&self, owner: &str) -> Result<u64, ApiError> {
+        let chunks = self.access(|a| Ok(a.usage(owner)?))?;
+        Ok(chunks.saturating_add(self.owner_usage(owner)?.bytes))
     }
 
     fn writable_machine(&self, user: &User, m: &MachineName) -> Result<(), ApiError> {
@@ -578,7 +594,7 @@ async fn logout(
 
 async fn whoami(State(app): State<Shared>, caller: Caller) -> Result<Response, ApiError> {
     authed(&app, caller, |app, user| {
-        let used = app.access(|a| Ok(a.usage(&user.name)?))?;
+        let used = app.usage(&user.name)?;
         Ok(json(&wire::WhoAmI {
             user: user.name.clone(),
             admin: user.admin,
@@ -724,6 +740,7 @@ async fn commit(
                 h.info.machine
             )));
         }
+        let index_len = index.len() as u64;
         let index = DiskIndex::from_bytes(index)
             .map_err(|e| ApiError::bad_request(format!("the disk index is not valid: {e}")))?;
         if index.disk_size != h.info.disk_size || index.chunk_size != h.info.chunk_size {
@@ -731,9 +748,15 @@ async fn commit(
                 "the disk index's size or chunk size differs from the version's",
             ));
         }
+        // What the catalog will keep, as it will encode it (docs/api.md, "quotas").
+        let stats_len = serde_json::to_string(&h.info.stats).map_or(0, |s| s.len());
+        caps::check_version(&h.info, stats_len)?;
+        caps::check_streams(h.streams.iter().map(|(n, _)| n.as_str()))?;
+        let mut cost_streams = 0u64;
         let mut named = Vec::with_capacity(streams.len());
         let mut names = HashSet::new();
         for ((name, _), bytes) in h.streams.iter().zip(streams) {
+            cost_streams += (name.len() + bytes.len()) as u64;
             if !names.insert(name) {
                 return Err(ApiError::bad_request(format!(
                     "the commit names stream {name:?} twice"
@@ -784,7 +807,27 @@ async fn commit(
         })?;
         // Invariant 1: the chunks are durable before the version names them.
         app.store.flush()?;
-        let outcome = app.catalog(|c| {
+        let cost = mbank_catalog::version_cost(
+            index_len,
+            h.info.config.as_ref().map_or(0, |c| c.len() as u64),
+            stats_len as u64,
+            cost_streams,
+        );
+        let owner = m.user().to_string();
+        let outcome = app.quota_locks.run(&owner, || {
+        // The machine's owner pays for its catalog rows; over the quota, nothing is kept.
+        if let Some(quota) = app.access(|a| Ok(a.quota(&owner)?))? {
+            let used = app.usage(&owner)?;
+            if used.saturating_add(cost) > quota {
+                return Err(ApiError::from(mbank_access::AccessError::QuotaExceeded {
+                    user: owner.clone(),
+                    used,
+                    quota,
+                    need: cost,
+                }));
+            }
+        }
+        app.catalog(|c| {
             c.commit_version(&h.info, &index, &named, h.expected_head)
                 .map_err(|e| {
                     if e.is_constraint() {
@@ -802,6 +845,7 @@ async fn commit(
                         e.into()
                     }
                 })
+        })
         })?;
         app.metrics.commits.fetch_add(1, Relaxed);
         tracing::info!(user = %user.name, machine = %m, version = %h.info.id, ?outcome, "commit");
@@ -939,17 +983,39 @@ async fn take_lease(
                 req.lease.machine
             )));
         }
-        if req.lease.session.is_empty() || req.lease.session.len() > 128 {
-            return Err(ApiError::bad_request(
-                "a session id has 1 to 128 characters",
-            ));
-        }
-        let replaced = app.catalog(|c| {
-            Ok(CatalogApi::take_lease(
-                c,
-                &req.lease,
-                req.replace.as_deref(),
-            )?)
+        caps::check_lease(&req.lease)?;
+        let owner = m.user();
+        let replaced = app.quota_locks.run(owner, || {
+            let held = app.catalog(|c| Ok(c.lease(m)?))?;
+            if held.as_ref().is_none_or(|h| h.session != req.lease.session) {
+                let u = app.owner_usage(owner)?;
+                if held.is_none() && u.leases >= caps::MAX_LEASES {
+                    return Err(caps::too_many(
+                        "leases",
+                        owner,
+                        caps::MAX_LEASES,
+                        "end a session (detach, or power off) before starting another",
+                    ));
+                }
+                let replacing = held
+                    .as_ref()
+                    .is_some_and(|h| req.replace.as_deref() == Some(h.session.as_str()));
+                if replacing && u.displaced >= caps::MAX_DISPLACED {
+                    return Err(caps::too_many(
+                        "displaced sessions",
+                        owner,
+                        caps::MAX_DISPLACED,
+                        "run `mbank` on the stations whose sessions were taken over so that they check in, or wait a day",
+                    ));
+                }
+            }
+            app.catalog(|c| {
+                Ok(CatalogApi::take_lease(
+                    c,
+                    &req.lease,
+                    req.replace.as_deref(),
+                )?)
+            })
         })?;
         Ok(json(&wire::LeaseResponse { replaced }))
     })
@@ -1014,13 +1080,36 @@ async fn register_writer(
     authed(&app, caller, move |app, user| {
         let host: String = req.host.chars().take(128).collect();
         let what: String = req.what.chars().take(256).collect();
-        // Another host than the server's: GC judges it by its heartbeats, not its pid.
-        let w = app.catalog(|c| {
-            Ok(c.register_writer(
-                req.pid,
-                &format!("{host} via {}", app.host),
-                &format!("{}{what}", writer_tag(&user.name)),
-            )?)
+        let tag = writer_tag(&user.name);
+        let w = app.quota_locks.run(&user.name, || {
+            app.catalog(|c| {
+                // The user's writers not heard from for 10 minutes are dead (`mbank gc`
+                // judges them so too): dropped, so that they do not count.
+                let now = mbank_catalog::now_ms();
+                let mut live = 0;
+                for w in c.writers()?.into_iter().filter(|w| w.what.starts_with(&tag)) {
+                    if now - w.heartbeat_ms >= caps::WRITER_SILENCE_MS {
+                        c.unregister_writer(w.id)?;
+                    } else {
+                        live += 1;
+                    }
+                }
+                if live >= caps::MAX_WRITERS {
+                    return Err(caps::too_many(
+                        "writers",
+                        &user.name,
+                        caps::MAX_WRITERS as u64,
+                        "let an import or session finish (a writer left by a client that died stops counting 10 minutes after its last heartbeat)",
+                    ));
+                }
+                // Another host than the server's: GC judges it by its heartbeats, not
+                // its pid.
+                Ok(c.register_writer(
+                    req.pid,
+                    &format!("{host} via {}", app.host),
+                    &format!("{tag}{what}"),
+                )?)
+            })
         })?;
         Ok(json(&w))
     })
@@ -1270,7 +1359,10 @@ fn store_uploads(app: &App, user: &User, parts: &[(ChunkId, &[u8])]) -> Result<V
         codecs.push(codec);
     }
     let rows: Vec<(ChunkId, u64)> = parts.iter().map(|(id, b)| (*id, b.len() as u64)).collect();
-    app.access(|a| Ok(a.record_uploads(user, &rows)?))?;
+    app.quota_locks.run(&user.name, || {
+        let catalog = app.owner_usage(&user.name)?.bytes;
+        app.access(|a| Ok(a.record_uploads_beside(user, &rows, catalog)?))
+    })?;
     let ids: Vec<ChunkId> = parts.iter().map(|(id, _)| *id).collect();
     let present = app.store.touch_many(&ids)?;
     let mut fresh = Vec::new();
@@ -1335,6 +1427,7 @@ fn open_app(bank_dir: &FsPath, limits: Limits) -> Result<Shared, String> {
         host,
         logins: LoginGuard::new(limits.hash_concurrency),
         bodies: BodyBudget::new(limits.body_memory),
+        quota_locks: caps::UserLocks::default(),
         limits,
     }))
 }

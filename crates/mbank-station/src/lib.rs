@@ -280,10 +280,17 @@ impl Station {
     pub fn open(dir: &Path, cache_size: u64) -> Result<Station, StationError> {
         let sessions = dir.join("sessions");
         let new = !sessions.exists();
-        fs::create_dir_all(&sessions).map_err(|e| StationError::Io {
-            what: format!("create the station cache {}", dir.display()),
-            source: e,
-        })?;
+        // The cache and its sessions are private to the station's user (one service
+        // account serves every user of the PC): 0700, whatever the umask.
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&sessions)
+            .map_err(|e| StationError::Io {
+                what: format!("create the station cache {}", dir.display()),
+                source: e,
+            })?;
         if new {
             // The directories must survive a power loss before sessions go in them.
             for d in [Some(dir), dir.parent()].into_iter().flatten() {

@@ -156,8 +156,10 @@ pub(crate) fn flock_path(
     exclusive: bool,
 ) -> Result<std::fs::File, StoreError> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
     let f = if create {
         std::fs::OpenOptions::new()
+            .mode(0o600)
             .read(true)
             .write(true)
             .create(true)

@@ -7,6 +7,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -47,11 +48,10 @@ impl LocalStore {
         let chunks = root.join("chunks");
         for i in 0..=255u8 {
             let d = chunks.join(format!("{i:02x}"));
-            fs::create_dir_all(&d).map_err(|e| StoreError::io("create directory", &d, e))?;
+            private_dirs(&d)?;
         }
         let corrupt = root.join("corrupt");
-        fs::create_dir_all(&corrupt)
-            .map_err(|e| StoreError::io("create directory", &corrupt, e))?;
+        private_dirs(&corrupt)?;
         fsync_dir(&chunks)?;
         fsync_dir(root)?;
         Self::open(root)
@@ -147,6 +147,16 @@ fn random_suffix() -> String {
     format!("{:016x}", u64::from_le_bytes(b))
 }
 
+/// Creates `d` and its missing parents for the bank's user alone (0700, whatever the
+/// umask): a bank is private to the user or service that owns it.
+fn private_dirs(d: &Path) -> Result<(), StoreError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(d)
+        .map_err(|e| StoreError::io("create directory", d, e))
+}
+
 fn mtime(md: &fs::Metadata) -> SystemTime {
     md.modified().unwrap_or(UNIX_EPOCH)
 }
@@ -160,7 +170,11 @@ impl ChunkStore for LocalStore {
             random_suffix()
         ));
         let write = || -> std::io::Result<()> {
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            let mut f = OpenOptions::new()
+                .mode(0o600)
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
             f.write_all(&chunk.bytes)
         };
         if let Err(e) = write() {
@@ -307,8 +321,7 @@ impl ChunkStore for LocalStore {
             .map(|d| d.as_millis())
             .unwrap_or(0);
         let to = self.corrupt.join(format!("{}.{ms}", id.to_hex()));
-        fs::create_dir_all(&self.corrupt)
-            .map_err(|e| StoreError::io("create directory", &self.corrupt, e))?;
+        private_dirs(&self.corrupt)?;
         match fs::rename(&from, &to) {
             Ok(()) => Ok(Some(to)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),

@@ -266,6 +266,10 @@ fn parse_chunk_size(s: &str) -> Result<u32, String> {
 }
 
 fn main() -> ExitCode {
+    // What mbank writes (a bank, a station cache, sessions, exported images) is private
+    // to the user or service running it, whatever the login's umask.
+    // SAFETY: umask(2) only sets this process's file creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -629,6 +633,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Verify { machine, json } => {
+            if let Some(w) = mbank_bank::open_to_others(&bank_dir) {
+                eprintln!("mbank: warning: {w}");
+            }
             let r = bank.verify(machine.as_ref(), jobs, &bar)?;
             if json {
                 json_out(&r)?;

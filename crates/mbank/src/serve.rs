@@ -63,6 +63,9 @@ pub fn run(bank_dir: &Path, args: Args, quiet: bool) -> Result<()> {
     } else {
         "http"
     };
+    if let Some(w) = mbank_bank::open_to_others(bank_dir) {
+        eprintln!("mbank: warning: {w}");
+    }
     let cfg = mbank_server::Config {
         bank_dir: bank_dir.to_path_buf(),
         listen: args.listen,
