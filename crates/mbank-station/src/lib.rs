@@ -133,24 +133,53 @@ fn parse_marker(t: &str) -> Option<String> {
         .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-/// Writes the station marker durably (temp file, fsync, rename, fsync the directory)
-/// with `id`, or a new random one; returns the id.
-fn write_marker(dir: &Path, marker: &Path, id: Option<String>) -> Result<String, StationError> {
+/// Writes the station marker durably (temp file, fsync, then into place, fsync the
+/// directory) with `id`, or a new random one; returns the id the marker holds. A new
+/// marker (`replace` false) is linked into place only if none exists, so two processes
+/// opening a new station at once agree on one id; a damaged one is replaced.
+fn write_marker(
+    dir: &Path,
+    marker: &Path,
+    id: Option<String>,
+    replace: bool,
+) -> Result<String, StationError> {
     use std::io::Write;
     let id = id.unwrap_or_else(random_hex);
-    let tmp = dir.join(".STATION.tmp");
-    (|| -> std::io::Result<()> {
+    let tmp = dir.join(format!(
+        ".STATION.{}.{}.tmp",
+        std::process::id(),
+        random_hex()
+    ));
+    let put = (|| -> std::io::Result<bool> {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(format!("{STATION_MAGIC} 1\nid {id}\n").as_bytes())?;
         f.sync_all()?;
-        fs::rename(&tmp, marker)?;
-        fs::File::open(dir)?.sync_all()
-    })()
-    .map_err(|e| StationError::Io {
+        let placed = if replace {
+            fs::rename(&tmp, marker).map(|_| true)
+        } else {
+            match fs::hard_link(&tmp, marker) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(e),
+            }
+        };
+        let _ = fs::remove_file(&tmp);
+        fs::File::open(dir)?.sync_all()?;
+        placed
+    })();
+    let err = |e| StationError::Io {
         what: format!("write {}", marker.display()),
         source: e,
-    })?;
-    Ok(id)
+    };
+    if put.map_err(err)? {
+        return Ok(id);
+    }
+    // Another process made it first: use its id.
+    let t = fs::read_to_string(marker).map_err(err)?;
+    parse_marker(&t).ok_or_else(|| StationError::BadSession {
+        path: marker.to_path_buf(),
+        why: "not a station marker".into(),
+    })
 }
 
 /// True if process `pid` exists and is not a zombie (a killed process whose parent
@@ -303,9 +332,11 @@ impl Station {
                 Some(id) => id,
                 // Damaged (say, empty after a power loss under an older mbank): the
                 // id the station's sessions record, else a new one.
-                None => write_marker(dir, &marker, Self::id_from_sessions(&sessions))?,
+                None => write_marker(dir, &marker, Self::id_from_sessions(&sessions), true)?,
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_marker(dir, &marker, None)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                write_marker(dir, &marker, None, false)?
+            }
             Err(e) => {
                 return Err(StationError::Io {
                     what: format!("read {}", marker.display()),

@@ -779,7 +779,7 @@ pub fn file_bytes(dir: &Path) -> u64 {
 }
 
 /// The port a just-started `mbank serve` (its standard output piped) says it listens
-/// on, in its first line (`listening on https://127.0.0.1:PORT`); panics with its log
+/// on, in its first line (`listening on https://127.0.0.1:PORT`, or http); panics with its log
 /// (`log`) if it says anything else.
 #[allow(dead_code)] // not every test file starts a server
 pub fn serve_port(child: &mut std::process::Child, log: &Path) -> u16 {
@@ -789,7 +789,8 @@ pub fn serve_port(child: &mut std::process::Child, log: &Path) -> u16 {
         .read_line(&mut line)
         .unwrap();
     line.trim()
-        .strip_prefix("listening on https://127.0.0.1:")
+        .strip_prefix("listening on ")
+        .and_then(|url| url.rsplit(':').next())
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| {
             panic!(
