@@ -4,10 +4,11 @@
   soak.py base FILE SIZE DATA          a sparse disk: DATA bytes of random data in 16
                                        extents spread over SIZE bytes (seeded)
   soak.py station ARGS.json            one station's loop until the deadline (below)
-  soak.py sample OUT.csv MBANK SECS STOPFILE
+  soak.py sample OUT.csv MBANK SECS STOPFILE ROOT_PID
                                        every SECS, the VmRSS of every process running
-                                       MBANK, as "unix_s,kind,pid,rss_kib" lines, until
+                                       MBANK under ROOT_PID, as "unix_s,kind,pid,rss_kib" lines, until
                                        STOPFILE exists; kind: the mbank subcommand
+  soak.py total FILE KEY               the sum of KEY over the JSON objects in FILE
   soak.py rss OUT.csv                  the largest RSS per kind, as a Markdown table
 
 A station (ARGS.json: k, mbank, url, cache, cfg, mirror, socket, deadline, writes,
@@ -62,9 +63,7 @@ def station(a):
     env.pop("MBANK_BANK", None)
     mbank, url, machine = a["mbank"], a["url"], f"s{a['k']}/dev"
     size = os.path.getsize(a["mirror"])
-    last = []  # (offset, length) written in the last cycle
     out = open(a["out"], "a")
-    cycle = 0
     mirror = open(a["mirror"], "r+b")
 
     current = [None]
@@ -84,6 +83,19 @@ def station(a):
         out.write(json.dumps(kw) + "\n")
         out.flush()
 
+    try:
+        cycle = loop(a, mbank, url, machine, size, rng, env, record, current, mirror, nbd)
+    finally:
+        if current[0] is not None and current[0].poll() is None:
+            current[0].kill()
+            current[0].wait()
+    mirror.close()
+    record(final=True, cycles=cycle, sha256=sha256(a["mirror"]))
+
+
+def loop(a, mbank, url, machine, size, rng, env, record, current, mirror, nbd):
+    last = []  # (offset, length) written in the last cycle
+    cycle = 0
     while time.time() < a["deadline"]:
         cycle += 1
         t0 = time.time()
@@ -137,7 +149,7 @@ def station(a):
         except Exception as e:  # recorded; the attach still checks in what it got
             record(cycle=cycle, ok=False, why=f"nbd: {e}")
         finally:
-            h.close()
+            del h
         p.send_signal(signal.SIGTERM)
         try:
             so, _ = p.communicate(timeout=600)
@@ -158,20 +170,34 @@ def station(a):
             if r.returncode == 0:
                 versions = json.loads(r.stdout)
                 if len(versions) > 4:
-                    oldest = versions[-1]["id"]
+                    oldest = versions[-1]["version"]
                     r = subprocess.run([mbank, "-q", "--bank", url, "rm", f"{machine}@{oldest}"],
                                        env=env, capture_output=True, text=True)
                     record(cycle=cycle, rm=oldest, ok=r.returncode == 0, why=r.stderr.strip()[-300:])
         time.sleep(a["pause"])
-    mirror.close()
-    record(final=True, cycles=cycle, sha256=sha256(a["mirror"]))
+    return cycle
 
 
 KINDS = {"serve", "attach", "gc", "verify", "export", "create", "login", "rm", "log", "import",
          "admin", "init", "recover"}
 
 
-def sample(out, mbank, secs, stopfile):
+def descends_from(pid, root):
+    """True if process `pid` is `root` or one of its descendants."""
+    for _ in range(64):
+        if pid == root:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])  # ppid
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid <= 1:
+            return False
+    return False
+
+
+def sample(out, mbank, secs, stopfile, root):
     mbank = os.path.realpath(mbank)
     with open(out, "a") as f:
         while not os.path.exists(stopfile):
@@ -180,7 +206,7 @@ def sample(out, mbank, secs, stopfile):
                 if not pid.isdigit():
                     continue
                 try:
-                    if os.readlink(f"/proc/{pid}/exe") != mbank:
+                    if os.readlink(f"/proc/{pid}/exe") != mbank or not descends_from(int(pid), root):
                         continue
                     with open(f"/proc/{pid}/cmdline", "rb") as c:
                         argv = c.read().decode(errors="replace").split("\0")
@@ -208,6 +234,22 @@ def rss(path):
         print(f"| {kind} | {peak[kind] / 1024:.1f} | {len(pids[kind])} | {samples[kind]} |")
 
 
+def total(path, key):
+    """The sum of `key` over the JSON objects written one after another to `path`."""
+    dec, n, at = json.JSONDecoder(), 0, 0
+    try:
+        text = open(path).read()
+    except OSError:
+        return 0
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at >= len(text):
+            return n
+        obj, at = dec.raw_decode(text, at)
+        n += obj.get(key, 0)
+
+
 def main():
     cmd = sys.argv[1]
     if cmd == "base":
@@ -216,7 +258,9 @@ def main():
         with open(sys.argv[2]) as f:
             station(json.load(f))
     elif cmd == "sample":
-        sample(sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5])
+        sample(sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5], int(sys.argv[6]))
+    elif cmd == "total":
+        print(total(sys.argv[2], sys.argv[3]))
     elif cmd == "rss":
         rss(sys.argv[2])
     else:

@@ -115,7 +115,7 @@ $PY "$HELPER" base "$T/base.raw" "$DISK" "$DATA"
 
 # the sampler first: it sees every mbank process from here on
 rm -f "$T/stop"
-$PY "$HELPER" sample "$T/rss.csv" "$MBANK" "$SAMPLE" "$T/stop" &
+$PY "$HELPER" sample "$T/rss.csv" "$MBANK" "$SAMPLE" "$T/stop" $$ &
 SAMPLER_PID=$!
 
 "$MBANK" -q --bank "$BANK" serve --listen "$LISTEN" --tls-cert "$T/tls/cert.pem" \
@@ -225,7 +225,8 @@ chunks=$(find "$BANK/chunks" -type f -name '[0-9a-f]*' | wc -l)
     echo "|---|---:|---:|---:|---|"
     printf '%s\n' "${rows[@]}"
     echo
-    echo "- $total_cycles check-ins, $total_bad failed cycles; gc ran $gc_runs times ($gc_bad failed)," \
+    echo "- $total_cycles check-ins, $total_bad failed cycles; gc ran $gc_runs times ($gc_bad failed," \
+        "$($PY "$HELPER" total "$T/gc.out" chunks_deleted) chunks deleted in all)," \
         "verify $verify_runs times ($verify_bad failed); final verify exit $verify_rc;" \
         "$chunks chunk files at the end"
     echo
