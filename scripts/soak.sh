@@ -178,9 +178,9 @@ rows=()
 total_cycles=0 total_bad=0
 for ((k = 1; k <= N; k++)); do
     f=$T/station$k.jsonl
-    cycles=$(grep -c '"cycle"' "$f" | head -1 || true)
     checkins=$(grep -c '"version": "' "$f" || true)
-    bad=$(grep '"cycle"' "$f" | grep -c '"ok": false' || true)
+    # one summary line per cycle (it has "exit"); others say why a step failed
+    bad=$(grep '"exit"' "$f" | grep -c '"ok": false' || true)
     removed=$(grep -c '"rm"' "$f" || true)
     want=$(sed -n 's/.*"final": true.*"sha256": "\([0-9a-f]*\)".*/\1/p' "$f")
     got=
@@ -196,7 +196,7 @@ for ((k = 1; k <= N; k++)); do
     fi
     if ((bad)); then
         fails=$((fails + 1))
-        log "FAIL: s$k: $bad failed cycle(s): $(grep '"ok": false' "$f" | head -n 2 | tr '\n' ' ')"
+        log "FAIL: s$k: $bad failed cycle(s): $(grep '"ok": false' "$f" | head -n 2 | tr '\n' ' ')$(sort "$f.attach.err" | uniq -c | sort -rn | head -n 2 | tr '\n' ' ')"
     fi
     total_cycles=$((total_cycles + checkins))
     total_bad=$((total_bad + bad))
