@@ -7,11 +7,17 @@
 //! Every connection's task holds a [`Slot`] (counted per address, released on drop) and
 //! a clone of the `done` sender, so shutdown waits for the last connection by waiting for
 //! the channel to close.
+//!
+//! At the total cap a newcomer is not simply turned away: the connection that has
+//! waited longest without a request in progress (a slow client still sending headers,
+//! or an idle keep-alive one), if it has waited over [`EVICT_AFTER`], is closed to make
+//! room. So slow or idle connections from many addresses cannot keep legitimate users
+//! out; a connection whose request is being served is never closed for this.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ConnectInfo;
@@ -24,22 +30,73 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::Limits;
 
+/// A connection waiting this long without a request in progress may be closed to make
+/// room for a newcomer when the server is at its connection cap.
+const EVICT_AFTER: Duration = Duration::from_secs(1);
+
+/// What the loop knows of one open connection.
+struct Conn {
+    /// A request is being served.
+    busy: bool,
+    /// Since when it has been waiting (opened, or its last request answered).
+    since: Instant,
+    /// Closes the connection.
+    kill: Arc<tokio::sync::Notify>,
+}
+
 /// Open connections, in total and per client address.
 #[derive(Default)]
 struct Open {
     total: usize,
     by_addr: HashMap<IpAddr, usize>,
+    conns: HashMap<u64, Conn>,
+    next: u64,
+}
+
+impl Open {
+    /// Closes the connection waiting longest without a request, if one has waited
+    /// over [`EVICT_AFTER`]; true if it did.
+    fn evict_one(&mut self) -> bool {
+        let now = Instant::now();
+        let victim = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.busy && now.duration_since(c.since) >= EVICT_AFTER)
+            .min_by_key(|(_, c)| c.since)
+            .map(|(id, _)| *id);
+        match victim.and_then(|id| self.conns.remove(&id)) {
+            Some(c) => {
+                c.kill.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// A connection's place in [`Open`]; given back on drop.
 struct Slot {
     open: Arc<Mutex<Open>>,
     ip: IpAddr,
+    id: u64,
+    kill: Arc<tokio::sync::Notify>,
+}
+
+impl Slot {
+    /// Marks the connection as serving a request (`true`) or waiting (`false`).
+    fn set_busy(&self, busy: bool) {
+        let mut o = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = o.conns.get_mut(&self.id) {
+            c.busy = busy;
+            c.since = Instant::now();
+        }
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut o = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        o.conns.remove(&self.id);
         o.total -= 1;
         if let Some(n) = o.by_addr.get_mut(&self.ip) {
             *n -= 1;
@@ -50,18 +107,36 @@ impl Drop for Slot {
     }
 }
 
-/// Takes a slot for a connection from `ip`, unless a cap is reached.
+/// Takes a slot for a connection from `ip`, unless its address is at its cap, or the
+/// total cap is reached and no waiting connection can be closed to make room (the one
+/// closed gives its slot back when its task ends, so the total may pass the cap by the
+/// connections being closed).
 fn take_slot(open: &Arc<Mutex<Open>>, ip: IpAddr, limits: &Limits) -> Option<Slot> {
     let mut o = open.lock().unwrap_or_else(|p| p.into_inner());
     let mine = o.by_addr.get(&ip).copied().unwrap_or(0);
-    if o.total >= limits.max_connections || mine >= limits.max_connections_per_address {
+    if mine >= limits.max_connections_per_address {
+        return None;
+    }
+    if o.conns.len() >= limits.max_connections && !o.evict_one() {
         return None;
     }
     o.total += 1;
     *o.by_addr.entry(ip).or_default() += 1;
+    let (id, kill) = (o.next, Arc::new(tokio::sync::Notify::new()));
+    o.next += 1;
+    o.conns.insert(
+        id,
+        Conn {
+            busy: false,
+            since: Instant::now(),
+            kill: kill.clone(),
+        },
+    );
     Some(Slot {
         open: open.clone(),
         ip,
+        id,
+        kill,
     })
 }
 
@@ -110,16 +185,31 @@ pub async fn run(
         );
         let limits = limits.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let slot = Arc::new(slot);
+            let kill = slot.kill.clone();
             let _done = done;
-            match tls {
-                None => serve_one(sock, peer, router, &limits, stop).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(sock)).await {
-                        Ok(Ok(s)) => serve_one(s, peer, router, &limits, stop).await,
-                        Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+            let work = async {
+                match tls {
+                    None => serve_one(sock, peer, router, &limits, stop, slot.clone()).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(limits.header_timeout, acceptor.accept(sock))
+                            .await
+                        {
+                            Ok(Ok(s)) => {
+                                serve_one(s, peer, router, &limits, stop, slot.clone()).await
+                            }
+                            Ok(Err(e)) => {
+                                tracing::info!(%peer, error = %e, "TLS handshake failed")
+                            }
+                            Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                        }
                     }
+                }
+            };
+            tokio::select! {
+                _ = work => {}
+                _ = kill.notified() => {
+                    tracing::debug!(%peer, "closed to make room for a new connection");
                 }
             }
         });
@@ -137,13 +227,20 @@ async fn serve_one<S>(
     router: Router,
     limits: &Limits,
     mut stop: watch::Receiver<bool>,
+    slot: Arc<Slot>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
         let mut r = router.clone();
-        async move { tower_call(&mut r, req).await }
+        let slot = slot.clone();
+        slot.set_busy(true);
+        async move {
+            let resp = tower_call(&mut r, req).await;
+            slot.set_busy(false);
+            resp
+        }
     });
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(TokioTimer::new())
