@@ -70,7 +70,8 @@ fn the_quick_fault_injection_run_finds_no_lost_write_or_crash() {
     at_least("kill-write: attach killed", 4);
     at_least("kill-write: writes durable", 1);
     let checkins = c.get("kill-checkin: killed during check-in").unwrap_or(&0)
-        + c.get("kill-checkin: check-in finished before the kill").unwrap_or(&0);
+        + c.get("kill-checkin: check-in finished before the kill")
+            .unwrap_or(&0);
     assert_eq!(checkins, 4, "kill-checkin trials:\n{stdout}");
     at_least("disk-full cases", 5);
     at_least("disk-full: import into a full bank", 2);
