@@ -460,6 +460,13 @@ def phase_kill_write(ctx, trials):
     if import_image(ctx, bank, machine, bytes(base), ["--chunk-size", rng.choice(["4K", "16K", "64K"])]) is None:
         return
     for t in range(trials):
+        if rng.random() < 0.2:
+            # Killed while starting: recovering the last session, checking out.
+            a = Attach(ctx, bank, cache, machine)
+            time.sleep(rng.uniform(0, 0.5))
+            a.kill9()
+            ctx.count("kill-write: attach killed while starting")
+            recover(ctx, cache, bank, f"kill-write trial {t}, after a kill while starting")
         before = head_of(ctx, bank, machine)
         a = Attach(ctx, bank, cache, machine)
         if not a.ready():
