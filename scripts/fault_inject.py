@@ -473,7 +473,7 @@ def phase_kill_write(ctx, trials):
             recover(ctx, cache, bank, "after a failed attach")
             continue
         w = Writer(f"{ctx.seed}:kw:{t}", size // SECTOR)
-        th = threading.Thread(target=guarded(ctx, w.run), args=(a.sock, random.Random(rng.random()), 3000))
+        th = threading.Thread(daemon=True, target=guarded(ctx, w.run), args=(a.sock, random.Random(rng.random()), 3000))
         th.start()
         time.sleep(rng.uniform(0, 1.0) if rng.random() < 0.8 else 0)
         a.kill9()
@@ -983,13 +983,13 @@ def phase_stress(ctx, seconds):
     mbank(ctx, s.bank, ["init"])
     rng = ctx.rng("stress")
     threads = [
-        threading.Thread(target=guarded(ctx, s.importer), args=(random.Random(rng.random()),)),
-        threading.Thread(target=guarded(ctx, s.session), args=(random.Random(rng.random()), "s/ses0")),
-        threading.Thread(target=guarded(ctx, s.session), args=(random.Random(rng.random()), "s/ses1")),
-        threading.Thread(target=guarded(ctx, s.periodic), args=(random.Random(rng.random()), "gc runs", 3, s.gc)),
-        threading.Thread(target=guarded(ctx, s.periodic), args=(random.Random(rng.random()), "verify runs", 6, s.verify)),
-        threading.Thread(target=guarded(ctx, s.periodic), args=(random.Random(rng.random()), "rm runs", 1, s.rm)),
-        threading.Thread(target=guarded(ctx, s.periodic), args=(random.Random(rng.random()), "exports checked", 2, s.export)),
+        threading.Thread(daemon=True, target=guarded(ctx, s.importer), args=(random.Random(rng.random()),)),
+        threading.Thread(daemon=True, target=guarded(ctx, s.session), args=(random.Random(rng.random()), "s/ses0")),
+        threading.Thread(daemon=True, target=guarded(ctx, s.session), args=(random.Random(rng.random()), "s/ses1")),
+        threading.Thread(daemon=True, target=guarded(ctx, s.periodic), args=(random.Random(rng.random()), "gc runs", 3, s.gc)),
+        threading.Thread(daemon=True, target=guarded(ctx, s.periodic), args=(random.Random(rng.random()), "verify runs", 6, s.verify)),
+        threading.Thread(daemon=True, target=guarded(ctx, s.periodic), args=(random.Random(rng.random()), "rm runs", 1, s.rm)),
+        threading.Thread(daemon=True, target=guarded(ctx, s.periodic), args=(random.Random(rng.random()), "exports checked", 2, s.export)),
     ]
     for t in threads:
         t.start()
@@ -1158,7 +1158,7 @@ def phase_malformed(ctx, requests):
         return
     stop = threading.Event()
     stats = {"ops": 0}
-    gc_th = threading.Thread(target=guarded(ctx, good_client), args=(ctx, a.sock, random.Random(rng.random()), size // 2, model, stop, stats))
+    gc_th = threading.Thread(daemon=True, target=guarded(ctx, good_client), args=(ctx, a.sock, random.Random(rng.random()), size // 2, model, stop, stats))
     gc_th.start()
     sent = conns = 0
     end = time.monotonic() + max(120, requests / 20)
