@@ -404,6 +404,62 @@ class Writer:
         finally:
             close(h)
 
+    def run_aio(self, sock, rng, ops, depth=16, sizes=(1, 8, 64, 256)):
+        """Like `run`, with up to `depth` requests in flight (as QEMU sends them). Writes
+        in flight never overlap, so of two writes to a sector the later one was sent
+        after the earlier one completed; a flush makes durable only the writes that had
+        completed when it was sent."""
+        try:
+            h = connect(sock)
+        except nbd.Error as e:
+            self.error = f"connect: {e}"
+            return
+        inflight = {}  # cookie -> (write or None, writes a flush covers, buffer)
+        fua = set()
+        sent = 0
+
+        def overlaps(s0, n):
+            return any(w is not None and s0 < w.s0 + w.n and w.s0 < s0 + n for w, _, _ in inflight.values())
+
+        try:
+            while sent < ops or inflight:
+                while sent < ops and len(inflight) < depth:
+                    sent += 1
+                    if rng.random() < 0.1 and self.writes:
+                        covered = [w for w in self.writes if w.acked]
+                        inflight[h.aio_flush()] = (None, covered, None)
+                        continue
+                    n = rng.randint(1, rng.choice(sizes))
+                    s0 = rng.randrange(0, self.sectors - n + 1)
+                    if overlaps(s0, n):
+                        continue
+                    w = Write(len(self.writes), s0, n)
+                    self.writes.append(w)
+                    buf = nbd.Buffer.from_bytearray(bytearray(self.data(w)))
+                    flags = nbd.CMD_FLAG_FUA if rng.random() < 0.15 else 0
+                    cookie = h.aio_pwrite(buf, s0 * SECTOR, flags=flags)
+                    if flags:
+                        fua.add(cookie)
+                    inflight[cookie] = (w, None, buf)
+                h.poll(-1)
+                for cookie in list(inflight):
+                    if h.aio_command_completed(cookie):
+                        w, covered, _ = inflight.pop(cookie)
+                        if w is not None:
+                            w.acked = True
+                            w.durable = w.durable or cookie in fua
+                        else:
+                            for c in covered:
+                                c.durable = True
+                            self.flushes += 1
+            h.flush()
+            self.flushed()
+            h.shutdown()
+        except nbd.Error as e:
+            self.error = str(e)
+        finally:
+            close(h)
+
     def check(self, base, got):
         """Sectors whose content is not allowed: [(sector, what)]. A sector may hold its
         last durable write or any later write; with no durable write, also its base."""
@@ -473,7 +529,10 @@ def phase_kill_write(ctx, trials):
             recover(ctx, cache, bank, "after a failed attach")
             continue
         w = Writer(f"{ctx.seed}:kw:{t}", size // SECTOR)
-        th = threading.Thread(daemon=True, target=guarded(ctx, w.run), args=(a.sock, random.Random(rng.random()), 3000))
+        aio = rng.random() < 0.5
+        ctx.count(f"kill-write: trials with {'16 requests' if aio else 'one request'} in flight")
+        th = threading.Thread(daemon=True, target=guarded(ctx, w.run_aio if aio else w.run),
+                              args=(a.sock, random.Random(rng.random()), 3000))
         th.start()
         time.sleep(rng.uniform(0, 1.0) if rng.random() < 0.8 else 0)
         a.kill9()
