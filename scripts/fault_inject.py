@@ -859,7 +859,8 @@ class Stress:
 
     def importer(self, rng):
         ctx = self.ctx
-        while self.live():
+        first = True  # one whole import however slow the machine is
+        while first or self.live():
             self.pause(rng, 1.0)
             machine = f"s/imp{rng.randrange(3)}"
             old = self.images.get(machine)
@@ -877,7 +878,8 @@ class Stress:
                 f.write(data)
             cmd = [MBANK, "-q", "--bank", self.bank, "import", "--json", machine, img]
             p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-            kill = rng.random() < 0.2
+            kill = not first and rng.random() < 0.2
+            first = False
             try:
                 if kill:
                     time.sleep(rng.uniform(0, 0.8))
@@ -911,7 +913,8 @@ class Stress:
         if v is None:
             return
         self.record(machine, v, sha(bytes(model)))
-        while self.live():
+        first = True  # one whole check-in however slow the machine is
+        while first or self.live():
             self.pause(rng, 0.5)
             before = head_of(ctx, self.bank, machine)
             a = Attach(ctx, self.bank, self.cache, machine)
@@ -927,7 +930,8 @@ class Stress:
                 ctx.fail("unexpected error", f"stress: NBD client of {machine}: {e}")
                 a.kill9()
                 return
-            if rng.random() < 0.6:
+            if first or rng.random() < 0.6:
+                first = False
                 rc = a.stop()
                 rep = a.report()
                 if rc != 0 or not rep or not rep.get("version"):
