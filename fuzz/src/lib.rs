@@ -34,6 +34,8 @@ impl Counting {
         if now > LIMIT.load(Relaxed) {
             LIVE.fetch_sub(add, Relaxed);
             OVER.store(true, Relaxed);
+            // Disarm, so that reporting the failure can allocate.
+            LIMIT.store(usize::MAX, Relaxed);
             return false;
         }
         PEAK.fetch_max(now, Relaxed);
@@ -97,6 +99,15 @@ static ALLOCATOR: Counting = Counting;
 /// what was live before; panics if an allocation was refused for breaking it (a
 /// fallible one such as `try_reserve` would not have aborted by itself).
 pub fn bounded<R>(target: &str, bound: usize, f: impl FnOnce() -> R) -> R {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        // A panic disarms the bound first: printing it allocates.
+        let next = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            LIMIT.store(usize::MAX, Relaxed);
+            next(info)
+        }));
+    });
     let base = LIVE.load(Relaxed);
     PEAK.store(base, Relaxed);
     OVER.store(false, Relaxed);
