@@ -16,7 +16,9 @@ use mbank_remote::wire;
 use mbank_station::session::{DirtyMap, encode_dirty};
 
 fn save(target: &str, name: &str, bytes: &[u8]) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(target);
     fs::create_dir_all(&dir).expect("make the corpus directory");
     fs::write(dir.join(name), bytes).expect("write a seed");
 }

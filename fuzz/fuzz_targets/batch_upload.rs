@@ -13,14 +13,18 @@ use mbank_fuzz::{KIB, bounded};
 use mbank_remote::wire;
 
 fuzz_target!(|data: &[u8]| {
-    bounded("batch_upload", MAX_PLAIN_LEN + 64 * KIB + 2 * data.len(), || {
-        let Ok(parts) = wire::parse_batch_body(data) else {
-            return;
-        };
-        assert!(parts.len() <= wire::MAX_BATCH_CHUNKS);
-        assert_eq!(wire::batch_body(parts.iter().map(|(id, b)| (id, *b))), data);
-        for (id, bytes) in &parts {
-            let _ = chunk::decode(id, bytes);
-        }
-    });
+    bounded(
+        "batch_upload",
+        MAX_PLAIN_LEN + 64 * KIB + 2 * data.len(),
+        || {
+            let Ok(parts) = wire::parse_batch_body(data) else {
+                return;
+            };
+            assert!(parts.len() <= wire::MAX_BATCH_CHUNKS);
+            assert_eq!(wire::batch_body(parts.iter().map(|(id, b)| (id, *b))), data);
+            for (id, bytes) in &parts {
+                let _ = chunk::decode(id, bytes);
+            }
+        },
+    );
 });

@@ -20,20 +20,24 @@ fuzz_target!(|data: &[u8]| {
     }
     let (id, stored) = data.split_at(32);
     let id = ChunkId::from_bytes(id.try_into().expect("32 bytes"));
-    bounded("chunk_decode", MAX_PLAIN_LEN + 64 * KIB + 2 * data.len(), || {
-        let header = chunk::parse_header(&id, stored);
-        match chunk::decode(&id, stored) {
-            Ok(d) => {
-                assert!(header.is_ok());
-                assert_eq!(ChunkId::of(&d.plain), id);
+    bounded(
+        "chunk_decode",
+        MAX_PLAIN_LEN + 64 * KIB + 2 * data.len(),
+        || {
+            let header = chunk::parse_header(&id, stored);
+            match chunk::decode(&id, stored) {
+                Ok(d) => {
+                    assert!(header.is_ok());
+                    assert_eq!(ChunkId::of(&d.plain), id);
+                }
+                Err(chunk::ChunkError::HashMismatch { actual, .. }) => {
+                    let d = chunk::decode(&actual, stored).expect("decodes under its own id");
+                    let again = chunk::encode(&d.plain, 1);
+                    let back = chunk::decode(&again.id, &again.bytes).expect("a new chunk decodes");
+                    assert_eq!(back.plain, d.plain);
+                }
+                Err(_) => {}
             }
-            Err(chunk::ChunkError::HashMismatch { actual, .. }) => {
-                let d = chunk::decode(&actual, stored).expect("decodes under its own id");
-                let again = chunk::encode(&d.plain, 1);
-                let back = chunk::decode(&again.id, &again.bytes).expect("a new chunk decodes");
-                assert_eq!(back.plain, d.plain);
-            }
-            Err(_) => {}
-        }
-    });
+        },
+    );
 });

@@ -19,7 +19,10 @@ fn check(bytes: &[u8], disk_size: u64, chunk_size: u32) {
     if let Ok(map) = decode_dirty(bytes, disk_size, chunk_size) {
         let again = encode_dirty(&map);
         let back = decode_dirty(&again, disk_size, chunk_size).expect("an encoded map decodes");
-        assert_eq!(back, map, "a dirty map changed in an encode/decode round trip");
+        assert_eq!(
+            back, map,
+            "a dirty map changed in an encode/decode round trip"
+        );
     }
 }
 
@@ -29,7 +32,9 @@ fuzz_target!(|data: &[u8]| {
     }
     let chunk_size = 4096u32 << (data[0] % 11);
     let blocks = u64::from(u32::from_le_bytes(data[1..5].try_into().expect("4 bytes")));
-    let disk_size = (blocks * 4096).min(MAX_CHUNKS * u64::from(chunk_size)).max(1);
+    let disk_size = (blocks * 4096)
+        .min(MAX_CHUNKS * u64::from(chunk_size))
+        .max(1);
     let map = &data[5..];
     let chunks = disk_size.div_ceil(u64::from(chunk_size)) as usize;
     bounded("dirty_map", 8 * chunks + 64 * KIB + 4 * data.len(), || {
