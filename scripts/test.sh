@@ -14,6 +14,13 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --locked 2>&1 | tee "$log" || status=$?
+# The fuzz targets (fuzz/, its own workspace), a short budget each: MBANK_FUZZ_SECONDS
+# (default 10; 0 skips). scripts/fuzz.sh runs them longer.
+fuzz_seconds=${MBANK_FUZZ_SECONDS:-10}
+if ((fuzz_seconds > 0)); then
+    echo "== fuzz: every target for ${fuzz_seconds}s" >&2
+    scripts/fuzz.sh "$fuzz_seconds" || status=$?
+fi
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
 exit "$status"

@@ -467,10 +467,14 @@ pub fn decode_dirty(b: &[u8], disk_size: u64, chunk_size: u32) -> Result<DirtyMa
     }
     let partial = le64(&b[24..32]);
     if entries.len() as u64 != partial.saturating_mul(DIRTY_ENTRY as u64) {
+        // A damaged count may be near u64::MAX: the size it implies may not fit.
+        let expected = partial
+            .checked_mul(DIRTY_ENTRY as u64)
+            .and_then(|e| e.checked_add((header + nbytes + DIRTY_TRAILER) as u64))
+            .map_or_else(|| "more than 2^64".to_string(), |n| n.to_string());
         return Err(format!(
-            "dirty map is {} bytes, expected {} for {partial} partly dirty chunks",
+            "dirty map is {} bytes, expected {expected} for {partial} partly dirty chunks",
             b.len(),
-            header as u64 + nbytes as u64 + partial.saturating_mul(16) + DIRTY_TRAILER as u64
         ));
     }
     let mut last = None;
@@ -603,5 +607,27 @@ mod tests {
             assert!(decode_dirty(&bad, disk, 65536).is_err(), "flip at {pos}");
         }
         assert!(decode_dirty(&b, disk - 65536, 65536).is_err());
+    }
+}
+
+#[cfg(test)]
+mod fuzz_found {
+    use super::*;
+
+    /// Found by the `dirty_map` fuzz target: a partial count near `u64::MAX` overflowed
+    /// the size the error message reports (a panic in builds with overflow checks).
+    #[test]
+    fn a_huge_partial_count_is_refused_not_overflowed() {
+        let mut map = DirtyMap::clean(3 * 65536, 65536);
+        map.masks[0] = 0b11;
+        let mut b = encode_dirty(&map);
+        let body = b.len() - DIRTY_TRAILER;
+        for partial in [u64::MAX / 16 + 1, u64::MAX - 1, u64::MAX] {
+            b[24..32].copy_from_slice(&partial.to_le_bytes());
+            let sum = blake3_of(&b[..body]);
+            b[body..].copy_from_slice(&sum);
+            let why = decode_dirty(&b, 3 * 65536, 65536).unwrap_err();
+            assert!(why.contains("partly dirty chunks"), "{why}");
+        }
     }
 }
