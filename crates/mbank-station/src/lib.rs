@@ -133,53 +133,50 @@ fn parse_marker(t: &str) -> Option<String> {
         .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-/// Writes the station marker durably (temp file, fsync, then into place, fsync the
-/// directory) with `id`, or a new random one; returns the id the marker holds. A new
-/// marker (`replace` false) is linked into place only if none exists, so two processes
-/// opening a new station at once agree on one id; a damaged one is replaced.
-fn write_marker(
-    dir: &Path,
-    marker: &Path,
-    id: Option<String>,
-    replace: bool,
-) -> Result<String, StationError> {
+/// Writes the station marker durably (temp file, fsync, rename, fsync the directory)
+/// with `id`, or a new random one; returns the id. The caller holds the directory's
+/// lock ([`lock_dir`]), so two processes opening a new station agree on one id.
+fn write_marker(dir: &Path, marker: &Path, id: Option<String>) -> Result<String, StationError> {
     use std::io::Write;
     let id = id.unwrap_or_else(random_hex);
-    let tmp = dir.join(format!(
-        ".STATION.{}.{}.tmp",
-        std::process::id(),
-        random_hex()
-    ));
-    let put = (|| -> std::io::Result<bool> {
+    let tmp = dir.join(format!(".STATION.{}.tmp", std::process::id()));
+    (|| -> std::io::Result<()> {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(format!("{STATION_MAGIC} 1\nid {id}\n").as_bytes())?;
         f.sync_all()?;
-        let placed = if replace {
-            fs::rename(&tmp, marker).map(|_| true)
-        } else {
-            match fs::hard_link(&tmp, marker) {
-                Ok(()) => Ok(true),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-                Err(e) => Err(e),
-            }
-        };
+        fs::rename(&tmp, marker)?;
+        fs::File::open(dir)?.sync_all()
+    })()
+    .map_err(|e| {
         let _ = fs::remove_file(&tmp);
-        fs::File::open(dir)?.sync_all()?;
-        placed
-    })();
-    let err = |e| StationError::Io {
-        what: format!("write {}", marker.display()),
+        StationError::Io {
+            what: format!("write {}", marker.display()),
+            source: e,
+        }
+    })?;
+    Ok(id)
+}
+
+/// Takes an exclusive `flock` on directory `dir` (waiting for it), held while the
+/// returned file is open.
+fn lock_dir(dir: &Path) -> Result<fs::File, StationError> {
+    let f = fs::File::open(dir).map_err(|e| StationError::Io {
+        what: format!("open {}", dir.display()),
         source: e,
-    };
-    if put.map_err(err)? {
-        return Ok(id);
+    })?;
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) } == 0 {
+            return Ok(f);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(StationError::Io {
+                what: format!("lock {}", dir.display()),
+                source: e,
+            });
+        }
     }
-    // Another process made it first: use its id.
-    let t = fs::read_to_string(marker).map_err(err)?;
-    parse_marker(&t).ok_or_else(|| StationError::BadSession {
-        path: marker.to_path_buf(),
-        why: "not a station marker".into(),
-    })
 }
 
 /// True if process `pid` exists and is not a zombie (a killed process whose parent
@@ -327,21 +324,22 @@ impl Station {
             }
         }
         let marker = dir.join("STATION");
-        let id = match fs::read_to_string(&marker) {
-            Ok(t) => match parse_marker(&t) {
-                Some(id) => id,
-                // Damaged (say, empty after a power loss under an older mbank): the
-                // id the station's sessions record, else a new one.
-                None => write_marker(dir, &marker, Self::id_from_sessions(&sessions), true)?,
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                write_marker(dir, &marker, None, false)?
-            }
-            Err(e) => {
-                return Err(StationError::Io {
-                    what: format!("read {}", marker.display()),
-                    source: e,
-                });
+        let read = || {
+            fs::read_to_string(&marker)
+                .ok()
+                .and_then(|t| parse_marker(&t))
+        };
+        let id = match read() {
+            Some(id) => id,
+            None => {
+                // Missing, or damaged (say, empty after a power loss under an older
+                // mbank): written under the directory's lock, with the id the
+                // station's sessions record if any, so processes agree on one id.
+                let _lock = lock_dir(dir)?;
+                match read() {
+                    Some(id) => id,
+                    None => write_marker(dir, &marker, Self::id_from_sessions(&sessions))?,
+                }
             }
         };
         let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());

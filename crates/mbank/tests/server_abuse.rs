@@ -12,8 +12,7 @@ mod common;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -30,68 +29,18 @@ const USERS: &[(&str, &str, bool)] = &[
     ("root", "root-secret-333", true),
 ];
 
-struct Server {
-    _tmp: tempfile::TempDir,
-    dir: PathBuf,
-    port: u16,
-    child: Child,
-}
+struct Server(PlainServer);
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Server {
+    type Target = PlainServer;
+    fn deref(&self) -> &PlainServer {
+        &self.0
     }
 }
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("bank");
-        let mut c = mbank();
-        c.arg("--bank").arg(&dir).arg("init");
-        run_cmd(c).ok();
-        for (user, pw, admin) in USERS {
-            let mut c = mbank();
-            c.arg("--bank").arg(&dir);
-            c.args(["admin", "user", "add", user, "--password-stdin"]);
-            if *admin {
-                c.arg("--admin");
-            }
-            c.stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let mut child = c.spawn().unwrap();
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(format!("{pw}\n").as_bytes())
-                .unwrap();
-            let o = child.wait_with_output().unwrap();
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        }
-        let bin = std::env::var("MBANK_TEST_SERVER_BIN").unwrap_or_else(|_| BIN.to_string());
-        let mut c = Command::new(bin);
-        c.env_remove("MBANK_BANK").env("MBANK_LOG", "warn");
-        c.arg("--bank")
-            .arg(&dir)
-            .args(["serve", "--listen", "127.0.0.1:0"]);
-        c.args(extra);
-        c.stdout(Stdio::piped()).stdin(Stdio::null());
-        c.stderr(fs::File::create(tmp.path().join("server.log")).unwrap());
-        let mut child = c.spawn().unwrap();
-        let port = common::serve_port(&mut child, &tmp.path().join("server.log"));
-        Server {
-            _tmp: tmp,
-            dir,
-            port,
-            child,
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self._tmp.path().join("server.log")).unwrap_or_default()
+        Server(PlainServer::start(USERS, &|_| {}, extra))
     }
 
     /// The server's peak resident memory so far, in MiB.

@@ -10,11 +10,11 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -26,82 +26,31 @@ use serde_json::{Value, json};
 const MIB: u64 = 1024 * 1024;
 const PATIENCE: Duration = Duration::from_secs(60);
 
-const USERS: &[(&str, &str)] = &[("alice", "alice-secret-1"), ("bob", "bob-secret-22")];
+const USERS: &[(&str, &str, bool)] = &[
+    ("alice", "alice-secret-1", false),
+    ("bob", "bob-secret-22", false),
+];
 
-struct Server {
-    tmp: tempfile::TempDir,
-    dir: PathBuf,
-    port: u16,
-    child: Child,
-}
+struct Server(PlainServer);
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Server {
+    type Target = PlainServer;
+    fn deref(&self) -> &PlainServer {
+        &self.0
     }
 }
 
 impl Server {
     /// A served bank whose users are [`USERS`], alice with quota `alice_quota`.
     fn start(alice_quota: &str) -> Server {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("bank");
-        let mut c = mbank();
-        c.arg("--bank").arg(&dir).arg("init");
-        run_cmd(c).ok();
-        for (user, pw) in USERS {
+        let quota = |dir: &Path| {
             let mut c = mbank();
-            c.arg("--bank").arg(&dir);
-            c.args(["admin", "user", "add", user, "--password-stdin"]);
-            c.stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let mut child = c.spawn().unwrap();
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(format!("{pw}\n").as_bytes())
-                .unwrap();
-            let o = child.wait_with_output().unwrap();
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        }
-        let mut c = mbank();
-        c.arg("--bank")
-            .arg(&dir)
-            .args(["admin", "user", "quota", "alice", alice_quota]);
-        run_cmd(c).ok();
-        let bin = std::env::var("MBANK_TEST_SERVER_BIN").unwrap_or_else(|_| BIN.to_string());
-        let mut c = Command::new(bin);
-        c.env_remove("MBANK_BANK").env("MBANK_LOG", "warn");
-        c.arg("--bank")
-            .arg(&dir)
-            .args(["serve", "--listen", "127.0.0.1:0"]);
-        c.stdout(Stdio::piped()).stdin(Stdio::null());
-        c.stderr(fs::File::create(tmp.path().join("server.log")).unwrap());
-        let mut child = c.spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| {
-                panic!(
-                    "serve did not say where it listens: {line:?}\n{}",
-                    fs::read_to_string(tmp.path().join("server.log")).unwrap_or_default()
-                )
-            });
-        Server {
-            tmp,
-            dir,
-            port,
-            child,
-        }
+            c.arg("--bank")
+                .arg(dir)
+                .args(["admin", "user", "quota", "alice", alice_quota]);
+            run_cmd(c).ok();
+        };
+        Server(PlainServer::start(USERS, &quota, &[]))
     }
 
     /// One request on its own connection: (status, body).
@@ -170,10 +119,6 @@ impl Server {
         let bank = mbank_bank::Bank::open(&self.dir, true).unwrap();
         let m: MachineName = machine.parse().unwrap();
         bank.catalog().versions(&m).map_or(0, |v| v.len())
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.tmp.path().join("server.log")).unwrap_or_default()
     }
 }
 

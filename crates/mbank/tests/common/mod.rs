@@ -793,9 +793,86 @@ pub fn serve_port(child: &mut std::process::Child, log: &Path) -> u16 {
         .and_then(|url| url.rsplit(':').next())
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| {
+            let _ = child.kill();
+            let _ = child.wait();
             panic!(
                 "serve did not say where it listens: {line:?}\n{}",
                 fs::read_to_string(log).unwrap_or_default()
             )
         })
+}
+
+/// A bank served by `mbank serve` over plain HTTP on 127.0.0.1 (`MBANK_TEST_SERVER_BIN`
+/// may name another binary to serve it, e.g. an older build), with users added first;
+/// killed when dropped.
+#[allow(dead_code)] // not every test file starts one
+pub struct PlainServer {
+    pub tmp: TempDir,
+    pub dir: PathBuf,
+    pub port: u16,
+    pub child: std::process::Child,
+}
+
+#[allow(dead_code)]
+impl PlainServer {
+    /// `users`: (name, password, administrator). `setup` runs on the bank directory
+    /// after the users are added and before the server starts; `extra` are `serve`'s
+    /// options.
+    pub fn start(users: &[(&str, &str, bool)], setup: &dyn Fn(&Path), extra: &[&str]) -> Self {
+        use std::io::Write;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("bank");
+        let mut c = mbank();
+        c.arg("--bank").arg(&dir).arg("init");
+        run_cmd(c).ok();
+        for (user, pw, admin) in users {
+            let mut c = mbank();
+            c.arg("--bank").arg(&dir);
+            c.args(["admin", "user", "add", user, "--password-stdin"]);
+            if *admin {
+                c.arg("--admin");
+            }
+            c.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = c.spawn().unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(format!("{pw}\n").as_bytes())
+                .unwrap();
+            let o = child.wait_with_output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        setup(&dir);
+        let bin = std::env::var("MBANK_TEST_SERVER_BIN").unwrap_or_else(|_| BIN.to_string());
+        let mut c = Command::new(bin);
+        c.env_remove("MBANK_BANK").env("MBANK_LOG", "warn");
+        c.arg("--bank")
+            .arg(&dir)
+            .args(["serve", "--listen", "127.0.0.1:0"]);
+        c.args(extra);
+        c.stdout(Stdio::piped()).stdin(Stdio::null());
+        c.stderr(fs::File::create(tmp.path().join("server.log")).unwrap());
+        let mut child = c.spawn().unwrap();
+        let port = serve_port(&mut child, &tmp.path().join("server.log"));
+        PlainServer {
+            tmp,
+            dir,
+            port,
+            child,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.tmp.path().join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PlainServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
