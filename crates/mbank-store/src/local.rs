@@ -43,6 +43,28 @@ pub struct LocalStore {
 }
 
 impl LocalStore {
+    /// Opens chunk `id`: its pending temp file if it has one, else its file. A flush in
+    /// another thread may rename the temp file into place between the look-up and the
+    /// open, so a temp file that has gone is looked for under the chunk's name.
+    fn open_chunk(&self, id: &ChunkId) -> Result<(File, PathBuf), StoreError> {
+        let tmp = self
+            .pending
+            .lock()
+            .expect("pending lock poisoned")
+            .chunks
+            .get(id)
+            .map(|p| p.tmp.clone());
+        let named = self.chunk_path(id);
+        for path in tmp.into_iter().chain(std::iter::once(named)) {
+            match File::open(&path) {
+                Ok(f) => return Ok((f, path)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(StoreError::io("open chunk", &path, e)),
+            }
+        }
+        Err(StoreError::Missing(*id))
+    }
+
     /// Creates the directory layout under `root` (which must exist).
     pub fn create(root: &Path) -> Result<Self, StoreError> {
         let chunks = root.join("chunks");
@@ -246,23 +268,7 @@ impl ChunkStore for LocalStore {
     /// Reads only the chunk's 16-byte header and the file's size.
     fn plain_len(&self, id: &ChunkId) -> Result<usize, StoreError> {
         use std::os::unix::fs::FileExt;
-        let path = match self
-            .pending
-            .lock()
-            .expect("pending lock poisoned")
-            .chunks
-            .get(id)
-        {
-            Some(p) => p.tmp.clone(),
-            None => self.chunk_path(id),
-        };
-        let f = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(StoreError::Missing(*id));
-            }
-            Err(e) => return Err(StoreError::io("open chunk", &path, e)),
-        };
+        let (f, path) = self.open_chunk(id)?;
         let size = f
             .metadata()
             .map_err(|e| StoreError::io("stat chunk", &path, e))?
@@ -287,23 +293,7 @@ impl ChunkStore for LocalStore {
     }
 
     fn get_raw(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
-        let path = match self
-            .pending
-            .lock()
-            .expect("pending lock poisoned")
-            .chunks
-            .get(id)
-        {
-            Some(p) => p.tmp.clone(),
-            None => self.chunk_path(id),
-        };
-        let mut f = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(StoreError::Missing(*id));
-            }
-            Err(e) => return Err(StoreError::io("open chunk", &path, e)),
-        };
+        let (mut f, path) = self.open_chunk(id)?;
         let mut buf = Vec::new();
         // Read at most one byte past the bound, so an oversized file is caught by the
         // decoder's length checks without reading all of it.
