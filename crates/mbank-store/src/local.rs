@@ -43,6 +43,35 @@ pub struct LocalStore {
 }
 
 impl LocalStore {
+    /// Sets the modification time of `path` (chunk `id`'s file or temp file) to now,
+    /// under a shared lock of its fan-out directory; false if it does not exist.
+    fn touch_path(&self, id: &ChunkId, path: &Path) -> Result<bool, StoreError> {
+        let c = CString::new(path.as_os_str().as_bytes()).expect("no NUL in a chunk path");
+        let times = [
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_NOW,
+            },
+        ];
+        let _lock = self.lock_fanout(id.fanout(), false)?;
+        // SAFETY: `c` is a valid NUL-terminated path and `times` two valid timespecs,
+        // both alive for the duration of the call.
+        let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Ok(false)
+        } else {
+            Err(StoreError::io("touch chunk", path, e))
+        }
+    }
+
     /// Opens chunk `id`: its pending temp file if it has one, else its file. A flush in
     /// another thread may rename the temp file into place between the look-up and the
     /// open, so a temp file that has gone is looked for under the chunk's name.
@@ -136,7 +165,13 @@ impl LocalStore {
         let mut dirs = BTreeSet::new();
         for (id, p) in &pending.chunks {
             let dest = self.chunk_path(id);
-            fs::rename(&p.tmp, &dest).map_err(|e| StoreError::io("rename chunk into", &dest, e))?;
+            match fs::rename(&p.tmp, &dest) {
+                Ok(()) => {}
+                // Deleted by a GC that judged its writer gone: no version named it
+                // (a commit checks that every chunk it names is there).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(StoreError::io("rename chunk into", &dest, e)),
+            }
             dirs.insert(p.fanout);
         }
         for d in dirs {
@@ -229,40 +264,28 @@ impl ChunkStore for LocalStore {
     }
 
     fn touch(&self, id: &ChunkId) -> Result<bool, StoreError> {
-        if self
+        let tmp = self
             .pending
             .lock()
             .expect("pending lock poisoned")
             .chunks
-            .contains_key(id)
-        {
-            return Ok(true);
+            .get(id)
+            .map(|p| p.tmp.clone());
+        // A chunk put but not flushed yet: its temp file is touched like a chunk, so a
+        // GC keeps it for the writer relying on it. If a GC has deleted it (its writer
+        // was judged gone), the chunk is not there: the caller stores it again.
+        if let Some(tmp) = tmp {
+            if self.touch_path(id, &tmp)? {
+                return Ok(true);
+            }
+            // Gone: swept, or renamed into place by a flush (then the name below finds
+            // it). Forget it only if it is still the entry looked at.
+            let mut p = self.pending.lock().expect("pending lock poisoned");
+            if p.chunks.get(id).is_some_and(|c| c.tmp == tmp) {
+                p.chunks.remove(id);
+            }
         }
-        let path = self.chunk_path(id);
-        let c = CString::new(path.as_os_str().as_bytes()).expect("no NUL in a chunk path");
-        let times = [
-            libc::timespec {
-                tv_sec: 0,
-                tv_nsec: libc::UTIME_OMIT,
-            },
-            libc::timespec {
-                tv_sec: 0,
-                tv_nsec: libc::UTIME_NOW,
-            },
-        ];
-        let _lock = self.lock_fanout(id.fanout(), false)?;
-        // SAFETY: `c` is a valid NUL-terminated path and `times` two valid timespecs,
-        // both alive for the duration of the call.
-        let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
-        if r == 0 {
-            return Ok(true);
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Ok(false)
-        } else {
-            Err(StoreError::io("touch chunk", &path, e))
-        }
+        self.touch_path(id, &self.chunk_path(id))
     }
 
     /// Reads only the chunk's 16-byte header and the file's size.
@@ -467,6 +490,28 @@ mod tests {
             .unwrap();
         assert_eq!(st.temp_files_deleted, 1);
         assert!(!stray.exists());
+    }
+
+    #[test]
+    fn a_pending_chunk_swept_as_a_dead_writers_is_not_there() {
+        let (_d, s) = store();
+        let c = encode(b"a chunk put but never flushed", 3);
+        s.put(&c).unwrap();
+        assert!(s.touch(&c.id).unwrap(), "pending: there");
+        // A GC that judged its writer gone (cutoff in the future) deletes the temp file.
+        let later = SystemTime::now() + std::time::Duration::from_secs(60);
+        let swept = s.sweep(later, &|_| false).unwrap();
+        assert_eq!(swept.temp_files_deleted, 1);
+        assert!(
+            !s.touch(&c.id).unwrap(),
+            "swept: not there, so it is sent again"
+        );
+        s.flush().unwrap();
+        assert!(matches!(s.get_raw(&c.id), Err(StoreError::Missing(_))));
+        // Stored again, it is there.
+        s.put(&c).unwrap();
+        s.flush().unwrap();
+        assert_eq!(s.read(&c.id).unwrap(), b"a chunk put but never flushed");
     }
 
     #[test]
