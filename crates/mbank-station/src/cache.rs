@@ -248,7 +248,7 @@ impl ChunkCache {
         mut data: Option<&mut Vec<u8>>,
     ) -> Option<(fs::File, Stamp)> {
         let mut f = fs::File::open(self.path(id)).ok()?;
-        let stamp = Stamp::of(&f)?;
+        let mut stamp = Stamp::of(&f)?;
         let known = !rehash && self.verified.read().expect("cache lock").get(id) == Some(&stamp);
         if known {
             match data.as_deref_mut() {
@@ -260,13 +260,13 @@ impl ChunkCache {
                     }
                     d.clear();
                     f = fs::File::open(self.path(id)).ok()?;
+                    stamp = Stamp::of(&f)?;
                 }
             }
         }
         if !verify {
             return None;
         }
-        let stamp = Stamp::of(&f)?;
         let mut whole = Vec::new();
         let d = data.unwrap_or(&mut whole);
         f.read_to_end(d).ok()?;

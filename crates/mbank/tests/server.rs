@@ -6,6 +6,8 @@
 mod common;
 #[path = "common/garage.rs"]
 mod garage;
+#[path = "../../mbank-nbd/tests/common/pki.rs"]
+mod pki;
 
 use std::fs;
 use std::io::Write;
@@ -44,19 +46,6 @@ struct Served {
 
 const PASSWORDS: &[(&str, &str)] = &[("alice", "alice-secret-1"), ("bob", "bob-secret-22")];
 
-fn openssl(args: &[&str], dir: &Path) {
-    let o = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        o.status.success(),
-        "openssl {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 impl Served {
     fn start() -> Served {
         Served::start_on(None)
@@ -94,7 +83,7 @@ impl Served {
             }
         }
         // A test CA and a server certificate for 127.0.0.1 signed by it.
-        openssl(
+        pki::openssl(
             &[
                 "req",
                 "-x509",
@@ -114,7 +103,7 @@ impl Served {
             ],
             &root,
         );
-        openssl(
+        pki::openssl(
             &[
                 "req",
                 "-newkey",
@@ -136,7 +125,7 @@ impl Served {
             "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
         )
         .unwrap();
-        openssl(
+        pki::openssl(
             &[
                 "x509",
                 "-req",

@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -447,17 +447,7 @@ fn a_bank_and_a_station_cache_are_private_to_their_owner() {
     bank.import("alice/dev", &img, &[]);
     let mut c = bank.cmd();
     c.args(["admin", "user", "add", "alice", "--password-stdin"]);
-    c.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"alice-secret-1\n")
-        .unwrap();
-    assert!(child.wait_with_output().unwrap().status.success());
+    run_with_input(c, b"alice-secret-1\n").ok();
     let cache = bank.file("cache");
     let mut a = bank.attach(&cache, "alice/dev", &[]);
     // Read the disk through the export, so that the cache holds chunks.

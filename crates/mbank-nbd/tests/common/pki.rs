@@ -9,7 +9,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn openssl(args: &[&str], dir: &Path) {
+/// Runs `openssl ARGS` in `dir`; panics with its error output if it fails.
+pub fn openssl(args: &[&str], dir: &Path) {
     let o = Command::new("openssl")
         .args(args)
         .current_dir(dir)

@@ -802,6 +802,19 @@ pub fn serve_port(child: &mut std::process::Child, log: &Path) -> u16 {
         })
 }
 
+/// Runs `c` with `input` on its standard input (a password, say).
+#[allow(dead_code)] // not every test file uses it
+pub fn run_with_input(mut c: Command, input: &[u8]) -> Run {
+    use std::io::Write;
+    let what = format!("{c:?}");
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    Run::from_output(what, child.wait_with_output().unwrap())
+}
+
 /// A bank served by `mbank serve` over plain HTTP on 127.0.0.1 (`MBANK_TEST_SERVER_BIN`
 /// may name another binary to serve it, e.g. an older build), with users added first;
 /// killed when dropped.
@@ -819,7 +832,6 @@ impl PlainServer {
     /// after the users are added and before the server starts; `extra` are `serve`'s
     /// options.
     pub fn start(users: &[(&str, &str, bool)], setup: &dyn Fn(&Path), extra: &[&str]) -> Self {
-        use std::io::Write;
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("bank");
         let mut c = mbank();
@@ -832,18 +844,7 @@ impl PlainServer {
             if *admin {
                 c.arg("--admin");
             }
-            c.stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let mut child = c.spawn().unwrap();
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(format!("{pw}\n").as_bytes())
-                .unwrap();
-            let o = child.wait_with_output().unwrap();
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            run_with_input(c, format!("{pw}\n").as_bytes()).ok();
         }
         setup(&dir);
         let bin = std::env::var("MBANK_TEST_SERVER_BIN").unwrap_or_else(|_| BIN.to_string());
