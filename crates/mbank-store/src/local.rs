@@ -27,11 +27,17 @@ struct PendingChunk {
     tmp: PathBuf,
     fanout: u8,
     len: u64,
+    /// A flush has taken it: that flush renames its temp file and drops the entry once
+    /// the name is durable. Until then the entry stays, so the chunk is found (under
+    /// its temp name, or its own once renamed) by every thread of this process.
+    in_flush: bool,
 }
 
 #[derive(Default)]
 struct Pending {
     chunks: HashMap<ChunkId, PendingChunk>,
+    /// Chunks and bytes no flush has taken yet (what the automatic flush counts).
+    waiting: usize,
     bytes: u64,
 }
 
@@ -145,8 +151,14 @@ impl LocalStore {
         crate::flock_path(&self.fanout_dir(fanout), false, exclusive)
     }
 
-    fn flush_pending(&self, pending: Pending) -> Result<(), StoreError> {
-        if pending.chunks.is_empty() {
+    /// Makes every chunk in `batch` (id, temp file, fan-out) durable under its name,
+    /// then drops their pending entries. Entries stay visible while this runs: a commit
+    /// checking its chunks, a read or a dedup question in another thread finds each
+    /// chunk under one name or the other, never neither. Another flush may rename some
+    /// of them first; this one still syncs their directories before it returns, so a
+    /// caller relying on it never sees a name that is not yet durable.
+    fn flush_pending(&self, batch: &[(ChunkId, PathBuf, u8)]) -> Result<(), StoreError> {
+        if batch.is_empty() {
             return Ok(());
         }
         // 1. Data of every temp file to disk, with one syncfs.
@@ -163,19 +175,31 @@ impl LocalStore {
         }
         // 2. Names into place; 3. the names to disk.
         let mut dirs = BTreeSet::new();
-        for (id, p) in &pending.chunks {
+        for (id, tmp, fanout) in batch {
             let dest = self.chunk_path(id);
-            match fs::rename(&p.tmp, &dest) {
+            match fs::rename(tmp, &dest) {
                 Ok(()) => {}
-                // Deleted by a GC that judged its writer gone: no version named it
-                // (a commit checks that every chunk it names is there).
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                // Renamed by a concurrent flush (whose directory sync may not have
+                // happened yet: this flush syncs it too), or deleted by a GC that
+                // judged its writer gone: no version named it (a commit checks that
+                // every chunk it names is there).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if !dest.exists() {
+                        continue;
+                    }
+                }
                 Err(e) => return Err(StoreError::io("rename chunk into", &dest, e)),
             }
-            dirs.insert(p.fanout);
+            dirs.insert(*fanout);
         }
         for d in dirs {
             fsync_dir(&self.fanout_dir(d))?;
+        }
+        let mut p = self.pending.lock().expect("pending lock poisoned");
+        for (id, tmp, _) in batch {
+            if p.chunks.get(id).is_some_and(|c| &c.tmp == tmp) {
+                p.chunks.remove(id);
+            }
         }
         Ok(())
     }
@@ -220,6 +244,20 @@ fn mtime(md: &fs::Metadata) -> SystemTime {
 
 impl ChunkStore for LocalStore {
     fn put(&self, chunk: &EncodedChunk) -> Result<u64, StoreError> {
+        let len = chunk.bytes.len() as u64;
+        // Put already by this process and still there: nothing to write again.
+        let earlier = self
+            .pending
+            .lock()
+            .expect("pending lock poisoned")
+            .chunks
+            .get(&chunk.id)
+            .map(|p| p.tmp.clone());
+        if let Some(tmp) = earlier
+            && self.touch_path(&chunk.id, &tmp)?
+        {
+            return Ok(len);
+        }
         let fanout = chunk.id.fanout();
         let tmp = self.fanout_dir(fanout).join(format!(
             "{TMP_PREFIX}{}-{}",
@@ -238,29 +276,48 @@ impl ChunkStore for LocalStore {
             let _ = fs::remove_file(&tmp);
             return Err(StoreError::io("write chunk file", &tmp, e));
         }
-        let len = chunk.bytes.len() as u64;
         let full = {
             let mut p = self.pending.lock().expect("pending lock poisoned");
-            if let Some(old) = p.chunks.insert(chunk.id, PendingChunk { tmp, fanout, len }) {
+            let entry = PendingChunk {
+                tmp,
+                fanout,
+                len,
+                in_flush: false,
+            };
+            // An earlier entry is one whose temp file a GC swept (else the put above
+            // would have found it), or one a flush is renaming, which it finishes.
+            if let Some(old) = p.chunks.insert(chunk.id, entry)
+                && !old.in_flush
+            {
+                p.waiting -= 1;
                 p.bytes -= old.len;
-                let _ = fs::remove_file(&old.tmp);
             }
+            p.waiting += 1;
             p.bytes += len;
-            if p.chunks.len() >= FLUSH_EVERY_CHUNKS || p.bytes >= FLUSH_EVERY_BYTES {
-                Some(std::mem::take(&mut *p))
-            } else {
-                None
-            }
+            p.waiting >= FLUSH_EVERY_CHUNKS || p.bytes >= FLUSH_EVERY_BYTES
         };
-        if let Some(batch) = full {
-            self.flush_pending(batch)?;
+        if full {
+            self.flush()?;
         }
         Ok(len)
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        let batch = std::mem::take(&mut *self.pending.lock().expect("pending lock poisoned"));
-        self.flush_pending(batch)
+        // Every entry, also those another flush is working on: when this returns, each
+        // chunk put before it must be durable under its name.
+        let batch: Vec<(ChunkId, PathBuf, u8)> = {
+            let mut p = self.pending.lock().expect("pending lock poisoned");
+            p.waiting = 0;
+            p.bytes = 0;
+            p.chunks
+                .iter_mut()
+                .map(|(id, c)| {
+                    c.in_flush = true;
+                    (*id, c.tmp.clone(), c.fanout)
+                })
+                .collect()
+        };
+        self.flush_pending(&batch)
     }
 
     fn touch(&self, id: &ChunkId) -> Result<bool, StoreError> {
@@ -278,11 +335,17 @@ impl ChunkStore for LocalStore {
             if self.touch_path(id, &tmp)? {
                 return Ok(true);
             }
-            // Gone: swept, or renamed into place by a flush (then the name below finds
-            // it). Forget it only if it is still the entry looked at.
+            // Gone: renamed into place by a flush (then the name below finds it; the
+            // flush drops the entry once the name is durable), or swept: then it is
+            // forgotten, if it is still the entry looked at.
             let mut p = self.pending.lock().expect("pending lock poisoned");
-            if p.chunks.get(id).is_some_and(|c| c.tmp == tmp) {
-                p.chunks.remove(id);
+            if p.chunks
+                .get(id)
+                .is_some_and(|c| c.tmp == tmp && !c.in_flush)
+                && let Some(c) = p.chunks.remove(id)
+            {
+                p.waiting -= 1;
+                p.bytes -= c.len;
             }
         }
         self.touch_path(id, &self.chunk_path(id))
@@ -512,6 +575,50 @@ mod tests {
         s.put(&c).unwrap();
         s.flush().unwrap();
         assert_eq!(s.read(&c.id).unwrap(), b"a chunk put but never flushed");
+    }
+
+    #[test]
+    fn a_chunk_being_flushed_stays_visible_to_its_process() {
+        // A flush in one thread (a commit) must not hide the chunks it is moving into
+        // place from another (a commit checking its chunks, a read, a dedup question):
+        // between taking the pending list and renaming, they were under neither name.
+        let (_d, s) = store();
+        let mut misses = 0;
+        for round in 0..40u32 {
+            let chunks: Vec<_> = (0..64u32)
+                .map(|i| encode(format!("round {round} chunk {i}").as_bytes(), 1))
+                .collect();
+            for c in &chunks {
+                s.put(c).unwrap();
+            }
+            let done = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|sc| {
+                sc.spawn(|| {
+                    s.flush().unwrap();
+                    done.store(true, std::sync::atomic::Ordering::SeqCst);
+                });
+                loop {
+                    let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+                    for c in &chunks {
+                        match s.plain_len(&c.id) {
+                            Ok(_) => {}
+                            Err(StoreError::Missing(_)) => misses += 1,
+                            Err(e) => panic!("{e}"),
+                        }
+                        if !s.touch(&c.id).unwrap() {
+                            misses += 1;
+                        }
+                    }
+                    if finished {
+                        break;
+                    }
+                }
+            });
+        }
+        assert_eq!(
+            misses, 0,
+            "chunks put and being flushed were answered missing"
+        );
     }
 
     #[test]
