@@ -88,7 +88,7 @@ use rusqlite::{
 use serde::Serialize;
 
 /// Schema version this code writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// `PRAGMA application_id` of an access database: `MBAC` in ASCII.
 pub const APPLICATION_ID: i32 = 0x4d42_4143;
@@ -148,6 +148,17 @@ CREATE TABLE published_chunks (
 ) WITHOUT ROWID;
 CREATE INDEX published_chunks_by_chunk ON published_chunks (chunk);
 ";
+
+/// Version 2: when each right was last recorded, so that garbage collection's pruning
+/// leaves alone the rights of chunks a writer in flight sent (see [`Access::prune`]).
+const SCHEMA_V2: &str = "
+ALTER TABLE chunk_owners ADD COLUMN recorded_ms INTEGER NOT NULL DEFAULT 0;
+";
+
+/// A right recorded less than this long ago is not recorded again by an upload: a
+/// pruning GC's cutoff is at least 1 s before the start of every writer in flight, so a
+/// right this recent is after it.
+const RECORD_AGAIN_AFTER_MS: i64 = 500;
 
 /// An argon2id hash (default parameters) of a random password nobody knows: a login
 /// for an unknown user is verified against it so that it costs as much as a real one.
@@ -517,6 +528,10 @@ impl Access {
             tx.execute_batch(SCHEMA_V1)
                 .map_err(sql("create the schema"))?;
         }
+        if v < 2 {
+            tx.execute_batch(SCHEMA_V2)
+                .map_err(sql("migrate the schema to version 2"))?;
+        }
         tx.pragma_update(None, "application_id", APPLICATION_ID)
             .map_err(sql("set the application id"))?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -873,14 +888,16 @@ impl Access {
                 .map_err(sql("publish a machine"))?;
             let mut public = tx
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO chunk_owners (user, chunk, bytes, charged) VALUES (?1, ?2, 0, 0)",
+                    "INSERT OR IGNORE INTO chunk_owners (user, chunk, bytes, charged, recorded_ms)
+                     VALUES (?1, ?2, 0, 0, ?3)",
                 )
                 .map_err(sql("publish a machine"))?;
+            let now = now_ms();
             for c in chunks {
                 own.execute(params![machine.as_str(), c.as_bytes().as_slice()])
                     .map_err(sql("publish a machine"))?;
                 public
-                    .execute(params![PUBLIC, c.as_bytes().as_slice()])
+                    .execute(params![PUBLIC, c.as_bytes().as_slice(), now])
                     .map_err(sql("publish a machine"))?;
             }
         }
@@ -1011,9 +1028,10 @@ impl Access {
         ids: &[(ChunkId, u64)],
         other: u64,
     ) -> Result<(), AccessError> {
-        // Most calls find every row there already (repeats, re-records after storing):
-        // a read answers those without taking the write lock.
-        if self.has_all(&user.name, ids)? {
+        // Most calls find every row there already, recorded just now (repeats,
+        // re-records after storing): a read answers those without taking the write lock.
+        let now = now_ms();
+        if self.has_all(&user.name, ids, now - RECORD_AGAIN_AFTER_MS)? {
             return Ok(());
         }
         let tx = self.write("record an upload")?;
@@ -1029,21 +1047,27 @@ impl Access {
         let mut new = Vec::new();
         let mut seen = HashSet::new();
         {
-            let mut has = tx
-                .prepare_cached("SELECT 1 FROM chunk_owners WHERE user = ?1 AND chunk = ?2")
+            // A right held already is recorded again (its time moved to now): a chunk
+            // sent again may be one GC deleted, held back by the server until its
+            // commit, and the right must outlive a GC running meanwhile.
+            let mut again = tx
+                .prepare_cached(
+                    "UPDATE chunk_owners SET recorded_ms = ?3 WHERE user = ?1 AND chunk = ?2",
+                )
                 .map_err(sql("record an upload"))?;
             for (id, bytes) in ids {
                 if seen.insert(*id)
-                    && !has
-                        .exists(params![user.name, id.as_bytes().as_slice()])
+                    && again
+                        .execute(params![user.name, id.as_bytes().as_slice(), now])
                         .map_err(sql("record an upload"))?
+                        == 0
                 {
                     new.push((*id, *bytes));
                 }
             }
         }
         if new.is_empty() {
-            return Ok(());
+            return tx.commit().map_err(sql("record an upload"));
         }
         let need = new.iter().fold(0u64, |a, (_, b)| a.saturating_add(*b));
         if let Some(quota) = quota {
@@ -1060,26 +1084,39 @@ impl Access {
         {
             let mut ins = tx
                 .prepare_cached(
-                    "INSERT INTO chunk_owners (user, chunk, bytes, charged) VALUES (?1, ?2, ?3, 1)",
+                    "INSERT INTO chunk_owners (user, chunk, bytes, charged, recorded_ms)
+                     VALUES (?1, ?2, ?3, 1, ?4)",
                 )
                 .map_err(sql("record an upload"))?;
             for (id, bytes) in &new {
-                ins.execute(params![user.name, id.as_bytes().as_slice(), to_i64(*bytes)])
-                    .map_err(sql("record an upload"))?;
+                ins.execute(params![
+                    user.name,
+                    id.as_bytes().as_slice(),
+                    to_i64(*bytes),
+                    now
+                ])
+                .map_err(sql("record an upload"))?;
             }
         }
         tx.commit().map_err(sql("record an upload"))
     }
 
-    /// True if `user` has a row for every chunk of `ids`.
-    fn has_all(&self, user: &str, ids: &[(ChunkId, u64)]) -> Result<bool, AccessError> {
+    /// True if `user` has a row for every chunk of `ids`, recorded at or after `since_ms`.
+    fn has_all(
+        &self,
+        user: &str,
+        ids: &[(ChunkId, u64)],
+        since_ms: i64,
+    ) -> Result<bool, AccessError> {
         let mut has = self
             .conn
-            .prepare_cached("SELECT 1 FROM chunk_owners WHERE user = ?1 AND chunk = ?2")
+            .prepare_cached(
+                "SELECT 1 FROM chunk_owners WHERE user = ?1 AND chunk = ?2 AND recorded_ms >= ?3",
+            )
             .map_err(sql("record an upload"))?;
         for (id, _) in ids {
             if !has
-                .exists(params![user, id.as_bytes().as_slice()])
+                .exists(params![user, id.as_bytes().as_slice(), since_ms])
                 .map_err(sql("record an upload"))?
             {
                 return Ok(false);
@@ -1097,11 +1134,13 @@ impl Access {
         {
             let mut ins = tx
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO chunk_owners (user, chunk, bytes, charged) VALUES (?1, ?2, ?3, 0)",
+                    "INSERT OR IGNORE INTO chunk_owners (user, chunk, bytes, charged, recorded_ms)
+                     VALUES (?1, ?2, ?3, 0, ?4)",
                 )
                 .map_err(sql("grant chunks"))?;
+            let now = now_ms();
             for (id, bytes) in ids {
-                ins.execute(params![user, id.as_bytes().as_slice(), to_i64(*bytes)])
+                ins.execute(params![user, id.as_bytes().as_slice(), to_i64(*bytes), now])
                     .map_err(sql("grant chunks"))?;
             }
         }
@@ -1137,42 +1176,73 @@ impl Access {
         Self::usage_in(&self.conn, user)
     }
 
-    /// Drops the rows (of every owner, [`PUBLIC`] included) whose chunk `keep` rejects,
-    /// e.g. after garbage collection deleted them; returns the `chunk_owners` rows dropped.
-    pub fn prune(&self, keep: &dyn Fn(&ChunkId) -> bool) -> Result<u64, AccessError> {
-        let tx = self.write("prune chunk rows")?;
-        let chunks: Vec<Vec<u8>> = {
-            let mut st = tx
+    /// Drops the rights (of every owner, [`PUBLIC`] included) to chunks that `keep`
+    /// rejects, e.g. after garbage collection deleted them, and returns the
+    /// `chunk_owners` rows dropped. Only chunks none of whose rights was recorded at or
+    /// after `recorded_before_ms` are looked at: give the GC's cutoff (the start of the
+    /// oldest writer in flight, less a margin), so that a chunk a writer in flight sent,
+    /// which the server may hold back until the commit that names it (not yet a chunk
+    /// file `keep` can see), keeps its rights. `keep` runs outside any transaction (it
+    /// may read the store), and the rows are deleted only if no right to the chunk was
+    /// recorded since.
+    pub fn prune(
+        &self,
+        keep: &dyn Fn(&ChunkId) -> bool,
+        recorded_before_ms: i64,
+    ) -> Result<u64, AccessError> {
+        let old: Vec<Vec<u8>> = {
+            let mut st = self
+                .conn
                 .prepare(
-                    "SELECT DISTINCT chunk FROM chunk_owners
-                     UNION SELECT chunk FROM published_chunks",
+                    "SELECT chunk FROM chunk_owners GROUP BY chunk HAVING max(recorded_ms) < ?1
+                     UNION SELECT chunk FROM published_chunks p
+                       WHERE NOT EXISTS (SELECT 1 FROM chunk_owners c WHERE c.chunk = p.chunk)",
                 )
                 .map_err(sql("prune chunk rows"))?;
-            st.query_map([], |r| r.get(0))
+            st.query_map(params![recorded_before_ms], |r| r.get(0))
                 .and_then(|rows| rows.collect())
                 .map_err(sql("prune chunk rows"))?
         };
+        let mut gone = Vec::new();
+        for c in old {
+            let Ok(bytes) = <[u8; 32]>::try_from(c.as_slice()) else {
+                return Err(AccessError::BadRow(format!(
+                    "a chunk id of {} bytes",
+                    c.len()
+                )));
+            };
+            if !keep(&ChunkId::from_bytes(bytes)) {
+                gone.push(c);
+            }
+        }
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let tx = self.write("prune chunk rows")?;
         let mut dropped = 0u64;
         {
+            let mut recent = tx
+                .prepare(
+                    "SELECT 1 FROM chunk_owners WHERE chunk = ?1 AND recorded_ms >= ?2 LIMIT 1",
+                )
+                .map_err(sql("prune chunk rows"))?;
             let mut del = tx
                 .prepare("DELETE FROM chunk_owners WHERE chunk = ?1")
                 .map_err(sql("prune chunk rows"))?;
             let mut del_pub = tx
                 .prepare("DELETE FROM published_chunks WHERE chunk = ?1")
                 .map_err(sql("prune chunk rows"))?;
-            for c in chunks {
-                let Ok(bytes) = <[u8; 32]>::try_from(c.as_slice()) else {
-                    return Err(AccessError::BadRow(format!(
-                        "a chunk id of {} bytes",
-                        c.len()
-                    )));
-                };
-                if !keep(&ChunkId::from_bytes(bytes)) {
-                    dropped += del.execute(params![c]).map_err(sql("prune chunk rows"))? as u64;
-                    del_pub
-                        .execute(params![c])
-                        .map_err(sql("prune chunk rows"))?;
+            for c in gone {
+                if recent
+                    .exists(params![c, recorded_before_ms])
+                    .map_err(sql("prune chunk rows"))?
+                {
+                    continue;
                 }
+                dropped += del.execute(params![c]).map_err(sql("prune chunk rows"))? as u64;
+                del_pub
+                    .execute(params![c])
+                    .map_err(sql("prune chunk rows"))?;
             }
         }
         tx.commit().map_err(sql("prune chunk rows"))?;

@@ -480,7 +480,7 @@ fn prune_drops_rows_of_deleted_chunks() {
     let lab: MachineName = "lab/a".parse().unwrap();
     a.publish(&lab, "root", [id(2), id(3)]).unwrap();
     let keep = [id(1)];
-    let n = a.prune(&|c| keep.contains(c)).unwrap();
+    let n = a.prune(&|c| keep.contains(c), i64::MAX).unwrap();
     assert_eq!(
         n, 4,
         "alice's and bob's rows of chunk 2, and PUBLIC's of 2 and 3"
@@ -491,7 +491,7 @@ fn prune_drops_rows_of_deleted_chunks() {
         a.readable(&alice, &[id(1), id(2), id(3)]).unwrap(),
         [true, false, false]
     );
-    assert_eq!(a.prune(&|_| true).unwrap(), 0);
+    assert_eq!(a.prune(&|_| true, i64::MAX).unwrap(), 0);
     let left: i64 = a
         .conn
         .query_row("SELECT count(*) FROM published_chunks", [], |r| r.get(0))
@@ -513,4 +513,65 @@ fn two_connections_see_each_other() {
     assert_unauthorized(b.authenticate(&t.token), "revoked on another connection");
     let h = std::thread::spawn(move || b.users().unwrap().len());
     assert_eq!(h.join().unwrap(), 1);
+}
+
+#[test]
+fn prune_leaves_rights_recorded_since_the_cutoff() {
+    let (_d, a) = with_user("alice", false, None);
+    a.add_user("bob", PW, false, None).unwrap();
+    let alice = user(&a, "alice");
+    let bob = user(&a, "bob");
+    for n in 1..=3 {
+        a.record_upload(&alice, &id(n), 100).unwrap();
+    }
+    a.record_upload(&bob, &id(3), 100).unwrap();
+    // Rights to chunks 1 and 3 recorded long ago (before any writer in flight) ...
+    a.conn
+        .execute(
+            "UPDATE chunk_owners SET recorded_ms = 1000 WHERE chunk IN (?1, ?2)",
+            params![id(1).as_bytes().as_slice(), id(3).as_bytes().as_slice()],
+        )
+        .unwrap();
+    // ... except bob's of chunk 3, sent again by a writer in flight: recorded again.
+    a.record_upload(&bob, &id(3), 100).unwrap();
+    let cutoff = now_ms() - 60_000;
+    // Every chunk looks gone to GC (it cannot see chunks the server holds back).
+    let n = a.prune(&|_| false, cutoff).unwrap();
+    assert_eq!(n, 1, "only alice's right to chunk 1");
+    assert_eq!(
+        a.readable(&alice, &[id(1), id(2), id(3)]).unwrap(),
+        [false, true, true],
+        "a right to a chunk someone sent since the cutoff stays, for every user"
+    );
+    assert!(a.readable(&bob, &[id(3)]).unwrap()[0]);
+}
+
+#[test]
+fn a_version_1_database_is_migrated_with_old_rights() {
+    let d = tempfile::tempdir().unwrap();
+    {
+        let c = rusqlite::Connection::open(d.path().join(FILE_NAME)).unwrap();
+        c.execute_batch(SCHEMA_V1).unwrap();
+        c.pragma_update(None, "application_id", APPLICATION_ID)
+            .unwrap();
+        c.pragma_update(None, "user_version", 1).unwrap();
+        c.execute(
+            "INSERT INTO chunk_owners (user, chunk, bytes, charged) VALUES ('alice', ?1, 7, 1)",
+            params![id(9).as_bytes().as_slice()],
+        )
+        .unwrap();
+    }
+    let a = Access::open(d.path()).unwrap();
+    let v: i64 = a
+        .conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, SCHEMA_VERSION);
+    let (bytes, at): (i64, i64) = a
+        .conn
+        .query_row("SELECT bytes, recorded_ms FROM chunk_owners", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!((bytes, at), (7, 0), "kept, as recorded before any cutoff");
 }

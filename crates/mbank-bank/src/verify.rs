@@ -119,6 +119,9 @@ pub struct GcReport {
     pub live_writers: u64,
     pub stale_writers_removed: u64,
     pub seconds: f64,
+    /// The cutoff, in ms since the epoch: what no writer in flight can rely on is older.
+    #[serde(skip)]
+    pub cutoff_ms: i64,
 }
 
 /// `machine@version`, or `machine@version (stream)`, as verify names what it found.
@@ -471,6 +474,7 @@ impl Bank {
             }
         }
         let cutoff = UNIX_EPOCH + Duration::from_millis(oldest.max(0) as u64) - MTIME_MARGIN;
+        report.cutoff_ms = oldest - MTIME_MARGIN.as_millis() as i64;
         // 2. Mark: every chunk of every version.
         let mut live = HashSet::new();
         let mut refused = None;

@@ -713,15 +713,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Gc { json } => {
             let r = bank.gc(&bar)?;
             // A served bank: who may read a chunk that is gone is forgotten, so that
-            // quotas count what is still stored.
+            // quotas count what is still stored; but not the rights recorded since the
+            // cutoff, which a writer in flight may rely on (the server holds the chunks
+            // it sent back until their commit, out of this process's sight).
             let pruned = if bank_dir.join(mbank_access::FILE_NAME).is_file() {
                 let referenced = bank.referenced_chunks()?;
                 let access = mbank_access::Access::open(&bank_dir)?;
                 let store = bank.store();
-                access.prune(&|id| {
-                    referenced.contains(id)
-                        || !matches!(store.get_raw(id), Err(mbank_store::StoreError::Missing(_)))
-                })?
+                access.prune(
+                    &|id| {
+                        referenced.contains(id)
+                            || !matches!(
+                                store.plain_len(id),
+                                Err(mbank_store::StoreError::Missing(_))
+                            )
+                    },
+                    r.cutoff_ms,
+                )?
             } else {
                 0
             };

@@ -1130,3 +1130,57 @@ fn a_commit_naming_a_chunk_of_the_wrong_length_for_its_place_is_refused() {
         "alice/dev after the refused commits",
     );
 }
+
+/// A chunk a writer in flight uploaded is still the user's when `gc` runs on the bank's
+/// host before the commit that names it: the server holds new chunks back until that
+/// commit (they are not yet chunk files another process sees), and gc's pruning of
+/// rights to chunks that are gone must not count them gone. Before, the commit was
+/// refused ("not in the bank for alice") and the check-in lost its turn (the soak's
+/// failed check-ins), or, pruned between the commit's checks and its catalog write, the
+/// user could no longer read a chunk of their own head.
+#[test]
+fn gc_on_the_host_keeps_the_rights_to_chunks_a_writer_in_flight_sent() {
+    let s = Served::start();
+    let alice = s.login("alice");
+    let img = image(MIB, &[(0, MIB)], 92);
+    let p = write_img(&alice, &img);
+    alice.import("alice/dev", &p, &["--chunk-size", "64K"]);
+    let ta = s.token("alice");
+    // A check-in in flight: its writer registered, a changed chunk sent.
+    let w = serde_json::to_vec(&serde_json::json!({
+        "pid": 4242, "host": "station-1", "what": "check-in alice/dev"
+    }))
+    .unwrap();
+    let (code, v) = s.curl_json(Some(&ta), "POST", "/v1/writers", Some(&w));
+    assert_eq!(code, 200, "{v}");
+    let mut changed = img[..64 << 10].to_vec();
+    changed[100] ^= 0x5a;
+    let c = mbank_core::chunk::encode(&changed, 3);
+    let (code, v) = s.curl_json(
+        Some(&ta),
+        "PUT",
+        &format!("/v1/chunks/{}", c.id),
+        Some(&c.bytes),
+    );
+    assert_eq!(code, 201, "{v}");
+    // GC on the bank's host, now.
+    let g = s.local(&["gc", "--json"]).ok().json();
+    assert_eq!(g["access_rows_pruned"], 0, "{g}");
+    // The commit that names the chunk goes through, and alice reads it back.
+    let body = edited_commit(&s, "alice/dev", |i| i.chunks[0] = Some(c.id), &[]);
+    let (code, v) = s.curl_json(
+        Some(&ta),
+        "POST",
+        "/v1/machines/alice/dev/versions",
+        Some(&body),
+    );
+    assert_eq!(code, 200, "{v}");
+    let mut want = img.clone();
+    want[..64 << 10].copy_from_slice(&changed);
+    assert_export(
+        &alice,
+        "alice/dev",
+        &want,
+        "the version naming the chunk sent",
+    );
+}
