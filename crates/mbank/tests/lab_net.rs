@@ -170,11 +170,9 @@ fn run_mode_tears_the_lab_down_when_its_command_fails_or_is_stopped() {
             .count(),
         4
     );
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    let r = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(r, 0, "cannot signal lab-net.sh run");
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(143), "{out:?}");
     gone("after SIGTERM");
