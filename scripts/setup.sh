@@ -22,9 +22,12 @@ needs=(
     "fio fio"
     "openssl openssl"
     "curl curl"
+    "ip iproute2"
+    "tc iproute2"
+    "bc bc"
 )
 if [[ ${1:-} == --bench ]]; then
-    needs+=("restic restic" "borg borgbackup" "casync casync" "hyperfine hyperfine")
+    needs+=("restic restic" "borg borgbackup" "casync casync" "hyperfine hyperfine" "zstd zstd")
 fi
 
 missing=()

@@ -123,6 +123,21 @@ impl Ca {
         (dir.join("server-cert.pem"), dir.join("server-key.pem"))
     }
 
+    /// A server certificate for the address `ip` (and 127.0.0.1, localhost):
+    /// `server-cert.pem` and `server-key.pem` in `dir`.
+    pub fn server_for(&self, dir: &Path, ip: &str) -> (PathBuf, PathBuf) {
+        self.issue(
+            dir,
+            "server",
+            ip,
+            &format!(
+                "subjectAltName=IP:{ip},IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+                 keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"
+            ),
+        );
+        (dir.join("server-cert.pem"), dir.join("server-key.pem"))
+    }
+
     /// A client's directory `root/name` trusting `server_ca`, with no client certificate.
     pub fn client_dir(server_ca: &Ca, root: &Path, name: &str) -> PathBuf {
         let dir = root.join(name);

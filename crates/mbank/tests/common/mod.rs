@@ -129,6 +129,9 @@ pub struct Bank {
     pub scratch: PathBuf,
     /// Environment variables set (`Some`) or removed (`None`) for every command.
     pub env: Vec<(String, Option<String>)>,
+    /// The network namespace every command runs in (`ip netns exec NS mbank ...`), for
+    /// a station of a lab (`lab.rs`); `None`: this process's.
+    pub netns: Option<String>,
     _tmp: Option<TempDir>,
 }
 
@@ -143,6 +146,7 @@ impl Bank {
             path,
             scratch,
             env: Vec::new(),
+            netns: None,
             _tmp: Some(tmp),
         };
         b.run(&["init"]).ok();
@@ -163,6 +167,7 @@ impl Bank {
             path: path.to_path_buf(),
             scratch: scratch.to_path_buf(),
             env: Vec::new(),
+            netns: None,
             _tmp: None,
         }
     }
@@ -180,12 +185,23 @@ impl Bank {
             path: PathBuf::from(url),
             scratch: scratch.to_path_buf(),
             env: vec![("XDG_CONFIG_HOME".into(), Some(config.display().to_string()))],
+            netns: None,
             _tmp: None,
         }
     }
 
     pub fn cmd(&self) -> Command {
-        let mut c = mbank();
+        let mut c = match &self.netns {
+            None => mbank(),
+            Some(ns) => {
+                // `ip netns exec` execs the binary: the child's pid is mbank's.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c.env_remove("MBANK_BANK");
+                c.stdin(Stdio::null());
+                c
+            }
+        };
         c.arg("--bank").arg(&self.path);
         for (k, v) in &self.env {
             match v {

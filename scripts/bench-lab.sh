@@ -1,0 +1,215 @@
+#!/usr/bin/env bash
+# Lab network benchmark (a command, not a test): `mbank export` of a published disk
+# from a station through the bank server, over a link shaped by scripts/lab-net.sh,
+# against the link's floor and against curl copying the disk's zstd file over the
+# same link. Prints the ratios. The baseline for the transfer-speed work of issue 12.
+#
+# The disk is base.raw of scripts/bench-data.sh (a 2 GiB Debian disk, cached under
+# /var/cache/mbank-dev/bench; made on the first run). It is imported on the server's
+# host as lab/base and published; user `bench` logs in from the station. For each
+# profile (BENCH_LAB_PROFILES, default "1gbit 100mbit") a lab of one station is made
+# (server and station in their own network namespaces, the station's link shaped
+# with tbf both ways), and BENCH_RUNS times (default 3; the median is reported):
+#   - mbank export lab/base to a file on the station, over HTTPS (`serve --tls-cert`,
+#     a throwaway CA made by openssl) and over plain HTTP (`serve --insecure-http`);
+#   - mbank export lab/base to /dev/null (the in-order path: runs of 16 chunks);
+#   - curl of base.raw.zst (zstd -3 of the disk, made once, cached) from
+#     `python3 -m http.server` in the server's namespace, to /dev/null.
+# Floor: bytes in the bank (import's bytes_stored) / the link rate. Ratios:
+# floor/mbank (1.00 = the link's speed, the goal is >= 0.9) and curl/mbank (>= 1.00:
+# no slower than the plain copy). Whole commands are timed; the page cache is warm on
+# the server's side for both (one untimed read of the chunks and the zstd file), and
+# every export starts with an empty station (export keeps no cache). Everything runs
+# on this machine: server, station and shaping share its cores.
+#
+# Env: MBANK (binary; else a release build, in CARGO_TARGET_DIR if set),
+# BENCH_LAB_PROFILES, BENCH_RUNS, BENCH_LAB_SKIP_HTTP=1 (HTTPS rows only).
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LAB_NET=$REPO_ROOT/scripts/lab-net.sh
+read -r -a PROFILES <<<"${BENCH_LAB_PROFILES:-1gbit 100mbit}"
+RUNS=${BENCH_RUNS:-3}
+[[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNS=$RUNS: give a number of runs"
+
+[[ $EUID == 0 ]] || die "must run as root (network namespaces)"
+need bc
+need openssl
+need curl
+need zstd
+need ip iproute2
+if [[ -z ${MBANK:-} && -n ${CARGO_TARGET_DIR:-} ]]; then
+    log "cargo build --release -p mbank (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+    (cd "$REPO_ROOT" && cargo build --release -q -p mbank) >&2 || die "cargo build failed"
+    MBANK=$CARGO_TARGET_DIR/release/mbank
+fi
+build_mbank "$REPO_ROOT"
+note=$(load_note)
+uptime_start=$(uptime)
+
+now() { date +%s.%N; }
+calc() { echo "$*" | bc -l; }
+ratio() { printf '%.2f' "$(calc "$1 / $2")"; }
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+jfield() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
+
+# ---- data ---------------------------------------------------------------------------
+"$REPO_ROOT/scripts/bench-data.sh" >&2
+IMG=$BENCH_DIR/base.raw
+ZST=$BENCH_DIR/base.raw.zst
+if [[ ! -f $ZST || $IMG -nt $ZST ]]; then
+    log "making $ZST (zstd -3)"
+    zstd -q -f -3 -T0 "$IMG" -o "$ZST.tmp"
+    mv "$ZST.tmp" "$ZST"
+fi
+ZST_BYTES=$(bytes_of "$ZST")
+
+make_tmp T
+LAB=mbank-bench-$$
+lab_down() { "$LAB_NET" down --name "$LAB" >&2 || true; }
+at_exit lab_down
+SERVER_PID=
+serve_stop() {
+    [[ -n $SERVER_PID ]] || return 0
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=
+}
+at_exit serve_stop
+WWW_PID=
+www_stop() {
+    [[ -n $WWW_PID ]] || return 0
+    kill "$WWW_PID" 2>/dev/null || true
+    wait "$WWW_PID" 2>/dev/null || true
+    WWW_PID=
+}
+at_exit www_stop
+
+BANK=$T/bank
+log "importing $IMG into a fresh bank as lab/base (on the server's host)"
+"$MBANK" -q --bank "$BANK" init
+"$MBANK" -q --bank "$BANK" import --json lab/base "$IMG" >"$T/import.json"
+"$MBANK" -q --bank "$BANK" admin publish lab/base >/dev/null
+printf 'bench-password-lab\n' | "$MBANK" -q --bank "$BANK" admin user add bench --password-stdin >/dev/null
+STORED=$(jfield "$T/import.json" bytes_stored)
+log "bytes in the bank: $(human "$STORED"); zstd file: $(human "$ZST_BYTES")"
+mkdir -p "$T/www"
+ln "$ZST" "$T/www/base.raw.zst" 2>/dev/null || cp "$ZST" "$T/www/base.raw.zst"
+
+# A throwaway CA and a certificate for the lab's server address.
+(
+    cd "$T"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout ca.key -out ca.pem -days 2 -subj "/CN=mbank bench-lab CA"
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout key.pem -out server.csr -subj /CN=10.77.0.1
+    printf 'subjectAltName=IP:10.77.0.1\nbasicConstraints=CA:FALSE\n' >ext.cnf
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+        -out cert.pem -days 2 -extfile ext.cnf
+) >/dev/null 2>&1 || die "openssl could not make the certificates"
+
+in_srv() { ip netns exec "$MBANK_LAB_SERVER_NS" "$@"; }
+in_st() { ip netns exec "$MBANK_LAB_STATION_NS" env XDG_CONFIG_HOME="$T/cfg" "$@"; }
+
+serve_start() { # serve_start SCHEME: sets SERVER_PID, URL
+    local out=$T/serve.out i tls=()
+    if [[ $1 == https ]]; then tls=(--tls-cert "$T/cert.pem" --tls-key "$T/key.pem"); else tls=(--insecure-http); fi
+    : >"$out"
+    in_srv "$MBANK" -q --bank "$BANK" serve --listen "$MBANK_LAB_SERVER_ADDR:0" "${tls[@]}" >"$out" 2>>"$T/serve.log" &
+    SERVER_PID=$!
+    for ((i = 0; i < 600; i++)); do
+        URL=$(sed -n 's/^listening on //p' "$out")
+        [[ -n $URL ]] && break
+        kill -0 "$SERVER_PID" 2>/dev/null || die "mbank serve exited: $(tail -n 5 "$T/serve.log")"
+        sleep 0.05
+    done
+    [[ -n $URL ]] || die "mbank serve did not say where it listens within 30 s"
+    rm -rf "$T/cfg"
+    local ca=()
+    [[ $1 == http ]] || ca=(--ca-cert "$T/ca.pem")
+    printf 'bench-password-lab\n' | in_st "$MBANK" -q login "$URL" --user bench --password-stdin "${ca[@]}" >/dev/null
+}
+
+timed() { # timed CMD...: seconds CMD took
+    local s e
+    s=$(now)
+    "$@" >/dev/null
+    e=$(now)
+    calc "$e - $s"
+}
+export_file() { in_st "$MBANK" -q --bank "$URL" export lab/base "$T/out.raw"; rm -f "$T/out.raw"; }
+export_null() { in_st "$MBANK" -q --bank "$URL" export lab/base /dev/null; }
+curl_zst() { in_st curl -sS -o /dev/null "http://$MBANK_LAB_SERVER_ADDR:8099/base.raw.zst"; }
+
+declare -A MED RATE
+ROWS=("mbank export, HTTPS, to a file" "mbank export, HTTPS, to /dev/null")
+[[ -n ${BENCH_LAB_SKIP_HTTP:-} ]] || ROWS+=("mbank export, HTTP, to a file")
+ROWS+=("curl of the zstd file, HTTP")
+measure() { # measure PROFILE ROW CMD...: MED[PROFILE,ROW] = median seconds of RUNS runs
+    local p=$1 row=$2 r t ts=()
+    shift 2
+    for ((r = 1; r <= RUNS; r++)); do
+        t=$(timed "$@")
+        ts+=("$t")
+        log "  $p, $row: $(printf %.2f "$t") s"
+    done
+    MED[$p,$row]=$(median "${ts[@]}")
+}
+
+for p in "${PROFILES[@]}"; do
+    log "profile $p: lab up"
+    eval "$("$LAB_NET" up --name "$LAB" --profile "$p" --stations 1)"
+    RATE[$p]=$MBANK_LAB_RATE_BIT
+    ((RATE[$p] > 0)) || die "profile $p has no rate: the floor needs one"
+    log "  $($LAB_NET measure --name "$LAB" --size 16)"
+    # Warm the server's page cache for both sides.
+    cat "$BANK"/chunks/*/* "$ZST" >/dev/null
+    serve_start https
+    measure "$p" "mbank export, HTTPS, to a file" export_file
+    measure "$p" "mbank export, HTTPS, to /dev/null" export_null
+    serve_stop
+    if [[ -z ${BENCH_LAB_SKIP_HTTP:-} ]]; then
+        serve_start http
+        measure "$p" "mbank export, HTTP, to a file" export_file
+        serve_stop
+    fi
+    in_srv python3 -m http.server --bind "$MBANK_LAB_SERVER_ADDR" --directory "$T/www" 8099 >/dev/null 2>&1 &
+    WWW_PID=$!
+    for ((i = 0; i < 100; i++)); do
+        in_st curl -s -o /dev/null "http://$MBANK_LAB_SERVER_ADDR:8099/" && break
+        sleep 0.1
+    done
+    measure "$p" "curl of the zstd file, HTTP" curl_zst
+    www_stop
+    lab_down
+done
+
+# ==== report ========================================================================
+CURL_ROW="curl of the zstd file, HTTP"
+{
+    echo "## Lab network"
+    echo
+    echo "- $(date -u '+%F %H:%M UTC'); $note; uptime at start: ${uptime_start## }; at end: $(uptime | sed 's/^ *//')"
+    echo "- ${MBANK_NOTE:-mbank $MBANK}; $(nproc) cores; one station, the server and the shaping on this machine"
+    echo "- lab/base: $(human "$(bytes_of "$IMG")") Debian disk (base.raw), $(human "$STORED") in the bank;" \
+        "zstd -3 file $(human "$ZST_BYTES"); median of $RUNS run(s)"
+    echo
+    echo "| link | what | seconds | MiB/s of bytes moved | floor s | floor / this | curl / this |"
+    echo "|---|---|---:|---:|---:|---:|---:|"
+    for p in "${PROFILES[@]}"; do
+        floor=$(calc "$STORED * 8 / ${RATE[$p]}")
+        for row in "${ROWS[@]}"; do
+            t=${MED[$p,$row]}
+            moved=$STORED
+            [[ $row != "$CURL_ROW" ]] || moved=$ZST_BYTES
+            printf '| %s | %s | %.2f | %.1f | %.2f | %s | %s |\n' "$p" "$row" "$t" \
+                "$(calc "$moved / 1048576 / $t")" "$floor" "$(ratio "$floor" "$t")" \
+                "$(ratio "${MED[$p,$CURL_ROW]}" "$t")"
+        done
+    done
+    echo
+    echo "- floor: bytes in the bank / the link rate (tbf's rate; TCP carries about 95% of it);" \
+        "floor / this >= 0.9 is issue 12's goal for mbank, curl / this >= 1.00 its second"
+    echo "- MiB/s of bytes moved: bytes in the bank (mbank) or of the zstd file (curl) per second"
+} | tee "$CACHE_DIR/results/bench-lab.md"
