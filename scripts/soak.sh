@@ -2,7 +2,7 @@
 # Soak (a command, not a test): a bank server, 8 stations and GC and verify loops for N
 # minutes, then everything checked.
 #
-#   scripts/soak.sh --minutes N [--listen ADDR:PORT]
+#   scripts/soak.sh --minutes N [--listen ADDR:PORT | --lab PROFILE]
 #
 # - The bank (a directory) gets users s1..s8, lab/base (SOAK_DISK, default 256M, with
 #   SOAK_DATA, default 64M, of random data; imported on the host and published), and
@@ -22,8 +22,12 @@
 #   and its sha256 compared with the station's mirror; prints cycles, failures and the
 #   largest RSS per kind of process. Exit status 1 if anything failed.
 #
-# The lab network harness does not exist yet: stations and server share this machine
-# and talk over loopback unless --listen names another address of this host.
+# Without --lab, stations and server share this machine's network and talk over
+# loopback (or the address --listen names). With --lab PROFILE (1gbit, 100mbit, none) the
+# soak runs on a lab network (scripts/lab-net.sh): the server in its namespace, each
+# station (its attach, its NBD client) in its own behind a link shaped to PROFILE; the
+# bank's host jobs (gc, verify, the final checks) and the sampler stay in this one. The
+# lab is torn down at exit, also on failure or Ctrl-C.
 # Env: MBANK (binary; else built, in CARGO_TARGET_DIR if set), SOAK_STATIONS (8),
 # SOAK_DISK, SOAK_DATA, SOAK_WRITES, SOAK_PAUSE (s between a station's cycles, 1),
 # SOAK_GC_PAUSE, SOAK_VERIFY_PAUSE, SOAK_SAMPLE; MBANK_KEEP_TMP=1 keeps the files.
@@ -34,19 +38,41 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=/usr/bin/python3 # Debian's python: python3-libnbd
 HELPER=$REPO_ROOT/scripts/soak.py
 
-MINUTES= LISTEN=${SOAK_LISTEN:-127.0.0.1:0}
+USAGE="usage: $0 --minutes N [--listen ADDR:PORT | --lab 1gbit|100mbit|none]"
+MINUTES= LISTEN=${SOAK_LISTEN:-127.0.0.1:0} LAB=
 while (($#)); do
     case $1 in
     --minutes) MINUTES=${2:-}; shift 2 ;;
     --listen) LISTEN=${2:-}; shift 2 ;;
-    *) die "usage: $0 --minutes N [--listen ADDR:PORT]" ;;
+    --lab) LAB=${2:-}; shift 2 ;;
+    *) die "$USAGE" ;;
     esac
 done
-[[ $MINUTES =~ ^[1-9][0-9]*$ ]] || die "usage: $0 --minutes N [--listen ADDR:PORT] (N: whole minutes)"
+[[ $MINUTES =~ ^[1-9][0-9]*$ ]] || die "$USAGE (N: whole minutes)"
+N=${SOAK_STATIONS:-8}
+if [[ -n $LAB && -z ${MBANK_LAB:-} ]]; then
+    [[ $LAB =~ ^(1gbit|100mbit|none)$ ]] || die "--lab $LAB: give 1gbit, 100mbit or none"
+    # Again, inside a lab of N stations that lab-net.sh tears down whatever happens.
+    exec "$REPO_ROOT/scripts/lab-net.sh" run --stations "$N" --profile "$LAB" -- \
+        "$REPO_ROOT/scripts/soak.sh" --minutes "$MINUTES" --lab "$LAB"
+fi
+IN_SERVER=() # the command prefix that runs something in the server's namespace
+station_ns() { :; }
+if [[ -n $LAB ]]; then
+    LISTEN=$MBANK_LAB_SERVER_ADDR:0
+    IN_SERVER=(ip netns exec "$MBANK_LAB_SERVER_NS")
+    read -r -a LAB_STATIONS <<<"$MBANK_LAB_STATION_NS"
+    ((${#LAB_STATIONS[@]} == N)) || die "the lab has ${#LAB_STATIONS[@]} stations, not $N"
+    station_ns() { printf '%s' "${LAB_STATIONS[$(($1 - 1))]}"; }
+fi
+in_station() { # in_station K CMD...: CMD in station K's namespace (or here, without a lab)
+    local k=$1
+    shift
+    if [[ -n $LAB ]]; then ip netns exec "$(station_ns "$k")" "$@"; else "$@"; fi
+}
 [[ $LISTEN =~ ^([0-9.]+):([0-9]+)$ ]] || die "--listen $LISTEN: give IPv4ADDR:PORT (port 0: any free one)"
 HOST=${BASH_REMATCH[1]}
 bytes_arg() { numfmt --from=iec "${1%[bB]}"; }
-N=${SOAK_STATIONS:-8}
 DISK=$(bytes_arg "${SOAK_DISK:-256M}")
 DATA=$(bytes_arg "${SOAK_DATA:-64M}")
 WRITES=${SOAK_WRITES:-64}
@@ -118,7 +144,7 @@ rm -f "$T/stop"
 $PY "$HELPER" sample "$T/rss.csv" "$MBANK" "$SAMPLE" "$T/stop" $$ &
 SAMPLER_PID=$!
 
-"$MBANK" -q --bank "$BANK" serve --listen "$LISTEN" --tls-cert "$T/tls/cert.pem" \
+${IN_SERVER[@]+"${IN_SERVER[@]}"} "$MBANK" -q --bank "$BANK" serve --listen "$LISTEN" --tls-cert "$T/tls/cert.pem" \
     --tls-key "$T/tls/key.pem" >"$T/serve.out" 2>"$T/serve.log" </dev/null &
 SERVER_PID=$!
 URL=
@@ -132,9 +158,9 @@ done
 log "server: $URL"
 
 for ((k = 1; k <= N; k++)); do
-    printf 'soak-password-%s\n' "$k" | XDG_CONFIG_HOME=$T/cfg/$k "$MBANK" -q login "$URL" --user "s$k" \
-        --password-stdin --ca-cert "$T/tls/ca.pem" >/dev/null
-    XDG_CONFIG_HOME=$T/cfg/$k "$MBANK" -q --bank "$URL" create "s$k/dev" --from lab/base >/dev/null
+    printf 'soak-password-%s\n' "$k" | XDG_CONFIG_HOME=$T/cfg/$k in_station "$k" "$MBANK" -q login "$URL" \
+        --user "s$k" --password-stdin --ca-cert "$T/tls/ca.pem" >/dev/null
+    XDG_CONFIG_HOME=$T/cfg/$k in_station "$k" "$MBANK" -q --bank "$URL" create "s$k/dev" --from lab/base >/dev/null
     cp --sparse=always "$T/base.raw" "$T/mirror$k.raw"
 done
 
@@ -145,7 +171,7 @@ for ((k = 1; k <= N; k++)); do
     printf '{"k": %d, "mbank": "%s", "url": "%s", "cache": "%s", "cfg": "%s", "mirror": "%s", "socket": "%s", "deadline": %d, "writes": %d, "pause": %s, "out": "%s"}\n' \
         "$k" "$MBANK" "$URL" "$T/cache/$k" "$T/cfg/$k" "$T/mirror$k.raw" "$T/st$k.sock" \
         "$deadline" "$WRITES" "$PAUSE" "$T/station$k.jsonl" >"$T/station$k.json"
-    $PY "$HELPER" station "$T/station$k.json" 2>"$T/station$k.err" &
+    in_station "$k" $PY "$HELPER" station "$T/station$k.json" 2>"$T/station$k.err" &
     BG_PIDS+=($!)
 done
 host_loop() { # host_loop NAME PAUSE: runs `mbank NAME` on the bank's host until the deadline
@@ -216,8 +242,14 @@ chunks=$(find "$BANK/chunks" -type f -name '[0-9a-f]*' | wc -l)
     echo "## Soak"
     echo
     echo "- $(date -u '+%F %H:%M UTC'); $note; uptime at start: ${uptime_start## }; at end: $(uptime | sed 's/^ *//')"
-    echo "- ${MBANK_NOTE:-mbank $MBANK}; $(nproc) cores; \`scripts/soak.sh --minutes $MINUTES --listen $LISTEN\`;" \
-        "server $URL (TLS) and $N stations on this machine (no lab network yet)"
+    if [[ -n $LAB ]]; then
+        echo "- ${MBANK_NOTE:-mbank $MBANK}; $(nproc) cores; \`scripts/soak.sh --minutes $MINUTES --lab $LAB\`;" \
+            "server $URL (TLS) in its network namespace, $N stations each in its own behind a $LAB link" \
+            "(scripts/lab-net.sh, tbf both ways)"
+    else
+        echo "- ${MBANK_NOTE:-mbank $MBANK}; $(nproc) cores; \`scripts/soak.sh --minutes $MINUTES --listen $LISTEN\`;" \
+            "server $URL (TLS) and $N stations on this machine, over loopback"
+    fi
     echo "- lab/base $(human "$DISK") ($(human "$DATA") of data); per cycle $WRITES writes of 1-256 KiB;" \
         "gc every ${GC_PAUSE} s, verify every ${VERIFY_PAUSE} s"
     echo
