@@ -11,8 +11,14 @@
 //! base chunk. Check-in and recovery assemble each partly dirty chunk in memory
 //! ([`assemble_chunk`]) from the overlay's blocks and a freshly verified base chunk.
 //!
-//! Lock order: a chunk's stripe lock, then the flush lock; the flight map is held only
-//! to look up or insert a flight, never across I/O.
+//! A FLUSH appends the checksums of the blocks it makes durable to the session's
+//! journal; a write to a block whose checksum is durable first syncs an intent record
+//! ([`crate::session`] explains why).
+//!
+//! Lock order: the flush lock (the journal's mutex), then a chunk's stripe lock, then
+//! the pending-chunk list; a write takes the flush lock (for an intent) only while it
+//! holds no stripe lock. The flight map is held only to look up or insert a flight,
+//! never across I/O.
 
 use std::collections::HashMap;
 use std::fs::File;

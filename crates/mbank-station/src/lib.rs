@@ -10,7 +10,9 @@
 //! 1. [`Station::check_out`] takes the machine's lease in the catalog (one live session
 //!    per machine, DESIGN invariant 6), writes `session.json` and an empty overlay.
 //! 2. The [`device::Disk`] serves reads and writes (over NBD, see `mbank-nbd`). A FLUSH
-//!    or FUA write makes the overlay durable, then the dirty map (invariant 4).
+//!    or FUA write makes the overlay durable, then appends the checksums of the blocks
+//!    it made durable to the session's journal (invariant 4; [`session`] says why a
+//!    rewrite of a flushed block first syncs an intent record).
 //! 3. [`Station::check_in`] stores the dirty chunks (only those the bank lacks are
 //!    written), commits a version whose parent is the version checked out, moving the
 //!    head by compare-and-swap (a lost race is kept as its own version), then releases
@@ -20,7 +22,10 @@
 //!
 //! A session whose process died (kill -9, power loss) stays in `<cache>/sessions/`. The
 //! next `mbank attach` or `mbank recover` on the station finds it ([`Station::recover`])
-//! and checks in what its durable dirty map names: every flushed write.
+//! and checks in what its durable dirty map and journal name: every flushed write.
+//! Before anything is sent, every flushed block is re-hashed; a block that no longer
+//! holds what was flushed there (a flipped bit) sets the session aside, naming the
+//! blocks, and nothing of it is stored.
 //!
 //! ## Station identity
 //!

@@ -4,13 +4,15 @@
 //! <cache>/sessions/<session id>/session.json   what was checked out (below)
 //! <cache>/sessions/<session id>/overlay        sparse file, the disk's size: written blocks
 //! <cache>/sessions/<session id>/dirty          the durable dirty map (docs/formats.md)
+//! <cache>/sessions/<session id>/journal        flushes since the map was written
 //! <cache>/sessions/.new-<session id>/          a session being created (renamed when ready)
 //! <cache>/damaged/<session id>/                a session recovery could not account for, kept
 //! ```
 //!
 //! A session directory appears under its own name only once it is complete: it is
-//! made as `.new-<id>` (metadata, an empty overlay, an empty durable dirty map, all
-//! synced) and renamed. So a missing `session.json` or `dirty` in a session directory
+//! made as `.new-<id>` (metadata, an empty overlay, an empty durable dirty map and an
+//! empty journal, all synced) and renamed. So a missing `session.json`, `dirty` or
+//! (format 3) `journal` in a session directory
 //! is damage, never a session half made, and recovery sets such a session aside
 //! rather than guess (format 1 sessions, from before the empty map, are told apart by
 //! their `session.json` format).
@@ -21,10 +23,41 @@
 //! the kernel drops the lock when its holder dies, however it dies.
 //!
 //! The dirty map ([`DirtyMap`]) names, per chunk, the blocks the overlay holds. A
-//! block reaches the durable map only after its overlay data was fsynced, so after a
-//! crash every block the map names holds what the guest last flushed (or newer), and
-//! the rest of a partly written chunk comes from its base chunk. Blocks written but
-//! never flushed may be lost, as on a real disk.
+//! block reaches the durable state only after its overlay data was fsynced, so after a
+//! crash every block it names holds what the guest last flushed (or newer), and the
+//! rest of a partly written chunk comes from its base chunk. Blocks written but never
+//! flushed may be lost, as on a real disk.
+//!
+//! ## The journal, and checksums of flushed blocks
+//!
+//! The durable state is the `dirty` map file plus the `journal` that extends it (both
+//! in docs/formats.md). A FLUSH does not rewrite the map: it takes the checksum of each
+//! block written since the last flush (reading it back from the overlay), syncs the
+//! overlay, then appends one `Sum` record per block and a `Flush` record to the
+//! journal and syncs that: two syncs whatever the map's size. Now and then the journal
+//! is folded into a map of the next generation ([`DIRTY_VERSION`] 3 carries the
+//! checksums) and a new, empty journal; cut between the two, the journal is older than
+//! the map and is skipped, the map holding all it said.
+//!
+//! Recovery and check-in re-hash every flushed block and store nothing if one
+//! differs: a flipped bit in the overlay is reported, naming the blocks, never stored
+//! as valid data. The pitfall is that the overlay is updated in place: after a crash,
+//! a block the guest rewrote after its last flush legitimately holds old, new or torn
+//! data, and after a power loss the journal's unsynced tail and the overlay's unsynced
+//! pages survive independently, so a record of the rewrite cannot be relied on to
+//! have survived with the data. Hence the rule: a block whose checksum is durable
+//! (*sealed*) is rewritten only after an `Intent` record naming it is appended and
+//! synced; a block with a durable intent after its last checksum is not checked. So
+//! a block whose data differs from its checksum had no write issued since the flush
+//! that recorded it: it is damage. The cost is one journal sync on the first rewrite
+//! of a flushed block after each flush (the next flush seals it again); writes to
+//! blocks never flushed, and rewrites between two flushes, cost nothing more.
+//!
+//! A copy-on-write overlay (flushed data never overwritten) would avoid that sync
+//! but needs a block table and moves blocks away from their place in the raw
+//! `overlay`, which a user reads when a session is set aside; appending checksums
+//! without syncing them before the overlay write cannot tell a rewrite whose record
+//! was lost from a flipped bit.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};

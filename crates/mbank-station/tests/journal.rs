@@ -237,3 +237,135 @@ fn a_block_rewritten_after_its_flush_is_not_damage() {
     b2_now[100..150].fill(9);
     assert!(head[b2..b2 + 4096] == b2_now[..]);
 }
+
+/// A small deterministic generator for the tests' write plans.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Copies the session directory `from` to `to` (its files only).
+fn copy_session(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A process killed in the middle of a journal append leaves the records before the
+/// cut, maybe part of one, and the preallocated zeros: cut at every byte, the replayed
+/// journal names exactly the blocks of the flushes whose flush record is whole, and
+/// never fails.
+#[test]
+fn a_journal_cut_anywhere_keeps_exactly_the_whole_flushes() {
+    let mut f = fixture();
+    let disk = f.check_out();
+    disk.set_compact_bytes(u64::MAX);
+    let mut rng = Rng(0x9e3779b97f4a7c15);
+    // (journal end after the flush, the durable masks then)
+    let mut flushes = vec![(32u64, disk.durable_map().masks)];
+    for round in 0..24u8 {
+        for _ in 0..1 + rng.below(4) {
+            // Often a block flushed before: its rewrite syncs an intent first.
+            let c = rng.below(16) as usize;
+            let b = rng.below(16) as usize;
+            disk.write_sync((c * CS + b * 4096) as u64, Some(&block(round)), 4096)
+                .unwrap();
+        }
+        disk.flush_sync().unwrap();
+        let end = 32 + disk
+            .counters
+            .journal_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        flushes.push((end, disk.durable_map().masks));
+    }
+    assert!(
+        disk.counters
+            .intents
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0,
+        "the plan rewrote flushed blocks"
+    );
+    let journal = std::fs::read(disk.dir.dir.join("journal")).unwrap();
+    let dirty = std::fs::read(disk.dir.dirty_path()).unwrap();
+    let end = flushes.last().unwrap().0 as usize;
+    let tmp = f.dir.path().join("cut");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let sd = mbank_station::session::SessionDir { dir: tmp.clone() };
+    std::fs::write(sd.dirty_path(), &dirty).unwrap();
+    for cut in 32..=end {
+        let mut j = journal[..cut].to_vec();
+        j.resize(journal.len(), 0);
+        std::fs::write(sd.dir.join("journal"), &j).unwrap();
+        let map = sd
+            .read_dirty(DISK as u64, CS as u32)
+            .unwrap_or_else(|e| panic!("cut at byte {cut}: {e}"));
+        let want = &flushes
+            .iter()
+            .rev()
+            .find(|(e, _)| *e as usize <= cut)
+            .unwrap()
+            .1;
+        assert!(map.masks == *want, "cut at byte {cut}: wrong blocks");
+    }
+    drop(disk);
+}
+
+/// Compaction folds the journal into a new dirty map, then starts a new journal. Cut
+/// between the two, the new map is found with the old journal, which it supersedes:
+/// every flushed write is there. And a session that compacted often recovers whole.
+#[test]
+fn a_cut_inside_a_compaction_keeps_every_flushed_write() {
+    let mut f = fixture();
+    let disk = f.check_out();
+    disk.set_compact_bytes(0);
+    let mut rng = Rng(0x2545f4914f6cdd1d);
+    let mut want = f.base.clone();
+    let snap = f.dir.path().join("snap");
+    copy_session(&disk.dir.dir, &snap);
+    let mut seen = 0;
+    for round in 0..40u8 {
+        for _ in 0..1 + rng.below(6) {
+            let off = (rng.below(64) as usize * CS) + rng.below(16) as usize * 4096;
+            let d = block(round.wrapping_mul(7));
+            disk.write_sync(off as u64, Some(&d), 4096).unwrap();
+            want[off..off + 4096].copy_from_slice(&d);
+        }
+        disk.flush_sync().unwrap();
+        let n = disk
+            .counters
+            .compactions
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if n > seen {
+            seen = n;
+            // The new map with the journal as it was before this flush.
+            let cut = f.dir.path().join(format!("cut-{round}"));
+            copy_session(&snap, &cut);
+            std::fs::copy(disk.dir.dirty_path(), cut.join("dirty")).unwrap();
+            let sd = mbank_station::session::SessionDir { dir: cut };
+            let map = sd.read_dirty(DISK as u64, CS as u32).unwrap();
+            let durable = disk.durable_map();
+            assert!(map.masks == durable.masks, "round {round}");
+            assert!(map.sums == durable.sums, "round {round}");
+        }
+        std::fs::remove_dir_all(&snap).unwrap();
+        copy_session(&disk.dir.dir, &snap);
+    }
+    assert!(seen >= 3, "{seen} compactions: the test needs several");
+    crash(disk);
+    let r = f
+        .station
+        .recover(&mut f.bank, &ImportOptions::default())
+        .unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert!(f.head() == want, "every flushed write is in the recovered version");
+}
