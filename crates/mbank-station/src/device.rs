@@ -76,6 +76,10 @@ struct Journal {
     durable: Vec<u64>,
     /// The checksums the durable state holds (see [`DirtyMap::sums`]).
     sums: std::collections::BTreeMap<u64, BlockSum>,
+    /// A compaction failed part way: a map of the next generation may exist, which
+    /// would hide anything appended to this journal. Nothing is appended until a
+    /// compaction succeeds.
+    redo: bool,
 }
 
 /// The journal is folded into a new dirty map once its records exceed this many bytes
@@ -198,6 +202,7 @@ impl Disk {
                 seq: 0,
                 durable: vec![0; n],
                 sums: Default::default(),
+                redo: false,
             }),
             compact_bytes: AtomicU64::new(DEFAULT_COMPACT_BYTES),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -629,6 +634,9 @@ impl Disk {
     /// unseals them: from here on recovery does not hold them to their checksums.
     fn unseal(&self, i: usize, blocks: u64) -> Result<(), DeviceError> {
         let mut j = self.journal.lock().expect("flush lock");
+        if j.redo {
+            self.compact(&mut j)?;
+        }
         let mask = self.sealed[i].load(Ordering::Acquire) & blocks;
         if mask == 0 {
             return Ok(());
@@ -684,6 +692,9 @@ impl Disk {
     /// folded into a new map ([`Disk::set_compact_bytes`]).
     pub fn flush_sync(&self) -> Result<(), DeviceError> {
         let mut j = self.journal.lock().expect("flush lock");
+        if j.redo {
+            self.compact(&mut j)?;
+        }
         let chunks = std::mem::take(&mut *self.pending_chunks.lock().expect("pending lock"));
         let mut taken: Vec<(usize, u64)> = Vec::new();
         let mut sums: Vec<(u64, BlockSum)> = Vec::new();
@@ -760,6 +771,14 @@ impl Disk {
         if records <= self.compact_bytes.load(Ordering::Relaxed).max(2 * map_size) {
             return Ok(());
         }
+        self.compact(j)
+    }
+
+    /// Writes the durable state as the map of the next generation, then an empty
+    /// journal of that generation. If either fails, nothing more is appended until a
+    /// later call succeeds (the new map may be there already and would hide it).
+    fn compact(&self, j: &mut Journal) -> Result<(), DeviceError> {
+        j.redo = true;
         let mut map = DirtyMap::clean(self.base.disk_size, self.base.chunk_size);
         map.masks.copy_from_slice(&j.durable);
         map.sums = j.sums.clone();
@@ -778,6 +797,7 @@ impl Disk {
         j.file = file;
         j.generation = map.generation;
         j.end = JOURNAL_HEADER as u64;
+        j.redo = false;
         self.counters.compactions.fetch_add(1, Ordering::Relaxed);
         self.counters
             .journal_bytes

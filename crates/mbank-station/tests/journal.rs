@@ -282,10 +282,11 @@ fn a_journal_cut_anywhere_keeps_exactly_the_whole_flushes() {
                 .unwrap();
         }
         disk.flush_sync().unwrap();
-        let end = 32 + disk
-            .counters
-            .journal_bytes
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let end = 32
+            + disk
+                .counters
+                .journal_bytes
+                .load(std::sync::atomic::Ordering::Relaxed);
         flushes.push((end, disk.durable_map().masks));
     }
     assert!(
@@ -367,5 +368,8 @@ fn a_cut_inside_a_compaction_keeps_every_flushed_write() {
         .recover(&mut f.bank, &ImportOptions::default())
         .unwrap();
     assert!(r.problems.is_empty(), "{:?}", r.problems);
-    assert!(f.head() == want, "every flushed write is in the recovered version");
+    assert!(
+        f.head() == want,
+        "every flushed write is in the recovered version"
+    );
 }

@@ -338,7 +338,11 @@ fn round(seed: u64, metadata: Metadata, station: Station) -> Result<String, Stri
     let recovered = r.json()["recovered"].as_array().map_or(0, |a| a.len());
     let what = format!(
         "{what}; {recovered} session(s) recovered{}",
-        if compact { "; compacting at every flush" } else { "" }
+        if compact {
+            "; compacting at every flush"
+        } else {
+            ""
+        }
     );
     let out = bank.file("head.raw");
     let got = bank.export(&format!("alice/dev@{head}"), &out);
