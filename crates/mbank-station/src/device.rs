@@ -11,8 +11,14 @@
 //! base chunk. Check-in and recovery assemble each partly dirty chunk in memory
 //! ([`assemble_chunk`]) from the overlay's blocks and a freshly verified base chunk.
 //!
-//! Lock order: a chunk's stripe lock, then the flush lock; the flight map is held only
-//! to look up or insert a flight, never across I/O.
+//! A FLUSH appends the checksums of the blocks it makes durable to the session's
+//! journal; a write to a block whose checksum is durable first syncs an intent record
+//! ([`crate::session`] explains why).
+//!
+//! Lock order: the flush lock (the journal's mutex), then a chunk's stripe lock, then
+//! the pending-chunk list; a write takes the flush lock (for an intent) only while it
+//! holds no stripe lock. The flight map is held only to look up or insert a flight,
+//! never across I/O.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -27,7 +33,11 @@ use mbank_store::{ChunkStore, StoreError};
 
 use crate::StationError;
 use crate::cache::ChunkCache;
-use crate::session::{DirtyMap, SessionDir, SessionLock, SessionMeta, block_size_for, full_mask};
+use crate::session::{
+    BlockSum, DirtyMap, JOURNAL_HEADER, JOURNAL_PREALLOC, JOURNAL_RECORD, NewFiles, Record,
+    SessionDir, SessionLock, SessionMeta, block_size_for, block_sum, encode_dirty, encode_record,
+    full_mask,
+};
 
 const STRIPES: usize = 256;
 
@@ -44,7 +54,37 @@ struct Flight {
 pub struct DiskCounters {
     pub chunks_fetched: AtomicU64,
     pub bytes_fetched: AtomicU64,
+    /// Bytes appended to the journal (records, and the zeros it is extended by).
+    pub journal_bytes: AtomicU64,
+    /// Intent records synced before a flushed block was rewritten.
+    pub intents: AtomicU64,
+    /// Times the journal was folded into a new dirty map.
+    pub compactions: AtomicU64,
 }
+
+/// The journal a session appends its flushes to, and the durable state it and the
+/// dirty map file describe together. Its mutex is the flush lock.
+struct Journal {
+    file: File,
+    generation: u64,
+    /// Where the next record goes.
+    end: u64,
+    /// The file's length: zeros from `end` on.
+    len: u64,
+    seq: u64,
+    /// Per chunk, the blocks the durable state names (see [`DirtyMap`]).
+    durable: Vec<u64>,
+    /// The checksums the durable state holds (see [`DirtyMap::sums`]).
+    sums: std::collections::BTreeMap<u64, BlockSum>,
+    /// A compaction failed part way: a map of the next generation may exist, which
+    /// would hide anything appended to this journal. Nothing is appended until a
+    /// compaction succeeds.
+    redo: bool,
+}
+
+/// The journal is folded into a new dirty map once its records exceed this many bytes
+/// and twice the size of that map (so compaction costs a bounded share of the flushes).
+pub const DEFAULT_COMPACT_BYTES: u64 = 4 << 20;
 
 /// Appends exactly `n` bytes read at `off` of `f` to `buf`, without first zeroing
 /// them. On error `buf` is left as it was.
@@ -101,9 +141,17 @@ pub struct Disk {
     overlay: File,
     /// Per chunk, the blocks the overlay holds (see [`DirtyMap`]).
     dirty: Vec<AtomicU64>,
+    /// Per chunk, the blocks written since the last flush took them in: the next flush
+    /// records their checksums.
+    pending: Vec<AtomicU64>,
+    /// Chunks with pending blocks (a chunk may appear twice).
+    pending_chunks: Mutex<Vec<usize>>,
+    /// Per chunk, the blocks whose checksum a flush has taken and no intent has
+    /// released since: a write to one first syncs an intent record.
+    sealed: Vec<AtomicU64>,
     block_size: usize,
-    dirty_gen: AtomicU64,
-    durable_gen: Mutex<u64>,
+    journal: Mutex<Journal>,
+    compact_bytes: AtomicU64,
     stripes: Vec<Mutex<()>>,
     cache: Arc<ChunkCache>,
     store: Arc<dyn ChunkStore>,
@@ -125,68 +173,53 @@ fn io(what: &str, e: std::io::Error) -> DeviceError {
 }
 
 impl Disk {
-    /// A disk whose chunks named in `dirty_bits` (one bit per chunk, least significant
-    /// first) are whole in the overlay.
+    /// The disk of a new session ([`crate::session::NewSession::finish`]): nothing
+    /// written yet, an empty journal of generation 1.
     pub fn new(
         meta: SessionMeta,
-        dir: SessionDir,
+        files: NewFiles,
         base: DiskIndex,
-        overlay: File,
-        dirty_bits: Vec<u64>,
         cache: Arc<ChunkCache>,
         store: Arc<dyn ChunkStore>,
     ) -> Self {
-        let mut map = DirtyMap::clean(base.disk_size, base.chunk_size);
-        for i in 0..map.masks.len() {
-            if dirty_bits
-                .get(i / 64)
-                .is_some_and(|b| b & (1 << (i % 64)) != 0)
-            {
-                map.masks[i] = map.full_mask(i);
-            }
-        }
-        Self::with_map(meta, dir, base, overlay, map, cache, store)
-    }
-
-    /// A disk whose overlay holds the blocks `map` names.
-    pub fn with_map(
-        meta: SessionMeta,
-        dir: SessionDir,
-        base: DiskIndex,
-        overlay: File,
-        map: DirtyMap,
-        cache: Arc<ChunkCache>,
-        store: Arc<dyn ChunkStore>,
-    ) -> Self {
-        assert_eq!(
-            map.masks.len(),
-            base.chunks.len(),
-            "dirty map of another disk"
-        );
+        let len = files.journal.metadata().map_or(0, |m| m.len());
+        let n = base.chunks.len();
         Disk {
             meta,
-            dir,
+            dir: files.dir,
             block_size: block_size_for(base.chunk_size) as usize,
             base,
-            overlay,
-            dirty: map.masks.into_iter().map(AtomicU64::new).collect(),
-            dirty_gen: AtomicU64::new(0),
-            durable_gen: Mutex::new(0),
+            overlay: files.overlay,
+            dirty: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            pending: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            pending_chunks: Mutex::new(Vec::new()),
+            sealed: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            journal: Mutex::new(Journal {
+                file: files.journal,
+                generation: 1,
+                end: JOURNAL_HEADER as u64,
+                len,
+                seq: 0,
+                durable: vec![0; n],
+                sums: Default::default(),
+                redo: false,
+            }),
+            compact_bytes: AtomicU64::new(DEFAULT_COMPACT_BYTES),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             cache,
             store,
             flights: Mutex::new(HashMap::new()),
             demand: AtomicUsize::new(0),
             counters: DiskCounters::default(),
-            lock: None,
+            lock: Some(files.lock),
             reported: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
-    /// This disk holds `lock` (its session directory's) until it is dropped.
-    pub fn holding(mut self, lock: SessionLock) -> Self {
-        self.lock = Some(lock);
-        self
+    /// Folds the journal into a new dirty map once its records pass `bytes` (and twice
+    /// the map's size); [`DEFAULT_COMPACT_BYTES`] unless set.
+    pub fn set_compact_bytes(&self, bytes: u64) {
+        self.compact_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// True if this disk holds its session directory's lock.
@@ -212,20 +245,32 @@ impl Disk {
         full_mask(self.base.chunk_len(i), self.block_size as u32)
     }
 
-    /// Marks blocks of chunk `i` dirty; their data must already be in the overlay.
+    /// Marks blocks of chunk `i` dirty and pending; their data must already be in the
+    /// overlay. The caller holds the chunk's stripe lock.
     fn set_dirty(&self, i: usize, blocks: u64) {
-        let prev = self.dirty[i].fetch_or(blocks, Ordering::AcqRel);
-        if prev | blocks != prev {
-            self.dirty_gen.fetch_add(1, Ordering::AcqRel);
+        self.dirty[i].fetch_or(blocks, Ordering::AcqRel);
+        if self.pending[i].fetch_or(blocks, Ordering::AcqRel) == 0 {
+            self.pending_chunks.lock().expect("pending lock").push(i);
         }
     }
 
-    /// The dirty map as it is now.
+    /// The blocks the overlay holds, as it is now (flushed or not; no checksums).
     pub fn dirty_map(&self) -> DirtyMap {
         let mut map = DirtyMap::clean(self.base.disk_size, self.base.chunk_size);
         for (m, d) in map.masks.iter_mut().zip(&self.dirty) {
             *m = d.load(Ordering::Acquire);
         }
+        map
+    }
+
+    /// The durable state as of the last flush: what recovery would find (the blocks
+    /// flushed, with their checksums).
+    pub fn durable_map(&self) -> DirtyMap {
+        let j = self.journal.lock().expect("flush lock");
+        let mut map = DirtyMap::clean(self.base.disk_size, self.base.chunk_size);
+        map.masks.copy_from_slice(&j.durable);
+        map.sums = j.sums.clone();
+        map.generation = j.generation;
         map
     }
 
@@ -507,16 +552,30 @@ impl Disk {
     /// not zero, so it is a `pwrite` or two and cheap enough to run inline.
     fn write_is_fast(&self, off: u64, len: u64) -> bool {
         self.pieces(off, len).all(|(i, a, n)| {
-            let (_, _, head, tail) = self.write_plan(i, a, n);
-            !(head || tail) || self.base.chunks[i].is_none()
+            let (first, last, head, tail) = self.write_plan(i, a, n);
+            self.sealed[i].load(Ordering::Acquire) & block_range(first, last) == 0
+                && (!(head || tail) || self.base.chunks[i].is_none())
         })
     }
 
-    /// Writes `data` (or zeros, for `None`) at `off`.
+    /// Writes `data` (or zeros, for `None`) at `off`. A block a flush has taken the
+    /// checksum of is rewritten only once an intent record naming it is synced.
     pub fn write_sync(&self, off: u64, data: Option<&[u8]>, len: u64) -> Result<(), DeviceError> {
         let mut at = 0usize;
         for (i, a, n) in self.pieces(off, len) {
-            let _g = self.stripes[i % STRIPES].lock().expect("stripe lock");
+            let touched = block_range(a / self.block_size, (a + n - 1) / self.block_size);
+            // The intent is written without the stripe lock (a flush takes stripe
+            // locks under the flush lock); a flush may seal the blocks again before
+            // the lock is ours, so look again under it.
+            let _g = loop {
+                if self.sealed[i].load(Ordering::Acquire) & touched != 0 {
+                    self.unseal(i, touched)?;
+                }
+                let g = self.stripes[i % STRIPES].lock().expect("stripe lock");
+                if self.sealed[i].load(Ordering::Acquire) & touched == 0 {
+                    break g;
+                }
+            };
             let chunk_off = i as u64 * self.chunk_size();
             let clen = self.base.chunk_len(i);
             let piece = data.map(|d| &d[at..at + n]);
@@ -571,23 +630,178 @@ impl Disk {
         Ok(())
     }
 
-    /// Makes every write so far durable: overlay data first, then the dirty map that
-    /// points at it (DESIGN invariant 4).
-    pub fn flush_sync(&self) -> Result<(), DeviceError> {
-        let mut durable = self.durable_gen.lock().expect("flush lock");
-        let generation = self.dirty_gen.load(Ordering::Acquire);
-        // Taken before the fsync: every block it names was written before it was
-        // marked, so the fsync below covers its data.
-        let map = self.dirty_map();
-        self.overlay
-            .sync_data()
-            .map_err(|e| io("sync the session overlay", e))?;
-        if generation != *durable || !self.dir.dirty_path().exists() {
-            self.dir.write_dirty(&map).map_err(|e| {
-                DeviceError::io("write the dirty map", std::io::Error::other(e.to_string()))
-            })?;
-            *durable = generation;
+    /// Syncs an intent record for the sealed blocks of `blocks` in chunk `i`, and
+    /// unseals them: from here on recovery does not hold them to their checksums.
+    fn unseal(&self, i: usize, blocks: u64) -> Result<(), DeviceError> {
+        let mut j = self.journal.lock().expect("flush lock");
+        if j.redo {
+            self.compact(&mut j)?;
         }
+        let mask = self.sealed[i].load(Ordering::Acquire) & blocks;
+        if mask == 0 {
+            return Ok(());
+        }
+        let rec = encode_record(
+            j.generation,
+            &Record::Intent {
+                chunk: i as u64,
+                mask,
+            },
+        );
+        self.append(&mut j, &rec)?;
+        self.counters.intents.fetch_add(1, Ordering::Relaxed);
+        self.sealed[i].fetch_and(!mask, Ordering::AcqRel);
+        for b in (0..64).filter(|b| mask & (1 << b) != 0) {
+            j.sums.remove(&(i as u64 * 64 + b));
+        }
+        Ok(())
+    }
+
+    /// Appends `bytes` to the journal and syncs it. The bytes overwrite zeros the file
+    /// already holds (it is extended, synced, ahead of need), so the sync changes no
+    /// metadata.
+    fn append(&self, j: &mut Journal, bytes: &[u8]) -> Result<(), DeviceError> {
+        let need = j.end + bytes.len() as u64;
+        if need > j.len {
+            let grow = (need - j.len).max(JOURNAL_PREALLOC);
+            j.file
+                .write_all_at(&vec![0u8; grow as usize], j.len)
+                .and_then(|()| j.file.sync_data())
+                .map_err(|e| io("extend the session journal", e))?;
+            j.len += grow;
+            self.counters
+                .journal_bytes
+                .fetch_add(grow, Ordering::Relaxed);
+        }
+        j.file
+            .write_all_at(bytes, j.end)
+            .and_then(|()| j.file.sync_data())
+            .map_err(|e| io("append to the session journal", e))?;
+        j.end = need;
+        self.counters
+            .journal_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes every write so far durable (DESIGN invariant 4): the checksums of the
+    /// blocks written since the last flush are taken (each chunk's under its stripe
+    /// lock, sealing those blocks), the overlay is synced, then their records and a
+    /// flush record are appended to the journal and synced. A flush costs the data it
+    /// makes durable, not the size of the dirty map; now and then the journal is
+    /// folded into a new map ([`Disk::set_compact_bytes`]).
+    pub fn flush_sync(&self) -> Result<(), DeviceError> {
+        let mut j = self.journal.lock().expect("flush lock");
+        if j.redo {
+            self.compact(&mut j)?;
+        }
+        let chunks = std::mem::take(&mut *self.pending_chunks.lock().expect("pending lock"));
+        let mut taken: Vec<(usize, u64)> = Vec::new();
+        let mut sums: Vec<(u64, BlockSum)> = Vec::new();
+        let mut buf = Vec::new();
+        let mut failed = None;
+        for &i in &chunks {
+            let _g = self.stripes[i % STRIPES].lock().expect("stripe lock");
+            let p = self.pending[i].swap(0, Ordering::AcqRel);
+            if p == 0 {
+                continue;
+            }
+            taken.push((i, p));
+            if failed.is_some() {
+                continue;
+            }
+            // The pending blocks' span of the chunk, in one read.
+            let bs = self.block_size;
+            let (first, last) = (p.trailing_zeros() as usize, 63 - p.leading_zeros() as usize);
+            let clen = self.base.chunk_len(i);
+            let (s, e) = (first * bs, ((last + 1) * bs).min(clen));
+            buf.clear();
+            let off = i as u64 * self.chunk_size();
+            if let Err(e) = append_pread(&mut buf, &self.overlay, off + s as u64, e - s) {
+                failed = Some(io("read the session overlay to checksum it", e));
+                continue;
+            }
+            for b in (first..=last).filter(|b| p & (1 << b) != 0) {
+                let r = (b * bs - s)..(((b + 1) * bs).min(clen) - s);
+                sums.push((i as u64 * 64 + b as u64, block_sum(&buf[r])));
+            }
+            self.sealed[i].fetch_or(p, Ordering::AcqRel);
+        }
+        let done = match failed {
+            Some(e) => Err(e),
+            None => self
+                .overlay
+                .sync_data()
+                .map_err(|e| io("sync the session overlay", e))
+                .and_then(|()| {
+                    if sums.is_empty() {
+                        return Ok(());
+                    }
+                    let g = j.generation;
+                    let mut bytes = Vec::with_capacity((sums.len() + 1) * JOURNAL_RECORD);
+                    for &(block, sum) in &sums {
+                        bytes.extend_from_slice(&encode_record(g, &Record::Sum { block, sum }));
+                    }
+                    j.seq += 1;
+                    bytes.extend_from_slice(&encode_record(g, &Record::Flush { seq: j.seq }));
+                    self.append(&mut j, &bytes)
+                }),
+        };
+        if let Err(e) = done {
+            // Not durable: the next flush takes these blocks again.
+            for (i, p) in taken {
+                self.set_dirty(i, p);
+            }
+            return Err(e);
+        }
+        for &(block, sum) in &sums {
+            j.durable[(block / 64) as usize] |= 1 << (block % 64);
+            j.sums.insert(block, sum);
+        }
+        self.maybe_compact(&mut j)
+    }
+
+    /// Folds the journal into a new dirty map when it has grown past the threshold:
+    /// the map of the next generation (written atomically), then an empty journal of
+    /// that generation (written atomically). Cut between the two, the map is newer
+    /// than the journal, which recovery then skips: the map holds all it said.
+    fn maybe_compact(&self, j: &mut Journal) -> Result<(), DeviceError> {
+        let records = j.end - JOURNAL_HEADER as u64;
+        let map_size = (j.sums.len() * 24 + j.durable.len() / 8) as u64;
+        if records <= self.compact_bytes.load(Ordering::Relaxed).max(2 * map_size) {
+            return Ok(());
+        }
+        self.compact(j)
+    }
+
+    /// Writes the durable state as the map of the next generation, then an empty
+    /// journal of that generation. If either fails, nothing more is appended until a
+    /// later call succeeds (the new map may be there already and would hide it).
+    fn compact(&self, j: &mut Journal) -> Result<(), DeviceError> {
+        j.redo = true;
+        let mut map = DirtyMap::clean(self.base.disk_size, self.base.chunk_size);
+        map.masks.copy_from_slice(&j.durable);
+        map.sums = j.sums.clone();
+        map.generation = j.generation + 1;
+        let bytes = encode_dirty(&map);
+        let fail = |what: &str, e: crate::StationError| {
+            DeviceError::io(what.to_string(), std::io::Error::other(e.to_string()))
+        };
+        crate::session::write_atomic(&self.dir.dirty_path(), &bytes)
+            .map_err(|e| fail("write the dirty map", e))?;
+        let file = self
+            .dir
+            .create_journal(map.generation, map.block_size)
+            .map_err(|e| fail("start a new session journal", e))?;
+        j.len = file.metadata().map_or(0, |m| m.len());
+        j.file = file;
+        j.generation = map.generation;
+        j.end = JOURNAL_HEADER as u64;
+        j.redo = false;
+        self.counters.compactions.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .journal_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1088,10 +1302,16 @@ mod tests {
             .dir
             .read_dirty(DISK as u64, CS as u32)
             .expect("the durable map reads back");
-        assert_eq!(map, disk.dirty_map());
+        assert_eq!(map, disk.durable_map());
+        assert_eq!(map.masks, disk.dirty_map().masks);
         assert_eq!(map.masks[1..5], [0b100, 0b1, 0b110, 0xffff]);
+        assert_eq!(
+            map.sums.len(),
+            1 + 1 + 2 + 16,
+            "a checksum per flushed block"
+        );
         let bytes = std::fs::read(disk.dir.dirty_path()).unwrap();
-        assert_eq!(bytes[4], 2, "format 2");
+        assert_eq!(bytes[4], 3, "format 3");
 
         // Written, never flushed: into a clean block of a partly dirty chunk, and into
         // a clean chunk. The overlay holds them, the durable map does not.

@@ -10,7 +10,9 @@
 //! 1. [`Station::check_out`] takes the machine's lease in the catalog (one live session
 //!    per machine, DESIGN invariant 6), writes `session.json` and an empty overlay.
 //! 2. The [`device::Disk`] serves reads and writes (over NBD, see `mbank-nbd`). A FLUSH
-//!    or FUA write makes the overlay durable, then the dirty map (invariant 4).
+//!    or FUA write makes the overlay durable, then appends the checksums of the blocks
+//!    it made durable to the session's journal (invariant 4; [`session`] says why a
+//!    rewrite of a flushed block first syncs an intent record).
 //! 3. [`Station::check_in`] stores the dirty chunks (only those the bank lacks are
 //!    written), commits a version whose parent is the version checked out, moving the
 //!    head by compare-and-swap (a lost race is kept as its own version), then releases
@@ -20,7 +22,10 @@
 //!
 //! A session whose process died (kill -9, power loss) stays in `<cache>/sessions/`. The
 //! next `mbank attach` or `mbank recover` on the station finds it ([`Station::recover`])
-//! and checks in what its durable dirty map names: every flushed write.
+//! and checks in what its durable dirty map and journal name: every flushed write.
+//! Before anything is sent, every flushed block is re-hashed; a block that no longer
+//! holds what was flushed there (a flipped bit) sets the session aside, naming the
+//! blocks, and nothing of it is stored.
 //!
 //! ## Station identity
 //!
@@ -64,10 +69,42 @@ pub enum StationError {
     },
     #[error("session state {} is damaged: {why}", path.display())]
     BadSession { path: PathBuf, why: String },
+    /// Flushed blocks of a session's overlay no longer hold what was flushed there.
+    #[error(
+        "the session overlay {} does not hold what was flushed to {}: {}",
+        path.display(),
+        if blocks.len() == 1 { "one block" } else { "some blocks" },
+        describe_blocks(blocks, *chunk_size, *block_size)
+    )]
+    OverlayDamaged {
+        path: PathBuf,
+        /// Block numbers (chunk × 64 + block in the chunk).
+        blocks: Vec<u64>,
+        block_size: u32,
+        chunk_size: u32,
+    },
     #[error(transparent)]
     Bank(#[from] BankError),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+}
+
+/// Names damaged overlay blocks by chunk, block and byte range of the disk (the
+/// first 16 of them, and how many more).
+fn describe_blocks(blocks: &[u64], chunk_size: u32, block_size: u32) -> String {
+    let mut out: Vec<String> = blocks
+        .iter()
+        .take(16)
+        .map(|b| {
+            let (i, j) = (b / 64, b % 64);
+            let off = i * chunk_size as u64 + j * block_size as u64;
+            format!("the block at byte {off} of the disk (chunk {i}, block {j})")
+        })
+        .collect();
+    if blocks.len() > 16 {
+        out.push(format!("and {} more", blocks.len() - 16));
+    }
+    out.join(", ")
 }
 
 /// What a session did, as `attach --json` prints it.
@@ -448,26 +485,22 @@ impl Station {
             started_ms: now_ms(),
             bank: bank.location().to_string(),
         };
-        let (dir, overlay, lock) = match new.finish(&meta) {
+        let files = match new.finish(&meta) {
             Ok(x) => x,
             Err(e) => {
                 let _ = bank.catalog().release_lease(&v.machine, &session);
                 return Err(e);
             }
         };
-        let bits = vec![0u64; index.chunks.len().div_ceil(64)];
-        Ok(Arc::new(
-            Disk::new(
-                meta,
-                dir,
-                index,
-                overlay,
-                bits,
-                self.cache.clone(),
-                fetch_from,
-            )
-            .holding(lock),
-        ))
+        let disk = Disk::new(meta, files, index, self.cache.clone(), fetch_from);
+        // For tests and benchmarks: fold the journal into the map more (or less) often.
+        if let Some(b) = std::env::var("MBANK_JOURNAL_COMPACT_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            disk.set_compact_bytes(b);
+        }
+        Ok(Arc::new(disk))
     }
 
     /// Checks in a live session: flushes it, stores its dirty chunks, commits a version,
@@ -501,7 +534,7 @@ impl Station {
             &disk.dir,
             &disk.base,
             disk.overlay(),
-            &disk.dirty_map(),
+            &disk.durable_map(),
             extras,
             opts,
             progress,
@@ -569,6 +602,17 @@ impl Station {
             report.head_moved =
                 bank.catalog().machine(&machine)?.and_then(|m| m.head) == Some(done.id);
         } else if commit {
+            // Nothing goes to the bank unless every flushed block still holds what was
+            // flushed there (a flipped bit in the overlay is not stored as valid data).
+            let bad = session::damaged_blocks(overlay, &dir.overlay_path(), map)?;
+            if !bad.is_empty() {
+                return Err(StationError::OverlayDamaged {
+                    path: dir.overlay_path(),
+                    blocks: bad,
+                    block_size: map.block_size,
+                    chunk_size: map.chunk_size,
+                });
+            }
             let writer = bank.begin_write(&format!("check-in {}", meta.machine))?;
             let parent = meta.base_version()?;
             let (mut config, mut streams) = (None, Vec::new());
@@ -929,7 +973,10 @@ impl Station {
                 opts,
                 &NoProgress,
             )
-            .map_err(|e| later(bank, format!("checking it in failed: {e}")))?;
+            .map_err(|e| match e {
+                StationError::OverlayDamaged { .. } => damaged(bank, Some(m), e.to_string()),
+                e => later(bank, format!("checking it in failed: {e}")),
+            })?;
         r.recovered = true;
         Ok(Some(r))
     }

@@ -4,13 +4,15 @@
 //! <cache>/sessions/<session id>/session.json   what was checked out (below)
 //! <cache>/sessions/<session id>/overlay        sparse file, the disk's size: written blocks
 //! <cache>/sessions/<session id>/dirty          the durable dirty map (docs/formats.md)
+//! <cache>/sessions/<session id>/journal        flushes since the map was written
 //! <cache>/sessions/.new-<session id>/          a session being created (renamed when ready)
 //! <cache>/damaged/<session id>/                a session recovery could not account for, kept
 //! ```
 //!
 //! A session directory appears under its own name only once it is complete: it is
-//! made as `.new-<id>` (metadata, an empty overlay, an empty durable dirty map, all
-//! synced) and renamed. So a missing `session.json` or `dirty` in a session directory
+//! made as `.new-<id>` (metadata, an empty overlay, an empty durable dirty map and an
+//! empty journal, all synced) and renamed. So a missing `session.json`, `dirty` or
+//! (format 3) `journal` in a session directory
 //! is damage, never a session half made, and recovery sets such a session aside
 //! rather than guess (format 1 sessions, from before the empty map, are told apart by
 //! their `session.json` format).
@@ -21,11 +23,43 @@
 //! the kernel drops the lock when its holder dies, however it dies.
 //!
 //! The dirty map ([`DirtyMap`]) names, per chunk, the blocks the overlay holds. A
-//! block reaches the durable map only after its overlay data was fsynced, so after a
-//! crash every block the map names holds what the guest last flushed (or newer), and
-//! the rest of a partly written chunk comes from its base chunk. Blocks written but
-//! never flushed may be lost, as on a real disk.
+//! block reaches the durable state only after its overlay data was fsynced, so after a
+//! crash every block it names holds what the guest last flushed (or newer), and the
+//! rest of a partly written chunk comes from its base chunk. Blocks written but never
+//! flushed may be lost, as on a real disk.
+//!
+//! ## The journal, and checksums of flushed blocks
+//!
+//! The durable state is the `dirty` map file plus the `journal` that extends it (both
+//! in docs/formats.md). A FLUSH does not rewrite the map: it takes the checksum of each
+//! block written since the last flush (reading it back from the overlay), syncs the
+//! overlay, then appends one `Sum` record per block and a `Flush` record to the
+//! journal and syncs that: two syncs whatever the map's size. Now and then the journal
+//! is folded into a map of the next generation ([`DIRTY_VERSION`] 3 carries the
+//! checksums) and a new, empty journal; cut between the two, the journal is older than
+//! the map and is skipped, the map holding all it said.
+//!
+//! Recovery and check-in re-hash every flushed block and store nothing if one
+//! differs: a flipped bit in the overlay is reported, naming the blocks, never stored
+//! as valid data. The pitfall is that the overlay is updated in place: after a crash,
+//! a block the guest rewrote after its last flush legitimately holds old, new or torn
+//! data, and after a power loss the journal's unsynced tail and the overlay's unsynced
+//! pages survive independently, so a record of the rewrite cannot be relied on to
+//! have survived with the data. Hence the rule: a block whose checksum is durable
+//! (*sealed*) is rewritten only after an `Intent` record naming it is appended and
+//! synced; a block with a durable intent after its last checksum is not checked. So
+//! a block whose data differs from its checksum had no write issued since the flush
+//! that recorded it: it is damage. The cost is one journal sync on the first rewrite
+//! of a flushed block after each flush (the next flush seals it again); writes to
+//! blocks never flushed, and rewrites between two flushes, cost nothing more.
+//!
+//! A copy-on-write overlay (flushed data never overwritten) would avoid that sync
+//! but needs a block table and moves blocks away from their place in the raw
+//! `overlay`, which a user reads when a session is set aside; appending checksums
+//! without syncing them before the overlay write cannot tell a rewrite whose record
+//! was lost from a flipped bit.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -36,16 +70,32 @@ use serde::{Deserialize, Serialize};
 use crate::StationError;
 
 pub const DIRTY_MAGIC: [u8; 4] = *b"MBDM";
-/// The dirty map format this build writes: 2 (per-block masks of partly dirty chunks).
-/// Version 1 (one bit per chunk, every dirty chunk whole in the overlay) is still read.
-pub const DIRTY_VERSION: u8 = 2;
+/// The dirty map format this build writes: 3 (a generation, and a checksum of every
+/// block flushed, beside format 2's per-block masks). Versions 1 (one bit per chunk,
+/// every dirty chunk whole in the overlay) and 2 (no checksums, no journal) are still read.
+pub const DIRTY_VERSION: u8 = 3;
 const DIRTY_HEADER_V1: usize = 16;
 const DIRTY_HEADER_V2: usize = 32;
+const DIRTY_HEADER_V3: usize = 48;
 const DIRTY_ENTRY: usize = 16;
+const DIRTY_SUM_ENTRY: usize = 8 + BLOCK_SUM;
 const DIRTY_TRAILER: usize = 32;
-/// Format of `session.json` this build writes: 2 (the session's directory is complete,
-/// with an empty durable dirty map, before it appears). Format 1 is still read.
-pub const SESSION_FORMAT: u32 = 2;
+/// Format of `session.json` this build writes: 3 (the session keeps a journal beside
+/// its dirty map). Formats 1 and 2 are still read; an older mbank refuses format 3
+/// (and sets the session aside) rather than miss the writes only the journal names.
+pub const SESSION_FORMAT: u32 = 3;
+
+pub const JOURNAL_MAGIC: [u8; 4] = *b"MBJL";
+pub const JOURNAL_VERSION: u8 = 1;
+pub const JOURNAL_HEADER: usize = 32;
+pub const JOURNAL_RECORD: usize = 48;
+/// Bytes of a block's checksum: the first 16 bytes of its BLAKE3 hash.
+pub const BLOCK_SUM: usize = 16;
+/// A block's checksum ([`block_sum`]).
+pub type BlockSum = [u8; BLOCK_SUM];
+/// Zeros a journal is extended by ahead of its records, so an append overwrites bytes
+/// the file already has and its `fdatasync` changes no file metadata.
+pub const JOURNAL_PREALLOC: u64 = 256 << 10;
 
 /// `session.json`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -91,12 +141,10 @@ pub struct NewSession {
 }
 
 impl NewSession {
-    /// Writes the metadata, an empty overlay of the disk's size and an empty durable
-    /// dirty map, all synced, and renames the directory into place.
-    pub fn finish(
-        self,
-        meta: &SessionMeta,
-    ) -> Result<(SessionDir, File, SessionLock), StationError> {
+    /// Writes the metadata, an empty overlay of the disk's size, an empty durable
+    /// dirty map (generation 1) and its empty journal, all synced, and renames the
+    /// directory into place.
+    pub fn finish(self, meta: &SessionMeta) -> Result<NewFiles, StationError> {
         let tmp = &self.tmp;
         let made = (|| {
             write_atomic(
@@ -116,14 +164,22 @@ impl NewSession {
             overlay
                 .sync_all()
                 .map_err(io("sync", &tmp.overlay_path()))?;
-            tmp.write_dirty(&DirtyMap::clean(meta.disk_size, meta.chunk_size))?;
+            let mut map = DirtyMap::clean(meta.disk_size, meta.chunk_size);
+            map.generation = 1;
+            tmp.write_dirty(&map)?;
+            let journal = tmp.create_journal(map.generation, map.block_size)?;
             fs::rename(&tmp.dir, &self.dir).map_err(io("rename into place", &tmp.dir))?;
             let parent = self.dir.parent().unwrap_or(Path::new("."));
             sync_dir(parent).map_err(io("sync", parent))?;
-            Ok(overlay)
+            Ok((overlay, journal))
         })();
         match made {
-            Ok(overlay) => Ok((SessionDir { dir: self.dir }, overlay, self.lock)),
+            Ok((overlay, journal)) => Ok(NewFiles {
+                dir: SessionDir { dir: self.dir },
+                overlay,
+                journal,
+                lock: self.lock,
+            }),
             Err(e) => {
                 let _ = fs::remove_dir_all(&tmp.dir);
                 Err(e)
@@ -135,6 +191,16 @@ impl NewSession {
     pub fn abandon(self) {
         let _ = fs::remove_dir_all(&self.tmp.dir);
     }
+}
+
+/// A session made by [`NewSession::finish`]: its directory, its open overlay and
+/// journal, and its lock.
+#[derive(Debug)]
+pub struct NewFiles {
+    pub dir: SessionDir,
+    pub overlay: File,
+    pub journal: File,
+    pub lock: SessionLock,
 }
 
 /// An exclusive `flock` on a session's directory: whoever holds it serves or recovers
@@ -158,6 +224,24 @@ impl SessionDir {
     }
     pub fn dirty_path(&self) -> PathBuf {
         self.dir.join("dirty")
+    }
+    pub fn journal_path(&self) -> PathBuf {
+        self.dir.join("journal")
+    }
+
+    /// Makes a new, empty journal of `generation` durably (header and
+    /// [`JOURNAL_PREALLOC`] zeros; temp file, fsync, rename, fsync the directory) and
+    /// opens it for appending.
+    pub fn create_journal(&self, generation: u64, block_size: u32) -> Result<File, StationError> {
+        let mut bytes = journal_header(generation, block_size).to_vec();
+        bytes.resize(JOURNAL_HEADER + JOURNAL_PREALLOC as usize, 0);
+        let p = self.journal_path();
+        write_atomic(&p, &bytes)?;
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .map_err(io("open", &p))
     }
 
     /// Starts making the session `dir` (which must not exist): a locked `.new-` directory
@@ -241,7 +325,7 @@ impl SessionDir {
                 path: p.clone(),
                 why: e.to_string(),
             })?;
-        if m.format != 1 && m.format != SESSION_FORMAT {
+        if !(1..=SESSION_FORMAT).contains(&m.format) {
             return Err(StationError::BadSession {
                 path: p,
                 why: format!(
@@ -260,16 +344,37 @@ impl SessionDir {
 
     /// Reads the durable dirty map (format 1 or 2) of a disk of `disk_size` bytes in
     /// chunks of `chunk_size`; a session that never flushed has none (all clean).
+    ///
+    /// A map of format 3 is extended by the session's journal, which must be there: the
+    /// result is the map with the journal replayed ([`replay_journal`]).
     pub fn read_dirty(&self, disk_size: u64, chunk_size: u32) -> Result<DirtyMap, StationError> {
         let p = self.dirty_path();
-        match fs::read(&p) {
-            Ok(b) => decode_dirty(&b, disk_size, chunk_size)
-                .map_err(|why| StationError::BadSession { path: p, why }),
+        let bytes = match fs::read(&p) {
+            Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok(DirtyMap::clean(disk_size, chunk_size))
+                return Ok(DirtyMap::clean(disk_size, chunk_size));
             }
-            Err(e) => Err(io("read", &p)(e)),
+            Err(e) => return Err(io("read", &p)(e)),
+        };
+        let mut map = decode_dirty(&bytes, disk_size, chunk_size)
+            .map_err(|why| StationError::BadSession { path: p, why })?;
+        if bytes[4] < 3 {
+            return Ok(map);
         }
+        let j = self.journal_path();
+        let journal = match fs::read(&j) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StationError::BadSession {
+                    path: j,
+                    why: "it is missing (the dirty map needs it)".into(),
+                });
+            }
+            Err(e) => return Err(io("read", &j)(e)),
+        };
+        replay_journal(&mut map, &journal)
+            .map_err(|why| StationError::BadSession { path: j, why })?;
+        Ok(map)
     }
 
     pub fn remove(&self) -> Result<(), StationError> {
@@ -302,7 +407,7 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StationError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StationError> {
     let tmp = path.with_extension("tmp");
     let w = || -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
@@ -331,6 +436,10 @@ pub fn full_mask(chunk_len: usize, block_size: u32) -> u64 {
 /// Which blocks of each chunk the session overlay holds. A chunk is clean (mask 0),
 /// whole in the overlay (every block of it set: its full mask), or partly dirty: the
 /// overlay holds the set blocks, the base chunk holds the rest.
+///
+/// A durable map also carries the checksum of each block as it was flushed
+/// ([`DirtyMap::sums`]); a block in the overlay without one is not checked (a session
+/// of an older mbank, or a block the guest began to rewrite after its last flush).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirtyMap {
     pub disk_size: u64,
@@ -338,6 +447,11 @@ pub struct DirtyMap {
     pub block_size: u32,
     /// Per chunk: bit *j* set = block *j* of the chunk is in the overlay.
     pub masks: Vec<u64>,
+    /// The map file's generation: the journal that extends it has the same one.
+    pub generation: u64,
+    /// By block number (chunk × 64 + block in the chunk): the checksum the block's
+    /// overlay data had when it was flushed.
+    pub sums: BTreeMap<u64, BlockSum>,
 }
 
 impl DirtyMap {
@@ -348,7 +462,16 @@ impl DirtyMap {
             chunk_size,
             block_size: block_size_for(chunk_size),
             masks: vec![0; disk_size.div_ceil(chunk_size as u64) as usize],
+            generation: 0,
+            sums: BTreeMap::new(),
         }
+    }
+
+    /// The bytes of block `j` of chunk `i` within the chunk (the last may be short).
+    pub fn block_range(&self, i: usize, j: usize) -> std::ops::Range<usize> {
+        let bs = self.block_size as usize;
+        let len = self.chunk_len(i);
+        (j * bs).min(len)..((j + 1) * bs).min(len)
     }
 
     /// Bytes in chunk `i` (the last chunk may be short).
@@ -370,8 +493,9 @@ impl DirtyMap {
     }
 }
 
-/// The dirty map's bytes (format 2): header, one bit per chunk with any block in the
-/// overlay, the block masks of the chunks only partly there, BLAKE3 trailer.
+/// The dirty map's bytes (format 3): header, one bit per chunk with any block in the
+/// overlay, the block masks of the chunks only partly there, the checksums of the
+/// blocks flushed, BLAKE3 trailer.
 pub fn encode_dirty(map: &DirtyMap) -> Vec<u8> {
     let count = map.masks.len();
     let nbytes = count.div_ceil(8);
@@ -379,8 +503,13 @@ pub fn encode_dirty(map: &DirtyMap) -> Vec<u8> {
         .filter(|&i| map.masks[i] != 0 && map.masks[i] != map.full_mask(i))
         .map(|i| (i, map.masks[i]))
         .collect();
-    let mut out =
-        Vec::with_capacity(DIRTY_HEADER_V2 + nbytes + partial.len() * DIRTY_ENTRY + DIRTY_TRAILER);
+    let mut out = Vec::with_capacity(
+        DIRTY_HEADER_V3
+            + nbytes
+            + partial.len() * DIRTY_ENTRY
+            + map.sums.len() * DIRTY_SUM_ENTRY
+            + DIRTY_TRAILER,
+    );
     out.extend_from_slice(&DIRTY_MAGIC);
     out.push(DIRTY_VERSION);
     out.extend_from_slice(&[0; 3]);
@@ -388,6 +517,8 @@ pub fn encode_dirty(map: &DirtyMap) -> Vec<u8> {
     out.extend_from_slice(&map.block_size.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&(partial.len() as u64).to_le_bytes());
+    out.extend_from_slice(&map.generation.to_le_bytes());
+    out.extend_from_slice(&(map.sums.len() as u64).to_le_bytes());
     let mut bits = vec![0u8; nbytes];
     for (i, m) in map.masks.iter().enumerate() {
         if *m != 0 {
@@ -399,9 +530,20 @@ pub fn encode_dirty(map: &DirtyMap) -> Vec<u8> {
         out.extend_from_slice(&(i as u64).to_le_bytes());
         out.extend_from_slice(&m.to_le_bytes());
     }
+    for (b, sum) in &map.sums {
+        out.extend_from_slice(&b.to_le_bytes());
+        out.extend_from_slice(sum);
+    }
     let sum = blake3_of(&out);
     out.extend_from_slice(&sum);
     out
+}
+
+/// The checksum of a block's bytes: the first [`BLOCK_SUM`] bytes of their BLAKE3 hash.
+pub fn block_sum(data: &[u8]) -> BlockSum {
+    let mut s = [0u8; BLOCK_SUM];
+    s.copy_from_slice(&blake3_of(data)[..BLOCK_SUM]);
+    s
 }
 
 fn blake3_of(b: &[u8]) -> [u8; 32] {
@@ -425,7 +567,8 @@ pub fn decode_dirty(b: &[u8], disk_size: u64, chunk_size: u32) -> Result<DirtyMa
     let header = match b[4] {
         1 => DIRTY_HEADER_V1,
         2 => DIRTY_HEADER_V2,
-        v => return Err(format!("dirty map format {v} (this mbank knows 1 and 2)")),
+        3 => DIRTY_HEADER_V3,
+        v => return Err(format!("dirty map format {v} (this mbank knows 1 to 3)")),
     };
     if b.len() < header + nbytes + DIRTY_TRAILER {
         return Err(format!("dirty map is {} bytes, too short", b.len()));
@@ -439,7 +582,7 @@ pub fn decode_dirty(b: &[u8], disk_size: u64, chunk_size: u32) -> Result<DirtyMa
     }
     let bits = &b[header..header + nbytes];
     let set = |i: usize| bits[i / 8] & (1 << (i % 8)) != 0;
-    if !count.is_multiple_of(8) && bits[nbytes - 1] >> (count % 8) != 0 && b[4] == 2 {
+    if !count.is_multiple_of(8) && bits[nbytes - 1] >> (count % 8) != 0 && b[4] >= 2 {
         return Err("dirty map marks chunks past the end of the disk".into());
     }
     for i in 0..count {
@@ -466,17 +609,25 @@ pub fn decode_dirty(b: &[u8], disk_size: u64, chunk_size: u32) -> Result<DirtyMa
         ));
     }
     let partial = le64(&b[24..32]);
-    if entries.len() as u64 != partial.saturating_mul(DIRTY_ENTRY as u64) {
-        // A damaged count may be near u64::MAX: the size it implies may not fit.
-        let expected = partial
-            .checked_mul(DIRTY_ENTRY as u64)
-            .and_then(|e| e.checked_add((header + nbytes + DIRTY_TRAILER) as u64))
-            .map_or_else(|| "more than 2^64".to_string(), |n| n.to_string());
+    let (generation, sums) = match b[4] {
+        2 => (0, 0),
+        _ => (le64(&b[32..40]), le64(&b[40..48])),
+    };
+    // A damaged count may be near u64::MAX: the size it implies may not fit.
+    let expected = partial
+        .checked_mul(DIRTY_ENTRY as u64)
+        .and_then(|p| p.checked_add(sums.checked_mul(DIRTY_SUM_ENTRY as u64)?))
+        .and_then(|e| e.checked_add((header + nbytes + DIRTY_TRAILER) as u64));
+    if expected != Some(b.len() as u64) {
+        let expected = expected.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string());
         return Err(format!(
-            "dirty map is {} bytes, expected {expected} for {partial} partly dirty chunks",
+            "dirty map is {} bytes, expected {expected} for {partial} partly dirty chunks \
+             and {sums} block checksums",
             b.len(),
         ));
     }
+    map.generation = generation;
+    let (entries, sum_entries) = entries.split_at(partial as usize * DIRTY_ENTRY);
     let mut last = None;
     for e in entries.chunks_exact(DIRTY_ENTRY) {
         let (i, mask) = (le64(&e[..8]), le64(&e[8..]));
@@ -493,7 +644,231 @@ pub fn decode_dirty(b: &[u8], disk_size: u64, chunk_size: u32) -> Result<DirtyMa
         }
         map.masks[i] = mask;
     }
+    let mut last = None;
+    for e in sum_entries.chunks_exact(DIRTY_SUM_ENTRY) {
+        let block = le64(&e[..8]);
+        let (i, j) = ((block / 64) as usize, block % 64);
+        if last.is_some_and(|l| block <= l) || i >= count || map.masks[i] & (1 << j) == 0 {
+            return Err(format!(
+                "dirty map has a checksum of block {block}, which is out of order or not dirty"
+            ));
+        }
+        last = Some(block);
+        map.sums
+            .insert(block, e[8..].try_into().expect("BLOCK_SUM bytes"));
+    }
     Ok(map)
+}
+
+/// One record of the journal (docs/formats.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// Block `block` (chunk × 64 + block in the chunk) of the overlay held data with
+    /// checksum `sum` before the overlay was synced for the flush that follows.
+    Sum { block: u64, sum: BlockSum },
+    /// The blocks `mask` of chunk `chunk` may be rewritten from here on: synced before
+    /// the overlay write that rewrites them is issued.
+    Intent { chunk: u64, mask: u64 },
+    /// A flush: the overlay was synced after the records before this one.
+    Flush { seq: u64 },
+}
+
+/// A journal's header for a map of generation `generation` with blocks of `block_size`.
+pub fn journal_header(generation: u64, block_size: u32) -> [u8; JOURNAL_HEADER] {
+    let mut h = [0u8; JOURNAL_HEADER];
+    h[..4].copy_from_slice(&JOURNAL_MAGIC);
+    h[4] = JOURNAL_VERSION;
+    h[8..16].copy_from_slice(&generation.to_le_bytes());
+    h[16..20].copy_from_slice(&block_size.to_le_bytes());
+    let sum = blake3_of(&h[..24]);
+    h[24..32].copy_from_slice(&sum[..8]);
+    h
+}
+
+/// The bytes of `r` in a journal of generation `generation`.
+pub fn encode_record(generation: u64, r: &Record) -> [u8; JOURNAL_RECORD] {
+    let mut b = [0u8; JOURNAL_RECORD];
+    match *r {
+        Record::Sum { block, sum } => {
+            b[0] = 1;
+            b[8..16].copy_from_slice(&block.to_le_bytes());
+            b[16..32].copy_from_slice(&sum);
+        }
+        Record::Intent { chunk, mask } => {
+            b[0] = 2;
+            b[8..16].copy_from_slice(&chunk.to_le_bytes());
+            b[16..24].copy_from_slice(&mask.to_le_bytes());
+        }
+        Record::Flush { seq } => {
+            b[0] = 3;
+            b[8..16].copy_from_slice(&seq.to_le_bytes());
+        }
+    }
+    let check = record_check(generation, &b[..32]);
+    b[32..].copy_from_slice(&check);
+    b
+}
+
+fn record_check(generation: u64, body: &[u8]) -> [u8; 16] {
+    let mut h = [0u8; 40];
+    h[..8].copy_from_slice(&generation.to_le_bytes());
+    h[8..].copy_from_slice(body);
+    let mut c = [0u8; 16];
+    c.copy_from_slice(&blake3_of(&h)[..16]);
+    c
+}
+
+/// The record in `b` (48 bytes), or `None` if it is not a whole, valid record of a
+/// journal of generation `generation` (the zeros past the end, a torn append).
+pub fn decode_record(generation: u64, b: &[u8]) -> Option<Record> {
+    if b.len() != JOURNAL_RECORD
+        || b[1..8] != [0; 7]
+        || record_check(generation, &b[..32]) != b[32..]
+    {
+        return None;
+    }
+    match b[0] {
+        1 => Some(Record::Sum {
+            block: le64(&b[8..16]),
+            sum: b[16..32].try_into().expect("16 bytes"),
+        }),
+        2 if b[24..32] == [0; 8] => Some(Record::Intent {
+            chunk: le64(&b[8..16]),
+            mask: le64(&b[16..24]),
+        }),
+        3 if b[16..32] == [0; 16] => Some(Record::Flush {
+            seq: le64(&b[8..16]),
+        }),
+        _ => None,
+    }
+}
+
+/// What [`replay_journal`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Replay {
+    /// Whole valid records read, up to the first that is not.
+    pub records: usize,
+    /// Flush records among them.
+    pub flushes: usize,
+    /// The journal is of an older generation than the map (a compaction was cut after
+    /// writing the map): everything it names is in the map already, and it was not read.
+    pub superseded: bool,
+}
+
+/// Applies a journal's bytes to `map`, the dirty map file it extends, giving the
+/// session's durable state. The records are read up to the first that is not whole
+/// and valid (what lies past it was never synced). A `Sum` counts only before the last
+/// `Flush` read: the block joins the map with that checksum. An `Intent` counts
+/// wherever it is (each was synced on its own): its blocks keep their place in the
+/// map but lose their checksum, since the guest may have rewritten them after their
+/// last flush (old, new or torn data are all what a disk may hold after a crash).
+pub fn replay_journal(map: &mut DirtyMap, b: &[u8]) -> Result<Replay, String> {
+    if b.len() < JOURNAL_HEADER
+        || b[..4] != JOURNAL_MAGIC
+        || b[4] != JOURNAL_VERSION
+        || b[5..8] != [0; 3]
+        || b[20..24] != [0; 4]
+        || blake3_of(&b[..24])[..8] != b[24..32]
+    {
+        return Err("journal has a bad magic or header".into());
+    }
+    let generation = le64(&b[8..16]);
+    let block = u32::from_le_bytes(b[16..20].try_into().expect("4 bytes"));
+    if block != map.block_size {
+        return Err(format!(
+            "journal tracks {block}-byte blocks, expected {}",
+            map.block_size
+        ));
+    }
+    if generation < map.generation {
+        return Ok(Replay {
+            superseded: true,
+            ..Default::default()
+        });
+    }
+    if generation > map.generation {
+        return Err(format!(
+            "journal is of generation {generation}, newer than its dirty map's {}",
+            map.generation
+        ));
+    }
+    let records: Vec<Record> = b[JOURNAL_HEADER..]
+        .chunks_exact(JOURNAL_RECORD)
+        .map_while(|r| decode_record(generation, r))
+        .collect();
+    let last_flush = records
+        .iter()
+        .rposition(|r| matches!(r, Record::Flush { .. }));
+    let count = map.masks.len() as u64;
+    for (k, r) in records.iter().enumerate() {
+        match *r {
+            Record::Sum { block, sum } if last_flush.is_some_and(|f| k < f) => {
+                let (i, j) = (block / 64, block % 64);
+                if i >= count || map.full_mask(i as usize) & (1 << j) == 0 {
+                    return Err(format!(
+                        "journal record {k} names block {block}, past the disk"
+                    ));
+                }
+                map.masks[i as usize] |= 1 << j;
+                map.sums.insert(block, sum);
+            }
+            Record::Sum { .. } => {}
+            Record::Intent { chunk, mask } => {
+                if chunk >= count || mask & !map.full_mask(chunk as usize) != 0 {
+                    return Err(format!(
+                        "journal record {k} names chunk {chunk}, past the disk"
+                    ));
+                }
+                for j in (0..64).filter(|j| mask & (1 << j) != 0) {
+                    map.sums.remove(&(chunk * 64 + j));
+                }
+            }
+            Record::Flush { .. } => {}
+        }
+    }
+    Ok(Replay {
+        records: records.len(),
+        flushes: records
+            .iter()
+            .filter(|r| matches!(r, Record::Flush { .. }))
+            .count(),
+        superseded: false,
+    })
+}
+
+/// The blocks of `map` whose overlay data no longer has the checksum they were
+/// flushed with, as block numbers (chunk × 64 + block in the chunk).
+pub fn damaged_blocks(
+    overlay: &File,
+    overlay_path: &Path,
+    map: &DirtyMap,
+) -> Result<Vec<u64>, StationError> {
+    use std::os::unix::fs::FileExt;
+    let mut bad = Vec::new();
+    let mut buf = Vec::new();
+    let mut chunk = None;
+    for (&block, sum) in &map.sums {
+        let (i, j) = ((block / 64) as usize, (block % 64) as usize);
+        if chunk != Some(i) {
+            let off = i as u64 * map.chunk_size as u64;
+            buf.resize(map.chunk_len(i), 0);
+            overlay
+                .read_exact_at(&mut buf, off)
+                .map_err(|e| StationError::Io {
+                    what: format!(
+                        "read chunk {i} (bytes {off}..{}) from the session overlay {} to check it",
+                        off + buf.len() as u64,
+                        overlay_path.display()
+                    ),
+                    source: e,
+                })?;
+            chunk = Some(i);
+        }
+        if block_sum(&buf[map.block_range(i, j)]) != *sum {
+            bad.push(block);
+        }
+    }
+    Ok(bad)
 }
 
 /// What an older mbank wrote: format 1, one bit per chunk (for tests).
@@ -540,9 +915,12 @@ mod tests {
         map.masks[3] = 0b1000_0000_0000_0001;
         map.masks[500] = 0x7fff;
         map.masks[999] = 0b10;
+        map.generation = 7;
+        map.sums.insert(3 * 64 + 15, [1; BLOCK_SUM]);
+        map.sums.insert(999 * 64 + 1, [2; BLOCK_SUM]);
         let b = encode_dirty(&map);
-        assert_eq!(b[4], 2);
-        assert_eq!(b.len(), 32 + 125 + 3 * 16 + 32);
+        assert_eq!(b[4], 3);
+        assert_eq!(b.len(), 48 + 125 + 3 * 16 + 2 * 24 + 32);
         assert_eq!(decode_dirty(&b, disk, 65536).unwrap(), map);
         assert_eq!(map.dirty_chunks(), [0, 3, 7, 63, 64, 500, 998, 999]);
         for pos in 0..b.len() {
@@ -569,7 +947,7 @@ mod tests {
         // The entry's mask is full (it should have been a plain bit), or names a block
         // past the chunk, or its chunk's bit is clear.
         let entry = good.len() - 32 - 16;
-        for (at, byte) in [(entry + 8, 0xff), (entry + 10, 0x01), (32, 0)] {
+        for (at, byte) in [(entry + 8, 0xff), (entry + 10, 0x01), (48, 0)] {
             let mut b = good.clone();
             if byte == 0xff {
                 b[at] = 0xff;

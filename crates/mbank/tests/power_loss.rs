@@ -1,5 +1,5 @@
 //! Power loss on the station, not only kill -9 (DESIGN invariant 4): the station cache
-//! (overlay, dirty map, session.json, cache.db, chunk files) lives on the power-fail
+//! (overlay, dirty map, journal, session.json, cache.db, chunk files) lives on the power-fail
 //! file system of `mbank-powerfs`, which loses what was not synced when the power is
 //! cut. A client writes random blocks over NBD and flushes every few writes; the power
 //! is cut after a random number of file system operations (it may land anywhere,
@@ -7,6 +7,10 @@
 //! head version must hold every write acknowledged before the last acknowledged flush
 //! (or a later write over the same bytes), every acknowledged FUA write, and nothing
 //! anywhere that no write and no base put there.
+//!
+//! In the rounds of even seeds the session folds its journal into a new dirty map at
+//! nearly every flush (`MBANK_JOURNAL_COMPACT_BYTES=0`), so cuts land inside
+//! compactions as well as inside journal appends.
 //!
 //! Each round prints its seed; `MBANK_POWER_SEED=<seed> MBANK_POWER_ROUNDS=1` replays
 //! one. `MBANK_POWER_ROUNDS` (default 5) sets how many rounds run. Needs root (it
@@ -259,7 +263,12 @@ enum Station {
 /// recover from the durable state, check. Returns what went wrong.
 fn round(seed: u64, metadata: Metadata, station: Station) -> Result<String, String> {
     let mut rng = Rng::new(seed);
-    let bank = Bank::new();
+    let mut bank = Bank::new();
+    let compact = seed.is_multiple_of(2);
+    if compact {
+        bank.env
+            .push(("MBANK_JOURNAL_COMPACT_BYTES".into(), Some("0".into())));
+    }
     let mut base = vec![0u8; SIZE];
     rng.fill(&mut base[..6 * MIB]);
     let image = bank.file("base.raw");
@@ -327,7 +336,14 @@ fn round(seed: u64, metadata: Metadata, station: Station) -> Result<String, Stri
     }
     let head = bank.head("alice/dev").unwrap();
     let recovered = r.json()["recovered"].as_array().map_or(0, |a| a.len());
-    let what = format!("{what}; {recovered} session(s) recovered");
+    let what = format!(
+        "{what}; {recovered} session(s) recovered{}",
+        if compact {
+            "; compacting at every flush"
+        } else {
+            ""
+        }
+    );
     let out = bank.file("head.raw");
     let got = bank.export(&format!("alice/dev@{head}"), &out);
     check(&got, &base, &ops, acked).map_err(|e| {
