@@ -162,6 +162,8 @@ pub enum BankError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Access(#[from] mbank_access::AccessError),
 }
 
 impl BankError {

@@ -41,6 +41,20 @@ pub struct DamagedDatabase {
     pub advice: String,
 }
 
+/// A version of a served bank whose owner (or, for a published machine, every user)
+/// has no right to read some of its chunks: the server answers those reads as absent.
+#[derive(Clone, Debug, Serialize)]
+pub struct MissingRights {
+    /// `machine@version`.
+    pub version: String,
+    /// Whose right is missing: the owner's name, or "(published)" for the rights of a
+    /// published machine's users.
+    pub user: String,
+    /// How many of the version's chunks they cannot read, and the first of them.
+    pub chunks: u64,
+    pub first: String,
+}
+
 /// What `verify` found.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct VerifyReport {
@@ -52,6 +66,9 @@ pub struct VerifyReport {
     pub damaged_databases: Vec<DamagedDatabase>,
     /// Version and machine records that fail their checksum, or whose links are broken.
     pub damaged_records: Vec<RecordProblem>,
+    /// A served bank's versions whose owner cannot read some of their chunks
+    /// (`access.db` lacks the rows); `mbank admin repair-rights` grants them again.
+    pub missing_rights: Vec<MissingRights>,
     /// False when the catalog predates record checksums (schema 3, opened read-only).
     pub records_checked: bool,
     /// Chunks found missing or damaged that no version needed any more when verify
@@ -67,6 +84,7 @@ impl VerifyReport {
             && self.damaged_indexes.is_empty()
             && self.damaged_databases.is_empty()
             && self.damaged_records.is_empty()
+            && self.missing_rights.is_empty()
     }
 
     fn catalog_damaged(&mut self, file: &std::path::Path, problems: Vec<String>) {
@@ -122,6 +140,110 @@ pub struct GcReport {
     /// The cutoff, in ms since the epoch: what no writer in flight can rely on is older.
     #[serde(skip)]
     pub cutoff_ms: i64,
+}
+
+/// The versions of a served bank (of `machine`, or all) whose owner, if a user of the
+/// server, cannot read some of their chunks, and those of published machines that not
+/// every user can. Each finding is looked at twice, so that a version removed (and its
+/// rights pruned by gc) while this ran is not reported.
+fn missing_rights(
+    catalog: &Catalog,
+    root: &std::path::Path,
+    machine: Option<&MachineName>,
+) -> Result<Vec<MissingRights>, BankError> {
+    let access = mbank_access::Access::open(root)?;
+    let users: HashMap<String, bool> = access
+        .users()?
+        .into_iter()
+        .map(|u| (u.name, u.admin))
+        .collect();
+    let published: HashSet<String> = access.published()?.into_iter().collect();
+    // Whose rights a version needs: its owner's (unless an administrator, who reads
+    // everything, or not a user at all), and the public ones if it is published.
+    let readers = |m: &MachineName| -> Vec<mbank_access::User> {
+        let mut out = Vec::new();
+        if users.get(m.user()) == Some(&false) {
+            out.push(mbank_access::User {
+                name: m.user().to_string(),
+                admin: false,
+                quota: None,
+            });
+        }
+        if published.contains(m.as_str()) {
+            out.push(mbank_access::User {
+                name: mbank_access::PUBLIC.to_string(),
+                admin: false,
+                quota: None,
+            });
+        }
+        out
+    };
+    let check = |v: &mbank_catalog::VersionInfo,
+                 ids: &[ChunkId]|
+     -> Result<Vec<MissingRights>, BankError> {
+        let mut out = Vec::new();
+        for who in readers(&v.machine) {
+            let ok = access.readable(&who, ids)?;
+            let lacking: Vec<&ChunkId> = ids
+                .iter()
+                .zip(&ok)
+                .filter(|(_, ok)| !**ok)
+                .map(|(id, _)| id)
+                .collect();
+            if let Some(first) = lacking.first() {
+                out.push(MissingRights {
+                    version: version_name(v, None),
+                    user: if who.name.is_empty() {
+                        "(published)".into()
+                    } else {
+                        who.name.clone()
+                    },
+                    chunks: lacking.len() as u64,
+                    first: first.to_hex(),
+                });
+            }
+        }
+        Ok(out)
+    };
+    let chunks_of = |v: &mbank_catalog::VersionInfo,
+                     idx: &mbank_core::DiskIndex|
+     -> Result<Vec<ChunkId>, CatalogError> {
+        let mut ids: HashSet<ChunkId> = idx.chunks.iter().flatten().copied().collect();
+        for (_, s) in catalog.streams(v)? {
+            ids.extend(s.runs.iter().filter_map(|r| r.id));
+        }
+        Ok(ids.into_iter().collect())
+    };
+    let mut suspects = Vec::new();
+    let mut failed = None;
+    catalog.for_each_index(machine, |v, idx| {
+        // Unreadable indexes are reported by the chunk check.
+        if let Ok(idx) = idx {
+            let ids = chunks_of(v, &idx)?;
+            match check(v, &ids) {
+                Ok(found) if !found.is_empty() => suspects.push((v.clone(), ids)),
+                Ok(_) => {}
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        Ok(())
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let mut out = Vec::new();
+    for (v, ids) in suspects {
+        // Still there? (A version removed meanwhile needs no rights.)
+        if catalog
+            .resolve(&v.machine, Some(&v.id.to_hex()))
+            .is_ok_and(|now| now.id == v.id)
+        {
+            out.extend(check(&v, &ids)?);
+        }
+    }
+    Ok(out)
 }
 
 /// `machine@version`, or `machine@version (stream)`, as verify names what it found.
@@ -415,8 +537,22 @@ impl Bank {
                 .damaged_indexes
                 .extend(misplaced(&catalog, machine, &misfits)?);
         }
+        if root.join(mbank_access::FILE_NAME).is_file() && report.damaged_databases.is_empty() {
+            report.missing_rights = missing_rights(&catalog, &root, machine)?;
+        }
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
+    }
+
+    /// What [`Bank::verify`] reports as `missing_rights`, alone (no chunk is read): the
+    /// versions of this served bank whose users lack rights to read their chunks.
+    pub fn verify_rights(&self) -> Result<Vec<MissingRights>, BankError> {
+        let catalog = self.local_catalog("check the rights of")?;
+        let root = self.local_root("check the rights of")?.to_path_buf();
+        if !root.join(mbank_access::FILE_NAME).is_file() {
+            return Ok(Vec::new());
+        }
+        missing_rights(&catalog, &root, None)
     }
 
     /// SQLite's integrity check of `catalog.db` (and of `access.db`, if the bank is

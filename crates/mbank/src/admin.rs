@@ -39,6 +39,14 @@ pub enum AdminCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Grant again the rights to read their versions' chunks that users lack (what
+    /// `mbank verify` reports as missing rights): each version's owner gets the chunks
+    /// of that version (not charged against their quota), and a published machine's
+    /// chunks are readable by every user again.
+    RepairRights {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `admin user ...`
@@ -252,6 +260,37 @@ pub fn run(bank_dir: &Path, cmd: AdminCmd, quiet: bool) -> Result<()> {
                 bail!("{machine} is not published; `mbank admin published` lists what is");
             }
         }
+        AdminCmd::RepairRights { json } => {
+            let bank = mbank_bank::Bank::open(bank_dir, true)?;
+            let r = bank.verify_rights()?;
+            let mut granted = 0u64;
+            for m in &r {
+                let (machine, version) = m
+                    .version
+                    .split_once('@')
+                    .context("verify names versions machine@version")?;
+                let machine: MachineName = machine.parse()?;
+                let ids = version_chunks(&bank, &machine, version)?;
+                if m.user == "(published)" {
+                    let by = std::env::var("USER").unwrap_or_else(|_| "admin".into());
+                    access.publish(&machine, &by, ids.iter().copied())?;
+                } else {
+                    let rows: Vec<(ChunkId, u64)> = ids.iter().map(|id| (*id, 0)).collect();
+                    access.grant(&m.user, &rows)?;
+                }
+                granted += m.chunks;
+            }
+            if json {
+                crate::json_out(&serde_json::json!({
+                    "versions_repaired": r.len(),
+                    "rights_granted": granted,
+                }))?;
+            }
+            say(format!(
+                "granted {granted} missing rights to the chunks of {} versions",
+                r.len()
+            ));
+        }
         AdminCmd::Published { json } => {
             let ms = access.published()?;
             if json {
@@ -264,6 +303,27 @@ pub fn run(bank_dir: &Path, cmd: AdminCmd, quiet: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Every chunk id of one version of `machine` (its disk index and streams).
+fn version_chunks(
+    bank: &mbank_bank::Bank,
+    machine: &MachineName,
+    version: &str,
+) -> Result<Vec<ChunkId>> {
+    let catalog = bank.catalog();
+    let v = catalog.resolve(machine, Some(version))?;
+    let mut ids: HashSet<ChunkId> = catalog
+        .disk_index(&v)?
+        .chunks
+        .iter()
+        .flatten()
+        .copied()
+        .collect();
+    for (_, s) in catalog.streams(&v)? {
+        ids.extend(s.runs.iter().filter_map(|r| r.id));
+    }
+    Ok(ids.into_iter().collect())
 }
 
 /// Every chunk id in every version (disk indexes and streams) of `machine`. The one

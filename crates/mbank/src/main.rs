@@ -662,6 +662,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         outln!("  needed by {v}")?;
                     }
                 }
+                for m in &r.missing_rights {
+                    outln!(
+                        "missing rights: {} cannot read {} chunks of {} (the first: {}); the server answers them as absent",
+                        m.user,
+                        m.chunks,
+                        m.version,
+                        m.first
+                    )?;
+                }
             }
             if r.ok() {
                 say(format!(
@@ -693,6 +702,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     r.damaged_databases.len(),
                     versions.len()
                 ));
+                if !r.missing_rights.is_empty() {
+                    out::say(&format!(
+                        "mbank: {} versions lack rights their users need to read them; \
+                         `mbank --bank {} admin repair-rights` grants them again",
+                        r.missing_rights.len(),
+                        bank_dir.display()
+                    ));
+                }
                 // A version is named user/name@ID, with " (stream)" for a memory state,
                 // kernel or initrd, which no disk image holds.
                 let machines: std::collections::BTreeSet<&str> = r

@@ -1184,3 +1184,58 @@ fn gc_on_the_host_keeps_the_rights_to_chunks_a_writer_in_flight_sent() {
         "the version naming the chunk sent",
     );
 }
+
+/// `verify` on a served bank checks `access.db` against the catalog: a version whose
+/// owner has lost the rights to its chunks (the server answers them as absent, so every
+/// read of them fails) is reported, and `admin repair-rights` grants them again. Before,
+/// verify passed such a bank (the soak's EIO reading a user's own head).
+#[test]
+fn verify_reports_a_version_its_owner_cannot_read_and_repair_rights_fixes_it() {
+    let s = Served::start();
+    let alice = s.login("alice");
+    let img = image(MIB, &[(0, MIB)], 93);
+    let p = write_img(&alice, &img);
+    alice.import("alice/dev", &p, &["--chunk-size", "64K"]);
+    let head = alice.head("alice/dev").unwrap();
+    // Two of alice's rights lost.
+    let chunks = head_chunks(&s, "alice/dev");
+    let o = std::process::Command::new("sqlite3")
+        .arg(s.bank_dir.join("access.db"))
+        .arg(format!(
+            "DELETE FROM chunk_owners WHERE user = 'alice' AND hex(chunk) IN ('{}', '{}');",
+            chunks[0].to_uppercase(),
+            chunks[1].to_uppercase()
+        ))
+        .output()
+        .expect("sqlite3 (Debian package sqlite3) is installed");
+    assert!(o.status.success(), "{o:?}");
+    let out = alice
+        .cmd()
+        .arg("export")
+        .arg("alice/dev")
+        .arg(s.root.join("x.raw"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "alice cannot read her own head now");
+
+    let v = s.local(&["verify", "--json"]).code(3);
+    let r = v.json();
+    assert_eq!(r["missing_rights"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["missing_rights"][0]["user"], "alice", "{r}");
+    assert_eq!(r["missing_rights"][0]["chunks"], 2, "{r}");
+    assert!(
+        r["missing_rights"][0]["version"]
+            .as_str()
+            .unwrap()
+            .ends_with(&head),
+        "{r}"
+    );
+    s.local(&["verify"])
+        .code(3)
+        .stderr_has(&["admin repair-rights"]);
+
+    let fixed = s.local(&["admin", "repair-rights", "--json"]).ok().json();
+    assert_eq!(fixed["rights_granted"], 2, "{fixed}");
+    s.local(&["verify"]).ok();
+    assert_export(&alice, "alice/dev", &img, "alice's head, readable again");
+}
