@@ -1,7 +1,9 @@
 //! The answer to a batch get (`POST /v1/chunks/get`) as the client reads it:
 //! `wire::parse_chunks_answer`. Byte 0 is how many chunks were asked (0 ..=
 //! `MAX_GET_MANY`), the rest the answer. An answer that splits must build back to the
-//! same bytes and hold 1 to that many chunks.
+//! same bytes and hold 1 to that many chunks. The same bytes as a query (the body of
+//! `chunks/get` and `chunks/have` as the server reads it: `wire::parse_id_list`): a
+//! list that parses is whole ids, at most the bound, in order.
 //!
 //! Allocation bound: 64 KiB + 2 bytes per input byte held at once.
 #![no_main]
@@ -21,5 +23,14 @@ fuzz_target!(|data: &[u8]| {
         };
         assert!(chunks.len() <= n && (n == 0 || !chunks.is_empty()));
         assert_eq!(wire::chunks_answer(chunks.iter().copied()), answer);
+    });
+    bounded("id_list", 64 * KIB + 2 * data.len(), || {
+        for max in [wire::MAX_GET_MANY, wire::MAX_HAVE] {
+            if let Ok(ids) = wire::parse_id_list(data, max) {
+                assert!(ids.len() <= max);
+                let back: Vec<u8> = ids.iter().flat_map(|id| *id.as_bytes()).collect();
+                assert_eq!(back, data);
+            }
+        }
     });
 });

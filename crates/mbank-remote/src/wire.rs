@@ -208,6 +208,32 @@ pub fn parse_batch_body(body: &[u8]) -> Result<Vec<(ChunkId, &[u8])>, String> {
     Ok(out)
 }
 
+/// Why a list of chunk ids (the body of `POST /v1/chunks/have` or `/v1/chunks/get`)
+/// was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdListError {
+    /// Its length is not a multiple of a chunk id's.
+    Ragged { bytes: usize },
+    /// It names more ids than the endpoint takes.
+    TooMany { ids: usize, max: usize },
+}
+
+/// Parses a list of at most `max` chunk ids, each [`ChunkId::LEN`] bytes, in order
+/// (repeats kept). Allocates only after the length is known to be within `max`.
+pub fn parse_id_list(body: &[u8], max: usize) -> Result<Vec<ChunkId>, IdListError> {
+    if body.len() % ChunkId::LEN != 0 {
+        return Err(IdListError::Ragged { bytes: body.len() });
+    }
+    let ids = body.len() / ChunkId::LEN;
+    if ids > max {
+        return Err(IdListError::TooMany { ids, max });
+    }
+    Ok(body
+        .chunks_exact(ChunkId::LEN)
+        .map(|c| ChunkId::from_bytes(c.try_into().expect("a whole id")))
+        .collect())
+}
+
 /// Builds the answer to `POST /v1/chunks/get`: each chunk's length (u32 little-endian)
 /// and stored bytes, in the order asked.
 pub fn chunks_answer<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {

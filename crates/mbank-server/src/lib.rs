@@ -1202,26 +1202,22 @@ async fn have(
     caller: Caller,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let b = body(b)?;
-    if b.len() % ChunkId::LEN != 0 {
-        return Err(ApiError::bad_request(format!(
-            "a have query is a list of {}-byte chunk ids; {} bytes is not",
-            ChunkId::LEN,
-            b.len()
-        )));
-    }
-    let n = b.len() / ChunkId::LEN;
-    if n > wire::MAX_HAVE {
-        return Err(ApiError::too_large(format!(
-            "a have query may ask about at most {} chunks, not {n}",
-            wire::MAX_HAVE
-        )));
-    }
+    let ids = match wire::parse_id_list(&body(b)?, wire::MAX_HAVE) {
+        Ok(ids) => ids,
+        Err(wire::IdListError::Ragged { bytes }) => {
+            return Err(ApiError::bad_request(format!(
+                "a have query is a list of {}-byte chunk ids; {bytes} bytes is not",
+                ChunkId::LEN
+            )));
+        }
+        Err(wire::IdListError::TooMany { ids, max }) => {
+            return Err(ApiError::too_large(format!(
+                "a have query may ask about at most {max} chunks, not {ids}"
+            )));
+        }
+    };
+    let n = ids.len();
     authed(&app, caller, move |app, user| {
-        let ids: Vec<ChunkId> = b
-            .chunks_exact(ChunkId::LEN)
-            .map(|c| ChunkId::from_bytes(c.try_into().expect("32 bytes")))
-            .collect();
         let readable = app.access(|a| Ok(a.readable(user, &ids)?))?;
         // Readable and present: touched (all at once: an S3 store copies each object
         // onto itself), so a GC running now keeps them.
@@ -1274,20 +1270,16 @@ async fn get_chunks(
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let b = body(b)?;
-    if b.len() % ChunkId::LEN != 0 || b.len() / ChunkId::LEN > wire::MAX_GET_MANY {
+    let Ok(mut ids) = wire::parse_id_list(&b, wire::MAX_GET_MANY) else {
         return Err(ApiError::bad_request(format!(
             "a get query is a list of at most {} chunk ids of {} bytes; {} bytes is not",
             wire::MAX_GET_MANY,
             ChunkId::LEN,
             b.len()
         )));
-    }
+    };
     let mut seen = HashSet::new();
-    let ids: Vec<ChunkId> = b
-        .chunks_exact(ChunkId::LEN)
-        .map(|c| ChunkId::from_bytes(c.try_into().expect("32 bytes")))
-        .filter(|id| seen.insert(*id))
-        .collect();
+    ids.retain(|id| seen.insert(*id));
     let Some(&first_id) = ids.first() else {
         return Ok(binary(Vec::new()));
     };
