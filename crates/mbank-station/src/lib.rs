@@ -89,6 +89,12 @@ pub struct SessionReport {
     pub seconds: f64,
     pub checkin_seconds: f64,
     pub recovered: bool,
+    /// Versions the machine's retention policy removed after the check-in.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub forgotten: Vec<String>,
+    /// Why the machine's retention policy could not be applied (the check-in stands).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_error: Option<String>,
 }
 
 /// What a check-in stores besides the disk's dirty chunks.
@@ -113,6 +119,38 @@ pub struct Station {
     pub id: String,
     pub name: String,
     pub cache: Arc<ChunkCache>,
+}
+
+/// The file in a session's directory that holds the machine's head when the session
+/// began (`none`, or the version id in hex): the check-in moves the head only if it is
+/// still that, so a session started from an older version moves the head when nobody
+/// else did. Written after the session's directory is in place; a session without it
+/// (made by an older mbank, or the station crashed before it was written) expects its
+/// base, which at worst keeps its version beside the head.
+const HEAD_AT_START: &str = "head-at-start";
+
+fn write_head_at_start(dir: &Path, head: Option<VersionId>) -> Result<(), StationError> {
+    use std::io::Write;
+    let path = dir.join(HEAD_AT_START);
+    let tmp = dir.join(format!(".{HEAD_AT_START}.tmp"));
+    let text = head.map_or_else(|| "none".to_string(), |h| h.to_hex());
+    let io = |what: &str, p: &Path| {
+        let what = format!("{what} {}", p.display());
+        move |source| StationError::Io { what, source }
+    };
+    let mut f = fs::File::create(&tmp).map_err(io("create", &tmp))?;
+    f.write_all(text.as_bytes()).map_err(io("write", &tmp))?;
+    f.sync_all().map_err(io("sync", &tmp))?;
+    fs::rename(&tmp, &path).map_err(io("rename into place", &path))
+}
+
+/// The head a session saw when it began; `fallback` (its base) when it was not recorded.
+fn read_head_at_start(dir: &Path, fallback: Option<VersionId>) -> Option<VersionId> {
+    match fs::read_to_string(dir.join(HEAD_AT_START)) {
+        Ok(t) if t.trim() == "none" => None,
+        Ok(t) => t.trim().parse().ok().or(fallback),
+        Err(_) => fallback,
+    }
 }
 
 fn host() -> String {
@@ -379,7 +417,15 @@ impl Station {
         force: bool,
         fetch_from: Arc<dyn ChunkStore>,
     ) -> Result<Arc<Disk>, StationError> {
-        let v = bank.resolve(r)?;
+        // The head as the session begins; the check-in expects it still there.
+        let head_at_start = bank.catalog().machine(&r.machine)?.and_then(|m| m.head);
+        let v = match (&r.version, head_at_start) {
+            (None, Some(h)) => bank.resolve(&MachineRef {
+                machine: r.machine.clone(),
+                version: Some(h.to_hex()),
+            })?,
+            _ => bank.resolve(r)?,
+        };
         let index = bank.catalog().disk_index(&v)?;
         let session = random_hex();
         let lease = Lease {
@@ -455,6 +501,11 @@ impl Station {
                 return Err(e);
             }
         };
+        if let Err(e) = write_head_at_start(&dir.dir, head_at_start) {
+            let _ = bank.catalog().release_lease(&v.machine, &session);
+            let _ = dir.remove();
+            return Err(e);
+        }
         let bits = vec![0u64; index.chunks.len().div_ceil(64)];
         Ok(Arc::new(
             Disk::new(
@@ -608,6 +659,7 @@ impl Station {
             let source = VersionSource {
                 description: format!("check-in from {}", self.name),
                 parent,
+                expected_head: read_head_at_start(&dir.dir, parent),
                 base: base.clone(),
                 items: Box::new(items),
                 total_bytes: total,
@@ -625,6 +677,15 @@ impl Station {
         // The version is committed: only now may the dirty map go.
         bank.catalog().release_lease(&machine, &meta.session)?;
         dir.remove()?;
+        // The machine's retention policy runs once the session no longer protects its
+        // base. Its failure leaves more versions than the policy wants, nothing worse.
+        if report.version.is_some() {
+            match bank.apply_policy(&machine) {
+                Ok(Some(f)) => report.forgotten = f.removed.iter().map(|v| v.to_hex()).collect(),
+                Ok(None) => {}
+                Err(e) => report.policy_error = Some(e.to_string()),
+            }
+        }
         report.checkin_seconds = started.elapsed().as_secs_f64();
         Ok(report)
     }

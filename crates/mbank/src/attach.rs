@@ -87,10 +87,24 @@ pub fn describe(r: &SessionReport) -> String {
             } else {
                 "; another session moved the head first, so this version is kept beside it".into()
             }
-        ),
+        ) + &policy_note(r),
         None => format!(
             "{what} of {} ended with nothing written; no new version",
             r.machine
+        ),
+    }
+}
+
+/// What the machine's retention policy did after the check-in, if anything.
+fn policy_note(r: &SessionReport) -> String {
+    match (&r.policy_error, r.forgotten.len()) {
+        (Some(e), _) => format!(
+            "; its retention policy could not be applied ({e}); run `mbank forget {}` with its rules later",
+            r.machine
+        ),
+        (None, 0) => String::new(),
+        (None, n) => format!(
+            "; its retention policy removed {n} older versions (run gc to free their chunks)"
         ),
     }
 }
