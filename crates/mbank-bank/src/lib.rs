@@ -684,19 +684,20 @@ impl Bank {
             .map(|v| {
                 let l = labels.remove(&v.id).unwrap_or_default();
                 VersionSummary {
-                version: v.id.to_hex(),
-                machine: v.machine.to_string(),
-                parent: v.parent.map(|p| p.to_hex()),
-                head: Some(v.id) == head,
-                created_ms: v.created_ms,
-                disk_size: v.disk_size,
-                chunk_size: v.chunk_size,
-                suspended: v.has_memory(),
-                configured: v.config.is_some(),
-                stats: v.stats,
-                note: l.note,
-                tags: l.tags,
-            }})
+                    version: v.id.to_hex(),
+                    machine: v.machine.to_string(),
+                    parent: v.parent.map(|p| p.to_hex()),
+                    head: Some(v.id) == head,
+                    created_ms: v.created_ms,
+                    disk_size: v.disk_size,
+                    chunk_size: v.chunk_size,
+                    suspended: v.has_memory(),
+                    configured: v.config.is_some(),
+                    stats: v.stats,
+                    note: l.note,
+                    tags: l.tags,
+                }
+            })
             .collect())
     }
 
@@ -789,18 +790,23 @@ impl Bank {
         let v = self.resolve(to)?;
         let expected = match expected {
             Some(e) => e,
-            None => self
-                .catalog
-                .machine(&to.machine)?
-                .ok_or_else(|| CatalogError::MachineNotFound(to.machine.to_string()))?
-                .head,
+            None => {
+                self.catalog
+                    .machine(&to.machine)?
+                    .ok_or_else(|| CatalogError::MachineNotFound(to.machine.to_string()))?
+                    .head
+            }
         };
         self.catalog.set_head(&to.machine, v.id, expected)?;
         Ok(expected)
     }
 
     /// Changes the note and tags of a version (`machine@version`, or the head).
-    pub fn label(&mut self, r: &MachineRef, change: &LabelChange) -> Result<(VersionInfo, Labels), BankError> {
+    pub fn label(
+        &mut self,
+        r: &MachineRef,
+        change: &LabelChange,
+    ) -> Result<(VersionInfo, Labels), BankError> {
         self.require_writable("label versions")?;
         let v = self.resolve(r)?;
         let labels = self.catalog.label(&v, change)?;

@@ -12,8 +12,13 @@
 //!   inserts the version and moves the head in one `BEGIN IMMEDIATE` transaction, and
 //!   only if the head is still the version the writer started from (invariant 2). A
 //!   writer that loses the race still has its version kept; the caller is told.
-//! - Versions are immutable; only [`Catalog::remove_version`] and
-//!   [`Catalog::remove_machine`] delete them, and their chunks go at the next GC.
+//! - Versions are immutable; only [`Catalog::remove_version`],
+//!   [`Catalog::remove_machine`] and [`Catalog::forget`] (a retention policy, see
+//!   [`retention`]) delete them, and their chunks go at the next GC. `forget` never
+//!   deletes the head, a session's base or a suspended version nothing was made from.
+//! - [`Catalog::set_head`] (roll back) moves the head by compare-and-swap too, and not
+//!   while a session holds the machine. Notes, tags and policies (schema 5) change
+//!   freely and are not covered by the record checksums below.
 //!
 //! ## Concurrency and crashes
 //!
@@ -57,9 +62,9 @@
 mod records;
 pub mod retention;
 
-pub use retention::{Decision, Policy, Protected};
 pub use records::{RecordCheck, RecordProblem, integrity_check_file};
 use records::{seal_all, seal_machine, seal_version};
+pub use retention::{Decision, Policy, Protected};
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -1899,7 +1904,9 @@ mod tests {
         );
         let msg = e.to_string();
         assert!(
-            msg.contains(&v1.id.short()) && msg.contains(&v3.id.short()) && msg.contains("moved meanwhile"),
+            msg.contains(&v1.id.short())
+                && msg.contains(&v3.id.short())
+                && msg.contains("moved meanwhile"),
             "{msg}"
         );
         assert_eq!(c.machine(&m).unwrap().unwrap().head, Some(v1.id));
@@ -1983,7 +1990,10 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, CatalogError::BadLabel(_)));
         c.remove_version(&v1).unwrap();
-        assert!(c.labels(&m).unwrap().is_empty(), "labels go with their version");
+        assert!(
+            c.labels(&m).unwrap().is_empty(),
+            "labels go with their version"
+        );
         let p = Policy {
             keep_daily: 3,
             ..Default::default()
@@ -1995,7 +2005,11 @@ mod tests {
             Err(CatalogError::EmptyPolicy(_))
         ));
         c.remove_machine(&m).unwrap();
-        assert_eq!(c.policy(&m).unwrap(), None, "the policy goes with the machine");
+        assert_eq!(
+            c.policy(&m).unwrap(),
+            None,
+            "the policy goes with the machine"
+        );
     }
 
     #[test]

@@ -192,8 +192,11 @@ impl Decision {
 /// kept for, in the same order; an empty list of reasons means it goes.
 pub fn apply(versions: &[Candidate], policy: &Policy) -> Vec<Decision> {
     // Each rule: its count left, and the period of the last version it kept.
-    let mut left: Vec<(Rule, u32, Option<i64>)> =
-        policy.rules().into_iter().map(|(r, n)| (r, n, None)).collect();
+    let mut left: Vec<(Rule, u32, Option<i64>)> = policy
+        .rules()
+        .into_iter()
+        .map(|(r, n)| (r, n, None))
+        .collect();
     let oldest = versions.len().saturating_sub(1);
     versions
         .iter()

@@ -257,9 +257,9 @@ proptest! {
             model(&newest_first, &p).into_iter().map(|i| ids[n - 1 - i]).collect();
         want.extend(head);
         want.extend(bases.iter().copied());
-        for i in 0..n {
+        for (i, id) in ids.iter().enumerate() {
             if h.suspended[i] && !has_child.contains(&i) {
-                want.insert(ids[i]);
+                want.insert(*id);
             }
         }
         if p.is_empty() {

@@ -320,10 +320,7 @@ fn router(app: Shared) -> Router {
             "/v1/machines/{u}/{n}/versions/{v}/labels",
             post(label_version),
         )
-        .route(
-            "/v1/machines/{u}/{n}/policy",
-            get(policy).put(set_policy),
-        )
+        .route("/v1/machines/{u}/{n}/policy", get(policy).put(set_policy))
         .route("/v1/writers", post(register_writer))
         .route("/v1/writers/{id}", axum::routing::delete(unregister_writer))
         .route("/v1/writers/{id}/heartbeat", post(writer_heartbeat))
@@ -1046,13 +1043,20 @@ async fn forget(
     Path((u, n)): Path<(String, String)>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    on_owned_machine(&app, caller, &u, &n, b, |app, m, req: wire::ForgetRequest| {
-        let r = app.catalog(|c| Ok(c.forget(m, &req.policy, req.dry_run)?))?;
-        if !req.dry_run {
-            tracing::info!(machine = %m, removed = r.removed.len(), "forget");
-        }
-        Ok(json(&r))
-    })
+    on_owned_machine(
+        &app,
+        caller,
+        &u,
+        &n,
+        b,
+        |app, m, req: wire::ForgetRequest| {
+            let r = app.catalog(|c| Ok(c.forget(m, &req.policy, req.dry_run)?))?;
+            if !req.dry_run {
+                tracing::info!(machine = %m, removed = r.removed.len(), "forget");
+            }
+            Ok(json(&r))
+        },
+    )
     .await
 }
 

@@ -13,8 +13,10 @@
 //!    or FUA write makes the overlay durable, then the dirty map (invariant 4).
 //! 3. [`Station::check_in`] stores the dirty chunks (only those the bank lacks are
 //!    written), commits a version whose parent is the version checked out, moving the
-//!    head by compare-and-swap (a lost race is kept as its own version), then releases
-//!    the lease and deletes the session. Dirty bits live until the version is committed.
+//!    head by compare-and-swap from the head seen at check-out (so a session of an older
+//!    version becomes the head unless someone moved it; a lost race is kept as its own
+//!    version), then releases the lease, deletes the session and applies the machine's
+//!    retention policy. Dirty bits live until the version is committed.
 //!
 //! ## Crashes
 //!

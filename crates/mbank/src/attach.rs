@@ -74,20 +74,23 @@ pub fn describe(r: &SessionReport) -> String {
         "session"
     };
     match &r.version {
-        Some(v) => format!(
-            "{what} of {} checked in as {}@{}: {} chunks written, {} uploaded ({}){}",
-            r.machine,
-            r.machine,
-            &v[..12],
-            r.chunks_written,
-            r.chunks_uploaded,
-            bytes(r.bytes_uploaded),
-            if r.head_moved {
-                String::new()
-            } else {
-                "; another session moved the head first, so this version is kept beside it".into()
-            }
-        ) + &policy_note(r),
+        Some(v) => {
+            format!(
+                "{what} of {} checked in as {}@{}: {} chunks written, {} uploaded ({}){}",
+                r.machine,
+                r.machine,
+                &v[..12],
+                r.chunks_written,
+                r.chunks_uploaded,
+                bytes(r.bytes_uploaded),
+                if r.head_moved {
+                    String::new()
+                } else {
+                    "; another session moved the head first, so this version is kept beside it"
+                        .into()
+                }
+            ) + &policy_note(r)
+        }
         None => format!(
             "{what} of {} ended with nothing written; no new version",
             r.machine

@@ -443,7 +443,9 @@ fn forget(
         if json {
             json_out(&serde_json::json!({"machine": machine.to_string(), "policy": null}))?;
         }
-        say(format!("{machine} has no retention policy now; every new version is kept"));
+        say(format!(
+            "{machine} has no retention policy now; every new version is kept"
+        ));
         return Ok(());
     }
     let policy = if given.is_empty() {
@@ -460,7 +462,9 @@ fn forget(
     };
     if set_policy {
         bank.catalog_mut().set_policy(machine, Some(&policy))?;
-        say(format!("{machine}'s retention policy is now {policy}; it is applied after each check-in"));
+        say(format!(
+            "{machine}'s retention policy is now {policy}; it is applied after each check-in"
+        ));
     }
     let r = bank.forget(machine, &policy, dry_run)?;
     if json {
@@ -469,7 +473,13 @@ fn forget(
         for d in &r.versions {
             outln!(
                 "{} {} {:<20} {}",
-                if d.kept() { "keep  " } else if dry_run { "would remove" } else { "remove" },
+                if d.kept() {
+                    "keep  "
+                } else if dry_run {
+                    "would remove"
+                } else {
+                    "remove"
+                },
                 d.version.short(),
                 date(d.created_ms),
                 d.reasons.join(", ")
@@ -481,7 +491,11 @@ fn forget(
         if dry_run { "would remove" } else { "removed" },
         r.removed.len(),
         r.versions.len(),
-        if dry_run || r.removed.is_empty() { "" } else { "; run gc to free their chunks" }
+        if dry_run || r.removed.is_empty() {
+            ""
+        } else {
+            "; run gc to free their chunks"
+        }
     ));
     Ok(())
 }
@@ -968,7 +982,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             clear_policy,
             json,
         } => {
-            forget(&mut bank, &machine, &keep, dry_run, set_policy, clear_policy, json, &say)?;
+            forget(
+                &mut bank,
+                &machine,
+                &keep,
+                dry_run,
+                set_policy,
+                clear_policy,
+                json,
+                &say,
+            )?;
         }
         Cmd::Head {
             machine,
@@ -976,10 +999,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             if machine.version.is_none() {
-                let m = bank
-                    .catalog()
-                    .machine(&machine.machine)?
-                    .ok_or_else(|| mbank_catalog::CatalogError::MachineNotFound(machine.machine.to_string()))?;
+                let m = bank.catalog().machine(&machine.machine)?.ok_or_else(|| {
+                    mbank_catalog::CatalogError::MachineNotFound(machine.machine.to_string())
+                })?;
                 if json {
                     json_out(&serde_json::json!({
                         "machine": machine.machine.to_string(),
@@ -1047,8 +1069,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 "{}@{}: note {}; tags {}",
                 v.machine,
                 v.id.short(),
-                labels.note.as_deref().map_or("none".into(), |n| format!("{n:?}")),
-                if labels.tags.is_empty() { "none".into() } else { labels.tags.join(", ") }
+                labels
+                    .note
+                    .as_deref()
+                    .map_or("none".into(), |n| format!("{n:?}")),
+                if labels.tags.is_empty() {
+                    "none".into()
+                } else {
+                    labels.tags.join(", ")
+                }
             ));
         }
         Cmd::Info { machine, json } => {
@@ -1072,13 +1101,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }))?;
             } else {
                 outln!("machine     {}", m.name)?;
-                outln!("head        {}", m.head.map_or("none".into(), |h| h.to_hex()))?;
+                outln!(
+                    "head        {}",
+                    m.head.map_or("none".into(), |h| h.to_hex())
+                )?;
                 outln!("versions    {}", m.versions)?;
                 outln!("disk        {}", m.disk_size.map_or("-".into(), bytes))?;
                 outln!("chunk size  {}", bytes(m.chunk_size as u64))?;
                 outln!("created     {} UTC", date(m.created_ms))?;
-                outln!("updated     {}", m.updated_ms.map_or("-".into(), |t| format!("{} UTC", date(t))))?;
-                outln!("policy      {}", policy.map_or("none (keeps every version)".into(), |p| p.to_string()))?;
+                outln!(
+                    "updated     {}",
+                    m.updated_ms
+                        .map_or("-".into(), |t| format!("{} UTC", date(t)))
+                )?;
+                outln!(
+                    "policy      {}",
+                    policy.map_or("none (keeps every version)".into(), |p| p.to_string())
+                )?;
                 outln!(
                     "session     {}",
                     lease.map_or("none".into(), |l| format!(
