@@ -106,6 +106,7 @@ impl Bank {
         let source = VersionSource {
             description,
             parent: None,
+            expected_head: None,
             base,
             items,
             total_bytes: total,

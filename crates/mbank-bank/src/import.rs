@@ -103,6 +103,12 @@ pub struct VersionSource<'a> {
     pub description: String,
     /// The version this one is made from (its parent), or `None` for a first import.
     pub parent: Option<VersionId>,
+    /// The head the writer saw when it began: the commit moves the head only if it is
+    /// still this (compare-and-swap), else the version is kept beside it. For an import
+    /// it is the parent; for a session started from an older version it is the head at
+    /// the session's start, not the parent, so that its check-in moves the head when
+    /// nobody else did.
+    pub expected_head: Option<VersionId>,
     /// The index to start from: every entry not replaced by an item is kept as is.
     pub base: DiskIndex,
     /// The chunks that replace entries of `base`, in any order. Runs on its own thread.
@@ -143,6 +149,7 @@ impl Bank {
         let source = VersionSource {
             description: format!("import {}", path.display()),
             parent: existing.as_ref().and_then(|m| m.head),
+            expected_head: existing.as_ref().and_then(|m| m.head),
             total_bytes: image.len,
             items: Box::new(image_items(path, &image, chunk_size as u64, image.len)),
             base,
@@ -228,6 +235,7 @@ impl Bank {
         let VersionSource {
             description,
             parent,
+            expected_head,
             mut base,
             items,
             total_bytes,
@@ -273,7 +281,7 @@ impl Bank {
         };
         let outcome = self
             .catalog
-            .commit_version(&info, &index, &streams, parent)
+            .commit_version(&info, &index, &streams, expected_head)
             .map_err(|e| self.catalog_err("commit the version to", e))?;
         let (head_moved, head) = match outcome {
             CommitOutcome::HeadMoved => (true, Some(info.id)),

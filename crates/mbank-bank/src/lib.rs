@@ -61,7 +61,10 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use mbank_catalog::{Catalog, CatalogApi, CatalogError, MachineInfo, VersionInfo, WriterInfo};
+use mbank_catalog::{
+    Catalog, CatalogApi, CatalogError, ForgetReport, LabelChange, Labels, MachineInfo, Policy,
+    VersionInfo, WriterInfo,
+};
 use mbank_core::{ChunkId, MachineName, MachineRef, VersionId};
 use mbank_store::{ChunkStore, LocalStore, StoreError};
 use serde::Serialize;
@@ -278,6 +281,11 @@ pub struct VersionSummary {
     /// The version holds a machine configuration (made by `mbank create` or `run`).
     pub configured: bool,
     pub stats: mbank_catalog::VersionStats,
+    /// The version's note (`mbank note`), if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// The version's tags (`mbank note --tag`).
+    pub tags: Vec<String>,
 }
 
 /// A registered writer; unregisters when dropped, so a failed write does not hold GC
@@ -665,21 +673,32 @@ impl Bank {
     /// The versions of a machine, newest first.
     pub fn log(&self, machine: &MachineName) -> Result<Vec<VersionSummary>, BankError> {
         let head = self.catalog.machine(machine)?.and_then(|m| m.head);
+        let mut labels: std::collections::HashMap<VersionId, mbank_catalog::Labels> = self
+            .catalog
+            .labels(machine)?
+            .into_iter()
+            .map(|l| (l.version, l.labels))
+            .collect();
         Ok(self
             .catalog
             .versions(machine)?
             .into_iter()
-            .map(|v| VersionSummary {
-                version: v.id.to_hex(),
-                machine: v.machine.to_string(),
-                parent: v.parent.map(|p| p.to_hex()),
-                head: Some(v.id) == head,
-                created_ms: v.created_ms,
-                disk_size: v.disk_size,
-                chunk_size: v.chunk_size,
-                suspended: v.has_memory(),
-                configured: v.config.is_some(),
-                stats: v.stats,
+            .map(|v| {
+                let l = labels.remove(&v.id).unwrap_or_default();
+                VersionSummary {
+                    version: v.id.to_hex(),
+                    machine: v.machine.to_string(),
+                    parent: v.parent.map(|p| p.to_hex()),
+                    head: Some(v.id) == head,
+                    created_ms: v.created_ms,
+                    disk_size: v.disk_size,
+                    chunk_size: v.chunk_size,
+                    suspended: v.has_memory(),
+                    configured: v.config.is_some(),
+                    stats: v.stats,
+                    note: l.note,
+                    tags: l.tags,
+                }
             })
             .collect())
     }
@@ -732,6 +751,68 @@ impl Bank {
                 Ok((ids, None))
             }
         }
+    }
+
+    /// Applies a retention policy to `machine` (see `mbank_catalog::retention`): removes
+    /// the versions it does not keep, never the head, a session's base or a suspended
+    /// version nothing was made from. With `dry_run`, only says what it would remove.
+    /// The chunks go at the next GC, as after `rm`.
+    pub fn forget(
+        &mut self,
+        machine: &MachineName,
+        policy: &Policy,
+        dry_run: bool,
+    ) -> Result<ForgetReport, BankError> {
+        if !dry_run {
+            self.require_writable("forget versions")?;
+        }
+        Ok(self.catalog.forget(machine, policy, dry_run)?)
+    }
+
+    /// Applies `machine`'s own retention policy, if it has one (after a check-in).
+    pub fn apply_policy(
+        &mut self,
+        machine: &MachineName,
+    ) -> Result<Option<ForgetReport>, BankError> {
+        match self.catalog.policy(machine)? {
+            Some(p) => Ok(Some(self.forget(machine, &p, false)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Makes `to` (`machine@version`) the head, if the head is still `expected` (by
+    /// default the head as read now): a compare-and-swap, refused while a session runs
+    /// on the machine. Returns the head it replaced.
+    pub fn set_head(
+        &mut self,
+        to: &MachineRef,
+        expected: Option<Option<VersionId>>,
+    ) -> Result<Option<VersionId>, BankError> {
+        self.require_writable("move the head")?;
+        let v = self.resolve(to)?;
+        let expected = match expected {
+            Some(e) => e,
+            None => {
+                self.catalog
+                    .machine(&to.machine)?
+                    .ok_or_else(|| CatalogError::MachineNotFound(to.machine.to_string()))?
+                    .head
+            }
+        };
+        self.catalog.set_head(&to.machine, v.id, expected)?;
+        Ok(expected)
+    }
+
+    /// Changes the note and tags of a version (`machine@version`, or the head).
+    pub fn label(
+        &mut self,
+        r: &MachineRef,
+        change: &LabelChange,
+    ) -> Result<(VersionInfo, Labels), BankError> {
+        self.require_writable("label versions")?;
+        let v = self.resolve(r)?;
+        let labels = self.catalog.label(&v, change)?;
+        Ok((v, labels))
     }
 
     /// Every chunk some version's disk or stream names (a walk over every index, on

@@ -12,8 +12,13 @@
 //!   inserts the version and moves the head in one `BEGIN IMMEDIATE` transaction, and
 //!   only if the head is still the version the writer started from (invariant 2). A
 //!   writer that loses the race still has its version kept; the caller is told.
-//! - Versions are immutable; only [`Catalog::remove_version`] and
-//!   [`Catalog::remove_machine`] delete them, and their chunks go at the next GC.
+//! - Versions are immutable; only [`Catalog::remove_version`],
+//!   [`Catalog::remove_machine`] and [`Catalog::forget`] (a retention policy, see
+//!   [`retention`]) delete them, and their chunks go at the next GC. `forget` never
+//!   deletes the head, a session's base or a suspended version nothing was made from.
+//! - [`Catalog::set_head`] (roll back) moves the head by compare-and-swap too, and not
+//!   while a session holds the machine. Notes, tags and policies (schema 5) change
+//!   freely and are not covered by the record checksums below.
 //!
 //! ## Concurrency and crashes
 //!
@@ -55,9 +60,11 @@
 //! not migrated and not checked; `verify` says so.
 
 mod records;
+pub mod retention;
 
 pub use records::{RecordCheck, RecordProblem, integrity_check_file};
 use records::{seal_all, seal_machine, seal_version};
+pub use retention::{Decision, Policy, Protected};
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -70,7 +77,7 @@ mod usage;
 pub use usage::{OwnerUsage, VERSION_OVERHEAD, version_cost};
 
 /// Schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE machines (
@@ -144,6 +151,29 @@ ALTER TABLE versions ADD COLUMN sum BLOB;
 ALTER TABLE machines ADD COLUMN sum BLOB;
 ";
 
+/// Version 5: notes and tags on versions, and each machine's retention policy. Both
+/// change after the version is committed, so they live beside the version records and
+/// are not covered by their checksums.
+const SCHEMA_V5: &str = "
+CREATE TABLE IF NOT EXISTS version_labels (
+    version     BLOB PRIMARY KEY,
+    machine     TEXT NOT NULL,
+    note        TEXT,
+    tags        TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS version_labels_by_machine ON version_labels (machine);
+CREATE TABLE IF NOT EXISTS policies (
+    machine     TEXT PRIMARY KEY,
+    policy      TEXT NOT NULL
+);
+";
+
+/// Longest note on a version, in bytes.
+pub const MAX_NOTE: usize = 1024;
+/// Most tags on a version, and the longest tag in bytes.
+pub const MAX_TAGS: usize = 16;
+pub const MAX_TAG: usize = 64;
+
 /// What went wrong in the catalog.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -166,6 +196,28 @@ pub enum CatalogError {
     LeaseHeld { machine: String, held: Box<Lease> },
     #[error("machine {0} has no versions yet")]
     NoHead(String),
+    /// A head move whose expected head is not the head (compare-and-swap lost).
+    #[error(
+        "the head of {machine} is {}, not {} as expected: it moved meanwhile; nothing was changed; look at `mbank log {machine}` and try again",
+        head.map_or("none".to_string(), |h| h.short()),
+        expected.map_or("none".to_string(), |h| h.short())
+    )]
+    HeadMoved {
+        machine: String,
+        expected: Option<VersionId>,
+        head: Option<VersionId>,
+    },
+    /// The head cannot move while a session runs: its check-in moves it.
+    #[error("{machine} has a session running on station {} (pid {}) since {} UTC, whose check-in will move the head; end that session first, then move the head", held.station_name, held.pid, held.started_utc())]
+    InSession { machine: String, held: Box<Lease> },
+    /// A policy with no rule on would keep only what is protected.
+    #[error(
+        "no retention rule given for {0}: give at least one of --keep-last, --keep-hourly, --keep-daily, --keep-weekly, --keep-monthly with a count above 0"
+    )]
+    EmptyPolicy(String),
+    /// A note or tag over its limits, or a tag that is not a plain word.
+    #[error("{0}")]
+    BadLabel(String),
     #[error("the index of {machine}@{version} is damaged: {source}")]
     BadIndex {
         machine: String,
@@ -306,6 +358,32 @@ pub trait CatalogApi: Send {
     ) -> Result<Vec<(VersionId, String)>, CatalogError>;
     /// See [`Catalog::heartbeat_lease`].
     fn heartbeat_lease(&self, machine: &MachineName, session: &str) -> Result<bool, CatalogError>;
+    /// See [`Catalog::forget`].
+    fn forget(
+        &mut self,
+        machine: &MachineName,
+        policy: &Policy,
+        dry_run: bool,
+    ) -> Result<ForgetReport, CatalogError>;
+    /// See [`Catalog::set_head`].
+    fn set_head(
+        &mut self,
+        machine: &MachineName,
+        to: VersionId,
+        expected: Option<VersionId>,
+    ) -> Result<(), CatalogError>;
+    /// See [`Catalog::label`].
+    fn label(&mut self, v: &VersionInfo, change: &LabelChange) -> Result<Labels, CatalogError>;
+    /// See [`Catalog::labels`].
+    fn labels(&self, machine: &MachineName) -> Result<Vec<VersionLabels>, CatalogError>;
+    /// See [`Catalog::policy`].
+    fn policy(&self, machine: &MachineName) -> Result<Option<Policy>, CatalogError>;
+    /// See [`Catalog::set_policy`].
+    fn set_policy(
+        &mut self,
+        machine: &MachineName,
+        policy: Option<&Policy>,
+    ) -> Result<(), CatalogError>;
     /// Another handle on the same catalog (its own connection), e.g. for a writer's
     /// heartbeats from another thread.
     fn reopen(&self) -> Result<Box<dyn CatalogApi>, CatalogError>;
@@ -388,6 +466,38 @@ impl CatalogApi for Catalog {
     fn heartbeat_lease(&self, machine: &MachineName, session: &str) -> Result<bool, CatalogError> {
         Catalog::heartbeat_lease(self, machine, session)
     }
+    fn forget(
+        &mut self,
+        machine: &MachineName,
+        policy: &Policy,
+        dry_run: bool,
+    ) -> Result<ForgetReport, CatalogError> {
+        Catalog::forget(self, machine, policy, dry_run)
+    }
+    fn set_head(
+        &mut self,
+        machine: &MachineName,
+        to: VersionId,
+        expected: Option<VersionId>,
+    ) -> Result<(), CatalogError> {
+        Catalog::set_head(self, machine, to, expected)
+    }
+    fn label(&mut self, v: &VersionInfo, change: &LabelChange) -> Result<Labels, CatalogError> {
+        Catalog::label(self, v, change)
+    }
+    fn labels(&self, machine: &MachineName) -> Result<Vec<VersionLabels>, CatalogError> {
+        Catalog::labels(self, machine)
+    }
+    fn policy(&self, machine: &MachineName) -> Result<Option<Policy>, CatalogError> {
+        Catalog::policy(self, machine)
+    }
+    fn set_policy(
+        &mut self,
+        machine: &MachineName,
+        policy: Option<&Policy>,
+    ) -> Result<(), CatalogError> {
+        Catalog::set_policy(self, machine, policy)
+    }
     fn reopen(&self) -> Result<Box<dyn CatalogApi>, CatalogError> {
         Ok(Box::new(Catalog::open(&self.path, false, false)?))
     }
@@ -465,6 +575,52 @@ pub enum CommitOutcome {
     HeadMoved,
     /// Another writer moved the head first; the new version is kept, the head is this.
     Kept { head: Option<VersionId> },
+}
+
+/// The notes and tags on a version (`mbank note`): not part of the version's record,
+/// they may change at any time.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Labels {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+impl Labels {
+    pub fn is_empty(&self) -> bool {
+        self.note.is_none() && self.tags.is_empty()
+    }
+}
+
+/// A change to a version's labels: a new note (`Some("")` removes it), tags to add and
+/// tags to remove.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LabelChange {
+    pub note: Option<String>,
+    pub add_tags: Vec<String>,
+    pub remove_tags: Vec<String>,
+}
+
+/// A version's labels, as a machine's list of them gives them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionLabels {
+    pub version: VersionId,
+    #[serde(flatten)]
+    pub labels: Labels,
+}
+
+/// What [`Catalog::forget`] did (or, with `dry_run`, would do).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgetReport {
+    pub machine: String,
+    pub policy: Policy,
+    pub dry_run: bool,
+    /// Every version, newest first, with the reasons it is kept (none: removed).
+    pub versions: Vec<Decision>,
+    /// The versions removed (or, with `dry_run`, that would be).
+    pub removed: Vec<VersionId>,
 }
 
 /// A registered writer (see the GC scheme in `mbank-store`).
@@ -642,6 +798,10 @@ impl Catalog {
             tx.execute_batch(SCHEMA_V4)
                 .map_err(sql("migrate the schema to version 4"))?;
             seal_all(&tx)?;
+        }
+        if v < 5 {
+            tx.execute_batch(SCHEMA_V5)
+                .map_err(sql("migrate the schema to version 5"))?;
         }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(sql("set the schema version"))?;
@@ -982,6 +1142,11 @@ impl Catalog {
             params![&v.id.as_bytes()[..]],
         )
         .map_err(sql("remove the version's streams"))?;
+        tx.execute(
+            "DELETE FROM version_labels WHERE version = ?1",
+            params![&v.id.as_bytes()[..]],
+        )
+        .map_err(sql("remove the version's notes and tags"))?;
         let head: Option<Vec<u8>> = tx
             .query_row(
                 "SELECT head FROM machines WHERE name = ?1",
@@ -1040,6 +1205,16 @@ impl Catalog {
             params![machine.as_str()],
         )
         .map_err(sql("remove the versions' streams"))?;
+        tx.execute(
+            "DELETE FROM version_labels WHERE machine = ?1",
+            params![machine.as_str()],
+        )
+        .map_err(sql("remove the versions' notes and tags"))?;
+        tx.execute(
+            "DELETE FROM policies WHERE machine = ?1",
+            params![machine.as_str()],
+        )
+        .map_err(sql("remove the machine's retention policy"))?;
         let n = tx
             .execute(
                 "DELETE FROM versions WHERE machine = ?1",
@@ -1119,6 +1294,89 @@ impl Catalog {
             })
             .map_err(sql("list writers"))?;
         rows.collect::<Result<_, _>>().map_err(sql("list writers"))
+    }
+}
+
+fn session_bases_in(
+    conn: &Connection,
+    machine: &MachineName,
+) -> Result<Vec<(VersionId, String)>, CatalogError> {
+    let mut st = conn
+        .prepare_cached(
+            "SELECT base, station_name FROM leases WHERE machine = ?1 AND base IS NOT NULL
+             UNION ALL
+             SELECT base, station_name FROM displaced WHERE machine = ?1 AND base IS NOT NULL",
+        )
+        .map_err(sql("list the sessions' versions"))?;
+    let rows = st
+        .query_map(params![machine.as_str()], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
+        })
+        .map_err(sql("list the sessions' versions"))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (b, station) = row.map_err(sql("list the sessions' versions"))?;
+        out.push((vid(b)?, station));
+    }
+    Ok(out)
+}
+
+fn read_head(conn: &Connection, machine: &MachineName) -> Result<Option<VersionId>, CatalogError> {
+    let head: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT head FROM machines WHERE name = ?1",
+            params![machine.as_str()],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(sql("read the head"))?
+        .ok_or_else(|| CatalogError::MachineNotFound(machine.to_string()))?;
+    opt_vid(head)
+}
+
+/// Checks a label change against the limits and the form of a tag.
+fn check_labels(change: &LabelChange) -> Result<(), CatalogError> {
+    if let Some(n) = &change.note
+        && n.len() > MAX_NOTE
+    {
+        return Err(CatalogError::BadLabel(format!(
+            "the note is {} bytes; a note holds at most {MAX_NOTE}",
+            n.len()
+        )));
+    }
+    for t in change.add_tags.iter().chain(&change.remove_tags) {
+        let ok = !t.is_empty()
+            && t.len() <= MAX_TAG
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:+".contains(&b));
+        if !ok {
+            return Err(CatalogError::BadLabel(format!(
+                "tag {t:?} is not a tag: use 1 to {MAX_TAG} letters, digits and - _ . : +"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn parse_tags(text: &str) -> Result<Vec<String>, CatalogError> {
+    serde_json::from_str(text).map_err(|e| CatalogError::BadRow(format!("tags: {e}")))
+}
+
+fn read_labels(conn: &Connection, id: &VersionId) -> Result<Labels, CatalogError> {
+    let row: Option<(Option<String>, String)> = conn
+        .query_row(
+            "SELECT note, tags FROM version_labels WHERE version = ?1",
+            params![&id.as_bytes()[..]],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(sql("read the version's notes and tags"))?;
+    match row {
+        None => Ok(Labels::default()),
+        Some((note, tags)) => Ok(Labels {
+            note,
+            tags: parse_tags(&tags)?,
+        }),
     }
 }
 
@@ -1248,25 +1506,301 @@ impl Catalog {
         &self,
         machine: &MachineName,
     ) -> Result<Vec<(VersionId, String)>, CatalogError> {
+        session_bases_in(&self.conn, machine)
+    }
+
+    /// Applies a retention policy to `machine`'s versions (see [`retention`]) and, unless
+    /// `dry_run`, removes the versions it does not keep, in one transaction: the head, the
+    /// sessions' bases and what is protected are read in the same transaction that
+    /// removes, so a session that starts meanwhile waits or is seen. Removing a version
+    /// is what `rm` does to it (its chunks go at the next GC; the versions made from it
+    /// keep its id as their parent). The head is never removed, so it never moves.
+    pub fn forget(
+        &mut self,
+        machine: &MachineName,
+        policy: &Policy,
+        dry_run: bool,
+    ) -> Result<ForgetReport, CatalogError> {
+        if policy.is_empty() {
+            return Err(CatalogError::EmptyPolicy(machine.to_string()));
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql("start forgetting versions"))?;
+        let head = read_head(&tx, machine)?;
+        let bases = session_bases_in(&tx, machine)?;
+        let mut candidates = Vec::new();
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "SELECT id, created_ms,
+                        EXISTS (SELECT 1 FROM version_streams s WHERE s.version = v.id AND s.name = 'memory'),
+                        EXISTS (SELECT 1 FROM versions c WHERE c.parent = v.id)
+                     FROM versions v WHERE machine = ?1 ORDER BY created_ms DESC, rowid DESC",
+                )
+                .map_err(sql("list versions"))?;
+            let rows = st
+                .query_map(params![machine.as_str()], |r| {
+                    Ok((
+                        r.get::<_, Vec<u8>>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, bool>(2)?,
+                        r.get::<_, bool>(3)?,
+                    ))
+                })
+                .map_err(sql("list versions"))?;
+            for row in rows {
+                let (id, created_ms, memory, has_child) = row.map_err(sql("list versions"))?;
+                let id = vid(id)?;
+                let mut protected = Vec::new();
+                if head == Some(id) {
+                    protected.push(Protected::Head);
+                }
+                for (b, station) in &bases {
+                    if *b == id {
+                        protected.push(Protected::SessionBase {
+                            station: station.clone(),
+                        });
+                    }
+                }
+                if memory && !has_child && head != Some(id) {
+                    protected.push(Protected::Suspended);
+                }
+                candidates.push(retention::Candidate {
+                    id,
+                    created_ms,
+                    protected,
+                });
+            }
+        }
+        let versions = retention::apply(&candidates, policy);
+        let removed: Vec<VersionId> = versions
+            .iter()
+            .filter(|d| !d.kept())
+            .map(|d| d.version)
+            .collect();
+        if !dry_run {
+            for id in &removed {
+                for (table, col) in [
+                    ("versions", "id"),
+                    ("version_streams", "version"),
+                    ("version_labels", "version"),
+                ] {
+                    tx.execute(
+                        &format!("DELETE FROM {table} WHERE {col} = ?1"),
+                        params![&id.as_bytes()[..]],
+                    )
+                    .map_err(sql("remove a version"))?;
+                }
+            }
+            tx.commit().map_err(sql("commit the removals"))?;
+        }
+        Ok(ForgetReport {
+            machine: machine.to_string(),
+            policy: *policy,
+            dry_run,
+            versions,
+            removed,
+        })
+    }
+
+    /// Moves `machine`'s head to its version `to` if the head is still `expected`
+    /// (compare-and-swap, DESIGN invariant 2), and only while no session holds the
+    /// machine: a session's check-in moves the head by its own compare-and-swap, and
+    /// would otherwise be kept beside a head the user just chose.
+    pub fn set_head(
+        &mut self,
+        machine: &MachineName,
+        to: VersionId,
+        expected: Option<VersionId>,
+    ) -> Result<(), CatalogError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql("start moving the head"))?;
+        let head = read_head(&tx, machine)?;
+        let exists = tx
+            .query_row(
+                "SELECT 1 FROM versions WHERE id = ?1 AND machine = ?2",
+                params![&to.as_bytes()[..], machine.as_str()],
+                |_| Ok(()),
+            )
+            .optional()
+            .map_err(sql("find the version"))?
+            .is_some();
+        if !exists {
+            return Err(CatalogError::VersionNotFound {
+                machine: machine.to_string(),
+                prefix: to.to_hex(),
+            });
+        }
+        if let Some(held) = read_lease(&tx, machine.as_str())? {
+            return Err(CatalogError::InSession {
+                machine: machine.to_string(),
+                held: Box::new(held),
+            });
+        }
+        let moved = tx
+            .execute(
+                "UPDATE machines SET head = ?1 WHERE name = ?2 AND head IS ?3",
+                params![
+                    &to.as_bytes()[..],
+                    machine.as_str(),
+                    expected.as_ref().map(|p| p.as_bytes().to_vec())
+                ],
+            )
+            .map_err(sql("move the head"))?;
+        if moved != 1 {
+            return Err(CatalogError::HeadMoved {
+                machine: machine.to_string(),
+                expected,
+                head,
+            });
+        }
+        tx.commit().map_err(sql("commit the head's move"))?;
+        Ok(())
+    }
+
+    /// Changes the note and tags of version `v`; returns them as they now are.
+    pub fn label(&mut self, v: &VersionInfo, change: &LabelChange) -> Result<Labels, CatalogError> {
+        check_labels(change)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql("start labelling the version"))?;
+        let exists = tx
+            .query_row(
+                "SELECT 1 FROM versions WHERE id = ?1 AND machine = ?2",
+                params![&v.id.as_bytes()[..], v.machine.as_str()],
+                |_| Ok(()),
+            )
+            .optional()
+            .map_err(sql("find the version"))?
+            .is_some();
+        if !exists {
+            return Err(CatalogError::VersionNotFound {
+                machine: v.machine.to_string(),
+                prefix: v.id.to_hex(),
+            });
+        }
+        let mut labels = read_labels(&tx, &v.id)?;
+        if let Some(n) = &change.note {
+            labels.note = (!n.is_empty()).then(|| n.clone());
+        }
+        labels.tags.retain(|t| !change.remove_tags.contains(t));
+        for t in &change.add_tags {
+            if !labels.tags.contains(t) {
+                labels.tags.push(t.clone());
+            }
+        }
+        labels.tags.sort();
+        if labels.tags.len() > MAX_TAGS {
+            return Err(CatalogError::BadLabel(format!(
+                "{}@{} would have {} tags; a version holds at most {MAX_TAGS}",
+                v.machine,
+                v.id.short(),
+                labels.tags.len()
+            )));
+        }
+        if labels.is_empty() {
+            tx.execute(
+                "DELETE FROM version_labels WHERE version = ?1",
+                params![&v.id.as_bytes()[..]],
+            )
+        } else {
+            tx.execute(
+                "INSERT OR REPLACE INTO version_labels (version, machine, note, tags) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    &v.id.as_bytes()[..],
+                    v.machine.as_str(),
+                    labels.note,
+                    serde_json::to_string(&labels.tags).expect("tags serialise")
+                ],
+            )
+        }
+        .map_err(sql("write the version's notes and tags"))?;
+        tx.commit().map_err(sql("commit the notes and tags"))?;
+        Ok(labels)
+    }
+
+    /// The notes and tags of `machine`'s versions (only those that have some).
+    pub fn labels(&self, machine: &MachineName) -> Result<Vec<VersionLabels>, CatalogError> {
         let mut st = self
             .conn
-            .prepare_cached(
-                "SELECT base, station_name FROM leases WHERE machine = ?1 AND base IS NOT NULL
-                 UNION ALL
-                 SELECT base, station_name FROM displaced WHERE machine = ?1 AND base IS NOT NULL",
-            )
-            .map_err(sql("list the sessions' versions"))?;
+            .prepare_cached("SELECT version, note, tags FROM version_labels WHERE machine = ?1")
+            .map_err(sql("list notes and tags"))?;
         let rows = st
             .query_map(params![machine.as_str()], |r| {
-                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
             })
-            .map_err(sql("list the sessions' versions"))?;
+            .map_err(sql("list notes and tags"))?;
         let mut out = Vec::new();
         for row in rows {
-            let (b, station) = row.map_err(sql("list the sessions' versions"))?;
-            out.push((vid(b)?, station));
+            let (id, note, tags) = row.map_err(sql("list notes and tags"))?;
+            out.push(VersionLabels {
+                version: vid(id)?,
+                labels: Labels {
+                    note,
+                    tags: parse_tags(&tags)?,
+                },
+            });
         }
         Ok(out)
+    }
+
+    /// `machine`'s retention policy, applied after each check-in, if it has one.
+    pub fn policy(&self, machine: &MachineName) -> Result<Option<Policy>, CatalogError> {
+        let text: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT policy FROM policies WHERE machine = ?1",
+                params![machine.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("read the retention policy"))?;
+        text.map(|t| {
+            serde_json::from_str(&t)
+                .map_err(|e| CatalogError::BadRow(format!("retention policy of {machine}: {e}")))
+        })
+        .transpose()
+    }
+
+    /// Sets (or with `None`, removes) `machine`'s retention policy.
+    pub fn set_policy(
+        &mut self,
+        machine: &MachineName,
+        policy: Option<&Policy>,
+    ) -> Result<(), CatalogError> {
+        if policy.is_some_and(Policy::is_empty) {
+            return Err(CatalogError::EmptyPolicy(machine.to_string()));
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql("start setting the retention policy"))?;
+        read_head(&tx, machine)?; // the machine exists
+        match policy {
+            Some(p) => tx.execute(
+                "INSERT OR REPLACE INTO policies (machine, policy) VALUES (?1, ?2)",
+                params![
+                    machine.as_str(),
+                    serde_json::to_string(p).expect("policy serialises")
+                ],
+            ),
+            None => tx.execute(
+                "DELETE FROM policies WHERE machine = ?1",
+                params![machine.as_str()],
+            ),
+        }
+        .map_err(sql("write the retention policy"))?;
+        tx.commit().map_err(sql("commit the retention policy"))?;
+        Ok(())
     }
 
     /// Records that `session` is alive; false if it no longer holds the lease.
@@ -1348,6 +1882,134 @@ mod tests {
         );
         assert_eq!(c.disk_index(&vs[0]).unwrap(), i3);
         assert_eq!(vs[0].stats.chunks_total, 3);
+    }
+
+    #[test]
+    fn head_moves_back_only_from_the_head_it_expects_and_not_during_a_session() {
+        let (_d, mut c) = cat();
+        let (v1, i1) = info("alice/dev", None, 1);
+        let (v2, i2) = info("alice/dev", Some(v1.id), 2);
+        let (v3, i3) = info("alice/dev", Some(v2.id), 3);
+        c.commit_version(&v1, &i1, &[], None).unwrap();
+        c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
+        c.commit_version(&v3, &i3, &[], Some(v2.id)).unwrap();
+        let m = v1.machine.clone();
+        // Two head moves that both saw v3: the first wins, the second is refused and
+        // names the head it found.
+        c.set_head(&m, v1.id, Some(v3.id)).unwrap();
+        let e = c.set_head(&m, v2.id, Some(v3.id)).unwrap_err();
+        assert!(
+            matches!(e, CatalogError::HeadMoved { head, expected, .. } if head == Some(v1.id) && expected == Some(v3.id)),
+            "{e:?}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&v1.id.short())
+                && msg.contains(&v3.id.short())
+                && msg.contains("moved meanwhile"),
+            "{msg}"
+        );
+        assert_eq!(c.machine(&m).unwrap().unwrap().head, Some(v1.id));
+        // A version of another machine is not a head of this one.
+        let (o, oi) = info("alice/other", None, 4);
+        c.commit_version(&o, &oi, &[], None).unwrap();
+        assert!(matches!(
+            c.set_head(&m, o.id, Some(v1.id)),
+            Err(CatalogError::VersionNotFound { .. })
+        ));
+        // While a session holds the machine, its check-in owns the head.
+        let lease = Lease {
+            machine: m.to_string(),
+            session: "s1".into(),
+            station: "a".into(),
+            station_name: "host:a".into(),
+            pid: 7,
+            base: Some(v1.id),
+            started_ms: 0,
+            heartbeat_ms: 0,
+        };
+        c.acquire_lease(&lease, |_| false).unwrap();
+        let e = c.set_head(&m, v3.id, Some(v1.id)).unwrap_err();
+        assert!(matches!(e, CatalogError::InSession { .. }), "{e:?}");
+        assert!(e.to_string().contains("host:a"), "{e}");
+        c.release_lease(&m, "s1").unwrap();
+        c.set_head(&m, v3.id, Some(v1.id)).unwrap();
+        assert_eq!(c.machine(&m).unwrap().unwrap().head, Some(v3.id));
+    }
+
+    #[test]
+    fn notes_and_tags_change_go_with_their_version_and_are_bounded() {
+        let (_d, mut c) = cat();
+        let (v1, i1) = info("alice/dev", None, 1);
+        let (v2, i2) = info("alice/dev", Some(v1.id), 2);
+        c.commit_version(&v1, &i1, &[], None).unwrap();
+        c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
+        let m = v1.machine.clone();
+        let change = LabelChange {
+            note: Some("before the exam".into()),
+            add_tags: vec!["exam".into(), "good".into()],
+            ..Default::default()
+        };
+        let l = c.label(&v1, &change).unwrap();
+        assert_eq!(l.note.as_deref(), Some("before the exam"));
+        assert_eq!(l.tags, ["exam", "good"]);
+        let l = c
+            .label(
+                &v1,
+                &LabelChange {
+                    remove_tags: vec!["good".into()],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(l.tags, ["exam"]);
+        assert_eq!(l.note.as_deref(), Some("before the exam"), "the note stays");
+        assert_eq!(c.labels(&m).unwrap().len(), 1);
+        // Record checksums do not cover labels: verify stays quiet.
+        assert!(c.check_records(None).unwrap().problems.is_empty());
+        for bad in ["", "two words", &"x".repeat(MAX_TAG + 1)] {
+            let e = c
+                .label(
+                    &v2,
+                    &LabelChange {
+                        add_tags: vec![bad.to_string()],
+                        ..Default::default()
+                    },
+                )
+                .unwrap_err();
+            assert!(matches!(e, CatalogError::BadLabel(_)), "{bad:?}: {e}");
+        }
+        let e = c
+            .label(
+                &v2,
+                &LabelChange {
+                    note: Some("n".repeat(MAX_NOTE + 1)),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert!(matches!(e, CatalogError::BadLabel(_)));
+        c.remove_version(&v1).unwrap();
+        assert!(
+            c.labels(&m).unwrap().is_empty(),
+            "labels go with their version"
+        );
+        let p = Policy {
+            keep_daily: 3,
+            ..Default::default()
+        };
+        c.set_policy(&m, Some(&p)).unwrap();
+        assert_eq!(c.policy(&m).unwrap(), Some(p));
+        assert!(matches!(
+            c.set_policy(&m, Some(&Policy::default())),
+            Err(CatalogError::EmptyPolicy(_))
+        ));
+        c.remove_machine(&m).unwrap();
+        assert_eq!(
+            c.policy(&m).unwrap(),
+            None,
+            "the policy goes with the machine"
+        );
     }
 
     #[test]

@@ -2,16 +2,16 @@
 //! writer endpoints (`docs/api.md`).
 
 use mbank_catalog::{
-    CatalogApi, CatalogError, CommitOutcome, Lease, MachineInfo, NamedStream, VersionInfo,
-    WriterInfo,
+    CatalogApi, CatalogError, CommitOutcome, ForgetReport, LabelChange, Labels, Lease, MachineInfo,
+    NamedStream, Policy, VersionInfo, VersionLabels, WriterInfo,
 };
 use mbank_core::{DiskIndex, MachineName, MemoryIndex, VersionId};
 use ureq::http::Method;
 
 use crate::client::{Client, ClientError, MAX_ANSWER, Payload, seg};
 use crate::wire::{
-    self, CommitHeader, CommitResponse, Head, Held, LeaseRequest, LeaseResponse, Released, Removed,
-    SessionBody, WriterRequest,
+    self, CommitHeader, CommitResponse, ForgetRequest, Head, HeadRequest, Held, LeaseRequest,
+    LeaseResponse, PolicyBody, Released, Removed, SessionBody, WriterRequest,
 };
 
 /// A bank server's catalog. Cloning it (or [`CatalogApi::reopen`]) gives another handle
@@ -64,6 +64,15 @@ pub fn catalog_error(e: ClientError, machine: Option<&str>) -> CatalogError {
                 held: Box::new(held),
             }
         }
+        "head_moved" => CatalogError::HeadMoved {
+            machine: machine(),
+            expected: body.expected_head,
+            head: body.head,
+        },
+        "in_session" if body.lease.is_some() => CatalogError::InSession {
+            machine: machine(),
+            held: Box::new(body.lease.clone().expect("checked")),
+        },
         "unauthorized" => CatalogError::Unauthorized(format!("{} (bank {url})", body.message)),
         _ => CatalogError::Remote(body.message.clone()),
     }
@@ -357,6 +366,67 @@ impl CatalogApi for RemoteCatalog {
         };
         let r: Held = self.send(Method::POST, &path, &what, &req, Some(machine.as_str()))?;
         Ok(r.held)
+    }
+
+    fn forget(
+        &mut self,
+        machine: &MachineName,
+        policy: &Policy,
+        dry_run: bool,
+    ) -> Result<ForgetReport, CatalogError> {
+        let what = format!("forget on {machine}");
+        let path = format!("{}/forget", mpath(machine.as_str()));
+        let req = ForgetRequest {
+            policy: *policy,
+            dry_run,
+        };
+        self.send(Method::POST, &path, &what, &req, Some(machine.as_str()))
+    }
+
+    fn set_head(
+        &mut self,
+        machine: &MachineName,
+        to: VersionId,
+        expected: Option<VersionId>,
+    ) -> Result<(), CatalogError> {
+        let what = format!("head move of {machine}");
+        let path = format!("{}/head", mpath(machine.as_str()));
+        let req = HeadRequest { to, expected };
+        let _: Head = self.send(Method::PUT, &path, &what, &req, Some(machine.as_str()))?;
+        Ok(())
+    }
+
+    fn label(&mut self, v: &VersionInfo, change: &LabelChange) -> Result<Labels, CatalogError> {
+        let what = format!("notes and tags of {}@{}", v.machine, v.id);
+        let path = format!("{}/labels", vpath(v));
+        self.send(Method::POST, &path, &what, change, Some(v.machine.as_str()))
+    }
+
+    fn labels(&self, machine: &MachineName) -> Result<Vec<VersionLabels>, CatalogError> {
+        let what = format!("notes and tags of {machine}");
+        let path = format!("{}/labels", mpath(machine.as_str()));
+        self.get(&path, &what, Some(machine.as_str()))
+    }
+
+    fn policy(&self, machine: &MachineName) -> Result<Option<Policy>, CatalogError> {
+        let what = format!("retention policy of {machine}");
+        let path = format!("{}/policy", mpath(machine.as_str()));
+        let r: PolicyBody = self.get(&path, &what, Some(machine.as_str()))?;
+        Ok(r.policy)
+    }
+
+    fn set_policy(
+        &mut self,
+        machine: &MachineName,
+        policy: Option<&Policy>,
+    ) -> Result<(), CatalogError> {
+        let what = format!("retention policy of {machine}");
+        let path = format!("{}/policy", mpath(machine.as_str()));
+        let req = PolicyBody {
+            policy: policy.copied(),
+        };
+        let _: PolicyBody = self.send(Method::PUT, &path, &what, &req, Some(machine.as_str()))?;
+        Ok(())
     }
 
     fn reopen(&self) -> Result<Box<dyn CatalogApi>, CatalogError> {

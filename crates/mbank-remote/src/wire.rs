@@ -1,7 +1,7 @@
 //! What travels between a station and the bank server (`docs/api.md`). Both sides use
 //! these types, so a change here is a change of the API.
 
-use mbank_catalog::{CommitOutcome, Lease, VersionInfo};
+use mbank_catalog::{CommitOutcome, Lease, Policy, VersionInfo};
 use mbank_core::{ChunkId, VersionId};
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +56,11 @@ pub struct ErrorBody {
     /// That limit: bytes for a field, a count for `too_many`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u64>,
+    /// `head_moved`: the head found, and the head the request expected (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<VersionId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_head: Option<VersionId>,
 }
 
 /// `POST /v1/login`.
@@ -140,6 +145,27 @@ pub struct Head {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Stored {
     pub bytes: u64,
+}
+
+/// `POST /v1/machines/{m}/forget`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ForgetRequest {
+    pub policy: Policy,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// `PUT /v1/machines/{m}/head`: move the head to `to` if it is still `expected`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HeadRequest {
+    pub to: VersionId,
+    pub expected: Option<VersionId>,
+}
+
+/// `GET` and `PUT /v1/machines/{m}/policy` (`null`: no policy).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PolicyBody {
+    pub policy: Option<Policy>,
 }
 
 /// `POST /v1/writers`.

@@ -144,6 +144,24 @@ impl From<CatalogError> for ApiError {
                 a.body.lease = Some(*held);
                 a
             }
+            CatalogError::HeadMoved {
+                machine,
+                expected,
+                head,
+            } => {
+                let mut a = ApiError::new(StatusCode::CONFLICT, "head_moved", msg);
+                a.body.machine = Some(machine);
+                a.body.head = head;
+                a.body.expected_head = expected;
+                a
+            }
+            CatalogError::InSession { machine, held } => {
+                let mut a = ApiError::new(StatusCode::CONFLICT, "in_session", msg);
+                a.body.machine = Some(machine);
+                a.body.lease = Some(*held);
+                a
+            }
+            CatalogError::EmptyPolicy(_) | CatalogError::BadLabel(_) => ApiError::bad_request(msg),
             e if e.is_retryable() => ApiError::unavailable(format!("the catalog is busy: {e}")),
             e => {
                 tracing::error!(error = %e, "catalog error");

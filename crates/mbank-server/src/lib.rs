@@ -155,6 +155,17 @@ impl App {
         Ok(chunks.saturating_add(self.owner_usage(owner)?.bytes))
     }
 
+    /// The machine, if `user` owns it (may write it); else the answer for a machine that
+    /// does not exist, even when `user` may read it (a published machine): what only
+    /// the owner may change (retention, the head, labels) is not offered to others.
+    fn owned_machine(&self, user: &User, m: &MachineName) -> Result<(), ApiError> {
+        if self.access(|a| Ok(a.can_write_machine(user, m)))? {
+            Ok(())
+        } else {
+            Err(ApiError::no_machine(m.as_str()))
+        }
+    }
+
     fn writable_machine(&self, user: &User, m: &MachineName) -> Result<(), ApiError> {
         if self.access(|a| Ok(a.can_write_machine(user, m)))? {
             return Ok(());
@@ -302,6 +313,14 @@ fn router(app: Shared) -> Router {
             post(lease_heartbeat),
         )
         .route("/v1/machines/{u}/{n}/sessions", get(sessions))
+        .route("/v1/machines/{u}/{n}/forget", post(forget))
+        .route("/v1/machines/{u}/{n}/head", axum::routing::put(set_head))
+        .route("/v1/machines/{u}/{n}/labels", get(labels))
+        .route(
+            "/v1/machines/{u}/{n}/versions/{v}/labels",
+            post(label_version),
+        )
+        .route("/v1/machines/{u}/{n}/policy", get(policy).put(set_policy))
         .route("/v1/writers", post(register_writer))
         .route("/v1/writers/{id}", axum::routing::delete(unregister_writer))
         .route("/v1/writers/{id}/heartbeat", post(writer_heartbeat))
@@ -994,6 +1013,131 @@ async fn remove_machine(
         check_not_in_use(app, m, None)?;
         let removed = app.catalog(|c| Ok(c.remove_machine(m)?))?;
         Ok(json(&wire::Removed { removed }))
+    })
+    .await
+}
+
+/// Runs `f` on machine `{u}/{n}` after authentication, if the user owns it (else the
+/// answer for a machine that does not exist), with the request's JSON body.
+async fn on_owned_machine<B: DeserializeOwned + Send + 'static, R: Send + 'static>(
+    app: &Shared,
+    caller: Caller,
+    u: &str,
+    n: &str,
+    b: Result<Bytes, BytesRejection>,
+    f: impl FnOnce(&App, &MachineName, B) -> Result<R, ApiError> + Send + 'static,
+) -> Result<R, ApiError> {
+    let m = machine_name(u, n)?;
+    let b = body(b)?;
+    authed(app, caller, move |app, user| {
+        app.owned_machine(user, &m)?;
+        let req: B = parse_json(&b)?;
+        f(app, &m, req)
+    })
+    .await
+}
+
+async fn forget(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path((u, n)): Path<(String, String)>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    on_owned_machine(
+        &app,
+        caller,
+        &u,
+        &n,
+        b,
+        |app, m, req: wire::ForgetRequest| {
+            let r = app.catalog(|c| Ok(c.forget(m, &req.policy, req.dry_run)?))?;
+            if !req.dry_run {
+                tracing::info!(machine = %m, removed = r.removed.len(), "forget");
+            }
+            Ok(json(&r))
+        },
+    )
+    .await
+}
+
+async fn set_head(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path((u, n)): Path<(String, String)>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    on_owned_machine(&app, caller, &u, &n, b, |app, m, req: wire::HeadRequest| {
+        app.catalog(|c| Ok(c.set_head(m, req.to, req.expected)?))?;
+        tracing::info!(machine = %m, head = %req.to, "head moved");
+        Ok(json(&wire::Head { head: Some(req.to) }))
+    })
+    .await
+}
+
+async fn labels(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path((u, n)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    on_machine(&app, caller, &u, &n, Need::Read, |app, _, m| {
+        Ok(json(&app.catalog(|c| Ok(c.labels(m)?))?))
+    })
+    .await
+}
+
+async fn label_version(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path((u, n, v)): Path<(String, String, String)>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = version_id(&v)?;
+    on_owned_machine(
+        &app,
+        caller,
+        &u,
+        &n,
+        b,
+        move |app, m, change: mbank_catalog::LabelChange| {
+            let info = app.catalog(|c| Ok(c.resolve(m, Some(&v.to_hex()))?))?;
+            if info.id != v {
+                return Err(ApiError::from(
+                    mbank_catalog::CatalogError::VersionNotFound {
+                        machine: m.to_string(),
+                        prefix: v.to_hex(),
+                    },
+                ));
+            }
+            Ok(json(&app.catalog(|c| Ok(c.label(&info, &change)?))?))
+        },
+    )
+    .await
+}
+
+async fn policy(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path((u, n)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    on_machine(&app, caller, &u, &n, Need::Read, |app, _, m| {
+        if app.catalog(|c| Ok(c.machine(m)?))?.is_none() {
+            return Err(ApiError::no_machine(m.as_str()));
+        }
+        let policy = app.catalog(|c| Ok(c.policy(m)?))?;
+        Ok(json(&wire::PolicyBody { policy }))
+    })
+    .await
+}
+
+async fn set_policy(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path((u, n)): Path<(String, String)>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    on_owned_machine(&app, caller, &u, &n, b, |app, m, req: wire::PolicyBody| {
+        app.catalog(|c| Ok(c.set_policy(m, req.policy.as_ref())?))?;
+        Ok(json(&req))
     })
     .await
 }

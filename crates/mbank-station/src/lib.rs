@@ -15,8 +15,10 @@
 //!    rewrite of a flushed block first syncs an intent record).
 //! 3. [`Station::check_in`] stores the dirty chunks (only those the bank lacks are
 //!    written), commits a version whose parent is the version checked out, moving the
-//!    head by compare-and-swap (a lost race is kept as its own version), then releases
-//!    the lease and deletes the session. Dirty bits live until the version is committed.
+//!    head by compare-and-swap from the head seen at check-out (so a session of an older
+//!    version becomes the head unless someone moved it; a lost race is kept as its own
+//!    version), then releases the lease, deletes the session and applies the machine's
+//!    retention policy. Dirty bits live until the version is committed.
 //!
 //! ## Crashes
 //!
@@ -126,6 +128,12 @@ pub struct SessionReport {
     pub seconds: f64,
     pub checkin_seconds: f64,
     pub recovered: bool,
+    /// Versions the machine's retention policy removed after the check-in.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub forgotten: Vec<String>,
+    /// Why the machine's retention policy could not be applied (the check-in stands).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_error: Option<String>,
 }
 
 /// What a check-in stores besides the disk's dirty chunks.
@@ -416,7 +424,15 @@ impl Station {
         force: bool,
         fetch_from: Arc<dyn ChunkStore>,
     ) -> Result<Arc<Disk>, StationError> {
-        let v = bank.resolve(r)?;
+        // The head as the session begins; the check-in expects it still there.
+        let head_at_start = bank.catalog().machine(&r.machine)?.and_then(|m| m.head);
+        let v = match (&r.version, head_at_start) {
+            (None, Some(h)) => bank.resolve(&MachineRef {
+                machine: r.machine.clone(),
+                version: Some(h.to_hex()),
+            })?,
+            _ => bank.resolve(r)?,
+        };
         let index = bank.catalog().disk_index(&v)?;
         let session = random_hex();
         let lease = Lease {
@@ -484,6 +500,7 @@ impl Station {
             pid: std::process::id(),
             started_ms: now_ms(),
             bank: bank.location().to_string(),
+            head_at_start: Some(head_at_start.map_or_else(|| "none".into(), |h| h.to_hex())),
         };
         let files = match new.finish(&meta) {
             Ok(x) => x,
@@ -652,6 +669,7 @@ impl Station {
             let source = VersionSource {
                 description: format!("check-in from {}", self.name),
                 parent,
+                expected_head: meta.expected_head(parent),
                 base: base.clone(),
                 items: Box::new(items),
                 total_bytes: total,
@@ -669,6 +687,15 @@ impl Station {
         // The version is committed: only now may the dirty map go.
         bank.catalog().release_lease(&machine, &meta.session)?;
         dir.remove()?;
+        // The machine's retention policy runs once the session no longer protects its
+        // base. Its failure leaves more versions than the policy wants, nothing worse.
+        if report.version.is_some() {
+            match bank.apply_policy(&machine) {
+                Ok(Some(f)) => report.forgotten = f.removed.iter().map(|v| v.to_hex()).collect(),
+                Ok(None) => {}
+                Err(e) => report.policy_error = Some(e.to_string()),
+            }
+        }
         report.checkin_seconds = started.elapsed().as_secs_f64();
         Ok(report)
     }

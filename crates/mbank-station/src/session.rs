@@ -110,9 +110,26 @@ pub struct SessionMeta {
     pub pid: u32,
     pub started_ms: i64,
     pub bank: String,
+    /// The machine's head when the session began (a version id in hex, or `none`):
+    /// check-in moves the head only if it is still that, so a session started from an
+    /// older version moves the head when nobody else did. Absent in sessions of an
+    /// older mbank; their check-in expects the base, which at worst keeps the version
+    /// beside the head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_at_start: Option<String>,
 }
 
 impl SessionMeta {
+    /// The head check-in expects to find: the one seen when the session began, or
+    /// `fallback` (its base) when that was not recorded.
+    pub fn expected_head(&self, fallback: Option<VersionId>) -> Option<VersionId> {
+        match self.head_at_start.as_deref() {
+            Some("none") => None,
+            Some(h) => h.parse().ok().or(fallback),
+            None => fallback,
+        }
+    }
+
     pub fn base_version(&self) -> Result<Option<VersionId>, StationError> {
         self.base
             .as_deref()

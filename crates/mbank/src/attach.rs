@@ -74,23 +74,40 @@ pub fn describe(r: &SessionReport) -> String {
         "session"
     };
     match &r.version {
-        Some(v) => format!(
-            "{what} of {} checked in as {}@{}: {} chunks written, {} uploaded ({}){}",
-            r.machine,
-            r.machine,
-            &v[..12],
-            r.chunks_written,
-            r.chunks_uploaded,
-            bytes(r.bytes_uploaded),
-            if r.head_moved {
-                String::new()
-            } else {
-                "; another session moved the head first, so this version is kept beside it".into()
-            }
-        ),
+        Some(v) => {
+            format!(
+                "{what} of {} checked in as {}@{}: {} chunks written, {} uploaded ({}){}",
+                r.machine,
+                r.machine,
+                &v[..12],
+                r.chunks_written,
+                r.chunks_uploaded,
+                bytes(r.bytes_uploaded),
+                if r.head_moved {
+                    String::new()
+                } else {
+                    "; another session moved the head first, so this version is kept beside it"
+                        .into()
+                }
+            ) + &policy_note(r)
+        }
         None => format!(
             "{what} of {} ended with nothing written; no new version",
             r.machine
+        ),
+    }
+}
+
+/// What the machine's retention policy did after the check-in, if anything.
+fn policy_note(r: &SessionReport) -> String {
+    match (&r.policy_error, r.forgotten.len()) {
+        (Some(e), _) => format!(
+            "; its retention policy could not be applied ({e}); run `mbank forget {}` with its rules later",
+            r.machine
+        ),
+        (None, 0) => String::new(),
+        (None, n) => format!(
+            "; its retention policy removed {n} older versions (run gc to free their chunks)"
         ),
     }
 }

@@ -159,6 +159,78 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Remove the versions of a machine that a retention policy does not keep.
+    ///
+    /// Each --keep-* rule means what it means for restic's forget: --keep-last N keeps
+    /// the N newest versions; --keep-hourly/-daily/-weekly/-monthly N keep the newest
+    /// version of each of the N newest hours (days, ISO weeks, months, in UTC) that have
+    /// versions, and the oldest version too while a rule has a count left. A version is
+    /// kept if any rule keeps it. Whatever the rules say, the head, the version any
+    /// session reads from, and a suspended version nothing was made from yet are kept.
+    /// The chunks are deleted by the next gc. With --set-policy the rules are kept in
+    /// the bank as the machine's policy, shown by `info`, and applied after each
+    /// check-in; `forget MACHINE` without rules applies that policy.
+    #[command(after_help = "Examples:
+  mbank forget alice/dev --keep-last 5 --keep-daily 7 --dry-run
+  mbank forget alice/dev --keep-last 3 --keep-weekly 4 --set-policy
+  mbank forget alice/dev --clear-policy
+  mbank forget alice/dev && mbank gc     # on the bank's host; frees quota on a server")]
+    Forget {
+        machine: MachineName,
+        #[command(flatten)]
+        keep: KeepArgs,
+        /// Say what would be removed; remove nothing.
+        #[arg(long, conflicts_with_all = ["set_policy", "clear_policy"])]
+        dry_run: bool,
+        /// Keep these rules as the machine's policy (applied now and after each check-in).
+        #[arg(long, conflicts_with = "clear_policy")]
+        set_policy: bool,
+        /// Remove the machine's policy; no version is removed.
+        #[arg(long)]
+        clear_policy: bool,
+        /// Print the decision on every version as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a machine's head, or make another version the head (roll back).
+    ///
+    /// `head user/name@VERSION` moves the head to VERSION by compare-and-swap: it is
+    /// refused if the head moved since it was read (or is not --expect), and while a
+    /// session runs on the machine, whose check-in will move the head itself. The next
+    /// attach or run starts from the new head; no version is removed.
+    Head {
+        /// user/name to show the head, user/name@VERSION to move it there.
+        machine: MachineRef,
+        /// Move only if the head is this version (`none` for no head).
+        #[arg(long, value_name = "VERSION")]
+        expect: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a note and tags on a version (the head by default); `log` shows them.
+    #[command(after_help = "Examples:
+  mbank note alice/dev@1a2b3c \"before the kernel upgrade\" --tag good
+  mbank note alice/dev --untag good
+  mbank note alice/dev@1a2b3c \"\"      # removes the note")]
+    Note {
+        machine: MachineRef,
+        /// The note (at most 1 KiB); an empty one removes it; none leaves it as it is.
+        text: Option<String>,
+        /// Add a tag: 1 to 64 letters, digits and - _ . : + (repeatable).
+        #[arg(long, value_name = "TAG")]
+        tag: Vec<String>,
+        /// Remove a tag (repeatable).
+        #[arg(long, value_name = "TAG")]
+        untag: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a machine: its head, versions, retention policy and any session on it.
+    Info {
+        machine: MachineName,
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve a machine's disk over NBD; check in what was written when it ends.
     ///
     /// Reads are fetched from the bank on demand and kept in the station cache; writes
@@ -257,6 +329,38 @@ enum Cmd {
     },
 }
 
+/// The --keep-* rules of `forget`.
+#[derive(clap::Args)]
+struct KeepArgs {
+    /// Keep the N newest versions.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_last: u32,
+    /// Keep the newest version of each of the N newest hours that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_hourly: u32,
+    /// Keep the newest version of each of the N newest days that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_daily: u32,
+    /// Keep the newest version of each of the N newest ISO weeks that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_weekly: u32,
+    /// Keep the newest version of each of the N newest months that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_monthly: u32,
+}
+
+impl KeepArgs {
+    fn policy(&self) -> mbank_catalog::Policy {
+        mbank_catalog::Policy {
+            keep_last: self.keep_last,
+            keep_hourly: self.keep_hourly,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+        }
+    }
+}
+
 fn parse_chunk_size(s: &str) -> Result<u32, String> {
     let v = parse_size(s)?;
     if !mbank_core::valid_chunk_size(v) {
@@ -315,6 +419,85 @@ fn hint(e: &BankError) -> Option<String> {
         )),
         _ => None,
     }
+}
+
+/// `mbank forget`: apply the given rules (or the machine's policy), or set or clear the
+/// policy.
+#[allow(clippy::too_many_arguments)]
+fn forget(
+    bank: &mut Bank,
+    machine: &MachineName,
+    keep: &KeepArgs,
+    dry_run: bool,
+    set_policy: bool,
+    clear_policy: bool,
+    json: bool,
+    say: &dyn Fn(String),
+) -> Result<()> {
+    let given = keep.policy();
+    if clear_policy {
+        if !given.is_empty() {
+            bail!("--clear-policy takes no --keep-* rules: it only removes {machine}'s policy");
+        }
+        bank.catalog_mut().set_policy(machine, None)?;
+        if json {
+            json_out(&serde_json::json!({"machine": machine.to_string(), "policy": null}))?;
+        }
+        say(format!(
+            "{machine} has no retention policy now; every new version is kept"
+        ));
+        return Ok(());
+    }
+    let policy = if given.is_empty() {
+        if set_policy {
+            bail!("--set-policy needs rules: give at least one --keep-* with a count above 0");
+        }
+        bank.catalog().policy(machine)?.with_context(|| {
+            format!(
+                "{machine} has no retention policy, and no --keep-* rule was given: give rules (e.g. --keep-last 5 --keep-daily 7), add --set-policy to keep them"
+            )
+        })?
+    } else {
+        given
+    };
+    if set_policy {
+        bank.catalog_mut().set_policy(machine, Some(&policy))?;
+        say(format!(
+            "{machine}'s retention policy is now {policy}; it is applied after each check-in"
+        ));
+    }
+    let r = bank.forget(machine, &policy, dry_run)?;
+    if json {
+        json_out(&r)?;
+    } else {
+        for d in &r.versions {
+            outln!(
+                "{} {} {:<20} {}",
+                if d.kept() {
+                    "keep  "
+                } else if dry_run {
+                    "would remove"
+                } else {
+                    "remove"
+                },
+                d.version.short(),
+                date(d.created_ms),
+                d.reasons.join(", ")
+            )?;
+        }
+    }
+    say(format!(
+        "{} {} of {} versions of {machine} ({policy}){}",
+        if dry_run { "would remove" } else { "removed" },
+        r.removed.len(),
+        r.versions.len(),
+        if dry_run || r.removed.is_empty() {
+            ""
+        } else {
+            "; run gc to free their chunks"
+        }
+    ));
+    Ok(())
 }
 
 fn json_out<T: serde::Serialize>(v: &T) -> Result<()> {
@@ -384,6 +567,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             | Cmd::Import { .. }
             | Cmd::Gc { .. }
             | Cmd::Rm { .. }
+            | Cmd::Forget { .. }
+            | Cmd::Head { .. }
+            | Cmd::Note { .. }
             | Cmd::Attach { .. }
             | Cmd::Recover { .. }
             | Cmd::Create { .. }
@@ -584,7 +770,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 json_out(&versions)?;
             } else {
                 outln!(
-                    "{:<14} {:<20} {:>10} {:>10} {:>8} {:<12} {:<9}",
+                    "{:<14} {:<20} {:>10} {:>10} {:>8} {:<12} {:<9} NOTE",
                     "VERSION",
                     "CREATED (UTC)",
                     "DISK",
@@ -594,8 +780,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "STATE"
                 )?;
                 for v in versions {
+                    let tags = if v.tags.is_empty() {
+                        String::new()
+                    } else {
+                        format!("[{}] ", v.tags.join(","))
+                    };
                     outln!(
-                        "{:<14} {:<20} {:>10} {:>10} {:>8} {:<12} {:<9}",
+                        "{:<14} {:<20} {:>10} {:>10} {:>8} {:<12} {:<9} {}{}",
                         format!("{}{}", &v.version[..12], if v.head { " *" } else { "" }),
                         date(v.created_ms),
                         bytes(v.disk_size),
@@ -603,6 +794,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         v.stats.chunks_new,
                         v.parent.as_deref().map_or("-", |p| &p[..12]),
                         if v.suspended { "suspended" } else { "off" },
+                        tags,
+                        v.note.as_deref().unwrap_or(""),
                     )?;
                 }
             }
@@ -796,6 +989,161 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     machine.machine,
                     h.map_or("none".into(), |h| h.short())
                 )),
+            }
+        }
+        Cmd::Forget {
+            machine,
+            keep,
+            dry_run,
+            set_policy,
+            clear_policy,
+            json,
+        } => {
+            forget(
+                &mut bank,
+                &machine,
+                &keep,
+                dry_run,
+                set_policy,
+                clear_policy,
+                json,
+                &say,
+            )?;
+        }
+        Cmd::Head {
+            machine,
+            expect,
+            json,
+        } => {
+            if machine.version.is_none() {
+                let m = bank.catalog().machine(&machine.machine)?.ok_or_else(|| {
+                    mbank_catalog::CatalogError::MachineNotFound(machine.machine.to_string())
+                })?;
+                if json {
+                    json_out(&serde_json::json!({
+                        "machine": machine.machine.to_string(),
+                        "head": m.head.map(|h| h.to_hex()),
+                    }))?;
+                } else {
+                    outln!("{}", m.head.map_or("none".into(), |h| h.to_hex()))?;
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let expected = match expect.as_deref() {
+                None => None,
+                Some("none") => Some(None),
+                Some(p) => Some(Some(
+                    bank.resolve(&MachineRef {
+                        machine: machine.machine.clone(),
+                        version: Some(p.to_string()),
+                    })?
+                    .id,
+                )),
+            };
+            let before = bank.set_head(&machine, expected)?;
+            let now = bank.resolve(&MachineRef {
+                machine: machine.machine.clone(),
+                version: None,
+            })?;
+            if json {
+                json_out(&serde_json::json!({
+                    "machine": machine.machine.to_string(),
+                    "head": now.id.to_hex(),
+                    "previous": before.map(|h| h.to_hex()),
+                }))?;
+            } else {
+                outln!("{}", now.id.to_hex())?;
+            }
+            say(format!(
+                "head of {} moved from {} to {}; no version was removed",
+                machine.machine,
+                before.map_or("none".into(), |h| h.short()),
+                now.id.short()
+            ));
+        }
+        Cmd::Note {
+            machine,
+            text,
+            tag,
+            untag,
+            json,
+        } => {
+            let change = mbank_catalog::LabelChange {
+                note: text,
+                add_tags: tag,
+                remove_tags: untag,
+            };
+            let (v, labels) = bank.label(&machine, &change)?;
+            if json {
+                json_out(&serde_json::json!({
+                    "machine": v.machine.to_string(),
+                    "version": v.id.to_hex(),
+                    "note": labels.note,
+                    "tags": labels.tags,
+                }))?;
+            }
+            say(format!(
+                "{}@{}: note {}; tags {}",
+                v.machine,
+                v.id.short(),
+                labels
+                    .note
+                    .as_deref()
+                    .map_or("none".into(), |n| format!("{n:?}")),
+                if labels.tags.is_empty() {
+                    "none".into()
+                } else {
+                    labels.tags.join(", ")
+                }
+            ));
+        }
+        Cmd::Info { machine, json } => {
+            let m = bank
+                .catalog()
+                .machine(&machine)?
+                .ok_or_else(|| mbank_catalog::CatalogError::MachineNotFound(machine.to_string()))?;
+            let policy = bank.catalog().policy(&machine)?;
+            let lease = bank.catalog().lease(&machine)?;
+            if json {
+                json_out(&serde_json::json!({
+                    "machine": m.name.to_string(),
+                    "head": m.head.map(|h| h.to_hex()),
+                    "versions": m.versions,
+                    "disk_size": m.disk_size,
+                    "chunk_size": m.chunk_size,
+                    "created_ms": m.created_ms,
+                    "updated_ms": m.updated_ms,
+                    "policy": policy,
+                    "session": lease,
+                }))?;
+            } else {
+                outln!("machine     {}", m.name)?;
+                outln!(
+                    "head        {}",
+                    m.head.map_or("none".into(), |h| h.to_hex())
+                )?;
+                outln!("versions    {}", m.versions)?;
+                outln!("disk        {}", m.disk_size.map_or("-".into(), bytes))?;
+                outln!("chunk size  {}", bytes(m.chunk_size as u64))?;
+                outln!("created     {} UTC", date(m.created_ms))?;
+                outln!(
+                    "updated     {}",
+                    m.updated_ms
+                        .map_or("-".into(), |t| format!("{} UTC", date(t)))
+                )?;
+                outln!(
+                    "policy      {}",
+                    policy.map_or("none (keeps every version)".into(), |p| p.to_string())
+                )?;
+                outln!(
+                    "session     {}",
+                    lease.map_or("none".into(), |l| format!(
+                        "on station {} (pid {}) since {} UTC",
+                        l.station_name,
+                        l.pid,
+                        l.started_utc()
+                    ))
+                )?;
             }
         }
         Cmd::Attach { mut args, json } => {

@@ -663,6 +663,133 @@ fn isolation_probes_see_nothing_of_another_user() {
     );
 }
 
+/// Retention, the head and labels over the server: the owner forgets, rolls back and
+/// labels; another user, even one who may read the machine (published), gets the answer
+/// for a machine that does not exist, and nothing changes.
+#[test]
+fn only_the_owner_forgets_moves_the_head_or_labels_over_the_server() {
+    let s = Served::start();
+    let alice = s.login("alice");
+    let bob = s.login("bob");
+    let mut vs = Vec::new();
+    for seed in [41, 42, 43] {
+        let p = write_img(&bob, &image(MIB, &[(0, MIB)], seed));
+        vs.push(
+            bob.import("bob/secret", &p, &[])["version"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    s.local(&["admin", "publish", "bob/secret"]).ok();
+    assert_eq!(
+        alice.log("bob/secret").len(),
+        3,
+        "alice reads the published machine"
+    );
+    let ta = s.token("alice");
+    let v1 = &vs[0];
+    for (method, path, body) in [
+        (
+            "POST",
+            "/forget".to_string(),
+            r#"{"policy":{"keep_last":1}}"#,
+        ),
+        (
+            "PUT",
+            "/head".to_string(),
+            &*format!(r#"{{"to":"{v1}","expected":"{}"}}"#, vs[2]),
+        ),
+        (
+            "POST",
+            format!("/versions/{v1}/labels"),
+            r#"{"note":"mine now"}"#,
+        ),
+        (
+            "PUT",
+            "/policy".to_string(),
+            r#"{"policy":{"keep_last":1}}"#,
+        ),
+    ] {
+        let (code, v) = s.curl_json(
+            Some(&ta),
+            method,
+            &format!("/v1/machines/bob/secret{path}"),
+            Some(body.as_bytes()),
+        );
+        let (code2, v2) = s.curl_json(
+            Some(&ta),
+            method,
+            &format!("/v1/machines/bob/nothere{path}"),
+            Some(body.as_bytes()),
+        );
+        assert_eq!(
+            (code, &v["kind"]),
+            (404, &Value::from("machine_not_found")),
+            "{path}: {v}"
+        );
+        assert_eq!((code2, &v2["kind"]), (code, &v["kind"]), "{path}");
+        assert_eq!(
+            v["message"].as_str().unwrap().replace("secret", "X"),
+            v2["message"].as_str().unwrap().replace("nothere", "X")
+        );
+    }
+    for args in [
+        vec!["forget", "bob/secret", "--keep-last", "1"],
+        vec!["head", &*format!("bob/secret@{v1}")],
+        vec!["note", &*format!("bob/secret@{v1}"), "mine"],
+    ] {
+        alice
+            .run(&args)
+            .failed()
+            .stderr_has(&["no machine named bob/secret"]);
+    }
+    let log = bob.log("bob/secret");
+    assert_eq!(log.len(), 3, "nothing was removed");
+    assert_eq!(bob.head("bob/secret").as_deref(), Some(vs[2].as_str()));
+    assert!(log.iter().all(|v| v.get("note").is_none()), "{log:?}");
+
+    // The owner: a note and tags, shown by log --json.
+    bob.run(&[
+        "note",
+        &format!("bob/secret@{v1}"),
+        "known good",
+        "--tag",
+        "good",
+    ])
+    .ok();
+    let e = bob
+        .log("bob/secret")
+        .into_iter()
+        .find(|v| v["version"] == v1.as_str())
+        .unwrap();
+    assert_eq!(
+        (&e["note"], &e["tags"]),
+        (&Value::from("known good"), &serde_json::json!(["good"]))
+    );
+    // Rolls back by compare-and-swap; a move that expects the old head is refused.
+    bob.run(&["head", &format!("bob/secret@{v1}")]).ok();
+    assert_eq!(bob.head("bob/secret").as_deref(), Some(v1.as_str()));
+    bob.run(&["head", &format!("bob/secret@{}", vs[1]), "--expect", &vs[2]])
+        .failed()
+        .stderr_has(&["moved meanwhile", &v1[..12]]);
+    assert_eq!(bob.head("bob/secret").as_deref(), Some(v1.as_str()));
+    // Forgets: the newest stays by the rule, the head (rolled back) by protection.
+    let r = bob.json(&["forget", "bob/secret", "--keep-last", "1", "--json"]);
+    assert_eq!(r["removed"], serde_json::json!([vs[1]]), "{r}");
+    let left: Vec<String> = bob
+        .log("bob/secret")
+        .iter()
+        .map(|v| v["version"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(left, [vs[2].clone(), v1.clone()]);
+    // A policy kept in the bank, shown by info.
+    bob.run(&["forget", "bob/secret", "--keep-daily", "7", "--set-policy"])
+        .ok();
+    let info = bob.json(&["info", "bob/secret", "--json"]);
+    assert_eq!(info["policy"]["keep_daily"], 7, "{info}");
+}
+
 fn hex(s: &str) -> Vec<u8> {
     (0..s.len())
         .step_by(2)

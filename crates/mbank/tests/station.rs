@@ -1150,7 +1150,8 @@ fn discard_older_version_and_crash_before_any_flush() {
     assert_eq!(bank.log("alice/dev").len(), 2);
     assert!(sessions(&cache).is_empty());
 
-    // An older version: served as it was; its check-in does not move the head.
+    // An older version: served as it was; nobody moved the head meanwhile, so its
+    // check-in moves the head.
     let mut a = bank.attach(&cache, &format!("alice/dev@{v1}"), &["--json"]);
     Script::new(&bank)
         .expect(0, &img1[..CS])
@@ -1159,10 +1160,11 @@ fn discard_older_version_and_crash_before_any_flush() {
     a.signal(libc::SIGTERM);
     let r = a.wait().ok();
     let j = report(&r);
-    assert_eq!(j["head_moved"], false, "{r}");
+    assert_eq!(j["head_moved"], true, "{r}");
     let v3 = j["version"].as_str().expect("a version").to_string();
     assert_eq!(log_entry(&bank, "alice/dev", &v3)["parent"], v1.as_str());
-    assert_eq!(bank.head("alice/dev").as_deref(), Some(v2.as_str()));
+    assert_eq!(bank.head("alice/dev").as_deref(), Some(v3.as_str()));
+    assert!(log_entry(&bank, "alice/dev", &v2)["version"] == v2.as_str());
     let mut e3 = img1.clone();
     apply(&mut e3, 2 * CS + 10, &w);
     assert_same_bytes(
@@ -1184,8 +1186,51 @@ fn discard_older_version_and_crash_before_any_flush() {
     assert!(sessions(&cache).is_empty());
     assert_eq!(bank.log("alice/dev").len(), 3);
     let mut b = bank.attach(&bank.file("other-station"), "alice/dev", &["--json"]);
-    Script::new(&bank).expect(0, &img2[..CS]).run(&b.uri());
+    Script::new(&bank).expect(0, &e3[..CS]).run(&b.uri());
     assert_eq!(report(&b.stop().ok())["version"], Value::Null);
+}
+
+/// A session started from an older version (`attach alice/dev@<older>`, a roll back by
+/// hand) moves the head at check-in when nobody moved it while it ran; the "kept beside
+/// it" message and a version beside the head appear only when someone did.
+#[test]
+fn a_session_from_an_older_version_moves_the_head_unless_someone_moved_it() {
+    need(&[("nbdsh", "python3-libnbd")]);
+    let bank = Bank::new();
+    let img1 = image(2 * MIB, &[(0, 2 * MIB)], 91);
+    let img2 = image(2 * MIB, &[(0, 2 * MIB)], 92);
+    let (v1, _) = import(&bank, "alice/dev", &img1, &[]);
+    let (v2, _) = import(&bank, "alice/dev", &img2, &[]);
+    let cache = bank.file("cache");
+    let w = common::random_bytes(4 * KIB, 93);
+
+    let mut a = bank.attach(&cache, &format!("alice/dev@{v1}"), &["--json"]);
+    Script::new(&bank)
+        .expect(0, &img1[..CS])
+        .write(CS + 7, &w, false)
+        .run(&a.uri());
+    let r = a.stop().ok();
+    let j = report(&r);
+    assert_eq!(j["head_moved"], true, "{r}");
+    let v3 = j["version"].as_str().expect("a version").to_string();
+    assert_eq!(bank.head("alice/dev").as_deref(), Some(v3.as_str()));
+    assert_eq!(log_entry(&bank, "alice/dev", &v3)["parent"], v1.as_str());
+    assert!(!r.stderr.contains("kept beside"), "{r}");
+    assert!(log_entry(&bank, "alice/dev", &v2)["head"] == false);
+    let mut e3 = img1.clone();
+    apply(&mut e3, CS + 7, &w);
+    assert_same_bytes(&export(&bank, "alice/dev"), &e3, "the head after check-in");
+
+    // Someone moves the head while a session from an older version runs: now its
+    // version is kept beside the head, and the session says so.
+    let mut a = bank.attach(&cache, &format!("alice/dev@{v2}"), &["--json"]);
+    Script::new(&bank).write(0, &w, false).run(&a.uri());
+    let (v4, _) = import(&bank, "alice/dev", &img1, &[]);
+    let r = a.stop().ok();
+    let j = report(&r);
+    assert_eq!(j["head_moved"], false, "{r}");
+    assert_eq!(bank.head("alice/dev").as_deref(), Some(v4.as_str()));
+    r.stderr_has(&["another session moved the head first", "kept beside"]);
 }
 
 // ----------------------------------------------------------------------------------
