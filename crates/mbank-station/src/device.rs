@@ -1547,6 +1547,47 @@ impl BlockDevice for NbdDisk {
     }
 }
 
+/// A background fetcher: takes read-ahead first, then the working set, until stopped or
+/// the disk is gone.
+fn background_worker(bg: &Background, disk: &Weak<Disk>) {
+    loop {
+        let job = {
+            let mut q = bg.q.lock().expect("queue lock");
+            loop {
+                if q.stop {
+                    return;
+                }
+                if let Some(p) = q.ahead.pop_front() {
+                    q.busy += 1;
+                    break Job::Ahead(p);
+                }
+                if let Some(e) = q.list.pop_front() {
+                    q.busy += 1;
+                    break Job::List(e);
+                }
+                if q.busy == 0 {
+                    bg.idle.notify_all();
+                }
+                q = bg.cv.wait(q).expect("queue lock");
+            }
+        };
+        let Some(d) = disk.upgrade() else { return };
+        d.background_job(job);
+        drop(d);
+        let mut q = bg.q.lock().expect("queue lock");
+        q.busy -= 1;
+        if q.busy == 0 && q.ahead.is_empty() && q.list.is_empty() {
+            bg.idle.notify_all();
+        }
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        self.stop_background();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2009,46 +2050,5 @@ mod tests {
             disk.read_sync(2 * CS as u64, CS as u32).unwrap(),
             f.base[2 * CS..3 * CS]
         );
-    }
-}
-
-/// A background fetcher: takes read-ahead first, then the working set, until stopped or
-/// the disk is gone.
-fn background_worker(bg: &Background, disk: &Weak<Disk>) {
-    loop {
-        let job = {
-            let mut q = bg.q.lock().expect("queue lock");
-            loop {
-                if q.stop {
-                    return;
-                }
-                if let Some(p) = q.ahead.pop_front() {
-                    q.busy += 1;
-                    break Job::Ahead(p);
-                }
-                if let Some(e) = q.list.pop_front() {
-                    q.busy += 1;
-                    break Job::List(e);
-                }
-                if q.busy == 0 {
-                    bg.idle.notify_all();
-                }
-                q = bg.cv.wait(q).expect("queue lock");
-            }
-        };
-        let Some(d) = disk.upgrade() else { return };
-        d.background_job(job);
-        drop(d);
-        let mut q = bg.q.lock().expect("queue lock");
-        q.busy -= 1;
-        if q.busy == 0 && q.ahead.is_empty() && q.list.is_empty() {
-            bg.idle.notify_all();
-        }
-    }
-}
-
-impl Drop for Disk {
-    fn drop(&mut self) {
-        self.stop_background();
     }
 }
