@@ -219,6 +219,11 @@ impl ChunkCache {
         })
     }
 
+    /// The cache's bound, in bytes.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
     fn path(&self, id: &ChunkId) -> PathBuf {
         let hex = id.to_hex();
         self.dir.join(&hex[..2]).join(hex)

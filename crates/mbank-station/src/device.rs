@@ -15,17 +15,31 @@
 //! journal; a write to a block whose checksum is durable first syncs an intent record
 //! ([`crate::session`] explains why).
 //!
+//! ## Background fetches
+//!
+//! [`Disk::start_background`] starts a few worker threads (bounded parallelism) that
+//! fetch into the station cache ahead of the guest: **read-ahead** of the chunks after a
+//! sequential miss (a window of [`READAHEAD_MIN`] chunks, doubling up to
+//! [`READAHEAD_MAX`] while the guest keeps reading what it brought, never past the
+//! disk's end), and the replay of a recorded **working set** ([`crate::workset`],
+//! [`Disk::replay`]) in its order. A guest read never queues behind them: it fetches at
+//! once, or joins the fetch of the same chunk already in flight. The replay stops at
+//! the list's end, or once it has brought half the cache's bound, so it never evicts the
+//! working set it is filling. Every read the guest waits on a fetch for is counted with
+//! its wait ([`SessionStats`]).
+//!
 //! Lock order: the flush lock (the journal's mutex), then a chunk's stripe lock, then
 //! the pending-chunk list; a write takes the flush lock (for an intent) only while it
 //! holds no stripe lock. The flight map is held only to look up or insert a flight,
 //! never across I/O.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use mbank_core::{ChunkId, DiskIndex};
 use mbank_nbd::{BlockDevice, DeviceError, Extent};
@@ -38,6 +52,7 @@ use crate::session::{
     SessionDir, SessionLock, SessionMeta, block_size_for, block_sum, encode_dirty, encode_record,
     full_mask,
 };
+use crate::workset::{Entry, WorkingSet};
 
 const STRIPES: usize = 256;
 
@@ -60,6 +75,123 @@ pub struct DiskCounters {
     pub intents: AtomicU64,
     /// Times the journal was folded into a new dirty map.
     pub compactions: AtomicU64,
+    /// Guest reads (and write merges, and stream chunks the boot needs) that waited for
+    /// a fetch from the bank, and how long they waited in all (ns).
+    pub misses_waited: AtomicU64,
+    pub wait_ns: AtomicU64,
+    /// Chunks the guest used for the first time that a background fetch had brought.
+    pub prefetch_hits: AtomicU64,
+    /// Chunks fetched by the working-set replay, and by read-ahead.
+    pub prefetched_chunks: AtomicU64,
+    pub readahead_chunks: AtomicU64,
+    /// Working-set entries queued, found cached already, naming chunks the bank no
+    /// longer has, or no longer fitting the disk or its streams (stale).
+    pub workset_queued: AtomicU64,
+    pub workset_cached: AtomicU64,
+    pub workset_missing: AtomicU64,
+    pub workset_stale: AtomicU64,
+    /// Entries left unfetched because the replay had brought half the cache's bound.
+    pub workset_over_budget: AtomicU64,
+}
+
+/// A session's statistics so far, as `attach --json`, `run --json` and the control
+/// socket's `stats` show them.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SessionStats {
+    /// Bytes and chunks fetched from the bank (by the guest's reads and in the
+    /// background).
+    pub bytes_fetched: u64,
+    pub chunks_fetched: u64,
+    /// Reads the guest waited on a fetch for, and their total wait.
+    pub misses_waited: u64,
+    pub miss_wait_seconds: f64,
+    /// Chunks the guest found in the cache because a background fetch brought them.
+    pub prefetch_hits: u64,
+    pub prefetched_chunks: u64,
+    pub readahead_chunks: u64,
+    /// Entries of the working set this session recorded so far.
+    pub workset_recorded: u64,
+    pub workset_queued: u64,
+    pub workset_cached: u64,
+    pub workset_missing: u64,
+    pub workset_stale: u64,
+    pub workset_over_budget: u64,
+}
+
+/// Per-place flags: the guest read the chunk; a background fetch brought it; read-ahead
+/// brought it.
+const USED: u8 = 1;
+const PREFETCHED: u8 = 2;
+const AHEAD: u8 = 4;
+/// Read-ahead's first window after a sequential miss, in chunks...
+pub const READAHEAD_MIN: usize = 4;
+/// ...and its largest.
+pub const READAHEAD_MAX: usize = 32;
+
+/// The working set being recorded: chunks in order of first use, until a quiet period
+/// or a time bound.
+struct Recorder {
+    entries: Vec<Entry>,
+    open: bool,
+    started: Instant,
+    last: Option<Instant>,
+    quiet: Duration,
+    max: Duration,
+}
+
+impl Recorder {
+    fn note(&mut self, e: Entry) {
+        if !self.open {
+            return;
+        }
+        let now = Instant::now();
+        if now.duration_since(self.started) > self.max
+            || self
+                .last
+                .is_some_and(|l| now.duration_since(l) > self.quiet)
+            || self.entries.len() as u64 >= crate::workset::MAX_ENTRIES
+        {
+            // The guest is ready (or took too long): later reads are its work, not
+            // its start.
+            self.open = false;
+            return;
+        }
+        self.entries.push(e);
+        self.last = Some(now);
+    }
+}
+
+/// What a background worker fetches.
+enum Job {
+    Ahead(usize),
+    List(Entry),
+}
+
+#[derive(Default)]
+struct Queue {
+    ahead: VecDeque<usize>,
+    list: VecDeque<Entry>,
+    busy: usize,
+    workers: usize,
+    stop: bool,
+    /// Bytes the replay brought into the cache, and the most it may.
+    list_bytes: u64,
+    /// Read-ahead: the first place not queued yet, and the window.
+    ra_next: usize,
+    ra_window: usize,
+    /// Stream chunks a replay may fetch (those of the session's version).
+    stream_ids: HashSet<ChunkId>,
+}
+
+/// The background fetchers' queue, shared with their threads.
+#[derive(Default)]
+struct Background {
+    q: Mutex<Queue>,
+    /// Work arrived, or stop.
+    cv: Condvar,
+    /// The queue ran dry with no worker busy.
+    idle: Condvar,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 /// The journal a session appends its flushes to, and the durable state it and the
@@ -162,6 +294,20 @@ pub struct Disk {
     lock: Option<SessionLock>,
     /// Damaged bank chunks already reported on stderr.
     reported: Mutex<std::collections::HashSet<ChunkId>>,
+    /// Per place: [`USED`], [`PREFETCHED`], [`AHEAD`].
+    flags: Vec<AtomicU8>,
+    /// Stream chunks the session used, and those a replay brought.
+    streams_used: Mutex<HashSet<ChunkId>>,
+    streams_prefetched: Mutex<HashSet<ChunkId>>,
+    recorder: Mutex<Recorder>,
+    bg: Arc<Background>,
+}
+
+/// Why a fetch from the bank failed: the store's own error (this caller fetched), or
+/// the one another caller's fetch of the same chunk got.
+enum FetchFail {
+    Store(StoreError),
+    Shared(String),
 }
 
 fn io(what: &str, e: std::io::Error) -> DeviceError {
@@ -213,6 +359,322 @@ impl Disk {
             counters: DiskCounters::default(),
             lock: Some(files.lock),
             reported: Mutex::new(std::collections::HashSet::new()),
+            flags: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            streams_used: Mutex::new(HashSet::new()),
+            streams_prefetched: Mutex::new(HashSet::new()),
+            recorder: Mutex::new(Recorder {
+                entries: Vec::new(),
+                open: true,
+                started: Instant::now(),
+                last: None,
+                quiet: Duration::from_millis(crate::workset::DEFAULT_QUIET_MS),
+                max: Duration::from_millis(crate::workset::DEFAULT_MAX_MS),
+            }),
+            bg: Arc::new(Background::default()),
+        }
+    }
+
+    /// Records the working set until no new chunk was needed for `quiet`, or until
+    /// `max` after the session started.
+    pub fn set_recording(&self, quiet: Duration, max: Duration) {
+        let mut r = self.recorder.lock().expect("recorder lock");
+        r.quiet = quiet;
+        r.max = max;
+    }
+
+    /// Ends recording and returns the working set recorded (empty if the guest read
+    /// nothing from the bank's chunks).
+    pub fn take_working_set(&self) -> WorkingSet {
+        let mut r = self.recorder.lock().expect("recorder lock");
+        r.open = false;
+        WorkingSet {
+            chunk_size: self.base.chunk_size,
+            entries: r.entries.clone(),
+        }
+    }
+
+    /// The session's statistics so far.
+    pub fn stats(&self) -> SessionStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        SessionStats {
+            bytes_fetched: get(&c.bytes_fetched),
+            chunks_fetched: get(&c.chunks_fetched),
+            misses_waited: get(&c.misses_waited),
+            miss_wait_seconds: get(&c.wait_ns) as f64 / 1e9,
+            prefetch_hits: get(&c.prefetch_hits),
+            prefetched_chunks: get(&c.prefetched_chunks),
+            readahead_chunks: get(&c.readahead_chunks),
+            workset_recorded: self.recorder.lock().expect("recorder lock").entries.len() as u64,
+            workset_queued: get(&c.workset_queued),
+            workset_cached: get(&c.workset_cached),
+            workset_missing: get(&c.workset_missing),
+            workset_stale: get(&c.workset_stale),
+            workset_over_budget: get(&c.workset_over_budget),
+        }
+    }
+
+    /// Counts a wait of the guest for a fetch that started at `t`.
+    fn waited(&self, t: Instant) {
+        self.counters.misses_waited.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .wait_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Notes the guest's use of base chunk `id` at place `i`: recorded on its first use;
+    /// a prefetch hit if a background fetch brought it; read-ahead goes on if
+    /// read-ahead brought it.
+    fn first_use(&self, i: usize, id: &ChunkId) {
+        if self.flags[i].load(Ordering::Relaxed) & USED != 0 {
+            return;
+        }
+        let prev = self.flags[i].fetch_or(USED, Ordering::AcqRel);
+        if prev & USED != 0 {
+            return;
+        }
+        self.recorder
+            .lock()
+            .expect("recorder lock")
+            .note(Entry::Disk {
+                place: i as u64,
+                id: *id,
+            });
+        if prev & PREFETCHED != 0 {
+            self.counters.prefetch_hits.fetch_add(1, Ordering::Relaxed);
+        }
+        if prev & AHEAD != 0 {
+            self.readahead_extend(i);
+        }
+    }
+
+    /// Starts `jobs` background fetchers (read-ahead and working-set replay), which run
+    /// until [`Disk::stop_background`] or the disk is dropped.
+    pub fn start_background(self: &Arc<Self>, jobs: usize) {
+        let jobs = jobs.clamp(1, 16);
+        self.bg.q.lock().expect("queue lock").workers += jobs;
+        let mut threads = self.bg.threads.lock().expect("queue lock");
+        for _ in 0..jobs {
+            let (bg, disk) = (self.bg.clone(), Arc::downgrade(self));
+            threads.push(std::thread::spawn(move || background_worker(&bg, &disk)));
+        }
+    }
+
+    /// Stops the background fetchers (a fetch in flight completes) and waits for them.
+    pub fn stop_background(&self) {
+        self.bg.q.lock().expect("queue lock").stop = true;
+        self.bg.cv.notify_all();
+        self.bg.idle.notify_all();
+        let threads = std::mem::take(&mut *self.bg.threads.lock().expect("queue lock"));
+        for t in threads {
+            // A worker holding the last reference to the disk drops it on its own
+            // thread: never join oneself.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// Waits until the background fetchers have nothing queued and none in flight
+    /// (at once if none runs).
+    pub fn wait_background_idle(&self) {
+        let mut q = self.bg.q.lock().expect("queue lock");
+        while q.workers > 0 && !q.stop && (q.busy > 0 || !q.ahead.is_empty() || !q.list.is_empty())
+        {
+            q = self.bg.idle.wait(q).expect("queue lock");
+        }
+    }
+
+    /// Queues a recorded working set for the background fetchers, in its order. Disk
+    /// entries are fetched from their place in this session's disk; stream entries only
+    /// if one of `streams` (the chunks of this version's streams) names them. Entries
+    /// that no longer fit are counted as stale and skipped.
+    /// Returns how many entries were queued.
+    pub fn replay(&self, ws: &WorkingSet, streams: HashSet<ChunkId>) -> u64 {
+        let mut q = self.bg.q.lock().expect("queue lock");
+        q.list_bytes = 0;
+        q.stream_ids = streams;
+        let mut stale = 0;
+        for e in &ws.entries {
+            let fits = match e {
+                Entry::Disk { place, .. } => {
+                    ws.chunk_size == self.base.chunk_size
+                        && (*place as usize) < self.base.chunks.len()
+                }
+                Entry::Stream { id } => q.stream_ids.contains(id),
+            };
+            if fits {
+                q.list.push_back(*e);
+            } else {
+                stale += 1;
+            }
+        }
+        let queued = q.list.len() as u64;
+        self.counters
+            .workset_queued
+            .fetch_add(queued, Ordering::Relaxed);
+        self.counters
+            .workset_stale
+            .fetch_add(stale, Ordering::Relaxed);
+        drop(q);
+        self.bg.cv.notify_all();
+        queued
+    }
+
+    /// A guest read missed chunk `i`: if it follows the chunk before it, queue the next
+    /// [`READAHEAD_MIN`] chunks.
+    fn readahead_on_miss(&self, i: usize) {
+        if i == 0 || self.flags[i - 1].load(Ordering::Relaxed) & USED == 0 {
+            return;
+        }
+        let mut q = self.bg.q.lock().expect("queue lock");
+        if q.workers == 0 || q.stop || (q.ra_next > i && q.ra_next <= i + 1 + q.ra_window) {
+            return;
+        }
+        q.ra_window = READAHEAD_MIN;
+        q.ra_next = i + 1;
+        self.queue_ahead(&mut q, i + 1 + READAHEAD_MIN);
+    }
+
+    /// The guest used chunk `i` that read-ahead brought: keep the window ahead of it,
+    /// doubling it up to [`READAHEAD_MAX`].
+    fn readahead_extend(&self, i: usize) {
+        let mut q = self.bg.q.lock().expect("queue lock");
+        if q.workers == 0 || q.stop {
+            return;
+        }
+        q.ra_next = q.ra_next.max(i + 1);
+        if q.ra_next - (i + 1) > q.ra_window / 2 {
+            return;
+        }
+        q.ra_window = (q.ra_window * 2).clamp(READAHEAD_MIN, READAHEAD_MAX);
+        let to = i + 1 + q.ra_window;
+        self.queue_ahead(&mut q, to);
+    }
+
+    /// Queues places from `q.ra_next` up to `to` (never past the disk's end) that hold
+    /// a chunk the guest has not read and the overlay does not cover.
+    fn queue_ahead(&self, q: &mut Queue, to: usize) {
+        let to = to.min(self.base.chunks.len());
+        for p in q.ra_next..to {
+            if self.base.chunks[p].is_some()
+                && self.flags[p].load(Ordering::Relaxed) & (USED | PREFETCHED) == 0
+                && self.mask(p) != self.full(p)
+                && q.ahead.len() < 2 * READAHEAD_MAX
+            {
+                q.ahead.push_back(p);
+            }
+        }
+        q.ra_next = q.ra_next.max(to);
+        self.bg.cv.notify_all();
+    }
+
+    /// Runs one background job.
+    fn background_job(&self, job: Job) {
+        match job {
+            Job::Ahead(p) => {
+                if self.fetch_place_ahead(p, AHEAD).is_some_and(|n| n > 0) {
+                    self.counters
+                        .readahead_chunks
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Job::List(Entry::Disk { place, .. }) => {
+                let p = place as usize;
+                let len = self.base.chunk_len(p) as u64;
+                if !self.take_budget(len) {
+                    return;
+                }
+                match self.fetch_place_ahead(p, 0) {
+                    Some(n) if n > 0 => {
+                        self.counters
+                            .prefetched_chunks
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(_) => self.give_budget(len),
+                    None => {
+                        self.give_budget(len);
+                        self.counters
+                            .workset_missing
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Job::List(Entry::Stream { id }) => {
+                if self.cache.contains(&id) {
+                    self.counters.workset_cached.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                match self.fetch_raw(&id, None) {
+                    Ok(d) => {
+                        if !self.take_budget(d.len() as u64) {
+                            return;
+                        }
+                        self.counters
+                            .prefetched_chunks
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.streams_prefetched
+                            .lock()
+                            .expect("stream lock")
+                            .insert(id);
+                    }
+                    Err(FetchFail::Store(StoreError::Missing(_))) => {
+                        self.counters
+                            .workset_missing
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+
+    /// Counts `len` bytes against the replay's share of the cache; false (and the rest
+    /// of the list dropped) once it would pass half the cache's bound, so the replay
+    /// never evicts what it brought.
+    fn take_budget(&self, len: u64) -> bool {
+        let mut q = self.bg.q.lock().expect("queue lock");
+        if q.list_bytes + len > self.cache.max_bytes() / 2 {
+            let dropped = q.list.len() as u64 + 1;
+            q.list.clear();
+            self.counters
+                .workset_over_budget
+                .fetch_add(dropped, Ordering::Relaxed);
+            return false;
+        }
+        q.list_bytes += len;
+        true
+    }
+
+    fn give_budget(&self, len: u64) {
+        let mut q = self.bg.q.lock().expect("queue lock");
+        q.list_bytes = q.list_bytes.saturating_sub(len);
+    }
+
+    /// Fetches the chunk at place `p` into the cache for the guest, marking it
+    /// [`PREFETCHED`] and `flag`. `Some(0)`: nothing to fetch (zero, covered by the
+    /// overlay, read by the guest already, or cached); `None`: the bank lacks it.
+    fn fetch_place_ahead(&self, p: usize, flag: u8) -> Option<u64> {
+        let Some(id) = self.base.chunks.get(p).copied().flatten() else {
+            return Some(0);
+        };
+        if self.mask(p) == self.full(p) || self.flags[p].load(Ordering::Relaxed) & USED != 0 {
+            return Some(0);
+        }
+        if self.cache.contains(&id) {
+            if flag == 0 {
+                self.counters.workset_cached.fetch_add(1, Ordering::Relaxed);
+            }
+            return Some(0);
+        }
+        match self.fetch_raw(&id, Some(p)) {
+            Ok(d) if d.len() == self.base.chunk_len(p) => {
+                self.flags[p].fetch_or(PREFETCHED | flag, Ordering::AcqRel);
+                Some(d.len() as u64)
+            }
+            Ok(_) => Some(0),
+            Err(FetchFail::Store(StoreError::Missing(_))) => None,
+            Err(_) => Some(0),
         }
     }
 
@@ -285,12 +747,31 @@ impl Disk {
         &self.overlay
     }
 
-    /// A chunk's plaintext: from the cache, or fetched from the bank once.
+    /// A chunk of a stream the session needs (kernel, initrd, memory): from the cache,
+    /// or fetched from the bank once (a wait counted). Recorded in the working set.
     pub fn fetch(&self, id: &ChunkId) -> Result<Arc<Vec<u8>>, DeviceError> {
+        if self.streams_used.lock().expect("stream lock").insert(*id) {
+            self.recorder
+                .lock()
+                .expect("recorder lock")
+                .note(Entry::Stream { id: *id });
+            if self
+                .streams_prefetched
+                .lock()
+                .expect("stream lock")
+                .remove(id)
+                && self.cache.contains(id)
+            {
+                self.counters.prefetch_hits.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if let Some(d) = self.cache.get(id) {
             return Ok(Arc::new(d));
         }
-        self.fetch_missing(id, None)
+        let t = Instant::now();
+        let r = self.fetch_missing(id, None);
+        self.waited(t);
+        r
     }
 
     /// [`Disk::fetch`] of the base chunk `id` for its place `i` in the disk: an I/O
@@ -301,7 +782,12 @@ impl Disk {
                 self.check_len(i, id, d.len())?;
                 Ok(Arc::new(d))
             }
-            None => self.fetch_missing(id, Some(i)),
+            None => {
+                let t = Instant::now();
+                let r = self.fetch_missing(id, Some(i));
+                self.waited(t);
+                r
+            }
         }
     }
 
@@ -336,6 +822,49 @@ impl Disk {
         id: &ChunkId,
         place: Option<usize>,
     ) -> Result<Arc<Vec<u8>>, DeviceError> {
+        let data = self
+            .fetch_raw(id, place)
+            .map_err(|f| self.guest_fetch_error(id, f))?;
+        if let Some(i) = place {
+            self.check_len(i, id, data.len())?;
+        }
+        Ok(data)
+    }
+
+    /// The device error of a fetch that failed for the guest; damage is reported on
+    /// stderr once per chunk.
+    fn guest_fetch_error(&self, id: &ChunkId, f: FetchFail) -> DeviceError {
+        let e = match f {
+            FetchFail::Shared(e) => return DeviceError::Unavailable(e),
+            FetchFail::Store(e) => e,
+        };
+        match e {
+            StoreError::Corrupt { .. } | StoreError::Missing(_) => {
+                if self.reported.lock().expect("report lock").insert(*id) {
+                    eprintln!(
+                        "mbank: {}@{}: a guest read needs chunk {id}, which the bank cannot \
+                         give: {e}; the read fails with an I/O error. Run `mbank verify` on the \
+                         bank to see what else is damaged",
+                        self.meta.machine,
+                        self.meta
+                            .base
+                            .as_deref()
+                            .map_or("-", |b| &b[..b.len().min(12)]),
+                    );
+                }
+                DeviceError::io(
+                    format!("chunk {id} of the disk"),
+                    std::io::Error::other(e.to_string()),
+                )
+            }
+            other => DeviceError::Unavailable(other.to_string()),
+        }
+    }
+
+    /// Fetches chunk `id` from the bank, once however many callers want it at the same
+    /// time (the others wait for the one in flight), and caches it (when `place` is
+    /// given, only if it fits that place).
+    fn fetch_raw(&self, id: &ChunkId, place: Option<usize>) -> Result<Arc<Vec<u8>>, FetchFail> {
         let (flight, leader) = {
             let mut f = self.flights.lock().expect("flight lock");
             match f.get(id) {
@@ -353,13 +882,8 @@ impl Disk {
                 done = flight.cv.wait(done).expect("flight lock");
             }
             return match done.as_ref().expect("set") {
-                Ok(d) => {
-                    if let Some(i) = place {
-                        self.check_len(i, id, d.len())?;
-                    }
-                    Ok(d.clone())
-                }
-                Err(e) => Err(DeviceError::Unavailable(e.clone())),
+                Ok(d) => Ok(d.clone()),
+                Err(e) => Err(FetchFail::Shared(e.clone())),
             };
         }
         let result = match self.store.read(id) {
@@ -384,31 +908,7 @@ impl Disk {
         *flight.done.lock().expect("flight lock") = Some(shared);
         flight.cv.notify_all();
         self.flights.lock().expect("flight lock").remove(id);
-        let data = result.map_err(|e| match e {
-            StoreError::Corrupt { .. } | StoreError::Missing(_) => {
-                if self.reported.lock().expect("report lock").insert(*id) {
-                    eprintln!(
-                        "mbank: {}@{}: a guest read needs chunk {id}, which the bank cannot \
-                         give: {e}; the read fails with an I/O error. Run `mbank verify` on the \
-                         bank to see what else is damaged",
-                        self.meta.machine,
-                        self.meta
-                            .base
-                            .as_deref()
-                            .map_or("-", |b| &b[..b.len().min(12)]),
-                    );
-                }
-                DeviceError::io(
-                    format!("chunk {id} of the disk"),
-                    std::io::Error::other(e.to_string()),
-                )
-            }
-            other => DeviceError::Unavailable(other.to_string()),
-        })?;
-        if let Some(i) = place {
-            self.check_len(i, id, data.len())?;
-        }
-        Ok(data)
+        result.map_err(FetchFail::Store)
     }
 
     /// Splits `[off, off+len)` into (chunk index, offset in chunk, length) pieces.
@@ -443,6 +943,7 @@ impl Disk {
             buf.resize(buf.len() + n, 0);
             return Ok(true);
         };
+        self.first_use(i, id);
         let len = self.base.chunk_len(i);
         if self.cache.read_append(id, a, n, len, buf, !inline) {
             return Ok(true);
@@ -450,7 +951,11 @@ impl Disk {
         if inline {
             return Ok(false);
         }
-        let data = self.fetch_missing(id, Some(i))?;
+        let t = Instant::now();
+        self.readahead_on_miss(i);
+        let data = self.fetch_missing(id, Some(i));
+        self.waited(t);
+        let data = data?;
         buf.extend_from_slice(&data[a..a + n]);
         Ok(true)
     }
@@ -1039,6 +1544,47 @@ impl BlockDevice for NbdDisk {
     ) -> impl Future<Output = Result<Vec<Extent>, DeviceError>> + Send {
         let d = self.0.clone();
         blocking(move || Ok(d.block_status_sync(offset, len)))
+    }
+}
+
+/// A background fetcher: takes read-ahead first, then the working set, until stopped or
+/// the disk is gone.
+fn background_worker(bg: &Background, disk: &Weak<Disk>) {
+    loop {
+        let job = {
+            let mut q = bg.q.lock().expect("queue lock");
+            loop {
+                if q.stop {
+                    return;
+                }
+                if let Some(p) = q.ahead.pop_front() {
+                    q.busy += 1;
+                    break Job::Ahead(p);
+                }
+                if let Some(e) = q.list.pop_front() {
+                    q.busy += 1;
+                    break Job::List(e);
+                }
+                if q.busy == 0 {
+                    bg.idle.notify_all();
+                }
+                q = bg.cv.wait(q).expect("queue lock");
+            }
+        };
+        let Some(d) = disk.upgrade() else { return };
+        d.background_job(job);
+        drop(d);
+        let mut q = bg.q.lock().expect("queue lock");
+        q.busy -= 1;
+        if q.busy == 0 && q.ahead.is_empty() && q.list.is_empty() {
+            bg.idle.notify_all();
+        }
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        self.stop_background();
     }
 }
 

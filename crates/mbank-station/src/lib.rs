@@ -37,6 +37,7 @@
 pub mod cache;
 pub mod device;
 pub mod session;
+pub mod workset;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -85,6 +86,12 @@ pub enum StationError {
         block_size: u32,
         chunk_size: u32,
     },
+    /// A version's recorded working set cannot be used; the session goes on without it.
+    #[error(
+        "the working set stored with {version} cannot be used: {why}; it is skipped (the \
+         guest's reads are fetched as it makes them, and this session records a new one)"
+    )]
+    Workset { version: String, why: String },
     #[error(transparent)]
     Bank(#[from] BankError),
     #[error(transparent)]
@@ -134,6 +141,14 @@ pub struct SessionReport {
     /// Why the machine's retention policy could not be applied (the check-in stands).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy_error: Option<String>,
+    /// Bytes the session sent to the bank (its chunks and streams the bank lacked).
+    pub bytes_sent: u64,
+    /// Fetches, waits, prefetch and read-ahead, the working set ([`device::SessionStats`]).
+    pub stats: device::SessionStats,
+    /// Entries of the working set stored with the new version (0: none stored).
+    pub workset_stored: u64,
+    /// What went wrong without failing the session (a working set skipped, say).
+    pub warnings: Vec<String>,
 }
 
 /// What a check-in stores besides the disk's dirty chunks.
@@ -150,6 +165,9 @@ pub struct CheckinExtras {
     pub always: bool,
     /// Chunks and bytes storing `streams` added to the bank, for the statistics.
     pub streams_stored: (u64, u64),
+    /// Commit a version to store the working set the session recorded when the base
+    /// version has none (a machine's first boot), even with nothing else to commit.
+    pub first_working_set: bool,
 }
 
 /// A station: its cache directory and identity.
@@ -510,13 +528,20 @@ impl Station {
             }
         };
         let disk = Disk::new(meta, files, index, self.cache.clone(), fetch_from);
+        let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
         // For tests and benchmarks: fold the journal into the map more (or less) often.
-        if let Some(b) = std::env::var("MBANK_JOURNAL_COMPACT_BYTES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-        {
+        if let Some(b) = env("MBANK_JOURNAL_COMPACT_BYTES") {
             disk.set_compact_bytes(b);
         }
+        // For tests and benchmarks: when the recording of the working set ends.
+        disk.set_recording(
+            std::time::Duration::from_millis(
+                env("MBANK_WSET_QUIET_MS").unwrap_or(workset::DEFAULT_QUIET_MS),
+            ),
+            std::time::Duration::from_millis(
+                env("MBANK_WSET_MAX_MS").unwrap_or(workset::DEFAULT_MAX_MS),
+            ),
+        );
         Ok(Arc::new(disk))
     }
 
@@ -545,23 +570,155 @@ impl Station {
             what: "flush the session before check-in".into(),
             source: std::io::Error::other(e.to_string()),
         })?;
+        disk.stop_background();
+        let mut extras = extras.clone();
+        let map = disk.durable_map();
+        let mut warnings = Vec::new();
+        let (guard, stored) =
+            match self.store_working_set(bank, disk, &map, &mut extras, &mut warnings) {
+                Ok(Some((g, n))) => (Some(g), n),
+                Ok(None) => (None, 0),
+                Err(e) => {
+                    warnings.push(format!(
+                        "the working set this session recorded was not stored ({e}); the \
+                         next session of {} fetches as the guest reads",
+                        disk.meta.machine
+                    ));
+                    (None, 0)
+                }
+            };
         let mut report = self.commit(
             bank,
             &disk.meta,
             &disk.dir,
             &disk.base,
             disk.overlay(),
-            &disk.durable_map(),
-            extras,
+            &map,
+            &extras,
             opts,
             progress,
         )?;
+        drop(guard);
+        report.stats = disk.stats();
+        if report.stats.workset_missing > 0 {
+            warnings.push(format!(
+                "the working set of {} named {} chunks the bank no longer has; they were \
+                 skipped",
+                disk.meta.machine, report.stats.workset_missing
+            ));
+        }
+        report.workset_stored = if report.version.is_some() { stored } else { 0 };
+        report.warnings = warnings;
+        report.bytes_sent = report.bytes_uploaded;
         report.bytes_fetched = disk.counters.bytes_fetched.load(Ordering::Relaxed);
         report.chunks_fetched = disk.counters.chunks_fetched.load(Ordering::Relaxed);
         report.cache_hits = self.cache.counters.hits.load(Ordering::Relaxed);
         report.cache_misses = self.cache.counters.misses.load(Ordering::Relaxed);
         let _ = self.cache.sync();
         Ok(report)
+    }
+
+    /// Stores the working set `disk` recorded as a stream for the check-in's version,
+    /// when a version is committed anyway or `extras.first_working_set` asks for one
+    /// and the base version has none. Returns the writer guard protecting its chunks
+    /// until the commit, and its entries.
+    fn store_working_set(
+        &self,
+        bank: &mut Bank,
+        disk: &Disk,
+        map: &DirtyMap,
+        extras: &mut CheckinExtras,
+        warnings: &mut Vec<String>,
+    ) -> Result<Option<(mbank_bank::WriterGuard, u64)>, StationError> {
+        let ws = disk.take_working_set();
+        if ws.entries.is_empty() {
+            return Ok(None);
+        }
+        let base_has = match self.base_version(bank, disk) {
+            Ok(v) => v.streams.iter().any(|s| s == workset::STREAM_NAME),
+            Err(e) => {
+                warnings.push(format!("{e}"));
+                true
+            }
+        };
+        let commit = !map.dirty_chunks().is_empty() || extras.always;
+        if !commit && (base_has || !extras.first_working_set) {
+            return Ok(None);
+        }
+        let guard = bank.begin_write(&format!("working set of {}", disk.meta.machine))?;
+        let (idx, st) = bank.store_stream(&guard, &ws.encode()[..])?;
+        extras
+            .streams
+            .retain(|(n, _)| n.as_str() != workset::STREAM_NAME);
+        extras.streams.push((workset::STREAM_NAME.to_string(), idx));
+        extras.streams_stored.0 += st.chunks_new;
+        extras.streams_stored.1 += st.bytes_stored;
+        extras.always = true;
+        Ok(Some((guard, ws.entries.len() as u64)))
+    }
+
+    /// The version a session checked out.
+    fn base_version(
+        &self,
+        bank: &Bank,
+        disk: &Disk,
+    ) -> Result<mbank_catalog::VersionInfo, StationError> {
+        let machine: MachineName =
+            disk.meta
+                .machine
+                .parse()
+                .map_err(|e| StationError::BadSession {
+                    path: disk.dir.meta_path(),
+                    why: format!("{e}"),
+                })?;
+        let base = disk
+            .meta
+            .base
+            .clone()
+            .ok_or_else(|| StationError::BadSession {
+                path: disk.dir.meta_path(),
+                why: "the session names no base version".into(),
+            })?;
+        Ok(bank.resolve(&MachineRef {
+            machine,
+            version: Some(base),
+        })?)
+    }
+
+    /// Queues the working set stored with the session's version for `disk`'s
+    /// background fetchers ([`Disk::start_background`]); returns how many entries were
+    /// queued (0 if the version has none). A record that cannot be read or parsed is
+    /// [`StationError::Workset`], for the caller to show as a warning: the session
+    /// goes on without it.
+    pub fn replay_working_set(&self, bank: &Bank, disk: &Disk) -> Result<u64, StationError> {
+        let v = self.base_version(bank, disk)?;
+        let streams = bank.catalog().streams(&v)?;
+        let Some((_, idx)) = streams.iter().find(|(n, _)| n == workset::STREAM_NAME) else {
+            return Ok(0);
+        };
+        let bad = |why: String| StationError::Workset {
+            version: format!("{}@{}", v.machine, v.id.short()),
+            why,
+        };
+        let bound = (workset::HEADER_LEN
+            + workset::MAX_ENTRIES as usize * workset::ENTRY_LEN
+            + workset::TRAILER_LEN) as u64;
+        if idx.total_len > bound {
+            return Err(bad(format!(
+                "its stream is {} bytes, more than a record may be ({bound})",
+                idx.total_len
+            )));
+        }
+        let mut bytes = Vec::with_capacity(idx.total_len as usize);
+        bank.restore_stream(idx, &mut bytes)
+            .map_err(|e| bad(format!("reading it failed: {e}")))?;
+        let ws = workset::WorkingSet::decode(&bytes).map_err(|e| bad(e.to_string()))?;
+        let ids: std::collections::HashSet<ChunkId> = streams
+            .iter()
+            .filter(|(n, _)| n != workset::STREAM_NAME)
+            .flat_map(|(_, i)| i.runs.iter().filter_map(|r| r.id))
+            .collect();
+        Ok(disk.replay(&ws, ids))
     }
 
     /// Ends a session without a check-in: its writes are dropped.

@@ -66,6 +66,23 @@ pub struct Args {
     pub jobs: usize,
 }
 
+/// Background fetchers per session: read-ahead and the working set's replay.
+pub const PREFETCH_JOBS: usize = 4;
+
+/// Starts the session's background fetchers and queues the working set stored with its
+/// version; a working set that cannot be used is a warning.
+pub fn start_prefetch(bank: &Bank, station: &Station, disk: &Arc<Disk>, say: &dyn Fn(String)) {
+    disk.start_background(PREFETCH_JOBS);
+    match station.replay_working_set(bank, disk) {
+        Ok(0) => {}
+        Ok(n) => say(format!(
+            "fetching the {n} chunks of {}'s recorded working set ahead of the guest",
+            disk.meta.machine
+        )),
+        Err(e) => say(format!("warning: {e}")),
+    }
+}
+
 /// One line about a finished session.
 pub fn describe(r: &SessionReport) -> String {
     let what = if r.recovered {
@@ -233,6 +250,7 @@ pub fn run(
     report_recovery(&station.recover(bank, &opts)?, say);
     let fetch: Arc<dyn ChunkStore> = bank.store_arc();
     let disk = station.check_out(bank, &args.machine, args.force, fetch)?;
+    start_prefetch(bank, station, &disk, say);
     let what = format!(
         "{}@{} ({}, {} chunks of {})",
         disk.meta.machine,
@@ -344,12 +362,16 @@ pub fn run(
             cache_hits: station.cache.counters.hits.load(Ordering::Relaxed),
             cache_misses: station.cache.counters.misses.load(Ordering::Relaxed),
             seconds: (mbank_catalog::now_ms() - disk.meta.started_ms) as f64 / 1000.0,
+            stats: disk.stats(),
             ..Default::default()
         });
     }
     let report = station
         .check_in(bank, &disk, &opts, progress)
         .map_err(|e| checkin_failed(e, bank, station, &disk, None))?;
+    for w in &report.warnings {
+        say(format!("warning: {w}"));
+    }
     say(describe(&report));
     Ok(report)
 }

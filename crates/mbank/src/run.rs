@@ -13,6 +13,12 @@
 //!   memory;
 //! - Ctrl-C and "power off": ACPI power button, then a hard stop if the guest ignores it.
 //!
+//! The control socket takes one request a connection: `attach` (a front: the session's
+//! messages, then its outcome), `suspend`, `poweroff`, and `stats`, answered with one JSON
+//! line `{"ok": true, "stats": {...}}` holding the session's statistics so far
+//! (`mbank_station::device::SessionStats`: bytes fetched, misses the guest waited on and
+//! their wait, prefetch hits, the working set recorded and replayed).
+//!
 //! QEMU runs in its own process group (a terminal's Ctrl-C reaches only `mbank`) and
 //! dies with `mbank` (`PR_SET_PDEATHSIG`); a `run` killed with -9 leaves its session
 //! for the next `mbank` on the station to recover, like `attach`.
@@ -482,7 +488,12 @@ fn spawn_qemu(args: &[String], log: &Path) -> Result<(Child, Arc<Mutex<Vec<Strin
 }
 
 /// Accepts `mbank suspend` connections on the session's control socket.
-fn spawn_control(path: &Path, tx: mpsc::Sender<Request>, hub: Arc<Hub>) -> Result<()> {
+fn spawn_control(
+    path: &Path,
+    tx: mpsc::Sender<Request>,
+    hub: Arc<Hub>,
+    disk: Arc<Disk>,
+) -> Result<()> {
     let listener = UnixListener::bind(path)
         .with_context(|| format!("cannot create the control socket {}", path.display()))?;
     std::thread::spawn(move || {
@@ -500,6 +511,15 @@ fn spawn_control(path: &Path, tx: mpsc::Sender<Request>, hub: Arc<Hub>) -> Resul
             let req = match line.trim() {
                 "attach" => {
                     hub.add(conn);
+                    continue;
+                }
+                "stats" => {
+                    let mut c = conn;
+                    let _ = writeln!(
+                        c,
+                        "{}",
+                        serde_json::json!({"ok": true, "stats": disk.stats()})
+                    );
                     continue;
                 }
                 "suspend" => Request::Suspend(conn),
@@ -598,6 +618,8 @@ fn run(bank: &mut Bank, station: &Station, args: Args, hub: &Arc<Hub>) -> Result
 
     let fetch: Arc<dyn ChunkStore> = bank.store_arc();
     let disk = station.check_out(bank, &args.machine, args.force, fetch)?;
+    // Ahead of the kernel, the initrd and the guest's first reads.
+    crate::attach::start_prefetch(bank, station, &disk, say);
     let stop = Arc::new(AtomicBool::new(false));
     let heartbeat = spawn_heartbeat(
         bank.catalog().reopen()?,
@@ -730,7 +752,7 @@ fn run_session(
     }
     // Fronts and `mbank suspend` may connect from now on.
     let (tx, requests) = mpsc::channel();
-    if let Err(e) = spawn_control(&sockets.join("control.sock"), tx, hub.clone()) {
+    if let Err(e) = spawn_control(&sockets.join("control.sock"), tx, hub.clone(), disk.clone()) {
         end_service.notify_one();
         let _ = rt.block_on(service);
         return Err(fail_clean(bank, e));
@@ -1024,6 +1046,8 @@ fn run_session(
         // that held memory must not be resumed again.
         always: ending == Ending::Suspend || (resume && ending == Ending::Poweroff),
         streams_stored,
+        // A machine's first boot stores the working set it recorded.
+        first_working_set: true,
     };
     let session = station
         .check_in_with(bank, disk, &extras, &opts, progress)
@@ -1034,6 +1058,9 @@ fn run_session(
             checkin_failed(e, bank, station, disk, lost)
         })?;
     drop(writer_guard);
+    for w in &session.warnings {
+        say(format!("warning: {w}"));
+    }
     say(describe(&session));
     let report = RunReport {
         machine,

@@ -570,11 +570,14 @@ fn checkin_sends_only_written_chunks_and_fetches_only_what_is_read() {
     let j = report(&r);
     let n = written.len() as u64;
     assert_eq!(u(&j, "chunks_written"), n, "{r}");
-    assert_eq!(u(&j, "chunks_uploaded"), n, "{r}");
+    // The written chunks, and the working set the session recorded (the 4 chunks read
+    // from the base, in one record chunk of 32 + 4 × 48 + 32 bytes).
+    assert_eq!(u(&j, "workset_stored"), 4, "{r}");
+    assert_eq!(u(&j, "chunks_uploaded"), n + 1, "{r}");
     // Random data is stored raw: 64 KiB and a 16-byte header per chunk.
     let up = u(&j, "bytes_uploaded");
     assert!(
-        (n * CS as u64..=n * (CS as u64 + 16)).contains(&up),
+        (n * CS as u64..=n * (CS as u64 + 16) + 256 + 16).contains(&up),
         "bytes_uploaded {up} should be about {n} chunks, not the disk:\n{r}"
     );
     let fetched = read_chunks.len() as u64 + 3;
@@ -584,9 +587,9 @@ fn checkin_sends_only_written_chunks_and_fetches_only_what_is_read() {
     assert_eq!(u(&j, "cache_hits"), 2, "{r}");
     assert_eq!(j["head_moved"], true, "{r}");
     assert_eq!(j["base"], base.as_str(), "{r}");
-    // The bank grew by exactly the written chunks.
+    // The bank grew by exactly the written chunks and the working set's record.
     let new_chunks = bank.chunk_files().len() - chunks_before.len();
-    assert_eq!(new_chunks as u64, n);
+    assert_eq!(new_chunks as u64, n + 1);
     let version = j["version"].as_str().unwrap();
     assert_same_bytes(
         &export(&bank, &format!("alice/dev@{version}")),

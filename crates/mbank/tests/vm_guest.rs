@@ -868,3 +868,41 @@ fn a_virtual_pc_suspends_and_resumes_through_the_bank_server() {
     assert_eq!(report.unwrap()["resumed"], true);
     assert_eq!(bank.log("alice/dev")[0]["version"], again.as_str());
 }
+
+/// A boot records the chunks the guest needed (its working set) and stores the list
+/// with the version it checks in; the next boot on a station with an empty cache
+/// fetches them ahead of the guest and waits on fewer misses; a fork inherits the list.
+/// Counts from `run --json`'s session statistics, never times.
+#[test]
+fn a_recorded_working_set_makes_the_next_cold_boot_wait_on_fewer_misses() {
+    let bank = Bank::new();
+    create_machine(&bank, "alice/dev");
+    // The first boot, on a station with an empty cache: it records.
+    let (first, console) = run_job(&bank, &bank.file("cacheA"), "alice/dev", "mbank.job=write");
+    assert!(console.contains("MBANK-JOB-DONE"), "{console}");
+    let s1 = &first["session"];
+    let stored = s1["workset_stored"].as_u64().unwrap();
+    let waited1 = s1["stats"]["misses_waited"].as_u64().unwrap();
+    assert!(stored > 0, "no working set stored: {first}");
+    assert_eq!(s1["stats"]["prefetch_hits"], 0, "{first}");
+    assert!(waited1 > 0, "{first}");
+    // Another station, an empty cache: the list is fetched ahead of the guest.
+    let (second, console) = run_job(&bank, &bank.file("cacheB"), "alice/dev", "mbank.job=write");
+    assert!(console.contains("MBANK-JOB-DONE"), "{console}");
+    let s2 = &second["session"]["stats"];
+    let waited2 = s2["misses_waited"].as_u64().unwrap();
+    eprintln!("cold boot misses waited: {waited1} without the working set, {waited2} with it");
+    assert!(
+        waited2 < waited1,
+        "the second cold boot waited on {waited2} misses, the first on {waited1}: {second}"
+    );
+    assert!(s2["prefetch_hits"].as_u64().unwrap() > 0, "{second}");
+    assert!(s2["workset_queued"].as_u64().unwrap() > 0, "{second}");
+
+    // A fork shares its source's working set.
+    bank.run(&["create", "bob/dev", "--from", "alice/dev"]).ok();
+    let (third, _) = run_job(&bank, &bank.file("cacheC"), "bob/dev", "mbank.job=write");
+    let s3 = &third["session"]["stats"];
+    assert!(s3["workset_queued"].as_u64().unwrap() > 0, "{third}");
+    bank.verify_ok();
+}
