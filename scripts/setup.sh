@@ -25,6 +25,7 @@ needs=(
     "ip iproute2"
     "tc iproute2"
     "bc bc"
+    "sqlite3 sqlite3"
 )
 if [[ ${1:-} == --bench ]]; then
     needs+=("restic restic" "borg borgbackup" "casync casync" "hyperfine hyperfine" "zstd zstd")

@@ -320,7 +320,9 @@ impl Bank {
 
     /// Sets every chunk file's mtime to an hour ago, as if the chunks had been in the
     /// bank for a long time: GC keeps unreferenced chunks younger than its safety margin
-    /// (about a second), and this lets a test see what GC deletes without waiting.
+    /// (about a second), and this lets a test see what GC deletes without waiting. In a
+    /// served bank the users' rights to chunks are moved an hour back too (GC's pruning
+    /// keeps rights recorded since its cutoff).
     pub fn age_chunks(&self) {
         let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
         for c in self.chunk_files() {
@@ -329,6 +331,15 @@ impl Bank {
                 .open(self.chunk_path(&c))
                 .unwrap();
             f.set_modified(old).unwrap();
+        }
+        let access = self.path.join("access.db");
+        if access.is_file() {
+            let o = Command::new("sqlite3")
+                .arg(&access)
+                .arg("UPDATE chunk_owners SET recorded_ms = recorded_ms - 3600000;")
+                .output()
+                .expect("sqlite3 (Debian package sqlite3, scripts/setup.sh) is installed");
+            assert!(o.status.success(), "sqlite3 {}: {o:?}", access.display());
         }
     }
 
