@@ -116,7 +116,12 @@ impl RemoteStore {
             let body: Vec<u8> = part.iter().flat_map(|(id, _)| *id.as_bytes()).collect();
             let opened = self
                 .client
-                .open(&Method::POST, "/chunks/get", &Payload::Bytes(&body), &mut tries)
+                .open(
+                    &Method::POST,
+                    "/chunks/get",
+                    &Payload::Bytes(&body),
+                    &mut tries,
+                )
                 .map_err(|e| store_error(e, None))?;
             let cause = match opened {
                 Opened::Retry(cause) => cause,
@@ -168,7 +173,11 @@ impl RemoteStore {
                 // The end of the answer: all asked, or the server's byte cap.
                 Ok(0) => return Ok(Streamed::Ended(ControlFlow::Continue(()))),
                 Ok(4) => {}
-                Ok(_) => return Ok(Streamed::Lost("the answer ended inside a chunk's length".into())),
+                Ok(_) => {
+                    return Ok(Streamed::Lost(
+                        "the answer ended inside a chunk's length".into(),
+                    ));
+                }
                 Err(e) => return Ok(Streamed::Lost(e.to_string())),
             }
             let len = u32::from_le_bytes(len) as usize;
@@ -187,7 +196,12 @@ impl RemoteStore {
             let mut raw = vec![0u8; len];
             match read_full(answer, &mut raw) {
                 Ok(n) if n == len => {}
-                Ok(_) => return Ok(Streamed::Lost(format!("the answer ended inside chunk {}", short(id)))),
+                Ok(_) => {
+                    return Ok(Streamed::Lost(format!(
+                        "the answer ended inside chunk {}",
+                        short(id)
+                    )));
+                }
                 Err(e) => return Ok(Streamed::Lost(e.to_string())),
             }
             let plain = self.verify(id, raw)?;
@@ -403,7 +417,10 @@ impl ChunkStore for RemoteStore {
     /// [`ChunkStore::read_each`] with up to [`READ_MANY_IN_FLIGHT`] requests in flight.
     fn read_many(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>, StoreError> {
         let got: Vec<Mutex<Option<Vec<u8>>>> = ids.iter().map(|_| Mutex::new(None)).collect();
-        let jobs = ids.len().div_ceil(wire::MAX_GET_MANY).min(READ_MANY_IN_FLIGHT);
+        let jobs = ids
+            .len()
+            .div_ceil(wire::MAX_GET_MANY)
+            .min(READ_MANY_IN_FLIGHT);
         self.read_each(ids, jobs, &|i, plain| {
             *got[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(plain);
             ControlFlow::Continue(())
@@ -413,7 +430,9 @@ impl ChunkStore for RemoteStore {
             .map(|(g, id)| {
                 g.into_inner()
                     .unwrap_or_else(|p| p.into_inner())
-                    .ok_or_else(|| StoreError::Remote(format!("chunk {} was not fetched", short(id))))
+                    .ok_or_else(|| {
+                        StoreError::Remote(format!("chunk {} was not fetched", short(id)))
+                    })
             })
             .collect()
     }

@@ -691,7 +691,10 @@ fn read_many_keeps_several_batch_requests_in_flight() {
     // is seen with one open, whatever the timing.
     const WANT: usize = 4;
     let chunks = Arc::new(some_chunks(4 * wire::MAX_GET_MANY));
-    let gate = Arc::new((Mutex::new((0usize, 0usize, false)), std::sync::Condvar::new()));
+    let gate = Arc::new((
+        Mutex::new((0usize, 0usize, false)),
+        std::sync::Condvar::new(),
+    ));
     let (c2, g2) = (chunks.clone(), gate.clone());
     let server = Server::start(move |req, _| {
         assert_eq!(req.path, "/v1/chunks/get");
@@ -810,6 +813,14 @@ fn a_short_answer_is_followed_by_a_request_for_the_rest() {
     let mut got = got.into_inner().unwrap();
     got.sort();
     assert_eq!(got, [0, 1, 2, 3, 4, 5]);
-    let asked: Vec<usize> = server.seen().iter().map(|s| s.body.len() / ChunkId::LEN).collect();
-    assert_eq!(asked, [5, 4, 3, 2, 1], "each request asks for what is still missing");
+    let asked: Vec<usize> = server
+        .seen()
+        .iter()
+        .map(|s| s.body.len() / ChunkId::LEN)
+        .collect();
+    assert_eq!(
+        asked,
+        [5, 4, 3, 2, 1],
+        "each request asks for what is still missing"
+    );
 }

@@ -337,12 +337,7 @@ pub trait ChunkStore: Send + Sync {
     /// The default takes runs of [`READ_RUN`] places per thread and reads each run
     /// with [`ChunkStore::read_many`]; a bank server's client streams each run's
     /// answer into `each` as it arrives, with one request per thread in flight.
-    fn read_each(
-        &self,
-        ids: &[ChunkId],
-        jobs: usize,
-        each: &Each<'_>,
-    ) -> Result<(), StoreError> {
+    fn read_each(&self, ids: &[ChunkId], jobs: usize, each: &Each<'_>) -> Result<(), StoreError> {
         in_runs(ids.len(), READ_RUN, jobs, |run| {
             let plains = self.read_many(&ids[run.clone()])?;
             for (i, plain) in run.zip(plains) {
