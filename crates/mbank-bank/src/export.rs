@@ -6,6 +6,7 @@ use std::io::Write;
 use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
@@ -166,6 +167,7 @@ fn write_chunks(
 ) -> Result<u64, BankError> {
     let (at, ids) = nonzero(index);
     let err: Mutex<Option<BankError>> = Mutex::new(None);
+    let written = AtomicU64::new(0);
     let fail = |e: BankError| {
         err.lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -182,6 +184,10 @@ fn write_chunks(
             if let Err(e) = file.write_all_at(&plain, i as u64 * index.chunk_size as u64) {
                 return fail(BankError::io("write", path, e));
             }
+            let before = written.fetch_add(plain.len() as u64, Ordering::Relaxed);
+            if (before + plain.len() as u64) / WRITEBACK_EVERY > before / WRITEBACK_EVERY {
+                start_writeback(file);
+            }
             progress.advance(plain.len() as u64);
             ControlFlow::Continue(())
         })
@@ -197,6 +203,23 @@ fn write_chunks(
             .sum(),
     );
     Ok(ids.len() as u64)
+}
+
+/// Bytes an export writes between asking the kernel to start writing its file back:
+/// the disk works while the chunks arrive, and the final `fsync` finds little left
+/// (before, an export through a server at 1 Gbit/s spent about a third of its time in
+/// that `fsync`, after the last chunk came).
+const WRITEBACK_EVERY: u64 = 32 << 20;
+
+/// Asks the kernel to start writing back `file`'s dirty pages without waiting for
+/// them: a hint; durability comes from the `fsync` at the end.
+fn start_writeback(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range only reads its integer arguments; the descriptor is open
+    // for the life of `file`, which the caller borrows.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
 }
 
 /// The places and ids of an index's non-zero chunks.

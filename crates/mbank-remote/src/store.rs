@@ -5,6 +5,15 @@
 //! it commits a version that references them, so [`ChunkStore::flush`] has nothing to
 //! do. Garbage collection and store statistics run on the bank's host, not through a
 //! client.
+//!
+//! Reads of many chunks ([`ChunkStore::read_each`], which export uses, and
+//! [`ChunkStore::read_many`]) keep several `POST /v1/chunks/get` requests in flight,
+//! one per thread on its own kept-alive connection (at most
+//! [`crate::client::MAX_IN_FLIGHT`]), and read each answer frame by frame: a chunk is
+//! verified and handed to its destination while the rest of its answer is still on the
+//! way, so a thread holds one chunk at a time, and a slow answer holds up only its own
+//! thread. (Issue 12: before, each answer was read whole before its first chunk was
+//! decoded, and the next request waited for all of that.)
 
 use std::collections::HashMap;
 use std::io::Read;
