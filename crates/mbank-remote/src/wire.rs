@@ -221,7 +221,7 @@ pub enum IdListError {
 /// Parses a list of at most `max` chunk ids, each [`ChunkId::LEN`] bytes, in order
 /// (repeats kept). Allocates only after the length is known to be within `max`.
 pub fn parse_id_list(body: &[u8], max: usize) -> Result<Vec<ChunkId>, IdListError> {
-    if body.len() % ChunkId::LEN != 0 {
+    if !body.len().is_multiple_of(ChunkId::LEN) {
         return Err(IdListError::Ragged { bytes: body.len() });
     }
     let ids = body.len() / ChunkId::LEN;
