@@ -35,6 +35,11 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// Largest answer the client reads (a disk index can be as large as a commit).
 pub const MAX_ANSWER: u64 = wire::MAX_COMMIT as u64;
 
+/// Most requests one transfer (a [`crate::RemoteStore`] read of many chunks) keeps in
+/// flight, each on its own kept-alive connection; well under the server's cap of
+/// connections per address (64 by default).
+pub const MAX_IN_FLIGHT: usize = 16;
+
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const WARN_EVERY: Duration = Duration::from_secs(5);
@@ -298,6 +303,9 @@ impl Client {
             .timeout_global(Some(o.request_timeout))
             .timeout_connect(Some(o.connect_timeout))
             .max_redirects(0)
+            // Every thread of a transfer keeps its connection between requests.
+            .max_idle_connections(2 * MAX_IN_FLIGHT)
+            .max_idle_connections_per_host(2 * MAX_IN_FLIGHT)
             .user_agent(concat!("mbank/", env!("CARGO_PKG_VERSION")));
         if let Some(ca) = &o.ca_file {
             cfg = cfg.tls_config(load_ca(ca)?);
@@ -418,41 +426,86 @@ impl Client {
         payload: Payload<'_>,
         limit: u64,
     ) -> Result<Vec<u8>, ClientError> {
-        let started = Instant::now();
-        let mut backoff = FIRST_BACKOFF;
-        let mut tries = 0u32;
+        let mut tries = self.tries();
         loop {
-            tries += 1;
-            let cause = match self.send_once(&method, path, &payload, limit) {
-                Ok((status, body)) if (200..300).contains(&status) => return Ok(body),
-                Ok((status, body)) if matches!(status, 429 | 502 | 503 | 504) => {
-                    let b = error_body(status, &body);
-                    if b.kind.is_empty() {
-                        b.message
-                    } else {
-                        format!("{}: {}", status_text(status), b.message)
+            let cause = match self.open(&method, path, &payload, &mut tries)? {
+                Opened::Body(body) => {
+                    let mut out = Vec::new();
+                    match body.take(limit + 1).read_to_end(&mut out) {
+                        Ok(_) if out.len() as u64 > limit => {
+                            return Err(self.bad_answer(what, format!("longer than {limit} bytes")));
+                        }
+                        Ok(_) => return Ok(out),
+                        Err(e) => e.to_string(),
                     }
                 }
-                Ok((status, body)) => {
-                    return Err(ClientError::Api {
-                        url: self.inner.url.clone(),
-                        status,
-                        body: Box::new(error_body(status, &body)),
-                    });
-                }
-                Err(ureq::Error::BodyExceedsLimit(n)) => {
-                    return Err(self.bad_answer(what, format!("longer than {n} bytes")));
-                }
-                Err(e) if retryable(&e) => e.to_string(),
-                Err(e) => return Err(self.unreachable(e.to_string(), tries, started)),
+                Opened::Retry(cause) => cause,
             };
-            if started.elapsed() + backoff > self.inner.retry_budget {
-                return Err(self.unreachable(cause, tries, started));
-            }
-            self.warn(what, &cause);
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            self.wait(&mut tries, what, cause)?;
         }
+    }
+
+    /// The retry state of one request (or of one streamed transfer made of several).
+    pub(crate) fn tries(&self) -> Tries {
+        Tries {
+            started: Instant::now(),
+            backoff: FIRST_BACKOFF,
+            sent: 0,
+        }
+    }
+
+    /// After a failure that waiting may cure (`cause`): waits with backoff, saying so
+    /// at most once every 5 s, or gives up with [`ClientError::Unreachable`] when the
+    /// retry budget is spent.
+    pub(crate) fn wait(&self, t: &mut Tries, what: &str, cause: String) -> Result<(), ClientError> {
+        if t.started.elapsed() + t.backoff > self.inner.retry_budget {
+            return Err(self.unreachable(cause, t.sent, t.started));
+        }
+        self.warn(what, &cause);
+        std::thread::sleep(t.backoff);
+        t.backoff = (t.backoff * 2).min(MAX_BACKOFF);
+        Ok(())
+    }
+
+    /// Sends one request and reads its status: a success's body, unread, to stream from
+    /// (the connection goes back to the pool once it is read to its end); a failure
+    /// that waiting may cure as [`Opened::Retry`]; any other failure as the error.
+    pub(crate) fn open(
+        &self,
+        method: &http::Method,
+        path: &str,
+        payload: &Payload<'_>,
+        t: &mut Tries,
+    ) -> Result<Opened, ClientError> {
+        t.sent += 1;
+        let resp = match self.send_once(method, path, payload) {
+            Ok(resp) => resp,
+            Err(e) if retryable(&e) => return Ok(Opened::Retry(e.to_string())),
+            Err(e) => return Err(self.unreachable(e.to_string(), t.sent, t.started)),
+        };
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body().into_reader();
+        if (200..300).contains(&status) {
+            return Ok(Opened::Body(body));
+        }
+        // Error answers are small; read a little of them.
+        let mut out = Vec::new();
+        if let Err(e) = (&mut body).take(1 << 16).read_to_end(&mut out) {
+            return Ok(Opened::Retry(e.to_string()));
+        }
+        let b = error_body(status, &out);
+        if matches!(status, 429 | 502 | 503 | 504) {
+            return Ok(Opened::Retry(if b.kind.is_empty() {
+                b.message
+            } else {
+                format!("{}: {}", status_text(status), b.message)
+            }));
+        }
+        Err(ClientError::Api {
+            url: self.inner.url.clone(),
+            status,
+            body: Box::new(b),
+        })
     }
 
     fn unreachable(&self, cause: String, tries: u32, started: Instant) -> ClientError {
@@ -485,15 +538,14 @@ impl Client {
         method: &http::Method,
         path: &str,
         payload: &Payload<'_>,
-        limit: u64,
-    ) -> Result<(u16, Vec<u8>), ureq::Error> {
+    ) -> Result<http::Response<ureq::Body>, ureq::Error> {
         let url = format!("{}{}{path}", self.inner.url, wire::PREFIX);
         let mut b = http::Request::builder().method(method.clone()).uri(&url);
         if let Some(t) = &self.inner.token {
             b = b.header("authorization", format!("Bearer {t}"));
         }
         let agent = &self.inner.agent;
-        let mut resp = match payload {
+        Ok(match payload {
             Payload::Empty if *method == http::Method::GET => agent.run(b.body(())?)?,
             // An explicit empty body: `content-length: 0`, not a chunked nothing.
             Payload::Empty => agent.run(b.body(&[][..])?)?,
@@ -505,26 +557,22 @@ impl Client {
                 b.header("content-type", "application/octet-stream")
                     .body(*bytes)?,
             )?,
-        };
-        let status = resp.status().as_u16();
-        // Error answers are small; read a little of them whatever the limit.
-        let limit = if (200..300).contains(&status) {
-            limit
-        } else {
-            1 << 16
-        };
-        let mut out = Vec::new();
-        resp.body_mut()
-            .as_reader()
-            .take(limit + 1)
-            .read_to_end(&mut out)
-            .map_err(ureq::Error::Io)?;
-        if out.len() as u64 > limit {
-            if (200..300).contains(&status) {
-                return Err(ureq::Error::BodyExceedsLimit(limit));
-            }
-            out.truncate(limit as usize);
-        }
-        Ok((status, out))
+        })
     }
+}
+
+/// The retry state of a request: when it started, the next wait, requests sent.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tries {
+    started: Instant,
+    backoff: Duration,
+    sent: u32,
+}
+
+/// What [`Client::open`] got.
+pub(crate) enum Opened {
+    /// A success's body, to read.
+    Body(ureq::BodyReader<'static>),
+    /// A failure that waiting may cure, described for people.
+    Retry(String),
 }

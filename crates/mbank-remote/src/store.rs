@@ -5,17 +5,55 @@
 //! it commits a version that references them, so [`ChunkStore::flush`] has nothing to
 //! do. Garbage collection and store statistics run on the bank's host, not through a
 //! client.
+//!
+//! Reads of many chunks ([`ChunkStore::read_each`], which export uses, and
+//! [`ChunkStore::read_many`]) keep several `POST /v1/chunks/get` requests in flight,
+//! one per thread on its own kept-alive connection (at most
+//! [`crate::client::MAX_IN_FLIGHT`]), and read each answer frame by frame: a chunk is
+//! verified and handed to its destination while the rest of its answer is still on the
+//! way, so a thread holds one chunk at a time, and a slow answer holds up only its own
+//! thread. (Issue 12: before, each answer was read whole before its first chunk was
+//! decoded, and the next request waited for all of that.)
 
+use std::collections::HashMap;
+use std::io::Read;
+use std::ops::{ControlFlow, Range};
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::SystemTime;
 
 use mbank_core::ChunkId;
 use mbank_core::chunk::{EncodedChunk, MAX_STORED_LEN};
-use mbank_store::{ChunkStore, StoreError, StoreStats, SweepStats};
+use mbank_store::{ChunkStore, Each, StoreError, StoreStats, SweepStats};
 use ureq::http::Method;
 
-use crate::client::{Client, ClientError, Payload};
+use crate::client::{Client, ClientError, MAX_IN_FLIGHT, Opened, Payload};
 use crate::wire::{self, Stored};
+
+/// Requests [`ChunkStore::read_many`] keeps in flight for a long list of chunks.
+pub const READ_MANY_IN_FLIGHT: usize = 4;
+
+/// How one streamed answer ended.
+enum Streamed {
+    /// At its end (every chunk in it handed over), or stopped by the caller.
+    Ended(ControlFlow<()>),
+    /// Cut off midway; the cause, for people. The chunks before it were handed over.
+    Lost(String),
+}
+
+/// Reads until `buf` is full or the stream ends; returns how much was read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
 
 /// A bank server's chunk store.
 #[derive(Clone, Debug)]
@@ -56,6 +94,137 @@ impl RemoteStore {
     /// The client underneath.
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// Fetches the chunks at `run` of `ids` with `POST /v1/chunks/get` and hands each
+    /// to `each` as its frame arrives, verified: nothing waits for the whole answer. An
+    /// answer cut short (the server's byte cap, or a connection lost midway) is
+    /// followed by a request for the rest; failures that waiting may cure are retried
+    /// within the retry budget, which starts again whenever a chunk arrives.
+    fn stream_run(
+        &self,
+        ids: &[ChunkId],
+        run: Range<usize>,
+        each: &Each<'_>,
+    ) -> Result<ControlFlow<()>, StoreError> {
+        // The distinct ids, each with its places: the server answers a repeat once.
+        let mut places: Vec<(ChunkId, Vec<usize>)> = Vec::with_capacity(run.len());
+        let mut at: HashMap<ChunkId, usize> = HashMap::with_capacity(run.len());
+        for i in run {
+            let k = *at.entry(ids[i]).or_insert_with(|| {
+                places.push((ids[i], Vec::new()));
+                places.len() - 1
+            });
+            places[k].1.push(i);
+        }
+        let mut done = 0;
+        let mut tries = self.client.tries();
+        while done < places.len() {
+            let part = &places[done..];
+            let what = format!("download of {} chunks", part.len());
+            let body: Vec<u8> = part.iter().flat_map(|(id, _)| *id.as_bytes()).collect();
+            let opened = self
+                .client
+                .open(
+                    &Method::POST,
+                    "/chunks/get",
+                    &Payload::Bytes(&body),
+                    &mut tries,
+                )
+                .map_err(|e| store_error(e, None))?;
+            let cause = match opened {
+                Opened::Retry(cause) => cause,
+                Opened::Body(mut answer) => {
+                    let before = done;
+                    let r = self.stream_answer(&mut answer, &places, &mut done, each, &what)?;
+                    if done > before {
+                        tries = self.client.tries();
+                    }
+                    match r {
+                        Streamed::Ended(flow) => {
+                            if flow.is_break() {
+                                return Ok(flow);
+                            }
+                            continue;
+                        }
+                        Streamed::Lost(cause) => cause,
+                    }
+                }
+            };
+            self.client
+                .wait(&mut tries, &what, cause)
+                .map_err(|e| store_error(e, None))?;
+        }
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// Reads one answer's frames (`places[*done..]` asked, in order), verifying each
+    /// chunk and handing it to `each` at every place it has, advancing `done`.
+    fn stream_answer(
+        &self,
+        answer: &mut impl Read,
+        places: &[(ChunkId, Vec<usize>)],
+        done: &mut usize,
+        each: &Each<'_>,
+        what: &str,
+    ) -> Result<Streamed, StoreError> {
+        let bad = |why: String| StoreError::Remote(format!("the bank's answer to a {what}: {why}"));
+        let first = *done;
+        loop {
+            let mut len = [0u8; 4];
+            match read_full(answer, &mut len) {
+                Ok(0) if *done == first => {
+                    return Err(bad(format!(
+                        "it holds none of the {} chunks asked",
+                        places.len() - first
+                    )));
+                }
+                // The end of the answer: all asked, or the server's byte cap.
+                Ok(0) => return Ok(Streamed::Ended(ControlFlow::Continue(()))),
+                Ok(4) => {}
+                Ok(_) => {
+                    return Ok(Streamed::Lost(
+                        "the answer ended inside a chunk's length".into(),
+                    ));
+                }
+                Err(e) => return Ok(Streamed::Lost(e.to_string())),
+            }
+            let len = u32::from_le_bytes(len) as usize;
+            let Some((id, at)) = places.get(*done) else {
+                return Err(bad(format!(
+                    "more follows the last of the {} chunks asked",
+                    places.len() - first
+                )));
+            };
+            if len > MAX_STORED_LEN {
+                return Err(bad(format!(
+                    "chunk {} is said to be {len} bytes, more than a chunk can be",
+                    short(id)
+                )));
+            }
+            let mut raw = vec![0u8; len];
+            match read_full(answer, &mut raw) {
+                Ok(n) if n == len => {}
+                Ok(_) => {
+                    return Ok(Streamed::Lost(format!(
+                        "the answer ended inside chunk {}",
+                        short(id)
+                    )));
+                }
+                Err(e) => return Ok(Streamed::Lost(e.to_string())),
+            }
+            let plain = self.verify(id, raw)?;
+            *done += 1;
+            let (last, rest) = at.split_last().expect("every id has a place");
+            for &i in rest {
+                if each(i, plain.clone()).is_break() {
+                    return Ok(Streamed::Ended(ControlFlow::Break(())));
+                }
+            }
+            if each(*last, plain).is_break() {
+                return Ok(Streamed::Ended(ControlFlow::Break(())));
+            }
+        }
     }
 
     fn on_the_host(&self, what: &str) -> StoreError {
@@ -240,6 +409,39 @@ impl ChunkStore for RemoteStore {
                     got.remove(id)
                 }
                 .ok_or_else(|| StoreError::Remote(format!("chunk {} was not fetched", short(id))))
+            })
+            .collect()
+    }
+
+    /// Streams the answers: see [`RemoteStore::stream_run`]. Each thread (at most
+    /// [`MAX_IN_FLIGHT`]) keeps one request in flight on its own kept-alive connection,
+    /// asking for up to `MAX_GET_MANY` chunks at a time (fewer when `ids` is short, so
+    /// that every thread has some); what a thread holds at any moment is one chunk.
+    fn read_each(&self, ids: &[ChunkId], jobs: usize, each: &Each<'_>) -> Result<(), StoreError> {
+        let threads = jobs.clamp(1, MAX_IN_FLIGHT);
+        let run = ids.len().div_ceil(threads).clamp(1, wire::MAX_GET_MANY);
+        mbank_store::in_runs(ids.len(), run, threads, |r| self.stream_run(ids, r, each))
+    }
+
+    /// [`ChunkStore::read_each`] with up to [`READ_MANY_IN_FLIGHT`] requests in flight.
+    fn read_many(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>, StoreError> {
+        let got: Vec<Mutex<Option<Vec<u8>>>> = ids.iter().map(|_| Mutex::new(None)).collect();
+        let jobs = ids
+            .len()
+            .div_ceil(wire::MAX_GET_MANY)
+            .min(READ_MANY_IN_FLIGHT);
+        self.read_each(ids, jobs, &|i, plain| {
+            *got[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(plain);
+            ControlFlow::Continue(())
+        })?;
+        got.into_iter()
+            .zip(ids)
+            .map(|(g, id)| {
+                g.into_inner()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .ok_or_else(|| {
+                        StoreError::Remote(format!("chunk {} was not fetched", short(id)))
+                    })
             })
             .collect()
     }

@@ -662,3 +662,165 @@ fn a_tls_failure_is_not_retried() {
     );
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }
+
+/// `n` small distinct chunks, encoded as the bank stores them.
+fn some_chunks(n: usize) -> Vec<mbank_core::chunk::EncodedChunk> {
+    (0..n)
+        .map(|i| mbank_core::chunk::encode(format!("chunk number {i}").repeat(50).as_bytes(), 3))
+        .collect()
+}
+
+/// The answer to a `POST /v1/chunks/get` naming ids of `chunks`: their frames, at most
+/// `most` of them.
+fn get_answer(chunks: &[mbank_core::chunk::EncodedChunk], body: &[u8], most: usize) -> Vec<u8> {
+    let frames: Vec<&[u8]> = body
+        .chunks_exact(ChunkId::LEN)
+        .take(most)
+        .map(|b| {
+            let id = ChunkId::from_bytes(b.try_into().unwrap());
+            &chunks.iter().find(|c| c.id == id).unwrap().bytes[..]
+        })
+        .collect();
+    wire::chunks_answer(frames)
+}
+
+#[test]
+fn read_many_keeps_several_batch_requests_in_flight() {
+    // The server holds every answer back until it has 4 requests open at once (or 10 s
+    // passed, after which it answers at once): a client that asks one batch at a time
+    // is seen with one open, whatever the timing.
+    const WANT: usize = 4;
+    let chunks = Arc::new(some_chunks(4 * wire::MAX_GET_MANY));
+    let gate = Arc::new((
+        Mutex::new((0usize, 0usize, false)),
+        std::sync::Condvar::new(),
+    ));
+    let (c2, g2) = (chunks.clone(), gate.clone());
+    let server = Server::start(move |req, _| {
+        assert_eq!(req.path, "/v1/chunks/get");
+        let (lock, cv) = &*g2;
+        let mut g = lock.lock().unwrap();
+        g.0 += 1;
+        g.1 = g.1.max(g.0);
+        cv.notify_all();
+        let until = Instant::now() + Duration::from_secs(10);
+        while g.0 < WANT && !g.2 {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                g.2 = true; // open for good: the test fails below, quickly
+                break;
+            }
+            g = cv.wait_timeout(g, left).unwrap().0;
+        }
+        g.2 = true;
+        g.0 -= 1;
+        (200, get_answer(&c2, &req.body, usize::MAX))
+    });
+    let store = RemoteStore::new(client(&server.url, Duration::from_secs(5)));
+    let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+    let plains = store.read_many(&ids).unwrap();
+    for (c, p) in chunks.iter().zip(&plains) {
+        assert_eq!(ChunkId::of(p), c.id);
+    }
+    let peak = gate.0.lock().unwrap().1;
+    assert!(
+        peak >= WANT,
+        "the server saw at most {peak} batch requests open at once; the client should keep {WANT} in flight"
+    );
+}
+
+#[test]
+fn answers_are_handed_over_as_they_stream_in() {
+    // One connection, answered by hand: the first chunk's frame, then nothing until the
+    // client has handed that chunk over (or 10 s pass), then the second.
+    let chunks = some_chunks(2);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let handed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let frames: Vec<Vec<u8>> = chunks
+        .iter()
+        .map(|c| wire::chunks_answer([&c.bytes[..]]))
+        .collect();
+    let h2 = handed.clone();
+    let server = std::thread::spawn(move || -> bool {
+        let (conn, _) = listener.accept().unwrap();
+        let mut out = conn.try_clone().unwrap();
+        let mut r = BufReader::new(conn);
+        let mut len = 0;
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h).unwrap();
+            if let Some((k, v)) = h.trim_end().split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                len = v.trim().parse().unwrap();
+            }
+            if h.trim_end().is_empty() {
+                break;
+            }
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).unwrap();
+        let total = frames[0].len() + frames[1].len();
+        write!(out, "HTTP/1.1 200 OK\r\ncontent-length: {total}\r\n\r\n").unwrap();
+        out.write_all(&frames[0]).unwrap();
+        out.flush().unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        while !h2.load(Ordering::SeqCst) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let streamed = h2.load(Ordering::SeqCst);
+        out.write_all(&frames[1]).unwrap();
+        out.flush().unwrap();
+        streamed
+    });
+    let store = RemoteStore::new(client(&url, Duration::from_secs(5)));
+    let ids = [chunks[0].id, chunks[1].id];
+    let got = Mutex::new(Vec::new());
+    store
+        .read_each(&ids, 1, &|i, plain| {
+            assert_eq!(ChunkId::of(&plain), ids[i]);
+            got.lock().unwrap().push(i);
+            handed.store(true, Ordering::SeqCst);
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(*got.lock().unwrap(), [0, 1]);
+    assert!(
+        server.join().unwrap(),
+        "the first chunk was handed over only after the whole answer arrived"
+    );
+}
+
+#[test]
+fn a_short_answer_is_followed_by_a_request_for_the_rest() {
+    // The server answers one chunk per request (as its byte cap does for large chunks);
+    // a repeated id is asked once and handed over at each of its places.
+    let chunks = Arc::new(some_chunks(5));
+    let c2 = chunks.clone();
+    let server = Server::start(move |req, _| (200, get_answer(&c2, &req.body, 1)));
+    let store = RemoteStore::new(client(&server.url, Duration::from_secs(5)));
+    let mut ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+    ids.push(chunks[2].id);
+    let got: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+    store
+        .read_each(&ids, 1, &|i, plain| {
+            assert_eq!(ChunkId::of(&plain), ids[i]);
+            got.lock().unwrap().push(i);
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    let mut got = got.into_inner().unwrap();
+    got.sort();
+    assert_eq!(got, [0, 1, 2, 3, 4, 5]);
+    let asked: Vec<usize> = server
+        .seen()
+        .iter()
+        .map(|s| s.body.len() / ChunkId::LEN)
+        .collect();
+    assert_eq!(
+        asked,
+        [5, 4, 3, 2, 1],
+        "each request asks for what is still missing"
+    );
+}

@@ -1439,26 +1439,39 @@ async fn get_chunks(
     let a = app.clone();
     tokio::task::spawn_blocking(move || {
         let m = &a.metrics;
-        let frame = |raw: Vec<u8>| {
-            let mut f = Vec::with_capacity(4 + raw.len());
-            f.extend_from_slice(&(raw.len() as u32).to_le_bytes());
-            f.extend_from_slice(&raw);
+        // Frames go out in messages of about GET_MESSAGE bytes: one wake-up of the
+        // connection's task per message rather than per chunk. A message is sent when
+        // full and before the thread reads on, so what one answer holds is about two
+        // messages (or one chunk, when a chunk is larger).
+        let mut msg: Vec<u8> = Vec::with_capacity(GET_MESSAGE + 4 + first.len());
+        let push = |msg: &mut Vec<u8>, raw: &[u8]| {
+            msg.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+            msg.extend_from_slice(raw);
             m.chunks_served.fetch_add(1, Relaxed);
-            m.bytes_out.fetch_add(f.len() as u64, Relaxed);
-            Bytes::from(f)
+            m.bytes_out.fetch_add(4 + raw.len() as u64, Relaxed);
         };
         let mut sent = 4 + first.len();
-        if tx.blocking_send(frame(first)).is_err() {
-            return;
-        }
+        push(&mut msg, &first);
+        drop(first);
         for id in &ids[1..] {
+            if msg.len() >= GET_MESSAGE {
+                let full =
+                    std::mem::replace(&mut msg, Vec::with_capacity(GET_MESSAGE + (64 << 10)));
+                if tx.blocking_send(Bytes::from(full)).is_err() {
+                    return;
+                }
+            }
             let Ok(raw) = a.store.get_raw(id) else {
-                return;
+                break;
             };
             sent += 4 + raw.len();
-            if sent > wire::MAX_GET_BYTES || tx.blocking_send(frame(raw)).is_err() {
-                return;
+            if sent > wire::MAX_GET_BYTES {
+                break;
             }
+            push(&mut msg, &raw);
+        }
+        if !msg.is_empty() {
+            let _ = tx.blocking_send(Bytes::from(msg));
         }
     });
     Ok((
@@ -1467,6 +1480,10 @@ async fn get_chunks(
     )
         .into_response())
 }
+
+/// About how many bytes of an answer to `POST /v1/chunks/get` go to the connection at
+/// once.
+const GET_MESSAGE: usize = 256 << 10;
 
 /// A response body fed by a channel, one frame per message.
 struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);

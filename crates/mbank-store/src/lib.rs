@@ -77,6 +77,7 @@ pub use local::LocalStore;
 pub use mem::MemStore;
 pub use s3::{Retry, S3Config, S3Store};
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
@@ -111,6 +112,62 @@ pub enum StoreError {
     /// a quota exceeded) or the client's account of what failed, shown as is.
     #[error("{0}")]
     Remote(String),
+}
+
+/// What [`ChunkStore::read_each`] hands each verified plaintext to, with its place.
+pub type Each<'a> = dyn Fn(usize, Vec<u8>) -> ControlFlow<()> + Sync + 'a;
+
+/// Places one thread of [`ChunkStore::read_each`]'s default reads at a time.
+pub const READ_RUN: usize = 16;
+
+/// Runs `work` over `0..n` cut into consecutive runs of at most `run` places, on up to
+/// `jobs` threads that take the next run when done with one (so the runs start in
+/// order). The first error, or a [`ControlFlow::Break`], stops every thread before its
+/// next run; the error is returned.
+pub fn in_runs(
+    n: usize,
+    run: usize,
+    jobs: usize,
+    work: impl Fn(std::ops::Range<usize>) -> Result<ControlFlow<()>, StoreError> + Sync,
+) -> Result<(), StoreError> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let run = run.max(1);
+    let threads = jobs.max(1).min(n.div_ceil(run));
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let err: Mutex<Option<StoreError>> = Mutex::new(None);
+    let thread = || {
+        while !stop.load(Ordering::Relaxed) {
+            let first = next.fetch_add(run, Ordering::Relaxed);
+            if first >= n {
+                return;
+            }
+            match work(first..(first + run).min(n)) {
+                Ok(ControlFlow::Continue(())) => {}
+                Ok(ControlFlow::Break(())) => stop.store(true, Ordering::Relaxed),
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    err.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(e);
+                }
+            }
+        }
+    };
+    if threads <= 1 {
+        thread();
+    } else {
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(thread);
+            }
+        });
+    }
+    match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 impl StoreError {
@@ -265,6 +322,31 @@ pub trait ChunkStore: Send + Sync {
             .zip(raws)
             .map(|(id, raw)| self.verify(id, raw))
             .collect()
+    }
+
+    /// Reads, decodes and verifies each of `ids` on up to `jobs` threads, handing each
+    /// plaintext to `each(i, plain)` (`i` its place in `ids`) as soon as it is
+    /// verified: in no set order, once per place (a repeated id is read once and
+    /// handed over for each of its places), never from two threads at once for one
+    /// place. A slow chunk holds up only the thread that waits for it. `each` may
+    /// block (a writer that keeps its output in order does); it returns
+    /// [`ControlFlow::Break`] to stop the reading, after which `read_each` returns
+    /// `Ok` without handing over the rest (the caller keeps its own reason). The first
+    /// store error stops every thread and is returned.
+    ///
+    /// The default takes runs of [`READ_RUN`] places per thread and reads each run
+    /// with [`ChunkStore::read_many`]; a bank server's client streams each run's
+    /// answer into `each` as it arrives, with one request per thread in flight.
+    fn read_each(&self, ids: &[ChunkId], jobs: usize, each: &Each<'_>) -> Result<(), StoreError> {
+        in_runs(ids.len(), READ_RUN, jobs, |run| {
+            let plains = self.read_many(&ids[run.clone()])?;
+            for (i, plain) in run.zip(plains) {
+                if each(i, plain).is_break() {
+                    return Ok(ControlFlow::Break(()));
+                }
+            }
+            Ok(ControlFlow::Continue(()))
+        })
     }
 
     /// A stored chunk's plaintext length, from its header: a check of where an index
