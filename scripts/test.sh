@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Runs every check and test of Machine Bank: the README's test command, and what CI runs.
+# Every test binary runs even when one fails (--no-fail-fast), so a run reports all failures.
 # Installs what it needs first (scripts/setup.sh), so it works on a fresh Debian 12 machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,7 @@ echo "== cargo test" >&2
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --locked 2>&1 | tee "$log" || status=$?
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
 # The fuzz targets (fuzz/, its own workspace), a short budget each: MBANK_FUZZ_SECONDS
 # (default 10; 0 skips). scripts/fuzz.sh runs them longer.
 fuzz_seconds=${MBANK_FUZZ_SECONDS:-10}
