@@ -35,6 +35,7 @@
 //! cache directories are two stations, even on one host.
 
 pub mod cache;
+pub mod cached;
 pub mod device;
 pub mod session;
 pub mod workset;
@@ -52,6 +53,7 @@ use mbank_store::ChunkStore;
 use serde::Serialize;
 
 use crate::cache::ChunkCache;
+use crate::cached::CachedStore;
 use crate::device::Disk;
 use crate::session::{DirtyMap, SESSION_FORMAT, SessionDir, SessionMeta};
 
@@ -808,13 +810,14 @@ impl Station {
             // A chunk the session wrote only in part is assembled in memory: the
             // blocks the dirty map names from the overlay, the rest from its base
             // chunk, verified now (re-hashed from the cache, or fetched and checked).
-            let (cache, store) = (self.cache.clone(), bank.store_arc());
+            let chunks = CachedStore::new(self.cache.clone(), bank.store_arc());
             let overlay_path = dir.overlay_path();
             let items = dirty.into_iter().map(move |i| {
                 let fetch = |id: &ChunkId| {
-                    cache
-                        .peek(id)
-                        .map_or_else(|| store.read(id).map_err(|e| e.to_string()), Ok)
+                    chunks
+                        .fetch_verified(id)
+                        .map(Arc::unwrap_or_clone)
+                        .map_err(|e| e.to_string())
                 };
                 device::assemble_chunk(overlay, &overlay_path, base, map, i, &fetch)
                     .map(|buf| (i, Some(buf)))
