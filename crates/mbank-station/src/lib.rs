@@ -37,6 +37,7 @@
 pub mod cache;
 pub mod cached;
 pub mod device;
+pub mod live;
 pub mod session;
 pub mod workset;
 
@@ -55,6 +56,7 @@ use serde::Serialize;
 use crate::cache::ChunkCache;
 use crate::cached::CachedStore;
 use crate::device::Disk;
+pub use crate::live::{Session, SessionOptions};
 use crate::session::{DirtyMap, SESSION_FORMAT, SessionDir, SessionMeta};
 
 /// Default bound of a station cache: 10 GiB.

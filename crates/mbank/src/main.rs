@@ -1149,7 +1149,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Attach { mut args, json } => {
             let station = mbank_station::Station::open(&cache_dir, cache_size)?;
             args.jobs = jobs;
-            let report = attach::run(&mut bank, &station, args, &bar, &say)?;
+            let report = attach::run(&mut bank, &station, args, &bar, &say, cli.quiet)?;
             if json {
                 json_out(&report)?;
             } else if let Some(v) = &report.version {
