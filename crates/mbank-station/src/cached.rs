@@ -295,7 +295,11 @@ mod tests {
                 s.spawn(|| assert_eq!(*cs.fetch(&id).unwrap(), data));
             }
         });
-        assert_eq!(store.reads.load(Ordering::SeqCst), 1, "one read of the bank");
+        assert_eq!(
+            store.reads.load(Ordering::SeqCst),
+            1,
+            "one read of the bank"
+        );
         assert_eq!(*cs.fetch_verified(&id).unwrap(), data);
         assert_eq!(store.reads.load(Ordering::SeqCst), 1, "then the cache");
         // A check-in's fetch of a chunk the cache lacks does not fill the cache.
@@ -342,6 +346,9 @@ mod tests {
         let mut bad = idx.clone();
         bad.runs[0].len += 1;
         let e = CachedStore::write_stream(&bad, Vec::new(), 2, &n, get).unwrap_err();
-        assert!(e.to_string().contains(&bad.runs[0].id.unwrap().to_string()), "{e}");
+        assert!(
+            e.to_string().contains(&bad.runs[0].id.unwrap().to_string()),
+            "{e}"
+        );
     }
 }

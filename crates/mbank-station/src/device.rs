@@ -850,9 +850,9 @@ impl Disk {
     /// fetch per chunk in flight), counts what this call read, and caches it (when
     /// `place` is given, only if it fits that place).
     fn fetch_raw(&self, id: &ChunkId, place: Option<usize>) -> Result<Arc<Vec<u8>>, FetchError> {
-        let f = self
-            .chunks
-            .fetch_missing(id, |len| place.is_none_or(|i| self.base.chunk_len(i) == len))?;
+        let f = self.chunks.fetch_missing(id, |len| {
+            place.is_none_or(|i| self.base.chunk_len(i) == len)
+        })?;
         if f.from_bank {
             self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
             self.counters
