@@ -1,5 +1,8 @@
 //! `mbank run` and `mbank suspend`: a machine as a running virtual PC.
 //!
+//! This file is the user interface and QEMU; the session itself (lease, heartbeat,
+//! fetches through the station cache, check-in) is an `mbank_station::Session`.
+//!
 //! `run` checks the machine out on this station (the lease), serves its disk over NBD
 //! on a socket in the session directory, and starts QEMU with a QMP control socket.
 //! A version holding a memory state is resumed: QEMU starts paused with `-incoming`
@@ -769,7 +772,11 @@ fn run_session(
                 let _ = child.wait();
                 stop_service(&rt);
                 let tail = stderr.lock().expect("stderr lock").join("; ");
-                return Err(fail_clean(bank, session, anyhow!("QEMU did not start: {e} {tail}")));
+                return Err(fail_clean(
+                    bank,
+                    session,
+                    anyhow!("QEMU did not start: {e} {tail}"),
+                ));
             }
         },
         child,
