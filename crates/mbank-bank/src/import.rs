@@ -82,7 +82,7 @@ pub struct RepairReport {
     pub seconds: f64,
 }
 
-enum Outcome {
+pub(crate) enum Outcome {
     Zero,
     New(ChunkId, u64),
     Dedup(ChunkId),
@@ -465,13 +465,13 @@ fn index_chunk_len(disk_size: u64, cs: u64, i: usize) -> usize {
 }
 
 /// Chunks a worker takes at a time.
-const BATCH: usize = 32;
+pub(crate) const BATCH: usize = 32;
 
 /// Hashes a batch, skips zeros and repeats, asks the store which it has (touching
 /// those), and stores the rest. With `repair`, reads back each chunk the store has and
 /// stores it again if its stored bytes fail their hash. One result per chunk, with the
 /// bytes it read.
-fn store_batch(
+pub(crate) fn store_batch(
     batch: Vec<(usize, Vec<u8>)>,
     store: &dyn ChunkStore,
     seen: &Mutex<HashSet<ChunkId>>,

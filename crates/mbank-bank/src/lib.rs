@@ -38,6 +38,7 @@
 //! core); the catalog is used from the calling thread only.
 
 mod create;
+pub mod derive;
 mod export;
 pub mod image;
 mod import;
@@ -47,6 +48,7 @@ mod stream;
 mod verify;
 
 pub use create::{DiskFrom, NewMachine};
+pub use derive::{check_not_in_use, repeated_commit};
 pub use export::ExportReport;
 pub use image::ImageFormat;
 pub use import::{ChunkItem, ImportOptions, ImportReport, RepairReport, VersionSource};
@@ -718,21 +720,13 @@ impl Bank {
         // A session's base version must outlive the session: its clean chunks are read
         // from it, and GC would otherwise take them. That holds for sessions displaced
         // by `--force` too, until they check in.
-        let bases = self.catalog.session_bases(&r.machine)?;
-        if !bases.is_empty() {
+        // (The rule is `derive::check_not_in_use`, which the bank server applies too.)
+        if !self.catalog.session_bases(&r.machine)?.is_empty() {
             let going = match &r.version {
                 None => None,
                 Some(_) => Some(self.resolve(r)?.id),
             };
-            if let Some((_, station)) = bases
-                .into_iter()
-                .find(|(b, _)| going.is_none_or(|g| g == *b))
-            {
-                return Err(BankError::InUse {
-                    machine: r.machine.clone(),
-                    station,
-                });
-            }
+            self.check_not_in_use(&r.machine, going)?;
         }
         match &r.version {
             Some(_) => {

@@ -4,14 +4,16 @@
 //! The chunks a stream writes are protected from GC only while the caller holds the
 //! [`crate::WriterGuard`] it passed in, until a version referencing the index commits.
 
+use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::sync::{Mutex, mpsc};
 
-use mbank_core::chunk::{DEFAULT_ZSTD_LEVEL, encode_with_id};
-use mbank_core::{ChunkId, MemoryIndex, MemoryRun, cdc, is_zero};
+use mbank_core::chunk::DEFAULT_ZSTD_LEVEL;
+use mbank_core::{ChunkId, MemoryIndex, MemoryRun, cdc};
 use mbank_store::ChunkStore;
 use serde::Serialize;
 
+use crate::import::{BATCH, Outcome, store_batch};
 use crate::{Bank, BankError, WriterGuard};
 
 /// What storing a stream did.
@@ -27,7 +29,9 @@ pub struct StreamStats {
 impl Bank {
     /// Cuts `reader` into content-defined chunks, stores those the bank lacks, flushes,
     /// and returns the index. Runs of zeros are recorded, not stored. Cutting runs on
-    /// the calling thread; hashing, compression and writes on one worker per core.
+    /// the calling thread; hashing, compression and writes on one worker per core, in
+    /// batches like a disk's chunks (one `touch_many` and one `put_many` per batch: a
+    /// bank server is asked once per batch, not once per chunk).
     pub fn store_stream(
         &self,
         _writer: &WriterGuard,
@@ -35,10 +39,11 @@ impl Bank {
     ) -> Result<(MemoryIndex, StreamStats), BankError> {
         let store: &dyn ChunkStore = &*self.store;
         let jobs = crate::default_jobs();
-        let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(jobs * 4);
+        let (work_tx, work_rx) = mpsc::sync_channel::<Vec<(usize, Vec<u8>)>>(jobs * 2);
         let work_rx = Mutex::new(work_rx);
-        type Done = (usize, u32, Result<(Option<ChunkId>, bool, u64), BankError>);
+        type Done = (usize, u64, Result<Outcome, BankError>);
         let (done_tx, done_rx) = mpsc::channel::<Done>();
+        let seen = &Mutex::new(HashSet::<ChunkId>::new());
         let mut st = StreamStats::default();
         let mut runs: Vec<Option<MemoryRun>> = Vec::new();
         let cut = std::thread::scope(|s| -> Result<(), BankError> {
@@ -47,53 +52,54 @@ impl Bank {
                 s.spawn(move || {
                     loop {
                         let next = work_rx.lock().expect("work lock").recv();
-                        let Ok((i, data)) = next else { return };
-                        let len = data.len() as u32;
-                        let r = (|| {
-                            if is_zero(&data) {
-                                return Ok((None, false, 0));
+                        let Ok(batch) = next else { return };
+                        for done in store_batch(batch, store, seen, DEFAULT_ZSTD_LEVEL, false) {
+                            if done_tx.send(done).is_err() {
+                                return;
                             }
-                            let id = ChunkId::of(&data);
-                            if store.touch(&id)? {
-                                return Ok((Some(id), false, 0));
-                            }
-                            let enc = encode_with_id(id, &data, DEFAULT_ZSTD_LEVEL);
-                            Ok((Some(id), true, store.put(&enc)?))
-                        })();
-                        if done_tx.send((i, len, r)).is_err() {
-                            return;
                         }
                     }
                 });
             }
             drop(done_tx);
             let mut n = 0usize;
-            let sent = cdc::chunk_stream::<_, BankError>(reader, |data| {
-                work_tx
-                    .send((n, data))
-                    .map_err(|_| BankError::Stream(std::io::Error::other("a worker stopped")))?;
+            let mut lens: Vec<u32> = Vec::new();
+            let mut batch = Vec::with_capacity(BATCH);
+            let stopped = || BankError::Stream(std::io::Error::other("a worker stopped"));
+            let mut sent = cdc::chunk_stream::<_, BankError>(reader, |data| {
+                lens.push(data.len() as u32);
+                batch.push((n, data));
                 n += 1;
+                if batch.len() == BATCH {
+                    work_tx
+                        .send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))
+                        .map_err(|_| stopped())?;
+                }
                 Ok(())
             });
+            if sent.is_ok() && !batch.is_empty() {
+                sent = work_tx.send(batch).map_err(|_| stopped());
+            }
             drop(work_tx);
             runs.resize(n, None);
             let mut first_err = sent.err();
-            for (i, len, r) in done_rx.iter() {
-                match r {
-                    Ok((id, new, stored)) => {
-                        st.bytes += len as u64;
-                        st.chunks += 1;
-                        st.chunks_zero += id.is_none() as u64;
-                        st.chunks_new += new as u64;
-                        st.bytes_stored += stored;
-                        if i < runs.len() {
-                            runs[i] = Some(MemoryRun { id, len });
-                        }
-                    }
+            for (i, _, r) in done_rx.iter() {
+                let (id, new, stored) = match r {
+                    Ok(Outcome::Zero) => (None, false, 0),
+                    Ok(Outcome::Dedup(id)) => (Some(id), false, 0),
+                    Ok(Outcome::New(id, b) | Outcome::Repaired(id, b)) => (Some(id), true, b),
                     Err(e) => {
                         first_err.get_or_insert(e);
+                        continue;
                     }
-                }
+                };
+                let len = lens[i];
+                st.bytes += len as u64;
+                st.chunks += 1;
+                st.chunks_zero += id.is_none() as u64;
+                st.chunks_new += new as u64;
+                st.bytes_stored += stored;
+                runs[i] = Some(MemoryRun { id, len });
             }
             first_err.map_or(Ok(()), Err)
         });

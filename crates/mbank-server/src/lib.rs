@@ -54,7 +54,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use mbank_access::{Access, User};
-use mbank_catalog::{Catalog, CatalogApi, CommitOutcome};
+use mbank_catalog::{Catalog, CatalogApi};
 use mbank_core::chunk::{EncodedChunk, MAX_STORED_LEN};
 use mbank_core::{ChunkId, DiskIndex, MachineName, MemoryIndex, VersionId};
 use mbank_remote::wire;
@@ -826,16 +826,11 @@ async fn commit(
             })?;
             named.push((name.clone(), idx));
         }
-        // A repeated commit (the answer to the first was lost) answers its outcome.
-        if let Ok(done) = app.catalog(|c| Ok(c.resolve(&m, Some(&h.info.id.to_hex()))?))
-            && done.id == h.info.id
+        // A repeated commit (the answer to the first was lost) answers its outcome (the
+        // bank's rule, as for a station's check-in).
+        if let Some(outcome) =
+            app.catalog(|c| Ok(mbank_bank::repeated_commit(&*c, &m, h.info.id)?))?
         {
-            let head = app.catalog(|c| Ok(c.machine(&m)?))?.and_then(|x| x.head);
-            let outcome = if head == Some(done.id) {
-                CommitOutcome::HeadMoved
-            } else {
-                CommitOutcome::Kept { head }
-            };
             return Ok(json(&wire::CommitResponse { outcome }));
         }
         // Every chunk named must be one the user may read: ids alone grant nothing.
@@ -965,27 +960,25 @@ fn check_lengths(
     }
 }
 
-/// Refuses to remove what a session reads from (as `Bank::remove` does).
+/// Refuses to remove what a session reads from: the bank's rule
+/// (`mbank_bank::check_not_in_use`, as `Bank::remove` applies it).
 fn check_not_in_use(app: &App, m: &MachineName, going: Option<VersionId>) -> Result<(), ApiError> {
-    let bases = app.catalog(|c| Ok(c.session_bases(m)?))?;
-    if let Some((_, station)) = bases
-        .into_iter()
-        .find(|(b, _)| going.is_none_or(|g| g == *b))
-    {
-        let mut e = ApiError::new(
-            StatusCode::CONFLICT,
-            "in_use",
-            mbank_bank::BankError::InUse {
-                machine: m.clone(),
+    let refused = app.catalog(|c| Ok(mbank_bank::check_not_in_use(&*c, m, going)))?;
+    match refused {
+        Ok(()) => Ok(()),
+        Err(mbank_bank::BankError::InUse { machine, station }) => {
+            let why = mbank_bank::BankError::InUse {
+                machine,
                 station: station.clone(),
-            }
-            .to_string(),
-        );
-        e.body.machine = Some(m.to_string());
-        e.body.station = Some(station);
-        return Err(e);
+            };
+            let mut e = ApiError::new(StatusCode::CONFLICT, "in_use", why.to_string());
+            e.body.machine = Some(m.to_string());
+            e.body.station = Some(station);
+            Err(e)
+        }
+        Err(mbank_bank::BankError::Catalog(e)) => Err(e.into()),
+        Err(e) => Err(ApiError::internal(e.to_string())),
     }
-    Ok(())
 }
 
 async fn remove_version(

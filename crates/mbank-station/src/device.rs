@@ -33,7 +33,7 @@
 //! holds no stripe lock. The flight map is held only to look up or insert a flight,
 //! never across I/O.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -47,6 +47,7 @@ use mbank_store::{ChunkStore, StoreError};
 
 use crate::StationError;
 use crate::cache::ChunkCache;
+use crate::cached::{CachedStore, FetchError};
 use crate::session::{
     BlockSum, DirtyMap, JOURNAL_HEADER, JOURNAL_PREALLOC, JOURNAL_RECORD, NewFiles, Record,
     SessionDir, SessionLock, SessionMeta, block_size_for, block_sum, encode_dirty, encode_record,
@@ -55,14 +56,6 @@ use crate::session::{
 use crate::workset::{Entry, WorkingSet};
 
 const STRIPES: usize = 256;
-
-type FlightResult = Option<Result<Arc<Vec<u8>>, String>>;
-
-#[derive(Default)]
-struct Flight {
-    done: Mutex<FlightResult>,
-    cv: Condvar,
-}
 
 /// Counters of one session.
 #[derive(Debug, Default)]
@@ -286,8 +279,8 @@ pub struct Disk {
     compact_bytes: AtomicU64,
     stripes: Vec<Mutex<()>>,
     cache: Arc<ChunkCache>,
-    store: Arc<dyn ChunkStore>,
-    flights: Mutex<HashMap<ChunkId, Arc<Flight>>>,
+    /// The station cache and the bank: every chunk the session fetches.
+    chunks: Arc<CachedStore>,
     demand: AtomicUsize,
     pub counters: DiskCounters,
     /// The session directory's lock, held while the disk is served.
@@ -301,13 +294,6 @@ pub struct Disk {
     streams_prefetched: Mutex<HashSet<ChunkId>>,
     recorder: Mutex<Recorder>,
     bg: Arc<Background>,
-}
-
-/// Why a fetch from the bank failed: the store's own error (this caller fetched), or
-/// the one another caller's fetch of the same chunk got.
-enum FetchFail {
-    Store(StoreError),
-    Shared(String),
 }
 
 fn io(what: &str, e: std::io::Error) -> DeviceError {
@@ -352,9 +338,8 @@ impl Disk {
             }),
             compact_bytes: AtomicU64::new(DEFAULT_COMPACT_BYTES),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            chunks: Arc::new(CachedStore::new(cache.clone(), store)),
             cache,
-            store,
-            flights: Mutex::new(HashMap::new()),
             demand: AtomicUsize::new(0),
             counters: DiskCounters::default(),
             lock: Some(files.lock),
@@ -618,7 +603,7 @@ impl Disk {
                             .expect("stream lock")
                             .insert(id);
                     }
-                    Err(FetchFail::Store(StoreError::Missing(_))) => {
+                    Err(e) if e.is_missing() => {
                         self.counters
                             .workset_missing
                             .fetch_add(1, Ordering::Relaxed);
@@ -673,7 +658,7 @@ impl Disk {
                 Some(d.len() as u64)
             }
             Ok(_) => Some(0),
-            Err(FetchFail::Store(StoreError::Missing(_))) => None,
+            Err(e) if e.is_missing() => None,
             Err(_) => Some(0),
         }
     }
@@ -833,10 +818,10 @@ impl Disk {
 
     /// The device error of a fetch that failed for the guest; damage is reported on
     /// stderr once per chunk.
-    fn guest_fetch_error(&self, id: &ChunkId, f: FetchFail) -> DeviceError {
+    fn guest_fetch_error(&self, id: &ChunkId, f: FetchError) -> DeviceError {
         let e = match f {
-            FetchFail::Shared(e) => return DeviceError::Unavailable(e),
-            FetchFail::Store(e) => e,
+            FetchError::Shared(e) => return DeviceError::Unavailable(e),
+            FetchError::Store(e) => e,
         };
         match e {
             StoreError::Corrupt { .. } | StoreError::Missing(_) => {
@@ -861,54 +846,25 @@ impl Disk {
         }
     }
 
-    /// Fetches chunk `id` from the bank, once however many callers want it at the same
-    /// time (the others wait for the one in flight), and caches it (when `place` is
-    /// given, only if it fits that place).
-    fn fetch_raw(&self, id: &ChunkId, place: Option<usize>) -> Result<Arc<Vec<u8>>, FetchFail> {
-        let (flight, leader) = {
-            let mut f = self.flights.lock().expect("flight lock");
-            match f.get(id) {
-                Some(fl) => (fl.clone(), false),
-                None => {
-                    let fl = Arc::new(Flight::default());
-                    f.insert(*id, fl.clone());
-                    (fl, true)
-                }
-            }
-        };
-        if !leader {
-            let mut done = flight.done.lock().expect("flight lock");
-            while done.is_none() {
-                done = flight.cv.wait(done).expect("flight lock");
-            }
-            return match done.as_ref().expect("set") {
-                Ok(d) => Ok(d.clone()),
-                Err(e) => Err(FetchFail::Shared(e.clone())),
-            };
+    /// Fetches chunk `id` from the bank through the session's [`CachedStore`] (one
+    /// fetch per chunk in flight), counts what this call read, and caches it (when
+    /// `place` is given, only if it fits that place).
+    fn fetch_raw(&self, id: &ChunkId, place: Option<usize>) -> Result<Arc<Vec<u8>>, FetchError> {
+        let f = self.chunks.fetch_missing(id, |len| {
+            place.is_none_or(|i| self.base.chunk_len(i) == len)
+        })?;
+        if f.from_bank {
+            self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .bytes_fetched
+                .fetch_add(f.data.len() as u64, Ordering::Relaxed);
         }
-        let result = match self.store.read(id) {
-            Ok(plain) => {
-                self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-                self.counters
-                    .bytes_fetched
-                    .fetch_add(plain.len() as u64, Ordering::Relaxed);
-                // A full cache disk must not fail the guest's read; a chunk that does
-                // not fit its place is not kept.
-                if place.is_none_or(|i| self.base.chunk_len(i) == plain.len()) {
-                    let _ = self.cache.insert(id, &plain);
-                }
-                Ok(Arc::new(plain))
-            }
-            Err(e) => Err(e),
-        };
-        let shared = match &result {
-            Ok(d) => Ok(d.clone()),
-            Err(e) => Err(e.to_string()),
-        };
-        *flight.done.lock().expect("flight lock") = Some(shared);
-        flight.cv.notify_all();
-        self.flights.lock().expect("flight lock").remove(id);
-        result.map_err(FetchFail::Store)
+        Ok(f.data)
+    }
+
+    /// The station cache and the bank, as this session fetches from them.
+    pub fn chunks(&self) -> &Arc<CachedStore> {
+        &self.chunks
     }
 
     /// Splits `[off, off+len)` into (chunk index, offset in chunk, length) pieces.

@@ -7,6 +7,10 @@
 //!
 //! ## A session's life
 //!
+//! [`Session`] ([`live`]) holds these steps together for `mbank attach` and `mbank run`:
+//! the lease and its heartbeat, the background fetchers, the disk and the streams it
+//! reads through one [`cached::CachedStore`], and the end (check-in or discard).
+//!
 //! 1. [`Station::check_out`] takes the machine's lease in the catalog (one live session
 //!    per machine, DESIGN invariant 6), writes `session.json` and an empty overlay.
 //! 2. The [`device::Disk`] serves reads and writes (over NBD, see `mbank-nbd`). A FLUSH
@@ -35,7 +39,9 @@
 //! cache directories are two stations, even on one host.
 
 pub mod cache;
+pub mod cached;
 pub mod device;
+pub mod live;
 pub mod session;
 pub mod workset;
 
@@ -46,13 +52,15 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use mbank_bank::{Bank, BankError, ImportOptions, NoProgress, Progress, VersionSource};
-use mbank_catalog::{CatalogError, Lease, NamedStream, now_ms};
+use mbank_catalog::{CatalogError, CommitOutcome, Lease, NamedStream, now_ms};
 use mbank_core::{ChunkId, MachineName, MachineRef, VersionId};
 use mbank_store::ChunkStore;
 use serde::Serialize;
 
 use crate::cache::ChunkCache;
+use crate::cached::CachedStore;
 use crate::device::Disk;
+pub use crate::live::{Session, SessionOptions};
 use crate::session::{DirtyMap, SESSION_FORMAT, SessionDir, SessionMeta};
 
 /// Default bound of a station cache: 10 GiB.
@@ -766,15 +774,13 @@ impl Station {
         // after a crash between its commit and the session's removal is recognised.
         let id = checkin_version_id(&meta.session);
         let commit = !dirty.is_empty() || extras.always;
-        if commit
-            && let Ok(done) = bank.resolve(&MachineRef {
-                machine: machine.clone(),
-                version: Some(id.to_hex()),
-            })
-        {
-            report.version = Some(done.id.to_hex());
-            report.head_moved =
-                bank.catalog().machine(&machine)?.and_then(|m| m.head) == Some(done.id);
+        let repeated = match commit {
+            true => bank.repeated_commit(&machine, id)?,
+            false => None,
+        };
+        if let Some(outcome) = repeated {
+            report.version = Some(id.to_hex());
+            report.head_moved = outcome == CommitOutcome::HeadMoved;
         } else if commit {
             // Nothing goes to the bank unless every flushed block still holds what was
             // flushed there (a flipped bit in the overlay is not stored as valid data).
@@ -789,32 +795,18 @@ impl Station {
             }
             let writer = bank.begin_write(&format!("check-in {}", meta.machine))?;
             let parent = meta.base_version()?;
-            let (mut config, mut streams) = (None, Vec::new());
-            if let Some(p) = parent {
-                let v = bank.resolve(&MachineRef {
-                    machine: machine.clone(),
-                    version: Some(p.to_hex()),
-                })?;
-                config = v.config.clone();
-                streams = bank.catalog().streams(&v)?;
-                streams
-                    .retain(|(n, _)| n != "memory" && !extras.streams.iter().any(|(e, _)| e == n));
-            }
-            if extras.config.is_some() {
-                config = extras.config.clone();
-            }
-            streams.extend(extras.streams.iter().cloned());
             let total = dirty.iter().map(|&i| base.chunk_len(i) as u64).sum();
             // A chunk the session wrote only in part is assembled in memory: the
             // blocks the dirty map names from the overlay, the rest from its base
             // chunk, verified now (re-hashed from the cache, or fetched and checked).
-            let (cache, store) = (self.cache.clone(), bank.store_arc());
+            let chunks = CachedStore::new(self.cache.clone(), bank.store_arc());
             let overlay_path = dir.overlay_path();
             let items = dirty.into_iter().map(move |i| {
                 let fetch = |id: &ChunkId| {
-                    cache
-                        .peek(id)
-                        .map_or_else(|| store.read(id).map_err(|e| e.to_string()), Ok)
+                    chunks
+                        .fetch_verified(id)
+                        .map(Arc::unwrap_or_clone)
+                        .map_err(|e| e.to_string())
                 };
                 device::assemble_chunk(overlay, &overlay_path, base, map, i, &fetch)
                     .map(|buf| (i, Some(buf)))
@@ -823,6 +815,7 @@ impl Station {
                         why: format!("{e}"),
                     })
             });
+            // What the version inherits from its parent is the bank's rule.
             let source = VersionSource {
                 description: format!("check-in from {}", self.name),
                 parent,
@@ -831,11 +824,11 @@ impl Station {
                 items: Box::new(items),
                 total_bytes: total,
                 id: Some(id),
-                config,
-                streams,
+                config: extras.config.clone(),
+                streams: extras.streams.clone(),
                 streams_stored: extras.streams_stored,
             };
-            let r = bank.write_version(&machine, source, &writer, opts, progress)?;
+            let r = bank.derive_version(&machine, id, source, &writer, opts, progress)?;
             report.version = Some(r.version);
             report.head_moved = r.head_moved;
             report.chunks_uploaded = r.chunks_new;

@@ -3,16 +3,13 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use mbank_bank::{Bank, ImportOptions, Progress};
-use mbank_core::{MachineName, MachineRef};
+use mbank_core::MachineRef;
 use mbank_nbd::{ServerOptions, TlsConfig};
 use mbank_station::device::{Disk, NbdDisk};
-use mbank_station::{SessionReport, Station};
-use mbank_store::ChunkStore;
+use mbank_station::{CheckinExtras, Session, SessionOptions, SessionReport, Station};
 
 use crate::fmt::bytes;
 
@@ -64,23 +61,6 @@ pub struct Args {
     /// Worker threads (the global `-j`).
     #[arg(skip)]
     pub jobs: usize,
-}
-
-/// Background fetchers per session: read-ahead and the working set's replay.
-pub const PREFETCH_JOBS: usize = 4;
-
-/// Starts the session's background fetchers and queues the working set stored with its
-/// version; a working set that cannot be used is a warning.
-pub fn start_prefetch(bank: &Bank, station: &Station, disk: &Arc<Disk>, say: &dyn Fn(String)) {
-    disk.start_background(PREFETCH_JOBS);
-    match station.replay_working_set(bank, disk) {
-        Ok(0) => {}
-        Ok(n) => say(format!(
-            "fetching the {n} chunks of {}'s recorded working set ahead of the guest",
-            disk.meta.machine
-        )),
-        Err(e) => say(format!("warning: {e}")),
-    }
 }
 
 /// One line about a finished session.
@@ -166,36 +146,6 @@ pub fn checkin_failed(
     )
 }
 
-/// Keeps the session's lease fresh (every 30 s, on its own catalog connection) until
-/// `stop`; warns once if another station took the machine over.
-pub fn spawn_heartbeat(
-    cat: Box<dyn mbank_catalog::CatalogApi>,
-    machine: MachineName,
-    session: String,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut warned = false;
-        while !stop.load(Ordering::Relaxed) {
-            for _ in 0..300 {
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            if let Ok(false) = cat.heartbeat_lease(&machine, &session)
-                && !warned
-            {
-                eprintln!(
-                    "mbank: warning: another station took {machine} over (--force); \
-                     this session's writes will still be checked in as their own version"
-                );
-                warned = true;
-            }
-        }
-    })
-}
-
 pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
@@ -235,12 +185,22 @@ fn tls_setup(args: &Args) -> Result<Option<TlsConfig>> {
     Ok(Some(tls))
 }
 
+/// Where a session's messages go from its own threads: standard error, unless quiet.
+pub fn session_say(quiet: bool) -> mbank_station::live::Warn {
+    Arc::new(move |s: String| {
+        if !quiet {
+            crate::out::say(&s);
+        }
+    })
+}
+
 pub fn run(
     bank: &mut Bank,
     station: &Station,
     args: Args,
     progress: &dyn Progress,
     say: &dyn Fn(String),
+    quiet: bool,
 ) -> Result<SessionReport> {
     let tls = tls_setup(&args)?;
     let opts = ImportOptions {
@@ -248,9 +208,17 @@ pub fn run(
         ..Default::default()
     };
     report_recovery(&station.recover(bank, &opts)?, say);
-    let fetch: Arc<dyn ChunkStore> = bank.store_arc();
-    let disk = station.check_out(bank, &args.machine, args.force, fetch)?;
-    start_prefetch(bank, station, &disk, say);
+    let mut session = Session::start(
+        station,
+        bank,
+        &args.machine,
+        &SessionOptions {
+            force: args.force,
+            whole_disk: args.prefetch,
+            say: session_say(quiet),
+        },
+    )?;
+    let disk = session.disk().clone();
     let what = format!(
         "{}@{} ({}, {} chunks of {})",
         disk.meta.machine,
@@ -259,23 +227,55 @@ pub fn run(
         disk.base.chunks.len(),
         bytes(disk.base.chunk_size as u64)
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let heartbeat = spawn_heartbeat(
-        bank.catalog().reopen()?,
-        args.machine.machine.clone(),
-        disk.meta.session.clone(),
-        stop.clone(),
-    );
-    let prefetcher = args.prefetch.then(|| {
-        let (d, stop) = (disk.clone(), stop.clone());
-        std::thread::spawn(move || d.prefetch(&stop))
-    });
+    let served = serve(&args, &disk, &what, tls, say);
+    if let Err(e) = served {
+        // Nothing was served (the socket could not be bound, say) or nothing written:
+        // give the machine back rather than hold its lease until a recover.
+        if disk.dirty_chunks().is_empty() {
+            session.discard(bank)?;
+            return Err(e.context(format!(
+                "the NBD server failed; {} was released unchanged",
+                disk.meta.machine
+            )));
+        }
+        return Err(e.context(format!(
+            "the NBD server failed; the session is kept in {} and the next `mbank attach` or \
+             `mbank recover` on this station checks in what was flushed",
+            disk.dir.dir.display()
+        )));
+    }
+    if args.discard {
+        let report = session.discard(bank)?;
+        say(format!(
+            "discarded the session of {}: nothing checked in",
+            disk.meta.machine
+        ));
+        return Ok(report);
+    }
+    let report = session
+        .check_in(bank, &CheckinExtras::default(), &opts, progress)
+        .map_err(|e| checkin_failed(e, bank, station, &disk, None))?;
+    for w in &report.warnings {
+        say(format!("warning: {w}"));
+    }
+    say(describe(&report));
+    Ok(report)
+}
+
+/// Serves `disk` over NBD on the socket or address `args` name until SIGINT or SIGTERM.
+fn serve(
+    args: &Args,
+    disk: &Arc<Disk>,
+    what: &str,
+    tls: Option<TlsConfig>,
+    say: &dyn Fn(String),
+) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     let device = Arc::new(NbdDisk(disk.clone()));
-    let served = rt.block_on(async {
+    rt.block_on(async {
         let opts = ServerOptions {
             export_name: disk.meta.machine.clone(),
             description: Some(format!("Machine Bank: {what}")),
@@ -322,58 +322,7 @@ pub fn run(
             (None, None) => anyhow::bail!("give --socket PATH or --listen ADDR"),
         }
         anyhow::Ok(())
-    });
-    stop.store(true, Ordering::Relaxed);
-    if let Some(p) = prefetcher {
-        let _ = p.join();
-    }
-    let _ = heartbeat.join();
-    drop(rt);
-    if let Err(e) = served {
-        // Nothing was served (the socket could not be bound, say) or nothing written:
-        // give the machine back rather than hold its lease until a recover.
-        if disk.dirty_chunks().is_empty() {
-            station.discard(bank, &disk)?;
-            return Err(e.context(format!(
-                "the NBD server failed; {} was released unchanged",
-                disk.meta.machine
-            )));
-        }
-        return Err(e.context(format!(
-            "the NBD server failed; the session is kept in {} and the next `mbank attach` or \
-             `mbank recover` on this station checks in what was flushed",
-            disk.dir.dir.display()
-        )));
-    }
-    if args.discard {
-        station.discard(bank, &disk)?;
-        say(format!(
-            "discarded the session of {}: nothing checked in",
-            disk.meta.machine
-        ));
-        let counters = &disk.counters;
-        return Ok(SessionReport {
-            machine: disk.meta.machine.clone(),
-            session: disk.meta.session.clone(),
-            base: disk.meta.base.clone(),
-            chunks_written: disk.dirty_chunks().len() as u64,
-            bytes_fetched: counters.bytes_fetched.load(Ordering::Relaxed),
-            chunks_fetched: counters.chunks_fetched.load(Ordering::Relaxed),
-            cache_hits: station.cache.counters.hits.load(Ordering::Relaxed),
-            cache_misses: station.cache.counters.misses.load(Ordering::Relaxed),
-            seconds: (mbank_catalog::now_ms() - disk.meta.started_ms) as f64 / 1000.0,
-            stats: disk.stats(),
-            ..Default::default()
-        });
-    }
-    let report = station
-        .check_in(bank, &disk, &opts, progress)
-        .map_err(|e| checkin_failed(e, bank, station, &disk, None))?;
-    for w in &report.warnings {
-        say(format!("warning: {w}"));
-    }
-    say(describe(&report));
-    Ok(report)
+    })
 }
 
 #[cfg(test)]

@@ -505,6 +505,52 @@ fn json_out<T: serde::Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
+/// What `run` needs to know of a command before it runs it.
+struct Traits {
+    /// The command's name, as typed.
+    name: &'static str,
+    /// Runs on the bank's host, on its directory: refused with a server's URL.
+    host_only: bool,
+    /// Changes the bank: a local bank is opened for writing.
+    writes: bool,
+}
+
+impl Cmd {
+    /// The one table of every command's [`Traits`].
+    fn traits(&self) -> Traits {
+        let (name, host_only, writes) = match self {
+            Cmd::Init { .. } => ("init", true, true),
+            Cmd::Import { .. } => ("import", false, true),
+            Cmd::Export { .. } => ("export", false, false),
+            Cmd::Log { .. } => ("log", false, false),
+            Cmd::Ls { .. } => ("ls", false, false),
+            Cmd::Verify { .. } => ("verify", true, false),
+            Cmd::Gc { .. } => ("gc", true, true),
+            Cmd::Rm { .. } => ("rm", false, true),
+            Cmd::Forget { .. } => ("forget", false, true),
+            Cmd::Head { .. } => ("head", false, true),
+            Cmd::Note { .. } => ("note", false, true),
+            Cmd::Info { .. } => ("info", false, false),
+            Cmd::Attach { .. } => ("attach", false, true),
+            Cmd::Create { .. } => ("create", false, true),
+            Cmd::Run { .. } => ("run", false, true),
+            Cmd::Suspend { .. } => ("suspend", false, false),
+            Cmd::Poweroff { .. } => ("poweroff", false, false),
+            Cmd::Recover { .. } => ("recover", false, true),
+            Cmd::Serve(_) => ("serve", true, false),
+            Cmd::Login(_) => ("login", false, false),
+            Cmd::Logout => ("logout", false, false),
+            Cmd::Stats { .. } => ("stats", true, false),
+            Cmd::Admin { .. } => ("admin", true, false),
+        };
+        Traits {
+            name,
+            host_only,
+            writes,
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     // A bank server is reached over the network: more requests in flight than cores
     // hide its latency.
@@ -539,16 +585,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .filter(|s| mbank_remote::is_url(s))
         .map(str::to_string);
     if let Some(url) = &url {
-        let host_only = match &cli.cmd {
-            Cmd::Init { .. } => Some("init"),
-            Cmd::Serve(_) => Some("serve"),
-            Cmd::Gc { .. } => Some("gc"),
-            Cmd::Verify { .. } => Some("verify"),
-            Cmd::Stats { .. } => Some("stats"),
-            Cmd::Admin { .. } => Some("admin"),
-            _ => None,
-        };
-        if let Some(what) = host_only {
+        let traits = cli.cmd.traits();
+        if traits.host_only {
+            let what = traits.name;
             bail!(
                 "`mbank {what}` runs on the bank's host, on its directory (--bank DIR); {url} is a bank server"
             );
@@ -561,20 +600,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         bail!("logout needs the bank server's URL: mbank --bank https://HOST:PORT logout");
     }
     let bar = Bar::new(cli.quiet);
-    let read_only = !matches!(
-        cli.cmd,
-        Cmd::Init { .. }
-            | Cmd::Import { .. }
-            | Cmd::Gc { .. }
-            | Cmd::Rm { .. }
-            | Cmd::Forget { .. }
-            | Cmd::Head { .. }
-            | Cmd::Note { .. }
-            | Cmd::Attach { .. }
-            | Cmd::Recover { .. }
-            | Cmd::Create { .. }
-            | Cmd::Run { .. }
-    );
+    let read_only = !cli.cmd.traits().writes;
     let cache_dir = cli
         .cache
         .clone()
@@ -1149,7 +1175,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Attach { mut args, json } => {
             let station = mbank_station::Station::open(&cache_dir, cache_size)?;
             args.jobs = jobs;
-            let report = attach::run(&mut bank, &station, args, &bar, &say)?;
+            let report = attach::run(&mut bank, &station, args, &bar, &say, cli.quiet)?;
             if json {
                 json_out(&report)?;
             } else if let Some(v) = &report.version {

@@ -1,5 +1,8 @@
 //! `mbank run` and `mbank suspend`: a machine as a running virtual PC.
 //!
+//! This file is the user interface and QEMU; the session itself (lease, heartbeat,
+//! fetches through the station cache, check-in) is an `mbank_station::Session`.
+//!
 //! `run` checks the machine out on this station (the lease), serves its disk over NBD
 //! on a socket in the session directory, and starts QEMU with a QMP control socket.
 //! A version holding a memory state is resumed: QEMU starts paused with `-incoming`
@@ -37,13 +40,12 @@ use mbank_bank::{Bank, ImportOptions, Progress, StreamStats, Unit};
 use mbank_core::{MachineRef, MemoryIndex};
 use mbank_nbd::ServerOptions;
 use mbank_station::device::{Disk, NbdDisk};
-use mbank_station::{CheckinExtras, SessionReport, Station};
-use mbank_store::ChunkStore;
+use mbank_station::{CheckinExtras, Session, SessionOptions, SessionReport, Station};
 use mbank_vm::qmp::Qmp;
 use mbank_vm::{Accel, Boot, Display, Launch, MachineConfig, SavedHardware};
 use serde::Serialize;
 
-use crate::attach::{checkin_failed, describe, spawn_heartbeat};
+use crate::attach::{checkin_failed, describe};
 use crate::fmt::bytes;
 
 #[derive(clap::Args)]
@@ -265,8 +267,6 @@ impl Progress for HubProgress<'_> {
 
 /// Seconds a guest gets to power off after the ACPI power button.
 const POWERDOWN_GRACE: Duration = Duration::from_secs(60);
-/// Chunks of a memory state fetched at once on resume.
-const FETCH_WINDOW: usize = 32;
 
 fn session_file(disk: &Disk, name: &str) -> PathBuf {
     disk.dir.dir.join(name)
@@ -303,66 +303,6 @@ fn make_socket_dir(session: &str) -> Result<PathBuf> {
         }
         Err(e) => Err(e).with_context(|| format!("cannot create {}", dir.display())),
     }
-}
-
-/// One fetched chunk of a window, or why it could not be fetched.
-type Slot = Mutex<Option<Result<Arc<Vec<u8>>, String>>>;
-
-/// Writes the stream `idx` to `out`, fetching chunks through the station cache with
-/// `jobs` in flight, in order.
-fn fetch_stream(
-    disk: &Disk,
-    idx: &MemoryIndex,
-    mut out: impl Write,
-    jobs: usize,
-    done: &AtomicU64,
-) -> Result<()> {
-    let zeros = vec![0u8; mbank_core::cdc::MAX_SIZE as usize];
-    for window in idx.runs.chunks(FETCH_WINDOW) {
-        let next = AtomicUsize::new(0);
-        let slots: Vec<Slot> = window.iter().map(|_| Mutex::new(None)).collect();
-        std::thread::scope(|s| {
-            for _ in 0..jobs.clamp(1, 8) {
-                s.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(run) = window.get(i) else { return };
-                        if let Some(id) = &run.id {
-                            let r = disk.fetch(id).map_err(|e| e.to_string());
-                            *slots[i].lock().expect("slot") = Some(r);
-                        }
-                    }
-                });
-            }
-        });
-        for (run, slot) in window.iter().zip(slots) {
-            match (run.id, slot.into_inner().expect("slot")) {
-                (None, _) => {
-                    let mut left = run.len as usize;
-                    while left > 0 {
-                        let k = left.min(zeros.len());
-                        out.write_all(&zeros[..k])?;
-                        left -= k;
-                    }
-                }
-                (Some(id), Some(Ok(data))) => {
-                    if data.len() != run.len as usize {
-                        bail!(
-                            "chunk {id} is {} bytes, but the memory state's index says {}",
-                            data.len(),
-                            run.len
-                        );
-                    }
-                    out.write_all(&data)?;
-                }
-                (Some(_), Some(Err(e))) => bail!("{e}"),
-                (Some(id), None) => bail!("chunk {id} was not fetched"),
-            }
-            done.fetch_add(run.len as u64, Ordering::Relaxed);
-        }
-    }
-    out.flush()?;
-    Ok(())
 }
 
 /// Records SIGINT as 1 and SIGTERM as 2 in `s`, for a loop that polls it.
@@ -551,7 +491,7 @@ fn run(bank: &mut Bank, station: &Station, args: Args, hub: &Arc<Hub>) -> Result
     };
     crate::attach::report_recovery(&station.recover(bank, &opts)?, say);
     let v = bank.resolve(&args.machine)?;
-    let mut config = match &v.config {
+    let config = match &v.config {
         Some(c) => MachineConfig::from_json(c)
             .with_context(|| format!("{}@{}", v.machine, v.id.short()))?,
         None => {
@@ -616,51 +556,62 @@ fn run(bank: &mut Bank, station: &Station, args: Args, hub: &Arc<Hub>) -> Result
     };
     let qemu_version = mbank_vm::qemu_version()?;
 
-    let fetch: Arc<dyn ChunkStore> = bank.store_arc();
-    let disk = station.check_out(bank, &args.machine, args.force, fetch)?;
-    // Ahead of the kernel, the initrd and the guest's first reads.
-    crate::attach::start_prefetch(bank, station, &disk, say);
-    let stop = Arc::new(AtomicBool::new(false));
-    let heartbeat = spawn_heartbeat(
-        bank.catalog().reopen()?,
-        args.machine.machine.clone(),
-        disk.meta.session.clone(),
-        stop.clone(),
-    );
-    let result = run_session(
-        bank,
-        &v,
-        &mut config,
-        &disk,
+    // The lease, the heartbeat, and fetches ahead of the kernel, the initrd and the
+    // guest's first reads.
+    let h = hub.clone();
+    let mut session = Session::start(
         station,
-        &args,
+        bank,
+        &args.machine,
+        &SessionOptions {
+            force: args.force,
+            whole_disk: false,
+            say: Arc::new(move |s: String| h.say(&s)),
+        },
+    )?;
+    let plan = Plan {
+        v,
+        config,
         accel,
-        &machine_type,
-        &qemu_version,
+        machine_type,
+        qemu_version,
         resume,
         started,
-        hub,
-    );
-    stop.store(true, Ordering::Relaxed);
-    let _ = heartbeat.join();
-    result
+    };
+    run_session(bank, &mut session, plan, &args, hub)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_session(
-    bank: &mut Bank,
-    v: &mbank_catalog::VersionInfo,
-    config: &mut MachineConfig,
-    disk: &Arc<Disk>,
-    station: &Station,
-    args: &Args,
+/// What `run` decided before the session began: the version, its configuration and
+/// the hardware it runs on.
+struct Plan {
+    v: mbank_catalog::VersionInfo,
+    config: MachineConfig,
     accel: Accel,
-    machine_type: &str,
-    qemu_version: &str,
+    machine_type: String,
+    qemu_version: String,
     resume: bool,
     started: Instant,
+}
+
+fn run_session(
+    bank: &mut Bank,
+    session: &mut Session<'_>,
+    plan: Plan,
+    args: &Args,
     hub: &Arc<Hub>,
 ) -> Result<RunReport> {
+    let Plan {
+        v,
+        mut config,
+        accel,
+        machine_type,
+        qemu_version,
+        resume,
+        started,
+    } = plan;
+    let (v, config, machine_type) = (&v, &mut config, machine_type.as_str());
+    let disk = &session.disk().clone();
+    let station = session.station();
     let say = &|s: String| hub.say(&s);
     let progress = &HubProgress::new(hub);
     let opts = ImportOptions {
@@ -669,17 +620,17 @@ fn run_session(
     };
     let machine = v.machine.to_string();
     let sockets = make_socket_dir(&disk.meta.session);
-    let fail_clean = |bank: &mut Bank, e: anyhow::Error| -> anyhow::Error {
+    let fail_clean = |bank: &mut Bank, session: &mut Session, e: anyhow::Error| -> anyhow::Error {
         // Nothing ran: give the machine back unchanged.
         let _ = std::fs::remove_dir_all(socket_dir(&disk.meta.session));
-        match station.discard(bank, disk) {
-            Ok(()) => anyhow!("{e:#}; {machine} was released unchanged"),
+        match session.discard(bank) {
+            Ok(_) => anyhow!("{e:#}; {machine} was released unchanged"),
             Err(d) => anyhow!("{e:#}; also, releasing {machine} failed: {d}"),
         }
     };
     let sockets = match sockets {
         Ok(d) => d,
-        Err(e) => return Err(fail_clean(bank, e)),
+        Err(e) => return Err(fail_clean(bank, session, e)),
     };
     // Kernel and initrd, from the bank through the station cache.
     let mut files: Vec<(String, PathBuf)> = Vec::new();
@@ -692,10 +643,11 @@ fn run_session(
             let f = std::fs::File::create(&path)
                 .with_context(|| format!("cannot create {}", path.display()))?;
             let n = AtomicU64::new(0);
-            if let Err(e) = fetch_stream(disk, &idx, std::io::BufWriter::new(f), args.jobs, &n) {
+            if let Err(e) = session.fetch_stream(&idx, std::io::BufWriter::new(f), args.jobs, &n) {
                 return Err(fail_clean(
                     bank,
-                    e.context(format!(
+                    session,
+                    anyhow::Error::from(e).context(format!(
                         "cannot read the {name} of {machine}@{}",
                         v.id.short()
                     )),
@@ -746,7 +698,7 @@ fn run_session(
                 Ok(Ok(())) => anyhow!("the disk service ended at once"),
                 Err(e) => anyhow!("the disk service failed: {e}"),
             };
-            return Err(fail_clean(bank, e));
+            return Err(fail_clean(bank, session, e));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -755,7 +707,7 @@ fn run_session(
     if let Err(e) = spawn_control(&sockets.join("control.sock"), tx, hub.clone(), disk.clone()) {
         end_service.notify_one();
         let _ = rt.block_on(service);
-        return Err(fail_clean(bank, e));
+        return Err(fail_clean(bank, session, e));
     }
     hub.set_ready(&disk.meta.session, &session_file(disk, "run.log"));
     let signals = Arc::new(AtomicUsize::new(0)); // 1 = SIGINT, 2 = SIGTERM
@@ -808,7 +760,7 @@ fn run_session(
         Ok(x) => x,
         Err(e) => {
             stop_service(&rt);
-            return Err(fail_clean(bank, e));
+            return Err(fail_clean(bank, session, e));
         }
     };
     let mut vm = Vm {
@@ -820,7 +772,11 @@ fn run_session(
                 let _ = child.wait();
                 stop_service(&rt);
                 let tail = stderr.lock().expect("stderr lock").join("; ");
-                return Err(fail_clean(bank, anyhow!("QEMU did not start: {e} {tail}")));
+                return Err(fail_clean(
+                    bank,
+                    session,
+                    anyhow!("QEMU did not start: {e} {tail}"),
+                ));
             }
         },
         child,
@@ -846,13 +802,8 @@ fn run_session(
                     .open(&mem_in)
                     .context("cannot open the memory FIFO")
                     .and_then(|f| {
-                        fetch_stream(
-                            disk,
-                            &idx,
-                            std::io::BufWriter::with_capacity(1 << 20, f),
-                            args.jobs,
-                            &n,
-                        )
+                        let out = std::io::BufWriter::with_capacity(1 << 20, f);
+                        Ok(session.fetch_stream(&idx, out, args.jobs, &n)?)
                     });
                 done.store(true, Ordering::Relaxed);
                 r
@@ -865,6 +816,7 @@ fn run_session(
             stop_service(&rt);
             return Err(fail_clean(
                 bank,
+                session,
                 e.context(format!(
                     "the saved memory of {machine}@{} cannot be read; that version's disk and every older version are untouched (run an older one with `mbank run {machine}@VERSION`, see `mbank log {machine}`)",
                     v.id.short()
@@ -889,7 +841,7 @@ fn run_session(
             let tail = vm.stderr_tail();
             vm.kill();
             stop_service(&rt);
-            return Err(fail_clean(bank, e.context(tail)));
+            return Err(fail_clean(bank, session, e.context(tail)));
         }
         vm.qmp.execute("cont", None)?;
         memory_loaded_bytes = total;
@@ -1049,8 +1001,8 @@ fn run_session(
         // A machine's first boot stores the working set it recorded.
         first_working_set: true,
     };
-    let session = station
-        .check_in_with(bank, disk, &extras, &opts, progress)
+    let report = session
+        .check_in(bank, &extras, &opts, progress)
         .map_err(|e| {
             let lost = (ending == Ending::Suspend).then_some(
                 "the saved memory state is not: the machine will boot from its disk, as after a power loss",
@@ -1058,10 +1010,11 @@ fn run_session(
             checkin_failed(e, bank, station, disk, lost)
         })?;
     drop(writer_guard);
-    for w in &session.warnings {
+    for w in &report.warnings {
         say(format!("warning: {w}"));
     }
-    say(describe(&session));
+    say(describe(&report));
+    let session = report;
     let report = RunReport {
         machine,
         ending,

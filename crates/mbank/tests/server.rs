@@ -1366,3 +1366,44 @@ fn verify_reports_a_version_its_owner_cannot_read_and_repair_rights_fixes_it() {
     s.local(&["verify"]).ok();
     assert_export(&alice, "alice/dev", &img, "alice's head, readable again");
 }
+
+/// Requests in the server's log that ask about chunks or send them (not reads).
+fn chunk_write_requests(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("path=\"/v1/chunks"))
+        .filter(|l| !l.contains("method=GET") && !l.contains("/v1/chunks/get"))
+        .count()
+}
+
+/// A stream (here a kernel that `create` stores with the machine) goes to a served bank
+/// in batches like a disk's chunks: one `have` question and at most one upload per
+/// batch of chunks, not one round trip per chunk.
+#[test]
+fn a_stream_goes_to_a_served_bank_in_batches() {
+    let s = Served::start();
+    let alice = s.login("alice");
+    let kernel = alice.file("vmlinuz");
+    // Random bytes: every chunk is new, about 64 KiB each (FastCDC's average).
+    fs::write(&kernel, random_bytes(8 * MIB, 77)).unwrap();
+    let before = chunk_write_requests(&s.server_log());
+    let r = alice.json(&[
+        "create",
+        "alice/k",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--disk-size",
+        "1M",
+        "--json",
+    ]);
+    let stored = r["chunks_new"].as_u64().unwrap();
+    assert!(stored >= 64, "the kernel was cut into chunks: {r}");
+    let requests = chunk_write_requests(&s.server_log()) - before;
+    // Batches of 32: a `have` and an upload each, with a batch left over per worker.
+    let bound = (stored as usize).div_ceil(32) * 2 + 16;
+    assert!(
+        requests <= bound,
+        "{requests} requests to store {stored} chunks (at most {bound} in batches):\n{}",
+        s.server_log()
+    );
+    assert_export(&alice, "alice/k", &vec![0u8; MIB], "the new machine's disk");
+}
