@@ -18,7 +18,7 @@
 //! displaced by `--force`), and every suspended version nothing was made from yet (a
 //! saved memory state no one resumed, which a kept-beside suspend can be).
 
-use mbank_core::VersionId;
+use mbank_core::{VersionId, civil_from_days};
 use serde::{Deserialize, Serialize};
 
 /// How many versions of each kind to keep (0: the rule is off).
@@ -104,21 +104,6 @@ impl Rule {
             }
         }
     }
-}
-
-/// Year, month (1-12) and day of the day `z` days after 1970-01-01 (H. Hinnant's
-/// algorithm).
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 /// The ISO 8601 week-numbering year and week of the day `days` after 1970-01-01: weeks

@@ -47,12 +47,10 @@ pub fn is_zero(data: &[u8]) -> bool {
         && suffix.iter().all(|&b| b == 0)
 }
 
-/// Milliseconds since the epoch → `YYYY-MM-DD HH:MM:SS` in UTC.
-pub fn utc_datetime(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
+/// Year, month (1-12) and day of the day `z` days after 1970-01-01 (Howard Hinnant's
+/// algorithm), in the proleptic Gregorian calendar.
+pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
@@ -61,6 +59,14 @@ pub fn utc_datetime(ms: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Milliseconds since the epoch → `YYYY-MM-DD HH:MM:SS` in UTC.
+pub fn utc_datetime(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    let (y, m, d) = civil_from_days(days);
     format!(
         "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
         rem / 3600,
