@@ -24,6 +24,7 @@ pub(crate) struct MemFs {
     pub(crate) uid: u32,
     pub(crate) gid: u32,
     pub(crate) made: SystemTime,
+    pub(crate) readahead: u32,
 }
 
 impl MemFs {
@@ -62,14 +63,12 @@ impl MemFs {
 
 impl Filesystem for MemFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // Ask for the largest reads the kernel allows: a fault's read-ahead is then
-        // one request, not many small ones.
-        let _ = config.set_max_readahead(1 << 20).or_else(|max| {
-            config
-                .set_max_readahead(max)
-                .map(|_| max)
-                .map_err(|_| max)
-        });
+        // A page fault reads `readahead` bytes around it in one request (the kernel's
+        // mmap read-around): one chunk by default, so a fault fetches one chunk and
+        // later faults in that chunk find its pages in the page cache.
+        if let Err(max) = config.set_max_readahead(self.readahead) {
+            let _ = config.set_max_readahead(max);
+        }
         Ok(())
     }
 

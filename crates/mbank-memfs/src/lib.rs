@@ -163,6 +163,9 @@ pub struct MountOptions {
     pub name: OsString,
     /// FUSE threads serving requests (default 4).
     pub threads: usize,
+    /// The kernel's read-ahead (and so mmap read-around) window in bytes; `None`:
+    /// one chunk. Larger windows fetch chunks the guest may never touch.
+    pub readahead: Option<u32>,
 }
 
 impl Default for MountOptions {
@@ -170,6 +173,7 @@ impl Default for MountOptions {
         MountOptions {
             name: "ram".into(),
             threads: 4,
+            readahead: None,
         }
     }
 }
@@ -194,6 +198,7 @@ impl MemMount {
             uid,
             gid,
             made: std::time::SystemTime::now(),
+            readahead: opts.readahead.unwrap_or(image.layout().chunk_size),
         };
         let mut config = fuser::Config::default();
         config.mount_options = vec![
