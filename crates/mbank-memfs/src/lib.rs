@@ -15,7 +15,9 @@
 //! version's index elides as zero starts ready (a hole in the overlay reads as
 //! zeros): it costs no fetch.
 //!
-//! - **Read** (a page fault in QEMU becomes a FUSE READ of the pages around it):
+//! - **Read** (a page fault in QEMU becomes FUSE READs of the pages around it: QEMU
+//!   advises guest RAM `MADV_HUGEPAGE`, and for such a mapping the kernel reads a 4 MiB
+//!   window, 2 MiB aligned, in requests of 1 MiB, whatever `max_readahead` says):
 //!   every chunk it touches is made ready by one [`Fetcher::fetch`], whose bytes are
 //!   written into the overlay, then the read is served from the overlay. One fetch per
 //!   chunk is in flight: a second reader waits for it (a *fault waited*, counted).
@@ -29,6 +31,10 @@
 //! - [`MemImage::prefetch`] fetches ahead of the guest (the recorded working set, then
 //!   the rest); a guest fault on a chunk being prefetched joins that fetch.
 //! - [`Counters`]: chunks and bytes fetched, faults waited, dirty chunks, reads, writes.
+//!
+//! The chunk size is the caller's: ARCHITECTURE.md ("Lazy memory: evaluation")
+//! measured 64 KiB to 2 MiB and chose 64 KiB, since the read-around makes the bytes
+//! fetched the same and small chunks keep the dirty set of a suspend small.
 //!
 //! ## Invariants
 //!
@@ -136,7 +142,8 @@ pub struct Counters {
     pub chunks_fetched: u64,
     /// Bytes fetched through the [`Fetcher`].
     pub bytes_fetched: u64,
-    /// Guest accesses (reads, partial writes) that waited for a fetch.
+    /// Read requests (a fault's read-around) and partial writes that waited for a
+    /// fetch, counted once per chunk they waited on.
     pub faults_waited: u64,
     /// Fetches started by [`MemImage::prefetch`].
     pub prefetched: u64,
@@ -244,7 +251,10 @@ impl MemMount {
         f.map(drop).map_err(|e| {
             io::Error::new(
                 e.kind(),
-                format!("cannot sync the guest RAM file {}: {e}", self.file.display()),
+                format!(
+                    "cannot sync the guest RAM file {}: {e}",
+                    self.file.display()
+                ),
             )
         })
     }

@@ -86,7 +86,10 @@ fn zero_chunks_read_as_zeros_without_a_fetch() {
     assert!(buf.iter().all(|&b| b == 0));
     assert_eq!(f.total(), 0);
     let c = img.counters();
-    assert_eq!((c.chunks_fetched, c.faults_waited, c.chunks_ready), (0, 0, 2));
+    assert_eq!(
+        (c.chunks_fetched, c.faults_waited, c.chunks_ready),
+        (0, 0, 2)
+    );
 }
 
 #[test]
@@ -98,7 +101,10 @@ fn a_chunk_is_fetched_once_and_reads_span_chunks() {
     assert_eq!(&buf[10..], &[2; 10]);
     let again = img.read(CS as u64 - 10, 20).unwrap();
     assert_eq!(buf, again);
-    assert_eq!((f.calls(0), f.calls(1), f.calls(2), f.calls(3)), (1, 1, 0, 0));
+    assert_eq!(
+        (f.calls(0), f.calls(1), f.calls(2), f.calls(3)),
+        (1, 1, 0, 0)
+    );
     let c = img.counters();
     assert_eq!(c.chunks_fetched, 2);
     assert_eq!(c.bytes_fetched, 2 * CS as u64);
@@ -144,7 +150,11 @@ fn readers_of_one_chunk_share_one_fetch() {
 fn a_partial_write_merges_with_the_base_and_a_whole_one_fetches_nothing() {
     let (_d, img, f) = image(4, &[3], false);
     img.write(CS as u64 + 100, &[9; 10]).unwrap();
-    assert_eq!(f.calls(1), 1, "a partial write fetches the rest of its chunk");
+    assert_eq!(
+        f.calls(1),
+        1,
+        "a partial write fetches the rest of its chunk"
+    );
     let buf = img.read(CS as u64, CS).unwrap();
     assert_eq!(&buf[..100], &[2; 100]);
     assert_eq!(&buf[100..110], &[9; 10]);
