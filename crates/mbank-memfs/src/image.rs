@@ -1,0 +1,368 @@
+//! The memory image behind the FUSE file: chunk states, the overlay file, the dirty map
+//! and the counters. No FUSE here, so the unit tests drive it directly.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use crate::{Counters, FetchError, Fetcher, MemError};
+
+/// Where a chunk's bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Only in the base (the bank or the station cache): the first access fetches it.
+    Absent,
+    /// A fetch is in flight; others wait on the condition variable.
+    Fetching,
+    /// In the overlay: fetched, written whole, or a zero chunk (a hole in the overlay).
+    Ready,
+}
+
+/// The geometry of a memory image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// The guest's RAM size in bytes (the file's size).
+    pub size: u64,
+    /// Bytes per chunk, a power of two; the last chunk may be shorter.
+    pub chunk_size: u32,
+}
+
+impl Layout {
+    /// How many chunks cover `size`.
+    pub fn chunks(&self) -> usize {
+        self.size.div_ceil(self.chunk_size as u64) as usize
+    }
+
+    /// The length of chunk `i` (the last one may be short).
+    pub fn chunk_len(&self, i: usize) -> usize {
+        let start = i as u64 * self.chunk_size as u64;
+        (self.size - start).min(self.chunk_size as u64) as usize
+    }
+
+    fn start(&self, i: usize) -> u64 {
+        i as u64 * self.chunk_size as u64
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    chunks_fetched: AtomicU64,
+    bytes_fetched: AtomicU64,
+    faults_waited: AtomicU64,
+    reads: AtomicU64,
+    bytes_read: AtomicU64,
+    writes: AtomicU64,
+    bytes_written: AtomicU64,
+    fetch_errors: AtomicU64,
+    prefetched: AtomicU64,
+}
+
+struct Inner {
+    states: Vec<State>,
+    /// One bit per chunk: written since the image was made (or since
+    /// [`MemImage::clear_dirty`]).
+    dirty: Vec<u64>,
+    last_error: Option<String>,
+}
+
+/// A guest RAM image of fixed-size chunks, fetched on first access through a
+/// [`Fetcher`]; writes go to a sparse overlay file and set the chunk's dirty bit.
+pub struct MemImage {
+    layout: Layout,
+    overlay: File,
+    overlay_path: PathBuf,
+    fetcher: Arc<dyn Fetcher>,
+    inner: Mutex<Inner>,
+    fetched: Condvar,
+    stats: Stats,
+}
+
+impl MemImage {
+    /// A new image of `layout` whose overlay is created at `overlay` (it must not
+    /// exist; it is made sparse, `layout.size` long). `nonzero[i]` is false for a chunk
+    /// the version's index elides as zero: it reads as zeros without a fetch.
+    pub fn create(
+        layout: Layout,
+        nonzero: &[bool],
+        overlay: &Path,
+        fetcher: Arc<dyn Fetcher>,
+    ) -> Result<MemImage, MemError> {
+        if !layout.chunk_size.is_power_of_two() || layout.chunk_size < 4096 {
+            return Err(MemError::Layout(format!(
+                "chunk size {} is not a power of two of at least 4096",
+                layout.chunk_size
+            )));
+        }
+        if layout.size == 0 || !layout.size.is_multiple_of(4096) {
+            return Err(MemError::Layout(format!(
+                "RAM size {} is not a positive multiple of 4096",
+                layout.size
+            )));
+        }
+        if nonzero.len() != layout.chunks() {
+            return Err(MemError::Layout(format!(
+                "the index has {} chunks, {} bytes of RAM in chunks of {} need {}",
+                nonzero.len(),
+                layout.size,
+                layout.chunk_size,
+                layout.chunks()
+            )));
+        }
+        let io = |e: std::io::Error| MemError::Overlay {
+            path: overlay.to_path_buf(),
+            source: e,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(overlay)
+            .map_err(io)?;
+        file.set_len(layout.size).map_err(io)?;
+        let states = nonzero
+            .iter()
+            .map(|&nz| if nz { State::Absent } else { State::Ready })
+            .collect();
+        Ok(MemImage {
+            layout,
+            overlay: file,
+            overlay_path: overlay.to_path_buf(),
+            fetcher,
+            inner: Mutex::new(Inner {
+                states,
+                dirty: vec![0; layout.chunks().div_ceil(64)],
+                last_error: None,
+            }),
+            fetched: Condvar::new(),
+            stats: Stats::default(),
+        })
+    }
+
+    /// The image's geometry.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every step under the lock leaves the states consistent; go on after a panic.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn chunk_range(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
+        let cs = self.layout.chunk_size as u64;
+        let end = (offset + len).min(self.layout.size);
+        if len == 0 || offset >= end {
+            return 0..0;
+        }
+        (offset / cs) as usize..end.div_ceil(cs) as usize
+    }
+
+    /// Makes chunk `i` ready in the overlay, fetching it or joining a fetch in flight.
+    /// `guest` says whether a guest access waits on it (counted as a fault waited).
+    fn ensure(&self, i: usize, guest: bool) -> Result<(), MemError> {
+        let mut g = self.lock();
+        let mut waited = false;
+        loop {
+            match g.states[i] {
+                State::Ready => return Ok(()),
+                State::Fetching => {
+                    if guest && !waited {
+                        waited = true;
+                        self.stats.faults_waited.fetch_add(1, Ordering::Relaxed);
+                    }
+                    g = self.fetched.wait(g).unwrap_or_else(|p| p.into_inner());
+                }
+                State::Absent => {
+                    g.states[i] = State::Fetching;
+                    drop(g);
+                    if guest && !waited {
+                        self.stats.faults_waited.fetch_add(1, Ordering::Relaxed);
+                    } else if !guest {
+                        self.stats.prefetched.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let r = self.fetch_into_overlay(i);
+                    let mut g = self.lock();
+                    g.states[i] = if r.is_ok() {
+                        State::Ready
+                    } else {
+                        State::Absent
+                    };
+                    if let Err(e) = &r {
+                        self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                        g.last_error = Some(e.to_string());
+                    }
+                    drop(g);
+                    self.fetched.notify_all();
+                    return r;
+                }
+            }
+        }
+    }
+
+    fn fetch_into_overlay(&self, i: usize) -> Result<(), MemError> {
+        let want = self.layout.chunk_len(i);
+        let data = self
+            .fetcher
+            .fetch(i)
+            .map_err(|source| MemError::Fetch { chunk: i, source })?;
+        if data.len() != want {
+            return Err(MemError::Fetch {
+                chunk: i,
+                source: FetchError::new(format!(
+                    "the fetcher returned {} bytes for a chunk of {want}",
+                    data.len()
+                )),
+            });
+        }
+        self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_fetched
+            .fetch_add(want as u64, Ordering::Relaxed);
+        // A fetched chunk may still hold zero pages: leave them holes.
+        let mut at = 0;
+        for page in data.chunks(4096) {
+            if page.iter().any(|&b| b != 0) {
+                self.overlay
+                    .write_all_at(page, self.layout.start(i) + at)
+                    .map_err(|e| self.overlay_err(e))?;
+            }
+            at += page.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn overlay_err(&self, e: std::io::Error) -> MemError {
+        MemError::Overlay {
+            path: self.overlay_path.clone(),
+            source: e,
+        }
+    }
+
+    /// Reads up to `len` bytes at `offset` (short at the end of the image), fetching
+    /// the chunks it touches that are not in the overlay yet.
+    pub fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, MemError> {
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        let range = self.chunk_range(offset, len as u64);
+        for i in range {
+            self.ensure(i, true)?;
+        }
+        let end = (offset + len as u64).min(self.layout.size);
+        let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
+        self.overlay
+            .read_exact_at(&mut buf, offset)
+            .map_err(|e| self.overlay_err(e))?;
+        self.stats
+            .bytes_read
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(buf)
+    }
+
+    /// Writes `data` at `offset` into the overlay and marks the chunks dirty. A chunk
+    /// written only in part is fetched first (its other bytes come from the base); one
+    /// written whole is not. Writes past the end fail: the image never grows.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), MemError> {
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= self.layout.size)
+            .ok_or(MemError::OutOfRange {
+                offset,
+                len: data.len() as u64,
+                size: self.layout.size,
+            })?;
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        for i in self.chunk_range(offset, data.len() as u64) {
+            let start = self.layout.start(i);
+            let whole = offset <= start && end >= start + self.layout.chunk_len(i) as u64;
+            if whole {
+                let mut g = self.lock();
+                while g.states[i] == State::Fetching {
+                    g = self.fetched.wait(g).unwrap_or_else(|p| p.into_inner());
+                }
+                g.states[i] = State::Ready;
+            } else {
+                self.ensure(i, true)?;
+            }
+        }
+        self.overlay
+            .write_all_at(data, offset)
+            .map_err(|e| self.overlay_err(e))?;
+        let mut g = self.lock();
+        for i in self.chunk_range(offset, data.len() as u64) {
+            g.dirty[i / 64] |= 1 << (i % 64);
+        }
+        drop(g);
+        self.stats
+            .bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Fetches chunk `i` ahead of the guest if it is not in the overlay yet (a guest
+    /// access to it meanwhile waits for this fetch instead of starting another).
+    pub fn prefetch(&self, i: usize) -> Result<(), MemError> {
+        if i >= self.layout.chunks() {
+            return Ok(());
+        }
+        self.ensure(i, false)
+    }
+
+    /// Makes the overlay durable (`fdatasync`). The kernel hands dirty pages of a
+    /// shared mapping to the file system only on write-back or an `fsync` of the file,
+    /// so a suspend fsyncs the FUSE file first, which ends here.
+    pub fn sync(&self) -> Result<(), MemError> {
+        self.overlay.sync_data().map_err(|e| self.overlay_err(e))
+    }
+
+    /// The chunks written since the image was made, in order.
+    pub fn dirty_chunks(&self) -> Vec<usize> {
+        let g = self.lock();
+        (0..self.layout.chunks())
+            .filter(|&i| g.dirty[i / 64] & (1 << (i % 64)) != 0)
+            .collect()
+    }
+
+    /// Reads chunk `i` as the guest sees it now (for a suspend that stores the dirty
+    /// chunks), fetching it if it is not in the overlay.
+    pub fn read_chunk(&self, i: usize) -> Result<Vec<u8>, MemError> {
+        let start = self.layout.start(i);
+        self.ensure(i, false)?;
+        let mut buf = vec![0u8; self.layout.chunk_len(i)];
+        self.overlay
+            .read_exact_at(&mut buf, start)
+            .map_err(|e| self.overlay_err(e))?;
+        Ok(buf)
+    }
+
+    /// Keeps `e` as the last error the counters report.
+    pub(crate) fn note_error(&self, e: &MemError) {
+        self.lock().last_error = Some(e.to_string());
+    }
+
+    /// The counters so far.
+    pub fn counters(&self) -> Counters {
+        let g = self.lock();
+        let ready = g.states.iter().filter(|s| **s == State::Ready).count() as u64;
+        let dirty = g.dirty.iter().map(|w| w.count_ones() as u64).sum();
+        let last_error = g.last_error.clone();
+        drop(g);
+        let s = &self.stats;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Counters {
+            chunks: self.layout.chunks() as u64,
+            chunks_ready: ready,
+            chunks_fetched: l(&s.chunks_fetched),
+            bytes_fetched: l(&s.bytes_fetched),
+            faults_waited: l(&s.faults_waited),
+            prefetched: l(&s.prefetched),
+            fetch_errors: l(&s.fetch_errors),
+            reads: l(&s.reads),
+            bytes_read: l(&s.bytes_read),
+            writes: l(&s.writes),
+            bytes_written: l(&s.bytes_written),
+            dirty_chunks: dirty,
+            last_error,
+        }
+    }
+}
