@@ -294,6 +294,8 @@ pub struct Disk {
     streams_prefetched: Mutex<HashSet<ChunkId>>,
     recorder: Mutex<Recorder>,
     bg: Arc<Background>,
+    /// The session's last checkpoint ([`crate::checkpoint`]), as `session.json` has it.
+    checkpoint: Mutex<Option<crate::session::Checkpoint>>,
 }
 
 fn io(what: &str, e: std::io::Error) -> DeviceError {
@@ -356,7 +358,99 @@ impl Disk {
                 max: Duration::from_millis(crate::workset::DEFAULT_MAX_MS),
             }),
             bg: Arc::new(Background::default()),
+            checkpoint: Mutex::new(None),
         }
+    }
+
+    /// The session's metadata with its last checkpoint: what `session.json` holds now.
+    pub fn meta_now(&self) -> SessionMeta {
+        let mut m = self.meta.clone();
+        m.checkpoint = self.checkpoint.lock().expect("checkpoint lock").clone();
+        m
+    }
+
+    /// Records checkpoint `c` in `session.json` (durably) and in memory, so the next
+    /// checkpoint or check-in, and recovery after a crash, derive from it.
+    pub fn set_checkpoint(&self, c: crate::session::Checkpoint) -> Result<(), StationError> {
+        let mut g = self.checkpoint.lock().expect("checkpoint lock");
+        let mut m = self.meta.clone();
+        m.checkpoint = Some(c.clone());
+        *g = Some(c);
+        self.dir.write_meta(&m)
+    }
+
+    /// How many flushes made blocks durable so far: a checkpoint is due only when this
+    /// moved since the last one.
+    pub fn flush_seq(&self) -> u64 {
+        self.journal.lock().expect("flush lock").seq
+    }
+
+    /// The session's flushed state, taken under the flush lock so that no flush
+    /// completes while it is read: the durable map, the flush count it reflects, and
+    /// for each chunk it names, the chunk's bytes with the blocks the map names read
+    /// from the overlay (zeros elsewhere). A sealed block cannot be rewritten while the
+    /// lock is held (its intent record needs the lock) and is checked against its
+    /// checksum here; a block the guest is rewriting since its last flush may hold its
+    /// old, new or torn data, as after a crash. So the result is a state the disk could
+    /// have after a power cut at this moment. The guest's writes go on meanwhile; its
+    /// flushes, and first rewrites of flushed blocks, wait. Memory: the bytes of the
+    /// chunks the map names.
+    pub fn snapshot_flushed(&self) -> Result<(DirtyMap, u64, Vec<(usize, Vec<u8>)>), StationError> {
+        let j = self.journal.lock().expect("flush lock");
+        let mut map = DirtyMap::clean(self.base.disk_size, self.base.chunk_size);
+        map.masks.copy_from_slice(&j.durable);
+        map.sums = j.sums.clone();
+        map.generation = j.generation;
+        let bs = self.block_size;
+        let mut out = Vec::new();
+        let mut bad = Vec::new();
+        for i in map.dirty_chunks() {
+            let len = self.base.chunk_len(i);
+            let mut buf = vec![0u8; len];
+            let mask = map.masks[i];
+            let blocks = len.div_ceil(bs);
+            let mut b = 0;
+            while b < blocks {
+                if mask & (1 << b) == 0 {
+                    b += 1;
+                    continue;
+                }
+                let first = b;
+                while b < blocks && mask & (1 << b) != 0 {
+                    b += 1;
+                }
+                let (s, e) = (first * bs, (b * bs).min(len));
+                let off = i as u64 * self.chunk_size() + s as u64;
+                self.overlay
+                    .read_exact_at(&mut buf[s..e], off)
+                    .map_err(|e| StationError::Io {
+                        what: format!(
+                            "read chunk {i} (bytes {off}..) from the session overlay {} for a \
+                             checkpoint",
+                            self.dir.overlay_path().display()
+                        ),
+                        source: e,
+                    })?;
+            }
+            for b in (0..blocks).filter(|b| mask & (1 << b) != 0) {
+                let n = i as u64 * 64 + b as u64;
+                if let Some(sum) = map.sums.get(&n)
+                    && block_sum(&buf[map.block_range(i, b)]) != *sum
+                {
+                    bad.push(n);
+                }
+            }
+            out.push((i, buf));
+        }
+        if !bad.is_empty() {
+            return Err(StationError::OverlayDamaged {
+                path: self.dir.overlay_path(),
+                blocks: bad,
+                block_size: map.block_size,
+                chunk_size: map.chunk_size,
+            });
+        }
+        Ok((map, j.seq, out))
     }
 
     /// Records the working set until no new chunk was needed for `quiet`, or until

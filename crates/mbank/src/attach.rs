@@ -58,6 +58,11 @@ pub struct Args {
     /// on go first).
     #[arg(long)]
     pub prefetch: bool,
+    /// Commit a checkpoint version of what the guest flushed every N minutes while it
+    /// writes (tagged `checkpoint`; 0: none). Default: 15, or
+    /// $MBANK_CHECKPOINT_SECONDS in seconds.
+    #[arg(long, value_name = "N")]
+    pub checkpoint_minutes: Option<u64>,
     /// Worker threads (the global `-j`).
     #[arg(skip)]
     pub jobs: usize,
@@ -216,6 +221,7 @@ pub fn run(
             force: args.force,
             whole_disk: args.prefetch,
             say: session_say(quiet),
+            checkpoint_minutes: args.checkpoint_minutes,
         },
     )?;
     let disk = session.disk().clone();
