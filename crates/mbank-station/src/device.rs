@@ -1825,6 +1825,77 @@ mod tests {
         drop(disk);
     }
 
+    /// A checkpoint holds what was flushed, not what was written since (the overlay
+    /// moves on while it is taken); none is made without a new flush; the next one
+    /// derives from it; a flipped bit in a flushed block is refused.
+    #[test]
+    fn a_checkpoint_holds_the_flushed_state_only() {
+        use crate::checkpoint::checkpoint;
+        let mut f = fixture();
+        let disk = f.check_out();
+        let opts = ImportOptions::default();
+        let a = vec![7u8; 6000];
+        f.write(&disk, 2 * CS + 100, Some(&a), a.len());
+        disk.flush_sync().unwrap();
+        let flushed = f.model.clone();
+        // Written, not flushed: not part of the checkpoint.
+        f.write(&disk, 5 * CS, Some(&vec![9u8; CS]), CS);
+        f.write(&disk, 2 * CS + 20000, Some(&[3u8; 10]), 10);
+        let r = checkpoint(&mut f.bank, &disk, "test", 0, &opts)
+            .unwrap()
+            .expect("a checkpoint");
+        assert!(r.head_moved);
+        assert_eq!(r.chunks, 1);
+        assert!(
+            f.head() == flushed,
+            "the checkpoint holds the flushed writes only"
+        );
+        assert!(
+            checkpoint(&mut f.bank, &disk, "test", r.flush_seq, &opts)
+                .unwrap()
+                .is_none(),
+            "no flush since: no checkpoint"
+        );
+        disk.flush_sync().unwrap();
+        let r2 = checkpoint(&mut f.bank, &disk, "test", r.flush_seq, &opts)
+            .unwrap()
+            .expect("a second checkpoint");
+        assert!(
+            f.head() == f.model,
+            "the second checkpoint holds every write"
+        );
+        let m: MachineName = "alice/dev".parse().unwrap();
+        let v2 = f
+            .bank
+            .resolve(&MachineRef {
+                machine: m,
+                version: Some(r2.version.clone()),
+            })
+            .unwrap();
+        assert_eq!(v2.parent.map(|p| p.to_hex()), Some(r.version.clone()));
+        let tags = &f.bank.log(&v2.machine).unwrap();
+        assert!(
+            tags.iter()
+                .filter(|v| v.tags.iter().any(|t| t == crate::checkpoint::TAG))
+                .count()
+                == 2
+        );
+        // A flushed block that no longer holds what was flushed: nothing is stored.
+        f.write(&disk, 7 * CS, Some(&[1u8; 4096]), 4096);
+        disk.flush_sync().unwrap();
+        disk.overlay()
+            .write_all_at(&[0x55], (2 * CS + 200) as u64)
+            .unwrap();
+        match checkpoint(&mut f.bank, &disk, "test", r2.flush_seq, &opts) {
+            Err(StationError::OverlayDamaged { blocks, .. }) => {
+                assert_eq!(blocks, vec![2 * 64]);
+            }
+            other => panic!("a damaged block must be refused: {other:?}"),
+        }
+        let head = f.bank.catalog().machine(&v2.machine).unwrap().unwrap().head;
+        assert_eq!(head.map(|h| h.to_hex()), Some(r2.version), "nothing stored");
+    }
+
     #[test]
     fn block_writes_cost_only_their_blocks_and_read_back_merged() {
         let mut f = fixture();
