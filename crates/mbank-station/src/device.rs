@@ -298,6 +298,10 @@ pub struct Disk {
     checkpoint: Mutex<Option<crate::session::Checkpoint>>,
 }
 
+/// What [`Disk::snapshot_flushed`] took: the durable map, the flush count it
+/// reflects, and each chunk it names with the overlay's blocks in place.
+pub type FlushedState = (DirtyMap, u64, Vec<(usize, Vec<u8>)>);
+
 fn io(what: &str, e: std::io::Error) -> DeviceError {
     if e.raw_os_error() == Some(libc::ENOSPC) {
         DeviceError::NoSpace(what.to_string())
@@ -395,7 +399,7 @@ impl Disk {
     /// have after a power cut at this moment. The guest's writes go on meanwhile; its
     /// flushes, and first rewrites of flushed blocks, wait. Memory: the bytes of the
     /// chunks the map names.
-    pub fn snapshot_flushed(&self) -> Result<(DirtyMap, u64, Vec<(usize, Vec<u8>)>), StationError> {
+    pub fn snapshot_flushed(&self) -> Result<FlushedState, StationError> {
         let j = self.journal.lock().expect("flush lock");
         let mut map = DirtyMap::clean(self.base.disk_size, self.base.chunk_size);
         map.masks.copy_from_slice(&j.durable);

@@ -17,9 +17,11 @@
 //!    or FUA write makes the overlay durable, then appends the checksums of the blocks
 //!    it made durable to the session's journal (invariant 4; [`session`] says why a
 //!    rewrite of a flushed block first syncs an intent record).
-//! 3. [`Station::check_in`] stores the dirty chunks (only those the bank lacks are
-//!    written), commits a version whose parent is the version checked out, moving the
-//!    head by compare-and-swap from the head seen at check-out (so a session of an older
+//! 3. Every few minutes, while flushes make new blocks durable, the session commits a
+//!    **checkpoint** of its flushed state ([`checkpoint`]), a version it goes on from.
+//! 4. [`Station::check_in`] stores the dirty chunks (only those the bank lacks are
+//!    written), commits a version whose parent is the last checkpoint, else the version
+//!    checked out, moving the head by compare-and-swap from the head seen at check-out (so a session of an older
 //!    version becomes the head unless someone moved it; a lost race is kept as its own
 //!    version), then releases the lease, deletes the session and applies the machine's
 //!    retention policy. Dirty bits live until the version is committed.
