@@ -85,6 +85,10 @@ pub struct DiskCounters {
     pub workset_stale: AtomicU64,
     /// Entries left unfetched because the replay had brought half the cache's bound.
     pub workset_over_budget: AtomicU64,
+    /// Dirty chunks the background write-back stored in the bank, and their bytes as
+    /// sent (compressed); chunks it found there already are not counted.
+    pub written_back_chunks: AtomicU64,
+    pub written_back_bytes: AtomicU64,
 }
 
 /// A session's statistics so far, as `attach --json`, `run --json` and the control
@@ -109,6 +113,9 @@ pub struct SessionStats {
     pub workset_missing: u64,
     pub workset_stale: u64,
     pub workset_over_budget: u64,
+    /// Dirty chunks the background write-back sent to the bank ([`crate::writeback`]).
+    pub written_back_chunks: u64,
+    pub written_back_bytes: u64,
 }
 
 /// Per-place flags: the guest read the chunk; a background fetch brought it; read-ahead
@@ -296,6 +303,8 @@ pub struct Disk {
     bg: Arc<Background>,
     /// The session's last checkpoint ([`crate::checkpoint`]), as `session.json` has it.
     checkpoint: Mutex<Option<crate::session::Checkpoint>>,
+    /// Per chunk: written since the background write-back last took it.
+    changed: Vec<AtomicBool>,
 }
 
 /// What [`Disk::snapshot_flushed`] took: the durable map, the flush count it
@@ -363,7 +372,28 @@ impl Disk {
             }),
             bg: Arc::new(Background::default()),
             checkpoint: Mutex::new(None),
+            changed: (0..n).map(|_| AtomicBool::new(false)).collect(),
         }
+    }
+
+    /// The chunks written since the last call, for the background write-back: each
+    /// is taken once until the guest writes it again.
+    pub fn take_changed(&self) -> Vec<usize> {
+        (0..self.changed.len())
+            .filter(|&i| self.changed[i].swap(false, Ordering::AcqRel))
+            .collect()
+    }
+
+    /// Gives chunk `i` back to the next [`Disk::take_changed`] (its write-back failed
+    /// or was cut short).
+    pub fn mark_changed(&self, i: usize) {
+        self.changed[i].store(true, Ordering::Release);
+    }
+
+    /// True while a guest read (or write merge) waits on a fetch from the bank: the
+    /// background write-back holds back then.
+    pub fn guest_waiting(&self) -> bool {
+        self.demand.load(Ordering::Acquire) > 0
     }
 
     /// The session's metadata with its last checkpoint: what `session.json` holds now.
@@ -494,6 +524,8 @@ impl Disk {
             workset_missing: get(&c.workset_missing),
             workset_stale: get(&c.workset_stale),
             workset_over_budget: get(&c.workset_over_budget),
+            written_back_chunks: get(&c.written_back_chunks),
+            written_back_bytes: get(&c.written_back_bytes),
         }
     }
 
@@ -794,6 +826,7 @@ impl Disk {
     /// overlay. The caller holds the chunk's stripe lock.
     fn set_dirty(&self, i: usize, blocks: u64) {
         self.dirty[i].fetch_or(blocks, Ordering::AcqRel);
+        self.changed[i].store(true, Ordering::Release);
         if self.pending[i].fetch_or(blocks, Ordering::AcqRel) == 0 {
             self.pending_chunks.lock().expect("pending lock").push(i);
         }

@@ -47,6 +47,7 @@ pub mod device;
 pub mod live;
 pub mod session;
 pub mod workset;
+pub mod writeback;
 
 use std::fs;
 use std::path::{Path, PathBuf};

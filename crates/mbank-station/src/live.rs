@@ -10,6 +10,9 @@
 //!   whole disk into the cache;
 //! - its **devices**: the disk ([`Disk`]) and the streams it reads through the station
 //!   cache ([`Session::fetch_stream`]: kernel, initrd, a saved memory state);
+//! - its **write-back** ([`crate::writeback`]): a thread that sends the chunks the
+//!   guest writes to the bank in the background, under a bandwidth cap, protected from
+//!   GC by the session's writer registration, held until the check-in committed;
 //! - its **checkpoints** ([`crate::checkpoint`]): a thread that commits the flushed
 //!   state every [`SessionOptions::checkpoint_minutes`] when a flush made blocks
 //!   durable since the last one, on its own catalog connection;
@@ -19,12 +22,12 @@
 //!   process killed with -9.
 
 use std::io::Write;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use mbank_bank::{Bank, ImportOptions, Progress};
+use mbank_bank::{Bank, ImportOptions, Progress, WriterGuard};
 use mbank_core::{MachineName, MachineRef, MemoryIndex};
 
 use crate::cached::{CachedStore, StreamError};
@@ -52,6 +55,9 @@ pub struct SessionOptions {
     /// Minutes between checkpoints (0: none); `None`: [`crate::checkpoint::interval`]'s
     /// default (`$MBANK_CHECKPOINT_SECONDS`, else 15 minutes).
     pub checkpoint_minutes: Option<u64>,
+    /// The background write-back's bandwidth cap in Mbit/s (0: none); `None`:
+    /// [`crate::writeback::cap`]'s default (`$MBANK_WRITEBACK_MBIT`, else 25).
+    pub writeback_mbit: Option<u64>,
 }
 
 /// A live session; see the module docs.
@@ -60,6 +66,9 @@ pub struct Session<'s> {
     disk: Arc<Disk>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    /// The session's writer registration, which keeps what its write-back sent from
+    /// GC; released once the check-in committed (or the session ended otherwise).
+    writer: Option<Arc<Mutex<WriterGuard>>>,
 }
 
 impl<'s> Session<'s> {
@@ -107,6 +116,22 @@ impl<'s> Session<'s> {
                 opts.say.clone(),
             ));
         }
+        let mut writer = None;
+        if let Some(bps) = crate::writeback::cap(opts.writeback_mbit) {
+            let w = Arc::new(Mutex::new(
+                bank.begin_write(&format!("write-back of {}", disk.meta.machine))?,
+            ));
+            threads.push(crate::writeback::spawn(
+                disk.clone(),
+                bank.store_arc(),
+                w.clone(),
+                bps,
+                ImportOptions::default().zstd_level,
+                stop.clone(),
+                opts.say.clone(),
+            ));
+            writer = Some(w);
+        }
         if opts.whole_disk {
             let (d, stop) = (disk.clone(), stop.clone());
             threads.push(std::thread::spawn(move || d.prefetch(&stop)));
@@ -116,6 +141,7 @@ impl<'s> Session<'s> {
             disk,
             stop,
             threads,
+            writer,
         })
     }
 
@@ -169,8 +195,13 @@ impl<'s> Session<'s> {
         progress: &dyn Progress,
     ) -> Result<SessionReport, StationError> {
         self.stop_threads();
-        self.station
-            .check_in_with(bank, &self.disk, extras, opts, progress)
+        let r = self
+            .station
+            .check_in_with(bank, &self.disk, extras, opts, progress);
+        if r.is_ok() {
+            self.writer = None;
+        }
+        r
     }
 
     /// Ends the session without a check-in: its writes are dropped and the machine is

@@ -63,6 +63,11 @@ pub struct Args {
     /// $MBANK_CHECKPOINT_SECONDS in seconds.
     #[arg(long, value_name = "N")]
     pub checkpoint_minutes: Option<u64>,
+    /// Send what the guest writes to the bank in the background, at most N Mbit/s, so
+    /// the check-in has little left to send (0: not before the check-in). Default: 25,
+    /// or $MBANK_WRITEBACK_MBIT.
+    #[arg(long, value_name = "N")]
+    pub writeback_mbit: Option<u64>,
     /// Worker threads (the global `-j`).
     #[arg(skip)]
     pub jobs: usize,
@@ -222,6 +227,7 @@ pub fn run(
             whole_disk: args.prefetch,
             say: session_say(quiet),
             checkpoint_minutes: args.checkpoint_minutes,
+            writeback_mbit: args.writeback_mbit,
         },
     )?;
     let disk = session.disk().clone();

@@ -529,7 +529,10 @@ fn real_nbd_clients_against_attach() {
 #[test]
 fn checkin_sends_only_written_chunks_and_fetches_only_what_is_read() {
     need(&[("nbdsh", "python3-libnbd")]);
-    let bank = Bank::new();
+    let mut bank = Bank::new();
+    // What the check-in itself sends: no write-back before it.
+    bank.env
+        .push(("MBANK_WRITEBACK_MBIT".into(), Some("0".into())));
     let size = 64 * MIB;
     let base_img = image(size, &[(0, size)], 21);
     let (base, _) = import(&bank, "alice/dev", &base_img, &[]);
@@ -734,6 +737,63 @@ fn sigkill_during_writes_keeps_every_flushed_write() {
     assert_eq!(e["parent"], base.as_str(), "{e}");
     assert_eq!(bank.log("alice/dev").len(), 2);
     assert!(sessions(&cache).is_empty());
+    bank.verify_ok();
+}
+
+/// The background write-back sends what the guest writes while the session runs; GC
+/// running again and again meanwhile deletes none of it (the session's writer protects
+/// it); the check-in then sends none of those chunks again, and the version holds every
+/// write.
+#[test]
+fn writeback_racing_gc_loses_nothing_and_checkin_sends_less() {
+    need(&[("nbdsh", "python3-libnbd")]);
+    let mut bank = Bank::new();
+    bank.env
+        .push(("MBANK_WRITEBACK_MBIT".into(), Some("1000".into())));
+    // No checkpoint stores the chunks instead.
+    bank.env
+        .push(("MBANK_CHECKPOINT_SECONDS".into(), Some("0".into())));
+    let size = 16 * MIB;
+    let base_img = image(size, &[(0, 12 * MIB)], 61);
+    import(&bank, "alice/dev", &base_img, &[]);
+    let before = bank.chunk_files().len();
+    let cache = bank.file("cache");
+    let mut a = bank.attach(&cache, "alice/dev", &["--json"]);
+    let mut expected = base_img.clone();
+    let mut rng = Rng::new(62);
+    let mut s = Script::new(&bank);
+    // 32 whole chunks, and part of one more (merged with its base chunk).
+    for (off, len) in [(100 * CS, 32 * CS), (5 * CS + 300, 5000)] {
+        let mut d = vec![0u8; len];
+        rng.fill(&mut d);
+        s.write(off, &d, false);
+        apply(&mut expected, off, &d);
+    }
+    s.flush().run(&a.uri());
+    let written = 33;
+    wait_for("the write-back of 33 chunks, GC running meanwhile", || {
+        bank.run(&["gc"]).ok();
+        bank.chunk_files().len() >= before + written
+    });
+    // Past GC's timestamp margin: without the session's writer, GC would delete them now.
+    sleep(Duration::from_millis(1500));
+    bank.run(&["gc"]).ok();
+    assert_eq!(bank.chunk_files().len(), before + written);
+    let r = a.stop().ok();
+    let j = report(&r);
+    assert_eq!(u(&j, "chunks_written"), written as u64, "{j}");
+    assert_eq!(u(&j["stats"], "written_back_chunks"), written as u64, "{j}");
+    assert_eq!(
+        u(&j, "chunks_uploaded"),
+        0,
+        "the check-in sends nothing the write-back sent: {j}"
+    );
+    let v = j["version"].as_str().expect("a version");
+    assert_same_bytes(
+        &export(&bank, &format!("alice/dev@{v}")),
+        &expected,
+        "check-in after write-back",
+    );
     bank.verify_ok();
 }
 
