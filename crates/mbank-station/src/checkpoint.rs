@@ -15,8 +15,12 @@
 //!   base; it moves the head by compare-and-swap like a check-in. The session goes on
 //!   from it: `session.json` records it ([`crate::session::Checkpoint`]), so the next
 //!   checkpoint, the check-in and a recovery after a crash derive from it and expect
-//!   it as the head. The dirty state is not reset: the next commit sends every dirty
+//!   it as the head. The dirty state is not reset: the check-in sends every dirty
 //!   chunk again, and those the checkpoint stored cost one `have` query, not an upload.
+//!   A later checkpoint of the same process reads and sends only the chunks whose
+//!   flushed blocks changed since the previous one (by their checksums), over the
+//!   previous checkpoint's index, so its flush-lock time and memory follow what
+//!   changed, not the whole session.
 //! - **Marked**: the version's source reads `checkpoint from <station>`, and it gets
 //!   the tag [`TAG`] (shown by `mbank log`), set just after its commit.
 //! - **Ids**: the n-th checkpoint of a session has an id derived from the session and
@@ -69,7 +73,8 @@ pub fn interval(minutes: Option<u64>) -> Option<Duration> {
 pub struct CheckpointReport {
     pub version: String,
     pub head_moved: bool,
-    /// Chunks the checkpoint holds beyond its base (the session's flushed chunks).
+    /// Chunks the checkpoint read and assembled: those flushed since the session's
+    /// previous checkpoint (all flushed chunks for the first).
     pub chunks: u64,
     pub chunks_uploaded: u64,
     pub bytes_uploaded: u64,
@@ -105,7 +110,19 @@ pub fn checkpoint(
         path: disk.dir.meta_path(),
         why: format!("{e}"),
     })?;
-    let (map, seq, chunks) = disk.snapshot_flushed()?;
+    // After a checkpoint of this process, only the chunks changed since are read and
+    // sent, over the checkpoint's index; else every flushed chunk, over the base's.
+    let prev = match (&meta.checkpoint, disk.checkpoint_map()) {
+        (Some(c), Some(m)) => {
+            let v = bank.resolve(&MachineRef {
+                machine: machine.clone(),
+                version: Some(c.version.clone()),
+            })?;
+            Some((bank.catalog().disk_index(&v)?, m))
+        }
+        _ => None,
+    };
+    let (map, seq, chunks) = disk.snapshot_flushed(prev.as_ref().map(|(_, m)| m))?;
     let count = meta.checkpoint.as_ref().map_or(0, |c| c.count) + 1;
     let id = checkpoint_version_id(&meta.session, count);
     let writer = bank.begin_write(&format!("checkpoint of {machine}"))?;
@@ -114,6 +131,8 @@ pub fn checkpoint(
     let total = chunks.iter().map(|(_, b)| b.len() as u64).sum();
     let n = chunks.len() as u64;
     let base = &disk.base;
+    let over_index = prev.map_or_else(|| disk.base.clone(), |(idx, _)| idx);
+    let new_map = map.clone();
     let fetcher = disk.chunks().clone();
     let bs = map.block_size as usize;
     let items = chunks.into_iter().map(move |(i, over)| {
@@ -154,7 +173,7 @@ pub fn checkpoint(
         description: format!("checkpoint from {station}"),
         parent,
         expected_head,
-        base: disk.base.clone(),
+        base: over_index,
         items: Box::new(items),
         total_bytes: total,
         id: Some(id),
@@ -178,11 +197,14 @@ pub fn checkpoint(
         (false, Some(h)) => h.to_hex(),
         (false, None) => "none".into(),
     };
-    disk.set_checkpoint(Checkpoint {
-        version: id.to_hex(),
-        count,
-        expect,
-    })?;
+    disk.set_checkpoint(
+        Checkpoint {
+            version: id.to_hex(),
+            count,
+            expect,
+        },
+        new_map,
+    )?;
     let tag = LabelChange {
         note: None,
         add_tags: vec![TAG.to_string()],

@@ -301,8 +301,10 @@ pub struct Disk {
     streams_prefetched: Mutex<HashSet<ChunkId>>,
     recorder: Mutex<Recorder>,
     bg: Arc<Background>,
-    /// The session's last checkpoint ([`crate::checkpoint`]), as `session.json` has it.
+    /// The session's last checkpoint ([`crate::checkpoint`]), as `session.json` has it,
+    /// and the durable map it was taken from (kept by this process only).
     checkpoint: Mutex<Option<crate::session::Checkpoint>>,
+    checkpoint_map: Mutex<Option<DirtyMap>>,
     /// Per chunk: written since the background write-back last took it.
     changed: Vec<AtomicBool>,
 }
@@ -372,6 +374,7 @@ impl Disk {
             }),
             bg: Arc::new(Background::default()),
             checkpoint: Mutex::new(None),
+            checkpoint_map: Mutex::new(None),
             changed: (0..n).map(|_| AtomicBool::new(false)).collect(),
         }
     }
@@ -405,12 +408,23 @@ impl Disk {
 
     /// Records checkpoint `c` in `session.json` (durably) and in memory, so the next
     /// checkpoint or check-in, and recovery after a crash, derive from it.
-    pub fn set_checkpoint(&self, c: crate::session::Checkpoint) -> Result<(), StationError> {
+    pub fn set_checkpoint(
+        &self,
+        c: crate::session::Checkpoint,
+        map: DirtyMap,
+    ) -> Result<(), StationError> {
         let mut g = self.checkpoint.lock().expect("checkpoint lock");
+        *self.checkpoint_map.lock().expect("checkpoint lock") = Some(map);
         let mut m = self.meta.clone();
         m.checkpoint = Some(c.clone());
         *g = Some(c);
         self.dir.write_meta(&m)
+    }
+
+    /// The durable map the session's last checkpoint was taken from, if this process
+    /// took it.
+    pub fn checkpoint_map(&self) -> Option<DirtyMap> {
+        self.checkpoint_map.lock().expect("checkpoint lock").clone()
     }
 
     /// How many flushes made blocks durable so far: a checkpoint is due only when this
@@ -427,9 +441,13 @@ impl Disk {
     /// checksum here; a block the guest is rewriting since its last flush may hold its
     /// old, new or torn data, as after a crash. So the result is a state the disk could
     /// have after a power cut at this moment. The guest's writes go on meanwhile; its
-    /// flushes, and first rewrites of flushed blocks, wait. Memory: the bytes of the
-    /// chunks the map names.
-    pub fn snapshot_flushed(&self) -> Result<FlushedState, StationError> {
+    /// flushes, and first rewrites of flushed blocks, wait.
+    ///
+    /// A chunk that `prev` (the map of the last checkpoint) names with the same blocks,
+    /// every one of them sealed with the same checksum in both, holds what it held then
+    /// and is left out: the lock is held, and memory used, for the chunks that changed
+    /// since (all of them when `prev` is `None`).
+    pub fn snapshot_flushed(&self, prev: Option<&DirtyMap>) -> Result<FlushedState, StationError> {
         let j = self.journal.lock().expect("flush lock");
         let mut map = DirtyMap::clean(self.base.disk_size, self.base.chunk_size);
         map.masks.copy_from_slice(&j.durable);
@@ -438,7 +456,18 @@ impl Disk {
         let bs = self.block_size;
         let mut out = Vec::new();
         let mut bad = Vec::new();
+        let same = |i: usize, p: &DirtyMap| {
+            let mask = map.masks[i];
+            p.masks.get(i) == Some(&mask)
+                && (0..64).filter(|b| mask & (1 << b) != 0).all(|b| {
+                    let n = i as u64 * 64 + b;
+                    map.sums.get(&n).is_some_and(|s| p.sums.get(&n) == Some(s))
+                })
+        };
         for i in map.dirty_chunks() {
+            if prev.is_some_and(|p| same(i, p)) {
+                continue;
+            }
             let len = self.base.chunk_len(i);
             let mut buf = vec![0u8; len];
             let mask = map.masks[i];
@@ -1873,6 +1902,7 @@ mod tests {
         let opts = ImportOptions::default();
         let a = vec![7u8; 6000];
         f.write(&disk, 2 * CS + 100, Some(&a), a.len());
+        f.write(&disk, CS, Some(&[4u8; 8192]), 8192);
         disk.flush_sync().unwrap();
         let flushed = f.model.clone();
         // Written, not flushed: not part of the checkpoint.
@@ -1882,7 +1912,7 @@ mod tests {
             .unwrap()
             .expect("a checkpoint");
         assert!(r.head_moved);
-        assert_eq!(r.chunks, 1);
+        assert_eq!(r.chunks, 2);
         assert!(
             f.head() == flushed,
             "the checkpoint holds the flushed writes only"
@@ -1901,6 +1931,7 @@ mod tests {
             f.head() == f.model,
             "the second checkpoint holds every write"
         );
+        assert_eq!(r2.chunks, 2, "chunk 1 did not change: it is not read again");
         let m: MachineName = "alice/dev".parse().unwrap();
         let v2 = f
             .bank
@@ -1921,11 +1952,11 @@ mod tests {
         f.write(&disk, 7 * CS, Some(&[1u8; 4096]), 4096);
         disk.flush_sync().unwrap();
         disk.overlay()
-            .write_all_at(&[0x55], (2 * CS + 200) as u64)
+            .write_all_at(&[0x55], (7 * CS + 200) as u64)
             .unwrap();
         match checkpoint(&mut f.bank, &disk, "test", r2.flush_seq, &opts) {
             Err(StationError::OverlayDamaged { blocks, .. }) => {
-                assert_eq!(blocks, vec![2 * 64]);
+                assert_eq!(blocks, vec![7 * 64]);
             }
             other => panic!("a damaged block must be refused: {other:?}"),
         }
