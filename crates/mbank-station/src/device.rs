@@ -85,6 +85,10 @@ pub struct DiskCounters {
     pub workset_stale: AtomicU64,
     /// Entries left unfetched because the replay had brought half the cache's bound.
     pub workset_over_budget: AtomicU64,
+    /// Dirty chunks the background write-back stored in the bank, and their bytes as
+    /// sent (compressed); chunks it found there already are not counted.
+    pub written_back_chunks: AtomicU64,
+    pub written_back_bytes: AtomicU64,
 }
 
 /// A session's statistics so far, as `attach --json`, `run --json` and the control
@@ -109,6 +113,9 @@ pub struct SessionStats {
     pub workset_missing: u64,
     pub workset_stale: u64,
     pub workset_over_budget: u64,
+    /// Dirty chunks the background write-back sent to the bank ([`crate::writeback`]).
+    pub written_back_chunks: u64,
+    pub written_back_bytes: u64,
 }
 
 /// Per-place flags: the guest read the chunk; a background fetch brought it; read-ahead
@@ -294,7 +301,17 @@ pub struct Disk {
     streams_prefetched: Mutex<HashSet<ChunkId>>,
     recorder: Mutex<Recorder>,
     bg: Arc<Background>,
+    /// The session's last checkpoint ([`crate::checkpoint`]), as `session.json` has it,
+    /// and the durable map it was taken from (kept by this process only).
+    checkpoint: Mutex<Option<crate::session::Checkpoint>>,
+    checkpoint_map: Mutex<Option<DirtyMap>>,
+    /// Per chunk: written since the background write-back last took it.
+    changed: Vec<AtomicBool>,
 }
+
+/// What [`Disk::snapshot_flushed`] took: the durable map, the flush count it
+/// reflects, and each chunk it names with the overlay's blocks in place.
+pub type FlushedState = (DirtyMap, u64, Vec<(usize, Vec<u8>)>);
 
 fn io(what: &str, e: std::io::Error) -> DeviceError {
     if e.raw_os_error() == Some(libc::ENOSPC) {
@@ -356,7 +373,147 @@ impl Disk {
                 max: Duration::from_millis(crate::workset::DEFAULT_MAX_MS),
             }),
             bg: Arc::new(Background::default()),
+            checkpoint: Mutex::new(None),
+            checkpoint_map: Mutex::new(None),
+            changed: (0..n).map(|_| AtomicBool::new(false)).collect(),
         }
+    }
+
+    /// The chunks written since the last call, for the background write-back: each
+    /// is taken once until the guest writes it again.
+    pub fn take_changed(&self) -> Vec<usize> {
+        (0..self.changed.len())
+            .filter(|&i| self.changed[i].swap(false, Ordering::AcqRel))
+            .collect()
+    }
+
+    /// Gives chunk `i` back to the next [`Disk::take_changed`] (its write-back failed
+    /// or was cut short).
+    pub fn mark_changed(&self, i: usize) {
+        self.changed[i].store(true, Ordering::Release);
+    }
+
+    /// True while a guest read (or write merge) waits on a fetch from the bank: the
+    /// background write-back holds back then.
+    pub fn guest_waiting(&self) -> bool {
+        self.demand.load(Ordering::Acquire) > 0
+    }
+
+    /// The session's metadata with its last checkpoint: what `session.json` holds now.
+    pub fn meta_now(&self) -> SessionMeta {
+        let mut m = self.meta.clone();
+        m.checkpoint = self.checkpoint.lock().expect("checkpoint lock").clone();
+        m
+    }
+
+    /// Records checkpoint `c` in `session.json` (durably) and in memory, so the next
+    /// checkpoint or check-in, and recovery after a crash, derive from it.
+    pub fn set_checkpoint(
+        &self,
+        c: crate::session::Checkpoint,
+        map: DirtyMap,
+    ) -> Result<(), StationError> {
+        let mut g = self.checkpoint.lock().expect("checkpoint lock");
+        *self.checkpoint_map.lock().expect("checkpoint lock") = Some(map);
+        let mut m = self.meta.clone();
+        m.checkpoint = Some(c.clone());
+        *g = Some(c);
+        self.dir.write_meta(&m)
+    }
+
+    /// The durable map the session's last checkpoint was taken from, if this process
+    /// took it.
+    pub fn checkpoint_map(&self) -> Option<DirtyMap> {
+        self.checkpoint_map.lock().expect("checkpoint lock").clone()
+    }
+
+    /// How many flushes made blocks durable so far: a checkpoint is due only when this
+    /// moved since the last one.
+    pub fn flush_seq(&self) -> u64 {
+        self.journal.lock().expect("flush lock").seq
+    }
+
+    /// The session's flushed state, taken under the flush lock so that no flush
+    /// completes while it is read: the durable map, the flush count it reflects, and
+    /// for each chunk it names, the chunk's bytes with the blocks the map names read
+    /// from the overlay (zeros elsewhere). A sealed block cannot be rewritten while the
+    /// lock is held (its intent record needs the lock) and is checked against its
+    /// checksum here; a block the guest is rewriting since its last flush may hold its
+    /// old, new or torn data, as after a crash. So the result is a state the disk could
+    /// have after a power cut at this moment. The guest's writes go on meanwhile; its
+    /// flushes, and first rewrites of flushed blocks, wait.
+    ///
+    /// A chunk that `prev` (the map of the last checkpoint) names with the same blocks,
+    /// every one of them sealed with the same checksum in both, holds what it held then
+    /// and is left out: the lock is held, and memory used, for the chunks that changed
+    /// since (all of them when `prev` is `None`).
+    pub fn snapshot_flushed(&self, prev: Option<&DirtyMap>) -> Result<FlushedState, StationError> {
+        let j = self.journal.lock().expect("flush lock");
+        let mut map = DirtyMap::clean(self.base.disk_size, self.base.chunk_size);
+        map.masks.copy_from_slice(&j.durable);
+        map.sums = j.sums.clone();
+        map.generation = j.generation;
+        let bs = self.block_size;
+        let mut out = Vec::new();
+        let mut bad = Vec::new();
+        let same = |i: usize, p: &DirtyMap| {
+            let mask = map.masks[i];
+            p.masks.get(i) == Some(&mask)
+                && (0..64).filter(|b| mask & (1 << b) != 0).all(|b| {
+                    let n = i as u64 * 64 + b;
+                    map.sums.get(&n).is_some_and(|s| p.sums.get(&n) == Some(s))
+                })
+        };
+        for i in map.dirty_chunks() {
+            if prev.is_some_and(|p| same(i, p)) {
+                continue;
+            }
+            let len = self.base.chunk_len(i);
+            let mut buf = vec![0u8; len];
+            let mask = map.masks[i];
+            let blocks = len.div_ceil(bs);
+            let mut b = 0;
+            while b < blocks {
+                if mask & (1 << b) == 0 {
+                    b += 1;
+                    continue;
+                }
+                let first = b;
+                while b < blocks && mask & (1 << b) != 0 {
+                    b += 1;
+                }
+                let (s, e) = (first * bs, (b * bs).min(len));
+                let off = i as u64 * self.chunk_size() + s as u64;
+                self.overlay
+                    .read_exact_at(&mut buf[s..e], off)
+                    .map_err(|e| StationError::Io {
+                        what: format!(
+                            "read chunk {i} (bytes {off}..) from the session overlay {} for a \
+                             checkpoint",
+                            self.dir.overlay_path().display()
+                        ),
+                        source: e,
+                    })?;
+            }
+            for b in (0..blocks).filter(|b| mask & (1 << b) != 0) {
+                let n = i as u64 * 64 + b as u64;
+                if let Some(sum) = map.sums.get(&n)
+                    && block_sum(&buf[map.block_range(i, b)]) != *sum
+                {
+                    bad.push(n);
+                }
+            }
+            out.push((i, buf));
+        }
+        if !bad.is_empty() {
+            return Err(StationError::OverlayDamaged {
+                path: self.dir.overlay_path(),
+                blocks: bad,
+                block_size: map.block_size,
+                chunk_size: map.chunk_size,
+            });
+        }
+        Ok((map, j.seq, out))
     }
 
     /// Records the working set until no new chunk was needed for `quiet`, or until
@@ -396,6 +553,8 @@ impl Disk {
             workset_missing: get(&c.workset_missing),
             workset_stale: get(&c.workset_stale),
             workset_over_budget: get(&c.workset_over_budget),
+            written_back_chunks: get(&c.written_back_chunks),
+            written_back_bytes: get(&c.written_back_bytes),
         }
     }
 
@@ -696,6 +855,7 @@ impl Disk {
     /// overlay. The caller holds the chunk's stripe lock.
     fn set_dirty(&self, i: usize, blocks: u64) {
         self.dirty[i].fetch_or(blocks, Ordering::AcqRel);
+        self.changed[i].store(true, Ordering::Release);
         if self.pending[i].fetch_or(blocks, Ordering::AcqRel) == 0 {
             self.pending_chunks.lock().expect("pending lock").push(i);
         }
@@ -1729,6 +1889,79 @@ mod tests {
         meta.pid = u32::MAX - 1; // a process that does not exist
         std::fs::write(path, serde_json::to_vec(&meta).unwrap()).unwrap();
         drop(disk);
+    }
+
+    /// A checkpoint holds what was flushed, not what was written since (the overlay
+    /// moves on while it is taken); none is made without a new flush; the next one
+    /// derives from it; a flipped bit in a flushed block is refused.
+    #[test]
+    fn a_checkpoint_holds_the_flushed_state_only() {
+        use crate::checkpoint::checkpoint;
+        let mut f = fixture();
+        let disk = f.check_out();
+        let opts = ImportOptions::default();
+        let a = vec![7u8; 6000];
+        f.write(&disk, 2 * CS + 100, Some(&a), a.len());
+        f.write(&disk, CS, Some(&[4u8; 8192]), 8192);
+        disk.flush_sync().unwrap();
+        let flushed = f.model.clone();
+        // Written, not flushed: not part of the checkpoint.
+        f.write(&disk, 5 * CS, Some(&vec![9u8; CS]), CS);
+        f.write(&disk, 2 * CS + 20000, Some(&[3u8; 10]), 10);
+        let r = checkpoint(&mut f.bank, &disk, "test", 0, &opts)
+            .unwrap()
+            .expect("a checkpoint");
+        assert!(r.head_moved);
+        assert_eq!(r.chunks, 2);
+        assert!(
+            f.head() == flushed,
+            "the checkpoint holds the flushed writes only"
+        );
+        assert!(
+            checkpoint(&mut f.bank, &disk, "test", r.flush_seq, &opts)
+                .unwrap()
+                .is_none(),
+            "no flush since: no checkpoint"
+        );
+        disk.flush_sync().unwrap();
+        let r2 = checkpoint(&mut f.bank, &disk, "test", r.flush_seq, &opts)
+            .unwrap()
+            .expect("a second checkpoint");
+        assert!(
+            f.head() == f.model,
+            "the second checkpoint holds every write"
+        );
+        assert_eq!(r2.chunks, 2, "chunk 1 did not change: it is not read again");
+        let m: MachineName = "alice/dev".parse().unwrap();
+        let v2 = f
+            .bank
+            .resolve(&MachineRef {
+                machine: m,
+                version: Some(r2.version.clone()),
+            })
+            .unwrap();
+        assert_eq!(v2.parent.map(|p| p.to_hex()), Some(r.version.clone()));
+        let tags = &f.bank.log(&v2.machine).unwrap();
+        assert!(
+            tags.iter()
+                .filter(|v| v.tags.iter().any(|t| t == crate::checkpoint::TAG))
+                .count()
+                == 2
+        );
+        // A flushed block that no longer holds what was flushed: nothing is stored.
+        f.write(&disk, 7 * CS, Some(&[1u8; 4096]), 4096);
+        disk.flush_sync().unwrap();
+        disk.overlay()
+            .write_all_at(&[0x55], (7 * CS + 200) as u64)
+            .unwrap();
+        match checkpoint(&mut f.bank, &disk, "test", r2.flush_seq, &opts) {
+            Err(StationError::OverlayDamaged { blocks, .. }) => {
+                assert_eq!(blocks, vec![7 * 64]);
+            }
+            other => panic!("a damaged block must be refused: {other:?}"),
+        }
+        let head = f.bank.catalog().machine(&v2.machine).unwrap().unwrap().head;
+        assert_eq!(head.map(|h| h.to_hex()), Some(r2.version), "nothing stored");
     }
 
     #[test]

@@ -17,9 +17,11 @@
 //!    or FUA write makes the overlay durable, then appends the checksums of the blocks
 //!    it made durable to the session's journal (invariant 4; [`session`] says why a
 //!    rewrite of a flushed block first syncs an intent record).
-//! 3. [`Station::check_in`] stores the dirty chunks (only those the bank lacks are
-//!    written), commits a version whose parent is the version checked out, moving the
-//!    head by compare-and-swap from the head seen at check-out (so a session of an older
+//! 3. Every few minutes, while flushes make new blocks durable, the session commits a
+//!    **checkpoint** of its flushed state ([`checkpoint`]), a version it goes on from.
+//! 4. [`Station::check_in`] stores the dirty chunks (only those the bank lacks are
+//!    written), commits a version whose parent is the last checkpoint, else the version
+//!    checked out, moving the head by compare-and-swap from the head seen at check-out (so a session of an older
 //!    version becomes the head unless someone moved it; a lost race is kept as its own
 //!    version), then releases the lease, deletes the session and applies the machine's
 //!    retention policy. Dirty bits live until the version is committed.
@@ -40,10 +42,12 @@
 
 pub mod cache;
 pub mod cached;
+pub mod checkpoint;
 pub mod device;
 pub mod live;
 pub mod session;
 pub mod workset;
+pub mod writeback;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -151,6 +155,8 @@ pub struct SessionReport {
     pub policy_error: Option<String>,
     /// Bytes the session sent to the bank (its chunks and streams the bank lacked).
     pub bytes_sent: u64,
+    /// Checkpoints the session committed before it ended ([`checkpoint`]).
+    pub checkpoints: u64,
     /// Fetches, waits, prefetch and read-ahead, the working set ([`device::SessionStats`]).
     pub stats: device::SessionStats,
     /// Entries of the working set stored with the new version (0: none stored).
@@ -527,6 +533,7 @@ impl Station {
             started_ms: now_ms(),
             bank: bank.location().to_string(),
             head_at_start: Some(head_at_start.map_or_else(|| "none".into(), |h| h.to_hex())),
+            checkpoint: None,
         };
         let files = match new.finish(&meta) {
             Ok(x) => x,
@@ -595,9 +602,10 @@ impl Station {
                     (None, 0)
                 }
             };
+        let meta = disk.meta_now();
         let mut report = self.commit(
             bank,
-            &disk.meta,
+            &meta,
             &disk.dir,
             &disk.base,
             disk.overlay(),
@@ -607,6 +615,7 @@ impl Station {
             progress,
         )?;
         drop(guard);
+        report.checkpoints = meta.checkpoint.as_ref().map_or(0, |c| c.count);
         report.stats = disk.stats();
         if report.stats.workset_missing > 0 {
             warnings.push(format!(
@@ -794,7 +803,10 @@ impl Station {
                 });
             }
             let writer = bank.begin_write(&format!("check-in {}", meta.machine))?;
-            let parent = meta.base_version()?;
+            // The session's last checkpoint, if it made one, else the version it
+            // checked out; the dirty chunks are all sent again over the base, and
+            // those the checkpoint stored already cost a `have` query, not an upload.
+            let parent = meta.parent_version()?;
             let total = dirty.iter().map(|&i| base.chunk_len(i) as u64).sum();
             // A chunk the session wrote only in part is assembled in memory: the
             // blocks the dirty map names from the overlay, the rest from its base

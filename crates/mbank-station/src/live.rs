@@ -10,18 +10,24 @@
 //!   whole disk into the cache;
 //! - its **devices**: the disk ([`Disk`]) and the streams it reads through the station
 //!   cache ([`Session::fetch_stream`]: kernel, initrd, a saved memory state);
+//! - its **write-back** ([`crate::writeback`]): a thread that sends the chunks the
+//!   guest writes to the bank in the background, under a bandwidth cap, protected from
+//!   GC by the session's writer registration, held until the check-in committed;
+//! - its **checkpoints** ([`crate::checkpoint`]): a thread that commits the flushed
+//!   state every [`SessionOptions::checkpoint_minutes`] when a flush made blocks
+//!   durable since the last one, on its own catalog connection;
 //! - its **end**: [`Session::check_in`] or [`Session::discard`], which first stop the
 //!   heartbeat and the fetchers. A session dropped without either (its user failed)
 //!   stops its threads and leaves its directory and lease for `recover`, like a
 //!   process killed with -9.
 
 use std::io::Write;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use mbank_bank::{Bank, ImportOptions, Progress};
+use mbank_bank::{Bank, ImportOptions, Progress, WriterGuard};
 use mbank_core::{MachineName, MachineRef, MemoryIndex};
 
 use crate::cached::{CachedStore, StreamError};
@@ -44,8 +50,14 @@ pub struct SessionOptions {
     /// Fetch the whole disk into the cache in the background (the guest's reads first).
     pub whole_disk: bool,
     /// Messages: the working set queued, a working set skipped, the machine taken over
-    /// by another station.
+    /// by another station, a checkpoint failed.
     pub say: Warn,
+    /// Minutes between checkpoints (0: none); `None`: [`crate::checkpoint::interval`]'s
+    /// default (`$MBANK_CHECKPOINT_SECONDS`, else 15 minutes).
+    pub checkpoint_minutes: Option<u64>,
+    /// The background write-back's bandwidth cap in Mbit/s (0: none); `None`:
+    /// [`crate::writeback::cap`]'s default (`$MBANK_WRITEBACK_MBIT`, else 25).
+    pub writeback_mbit: Option<u64>,
 }
 
 /// A live session; see the module docs.
@@ -54,6 +66,9 @@ pub struct Session<'s> {
     disk: Arc<Disk>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    /// The session's writer registration, which keeps what its write-back sent from
+    /// GC; released once the check-in committed (or the session ended otherwise).
+    writer: Option<Arc<Mutex<WriterGuard>>>,
 }
 
 impl<'s> Session<'s> {
@@ -86,6 +101,37 @@ impl<'s> Session<'s> {
             stop.clone(),
             opts.say.clone(),
         )];
+        if let Some(every) = crate::checkpoint::interval(opts.checkpoint_minutes) {
+            let ckpt = Bank::with_parts(
+                bank.location().to_string(),
+                bank.store_arc(),
+                bank.catalog().reopen()?,
+            );
+            threads.push(spawn_checkpoints(
+                ckpt,
+                disk.clone(),
+                station.name.clone(),
+                every,
+                stop.clone(),
+                opts.say.clone(),
+            ));
+        }
+        let mut writer = None;
+        if let Some(bps) = crate::writeback::cap(opts.writeback_mbit) {
+            let w = Arc::new(Mutex::new(
+                bank.begin_write(&format!("write-back of {}", disk.meta.machine))?,
+            ));
+            threads.push(crate::writeback::spawn(
+                disk.clone(),
+                bank.store_arc(),
+                w.clone(),
+                bps,
+                ImportOptions::default().zstd_level,
+                stop.clone(),
+                opts.say.clone(),
+            ));
+            writer = Some(w);
+        }
         if opts.whole_disk {
             let (d, stop) = (disk.clone(), stop.clone());
             threads.push(std::thread::spawn(move || d.prefetch(&stop)));
@@ -95,6 +141,7 @@ impl<'s> Session<'s> {
             disk,
             stop,
             threads,
+            writer,
         })
     }
 
@@ -148,8 +195,13 @@ impl<'s> Session<'s> {
         progress: &dyn Progress,
     ) -> Result<SessionReport, StationError> {
         self.stop_threads();
-        self.station
-            .check_in_with(bank, &self.disk, extras, opts, progress)
+        let r = self
+            .station
+            .check_in_with(bank, &self.disk, extras, opts, progress);
+        if r.is_ok() {
+            self.writer = None;
+        }
+        r
     }
 
     /// Ends the session without a check-in: its writes are dropped and the machine is
@@ -179,6 +231,52 @@ impl Drop for Session<'_> {
     fn drop(&mut self) {
         self.stop_threads();
     }
+}
+
+/// Commits a checkpoint every `every` while a flush made blocks durable since the last
+/// one, until `stop` (a checkpoint under way is finished first); a failure is said and
+/// tried again at the next tick.
+fn spawn_checkpoints(
+    mut bank: Bank,
+    disk: Arc<Disk>,
+    station: String,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+    say: Warn,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let tick = Duration::from_millis(100);
+        let mut since = 0;
+        loop {
+            let mut waited = Duration::ZERO;
+            while waited < every {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(tick.min(every - waited));
+                waited += tick;
+            }
+            let opts = ImportOptions {
+                jobs: 1,
+                ..Default::default()
+            };
+            match crate::checkpoint::checkpoint(&mut bank, &disk, &station, since, &opts) {
+                Ok(None) => {}
+                Ok(Some(r)) => {
+                    since = r.flush_seq;
+                    for w in r.warnings {
+                        say(format!("warning: {w}"));
+                    }
+                }
+                Err(e) => say(format!(
+                    "warning: a checkpoint of {} failed: {e}; the session goes on and tries \
+                     again in {} s (its writes are still checked in when it ends)",
+                    disk.meta.machine,
+                    every.as_secs()
+                )),
+            }
+        }
+    })
 }
 
 /// Keeps the session's lease fresh (every [`HEARTBEAT`], on its own catalog connection)

@@ -117,13 +117,52 @@ pub struct SessionMeta {
     /// beside the head.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_at_start: Option<String>,
+    /// The session's last checkpoint, if it committed one ([`crate::checkpoint`]):
+    /// the parent of its next checkpoint or check-in. Absent until the first one (an
+    /// older mbank ignores it, and at worst keeps its check-in beside the head).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// A checkpoint a session committed, as its `session.json` records it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The checkpoint's version id (hex).
+    pub version: String,
+    /// How many checkpoints the session committed, this one included.
+    pub count: u64,
+    /// The head the session's next commit expects (hex, or `none`): this checkpoint
+    /// if it moved the head, else what the session expected before (someone else
+    /// moved the head first, and the checkpoint was kept beside it).
+    pub expect: String,
 }
 
 impl SessionMeta {
-    /// The head check-in expects to find: the one seen when the session began, or
+    /// The version the session's next commit derives from: its last checkpoint, else
+    /// the version it checked out.
+    pub fn parent_version(&self) -> Result<Option<VersionId>, StationError> {
+        match &self.checkpoint {
+            Some(c) => c
+                .version
+                .parse()
+                .map(Some)
+                .map_err(|_| StationError::BadSession {
+                    path: PathBuf::from(&self.session),
+                    why: format!("checkpoint version {:?} is not a version id", c.version),
+                }),
+            None => self.base_version(),
+        }
+    }
+
+    /// The head check-in expects to find: the one its last checkpoint expects next
+    /// ([`Checkpoint::expect`]), else the one seen when the session began, or
     /// `fallback` (its base) when that was not recorded.
     pub fn expected_head(&self, fallback: Option<VersionId>) -> Option<VersionId> {
-        match self.head_at_start.as_deref() {
+        let expect = match &self.checkpoint {
+            Some(c) => Some(c.expect.as_str()),
+            None => self.head_at_start.as_deref(),
+        };
+        match expect {
             Some("none") => None,
             Some(h) => h.parse().ok().or(fallback),
             None => fallback,
@@ -352,6 +391,14 @@ impl SessionDir {
             });
         }
         Ok(m)
+    }
+
+    /// Rewrites `session.json` durably (temp file, fsync, rename, fsync the directory).
+    pub fn write_meta(&self, meta: &SessionMeta) -> Result<(), StationError> {
+        write_atomic(
+            &self.meta_path(),
+            &serde_json::to_vec_pretty(meta).expect("serialises"),
+        )
     }
 
     /// Writes the dirty map durably: temp file, fsync, rename, fsync the directory.

@@ -58,6 +58,16 @@ pub struct Args {
     /// on go first).
     #[arg(long)]
     pub prefetch: bool,
+    /// Commit a checkpoint version of what the guest flushed every N minutes while it
+    /// writes (tagged `checkpoint`; 0: none). Default: 15, or
+    /// $MBANK_CHECKPOINT_SECONDS in seconds.
+    #[arg(long, value_name = "N")]
+    pub checkpoint_minutes: Option<u64>,
+    /// Send what the guest writes to the bank in the background, at most N Mbit/s, so
+    /// the check-in has little left to send (0: not before the check-in). Default: 25,
+    /// or $MBANK_WRITEBACK_MBIT.
+    #[arg(long, value_name = "N")]
+    pub writeback_mbit: Option<u64>,
     /// Worker threads (the global `-j`).
     #[arg(skip)]
     pub jobs: usize,
@@ -216,6 +226,8 @@ pub fn run(
             force: args.force,
             whole_disk: args.prefetch,
             say: session_say(quiet),
+            checkpoint_minutes: args.checkpoint_minutes,
+            writeback_mbit: args.writeback_mbit,
         },
     )?;
     let disk = session.disk().clone();

@@ -567,6 +567,8 @@ fn run(bank: &mut Bank, station: &Station, args: Args, hub: &Arc<Hub>) -> Result
             force: args.force,
             whole_disk: false,
             say: Arc::new(move |s: String| h.say(&s)),
+            checkpoint_minutes: None,
+            writeback_mbit: None,
         },
     )?;
     let plan = Plan {

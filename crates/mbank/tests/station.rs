@@ -529,7 +529,10 @@ fn real_nbd_clients_against_attach() {
 #[test]
 fn checkin_sends_only_written_chunks_and_fetches_only_what_is_read() {
     need(&[("nbdsh", "python3-libnbd")]);
-    let bank = Bank::new();
+    let mut bank = Bank::new();
+    // What the check-in itself sends: no write-back before it.
+    bank.env
+        .push(("MBANK_WRITEBACK_MBIT".into(), Some("0".into())));
     let size = 64 * MIB;
     let base_img = image(size, &[(0, size)], 21);
     let (base, _) = import(&bank, "alice/dev", &base_img, &[]);
@@ -734,6 +737,214 @@ fn sigkill_during_writes_keeps_every_flushed_write() {
     assert_eq!(e["parent"], base.as_str(), "{e}");
     assert_eq!(bank.log("alice/dev").len(), 2);
     assert!(sessions(&cache).is_empty());
+    bank.verify_ok();
+}
+
+/// The background write-back sends what the guest writes while the session runs; GC
+/// running again and again meanwhile deletes none of it (the session's writer protects
+/// it); the check-in then sends none of those chunks again, and the version holds every
+/// write.
+#[test]
+fn writeback_racing_gc_loses_nothing_and_checkin_sends_less() {
+    need(&[("nbdsh", "python3-libnbd")]);
+    let mut bank = Bank::new();
+    bank.env
+        .push(("MBANK_WRITEBACK_MBIT".into(), Some("1000".into())));
+    // No checkpoint stores the chunks instead.
+    bank.env
+        .push(("MBANK_CHECKPOINT_SECONDS".into(), Some("0".into())));
+    let size = 16 * MIB;
+    let base_img = image(size, &[(0, 12 * MIB)], 61);
+    import(&bank, "alice/dev", &base_img, &[]);
+    let before = bank.chunk_files().len();
+    let cache = bank.file("cache");
+    let mut a = bank.attach(&cache, "alice/dev", &["--json"]);
+    let mut expected = base_img.clone();
+    let mut rng = Rng::new(62);
+    let mut s = Script::new(&bank);
+    // 32 whole chunks, and part of one more (merged with its base chunk).
+    for (off, len) in [(100 * CS, 32 * CS), (5 * CS + 300, 5000)] {
+        let mut d = vec![0u8; len];
+        rng.fill(&mut d);
+        s.write(off, &d, false);
+        apply(&mut expected, off, &d);
+    }
+    s.flush().run(&a.uri());
+    let written = 33;
+    wait_for("the write-back of 33 chunks, GC running meanwhile", || {
+        bank.run(&["gc"]).ok();
+        bank.chunk_files().len() >= before + written
+    });
+    // Past GC's timestamp margin: without the session's writer, GC would delete them now.
+    sleep(Duration::from_millis(1500));
+    bank.run(&["gc"]).ok();
+    assert_eq!(bank.chunk_files().len(), before + written);
+    let r = a.stop().ok();
+    let j = report(&r);
+    assert_eq!(u(&j, "chunks_written"), written as u64, "{j}");
+    assert_eq!(u(&j["stats"], "written_back_chunks"), written as u64, "{j}");
+    assert_eq!(
+        u(&j, "chunks_uploaded"),
+        0,
+        "the check-in sends nothing the write-back sent: {j}"
+    );
+    let v = j["version"].as_str().expect("a version");
+    assert_same_bytes(
+        &export(&bank, &format!("alice/dev@{v}")),
+        &expected,
+        "check-in after write-back",
+    );
+    bank.verify_ok();
+}
+
+/// The versions of `machine` tagged `checkpoint`, oldest first, once there are `n`.
+fn wait_checkpoints(bank: &Bank, machine: &str, n: usize) -> Vec<String> {
+    let mut found = Vec::new();
+    wait_for(&format!("{n} checkpoints of {machine}"), || {
+        let mut log = bank.log(machine);
+        log.sort_by_key(|e| e["created_ms"].as_i64());
+        found = log
+            .iter()
+            .filter(|e| {
+                e["tags"]
+                    .as_array()
+                    .is_some_and(|t| t.iter().any(|t| t == "checkpoint"))
+            })
+            .map(|e| e["version"].as_str().unwrap().to_string())
+            .collect();
+        found.len() >= n
+    });
+    found
+}
+
+/// A session commits checkpoints of what the guest flushed while it runs (tagged
+/// `checkpoint`, each derived from the one before); after kill -9 of its station,
+/// another station with an empty cache takes the machine over with --force from the
+/// last checkpoint and reads every write flushed before it. The dead session's
+/// recovery, and a live session's check-in, derive from their last checkpoint.
+#[test]
+fn checkpoint_then_kill9_another_station_takes_over_from_it() {
+    need(&[("nbdsh", "python3-libnbd")]);
+    let mut bank = Bank::new();
+    bank.env
+        .push(("MBANK_CHECKPOINT_SECONDS".into(), Some("1".into())));
+    let size = 16 * MIB;
+    let base_img = image(size, &[(0, 12 * MIB)], 51);
+    let (base, _) = import(&bank, "alice/dev", &base_img, &[]);
+    let (c1, c2) = (bank.file("station-1"), bank.file("station-2"));
+    let mut a = bank.attach(&c1, "alice/dev", &[]);
+    let mut rng = Rng::new(52);
+    let mut data = |n: usize| {
+        let mut d = vec![0u8; n];
+        rng.fill(&mut d);
+        d
+    };
+
+    // Flushed: part of a block, a write across three chunks, one in a zero chunk.
+    let mut expected = base_img.clone();
+    let mut s = Script::new(&bank);
+    for (off, len) in [
+        (3 * CS + 100, 4 * KIB),
+        (20 * CS - 5000, 140 * KIB),
+        (13 * MIB, 8 * KIB),
+    ] {
+        let d = data(len);
+        s.write(off, &d, false);
+        apply(&mut expected, off, &d);
+    }
+    s.flush().run(&a.uri());
+    let ck1 = wait_checkpoints(&bank, "alice/dev", 1)[0].clone();
+    assert_same_bytes(
+        &export(&bank, &format!("alice/dev@{ck1}")),
+        &expected,
+        "first checkpoint",
+    );
+    let e = log_entry(&bank, "alice/dev", &ck1);
+    assert_eq!(e["parent"], base.as_str(), "{e}");
+    assert_eq!(bank.head("alice/dev").as_deref(), Some(ck1.as_str()));
+
+    // More writes, over some of the first ones; a FUA write makes them durable.
+    let mut s = Script::new(&bank);
+    for (off, len) in [(3 * CS, 8 * KIB), (30 * CS + 512, 3 * KIB)] {
+        let d = data(len);
+        s.write(off, &d, false);
+        apply(&mut expected, off, &d);
+    }
+    let d = data(4 * KIB);
+    s.write(40 * CS, &d, true);
+    apply(&mut expected, 40 * CS, &d);
+    s.run(&a.uri());
+    let ck2 = wait_checkpoints(&bank, "alice/dev", 2)[1].clone();
+    let e = log_entry(&bank, "alice/dev", &ck2);
+    assert_eq!(
+        e["parent"],
+        ck1.as_str(),
+        "the session goes on from its checkpoint: {e}"
+    );
+    assert_eq!(bank.head("alice/dev").as_deref(), Some(ck2.as_str()));
+
+    let r = a.kill9();
+    assert_eq!(r.code, None, "attach must have been killed:\n{r}");
+
+    // Another station, its cache empty, takes over from the last checkpoint.
+    let mut b = bank.attach(&c2, "alice/dev", &["--force", "--json"]);
+    Script::new(&bank).expect(0, &expected).run(&b.uri());
+    let j = report(&b.stop().ok());
+    assert_eq!(j["base"], ck2.as_str(), "{j}");
+    assert_eq!(
+        j["version"],
+        Value::Null,
+        "nothing written, no version: {j}"
+    );
+
+    // The killed session, recovered on its station, derives from its last checkpoint
+    // and, the head still there, moves it.
+    let r = recover(&bank, &c1).ok();
+    let rec = r.json()["recovered"][0]["version"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a recovered version: {r}"))
+        .to_string();
+    let e = log_entry(&bank, "alice/dev", &rec);
+    assert_eq!(e["parent"], ck2.as_str(), "{e}");
+    assert_eq!(bank.head("alice/dev").as_deref(), Some(rec.as_str()));
+    assert_same_bytes(
+        &export(&bank, &format!("alice/dev@{rec}")),
+        &expected,
+        "recovered session",
+    );
+
+    // A live session's check-in derives from its checkpoint and sends only what the
+    // checkpoint did not store.
+    let mut a = bank.attach(&c1, "alice/dev", &["--json"]);
+    let d = data(64 * KIB);
+    Script::new(&bank).write(50 * CS, &d, true).run(&a.uri());
+    apply(&mut expected, 50 * CS, &d);
+    let ck3 = wait_checkpoints(&bank, "alice/dev", 3)[2].clone();
+    let d = data(4 * KIB);
+    Script::new(&bank).write(60 * CS, &d, true).run(&a.uri());
+    apply(&mut expected, 60 * CS, &d);
+    let r = a.stop().ok();
+    let j = report(&r);
+    assert!(u(&j, "checkpoints") >= 1, "{j}");
+    let v = j["version"].as_str().expect("a version").to_string();
+    let e = log_entry(&bank, "alice/dev", &v);
+    let parent = e["parent"].as_str().unwrap().to_string();
+    let checkpoints = wait_checkpoints(&bank, "alice/dev", 3);
+    assert_eq!(
+        Some(&parent),
+        checkpoints.last(),
+        "the check-in derives from the session's last checkpoint ({ck3} or a later one): {e}"
+    );
+    assert_eq!(j["head_moved"], true, "{j}");
+    assert!(
+        u(&j, "chunks_uploaded") < u(&j, "chunks_written"),
+        "the chunk the checkpoint stored is not sent again: {j}"
+    );
+    assert_same_bytes(
+        &export(&bank, &format!("alice/dev@{v}")),
+        &expected,
+        "check-in after a checkpoint",
+    );
     bank.verify_ok();
 }
 

@@ -1,0 +1,184 @@
+//! **Write-back**: while a session runs, the chunks the guest wrote go to the bank in
+//! the background, so that its check-in (or suspend) sends only what changed since.
+//!
+//! - **What**: each chunk written since the thread last took it ([`Disk::take_changed`]),
+//!   as it is in the overlay now (over its base chunk, like check-in assembles it). The
+//!   guest may be writing it meanwhile: the chunk sent may then be one the check-in
+//!   never names, which costs a transfer and nothing else (chunks are named by their
+//!   content, and the write marks the chunk for the next pass). Write-back makes no
+//!   version and decides nothing about what a version holds: check-in assembles and
+//!   hashes every dirty chunk as before, and asks the bank which it has (`touch_many`);
+//!   those written back are found there and not sent again.
+//! - **When**: in batches of [`BATCH`] chunks, never while a guest read waits on a fetch
+//!   ([`Disk::guest_waiting`]), under a bandwidth cap (bytes sent per second; default
+//!   [`DEFAULT_MBIT`] Mbit/s, `--writeback-mbit`, `MBANK_WRITEBACK_MBIT`; 0 turns it off).
+//! - **Safe from GC**: the session registers a writer in the bank for its whole life
+//!   (held until after its check-in commits), so every chunk it writes back is newer
+//!   than the GC cutoff while the session lives (the scheme in `mbank-store`). Each
+//!   batch is flushed to the store before the next; the writer is kept fresh (heartbeat)
+//!   for banks on other hosts.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use mbank_bank::WriterGuard;
+use mbank_core::chunk::encode;
+use mbank_store::ChunkStore;
+
+use crate::device::{Disk, assemble_chunk};
+use crate::live::Warn;
+
+/// The default bandwidth cap of write-back, in Mbit/s: a quarter of the lab's
+/// 100 Mbit/s link.
+pub const DEFAULT_MBIT: u64 = 25;
+/// The environment variable that sets the cap in Mbit/s; `0` turns write-back off.
+pub const ENV_MBIT: &str = "MBANK_WRITEBACK_MBIT";
+/// Chunks per batch: one `have` query and one upload each.
+pub const BATCH: usize = 32;
+/// How often the thread looks for newly written chunks.
+const TICK: Duration = Duration::from_millis(100);
+
+/// The cap in bytes per second: `mbit` if given, else `$MBANK_WRITEBACK_MBIT`, else
+/// [`DEFAULT_MBIT`]; `None` when 0 (off).
+pub fn cap(mbit: Option<u64>) -> Option<u64> {
+    let m = mbit
+        .or_else(|| std::env::var(ENV_MBIT).ok().and_then(|v| v.parse().ok()))
+        .unwrap_or(DEFAULT_MBIT);
+    (m > 0).then(|| m.saturating_mul(1_000_000) / 8)
+}
+
+/// Sleeps `d` in ticks; false if `stop` was set meanwhile.
+fn nap(d: Duration, stop: &AtomicBool) -> bool {
+    let mut left = d;
+    while !left.is_zero() {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        let t = left.min(TICK);
+        std::thread::sleep(t);
+        left -= t;
+    }
+    !stop.load(Ordering::Relaxed)
+}
+
+/// Starts the write-back of `disk` into `store` at most `bytes_per_second`, until
+/// `stop`; `writer` is the session's writer registration (kept fresh here).
+pub fn spawn(
+    disk: Arc<Disk>,
+    store: Arc<dyn ChunkStore>,
+    writer: Arc<Mutex<WriterGuard>>,
+    bytes_per_second: u64,
+    zstd_level: i32,
+    stop: Arc<AtomicBool>,
+    say: Warn,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut warned = false;
+        let mut beat = std::time::Instant::now();
+        while nap(TICK, &stop) {
+            if beat.elapsed() > Duration::from_secs(60) {
+                writer.lock().expect("writer lock").heartbeat();
+                beat = std::time::Instant::now();
+            }
+            let changed = disk.take_changed();
+            if changed.is_empty() {
+                continue;
+            }
+            let map = disk.dirty_map();
+            let mut rest = changed.as_slice();
+            while !rest.is_empty() {
+                // Behind the guest's reads.
+                while disk.guest_waiting() && nap(Duration::from_millis(1), &stop) {}
+                if stop.load(Ordering::Relaxed) {
+                    rest.iter().for_each(|&i| disk.mark_changed(i));
+                    return;
+                }
+                let (batch, more) = rest.split_at(rest.len().min(BATCH));
+                rest = more;
+                match send(&disk, &*store, &map, batch, zstd_level) {
+                    Ok(sent) => {
+                        let wait = Duration::from_secs_f64(sent as f64 / bytes_per_second as f64);
+                        if !nap(wait, &stop) {
+                            rest.iter().for_each(|&i| disk.mark_changed(i));
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        batch.iter().for_each(|&i| disk.mark_changed(i));
+                        if !warned {
+                            say(format!(
+                                "warning: the background write-back of {} failed: {e}; it tries \
+                                 again, and check-in sends what it could not",
+                                disk.meta.machine
+                            ));
+                            warned = true;
+                        }
+                        if !nap(Duration::from_secs(5), &stop) {
+                            rest.iter().for_each(|&i| disk.mark_changed(i));
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Sends the chunks `batch` of `disk` (as the overlay holds them, over their base) that
+/// the bank lacks, and flushes the store; returns the bytes sent.
+fn send(
+    disk: &Disk,
+    store: &dyn ChunkStore,
+    map: &crate::session::DirtyMap,
+    batch: &[usize],
+    zstd_level: i32,
+) -> Result<u64, String> {
+    let fetch = |id: &mbank_core::ChunkId| {
+        disk.chunks()
+            .fetch_verified(id)
+            .map(Arc::unwrap_or_clone)
+            .map_err(|e| e.to_string())
+    };
+    let path = disk.dir.overlay_path();
+    let mut chunks = Vec::with_capacity(batch.len());
+    for &i in batch {
+        if map.masks[i] == 0 {
+            continue;
+        }
+        let data = assemble_chunk(disk.overlay(), &path, &disk.base, map, i, &fetch)
+            .map_err(|e| e.to_string())?;
+        if !mbank_core::is_zero(&data) {
+            chunks.push(encode(&data, zstd_level));
+        }
+    }
+    if chunks.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<_> = chunks.iter().map(|c| c.id).collect();
+    let have = store
+        .touch_many(&ids)
+        .map_err(|e| format!("ask the bank which chunks it has: {e}"))?;
+    let missing: Vec<_> = chunks
+        .into_iter()
+        .zip(have)
+        .filter(|(_, h)| !h)
+        .map(|(c, _)| c)
+        .collect();
+    if missing.is_empty() {
+        return Ok(0);
+    }
+    let sent: u64 = missing.iter().map(|c| c.bytes.len() as u64).sum();
+    store
+        .put_many(&missing)
+        .map_err(|e| format!("store {} chunks: {e}", missing.len()))?;
+    store
+        .flush()
+        .map_err(|e| format!("flush the bank's store: {e}"))?;
+    let c = &disk.counters;
+    c.written_back_chunks
+        .fetch_add(missing.len() as u64, Ordering::Relaxed);
+    c.written_back_bytes.fetch_add(sent, Ordering::Relaxed);
+    Ok(sent)
+}
