@@ -34,7 +34,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Form, Path, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Form, FromRequest, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -145,6 +145,26 @@ impl IntoResponse for WebError {
 }
 
 type WebResult = Result<Response, WebError>;
+
+/// A posted form (`application/x-www-form-urlencoded`); one that cannot be read is
+/// refused with a page saying so, before anything is done.
+struct Posted<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for Posted<T> {
+    type Rejection = WebError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, WebError> {
+        match Form::<T>::from_request(req, state).await {
+            Ok(Form(t)) => Ok(Posted(t)),
+            Err(e) => Err(ApiError::new(
+                e.status(),
+                "bad_request",
+                format!("the form could not be read ({}); reload the page and submit it again", e.body_text()),
+            )
+            .into()),
+        }
+    }
+}
 
 /// The logged-in user of a page, and the CSRF value their forms carry.
 struct Session {
@@ -341,7 +361,7 @@ async fn login(
     Extension(tls): Extension<Tls>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    Form(f): Form<LoginForm>,
+    Posted(f): Posted<LoginForm>,
 ) -> WebResult {
     let nonce = cookie(&headers, LOGIN_COOKIE).unwrap_or_default();
     if nonce.len() != 32 || nonce == hex(&[0; 16]) || f.csrf != nonce {
@@ -406,7 +426,7 @@ async fn logout(
     State(app): State<Shared>,
     Extension(tls): Extension<Tls>,
     headers: HeaderMap,
-    Form(f): Form<CsrfForm>,
+    Posted(f): Posted<CsrfForm>,
 ) -> WebResult {
     let s = session(&app, &headers).await?;
     check_csrf(&s, &f.csrf)?;
@@ -582,7 +602,7 @@ async fn set_head(
     State(app): State<Shared>,
     headers: HeaderMap,
     Path((u, n)): Path<(String, String)>,
-    Form(f): Form<HeadForm>,
+    Posted(f): Posted<HeadForm>,
 ) -> WebResult {
     let s = session(&app, &headers).await?;
     check_csrf(&s, &f.csrf)?;
@@ -616,7 +636,7 @@ async fn remove_version(
     State(app): State<Shared>,
     headers: HeaderMap,
     Path((u, n)): Path<(String, String)>,
-    Form(f): Form<RemoveForm>,
+    Posted(f): Posted<RemoveForm>,
 ) -> WebResult {
     let s = session(&app, &headers).await?;
     check_csrf(&s, &f.csrf)?;
@@ -683,7 +703,7 @@ struct RevokeForm {
 async fn revoke_token(
     State(app): State<Shared>,
     headers: HeaderMap,
-    Form(f): Form<RevokeForm>,
+    Posted(f): Posted<RevokeForm>,
 ) -> WebResult {
     let s = session(&app, &headers).await?;
     check_csrf(&s, &f.csrf)?;
@@ -779,7 +799,7 @@ struct AddUserForm {
 async fn add_user(
     State(app): State<Shared>,
     headers: HeaderMap,
-    Form(f): Form<AddUserForm>,
+    Posted(f): Posted<AddUserForm>,
 ) -> WebResult {
     let s = session(&app, &headers).await?;
     check_csrf(&s, &f.csrf)?;
