@@ -335,7 +335,7 @@ fn router(app: Shared, tls: bool) -> Router {
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(app.clone(), gate))
         .layer(middleware::from_fn_with_state(app.clone(), observe))
-        .merge(web::routes(tls))
+        .merge(web::routes(app.clone(), tls))
         .with_state(app)
 }
 

@@ -64,7 +64,7 @@ struct Tls(bool);
 
 /// The console's routes. Mounted beside the API's, outside its bearer-token gate: the
 /// console authenticates by its cookie.
-pub(crate) fn routes(tls: bool) -> Router<Shared> {
+pub(crate) fn routes(app: Shared, tls: bool) -> Router<Shared> {
     Router::new()
         .route("/", get(home))
         .route("/console.css", get(css))
@@ -79,6 +79,34 @@ pub(crate) fn routes(tls: bool) -> Router<Shared> {
         .layer(DefaultBodyLimit::max(FORM_LIMIT))
         .layer(Extension(Tls(tls)))
         .layer(axum::middleware::map_response(headers))
+        .layer(axum::middleware::from_fn_with_state(app, observe))
+}
+
+/// Counts and logs each console request as the API's are (`super::observe`, which
+/// would turn the console's HTML error pages into JSON).
+async fn observe(
+    State(app): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    app.metrics.requests.fetch_add(1, Relaxed);
+    if status.is_client_error() || status.is_server_error() {
+        app.metrics.error(&status.as_u16().to_string());
+    }
+    tracing::info!(
+        target: "mbank::http",
+        %method,
+        path,
+        status = status.as_u16(),
+        ms = started.elapsed().as_millis() as u64,
+        "console",
+    );
+    resp
 }
 
 /// Headers on every console answer: no framing, no caching, no other sources.
@@ -150,7 +178,7 @@ type WebResult = Result<Response, WebError>;
 /// refused with a page saying so, before anything is done.
 struct Posted<T>(T);
 
-impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for Posted<T> {
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Posted<T> {
     type Rejection = WebError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, WebError> {
