@@ -68,6 +68,7 @@ pub(crate) fn routes(app: Shared, tls: bool) -> Router<Shared> {
     Router::new()
         .route("/", get(home))
         .route("/console.css", get(css))
+        .route("/favicon.svg", get(favicon))
         .route("/login", get(login_page).post(login))
         .route("/logout", post(logout))
         .route("/machines/{u}/{n}", get(machine_page))
@@ -187,7 +188,10 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Posted<T
             Err(e) => Err(ApiError::new(
                 e.status(),
                 "bad_request",
-                format!("the form could not be read ({}); reload the page and submit it again", e.body_text()),
+                format!(
+                    "the form could not be read ({}); reload the page and submit it again",
+                    e.body_text()
+                ),
             )
             .into()),
         }
@@ -224,7 +228,9 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 
 fn set_cookie(tls: Tls, name: &str, value: &str, path: &str, max_age: u64) -> HeaderValue {
     let secure = if tls.0 { "; Secure" } else { "" };
-    let v = format!("{name}={value}; Path={path}; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}");
+    let v = format!(
+        "{name}={value}; Path={path}; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}"
+    );
     HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
@@ -273,6 +279,7 @@ fn layout(title: &str, s: Option<&Session>, body: Markup) -> Markup {
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · Machine Bank" }
                 link rel="stylesheet" href="/console.css";
+                link rel="icon" type="image/svg+xml" href="/favicon.svg";
             }
             body {
                 header {
@@ -300,6 +307,14 @@ async fn css() -> Response {
     (
         [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
         include_str!("web.css"),
+    )
+        .into_response()
+}
+
+async fn favicon() -> Response {
+    (
+        [(header::CONTENT_TYPE, "image/svg+xml")],
+        r##"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" fill="#1d2330"/><rect x="3" y="4" width="10" height="3" fill="#2a6df4"/><rect x="3" y="9" width="10" height="3" fill="#c5cad3"/></svg>"##,
     )
         .into_response()
 }
@@ -423,7 +438,10 @@ async fn login(
                 header::SET_COOKIE,
                 set_cookie(tls, SESSION_COOKIE, &t.token, "/", SESSION_TTL.as_secs()),
             );
-            h.append(header::SET_COOKIE, set_cookie(tls, LOGIN_COOKIE, "", "/login", 0));
+            h.append(
+                header::SET_COOKIE,
+                set_cookie(tls, LOGIN_COOKIE, "", "/login", 0),
+            );
             Ok(r)
         }
         Err(e) if e.status == StatusCode::UNAUTHORIZED => {
@@ -461,8 +479,10 @@ async fn logout(
     let token = s.token.clone();
     blocking(&app, move |a| a.access(|x| Ok(x.revoke_token(&token)?))).await?;
     let mut r = Redirect::to("/login").into_response();
-    r.headers_mut()
-        .append(header::SET_COOKIE, set_cookie(tls, SESSION_COOKIE, "", "/", 0));
+    r.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(tls, SESSION_COOKIE, "", "/", 0),
+    );
     Ok(r)
 }
 

@@ -93,7 +93,13 @@ impl Console {
     }
 
     fn certificates(&self) {
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
         let mut ca = vec!["req", "-x509"];
         ca.extend(ec);
         ca.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"]);
@@ -111,8 +117,21 @@ impl Console {
         .unwrap();
         pki::openssl(
             &[
-                "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-out", "cert.pem", "-days", "2", "-extfile", "ext.cnf",
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "cert.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
             ],
             &self.root,
         );
@@ -215,14 +234,21 @@ impl Browser<'_> {
         let hdr = self.s.root.join(format!("headers-{}", unique()));
         let mut c = Command::new("curl");
         c.args(["-s", "-g", "-X", method, "-w", "%{http_code}", "--cacert"]);
-        c.arg(&self.s.ca).arg("-b").arg(&self.jar).arg("-c").arg(&self.jar);
+        c.arg(&self.s.ca)
+            .arg("-b")
+            .arg(&self.jar)
+            .arg("-c")
+            .arg(&self.jar);
         c.arg("-o").arg(&out).arg("-D").arg(&hdr);
         for (k, v) in form {
             c.arg("--data-urlencode").arg(format!("{k}={v}"));
         }
         c.arg(format!("https://127.0.0.1:{}{path}", self.s.port));
         let o = c.output().unwrap();
-        let status = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap_or(0);
+        let status = String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
         Answer {
             status,
             headers: fs::read_to_string(&hdr).unwrap_or_default(),
@@ -243,7 +269,10 @@ impl Browser<'_> {
         let page = self.get("/login");
         assert_eq!(page.status, 200, "{}", page.body);
         let csrf = page.csrf();
-        self.post("/login", &[("user", user), ("password", pw), ("csrf", &csrf)])
+        self.post(
+            "/login",
+            &[("user", user), ("password", pw), ("csrf", &csrf)],
+        )
     }
 
     /// The session token in the cookie jar.
@@ -267,7 +296,10 @@ fn api_status(s: &Console, token: &str, path: &str) -> u16 {
         .arg(format!("https://127.0.0.1:{}{path}", s.port))
         .output()
         .unwrap();
-    String::from_utf8_lossy(&o.stdout).trim().parse().unwrap_or(0)
+    String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
 }
 
 #[test]
@@ -291,10 +323,18 @@ fn console_login_pages_forms_and_logout() {
     let forged = s.browser();
     let a = forged.post(
         "/login",
-        &[("user", "alice"), ("password", "alice-secret-1"), ("csrf", "0")],
+        &[
+            ("user", "alice"),
+            ("password", "alice-secret-1"),
+            ("csrf", "0"),
+        ],
     );
     assert_eq!(a.status, 403, "{}", a.body);
-    assert!(a.header("set-cookie").iter().all(|c| !c.contains("mbank_session")));
+    assert!(
+        a.header("set-cookie")
+            .iter()
+            .all(|c| !c.contains("mbank_session"))
+    );
 
     // Login: the session cookie's flags.
     let a = alice.login("alice", "alice-secret-1");
@@ -413,7 +453,12 @@ fn console_login_pages_forms_and_logout() {
     // A bad quota is said plainly.
     let a = root.post(
         "/admin/users",
-        &[("csrf", &rcsrf), ("name", "dave"), ("password", "dave-secret-55555"), ("quota_gib", "lots")],
+        &[
+            ("csrf", &rcsrf),
+            ("name", "dave"),
+            ("password", "dave-secret-55555"),
+            ("quota_gib", "lots"),
+        ],
     );
     assert_eq!(a.status, 400);
     assert!(a.body.contains("not a number of GiB"), "{}", a.body);
@@ -434,4 +479,33 @@ fn console_login_pages_forms_and_logout() {
     )
     .unwrap();
     assert_eq!(replay.get("/").status, 303);
+}
+
+/// The console in a real browser: headless Chromium driven by Selenium
+/// (`web_browser.py`): log in, see the machines, set a head, remove a version, meet the
+/// 404 of another user's machine, log out; an administrator adds a user with a quota,
+/// who logs in. No errors in the browser's console; a screenshot of each step in
+/// `target/web-screenshots` (kept by CI as artifacts).
+#[test]
+fn console_in_a_real_browser() {
+    need(&["chromium", "chromedriver", "/usr/bin/python3"]);
+    let s = Console::start();
+    // target/debug/deps/web-… → target
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.ancestors().nth(3).unwrap().to_path_buf();
+    let shots = target.join("web-screenshots");
+    let _ = fs::remove_dir_all(&shots);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/web_browser.py");
+    let mut c = Command::new("/usr/bin/python3");
+    c.arg(script)
+        .arg(format!("https://127.0.0.1:{}", s.port))
+        .arg(&shots);
+    c.env("MBANK_WEB_USER", "alice")
+        .env("MBANK_WEB_PASS", "alice-secret-1")
+        .env("MBANK_WEB_ADMIN", "root")
+        .env("MBANK_WEB_ADMIN_PASS", "root-secret-333")
+        .env("HOME", &s.root);
+    let r = run_cmd(c);
+    assert!(r.success(), "the browser test failed:\n{r}");
+    assert!(shots.join("04-head-set.png").exists());
 }
