@@ -17,6 +17,8 @@ import sys
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import WebDriverWait
 
 URL, SHOTS = sys.argv[1].rstrip("/"), sys.argv[2]
 os.makedirs(SHOTS, exist_ok=True)
@@ -44,6 +46,14 @@ def check(step, ok, why):
         fail(step, why)
 
 
+def click(element):
+    """Clicks a link or a form's button and waits for the next page to replace this one
+    (a click does not wait for the navigation it starts)."""
+    old = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+    WebDriverWait(driver, 30).until(EC.staleness_of(old))
+
+
 def page(step, errors_allowed=False):
     """Saves a screenshot of the page and checks the browser's console."""
     driver.save_screenshot(os.path.join(SHOTS, f"{step}.png"))
@@ -58,12 +68,12 @@ def login(step, user, password):
     page(step + "-form")
     driver.find_element(By.NAME, "user").send_keys(user)
     driver.find_element(By.NAME, "password").send_keys(password)
-    driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+    click(driver.find_element(By.CSS_SELECTOR, "form button[type=submit]"))
     check(step, driver.current_url == URL + "/", f"login ended at {driver.current_url}")
 
 
 def logout(step):
-    driver.find_element(By.CSS_SELECTOR, "header form button").click()
+    click(driver.find_element(By.CSS_SELECTOR, "header form button"))
     check(step, driver.current_url.endswith("/login"), f"logout ended at {driver.current_url}")
 
 
@@ -77,14 +87,14 @@ table = driver.find_element(By.ID, "machines").text
 check("02-machines", f"{user}/dev" in table, f"{user}/dev not in {table!r}")
 
 # The history; make the older version the head.
-driver.find_element(By.LINK_TEXT, f"{user}/dev").click()
+click(driver.find_element(By.LINK_TEXT, f"{user}/dev"))
 page("03-history")
 items = driver.find_elements(By.CSS_SELECTOR, "#versions li.version")
 check("03-history", len(items) == 2, f"{len(items)} versions shown, expected 2")
 older = [li for li in items if "head" not in li.get_attribute("class").split()]
 check("03-history", len(older) == 1, "expected one version that is not the head")
 vid = older[0].get_attribute("id")
-older[0].find_element(By.NAME, "set-head").click()
+click(older[0].find_element(By.NAME, "set-head"))
 page("04-head-set")
 li = driver.find_element(By.ID, vid)
 check("04-head-set", "head" in li.get_attribute("class").split(), f"{vid} is not the head")
@@ -94,7 +104,7 @@ check("04-head-set", driver.find_element(By.ID, "head").text == vid[2:14],
 # Remove the version that is no longer the head.
 other = [li for li in driver.find_elements(By.CSS_SELECTOR, "#versions li.version")
          if li.get_attribute("id") != vid]
-other[0].find_element(By.NAME, "remove").click()
+click(other[0].find_element(By.NAME, "remove"))
 page("05-removed")
 left = driver.find_elements(By.CSS_SELECTOR, "#versions li.version")
 check("05-removed", [l.get_attribute("id") for l in left] == [vid], "the removed version is still shown")
@@ -113,13 +123,13 @@ logout("08-logout")
 
 # An administrator adds a user with a quota, who then logs in.
 login("09-admin-login", admin, admin_pass)
-driver.find_element(By.LINK_TEXT, "Users").click()
+click(driver.find_element(By.LINK_TEXT, "Users"))
 page("10-users")
 form = driver.find_element(By.ID, "add-user")
 form.find_element(By.NAME, "name").send_keys("carol")
 form.find_element(By.NAME, "password").send_keys("carol-secret-4444")
 form.find_element(By.NAME, "quota_gib").send_keys("1")
-form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+click(form.find_element(By.CSS_SELECTOR, "button[type=submit]"))
 page("11-user-added")
 check("11-user-added", "carol" in driver.find_element(By.ID, "users").text, "carol not listed")
 logout("12-admin-logout")
