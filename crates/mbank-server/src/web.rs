@@ -57,6 +57,9 @@ pub(crate) const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 const SESSION_LABEL: &str = "web console";
 /// The largest form body the console takes.
 const FORM_LIMIT: usize = 64 << 10;
+/// The time a form's body has to arrive (the API's body deadline, `Limits::body_timeout`
+/// by default): a client trickling a form holds a connection no longer.
+const FORM_TIME: Duration = Duration::from_secs(30);
 
 /// Whether cookies are marked `Secure` (the server speaks TLS).
 #[derive(Clone, Copy)]
@@ -183,7 +186,19 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Posted<T
     type Rejection = WebError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, WebError> {
-        match Form::<T>::from_request(req, state).await {
+        let read = Form::<T>::from_request(req, state);
+        let Ok(form) = tokio::time::timeout(FORM_TIME, read).await else {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!(
+                    "the form did not arrive within {} s; submit it again",
+                    FORM_TIME.as_secs()
+                ),
+            )
+            .into());
+        };
+        match form {
             Ok(Form(t)) => Ok(Posted(t)),
             Err(e) => Err(ApiError::new(
                 e.status(),
