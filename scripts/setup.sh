@@ -26,6 +26,9 @@ needs=(
     "tc iproute2"
     "bc bc"
     "sqlite3 sqlite3"
+    "chromium chromium"
+    "chromedriver chromium-driver"
+    "/usr/lib/python3/dist-packages/selenium python3-selenium"
 )
 if [[ ${1:-} == --bench ]]; then
     needs+=("restic restic" "borg borgbackup" "casync casync" "hyperfine hyperfine" "zstd zstd")

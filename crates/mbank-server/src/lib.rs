@@ -33,6 +33,7 @@ mod error;
 mod limits;
 mod metrics;
 mod tls;
+mod web;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -286,8 +287,9 @@ fn chunk_id(s: &str) -> Result<ChunkId, ApiError> {
     s.parse().map_err(|e| ApiError::bad_request(format!("{e}")))
 }
 
-/// Builds the router over the bank in `bank_dir`.
-fn router(app: Shared) -> Router {
+/// Builds the router over the bank in `bank_dir`: the API, and the web console
+/// (`web.rs`, outside the API's token gate; `tls` marks its cookies `Secure`).
+fn router(app: Shared, tls: bool) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics_text))
@@ -333,6 +335,7 @@ fn router(app: Shared) -> Router {
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(app.clone(), gate))
         .layer(middleware::from_fn_with_state(app.clone(), observe))
+        .merge(web::routes(app.clone(), tls))
         .with_state(app)
 }
 
@@ -1598,7 +1601,8 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| format!("cannot read the bound address: {e}"))?;
     ready(local);
-    conn::run(tcp, tls, router(app), cfg.limits, shutdown).await;
+    let secure = tls.is_some();
+    conn::run(tcp, tls, router(app, secure), cfg.limits, shutdown).await;
     Ok(())
 }
 

@@ -1,0 +1,511 @@
+//! The web console of `mbank serve` without a browser: curl with a cookie jar against
+//! the real server over HTTPS (a test CA made with openssl). Each page's status, the
+//! session cookie's flags, CSRF refusals, isolation (another user's machine page is
+//! the 404 of an absent one), the head and remove forms, an administrator adding a
+//! user, and logout revoking the token.
+
+mod common;
+#[path = "../../mbank-nbd/tests/common/pki.rs"]
+mod pki;
+
+use std::fs;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+
+const MIB: usize = 1024 * 1024;
+
+/// A served bank with alice (two versions of alice/dev), bob (bob/secret) and root, an
+/// administrator.
+struct Console {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    bank_dir: PathBuf,
+    ca: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+const USERS: &[(&str, &str, &[&str])] = &[
+    ("alice", "alice-secret-1", &[]),
+    ("bob", "bob-secret-22", &[]),
+    ("root", "root-secret-333", &["--admin"]),
+];
+
+fn need(tools: &[&str]) {
+    for t in tools {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(found, "this test needs {t}: run scripts/setup.sh");
+    }
+}
+
+fn with_stdin(mut c: Command, input: &str) -> Run {
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let what = format!("{c:?}");
+    let mut child = c.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{input}\n").as_bytes())
+        .unwrap();
+    Run::from_output(what, child.wait_with_output().unwrap())
+}
+
+impl Console {
+    fn start() -> Console {
+        need(&["openssl", "curl"]);
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let bank_dir = root.join("bank");
+        let s = Console {
+            ca: root.join("ca.pem"),
+            bank_dir,
+            root,
+            _tmp: tmp,
+            port: 0,
+            child: None,
+        };
+        s.local(&["init"]).ok();
+        s.certificates();
+        for (user, pw, extra) in USERS {
+            let mut c = mbank();
+            c.arg("--bank").arg(&s.bank_dir);
+            c.args(["admin", "user", "add", user, "--password-stdin"]);
+            c.args(*extra);
+            with_stdin(c, pw).ok();
+        }
+        for (machine, seed) in [("alice/dev", 1u64), ("alice/dev", 2), ("bob/secret", 3)] {
+            let p = s.root.join(format!("image-{seed}.raw"));
+            write_image(&p, &random_bytes(MIB, seed), 0);
+            s.local(&["-q", "import", machine, p.to_str().unwrap()])
+                .ok();
+        }
+        s.spawn()
+    }
+
+    fn certificates(&self) {
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        ca.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"]);
+        ca.extend(["-subj", "/CN=mbank test CA"]);
+        pki::openssl(&ca, &self.root);
+        let mut csr = vec!["req"];
+        csr.extend(ec);
+        csr.extend(["-keyout", "key.pem", "-out", "server.csr"]);
+        csr.extend(["-subj", "/CN=127.0.0.1"]);
+        pki::openssl(&csr, &self.root);
+        fs::write(
+            self.root.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        pki::openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "cert.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+            ],
+            &self.root,
+        );
+    }
+
+    fn spawn(mut self) -> Console {
+        let log = self.root.join("server.log");
+        let mut c = mbank();
+        c.arg("--bank").arg(&self.bank_dir).arg("serve");
+        c.args(["--listen", "127.0.0.1:0", "--tls-cert"]);
+        c.arg(self.root.join("cert.pem")).arg("--tls-key");
+        c.arg(self.root.join("key.pem"));
+        c.stdout(Stdio::piped());
+        c.stderr(fs::File::create(&log).unwrap());
+        let mut child = c.spawn().unwrap();
+        self.port = common::serve_port(&mut child, &log);
+        self.child = Some(child);
+        self
+    }
+
+    fn local(&self, args: &[&str]) -> Run {
+        let mut c = mbank();
+        c.arg("--bank").arg(&self.bank_dir).args(args);
+        run_cmd(c)
+    }
+
+    /// The head of `machine`, from the bank's host.
+    fn head(&self, machine: &str) -> Option<String> {
+        let v = self.local(&["log", "--json", machine]).ok().json();
+        let versions = v.as_array().unwrap();
+        versions
+            .iter()
+            .find(|x| x["head"].as_bool() == Some(true))
+            .map(|x| x["version"].as_str().unwrap().to_string())
+    }
+
+    fn versions(&self, machine: &str) -> Vec<String> {
+        let v = self.local(&["log", "--json", machine]).ok().json();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["version"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn browser(&self) -> Browser<'_> {
+        Browser {
+            s: self,
+            jar: self.root.join(format!("jar-{}", unique())),
+        }
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One client's answers: status, headers (lower-case names), body.
+struct Answer {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Vec<String> {
+        self.headers
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_string())
+            .collect()
+    }
+
+    /// The value of the first hidden `csrf` field.
+    fn csrf(&self) -> String {
+        let at = self
+            .body
+            .find("name=\"csrf\" value=\"")
+            .unwrap_or_else(|| panic!("no csrf field in {}", self.body));
+        let rest = &self.body[at + "name=\"csrf\" value=\"".len()..];
+        rest[..rest.find('"').unwrap()].to_string()
+    }
+}
+
+/// curl with its own cookie jar: one browser.
+struct Browser<'a> {
+    s: &'a Console,
+    jar: PathBuf,
+}
+
+impl Browser<'_> {
+    fn request(&self, method: &str, path: &str, form: &[(&str, &str)]) -> Answer {
+        let out = self.s.root.join(format!("body-{}", unique()));
+        let hdr = self.s.root.join(format!("headers-{}", unique()));
+        let mut c = Command::new("curl");
+        c.args(["-s", "-g", "-X", method, "-w", "%{http_code}", "--cacert"]);
+        c.arg(&self.s.ca)
+            .arg("-b")
+            .arg(&self.jar)
+            .arg("-c")
+            .arg(&self.jar);
+        c.arg("-o").arg(&out).arg("-D").arg(&hdr);
+        for (k, v) in form {
+            c.arg("--data-urlencode").arg(format!("{k}={v}"));
+        }
+        c.arg(format!("https://127.0.0.1:{}{path}", self.s.port));
+        let o = c.output().unwrap();
+        let status = String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        Answer {
+            status,
+            headers: fs::read_to_string(&hdr).unwrap_or_default(),
+            body: fs::read_to_string(&out).unwrap_or_default(),
+        }
+    }
+
+    fn get(&self, path: &str) -> Answer {
+        self.request("GET", path, &[])
+    }
+
+    fn post(&self, path: &str, form: &[(&str, &str)]) -> Answer {
+        self.request("POST", path, form)
+    }
+
+    /// Logs in through the form; returns the answer to the form's POST.
+    fn login(&self, user: &str, pw: &str) -> Answer {
+        let page = self.get("/login");
+        assert_eq!(page.status, 200, "{}", page.body);
+        let csrf = page.csrf();
+        self.post(
+            "/login",
+            &[("user", user), ("password", pw), ("csrf", &csrf)],
+        )
+    }
+
+    /// The session token in the cookie jar.
+    fn token(&self) -> String {
+        let jar = fs::read_to_string(&self.jar).unwrap();
+        jar.lines()
+            .filter(|l| l.contains("mbank_session"))
+            .filter_map(|l| l.split('\t').nth(6))
+            .find(|t| t.starts_with("mbt_"))
+            .unwrap_or_else(|| panic!("no session cookie in {jar}"))
+            .to_string()
+    }
+}
+
+fn api_status(s: &Console, token: &str, path: &str) -> u16 {
+    let o = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(&s.ca)
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {token}"))
+        .arg(format!("https://127.0.0.1:{}{path}", s.port))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+#[test]
+fn console_login_pages_forms_and_logout() {
+    let s = Console::start();
+    let anon = s.browser();
+
+    // Without a session every page leads to the login page.
+    for path in ["/", "/machines/alice/dev", "/tokens", "/admin/users"] {
+        let a = anon.get(path);
+        assert_eq!(a.status, 303, "{path}: {}", a.body);
+        assert_eq!(a.header("location"), ["/login"], "{path}");
+    }
+    let css = anon.get("/console.css");
+    assert_eq!(css.status, 200);
+    assert!(css.header("content-type")[0].starts_with("text/css"));
+
+    // A wrong password, and a login form without its CSRF nonce, are refused.
+    let alice = s.browser();
+    assert_eq!(alice.login("alice", "wrong-password").status, 401);
+    let forged = s.browser();
+    let a = forged.post(
+        "/login",
+        &[
+            ("user", "alice"),
+            ("password", "alice-secret-1"),
+            ("csrf", "0"),
+        ],
+    );
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert!(
+        a.header("set-cookie")
+            .iter()
+            .all(|c| !c.contains("mbank_session"))
+    );
+
+    // Login: the session cookie's flags.
+    let a = alice.login("alice", "alice-secret-1");
+    assert_eq!(a.status, 303, "{}", a.body);
+    assert_eq!(a.header("location"), ["/"]);
+    let cookie = a
+        .header("set-cookie")
+        .into_iter()
+        .find(|c| c.starts_with("mbank_session=mbt_"))
+        .expect("a session cookie");
+    for flag in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.contains(flag), "{flag} missing from {cookie}");
+    }
+    let token = alice.token();
+    assert_eq!(api_status(&s, &token, "/v1/whoami"), 200);
+
+    // Pages: machines, history, tokens; the console's headers.
+    let home = alice.get("/");
+    assert_eq!(home.status, 200);
+    assert!(home.body.contains("alice/dev"), "{}", home.body);
+    assert!(!home.body.contains("bob/secret"), "{}", home.body);
+    assert!(home.header("content-security-policy")[0].contains("default-src 'none'"));
+    assert_eq!(home.header("x-frame-options"), ["DENY"]);
+    let page = alice.get("/machines/alice/dev");
+    assert_eq!(page.status, 200, "{}", page.body);
+    let versions = s.versions("alice/dev");
+    assert_eq!(versions.len(), 2);
+    for v in &versions {
+        assert!(page.body.contains(v.as_str()), "{v} not on the page");
+    }
+    let tokens = alice.get("/tokens");
+    assert_eq!(tokens.status, 200);
+    assert!(tokens.body.contains("web console"), "{}", tokens.body);
+    assert!(tokens.body.contains("this session"), "{}", tokens.body);
+
+    // Isolation: bob's machine is the page of an absent one, byte for byte but the name.
+    let theirs = alice.get("/machines/bob/secret");
+    let absent = alice.get("/machines/bob/nothere");
+    assert_eq!(theirs.status, 404);
+    assert_eq!(absent.status, 404);
+    assert_eq!(
+        theirs.body.replace("bob/secret", "X"),
+        absent.body.replace("bob/nothere", "X")
+    );
+    // So is a form posted at it, even with a good CSRF token.
+    let csrf = page.csrf();
+    let bob_head = s.head("bob/secret").unwrap();
+    let a = alice.post(
+        "/machines/bob/secret/head",
+        &[("csrf", &csrf), ("to", &bob_head), ("expected", &bob_head)],
+    );
+    assert_eq!(a.status, 404, "{}", a.body);
+    // Admin pages are for administrators.
+    assert_eq!(alice.get("/admin/users").status, 403);
+
+    // Set the head: refused without the CSRF token or with another session's; then done.
+    let (old, new) = (versions[1].clone(), versions[0].clone());
+    assert_eq!(s.head("alice/dev").as_deref(), Some(new.as_str()));
+    for bad in [vec![], vec![("csrf", "not-the-token")]] {
+        let mut form = vec![("to", old.as_str()), ("expected", new.as_str())];
+        form.extend(bad);
+        let a = alice.post("/machines/alice/dev/head", &form);
+        assert_eq!(a.status, 403, "{}", a.body);
+        assert!(a.body.contains("CSRF"), "{}", a.body);
+    }
+    assert_eq!(s.head("alice/dev").as_deref(), Some(new.as_str()));
+    let a = alice.post(
+        "/machines/alice/dev/head",
+        &[("csrf", &csrf), ("to", &old), ("expected", &new)],
+    );
+    assert_eq!(a.status, 303, "{}", a.body);
+    assert_eq!(a.header("location"), ["/machines/alice/dev"]);
+    assert_eq!(s.head("alice/dev").as_deref(), Some(old.as_str()));
+    // A stale page (the head moved since) is refused as the API refuses it.
+    let a = alice.post(
+        "/machines/alice/dev/head",
+        &[("csrf", &csrf), ("to", &new), ("expected", &new)],
+    );
+    assert_eq!(a.status, 409, "{}", a.body);
+
+    // Remove a version: without CSRF refused, with it gone.
+    let a = alice.post("/machines/alice/dev/remove", &[("version", &new)]);
+    assert_eq!(a.status, 403);
+    assert_eq!(s.versions("alice/dev").len(), 2);
+    let a = alice.post(
+        "/machines/alice/dev/remove",
+        &[("csrf", &csrf), ("version", &new)],
+    );
+    assert_eq!(a.status, 303, "{}", a.body);
+    assert_eq!(s.versions("alice/dev"), vec![old.clone()]);
+
+    // An administrator adds a user with a quota, who then logs in.
+    let root = s.browser();
+    assert_eq!(root.login("root", "root-secret-333").status, 303);
+    let users = root.get("/admin/users");
+    assert_eq!(users.status, 200, "{}", users.body);
+    assert!(users.body.contains("alice") && users.body.contains("bob"));
+    let rcsrf = users.csrf();
+    let form = [
+        ("name", "carol"),
+        ("password", "carol-secret-4444"),
+        ("quota_gib", "2"),
+    ];
+    assert_eq!(root.post("/admin/users", &form).status, 403);
+    let mut with = form.to_vec();
+    with.push(("csrf", &rcsrf));
+    let a = root.post("/admin/users", &with);
+    assert_eq!(a.status, 303, "{}", a.body);
+    let users = root.get("/admin/users");
+    assert!(users.body.contains("carol") && users.body.contains("2.0 GiB"));
+    let carol = s.browser();
+    assert_eq!(carol.login("carol", "carol-secret-4444").status, 303);
+    let home = carol.get("/");
+    assert_eq!(home.status, 200);
+    assert!(home.body.contains("of 2.0 GiB"), "{}", home.body);
+    // A bad quota is said plainly.
+    let a = root.post(
+        "/admin/users",
+        &[
+            ("csrf", &rcsrf),
+            ("name", "dave"),
+            ("password", "dave-secret-55555"),
+            ("quota_gib", "lots"),
+        ],
+    );
+    assert_eq!(a.status, 400);
+    assert!(a.body.contains("not a number of GiB"), "{}", a.body);
+
+    // Logout: refused without CSRF; then the token is revoked for the API too.
+    assert_eq!(alice.post("/logout", &[("csrf", "")]).status, 403);
+    assert_eq!(api_status(&s, &token, "/v1/whoami"), 200);
+    let a = alice.post("/logout", &[("csrf", &csrf)]);
+    assert_eq!(a.status, 303, "{}", a.body);
+    assert_eq!(a.header("location"), ["/login"]);
+    assert_eq!(api_status(&s, &token, "/v1/whoami"), 401);
+    assert_eq!(alice.get("/").status, 303);
+    // The old cookie, replayed, is no session either.
+    let replay = s.browser();
+    fs::write(
+        &replay.jar,
+        format!("127.0.0.1\tFALSE\t/\tTRUE\t0\tmbank_session\t{token}\n"),
+    )
+    .unwrap();
+    assert_eq!(replay.get("/").status, 303);
+}
+
+/// The console in a real browser: headless Chromium driven by Selenium
+/// (`web_browser.py`): log in, see the machines, set a head, remove a version, meet the
+/// 404 of another user's machine, log out; an administrator adds a user with a quota,
+/// who logs in. No errors in the browser's console; a screenshot of each step in
+/// `target/web-screenshots` (kept by CI as artifacts).
+#[test]
+fn console_in_a_real_browser() {
+    need(&["chromium", "chromedriver", "/usr/bin/python3"]);
+    let s = Console::start();
+    // target/debug/deps/web-… → target
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.ancestors().nth(3).unwrap().to_path_buf();
+    let shots = target.join("web-screenshots");
+    let _ = fs::remove_dir_all(&shots);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/web_browser.py");
+    let mut c = Command::new("/usr/bin/python3");
+    c.arg(script)
+        .arg(format!("https://127.0.0.1:{}", s.port))
+        .arg(&shots);
+    c.env("MBANK_WEB_USER", "alice")
+        .env("MBANK_WEB_PASS", "alice-secret-1")
+        .env("MBANK_WEB_ADMIN", "root")
+        .env("MBANK_WEB_ADMIN_PASS", "root-secret-333")
+        .env("HOME", &s.root);
+    let r = run_cmd(c);
+    assert!(r.success(), "the browser test failed:\n{r}");
+    assert!(shots.join("04-head-set.png").exists());
+}
