@@ -126,6 +126,9 @@ enum Cmd {
         json: bool,
     },
     /// Show a machine's versions, newest first.
+    ///
+    /// STATE says `in use` for the version a session (`run` or `attach`, on any
+    /// station) has checked out now, `suspended` for one with a saved memory state.
     Log {
         machine: MachineName,
         #[arg(long)]
@@ -844,8 +847,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Log { machine, json } => {
             let versions = bank.log(&machine)?;
+            // The version a session (run or attach) has checked out now, and where.
+            let lease = bank.catalog().lease(&machine)?;
+            let in_use = |v: &str| {
+                lease
+                    .as_ref()
+                    .filter(|l| l.base.is_some_and(|b| b.to_hex() == v))
+            };
             if json {
-                json_out(&versions)?;
+                let mut list = serde_json::to_value(&versions)?;
+                for e in list.as_array_mut().into_iter().flatten() {
+                    let l = in_use(e["version"].as_str().unwrap_or_default());
+                    e["in_use"] = serde_json::json!(l.is_some());
+                    if let Some(l) = l {
+                        e["session"] = serde_json::json!({
+                            "station": l.station_name,
+                            "pid": l.pid,
+                            "since_ms": l.started_ms,
+                        });
+                    }
+                }
+                json_out(&list)?;
             } else {
                 outln!(
                     "{:<14} {:<20} {:>10} {:>10} {:>8} {:<12} {:<9} NOTE",
@@ -871,7 +893,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         bytes(v.stats.bytes_stored),
                         v.stats.chunks_new,
                         v.parent.as_deref().map_or("-", |p| &p[..12]),
-                        if v.suspended { "suspended" } else { "off" },
+                        if in_use(&v.version).is_some() {
+                            "in use"
+                        } else if v.suspended {
+                            "suspended"
+                        } else {
+                            "off"
+                        },
                         tags,
                         v.note.as_deref().unwrap_or(""),
                     )?;

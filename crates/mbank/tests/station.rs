@@ -1609,6 +1609,9 @@ fn read_only_attach_refuses_writes() {
     assert_eq!(s["version"], v.as_str(), "{st}");
     assert_eq!(s["kind"], "attach", "{st}");
     assert_eq!(s["pid"], a.pid(), "{st}");
+    let log = bank.log("alice/ro");
+    assert_eq!(log[0]["in_use"], true, "{log:?}");
+    assert!(log[0]["session"]["station"].is_string(), "{log:?}");
     let l = &st["leased"][0];
     assert_eq!(l["machine"], "alice/ro", "{st}");
     assert_eq!(l["here"], true, "{st}");
@@ -1621,7 +1624,9 @@ fn read_only_attach_refuses_writes() {
         "released unchanged",
     ]);
     assert_eq!(bank.head("alice/ro").as_deref(), Some(v.as_str()));
-    assert_eq!(bank.log("alice/ro").len(), 1, "a version was made");
+    let log = bank.log("alice/ro");
+    assert_eq!(log.len(), 1, "a version was made");
+    assert_eq!(log[0]["in_use"], false, "{log:?}");
     assert_same_bytes(&export(&bank, "alice/ro"), &img, "the disk after");
     let mut c = bank.cmd();
     c.arg("--cache").arg(&cache).args(["status", "--json"]);
