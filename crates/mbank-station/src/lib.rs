@@ -864,19 +864,29 @@ impl Station {
 
     /// The live session of `machine` on this station, if there is one.
     pub fn live_session(&self, machine: &MachineName) -> Option<(SessionDir, SessionMeta)> {
-        let entries = fs::read_dir(self.sessions_dir()).ok()?;
+        self.live_sessions()
+            .into_iter()
+            .find(|(_, meta)| meta.machine == machine.as_str())
+    }
+
+    /// Every live session on this station (its process runs), in no particular order.
+    /// Sessions being made, dead ones (for `recover`) and unreadable ones are left out.
+    pub fn live_sessions(&self) -> Vec<(SessionDir, SessionMeta)> {
+        let Ok(entries) = fs::read_dir(self.sessions_dir()) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
         for entry in entries.flatten() {
             if entry.file_name().to_string_lossy().starts_with('.') {
                 continue;
             }
             let dir = SessionDir { dir: entry.path() };
             let Ok(meta) = dir.read_meta() else { continue };
-            if meta.machine == machine.as_str() && session_live(&dir.dir, meta.pid, meta.started_ms)
-            {
-                return Some((dir, meta));
+            if session_live(&dir.dir, meta.pid, meta.started_ms) {
+                out.push((dir, meta));
             }
         }
-        None
+        out
     }
 
     /// Where sessions that recovery could not account for are kept.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use mbank_bank::{Bank, ImportOptions, Progress};
 use mbank_core::MachineRef;
-use mbank_nbd::{ServerOptions, TlsConfig};
+use mbank_nbd::{BlockDevice, DeviceError, Extent, ServerOptions, TlsConfig};
 use mbank_station::device::{Disk, NbdDisk};
 use mbank_station::{CheckinExtras, Session, SessionOptions, SessionReport, Station};
 
@@ -50,6 +50,13 @@ pub struct Args {
     /// End without checking in: everything written is dropped.
     #[arg(long)]
     pub discard: bool,
+    /// Serve the disk read-only: clients see NBD_FLAG_READ_ONLY and every write, trim
+    /// or write-zeroes is refused with EPERM. Nothing is checked in. The machine's
+    /// lease is still taken while it serves (as for any session, so a version is never
+    /// served while another station changes the machine); it is released unchanged at
+    /// the end.
+    #[arg(long, conflicts_with = "discard")]
+    pub read_only: bool,
     /// Take the machine over from the session holding it (that session's work is
     /// still kept as a version when it checks in).
     #[arg(long)]
@@ -256,12 +263,19 @@ pub fn run(
             disk.dir.dir.display()
         )));
     }
-    if args.discard {
+    if args.discard || args.read_only {
         let report = session.discard(bank)?;
-        say(format!(
-            "discarded the session of {}: nothing checked in",
-            disk.meta.machine
-        ));
+        say(if args.read_only {
+            format!(
+                "ended the read-only session of {}: released unchanged",
+                disk.meta.machine
+            )
+        } else {
+            format!(
+                "discarded the session of {}: nothing checked in",
+                disk.meta.machine
+            )
+        });
         return Ok(report);
     }
     let report = session
@@ -286,7 +300,10 @@ fn serve(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let device = Arc::new(NbdDisk(disk.clone()));
+    let device = Arc::new(Served {
+        disk: NbdDisk(disk.clone()),
+        read_only: args.read_only,
+    });
     rt.block_on(async {
         let opts = ServerOptions {
             export_name: disk.meta.machine.clone(),
@@ -297,6 +314,11 @@ fn serve(
             tls: tls.clone(),
             ..Default::default()
         };
+        let (ro, ends) = if args.read_only {
+            (" read-only", "ends it")
+        } else {
+            ("", "checks in and ends")
+        };
         match (&args.socket, args.listen) {
             (Some(path), _) => {
                 if let Some(parent) = path.parent()
@@ -306,7 +328,7 @@ fn serve(
                         .with_context(|| format!("cannot create {}", parent.display()))?;
                 }
                 say(format!(
-                    "serving {what} on nbd+unix:///?socket={}; Ctrl-C or SIGTERM checks in and ends",
+                    "serving {what}{ro} on nbd+unix:///?socket={}; Ctrl-C or SIGTERM {ends}",
                     path.display()
                 ));
                 mbank_nbd::serve_unix(path, device, opts, shutdown_signal()).await?;
@@ -327,7 +349,7 @@ fn serve(
                     Some(_) => format!("nbds://{local} (TLS required)"),
                 };
                 say(format!(
-                    "serving {what} on {how}; Ctrl-C or SIGTERM checks in and ends"
+                    "serving {what}{ro} on {how}; Ctrl-C or SIGTERM {ends}"
                 ));
                 mbank_nbd::serve_tcp_listener(listener, device, opts, shutdown_signal()).await?;
             }
@@ -335,6 +357,77 @@ fn serve(
         }
         anyhow::Ok(())
     })
+}
+
+/// The station's disk as served: read-only when asked, so the NBD server advertises
+/// `NBD_FLAG_READ_ONLY` and answers writes with `EPERM` before they reach the disk.
+struct Served {
+    disk: NbdDisk,
+    read_only: bool,
+}
+
+impl BlockDevice for Served {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn multi_conn(&self) -> bool {
+        self.disk.multi_conn()
+    }
+
+    fn preferred_block_size(&self) -> u32 {
+        self.disk.preferred_block_size()
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, DeviceError> {
+        self.disk.read(offset, len).await
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {
+        if self.read_only {
+            return Err(DeviceError::ReadOnly);
+        }
+        self.disk.write(offset, data, fua).await
+    }
+
+    async fn flush(&self) -> Result<(), DeviceError> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.disk.flush().await
+    }
+
+    async fn trim(&self, offset: u64, len: u32) -> Result<(), DeviceError> {
+        if self.read_only {
+            return Err(DeviceError::ReadOnly);
+        }
+        self.disk.trim(offset, len).await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+        fua: bool,
+    ) -> Result<(), DeviceError> {
+        if self.read_only {
+            return Err(DeviceError::ReadOnly);
+        }
+        self.disk.write_zeroes(offset, len, no_hole, fua).await
+    }
+
+    async fn cache(&self, offset: u64, len: u32) -> Result<(), DeviceError> {
+        self.disk.cache(offset, len).await
+    }
+
+    async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, DeviceError> {
+        self.disk.block_status(offset, len).await
+    }
 }
 
 #[cfg(test)]

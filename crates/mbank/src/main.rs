@@ -13,6 +13,8 @@ mod out;
 mod progress;
 mod run;
 mod serve;
+mod set;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -124,8 +126,36 @@ enum Cmd {
         json: bool,
     },
     /// Show a machine's versions, newest first.
+    ///
+    /// STATE says `in use` for the version a session (`run` or `attach`, on any
+    /// station) has checked out now, `suspended` for one with a saved memory state.
     Log {
         machine: MachineName,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a machine's memory or CPUs: a new version with the head's disk.
+    ///
+    /// The head must not be suspended (its memory resumes only on the hardware it was
+    /// saved with) and no session may run on the machine. Prints the new version's id.
+    #[command(after_help = "Example:
+  mbank set alice/dev --memory 2G --cpus 2")]
+    Set {
+        #[command(flatten)]
+        args: set::Args,
+        /// Print a JSON report instead of the version id.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the sessions on this station and where the bank says your machines are
+    /// checked out now.
+    ///
+    /// For each live session on this station (the --cache): the machine, the version
+    /// it started from, `run` or `attach`, since when, its process id and, for a `run`
+    /// shown over VNC, the VNC address. Then, from the bank, each of your machines that
+    /// a session holds now: the station (host and cache directory) and since when.
+    Status {
+        /// Print one JSON document: {station, sessions, leased, warnings}.
         #[arg(long)]
         json: bool,
     },
@@ -284,7 +314,27 @@ enum Cmd {
     /// Prints the new version's id once the memory state and the disk are in the bank.
     Suspend { machine: MachineName },
     /// Power a machine off (ACPI power button) that `mbank run` runs on this station.
-    Poweroff { machine: MachineName },
+    ///
+    /// Presses the power button and waits up to --timeout seconds for the guest to
+    /// shut down; the session then checks in and the new version's id is printed. A
+    /// guest that ignores the button keeps running and the command fails, saying so,
+    /// unless --force: then QEMU is quit after the timeout, like pulling the plug. The
+    /// disk keeps every write the guest flushed; writes still in the guest's page cache
+    /// are lost, as on a real PC.
+    #[command(after_help = "Examples:
+  mbank poweroff alice/dev                      # the button; fail after 60 s if ignored
+  mbank poweroff alice/dev --timeout 10 --force # the button, then off after 10 s
+  mbank poweroff alice/dev --timeout 0 --force  # pull the plug now")]
+    Poweroff {
+        machine: MachineName,
+        /// Seconds to wait for the guest to power off after the button.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        timeout: u64,
+        /// Switch the machine off when the timeout passes (QEMU quits; unflushed guest
+        /// writes are lost).
+        #[arg(long)]
+        force: bool,
+    },
     /// Check in sessions left behind on this station by a crash.
     ///
     /// Sessions of live processes are left alone. A session whose files are damaged or
@@ -524,6 +574,8 @@ impl Cmd {
             Cmd::Export { .. } => ("export", false, false),
             Cmd::Log { .. } => ("log", false, false),
             Cmd::Ls { .. } => ("ls", false, false),
+            Cmd::Status { .. } => ("status", false, false),
+            Cmd::Set { .. } => ("set", false, true),
             Cmd::Verify { .. } => ("verify", true, false),
             Cmd::Gc { .. } => ("gc", true, true),
             Cmd::Rm { .. } => ("rm", false, true),
@@ -626,9 +678,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         admin::run(&bank_dir, cmd, cli.quiet)?;
         return Ok(ExitCode::SUCCESS);
     }
-    if let Cmd::Suspend { machine } | Cmd::Poweroff { machine } = &cli.cmd {
+    if let Cmd::Suspend { machine } | Cmd::Poweroff { machine, .. } = &cli.cmd {
         let station = mbank_station::Station::open(&cache_dir, cache_size)?;
-        let off = matches!(cli.cmd, Cmd::Poweroff { .. });
+        let off = match cli.cmd {
+            Cmd::Poweroff { timeout, force, .. } => Some(run::PowerOff { timeout, force }),
+            _ => None,
+        };
         match run::suspend(&station, machine, off, &say)? {
             Some(v) => outln!("{v}")?,
             None => say(format!("{machine} ended with no new version")),
@@ -792,8 +847,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Log { machine, json } => {
             let versions = bank.log(&machine)?;
+            // The version a session (run or attach) has checked out now, and where.
+            let lease = bank.catalog().lease(&machine)?;
+            let in_use = |v: &str| {
+                lease
+                    .as_ref()
+                    .filter(|l| l.base.is_some_and(|b| b.to_hex() == v))
+            };
             if json {
-                json_out(&versions)?;
+                let mut list = serde_json::to_value(&versions)?;
+                for e in list.as_array_mut().into_iter().flatten() {
+                    let l = in_use(e["version"].as_str().unwrap_or_default());
+                    e["in_use"] = serde_json::json!(l.is_some());
+                    if let Some(l) = l {
+                        e["session"] = serde_json::json!({
+                            "station": l.station_name,
+                            "pid": l.pid,
+                            "since_ms": l.started_ms,
+                        });
+                    }
+                }
+                json_out(&list)?;
             } else {
                 outln!(
                     "{:<14} {:<20} {:>10} {:>10} {:>8} {:<12} {:<9} NOTE",
@@ -819,11 +893,49 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         bytes(v.stats.bytes_stored),
                         v.stats.chunks_new,
                         v.parent.as_deref().map_or("-", |p| &p[..12]),
-                        if v.suspended { "suspended" } else { "off" },
+                        if in_use(&v.version).is_some() {
+                            "in use"
+                        } else if v.suspended {
+                            "suspended"
+                        } else {
+                            "off"
+                        },
                         tags,
                         v.note.as_deref().unwrap_or(""),
                     )?;
                 }
+            }
+        }
+        Cmd::Set { args, json } => {
+            let r = set::run(&mut bank, &args, &bar)?;
+            if json {
+                json_out(&r)?;
+            } else {
+                outln!("{}", r.version)?;
+            }
+            say(format!(
+                "{}@{}: {} MiB of memory, {} CPUs{}",
+                r.machine,
+                &r.version[..12],
+                r.memory_mib,
+                r.cpus,
+                if r.head_moved {
+                    ""
+                } else {
+                    "; another writer moved the head first, so this version is kept beside it"
+                }
+            ));
+        }
+        Cmd::Status { json } => {
+            let station = mbank_station::Station::open(&cache_dir, cache_size)?;
+            let s = status::status(&bank, &station)?;
+            for w in &s.warnings {
+                say(format!("warning: {w}"));
+            }
+            if json {
+                json_out(&s)?;
+            } else {
+                status::print(&s)?;
             }
         }
         Cmd::Ls { json } => {

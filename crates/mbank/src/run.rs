@@ -109,7 +109,40 @@ pub struct RunReport {
 /// and, at the end, one JSON line with the outcome.
 enum Request {
     Suspend(UnixStream),
-    Poweroff(UnixStream),
+    Poweroff(UnixStream, PowerOff),
+}
+
+/// How `mbank poweroff` waits for the guest after pressing the power button.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PowerOff {
+    /// Seconds to wait for the guest to power itself off.
+    pub timeout: u64,
+    /// After the timeout, switch the machine off (quit QEMU) rather than give up.
+    pub force: bool,
+}
+
+impl PowerOff {
+    /// What a bare `poweroff` request (the Ctrl-C menu) means: the button, then a
+    /// forced switch-off after a minute.
+    pub const MENU: PowerOff = PowerOff {
+        timeout: POWERDOWN_GRACE.as_secs(),
+        force: true,
+    };
+
+    /// Parses the control socket's `poweroff` line: bare, or followed by this as JSON.
+    fn parse(rest: &str) -> Result<PowerOff, String> {
+        if rest.trim().is_empty() {
+            return Ok(PowerOff::MENU);
+        }
+        serde_json::from_str(rest).map_err(|e| format!("bad poweroff request {rest:?}: {e}"))
+    }
+}
+
+/// One `poweroff` waiting for the guest: where to answer if it gives up, and when.
+struct PowerWait {
+    conn: Option<UnixStream>,
+    deadline: Instant,
+    how: PowerOff,
 }
 
 /// Where a supervised session's messages go: its log file, and every front attached.
@@ -267,6 +300,9 @@ impl Progress for HubProgress<'_> {
 
 /// Seconds a guest gets to power off after the ACPI power button.
 const POWERDOWN_GRACE: Duration = Duration::from_secs(60);
+
+/// The file in a run session's directory that holds its VNC address, if it has one.
+pub const DISPLAY_FILE: &str = "vnc";
 
 fn session_file(disk: &Disk, name: &str) -> PathBuf {
     disk.dir.dir.join(name)
@@ -463,7 +499,16 @@ fn spawn_control(
                     continue;
                 }
                 "suspend" => Request::Suspend(conn),
-                "poweroff" => Request::Poweroff(conn),
+                l if l == "poweroff" || l.starts_with("poweroff ") => {
+                    match PowerOff::parse(&l["poweroff".len()..]) {
+                        Ok(how) => Request::Poweroff(conn, how),
+                        Err(e) => {
+                            let mut c = conn;
+                            let _ = writeln!(c, "{}", serde_json::json!({"ok": false, "error": e}));
+                            continue;
+                        }
+                    }
+                }
                 other => {
                     let mut c = conn;
                     let _ = writeln!(
@@ -756,6 +801,11 @@ fn run_session(
         incoming: resume.then_some(mem_in.as_path()),
     };
     let qargs = mbank_vm::qemu_args(&launch)?;
+    if let Display::Vnc(to) = &display {
+        // For `mbank status`: where this session's screen is.
+        std::fs::write(session_file(disk, DISPLAY_FILE), to)
+            .context("cannot record the session's VNC address")?;
+    }
     std::fs::write(session_file(disk, "qemu.args"), qargs.join("\n"))
         .context("cannot record the QEMU command line")?;
     let (child, stderr) = match spawn_qemu(&qargs, &session_file(disk, "qemu.log")) {
@@ -849,10 +899,11 @@ fn run_session(
         memory_loaded_bytes = total;
         memory_load_seconds = t.elapsed().as_secs_f64();
         say(format!(
-            "resumed {machine}@{}: loaded {} of memory in {:.1} s",
+            "resumed {machine}@{}: loaded {} of memory in {:.1} s{}",
             v.id.short(),
             bytes(total),
-            memory_load_seconds
+            memory_load_seconds,
+            display_note(&display)
         ));
     } else {
         say(format!(
@@ -861,11 +912,7 @@ fn run_session(
             config.memory_mib,
             config.cpus,
             accel.name(),
-            match &display {
-                Display::Vnc(s) => format!("; display: VNC on {s}"),
-                Display::Window => "; display: a window".into(),
-                _ => String::new(),
-            }
+            display_note(&display)
         ));
     }
     let seconds_to_running = started.elapsed().as_secs_f64();
@@ -875,6 +922,7 @@ fn run_session(
 
     // The session.
     let mut waiting_since: Option<Instant> = None;
+    let mut power_waits: Vec<PowerWait> = Vec::new();
     let mut shutdown_seen = false;
     let mut memory_saved = None;
     let mut memory_save_seconds = 0.0;
@@ -921,17 +969,33 @@ fn run_session(
                 Ending::Crash
             };
         }
-        if let Some(since) = waiting_since
-            && since.elapsed() > POWERDOWN_GRACE
+        let now = Instant::now();
+        if let Some(w) = power_waits
+            .iter()
+            .find(|w| w.how.force && now >= w.deadline)
         {
             say(format!(
-                "the guest did not power off within {} s; switching it off (what it flushed is kept)",
-                POWERDOWN_GRACE.as_secs()
+                "the guest did not power off within {} s; switching it off like pulling the \
+                 plug (the disk keeps what the guest flushed; writes it had not flushed are lost)",
+                w.how.timeout
             ));
             let _ = vm.qmp.execute("quit", None);
             vm.wait_exit(Duration::from_secs(10));
             vm.kill();
             break Ending::Poweroff;
+        }
+        // A poweroff that may not force gives up at its deadline: the guest runs on.
+        power_waits.retain_mut(|w| {
+            if now < w.deadline {
+                return true;
+            }
+            if let Some(c) = w.conn.take() {
+                give_up(c, &machine, w.how.timeout);
+            }
+            false
+        });
+        if power_waits.is_empty() && !shutdown_seen {
+            waiting_since = None;
         }
         match requests.try_recv() {
             Ok(Request::Suspend(mut c)) => match try_suspend(&mut vm, bank) {
@@ -948,13 +1012,22 @@ fn run_session(
                     );
                 }
             },
-            Ok(Request::Poweroff(c)) => {
+            Ok(Request::Poweroff(c, how)) => {
+                // The waiter hears the session's messages, and its own answer if it
+                // gives up.
+                let own = c.try_clone().ok();
                 hub.add(c);
                 if waiting_since.is_none() {
                     say("pressing the power button".into());
                     let _ = vm.qmp.execute("system_powerdown", None);
                     waiting_since = Some(Instant::now());
                 }
+                power_waits.push(PowerWait {
+                    conn: own,
+                    // A year is as good as for ever, and cannot overflow an Instant.
+                    deadline: Instant::now() + Duration::from_secs(how.timeout.min(31_536_000)),
+                    how,
+                });
             }
             Err(_) => {}
         }
@@ -1123,12 +1196,36 @@ fn save_paused(
     stored
 }
 
-/// `mbank suspend`: asks the `run` of `machine` on this station to suspend, shows its
-/// progress, and returns the new version.
+/// Where the screen is, for the boot and resume messages.
+fn display_note(display: &Display) -> String {
+    match display {
+        Display::Vnc(s) => format!("; display: VNC on {s}"),
+        Display::Window => "; display: a window".into(),
+        _ => String::new(),
+    }
+}
+
+/// Answers a `poweroff` whose guest did not power off in time and that may not force
+/// it: the machine keeps running; the answer says what the user can do. The connection
+/// is shut down so the session's later messages no longer go to it.
+fn give_up(mut c: UnixStream, machine: &str, timeout: u64) {
+    let error = format!(
+        "{machine} did not power off within {timeout} s of the power button (its guest may \
+         ignore ACPI) and keeps running; `mbank poweroff --force {machine}` switches it off \
+         like pulling the plug (the disk keeps what the guest flushed, unflushed writes are \
+         lost), `mbank suspend {machine}` keeps everything including its memory"
+    );
+    let _ = writeln!(c, "{}", serde_json::json!({"ok": false, "error": error}));
+    let _ = c.shutdown(std::net::Shutdown::Both);
+}
+
+/// `mbank suspend` (`poweroff` None) or `mbank poweroff`: asks the `run` of `machine`
+/// on this station to suspend or power off, shows its progress, and returns the new
+/// version.
 pub fn suspend(
     station: &Station,
     machine: &mbank_core::MachineName,
-    poweroff: bool,
+    poweroff: Option<PowerOff>,
     say: &dyn Fn(String),
 ) -> Result<Option<String>> {
     let Some((dir, meta)) = station.live_session(machine) else {
@@ -1145,7 +1242,10 @@ pub fn suspend(
             meta.pid
         )
     })?;
-    writeln!(c, "{}", if poweroff { "poweroff" } else { "suspend" })?;
+    match poweroff {
+        Some(how) => writeln!(c, "poweroff {}", serde_json::to_string(&how)?)?,
+        None => writeln!(c, "suspend")?,
+    }
     for line in BufReader::new(c).lines() {
         let line = line.context("lost the connection to `mbank run`")?;
         if line.starts_with('{') {

@@ -1758,3 +1758,97 @@ fn attaches_go_on_while_recover_runs_in_a_loop() {
     assert!(recovers > 0);
     assert_eq!(bank.log("alice/dev").len(), 1 + rounds as usize);
 }
+
+/// `attach --read-only`: the export carries NBD_FLAG_READ_ONLY (nbdsh and qemu-io see
+/// it), a write the client sends anyway is refused with EPERM, reads give the version's
+/// bytes, and the end makes no version and releases the machine.
+#[test]
+fn read_only_attach_refuses_writes() {
+    need(&[("qemu-io", "qemu-utils"), ("nbdsh", "python3-libnbd")]);
+    let bank = Bank::new();
+    let cache = bank.file("cache");
+    let img = image(4 * MIB, &[(0, MIB), (3 * MIB, 4 * MIB)], 71);
+    let (v, _) = import(&bank, "alice/ro", &img, &[]);
+    let mut a = bank.attach(&cache, "alice/ro", &["--read-only"]);
+
+    // libnbd's strict mode would refuse the write itself; off, the server must.
+    let r = nbdsh(
+        &a.uri(),
+        "import errno\n\
+         print('read_only', h.is_read_only())\n\
+         h.set_strict_mode(0)\n\
+         try:\n    h.pwrite(b'x' * 4096, 4096)\n    print('written')\n\
+         except nbd.Error as e:\n    print('refused', e.errno in ('EPERM', errno.EPERM), e)\n\
+         try:\n    h.zero(4096, 0)\n    print('zeroed')\n\
+         except nbd.Error as e:\n    print('zero refused', e.errno in ('EPERM', errno.EPERM), e)\n\
+         print('first', h.pread(16, 0).hex())\n",
+    )
+    .ok();
+    assert!(r.stdout.contains("read_only True"), "{r}");
+    assert!(r.stdout.contains("refused True"), "{r}");
+    assert!(r.stdout.contains("zero refused True"), "{r}");
+    assert!(
+        r.stdout.contains(&format!("first {}", hex(&img[..16]))),
+        "{r}"
+    );
+
+    // qemu-io opened read-write cannot write either; read-only it reads the data.
+    let w = run_tool(
+        &bank,
+        "qemu-io",
+        &["-f", "raw", "-c", "write 0 4096", &a.uri()],
+    );
+    assert!(
+        !w.success() || w.stderr.contains("read-only") || w.stdout.contains("failed"),
+        "qemu-io wrote to a read-only export:\n{w}"
+    );
+    let pattern = format!("read -P {:#04x} 0 1", img[0]);
+    let r = run_tool(
+        &bank,
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", &pattern, &a.uri()],
+    )
+    .ok();
+    assert!(!r.stdout.contains("failed"), "{r}");
+
+    // `status` shows the session here, and the bank's lease on this station.
+    let mut c = bank.cmd();
+    c.arg("--cache").arg(&cache).args(["status", "--json"]);
+    let st = run_cmd(c).ok().json();
+    let s = &st["sessions"][0];
+    assert_eq!(s["machine"], "alice/ro", "{st}");
+    assert_eq!(s["version"], v.as_str(), "{st}");
+    assert_eq!(s["kind"], "attach", "{st}");
+    assert_eq!(s["pid"], a.pid(), "{st}");
+    let log = bank.log("alice/ro");
+    assert_eq!(log[0]["in_use"], true, "{log:?}");
+    assert!(log[0]["session"]["station"].is_string(), "{log:?}");
+    let l = &st["leased"][0];
+    assert_eq!(l["machine"], "alice/ro", "{st}");
+    assert_eq!(l["here"], true, "{st}");
+    assert_eq!(l["version"], v.as_str(), "{st}");
+
+    let end = a.stop().ok();
+    end.stderr_has(&[
+        "read-only on nbd+unix",
+        "read-only session of alice/ro",
+        "released unchanged",
+    ]);
+    assert_eq!(bank.head("alice/ro").as_deref(), Some(v.as_str()));
+    let log = bank.log("alice/ro");
+    assert_eq!(log.len(), 1, "a version was made");
+    assert_eq!(log[0]["in_use"], false, "{log:?}");
+    assert_same_bytes(&export(&bank, "alice/ro"), &img, "the disk after");
+    let mut c = bank.cmd();
+    c.arg("--cache").arg(&cache).args(["status", "--json"]);
+    let st = run_cmd(c).ok().json();
+    assert_eq!(st["sessions"], serde_json::json!([]), "{st}");
+    assert_eq!(st["leased"], serde_json::json!([]), "{st}");
+    // The lease is released: a read-write attach is not refused.
+    let mut b = bank.attach(&cache, "alice/ro", &["--discard"]);
+    b.stop().ok();
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -906,3 +906,187 @@ fn a_recorded_working_set_makes_the_next_cold_boot_wait_on_fewer_misses() {
     assert!(s3["workset_queued"].as_u64().unwrap() > 0, "{third}");
     bank.verify_ok();
 }
+
+/// `mbank run` without the console (a VNC socket instead), in the background.
+fn start_vnc(bank: &Bank, cache: &Path, machine: &str, vnc: &Path, extra: &[&str]) -> Running {
+    let mut c = bank.cmd();
+    c.arg("--cache")
+        .arg(cache)
+        .args(["run", machine, "--json", "--vnc"])
+        .arg(format!("unix:{}", vnc.display()))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn mbank run");
+    let out = collect(child.stdout.take().unwrap());
+    let err = collect(child.stderr.take().unwrap());
+    Running {
+        child: Some(child),
+        stdin: None,
+        out,
+        err,
+        cache: cache.to_path_buf(),
+    }
+}
+
+impl Running {
+    /// Waits until `run`'s messages (standard error) show `needle`.
+    fn wait_for_message(&mut self, needle: &str) {
+        let t = Instant::now();
+        while !self.stderr().contains(needle) {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "mbank run exited ({st}) before {needle:?}\n{}",
+                    self.stderr()
+                );
+            }
+            assert!(
+                t.elapsed() < DEFAULT_TIMEOUT,
+                "no {needle:?} after {DEFAULT_TIMEOUT:?}\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The test guest has no ACPI daemon, so it ignores the power button: `poweroff
+/// --timeout` gives up and says what to do while the machine runs on, a suspend and
+/// resume say where the screen is (VNC) as a boot does, and `poweroff --force` then
+/// switches it off and checks the disk in.
+#[test]
+fn poweroff_of_a_guest_that_ignores_acpi_times_out_or_is_forced() {
+    let bank = Bank::new();
+    let cache = bank.file("cache");
+    let _cleanup = KillSessions(cache.clone());
+    create_machine(&bank, "alice/dev");
+    let vnc1 = bank.file("vnc1.sock");
+    let mut r = start_vnc(
+        &bank,
+        &cache,
+        "alice/dev",
+        &vnc1,
+        &["--append", "mbank.job=counter"],
+    );
+    r.wait_for_message("alice/dev is running");
+    assert!(
+        r.stderr()
+            .contains(&format!("display: VNC on unix:{}", vnc1.display())),
+        "{}",
+        r.stderr()
+    );
+
+    // `status` names the run, its version and its screen.
+    let mut c = bank.cmd();
+    c.arg("--cache").arg(&cache).args(["status", "--json"]);
+    let st = common::run_cmd(c).ok().json();
+    let s = &st["sessions"][0];
+    assert_eq!(s["machine"], "alice/dev", "{st}");
+    assert_eq!(s["kind"], "run", "{st}");
+    assert_eq!(
+        s["vnc"],
+        format!("unix:{}", vnc1.display()).as_str(),
+        "{st}"
+    );
+    assert_eq!(st["leased"][0]["here"], true, "{st}");
+
+    let poweroff = |extra: &[&str]| {
+        let mut c = bank.cmd();
+        c.arg("--cache")
+            .arg(&cache)
+            .args(["poweroff", "alice/dev"])
+            .args(extra);
+        common::run_cmd(c)
+    };
+    let gave_up = poweroff(&["--timeout", "2"]).code(1);
+    gave_up.stderr_has(&[
+        "did not power off within 2 s",
+        "keeps running",
+        "mbank poweroff --force alice/dev",
+    ]);
+    assert!(
+        r.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the machine stopped after a poweroff that gave up:\n{}",
+        r.stderr()
+    );
+
+    // `set` is refused while the machine runs, and for a suspended head.
+    bank.run(&["set", "alice/dev", "--cpus", "2"])
+        .code(1)
+        .stderr_has(&["alice/dev is in use on", "mbank poweroff alice/dev"]);
+
+    // Suspend, then resume with the screen on another VNC socket.
+    let suspended = suspend(&bank, &cache, "alice/dev");
+    let (ok, _) = r.wait();
+    assert!(ok, "{}", r.stderr());
+    bank.run(&["set", "alice/dev", "--cpus", "2"])
+        .code(1)
+        .stderr_has(&["is suspended", "cannot change", "mbank run alice/dev"]);
+    let vnc2 = bank.file("vnc2.sock");
+    let mut r2 = start_vnc(&bank, &cache, "alice/dev", &vnc2, &[]);
+    r2.wait_for_message("alice/dev is running");
+    assert!(
+        r2.stderr().contains(&format!(
+            "resumed alice/dev@{}",
+            &suspended[..12.min(suspended.len())]
+        )) && r2
+            .stderr()
+            .contains(&format!("display: VNC on unix:{}", vnc2.display())),
+        "{}",
+        r2.stderr()
+    );
+
+    let forced = poweroff(&["--timeout", "1", "--force"]).ok();
+    forced.stderr_has(&["switching it off like pulling the plug"]);
+    let version = forced.stdout.trim().to_string();
+    let (ok, report) = r2.wait();
+    assert!(ok, "{}", r2.stderr());
+    let report = report.expect("a JSON report");
+    assert_eq!(report["ending"], "poweroff", "{report}");
+    let log = bank.log("alice/dev");
+    assert_eq!(
+        log[0]["version"].as_str(),
+        Some(version.as_str()),
+        "{log:?}"
+    );
+    assert_eq!(log[0]["suspended"], false, "{log:?}");
+}
+
+/// `set` makes a version with the new memory and CPUs and the head's disk; the next
+/// `set` starts from that configuration.
+#[test]
+fn set_makes_a_version_with_new_memory_and_cpus() {
+    let bank = Bank::new();
+    let first = create_machine(&bank, "alice/pc");
+    let r = bank.json(&[
+        "set", "alice/pc", "--memory", "512M", "--cpus", "2", "--json",
+    ]);
+    assert_eq!(r["parent"], first.as_str(), "{r}");
+    assert_eq!(r["memory_mib"], 512, "{r}");
+    assert_eq!(r["cpus"], 2, "{r}");
+    assert_eq!(r["head_moved"], true, "{r}");
+    let second = r["version"].as_str().unwrap().to_string();
+    assert_eq!(bank.head("alice/pc").as_deref(), Some(second.as_str()));
+    // The stored configuration carries the memory into the next change.
+    let r = bank.json(&["set", "alice/pc", "--cpus", "3", "--json"]);
+    assert_eq!(r["parent"], second.as_str(), "{r}");
+    assert_eq!(
+        (r["memory_mib"].as_u64(), r["cpus"].as_u64()),
+        (Some(512), Some(3)),
+        "{r}"
+    );
+    // The disk is the first version's.
+    let a = bank.file("a.raw");
+    let b = bank.file("b.raw");
+    assert_eq!(
+        bank.export(&format!("alice/pc@{first}"), &a),
+        bank.export("alice/pc", &b)
+    );
+    bank.run(&["set", "alice/pc"])
+        .code(2)
+        .stderr_has(&["--memory", "--cpus"]);
+    bank.run(&["set", "alice/pc", "--memory", "1000k"])
+        .code(1)
+        .stderr_has(&["whole number of MiB"]);
+}
