@@ -143,6 +143,19 @@ impl CachedStore {
                 Err(e) => Err(FetchError::Shared(e.clone())),
             };
         }
+        // The caller found the cache without it, but a flight that ended between that
+        // look and this one's start may have cached it since: look again (re-hashed,
+        // as a check-in needs) before going to the bank.
+        if let Some(d) = self.cache.peek(id) {
+            let d = Arc::new(d);
+            *flight.done.lock().expect("flight lock") = Some(Ok(d.clone()));
+            flight.cv.notify_all();
+            self.flights.lock().expect("flight lock").remove(id);
+            return Ok(Fetched {
+                data: d,
+                from_bank: false,
+            });
+        }
         let result = match self.store.read(id) {
             Ok(plain) => {
                 if keep(plain.len()) {
@@ -311,6 +324,21 @@ mod tests {
         // A missing chunk is the store's error for the caller that fetched.
         let other = ChunkId::of(b"absent");
         assert!(cs.fetch(&other).unwrap_err().is_missing());
+        // A caller that found the cache without a chunk, while another caller's fetch
+        // of it ended and cached it, gets the cached copy: no second read of the bank.
+        let late = vec![7u8; 30_000];
+        let late_id = ChunkId::of(&late);
+        store.put(&encode_with_id(late_id, &late, 1)).unwrap();
+        cs.cache().insert(&late_id, &late).unwrap();
+        let reads = store.reads.load(Ordering::SeqCst);
+        let f = cs.fetch_missing(&late_id, |_| true).unwrap();
+        assert_eq!(*f.data, late);
+        assert!(!f.from_bank, "found in the cache on the second look");
+        assert_eq!(
+            store.reads.load(Ordering::SeqCst),
+            reads,
+            "the bank was not read"
+        );
     }
 
     #[test]
