@@ -6,6 +6,8 @@
 //! packets held back), never from the clock. Runs as root (CI does).
 
 mod common;
+#[path = "common/garage.rs"]
+mod garage;
 #[path = "common/lab.rs"]
 mod lab;
 #[path = "../../mbank-nbd/tests/common/pki.rs"]
@@ -99,6 +101,72 @@ fn a_disk_goes_through_the_server_across_a_shaped_link() {
         "server log:\n{}",
         server.log()
     );
+}
+
+/// The processes in namespace `ns` whose command is `comm`.
+fn pids_named(ns: &str, comm: &str) -> Vec<String> {
+    let o = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .map(String::from)
+        .collect()
+}
+
+/// The bank server's chunks on the lab's three-node Garage cluster (`lab-net.sh
+/// --store garage`, its nodes in the server's namespace): a disk imported from a station
+/// lands in the bucket, not in the bank directory, and comes back down the shaped link
+/// byte for byte; the cluster goes down with the lab.
+#[test]
+fn a_disk_on_the_labs_garage_cluster_goes_through_the_server() {
+    garage::require_garage();
+    let lab = Lab::up_with(1, "100mbit", "garage");
+    let nodes = pids_named(&lab.server_ns, "garage");
+    assert_eq!(
+        nodes.len(),
+        3,
+        "three Garage nodes in the server's namespace"
+    );
+    let server = LabServer::start(&lab);
+    server.add_user("alice", "alice-lab-secret");
+    let alice = server.login(lab.station(1), "alice", "alice-lab-secret");
+    let data = random_bytes(4 * MIB, 45);
+    let image = alice.file("disk.raw");
+    write_image(&image, &data, 0);
+    let up1 = lab.upload(1);
+    let v = alice.import("alice/disk", &image, &[]);
+    assert_eq!(v["chunks_new"].as_u64(), Some(64), "{v}");
+    assert_shaped(
+        up1,
+        lab.upload(1),
+        data.len(),
+        "import to Garage from the station",
+    );
+    assert!(
+        server.host().chunk_files().is_empty(),
+        "chunks in the bank directory: they belong in Garage"
+    );
+    let st = server.host().json(&["stats", "--json"]);
+    assert!(st["chunks"].as_u64().unwrap() >= 64, "{st}");
+    let down1 = lab.download(1);
+    alice.assert_exports("alice/disk", &image);
+    assert_shaped(down1, lab.download(1), data.len(), "export from Garage");
+    let gdir = std::env::temp_dir().join(format!("{}-garage", lab.name));
+    assert!(gdir.is_dir(), "{}", gdir.display());
+    drop(server);
+    drop(lab);
+    for p in &nodes {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{p}")).exists(),
+            "Garage node {p} outlived its lab"
+        );
+    }
+    assert!(!gdir.exists(), "the cluster's directory outlived its lab");
 }
 
 #[test]
