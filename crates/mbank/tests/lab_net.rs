@@ -476,7 +476,9 @@ fn a_damaged_or_stale_working_set_is_a_warning_across_the_lab() {
         g
     };
     let host_bank = mbank_bank::Bank::open(&server.bank_dir, true).unwrap();
-    let cases: [(&str, Vec<u8>, &[(&str, &[u8])], &str); 4] = [
+    /// A case: its name, the record, other streams of the version, the warning.
+    type Case<'a> = (&'a str, Vec<u8>, &'a [(&'a str, &'a [u8])], &'a str);
+    let cases: [Case; 4] = [
         ("truncated", truncated, &[], "cannot be used"),
         ("corrupted", corrupted, &[], "cannot be used"),
         ("record-gone", good(0..6, false), &[], "cannot be used"),
