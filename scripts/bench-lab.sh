@@ -177,7 +177,7 @@ for p in "${PROFILES[@]}"; do
         BANK=$T/bank-garage-${p%%:*}
         log "  importing $IMG into a bank on Garage (in the server's namespace)"
         in_srv "$MBANK" -q --bank "$BANK" init --store "$MBANK_LAB_STORE_URL"
-        in_srv "$MBANK" -q --bank "$BANK" import lab/base "$IMG" >/dev/null
+        in_srv "$MBANK" -q -j 16 --bank "$BANK" import lab/base "$IMG" >/dev/null
         in_srv "$MBANK" -q --bank "$BANK" admin publish lab/base >/dev/null
         printf 'bench-password-lab\n' | in_srv "$MBANK" -q --bank "$BANK" admin user add bench --password-stdin >/dev/null
         cat "$ZST" >/dev/null
