@@ -22,6 +22,12 @@
 # every export starts with an empty station (export keeps no cache). Everything runs
 # on this machine: server, station and shaping share its cores.
 #
+# A profile written PROFILE:garage (BENCH_LAB_PROFILES="1gbit 1gbit:garage") keeps the
+# bank's chunks on a three-node Garage cluster (`lab-net.sh --store garage`: the nodes
+# on the server namespace's loopback, replication 3, fsync on) instead of its directory;
+# that bank is made and imported inside the server's namespace, and the page cache is
+# not warmed for it (the chunks are in Garage's files).
+#
 # Env: MBANK (binary; else a release build, in CARGO_TARGET_DIR if set),
 # BENCH_LAB_PROFILES, BENCH_RUNS, BENCH_LAB_SKIP_HTTP=1 (HTTPS rows only).
 set -euo pipefail
@@ -87,6 +93,7 @@ www_stop() {
 at_exit www_stop
 
 BANK=$T/bank
+DIR_BANK=$BANK
 log "importing $IMG into a fresh bank as lab/base (on the server's host)"
 "$MBANK" -q --bank "$BANK" init
 "$MBANK" -q --bank "$BANK" import --json lab/base "$IMG" >"$T/import.json"
@@ -159,12 +166,26 @@ measure() { # measure PROFILE ROW CMD...: MED[PROFILE,ROW] = median seconds of R
 
 for p in "${PROFILES[@]}"; do
     log "profile $p: lab up"
-    eval "$("$LAB_NET" up --name "$LAB" --profile "$p" --stations 1)"
+    store=dir
+    [[ $p != *:garage ]] || store=garage
+    eval "$("$LAB_NET" up --name "$LAB" --profile "${p%%:*}" --stations 1 --store "$store")"
     RATE[$p]=$MBANK_LAB_RATE_BIT
     ((RATE[$p] > 0)) || die "profile $p has no rate: the floor needs one"
     log "  $($LAB_NET measure --name "$LAB" --size 16)"
-    # Warm the server's page cache for both sides.
-    cat "$BANK"/chunks/*/* "$ZST" >/dev/null
+    if [[ $store == garage ]]; then
+        export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
+        BANK=$T/bank-garage-${p%%:*}
+        log "  importing $IMG into a bank on Garage (in the server's namespace)"
+        in_srv "$MBANK" -q --bank "$BANK" init --store "$MBANK_LAB_STORE_URL"
+        in_srv "$MBANK" -q -j 16 --bank "$BANK" import lab/base "$IMG" >/dev/null
+        in_srv "$MBANK" -q --bank "$BANK" admin publish lab/base >/dev/null
+        printf 'bench-password-lab\n' | in_srv "$MBANK" -q --bank "$BANK" admin user add bench --password-stdin >/dev/null
+        cat "$ZST" >/dev/null
+    else
+        BANK=$DIR_BANK
+        # Warm the server's page cache for both sides.
+        cat "$BANK"/chunks/*/* "$ZST" >/dev/null
+    fi
     serve_start https
     measure "$p" "mbank export, HTTPS, to a file" export_file
     measure "$p" "mbank export, HTTPS, to /dev/null" export_null

@@ -22,11 +22,12 @@ lab's namespaces (nothing is added to the host's namespace), so two labs with
 different names can run at once.
 
 Commands:
-  up [--name NAME] [--stations N] [--profile P]
+  up [--name NAME] [--stations N] [--profile P] [--store S]
         make the lab (after removing what an earlier lab of that name left)
   down [--name NAME]
         remove the lab: stop the processes still running in its namespaces
-        (SIGTERM, then SIGKILL), delete its namespaces. Safe to run any time.
+        (SIGTERM, then SIGKILL; a Garage cluster of the lab with them), delete its
+        namespaces and the cluster's directory. Safe to run any time.
   status [--name NAME]
         the lab's namespaces, addresses and qdiscs with their counters
   exec [--name NAME] HOST -- CMD...
@@ -35,7 +36,7 @@ Commands:
         time a download of MIB (default 32) random MiB over HTTP from the server to
         station K (default 1) and an upload back, with python3 -m http.server and curl;
         prints the rates in Mbit/s
-  run [--name NAME] [--stations N] [--profile P] -- CMD...
+  run [--name NAME] [--stations N] [--profile P] [--store S] -- CMD...
         up, run CMD (in the host namespace) with the lab described in its
         environment, then down, also when CMD fails or on Ctrl-C; exits with
         CMD's status. NAME defaults to mbank-lab-PID here, so runs can overlap.
@@ -45,6 +46,16 @@ Options:
   --stations N     number of stations, 1..200 (default 1)
   --profile P      1gbit, 100mbit or none (default 100mbit): tbf rate of each
                    station's link, both directions
+  --store S        where the bank server's chunks go: dir (default; the bank
+                   directory) or garage: a three-node Garage cluster (scripts/garage.sh,
+                   replication 3, fsync on) started in the server's namespace, on
+                   its loopback, with its data in $TMPDIR/NAME-garage. In the server's
+                   namespace because that is where its store is in a lab: beside the
+                   bank server, off the stations' shaped links; and because only there
+                   does its 127.0.0.1 reach it (the host's loopback is another). Make
+                   the bank in that namespace (`exec srv -- mbank init --store
+                   $MBANK_LAB_STORE_URL`), with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY
+                   from the environment below. Needs garage (scripts/garage.sh install).
   -h, --help       this text
 
 Environment given to CMD by `run` (and printed by `up` as shell assignments):
@@ -56,6 +67,12 @@ Environment given to CMD by `run` (and printed by `up` as shell assignments):
   MBANK_LAB_SERVER_ADDR     the server's address (10.77.0.1)
   MBANK_LAB_STATION_NS      the stations' namespaces, space-separated
   MBANK_LAB_STATION_ADDRS   their addresses, in the same order
+  MBANK_LAB_STORE           dir or garage
+  with --store garage:
+  MBANK_LAB_STORE_URL       the `mbank init --store` URL of the cluster's bucket
+                            (every node's endpoint, reachable in the server's namespace)
+  MBANK_LAB_GARAGE_DIR      the cluster's directory (its nodes' logs are there)
+  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY   the bucket's key
 
 Examples:
   lab-net.sh run --profile 1gbit --stations 2 -- sh -c \
@@ -72,6 +89,7 @@ die() {
 
 NAME=
 STATIONS=1
+STORE=dir
 PROFILE=100mbit
 STATION_K=1
 SIZE_MIB=32
@@ -82,6 +100,7 @@ parse() { # parse ARGS...: options into globals; what follows `--` into CMD
         --name) NAME=${2:?--name needs a value}; shift 2 ;;
         --stations) STATIONS=${2:?--stations needs a value}; shift 2 ;;
         --profile) PROFILE=${2:?--profile needs a value}; shift 2 ;;
+        --store) STORE=${2:?--store needs a value}; shift 2 ;;
         --station) STATION_K=${2:?--station needs a value}; shift 2 ;;
         --size) SIZE_MIB=${2:?--size needs a value}; shift 2 ;;
         -h | --help) usage; exit 0 ;;
@@ -99,6 +118,7 @@ parse() { # parse ARGS...: options into globals; what follows `--` into CMD
     none) RATE_BIT=0 BURST= ;;
     *) die "--profile $PROFILE: the profiles are 1gbit, 100mbit and none" ;;
     esac
+    [[ $STORE == dir || $STORE == garage ]] || die "--store $STORE: the stores are dir and garage"
     [[ $STATION_K =~ ^[1-9][0-9]*$ ]] || die "--station $STATION_K: give a station number (1, 2, ...)"
     [[ $SIZE_MIB =~ ^[1-9][0-9]*$ ]] || die "--size $SIZE_MIB: give a number of MiB"
 }
@@ -123,10 +143,16 @@ shape() {
     ip netns exec "$ns" tc qdisc replace dev "$dev" root tbf rate "$RATE_BIT"bit burst "$BURST" latency 50ms
 }
 
+garage_dir() { echo "${TMPDIR:-/tmp}/$NAME-garage"; }
+
 do_down() {
     local ns pids left=()
     mapfile -t left < <(lab_namespaces)
-    ((${#left[@]})) || return 0
+    # The cluster's nodes ran in the server's namespace: they are stopped with it.
+    if ((${#left[@]} == 0)); then
+        rm -rf "$(garage_dir)"
+        return 0
+    fi
     # Processes still inside keep the namespace's network alive: stop them.
     for ns in "${left[@]}"; do
         pids=$(ip netns pids "$ns" 2>/dev/null || true)
@@ -144,6 +170,7 @@ do_down() {
         [[ -z $pids ]] || kill -KILL $pids 2>/dev/null || true
         ip netns delete "$ns" 2>/dev/null || true
     done
+    rm -rf "$(garage_dir)"
     left=()
     mapfile -t left < <(lab_namespaces)
     ((${#left[@]} == 0)) || die "could not delete namespaces ${left[*]}: see \`ip netns pids NS\`, then run down again"
@@ -185,8 +212,26 @@ lab_env() {
     MBANK_LAB_SERVER_ADDR=10.77.0.1
     MBANK_LAB_STATION_NS=${ns[*]}
     MBANK_LAB_STATION_ADDRS=${addrs[*]}
+    MBANK_LAB_STORE=$STORE
     export MBANK_LAB MBANK_LAB_SCRIPT MBANK_LAB_PROFILE MBANK_LAB_RATE_BIT MBANK_LAB_SERVER_NS \
-        MBANK_LAB_SERVER_ADDR MBANK_LAB_STATION_NS MBANK_LAB_STATION_ADDRS
+        MBANK_LAB_SERVER_ADDR MBANK_LAB_STATION_NS MBANK_LAB_STATION_ADDRS MBANK_LAB_STORE
+}
+
+# Starts the lab's Garage cluster in the server's namespace; sets and exports its
+# variables (MBANK_LAB_STORE_URL, MBANK_LAB_GARAGE_DIR, the key).
+garage_up() {
+    local dir env eps
+    dir=$(garage_dir)
+    rm -rf "$dir"
+    env=$(ip netns exec "$NAME-srv" "$(dirname "$SELF")/garage.sh" start "$dir") ||
+        die "could not start the Garage cluster in $NAME-srv (see $dir/node*/log)"
+    eps=$(sed -n "s/^GARAGE_ENDPOINTS='\(.*\)'\$/\1/p" <<<"$env" | tr ' ' ',')
+    [[ -n $eps ]] || die "garage.sh start printed no endpoints:\n$env"
+    MBANK_LAB_STORE_URL="s3://$(sed -n 's/^GARAGE_BUCKET=//p' <<<"$env")?endpoint=$eps&region=garage"
+    MBANK_LAB_GARAGE_DIR=$dir
+    AWS_ACCESS_KEY_ID=$(sed -n 's/^AWS_ACCESS_KEY_ID=//p' <<<"$env")
+    AWS_SECRET_ACCESS_KEY=$(sed -n 's/^AWS_SECRET_ACCESS_KEY=//p' <<<"$env")
+    export MBANK_LAB_STORE_URL MBANK_LAB_GARAGE_DIR AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
 }
 
 do_up() {
@@ -209,8 +254,9 @@ do_up() {
     for ((k = 1; k <= STATIONS; k++)); do
         reaches "$NAME-st$k" || { do_down; die "station $k ($NAME-st$k) cannot reach the server at 10.77.0.1"; }
     done
-    trap - ERR
     lab_env
+    [[ $STORE != garage ]] || garage_up || { do_down; die "the Garage cluster did not start"; }
+    trap - ERR
 }
 
 do_status() {
@@ -284,10 +330,12 @@ main() {
     up)
         NAME=${NAME:-mbank-lab}
         do_up
-        echo "lab $NAME up: $STATIONS station(s), profile $PROFILE" >&2
+        echo "lab $NAME up: $STATIONS station(s), profile $PROFILE, store $STORE" >&2
         local v
-        for v in MBANK_LAB MBANK_LAB_SCRIPT MBANK_LAB_PROFILE MBANK_LAB_RATE_BIT MBANK_LAB_SERVER_NS \
-            MBANK_LAB_SERVER_ADDR MBANK_LAB_STATION_NS MBANK_LAB_STATION_ADDRS; do
+        local vars=(MBANK_LAB MBANK_LAB_SCRIPT MBANK_LAB_PROFILE MBANK_LAB_RATE_BIT MBANK_LAB_SERVER_NS
+            MBANK_LAB_SERVER_ADDR MBANK_LAB_STATION_NS MBANK_LAB_STATION_ADDRS MBANK_LAB_STORE)
+        [[ $STORE != garage ]] || vars+=(MBANK_LAB_STORE_URL MBANK_LAB_GARAGE_DIR AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY)
+        for v in "${vars[@]}"; do
             printf '%s=%q\n' "$v" "${!v}"
         done
         ;;
@@ -308,7 +356,7 @@ main() {
         ((${#CMD[@]})) || die "run needs a command after --"
         trap 'do_down' EXIT
         do_up
-        echo "lab $NAME up: $STATIONS station(s), profile $PROFILE" >&2
+        echo "lab $NAME up: $STATIONS station(s), profile $PROFILE, store $STORE" >&2
         # CMD runs as a child we wait for, so that a signal reaches this shell at once
         # (bash runs a trap only after a foreground child ends): SIGINT or SIGTERM is
         # passed on to CMD as SIGTERM (a background child ignores SIGINT), then the

@@ -6,6 +6,8 @@
 //! packets held back), never from the clock. Runs as root (CI does).
 
 mod common;
+#[path = "common/garage.rs"]
+mod garage;
 #[path = "common/lab.rs"]
 mod lab;
 #[path = "../../mbank-nbd/tests/common/pki.rs"]
@@ -101,6 +103,77 @@ fn a_disk_goes_through_the_server_across_a_shaped_link() {
     );
 }
 
+/// The processes in namespace `ns` whose command is `comm`.
+fn pids_named(ns: &str, comm: &str) -> Vec<String> {
+    let o = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .map(String::from)
+        .collect()
+}
+
+/// The bank server's chunks on the lab's three-node Garage cluster (`lab-net.sh
+/// --store garage`, its nodes in the server's namespace): a disk imported from a station
+/// lands in the bucket, not in the bank directory, and comes back down the shaped link
+/// byte for byte; the cluster goes down with the lab.
+#[test]
+fn a_disk_on_the_labs_garage_cluster_goes_through_the_server() {
+    garage::require_garage();
+    let lab = Lab::up_with(1, "100mbit", "garage");
+    let nodes = pids_named(&lab.server_ns, "garage");
+    assert_eq!(
+        nodes.len(),
+        3,
+        "three Garage nodes in the server's namespace"
+    );
+    let server = LabServer::start(&lab);
+    server.add_user("alice", "alice-lab-secret");
+    let alice = server.login(lab.station(1), "alice", "alice-lab-secret");
+    let data = random_bytes(4 * MIB, 45);
+    let image = alice.file("disk.raw");
+    write_image(&image, &data, 0);
+    let up1 = lab.upload(1);
+    let v = alice.import("alice/disk", &image, &[]);
+    assert_eq!(v["chunks_new"].as_u64(), Some(64), "{v}");
+    assert_shaped(
+        up1,
+        lab.upload(1),
+        data.len(),
+        "import to Garage from the station",
+    );
+    assert!(
+        server.host().chunk_files().is_empty(),
+        "chunks in the bank directory: they belong in Garage"
+    );
+    let st = server.host().json(&["stats", "--json"]);
+    assert!(st["chunks"].as_u64().unwrap() >= 64, "{st}");
+    let down1 = lab.download(1);
+    alice.assert_exports("alice/disk", &image);
+    assert_shaped(down1, lab.download(1), data.len(), "export from Garage");
+    let gdir = std::env::temp_dir().join(format!("{}-garage", lab.name));
+    assert!(gdir.is_dir(), "{}", gdir.display());
+    drop(server);
+    drop(lab);
+    // A node that ended may stay a zombie until whoever adopted it reaps it: gone means
+    // no /proc entry, or one in state Z.
+    let running = |p: &str| {
+        std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|st| {
+            st.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+    };
+    for p in &nodes {
+        assert!(!running(p), "Garage node {p} outlived its lab");
+    }
+    assert!(!gdir.exists(), "the cluster's directory outlived its lab");
+}
+
 #[test]
 fn labs_coexist_and_leave_nothing_when_a_test_panics() {
     let mut names = Vec::new();
@@ -176,4 +249,348 @@ fn run_mode_tears_the_lab_down_when_its_command_fails_or_is_stopped() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(143), "{out:?}");
     gone("after SIGTERM");
+}
+
+// ----------------------------------------------------------------------------------
+// Working sets and read-ahead across the lab (issue 12): counts from the sessions'
+// statistics (`attach --json`), never times.
+// ----------------------------------------------------------------------------------
+
+const CS: usize = 64 * 1024;
+
+/// The files of chunks in a station's cache (names of 64 hex digits, anywhere below).
+fn cached_chunks(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        let Ok(t) = e.file_type() else { continue };
+        let name = e.file_name().to_string_lossy().to_string();
+        if t.is_dir() {
+            n += cached_chunks(&e.path());
+        } else if name.len() == 64 && name.bytes().all(|c| c.is_ascii_hexdigit()) {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Waits until a station's cache holds `n` chunks (what the session fetched in the
+/// background); panics with the attach's output after [`ATTACH_TIMEOUT`].
+fn wait_cached(cache: &std::path::Path, n: usize, what: &str, a: &mut Attached) {
+    let start = std::time::Instant::now();
+    loop {
+        let have = cached_chunks(cache);
+        if have >= n {
+            assert_eq!(have, n, "{what}: the cache holds more chunks than expected");
+            return;
+        }
+        if start.elapsed() > ATTACH_TIMEOUT {
+            panic!(
+                "{what}: the cache holds {have} chunks, not {n}, after {ATTACH_TIMEOUT:?}:\n{}",
+                a.kill9()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Reads `len` bytes at the start of each chunk of `places` through NBD (nbdsh, one
+/// connection) and checks them against `image`.
+fn read_places(uri: &str, image: &[u8], places: &[usize]) {
+    let mut script = String::new();
+    for &p in places {
+        let len = 4096.min(image.len() - p * CS);
+        script.push_str(&format!(
+            "assert h.pread({len}, {}) == bytes.fromhex('{}'), 'place {p}'\n",
+            p * CS,
+            hex(&image[p * CS..p * CS + len])
+        ));
+    }
+    let r = nbdsh(uri, &script);
+    assert!(r.success(), "reading through NBD:\n{r}");
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn stat(report: &serde_json::Value, key: &str) -> u64 {
+    report["stats"][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("stats.{key} is not a number in {report}"))
+}
+
+/// The places a "boot" reads: scattered, out of order, no two adjacent (no read-ahead).
+const BOOT: [usize; 12] = [17, 3, 50, 45, 30, 7, 60, 40, 22, 1, 55, 33];
+
+/// A session on station 1 through the server records the chunks its guest read and
+/// check-in stores the list with the version; the next session of that version on
+/// station 2 (an empty cache) fetches them ahead of the guest, across the shaped link,
+/// and the guest then waits on none of them.
+#[test]
+fn a_working_set_recorded_through_the_server_spares_the_next_cold_station_its_misses() {
+    require_tool("nbdsh", "python3-libnbd");
+    let lab = Lab::up(2, "100mbit");
+    let server = LabServer::start(&lab);
+    server.add_user("alice", "alice-lab-secret");
+    let st1 = server.login(lab.station(1), "alice", "alice-lab-secret");
+    let st2 = server.login(lab.station(2), "alice", "alice-lab-secret");
+
+    let image = random_bytes(64 * CS, 41);
+    let path = st1.file("disk.raw");
+    write_image(&path, &image, 0);
+    st1.import("alice/dev", &path, &[]);
+
+    // Station 1, an empty cache: the guest reads BOOT, each a miss, and writes one
+    // aligned block elsewhere (so that check-in commits a version to store the list with).
+    let cache1 = st1.file("cache1");
+    let mut a = st1.attach(&cache1, "alice/dev", &["--json"]);
+    read_places(&a.uri(), &image, &BOOT);
+    let r = nbdsh(
+        &a.uri(),
+        &format!("h.pwrite(b'\\x01' * 4096, {}); h.flush()", 62 * CS),
+    );
+    assert!(r.success(), "{r}");
+    let first = a.stop().ok();
+    let j1 = first.json();
+    assert!(j1["version"].is_string(), "{first}");
+    assert_eq!(stat(&j1, "misses_waited"), BOOT.len() as u64, "{first}");
+    assert_eq!(stat(&j1, "prefetch_hits"), 0, "{first}");
+    assert_eq!(stat(&j1, "readahead_chunks"), 0, "{first}");
+    assert_eq!(j1["workset_stored"], BOOT.len() as u64, "{first}");
+
+    // Station 2, an empty cache: the list comes down the link before the guest asks.
+    let cache2 = st2.file("cache2");
+    let down0 = lab.download(2);
+    let mut b = st2.attach(&cache2, "alice/dev", &["--json"]);
+    wait_cached(&cache2, BOOT.len(), "the working set's replay", &mut b);
+    read_places(&b.uri(), &image, &BOOT);
+    let second = b.stop().ok();
+    let j2 = second.json();
+    let down1 = lab.download(2);
+    assert_shaped(down0, down1, BOOT.len() * CS, "the replay on station 2");
+    assert_eq!(stat(&j2, "workset_queued"), BOOT.len() as u64, "{second}");
+    assert_eq!(
+        stat(&j2, "prefetched_chunks"),
+        BOOT.len() as u64,
+        "{second}"
+    );
+    assert_eq!(stat(&j2, "misses_waited"), 0, "{second}");
+    assert_eq!(stat(&j2, "prefetch_hits"), BOOT.len() as u64, "{second}");
+    assert_eq!(stat(&j2, "chunks_fetched"), BOOT.len() as u64, "{second}");
+    assert_eq!(
+        stat(&j2, "bytes_fetched"),
+        (BOOT.len() * CS) as u64,
+        "{second}"
+    );
+    assert_eq!(j2["warnings"], serde_json::json!([]), "{second}");
+    // Nothing written, and the version has its list: no new version.
+    assert!(j2["version"].is_null(), "{second}");
+    assert!(!server.log().contains("ERROR"), "{}", server.log());
+}
+
+/// Commits, on the bank's host (the library, as a station on that host would), a
+/// version of `machine` whose working-set stream holds `record`, with `extra` streams.
+/// Returns the ids of the record's chunks.
+fn host_commit_record(
+    server: &LabServer,
+    machine: &str,
+    record: &[u8],
+    extra: &[(&str, &[u8])],
+) -> Vec<mbank_core::ChunkId> {
+    use mbank_bank::{ImportOptions, NoProgress};
+    use mbank_station::{CheckinExtras, Station, workset};
+    let mut bank = mbank_bank::Bank::open(&server.bank_dir, false).unwrap();
+    let station = Station::open(&server.tmp.path().join("host-station"), 64 << 20).unwrap();
+    let store: std::sync::Arc<dyn mbank_store::ChunkStore> =
+        std::sync::Arc::new(mbank_store::LocalStore::open(&server.bank_dir).unwrap());
+    let r: mbank_core::MachineRef = machine.parse().unwrap();
+    let disk = station.check_out(&mut bank, &r, false, store).unwrap();
+    let w = bank.begin_write("test: a crafted working set").unwrap();
+    let (idx, _) = bank.store_stream(&w, record).unwrap();
+    let ids = idx.runs.iter().filter_map(|r| r.id).collect();
+    let mut streams = vec![(workset::STREAM_NAME.to_string(), idx)];
+    for (name, bytes) in extra {
+        streams.push((name.to_string(), bank.store_stream(&w, *bytes).unwrap().0));
+    }
+    let extras = CheckinExtras {
+        streams,
+        always: true,
+        ..Default::default()
+    };
+    let rep = station
+        .check_in_with(
+            &mut bank,
+            &disk,
+            &extras,
+            &ImportOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+    assert!(rep.version.is_some(), "{rep:?}");
+    drop(w);
+    ids
+}
+
+/// A published base whose working-set record is truncated, corrupted, gone from the
+/// bank, or names a stream chunk gone from the bank; a user forks it and attaches the
+/// fork on a station with an empty cache through the server: a warning, never an
+/// error, and the disk reads right byte for byte.
+#[test]
+fn a_damaged_or_stale_working_set_is_a_warning_across_the_lab() {
+    use mbank_station::workset::{Entry, WorkingSet};
+    require_tool("qemu-img", "qemu-utils");
+    let lab = Lab::up(1, "100mbit");
+    let server = LabServer::start(&lab);
+    server.add_user("alice", "alice-lab-secret");
+    let alice = server.login(lab.station(1), "alice", "alice-lab-secret");
+    let host = server.host();
+    let image = random_bytes(16 * CS, 43);
+    let path = host.file("base.raw");
+    write_image(&path, &image, 0);
+    host.import("lab/base", &path, &[]);
+    host.run(&["admin", "publish", "lab/base"]).ok();
+
+    let kernel: Vec<u8> = (0..20000u32).map(|i| (i % 251) as u8 | 1).collect();
+    let kid = mbank_core::ChunkId::of(&kernel);
+    let good = |places: std::ops::Range<u64>, with_kernel: bool| {
+        let mut entries: Vec<Entry> = places
+            .map(|place| Entry::Disk {
+                place,
+                id: mbank_core::ChunkId::of(b"recorded"),
+            })
+            .collect();
+        if with_kernel {
+            entries.insert(0, Entry::Stream { id: kid });
+        }
+        WorkingSet {
+            chunk_size: CS as u32,
+            entries,
+        }
+        .encode()
+    };
+    let truncated = {
+        let g = good(0..8, false);
+        g[..g.len() - 20].to_vec()
+    };
+    let corrupted = {
+        let mut g = good(0..8, false);
+        g[40] ^= 1;
+        g
+    };
+    let host_bank = mbank_bank::Bank::open(&server.bank_dir, true).unwrap();
+    /// A case: its name, the record, other streams of the version, the warning.
+    type Case<'a> = (&'a str, Vec<u8>, &'a [(&'a str, &'a [u8])], &'a str);
+    let cases: [Case; 4] = [
+        ("truncated", truncated, &[], "cannot be used"),
+        ("corrupted", corrupted, &[], "cannot be used"),
+        ("record-gone", good(0..6, false), &[], "cannot be used"),
+        (
+            "stream-chunk-gone",
+            good(2..6, true),
+            &[("kernel", &kernel[..])],
+            "no longer has",
+        ),
+    ];
+    for (n, (what, record, extra, warning)) in cases.into_iter().enumerate() {
+        let record_ids = host_commit_record(&server, "lab/base", &record, extra);
+        host.run(&["admin", "publish", "lab/base"]).ok();
+        let fork = format!("alice/fork-{what}");
+        alice
+            .run(&["create", fork.as_str(), "--from", "lab/base"])
+            .ok();
+        let gone: Vec<mbank_core::ChunkId> = match what {
+            "record-gone" => record_ids,
+            "stream-chunk-gone" => vec![kid],
+            _ => vec![],
+        };
+        for id in &gone {
+            std::fs::remove_file(host_bank.chunk_path(id)).unwrap();
+        }
+        let cache = alice.file(&format!("cache-{n}"));
+        let mut a = alice.attach(&cache, &fork, &["--json"]);
+        if what == "stream-chunk-gone" {
+            // The list's 4 disk chunks come first, so that the counts below do not
+            // depend on whether the replay or the reader gets to them first.
+            wait_cached(&cache, 4, "the replay of the list's disk entries", &mut a);
+        }
+        let r = tool(
+            "qemu-img",
+            &[
+                "compare".to_string(),
+                "-f".into(),
+                "raw".into(),
+                "-F".into(),
+                "raw".into(),
+                path.display().to_string(),
+                a.uri(),
+            ],
+        );
+        assert!(r.success(), "{what}: the disk reads wrong:\n{r}");
+        let done = a.stop();
+        assert!(done.success(), "{what}: the session failed:\n{done}");
+        let j = done.json();
+        let said = format!("{}\n{}", done.stderr, j["warnings"]);
+        assert!(
+            said.contains("warning") || !j["warnings"].as_array().unwrap().is_empty(),
+            "{what}: no warning:\n{done}"
+        );
+        assert!(said.contains(warning), "{what}: no {warning:?}:\n{done}");
+        assert_eq!(
+            stat(&j, "chunks_fetched"),
+            16,
+            "{what}: each chunk once:\n{done}"
+        );
+        if what == "stream-chunk-gone" {
+            // The list's disk entries were fetched; its missing stream chunk skipped.
+            assert_eq!(stat(&j, "workset_queued"), 5, "{done}");
+            assert_eq!(stat(&j, "workset_missing"), 1, "{done}");
+            assert_eq!(stat(&j, "prefetched_chunks"), 4, "{done}");
+        } else {
+            assert_eq!(stat(&j, "workset_queued"), 0, "{what}:\n{done}");
+            assert_eq!(stat(&j, "prefetched_chunks"), 0, "{what}:\n{done}");
+        }
+    }
+}
+
+/// Read-ahead through the server on a disk whose last chunk is short: two sequential
+/// misses start it, the guest's reads of what it brought widen it, and it stops at the
+/// disk's end (each chunk fetched once, no request past the end, no error).
+#[test]
+fn read_ahead_across_the_lab_stops_at_the_disk_end() {
+    require_tool("nbdsh", "python3-libnbd");
+    let lab = Lab::up(1, "100mbit");
+    let server = LabServer::start(&lab);
+    server.add_user("alice", "alice-lab-secret");
+    let alice = server.login(lab.station(1), "alice", "alice-lab-secret");
+    let n = 8;
+    let image = random_bytes(n * CS - CS / 2, 44);
+    let path = alice.file("disk.raw");
+    write_image(&path, &image, 0);
+    alice.import("alice/dev", &path, &[]);
+
+    let cache = alice.file("cache");
+    let mut a = alice.attach(&cache, "alice/dev", &["--json"]);
+    // Two sequential misses: read-ahead brings the next READAHEAD_MIN (4) chunks.
+    read_places(&a.uri(), &image, &[0, 1]);
+    wait_cached(&cache, 6, "the first read-ahead", &mut a);
+    // The guest reads what it brought: the window widens, up to the disk's end only.
+    read_places(&a.uri(), &image, &[2, 3, 4, 5]);
+    wait_cached(&cache, n, "read-ahead to the end", &mut a);
+    read_places(&a.uri(), &image, &[6, 7]);
+    let done = a.stop().ok();
+    let j = done.json();
+    assert_eq!(stat(&j, "misses_waited"), 2, "{done}");
+    assert_eq!(stat(&j, "readahead_chunks"), (n - 2) as u64, "{done}");
+    assert_eq!(stat(&j, "prefetch_hits"), (n - 2) as u64, "{done}");
+    assert_eq!(stat(&j, "chunks_fetched"), n as u64, "{done}");
+    assert_eq!(stat(&j, "bytes_fetched"), image.len() as u64, "{done}");
+    assert_eq!(j["warnings"], serde_json::json!([]), "{done}");
+    let log = server.log();
+    assert!(
+        !log.contains("ERROR") && !log.contains("WARN"),
+        "server log:\n{log}"
+    );
 }

@@ -41,6 +41,9 @@ pub struct Lab {
     pub stations: Vec<String>,
     /// The shaped rate of every station's link, bit/s (0: not shaped).
     pub rate_bit: u64,
+    /// With `--store garage`: the cluster's `init --store` URL and its key (variables
+    /// for a command run in the server's namespace, where the cluster listens).
+    pub garage: Option<Vec<(String, String)>>,
 }
 
 /// A tbf qdisc's settings and counters, as `tc -s -j qdisc` reports them.
@@ -58,6 +61,13 @@ pub struct Tbf {
 impl Lab {
     /// A new lab of `stations` stations on `profile` (`1gbit`, `100mbit`, `none`).
     pub fn up(stations: usize, profile: &str) -> Lab {
+        Lab::up_with(stations, profile, "dir")
+    }
+
+    /// [`Lab::up`] with the bank server's chunks in `store`: `dir` (the bank
+    /// directory) or `garage` (a three-node Garage cluster in the server's namespace,
+    /// which must be installed: `scripts/garage.sh install`).
+    pub fn up_with(stations: usize, profile: &str, store: &str) -> Lab {
         use std::sync::atomic::{AtomicU64, Ordering};
         static N: AtomicU64 = AtomicU64::new(0);
         require_root("a lab network (network namespaces)");
@@ -74,6 +84,7 @@ impl Lab {
             server_addr: String::new(),
             stations: Vec::new(),
             rate_bit: 0,
+            garage: None,
         };
         let out = lab_net(&[
             "up",
@@ -83,13 +94,26 @@ impl Lab {
             &stations.to_string(),
             "--profile",
             profile,
+            "--store",
+            store,
         ]);
-        // `up` prints the lab as shell assignments (VAR=value, spaces escaped).
+        // `up` prints the lab as shell assignments (VAR=value, quoted by `printf %q`:
+        // a backslash before each character the shell would take specially).
         let var = |v: &str| -> String {
-            out.lines()
+            let q = out
+                .lines()
                 .find_map(|l| l.strip_prefix(&format!("{v}=")))
-                .unwrap_or_else(|| panic!("lab-net.sh up did not print {v}:\n{out}"))
-                .replace("\\ ", " ")
+                .unwrap_or_else(|| panic!("lab-net.sh up did not print {v}:\n{out}"));
+            let mut value = String::new();
+            let mut chars = q.chars();
+            while let Some(c) = chars.next() {
+                value.push(if c == '\\' {
+                    chars.next().unwrap_or(c)
+                } else {
+                    c
+                });
+            }
+            value
         };
         lab.server_ns = var("MBANK_LAB_SERVER_NS");
         lab.server_addr = var("MBANK_LAB_SERVER_ADDR");
@@ -98,6 +122,18 @@ impl Lab {
             .map(String::from)
             .collect();
         lab.rate_bit = var("MBANK_LAB_RATE_BIT").parse().unwrap();
+        if store == "garage" {
+            lab.garage = Some(
+                [
+                    "MBANK_LAB_STORE_URL",
+                    "AWS_ACCESS_KEY_ID",
+                    "AWS_SECRET_ACCESS_KEY",
+                ]
+                .iter()
+                .map(|v| (v.to_string(), var(v)))
+                .collect(),
+            );
+        }
         assert_eq!(lab.stations.len(), stations, "{out}");
         lab
     }
@@ -216,6 +252,10 @@ fn remove_stale_labs() {
 /// by [`LabServer::add_user`]. Killed when dropped (before the lab goes down).
 pub struct LabServer {
     pub tmp: tempfile::TempDir,
+    /// The server's namespace, and the Garage variables of a lab with its chunks there
+    /// ([`LabServer::host`] runs in that namespace then).
+    server_ns: String,
+    garage: Option<Vec<(String, String)>>,
     pub bank_dir: PathBuf,
     pub ca: PathBuf,
     pub port: u16,
@@ -229,13 +269,29 @@ impl LabServer {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
         let bank_dir = root.join("bank");
-        let host = Bank::at(&bank_dir, &root);
-        host.run(&["init"]).ok();
+        let mut host = Bank::at(&bank_dir, &root);
+        match &lab.garage {
+            None => {
+                host.run(&["init"]).ok();
+            }
+            Some(vars) => {
+                host.netns = Some(lab.server_ns.clone());
+                let url = &vars[0].1;
+                host.env = vars[1..]
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Some(v.clone())))
+                    .collect();
+                host.run(&["init", "--store", url]).ok();
+            }
+        }
         let ca = pki::Ca::new(&root, "ca");
         let (cert, key) = ca.server_for(&root.join("server"), &lab.server_addr);
         let log = root.join("server.log");
         let mut c = Lab::cmd_in(&lab.server_ns, BIN);
         c.env_remove("MBANK_BANK").env("MBANK_LOG", "warn");
+        for (k, v) in lab.garage.iter().flatten().skip(1) {
+            c.env(k, v);
+        }
         c.arg("--bank").arg(&bank_dir).arg("serve");
         c.arg("--listen").arg(format!("{}:0", lab.server_addr));
         c.arg("--tls-cert").arg(&cert).arg("--tls-key").arg(&key);
@@ -244,6 +300,8 @@ impl LabServer {
         let mut child = c.spawn().unwrap();
         let port = serve_port(&mut child, &log);
         LabServer {
+            server_ns: lab.server_ns.clone(),
+            garage: lab.garage.clone(),
             ca: ca.cert(),
             tmp,
             bank_dir,
@@ -258,9 +316,19 @@ impl LabServer {
         format!("https://{}:{}", self.addr, self.port)
     }
 
-    /// The bank on its host (this namespace), for `import`, `admin`, ...
+    /// The bank on its host, for `import`, `admin`, ...: run in this namespace, or in
+    /// the server's when its chunks are on the lab's Garage cluster (which listens
+    /// there).
     pub fn host(&self) -> Bank {
-        Bank::at(&self.bank_dir, self.tmp.path())
+        let mut b = Bank::at(&self.bank_dir, self.tmp.path());
+        if let Some(vars) = &self.garage {
+            b.netns = Some(self.server_ns.clone());
+            b.env = vars[1..]
+                .iter()
+                .map(|(k, v)| (k.clone(), Some(v.clone())))
+                .collect();
+        }
+        b
     }
 
     pub fn add_user(&self, user: &str, password: &str) {

@@ -1,0 +1,335 @@
+#!/usr/bin/env bash
+# Lab network benchmark of cold boots (a command, not a test; issue 12): the root-disk
+# Debian guest (`scripts/build-guest.sh rootdisk`) with user files added to its disk
+# that the boot never reads, booted on stations of a lab (`scripts/lab-net.sh`) whose
+# disk is served by `mbank attach` from the bank server across a shaped link. Prints
+# each boot's I/O from the session statistics (`attach --json`: bytes fetched from the
+# bank, misses the guest waited on and their total wait, prefetch hits) beside its
+# wall time, and the ratios issue 12 asks for.
+#
+# The disk: root.raw (2 GiB ext4, systemd Debian 12) grown by BENCH_USER_MIB (default
+# 512) MiB, holding that much pseudo-random data in /home/files/f*.bin (64 MiB files,
+# written with debugfs; never read by the boot). Made once, cached under $BENCH_DIR.
+# It is imported on the server's host as lab/base and published; user `bench` forks it
+# from the stations. A boot is QEMU (TCG, 256 MiB, 1 vCPU) with the test guest's kernel
+# and initramfs switching to the disk's root (`mbank.root=/dev/vda`), running the
+# `write` job (a few small files in /srv/mbank, so the session checks in a version and
+# its working set) and powering off; the attach is then stopped (SIGTERM: check-in).
+#
+# Series (BENCH_BOOT_SERIES, default "dir:1gbit dir:100mbit"; STORE:PROFILE, STORE dir
+# or garage): a lab of 2 stations; machine bench/pc forked from lab/base, then
+#   cold      station 1, empty cache, no working set yet (this boot records one)
+#   cold+ws   station 2, empty cache, the working set the first boot stored
+#   warm      station 1 again, its cache holding what the first boot fetched
+#   export    station 1: `mbank export lab/base` to a file (what export-then-boot moves
+#             before its boot can start; the boot itself is then a local one)
+# and once, outside the lab: a boot from a local copy of the disk (the "then boot").
+# Targets (issue 12): export's bytes / the cold boot's bytes >= 5; the I/O the guest
+# waits on with the working set: cold+ws misses waited <= 1.5 x warm's.
+#
+# Concurrent (BENCH_BOOT_CONCURRENT, default "dir:1gbit:8"; "" to skip): a lab of N
+# stations; the published base gets its working set from a first boot on the server's
+# host (attach on the bank directory itself), then one station boots a fork alone, then
+# N stations each boot their own fork at the same moment. Per station: bytes fetched,
+# misses waited, wait; against the one alone. STORE garage works but is slow: each
+# fork touches every chunk of the base, a copy of each object onto itself on Garage
+# (minutes per fork of this disk; see docs/BENCHMARKS.md).
+#
+# Env: MBANK (binary; else a release build, in CARGO_TARGET_DIR if set),
+# BENCH_USER_MIB, BENCH_BOOT_SERIES, BENCH_BOOT_CONCURRENT. Everything (server, Garage,
+# stations, the shaping and every QEMU) shares this machine's cores: wall times of
+# concurrent TCG boots say more about the CPU than the network.
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LAB_NET=$REPO_ROOT/scripts/lab-net.sh
+USER_MIB=${BENCH_USER_MIB:-512}
+read -r -a SERIES <<<"${BENCH_BOOT_SERIES-dir:1gbit dir:100mbit}"
+read -r -a CONCURRENT <<<"${BENCH_BOOT_CONCURRENT-dir:1gbit:8}"
+[[ $USER_MIB =~ ^[0-9]+$ ]] || die "BENCH_USER_MIB=$USER_MIB: give MiB"
+[[ $EUID == 0 ]] || die "must run as root (network namespaces)"
+need openssl
+need debugfs e2fsprogs
+need resize2fs e2fsprogs
+need qemu-system-x86_64 qemu-system-x86
+need ip iproute2
+if [[ -z ${MBANK:-} && -n ${CARGO_TARGET_DIR:-} ]]; then
+    log "cargo build --release -p mbank (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+    (cd "$REPO_ROOT" && cargo build --release -q -p mbank) >&2 || die "cargo build failed"
+    MBANK=$CARGO_TARGET_DIR/release/mbank
+fi
+build_mbank "$REPO_ROOT"
+note=$(load_note)
+uptime_start=$(uptime | sed 's/^ *//')
+
+now() { date +%s.%N; }
+calc() { echo "$*" | bc -l; }
+jget() { python3 -c 'import json,sys; v=json.load(open(sys.argv[1]))
+for k in sys.argv[2].split("."): v = v[k]
+print(v)' "$1" "$2"; }
+
+# ---- the guest and its disk ----------------------------------------------------------
+eval "$("$REPO_ROOT/scripts/build-guest.sh" rootdisk | grep -E '^(KERNEL|INITRD|ROOTDISK)=')"
+mkdir -p "$BENCH_DIR"
+DISK=$BENCH_DIR/rootdisk-user$USER_MIB.raw
+if [[ ! -f $DISK || $ROOTDISK -nt $DISK ]]; then
+    log "making $DISK: the root disk with $USER_MIB MiB of user files"
+    cp --sparse=always "$ROOTDISK" "$DISK.tmp"
+    truncate -s "$(($(stat -c %s "$ROOTDISK") + USER_MIB * 1048576 + 268435456))" "$DISK.tmp"
+    e2fsck -fy "$DISK.tmp" >/dev/null 2>&1 || true
+    resize2fs "$DISK.tmp" >/dev/null 2>&1 || die "resize2fs $DISK.tmp failed"
+    debugfs -w -R "mkdir /home/files" "$DISK.tmp" >/dev/null 2>&1
+    f=$BENCH_DIR/user-file.tmp
+    for ((i = 0; i * 64 < USER_MIB; i++)); do
+        head -c $((64 * 1048576)) /dev/urandom >"$f"
+        debugfs -w -R "write $f /home/files/f$i.bin" "$DISK.tmp" >/dev/null 2>&1
+    done
+    rm -f "$f"
+    e2fsck -fn "$DISK.tmp" >/dev/null 2>&1 || die "the grown disk does not pass e2fsck"
+    mv "$DISK.tmp" "$DISK"
+fi
+DISK_BYTES=$(stat -c %s "$DISK")
+
+make_tmp T
+LAB=mbank-boot-$$
+lab_down() { "$LAB_NET" down --name "$LAB" >&2 || true; }
+at_exit lab_down
+SERVER_PID=
+serve_stop() {
+    [[ -n $SERVER_PID ]] || return 0
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=
+}
+at_exit serve_stop
+
+(
+    cd "$T"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout ca.key -out ca.pem -days 2 -subj "/CN=mbank bench-lab-boot CA"
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout key.pem -out server.csr -subj /CN=10.77.0.1
+    printf 'subjectAltName=IP:10.77.0.1\nbasicConstraints=CA:FALSE\n' >ext.cnf
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+        -out cert.pem -days 2 -extfile ext.cnf
+) >/dev/null 2>&1 || die "openssl could not make the certificates"
+
+# The bank's host is the server's namespace (a Garage cluster listens on its loopback).
+in_srv() { ip netns exec "$MBANK_LAB_SERVER_NS" "$@"; }
+st_ns() { local a; read -r -a a <<<"$MBANK_LAB_STATION_NS"; echo "${a[$1 - 1]}"; }
+in_st() { local k=$1; shift; ip netns exec "$(st_ns "$k")" env XDG_CONFIG_HOME="$T/cfg-$k" "$@"; }
+
+lab_up() { # lab_up STORE PROFILE STATIONS: the lab, a bank on STORE, its server, logins
+    local store=$1 profile=$2 n=$3 i out=$T/serve.out
+    eval "$("$LAB_NET" up --name "$LAB" --profile "$profile" --stations "$n" --store "$store")"
+    [[ $store != garage ]] || export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
+    BANK=$T/bank-$store-$profile-$n
+    if [[ $store == garage ]]; then
+        in_srv "$MBANK" -q --bank "$BANK" init --store "$MBANK_LAB_STORE_URL"
+    else
+        "$MBANK" -q --bank "$BANK" init
+    fi
+    log "importing $DISK as lab/base ($store)"
+    # -j 16: on Garage each chunk is first asked after (a HEAD of 45-90 ms); more in flight.
+    in_srv "$MBANK" -q -j 16 --bank "$BANK" import --json lab/base "$DISK" >"$T/import.json"
+    STORED=$(jget "$T/import.json" bytes_stored)
+    in_srv "$MBANK" -q --bank "$BANK" admin publish lab/base >/dev/null
+    printf 'bench-password-boot\n' | in_srv "$MBANK" -q --bank "$BANK" admin user add bench --password-stdin >/dev/null
+    : >"$out"
+    in_srv "$MBANK" -q --bank "$BANK" serve --listen "$MBANK_LAB_SERVER_ADDR:0" \
+        --tls-cert "$T/cert.pem" --tls-key "$T/key.pem" >"$out" 2>>"$T/serve.log" &
+    SERVER_PID=$!
+    URL=
+    for ((i = 0; i < 600; i++)); do
+        URL=$(sed -n 's/^listening on //p' "$out")
+        [[ -n $URL ]] && break
+        kill -0 "$SERVER_PID" 2>/dev/null || die "mbank serve exited: $(tail -n 5 "$T/serve.log")"
+        sleep 0.05
+    done
+    [[ -n $URL ]] || die "mbank serve did not say where it listens"
+    for ((i = 1; i <= n; i++)); do
+        rm -rf "$T/cfg-$i"
+        printf 'bench-password-boot\n' | in_st "$i" "$MBANK" -q login "$URL" --user bench \
+            --password-stdin --ca-cert "$T/ca.pem" >/dev/null
+    done
+}
+lab_end() { serve_stop; lab_down; }
+
+QEMU=(qemu-system-x86_64 -accel tcg -cpu max -m 256 -smp 1 -nodefaults -no-reboot -display none)
+APPEND="console=ttyS0 panic=-1 mbank.job=write mbank.size_mib=1 mbank.root=/dev/vda"
+qemu_boot() { # qemu_boot DRIVE CONSOLE: boots, waits for the power-off
+    timeout 1800 "${QEMU[@]}" -serial "file:$2" -kernel "$KERNEL" -initrd "$INITRD" \
+        -append "$APPEND" -drive "$1" </dev/null >/dev/null 2>&1 || true
+    grep -q MBANK-JOB-DONE "$2" || die "the guest did not finish its job: $(tail -n 20 "$2")"
+}
+
+attach_start() { # attach_start TAG STATION(0: the bank's host) MACHINE CACHE: ATT_PID[TAG]
+    local tag=$1 k=$2 m=$3 cache=$4 sock=$T/$1.sock i
+    # `exec`: $! is mbank itself (ip netns exec and env exec too), which attach_stop
+    # signals; a background subshell would ignore the signal.
+    local ns=$MBANK_LAB_SERVER_NS bank=$BANK
+    ((k == 0)) || ns=$(st_ns "$k") bank=$URL
+    (exec ip netns exec "$ns" env XDG_CONFIG_HOME="$T/cfg-$k" "$MBANK" -q --bank "$bank" \
+        --cache "$cache" attach "$m" --socket "$sock" --json >"$T/$tag.json" 2>"$T/$tag.err") &
+    ATT_PID[$tag]=$!
+    for ((i = 0; i < 3000; i++)); do
+        [[ -S $sock ]] && return 0
+        kill -0 "${ATT_PID[$tag]}" 2>/dev/null || die "attach $tag exited: $(cat "$T/$tag.err")"
+        sleep 0.02
+    done
+    die "attach $tag did not serve"
+}
+attach_stop() { # attach_stop TAG: SIGTERM, which checks the session in
+    kill -TERM "${ATT_PID[$1]}"
+    wait "${ATT_PID[$1]}" || die "attach $1 failed: $(cat "$T/$1.err")"
+}
+declare -A ATT_PID SECS
+boot() { # boot TAG STATION MACHINE CACHE: a boot through attach; SECS[TAG], $T/TAG.json
+    local s e
+    attach_start "$1" "$2" "$3" "$4"
+    s=$(now)
+    qemu_boot "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path=$T/$1.sock,if=virtio" "$T/$1.console"
+    e=$(now)
+    SECS[$1]=$(calc "$e - $s")
+    attach_stop "$1"
+    log "  $1: $(printf %.1f "${SECS[$1]}") s, $(stats_of "$1")"
+}
+stats_of() { # one line of a boot's statistics
+    printf 'fetched %s MiB (%s chunks), waited on %s misses (%.1f s), prefetch hits %s, working set stored %s' \
+        "$(calc "$(jget "$T/$1.json" stats.bytes_fetched) / 1048576" | xargs printf %.1f)" \
+        "$(jget "$T/$1.json" stats.chunks_fetched)" "$(jget "$T/$1.json" stats.misses_waited)" \
+        "$(jget "$T/$1.json" stats.miss_wait_seconds)" "$(jget "$T/$1.json" stats.prefetch_hits)" \
+        "$(jget "$T/$1.json" workset_stored)"
+}
+row() { # row LABEL TAG: a table row of a boot
+    local j=$T/$2.json
+    printf '| %s | %.1f | %.1f | %s | %s | %.2f | %s |\n' "$1" "${SECS[$2]}" \
+        "$(calc "$(jget "$j" stats.bytes_fetched) / 1048576")" "$(jget "$j" stats.chunks_fetched)" \
+        "$(jget "$j" stats.misses_waited)" "$(jget "$j" stats.miss_wait_seconds)" "$(jget "$j" stats.prefetch_hits)"
+}
+bytes() { jget "$T/$1.json" stats.bytes_fetched; }
+misses() { jget "$T/$1.json" stats.misses_waited; }
+
+REPORT=$T/report.md
+: >"$REPORT"
+head_rows() {
+    echo "| boot | wall s | MiB fetched | chunks fetched | misses waited | wait s | prefetch hits |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
+}
+
+# ---- the local boot (export-then-boot's second half) ---------------------------------
+log "a boot from a local copy of the disk (no mbank)"
+cp --sparse=always "$DISK" "$T/local.raw"
+s=$(now)
+qemu_boot "file=$T/local.raw,format=raw,if=virtio" "$T/local.console"
+LOCAL_SECS=$(calc "$(now) - $s")
+rm -f "$T/local.raw"
+log "  local boot: $(printf %.1f "$LOCAL_SECS") s"
+
+# ---- series: cold, cold with the working set, warm, export ---------------------------
+for sp in "${SERIES[@]}"; do
+    store=${sp%%:*} profile=${sp#*:}
+    log "series $store $profile: lab up"
+    lab_up "$store" "$profile" 2
+    in_st 1 "$MBANK" -q --bank "$URL" create bench/pc --from lab/base >/dev/null
+    p=$store-$profile
+    boot "$p-cold" 1 bench/pc "$T/cache-$p-1"
+    boot "$p-ws" 2 bench/pc "$T/cache-$p-2"
+    boot "$p-warm" 1 bench/pc "$T/cache-$p-1"
+    s=$(now)
+    in_st 1 "$MBANK" -q --bank "$URL" export lab/base "$T/export.raw"
+    EXPORT_SECS=$(calc "$(now) - $s")
+    rm -f "$T/export.raw"
+    log "  export: $(printf %.1f "$EXPORT_SECS") s"
+    {
+        echo "### $profile, chunks in $store: one station"
+        echo
+        echo "lab/base: $(human "$DISK_BYTES") disk, $(human "$STORED") in the bank"
+        echo
+        head_rows
+        row "cold, empty cache, no working set" "$p-cold"
+        row "cold, empty cache, recorded working set" "$p-ws"
+        row "warm cache" "$p-warm"
+        printf '| export-then-boot: export %.1f s + local boot %.1f s | %.1f | %.1f | | | | |\n' \
+            "$EXPORT_SECS" "$LOCAL_SECS" "$(calc "$EXPORT_SECS + $LOCAL_SECS")" "$(calc "$STORED / 1048576")"
+        echo
+        printf -- '- export-then-boot bytes / cold boot bytes: **%.1f×** (target ≥ 5); with the working set: %.1f×\n' \
+            "$(calc "$STORED / $(bytes "$p-cold")")" "$(calc "$STORED / $(bytes "$p-ws")")"
+        printf -- '- misses the guest waited on: cold %s, cold with the working set %s, warm %s (target: cold+ws ≤ 1.5 × warm)\n' \
+            "$(misses "$p-cold")" "$(misses "$p-ws")" "$(misses "$p-warm")"
+        printf -- '- wall: cold %.1f s, cold+ws %.1f s, warm %.1f s, export-then-boot %.1f s; cold+ws / warm %.2f×\n' \
+            "${SECS[$p-cold]}" "${SECS[$p-ws]}" "${SECS[$p-warm]}" "$(calc "$EXPORT_SECS + $LOCAL_SECS")" \
+            "$(calc "${SECS[$p-ws]} / ${SECS[$p-warm]}")"
+        echo
+    } >>"$REPORT"
+    lab_end
+done
+
+# ---- N stations at the same moment ---------------------------------------------------
+for c in "${CONCURRENT[@]}"; do
+    store=${c%%:*} rest=${c#*:} profile=${rest%%:*} n=${rest#*:}
+    log "concurrent $store $profile, $n stations: lab up"
+    lab_up "$store" "$profile" "$n"
+    p=conc-$store-$profile-$n
+    # The published base's first boot, on the bank's host: it gets its working set.
+    boot "$p-first" 0 lab/base "$T/cache-$p-host"
+    in_srv "$MBANK" -q --bank "$BANK" admin publish lab/base >/dev/null
+    for ((k = 1; k <= n; k++)); do
+        in_st "$k" "$MBANK" -q --bank "$URL" create "bench/pc$k" --from lab/base >/dev/null
+    done
+    in_st 1 "$MBANK" -q --bank "$URL" create bench/alone --from lab/base >/dev/null
+    boot "$p-alone" 1 bench/alone "$T/cache-$p-alone"
+    for ((k = 1; k <= n; k++)); do attach_start "$p-$k" "$k" "bench/pc$k" "$T/cache-$p-$k"; done
+    log "  $n boots at once"
+    declare -A QPID=()
+    s=$(now)
+    for ((k = 1; k <= n; k++)); do
+        (
+            qemu_boot "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path=$T/$p-$k.sock,if=virtio" "$T/$p-$k.console"
+            calc "$(now) - $s" >"$T/$p-$k.secs"
+        ) &
+        QPID[$k]=$!
+    done
+    for ((k = 1; k <= n; k++)); do wait "${QPID[$k]}" || die "boot $k of $n failed"; done
+    for ((k = 1; k <= n; k++)); do
+        SECS[$p-$k]=$(cat "$T/$p-$k.secs")
+        attach_stop "$p-$k"
+        log "  station $k: $(printf %.1f "${SECS[$p-$k]}") s, $(stats_of "$p-$k")"
+    done
+    {
+        echo "### $profile, chunks in $store: $n stations booting forks of one published base at once"
+        echo
+        echo "lab/base: $(human "$DISK_BYTES") disk, $(human "$STORED") in the bank; its working set from a first boot on the bank's host"
+        echo
+        head_rows
+        row "first boot of the base (bank's host, no network)" "$p-first"
+        row "one station alone" "$p-alone"
+        for ((k = 1; k <= n; k++)); do row "station $k of $n" "$p-$k"; done
+        echo
+        tot=0 maxm=0 maxw=0
+        for ((k = 1; k <= n; k++)); do
+            tot=$(calc "$tot + $(bytes "$p-$k")")
+            m=$(misses "$p-$k")
+            ((m > maxm)) && maxm=$m
+            w=$(jget "$T/$p-$k.json" stats.miss_wait_seconds)
+            maxw=$(calc "if ($w > $maxw) $w else $maxw")
+        done
+        printf -- '- per station: mean %.1f MiB fetched (alone %.1f: %.2f×); most misses waited %s (alone %s); longest total wait %.1f s (alone %.1f s)\n' \
+            "$(calc "$tot / $n / 1048576")" "$(calc "$(bytes "$p-alone") / 1048576")" \
+            "$(calc "$tot / $n / $(bytes "$p-alone")")" "$maxm" "$(misses "$p-alone")" "$maxw" \
+            "$(jget "$T/$p-alone.json" stats.miss_wait_seconds)"
+        echo
+    } >>"$REPORT"
+    lab_end
+done
+
+{
+    echo "## Lab network: cold boots of the root-disk guest"
+    echo
+    echo "- $(date -u '+%F %H:%M UTC'); $note; uptime at start: $uptime_start; at end: $(uptime | sed 's/^ *//')"
+    echo "- ${MBANK_NOTE:-mbank $MBANK}; $(nproc) cores; stations, server, Garage and every QEMU (TCG) on this machine"
+    echo "- disk: root.raw + $USER_MIB MiB of user files the boot never reads; a boot from a local copy took $(printf %.1f "$LOCAL_SECS") s"
+    echo
+    cat "$REPORT"
+} | tee "$CACHE_DIR/results/bench-lab-boot.md"

@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Lab network benchmark of suspend and resume (a command, not a test; issue 12): a
+# virtual PC suspended on station 1 and resumed on station 2 with an empty cache, the
+# bank server across a link shaped by scripts/lab-net.sh. The baseline for the
+# lazy-memory work: today the whole memory stream is fetched before the guest runs.
+#
+# For each BENCH_RESUME_CASES entry PROFILE:MIB (default "1gbit:512 100mbit:256",
+# issue 12's rows): a lab of 2 stations and a bank in its directory; user `bench`
+# creates bench/pc from station 1 (the test guest of scripts/build-guest.sh, a 64 MiB
+# ext4 disk, MIB of memory), runs it (`mbank run --console`, shell job), fills half of
+# its memory with random data in its shell, suspends it (timed: `mbank suspend` until
+# it returns); then `mbank run` on station 2 (empty cache) resumes it, timed until
+# the run says "resumed" (the guest runs again), and a `poweroff -f` ends it. The
+# floor is the memory's bytes in the bank over the link rate. Prints the resume's
+# session statistics (bytes fetched, misses waited) from `run --json`.
+#
+# Env: MBANK (binary; else a release build, in CARGO_TARGET_DIR if set),
+# BENCH_RESUME_CASES. TCG; everything on this machine.
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LAB_NET=$REPO_ROOT/scripts/lab-net.sh
+read -r -a CASES <<<"${BENCH_RESUME_CASES:-1gbit:512 100mbit:256}"
+[[ $EUID == 0 ]] || die "must run as root (network namespaces)"
+need openssl
+need qemu-system-x86_64 qemu-system-x86
+if [[ -z ${MBANK:-} && -n ${CARGO_TARGET_DIR:-} ]]; then
+    (cd "$REPO_ROOT" && cargo build --release -q -p mbank) >&2 || die "cargo build failed"
+    MBANK=$CARGO_TARGET_DIR/release/mbank
+fi
+build_mbank "$REPO_ROOT"
+eval "$("$REPO_ROOT/scripts/build-guest.sh" build | grep -E '^(KERNEL|INITRD)=')"
+note=$(load_note)
+uptime_start=$(uptime | sed 's/^ *//')
+now() { date +%s.%N; }
+calc() { echo "$*" | bc -l; }
+# The JSON report `run --json` prints after the console output.
+field() {
+    python3 -c 'import json,sys; s=open(sys.argv[1]).read().replace("\r",""); d=json.loads(s[s.rfind("{\n  \""):])
+for k in sys.argv[2].split("."): d = d[k]
+print(d)' "$1" "$2"
+}
+
+make_tmp T
+LAB=mbank-resume-$$
+lab_down() { "$LAB_NET" down --name "$LAB" >&2 || true; }
+at_exit lab_down
+SERVER_PID=
+serve_stop() {
+    [[ -n $SERVER_PID ]] || return 0
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=
+}
+at_exit serve_stop
+(
+    cd "$T"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout ca.key -out ca.pem -days 2 -subj "/CN=mbank bench-lab-resume CA"
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout key.pem -out server.csr -subj /CN=10.77.0.1
+    printf 'subjectAltName=IP:10.77.0.1\nbasicConstraints=CA:FALSE\n' >ext.cnf
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+        -out cert.pem -days 2 -extfile ext.cnf
+) >/dev/null 2>&1 || die "openssl could not make the certificates"
+
+in_srv() { ip netns exec "$MBANK_LAB_SERVER_NS" "$@"; }
+st_ns() { local a; read -r -a a <<<"$MBANK_LAB_STATION_NS"; echo "${a[$1 - 1]}"; }
+in_st() { local k=$1; shift; ip netns exec "$(st_ns "$k")" env XDG_CONFIG_HOME="$T/cfg-$k" "$@"; }
+
+wait_for() { # FILE PATTERN PID
+    local n=0
+    until grep -qa -- "$2" "$1" 2>/dev/null; do
+        kill -0 "$3" 2>/dev/null || die "mbank run exited before '$2' (see $1)"
+        sleep 0.1
+        n=$((n + 1))
+        ((n < 6000)) || die "no '$2' after 600 s"
+    done
+}
+console_line() { printf '%s\n' "$1" >&3; }
+start_run() { # start_run K: `mbank run --console --json` on station K, console on fd 3
+    local k=$1
+    shift
+    mkfifo "$T/in$k"
+    (exec ip netns exec "$(st_ns "$k")" env XDG_CONFIG_HOME="$T/cfg-$k" "$MBANK" --bank "$URL" \
+        --cache "$T/cache$k" run bench/pc --console --json "$@" <"$T/in$k" >"$T/run$k.out" 2>"$T/run$k.err") &
+    pid=$!
+    exec 3>"$T/in$k"
+}
+
+echo "## Lab network: resume on an empty station" >"$T/report.md"
+{
+    echo
+    echo "- $(date -u '+%F %H:%M UTC'); $note; uptime at start: $uptime_start"
+    echo "- ${MBANK_NOTE:-mbank $MBANK}; $(nproc) cores; stations, server and QEMU (TCG) on this machine"
+    echo
+    echo "| link | guest | suspend s | memory in the bank | floor s | resume s (until the guest runs) | floor / resume | MiB fetched | misses waited | wait s |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+} >>"$T/report.md"
+for c in "${CASES[@]}"; do
+    profile=${c%%:*} mib=${c#*:}
+    log "$profile, a $mib MiB guest: lab up"
+    eval "$("$LAB_NET" up --name "$LAB" --profile "$profile" --stations 2)"
+    BANK=$T/bank-$profile
+    "$MBANK" -q --bank "$BANK" init
+    printf 'bench-password-resume\n' | "$MBANK" -q --bank "$BANK" admin user add bench --password-stdin >/dev/null
+    : >"$T/serve.out"
+    in_srv "$MBANK" -q --bank "$BANK" serve --listen "$MBANK_LAB_SERVER_ADDR:0" \
+        --tls-cert "$T/cert.pem" --tls-key "$T/key.pem" >"$T/serve.out" 2>>"$T/serve.log" &
+    SERVER_PID=$!
+    URL=
+    for ((i = 0; i < 600; i++)); do
+        URL=$(sed -n 's/^listening on //p' "$T/serve.out")
+        [[ -n $URL ]] && break
+        sleep 0.05
+    done
+    [[ -n $URL ]] || die "mbank serve did not say where it listens"
+    for k in 1 2; do
+        rm -rf "$T/cfg-$k" "$T/cache$k" "$T/in$k"
+        printf 'bench-password-resume\n' | in_st "$k" "$MBANK" -q login "$URL" --user bench \
+            --password-stdin --ca-cert "$T/ca.pem" >/dev/null
+    done
+    "$REPO_ROOT/scripts/build-guest.sh" mkfs "$T/disk.raw" 64 >/dev/null 2>&1
+    in_st 1 "$MBANK" -q --bank "$URL" create bench/pc --image "$T/disk.raw" --memory "${mib}M" \
+        --network none --display none --kernel "$KERNEL" --initrd "$INITRD" \
+        --append "console=ttyS0 panic=-1 quiet" >/dev/null
+
+    start_run 1 --accel tcg --append mbank.job=shell
+    wait_for "$T/run1.out" "exit it to power off" "$pid"
+    console_line "dd if=/dev/urandom of=/fill bs=1M count=$((mib / 2)) 2>/dev/null; echo FILLED-\$((40+2))"
+    wait_for "$T/run1.out" "FILLED-42" "$pid"
+    t0=$(now)
+    in_st 1 "$MBANK" -q --bank "$URL" --cache "$T/cache1" suspend bench/pc >/dev/null
+    suspend_s=$(calc "$(now) - $t0")
+    exec 3>&-
+    wait "$pid" || die "run on station 1 failed: $(cat "$T/run1.err")"
+    stored=$(field "$T/run1.out" memory_saved.bytes_stored)
+    log "  suspend: $(printf %.2f "$suspend_s") s, memory stored $(human "$stored")"
+
+    t0=$(now)
+    start_run 2
+    wait_for "$T/run2.err" "resumed bench/pc" "$pid"
+    resume_s=$(calc "$(now) - $t0")
+    log "  resume on an empty station: $(printf %.2f "$resume_s") s"
+    console_line "poweroff -f"
+    exec 3>&-
+    wait "$pid" || die "run on station 2 failed: $(cat "$T/run2.err")"
+    floor=$(calc "$stored * 8 / $MBANK_LAB_RATE_BIT")
+    printf '| %s | %s MiB, %s MiB random | %.2f | %s | %.2f | %.2f | %.2f | %.1f | %s | %.2f |\n' \
+        "$profile" "$mib" "$((mib / 2))" "$suspend_s" "$(human "$stored")" "$floor" "$resume_s" \
+        "$(calc "$floor / $resume_s")" "$(calc "$(field "$T/run2.out" session.stats.bytes_fetched) / 1048576")" \
+        "$(field "$T/run2.out" session.stats.misses_waited)" "$(field "$T/run2.out" session.stats.miss_wait_seconds)" \
+        >>"$T/report.md"
+    serve_stop
+    lab_down
+done
+tee "$CACHE_DIR/results/bench-lab-resume.md" <"$T/report.md"
