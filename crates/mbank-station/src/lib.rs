@@ -45,6 +45,7 @@ pub mod cached;
 pub mod checkpoint;
 pub mod device;
 pub mod live;
+pub mod memory;
 pub mod session;
 pub mod workset;
 pub mod writeback;
