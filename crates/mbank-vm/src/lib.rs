@@ -603,7 +603,10 @@ mod tests {
         assert!(joined.ends_with("-S -incoming defer"), "{joined}");
         l.incoming = None;
         let boot = qemu_args(&l).unwrap().join(" ");
-        assert!(!boot.contains("-incoming") && boot.contains("share=on"), "{boot}");
+        assert!(
+            !boot.contains("-incoming") && boot.contains("share=on"),
+            "{boot}"
+        );
     }
 
     #[test]

@@ -972,7 +972,8 @@ fn run_session(
     let mut try_suspend = |vm: &mut Vm, bank: &mut Bank| -> Result<()> {
         let t = Instant::now();
         say("pausing the guest and saving its memory".into());
-        let (idx, stats, guard, ram_idx) = save_memory(bank, vm, disk, config, progress, ram.as_ref())?;
+        let (idx, stats, guard, ram_idx) =
+            save_memory(bank, vm, disk, config, progress, ram.as_ref())?;
         memory_save_seconds = t.elapsed().as_secs_f64();
         say(format!(
             "saved {} of memory in {:.1} s: {} new in the bank",
@@ -1212,7 +1213,9 @@ fn set_ignore_shared(qmp: &mut Qmp) -> Result<()> {
         Some(serde_json::json!({"capabilities": [
             {"capability": "x-ignore-shared", "state": true}]})),
     )
-    .map_err(|e| anyhow!("QEMU refused x-ignore-shared (lazy memory needs QEMU 7.2 or later): {e}"))?;
+    .map_err(|e| {
+        anyhow!("QEMU refused x-ignore-shared (lazy memory needs QEMU 7.2 or later): {e}")
+    })?;
     Ok(())
 }
 
@@ -1242,11 +1245,12 @@ fn save_memory(
 ) -> Result<SavedMemory> {
     let guard = bank.begin_write(&format!("suspend {}", disk.meta.machine))?;
     vm.qmp.execute("stop", None)?;
-    let saved = save_paused(bank, vm, disk, config, progress, &guard, ram.is_some())
-        .and_then(|(idx, stats)| {
+    let saved = save_paused(bank, vm, disk, config, progress, &guard, ram.is_some()).and_then(
+        |(idx, stats)| {
             let ram_idx = ram.map(|r| r.save(bank, &guard)).transpose()?;
             Ok((idx, stats, ram_idx))
-        });
+        },
+    );
     match saved {
         Ok((idx, stats, ram_idx)) => Ok((idx, stats, guard, ram_idx)),
         Err(e) => {
