@@ -9,7 +9,9 @@
 //!   being a run without a chunk id (docs/formats.md). Chunk `i` of the RAM is run `i`.
 //! - **Resume** ([`LazyRam::mount`] with the parent's `ram` index): a chunk is fetched
 //!   through the session's [`CachedStore`] (station cache, else the bank; verified) the
-//!   first time the guest touches it; zero chunks cost nothing. A fresh boot mounts an
+//!   first time the guest touches it, the absent chunks of one FUSE read (a fault's
+//!   read-around, 1 MiB) in one batch request ([`CachedStore::fetch_many`]); zero
+//!   chunks cost nothing. A fresh boot mounts an
 //!   all-zero image: nothing is ever fetched.
 //! - **Suspend** ([`LazyRam::save`], after QEMU's `stop`): the RAM file is fsynced, so
 //!   the kernel hands every page the guest dirtied back to the image as a write; then
@@ -87,6 +89,25 @@ impl Fetcher for CachedFetcher {
             .fetch(id)
             .map(Arc::unwrap_or_clone)
             .map_err(|e| FetchError::new(format!("RAM chunk {chunk} ({id}): {e}")))
+    }
+
+    fn fetch_many(&self, chunks: &[usize]) -> Vec<Result<Vec<u8>, FetchError>> {
+        let ids: Vec<Option<ChunkId>> = chunks
+            .iter()
+            .map(|&c| self.ids.get(c).copied().flatten())
+            .collect();
+        let Some(wanted) = ids.iter().copied().collect::<Option<Vec<ChunkId>>>() else {
+            return chunks.iter().map(|&c| self.fetch(c)).collect();
+        };
+        self.chunks
+            .fetch_many(&wanted)
+            .into_iter()
+            .zip(chunks.iter().zip(&wanted))
+            .map(|(r, (c, id))| {
+                r.map(Arc::unwrap_or_clone)
+                    .map_err(|e| FetchError::new(format!("RAM chunk {c} ({id}): {e}")))
+            })
+            .collect()
     }
 }
 
