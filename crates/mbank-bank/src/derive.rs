@@ -161,3 +161,44 @@ impl Bank {
         check_not_in_use(&*self.catalog, m, going)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mbank_catalog::{Catalog, VersionStats};
+    use mbank_core::{DiskIndex, MemoryIndex, MemoryRun};
+
+    #[test]
+    fn a_derived_version_keeps_the_kernel_but_neither_memory_nor_ram() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Catalog::open(&d.path().join("catalog.db"), true, false).unwrap();
+        let idx = DiskIndex::zeroed(4096, 4096);
+        let v = VersionInfo {
+            id: VersionId::random(),
+            machine: "alice/dev".parse().unwrap(),
+            parent: None,
+            created_ms: 1,
+            disk_size: 4096,
+            chunk_size: 4096,
+            stats: VersionStats {
+                chunks_total: 1,
+                ..Default::default()
+            },
+            config: None,
+            streams: Vec::new(),
+        };
+        let s = MemoryIndex {
+            total_len: 4,
+            runs: vec![MemoryRun { id: None, len: 4 }],
+        };
+        let streams: Vec<NamedStream> = [MEMORY_STREAM, RAM_STREAM, "kernel"]
+            .iter()
+            .map(|n| (n.to_string(), s.clone()))
+            .collect();
+        c.commit_version(&v, &idx, &streams, None).unwrap();
+        let parent = c.resolve(&v.machine, None).unwrap();
+        let (_, kept) = inherited(&c, &parent, None, &[]).unwrap();
+        let names: Vec<&str> = kept.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["kernel"]);
+    }
+}
