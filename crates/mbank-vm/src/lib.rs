@@ -408,15 +408,17 @@ pub fn qemu_args(l: &Launch<'_>) -> Result<Vec<String>, VmError> {
     push(&["-cpu", l.accel.cpu_model()]);
     push(&["-m", &format!("{}M", c.memory_mib)]);
     if let Some(ram) = l.shared_ram {
+        // Named as QEMU names the RAM it makes for `-m` (the pc machines' default RAM
+        // id), so a migration stream saved without lazy memory loads into it.
         push(&[
             "-object",
             &format!(
-                "memory-backend-file,id=ram0,share=on,mem-path={},size={}M",
+                "memory-backend-file,id=pc.ram,share=on,mem-path={},size={}M",
                 opt_path(ram),
                 c.memory_mib
             ),
         ]);
-        push(&["-machine", "memory-backend=ram0"]);
+        push(&["-machine", "memory-backend=pc.ram"]);
     }
     push(&["-smp", &c.cpus.to_string()]);
     push(&["-nodefaults", "-no-user-config"]);
@@ -596,7 +598,7 @@ mod tests {
         let joined = qemu_args(&l).unwrap().join(" ");
         assert!(
             joined.contains(
-                "-object memory-backend-file,id=ram0,share=on,mem-path=/run/s/ram,,mnt/ram,size=256M -machine memory-backend=ram0"
+                "-object memory-backend-file,id=pc.ram,share=on,mem-path=/run/s/ram,,mnt/ram,size=256M -machine memory-backend=pc.ram"
             ),
             "{joined}"
         );

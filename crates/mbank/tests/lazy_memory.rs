@@ -330,3 +330,30 @@ fn lazy_memory_resumes_on_another_station_fetching_part_and_storing_only_dirty_c
     assert!(rep_c["ram"]["chunks_fetched"].as_u64().unwrap() > 0);
     bank.verify_ok();
 }
+
+#[test]
+fn a_version_saved_with_its_whole_memory_resumes_into_lazy_memory() {
+    let bank = Bank::new();
+    let (a, b) = (bank.file("cacheA"), bank.file("cacheB"));
+    create_machine_mib(&bank, "alice/dev", 64);
+    // Station A: the default, eager path; the memory stream holds the RAM.
+    let mut run_a = start(&bank, &a, "alice/dev", &["--append", "mbank.job=counter"]);
+    run_a.wait_for("MBANK-COUNTER 3\n");
+    let (_, rep_a) = lazy_suspend(&bank, &a, &mut run_a);
+    assert!(rep_a["ram_saved"].is_null() && rep_a["ram"].is_null());
+    let last_a = *run_a.counters().last().unwrap();
+    // Station B with lazy memory: the whole stream loads into the RAM file, and the
+    // next suspend stores the RAM as its own stream.
+    let mut run_b = start(&bank, &b, "alice/dev", &["--lazy-memory"]);
+    run_b.wait_for("MBANK-COUNTER");
+    let first_b = run_b.counters()[0];
+    assert!(
+        first_b + 1 >= last_a && first_b <= last_a + 2,
+        "A stopped at {last_a}, B started at {first_b}"
+    );
+    run_b.wait_for(&format!("MBANK-COUNTER {}\n", first_b + 2));
+    let (_, rep_b) = lazy_suspend(&bank, &b, &mut run_b);
+    assert_eq!(n(&rep_b["ram"]["chunks_fetched"]), 0, "a fresh RAM file");
+    assert!(n(&rep_b["ram_saved"]["chunks_new"]) > 0);
+    assert!(n(&rep_b["memory_saved"]["bytes"]) < 32 << 20);
+}
