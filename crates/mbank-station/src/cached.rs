@@ -210,6 +210,19 @@ impl CachedStore {
                 }
             }
         }
+        // A flight that ended since the look at the cache may have cached a chunk:
+        // look again before going to the bank (as `fetch_missing` does).
+        lead.retain(|(i, flight)| {
+            let Some(d) = self.cache.peek(&ids[*i]) else {
+                return true;
+            };
+            let d = Arc::new(d);
+            *flight.done.lock().expect("flight lock") = Some(Ok(d.clone()));
+            flight.cv.notify_all();
+            self.flights.lock().expect("flight lock").remove(&ids[*i]);
+            out[*i] = Some(Ok(d));
+            false
+        });
         if !lead.is_empty() {
             let want: Vec<ChunkId> = lead.iter().map(|(i, _)| ids[*i]).collect();
             let got: Vec<Result<Vec<u8>, StoreError>> = match self.store.read_many(&want) {
