@@ -7,8 +7,9 @@
 //! - **Parent**: the version the session checked out; the head moves by compare-and-swap
 //!   from the head the session saw at its start (`VersionSource::expected_head`).
 //! - **Inheritance**: the parent's configuration unless a new one is given, and its
-//!   streams (kernel, initrd, working set) unless replaced, but never its `memory`: the
-//!   disk has moved on from that state.
+//!   streams (kernel, initrd, working set) unless replaced, but never its `memory` nor
+//!   its `ram` (a lazily saved RAM, which goes with that memory): the disk has moved on
+//!   from that state.
 //! - **Idempotence by version id**: a commit repeated after a crash (or after its answer
 //!   was lost) names the same id, and answers the first commit's outcome instead of
 //!   making a second version.
@@ -23,6 +24,10 @@ use crate::{Bank, BankError, ImportOptions, ImportReport, Progress, VersionSourc
 
 /// The stream a derived version never inherits.
 pub const MEMORY_STREAM: &str = "memory";
+
+/// The stream of a lazily saved RAM (fixed chunks; docs/formats.md), never inherited
+/// either: it is half of the suspended state whose other half is [`MEMORY_STREAM`].
+pub const RAM_STREAM: &str = "ram";
 
 /// The outcome of the commit of version `id` of `m` if it exists already (the commit is
 /// a repeat); `None` if it does not.
@@ -66,7 +71,7 @@ pub fn check_not_in_use(
 }
 
 /// What a version made from `parent` holds besides its disk: `config` or else the
-/// parent's, and `streams` with the parent's other streams but its memory.
+/// parent's, and `streams` with the parent's other streams but its memory and RAM.
 pub fn inherited(
     cat: &dyn CatalogApi,
     parent: &VersionInfo,
@@ -74,7 +79,9 @@ pub fn inherited(
     streams: &[NamedStream],
 ) -> Result<(Option<String>, Vec<NamedStream>), CatalogError> {
     let mut all = cat.streams(parent)?;
-    all.retain(|(n, _)| n != MEMORY_STREAM && !streams.iter().any(|(e, _)| e == n));
+    all.retain(|(n, _)| {
+        n != MEMORY_STREAM && n != RAM_STREAM && !streams.iter().any(|(e, _)| e == n)
+    });
     all.extend(streams.iter().cloned());
     Ok((config.or_else(|| parent.config.clone()), all))
 }
@@ -152,5 +159,46 @@ impl Bank {
         going: Option<VersionId>,
     ) -> Result<(), BankError> {
         check_not_in_use(&*self.catalog, m, going)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mbank_catalog::{Catalog, VersionStats};
+    use mbank_core::{DiskIndex, MemoryIndex, MemoryRun};
+
+    #[test]
+    fn a_derived_version_keeps_the_kernel_but_neither_memory_nor_ram() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Catalog::open(&d.path().join("catalog.db"), true, false).unwrap();
+        let idx = DiskIndex::zeroed(4096, 4096);
+        let v = VersionInfo {
+            id: VersionId::random(),
+            machine: "alice/dev".parse().unwrap(),
+            parent: None,
+            created_ms: 1,
+            disk_size: 4096,
+            chunk_size: 4096,
+            stats: VersionStats {
+                chunks_total: 1,
+                ..Default::default()
+            },
+            config: None,
+            streams: Vec::new(),
+        };
+        let s = MemoryIndex {
+            total_len: 4,
+            runs: vec![MemoryRun { id: None, len: 4 }],
+        };
+        let streams: Vec<NamedStream> = [MEMORY_STREAM, RAM_STREAM, "kernel"]
+            .iter()
+            .map(|n| (n.to_string(), s.clone()))
+            .collect();
+        c.commit_version(&v, &idx, &streams, None).unwrap();
+        let parent = c.resolve(&v.machine, None).unwrap();
+        let (_, kept) = inherited(&c, &parent, None, &[]).unwrap();
+        let names: Vec<&str> = kept.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["kernel"]);
     }
 }

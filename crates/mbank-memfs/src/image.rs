@@ -202,11 +202,60 @@ impl MemImage {
     }
 
     fn fetch_into_overlay(&self, i: usize) -> Result<(), MemError> {
+        let data = self.fetcher.fetch(i);
+        self.store_fetched(i, data)
+    }
+
+    /// Fetches, in one [`Fetcher::fetch_many`], the chunks of `range` that are absent
+    /// (claiming them first, so others wait for this fetch), for a guest access. The
+    /// caller then [`MemImage::ensure`]s each chunk of the range. Returns the first
+    /// failed fetch's error.
+    fn fetch_absent(&self, range: std::ops::Range<usize>) -> Result<(), MemError> {
+        let mut g = self.lock();
+        let mine: Vec<usize> = range.filter(|&i| g.states[i] == State::Absent).collect();
+        for &i in &mine {
+            g.states[i] = State::Fetching;
+        }
+        drop(g);
+        if mine.is_empty() {
+            return Ok(());
+        }
+        self.stats
+            .faults_waited
+            .fetch_add(mine.len() as u64, Ordering::Relaxed);
+        let mut results = self.fetcher.fetch_many(&mine).into_iter();
+        let mut outcomes: Vec<_> = mine
+            .iter()
+            .map(|&i| {
+                let data = results.next().unwrap_or_else(|| {
+                    Err(FetchError::new(
+                        "the fetcher returned fewer chunks than asked",
+                    ))
+                });
+                self.store_fetched(i, data)
+            })
+            .collect();
+        let mut g = self.lock();
+        for (&i, r) in mine.iter().zip(&outcomes) {
+            g.states[i] = if r.is_ok() {
+                State::Ready
+            } else {
+                State::Absent
+            };
+            if let Err(e) = r {
+                self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                g.last_error = Some(e.to_string());
+            }
+        }
+        drop(g);
+        self.fetched.notify_all();
+        outcomes.drain(..).find(Result::is_err).unwrap_or(Ok(()))
+    }
+
+    /// Writes a fetched chunk `i` into the overlay, checking its length.
+    fn store_fetched(&self, i: usize, data: Result<Vec<u8>, FetchError>) -> Result<(), MemError> {
         let want = self.layout.chunk_len(i);
-        let data = self
-            .fetcher
-            .fetch(i)
-            .map_err(|source| MemError::Fetch { chunk: i, source })?;
+        let data = data.map_err(|source| MemError::Fetch { chunk: i, source })?;
         if data.len() != want {
             return Err(MemError::Fetch {
                 chunk: i,
@@ -245,6 +294,7 @@ impl MemImage {
     pub fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, MemError> {
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         let range = self.chunk_range(offset, len as u64);
+        self.fetch_absent(range.clone())?;
         for i in range {
             self.ensure(i, true)?;
         }

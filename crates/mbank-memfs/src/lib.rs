@@ -18,9 +18,10 @@
 //! - **Read** (a page fault in QEMU becomes FUSE READs of the pages around it: QEMU
 //!   advises guest RAM `MADV_HUGEPAGE`, and for such a mapping the kernel reads a 4 MiB
 //!   window, 2 MiB aligned, in requests of 1 MiB, whatever `max_readahead` says):
-//!   every chunk it touches is made ready by one [`Fetcher::fetch`], whose bytes are
-//!   written into the overlay, then the read is served from the overlay. One fetch per
-//!   chunk is in flight: a second reader waits for it (a *fault waited*, counted).
+//!   the chunks it touches that nobody fetches yet are made ready by one
+//!   [`Fetcher::fetch_many`] (one batch per read), whose bytes are written into the
+//!   overlay, then the read is served from the overlay. One fetch per chunk is in
+//!   flight: a second reader waits for it (a *fault waited*, counted).
 //! - **Write** (the kernel writes back pages the guest dirtied, or `fsync`): a chunk
 //!   written only in part is fetched first, a chunk written whole is not; the bytes go
 //!   to the overlay and the chunk's bit in the **dirty map** is set. A suspend stores
@@ -78,6 +79,13 @@ pub trait Fetcher: Send + Sync + 'static {
     /// The bytes of chunk `chunk` (exactly [`Layout::chunk_len`] of them), verified.
     /// Never called for a chunk the index elides as zero.
     fn fetch(&self, chunk: usize) -> Result<Vec<u8>, FetchError>;
+
+    /// The bytes of each of `chunks` (a FUSE read's absent chunks, in order), one
+    /// outcome per chunk. A fetcher over a remote bank should get them in one request;
+    /// by default they are fetched one by one.
+    fn fetch_many(&self, chunks: &[usize]) -> Vec<Result<Vec<u8>, FetchError>> {
+        chunks.iter().map(|&c| self.fetch(c)).collect()
+    }
 }
 
 /// A fetcher's failure, in its own words (which chunk, which store, what to do).

@@ -9,6 +9,8 @@ const CS: u32 = 4096 * 4;
 struct MemFetcher {
     chunks: Vec<Vec<u8>>,
     calls: Vec<AtomicUsize>,
+    /// `fetch_many` calls, and the chunks each asked for.
+    batches: Mutex<Vec<Vec<usize>>>,
     fail: AtomicBool,
     gate: Mutex<bool>,
     opened: Condvar,
@@ -19,6 +21,7 @@ impl MemFetcher {
         Arc::new(MemFetcher {
             calls: chunks.iter().map(|_| AtomicUsize::new(0)).collect(),
             chunks,
+            batches: Mutex::new(Vec::new()),
             fail: AtomicBool::new(false),
             gate: Mutex::new(true),
             opened: Condvar::new(),
@@ -50,6 +53,11 @@ impl Fetcher for MemFetcher {
             return Err(FetchError::new(format!("chunk {chunk}: the bank is away")));
         }
         Ok(self.chunks[chunk].clone())
+    }
+
+    fn fetch_many(&self, chunks: &[usize]) -> Vec<Result<Vec<u8>, FetchError>> {
+        self.batches.lock().unwrap().push(chunks.to_vec());
+        chunks.iter().map(|&c| self.fetch(c)).collect()
     }
 }
 
@@ -90,6 +98,21 @@ fn zero_chunks_read_as_zeros_without_a_fetch() {
         (c.chunks_fetched, c.faults_waited, c.chunks_ready),
         (0, 0, 2)
     );
+}
+
+#[test]
+fn a_read_fetches_its_absent_chunks_in_one_batch() {
+    let (_d, img, f) = image(8, &[2], false);
+    img.read(5 * CS as u64, CS).unwrap();
+    // A fault's read-around: chunks 0..8, of which 2 is zero and 5 is there already.
+    let buf = img.read(0, 8 * CS).unwrap();
+    assert_eq!(buf[3 * CS as usize], 4);
+    assert_eq!(
+        *f.batches.lock().unwrap(),
+        vec![vec![5], vec![0, 1, 3, 4, 6, 7]]
+    );
+    assert_eq!(f.total(), 7, "every chunk fetched once");
+    assert_eq!(img.counters().chunks_fetched, 7);
 }
 
 #[test]

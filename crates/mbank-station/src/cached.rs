@@ -180,6 +180,96 @@ impl CachedStore {
             .map_err(FetchError::Store)
     }
 
+    /// Each of `ids` from the cache or, for those it lacks, from the bank in **one**
+    /// batch request ([`ChunkStore::read_many`]: one `POST /v1/chunks/get` to a bank
+    /// server), then cached; a chunk another caller is fetching is waited for, not
+    /// asked again. If the batch fails, its chunks are fetched one by one, so only a
+    /// bad chunk fails. One outcome per id, in order. For a fault of lazily loaded RAM,
+    /// which reads several chunks at once.
+    pub fn fetch_many(&self, ids: &[ChunkId]) -> Vec<Result<Arc<Vec<u8>>, FetchError>> {
+        let mut out: Vec<Option<Result<Arc<Vec<u8>>, FetchError>>> = ids
+            .iter()
+            .map(|id| self.cache.get(id).map(|d| Ok(Arc::new(d))))
+            .collect();
+        // Claim the flights of the chunks nobody fetches yet.
+        let mut lead: Vec<(usize, Arc<Flight>)> = Vec::new();
+        let mut follow: Vec<(usize, Arc<Flight>)> = Vec::new();
+        {
+            let mut f = self.flights.lock().expect("flight lock");
+            for (i, id) in ids.iter().enumerate() {
+                if out[i].is_some() || lead.iter().any(|(j, _)| ids[*j] == *id) {
+                    continue;
+                }
+                match f.get(id) {
+                    Some(fl) => follow.push((i, fl.clone())),
+                    None => {
+                        let fl = Arc::new(Flight::default());
+                        f.insert(*id, fl.clone());
+                        lead.push((i, fl));
+                    }
+                }
+            }
+        }
+        // A flight that ended since the look at the cache may have cached a chunk:
+        // look again before going to the bank (as `fetch_missing` does).
+        lead.retain(|(i, flight)| {
+            let Some(d) = self.cache.peek(&ids[*i]) else {
+                return true;
+            };
+            let d = Arc::new(d);
+            *flight.done.lock().expect("flight lock") = Some(Ok(d.clone()));
+            flight.cv.notify_all();
+            self.flights.lock().expect("flight lock").remove(&ids[*i]);
+            out[*i] = Some(Ok(d));
+            false
+        });
+        if !lead.is_empty() {
+            let want: Vec<ChunkId> = lead.iter().map(|(i, _)| ids[*i]).collect();
+            let got: Vec<Result<Vec<u8>, StoreError>> = match self.store.read_many(&want) {
+                Ok(all) if all.len() == want.len() => all.into_iter().map(Ok).collect(),
+                _ => want.iter().map(|id| self.store.read(id)).collect(),
+            };
+            for ((i, flight), r) in lead.iter().zip(got) {
+                let id = ids[*i];
+                let r = r.map(|plain| {
+                    let _ = self.cache.insert(&id, &plain);
+                    Arc::new(plain)
+                });
+                *flight.done.lock().expect("flight lock") = Some(match &r {
+                    Ok(d) => Ok(d.clone()),
+                    Err(e) => Err(e.to_string()),
+                });
+                flight.cv.notify_all();
+                self.flights.lock().expect("flight lock").remove(&id);
+                out[*i] = Some(r.map_err(FetchError::Store));
+            }
+        }
+        for (i, flight) in follow {
+            let mut done = flight.done.lock().expect("flight lock");
+            while done.is_none() {
+                done = flight.cv.wait(done).expect("flight lock");
+            }
+            out[i] = Some(match done.as_ref().expect("set") {
+                Ok(d) => Ok(d.clone()),
+                Err(e) => Err(FetchError::Shared(e.clone())),
+            });
+        }
+        // A chunk named twice in `ids` shares the first one's outcome.
+        (0..ids.len())
+            .map(|i| match out[i].take() {
+                Some(r) => r,
+                None => {
+                    let first = ids.iter().position(|x| *x == ids[i]).expect("itself");
+                    match &out[first] {
+                        Some(Ok(d)) => Ok(d.clone()),
+                        Some(Err(e)) => Err(FetchError::Shared(e.to_string())),
+                        None => self.fetch(&ids[i]),
+                    }
+                }
+            })
+            .collect()
+    }
+
     /// Writes the stream `idx` to `out` in order, getting its chunks with `get` (for a
     /// session, [`crate::device::Disk::fetch`], which records its use) on `jobs`
     /// threads (at most 8), [`STREAM_WINDOW`] chunks at a time; every chunk is checked
@@ -339,6 +429,83 @@ mod tests {
             reads,
             "the bank was not read"
         );
+    }
+
+    #[test]
+    fn many_chunks_come_from_the_bank_in_one_batch_then_from_the_cache() {
+        struct Batches {
+            inner: Slow,
+            batches: AtomicU64,
+        }
+        impl ChunkStore for Batches {
+            fn put(&self, c: &mbank_core::chunk::EncodedChunk) -> Result<u64, StoreError> {
+                self.inner.put(c)
+            }
+            fn flush(&self) -> Result<(), StoreError> {
+                self.inner.flush()
+            }
+            fn touch(&self, id: &ChunkId) -> Result<bool, StoreError> {
+                self.inner.touch(id)
+            }
+            fn get_raw(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+                self.inner.get_raw(id)
+            }
+            fn get_raw_many(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>, StoreError> {
+                self.batches.fetch_add(1, Ordering::SeqCst);
+                ids.iter().map(|id| self.inner.inner.get_raw(id)).collect()
+            }
+            fn quarantine(&self, id: &ChunkId) -> Result<Option<std::path::PathBuf>, StoreError> {
+                self.inner.quarantine(id)
+            }
+            fn sweep(
+                &self,
+                cutoff: std::time::SystemTime,
+                keep: &(dyn Fn(&ChunkId) -> bool + Sync),
+            ) -> Result<mbank_store::SweepStats, StoreError> {
+                self.inner.sweep(cutoff, keep)
+            }
+            fn stats(&self) -> Result<mbank_store::StoreStats, StoreError> {
+                self.inner.stats()
+            }
+        }
+        let d = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ChunkCache::open(d.path(), 16 << 20).unwrap());
+        let store = Arc::new(Batches {
+            inner: Slow {
+                inner: MemStore::default(),
+                reads: AtomicU64::new(0),
+            },
+            batches: AtomicU64::new(0),
+        });
+        let chunks: Vec<Vec<u8>> = (1..=16u8).map(|i| vec![i; 4096]).collect();
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| ChunkId::of(c)).collect();
+        for (id, c) in ids.iter().zip(&chunks) {
+            store.put(&encode_with_id(*id, c, 1)).unwrap();
+        }
+        let cs = CachedStore::new(cache, store.clone());
+        assert_eq!(*cs.fetch(&ids[3]).unwrap(), chunks[3]);
+        let mut want = ids.clone();
+        want.push(ids[0]);
+        let got = cs.fetch_many(&want);
+        assert_eq!(got.len(), 17);
+        for (r, c) in got.iter().zip(chunks.iter().chain([&chunks[0]])) {
+            assert_eq!(**r.as_ref().unwrap(), *c);
+        }
+        assert_eq!(store.batches.load(Ordering::SeqCst), 1, "one batch request");
+        assert_eq!(
+            store.inner.reads.load(Ordering::SeqCst),
+            1,
+            "the single fetch"
+        );
+        cs.fetch_many(&ids)
+            .into_iter()
+            .for_each(|r| drop(r.unwrap()));
+        assert_eq!(store.batches.load(Ordering::SeqCst), 1, "then the cache");
+        // A missing chunk fails alone: the batch is retried chunk by chunk.
+        let absent = ChunkId::of(b"absent");
+        let r = cs.fetch_many(&[absent, ids[5]]);
+        assert!(r[0].as_ref().unwrap_err().is_missing());
+        assert!(r[1].is_ok());
     }
 
     #[test]

@@ -9,7 +9,10 @@
 //!
 //! [`Session`] ([`live`]) holds these steps together for `mbank attach` and `mbank run`:
 //! the lease and its heartbeat, the background fetchers, the disk and the streams it
-//! reads through one [`cached::CachedStore`], and the end (check-in or discard).
+//! reads through one [`cached::CachedStore`], and the end (check-in or discard). With
+//! lazy memory, `run` adds the guest's RAM device ([`memory::LazyRam`]): RAM chunks
+//! fetched through the same `CachedStore` as the guest touches them, and a suspend that
+//! stores only the chunks it wrote (not journalled: a crash loses the RAM, not the disk).
 //!
 //! 1. [`Station::check_out`] takes the machine's lease in the catalog (one live session
 //!    per machine, DESIGN invariant 6), writes `session.json` and an empty overlay.
@@ -45,6 +48,7 @@ pub mod cached;
 pub mod checkpoint;
 pub mod device;
 pub mod live;
+pub mod memory;
 pub mod session;
 pub mod workset;
 pub mod writeback;

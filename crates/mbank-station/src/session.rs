@@ -442,6 +442,8 @@ impl SessionDir {
     }
 
     pub fn remove(&self) -> Result<(), StationError> {
+        // A session killed with lazy memory may have left its RAM mounted here.
+        crate::memory::unmount_stale(&self.dir);
         fs::remove_dir_all(&self.dir).map_err(io("remove", &self.dir))
     }
 

@@ -375,6 +375,11 @@ pub struct Launch<'a> {
     pub serial_log: &'a Path,
     /// Resume: read the memory state from this FIFO, start paused.
     pub incoming: Option<&'a Path>,
+    /// Lazy memory: the guest's RAM is this file, mapped shared
+    /// (`memory-backend-file,share=on`), and a resume waits for `migrate-incoming`
+    /// (`-incoming defer`), so that the caller can first turn on `x-ignore-shared`:
+    /// QEMU 7.2 has no command-line switch for it.
+    pub shared_ram: Option<&'a Path>,
 }
 
 /// Quotes `p` for `/bin/sh`.
@@ -402,6 +407,19 @@ pub fn qemu_args(l: &Launch<'_>) -> Result<Vec<String>, VmError> {
     push(&["-accel", l.accel.name()]);
     push(&["-cpu", l.accel.cpu_model()]);
     push(&["-m", &format!("{}M", c.memory_mib)]);
+    if let Some(ram) = l.shared_ram {
+        // Named as QEMU names the RAM it makes for `-m` (the pc machines' default RAM
+        // id), so a migration stream saved without lazy memory loads into it.
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-file,id=pc.ram,share=on,mem-path={},size={}M",
+                opt_path(ram),
+                c.memory_mib
+            ),
+        ]);
+        push(&["-machine", "memory-backend=pc.ram"]);
+    }
     push(&["-smp", &c.cpus.to_string()]);
     push(&["-nodefaults", "-no-user-config"]);
     push(&[
@@ -473,8 +491,10 @@ pub fn qemu_args(l: &Launch<'_>) -> Result<Vec<String>, VmError> {
             }
         }
     }
-    if let Some(fifo) = l.incoming {
-        push(&["-S", "-incoming", &format!("exec:cat {}", sh_quote(fifo))]);
+    match (l.incoming, l.shared_ram) {
+        (Some(_), Some(_)) => push(&["-S", "-incoming", "defer"]),
+        (Some(fifo), None) => push(&["-S", "-incoming", &format!("exec:cat {}", sh_quote(fifo))]),
+        (None, _) => {}
     }
     Ok(a)
 }
@@ -526,6 +546,7 @@ mod tests {
             },
             serial_log: Path::new("/run/s/console.log"),
             incoming,
+            shared_ram: None,
         }
     }
 
@@ -563,6 +584,30 @@ mod tests {
         assert_eq!(
             r[a.len()..],
             ["-S", "-incoming", "exec:cat '/run/s/mem fifo'"]
+        );
+    }
+
+    #[test]
+    fn lazy_memory_maps_the_ram_file_shared_and_defers_the_incoming_state() {
+        let c = MachineConfig {
+            memory_mib: 256,
+            ..MachineConfig::default()
+        };
+        let mut l = launch(&c, Some(Path::new("/run/s/memory.in")));
+        l.shared_ram = Some(Path::new("/run/s/ram,mnt/ram"));
+        let joined = qemu_args(&l).unwrap().join(" ");
+        assert!(
+            joined.contains(
+                "-object memory-backend-file,id=pc.ram,share=on,mem-path=/run/s/ram,,mnt/ram,size=256M -machine memory-backend=pc.ram"
+            ),
+            "{joined}"
+        );
+        assert!(joined.ends_with("-S -incoming defer"), "{joined}");
+        l.incoming = None;
+        let boot = qemu_args(&l).unwrap().join(" ");
+        assert!(
+            !boot.contains("-incoming") && boot.contains("share=on"),
+            "{boot}"
         );
     }
 

@@ -40,6 +40,7 @@ use mbank_bank::{Bank, ImportOptions, Progress, StreamStats, Unit};
 use mbank_core::{MachineRef, MemoryIndex};
 use mbank_nbd::ServerOptions;
 use mbank_station::device::{Disk, NbdDisk};
+use mbank_station::memory::{LazyRam, RAM_STREAM, RamStats, RamStatsHandle};
 use mbank_station::{CheckinExtras, Session, SessionOptions, SessionReport, Station};
 use mbank_vm::qmp::Qmp;
 use mbank_vm::{Accel, Boot, Display, Launch, MachineConfig, SavedHardware};
@@ -68,6 +69,11 @@ pub struct Args {
     /// Take the machine over from the session holding it.
     #[arg(long)]
     pub force: bool,
+    /// Keep the guest's RAM on the station's lazy memory file system: a suspend stores
+    /// the device state and the RAM chunks written since the start, a resume fetches RAM
+    /// chunks as the guest touches them (a version suspended so always resumes so).
+    #[arg(long, env = "MBANK_LAZY_MEMORY")]
+    pub lazy_memory: bool,
     /// Worker threads (the global `-j`).
     #[arg(skip)]
     pub jobs: usize,
@@ -100,6 +106,10 @@ pub struct RunReport {
     pub memory_load_seconds: f64,
     pub memory_saved: Option<StreamStats>,
     pub memory_save_seconds: f64,
+    /// With lazy memory: what the suspend stored of the RAM (`ram` stream), and what
+    /// the RAM device did.
+    pub ram_saved: Option<StreamStats>,
+    pub ram: Option<RamStats>,
     pub session: SessionReport,
 }
 
@@ -469,6 +479,7 @@ fn spawn_control(
     tx: mpsc::Sender<Request>,
     hub: Arc<Hub>,
     disk: Arc<Disk>,
+    ram: Option<RamStatsHandle>,
 ) -> Result<()> {
     let listener = UnixListener::bind(path)
         .with_context(|| format!("cannot create the control socket {}", path.display()))?;
@@ -494,7 +505,8 @@ fn spawn_control(
                     let _ = writeln!(
                         c,
                         "{}",
-                        serde_json::json!({"ok": true, "stats": disk.stats()})
+                        serde_json::json!({"ok": true, "stats": disk.stats(),
+                            "ram": ram.as_ref().map(RamStatsHandle::stats)})
                     );
                     continue;
                 }
@@ -749,9 +761,25 @@ fn run_session(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    // Lazy memory: the guest's RAM on the station's memory file system.
+    let ram = match lazy_ram(bank, session, v, config, args.lazy_memory) {
+        Ok(r) => r,
+        Err(e) => {
+            end_service.notify_one();
+            let _ = rt.block_on(service);
+            return Err(fail_clean(bank, session, e));
+        }
+    };
+    let ram_stats = ram.as_ref().map(LazyRam::stats_handle);
     // Fronts and `mbank suspend` may connect from now on.
     let (tx, requests) = mpsc::channel();
-    if let Err(e) = spawn_control(&sockets.join("control.sock"), tx, hub.clone(), disk.clone()) {
+    if let Err(e) = spawn_control(
+        &sockets.join("control.sock"),
+        tx,
+        hub.clone(),
+        disk.clone(),
+        ram_stats.clone(),
+    ) {
         end_service.notify_one();
         let _ = rt.block_on(service);
         return Err(fail_clean(bank, session, e));
@@ -799,6 +827,7 @@ fn run_session(
         display: display.clone(),
         serial_log: &serial_log,
         incoming: resume.then_some(mem_in.as_path()),
+        shared_ram: ram.as_ref().map(LazyRam::file),
     };
     let qargs = mbank_vm::qemu_args(&launch)?;
     if let Display::Vnc(to) = &display {
@@ -845,6 +874,15 @@ fn run_session(
             .stream(v, "memory")?
             .context("the version's memory state is missing")?;
         let total = idx.total_len;
+        if ram.is_some() {
+            // The state goes in only now, after x-ignore-shared where the RAM was saved.
+            let ram_saved = bank.catalog().stream(v, RAM_STREAM)?.is_some();
+            if let Err(e) = incoming_lazy(&mut vm.qmp, &mem_in, ram_saved) {
+                vm.kill();
+                stop_service(&rt);
+                return Err(fail_clean(bank, session, e));
+            }
+        }
         let n = AtomicU64::new(0);
         let done = AtomicBool::new(false);
         let fed = std::thread::scope(|s| {
@@ -925,6 +963,7 @@ fn run_session(
     let mut power_waits: Vec<PowerWait> = Vec::new();
     let mut shutdown_seen = false;
     let mut memory_saved = None;
+    let mut ram_saved = None;
     let mut memory_save_seconds = 0.0;
     let mut streams = Vec::new();
     let mut streams_stored = (0, 0);
@@ -933,7 +972,8 @@ fn run_session(
     let mut try_suspend = |vm: &mut Vm, bank: &mut Bank| -> Result<()> {
         let t = Instant::now();
         say("pausing the guest and saving its memory".into());
-        let (idx, stats, guard) = save_memory(bank, vm, disk, config, progress)?;
+        let (idx, stats, guard, ram_idx) =
+            save_memory(bank, vm, disk, config, progress, ram.as_ref())?;
         memory_save_seconds = t.elapsed().as_secs_f64();
         say(format!(
             "saved {} of memory in {:.1} s: {} new in the bank",
@@ -943,6 +983,17 @@ fn run_session(
         ));
         streams.push(("memory".to_string(), idx));
         streams_stored = (stats.chunks_new, stats.bytes_stored);
+        if let Some((idx, st)) = ram_idx {
+            say(format!(
+                "saved the guest's RAM: {} chunks written since the start, {} new in the bank",
+                st.chunks_new,
+                bytes(st.bytes_stored)
+            ));
+            streams.push((RAM_STREAM.to_string(), idx));
+            streams_stored.0 += st.chunks_new;
+            streams_stored.1 += st.bytes_stored;
+            ram_saved = Some(st);
+        }
         memory_saved = Some(stats);
         writer_guard = Some(guard);
         Ok(())
@@ -1060,6 +1111,12 @@ fn run_session(
     stop_service(&rt);
     drop(rt);
     let _ = std::fs::remove_dir_all(&sockets);
+    let ram_final = ram_stats.as_ref().map(RamStatsHandle::stats);
+    if let Some(r) = ram
+        && let Err(e) = r.unmount()
+    {
+        say(format!("warning: {e}"));
+    }
 
     // Check in.
     if ending != Ending::Suspend {
@@ -1100,6 +1157,8 @@ fn run_session(
         memory_load_seconds,
         memory_saved,
         memory_save_seconds,
+        ram_saved,
+        ram: ram_final,
         session,
     };
     if ending == Ending::Crash {
@@ -1116,6 +1175,65 @@ fn run_session(
     Ok(report)
 }
 
+/// A saved memory state: its index and what storing it did, the writer that keeps it
+/// from GC, and with lazy memory the `ram` stream.
+type SavedMemory = (
+    MemoryIndex,
+    StreamStats,
+    mbank_bank::WriterGuard,
+    Option<(MemoryIndex, StreamStats)>,
+);
+
+/// With lazy memory (`--lazy-memory`, or a version whose RAM was saved so), mounts the
+/// guest's RAM over the version's `ram` stream (none: a fresh RAM).
+fn lazy_ram(
+    bank: &Bank,
+    session: &Session<'_>,
+    v: &mbank_catalog::VersionInfo,
+    config: &MachineConfig,
+    asked: bool,
+) -> Result<Option<LazyRam>> {
+    let base = bank.catalog().stream(v, RAM_STREAM)?;
+    if !asked && base.is_none() {
+        return Ok(None);
+    }
+    let ram = LazyRam::mount(
+        session.chunks().clone(),
+        &session.disk().dir.dir,
+        config.memory_mib << 20,
+        base.as_ref(),
+    )
+    .with_context(|| format!("{}@{}", v.machine, v.id.short()))?;
+    Ok(Some(ram))
+}
+
+fn set_ignore_shared(qmp: &mut Qmp) -> Result<()> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(serde_json::json!({"capabilities": [
+            {"capability": "x-ignore-shared", "state": true}]})),
+    )
+    .map_err(|e| {
+        anyhow!("QEMU refused x-ignore-shared (lazy memory needs QEMU 7.2 or later): {e}")
+    })?;
+    Ok(())
+}
+
+/// Starts the deferred incoming migration from `fifo`; with `ram_saved` (the version's
+/// RAM is its own stream) the state holds no RAM.
+fn incoming_lazy(qmp: &mut Qmp, fifo: &Path, ram_saved: bool) -> Result<()> {
+    if ram_saved {
+        set_ignore_shared(qmp)?;
+    }
+    let uri = format!(
+        "exec:cat '{}'",
+        fifo.display().to_string().replace('\'', r"'\''")
+    );
+    qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
+        .map_err(|e| anyhow!("QEMU refused to load the memory state: {e}"))?;
+    Ok(())
+}
+
 /// Pauses the guest and streams its memory state into the bank.
 fn save_memory(
     bank: &Bank,
@@ -1123,11 +1241,18 @@ fn save_memory(
     disk: &Disk,
     config: &MachineConfig,
     progress: &dyn Progress,
-) -> Result<(MemoryIndex, StreamStats, mbank_bank::WriterGuard)> {
+    ram: Option<&LazyRam>,
+) -> Result<SavedMemory> {
     let guard = bank.begin_write(&format!("suspend {}", disk.meta.machine))?;
     vm.qmp.execute("stop", None)?;
-    match save_paused(bank, vm, disk, config, progress, &guard) {
-        Ok((idx, stats)) => Ok((idx, stats, guard)),
+    let saved = save_paused(bank, vm, disk, config, progress, &guard, ram.is_some()).and_then(
+        |(idx, stats)| {
+            let ram_idx = ram.map(|r| r.save(bank, &guard)).transpose()?;
+            Ok((idx, stats, ram_idx))
+        },
+    );
+    match saved {
+        Ok((idx, stats, ram_idx)) => Ok((idx, stats, guard, ram_idx)),
         Err(e) => {
             // The guest goes on as if nothing happened.
             let _ = vm.qmp.execute("cont", None);
@@ -1143,7 +1268,12 @@ fn save_paused(
     config: &MachineConfig,
     progress: &dyn Progress,
     guard: &mbank_bank::WriterGuard,
+    ignore_shared: bool,
 ) -> Result<(MemoryIndex, StreamStats)> {
+    if ignore_shared {
+        // The RAM is a shared file the suspend stores itself: device state only.
+        set_ignore_shared(&mut vm.qmp)?;
+    }
     // QEMU 7.2 limits migration to 32 MiB/s by default.
     vm.qmp.execute(
         "migrate-set-parameters",
@@ -1494,6 +1624,9 @@ fn start_supervisor(f: &Front<'_>, args: &Args, say: &dyn Fn(String)) -> Result<
     }
     if args.force {
         c.arg("--force");
+    }
+    if args.lazy_memory {
+        c.arg("--lazy-memory");
     }
     c.stdin(Stdio::null())
         .stdout(Stdio::piped())

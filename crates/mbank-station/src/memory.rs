@@ -1,0 +1,370 @@
+//! [`LazyRam`]: the RAM device of a session that runs with lazy memory (`mbank run
+//! --lazy-memory`). The guest's RAM is one file on an [`mbank_memfs`] mount in the
+//! session directory, which QEMU maps with `memory-backend-file,share=on`; a suspend
+//! then migrates only the device state (capability `x-ignore-shared`) and stores the
+//! RAM itself as the version's [`RAM_STREAM`].
+//!
+//! - **The `ram` stream** is an index of kind 2 (memory) whose runs are the RAM cut in
+//!   fixed chunks of [`RAM_CHUNK`] bytes (the last one may be shorter), a zero chunk
+//!   being a run without a chunk id (docs/formats.md). Chunk `i` of the RAM is run `i`.
+//! - **Resume** ([`LazyRam::mount`] with the parent's `ram` index): a chunk is fetched
+//!   through the session's [`CachedStore`] (station cache, else the bank; verified) the
+//!   first time the guest touches it, the absent chunks of one FUSE read (a fault's
+//!   read-around, 1 MiB) in one batch request ([`CachedStore::fetch_many`]); zero
+//!   chunks cost nothing. A fresh boot mounts an
+//!   all-zero image: nothing is ever fetched.
+//! - **Suspend** ([`LazyRam::save`], after QEMU's `stop`): the RAM file is fsynced, so
+//!   the kernel hands every page the guest dirtied back to the image as a write; then
+//!   only the chunks written since the mount ([`mbank_memfs::MemImage::dirty_chunks`])
+//!   are read, hashed and sent (in batches of [`SAVE_BATCH`]: one `have` query, one
+//!   upload), and every other run is the parent's. A second suspend of a resumed guest
+//!   sends its dirty chunks only.
+//!
+//! Crashes: the overlay and the dirty map are not journalled. A session killed while
+//! running loses its RAM (the disk is recovered as after a power loss) and may leave
+//! its mount behind; [`unmount_stale`] detaches it before the directory is removed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use mbank_bank::{Bank, StreamStats, WriterGuard};
+use mbank_core::chunk::{DEFAULT_ZSTD_LEVEL, encode};
+use mbank_core::{ChunkId, MemoryIndex, MemoryRun};
+use mbank_memfs::{Counters, FetchError, Fetcher, Layout, MemImage, MemMount, MountOptions};
+use mbank_store::ChunkStore;
+
+use crate::cached::CachedStore;
+
+pub use mbank_bank::derive::RAM_STREAM;
+
+/// Bytes per RAM chunk (ARCHITECTURE.md, "Lazy memory": small chunks keep the dirty set
+/// of a suspend small).
+pub const RAM_CHUNK: u32 = 64 << 10;
+
+/// Dirty chunks hashed and sent at once by [`LazyRam::save`].
+pub const SAVE_BATCH: usize = 32;
+
+/// Names inside the session directory.
+const MOUNT_DIR: &str = "ram.mnt";
+const OVERLAY: &str = "ram.overlay";
+
+/// What can go wrong with a session's RAM device.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The version's `ram` stream does not fit the machine's memory size.
+    #[error(
+        "the saved RAM of this version does not fit the machine: {0} (run its parent version, \
+         or boot it from its disk)"
+    )]
+    Layout(String),
+    /// The RAM file system could not be set up or torn down.
+    #[error("guest RAM at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The memory image failed (overlay, fetch).
+    #[error("guest RAM: {0}")]
+    Image(#[from] mbank_memfs::MemError),
+    /// The bank refused the RAM's chunks.
+    #[error("cannot store the guest's RAM in the bank: {0} (the guest keeps running; try again)")]
+    Store(#[from] mbank_store::StoreError),
+}
+
+/// Fetches RAM chunks through the session's [`CachedStore`].
+struct CachedFetcher {
+    chunks: Arc<CachedStore>,
+    ids: Vec<Option<ChunkId>>,
+}
+
+impl Fetcher for CachedFetcher {
+    fn fetch(&self, chunk: usize) -> Result<Vec<u8>, FetchError> {
+        let Some(Some(id)) = self.ids.get(chunk) else {
+            return Err(FetchError::new(format!(
+                "RAM chunk {chunk} is zero or past the end; nothing to fetch"
+            )));
+        };
+        self.chunks
+            .fetch(id)
+            .map(Arc::unwrap_or_clone)
+            .map_err(|e| FetchError::new(format!("RAM chunk {chunk} ({id}): {e}")))
+    }
+
+    fn fetch_many(&self, chunks: &[usize]) -> Vec<Result<Vec<u8>, FetchError>> {
+        let ids: Vec<Option<ChunkId>> = chunks
+            .iter()
+            .map(|&c| self.ids.get(c).copied().flatten())
+            .collect();
+        let Some(wanted) = ids.iter().copied().collect::<Option<Vec<ChunkId>>>() else {
+            return chunks.iter().map(|&c| self.fetch(c)).collect();
+        };
+        self.chunks
+            .fetch_many(&wanted)
+            .into_iter()
+            .zip(chunks.iter().zip(&wanted))
+            .map(|(r, (c, id))| {
+                r.map(Arc::unwrap_or_clone)
+                    .map_err(|e| FetchError::new(format!("RAM chunk {c} ({id}): {e}")))
+            })
+            .collect()
+    }
+}
+
+/// What a session's RAM device did so far (`run --json`, the control socket's `stats`).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RamStats {
+    /// Chunks of [`RAM_CHUNK`] bytes in the RAM.
+    pub chunks: u64,
+    /// Chunks of the version's saved RAM that are not zero (the most a resume fetches).
+    pub chunks_nonzero: u64,
+    /// Chunks fetched through the station cache so far, and their bytes.
+    pub chunks_fetched: u64,
+    pub bytes_fetched: u64,
+    /// Fault reads and partial writes that waited for a fetch.
+    pub faults_waited: u64,
+    /// Chunks the guest wrote since the mount (as far as the kernel wrote them back).
+    pub chunks_dirty: u64,
+}
+
+/// A handle that reads a [`LazyRam`]'s statistics from another thread.
+#[derive(Clone)]
+pub struct RamStatsHandle {
+    image: Arc<MemImage>,
+    chunks_nonzero: u64,
+}
+
+impl RamStatsHandle {
+    /// The statistics now.
+    pub fn stats(&self) -> RamStats {
+        let c: Counters = self.image.counters();
+        RamStats {
+            chunks: c.chunks,
+            chunks_nonzero: self.chunks_nonzero,
+            chunks_fetched: c.chunks_fetched,
+            bytes_fetched: c.bytes_fetched,
+            faults_waited: c.faults_waited,
+            chunks_dirty: c.dirty_chunks,
+        }
+    }
+}
+
+/// A session's guest RAM on a lazy memory file system; see the module docs.
+pub struct LazyRam {
+    mount: Option<MemMount>,
+    base: Vec<Option<ChunkId>>,
+    layout: Layout,
+}
+
+impl LazyRam {
+    /// Mounts `size` bytes of guest RAM under `session_dir`, its chunks those of
+    /// `base` (the version's `ram` stream) or, without one, all zero.
+    pub fn mount(
+        chunks: Arc<CachedStore>,
+        session_dir: &Path,
+        size: u64,
+        base: Option<&MemoryIndex>,
+    ) -> Result<LazyRam, MemoryError> {
+        let layout = Layout {
+            size,
+            chunk_size: RAM_CHUNK,
+        };
+        let ids: Vec<Option<ChunkId>> = match base {
+            None => vec![None; layout.chunks()],
+            Some(idx) => ram_ids(idx, layout)?,
+        };
+        let nonzero: Vec<bool> = ids.iter().map(Option::is_some).collect();
+        let dir = session_dir.join(MOUNT_DIR);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| MemoryError::Io { path, source }
+        };
+        unmount_stale(session_dir);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let overlay = session_dir.join(OVERLAY);
+        match std::fs::remove_file(&overlay) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&overlay)(e)),
+            _ => {}
+        }
+        let fetcher = Arc::new(CachedFetcher {
+            chunks,
+            ids: ids.clone(),
+        });
+        let image = Arc::new(MemImage::create(layout, &nonzero, &overlay, fetcher)?);
+        let mount = MemMount::mount(&dir, image, MountOptions::default()).map_err(io(&dir))?;
+        Ok(LazyRam {
+            mount: Some(mount),
+            base: ids,
+            layout,
+        })
+    }
+
+    fn mounted(&self) -> &MemMount {
+        self.mount.as_ref().expect("mounted until dropped")
+    }
+
+    /// The RAM file, for QEMU's `mem-path`.
+    pub fn file(&self) -> &Path {
+        self.mounted().file()
+    }
+
+    /// A handle on the RAM device's statistics.
+    pub fn stats_handle(&self) -> RamStatsHandle {
+        RamStatsHandle {
+            image: self.mounted().image().clone(),
+            chunks_nonzero: self.base.iter().filter(|c| c.is_some()).count() as u64,
+        }
+    }
+
+    /// Stores the RAM as it is now (call it after QEMU's `stop`): syncs the RAM file,
+    /// sends the chunks written since the mount, and returns the `ram` index (the
+    /// parent's runs for the rest). `guard` keeps what is sent from GC until the version
+    /// naming it commits.
+    pub fn save(
+        &self,
+        bank: &Bank,
+        _guard: &WriterGuard,
+    ) -> Result<(MemoryIndex, StreamStats), MemoryError> {
+        let m = self.mounted();
+        m.sync().map_err(|source| MemoryError::Io {
+            path: m.file().to_path_buf(),
+            source,
+        })?;
+        let image = m.image();
+        let store: &dyn ChunkStore = &*bank.store_arc();
+        let mut ids = self.base.clone();
+        let mut st = StreamStats::default();
+        for batch in image.dirty_chunks().chunks(SAVE_BATCH) {
+            let mut encoded = Vec::with_capacity(batch.len());
+            for &i in batch {
+                let data = image.read_chunk(i)?;
+                if mbank_core::is_zero(&data) {
+                    ids[i] = None;
+                } else {
+                    let c = encode(&data, DEFAULT_ZSTD_LEVEL);
+                    ids[i] = Some(c.id);
+                    encoded.push(c);
+                }
+            }
+            let have = store.touch_many(&encoded.iter().map(|c| c.id).collect::<Vec<_>>())?;
+            let missing: Vec<_> = encoded
+                .into_iter()
+                .zip(have)
+                .filter(|(_, h)| !h)
+                .map(|(c, _)| c)
+                .collect();
+            st.chunks_new += missing.len() as u64;
+            st.bytes_stored += missing.iter().map(|c| c.bytes.len() as u64).sum::<u64>();
+            if !missing.is_empty() {
+                store.put_many(&missing)?;
+            }
+        }
+        store.flush()?;
+        let runs: Vec<MemoryRun> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| MemoryRun {
+                id: *id,
+                len: self.layout.chunk_len(i) as u32,
+            })
+            .collect();
+        st.bytes = self.layout.size;
+        st.chunks = runs.len() as u64;
+        st.chunks_zero = runs.iter().filter(|r| r.id.is_none()).count() as u64;
+        Ok((
+            MemoryIndex {
+                total_len: self.layout.size,
+                runs,
+            },
+            st,
+        ))
+    }
+
+    /// Unmounts the RAM file system (QEMU must have exited).
+    pub fn unmount(mut self) -> Result<(), MemoryError> {
+        let Some(m) = self.mount.take() else {
+            return Ok(());
+        };
+        let dir = m.file().parent().map(Path::to_path_buf).unwrap_or_default();
+        m.unmount()
+            .map_err(|source| MemoryError::Io { path: dir, source })
+    }
+}
+
+/// The chunk ids of a `ram` index for `layout`: one run per chunk, each as long as its
+/// place; anything else is refused.
+pub fn ram_ids(idx: &MemoryIndex, layout: Layout) -> Result<Vec<Option<ChunkId>>, MemoryError> {
+    if idx.total_len != layout.size || idx.runs.len() != layout.chunks() {
+        return Err(MemoryError::Layout(format!(
+            "it holds {} bytes in {} runs, the machine has {} bytes of RAM in {} chunks of {}",
+            idx.total_len,
+            idx.runs.len(),
+            layout.size,
+            layout.chunks(),
+            layout.chunk_size
+        )));
+    }
+    idx.runs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if r.len as usize == layout.chunk_len(i) {
+                Ok(r.id)
+            } else {
+                Err(MemoryError::Layout(format!(
+                    "run {i} is {} bytes, the RAM's chunk there is {}",
+                    r.len,
+                    layout.chunk_len(i)
+                )))
+            }
+        })
+        .collect()
+}
+
+/// Detaches a RAM mount a killed session left in `session_dir` (best effort), so the
+/// directory can be removed.
+pub fn unmount_stale(session_dir: &Path) {
+    let dir = session_dir.join(MOUNT_DIR);
+    if !dir.exists() {
+        return;
+    }
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: umount2 reads the NUL-terminated path, which lives across the call.
+    unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ram_index_must_have_one_run_per_chunk() {
+        let layout = Layout {
+            size: 3 * RAM_CHUNK as u64,
+            chunk_size: RAM_CHUNK,
+        };
+        let good = MemoryIndex {
+            total_len: layout.size,
+            runs: vec![
+                MemoryRun {
+                    id: None,
+                    len: RAM_CHUNK
+                };
+                3
+            ],
+        };
+        assert_eq!(ram_ids(&good, layout).unwrap(), vec![None; 3]);
+        let mut cdc = good.clone();
+        cdc.runs[0].len = 100;
+        cdc.runs[1].len = 2 * RAM_CHUNK - 100;
+        cdc.runs.pop();
+        cdc.runs.push(MemoryRun {
+            id: None,
+            len: RAM_CHUNK,
+        });
+        let e = ram_ids(&cdc, layout).unwrap_err().to_string();
+        assert!(e.contains("run 0 is 100 bytes"), "{e}");
+    }
+}
