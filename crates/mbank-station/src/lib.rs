@@ -666,6 +666,14 @@ impl Station {
         if !commit && (base_has || !extras.first_working_set) {
             return Ok(None);
         }
+        // A recording cut short keeps what it inherited (see `WorkingSet::merged_with`).
+        let ws = match (base_has, self.base_version(bank, disk)) {
+            (true, Ok(v)) => match self.load_working_set(bank, &v) {
+                Ok(Some((inherited, _))) => ws.merged_with(&inherited),
+                Ok(None) | Err(_) => ws,
+            },
+            _ => ws,
+        };
         let guard = bank.begin_write(&format!("working set of {}", disk.meta.machine))?;
         let (idx, st) = bank.store_stream(&guard, &ws.encode()[..])?;
         extras
@@ -713,9 +721,23 @@ impl Station {
     /// goes on without it.
     pub fn replay_working_set(&self, bank: &Bank, disk: &Disk) -> Result<u64, StationError> {
         let v = self.base_version(bank, disk)?;
-        let streams = bank.catalog().streams(&v)?;
+        Ok(match self.load_working_set(bank, &v)? {
+            Some((ws, ids)) => disk.replay(&ws, ids),
+            None => 0,
+        })
+    }
+
+    /// The working set stored with version `v`, if it has one, and the chunk ids of
+    /// its other streams (which a stream entry may name).
+    fn load_working_set(
+        &self,
+        bank: &Bank,
+        v: &mbank_catalog::VersionInfo,
+    ) -> Result<Option<(workset::WorkingSet, std::collections::HashSet<ChunkId>)>, StationError>
+    {
+        let streams = bank.catalog().streams(v)?;
         let Some((_, idx)) = streams.iter().find(|(n, _)| n == workset::STREAM_NAME) else {
-            return Ok(0);
+            return Ok(None);
         };
         let bad = |why: String| StationError::Workset {
             version: format!("{}@{}", v.machine, v.id.short()),
@@ -739,7 +761,7 @@ impl Station {
             .filter(|(n, _)| n != workset::STREAM_NAME)
             .flat_map(|(_, i)| i.runs.iter().filter_map(|r| r.id))
             .collect();
-        Ok(disk.replay(&ws, ids))
+        Ok(Some((ws, ids)))
     }
 
     /// Ends a session without a check-in: its writes are dropped.

@@ -39,7 +39,7 @@ pub const DEFAULT_QUIET_MS: u64 = 15_000;
 pub const DEFAULT_MAX_MS: u64 = 300_000;
 
 /// One chunk of a working set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Entry {
     /// The chunk at this place (chunk index) of the disk; `id` is what was there when
     /// it was recorded.
@@ -54,6 +54,32 @@ pub enum Entry {
 pub struct WorkingSet {
     pub chunk_size: u32,
     pub entries: Vec<Entry>,
+}
+
+impl WorkingSet {
+    /// This list, then the entries of `inherited` it lacks (in their order), when this
+    /// one is less than half as long: a recording cut short (a guest slowed by a busy
+    /// station goes quiet before it is ready) must not replace a good list it
+    /// inherited. A list at least half as long as the inherited one replaces it, so
+    /// chunks no longer needed leave the list.
+    pub fn merged_with(mut self, inherited: &WorkingSet) -> WorkingSet {
+        if self.chunk_size != inherited.chunk_size
+            || self.entries.len() * 2 >= inherited.entries.len()
+        {
+            return self;
+        }
+        let have: std::collections::HashSet<Entry> = self.entries.iter().copied().collect();
+        let room = (MAX_ENTRIES as usize).saturating_sub(self.entries.len());
+        self.entries.extend(
+            inherited
+                .entries
+                .iter()
+                .filter(|e| !have.contains(e))
+                .take(room)
+                .copied(),
+        );
+        self
+    }
 }
 
 /// Why a working-set record could not be read.
@@ -174,6 +200,37 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn a_short_recording_keeps_the_list_it_inherited() {
+        let id = |n: u8| ChunkId::of(&[n]);
+        let disk = |p: u64| Entry::Disk {
+            place: p,
+            id: id(p as u8),
+        };
+        let inherited = WorkingSet {
+            chunk_size: 65536,
+            entries: (0..10).map(disk).collect(),
+        };
+        // Cut short: its own order first, then what it lacks of the inherited list.
+        let short = WorkingSet {
+            chunk_size: 65536,
+            entries: vec![disk(7), Entry::Stream { id: id(99) }],
+        };
+        let m = short.merged_with(&inherited);
+        assert_eq!(m.entries.len(), 11);
+        assert_eq!(m.entries[..2], [disk(7), Entry::Stream { id: id(99) }]);
+        assert_eq!(
+            m.entries[2..],
+            (0..10).filter(|&p| p != 7).map(disk).collect::<Vec<_>>()[..]
+        );
+        // A full recording replaces it.
+        let full = WorkingSet {
+            chunk_size: 65536,
+            entries: (5..12).map(disk).collect(),
+        };
+        assert_eq!(full.clone().merged_with(&inherited), full);
     }
 
     #[test]
