@@ -163,17 +163,29 @@ pub fn checkin_failed(
     )
 }
 
-pub(crate) async fn shutdown_signal() {
+/// A future that ends at the first SIGINT or SIGTERM. The listeners are set up when
+/// this is called, not when the future is first polled: called before the socket is
+/// bound, a signal that arrives once the socket exists (a client or a script may send
+/// it at once) is never lost nor the process killed by its default action.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+    let int = signal(SignalKind::interrupt());
+    let term = signal(SignalKind::terminate());
+    async move {
+        match (int, term) {
+            (Ok(mut i), Ok(mut t)) => {
+                tokio::select! {
+                    _ = i.recv() => {}
+                    _ = t.recv() => {}
+                }
             }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+            (Ok(mut i), Err(_)) => {
+                i.recv().await;
+            }
+            (Err(_), Ok(mut t)) => {
+                t.recv().await;
+            }
+            (Err(_), Err(_)) => std::future::pending().await,
         }
     }
 }

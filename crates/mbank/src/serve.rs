@@ -81,6 +81,8 @@ pub fn run(bank_dir: &Path, args: Args, quiet: bool) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // In the runtime: the signal listeners are set up now, before the server binds.
+    let _in_runtime = rt.enter();
     rt.block_on(mbank_server::serve(
         cfg,
         |addr| {

@@ -1852,3 +1852,22 @@ fn read_only_attach_refuses_writes() {
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// A SIGINT sent the moment attach's socket exists ends the session cleanly: attach
+/// listens for signals before it binds the socket. Before, the listeners were set up
+/// when the server first polled its shutdown future, after the bind: a signal in
+/// between was lost (attach served on, ignoring it, until a second one) or killed the
+/// process by the signal's default action (the power-loss test's warm-up attach
+/// ending with no exit code).
+#[test]
+fn a_signal_as_soon_as_the_socket_exists_ends_the_session() {
+    let bank = Bank::new();
+    let img = image(2 * MIB, &[(0, 2 * MIB)], 77);
+    import(&bank, "alice/dev", &img, &[]);
+    let cache = bank.file("cache");
+    for round in 0..20 {
+        let mut a = bank.attach(&cache, "alice/dev", &[]);
+        let r = a.stop();
+        assert_eq!(r.code, Some(0), "round {round}: {r}");
+    }
+}
