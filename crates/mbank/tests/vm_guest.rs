@@ -8,225 +8,24 @@
 mod common;
 #[path = "common/guest.rs"]
 mod guest;
+#[path = "common/running.rs"]
+mod running;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, ChildStdin, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Bank;
-use guest::{DEFAULT_TIMEOUT, Guest, make_ext4};
+use guest::DEFAULT_TIMEOUT;
+use running::{KillSessions, Running, collect, create_machine_mib, start};
 use serde_json::Value;
 
 /// A 64 MiB ext4 machine that boots the test guest's kernel.
 fn create_machine(bank: &Bank, name: &str) -> String {
     create_machine_mib(bank, name, 64)
-}
-
-fn create_machine_mib(bank: &Bank, name: &str, mib: u64) -> String {
-    let g = Guest::build();
-    let img = bank.file(&format!("{}.raw", name.replace('/', "-")));
-    make_ext4(&img, mib);
-    let r = bank
-        .run(&[
-            OsStr("-q"),
-            OsStr("create"),
-            OsStr("--json"),
-            OsStr(name),
-            OsStr("--image"),
-            img.as_os_str(),
-            OsStr("--memory"),
-            OsStr("256M"),
-            OsStr("--network"),
-            OsStr("none"),
-            OsStr("--display"),
-            OsStr("none"),
-            OsStr("--kernel"),
-            g.kernel.as_os_str(),
-            OsStr("--initrd"),
-            g.initrd.as_os_str(),
-            OsStr("--append"),
-            OsStr("console=ttyS0 panic=-1"),
-        ])
-        .ok()
-        .json();
-    r["version"].as_str().unwrap().to_string()
-}
-
-#[allow(non_snake_case)]
-fn OsStr(s: &str) -> &std::ffi::OsStr {
-    std::ffi::OsStr::new(s)
-}
-
-/// `mbank run --console --json` in the background, its console collected.
-struct Running {
-    child: Option<Child>,
-    stdin: Option<ChildStdin>,
-    out: Arc<Mutex<String>>,
-    err: Arc<Mutex<String>>,
-    cache: std::path::PathBuf,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-            // A test that failed while the session ran: the session process lives on
-            // without its front (as after a detach); stop it, and QEMU goes with it.
-            kill_sessions(&self.cache);
-        }
-    }
-}
-
-/// Kills the station's session processes when dropped (a test that fails while a
-/// detached session runs must not leave it behind).
-struct KillSessions(std::path::PathBuf);
-
-impl Drop for KillSessions {
-    fn drop(&mut self) {
-        kill_sessions(&self.0);
-    }
-}
-
-/// Kills every live session process of the station `cache` (from session.json).
-fn kill_sessions(cache: &Path) {
-    let Ok(dirs) = std::fs::read_dir(cache.join("sessions")) else {
-        return;
-    };
-    for d in dirs.flatten() {
-        let Ok(b) = std::fs::read(d.path().join("session.json")) else {
-            continue;
-        };
-        if let Some(pid) = serde_json::from_slice::<Value>(&b)
-            .ok()
-            .and_then(|m| m["pid"].as_u64())
-        {
-            let _ = std::process::Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .status();
-        }
-    }
-}
-
-fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let buf = Arc::new(Mutex::new(String::new()));
-    let b = buf.clone();
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = r.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            // The serial console ends lines with CR LF.
-            b.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&chunk[..n]).replace('\r', ""));
-        }
-    });
-    buf
-}
-
-fn start(bank: &Bank, cache: &Path, machine: &str, extra: &[&str]) -> Running {
-    let mut c = bank.cmd();
-    c.arg("--cache")
-        .arg(cache)
-        .args(["run", machine, "--console", "--json"])
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().expect("spawn mbank run");
-    let out = collect(child.stdout.take().unwrap());
-    let err = collect(child.stderr.take().unwrap());
-    let stdin = child.stdin.take();
-    Running {
-        child: Some(child),
-        stdin,
-        out,
-        err,
-        cache: cache.to_path_buf(),
-    }
-}
-
-impl Running {
-    fn stdout(&self) -> String {
-        self.out.lock().unwrap().clone()
-    }
-
-    fn stderr(&self) -> String {
-        self.err.lock().unwrap().clone()
-    }
-
-    /// Waits until the console shows `needle`; panics with both outputs on a timeout or
-    /// if `run` exits first.
-    fn wait_for(&mut self, needle: &str) {
-        let t = Instant::now();
-        while !self.stdout().contains(needle) {
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!(
-                    "mbank run exited ({st}) before {needle:?}\nstdout:\n{}\nstderr:\n{}",
-                    self.stdout(),
-                    self.stderr()
-                );
-            }
-            assert!(
-                t.elapsed() < DEFAULT_TIMEOUT,
-                "no {needle:?} after {DEFAULT_TIMEOUT:?}\nstdout:\n{}\nstderr:\n{}",
-                self.stdout(),
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn type_line(&mut self, line: &str) {
-        let s = self.stdin.as_mut().unwrap();
-        writeln!(s, "{line}").unwrap();
-        s.flush().unwrap();
-    }
-
-    /// Waits for `run` to exit; returns (success, its JSON report if it printed one).
-    fn wait(&mut self) -> (bool, Option<Value>) {
-        let mut child = self.child.take().expect("running");
-        let t = Instant::now();
-        let st = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break st;
-            }
-            if t.elapsed() > DEFAULT_TIMEOUT {
-                let _ = child.kill();
-                panic!(
-                    "mbank run did not end\nstdout:\n{}\nstderr:\n{}",
-                    self.stdout(),
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        // The output threads finish at EOF.
-        std::thread::sleep(Duration::from_millis(200));
-        let out = self.stdout();
-        let report = out
-            .rfind("\n{\n")
-            .or_else(|| out.starts_with("{\n").then_some(0))
-            .and_then(|i| serde_json::from_str(out[i..].trim()).ok());
-        (st.success(), report)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    fn counters(&self) -> Vec<u64> {
-        self.stdout()
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("MBANK-COUNTER "))
-            .filter_map(|n| n.trim().parse().ok())
-            .collect()
-    }
 }
 
 /// Runs `job` to its end on `cache`; returns the report. The guest powers off itself.
