@@ -83,73 +83,13 @@ impl Served {
             }
         }
         // A test CA and a server certificate for 127.0.0.1 signed by it.
-        pki::openssl(
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=mbank test CA",
-            ],
-            &root,
-        );
-        pki::openssl(
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                "key.pem",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=127.0.0.1",
-            ],
-            &root,
-        );
-        fs::write(
-            root.join("ext.cnf"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
-        )
-        .unwrap();
-        pki::openssl(
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "cert.pem",
-                "-days",
-                "2",
-                "-extfile",
-                "ext.cnf",
-            ],
-            &root,
-        );
+        let ca = pki::Ca::new(&root, "ca");
+        let (cert, key) = ca.server(&root.join("tls"));
         let mut s = Served {
             bank_dir,
-            ca: root.join("ca.pem"),
-            cert: root.join("cert.pem"),
-            key: root.join("key.pem"),
+            ca: ca.cert(),
+            cert,
+            key,
             log: root.join("server.log"),
             root,
             _tmp: tmp,

@@ -66,8 +66,8 @@ impl Console {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
         let bank_dir = root.join("bank");
-        let s = Console {
-            ca: root.join("ca.pem"),
+        let mut s = Console {
+            ca: PathBuf::new(),
             bank_dir,
             root,
             _tmp: tmp,
@@ -92,49 +92,11 @@ impl Console {
         s.spawn()
     }
 
-    fn certificates(&self) {
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        let mut ca = vec!["req", "-x509"];
-        ca.extend(ec);
-        ca.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"]);
-        ca.extend(["-subj", "/CN=mbank test CA"]);
-        pki::openssl(&ca, &self.root);
-        let mut csr = vec!["req"];
-        csr.extend(ec);
-        csr.extend(["-keyout", "key.pem", "-out", "server.csr"]);
-        csr.extend(["-subj", "/CN=127.0.0.1"]);
-        pki::openssl(&csr, &self.root);
-        fs::write(
-            self.root.join("ext.cnf"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
-        )
-        .unwrap();
-        pki::openssl(
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "cert.pem",
-                "-days",
-                "2",
-                "-extfile",
-                "ext.cnf",
-            ],
-            &self.root,
-        );
+    /// A test CA and a certificate for 127.0.0.1 signed by it (`tls/`).
+    fn certificates(&mut self) {
+        let ca = pki::Ca::new(&self.root, "ca");
+        ca.server(&self.root.join("tls"));
+        self.ca = ca.cert();
     }
 
     fn spawn(mut self) -> Console {
@@ -142,8 +104,9 @@ impl Console {
         let mut c = mbank();
         c.arg("--bank").arg(&self.bank_dir).arg("serve");
         c.args(["--listen", "127.0.0.1:0", "--tls-cert"]);
-        c.arg(self.root.join("cert.pem")).arg("--tls-key");
-        c.arg(self.root.join("key.pem"));
+        c.arg(self.root.join("tls/server-cert.pem"))
+            .arg("--tls-key");
+        c.arg(self.root.join("tls/server-key.pem"));
         c.stdout(Stdio::piped());
         c.stderr(fs::File::create(&log).unwrap());
         let mut child = c.spawn().unwrap();
