@@ -17,7 +17,7 @@
 //!   [`retention`]) delete them, and their chunks go at the next GC. `forget` never
 //!   deletes the head, a session's base or a suspended version nothing was made from.
 //! - [`Catalog::set_head`] (roll back) moves the head by compare-and-swap too, and not
-//!   while a session holds the machine. Notes, tags and policies (schema 5) change
+//!   while a session holds the machine. Notes, tags and policies (schema 5) and settings (schema 6) change
 //!   freely and are not covered by the record checksums below.
 //!
 //! ## Concurrency and crashes
@@ -76,8 +76,25 @@ use serde::{Deserialize, Serialize};
 mod usage;
 pub use usage::{OwnerUsage, VERSION_OVERHEAD, version_cost};
 
+/// A machine's settings kept in the bank (schema 6); each `None` means "the station's
+/// default". Unknown fields of a newer mbank are ignored when read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MachineSettings {
+    /// Minutes between a session's checkpoints (0: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_minutes: Option<u64>,
+}
+
+impl MachineSettings {
+    /// True when nothing is set.
+    pub fn is_empty(&self) -> bool {
+        self.checkpoint_minutes.is_none()
+    }
+}
+
 /// Schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE machines (
@@ -165,6 +182,15 @@ CREATE INDEX IF NOT EXISTS version_labels_by_machine ON version_labels (machine)
 CREATE TABLE IF NOT EXISTS policies (
     machine     TEXT PRIMARY KEY,
     policy      TEXT NOT NULL
+);
+";
+
+/// Version 6: each machine's settings (the checkpoint interval), which, like its
+/// policy, change freely and are not covered by the record checksums.
+const SCHEMA_V6: &str = "
+CREATE TABLE IF NOT EXISTS machine_settings (
+    machine     TEXT PRIMARY KEY,
+    settings    TEXT NOT NULL
 );
 ";
 
@@ -384,6 +410,14 @@ pub trait CatalogApi: Send {
         machine: &MachineName,
         policy: Option<&Policy>,
     ) -> Result<(), CatalogError>;
+    /// See [`Catalog::settings`].
+    fn settings(&self, machine: &MachineName) -> Result<MachineSettings, CatalogError>;
+    /// See [`Catalog::set_settings`].
+    fn set_settings(
+        &mut self,
+        machine: &MachineName,
+        settings: &MachineSettings,
+    ) -> Result<(), CatalogError>;
     /// Another handle on the same catalog (its own connection), e.g. for a writer's
     /// heartbeats from another thread.
     fn reopen(&self) -> Result<Box<dyn CatalogApi>, CatalogError>;
@@ -497,6 +531,16 @@ impl CatalogApi for Catalog {
         policy: Option<&Policy>,
     ) -> Result<(), CatalogError> {
         Catalog::set_policy(self, machine, policy)
+    }
+    fn settings(&self, machine: &MachineName) -> Result<MachineSettings, CatalogError> {
+        Catalog::settings(self, machine)
+    }
+    fn set_settings(
+        &mut self,
+        machine: &MachineName,
+        settings: &MachineSettings,
+    ) -> Result<(), CatalogError> {
+        Catalog::set_settings(self, machine, settings)
     }
     fn reopen(&self) -> Result<Box<dyn CatalogApi>, CatalogError> {
         Ok(Box::new(Catalog::open(&self.path, false, false)?))
@@ -802,6 +846,10 @@ impl Catalog {
         if v < 5 {
             tx.execute_batch(SCHEMA_V5)
                 .map_err(sql("migrate the schema to version 5"))?;
+        }
+        if v < 6 {
+            tx.execute_batch(SCHEMA_V6)
+                .map_err(sql("migrate the schema to version 6"))?;
         }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(sql("set the schema version"))?;
@@ -1215,6 +1263,11 @@ impl Catalog {
             params![machine.as_str()],
         )
         .map_err(sql("remove the machine's retention policy"))?;
+        tx.execute(
+            "DELETE FROM machine_settings WHERE machine = ?1",
+            params![machine.as_str()],
+        )
+        .map_err(sql("remove the machine's settings"))?;
         let n = tx
             .execute(
                 "DELETE FROM versions WHERE machine = ?1",
@@ -1803,6 +1856,57 @@ impl Catalog {
         Ok(())
     }
 
+    /// `machine`'s settings (all unset when it has none). Refuses an unknown machine.
+    pub fn settings(&self, machine: &MachineName) -> Result<MachineSettings, CatalogError> {
+        if self.machine(machine)?.is_none() {
+            return Err(CatalogError::MachineNotFound(machine.to_string()));
+        }
+        let text: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT settings FROM machine_settings WHERE machine = ?1",
+                params![machine.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("read the machine's settings"))?;
+        match text {
+            None => Ok(MachineSettings::default()),
+            Some(t) => serde_json::from_str(&t)
+                .map_err(|e| CatalogError::BadRow(format!("settings of {machine}: {e}"))),
+        }
+    }
+
+    /// Replaces `machine`'s settings (all unset removes the row).
+    pub fn set_settings(
+        &mut self,
+        machine: &MachineName,
+        settings: &MachineSettings,
+    ) -> Result<(), CatalogError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql("start setting the machine's settings"))?;
+        read_head(&tx, machine)?; // the machine exists
+        if settings.is_empty() {
+            tx.execute(
+                "DELETE FROM machine_settings WHERE machine = ?1",
+                params![machine.as_str()],
+            )
+        } else {
+            tx.execute(
+                "INSERT OR REPLACE INTO machine_settings (machine, settings) VALUES (?1, ?2)",
+                params![
+                    machine.as_str(),
+                    serde_json::to_string(settings).expect("settings serialise")
+                ],
+            )
+        }
+        .map_err(sql("write the machine's settings"))?;
+        tx.commit().map_err(sql("commit the machine's settings"))?;
+        Ok(())
+    }
+
     /// Records that `session` is alive; false if it no longer holds the lease.
     pub fn heartbeat_lease(
         &self,
@@ -2136,6 +2240,50 @@ mod tests {
         v1.config = Some("{}".into());
         c.commit_version(&v1, &i1, &[], None).unwrap();
         assert_eq!(c.resolve(&m, None).unwrap().config.as_deref(), Some("{}"));
+    }
+
+    /// A machine's settings (schema 6): unset by default, kept, cleared by an empty
+    /// value, refused for an unknown machine, removed with the machine; a catalog
+    /// migrated from schema 5 has the table.
+    #[test]
+    fn settings_are_kept_per_machine_and_go_with_it() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("catalog.db");
+        let conn = Connection::open(&p).unwrap();
+        for schema in [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5] {
+            conn.execute_batch(schema).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 5).unwrap();
+        drop(conn);
+        let mut c = Catalog::open(&p, false, false).unwrap();
+        let m: MachineName = "alice/dev".parse().unwrap();
+        let nobody: MachineName = "alice/none".parse().unwrap();
+        let (v1, i1) = info("alice/dev", None, 1);
+        c.commit_version(&v1, &i1, &[], None).unwrap();
+        assert_eq!(c.settings(&m).unwrap(), MachineSettings::default());
+        let five = MachineSettings {
+            checkpoint_minutes: Some(5),
+        };
+        c.set_settings(&m, &five).unwrap();
+        assert_eq!(c.settings(&m).unwrap(), five);
+        assert!(matches!(
+            c.set_settings(&nobody, &five),
+            Err(CatalogError::MachineNotFound(_))
+        ));
+        assert!(matches!(
+            c.settings(&nobody),
+            Err(CatalogError::MachineNotFound(_))
+        ));
+        c.set_settings(&m, &MachineSettings::default()).unwrap();
+        assert_eq!(c.settings(&m).unwrap(), MachineSettings::default());
+        c.set_settings(&m, &five).unwrap();
+        c.remove_machine(&m).unwrap();
+        c.commit_version(&v1, &i1, &[], None).unwrap();
+        assert_eq!(
+            c.settings(&m).unwrap(),
+            MachineSettings::default(),
+            "a machine made again under the name starts without the old settings"
+        );
     }
 
     #[test]

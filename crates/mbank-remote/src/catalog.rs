@@ -3,7 +3,7 @@
 
 use mbank_catalog::{
     CatalogApi, CatalogError, CommitOutcome, ForgetReport, LabelChange, Labels, Lease, MachineInfo,
-    NamedStream, Policy, VersionInfo, VersionLabels, WriterInfo,
+    MachineSettings, NamedStream, Policy, VersionInfo, VersionLabels, WriterInfo,
 };
 use mbank_core::{DiskIndex, MachineName, MemoryIndex, VersionId};
 use ureq::http::Method;
@@ -426,6 +426,24 @@ impl CatalogApi for RemoteCatalog {
             policy: policy.copied(),
         };
         let _: PolicyBody = self.send(Method::PUT, &path, &what, &req, Some(machine.as_str()))?;
+        Ok(())
+    }
+
+    fn settings(&self, machine: &MachineName) -> Result<MachineSettings, CatalogError> {
+        let what = format!("settings of {machine}");
+        let path = format!("{}/settings", mpath(machine.as_str()));
+        self.get(&path, &what, Some(machine.as_str()))
+    }
+
+    fn set_settings(
+        &mut self,
+        machine: &MachineName,
+        settings: &MachineSettings,
+    ) -> Result<(), CatalogError> {
+        let what = format!("settings of {machine}");
+        let path = format!("{}/settings", mpath(machine.as_str()));
+        let _: MachineSettings =
+            self.send(Method::PUT, &path, &what, settings, Some(machine.as_str()))?;
         Ok(())
     }
 

@@ -55,7 +55,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use mbank_access::{Access, User};
-use mbank_catalog::{Catalog, CatalogApi};
+use mbank_catalog::{Catalog, CatalogApi, MachineSettings};
 use mbank_core::chunk::{EncodedChunk, MAX_STORED_LEN};
 use mbank_core::{ChunkId, DiskIndex, MachineName, MemoryIndex, VersionId};
 use mbank_remote::wire;
@@ -323,6 +323,10 @@ fn router(app: Shared, tls: bool) -> Router {
             post(label_version),
         )
         .route("/v1/machines/{u}/{n}/policy", get(policy).put(set_policy))
+        .route(
+            "/v1/machines/{u}/{n}/settings",
+            get(settings).put(set_settings),
+        )
         .route("/v1/writers", post(register_writer))
         .route("/v1/writers/{id}", axum::routing::delete(unregister_writer))
         .route("/v1/writers/{id}/heartbeat", post(writer_heartbeat))
@@ -1133,6 +1137,30 @@ async fn set_policy(
 ) -> Result<Response, ApiError> {
     on_owned_machine(&app, caller, &u, &n, b, |app, m, req: wire::PolicyBody| {
         app.catalog(|c| Ok(c.set_policy(m, req.policy.as_ref())?))?;
+        Ok(json(&req))
+    })
+    .await
+}
+
+async fn settings(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path((u, n)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    on_machine(&app, caller, &u, &n, Need::Read, |app, _, m| {
+        Ok(json(&app.catalog(|c| Ok(c.settings(m)?))?))
+    })
+    .await
+}
+
+async fn set_settings(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path((u, n)): Path<(String, String)>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    on_owned_machine(&app, caller, &u, &n, b, |app, m, req: MachineSettings| {
+        app.catalog(|c| Ok(c.set_settings(m, &req)?))?;
         Ok(json(&req))
     })
     .await

@@ -1,5 +1,6 @@
-//! **Checkpoints**: while a session runs, every few minutes ([`DEFAULT_MINUTES`], or
-//! `--checkpoint-minutes`, or `MBANK_CHECKPOINT_SECONDS` for tests) a session with new
+//! **Checkpoints**: while a session runs, every few minutes ([`interval`]: the
+//! `--checkpoint-minutes` option, the machine's setting in the bank,
+//! `MBANK_CHECKPOINT_SECONDS`, or [`DEFAULT_MINUTES`]) a session with new
 //! flushed writes commits a version of its flushed state, so a station that dies loses
 //! at most that long as far as the bank is concerned, and another station can take the
 //! machine over from the last checkpoint (`--force`).
@@ -23,6 +24,8 @@
 //!   changed, not the whole session.
 //! - **Marked**: the version's source reads `checkpoint from <station>`, and it gets
 //!   the tag [`TAG`] (shown by `mbank log`), set just after its commit.
+//! - **Retention**: the machine's policy (`forget --set-policy`) runs after a
+//!   checkpoint that became the head, as after a check-in.
 //! - **Ids**: the n-th checkpoint of a session has an id derived from the session and
 //!   n, so a repeat is recognised as such by the bank.
 //!
@@ -52,18 +55,18 @@ pub const TAG: &str = "checkpoint";
 /// benchmarks); `0` turns checkpoints off.
 pub const ENV_SECONDS: &str = "MBANK_CHECKPOINT_SECONDS";
 
-/// The interval between checkpoints: `minutes` if given, else
-/// `$MBANK_CHECKPOINT_SECONDS`, else [`DEFAULT_MINUTES`]; `None` when 0 (off).
-pub fn interval(minutes: Option<u64>) -> Option<Duration> {
-    let d = match minutes {
-        Some(m) => Duration::from_secs(m.saturating_mul(60)),
-        None => match std::env::var(ENV_SECONDS)
+/// The interval between checkpoints: `minutes` if given (a command-line option), else
+/// `machine` (the machine's setting in the bank), else `$MBANK_CHECKPOINT_SECONDS` (the
+/// station's default, in seconds), else [`DEFAULT_MINUTES`]; `None` when 0 (off).
+pub fn interval(minutes: Option<u64>, machine: Option<u64>) -> Option<Duration> {
+    let station = || {
+        std::env::var(ENV_SECONDS)
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
-        {
-            Some(s) => Duration::from_secs(s),
-            None => Duration::from_secs(DEFAULT_MINUTES * 60),
-        },
+    };
+    let d = match minutes.or(machine) {
+        Some(m) => Duration::from_secs(m.saturating_mul(60)),
+        None => Duration::from_secs(station().unwrap_or(DEFAULT_MINUTES * 60)),
     };
     (!d.is_zero()).then_some(d)
 }
@@ -80,6 +83,8 @@ pub struct CheckpointReport {
     pub bytes_uploaded: u64,
     /// The flush count ([`Disk::flush_seq`]) the checkpoint reflects.
     pub flush_seq: u64,
+    /// Versions the machine's retention policy removed after the checkpoint.
+    pub forgotten: Vec<String>,
     /// What went wrong without failing the checkpoint (the tag not set, say).
     pub warnings: Vec<String>,
 }
@@ -190,6 +195,7 @@ pub fn checkpoint(
         chunks_uploaded: r.chunks_new,
         bytes_uploaded: r.bytes_stored,
         flush_seq: seq,
+        forgotten: Vec::new(),
         warnings: Vec::new(),
     };
     let expect = match (r.head_moved, expected_head) {
@@ -220,6 +226,21 @@ pub fn checkpoint(
             id.short(),
             meta.machine
         ));
+    }
+    // The machine's retention policy, as after a check-in; only when the checkpoint is
+    // the head, which the policy never removes: a checkpoint kept beside a head moved
+    // by someone else is what the next checkpoint and the check-in derive from.
+    if r.head_moved {
+        match bank.apply_policy(&at.machine) {
+            Ok(Some(f)) => report.forgotten = f.removed.iter().map(|v| v.to_hex()).collect(),
+            Ok(None) => {}
+            Err(e) => report.warnings.push(format!(
+                "the retention policy of {} could not be applied after checkpoint {} (more \
+                 versions stay than it wants; it runs again after the next one): {e}",
+                meta.machine,
+                id.short()
+            )),
+        }
     }
     Ok(Some(report))
 }

@@ -53,7 +53,8 @@ pub struct SessionOptions {
     /// by another station, a checkpoint failed.
     pub say: Warn,
     /// Minutes between checkpoints (0: none); `None`: [`crate::checkpoint::interval`]'s
-    /// default (`$MBANK_CHECKPOINT_SECONDS`, else 15 minutes).
+    /// default (the machine's setting, else `$MBANK_CHECKPOINT_SECONDS`, else 15
+    /// minutes).
     pub checkpoint_minutes: Option<u64>,
     /// The background write-back's bandwidth cap in Mbit/s (0: none); `None`:
     /// [`crate::writeback::cap`]'s default (`$MBANK_WRITEBACK_MBIT`, else 25).
@@ -101,7 +102,31 @@ impl<'s> Session<'s> {
             stop.clone(),
             opts.say.clone(),
         )];
-        if let Some(every) = crate::checkpoint::interval(opts.checkpoint_minutes) {
+        let setting = match bank.catalog().settings(&r.machine) {
+            Ok(s) => s.checkpoint_minutes,
+            Err(e) => {
+                (opts.say)(format!(
+                    "warning: cannot read the settings of {} ({e}); checkpoints every {} \
+                     minutes unless told otherwise",
+                    r.machine,
+                    crate::checkpoint::DEFAULT_MINUTES
+                ));
+                None
+            }
+        };
+        let every = crate::checkpoint::interval(opts.checkpoint_minutes, setting);
+        if opts.checkpoint_minutes.is_none()
+            && let Some(m) = setting
+        {
+            (opts.say)(match every {
+                Some(_) => format!(
+                    "checkpoints of {} every {m} minute(s), its setting in the bank",
+                    r.machine
+                ),
+                None => format!("no checkpoints of {}: its setting in the bank", r.machine),
+            });
+        }
+        if let Some(every) = every {
             let ckpt = Bank::with_parts(
                 bank.location().to_string(),
                 bank.store_arc(),
@@ -264,6 +289,15 @@ fn spawn_checkpoints(
                 Ok(None) => {}
                 Ok(Some(r)) => {
                     since = r.flush_seq;
+                    if !r.forgotten.is_empty() {
+                        say(format!(
+                            "checkpoint {} of {}: its retention policy removed {} older \
+                             version(s)",
+                            &r.version[..8.min(r.version.len())],
+                            disk.meta.machine,
+                            r.forgotten.len()
+                        ));
+                    }
                     for w in r.warnings {
                         say(format!("warning: {w}"));
                     }

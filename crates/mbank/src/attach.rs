@@ -65,9 +65,20 @@ pub struct Args {
     /// on go first).
     #[arg(long)]
     pub prefetch: bool,
+    #[command(flatten)]
+    pub session: SessionFlags,
+    /// Worker threads (the global `-j`).
+    #[arg(skip)]
+    pub jobs: usize,
+}
+
+/// The options of a session's background work, shared by `attach` and `run`.
+#[derive(clap::Args, Clone, Copy, Debug, Default)]
+pub struct SessionFlags {
     /// Commit a checkpoint version of what the guest flushed every N minutes while it
-    /// writes (tagged `checkpoint`; 0: none). Default: 15, or
-    /// $MBANK_CHECKPOINT_SECONDS in seconds.
+    /// writes (tagged `checkpoint`; 0: none). Default: the machine's setting (`mbank set
+    /// MACHINE --checkpoint-minutes`), else $MBANK_CHECKPOINT_SECONDS in seconds (the
+    /// station's default), else 15.
     #[arg(long, value_name = "N")]
     pub checkpoint_minutes: Option<u64>,
     /// Send what the guest writes to the bank in the background, at most N Mbit/s, so
@@ -75,9 +86,6 @@ pub struct Args {
     /// or $MBANK_WRITEBACK_MBIT.
     #[arg(long, value_name = "N")]
     pub writeback_mbit: Option<u64>,
-    /// Worker threads (the global `-j`).
-    #[arg(skip)]
-    pub jobs: usize,
 }
 
 /// One line about a finished session.
@@ -245,8 +253,8 @@ pub fn run(
             force: args.force,
             whole_disk: args.prefetch,
             say: session_say(quiet),
-            checkpoint_minutes: args.checkpoint_minutes,
-            writeback_mbit: args.writeback_mbit,
+            checkpoint_minutes: args.session.checkpoint_minutes,
+            writeback_mbit: args.session.writeback_mbit,
         },
     )?;
     let disk = session.disk().clone();

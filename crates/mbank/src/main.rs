@@ -134,12 +134,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Change a machine's memory or CPUs: a new version with the head's disk.
+    /// Change a machine's memory or CPUs (a new version with the head's disk), or its
+    /// settings (its checkpoint interval).
     ///
-    /// The head must not be suspended (its memory resumes only on the hardware it was
-    /// saved with) and no session may run on the machine. Prints the new version's id.
-    #[command(after_help = "Example:
-  mbank set alice/dev --memory 2G --cpus 2")]
+    /// A new memory size or CPU count makes a new version: the head must not be
+    /// suspended (its memory resumes only on the hardware it was saved with) and no
+    /// session may run on the machine; the new version's id is printed. A setting is
+    /// kept in the bank beside the versions and applies from the next session on any
+    /// station; `mbank info` shows it.
+    #[command(after_help = "Examples:
+  mbank set alice/dev --memory 2G --cpus 2
+  mbank set alice/dev --checkpoint-minutes 5
+  mbank set alice/dev --checkpoint-minutes default")]
     Set {
         #[command(flatten)]
         args: set::Args,
@@ -910,21 +916,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let r = set::run(&mut bank, &args, &bar)?;
             if json {
                 json_out(&r)?;
-            } else {
-                outln!("{}", r.version)?;
+            } else if let Some(v) = &r.version {
+                outln!("{v}")?;
             }
-            say(format!(
-                "{}@{}: {} MiB of memory, {} CPUs{}",
-                r.machine,
-                &r.version[..12],
-                r.memory_mib,
-                r.cpus,
-                if r.head_moved {
-                    ""
-                } else {
-                    "; another writer moved the head first, so this version is kept beside it"
-                }
-            ));
+            if let (Some(v), Some(mem), Some(cpus)) = (&r.version, r.memory_mib, r.cpus) {
+                say(format!(
+                    "{}@{}: {mem} MiB of memory, {cpus} CPUs{}",
+                    r.machine,
+                    &v[..12],
+                    if r.head_moved {
+                        ""
+                    } else {
+                        "; another writer moved the head first, so this version is kept beside it"
+                    }
+                ));
+            }
+            if args.checkpoint_minutes.is_some() {
+                say(format!(
+                    "{}: checkpoints {}",
+                    r.machine,
+                    set::describe_settings(&r.settings)
+                ));
+            }
         }
         Cmd::Status { json } => {
             let station = mbank_station::Station::open(&cache_dir, cache_size)?;
@@ -1241,6 +1254,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .machine(&machine)?
                 .ok_or_else(|| mbank_catalog::CatalogError::MachineNotFound(machine.to_string()))?;
             let policy = bank.catalog().policy(&machine)?;
+            let settings = bank.catalog().settings(&machine)?;
             let lease = bank.catalog().lease(&machine)?;
             if json {
                 json_out(&serde_json::json!({
@@ -1252,6 +1266,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "created_ms": m.created_ms,
                     "updated_ms": m.updated_ms,
                     "policy": policy,
+                    "settings": settings,
                     "session": lease,
                 }))?;
             } else {
@@ -1273,6 +1288,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "policy      {}",
                     policy.map_or("none (keeps every version)".into(), |p| p.to_string())
                 )?;
+                outln!("checkpoints {}", set::describe_settings(&settings))?;
                 outln!(
                     "session     {}",
                     lease.map_or("none".into(), |l| format!(

@@ -74,6 +74,8 @@ pub struct Args {
     /// chunks as the guest touches them (a version suspended so always resumes so).
     #[arg(long, env = "MBANK_LAZY_MEMORY")]
     pub lazy_memory: bool,
+    #[command(flatten)]
+    pub session: crate::attach::SessionFlags,
     /// Worker threads (the global `-j`).
     #[arg(skip)]
     pub jobs: usize,
@@ -624,8 +626,8 @@ fn run(bank: &mut Bank, station: &Station, args: Args, hub: &Arc<Hub>) -> Result
             force: args.force,
             whole_disk: false,
             say: Arc::new(move |s: String| h.say(&s)),
-            checkpoint_minutes: None,
-            writeback_mbit: None,
+            checkpoint_minutes: args.session.checkpoint_minutes,
+            writeback_mbit: args.session.writeback_mbit,
         },
     )?;
     let plan = Plan {

@@ -650,6 +650,11 @@ fn only_the_owner_forgets_moves_the_head_or_labels_over_the_server() {
             "/policy".to_string(),
             r#"{"policy":{"keep_last":1}}"#,
         ),
+        (
+            "PUT",
+            "/settings".to_string(),
+            r#"{"checkpoint_minutes":0}"#,
+        ),
     ] {
         let (code, v) = s.curl_json(
             Some(&ta),
@@ -678,6 +683,7 @@ fn only_the_owner_forgets_moves_the_head_or_labels_over_the_server() {
         vec!["forget", "bob/secret", "--keep-last", "1"],
         vec!["head", &*format!("bob/secret@{v1}")],
         vec!["note", &*format!("bob/secret@{v1}"), "mine"],
+        vec!["set", "bob/secret", "--checkpoint-minutes", "0"],
     ] {
         alice
             .run(&args)
@@ -728,6 +734,16 @@ fn only_the_owner_forgets_moves_the_head_or_labels_over_the_server() {
         .ok();
     let info = bob.json(&["info", "bob/secret", "--json"]);
     assert_eq!(info["policy"]["keep_daily"], 7, "{info}");
+    // A setting kept in the bank: the owner sets it, a reader of the published machine
+    // sees it, and it is cleared again.
+    bob.run(&["set", "bob/secret", "--checkpoint-minutes", "5"])
+        .ok();
+    let info = alice.json(&["info", "bob/secret", "--json"]);
+    assert_eq!(info["settings"]["checkpoint_minutes"], 5, "{info}");
+    bob.run(&["set", "bob/secret", "--checkpoint-minutes", "default"])
+        .ok();
+    let info = bob.json(&["info", "bob/secret", "--json"]);
+    assert_eq!(info["settings"], serde_json::json!({}), "{info}");
 }
 
 fn hex(s: &str) -> Vec<u8> {

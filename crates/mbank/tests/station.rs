@@ -948,6 +948,83 @@ fn checkpoint_then_kill9_another_station_takes_over_from_it() {
     bank.verify_ok();
 }
 
+/// A machine's checkpoint setting in the bank (`set --checkpoint-minutes`) wins over
+/// the station's default ($MBANK_CHECKPOINT_SECONDS here): 0 turns its checkpoints off;
+/// `default` gives the station's back; `info` shows it. The machine's retention policy
+/// runs after each checkpoint, as after a check-in.
+#[test]
+fn a_machines_checkpoint_setting_and_policy_apply_to_its_checkpoints() {
+    need(&[("nbdsh", "python3-libnbd")]);
+    let mut bank = Bank::new();
+    bank.env
+        .push(("MBANK_CHECKPOINT_SECONDS".into(), Some("1".into())));
+    let size = 8 * MIB;
+    let base_img = image(size, &[(0, 4 * MIB)], 61);
+    let (base, _) = import(&bank, "alice/dev", &base_img, &[]);
+    let c1 = bank.file("station-1");
+    let mut rng = Rng::new(62);
+
+    // Off for this machine: no checkpoint, though the station's default is 1 s.
+    let r = bank.json(&["set", "alice/dev", "--checkpoint-minutes", "0", "--json"]);
+    assert_eq!(r["version"], Value::Null, "a setting makes no version: {r}");
+    assert_eq!(r["settings"]["checkpoint_minutes"], 0, "{r}");
+    let info = bank.json(&["info", "alice/dev", "--json"]);
+    assert_eq!(info["settings"]["checkpoint_minutes"], 0, "{info}");
+    let r = bank.run(&["info", "alice/dev"]).ok();
+    assert!(r.stdout.contains("checkpoints none"), "{r}");
+    let mut a = bank.attach(&c1, "alice/dev", &["--json"]);
+    let mut d = vec![0u8; 8 * KIB];
+    rng.fill(&mut d);
+    Script::new(&bank).write(0, &d, true).run(&a.uri());
+    let r = a.stop().ok();
+    r.stderr_has(&["no checkpoints of alice/dev: its setting in the bank"]);
+    assert_eq!(u(&report(&r), "checkpoints"), 0, "{r}");
+
+    // Back to the station's default, with a policy that keeps the last 2.
+    bank.run(&["set", "alice/dev", "--checkpoint-minutes", "default"])
+        .ok()
+        .stderr_has(&["checkpoints the station's default"]);
+    let info = bank.json(&["info", "alice/dev", "--json"]);
+    assert_eq!(info["settings"], serde_json::json!({}), "{info}");
+    bank.run(&["forget", "alice/dev", "--keep-last", "2", "--set-policy"])
+        .ok();
+    let start = bank.head("alice/dev").unwrap();
+    let mut a = bank.attach(&c1, "alice/dev", &["--json"]);
+    let mut heads = vec![start.clone()];
+    for round in 0..4usize {
+        rng.fill(&mut d);
+        Script::new(&bank).write(round * CS, &d, true).run(&a.uri());
+        wait_for("a checkpoint that moves the head", || {
+            let h = bank.head("alice/dev").unwrap();
+            if h != *heads.last().unwrap() {
+                heads.push(h);
+                true
+            } else {
+                false
+            }
+        });
+    }
+    // The session's base stays (protected) and the policy keeps the last 2: the
+    // checkpoints before them are gone.
+    let log: Vec<String> = bank
+        .log("alice/dev")
+        .iter()
+        .map(|e| e["version"].as_str().unwrap().to_string())
+        .collect();
+    assert!(log.contains(&start), "the session's base is kept: {log:?}");
+    assert!(
+        log.contains(&heads[4]) && log.contains(&heads[3]),
+        "{log:?}"
+    );
+    assert!(
+        !log.contains(&heads[1]) && !log.contains(&heads[2]),
+        "the policy ran after the checkpoints: {log:?} (heads {heads:?}, base {base})"
+    );
+    let r = a.stop().ok();
+    assert!(u(&report(&r), "checkpoints") >= 4, "{r}");
+    bank.verify_ok();
+}
+
 /// kill -9 during check-in (a large dirty set; SIGINT, then SIGKILL once check-in has
 /// uploaded part of it): `recover` checks the session in, with every flushed write.
 #[test]
