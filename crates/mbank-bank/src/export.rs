@@ -96,6 +96,10 @@ impl Bank {
             w.flush().map_err(|e| BankError::io("write to", &name, e))?;
             (n, index.disk_size)
         } else {
+            // A symlink is written through: the export replaces the file it points to
+            // (renamed into place in that file's directory), not the link.
+            let target = follow_links(out);
+            let out = target.as_path();
             let dir = match out.parent() {
                 Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
                 _ => PathBuf::from("."),
@@ -330,4 +334,23 @@ fn write_in_order(
     }
     zeros_to(&mut o, index.chunks.len()).map_err(|e| BankError::io("write to", name, e))?;
     Ok(ids.len() as u64)
+}
+
+/// `path` with every symlink in its last component followed (a dangling link gives the
+/// path it names); `path` itself when it is no link, or after 40 links (a loop: the
+/// rename then fails with the OS's message).
+fn follow_links(path: &Path) -> PathBuf {
+    let mut p = path.to_path_buf();
+    for _ in 0..40 {
+        match fs::read_link(&p) {
+            Ok(to) => {
+                p = match p.parent() {
+                    Some(dir) if to.is_relative() => dir.join(to),
+                    _ => to,
+                };
+            }
+            Err(_) => return p,
+        }
+    }
+    p
 }

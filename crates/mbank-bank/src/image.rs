@@ -123,12 +123,31 @@ fn image_err(path: &Path, why: impl Into<String>) -> BankError {
 }
 
 /// Opens `path` as a disk image. `format` forces a format; otherwise it is recognised
-/// from the file's first bytes, and anything unrecognised is taken as raw.
+/// from the file's first bytes, and anything unrecognised is taken as raw. `-` is
+/// standard input, read to its end into a sparse temp file in `temp_dir` first (an
+/// image's size must be known before its index is made), removed when the source is
+/// dropped.
 pub fn open_image(
     path: &Path,
     format: Option<ImageFormat>,
     temp_dir: &Path,
 ) -> Result<ImageSource, BankError> {
+    if path == Path::new("-") {
+        let spooled = spool_stdin(temp_dir)?;
+        let mut src = open_image(&spooled, format, temp_dir).map_err(|e| match e {
+            BankError::Image { why, .. } => image_err(Path::new("standard input"), why),
+            e => e,
+        });
+        match &mut src {
+            // A raw image is read from the spooled file, removed with the source.
+            Ok(s) if s.temp.is_none() => s.temp = Some(spooled),
+            // Converted into a file of its own, or refused: the spooled copy goes now.
+            _ => {
+                let _ = std::fs::remove_file(&spooled);
+            }
+        }
+        return src;
+    }
     let md =
         std::fs::metadata(path).map_err(|e| image_err(path, format!("cannot open it: {e}")))?;
     if md.is_dir() {
@@ -169,6 +188,65 @@ pub fn open_image(
         });
     }
     convert_with_qemu_img(path, format, temp_dir)
+}
+
+/// Copies standard input into a new file in `temp_dir`, leaving holes where whole
+/// 64 KiB blocks are zero; returns its path (the file is removed on failure).
+fn spool_stdin(temp_dir: &Path) -> Result<PathBuf, BankError> {
+    use std::io::{Seek, SeekFrom, Write};
+    let temp = temp_dir.join(format!(
+        "mbank-import-stdin-{}-{}.img",
+        std::process::id(),
+        mbank_core::VersionId::random().short()
+    ));
+    let stdin = Path::new("standard input");
+    let fail = |why: String| {
+        let _ = std::fs::remove_file(&temp);
+        image_err(stdin, why)
+    };
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&temp)
+        .map_err(|e| {
+            image_err(
+                stdin,
+                format!(
+                    "cannot make a temp file to hold it ({}): {e}; give --tmpdir DIR on a file system with room",
+                    temp.display()
+                ),
+            )
+        })?;
+    let mut input = std::io::stdin().lock();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut len = 0u64;
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            match input.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(fail(format!("cannot read it: {e}"))),
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        let r = if buf[..n].iter().all(|b| *b == 0) {
+            out.seek(SeekFrom::Current(n as i64)).map(|_| ())
+        } else {
+            out.write_all(&buf[..n])
+        };
+        r.map_err(|e| fail(format!("cannot copy it into {}: {e}", temp.display())))?;
+        len += n as u64;
+        if n < buf.len() {
+            break;
+        }
+    }
+    out.set_len(len)
+        .map_err(|e| fail(format!("cannot size {}: {e}", temp.display())))?;
+    Ok(temp)
 }
 
 fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -19,11 +19,20 @@ pub fn bytes(n: u64) -> String {
 /// `64K`, `64KiB`, `1M`, `65536` → bytes (binary multiples).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 64K or 1M"))?;
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    let bad = || format!("{s:?} is not a size like 64K, 1M or 1.5G");
+    if int.is_empty()
+        || frac.contains('.')
+        || frac.len() > 9
+        || (num.contains('.') && frac.is_empty())
+    {
+        return Err(bad());
+    }
+    let n: u64 = int.parse().map_err(|_| bad())?;
     let mult: u64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -32,8 +41,21 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "t" | "tb" | "tib" => 1 << 40,
         _ => return Err(format!("{s:?} has an unknown unit (use K, M, G or T)")),
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
+    let too_large = || format!("{s:?} is too large");
+    let whole = n.checked_mul(mult).ok_or_else(too_large)?;
+    if frac.is_empty() {
+        return Ok(whole);
+    }
+    // The fraction times the unit, which must come to whole bytes.
+    let f: u128 = frac.parse().map_err(|_| bad())?;
+    let scaled = f * u128::from(mult);
+    let den = 10u128.pow(frac.len() as u32);
+    if scaled % den != 0 {
+        return Err(format!("{s:?} is not a whole number of bytes"));
+    }
+    whole
+        .checked_add(u64::try_from(scaled / den).map_err(|_| too_large())?)
+        .ok_or_else(too_large)
 }
 
 /// Milliseconds since the epoch → `YYYY-MM-DD HH:MM:SS` in UTC.
@@ -52,6 +74,12 @@ mod tests {
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert!(parse_size("lots").is_err());
         assert!(parse_size("4X").is_err());
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_size("0.5k").unwrap(), 512);
+        assert_eq!(parse_size("2.25M").unwrap(), 9 << 18);
+        for bad in ["1.", ".5G", "1.2.3M", "1..5G", "0.3"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
         assert_eq!(bytes(1536), "1.5 KiB");
         assert_eq!(bytes(12), "12 B");
     }

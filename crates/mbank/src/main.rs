@@ -53,7 +53,7 @@ struct Cli {
     bank: Option<PathBuf>,
     /// Worker threads for hashing, compression and I/O [default: one per core; at
     /// least 8 for a bank server].
-    #[arg(long, short = 'j', global = true, value_name = "N")]
+    #[arg(long, short = 'j', global = true, value_name = "N", value_parser = parse_jobs)]
     jobs: Option<usize>,
     /// No progress bars or summaries on standard error.
     #[arg(long, short = 'q', global = true)]
@@ -90,7 +90,8 @@ enum Cmd {
     Import {
         /// The machine, as user/name.
         machine: MachineName,
-        /// The disk image file.
+        /// The disk image file, or - for standard input (copied into a sparse file in
+        /// --tmpdir first: an image's size must be known before it is chunked).
         image: PathBuf,
         /// Chunk size of a new machine: a power of two from 4K to 4M. An existing
         /// machine keeps its own.
@@ -99,7 +100,8 @@ enum Cmd {
         /// The image's format, when it should not be recognised from its contents.
         #[arg(long, value_name = "FORMAT")]
         format: Option<ImageFormat>,
-        /// Where non-raw images are converted to raw first [default: $TMPDIR or /tmp].
+        /// Where non-raw images are converted to raw, and standard input is copied, first
+        /// [default: $TMPDIR or /tmp].
         #[arg(long, value_name = "DIR")]
         tmpdir: Option<PathBuf>,
         /// zstd compression level (1-19).
@@ -120,8 +122,14 @@ enum Cmd {
     Export {
         /// user/name for the head, or user/name@VERSION (any unique prefix of 4+ digits).
         machine: MachineRef,
-        /// The output file, or - for standard output.
+        /// The output file, or - for standard output. A symlink is written through (the
+        /// file it points to is replaced); a device or FIFO is written in place.
         output: PathBuf,
+        /// Replace an existing file (it is replaced only once the export is complete).
+        #[arg(long)]
+        force: bool,
+        /// Print a JSON report: {machine, version, path, disk_size, chunks_read,
+        /// chunks_zero, bytes_written, seconds}.
         #[arg(long)]
         json: bool,
     },
@@ -609,6 +617,15 @@ impl Cmd {
     }
 }
 
+/// `-j N`: at least one worker.
+fn parse_jobs(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (it is the number of worker threads)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a number of worker threads")),
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     // A bank server is reached over the network: more requests in flight than cores
     // hide its latency.
@@ -823,8 +840,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Export {
             machine,
             output,
+            force,
             json,
         } => {
+            if !force
+                && output != std::path::Path::new("-")
+                && std::fs::metadata(&output).is_ok_and(|m| m.is_file())
+            {
+                bail!(
+                    "{} exists; give --force to replace it with the export (the file is \
+                     replaced only once the export is complete), or choose another name",
+                    output.display()
+                );
+            }
             let r = bank
                 .export(&machine, &output, jobs, &bar)
                 .map_err(|e| match e {

@@ -399,3 +399,140 @@ fn usage_errors_exit_2() {
     assert_eq!(bank.json(&["ls", "--json"]), serde_json::json!([]));
     assert!(bank.chunk_files().is_empty());
 }
+
+/// `export` refuses to replace an existing file without --force (which keeps the old
+/// file until the export is complete), writes through a symlink instead of replacing
+/// it, and writes into a device in place.
+#[test]
+fn export_refuses_an_existing_file_without_force_and_writes_through_symlinks() {
+    let bank = Bank::new();
+    let img = bank.file("d.raw");
+    fs::write(
+        &img,
+        (0..64 * 1024u32)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    bank.import("alice/dev", &img, &[]);
+    let out = bank.file("out.raw");
+    fs::write(&out, b"precious").unwrap();
+    let r = bank.run(&[
+        OsStr::new("export"),
+        OsStr::new("alice/dev"),
+        out.as_os_str(),
+    ]);
+    r.failed().stderr_has(&["exists", "--force"]);
+    assert_eq!(
+        fs::read(&out).unwrap(),
+        b"precious",
+        "the file is untouched"
+    );
+
+    // Through a symlink: the link stays a link, the file it names gets the disk.
+    let link = bank.file("link.raw");
+    std::os::unix::fs::symlink("out.raw", &link).unwrap();
+    bank.run(&[
+        OsStr::new("export"),
+        OsStr::new("alice/dev"),
+        link.as_os_str(),
+    ])
+    .failed()
+    .stderr_has(&["exists"]);
+    bank.run(&[
+        OsStr::new("export"),
+        OsStr::new("alice/dev"),
+        link.as_os_str(),
+        OsStr::new("--force"),
+    ])
+    .ok();
+    assert!(
+        fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(fs::read(&out).unwrap(), fs::read(&img).unwrap());
+    // A dangling link: the file it names is made.
+    let dangling = bank.file("dangling.raw");
+    std::os::unix::fs::symlink("made.raw", &dangling).unwrap();
+    bank.run(&[
+        OsStr::new("export"),
+        OsStr::new("alice/dev"),
+        dangling.as_os_str(),
+    ])
+    .ok();
+    assert!(
+        fs::symlink_metadata(&dangling)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(
+        fs::read(bank.file("made.raw")).unwrap(),
+        fs::read(&img).unwrap()
+    );
+    // A device is written in place, no --force needed.
+    bank.run(&["export", "alice/dev", "/dev/null"]).ok();
+}
+
+/// `import -` reads the image from standard input (qcow2 too), leaves no temp file,
+/// and names standard input in its errors.
+#[test]
+fn import_reads_standard_input() {
+    let bank = Bank::new();
+    let img = bank.file("d.raw");
+    let mut data = vec![0u8; 1 << 20];
+    for (i, b) in data[300_000..700_000].iter_mut().enumerate() {
+        *b = (i % 253) as u8 + 1;
+    }
+    fs::write(&img, &data).unwrap();
+    let tmp = bank.file("tmp");
+    fs::create_dir(&tmp).unwrap();
+    let import = |machine: &str, input: &std::path::Path| {
+        let mut c = bank.cmd();
+        c.args(["import", "--json", machine, "-", "--tmpdir"])
+            .arg(&tmp)
+            .stdin(fs::File::open(input).unwrap());
+        run_cmd(c)
+    };
+    let r = import("alice/dev", &img).ok();
+    assert_eq!(r.json()["disk_size"], 1 << 20, "{r}");
+    bank.assert_exports("alice/dev", &img);
+    let qcow = bank.file("d.qcow2");
+    let q = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&img)
+        .arg(&qcow)
+        .status()
+        .unwrap();
+    assert!(q.success());
+    let r = import("alice/q", &qcow).ok();
+    assert_eq!(r.json()["format"], "qcow2", "{r}");
+    bank.assert_exports("alice/q", &img);
+    let odd = bank.file("odd");
+    fs::write(&odd, b"not a disk").unwrap();
+    import("alice/odd", &odd)
+        .failed()
+        .stderr_has(&["standard input", "512-byte sectors"]);
+    assert_eq!(
+        fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "no temp file is left"
+    );
+}
+
+/// `-j 0` is refused as a usage error; sizes take decimals (`1.5G`) but not a fraction
+/// of a byte.
+#[test]
+fn zero_jobs_are_refused_and_sizes_take_decimals() {
+    let bank = Bank::new();
+    bank.run(&["-j", "0", "ls"])
+        .code(2)
+        .stderr_has(&["at least 1"]);
+    let r = bank.json(&["create", "alice/pc", "--disk-size", "1.5M", "--json"]);
+    assert_eq!(r["disk_size"], 3 << 19, "{r}");
+    bank.run(&["create", "alice/pc2", "--disk-size", "0.3"])
+        .code(2)
+        .stderr_has(&["whole number of bytes"]);
+}

@@ -236,11 +236,13 @@ impl Bank {
         self.json(&args)
     }
 
-    /// Exports `reference` to `out`, which must succeed, and returns the file's bytes.
+    /// Exports `reference` to `out` (replacing it), which must succeed, and returns the
+    /// file's bytes.
     pub fn export(&self, reference: &str, out: &Path) -> Vec<u8> {
         self.run(&[
             OsStr::new("-q"),
             OsStr::new("export"),
+            OsStr::new("--force"),
             OsStr::new(reference),
             out.as_os_str(),
         ])
