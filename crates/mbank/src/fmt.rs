@@ -50,7 +50,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let f: u128 = frac.parse().map_err(|_| bad())?;
     let scaled = f * u128::from(mult);
     let den = 10u128.pow(frac.len() as u32);
-    if scaled % den != 0 {
+    if !scaled.is_multiple_of(den) {
         return Err(format!("{s:?} is not a whole number of bytes"));
     }
     whole
