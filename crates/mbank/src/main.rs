@@ -164,6 +164,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Rename a machine; its versions keep their ids and history.
+    ///
+    /// The new name names the same versions (`NEW@VERSION` is what `OLD@VERSION` was),
+    /// with their notes, tags and retention policy. The owner stays: to give a machine
+    /// to another user, fork it (`mbank create NEW --from OLD`). Refused while a session
+    /// holds the machine.
+    Rename {
+        /// The machine's name now, as user/name.
+        old: MachineName,
+        /// Its new name, as user/name (same user).
+        new: MachineName,
+    },
     /// Re-hash every chunk that some version needs (or one machine's versions need).
     ///
     /// Damaged chunks are moved aside into <bank>/corrupt and listed with every version
@@ -575,6 +587,7 @@ impl Cmd {
             Cmd::Log { .. } => ("log", false, false),
             Cmd::Ls { .. } => ("ls", false, false),
             Cmd::Status { .. } => ("status", false, false),
+            Cmd::Rename { .. } => ("rename", false, true),
             Cmd::Set { .. } => ("set", false, true),
             Cmd::Verify { .. } => ("verify", true, false),
             Cmd::Gc { .. } => ("gc", true, true),
@@ -1234,6 +1247,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     labels.tags.join(", ")
                 }
             ));
+        }
+        Cmd::Rename { old, new } => {
+            use mbank_catalog::CatalogError as E;
+            match bank.catalog_mut().rename_machine(&old, &new) {
+                Ok(()) => {}
+                Err(E::InSession { held, .. }) => bail!(
+                    "cannot rename {old}: a session holds it on station {} (pid {}) since {} \
+                     UTC, and its check-in goes to {old}; end that session, then rename",
+                    held.station_name,
+                    held.pid,
+                    held.started_utc()
+                ),
+                Err(e @ E::BadRename(_)) => return Err(e.into()),
+                Err(e) => {
+                    return Err(anyhow::Error::from(e)
+                        .context(format!("cannot rename {old} to {new}")));
+                }
+            }
+            say(format!("renamed {old} to {new}; its versions keep their ids"));
         }
         Cmd::Info { machine, json } => {
             let m = bank
