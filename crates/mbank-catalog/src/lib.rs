@@ -185,7 +185,9 @@ pub enum CatalogError {
     #[error("no machine named {0}")]
     MachineNotFound(String),
     /// A rename's new name is taken.
-    #[error("a machine named {0} exists already; choose another name, or remove it first (`mbank rm {0}`)")]
+    #[error(
+        "a machine named {0} exists already; choose another name, or remove it first (`mbank rm {0}`)"
+    )]
     MachineExists(String),
     /// A rename that cannot be done as asked (another owner, a session still to check in).
     #[error("{0}")]
@@ -379,8 +381,7 @@ pub trait CatalogApi: Send {
         expected: Option<VersionId>,
     ) -> Result<(), CatalogError>;
     /// Renames a machine with its versions (see [`Catalog::rename_machine`]).
-    fn rename_machine(&mut self, old: &MachineName, new: &MachineName)
-    -> Result<(), CatalogError>;
+    fn rename_machine(&mut self, old: &MachineName, new: &MachineName) -> Result<(), CatalogError>;
     /// See [`Catalog::label`].
     fn label(&mut self, v: &VersionInfo, change: &LabelChange) -> Result<Labels, CatalogError>;
     /// See [`Catalog::labels`].
@@ -491,11 +492,7 @@ impl CatalogApi for Catalog {
     ) -> Result<(), CatalogError> {
         Catalog::set_head(self, machine, to, expected)
     }
-    fn rename_machine(
-        &mut self,
-        old: &MachineName,
-        new: &MachineName,
-    ) -> Result<(), CatalogError> {
+    fn rename_machine(&mut self, old: &MachineName, new: &MachineName) -> Result<(), CatalogError> {
         Catalog::rename_machine(self, old, new)
     }
     fn label(&mut self, v: &VersionInfo, change: &LabelChange) -> Result<Labels, CatalogError> {
@@ -2074,7 +2071,10 @@ mod tests {
         assert_eq!(vs.iter().map(|v| v.id).collect::<Vec<_>>(), [v2.id, v1.id]);
         assert_eq!(vs[0].parent, Some(v1.id));
         assert_eq!(c.disk_index(&vs[1]).unwrap(), i1);
-        assert_eq!(c.labels(&new).unwrap()[0].labels.note.as_deref(), Some("kept"));
+        assert_eq!(
+            c.labels(&new).unwrap()[0].labels.note.as_deref(),
+            Some("kept")
+        );
         let check = c.check_records(None).unwrap();
         assert!(check.problems.is_empty(), "{check:?}");
     }

@@ -232,10 +232,22 @@ pub(crate) fn rename_records(conn: &Connection, old: &str, new: &str) -> Result<
         });
     }
     for (q, what) in [
-        ("UPDATE machines SET name = ?2 WHERE name = ?1", "rename the machine"),
-        ("UPDATE versions SET machine = ?2 WHERE machine = ?1", "rename the versions' machine"),
-        ("UPDATE version_labels SET machine = ?2 WHERE machine = ?1", "rename the labels' machine"),
-        ("UPDATE policies SET machine = ?2 WHERE machine = ?1", "rename the policy's machine"),
+        (
+            "UPDATE machines SET name = ?2 WHERE name = ?1",
+            "rename the machine",
+        ),
+        (
+            "UPDATE versions SET machine = ?2 WHERE machine = ?1",
+            "rename the versions' machine",
+        ),
+        (
+            "UPDATE version_labels SET machine = ?2 WHERE machine = ?1",
+            "rename the labels' machine",
+        ),
+        (
+            "UPDATE policies SET machine = ?2 WHERE machine = ?1",
+            "rename the policy's machine",
+        ),
     ] {
         conn.execute(q, params![old, new]).map_err(sql(what))?;
     }

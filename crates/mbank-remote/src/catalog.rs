@@ -397,11 +397,7 @@ impl CatalogApi for RemoteCatalog {
         Ok(())
     }
 
-    fn rename_machine(
-        &mut self,
-        old: &MachineName,
-        new: &MachineName,
-    ) -> Result<(), CatalogError> {
+    fn rename_machine(&mut self, old: &MachineName, new: &MachineName) -> Result<(), CatalogError> {
         let what = format!("rename of {old} to {new}");
         let path = format!("{}/rename", mpath(old.as_str()));
         let req = RenameRequest { to: new.clone() };

@@ -1077,18 +1077,25 @@ async fn rename(
     Path((u, n)): Path<(String, String)>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    on_owned_machine(&app, caller, &u, &n, b, |app, m, req: wire::RenameRequest| {
-        // Readers of a published machine know it by its name: it stays put.
-        if app.access(|a| Ok(a.is_published(m)?))? {
-            return Err(ApiError::bad_request(format!(
-                "{m} is published to every user, who know it by that name; an administrator \
+    on_owned_machine(
+        &app,
+        caller,
+        &u,
+        &n,
+        b,
+        |app, m, req: wire::RenameRequest| {
+            // Readers of a published machine know it by its name: it stays put.
+            if app.access(|a| Ok(a.is_published(m)?))? {
+                return Err(ApiError::bad_request(format!(
+                    "{m} is published to every user, who know it by that name; an administrator \
                  must unpublish it first (`mbank admin unpublish {m}`)"
-            )));
-        }
-        app.catalog(|c| Ok(c.rename_machine(m, &req.to)?))?;
-        tracing::info!(machine = %m, to = %req.to, "renamed");
-        Ok(json(&req))
-    })
+                )));
+            }
+            app.catalog(|c| Ok(c.rename_machine(m, &req.to)?))?;
+            tracing::info!(machine = %m, to = %req.to, "renamed");
+            Ok(json(&req))
+        },
+    )
     .await
 }
 
