@@ -10,6 +10,7 @@ mod create;
 mod files;
 mod fmt;
 mod login;
+mod mount;
 mod out;
 mod progress;
 mod run;
@@ -195,6 +196,18 @@ enum Cmd {
         /// Print one JSON document: {files, dirs, symlinks, bytes, skipped}.
         #[arg(long)]
         json: bool,
+    },
+    /// Show a version read-only on a directory (FUSE) until Ctrl-C or SIGTERM.
+    ///
+    /// DIR/disk.raw is the whole disk as an image file; DIR/p1/, DIR/p2/ … hold the
+    /// files of each partition whose file system can be read (ext2/3/4). Everything is
+    /// read lazily through the station cache, which every mount and session on this PC
+    /// shares. Needs /dev/fuse, and root or fusermount3.
+    Mount {
+        /// The version, user/name[@VERSION] (the head without @VERSION).
+        version: MachineRef,
+        /// An existing empty directory.
+        dir: PathBuf,
     },
     /// What differs between two versions: chunks and bytes, and the files added,
     /// removed and changed in each partition whose file system can be read.
@@ -633,6 +646,7 @@ impl Cmd {
             Cmd::Cat { .. } => ("cat", false, false),
             Cmd::Restore { .. } => ("restore", false, false),
             Cmd::Diff { .. } => ("diff", false, false),
+            Cmd::Mount { .. } => ("mount", false, false),
             Cmd::Status { .. } => ("status", false, false),
             Cmd::Rename { .. } => ("rename", false, true),
             Cmd::Set { .. } => ("set", false, true),
@@ -1061,6 +1075,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     format!("; skipped {} special files", r.skipped.len())
                 }
             ));
+        }
+        Cmd::Mount { version, dir } => {
+            let station = mbank_station::Station::open(&cache_dir, cache_size)?;
+            mount::run(&bank, &station, &version, &dir, &say)?;
         }
         Cmd::Diff { a, b, json } => {
             let station = mbank_station::Station::open(&cache_dir, cache_size)?;

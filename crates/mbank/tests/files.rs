@@ -313,3 +313,114 @@ fn rename_keeps_history_and_is_refused_during_a_session() {
     assert_eq!(r.stdout, "old-host\n");
     s.bank.verify_ok();
 }
+
+struct Mounted {
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl Mounted {
+    fn start(s: &Setup, version: &str, name: &str) -> Mounted {
+        let dir = s.bank.file(name);
+        fs::create_dir(&dir).unwrap();
+        let mut c = s.bank.cmd();
+        c.arg("--cache")
+            .arg(&s.cache)
+            .arg("mount")
+            .arg(version)
+            .arg(&dir);
+        c.stdout(std::process::Stdio::null());
+        c.stderr(fs::File::create(s.bank.file(&format!("{name}.stderr"))).unwrap());
+        let mut child = c.spawn().unwrap();
+        let start = std::time::Instant::now();
+        while !dir.join("disk.raw").exists() {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!(
+                    "mount ended ({st}): {}",
+                    fs::read_to_string(s.bank.file(&format!("{name}.stderr"))).unwrap()
+                );
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(60),
+                "not mounted after 60 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Mounted { child, dir }
+    }
+
+    /// SIGTERM, then the process must end by itself, having unmounted.
+    fn stop(mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) },
+            0
+        );
+        let start = std::time::Instant::now();
+        let st = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(60),
+                "mount did not end after SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert!(st.success(), "mount ended with {st}");
+        assert!(!self.dir.join("disk.raw").exists(), "still mounted");
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let path = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: umount2 reads the NUL-terminated path, which lives across the call.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+#[test]
+fn mount_shows_an_older_version_as_a_disk_image_and_its_files() {
+    if !Path::new("/dev/fuse").exists() {
+        panic!("/dev/fuse is missing: mount needs FUSE");
+    }
+    let s = setup();
+    let v1 = format!("alice/dev@{}", s.v1);
+    let m = Mounted::start(&s, &v1, "mnt");
+    assert_eq!(
+        fs::read(m.dir.join("p1/etc/hostname")).unwrap(),
+        b"old-host\n"
+    );
+    assert!(fs::read(m.dir.join("p1/home/u/report.txt")).unwrap() == report());
+    assert_eq!(
+        fs::read_link(m.dir.join("p1/home/u/latest")).unwrap(),
+        Path::new("report.txt")
+    );
+    let mut names: Vec<String> = fs::read_dir(m.dir.join("p1/home/u"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["latest", "report.txt", "same.txt", "sub"]);
+    // The whole disk, as the image imported.
+    let want = fs::read(s.bank.file("img/v1.img")).unwrap();
+    assert!(
+        fs::read(m.dir.join("disk.raw")).unwrap() == want,
+        "disk.raw differs"
+    );
+    // Read-only.
+    assert!(fs::write(m.dir.join("p1/etc/hostname"), "x").is_err());
+    // A second mount of the same version, beside the first, over the same cache.
+    let m2 = Mounted::start(&s, &v1, "mnt2");
+    assert_eq!(
+        fs::read(m2.dir.join("p1/etc/hostname")).unwrap(),
+        b"old-host\n"
+    );
+    m2.stop();
+    m.stop();
+}

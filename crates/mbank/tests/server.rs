@@ -1359,7 +1359,12 @@ fn rename_over_the_server_keeps_history_for_the_owner_only() {
     let mut vs = Vec::new();
     for seed in [51, 52] {
         let p = write_img(&bob, &image(MIB, &[(0, MIB)], seed));
-        vs.push(bob.import("bob/old", &p, &[])["version"].as_str().unwrap().to_string());
+        vs.push(
+            bob.import("bob/old", &p, &[])["version"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     let p = write_img(&bob, &image(MIB, &[(0, MIB)], 53));
     bob.import("bob/taken", &p, &[]);
@@ -1380,8 +1385,15 @@ fn rename_over_the_server_keeps_history_for_the_owner_only() {
         .map(|v| v["version"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(ids, [vs[1].clone(), vs[0].clone()]);
-    assert_export(&bob, &format!("bob/new@{}", vs[0]), &image(MIB, &[(0, MIB)], 51), "renamed");
-    bob.run(&["log", "bob/old"]).failed().stderr_has(&["bob/old"]);
+    assert_export(
+        &bob,
+        &format!("bob/new@{}", vs[0]),
+        &image(MIB, &[(0, MIB)], 51),
+        "renamed",
+    );
+    bob.run(&["log", "bob/old"])
+        .failed()
+        .stderr_has(&["bob/old"]);
     s.local(&["admin", "publish", "bob/new"]).ok();
     bob.run(&["rename", "bob/new", "bob/newer"])
         .failed()
