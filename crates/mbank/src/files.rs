@@ -617,7 +617,10 @@ fn copy(o: &Opened, path: &str, dest: &Path, r: &mut Restored) -> Result<()> {
 
 /// Every path of the file system under `/` with its type and, for files, size and
 /// BLAKE3 of the content (for `diff`).
-fn tree(o: &Opened) -> Result<BTreeMap<String, (String, u64, Option<[u8; 32]>)>> {
+/// A path's type (with a symlink's target), size and content hash, for `diff`.
+type Seen = (String, u64, Option<[u8; 32]>);
+
+fn tree(o: &Opened) -> Result<BTreeMap<String, Seen>> {
     let mut out = BTreeMap::new();
     let mut todo = vec!["/".to_string()];
     while let Some(dir) = todo.pop() {

@@ -2,7 +2,6 @@
 //! `restore`, `diff` and `mount` on ext4 disks with a GPT or an MBR (made here with
 //! mkfs.ext4 -d and sfdisk), and `rename`.
 
-#[allow(dead_code)]
 mod common;
 
 use std::fs;
@@ -351,11 +350,9 @@ impl Mounted {
 
     /// SIGTERM, then the process must end by itself, having unmounted.
     fn stop(mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) },
-            0
-        );
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let r = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        assert_eq!(r, 0);
         let start = std::time::Instant::now();
         let st = loop {
             if let Some(st) = self.child.try_wait().unwrap() {
