@@ -12,6 +12,7 @@ needs=(
     "qemu-io qemu-utils"
     "mkfs.ext4 e2fsprogs"
     "debugfs e2fsprogs"
+    "sfdisk fdisk"
     "debootstrap debootstrap"
     "python3 python3"
     "strace strace"

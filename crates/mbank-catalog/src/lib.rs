@@ -63,7 +63,7 @@ mod records;
 pub mod retention;
 
 pub use records::{RecordCheck, RecordProblem, integrity_check_file};
-use records::{seal_all, seal_machine, seal_version};
+use records::{rename_records, seal_all, seal_machine, seal_version};
 pub use retention::{Decision, Policy, Protected};
 
 use std::path::Path;
@@ -210,6 +210,14 @@ pub enum CatalogError {
     },
     #[error("no machine named {0}")]
     MachineNotFound(String),
+    /// A rename's new name is taken.
+    #[error(
+        "a machine named {0} exists already; choose another name, or remove it first (`mbank rm {0}`)"
+    )]
+    MachineExists(String),
+    /// A rename that cannot be done as asked (another owner, a session still to check in).
+    #[error("{0}")]
+    BadRename(String),
     #[error("machine {machine} has no version {prefix}")]
     VersionNotFound { machine: String, prefix: String },
     #[error("machine {machine} has {count} versions starting with {prefix}; type more digits")]
@@ -398,6 +406,8 @@ pub trait CatalogApi: Send {
         to: VersionId,
         expected: Option<VersionId>,
     ) -> Result<(), CatalogError>;
+    /// Renames a machine with its versions (see [`Catalog::rename_machine`]).
+    fn rename_machine(&mut self, old: &MachineName, new: &MachineName) -> Result<(), CatalogError>;
     /// See [`Catalog::label`].
     fn label(&mut self, v: &VersionInfo, change: &LabelChange) -> Result<Labels, CatalogError>;
     /// See [`Catalog::labels`].
@@ -515,6 +525,9 @@ impl CatalogApi for Catalog {
         expected: Option<VersionId>,
     ) -> Result<(), CatalogError> {
         Catalog::set_head(self, machine, to, expected)
+    }
+    fn rename_machine(&mut self, old: &MachineName, new: &MachineName) -> Result<(), CatalogError> {
+        Catalog::rename_machine(self, old, new)
     }
     fn label(&mut self, v: &VersionInfo, change: &LabelChange) -> Result<Labels, CatalogError> {
         Catalog::label(self, v, change)
@@ -1715,6 +1728,80 @@ impl Catalog {
         Ok(())
     }
 
+    /// Renames machine `old` to `new`, keeping every version, its id, parent links,
+    /// notes, tags, streams and the retention policy: a rename is a change of the
+    /// catalog's name for the same history, so `new@VERSION` names what `old@VERSION`
+    /// named. The record checksums cover the machine's name, so each record is held to
+    /// its checksum first (a damaged one is refused) and sealed again under the new
+    /// name, in the same transaction. Refused while a session holds `old` (its check-in
+    /// would commit to the old name), while a session that was taken over has still to
+    /// check in, when `new` exists, and when the owner (the user part) changes: a
+    /// machine's chunks are charged to its owner, so to give a machine to another user,
+    /// fork it (`mbank create NEW --from OLD`).
+    pub fn rename_machine(
+        &mut self,
+        old: &MachineName,
+        new: &MachineName,
+    ) -> Result<(), CatalogError> {
+        if old.user() != new.user() {
+            return Err(CatalogError::BadRename(format!(
+                "cannot rename {old} to {new}: a rename keeps the owner ({}); to give the \
+                 machine to {}, fork it: mbank create {new} --from {old}",
+                old.user(),
+                new.user()
+            )));
+        }
+        if old == new {
+            return Err(CatalogError::BadRename(format!(
+                "{old} already has that name; nothing to rename"
+            )));
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql("start the rename"))?;
+        let exists = |name: &str| {
+            tx.query_row(
+                "SELECT 1 FROM machines WHERE name = ?1",
+                params![name],
+                |_| Ok(()),
+            )
+            .optional()
+            .map_err(sql("look the machine up"))
+            .map(|o| o.is_some())
+        };
+        if !exists(old.as_str())? {
+            return Err(CatalogError::MachineNotFound(old.to_string()));
+        }
+        if exists(new.as_str())? {
+            return Err(CatalogError::MachineExists(new.to_string()));
+        }
+        if let Some(held) = read_lease(&tx, old.as_str())? {
+            return Err(CatalogError::InSession {
+                machine: old.to_string(),
+                held: Box::new(held),
+            });
+        }
+        let displaced: Option<String> = tx
+            .query_row(
+                "SELECT station_name FROM displaced WHERE machine = ?1 LIMIT 1",
+                params![old.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("look for sessions still to check in"))?;
+        if let Some(station) = displaced {
+            return Err(CatalogError::BadRename(format!(
+                "cannot rename {old}: a session of it on station {station} was taken over and \
+                 has not checked in yet (its check-in goes to {old}); run `mbank recover` \
+                 there first"
+            )));
+        }
+        rename_records(&tx, old.as_str(), new.as_str())?;
+        tx.commit().map_err(sql("commit the rename"))?;
+        Ok(())
+    }
+
     /// Changes the note and tags of version `v`; returns them as they now are.
     pub fn label(&mut self, v: &VersionInfo, change: &LabelChange) -> Result<Labels, CatalogError> {
         check_labels(change)?;
@@ -2039,6 +2126,87 @@ mod tests {
         c.release_lease(&m, "s1").unwrap();
         c.set_head(&m, v3.id, Some(v1.id)).unwrap();
         assert_eq!(c.machine(&m).unwrap().unwrap().head, Some(v3.id));
+    }
+
+    #[test]
+    fn rename_keeps_versions_ids_labels_and_checksums_and_refuses_during_a_session() {
+        let (_d, mut c) = cat();
+        let (v1, i1) = info("alice/dev", None, 1);
+        let (v2, i2) = info("alice/dev", Some(v1.id), 2);
+        c.commit_version(&v1, &i1, &[], None).unwrap();
+        c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
+        let (old, new): (MachineName, MachineName) =
+            ("alice/dev".parse().unwrap(), "alice/work".parse().unwrap());
+        let change = LabelChange {
+            note: Some("kept".into()),
+            ..Default::default()
+        };
+        c.label(&v1, &change).unwrap();
+        let policy = Policy {
+            keep_last: 3,
+            ..Default::default()
+        };
+        c.set_policy(&old, Some(&policy)).unwrap();
+        let settings = MachineSettings {
+            checkpoint_minutes: Some(4),
+        };
+        c.set_settings(&old, &settings).unwrap();
+        // Refused while a session holds it.
+        let lease = Lease {
+            machine: old.to_string(),
+            session: "s1".into(),
+            station: "a".into(),
+            station_name: "host:a".into(),
+            pid: 7,
+            base: Some(v2.id),
+            started_ms: 0,
+            heartbeat_ms: 0,
+        };
+        c.acquire_lease(&lease, |_| false).unwrap();
+        let e = c.rename_machine(&old, &new).unwrap_err();
+        assert!(matches!(e, CatalogError::InSession { .. }), "{e:?}");
+        c.release_lease(&old, "s1").unwrap();
+        // Another owner, or a taken name, is refused.
+        let e = c
+            .rename_machine(&old, &"bob/dev".parse().unwrap())
+            .unwrap_err();
+        assert!(e.to_string().contains("keeps the owner"), "{e}");
+        let (o, oi) = info("alice/other", None, 3);
+        c.commit_version(&o, &oi, &[], None).unwrap();
+        let e = c.rename_machine(&old, &o.machine).unwrap_err();
+        assert!(matches!(e, CatalogError::MachineExists(_)), "{e:?}");
+
+        c.rename_machine(&old, &new).unwrap();
+        assert!(c.machine(&old).unwrap().is_none());
+        let m = c.machine(&new).unwrap().unwrap();
+        assert_eq!((m.head, m.versions), (Some(v2.id), 2));
+        let vs = c.versions(&new).unwrap();
+        assert_eq!(vs.iter().map(|v| v.id).collect::<Vec<_>>(), [v2.id, v1.id]);
+        assert_eq!(vs[0].parent, Some(v1.id));
+        assert_eq!(c.disk_index(&vs[1]).unwrap(), i1);
+        assert_eq!(
+            c.labels(&new).unwrap()[0].labels.note.as_deref(),
+            Some("kept")
+        );
+        assert_eq!(c.policy(&new).unwrap(), Some(policy), "the policy goes along");
+        assert_eq!(c.settings(&new).unwrap(), settings, "the settings go along");
+        let check = c.check_records(None).unwrap();
+        assert!(check.problems.is_empty(), "{check:?}");
+    }
+
+    #[test]
+    fn rename_refuses_a_damaged_record() {
+        let (_d, mut c) = cat();
+        let (v1, i1) = info("alice/dev", None, 1);
+        c.commit_version(&v1, &i1, &[], None).unwrap();
+        c.conn
+            .execute_batch("UPDATE versions SET created_ms = created_ms + 1")
+            .unwrap();
+        let e = c
+            .rename_machine(&v1.machine, &"alice/new".parse().unwrap())
+            .unwrap_err();
+        assert!(matches!(e, CatalogError::RecordDamaged { .. }), "{e:?}");
+        assert!(c.machine(&v1.machine).unwrap().is_some());
     }
 
     #[test]

@@ -197,6 +197,80 @@ pub(crate) fn seal_all(conn: &Connection) -> Result<(), CatalogError> {
     Ok(())
 }
 
+/// Renames machine `old` to `new` in every table that names it, inside the caller's
+/// transaction: each record of `old` is first held to its checksum (a damaged record
+/// is refused, never sealed again under the new name), then the names change and the
+/// records are sealed anew. Version ids do not change.
+pub(crate) fn rename_records(conn: &Connection, old: &str, new: &str) -> Result<(), CatalogError> {
+    let action = "check the versions' records before the rename";
+    let damaged = {
+        let mut st = conn
+            .prepare(&format!(
+                "SELECT {VERSION_SUMMED}, sum FROM versions WHERE machine = ?1"
+            ))
+            .map_err(sql(action))?;
+        let mut rows = st.query(params![old]).map_err(sql(action))?;
+        let mut damaged = None;
+        while let Some(r) = rows.next().map_err(sql(action))? {
+            let sum = version_sum(conn, r).map_err(sql(action))?;
+            if let Some(why) = judge(r.get_ref(VERSION_SUMMED_N + 1).map_err(sql(action))?, &sum) {
+                let id: Vec<u8> = r.get(1).map_err(sql(action))?;
+                let id = <[u8; 16]>::try_from(id.as_slice())
+                    .map(mbank_core::VersionId::from_bytes)
+                    .map_err(|_| CatalogError::BadRow("a version id is not 16 bytes".into()))?;
+                damaged = Some((id, why));
+                break;
+            }
+        }
+        damaged
+    };
+    if let Some((version, why)) = damaged {
+        return Err(CatalogError::RecordDamaged {
+            machine: old.to_string(),
+            version,
+            why,
+        });
+    }
+    for (q, what) in [
+        (
+            "UPDATE machines SET name = ?2 WHERE name = ?1",
+            "rename the machine",
+        ),
+        (
+            "UPDATE versions SET machine = ?2 WHERE machine = ?1",
+            "rename the versions' machine",
+        ),
+        (
+            "UPDATE version_labels SET machine = ?2 WHERE machine = ?1",
+            "rename the labels' machine",
+        ),
+        (
+            "UPDATE policies SET machine = ?2 WHERE machine = ?1",
+            "rename the policy's machine",
+        ),
+        (
+            "UPDATE machine_settings SET machine = ?2 WHERE machine = ?1",
+            "rename the settings' machine",
+        ),
+    ] {
+        conn.execute(q, params![old, new]).map_err(sql(what))?;
+    }
+    let rowids: Vec<i64> = {
+        let mut st = conn
+            .prepare("SELECT rowid FROM versions WHERE machine = ?1")
+            .map_err(sql("list the renamed versions"))?;
+        let rows = st
+            .query_map(params![new], |r| r.get(0))
+            .map_err(sql("list the renamed versions"))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(sql("list the renamed versions"))?
+    };
+    for rowid in rowids {
+        seal_version_row(conn, rowid)?;
+    }
+    seal_machine(conn, new)
+}
+
 /// `machine@version` for a row whose values may be damaged.
 fn describe_version(machine: ValueRef<'_>, id: ValueRef<'_>, rowid: i64) -> String {
     let m = match machine {

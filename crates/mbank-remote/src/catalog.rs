@@ -11,7 +11,7 @@ use ureq::http::Method;
 use crate::client::{Client, ClientError, MAX_ANSWER, Payload, seg};
 use crate::wire::{
     self, CommitHeader, CommitResponse, ForgetRequest, Head, HeadRequest, Held, LeaseRequest,
-    LeaseResponse, PolicyBody, Released, Removed, SessionBody, WriterRequest,
+    LeaseResponse, PolicyBody, Released, Removed, RenameRequest, SessionBody, WriterRequest,
 };
 
 /// A bank server's catalog. Cloning it (or [`CatalogApi::reopen`]) gives another handle
@@ -57,6 +57,7 @@ pub fn catalog_error(e: ClientError, machine: Option<&str>) -> CatalogError {
             count: body.count.unwrap_or(0),
         },
         "no_head" => CatalogError::NoHead(machine()),
+        "machine_exists" => CatalogError::MachineExists(machine()),
         "lease_held" if body.lease.is_some() => {
             let held = body.lease.clone().expect("checked");
             CatalogError::LeaseHeld {
@@ -393,6 +394,14 @@ impl CatalogApi for RemoteCatalog {
         let path = format!("{}/head", mpath(machine.as_str()));
         let req = HeadRequest { to, expected };
         let _: Head = self.send(Method::PUT, &path, &what, &req, Some(machine.as_str()))?;
+        Ok(())
+    }
+
+    fn rename_machine(&mut self, old: &MachineName, new: &MachineName) -> Result<(), CatalogError> {
+        let what = format!("rename of {old} to {new}");
+        let path = format!("{}/rename", mpath(old.as_str()));
+        let req = RenameRequest { to: new.clone() };
+        let _: RenameRequest = self.send(Method::POST, &path, &what, &req, Some(old.as_str()))?;
         Ok(())
     }
 

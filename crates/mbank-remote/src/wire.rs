@@ -2,7 +2,7 @@
 //! these types, so a change here is a change of the API.
 
 use mbank_catalog::{CommitOutcome, Lease, Policy, VersionInfo};
-use mbank_core::{ChunkId, VersionId};
+use mbank_core::{ChunkId, MachineName, VersionId};
 use serde::{Deserialize, Serialize};
 
 /// The API's version: every path starts with `/v1`.
@@ -160,6 +160,13 @@ pub struct ForgetRequest {
 pub struct HeadRequest {
     pub to: VersionId,
     pub expected: Option<VersionId>,
+}
+
+/// `POST /v1/machines/{m}/rename`: the machine's new name (same owner); the answer
+/// repeats it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RenameRequest {
+    pub to: MachineName,
 }
 
 /// `GET` and `PUT /v1/machines/{m}/policy` (`null`: no policy).

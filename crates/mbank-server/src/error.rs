@@ -161,7 +161,14 @@ impl From<CatalogError> for ApiError {
                 a.body.lease = Some(*held);
                 a
             }
-            CatalogError::EmptyPolicy(_) | CatalogError::BadLabel(_) => ApiError::bad_request(msg),
+            CatalogError::MachineExists(machine) => {
+                let mut a = ApiError::new(StatusCode::CONFLICT, "machine_exists", msg);
+                a.body.machine = Some(machine);
+                a
+            }
+            CatalogError::EmptyPolicy(_)
+            | CatalogError::BadLabel(_)
+            | CatalogError::BadRename(_) => ApiError::bad_request(msg),
             e if e.is_retryable() => ApiError::unavailable(format!("the catalog is busy: {e}")),
             e => {
                 tracing::error!(error = %e, "catalog error");

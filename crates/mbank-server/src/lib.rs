@@ -317,6 +317,7 @@ fn router(app: Shared, tls: bool) -> Router {
         .route("/v1/machines/{u}/{n}/sessions", get(sessions))
         .route("/v1/machines/{u}/{n}/forget", post(forget))
         .route("/v1/machines/{u}/{n}/head", axum::routing::put(set_head))
+        .route("/v1/machines/{u}/{n}/rename", post(rename))
         .route("/v1/machines/{u}/{n}/labels", get(labels))
         .route(
             "/v1/machines/{u}/{n}/versions/{v}/labels",
@@ -1071,6 +1072,34 @@ async fn set_head(
         tracing::info!(machine = %m, head = %req.to, "head moved");
         Ok(json(&wire::Head { head: Some(req.to) }))
     })
+    .await
+}
+
+async fn rename(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path((u, n)): Path<(String, String)>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    on_owned_machine(
+        &app,
+        caller,
+        &u,
+        &n,
+        b,
+        |app, m, req: wire::RenameRequest| {
+            // Readers of a published machine know it by its name: it stays put.
+            if app.access(|a| Ok(a.is_published(m)?))? {
+                return Err(ApiError::bad_request(format!(
+                    "{m} is published to every user, who know it by that name; an administrator \
+                 must unpublish it first (`mbank admin unpublish {m}`)"
+                )));
+            }
+            app.catalog(|c| Ok(c.rename_machine(m, &req.to)?))?;
+            tracing::info!(machine = %m, to = %req.to, "renamed");
+            Ok(json(&req))
+        },
+    )
     .await
 }
 

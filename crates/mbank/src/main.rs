@@ -7,8 +7,10 @@
 mod admin;
 mod attach;
 mod create;
+mod files;
 mod fmt;
 mod login;
+mod mount;
 mod out;
 mod progress;
 mod run;
@@ -173,10 +175,77 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// List the machines in the bank.
+    /// List the machines in the bank, or the files of a version: user/name[@VERSION]:/path.
+    ///
+    /// With a path, the disk is read lazily through the station cache: an MBR or GPT
+    /// partition table and ext2/3/4 file systems. `:/path` is in the first partition
+    /// whose file system can be read; `:p2/path` names partition 2 (p0: a file system
+    /// on the whole disk).
     Ls {
+        /// A version and a path in it: user/name[@VERSION]:/path.
+        target: Option<files::Spec>,
+        /// Print one JSON document: the machines, or [{name, type, size, mode, mtime, target?}].
         #[arg(long)]
         json: bool,
+    },
+    /// Print a file of a version to standard output: user/name[@VERSION]:/etc/hostname.
+    Cat {
+        /// A version and a file in it: user/name[@VERSION]:[pN]/path.
+        target: files::Spec,
+    },
+    /// Copy a file or a directory tree out of a version.
+    ///
+    /// An existing DEST is not replaced without --force (an existing directory then
+    /// receives the tree, files of the same name replaced); a file restored into an
+    /// existing directory keeps its name. Modes and symlinks are kept; devices, FIFOs
+    /// and sockets are skipped.
+    Restore {
+        /// A version and a path in it: user/name[@VERSION]:[pN]/path.
+        target: files::Spec,
+        /// Where to write it.
+        dest: PathBuf,
+        /// Replace what DEST holds.
+        #[arg(long)]
+        force: bool,
+        /// Print one JSON document: {files, dirs, symlinks, bytes, skipped}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a version read-only on a directory (FUSE) until Ctrl-C or SIGTERM.
+    ///
+    /// DIR/disk.raw is the whole disk as an image file; DIR/p1/, DIR/p2/ … hold the
+    /// files of each partition whose file system can be read (ext2/3/4). Everything is
+    /// read lazily through the station cache, which every mount and session on this PC
+    /// shares. Needs /dev/fuse, and root or fusermount3.
+    Mount {
+        /// The version, user/name[@VERSION] (the head without @VERSION).
+        version: MachineRef,
+        /// An existing empty directory.
+        dir: PathBuf,
+    },
+    /// What differs between two versions: chunks and bytes, and the files added,
+    /// removed and changed in each partition whose file system can be read.
+    Diff {
+        /// The older version, user/name[@VERSION].
+        a: MachineRef,
+        /// The newer version, user/name[@VERSION] (any machine).
+        b: MachineRef,
+        /// Print one JSON document: {a, b, chunks_differ, bytes_differ, partitions:
+        /// [{partition, added, removed, changed}], not_compared}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rename a machine; its versions keep their ids and history.
+    ///
+    /// The new name names the same versions (`NEW@VERSION` is what `OLD@VERSION` was),
+    /// with their notes, tags and retention policy. The owner stays: to give a machine
+    /// to another user, fork it (`mbank create NEW --from OLD`). Refused while a session
+    /// holds the machine.
+    Rename {
+        /// The machine's name now, as user/name.
+        old: MachineName,
+        /// Its new name, as user/name (same user).
+        new: MachineName,
     },
     /// Re-hash every chunk that some version needs (or one machine's versions need).
     ///
@@ -588,7 +657,12 @@ impl Cmd {
             Cmd::Export { .. } => ("export", false, false),
             Cmd::Log { .. } => ("log", false, false),
             Cmd::Ls { .. } => ("ls", false, false),
+            Cmd::Cat { .. } => ("cat", false, false),
+            Cmd::Restore { .. } => ("restore", false, false),
+            Cmd::Diff { .. } => ("diff", false, false),
+            Cmd::Mount { .. } => ("mount", false, false),
             Cmd::Status { .. } => ("status", false, false),
+            Cmd::Rename { .. } => ("rename", false, true),
             Cmd::Set { .. } => ("set", false, true),
             Cmd::Verify { .. } => ("verify", true, false),
             Cmd::Gc { .. } => ("gc", true, true),
@@ -979,7 +1053,100 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 status::print(&s)?;
             }
         }
-        Cmd::Ls { json } => {
+        Cmd::Ls {
+            target: Some(spec),
+            json,
+        } => {
+            let station = mbank_station::Station::open(&cache_dir, cache_size)?;
+            let o = files::open_spec(&bank, &station, &spec)?;
+            let es = files::ls(&o, &spec.path)?;
+            if json {
+                json_out(&es)?;
+            } else {
+                for e in es {
+                    let name = match &e.target {
+                        Some(t) => format!("{} -> {t}", e.name),
+                        None => e.name,
+                    };
+                    outln!(
+                        "{:<7} {:04o} {:>12} {:<20} {}",
+                        e.kind,
+                        e.mode,
+                        e.size,
+                        date(e.mtime.saturating_mul(1000)),
+                        name
+                    )?;
+                }
+            }
+        }
+        Cmd::Cat { target } => {
+            let station = mbank_station::Station::open(&cache_dir, cache_size)?;
+            let o = files::open_spec(&bank, &station, &target)?;
+            let mut w = std::io::stdout().lock();
+            files::cat(&o, &target.path, &mut w)
+                .and_then(|_| Ok(std::io::Write::flush(&mut w)?))
+                .map_err(|e| match e.downcast::<std::io::Error>() {
+                    Ok(io) => out::stdout_error(io),
+                    Err(e) => e,
+                })?;
+        }
+        Cmd::Restore {
+            target,
+            dest,
+            force,
+            json,
+        } => {
+            let station = mbank_station::Station::open(&cache_dir, cache_size)?;
+            let o = files::open_spec(&bank, &station, &target)?;
+            let r = files::restore(&o, &target.path, &dest, force)?;
+            if json {
+                json_out(&r)?;
+            }
+            say(format!(
+                "restored {} to {}: {} files ({}), {} directories, {} symlinks{}",
+                o.name(&target.path),
+                dest.display(),
+                r.files,
+                bytes(r.bytes),
+                r.dirs,
+                r.symlinks,
+                if r.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!("; skipped {} special files", r.skipped.len())
+                }
+            ));
+        }
+        Cmd::Mount { version, dir } => {
+            let station = mbank_station::Station::open(&cache_dir, cache_size)?;
+            mount::run(&bank, &station, &version, &dir, &say)?;
+        }
+        Cmd::Diff { a, b, json } => {
+            let station = mbank_station::Station::open(&cache_dir, cache_size)?;
+            let d = files::diff(&bank, &station, &a, &b)?;
+            if json {
+                json_out(&d)?;
+            } else {
+                outln!(
+                    "{} -> {}: {} chunks differ ({})",
+                    d.a,
+                    d.b,
+                    d.chunks_differ,
+                    bytes(d.bytes_differ)
+                )?;
+                for p in &d.partitions {
+                    for (sign, list) in [("+", &p.added), ("-", &p.removed), ("M", &p.changed)] {
+                        for f in list {
+                            outln!("{sign} {}:{f}", p.partition)?;
+                        }
+                    }
+                }
+                for n in &d.not_compared {
+                    say(format!("files not compared: {n}"));
+                }
+            }
+        }
+        Cmd::Ls { target: None, json } => {
             let ms = bank.list()?;
             if json {
                 json_out(&ms)?;
@@ -1274,6 +1441,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 } else {
                     labels.tags.join(", ")
                 }
+            ));
+        }
+        Cmd::Rename { old, new } => {
+            use mbank_catalog::CatalogError as E;
+            match bank.catalog_mut().rename_machine(&old, &new) {
+                Ok(()) => {}
+                Err(E::InSession { held, .. }) => bail!(
+                    "cannot rename {old}: a session holds it on station {} (pid {}) since {} \
+                     UTC, and its check-in goes to {old}; end that session, then rename",
+                    held.station_name,
+                    held.pid,
+                    held.started_utc()
+                ),
+                Err(e @ E::BadRename(_)) => return Err(e.into()),
+                Err(e) => {
+                    return Err(
+                        anyhow::Error::from(e).context(format!("cannot rename {old} to {new}"))
+                    );
+                }
+            }
+            say(format!(
+                "renamed {old} to {new}; its versions keep their ids"
             ));
         }
         Cmd::Info { machine, json } => {

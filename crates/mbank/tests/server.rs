@@ -1363,3 +1363,55 @@ fn a_stream_goes_to_a_served_bank_in_batches() {
     );
     assert_export(&alice, "alice/k", &vec![0u8; MIB], "the new machine's disk");
 }
+
+/// `rename` over the server: the owner renames and keeps the history; another user
+/// gets the answer for a machine that does not exist; a published machine, another
+/// owner and a taken name are refused.
+#[test]
+fn rename_over_the_server_keeps_history_for_the_owner_only() {
+    let s = Served::start();
+    let alice = s.login("alice");
+    let bob = s.login("bob");
+    let mut vs = Vec::new();
+    for seed in [51, 52] {
+        let p = write_img(&bob, &image(MIB, &[(0, MIB)], seed));
+        vs.push(
+            bob.import("bob/old", &p, &[])["version"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let p = write_img(&bob, &image(MIB, &[(0, MIB)], 53));
+    bob.import("bob/taken", &p, &[]);
+    alice
+        .run(&["rename", "bob/old", "bob/mine"])
+        .failed()
+        .stderr_has(&["no machine named bob/old"]);
+    bob.run(&["rename", "bob/old", "bob/taken"])
+        .failed()
+        .stderr_has(&["bob/taken exists already"]);
+    bob.run(&["rename", "bob/old", "alice/old"])
+        .failed()
+        .stderr_has(&["keeps the owner"]);
+    bob.run(&["rename", "bob/old", "bob/new"]).ok();
+    let ids: Vec<String> = bob
+        .log("bob/new")
+        .iter()
+        .map(|v| v["version"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, [vs[1].clone(), vs[0].clone()]);
+    assert_export(
+        &bob,
+        &format!("bob/new@{}", vs[0]),
+        &image(MIB, &[(0, MIB)], 51),
+        "renamed",
+    );
+    bob.run(&["log", "bob/old"])
+        .failed()
+        .stderr_has(&["bob/old"]);
+    s.local(&["admin", "publish", "bob/new"]).ok();
+    bob.run(&["rename", "bob/new", "bob/newer"])
+        .failed()
+        .stderr_has(&["published", "unpublish"]);
+}
