@@ -324,10 +324,10 @@ pub fn ram_ids(idx: &MemoryIndex, layout: Layout) -> Result<Vec<Option<ChunkId>>
 /// Detaches a RAM mount a killed session left in `session_dir` (best effort), so the
 /// directory can be removed.
 pub fn unmount_stale(session_dir: &Path) {
+    // No look at `dir` first: on a mount whose server died, stat fails with ENOTCONN,
+    // so `exists()` says false for exactly the mount to detach. umount2 on a directory
+    // that is no mount point (or none at all) fails harmlessly.
     let dir = session_dir.join(MOUNT_DIR);
-    if !dir.exists() {
-        return;
-    }
     let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
         return;
     };
