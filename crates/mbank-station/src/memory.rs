@@ -125,6 +125,11 @@ pub struct RamStats {
     pub faults_waited: u64,
     /// Chunks the guest wrote since the mount (as far as the kernel wrote them back).
     pub chunks_dirty: u64,
+    /// Fetches that failed (the guest's access got an I/O error: QEMU dies of SIGBUS),
+    /// and the last failure's message, which names the chunk.
+    pub fetch_errors: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// A handle that reads a [`LazyRam`]'s statistics from another thread.
@@ -145,6 +150,8 @@ impl RamStatsHandle {
             bytes_fetched: c.bytes_fetched,
             faults_waited: c.faults_waited,
             chunks_dirty: c.dirty_chunks,
+            fetch_errors: c.fetch_errors,
+            last_error: c.last_error,
         }
     }
 }

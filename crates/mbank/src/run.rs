@@ -1161,6 +1161,24 @@ fn run_session(
         ram: ram_final,
         session,
     };
+    if ending == Ending::Crash
+        && let Some(ram) = &report.ram
+        && ram.fetch_errors > 0
+    {
+        bail!(
+            "the saved RAM of {m}@{} could not be read from the bank: {}; QEMU stopped, as a \
+             guest cannot go on without its memory. {m} was released ({}); older versions are \
+             untouched: run one with `mbank run {m}@VERSION` (see `mbank log {m}`), and run \
+             `mbank verify` on the bank's host to see what else is damaged",
+            v.id.short(),
+            ram.last_error.as_deref().unwrap_or("a fetch failed"),
+            match report.session.version.as_deref() {
+                Some(v) => format!("its disk was checked in as {v}"),
+                None => "its disk was unchanged".to_string(),
+            },
+            m = report.machine,
+        );
+    }
     if ending == Ending::Crash {
         bail!(
             "{} stopped abnormally; its disk was checked in as {} (as after a power loss)",
