@@ -178,7 +178,11 @@ fn mounts_under(dir: &Path) -> Vec<String> {
     std::fs::read_to_string("/proc/mounts")
         .unwrap()
         .lines()
-        .filter(|l| l.split_whitespace().nth(1).is_some_and(|m| m.starts_with(&dir)))
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|m| m.starts_with(&dir))
+        })
         .map(str::to_string)
         .collect()
 }
@@ -260,7 +264,10 @@ fn a_random_region_reads_back_the_same_after_a_lazy_resume_on_another_station() 
     let before = session_stats(&b)["ram"].clone();
     let again = run_b.ask("SUM", "md5sum /r.bin");
     let after = session_stats(&b)["ram"].clone();
-    assert_eq!(again, sum, "the random region changed across the lazy resume");
+    assert_eq!(
+        again, sum,
+        "the random region changed across the lazy resume"
+    );
     // The region came through the memory file system: reading it fetched chunks, and
     // by then at least its 512 chunks were fetched (random: none is zero).
     assert!(
@@ -320,12 +327,7 @@ fn a_killed_lazy_session_keeps_the_last_suspended_memory_and_its_flushed_writes(
     );
     assert_eq!(mounts_under(&b), Vec::<String>::new(), "mounts left on B");
     // The memory of the last suspend is still there: A's version resumes with it.
-    let mut again = start(
-        &bank,
-        &b,
-        &format!("alice/dev@{v_a}"),
-        &["--lazy-memory"],
-    );
+    let mut again = start(&bank, &b, &format!("alice/dev@{v_a}"), &["--lazy-memory"]);
     again.shell_answers();
     assert_eq!(again.ask("M", "cat /m"), "in-memory-42");
     lazy_suspend(&bank, &b, &mut again);
@@ -368,7 +370,11 @@ fn ram_chunks(bank: &Bank, v: &str) -> std::collections::BTreeSet<String> {
     let info = b
         .resolve(&format!("alice/dev@{v}").parse().unwrap())
         .unwrap();
-    let idx = b.catalog().stream(&info, "ram").unwrap().expect("a ram stream");
+    let idx = b
+        .catalog()
+        .stream(&info, "ram")
+        .unwrap()
+        .expect("a ram stream");
     idx.runs
         .iter()
         .filter_map(|r| r.id.map(|id| id.to_string()))
@@ -433,7 +439,10 @@ fn a_damaged_ram_chunk_is_named_the_machine_released_and_an_older_version_resume
         "the error does not name the version {v2}:\n{err}"
     );
     assert!(err.contains("RAM"), "{err}");
-    assert!(!run_c.stdout().contains(&sum), "the checksum cannot come out right");
+    assert!(
+        !run_c.stdout().contains(&sum),
+        "the checksum cannot come out right"
+    );
     assert_eq!(mounts_under(&c), Vec::<String>::new(), "mounts left on C");
     // The machine was released, and the older version resumes (on the same station).
     let mut older = start(&bank, &c, &format!("alice/dev@{v1}"), &["--lazy-memory"]);
@@ -477,13 +486,18 @@ fn wait_stats(cache: &Path, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
 
 #[test]
 fn a_lazy_resume_through_a_served_bank_waits_out_a_server_restart() {
-    let mut server = common::PlainServer::start(&[("alice", "alice-secret-1", false)], &|_| {}, &[]);
+    let mut server =
+        common::PlainServer::start(&[("alice", "alice-secret-1", false)], &|_| {}, &[]);
     let url = format!("http://127.0.0.1:{}", server.port);
     let config = server.tmp.path().join("config");
     let mut login = common::mbank();
-    login
-        .env("XDG_CONFIG_HOME", &config)
-        .args(["login", &url, "--user", "alice", "--password-stdin"]);
+    login.env("XDG_CONFIG_HOME", &config).args([
+        "login",
+        &url,
+        "--user",
+        "alice",
+        "--password-stdin",
+    ]);
     common::run_with_input(login, b"alice-secret-1\n").ok();
     let bank = Bank::remote(&url, &server.tmp.path().join("scratch"), &config);
     let (a, b) = (bank.file("cacheA"), bank.file("cacheB"));
@@ -515,4 +529,55 @@ fn a_lazy_resume_through_a_served_bank_waits_out_a_server_restart() {
     restart(&mut server);
     run_b.wait_for(&format!("MBANK-SUM {sum}"));
     lazy_suspend(&bank, &b, &mut run_b);
+}
+
+/// A lazy resume records the RAM chunks its guest waited for, in order, and stores the
+/// list with its next suspend; a resume of that version on another empty station
+/// fetches them ahead of the guest, which then waits on far fewer faults. Counts only.
+#[test]
+fn a_recorded_ram_working_set_spares_the_next_lazy_resume_its_faults() {
+    let bank = Bank::new();
+    let (a, b, c) = (
+        bank.file("cacheA"),
+        bank.file("cacheB"),
+        bank.file("cacheC"),
+    );
+    create_machine_mib(&bank, "alice/dev", 64);
+    let (v1, sum) = suspended_with_random(&bank, &a, 16);
+    // A booted into a fresh RAM: it waited for nothing, so it stored no list.
+    let streams = |v: &str| -> Vec<String> {
+        let b = mbank_bank::Bank::open(&bank.path, true).unwrap();
+        let info = b
+            .resolve(&format!("alice/dev@{v}").parse().unwrap())
+            .unwrap();
+        info.streams
+    };
+    assert!(!streams(&v1).contains(&"ramset".to_string()));
+    // B: nothing to replay; the guest faults its RAM in.
+    let mut run_b = start(&bank, &b, "alice/dev", &["--lazy-memory"]);
+    run_b.shell_answers();
+    assert_eq!(run_b.ask("SUM", "md5sum /r.bin"), sum);
+    let at_b = session_stats(&b)["ram"].clone();
+    assert_eq!(n(&at_b["chunks_prefetched"]), 0, "{at_b}");
+    let (v2, _) = lazy_suspend(&bank, &b, &mut run_b);
+    assert!(
+        streams(&v2).contains(&"ramset".to_string()),
+        "{:?}",
+        streams(&v2)
+    );
+    // C, empty cache: the same work, with B's list fetched ahead of the guest.
+    let mut run_c = start(&bank, &c, "alice/dev", &["--lazy-memory"]);
+    run_c.shell_answers();
+    assert_eq!(run_c.ask("SUM", "md5sum /r.bin"), sum);
+    let at_c = session_stats(&c)["ram"].clone();
+    eprintln!("RAM at the checksum: B (no list) {at_b}, C (B's list) {at_c}");
+    assert!(n(&at_c["chunks_prefetched"]) > 0, "{at_c}");
+    assert!(
+        n(&at_c["faults_waited"]) * 2 < n(&at_b["faults_waited"]),
+        "C waited on {} faults, B on {}",
+        at_c["faults_waited"],
+        at_b["faults_waited"]
+    );
+    lazy_suspend(&bank, &c, &mut run_c);
+    bank.verify_ok();
 }

@@ -233,7 +233,11 @@ impl Running {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            assert!(n < 120, "the guest's shell never answered:\n{}", self.stdout());
+            assert!(
+                n < 120,
+                "the guest's shell never answered:\n{}",
+                self.stdout()
+            );
         }
     }
 
