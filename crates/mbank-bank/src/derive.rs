@@ -198,7 +198,7 @@ mod tests {
             total_len: 4,
             runs: vec![MemoryRun { id: None, len: 4 }],
         };
-        let streams: Vec<NamedStream> = [MEMORY_STREAM, RAM_STREAM, "kernel"]
+        let streams: Vec<NamedStream> = [MEMORY_STREAM, RAM_STREAM, RAM_SET_STREAM, "kernel"]
             .iter()
             .map(|n| (n.to_string(), s.clone()))
             .collect();

@@ -13,6 +13,9 @@
 //!   read-around, 1 MiB) in one batch request ([`CachedStore::fetch_many`]); zero
 //!   chunks cost nothing. A fresh boot mounts an
 //!   all-zero image: nothing is ever fetched.
+//! - **RAM working set** ([`RAM_SET_STREAM`]): the chunks the guest's faults fetched, in
+//!   order, stored by [`LazyRam::save`]; the next resume of that version replays it in
+//!   the background ([`LazyRam::prefetch`], [`PREFETCH_BATCH`] chunks per batch).
 //! - **Suspend** ([`LazyRam::save`], after QEMU's `stop`): the RAM file is fsynced, so
 //!   the kernel hands every page the guest dirtied back to the image as a write; then
 //!   only the chunks written since the mount ([`mbank_memfs::MemImage::dirty_chunks`])
@@ -21,8 +24,10 @@
 //!   sends its dirty chunks only.
 //!
 //! Crashes: the overlay and the dirty map are not journalled. A session killed while
-//! running loses its RAM (the disk is recovered as after a power loss) and may leave
-//! its mount behind; [`unmount_stale`] detaches it before the directory is removed.
+//! running loses its RAM since the version it resumed (the disk is recovered as after
+//! a power loss) and leaves its mount behind; [`unmount_stale`] detaches it before the
+//! directory is removed. A chunk that cannot be fetched is an I/O error for the guest
+//! (QEMU dies of SIGBUS); [`RamStats::last_error`] names it for the session's error.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
