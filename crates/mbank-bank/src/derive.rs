@@ -29,6 +29,10 @@ pub const MEMORY_STREAM: &str = "memory";
 /// either: it is half of the suspended state whose other half is [`MEMORY_STREAM`].
 pub const RAM_STREAM: &str = "ram";
 
+/// The order in which a lazy resume's guest first touched RAM chunks (docs/formats.md,
+/// "RAM working set"), stored with the `ram` it applies to and never inherited either.
+pub const RAM_SET_STREAM: &str = "ramset";
+
 /// The outcome of the commit of version `id` of `m` if it exists already (the commit is
 /// a repeat); `None` if it does not.
 pub fn repeated_commit(
@@ -80,7 +84,10 @@ pub fn inherited(
 ) -> Result<(Option<String>, Vec<NamedStream>), CatalogError> {
     let mut all = cat.streams(parent)?;
     all.retain(|(n, _)| {
-        n != MEMORY_STREAM && n != RAM_STREAM && !streams.iter().any(|(e, _)| e == n)
+        n != MEMORY_STREAM
+            && n != RAM_STREAM
+            && n != RAM_SET_STREAM
+            && !streams.iter().any(|(e, _)| e == n)
     });
     all.extend(streams.iter().cloned());
     Ok((config.or_else(|| parent.config.clone()), all))
@@ -191,7 +198,7 @@ mod tests {
             total_len: 4,
             runs: vec![MemoryRun { id: None, len: 4 }],
         };
-        let streams: Vec<NamedStream> = [MEMORY_STREAM, RAM_STREAM, "kernel"]
+        let streams: Vec<NamedStream> = [MEMORY_STREAM, RAM_STREAM, RAM_SET_STREAM, "kernel"]
             .iter()
             .map(|n| (n.to_string(), s.clone()))
             .collect();

@@ -65,6 +65,8 @@ struct Inner {
     /// [`MemImage::clear_dirty`]).
     dirty: Vec<u64>,
     last_error: Option<String>,
+    /// The chunks a guest access fetched, in the order of their first fetch.
+    faults: Vec<u32>,
 }
 
 /// A guest RAM image of fixed-size chunks, fetched on first access through a
@@ -134,6 +136,7 @@ impl MemImage {
                 states,
                 dirty: vec![0; layout.chunks().div_ceil(64)],
                 last_error: None,
+                faults: Vec::new(),
             }),
             fetched: Condvar::new(),
             stats: Stats::default(),
@@ -176,6 +179,9 @@ impl MemImage {
                 }
                 State::Absent => {
                     g.states[i] = State::Fetching;
+                    if guest {
+                        g.faults.push(i as u32);
+                    }
                     drop(g);
                     if guest && !waited {
                         self.stats.faults_waited.fetch_add(1, Ordering::Relaxed);
@@ -206,23 +212,38 @@ impl MemImage {
         self.store_fetched(i, data)
     }
 
-    /// Fetches, in one [`Fetcher::fetch_many`], the chunks of `range` that are absent
-    /// (claiming them first, so others wait for this fetch), for a guest access. The
-    /// caller then [`MemImage::ensure`]s each chunk of the range. Returns the first
-    /// failed fetch's error.
-    fn fetch_absent(&self, range: std::ops::Range<usize>) -> Result<(), MemError> {
+    /// Fetches, in one [`Fetcher::fetch_many`], the chunks of `chunks` that are absent
+    /// (claiming them first, so others wait for this fetch), for a guest access
+    /// (`guest`, counted as faults waited) or ahead of the guest (counted as
+    /// prefetched). After a guest access the caller [`MemImage::ensure`]s each chunk.
+    /// Returns the first failed fetch's error.
+    fn fetch_absent(
+        &self,
+        chunks: impl IntoIterator<Item = usize>,
+        guest: bool,
+    ) -> Result<(), MemError> {
         let mut g = self.lock();
-        let mine: Vec<usize> = range.filter(|&i| g.states[i] == State::Absent).collect();
+        let n = self.layout.chunks();
+        let mine: Vec<usize> = chunks
+            .into_iter()
+            .filter(|&i| i < n && g.states[i] == State::Absent)
+            .collect();
         for &i in &mine {
             g.states[i] = State::Fetching;
+            if guest {
+                g.faults.push(i as u32);
+            }
         }
         drop(g);
         if mine.is_empty() {
             return Ok(());
         }
-        self.stats
-            .faults_waited
-            .fetch_add(mine.len() as u64, Ordering::Relaxed);
+        let counter = if guest {
+            &self.stats.faults_waited
+        } else {
+            &self.stats.prefetched
+        };
+        counter.fetch_add(mine.len() as u64, Ordering::Relaxed);
         let mut results = self.fetcher.fetch_many(&mine).into_iter();
         let mut outcomes: Vec<_> = mine
             .iter()
@@ -294,7 +315,7 @@ impl MemImage {
     pub fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, MemError> {
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         let range = self.chunk_range(offset, len as u64);
-        self.fetch_absent(range.clone())?;
+        self.fetch_absent(range.clone(), true)?;
         for i in range {
             self.ensure(i, true)?;
         }
@@ -356,6 +377,19 @@ impl MemImage {
             return Ok(());
         }
         self.ensure(i, false)
+    }
+
+    /// Fetches the absent chunks of `chunks` ahead of the guest in one
+    /// [`Fetcher::fetch_many`] (a guest access to one of them meanwhile waits for this
+    /// fetch). Chunks past the end are ignored.
+    pub fn prefetch_many(&self, chunks: &[usize]) -> Result<(), MemError> {
+        self.fetch_absent(chunks.iter().copied(), false)
+    }
+
+    /// The chunks guest accesses fetched so far, in the order of their first fetch
+    /// (the RAM's working set, for a later resume to fetch ahead of the guest).
+    pub fn fault_order(&self) -> Vec<usize> {
+        self.lock().faults.iter().map(|&i| i as usize).collect()
     }
 
     /// Makes the overlay durable (`fdatasync`). The kernel hands dirty pages of a

@@ -275,3 +275,19 @@ fn prefetch_fills_ahead_and_a_fault_after_it_waits_for_nothing() {
     assert_eq!((c.prefetched, c.faults_waited, c.chunks_fetched), (1, 0, 1));
     assert_eq!(f.total(), 1);
 }
+
+#[test]
+fn faults_are_recorded_in_order_and_a_prefetch_of_many_is_one_batch() {
+    let (_d, img, f) = image(6, &[], false);
+    img.read(4 * CS as u64, 1).unwrap();
+    img.read(CS as u64, 1).unwrap();
+    img.read(4 * CS as u64 + 1, 1).unwrap();
+    // A prefetch is no fault; it fetches only what is absent, in one batch.
+    img.prefetch_many(&[0, 1, 2, 99]).unwrap();
+    assert_eq!(img.fault_order(), vec![4, 1]);
+    assert_eq!(f.batches.lock().unwrap().last().unwrap(), &vec![0, 2]);
+    img.read(0, 1).unwrap();
+    let c = img.counters();
+    assert_eq!((c.prefetched, c.faults_waited, c.chunks_fetched), (2, 2, 4));
+    assert_eq!(img.fault_order(), vec![4, 1]);
+}

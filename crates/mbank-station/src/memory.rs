@@ -13,6 +13,9 @@
 //!   read-around, 1 MiB) in one batch request ([`CachedStore::fetch_many`]); zero
 //!   chunks cost nothing. A fresh boot mounts an
 //!   all-zero image: nothing is ever fetched.
+//! - **RAM working set** ([`RAM_SET_STREAM`]): the chunks the guest's faults fetched, in
+//!   order, stored by [`LazyRam::save`]; the next resume of that version replays it in
+//!   the background ([`LazyRam::prefetch`], [`PREFETCH_BATCH`] chunks per batch).
 //! - **Suspend** ([`LazyRam::save`], after QEMU's `stop`): the RAM file is fsynced, so
 //!   the kernel hands every page the guest dirtied back to the image as a write; then
 //!   only the chunks written since the mount ([`mbank_memfs::MemImage::dirty_chunks`])
@@ -21,11 +24,14 @@
 //!   sends its dirty chunks only.
 //!
 //! Crashes: the overlay and the dirty map are not journalled. A session killed while
-//! running loses its RAM (the disk is recovered as after a power loss) and may leave
-//! its mount behind; [`unmount_stale`] detaches it before the directory is removed.
+//! running loses its RAM since the version it resumed (the disk is recovered as after
+//! a power loss) and leaves its mount behind; [`unmount_stale`] detaches it before the
+//! directory is removed. A chunk that cannot be fetched is an I/O error for the guest
+//! (QEMU dies of SIGBUS); [`RamStats::last_error`] names it for the session's error.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use mbank_bank::{Bank, StreamStats, WriterGuard};
 use mbank_core::chunk::{DEFAULT_ZSTD_LEVEL, encode};
@@ -35,7 +41,15 @@ use mbank_store::ChunkStore;
 
 use crate::cached::CachedStore;
 
-pub use mbank_bank::derive::RAM_STREAM;
+pub use mbank_bank::derive::{RAM_SET_STREAM, RAM_STREAM};
+
+/// `MBRS`: the magic of a RAM working set ([`RAM_SET_STREAM`]).
+pub const RAM_SET_MAGIC: [u8; 4] = *b"MBRS";
+pub const RAM_SET_VERSION: u8 = 1;
+const RAM_SET_HEADER: usize = 12;
+
+/// RAM chunks fetched at once by the working set's replay.
+pub const PREFETCH_BATCH: usize = 16;
 
 /// Bytes per RAM chunk (ARCHITECTURE.md, "Lazy memory": small chunks keep the dirty set
 /// of a suspend small).
@@ -70,6 +84,11 @@ pub enum MemoryError {
     /// The bank refused the RAM's chunks.
     #[error("cannot store the guest's RAM in the bank: {0} (the guest keeps running; try again)")]
     Store(#[from] mbank_store::StoreError),
+    /// The bank refused the RAM's working set.
+    #[error(
+        "cannot store the guest's RAM working set in the bank: {0} (the guest keeps running; try again)"
+    )]
+    Bank(#[from] mbank_bank::BankError),
 }
 
 /// Fetches RAM chunks through the session's [`CachedStore`].
@@ -123,8 +142,15 @@ pub struct RamStats {
     pub bytes_fetched: u64,
     /// Fault reads and partial writes that waited for a fetch.
     pub faults_waited: u64,
+    /// Chunks fetched ahead of the guest by the replay of the recorded working set.
+    pub chunks_prefetched: u64,
     /// Chunks the guest wrote since the mount (as far as the kernel wrote them back).
     pub chunks_dirty: u64,
+    /// Fetches that failed (the guest's access got an I/O error: QEMU dies of SIGBUS),
+    /// and the last failure's message, which names the chunk.
+    pub fetch_errors: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// A handle that reads a [`LazyRam`]'s statistics from another thread.
@@ -144,7 +170,10 @@ impl RamStatsHandle {
             chunks_fetched: c.chunks_fetched,
             bytes_fetched: c.bytes_fetched,
             faults_waited: c.faults_waited,
+            chunks_prefetched: c.prefetched,
             chunks_dirty: c.dirty_chunks,
+            fetch_errors: c.fetch_errors,
+            last_error: c.last_error,
         }
     }
 }
@@ -154,6 +183,65 @@ pub struct LazyRam {
     mount: Option<MemMount>,
     base: Vec<Option<ChunkId>>,
     layout: Layout,
+    /// The working set the version came with (replayed by [`LazyRam::prefetch`]).
+    inherited_set: Vec<usize>,
+    prefetcher: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+}
+
+/// What [`LazyRam::save`] stored: the `ram` index and what storing it did, and the
+/// RAM working set ([`RAM_SET_STREAM`]) with its number of entries, if the session
+/// recorded one.
+pub struct SavedRam {
+    pub index: MemoryIndex,
+    pub stats: StreamStats,
+    pub working_set: Option<(MemoryIndex, u64)>,
+}
+
+/// A RAM working set as bytes (docs/formats.md, "RAM working set"): `MBRS`, format
+/// version 1, three zero bytes, the entry count (u32 LE), then each entry, a chunk
+/// number of the RAM (u32 LE), in order of first use.
+pub fn encode_ram_set(chunks: &[usize]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(RAM_SET_HEADER + 4 * chunks.len());
+    b.extend_from_slice(&RAM_SET_MAGIC);
+    b.extend_from_slice(&[RAM_SET_VERSION, 0, 0, 0]);
+    b.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
+    for &c in chunks {
+        b.extend_from_slice(&(c as u32).to_le_bytes());
+    }
+    b
+}
+
+/// Parses a RAM working set of a RAM of `chunks` chunks; see [`encode_ram_set`].
+pub fn decode_ram_set(b: &[u8], chunks: usize) -> Result<Vec<usize>, String> {
+    if b.len() < RAM_SET_HEADER || b[..4] != RAM_SET_MAGIC {
+        return Err("not a RAM working set (no MBRS header)".into());
+    }
+    if b[4] != RAM_SET_VERSION {
+        return Err(format!("RAM working set format {} is not known", b[4]));
+    }
+    let n = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")) as usize;
+    let body = &b[RAM_SET_HEADER..];
+    if body.len() != n.saturating_mul(4) {
+        return Err(format!(
+            "the RAM working set says {n} entries but holds {} bytes of them",
+            body.len()
+        ));
+    }
+    body.chunks_exact(4)
+        .map(|e| u32::from_le_bytes(e.try_into().expect("4 bytes")) as usize)
+        .map(|c| {
+            if c < chunks {
+                Ok(c)
+            } else {
+                Err(format!("RAM chunk {c} is past the RAM's {chunks} chunks"))
+            }
+        })
+        .collect()
+}
+
+/// The most bytes a RAM working set of `chunks` chunks can take.
+pub fn ram_set_bound(chunks: usize) -> u64 {
+    (RAM_SET_HEADER + 4 * chunks) as u64
 }
 
 impl LazyRam {
@@ -196,7 +284,60 @@ impl LazyRam {
             mount: Some(mount),
             base: ids,
             layout,
+            inherited_set: Vec::new(),
+            prefetcher: None,
         })
+    }
+
+    /// Fetches the chunks of `working_set` (the version's [`RAM_SET_STREAM`]) ahead of
+    /// the guest, in its order, [`PREFETCH_BATCH`] at a time, in a background thread
+    /// that ends with the mount; the guest's faults go on meanwhile (a fault on a chunk
+    /// in flight waits for that fetch). A failed batch is left to the guest's faults.
+    pub fn prefetch(&mut self, working_set: Vec<usize>) {
+        self.inherited_set = working_set.clone();
+        let image = self.mounted().image().clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let h = std::thread::Builder::new()
+            .name("ram-prefetch".into())
+            .spawn(move || {
+                for batch in working_set.chunks(PREFETCH_BATCH) {
+                    if s.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let _ = image.prefetch_many(batch);
+                }
+            });
+        if let Ok(h) = h {
+            self.prefetcher = Some((stop, h));
+        }
+    }
+
+    fn stop_prefetch(&mut self) {
+        if let Some((stop, h)) = self.prefetcher.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = h.join();
+        }
+    }
+
+    /// The RAM working set to store with the next version: the chunks this session's
+    /// guest fetched on fault, in order, then those of the inherited set it lacks (they
+    /// were prefetched, so they are no faults here, but still needed).
+    fn working_set(&self) -> Vec<usize> {
+        let mut order = self.mounted().image().fault_order();
+        if order.is_empty() {
+            return order;
+        }
+        let mut have = vec![false; self.layout.chunks()];
+        for &c in &order {
+            have[c] = true;
+        }
+        order.extend(
+            self.inherited_set
+                .iter()
+                .filter(|&&c| c < have.len() && !std::mem::replace(&mut have[c], true)),
+        );
+        order
     }
 
     fn mounted(&self) -> &MemMount {
@@ -220,11 +361,7 @@ impl LazyRam {
     /// sends the chunks written since the mount, and returns the `ram` index (the
     /// parent's runs for the rest). `guard` keeps what is sent from GC until the version
     /// naming it commits.
-    pub fn save(
-        &self,
-        bank: &Bank,
-        _guard: &WriterGuard,
-    ) -> Result<(MemoryIndex, StreamStats), MemoryError> {
+    pub fn save(&self, bank: &Bank, guard: &WriterGuard) -> Result<SavedRam, MemoryError> {
         let m = self.mounted();
         m.sync().map_err(|source| MemoryError::Io {
             path: m.file().to_path_buf(),
@@ -271,23 +408,41 @@ impl LazyRam {
         st.bytes = self.layout.size;
         st.chunks = runs.len() as u64;
         st.chunks_zero = runs.iter().filter(|r| r.id.is_none()).count() as u64;
-        Ok((
-            MemoryIndex {
+        // The chunks the guest waited for, for the next resume to fetch ahead of it.
+        let ws = self.working_set();
+        let working_set = if ws.is_empty() {
+            None
+        } else {
+            let (idx, ws_st) = bank.store_stream(guard, &encode_ram_set(&ws)[..])?;
+            st.chunks_new += ws_st.chunks_new;
+            st.bytes_stored += ws_st.bytes_stored;
+            Some((idx, ws.len() as u64))
+        };
+        Ok(SavedRam {
+            index: MemoryIndex {
                 total_len: self.layout.size,
                 runs,
             },
-            st,
-        ))
+            stats: st,
+            working_set,
+        })
     }
 
     /// Unmounts the RAM file system (QEMU must have exited).
     pub fn unmount(mut self) -> Result<(), MemoryError> {
+        self.stop_prefetch();
         let Some(m) = self.mount.take() else {
             return Ok(());
         };
         let dir = m.file().parent().map(Path::to_path_buf).unwrap_or_default();
         m.unmount()
             .map_err(|source| MemoryError::Io { path: dir, source })
+    }
+}
+
+impl Drop for LazyRam {
+    fn drop(&mut self) {
+        self.stop_prefetch();
     }
 }
 
@@ -324,10 +479,10 @@ pub fn ram_ids(idx: &MemoryIndex, layout: Layout) -> Result<Vec<Option<ChunkId>>
 /// Detaches a RAM mount a killed session left in `session_dir` (best effort), so the
 /// directory can be removed.
 pub fn unmount_stale(session_dir: &Path) {
+    // No look at `dir` first: on a mount whose server died, stat fails with ENOTCONN,
+    // so `exists()` says false for exactly the mount to detach. umount2 on a directory
+    // that is no mount point (or none at all) fails harmlessly.
     let dir = session_dir.join(MOUNT_DIR);
-    if !dir.exists() {
-        return;
-    }
     let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
         return;
     };
@@ -338,6 +493,24 @@ pub fn unmount_stale(session_dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ram_working_set_round_trips_and_bad_ones_are_refused() {
+        let list = vec![7, 0, 4095, 3];
+        let b = encode_ram_set(&list);
+        assert_eq!(b.len() as u64, ram_set_bound(4));
+        assert_eq!(decode_ram_set(&b, 4096).unwrap(), list);
+        assert!(decode_ram_set(&b, 4000).unwrap_err().contains("4095"));
+        assert!(decode_ram_set(&b[..b.len() - 1], 4096).is_err());
+        assert!(decode_ram_set(b"MBWS", 4096).is_err());
+        let mut other = b.clone();
+        other[4] = 9;
+        assert!(
+            decode_ram_set(&other, 4096)
+                .unwrap_err()
+                .contains("format 9")
+        );
+    }
 
     #[test]
     fn a_ram_index_must_have_one_run_per_chunk() {

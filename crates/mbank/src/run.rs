@@ -40,7 +40,10 @@ use mbank_bank::{Bank, ImportOptions, Progress, StreamStats, Unit};
 use mbank_core::{MachineRef, MemoryIndex};
 use mbank_nbd::ServerOptions;
 use mbank_station::device::{Disk, NbdDisk};
-use mbank_station::memory::{LazyRam, RAM_STREAM, RamStats, RamStatsHandle};
+use mbank_station::memory::{
+    LazyRam, RAM_CHUNK, RAM_SET_STREAM, RAM_STREAM, RamStats, RamStatsHandle, SavedRam,
+    decode_ram_set, ram_set_bound,
+};
 use mbank_station::{CheckinExtras, Session, SessionOptions, SessionReport, Station};
 use mbank_vm::qmp::Qmp;
 use mbank_vm::{Accel, Boot, Display, Launch, MachineConfig, SavedHardware};
@@ -764,7 +767,7 @@ fn run_session(
         std::thread::sleep(Duration::from_millis(10));
     }
     // Lazy memory: the guest's RAM on the station's memory file system.
-    let ram = match lazy_ram(bank, session, v, config, args.lazy_memory) {
+    let ram = match lazy_ram(bank, session, v, config, args.lazy_memory, say) {
         Ok(r) => r,
         Err(e) => {
             end_service.notify_one();
@@ -985,13 +988,21 @@ fn run_session(
         ));
         streams.push(("memory".to_string(), idx));
         streams_stored = (stats.chunks_new, stats.bytes_stored);
-        if let Some((idx, st)) = ram_idx {
+        if let Some(SavedRam {
+            index,
+            stats: st,
+            working_set,
+        }) = ram_idx
+        {
             say(format!(
                 "saved the guest's RAM: {} chunks written since the start, {} new in the bank",
                 st.chunks_new,
                 bytes(st.bytes_stored)
             ));
-            streams.push((RAM_STREAM.to_string(), idx));
+            streams.push((RAM_STREAM.to_string(), index));
+            if let Some((ws, _)) = working_set {
+                streams.push((RAM_SET_STREAM.to_string(), ws));
+            }
             streams_stored.0 += st.chunks_new;
             streams_stored.1 += st.bytes_stored;
             ram_saved = Some(st);
@@ -1163,6 +1174,24 @@ fn run_session(
         ram: ram_final,
         session,
     };
+    if ending == Ending::Crash
+        && let Some(ram) = &report.ram
+        && ram.fetch_errors > 0
+    {
+        bail!(
+            "the saved RAM of {m}@{} could not be read from the bank: {}; QEMU stopped, as a \
+             guest cannot go on without its memory. {m} was released ({}); older versions are \
+             untouched: run one with `mbank run {m}@VERSION` (see `mbank log {m}`), and run \
+             `mbank verify` on the bank's host to see what else is damaged",
+            v.id.short(),
+            ram.last_error.as_deref().unwrap_or("a fetch failed"),
+            match report.session.version.as_deref() {
+                Some(v) => format!("its disk was checked in as {v}"),
+                None => "its disk was unchanged".to_string(),
+            },
+            m = report.machine,
+        );
+    }
     if ending == Ending::Crash {
         bail!(
             "{} stopped abnormally; its disk was checked in as {} (as after a power loss)",
@@ -1183,7 +1212,7 @@ type SavedMemory = (
     MemoryIndex,
     StreamStats,
     mbank_bank::WriterGuard,
-    Option<(MemoryIndex, StreamStats)>,
+    Option<SavedRam>,
 );
 
 /// With lazy memory (`--lazy-memory`, or a version whose RAM was saved so), mounts the
@@ -1194,18 +1223,43 @@ fn lazy_ram(
     v: &mbank_catalog::VersionInfo,
     config: &MachineConfig,
     asked: bool,
+    say: &dyn Fn(String),
 ) -> Result<Option<LazyRam>> {
     let base = bank.catalog().stream(v, RAM_STREAM)?;
     if !asked && base.is_none() {
         return Ok(None);
     }
-    let ram = LazyRam::mount(
+    let mut ram = LazyRam::mount(
         session.chunks().clone(),
         &session.disk().dir.dir,
         config.memory_mib << 20,
         base.as_ref(),
     )
     .with_context(|| format!("{}@{}", v.machine, v.id.short()))?;
+    // The chunks the last resume's guest waited for, fetched ahead of this one's. The
+    // list is advice: one that cannot be read is a warning.
+    if base.is_some()
+        && let Some(idx) = bank.catalog().stream(v, RAM_SET_STREAM)?
+    {
+        let chunks = ((config.memory_mib << 20) as usize).div_ceil(RAM_CHUNK as usize);
+        let list = if idx.total_len > ram_set_bound(chunks) {
+            Err(format!("{} bytes is too long", idx.total_len))
+        } else {
+            let mut b = Vec::new();
+            session
+                .fetch_stream(&idx, &mut b, 1, &AtomicU64::new(0))
+                .map_err(|e| e.to_string())
+                .and_then(|()| decode_ram_set(&b, chunks))
+        };
+        match list {
+            Ok(list) => ram.prefetch(list),
+            Err(e) => say(format!(
+                "warning: the RAM working set of {}@{} is not used: {e}; the guest fetches its RAM as it needs it",
+                v.machine,
+                v.id.short()
+            )),
+        }
+    }
     Ok(Some(ram))
 }
 

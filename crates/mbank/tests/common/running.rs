@@ -100,6 +100,12 @@ pub fn kill_sessions(cache: &Path) {
                 .args(["-9", &pid.to_string()])
                 .status();
         }
+        // A killed session with lazy memory leaves its RAM file system mounted.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(d.path().join("ram.mnt"))
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -206,6 +212,72 @@ impl Running {
             .or_else(|| out.starts_with("{\n").then_some(0))
             .and_then(|i| serde_json::from_str(out[i..].trim()).ok());
         (st.success(), report)
+    }
+
+    /// Waits for the `shell` job's prompt and until the shell reads the console (it
+    /// may not at once: asks until it answers, bounded).
+    pub fn wait_shell(&mut self) {
+        self.wait_for("exit it to power off");
+        self.shell_answers();
+    }
+
+    /// Waits until the guest's shell answers on the console (after a resume: the
+    /// prompt was printed before the suspend).
+    pub fn shell_answers(&mut self) {
+        for n in 1.. {
+            self.type_line("echo MBANK-\"\"UP");
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(1) {
+                if self.stdout().contains("MBANK-UP") {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(
+                n < 120,
+                "the guest's shell never answered:\n{}",
+                self.stdout()
+            );
+        }
+    }
+
+    /// Lines of the console that start with `marker` (the rest of each, trimmed).
+    pub fn lines(&self, marker: &str) -> Vec<String> {
+        self.stdout()
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(marker))
+            .map(|r| r.trim().to_string())
+            .collect()
+    }
+
+    /// Runs `cmd` in the guest's shell (the `shell` job) and returns what it printed,
+    /// each line after `MBANK-<tag>`; the marker is split in the typed line, so the
+    /// console's echo never matches.
+    pub fn ask(&mut self, tag: &str, cmd: &str) -> String {
+        let marker = format!("MBANK-{tag} ");
+        let n = self.lines(&marker).len();
+        self.type_line(&format!("{cmd} | sed \"s/^/MBANK-\"\"{tag} /\""));
+        let t = Instant::now();
+        loop {
+            let got = self.lines(&marker);
+            if got.len() > n {
+                return got[n].clone();
+            }
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "mbank run exited ({st}) before answering {cmd:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            assert!(
+                t.elapsed() < DEFAULT_TIMEOUT,
+                "no answer to {cmd:?} after {DEFAULT_TIMEOUT:?}\nstdout:\n{}\nstderr:\n{}",
+                self.stdout(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn pid(&self) -> u32 {
