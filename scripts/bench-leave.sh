@@ -115,8 +115,11 @@ EOF
 start_attach() { # K MACHINE EXTRA...: attach on station K, its socket T/sK.sock
     local k=$1 m=$2
     shift 2
-    in_st "$k" "$MBANK" --bank "$URL" --cache "$T/cache$k" attach "$m" --socket "$T/s$k.sock" \
-        --checkpoint-minutes 0 --json "$@" >"$T/attach$k.json" 2>"$T/attach$k.err" &
+    # Not through in_st: $! must be mbank itself (ip netns exec and env exec it), for
+    # the SIGINT below.
+    ip netns exec "$(st_ns "$k")" env XDG_CONFIG_HOME="$T/cfg-$k" "$MBANK" --bank "$URL" \
+        --cache "$T/cache$k" attach "$m" --socket "$T/s$k.sock" --checkpoint-minutes 0 \
+        --json "$@" >"$T/attach$k.json" 2>"$T/attach$k.err" &
     PIDS+=($!)
     eval "APID$k=$!"
     for ((i = 0; i < 600; i++)); do
@@ -136,20 +139,25 @@ wait "$W1" || die "the writer on station 1 failed"
 wait "$W2" || die "the writer on station 2 failed"
 log "  $(cat "$T/w1.out"); $(cat "$T/w2.out")"
 
-# SIGINT to both at once; each leave time until its attach exits.
-leave() { # K: SIGINT, wait, print seconds
-    local k=$1 pid t0
-    pid=$(eval echo "\$APID$k")
-    t0=$(now)
-    kill -INT "$pid"
-    wait "$pid" || die "attach on station $k failed: $(cat "$T/attach$k.err")"
-    calc "$(now) - $t0" >"$T/leave$k"
-}
-leave 1 &
-L1=$!
-leave 2 &
-L2=$!
-wait "$L1" "$L2"
+# SIGINT to both at once; each leave time until its attach exits (polled every 10 ms).
+t0=$(now)
+kill -INT "$APID1" "$APID2"
+left=2
+while ((left > 0)); do
+    left=0
+    for k in 1 2; do
+        [[ -e $T/leave$k ]] && continue
+        if kill -0 "$(eval echo "\$APID$k")" 2>/dev/null; then
+            left=$((left + 1))
+        else
+            calc "$(now) - $t0" >"$T/leave$k"
+        fi
+    done
+    sleep 0.01
+done
+for k in 1 2; do
+    wait "$(eval echo "\$APID$k")" || die "attach on station $k failed: $(cat "$T/attach$k.err")"
+done
 rate=$MBANK_LAB_RATE_BIT
 
 {
