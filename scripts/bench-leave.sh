@@ -9,11 +9,14 @@
 #
 # Both sessions run at the same time, each on its own station (its own shaped link; the
 # server's side is not shaped), so the run takes BENCH_LEAVE_SECONDS plus the slower
-# check-in. Each machine is an empty 4 GiB disk in a bank served over TLS from the
-# server's namespace; a writer (python3 with libnbd) writes incompressible 1 MiB blocks
+# check-in. Each machine is a 4 GiB disk (512 MiB of data, the rest zero) in a bank
+# served over TLS from the server's namespace; a writer (python3 with libnbd) writes incompressible 1 MiB blocks
 # at distinct offsets, paced evenly over the period, with a flush every 16 MiB, as a
 # guest saving its work would. Then SIGINT; the leave time is until `attach` exits, its
 # version committed. Prints what the check-in and the write-back sent (`attach --json`).
+# Meanwhile a reader on each station reads 4 KiB, 5 times a second, each from a chunk of
+# the disk's first 512 MiB (random data) not read before: the latency of a guest's read
+# miss while the write-back sends, against the other station's idle link.
 #
 # Env: MBANK (binary; else a release build, in CARGO_TARGET_DIR if set),
 # BENCH_LEAVE_MIB, BENCH_LEAVE_SECONDS, BENCH_LEAVE_PROFILE.
@@ -23,6 +26,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LAB_NET=$REPO_ROOT/scripts/lab-net.sh
 MIB=${BENCH_LEAVE_MIB:-1024}
+READ_MIB=512
 SECONDS_=${BENCH_LEAVE_SECONDS:-600}
 PROFILE=${BENCH_LEAVE_PROFILE:-100mbit}
 [[ $EUID == 0 ]] || die "must run as root (network namespaces)"
@@ -82,13 +86,18 @@ for ((i = 0; i < 600; i++)); do
     sleep 0.05
 done
 [[ -n $URL ]] || die "mbank serve did not say where it listens: $(cat "$T/serve.log")"
-truncate -s 4G "$T/empty.raw"
+# The disk: 4 GiB, its first READ_MIB of random data (what the reader reads), the rest
+# zero (where the writer writes). The second import finds every chunk in the bank.
+head -c "$((READ_MIB << 20))" /dev/urandom >"$T/base.raw"
+truncate -s 4G "$T/base.raw"
 for k in 1 2; do
     printf 'bench-password-leave\n' | in_st "$k" "$MBANK" -q login "$URL" --user bench \
         --password-stdin --ca-cert "$T/ca.pem" >/dev/null
 done
-in_st 1 "$MBANK" -q --bank "$URL" import bench/on "$T/empty.raw" >/dev/null
-in_st 1 "$MBANK" -q --bank "$URL" import bench/off "$T/empty.raw" >/dev/null
+log "importing the base disk ($READ_MIB MiB of data) through the server"
+in_st 1 "$MBANK" -q --bank "$URL" import bench/on "$T/base.raw" >/dev/null
+in_st 1 "$MBANK" -q --bank "$URL" import bench/off "$T/base.raw" >/dev/null
+rm -f "$T/base.raw"
 
 # The writer: MIB distinct 1 MiB blocks of random data, paced over SECONDS_, a flush
 # every 16 MiB and at the end.
@@ -97,7 +106,8 @@ import os, sys, time, random, nbd
 sock, mib, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 h = nbd.NBD()
 h.connect_uri("nbd+unix:///?socket=" + sock)
-blocks = list(range(h.get_size() >> 20))
+first = int(sys.argv[4])  # MiB: the writes go past the reader's data
+blocks = list(range(first, h.get_size() >> 20))
 random.Random(7).shuffle(blocks)
 t0 = time.monotonic()
 for i, b in enumerate(blocks[:mib]):
@@ -110,6 +120,33 @@ for i, b in enumerate(blocks[:mib]):
 h.flush()
 h.shutdown()
 print(f"wrote {mib} MiB in {time.monotonic() - t0:.1f} s")
+EOF
+# The reader: 4 KiB reads, each in a chunk not read before (a miss the guest waits on),
+# 5 a second for the period; prints the latencies' percentiles in ms as JSON.
+cat >"$T/reader.py" <<'EOF'
+import json, sys, time, random, nbd
+sock, mib, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+h = nbd.NBD()
+h.connect_uri("nbd+unix:///?socket=" + sock)
+chunks = list(range(mib * 16))  # 64 KiB chunks
+rnd = random.Random(11)
+rnd.shuffle(chunks)
+n = min(len(chunks), int(secs * 5))
+lat = []
+t0 = time.monotonic()
+for i in range(n):
+    off = (chunks[i] << 16) + (rnd.randrange(16) << 12)
+    s = time.monotonic()
+    h.pread(4096, off)
+    lat.append((time.monotonic() - s) * 1000)
+    ahead = t0 + secs * (i + 1) / n - time.monotonic()
+    if ahead > 0:
+        time.sleep(ahead)
+h.shutdown()
+lat.sort()
+q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))]
+print(json.dumps({"reads": n, "p50": q(0.5), "p99": q(0.99), "max": lat[-1],
+                  "mean": sum(lat) / n}))
 EOF
 
 start_attach() { # K MACHINE EXTRA...: attach on station K, its socket T/sK.sock
@@ -130,13 +167,17 @@ start_attach() { # K MACHINE EXTRA...: attach on station K, its socket T/sK.sock
 }
 start_attach 1 bench/on
 start_attach 2 bench/off --writeback-mbit 0
-log "writing $MIB MiB over $SECONDS_ s on both stations"
-/usr/bin/python3 "$T/writer.py" "$T/s1.sock" "$MIB" "$SECONDS_" >"$T/w1.out" &
-W1=$!
-/usr/bin/python3 "$T/writer.py" "$T/s2.sock" "$MIB" "$SECONDS_" >"$T/w2.out" &
-W2=$!
-wait "$W1" || die "the writer on station 1 failed"
-wait "$W2" || die "the writer on station 2 failed"
+log "writing $MIB MiB over $SECONDS_ s on both stations, reading meanwhile"
+for k in 1 2; do
+    /usr/bin/python3 "$T/writer.py" "$T/s$k.sock" "$MIB" "$SECONDS_" "$READ_MIB" >"$T/w$k.out" &
+    eval "W$k=$!"
+    /usr/bin/python3 "$T/reader.py" "$T/s$k.sock" "$READ_MIB" "$SECONDS_" >"$T/r$k.out" &
+    eval "R$k=$!"
+done
+for k in 1 2; do
+    wait "$(eval echo "\$W$k")" || die "the writer on station $k failed"
+    wait "$(eval echo "\$R$k")" || die "the reader on station $k failed"
+done
 log "  $(cat "$T/w1.out"); $(cat "$T/w2.out")"
 
 # SIGINT to both at once; each leave time until its attach exits (polled every 10 ms).
@@ -179,4 +220,15 @@ rate=$MBANK_LAB_RATE_BIT
     done
     echo
     echo "Ratio (off / on): $(printf %.1f "$(calc "$(cat "$T/leave2") / $(cat "$T/leave1")")")×"
+    echo
+    echo "Guest reads during the session (4 KiB, each a miss fetched from the bank, 5 a second):"
+    echo
+    echo "| station's link | reads | p50 ms | p99 ms | max ms | mean ms |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    for k in 1 2; do
+        [[ $k == 1 ]] && what="write-back sending" || what="idle (no write-back)"
+        printf '| %s | %s | %.1f | %.1f | %.1f | %.1f |\n' "$what" "$(field "$T/r$k.out" reads)" \
+            "$(field "$T/r$k.out" p50)" "$(field "$T/r$k.out" p99)" "$(field "$T/r$k.out" max)" \
+            "$(field "$T/r$k.out" mean)"
+    done
 } | tee "$T/report.md"

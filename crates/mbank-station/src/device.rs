@@ -33,7 +33,7 @@
 //! holds no stripe lock. The flight map is held only to look up or insert a flight,
 //! never across I/O.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -307,6 +307,17 @@ pub struct Disk {
     checkpoint_map: Mutex<Option<DirtyMap>>,
     /// Per chunk: written since the background write-back last took it.
     changed: Vec<AtomicBool>,
+    /// Per chunk the write-back stored: what it sent ([`Disk::record_written_back`]).
+    written_back: Mutex<HashMap<usize, WrittenBack>>,
+}
+
+/// A chunk the write-back stored in the bank: its id (`None`: all zeros, nothing
+/// stored) and the blocks of the overlay it was assembled from with their checksums.
+#[derive(Clone, Debug)]
+pub struct WrittenBack {
+    pub id: Option<ChunkId>,
+    pub mask: u64,
+    pub sums: Vec<crate::session::BlockSum>,
 }
 
 /// What [`Disk::snapshot_flushed`] took: the durable map, the flush count it
@@ -376,6 +387,7 @@ impl Disk {
             checkpoint: Mutex::new(None),
             checkpoint_map: Mutex::new(None),
             changed: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            written_back: Mutex::new(HashMap::new()),
         }
     }
 
@@ -384,6 +396,42 @@ impl Disk {
     pub fn take_changed(&self) -> Vec<usize> {
         (0..self.changed.len())
             .filter(|&i| self.changed[i].swap(false, Ordering::AcqRel))
+            .collect()
+    }
+
+    /// Records that the write-back stored chunk `i` as `wb` (durable in the bank). Valid
+    /// for the check-in only while nothing writes chunk `i` again (see
+    /// [`Disk::written_back`]).
+    pub fn record_written_back(&self, i: usize, wb: WrittenBack) {
+        self.written_back
+            .lock()
+            .expect("written-back lock")
+            .insert(i, wb);
+    }
+
+    /// The chunks whose content in `map` (the durable map after the last flush) is what
+    /// the write-back stored, with their ids: not written since the write-back took
+    /// them (a write marks the chunk after its data is in the overlay, so one that
+    /// raced the write-back's read marks it too), the same blocks in the overlay, and
+    /// each block's checksum as the write-back read it equal to the one recorded when it
+    /// was flushed (so what went to the bank is what was flushed, as the check-in's own
+    /// check of the overlay would require). The check-in takes these ids instead of
+    /// reading, checking and hashing the chunks again.
+    pub fn written_back(&self, map: &DirtyMap) -> HashMap<usize, Option<ChunkId>> {
+        let wb = self.written_back.lock().expect("written-back lock");
+        wb.iter()
+            .filter(|(i, w)| {
+                let i = **i;
+                !self.changed[i].load(Ordering::Acquire)
+                    && map.masks.get(i) == Some(&w.mask)
+                    && w.mask != 0
+                    && (0..64)
+                        .filter(|j| w.mask & (1 << j) != 0)
+                        .zip(&w.sums)
+                        .all(|(j, sum)| map.sums.get(&(i as u64 * 64 + j)) == Some(sum))
+                    && w.sums.len() == w.mask.count_ones() as usize
+            })
+            .map(|(i, w)| (*i, w.id))
             .collect()
     }
 

@@ -53,6 +53,7 @@ pub mod session;
 pub mod workset;
 pub mod writeback;
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -148,6 +149,9 @@ pub struct SessionReport {
     pub chunks_written: u64,
     pub chunks_uploaded: u64,
     pub bytes_uploaded: u64,
+    /// Dirty chunks the check-in took as the background write-back stored them, without
+    /// reading them again.
+    pub chunks_written_back: u64,
     pub seconds: f64,
     pub checkin_seconds: f64,
     pub recovered: bool,
@@ -607,13 +611,13 @@ impl Station {
                 }
             };
         let meta = disk.meta_now();
+        let known = disk.written_back(&map);
         let mut report = self.commit(
             bank,
             &meta,
             &disk.dir,
             &disk.base,
-            disk.overlay(),
-            &map,
+            (disk.overlay(), &map, &known),
             &extras,
             opts,
             progress,
@@ -778,6 +782,9 @@ impl Station {
         disk.dir.remove()
     }
 
+    /// Commits the session's writes: `written` is the overlay, its durable map, and the
+    /// dirty chunks the write-back already stored with their ids
+    /// ([`device::Disk::written_back`]), which are taken as they are.
     #[allow(clippy::too_many_arguments)]
     fn commit(
         &self,
@@ -785,12 +792,12 @@ impl Station {
         meta: &SessionMeta,
         dir: &SessionDir,
         base: &mbank_core::DiskIndex,
-        overlay: &fs::File,
-        map: &DirtyMap,
+        written: (&fs::File, &DirtyMap, &HashMap<usize, Option<ChunkId>>),
         extras: &CheckinExtras,
         opts: &ImportOptions,
         progress: &dyn Progress,
     ) -> Result<SessionReport, StationError> {
+        let (overlay, map, known) = written;
         let started = Instant::now();
         let dirty = map.dirty_chunks();
         let machine: MachineName = meta.machine.parse().map_err(|e| StationError::BadSession {
@@ -819,7 +826,13 @@ impl Station {
         } else if commit {
             // Nothing goes to the bank unless every flushed block still holds what was
             // flushed there (a flipped bit in the overlay is not stored as valid data).
-            let bad = session::damaged_blocks(overlay, &dir.overlay_path(), map)?;
+            // (Those the write-back stored were checked against the same checksums
+            // when it read them.)
+            let mut check = map.clone();
+            check
+                .sums
+                .retain(|block, _| !known.contains_key(&((block / 64) as usize)));
+            let bad = session::damaged_blocks(overlay, &dir.overlay_path(), &check)?;
             if !bad.is_empty() {
                 return Err(StationError::OverlayDamaged {
                     path: dir.overlay_path(),
@@ -833,6 +846,17 @@ impl Station {
             // checked out; the dirty chunks are all sent again over the base, and
             // those the checkpoint stored already cost a `have` query, not an upload.
             let parent = meta.parent_version()?;
+            // The chunks the write-back stored go into the index as they are (durable
+            // in the bank, kept from GC by the session's writer until this commit).
+            let mut over = base.clone();
+            for (&i, id) in known {
+                over.chunks[i] = *id;
+            }
+            let dirty: Vec<usize> = dirty
+                .into_iter()
+                .filter(|i| !known.contains_key(i))
+                .collect();
+            report.chunks_written_back = known.len() as u64;
             let total = dirty.iter().map(|&i| base.chunk_len(i) as u64).sum();
             // A chunk the session wrote only in part is assembled in memory: the
             // blocks the dirty map names from the overlay, the rest from its base
@@ -858,7 +882,7 @@ impl Station {
                 description: format!("check-in from {}", self.name),
                 parent,
                 expected_head: meta.expected_head(parent),
-                base: base.clone(),
+                base: over,
                 items: Box::new(items),
                 total_bytes: total,
                 id: Some(id),
@@ -1192,8 +1216,7 @@ impl Station {
                 &meta,
                 dir,
                 &base,
-                &overlay,
-                &map,
+                (&overlay, &map, &Default::default()),
                 &extras,
                 opts,
                 &NoProgress,

@@ -6,9 +6,11 @@
 //!   guest may be writing it meanwhile: the chunk sent may then be one the check-in
 //!   never names, which costs a transfer and nothing else (chunks are named by their
 //!   content, and the write marks the chunk for the next pass). Write-back makes no
-//!   version and decides nothing about what a version holds: check-in assembles and
-//!   hashes every dirty chunk as before, and asks the bank which it has (`touch_many`);
-//!   those written back are found there and not sent again.
+//!   version. It records what it stored: each chunk's id and the checksums of the
+//!   overlay blocks it was made from ([`Disk::written_back`]). The check-in takes the
+//!   id of a chunk nothing wrote since, whose blocks' checksums are the ones recorded
+//!   at their flush, without reading it again; it assembles and hashes every other
+//!   dirty chunk as before, and asks the bank which it has (`touch_many`).
 //! - **When**: in batches of [`BATCH`] chunks, never while a guest read waits on a fetch
 //!   ([`Disk::guest_waiting`]), under a bandwidth cap (bytes sent per second; default
 //!   [`DEFAULT_MBIT`] Mbit/s, `--writeback-mbit`, `MBANK_WRITEBACK_MBIT`; 0 turns it off).
@@ -27,7 +29,7 @@ use mbank_bank::WriterGuard;
 use mbank_core::chunk::encode;
 use mbank_store::ChunkStore;
 
-use crate::device::{Disk, assemble_chunk};
+use crate::device::{Disk, WrittenBack, assemble_chunk};
 use crate::live::Warn;
 
 /// The default bandwidth cap of write-back, in Mbit/s: a quarter of the lab's
@@ -143,17 +145,36 @@ fn send(
     };
     let path = disk.dir.overlay_path();
     let mut chunks = Vec::with_capacity(batch.len());
+    // What each chunk was assembled from, recorded once it is durable in the bank.
+    let mut sent = Vec::with_capacity(batch.len());
     for &i in batch {
-        if map.masks[i] == 0 {
+        let mask = map.masks[i];
+        if mask == 0 {
             continue;
         }
         let data = assemble_chunk(disk.overlay(), &path, &disk.base, map, i, &fetch)
             .map_err(|e| e.to_string())?;
-        if !mbank_core::is_zero(&data) {
-            chunks.push(encode(&data, zstd_level));
-        }
+        let sums = (0..64)
+            .filter(|j| mask & (1 << j) != 0)
+            .map(|j| crate::session::block_sum(&data[map.block_range(i, j)]))
+            .collect();
+        let id = if mbank_core::is_zero(&data) {
+            None
+        } else {
+            let c = encode(&data, zstd_level);
+            let id = c.id;
+            chunks.push(c);
+            Some(id)
+        };
+        sent.push((i, WrittenBack { id, mask, sums }));
     }
+    let record = |sent: Vec<(usize, WrittenBack)>| {
+        for (i, wb) in sent {
+            disk.record_written_back(i, wb);
+        }
+    };
     if chunks.is_empty() {
+        record(sent);
         return Ok(0);
     }
     let ids: Vec<_> = chunks.iter().map(|c| c.id).collect();
@@ -167,18 +188,20 @@ fn send(
         .map(|(c, _)| c)
         .collect();
     if missing.is_empty() {
+        record(sent);
         return Ok(0);
     }
-    let sent: u64 = missing.iter().map(|c| c.bytes.len() as u64).sum();
+    let bytes: u64 = missing.iter().map(|c| c.bytes.len() as u64).sum();
     store
         .put_many(&missing)
         .map_err(|e| format!("store {} chunks: {e}", missing.len()))?;
     store
         .flush()
         .map_err(|e| format!("flush the bank's store: {e}"))?;
+    record(sent);
     let c = &disk.counters;
     c.written_back_chunks
         .fetch_add(missing.len() as u64, Ordering::Relaxed);
-    c.written_back_bytes.fetch_add(sent, Ordering::Relaxed);
-    Ok(sent)
+    c.written_back_bytes.fetch_add(bytes, Ordering::Relaxed);
+    Ok(bytes)
 }
