@@ -21,11 +21,15 @@
 //!
 //! ## One set of rules
 //!
-//! Pages and actions call what the API's handlers call ([`App::readable_machine`],
-//! [`App::owned_machine`], [`super::exact_version`], [`super::check_not_in_use`], the
-//! catalog's `set_head` and `remove_version`, `Access::add_user`), so a page for a
-//! machine another user owns is the same `404` as for one that does not exist, and a
-//! head move or a removal is refused for the same reasons with the same message.
+//! Every action is one function in `actions.rs` that enforces its rules (owner checks,
+//! isolation, quotas, the bank's rules): the API's handler and the console's both call
+//! it and differ only in how they parse and answer. A page for a machine another user
+//! owns is the same `404` as for one that does not exist, and a head move, removal,
+//! fork (a commit through the API's commit rules), policy or label change is refused
+//! for the same reasons with the same message. `web/user.rs` holds fork, retention,
+//! labels, the streamed raw download and station tokens; `web/admin.rs` the
+//! administrator's pages (users, published machines, storage with gc and verify jobs,
+//! live sessions, health charts).
 //!
 //! Pages need no JavaScript; the only style is `/console.css`, and the
 //! `Content-Security-Policy` allows nothing else.
