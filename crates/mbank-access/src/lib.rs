@@ -25,7 +25,8 @@
 //! removed, unknown user, wrong password) gives the same [`AccessError::Unauthorized`],
 //! whose message does not say which check failed; a login for an unknown user still
 //! runs one argon2 verification so that its time does not tell either. Changing a
-//! password revokes the user's tokens; removing a user deletes them.
+//! password revokes the user's tokens; removing a user deletes them; disabling a user
+//! ([`Access::set_disabled`]) revokes them and refuses logins until enabled again.
 //!
 //! ## Reading: isolation (DESIGN invariant 7)
 //!
@@ -88,7 +89,7 @@ use rusqlite::{
 use serde::Serialize;
 
 /// Schema version this code writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// `PRAGMA application_id` of an access database: `MBAC` in ASCII.
 pub const APPLICATION_ID: i32 = 0x4d42_4143;
@@ -153,6 +154,12 @@ CREATE INDEX published_chunks_by_chunk ON published_chunks (chunk);
 /// leaves alone the rights of chunks a writer in flight sent (see [`Access::prune`]).
 const SCHEMA_V2: &str = "
 ALTER TABLE chunk_owners ADD COLUMN recorded_ms INTEGER NOT NULL DEFAULT 0;
+";
+
+/// Version 3: a user an administrator disabled cannot log in, and their tokens do not
+/// authenticate, until enabled again ([`Access::set_disabled`]).
+const SCHEMA_V3: &str = "
+ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// A right recorded less than this long ago is not recorded again by an upload: a
@@ -401,6 +408,8 @@ pub struct UserInfo {
     pub used: u64,
     /// Tokens that are neither expired nor revoked.
     pub tokens_live: u64,
+    /// Disabled by an administrator: cannot log in, their tokens do not authenticate.
+    pub disabled: bool,
     /// When the user was added, milliseconds since the epoch.
     pub created_ms: i64,
 }
@@ -532,6 +541,10 @@ impl Access {
             tx.execute_batch(SCHEMA_V2)
                 .map_err(sql("migrate the schema to version 2"))?;
         }
+        if v < 3 {
+            tx.execute_batch(SCHEMA_V3)
+                .map_err(sql("migrate the schema to version 3"))?;
+        }
         tx.pragma_update(None, "application_id", APPLICATION_ID)
             .map_err(sql("set the application id"))?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -636,13 +649,33 @@ impl Access {
         Ok(())
     }
 
+    /// Disables (`true`) or enables a user. A disabled user cannot log in and their
+    /// tokens do not authenticate; disabling also revokes their tokens, so enabling
+    /// again brings none back. Their machines, chunks and quota stay. True if the flag
+    /// changed.
+    pub fn set_disabled(&self, name: &str, disabled: bool) -> Result<bool, AccessError> {
+        let tx = self.write("disable a user")?;
+        Self::require_user(&tx, name)?;
+        let n = tx
+            .execute(
+                "UPDATE users SET disabled = ?2 WHERE name = ?1 AND disabled != ?2",
+                params![name, disabled],
+            )
+            .map_err(sql("disable a user"))?;
+        if disabled {
+            Self::revoke_tokens_of(&tx, name)?;
+        }
+        tx.commit().map_err(sql("disable a user"))?;
+        Ok(n > 0)
+    }
+
     /// Every user, by name, with their usage and number of live tokens.
     pub fn users(&self) -> Result<Vec<UserInfo>, AccessError> {
         let now = now_ms();
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT u.name, u.admin, u.quota_bytes, u.created_ms,
+                "SELECT u.name, u.admin, u.quota_bytes, u.created_ms, u.disabled,
                     (SELECT coalesce(sum(bytes), 0) FROM chunk_owners c WHERE c.user = u.name AND c.charged),
                     (SELECT count(*) FROM tokens t WHERE t.user = u.name AND t.revoked_ms IS NULL AND t.expires_ms > ?1)
                  FROM users u ORDER BY u.name",
@@ -655,8 +688,9 @@ impl Access {
                     admin: r.get(1)?,
                     quota: quota_from_sql(r.get(2)?),
                     created_ms: r.get(3)?,
-                    used: r.get::<_, i64>(4)?.max(0) as u64,
-                    tokens_live: r.get::<_, i64>(5)?.max(0) as u64,
+                    disabled: r.get(4)?,
+                    used: r.get::<_, i64>(5)?.max(0) as u64,
+                    tokens_live: r.get::<_, i64>(6)?.max(0) as u64,
                 })
             })
             .map_err(sql("list users"))?;
@@ -678,7 +712,7 @@ impl Access {
         }
         let phc: Option<String> = self
             .conn
-            .prepare_cached("SELECT phc FROM users WHERE name = ?1")
+            .prepare_cached("SELECT phc FROM users WHERE name = ?1 AND NOT disabled")
             .and_then(|mut st| st.query_row(params![name], |r| r.get(0)).optional())
             .map_err(sql("look up a user"))?;
         let ok = match &phc {
@@ -706,8 +740,12 @@ impl Access {
         }
         let id_hex = hex(&id);
         let tx = self.write("issue a token")?;
-        // The user may have been removed since the password was checked.
-        if !Self::user_exists(&tx, name)? {
+        // The user may have been removed or disabled since the password was checked.
+        let enabled: bool = tx
+            .prepare_cached("SELECT 1 FROM users WHERE name = ?1 AND NOT disabled")
+            .and_then(|mut st| st.exists(params![name]))
+            .map_err(sql("look up a user"))?;
+        if !enabled {
             return Err(AccessError::Unauthorized);
         }
         tx.execute(
@@ -743,7 +781,7 @@ impl Access {
             .conn
             .prepare_cached(
                 "SELECT t.secret_hash, t.expires_ms, t.revoked_ms, u.name, u.admin, u.quota_bytes
-                 FROM tokens t JOIN users u ON u.name = t.user WHERE t.id = ?1",
+                 FROM tokens t JOIN users u ON u.name = t.user WHERE t.id = ?1 AND NOT u.disabled",
             )
             .and_then(|mut st| {
                 st.query_row(params![hex(&id)], |r| {

@@ -575,3 +575,44 @@ fn a_version_1_database_is_migrated_with_old_rights() {
         .unwrap();
     assert_eq!((bytes, at), (7, 0), "kept, as recorded before any cutoff");
 }
+
+#[test]
+fn a_disabled_user_cannot_log_in_until_enabled() {
+    let (_d, a) = with_user("alice", false, None);
+    let t = a.login("alice", PW, HOUR, "").unwrap();
+    assert!(a.set_disabled("alice", true).unwrap());
+    assert_unauthorized(a.authenticate(&t.token), "disabled user's token");
+    assert!(
+        a.login("alice", PW, HOUR, "")
+            .unwrap_err()
+            .is_unauthorized()
+    );
+    let info = a.users().unwrap();
+    assert!(info[0].disabled, "{info:?}");
+    // Disabling twice changes nothing; enabling lets them log in, the old token stays revoked.
+    assert!(!a.set_disabled("alice", true).unwrap());
+    assert!(a.set_disabled("alice", false).unwrap());
+    assert_unauthorized(a.authenticate(&t.token), "token revoked by disabling");
+    let t = a.login("alice", PW, HOUR, "").unwrap();
+    assert!(a.authenticate(&t.token).is_ok());
+    assert!(!a.users().unwrap()[0].disabled);
+    assert!(matches!(
+        a.set_disabled("bob", true),
+        Err(AccessError::UnknownUser(_))
+    ));
+}
+
+#[test]
+fn a_schema_2_database_gains_the_disabled_flag() {
+    let d = tempfile::tempdir().unwrap();
+    {
+        let a = Access::open(d.path()).unwrap();
+        a.add_user("alice", PW, false, None).unwrap();
+        a.conn
+            .execute_batch("ALTER TABLE users DROP COLUMN disabled; PRAGMA user_version = 2;")
+            .unwrap();
+    }
+    let a = Access::open(d.path()).unwrap();
+    assert!(!a.users().unwrap()[0].disabled);
+    assert!(a.login("alice", PW, HOUR, "").is_ok());
+}

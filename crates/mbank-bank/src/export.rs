@@ -39,6 +39,42 @@ impl Drop for PartialFile {
     }
 }
 
+/// Writes the disk of version `v` (whose index is `index`) to `w` as a raw image, in
+/// order, each chunk verified before it is written; `name` names `w` in errors. What
+/// the bank server streams to a browser: `w` sees the image's bytes as they come, so a
+/// damaged chunk ends the stream early with the error (the reader must not take a
+/// short stream for the image). The number of non-zero chunks read.
+pub fn write_disk(
+    store: &dyn ChunkStore,
+    v: &mbank_catalog::VersionInfo,
+    index: &DiskIndex,
+    w: &mut (dyn Write + Send),
+    name: &str,
+    jobs: usize,
+) -> Result<u64, BankError> {
+    let damaged = |source| BankError::Damaged {
+        machine: v.machine.clone(),
+        version: v.id,
+        source: Box::new(source),
+    };
+    let wrong = |wl| BankError::WrongLength {
+        machine: v.machine.clone(),
+        version: v.id,
+        wrong: Box::new(wl),
+    };
+    let n = write_in_order(
+        store,
+        index,
+        w,
+        name,
+        jobs,
+        &crate::NoProgress,
+        (damaged, wrong),
+    )?;
+    w.flush().map_err(|e| BankError::io("write to", name, e))?;
+    Ok(n)
+}
+
 impl Bank {
     /// Writes the disk of `r` to `out` as a raw image. `out` of `-` means standard
     /// output; a device or FIFO is written in order. A regular file is written beside its final name and renamed into place

@@ -49,7 +49,7 @@ mod verify;
 
 pub use create::{DiskFrom, NewMachine};
 pub use derive::{check_not_in_use, repeated_commit};
-pub use export::ExportReport;
+pub use export::{ExportReport, write_disk};
 pub use image::ImageFormat;
 pub use import::{ChunkItem, ImportOptions, ImportReport, RepairReport, VersionSource};
 pub use lengths::{Place, WrongLength, check_chunk_lengths, length_pairs};

@@ -27,6 +27,7 @@
 //! the catalog keep is capped, and counted toward their quota (`caps.rs`). docs/api.md
 //! lists the limits and their answers.
 
+mod actions;
 mod caps;
 mod conn;
 mod error;
@@ -94,6 +95,8 @@ struct App {
     bodies: BodyBudget,
     /// Held while a user's quota is checked and what it pays for recorded.
     quota_locks: caps::UserLocks,
+    /// The web console's jobs (gc, verify) and health samples.
+    console: web::ConsoleState,
 }
 
 type Shared = Arc<App>;
@@ -674,17 +677,7 @@ async fn whoami(State(app): State<Shared>, caller: Caller) -> Result<Response, A
 
 async fn machines(State(app): State<Shared>, caller: Caller) -> Result<Response, ApiError> {
     authed(&app, caller, |app, user| {
-        let all = app.catalog(|c| Ok(c.machines()?))?;
-        let mut out = Vec::new();
-        app.access(|a| {
-            for m in all {
-                if a.can_read_machine(user, &m.name)? {
-                    out.push(m);
-                }
-            }
-            Ok(())
-        })?;
-        Ok(json(&out))
+        Ok(json(&actions::machines(app, user)?))
     })
     .await
 }
@@ -694,11 +687,8 @@ async fn machine(
     caller: Caller,
     Path((u, n)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    on_machine(&app, caller, &u, &n, Need::Read, |app, _, m| {
-        match app.catalog(|c| Ok(c.machine(m)?))? {
-            Some(info) => Ok(json(&info)),
-            None => Err(ApiError::no_machine(m.as_str())),
-        }
+    on_machine(&app, caller, &u, &n, Need::Read, |app, user, m| {
+        Ok(json(&actions::machine(app, user, m)?))
     })
     .await
 }
@@ -801,29 +791,16 @@ async fn commit(
     authed(&app, caller, move |app, user| {
         app.writable_machine(user, &m)?;
         let (h, index, streams) = wire::parse_commit_body(&b).map_err(ApiError::bad_request)?;
-        if h.info.machine != m {
-            return Err(ApiError::bad_request(format!(
-                "the commit is for {} but was sent to {m}",
-                h.info.machine
-            )));
-        }
+        // Bound the work before parsing the streams (the action checks again).
+        caps::check_streams(h.streams.iter().map(|(n, _)| n.as_str()))?;
         let index_len = index.len() as u64;
         let index = DiskIndex::from_bytes(index)
             .map_err(|e| ApiError::bad_request(format!("the disk index is not valid: {e}")))?;
-        if index.disk_size != h.info.disk_size || index.chunk_size != h.info.chunk_size {
-            return Err(ApiError::bad_request(
-                "the disk index's size or chunk size differs from the version's",
-            ));
-        }
-        // What the catalog will keep, as it will encode it (docs/api.md, "quotas").
-        let stats_len = serde_json::to_string(&h.info.stats).map_or(0, |s| s.len());
-        caps::check_version(&h.info, stats_len)?;
-        caps::check_streams(h.streams.iter().map(|(n, _)| n.as_str()))?;
-        let mut cost_streams = 0u64;
+        let mut streams_len = 0u64;
         let mut named = Vec::with_capacity(streams.len());
         let mut names = HashSet::new();
         for ((name, _), bytes) in h.streams.iter().zip(streams) {
-            cost_streams += (name.len() + bytes.len()) as u64;
+            streams_len += (name.len() + bytes.len()) as u64;
             if !names.insert(name) {
                 return Err(ApiError::bad_request(format!(
                     "the commit names stream {name:?} twice"
@@ -834,83 +811,15 @@ async fn commit(
             })?;
             named.push((name.clone(), idx));
         }
-        // A repeated commit (the answer to the first was lost) answers its outcome (the
-        // bank's rule, as for a station's check-in).
-        if let Some(outcome) =
-            app.catalog(|c| Ok(mbank_bank::repeated_commit(&*c, &m, h.info.id)?))?
-        {
-            return Ok(json(&wire::CommitResponse { outcome }));
-        }
-        // Every chunk named must be one the user may read: ids alone grant nothing.
-        let mut ids: HashSet<ChunkId> = index.chunks.iter().flatten().copied().collect();
-        for (_, idx) in &named {
-            ids.extend(idx.runs.iter().filter_map(|r| r.id));
-        }
-        let ids: Vec<ChunkId> = ids.into_iter().collect();
-        let ok = app.access(|a| Ok(a.readable(user, &ids)?))?;
-        if let Some((id, _)) = ids.iter().zip(&ok).find(|(_, ok)| !**ok) {
-            let mut e = ApiError::bad_request(format!(
-                "the version names chunk {id}, which is not in the bank for {}; send its bytes first",
-                user.name
-            ));
-            e.body.chunk = Some(*id);
-            return Err(e);
-        }
-        check_lengths(app, &m, &h.info, &index, &named)?;
-        let published = app.access(|a| Ok(a.is_published(&m)?))?;
-        let grants: Vec<(ChunkId, u64)> = ids.iter().map(|id| (*id, 0)).collect();
-        app.access(|a| {
-            a.grant(&user.name, &grants)?;
-            if published {
-                // A published machine's new version is published with it.
-                a.publish(&m, &user.name, ids.iter().copied())?;
-            }
-            Ok(())
-        })?;
-        // Invariant 1: the chunks are durable before the version names them.
-        app.store.flush()?;
-        let cost = mbank_catalog::version_cost(
+        let new = actions::NewVersion {
+            info: h.info,
+            index,
             index_len,
-            h.info.config.as_ref().map_or(0, |c| c.len() as u64),
-            stats_len as u64,
-            cost_streams,
-        );
-        let owner = m.user().to_string();
-        let outcome = app.quota_locks.run(&owner, || {
-        // The machine's owner pays for its catalog rows; over the quota, nothing is kept.
-        if let Some(quota) = app.access(|a| Ok(a.quota(&owner)?))? {
-            let used = app.usage(&owner)?;
-            if used.saturating_add(cost) > quota {
-                return Err(ApiError::from(mbank_access::AccessError::QuotaExceeded {
-                    user: owner.clone(),
-                    used,
-                    quota,
-                    need: cost,
-                }));
-            }
-        }
-        app.catalog(|c| {
-            c.commit_version(&h.info, &index, &named, h.expected_head)
-                .map_err(|e| {
-                    if e.is_constraint() {
-                        // Version ids are unique in the bank: this one belongs to a
-                        // version of another machine (which must stay unnamed).
-                        ApiError::new(
-                            StatusCode::CONFLICT,
-                            "version_exists",
-                            format!(
-                                "version id {} is already taken in this bank; commit the version under a new id",
-                                h.info.id
-                            ),
-                        )
-                    } else {
-                        e.into()
-                    }
-                })
-        })
-        })?;
-        app.metrics.commits.fetch_add(1, Relaxed);
-        tracing::info!(user = %user.name, machine = %m, version = %h.info.id, ?outcome, "commit");
+            streams: named,
+            streams_len,
+            expected_head: h.expected_head,
+        };
+        let outcome = actions::commit(app, user, &m, new)?;
         Ok(json(&wire::CommitResponse { outcome }))
     })
     .await
@@ -996,10 +905,7 @@ async fn remove_version(
 ) -> Result<Response, ApiError> {
     let (m, v) = (machine_name(&u, &n)?, version_id(&v)?);
     authed(&app, caller, move |app, user| {
-        let info = exact_version(app, user, &m, v)?;
-        app.writable_machine(user, &m)?;
-        check_not_in_use(app, &m, Some(v))?;
-        let head = app.catalog(|c| Ok(c.remove_version(&info)?))?;
+        let head = actions::remove_version(app, user, &m, v)?;
         Ok(json(&wire::Head { head }))
     })
     .await
@@ -1026,14 +932,14 @@ async fn on_owned_machine<B: DeserializeOwned + Send + 'static, R: Send + 'stati
     u: &str,
     n: &str,
     b: Result<Bytes, BytesRejection>,
-    f: impl FnOnce(&App, &MachineName, B) -> Result<R, ApiError> + Send + 'static,
+    f: impl FnOnce(&App, &User, &MachineName, B) -> Result<R, ApiError> + Send + 'static,
 ) -> Result<R, ApiError> {
     let m = machine_name(u, n)?;
     let b = body(b)?;
     authed(app, caller, move |app, user| {
         app.owned_machine(user, &m)?;
         let req: B = parse_json(&b)?;
-        f(app, &m, req)
+        f(app, user, &m, req)
     })
     .await
 }
@@ -1050,12 +956,14 @@ async fn forget(
         &u,
         &n,
         b,
-        |app, m, req: wire::ForgetRequest| {
-            let r = app.catalog(|c| Ok(c.forget(m, &req.policy, req.dry_run)?))?;
-            if !req.dry_run {
-                tracing::info!(machine = %m, removed = r.removed.len(), "forget");
-            }
-            Ok(json(&r))
+        |app, user, m, req: wire::ForgetRequest| {
+            Ok(json(&actions::forget(
+                app,
+                user,
+                m,
+                &req.policy,
+                req.dry_run,
+            )?))
         },
     )
     .await
@@ -1067,11 +975,17 @@ async fn set_head(
     Path((u, n)): Path<(String, String)>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    on_owned_machine(&app, caller, &u, &n, b, |app, m, req: wire::HeadRequest| {
-        app.catalog(|c| Ok(c.set_head(m, req.to, req.expected)?))?;
-        tracing::info!(machine = %m, head = %req.to, "head moved");
-        Ok(json(&wire::Head { head: Some(req.to) }))
-    })
+    on_owned_machine(
+        &app,
+        caller,
+        &u,
+        &n,
+        b,
+        |app, user, m, req: wire::HeadRequest| {
+            actions::set_head(app, user, m, req.to, req.expected)?;
+            Ok(json(&wire::Head { head: Some(req.to) }))
+        },
+    )
     .await
 }
 
@@ -1087,7 +1001,7 @@ async fn rename(
         &u,
         &n,
         b,
-        |app, m, req: wire::RenameRequest| {
+        |app, _, m, req: wire::RenameRequest| {
             // Readers of a published machine know it by its name: it stays put.
             if app.access(|a| Ok(a.is_published(m)?))? {
                 return Err(ApiError::bad_request(format!(
@@ -1127,17 +1041,8 @@ async fn label_version(
         &u,
         &n,
         b,
-        move |app, m, change: mbank_catalog::LabelChange| {
-            let info = app.catalog(|c| Ok(c.resolve(m, Some(&v.to_hex()))?))?;
-            if info.id != v {
-                return Err(ApiError::from(
-                    mbank_catalog::CatalogError::VersionNotFound {
-                        machine: m.to_string(),
-                        prefix: v.to_hex(),
-                    },
-                ));
-            }
-            Ok(json(&app.catalog(|c| Ok(c.label(&info, &change)?))?))
+        move |app, user, m, change: mbank_catalog::LabelChange| {
+            Ok(json(&actions::label(app, user, m, v, &change)?))
         },
     )
     .await
@@ -1148,11 +1053,8 @@ async fn policy(
     caller: Caller,
     Path((u, n)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    on_machine(&app, caller, &u, &n, Need::Read, |app, _, m| {
-        if app.catalog(|c| Ok(c.machine(m)?))?.is_none() {
-            return Err(ApiError::no_machine(m.as_str()));
-        }
-        let policy = app.catalog(|c| Ok(c.policy(m)?))?;
+    on_machine(&app, caller, &u, &n, Need::Read, |app, user, m| {
+        let policy = actions::policy(app, user, m)?;
         Ok(json(&wire::PolicyBody { policy }))
     })
     .await
@@ -1164,10 +1066,17 @@ async fn set_policy(
     Path((u, n)): Path<(String, String)>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    on_owned_machine(&app, caller, &u, &n, b, |app, m, req: wire::PolicyBody| {
-        app.catalog(|c| Ok(c.set_policy(m, req.policy.as_ref())?))?;
-        Ok(json(&req))
-    })
+    on_owned_machine(
+        &app,
+        caller,
+        &u,
+        &n,
+        b,
+        |app, user, m, req: wire::PolicyBody| {
+            actions::set_policy(app, user, m, req.policy.as_ref())?;
+            Ok(json(&req))
+        },
+    )
     .await
 }
 
@@ -1188,10 +1097,17 @@ async fn set_settings(
     Path((u, n)): Path<(String, String)>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    on_owned_machine(&app, caller, &u, &n, b, |app, m, req: MachineSettings| {
-        app.catalog(|c| Ok(c.set_settings(m, &req)?))?;
-        Ok(json(&req))
-    })
+    on_owned_machine(
+        &app,
+        caller,
+        &u,
+        &n,
+        b,
+        |app, _, m, req: MachineSettings| {
+            app.catalog(|c| Ok(c.set_settings(m, &req)?))?;
+            Ok(json(&req))
+        },
+    )
     .await
 }
 
@@ -1200,8 +1116,8 @@ async fn lease(
     caller: Caller,
     Path((u, n)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    on_machine(&app, caller, &u, &n, Need::Read, |app, _, m| {
-        Ok(json(&app.catalog(|c| Ok(c.lease(m)?))?))
+    on_machine(&app, caller, &u, &n, Need::Read, |app, user, m| {
+        Ok(json(&actions::lease(app, user, m)?))
     })
     .await
 }
@@ -1682,6 +1598,7 @@ fn open_app(bank_dir: &FsPath, limits: Limits) -> Result<Shared, String> {
         logins: LoginGuard::new(limits.hash_concurrency),
         bodies: BodyBudget::new(limits.body_memory),
         quota_locks: caps::UserLocks::default(),
+        console: web::ConsoleState::default(),
         limits,
     }))
 }

@@ -21,11 +21,15 @@
 //!
 //! ## One set of rules
 //!
-//! Pages and actions call what the API's handlers call ([`App::readable_machine`],
-//! [`App::owned_machine`], [`super::exact_version`], [`super::check_not_in_use`], the
-//! catalog's `set_head` and `remove_version`, `Access::add_user`), so a page for a
-//! machine another user owns is the same `404` as for one that does not exist, and a
-//! head move or a removal is refused for the same reasons with the same message.
+//! Every action is one function in `actions.rs` that enforces its rules (owner checks,
+//! isolation, quotas, the bank's rules): the API's handler and the console's both call
+//! it and differ only in how they parse and answer. A page for a machine another user
+//! owns is the same `404` as for one that does not exist, and a head move, removal,
+//! fork (a commit through the API's commit rules), policy or label change is refused
+//! for the same reasons with the same message. `web/user.rs` holds fork, retention,
+//! labels, the streamed raw download and station tokens; `web/admin.rs` the
+//! administrator's pages (users, published machines, storage with gc and verify jobs,
+//! live sessions, health charts).
 //!
 //! Pages need no JavaScript; the only style is `/console.css`, and the
 //! `Content-Security-Policy` allows nothing else.
@@ -45,7 +49,16 @@ use mbank_catalog::{MachineInfo, VersionInfo, VersionLabels};
 use mbank_core::VersionId;
 use serde::Deserialize;
 
-use super::{ApiError, App, Shared, check_not_in_use, exact_version, machine_name, version_id};
+use super::{ApiError, App, Shared, actions, machine_name, version_id};
+
+mod admin;
+mod user;
+
+pub(crate) use admin::ConsoleState;
+use admin::{
+    change_user, health_page, publish, published_page, sessions_page, start_job, storage_page,
+};
+use user::{create_token, download, fork, label, set_policy};
 
 /// The session cookie: an `mbank-access` token.
 const SESSION_COOKIE: &str = "mbank_session";
@@ -68,6 +81,7 @@ struct Tls(bool);
 /// The console's routes. Mounted beside the API's, outside its bearer-token gate: the
 /// console authenticates by its cookie.
 pub(crate) fn routes(app: Shared, tls: bool) -> Router<Shared> {
+    admin::start_sampler(&app);
     Router::new()
         .route("/", get(home))
         .route("/console.css", get(css))
@@ -77,9 +91,19 @@ pub(crate) fn routes(app: Shared, tls: bool) -> Router<Shared> {
         .route("/machines/{u}/{n}", get(machine_page))
         .route("/machines/{u}/{n}/head", post(set_head))
         .route("/machines/{u}/{n}/remove", post(remove_version))
-        .route("/tokens", get(tokens_page))
+        .route("/machines/{u}/{n}/fork", post(fork))
+        .route("/machines/{u}/{n}/policy", post(set_policy))
+        .route("/machines/{u}/{n}/label", post(label))
+        .route("/machines/{u}/{n}/versions/{v}/disk.raw", get(download))
+        .route("/tokens", get(tokens_page).post(create_token))
         .route("/tokens/revoke", post(revoke_token))
         .route("/admin/users", get(users_page).post(add_user))
+        .route("/admin/users/change", post(change_user))
+        .route("/admin/published", get(published_page).post(publish))
+        .route("/admin/storage", get(storage_page))
+        .route("/admin/jobs", post(start_job))
+        .route("/admin/sessions", get(sessions_page))
+        .route("/admin/health", get(health_page))
         .layer(DefaultBodyLimit::max(FORM_LIMIT))
         .layer(Extension(Tls(tls)))
         .layer(axum::middleware::map_response(headers))
@@ -303,7 +327,13 @@ fn layout(title: &str, s: Option<&Session>, body: Markup) -> Markup {
                         nav {
                             a href="/" { "Machines" }
                             a href="/tokens" { "Tokens" }
-                            @if s.user.admin { a href="/admin/users" { "Users" } }
+                            @if s.user.admin {
+                                a href="/admin/users" { "Users" }
+                                a href="/admin/published" { "Published" }
+                                a href="/admin/storage" { "Storage" }
+                                a href="/admin/sessions" { "Sessions" }
+                                a href="/admin/health" { "Health" }
+                            }
                             span.who { (s.user.name) }
                             form.inline method="post" action="/logout" {
                                 input type="hidden" name="csrf" value=(s.csrf);
@@ -504,38 +534,107 @@ async fn logout(
 // ---------------------------------------------------------------------------------
 // A user's machines
 
-/// `GET /`: the machines the user may see (the API's `GET /v1/machines`), their usage.
+/// What a machine is doing: running on a station (its lease), suspended (its head
+/// holds memory), or off.
+enum MachineState {
+    Running(mbank_catalog::Lease),
+    Suspended,
+    Off,
+}
+
+fn machine_state(app: &App, info: &MachineInfo) -> Result<MachineState, ApiError> {
+    if let Some(l) = app.catalog(|c| Ok(c.lease(&info.name)?))? {
+        return Ok(MachineState::Running(l));
+    }
+    let Some(head) = info.head else {
+        return Ok(MachineState::Off);
+    };
+    let v = app.catalog(|c| Ok(c.resolve(&info.name, Some(&head.to_hex()))?))?;
+    Ok(if v.has_memory() {
+        MachineState::Suspended
+    } else {
+        MachineState::Off
+    })
+}
+
+fn state_cell(st: &MachineState) -> Markup {
+    html! {
+        @match st {
+            MachineState::Running(l) => {
+                span.state.running { "running" } " on " (l.station_name) " since " (when(l.started_ms))
+            }
+            MachineState::Suspended => span.state.suspended { "suspended" },
+            MachineState::Off => span.state.off { "off" },
+        }
+    }
+}
+
+/// One row of the home page: a machine, its state and the bytes its versions added.
+struct Row {
+    info: MachineInfo,
+    state: MachineState,
+    added: u64,
+}
+
+/// `GET /`: the machines the user may see (the API's `GET /v1/machines`), their state
+/// and usage; the published bases to fork from.
 async fn home(State(app): State<Shared>, headers: HeaderMap) -> WebResult {
     let s = session(&app, &headers).await?;
     let user = s.user.clone();
-    let (machines, used) = blocking(&app, move |app| {
-        let all = app.catalog(|c| Ok(c.machines()?))?;
-        let mut out = Vec::new();
-        app.access(|a| {
-            for m in all {
-                if a.can_read_machine(&user, &m.name)? {
-                    out.push(m);
-                }
-            }
-            Ok(())
-        })?;
-        Ok((out, app.usage(&user.name)?))
+    let (rows, published, used) = blocking(&app, move |app| {
+        let published: Vec<String> = app.access(|a| Ok(a.published()?))?;
+        let mut rows = Vec::new();
+        for info in actions::machines(app, &user)? {
+            let state = machine_state(app, &info)?;
+            let added = app
+                .catalog(|c| Ok(c.versions(&info.name)?))?
+                .iter()
+                .map(|v| v.stats.bytes_stored)
+                .sum();
+            rows.push(Row { info, state, added });
+        }
+        Ok((rows, published, app.usage(&user.name)?))
     })
     .await?;
     let quota = match s.user.quota {
         Some(q) => format!("{} of {}", bytes(used), bytes(q)),
         None => format!("{} (no quota)", bytes(used)),
     };
+    let (mine, others): (Vec<&Row>, Vec<&Row>) =
+        rows.iter().partition(|r| r.info.name.user() == s.user.name);
+    let bases: Vec<&Row> = others
+        .iter()
+        .copied()
+        .filter(|r| published.iter().any(|p| p == r.info.name.as_str()))
+        .collect();
     let body = html! {
         h1 { "Machines" }
         p id="usage" { "Storage used: " (quota) }
-        @if machines.is_empty() {
-            p { "No machines yet. Import one with " code { "mbank --bank URL import" } "." }
+        @if mine.is_empty() {
+            p { "No machines yet. Import one with " code { "mbank --bank URL import" } ", or fork a published base below." }
         } @else {
-            table id="machines" {
-                thead { tr { th { "Machine" } th { "Disk" } th { "Versions" } th { "Head" } th { "Updated" } } }
+            (machine_table("machines", &mine))
+        }
+        @if s.user.admin && others.len() > bases.len() {
+            h2 { "Other users' machines" }
+            @let theirs: Vec<&Row> = others.iter().copied().filter(|r| !bases.iter().any(|b| b.info.name == r.info.name)).collect();
+            (machine_table("others", &theirs))
+        }
+        h2 { "Published bases" }
+        @if bases.is_empty() {
+            p { "No machine is published. An administrator publishes one for every user to fork." }
+        } @else {
+            table id="bases" {
+                thead { tr { th { "Machine" } th { "Disk" } th { "Head" } th { "Fork into" } } }
                 tbody {
-                    @for m in &machines { (machine_row(m)) }
+                    @for r in &bases {
+                        tr {
+                            td { a href=(format!("/machines/{}", r.info.name)) { (r.info.name) } }
+                            td { (r.info.disk_size.map(bytes).unwrap_or_else(|| "-".into())) }
+                            td { code { (r.info.head.map(|h| h.short()).unwrap_or_else(|| "none".into())) } }
+                            td { (fork_form(&s, &r.info.name, None)) }
+                        }
+                    }
                 }
             }
         }
@@ -543,20 +642,44 @@ async fn home(State(app): State<Shared>, headers: HeaderMap) -> WebResult {
     Ok(Page(StatusCode::OK, layout("Machines", Some(&s), body)).into_response())
 }
 
-fn machine_row(m: &MachineInfo) -> Markup {
+fn machine_table(id: &str, rows: &[&Row]) -> Markup {
     html! {
-        tr {
-            td { a href=(format!("/machines/{}", m.name)) { (m.name) } }
-            td { (m.disk_size.map(bytes).unwrap_or_else(|| "-".into())) }
-            td.num { (m.versions) }
-            td { code { (m.head.map(|h| h.short()).unwrap_or_else(|| "none".into())) } }
-            td { (m.updated_ms.map(when).unwrap_or_else(|| "-".into())) }
+        table id=(id) {
+            thead { tr { th { "Machine" } th { "State" } th { "Disk" } th { "Versions" } th { "Added" } th { "Head" } th { "Updated" } } }
+            tbody {
+                @for r in rows {
+                    @let m = &r.info;
+                    tr {
+                        td { a href=(format!("/machines/{}", m.name)) { (m.name) } }
+                        td { (state_cell(&r.state)) }
+                        td { (m.disk_size.map(bytes).unwrap_or_else(|| "-".into())) }
+                        td.num { (m.versions) }
+                        td { (bytes(r.added)) }
+                        td { code { (m.head.map(|h| h.short()).unwrap_or_else(|| "none".into())) } }
+                        td { (m.updated_ms.map(when).unwrap_or_else(|| "-".into())) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The fork form: a new machine of the user's, from `m`'s head or version `v`.
+fn fork_form(s: &Session, m: &mbank_core::MachineName, v: Option<VersionId>) -> Markup {
+    html! {
+        form.inline.fork method="post" action=(format!("/machines/{m}/fork")) {
+            input type="hidden" name="csrf" value=(s.csrf);
+            @if let Some(v) = v { input type="hidden" name="version" value=(v.to_hex()); }
+            (s.user.name) "/"
+            input type="text" name="name" placeholder="new name" required size="12";
+            button type="submit" name="fork" { "Fork" }
         }
     }
 }
 
 /// `GET /machines/{u}/{n}`: the history, as `GET /v1/machines/{m}/versions` and
-/// `labels` answer it; forms for what the owner may change.
+/// `labels` answer it, the machine's state and retention policy; forms for what the
+/// owner may change.
 async fn machine_page(
     State(app): State<Shared>,
     headers: HeaderMap,
@@ -565,31 +688,50 @@ async fn machine_page(
     let s = session(&app, &headers).await?;
     let m = machine_name(&u, &n)?;
     let user = s.user.clone();
-    let (info, versions, labels, owner) = blocking(&app, move |app| {
-        app.readable_machine(&user, &m)?;
-        let Some(info) = app.catalog(|c| Ok(c.machine(&m)?))? else {
-            return Err(ApiError::no_machine(m.as_str()));
-        };
+    let page = blocking(&app, move |app| {
+        let info = actions::machine(app, &user, &m)?;
         let versions = app.catalog(|c| Ok(c.versions(&m)?))?;
         let labels = app.catalog(|c| Ok(c.labels(&m)?))?;
         let owner = app.owned_machine(&user, &m).is_ok();
-        Ok((info, versions, labels, owner))
+        let policy = actions::policy(app, &user, &m)?;
+        let state = machine_state(app, &info)?;
+        Ok(History {
+            info,
+            versions,
+            labels,
+            owner,
+            policy,
+            state,
+        })
     })
     .await?;
-    let title = info.name.to_string();
-    let body = history(&s, &info, &versions, &labels, owner);
+    let title = page.info.name.to_string();
+    let body = history(&s, &page);
     Ok(Page(StatusCode::OK, layout(&title, Some(&s), body)).into_response())
 }
 
-fn history(
-    s: &Session,
-    info: &MachineInfo,
-    versions: &[VersionInfo],
-    labels: &[VersionLabels],
+struct History {
+    info: MachineInfo,
+    versions: Vec<VersionInfo>,
+    labels: Vec<VersionLabels>,
     owner: bool,
-) -> Markup {
+    policy: Option<mbank_catalog::Policy>,
+    state: MachineState,
+}
+
+/// The machine and version a fork's first version came from (`create from M@V`).
+fn forked_from(source: &str) -> Option<(&str, &str)> {
+    let rest = source.strip_prefix("create from ")?;
+    let (m, v) = rest.split_once('@')?;
+    (m.contains('/') && !v.is_empty() && v.bytes().all(|b| b.is_ascii_hexdigit())).then_some((m, v))
+}
+
+fn history(s: &Session, h: &History) -> Markup {
+    let info = &h.info;
+    let owner = h.owner;
     let base = format!("/machines/{}", info.name);
     let expected = info.head.map(|h| h.to_hex()).unwrap_or_default();
+    let p = h.policy.unwrap_or_default();
     html! {
         h1 { (info.name) }
         p {
@@ -597,36 +739,70 @@ fn history(
             ", " (info.versions) " versions, head "
             code id="head" { (info.head.map(|h| h.short()).unwrap_or_else(|| "none".into())) }
         }
+        p id="state" {
+            "State: " (state_cell(&h.state))
+            @if let MachineState::Running(l) = &h.state {
+                " · last heartbeat " (when(l.heartbeat_ms))
+                @if let Some(b) = l.base { " · from version " code { (b.short()) } }
+            }
+        }
         @if !owner { p { "Published: you may fork it; only its owner may change it." } }
+        div.panel id="policy" {
+            "Retention: "
+            @match &h.policy {
+                Some(p) => code id="policy-now" { (p) },
+                None => span id="policy-now" { "none (every version is kept)" },
+            }
+            @if owner {
+                form method="post" action=(format!("{base}/policy")) {
+                    input type="hidden" name="csrf" value=(s.csrf);
+                    @for (name, v) in [("keep_last", p.keep_last), ("keep_hourly", p.keep_hourly), ("keep_daily", p.keep_daily), ("keep_weekly", p.keep_weekly), ("keep_monthly", p.keep_monthly)] {
+                        label.inline { (name.replace('_', " ")) " " input type="number" name=(name) min="0" max="100000" value=(v) size="4"; }
+                    }
+                    button type="submit" name="set-policy" { "Set policy" }
+                    " "
+                    button type="submit" name="clear" value="1" { "Clear policy" }
+                }
+            }
+        }
         ol.timeline id="versions" {
-            @for v in versions {
-                @let l = labels.iter().find(|l| l.version == v.id);
+            @for v in &h.versions {
+                @let l = h.labels.iter().find(|l| l.version == v.id);
                 @let is_head = info.head == Some(v.id);
-                li.version.head[is_head] id=(format!("v-{}", v.id.to_hex())) {
+                @let checkpoint = l.is_some_and(|l| l.labels.tags.iter().any(|t| t == "checkpoint"));
+                li.version.head[is_head].checkpoint[checkpoint] id=(format!("v-{}", v.id.to_hex())) {
                     div.line {
                         code { (v.id.short()) }
                         @if is_head { " " span.badge { "head" } }
                         @if v.has_memory() { " " span.badge { "suspended" } }
+                        @if checkpoint { " " span.badge.checkpoint { "checkpoint" } }
                         " " (when(v.created_ms))
-                        " · added " (bytes(v.stats.bytes_stored))
+                        " · added " span.added { (bytes(v.stats.bytes_stored)) }
                         " · disk " (bytes(v.disk_size))
                     }
                     @if let Some(p) = v.parent {
-                        @if versions.iter().any(|x| x.id == p) {
-                            div { "parent " a href=(format!("#v-{}", p.to_hex())) { code { (p.short()) } } }
+                        @if h.versions.iter().any(|x| x.id == p) {
+                            div { "parent " a.parent href=(format!("#v-{}", p.to_hex())) { code { (p.short()) } } }
                         } @else {
-                            div { "parent " code { (p.short()) } " (another machine's)" }
+                            div { "parent " code { (p.short()) } " (removed)" }
                         }
                     }
-                    @if !v.stats.source.is_empty() { div.source { (v.stats.source) } }
+                    @if let Some((fm, fv)) = forked_from(&v.stats.source) {
+                        div.source { "forked from " a.forked href=(format!("/machines/{fm}#v-{fv}")) { (fm) "@" (fv.get(..12).unwrap_or(fv)) } }
+                    } @else if !v.stats.source.is_empty() {
+                        div.source { (v.stats.source) }
+                    }
                     @if let Some(l) = l {
                         @if let Some(note) = &l.labels.note { div.note { (note) } }
                         @if !l.labels.tags.is_empty() {
                             div.tags { @for t in &l.labels.tags { span.tag { (t) } " " } }
                         }
                     }
-                    @if owner {
-                        div.actions {
+                    div.actions {
+                        a.download href=(format!("{base}/versions/{}/disk.raw", v.id.to_hex())) download { "Download disk (raw)" }
+                        " "
+                        (fork_form(s, &info.name, Some(v.id)))
+                        @if owner {
                             @if !is_head {
                                 form.inline method="post" action=(format!("{base}/head")) {
                                     input type="hidden" name="csrf" value=(s.csrf);
@@ -639,6 +815,13 @@ fn history(
                                 input type="hidden" name="csrf" value=(s.csrf);
                                 input type="hidden" name="version" value=(v.id.to_hex());
                                 button.danger type="submit" name="remove" { "Remove" }
+                            }
+                            form.inline.label method="post" action=(format!("{base}/label")) {
+                                input type="hidden" name="csrf" value=(s.csrf);
+                                input type="hidden" name="version" value=(v.id.to_hex());
+                                input type="text" name="note" placeholder="note" size="14";
+                                input type="text" name="tag" placeholder="tag" size="8";
+                                button type="submit" name="label" { "Label" }
                             }
                         }
                     }
@@ -678,10 +861,7 @@ async fn set_head(
     let user = s.user.clone();
     let back = format!("/machines/{m}");
     blocking(&app, move |app| {
-        app.owned_machine(&user, &m)?;
-        app.catalog(|c| Ok(c.set_head(&m, to, expected)?))?;
-        tracing::info!(machine = %m, head = %to, user = %user.name, "head moved (console)");
-        Ok(())
+        actions::set_head(app, &user, &m, to, expected)
     })
     .await?;
     Ok(Redirect::to(&back).into_response())
@@ -707,15 +887,7 @@ async fn remove_version(
     let v = version_id(&f.version)?;
     let user = s.user.clone();
     let back = format!("/machines/{m}");
-    blocking(&app, move |app| {
-        let info = exact_version(app, &user, &m, v)?;
-        app.writable_machine(&user, &m)?;
-        check_not_in_use(app, &m, Some(v))?;
-        app.catalog(|c| Ok(c.remove_version(&info)?))?;
-        tracing::info!(machine = %m, version = %v, user = %user.name, "version removed (console)");
-        Ok(())
-    })
-    .await?;
+    blocking(&app, move |app| actions::remove_version(app, &user, &m, v)).await?;
     Ok(Redirect::to(&back).into_response())
 }
 
@@ -750,6 +922,17 @@ async fn tokens_page(State(app): State<Shared>, headers: HeaderMap) -> WebResult
                     }
                 }
             }
+        }
+    };
+    let body = html! {
+        (body)
+        h2 { "A token for a station" }
+        form id="new-token-form" method="post" action="/tokens" {
+            input type="hidden" name="csrf" value=(s.csrf);
+            label { "Label (the station) " input type="text" name="label" maxlength="100"; }
+            label { "Valid for (days) " input type="number" name="days" min="1" max="365" value="30"; }
+            label { "Your password " input type="password" name="password" autocomplete="current-password" required; }
+            button type="submit" { "Create token" }
         }
     };
     Ok(Page(StatusCode::OK, layout("Tokens", Some(&s), body)).into_response())
@@ -818,16 +1001,20 @@ async fn users_page(State(app): State<Shared>, headers: HeaderMap) -> WebResult 
     let body = html! {
         h1 { "Users" }
         table id="users" {
-            thead { tr { th { "User" } th { "Role" } th { "Used" } th { "Quota" } th { "Live tokens" } th { "Added" } } }
+            thead { tr { th { "User" } th { "Role" } th { "Used" } th { "Quota" } th { "Live tokens" } th { "Added" } th { "Change" } } }
             tbody {
                 @for (u, used) in &users {
-                    tr {
+                    tr id=(format!("user-{}", u.name)) {
                         td { (u.name) }
-                        td { @if u.admin { "administrator" } @else { "user" } }
+                        td {
+                            @if u.admin { "administrator" } @else { "user" }
+                            @if u.disabled { " " span.badge.disabled { "disabled" } }
+                        }
                         td { (bytes(*used)) }
                         td { (u.quota.map(bytes).unwrap_or_else(|| "none".into())) }
                         td.num { (u.tokens_live) }
                         td { (when(u.created_ms)) }
+                        td.change { (user_forms(&s, &u.name, u.disabled)) }
                     }
                 }
             }
@@ -857,6 +1044,50 @@ struct AddUserForm {
     admin: Option<String>,
 }
 
+/// The forms that change one user (`web/admin.rs`, `change_user`).
+fn user_forms(s: &Session, name: &str, disabled: bool) -> Markup {
+    let form = |action: &str, extra: Markup, button: &str, danger: bool| {
+        html! {
+            form.inline method="post" action="/admin/users/change" {
+                input type="hidden" name="csrf" value=(s.csrf);
+                input type="hidden" name="name" value=(name);
+                input type="hidden" name="action" value=(action);
+                (extra)
+                @if danger {
+                    button.danger type="submit" name=(action) { (button) }
+                } @else {
+                    button type="submit" name=(action) { (button) }
+                }
+            }
+        }
+    };
+    html! {
+        (form("quota", html! { input type="number" name="quota_gib" min="0" step="any" size="5" placeholder="GiB"; }, "Set quota", false))
+        (form("password", html! { input type="password" name="password" autocomplete="new-password" size="10" placeholder="new password"; }, "Reset password", false))
+        @if name != s.user.name {
+            @if disabled {
+                (form("enable", html! {}, "Enable", false))
+            } @else {
+                (form("disable", html! {}, "Disable", true))
+            }
+            (form("remove", html! {}, "Remove", true))
+        }
+    }
+}
+
+/// A quota form field, in GiB: empty for none.
+fn quota_bytes(q: &str) -> Result<Option<u64>, ApiError> {
+    match q.trim() {
+        "" => Ok(None),
+        q => match q.parse::<f64>() {
+            Ok(g) if g.is_finite() && g >= 0.0 => Ok(Some((g * (1u64 << 30) as f64) as u64)),
+            _ => Err(ApiError::bad_request(format!(
+                "the quota {q:?} is not a number of GiB; give one like 20 or 0.5, or leave it empty for none"
+            ))),
+        },
+    }
+}
+
 /// `POST /admin/users`: `mbank admin user add` (`Access::add_user`: the same name and
 /// password rules).
 async fn add_user(
@@ -867,18 +1098,7 @@ async fn add_user(
     let s = session(&app, &headers).await?;
     check_csrf(&s, &f.csrf)?;
     admin_only(&s)?;
-    let quota = match f.quota_gib.trim() {
-        "" => None,
-        q => match q.parse::<f64>() {
-            Ok(g) if g.is_finite() && g >= 0.0 => Some((g * (1u64 << 30) as f64) as u64),
-            _ => {
-                return Err(ApiError::bad_request(format!(
-                    "the quota {q:?} is not a number of GiB; give one like 20 or 0.5, or leave it empty for none"
-                ))
-                .into());
-            }
-        },
-    };
+    let quota = quota_bytes(&f.quota_gib)?;
     let admin = f.admin.is_some();
     let by = s.user.name.clone();
     blocking(&app, move |a| {

@@ -89,6 +89,9 @@ impl Console {
             s.local(&["-q", "import", machine, p.to_str().unwrap()])
                 .ok();
         }
+        // Imported on the bank's host: each user gets the rights to their chunks as
+        // a commit over the API would have given them (a fork needs them).
+        s.local(&["admin", "repair-rights"]).ok();
         s.spawn()
     }
 
@@ -471,4 +474,394 @@ fn console_in_a_real_browser() {
     let r = run_cmd(c);
     assert!(r.success(), "the browser test failed:\n{r}");
     assert!(shots.join("04-head-set.png").exists());
+}
+
+/// `curl` with a bearer token and a JSON body: the API, beside the console.
+fn api(s: &Console, token: &str, method: &str, path: &str, body: &str) -> u16 {
+    let o = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method])
+        .arg("--cacert")
+        .arg(&s.ca)
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {token}"))
+        .args(["-H", "Content-Type: application/json", "--data", body])
+        .arg(format!("https://127.0.0.1:{}{path}", s.port))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+impl Browser<'_> {
+    /// A download: status, headers, the body's bytes.
+    fn download(&self, path: &str) -> (u16, Answer, Vec<u8>) {
+        let out = self.s.root.join(format!("download-{}", unique()));
+        let hdr = self.s.root.join(format!("headers-{}", unique()));
+        let o = Command::new("curl")
+            .args(["-s", "-g", "-w", "%{http_code}", "--cacert"])
+            .arg(&self.s.ca)
+            .arg("-b")
+            .arg(&self.jar)
+            .arg("-o")
+            .arg(&out)
+            .arg("-D")
+            .arg(&hdr)
+            .arg(format!("https://127.0.0.1:{}{path}", self.s.port))
+            .output()
+            .unwrap();
+        let status = String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        let a = Answer {
+            status,
+            headers: fs::read_to_string(&hdr).unwrap_or_default(),
+            body: String::new(),
+        };
+        (status, a, fs::read(&out).unwrap_or_default())
+    }
+
+    /// Gets `path` until its body contains `what` (a job finishing), for up to 120 s.
+    fn wait_for(&self, path: &str, what: &str) -> Answer {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let a = self.get(path);
+            if a.body.contains(what) || std::time::Instant::now() > deadline {
+                return a;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}
+
+/// The user's actions beyond head and remove (fork, retention, labels, download, a
+/// station's token, the machine's state) and the administrator's pages (users
+/// changed, published machines, storage with gc and verify, sessions, health), each
+/// with its CSRF refusal and isolation.
+#[test]
+fn console_forks_downloads_and_administers() {
+    let s = Console::start();
+    let alice = s.browser();
+    assert_eq!(alice.login("alice", "alice-secret-1").status, 303);
+    let home = alice.get("/");
+    assert_eq!(home.status, 200);
+    assert!(home.body.contains("Published bases"), "{}", home.body);
+    assert!(home.body.contains(">off<"), "{}", home.body);
+    let page = alice.get("/machines/alice/dev");
+    let csrf = page.csrf();
+    let versions = s.versions("alice/dev");
+    let head = s.head("alice/dev").unwrap();
+
+    // Fork: refused without CSRF, from another user's machine (the 404 of an absent
+    // one), into a name that exists; then done, sharing the disk.
+    let a = alice.post("/machines/alice/dev/fork", &[("name", "copy")]);
+    assert_eq!(a.status, 403, "{}", a.body);
+    let a = alice.post(
+        "/machines/bob/secret/fork",
+        &[("csrf", &csrf), ("name", "stolen")],
+    );
+    assert_eq!(a.status, 404, "{}", a.body);
+    let a = alice.post(
+        "/machines/alice/dev/fork",
+        &[("csrf", &csrf), ("name", "dev")],
+    );
+    assert_eq!(a.status, 409, "{}", a.body);
+    let a = alice.post(
+        "/machines/alice/dev/fork",
+        &[("csrf", &csrf), ("name", "copy"), ("version", &versions[1])],
+    );
+    assert_eq!(a.status, 303, "{}", a.body);
+    assert_eq!(a.header("location"), ["/machines/alice/copy"]);
+    assert_eq!(s.versions("alice/copy").len(), 1);
+    let copy = alice.get("/machines/alice/copy");
+    assert_eq!(copy.status, 200);
+    assert!(
+        copy.body
+            .contains(&format!("/machines/alice/dev#v-{}", versions[1])),
+        "no link to the fork's source: {}",
+        copy.body
+    );
+    let exported = s.root.join("copy.raw");
+    s.local(&["-q", "export", "alice/copy", exported.to_str().unwrap()])
+        .ok();
+    assert_eq!(fs::read(&exported).unwrap(), random_bytes(MIB, 1));
+
+    // Download: the head's disk, streamed with its name; another user's is a 404.
+    let (status, a, body) =
+        alice.download(&format!("/machines/alice/dev/versions/{head}/disk.raw"));
+    assert_eq!(status, 200);
+    assert!(a.header("content-disposition")[0].starts_with("attachment; filename=\"alice-dev-"));
+    assert_eq!(a.header("content-length"), [MIB.to_string()]);
+    assert!(
+        body == random_bytes(MIB, 2),
+        "the download is not the head's disk"
+    );
+    let bob_head = s.head("bob/secret").unwrap();
+    let (status, ..) = alice.download(&format!(
+        "/machines/bob/secret/versions/{bob_head}/disk.raw"
+    ));
+    assert_eq!(status, 404);
+
+    // Retention: set, shown, cleared; refused without CSRF and on another's machine.
+    let policy = [("keep_last", "2"), ("keep_daily", "7")];
+    assert_eq!(
+        alice.post("/machines/alice/dev/policy", &policy).status,
+        403
+    );
+    let mut with = policy.to_vec();
+    with.push(("csrf", &csrf));
+    assert_eq!(alice.post("/machines/bob/secret/policy", &with).status, 404);
+    assert_eq!(alice.post("/machines/alice/dev/policy", &with).status, 303);
+    let p = alice.get("/machines/alice/dev");
+    assert!(
+        p.body.contains("--keep-last 2 --keep-daily 7"),
+        "{}",
+        p.body
+    );
+    // The API reads the policy the console set.
+    let o = Command::new("curl")
+        .args(["-s", "--cacert"])
+        .arg(&s.ca)
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {}", alice.token()))
+        .arg(format!(
+            "https://127.0.0.1:{}/v1/machines/alice/dev/policy",
+            s.port
+        ))
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(shown.contains("\"keep_last\":2"), "{shown}");
+    let a = alice.post(
+        "/machines/alice/dev/policy",
+        &[("csrf", &csrf), ("clear", "1")],
+    );
+    assert_eq!(a.status, 303);
+    assert!(
+        alice
+            .get("/machines/alice/dev")
+            .body
+            .contains("none (every version is kept)")
+    );
+
+    // Labels: a note and the checkpoint tag, shown on the timeline.
+    let a = alice.post(
+        "/machines/alice/dev/label",
+        &[
+            ("csrf", &csrf),
+            ("version", &head),
+            ("note", "before the exam"),
+            ("tag", "checkpoint"),
+        ],
+    );
+    assert_eq!(a.status, 303, "{}", a.body);
+    let p = alice.get("/machines/alice/dev");
+    assert!(p.body.contains("before the exam"), "{}", p.body);
+    assert!(p.body.contains("version head checkpoint"), "{}", p.body);
+
+    // The machine's state: running on a station while a session holds it.
+    let token = alice.token();
+    let lease = format!(
+        r#"{{"lease":{{"machine":"alice/dev","session":"s1","station":"st1","station_name":"lab-pc-7:/cache","pid":1,"base":"{head}","started_ms":1700000000000,"heartbeat_ms":1700000000000}},"replace":null}}"#
+    );
+    assert_eq!(
+        api(&s, &token, "PUT", "/v1/machines/alice/dev/lease", &lease),
+        200
+    );
+    let home = alice.get("/");
+    assert!(
+        home.body.contains("running") && home.body.contains("lab-pc-7:/cache"),
+        "{}",
+        home.body
+    );
+    let p = alice.get("/machines/alice/dev");
+    assert!(p.body.contains("last heartbeat"), "{}", p.body);
+
+    // A token for a station: the password again; shown once; it works on the API.
+    let tokens = alice.get("/tokens");
+    assert!(tokens.body.contains("A token for a station"));
+    let a = alice.post(
+        "/tokens",
+        &[
+            ("csrf", &csrf),
+            ("label", "lab-pc-7"),
+            ("password", "wrong-password"),
+        ],
+    );
+    assert_eq!(a.status, 403, "{}", a.body);
+    let a = alice.post(
+        "/tokens",
+        &[("label", "lab-pc-7"), ("password", "alice-secret-1")],
+    );
+    assert_eq!(a.status, 403);
+    let a = alice.post(
+        "/tokens",
+        &[
+            ("csrf", &csrf),
+            ("label", "lab-pc-7"),
+            ("password", "alice-secret-1"),
+            ("days", "7"),
+        ],
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    let at = a.body.find("mbt_").expect("the new token is shown");
+    let station = &a.body[at..at + 101];
+    assert_eq!(api_status(&s, station, "/v1/whoami"), 200);
+    assert!(alice.get("/tokens").body.contains("lab-pc-7"));
+
+    // Administrator pages are for administrators.
+    for path in [
+        "/admin/published",
+        "/admin/storage",
+        "/admin/sessions",
+        "/admin/health",
+    ] {
+        assert_eq!(alice.get(path).status, 403, "{path}");
+    }
+    assert_eq!(
+        alice
+            .post(
+                "/admin/users/change",
+                &[("csrf", &csrf), ("name", "bob"), ("action", "disable")]
+            )
+            .status,
+        403
+    );
+
+    let root = s.browser();
+    assert_eq!(root.login("root", "root-secret-333").status, 303);
+    let users = root.get("/admin/users");
+    let rcsrf = users.csrf();
+    let change = |name: &str, action: &str, extra: &[(&str, &str)]| {
+        let mut f = vec![("csrf", rcsrf.as_str()), ("name", name), ("action", action)];
+        f.extend_from_slice(extra);
+        root.post("/admin/users/change", &f)
+    };
+    // Disable bob: his token stops working and he cannot log in; enable; reset password.
+    let bob = s.browser();
+    assert_eq!(bob.login("bob", "bob-secret-22").status, 303);
+    let bob_token = bob.token();
+    assert_eq!(
+        root.post(
+            "/admin/users/change",
+            &[("name", "bob"), ("action", "disable")]
+        )
+        .status,
+        403
+    );
+    assert_eq!(change("bob", "disable", &[]).status, 303);
+    assert!(root.get("/admin/users").body.contains("disabled"));
+    assert_eq!(api_status(&s, &bob_token, "/v1/whoami"), 401);
+    assert_eq!(s.browser().login("bob", "bob-secret-22").status, 401);
+    assert_eq!(change("bob", "enable", &[]).status, 303);
+    assert_eq!(
+        change("bob", "password", &[("password", "bob-new-secret-9")]).status,
+        303
+    );
+    assert_eq!(s.browser().login("bob", "bob-secret-22").status, 401);
+    let bob = s.browser();
+    assert_eq!(bob.login("bob", "bob-new-secret-9").status, 303);
+    assert_eq!(change("bob", "quota", &[("quota_gib", "3")]).status, 303);
+    assert!(bob.get("/").body.contains("of 3.0 GiB"));
+    // An administrator cannot lock themself out; a user is removed.
+    assert_eq!(change("root", "disable", &[]).status, 400);
+    root.post(
+        "/admin/users",
+        &[
+            ("csrf", &rcsrf),
+            ("name", "dave"),
+            ("password", "dave-secret-55555"),
+        ],
+    );
+    assert_eq!(change("dave", "remove", &[]).status, 303);
+    assert!(!root.get("/admin/users").body.contains("dave"));
+    assert_eq!(s.browser().login("dave", "dave-secret-55555").status, 401);
+
+    // Published: bob sees alice/dev among the bases and forks it; unpublished, it is gone.
+    let a = root.post(
+        "/admin/published",
+        &[
+            ("csrf", &rcsrf),
+            ("machine", "alice/dev"),
+            ("action", "publish"),
+        ],
+    );
+    assert_eq!(a.status, 303, "{}", a.body);
+    assert!(root.get("/admin/published").body.contains("alice/dev"));
+    let bhome = bob.get("/");
+    assert!(
+        bhome.body.contains("id=\"bases\"") && bhome.body.contains("alice/dev"),
+        "{}",
+        bhome.body
+    );
+    let bcsrf = bhome.csrf();
+    let a = bob.post(
+        "/machines/alice/dev/fork",
+        &[("csrf", &bcsrf), ("name", "base")],
+    );
+    assert_eq!(a.status, 303, "{}", a.body);
+    assert_eq!(s.versions("bob/base").len(), 1);
+    // The published page offers bob no owner's forms.
+    let p = bob.get("/machines/alice/dev");
+    assert!(
+        !p.body.contains("set-head") && !p.body.contains("set-policy"),
+        "{}",
+        p.body
+    );
+    assert_eq!(
+        bob.post(
+            "/machines/alice/dev/head",
+            &[("csrf", &bcsrf), ("to", &versions[1]), ("expected", &head)]
+        )
+        .status,
+        404
+    );
+    let a = root.post(
+        "/admin/published",
+        &[
+            ("csrf", &rcsrf),
+            ("machine", "alice/dev"),
+            ("action", "unpublish"),
+        ],
+    );
+    assert_eq!(a.status, 303);
+    assert_eq!(bob.get("/machines/alice/dev").status, 404);
+
+    // Sessions: alice's lease. Health: charts.
+    let p = root.get("/admin/sessions");
+    assert_eq!(p.status, 200);
+    assert!(
+        p.body.contains("alice/dev") && p.body.contains("lab-pc-7:/cache"),
+        "{}",
+        p.body
+    );
+    let p = root.get("/admin/health");
+    assert_eq!(p.status, 200);
+    assert!(
+        p.body.contains("<svg") && p.body.contains("polyline"),
+        "{}",
+        p.body
+    );
+
+    // Storage: totals; gc and verify run by the server, followed to their outcome.
+    let p = root.get("/admin/storage");
+    assert_eq!(p.status, 200, "{}", p.body);
+    assert!(p.body.contains("Deduplication") && p.body.contains("id=\"use\""));
+    assert_eq!(root.post("/admin/jobs", &[("kind", "gc")]).status, 403);
+    assert_eq!(
+        root.post("/admin/jobs", &[("csrf", &rcsrf), ("kind", "gc")])
+            .status,
+        303
+    );
+    let p = root.wait_for("/admin/storage", "Start gc");
+    assert!(p.body.contains("deleted 0 chunks"), "{}", p.body);
+    assert_eq!(
+        root.post("/admin/jobs", &[("csrf", &rcsrf), ("kind", "verify")])
+            .status,
+        303
+    );
+    let p = root.wait_for("/admin/storage", "Start verify");
+    assert!(p.body.contains("no damage"), "{}", p.body);
 }

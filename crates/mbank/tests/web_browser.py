@@ -109,6 +109,30 @@ page("05-removed")
 left = driver.find_elements(By.CSS_SELECTOR, "#versions li.version")
 check("05-removed", [l.get_attribute("id") for l in left] == [vid], "the removed version is still shown")
 
+# Fork the remaining version into a new machine from the history's form.
+form = driver.find_element(By.CSS_SELECTOR, f"#{vid} form.fork")
+form.find_element(By.NAME, "name").send_keys("forked")
+click(form.find_element(By.NAME, "fork"))
+page("05b-forked")
+check("05b-forked", driver.current_url == URL + f"/machines/{user}/forked",
+      f"the fork ended at {driver.current_url}")
+check("05b-forked", len(driver.find_elements(By.CSS_SELECTOR, "#versions li.version")) == 1,
+      "the fork has not one version")
+check("05b-forked", f"/machines/{user}/dev#{vid}" in
+      driver.find_element(By.CSS_SELECTOR, "a.forked").get_attribute("href"),
+      "the fork does not link to its source")
+
+# A form posted without its CSRF token is refused (the field removed in the page).
+driver.get(URL + f"/machines/{user}/dev")
+driver.execute_script(
+    "document.querySelectorAll('#versions input[name=csrf]').forEach(e => e.remove())")
+form = driver.find_element(By.CSS_SELECTOR, f"#{vid} form.fork")
+form.find_element(By.NAME, "name").send_keys("nocsrf")
+click(form.find_element(By.NAME, "fork"))
+page("05c-no-csrf", errors_allowed=True)
+check("05c-no-csrf", "403" in driver.find_element(By.TAG_NAME, "h1").text,
+      "a form without its CSRF token was not refused")
+
 # Another user's machine: the page of an absent one.
 driver.get(URL + "/machines/bob/secret")
 page("06-other-users-machine", errors_allowed=True)
@@ -132,6 +156,12 @@ form.find_element(By.NAME, "quota_gib").send_keys("1")
 click(form.find_element(By.CSS_SELECTOR, "button[type=submit]"))
 page("11-user-added")
 check("11-user-added", "carol" in driver.find_element(By.ID, "users").text, "carol not listed")
+for step, name in [("11b-published", "Published"), ("11c-storage", "Storage"),
+                   ("11d-sessions", "Sessions"), ("11e-health", "Health")]:
+    click(driver.find_element(By.LINK_TEXT, name))
+    page(step)
+check("11e-health", len(driver.find_elements(By.CSS_SELECTOR, "figure.chart svg")) >= 4,
+      "the health page has no charts")
 logout("12-admin-logout")
 login("13-new-user-login", "carol", "carol-secret-4444")
 page("14-new-user-machines")
