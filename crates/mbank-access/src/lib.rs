@@ -172,6 +172,14 @@ pub enum AccessError {
         "the token or password is not valid (wrong, expired or revoked); log in again with `mbank login`"
     )]
     Unauthorized,
+    /// A token whose secret matches but whose lifetime is over (HTTP 401). Said only to
+    /// the token's holder: nobody else knows its secret.
+    #[error("your token expired at {} UTC; log in again with `mbank login`", mbank_core::utc_datetime(*.0))]
+    TokenExpired(i64),
+    /// A token whose secret matches but that was revoked (a logout, a password change,
+    /// an administrator; HTTP 401). Said only to the token's holder.
+    #[error("your token was revoked at {} UTC (by a logout, a password change or an administrator); log in again with `mbank login`", mbank_core::utc_datetime(*.0))]
+    TokenRevoked(i64),
     /// No user has this name.
     #[error("there is no user {0:?}; `mbank admin user ls` lists them")]
     UnknownUser(String),
@@ -248,7 +256,12 @@ pub enum AccessError {
 impl AccessError {
     /// True for [`AccessError::Unauthorized`] (the server answers 401).
     pub fn is_unauthorized(&self) -> bool {
-        matches!(self, AccessError::Unauthorized)
+        matches!(
+            self,
+            AccessError::Unauthorized
+                | AccessError::TokenExpired(_)
+                | AccessError::TokenRevoked(_)
+        )
     }
 
     /// True for SQLite's "busy"/"locked", which a retry may get past.
@@ -767,8 +780,14 @@ impl Access {
         };
         // blake3::Hash's equality is constant-time.
         let matches = blake3::Hash::from_bytes(stored) == blake3::hash(&secret);
-        if !matches || revoked_ms.is_some() || expires_ms <= now_ms() {
+        if !matches {
             return Err(AccessError::Unauthorized);
+        }
+        if let Some(at) = revoked_ms {
+            return Err(AccessError::TokenRevoked(at));
+        }
+        if expires_ms <= now_ms() {
+            return Err(AccessError::TokenExpired(expires_ms));
         }
         Ok(User {
             name,

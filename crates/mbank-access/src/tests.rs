@@ -26,7 +26,7 @@ fn user(a: &Access, name: &str) -> User {
 
 fn assert_unauthorized(r: Result<User, AccessError>, what: &str) {
     match r {
-        Err(AccessError::Unauthorized) => {}
+        Err(e) if e.is_unauthorized() => {}
         other => panic!("{what}: expected Unauthorized, got {other:?}"),
     }
 }

@@ -203,6 +203,9 @@ impl From<AccessError> for ApiError {
     fn from(e: AccessError) -> Self {
         match e {
             AccessError::Unauthorized => ApiError::unauthorized(),
+            AccessError::TokenExpired(_) | AccessError::TokenRevoked(_) => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+            }
             AccessError::QuotaExceeded {
                 ref user,
                 used,

@@ -1,0 +1,255 @@
+//! Running a bank as a service, and what its clients are told: TLS and URL mistakes,
+//! login and token messages, `whoami`, administration over HTTPS, completions, man
+//! pages, systemd units and metrics. Every case runs the real binary against a real
+//! `mbank serve`.
+
+mod common;
+#[path = "../../mbank-nbd/tests/common/pki.rs"]
+mod pki;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const PASSWORD: &str = "alice-secret-1";
+
+/// `mbank serve` on a fresh bank with user alice (and admin root), plain HTTP or TLS.
+struct Server {
+    tmp: tempfile::TempDir,
+    bank_dir: PathBuf,
+    port: u16,
+    tls: bool,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Serves over plain HTTP on 127.0.0.1.
+    fn plain() -> Server {
+        Server::start(None)
+    }
+
+    /// Serves over TLS with `cert` and `key`.
+    fn start(tls: Option<(&Path, &Path)>) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let bank_dir = tmp.path().join("bank");
+        mbank_run(&[
+            std::ffi::OsStr::new("--bank"),
+            bank_dir.as_os_str(),
+            std::ffi::OsStr::new("init"),
+        ])
+        .ok();
+        for (user, admin) in [("alice", false), ("root", true)] {
+            let mut c = mbank();
+            c.arg("--bank").arg(&bank_dir);
+            c.args(["admin", "user", "add", user, "--password-stdin"]);
+            if admin {
+                c.arg("--admin");
+            }
+            run_with_input(c, format!("{PASSWORD}\n").as_bytes()).ok();
+        }
+        let log = tmp.path().join("server.log");
+        let mut c = mbank();
+        c.arg("--bank").arg(&bank_dir).arg("serve");
+        c.args(["--listen", "127.0.0.1:0"]);
+        if let Some((cert, key)) = tls {
+            c.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        }
+        c.stdout(Stdio::piped());
+        c.stderr(fs::File::create(&log).unwrap());
+        let mut child = c.spawn().unwrap();
+        let port = serve_port(&mut child, &log);
+        Server {
+            tmp,
+            bank_dir,
+            port,
+            tls: tls.is_some(),
+            child,
+            log,
+        }
+    }
+
+    fn url(&self) -> String {
+        self.url_on("127.0.0.1")
+    }
+
+    fn url_on(&self, host: &str) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{host}:{}", self.port)
+    }
+
+    fn config(&self, user: &str) -> PathBuf {
+        self.tmp.path().join(format!("config-{user}"))
+    }
+
+    /// `mbank ARGS` as `user` (their credentials file), with a short retry budget.
+    fn cmd(&self, user: &str) -> Command {
+        let mut c = mbank();
+        c.env("XDG_CONFIG_HOME", self.config(user));
+        c.env("MBANK_RETRY_SECS", "20");
+        c.env_remove("MBANK_TOKEN");
+        c
+    }
+
+    fn login(&self, user: &str, url: &str, extra: &[&std::ffi::OsStr]) -> Run {
+        let mut c = self.cmd(user);
+        c.args(["login", url, "--user", user, "--password-stdin"]);
+        c.args(extra);
+        run_with_input(c, format!("{PASSWORD}\n").as_bytes())
+    }
+
+    /// `mbank --bank URL ARGS` as `user`.
+    fn run(&self, user: &str, url: &str, args: &[&str]) -> Run {
+        let mut c = self.cmd(user);
+        c.arg("--bank").arg(url).args(args);
+        run_cmd(c)
+    }
+
+    /// `mbank --bank DIR ARGS` on the bank's host.
+    fn local(&self, args: &[&str]) -> Run {
+        let mut c = mbank();
+        c.arg("--bank").arg(&self.bank_dir).args(args);
+        run_cmd(c)
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost, as a plain `openssl req
+/// -x509` makes it (a CA certificate by its basic constraints).
+fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    pki::openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=bank.test",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        dir,
+    );
+    (dir.join("cert.pem"), dir.join("key.pem"))
+}
+
+/// A failure that was not retried: the client said nothing of waiting and tried once.
+fn not_retried(r: &Run) {
+    assert!(
+        !r.stderr.contains("retrying") && !r.stderr.contains("times over"),
+        "this failure should not be retried:\n{r}"
+    );
+}
+
+#[test]
+fn a_pinned_self_signed_certificate_is_accepted_and_its_absence_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let s = Server::start(Some((&cert, &key)));
+    let url = s.url();
+
+    // Without --ca-cert: refused, once, with the option to use.
+    let r = s.login("alice", &url, &[]).failed();
+    r.stderr_has(&["certificate", "--ca-cert"]);
+    not_retried(&r);
+
+    // With the certificate itself as --ca-cert: accepted, and remembered.
+    s.login("alice", &url, &[std::ffi::OsStr::new("--ca-cert"), cert.as_os_str()])
+        .ok();
+    let r = s.run("alice", &url, &["ls"]).ok();
+    assert!(!r.stderr.contains("CaUsedAsEndEntity"), "{r}");
+
+    // Another self-signed certificate pinned instead: refused.
+    let other = tempfile::tempdir().unwrap();
+    let (other_cert, _) = self_signed(other.path());
+    let r = s
+        .login(
+            "alice",
+            &url,
+            &[std::ffi::OsStr::new("--ca-cert"), other_cert.as_os_str()],
+        )
+        .failed();
+    r.stderr_has(&["certificate"]);
+    not_retried(&r);
+}
+
+#[test]
+fn https_to_a_plain_server_and_http_to_a_tls_server_say_so_at_once() {
+    let plain = Server::plain();
+    let wrong = plain.url().replace("http://", "https://");
+    let r = plain.run("alice", &wrong, &["ls"]).failed();
+    r.stderr_has(&["does not speak TLS", &plain.url()]);
+    not_retried(&r);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let tls = Server::start(Some((&cert, &key)));
+    let wrong = tls.url().replace("https://", "http://");
+    let r = tls.run("alice", &wrong, &["ls"]).failed();
+    r.stderr_has(&["speaks TLS", &tls.url()]);
+    not_retried(&r);
+}
+
+#[test]
+fn login_messages_say_what_is_wrong_with_the_token() {
+    let s = Server::plain();
+    let url = s.url();
+
+    // No token at all.
+    let r = s.run("alice", &url, &["ls"]).failed();
+    r.stderr_has(&[&format!("no token for {url}"), &format!("mbank login {url}")]);
+
+    // Logged in at 127.0.0.1, used as localhost: the same server, the same token.
+    s.login("alice", &url, &[]).ok();
+    s.run("alice", &s.url_on("localhost"), &["ls"]).ok();
+
+    // Filed under another spelling that need not be the same server (0.0.0.0 reaches
+    // this host too, but is no loopback address): said so.
+    let other = format!("http://0.0.0.0:{}", s.port);
+    let r = s.run("alice", &other, &["ls"]).failed();
+    r.stderr_has(&[&format!("no token for {other}"), &url]);
+
+    // Revoked by its user elsewhere (a password change revokes every token).
+    let mut c = mbank();
+    c.arg("--bank").arg(&s.bank_dir);
+    c.args(["admin", "user", "passwd", "alice", "--password-stdin"]);
+    run_with_input(c, format!("{PASSWORD}\n").as_bytes()).ok();
+    let r = s.run("alice", &url, &["ls"]).failed();
+    r.stderr_has(&["revoked", &format!("mbank login {url}")]);
+
+    // Expired.
+    s.login("alice", &url, &[std::ffi::OsStr::new("--ttl"), std::ffi::OsStr::new("1s")])
+        .ok();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = s.run("alice", &url, &["ls"]);
+        if !r.success() {
+            r.stderr_has(&["expired", &format!("mbank login {url}")]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "a 1 s token never expired:\n{r}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
