@@ -31,11 +31,18 @@ pub enum AdminCmd {
     ///
     /// Run it again after the machine gets new versions so that their chunks are
     /// readable too.
-    Publish { machine: MachineName },
+    Publish {
+        /// The machine, as user/name.
+        machine: MachineName,
+    },
     /// Stop publishing a machine. Users who forked it keep their forks.
-    Unpublish { machine: MachineName },
+    Unpublish {
+        /// The machine, as user/name.
+        machine: MachineName,
+    },
     /// List the published machines.
     Published {
+        /// Print a JSON list of the published machines.
         #[arg(long)]
         json: bool,
     },
@@ -44,6 +51,7 @@ pub enum AdminCmd {
     /// of that version (not charged against their quota), and a published machine's
     /// chunks are readable by every user again.
     RepairRights {
+        /// Print a JSON report of the rights granted.
         #[arg(long)]
         json: bool,
     },
@@ -67,9 +75,13 @@ pub enum UserCmd {
         password_stdin: bool,
     },
     /// Remove a user: their tokens stop working. Their machines stay in the bank.
-    Rm { name: String },
+    Rm {
+        /// The user's name.
+        name: String,
+    },
     /// Set a user's password; their tokens are revoked (they log in again).
     Passwd {
+        /// The user's name.
         name: String,
         /// Read the password from the first line of standard input.
         #[arg(long)]
@@ -77,12 +89,15 @@ pub enum UserCmd {
     },
     /// Set a user's quota: a size like 50G, or `none` for no bound.
     Quota {
+        /// The user's name.
         name: String,
+        /// The quota: a size such as 50G, or `none`.
         #[arg(value_parser = parse_quota, value_name = "SIZE|none")]
         quota: Quota,
     },
     /// List the users with their usage and live tokens.
     Ls {
+        /// Print a JSON list: each user's name, admin, quota, used and tokens.
         #[arg(long)]
         json: bool,
     },
@@ -96,11 +111,15 @@ pub enum TokenCmd {
         /// Only this user's.
         #[arg(long, value_name = "NAME")]
         user: Option<String>,
+        /// Print a JSON list of the tokens.
         #[arg(long)]
         json: bool,
     },
     /// Revoke a token by its id (as `token ls` shows it).
-    Revoke { id: String },
+    Revoke {
+        /// The token's id (32 hex digits, as `token ls` shows it).
+        id: String,
+    },
 }
 
 /// A quota argument: bytes, or no bound.

@@ -140,7 +140,9 @@ enum Cmd {
     /// STATE says `in use` for the version a session (`run` or `attach`, on any
     /// station) has checked out now, `suspended` for one with a saved memory state.
     Log {
+        /// The machine, as user/name.
         machine: MachineName,
+        /// Print a JSON list of the versions (newest first) with their configuration.
         #[arg(long)]
         json: bool,
     },
@@ -254,12 +256,15 @@ enum Cmd {
     /// with the image a version was made from puts good copies back. The catalog is
     /// checked too (SQLite's integrity check, each version's record against its checksum).
     Verify {
+        /// Only the versions of this machine (user/name) [default: every machine].
         machine: Option<MachineName>,
+        /// Print a JSON report: what was checked, and each damaged chunk with the versions that need it.
         #[arg(long)]
         json: bool,
     },
     /// Delete chunks that no version needs. Safe while imports run.
     Gc {
+        /// Print a JSON report: chunks and bytes deleted and kept.
         #[arg(long)]
         json: bool,
     },
@@ -268,7 +273,9 @@ enum Cmd {
     /// Removing the head moves it to the removed version's parent. The chunks are
     /// deleted by the next gc.
     Rm {
+        /// user/name@VERSION for one version, user/name for the whole machine.
         machine: MachineRef,
+        /// Print a JSON report of what was removed.
         #[arg(long)]
         json: bool,
     },
@@ -289,6 +296,7 @@ enum Cmd {
   mbank forget alice/dev --clear-policy
   mbank forget alice/dev && mbank gc     # on the bank's host; frees quota on a server")]
     Forget {
+        /// The machine, as user/name.
         machine: MachineName,
         #[command(flatten)]
         keep: KeepArgs,
@@ -317,6 +325,7 @@ enum Cmd {
         /// Move only if the head is this version (`none` for no head).
         #[arg(long, value_name = "VERSION")]
         expect: Option<String>,
+        /// Print the head as JSON: {machine, head}.
         #[arg(long)]
         json: bool,
     },
@@ -326,6 +335,7 @@ enum Cmd {
   mbank note alice/dev --untag good
   mbank note alice/dev@1a2b3c \"\"      # removes the note")]
     Note {
+        /// user/name for the head, or user/name@VERSION.
         machine: MachineRef,
         /// The note (at most 1 KiB); an empty one removes it; none leaves it as it is.
         text: Option<String>,
@@ -335,12 +345,15 @@ enum Cmd {
         /// Remove a tag (repeatable).
         #[arg(long, value_name = "TAG")]
         untag: Vec<String>,
+        /// Print the version's note and tags as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Show a machine: its head, versions, retention policy and any session on it.
     Info {
+        /// The machine, as user/name.
         machine: MachineName,
+        /// Print one JSON document: head, versions, policy, settings, session.
         #[arg(long)]
         json: bool,
     },
@@ -372,6 +385,7 @@ enum Cmd {
     Create {
         #[command(flatten)]
         args: create::Args,
+        /// Print a JSON report instead of the version id.
         #[arg(long)]
         json: bool,
     },
@@ -395,7 +409,13 @@ enum Cmd {
     /// Suspend a machine that `mbank run` runs on this station: save memory and disk.
     ///
     /// Prints the new version's id once the memory state and the disk are in the bank.
-    Suspend { machine: MachineName },
+    Suspend {
+        /// The machine, as user/name.
+        machine: MachineName,
+        /// Print a JSON report: {machine, action, version}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Power a machine off (ACPI power button) that `mbank run` runs on this station.
     ///
     /// Presses the power button and waits up to --timeout seconds for the guest to
@@ -409,6 +429,7 @@ enum Cmd {
   mbank poweroff alice/dev --timeout 10 --force # the button, then off after 10 s
   mbank poweroff alice/dev --timeout 0 --force  # pull the plug now")]
     Poweroff {
+        /// The machine, as user/name.
         machine: MachineName,
         /// Seconds to wait for the guest to power off after the button.
         #[arg(long, value_name = "SECONDS", default_value_t = 60)]
@@ -417,6 +438,10 @@ enum Cmd {
         /// writes are lost).
         #[arg(long)]
         force: bool,
+        /// Print a JSON report: {machine, action, version} (version null when the
+        /// session ended with no new version).
+        #[arg(long)]
+        json: bool,
     },
     /// Check in sessions left behind on this station by a crash.
     ///
@@ -425,6 +450,7 @@ enum Cmd {
     /// one that cannot be checked in now (the bank is away) stays for the next try. The
     /// others go on; the exit status is 1 if any session could not be recovered.
     Recover {
+        /// Print a JSON report: the sessions recovered, left for later and damaged.
         #[arg(long)]
         json: bool,
     },
@@ -452,6 +478,7 @@ enum Cmd {
     Logout,
     /// Show totals: machines, versions, chunks, bytes stored, deduplication.
     Stats {
+        /// Print the totals as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -633,8 +660,11 @@ fn forget(
     Ok(())
 }
 
+/// Prints one JSON document; every moment `X_ms` gets its RFC 3339 twin `X_utc`.
 fn json_out<T: serde::Serialize>(v: &T) -> Result<()> {
-    outln!("{}", serde_json::to_string_pretty(v)?)?;
+    let mut v = serde_json::to_value(v)?;
+    fmt::add_utc(&mut v);
+    outln!("{}", serde_json::to_string_pretty(&v)?)?;
     Ok(())
 }
 
@@ -775,15 +805,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
         admin::run(&bank_dir, cmd, cli.quiet)?;
         return Ok(ExitCode::SUCCESS);
     }
-    if let Cmd::Suspend { machine } | Cmd::Poweroff { machine, .. } = &cli.cmd {
+    if let Cmd::Suspend { machine, json } | Cmd::Poweroff { machine, json, .. } = &cli.cmd {
         let station = mbank_station::Station::open(&cache_dir, cache_size)?;
         let off = match cli.cmd {
             Cmd::Poweroff { timeout, force, .. } => Some(run::PowerOff { timeout, force }),
             _ => None,
         };
-        match run::suspend(&station, machine, off, &say)? {
-            Some(v) => outln!("{v}")?,
-            None => say(format!("{machine} ended with no new version")),
+        let ended = run::suspend(&station, machine, off, &say)?;
+        if *json {
+            json_out(&serde_json::json!({
+                "machine": machine.to_string(),
+                "action": if off.is_some() { "poweroff" } else { "suspend" },
+                "version": ended,
+            }))?;
+        } else {
+            match ended {
+                Some(v) => outln!("{v}")?,
+                None => say(format!("{machine} ended with no new version")),
+            }
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -1568,4 +1607,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use clap::CommandFactory;
+
+    /// Every argument of every command says what it is for in `--help` (`json` flags too).
+    #[test]
+    fn every_argument_has_a_help_line() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                if a.is_hide_set() {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.is_hide_set() {
+                    continue;
+                }
+                if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(format!("{path} {} (the command)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let cmd = super::Cli::command();
+        let mut missing = Vec::new();
+        walk(&cmd, "mbank", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "arguments without a help line:\n  {}",
+            missing.join("\n  ")
+        );
+    }
 }

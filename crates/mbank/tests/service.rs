@@ -253,3 +253,45 @@ fn login_messages_say_what_is_wrong_with_the_token() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// True for `2026-03-01T12:00:00.250Z`.
+fn is_rfc3339(v: &serde_json::Value) -> bool {
+    v.as_str().is_some_and(|s| {
+        s.len() == 24 && s.as_bytes()[10] == b'T' && s.ends_with('Z') && s[..4].parse::<u32>().is_ok()
+    })
+}
+
+#[test]
+fn json_has_utc_times_configuration_and_counts_that_add_up() {
+    let bank = Bank::new();
+    let img = bank.file("disk.raw");
+    // 8 MiB: 3 MiB of data, the rest zeros (64 KiB chunks: 48 data, 80 zero).
+    write_image(&img, &random_bytes(3 << 20, 7), 5 << 20);
+    bank.import("alice/dev", &img, &[]);
+
+    // A fork shares every chunk: none new, the data ones deduplicated, the rest zero.
+    let fork = bank.json(&["create", "alice/fork", "--from", "alice/dev", "--json"]);
+    assert_eq!(fork["chunks_total"], 128, "{fork}");
+    assert_eq!(fork["chunks_new"], 0, "{fork}");
+    assert_eq!(fork["chunks_zero"], 80, "{fork}");
+    assert_eq!(fork["chunks_dedup"], 48, "{fork}");
+    // An empty disk is all zeros.
+    let empty = bank.json(&[
+        "create", "alice/empty", "--disk-size", "1M", "--memory", "256M", "--cpus", "2",
+        "--json",
+    ]);
+    assert_eq!(empty["chunks_zero"], empty["chunks_total"], "{empty}");
+    assert_eq!(empty["chunks_total"], 16, "{empty}");
+
+    // log: the moment in RFC 3339 beside the milliseconds, and the configuration.
+    let log = bank.json(&["log", "alice/empty", "--json"]);
+    let v = &log[0];
+    assert!(is_rfc3339(&v["created_utc"]), "{v}");
+    assert_eq!(v["config"]["cpus"], 2, "{v}");
+    assert_eq!(v["config"]["memory_mib"], 256, "{v}");
+    let ls = bank.json(&["ls", "--json"]);
+    for m in ls.as_array().unwrap() {
+        assert!(is_rfc3339(&m["created_utc"]), "{m}");
+        assert!(is_rfc3339(&m["updated_utc"]), "{m}");
+    }
+}
