@@ -88,7 +88,7 @@ use rusqlite::{
 use serde::Serialize;
 
 /// Schema version this code writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// `PRAGMA application_id` of an access database: `MBAC` in ASCII.
 pub const APPLICATION_ID: i32 = 0x4d42_4143;
@@ -153,6 +153,12 @@ CREATE INDEX published_chunks_by_chunk ON published_chunks (chunk);
 /// leaves alone the rights of chunks a writer in flight sent (see [`Access::prune`]).
 const SCHEMA_V2: &str = "
 ALTER TABLE chunk_owners ADD COLUMN recorded_ms INTEGER NOT NULL DEFAULT 0;
+";
+
+/// Version 3: when each right was first recorded, so that the rights a failed import
+/// paid for can be given back when its writer ends (see [`Access::drop_uploads_since`]).
+const SCHEMA_V3: &str = "
+ALTER TABLE chunk_owners ADD COLUMN first_ms INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// A right recorded less than this long ago is not recorded again by an upload: a
@@ -544,6 +550,10 @@ impl Access {
         if v < 2 {
             tx.execute_batch(SCHEMA_V2)
                 .map_err(sql("migrate the schema to version 2"))?;
+        }
+        if v < 3 {
+            tx.execute_batch(SCHEMA_V3)
+                .map_err(sql("migrate the schema to version 3"))?;
         }
         tx.pragma_update(None, "application_id", APPLICATION_ID)
             .map_err(sql("set the application id"))?;
@@ -1103,8 +1113,8 @@ impl Access {
         {
             let mut ins = tx
                 .prepare_cached(
-                    "INSERT INTO chunk_owners (user, chunk, bytes, charged, recorded_ms)
-                     VALUES (?1, ?2, ?3, 1, ?4)",
+                    "INSERT INTO chunk_owners (user, chunk, bytes, charged, recorded_ms, first_ms)
+                     VALUES (?1, ?2, ?3, 1, ?4, ?4)",
                 )
                 .map_err(sql("record an upload"))?;
             for (id, bytes) in &new {
@@ -1193,6 +1203,24 @@ impl Access {
     pub fn usage(&self, user: &str) -> Result<u64, AccessError> {
         Self::require_user(&self.conn, user)?;
         Self::usage_in(&self.conn, user)
+    }
+
+    /// Drops `user`'s charged rights first recorded at or after `since_ms`: the chunks
+    /// a writer that started then sent, when it ended with no commit (a failed import),
+    /// so that what it paid for is given back at once rather than at the next gc. The
+    /// caller must know that nothing committed since `since_ms` names them. Returns the
+    /// rows dropped.
+    pub fn drop_uploads_since(&self, user: &str, since_ms: i64) -> Result<u64, AccessError> {
+        let tx = self.write("give back a failed upload's quota")?;
+        let n = tx
+            .execute(
+                "DELETE FROM chunk_owners WHERE user = ?1 AND charged = 1 AND first_ms >= ?2",
+                params![user, since_ms],
+            )
+            .map_err(sql("give back a failed upload's quota"))?;
+        tx.commit()
+            .map_err(sql("give back a failed upload's quota"))?;
+        Ok(n as u64)
     }
 
     /// Drops the rights (of every owner, [`PUBLIC`] included) to chunks that `keep`

@@ -94,6 +94,12 @@ struct App {
     bodies: BodyBudget,
     /// Held while a user's quota is checked and what it pays for recorded.
     quota_locks: caps::UserLocks,
+    /// When this server started (ms since the epoch).
+    started_ms: i64,
+    /// When each user last began a commit (as caller or as the machine's owner), since
+    /// this server started: a writer released with no commit since it began gives back
+    /// the quota its uploads took.
+    last_commit: Mutex<std::collections::HashMap<String, i64>>,
 }
 
 type Shared = Arc<App>;
@@ -151,6 +157,21 @@ impl App {
     }
 
     /// `owner`'s usage: the chunks charged to them plus their versions' catalog bytes.
+    /// When `user` last began a commit, since this server started.
+    fn last_commit(&self, user: &str) -> Option<i64> {
+        let m = self.last_commit.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(user).copied()
+    }
+
+    /// Notes that `users` begin a commit now.
+    fn note_commit(&self, users: &[&str]) {
+        let now = mbank_catalog::now_ms();
+        let mut m = self.last_commit.lock().unwrap_or_else(|p| p.into_inner());
+        for u in users {
+            m.insert(u.to_string(), now);
+        }
+    }
+
     fn usage(&self, owner: &str) -> Result<u64, ApiError> {
         let chunks = self.access(|a| Ok(a.usage(owner)?))?;
         Ok(chunks.saturating_add(self.owner_usage(owner)?.bytes))
@@ -800,6 +821,7 @@ async fn commit(
     let b = body(b)?;
     authed(&app, caller, move |app, user| {
         app.writable_machine(user, &m)?;
+        app.note_commit(&[&user.name, m.user()]);
         let (h, index, streams) = wire::parse_commit_body(&b).map_err(ApiError::bad_request)?;
         if h.info.machine != m {
             return Err(ApiError::bad_request(format!(
@@ -1376,7 +1398,38 @@ async fn unregister_writer(
     caller: Caller,
     Path(id): Path<i64>,
 ) -> Result<Response, ApiError> {
-    on_writer(&app, caller, id, |c, id| Ok(c.unregister_writer(id)?)).await
+    authed(&app, caller, move |app, user| {
+        own_writer(app, user, id)?;
+        let tag = writer_tag(&user.name);
+        app.quota_locks.run(&user.name, || {
+            let writers = app.catalog(|c| Ok(c.writers()?))?;
+            let started = writers.iter().find(|w| w.id == id).map(|w| w.started_ms);
+            app.catalog(|c| Ok(c.unregister_writer(id)?))?;
+            // A writer that ends with nothing committed since it began (a failed or
+            // interrupted import) gives back the quota its uploads took, unless another
+            // writer of the user is live (its commit may need those chunks) or it began
+            // before this server (whose commits we did not see).
+            let now = mbank_catalog::now_ms();
+            let others = writers.iter().any(|w| {
+                w.id != id
+                    && w.what.starts_with(&tag)
+                    && now - w.heartbeat_ms < caps::WRITER_SILENCE_MS
+            });
+            if let Some(started) = started
+                && started > app.started_ms
+                && !others
+                && app.last_commit(&user.name).is_none_or(|c| c < started)
+            {
+                let n = app.access(|a| Ok(a.drop_uploads_since(&user.name, started)?))?;
+                if n > 0 {
+                    tracing::info!(user = %user.name, writer = id, chunks = n, "a writer ended with no commit: the quota its uploads took is given back");
+                }
+            }
+            Ok::<(), ApiError>(())
+        })?;
+        Ok(StatusCode::NO_CONTENT.into_response())
+    })
+    .await
 }
 
 /// Runs `f` on writer `id` if it is the user's (else: no such writer).
@@ -1682,6 +1735,8 @@ fn open_app(bank_dir: &FsPath, limits: Limits) -> Result<Shared, String> {
         logins: LoginGuard::new(limits.hash_concurrency),
         bodies: BodyBudget::new(limits.body_memory),
         quota_locks: caps::UserLocks::default(),
+        started_ms: mbank_catalog::now_ms(),
+        last_commit: Mutex::new(std::collections::HashMap::new()),
         limits,
     }))
 }

@@ -476,6 +476,18 @@ enum Cmd {
     Login(login::Args),
     /// Log out of a bank server (--bank URL): the token is revoked and forgotten.
     Logout,
+    /// Who you are to the bank: your user, whether an administrator, your quota and
+    /// what you use of it.
+    ///
+    /// With --bank URL, as the bank server knows you (by your token). With a bank
+    /// directory there are no users: whoever may write the directory may do anything,
+    /// and there is no quota.
+    Whoami {
+        /// Print one JSON document: {bank, user, admin, quota, used} (quota null: no
+        /// bound; used null for a bank directory).
+        #[arg(long)]
+        json: bool,
+    },
     /// Show totals: machines, versions, chunks, bytes stored, deduplication.
     Stats {
         /// Print the totals as JSON.
@@ -668,6 +680,48 @@ fn json_out<T: serde::Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
+/// `mbank whoami`: the user, quota and usage a bank server knows for our token; for a
+/// bank directory, this login and no quota.
+fn whoami(bank_dir: &std::path::Path, url: Option<&str>, json: bool) -> Result<()> {
+    let (bank, user, admin, quota, used) = match url {
+        Some(url) => {
+            let url = mbank_remote::normalize_url(url);
+            let w = mbank_remote::connect(&url, None)?.whoami()?;
+            (url, w.user, w.admin, w.quota, Some(w.used))
+        }
+        None => {
+            // Fails with the usual message when the directory is no bank.
+            Bank::open(bank_dir, true)?;
+            let user = std::env::var("USER")
+                .or_else(|_| std::env::var("LOGNAME"))
+                .unwrap_or_else(|_| "this login".into());
+            (bank_dir.display().to_string(), user, true, None, None)
+        }
+    };
+    if json {
+        return json_out(&serde_json::json!({
+            "bank": bank, "user": user, "admin": admin, "quota": quota, "used": used,
+        }));
+    }
+    outln!("bank   {bank}")?;
+    outln!(
+        "user   {user}{}",
+        if url.is_none() {
+            " (a bank directory: no users; whoever may write it may do anything)"
+        } else if admin {
+            " (administrator)"
+        } else {
+            ""
+        }
+    )?;
+    match (used, quota) {
+        (Some(u), Some(q)) => outln!("used   {} of {} ({:.0}%)", bytes(u), bytes(q), u as f64 * 100.0 / q.max(1) as f64)?,
+        (Some(u), None) => outln!("used   {} (no quota)", bytes(u))?,
+        (None, _) => outln!("quota  none")?,
+    }
+    Ok(())
+}
+
 /// What `run` needs to know of a command before it runs it.
 struct Traits {
     /// The command's name, as typed.
@@ -710,6 +764,7 @@ impl Cmd {
             Cmd::Serve(_) => ("serve", true, false),
             Cmd::Login(_) => ("login", false, false),
             Cmd::Logout => ("logout", false, false),
+            Cmd::Whoami { .. } => ("whoami", false, false),
             Cmd::Stats { .. } => ("stats", true, false),
             Cmd::Admin { .. } => ("admin", true, false),
         };
@@ -778,6 +833,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
     } else if let Cmd::Logout = cli.cmd {
         bail!("logout needs the bank server's URL: mbank --bank https://HOST:PORT logout");
     }
+    if let Cmd::Whoami { json } = cli.cmd {
+        whoami(&bank_dir, url.as_deref(), json)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let bar = Bar::new(cli.quiet);
     let read_only = !cli.cmd.traits().writes;
     let cache_dir = cli
@@ -840,7 +899,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         | Cmd::Serve(_)
         | Cmd::Admin { .. }
         | Cmd::Login(_)
-        | Cmd::Logout => {
+        | Cmd::Logout
+        | Cmd::Whoami { .. } => {
             unreachable!("handled above")
         }
         Cmd::Create { args, json } => {

@@ -295,3 +295,75 @@ fn json_has_utc_times_configuration_and_counts_that_add_up() {
         assert!(is_rfc3339(&m["updated_utc"]), "{m}");
     }
 }
+
+/// alice's `used` bytes, as `admin user ls --json` on the bank's host says.
+fn used(s: &Server, user: &str) -> u64 {
+    let users = s.local(&["admin", "user", "ls", "--json"]).ok().json();
+    users
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == user)
+        .and_then(|u| u["used"].as_u64())
+        .unwrap_or_else(|| panic!("no usage of {user} in {users}"))
+}
+
+#[test]
+fn an_import_refused_over_quota_leaves_the_usage_as_it_was() {
+    let s = Server::plain();
+    let url = s.url();
+    s.login("alice", &url, &[]).ok();
+    s.local(&["admin", "user", "quota", "alice", "6M"]).ok();
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small.raw");
+    write_image(&small, &random_bytes(1 << 20, 1), 0);
+    s.run("alice", &url, &["-q", "import", "alice/small", small.to_str().unwrap()])
+        .ok();
+    let before = used(&s, "alice");
+    assert!(before >= 1 << 20, "{before}");
+
+    // 8 MiB of random data cannot fit: refused part way, after two batches of 2 MiB
+    // were sent.
+    let big = dir.path().join("big.raw");
+    write_image(&big, &random_bytes(8 << 20, 2), 0);
+    let r = s
+        .run("alice", &url, &["-q", "import", "alice/big", big.to_str().unwrap()])
+        .failed();
+    r.stderr_has(&["quota"]);
+    assert_eq!(used(&s, "alice"), before, "the refused import is still charged:\n{r}");
+    // And what is left of the quota is usable.
+    let more = dir.path().join("more.raw");
+    write_image(&more, &random_bytes(1 << 20, 3), 0);
+    s.run("alice", &url, &["-q", "import", "alice/more", more.to_str().unwrap()])
+        .ok();
+}
+
+#[test]
+fn whoami_says_user_quota_and_use_served_and_local() {
+    let s = Server::plain();
+    let url = s.url();
+    s.login("alice", &url, &[]).ok();
+    s.local(&["admin", "user", "quota", "alice", "6M"]).ok();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.raw");
+    write_image(&img, &random_bytes(1 << 20, 1), 0);
+    s.run("alice", &url, &["-q", "import", "alice/a", img.to_str().unwrap()])
+        .ok();
+    let w = s.run("alice", &url, &["whoami", "--json"]).ok().json();
+    assert_eq!(w["user"], "alice", "{w}");
+    assert_eq!(w["admin"], false, "{w}");
+    assert_eq!(w["quota"], 6 << 20, "{w}");
+    // Its chunks, plus what its version costs in the catalog.
+    assert!(w["used"].as_u64().unwrap() > used(&s, "alice"), "{w}");
+    let r = s.run("alice", &url, &["whoami"]).ok();
+    assert!(r.stdout.contains("alice") && r.stdout.contains("6.0 MiB"), "{r}");
+
+    // Not logged in: the message of any command without a token.
+    s.run("root", &url, &["whoami"])
+        .failed()
+        .stderr_has(&["no token for"]);
+    // A bank directory: no users, no quota.
+    let w = s.local(&["whoami", "--json"]).ok().json();
+    assert_eq!(w["admin"], true, "{w}");
+    assert!(w["quota"].is_null() && w["used"].is_null(), "{w}");
+}
