@@ -406,6 +406,9 @@ async fn gate(State(app): State<Shared>, mut req: Request, next: Next) -> Respon
             .and_then(|r| r);
         match user {
             Ok(u) => {
+                if let Some(who) = req.extensions().get::<RequestUser>() {
+                    *who.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(u.name.clone());
+                }
                 req.extensions_mut().insert(Caller(u));
             }
             Err(e) => return refuse_unread(req, e.into_response(), ANON_DRAIN),
@@ -507,11 +510,27 @@ fn refuse_unread(req: Request, resp: Response, most: u64) -> Response {
     resp
 }
 
-/// Counts and logs every request (one structured line each).
-async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Response {
+/// Who made a request, once `gate` has authenticated it: filled in for `observe`'s log
+/// line.
+#[derive(Clone, Default)]
+struct RequestUser(Arc<Mutex<Option<String>>>);
+
+/// Counts and logs every request (one structured line each, naming the user and the
+/// client's address).
+async fn observe(State(app): State<Shared>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "other".to_string(), |p| p.as_str().to_string());
+    let client = req
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "-".to_string(), |c| c.0.ip().to_string());
+    let who = RequestUser::default();
+    req.extensions_mut().insert(who.clone());
     let len_in = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -526,17 +545,32 @@ async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Respons
         .unwrap_or(0);
     m.bytes_out.fetch_add(out, Relaxed);
     let status = resp.status();
+    let kind = resp
+        .extensions()
+        .get::<error::ErrorKind>()
+        .map(|k| k.0.clone());
     if status.is_client_error() || status.is_server_error() {
-        m.error(&status.as_u16().to_string());
+        m.error(kind.as_deref().unwrap_or("other"));
     }
+    let elapsed = started.elapsed();
+    m.observe_duration(method.as_str(), &route, elapsed.as_secs_f64());
+    let user = who
+        .0
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_else(|| "-".into());
     tracing::info!(
         target: "mbank::http",
         %method,
         path,
         status = status.as_u16(),
+        kind = kind.as_deref().unwrap_or("-"),
+        user,
+        client,
         bytes_in = len_in,
         bytes_out = out,
-        ms = started.elapsed().as_millis() as u64,
+        ms = elapsed.as_millis() as u64,
     );
     resp
 }
@@ -607,7 +641,15 @@ async fn metrics_text(State(app): State<Shared>, caller: Caller) -> Result<Respo
     .map_err(|e| ApiError::internal(e.to_string()))??;
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.metrics.render(sessions, machines, users),
+        app.metrics.render(
+            sessions,
+            machines,
+            users,
+            &[
+                ("gc", metrics::LastJob::read(&app.bank_dir, "gc")),
+                ("verify", metrics::LastJob::read(&app.bank_dir, "verify")),
+            ],
+        ),
     )
         .into_response())
 }

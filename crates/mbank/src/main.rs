@@ -722,6 +722,33 @@ fn whoami(bank_dir: &std::path::Path, url: Option<&str>, json: bool) -> Result<(
     Ok(())
 }
 
+/// Records in `<bank>/last-JOB.json` when `gc` or `verify` ended and how (`failure`:
+/// what went wrong), for the bank server's metrics (docs/formats.md). Best effort: a
+/// read-only bank keeps no record.
+fn record_job(
+    bank_dir: &std::path::Path,
+    job: &str,
+    failure: Option<String>,
+    started: std::time::Instant,
+    bytes_stored: Option<u64>,
+) {
+    let v = serde_json::json!({
+        "job": job,
+        "finished_ms": mbank_catalog::now_ms(),
+        "seconds": started.elapsed().as_secs_f64(),
+        "ok": failure.is_none(),
+        "failure": failure,
+        "bytes_stored": bytes_stored,
+    });
+    let path = bank_dir.join(format!("last-{job}.json"));
+    let tmp = bank_dir.join(format!(".last-{job}.json.tmp"));
+    let written = std::fs::write(&tmp, format!("{v}\n")).and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        eprintln!("mbank: warning: cannot record the {job} run in {}: {e}", path.display());
+    }
+}
+
 /// What `run` needs to know of a command before it runs it.
 struct Traits {
     /// The command's name, as typed.
@@ -1274,7 +1301,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(w) = mbank_bank::open_to_others(&bank_dir) {
                 eprintln!("mbank: warning: {w}");
             }
-            let r = bank.verify(machine.as_ref(), jobs, &bar)?;
+            let started = std::time::Instant::now();
+            let r = bank.verify(machine.as_ref(), jobs, &bar);
+            // A whole-bank verify is what the server's metrics report.
+            if machine.is_none() {
+                let outcome = match &r {
+                    Ok(r) if r.ok() => None,
+                    Ok(_) => Some("damage found".to_string()),
+                    Err(e) => Some(e.to_string()),
+                };
+                record_job(&bank_dir, "verify", outcome, started, None);
+            }
+            let r = r?;
             if json {
                 json_out(&r)?;
             } else {
@@ -1366,7 +1404,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Gc { json } => {
-            let r = bank.gc(&bar)?;
+            let started = std::time::Instant::now();
+            let r = bank.gc(&bar);
+            let stored = r
+                .as_ref()
+                .ok()
+                .and_then(|_| bank.store().stats().ok())
+                .map(|s| s.bytes);
+            record_job(&bank_dir, "gc", r.as_ref().err().map(|e| e.to_string()), started, stored);
+            let r = r?;
             // A served bank: who may read a chunk that is gone is forgotten, so that
             // quotas count what is still stored; but not the rights recorded since the
             // cutoff, which a writer in flight may rely on (the server holds the chunks

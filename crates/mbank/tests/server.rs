@@ -406,7 +406,7 @@ fn two_users_full_flows_over_https() {
     let m = String::from_utf8_lossy(&m).into_owned();
     assert_eq!(code, 200, "{m}");
     for needle in [
-        "mbank_bytes_in_total",
+        "mbank_received_bytes_total",
         "mbank_chunks_stored_total",
         "mbank_dedup_ratio",
         "mbank_sessions 0",

@@ -367,3 +367,107 @@ fn whoami_says_user_quota_and_use_served_and_local() {
     assert_eq!(w["admin"], true, "{w}");
     assert!(w["quota"].is_null() && w["used"].is_null(), "{w}");
 }
+
+/// The token `mbank login` filed for `user`.
+fn token(s: &Server, user: &str) -> String {
+    let p = s.config(user).join("mbank/credentials.json");
+    let v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
+    fn find(v: &serde_json::Value) -> Option<String> {
+        match v {
+            serde_json::Value::Object(m) => m
+                .get("token")
+                .and_then(|t| t.as_str().map(str::to_string))
+                .or_else(|| m.values().find_map(find)),
+            _ => None,
+        }
+    }
+    find(&v).unwrap()
+}
+
+fn metrics(s: &Server) -> String {
+    let o = Command::new("curl")
+        .args(["-sf", "-H"])
+        .arg(format!("Authorization: Bearer {}", token(s, "root")))
+        .arg(format!("{}/metrics", s.url()))
+        .output()
+        .expect("this test needs curl: run scripts/setup.sh");
+    assert!(o.status.success(), "curl /metrics failed");
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// The value of the sample `name` (with its labels, exactly), if there is one.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn metrics_follow_prometheus_names_and_request_lines_name_user_and_address() {
+    let s = Server::plain();
+    let url = s.url();
+    s.login("alice", &url, &[]).ok();
+    s.login("root", &url, &[]).ok();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.raw");
+    write_image(&img, &random_bytes(1 << 20, 1), 0);
+    s.run("alice", &url, &["-q", "import", "alice/a", img.to_str().unwrap()])
+        .ok();
+    s.run("alice", &url, &["log", "alice/nope"])
+        .failed()
+        .stderr_has(&["alice/nope"]);
+    s.local(&["gc"]).ok();
+    s.local(&["verify"]).ok();
+
+    let m = metrics(&s);
+    assert!(
+        m.contains(&format!(
+            "mbank_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{m}"
+    );
+    for name in [
+        "mbank_received_bytes_total",
+        "mbank_sent_bytes_total",
+        "mbank_stored_bytes_total",
+        "mbank_stored_bytes",
+        "mbank_requests_total",
+    ] {
+        assert!(sample(&m, name).is_some(), "no {name}:\n{m}");
+    }
+    for old in ["mbank_bytes_in_total", "mbank_bytes_out_total", "mbank_bytes_stored_total"] {
+        assert!(!m.contains(old), "{old} is still there:\n{m}");
+    }
+    // The request-duration histogram, by route.
+    let route = "route=\"/v1/machines/{u}/{n}/versions\"";
+    assert!(
+        m.lines().any(|l| l.starts_with("mbank_request_duration_seconds_bucket{")
+            && l.contains(route)
+            && l.contains("le=\"+Inf\"")),
+        "{m}"
+    );
+    assert!(m.contains("# TYPE mbank_request_duration_seconds histogram"), "{m}");
+    // Errors by the API's kind, never by a status code.
+    assert!(
+        sample(&m, "mbank_errors_total{kind=\"machine_not_found\"}").is_some_and(|n| n >= 1.0),
+        "{m}"
+    );
+    assert!(!m.contains("kind=\"404\""), "{m}");
+    // When gc and verify last ran on the bank's host, and how they ended.
+    for job in ["gc", "verify"] {
+        let t = sample(&m, &format!("mbank_last_{job}_timestamp_seconds"))
+            .unwrap_or_else(|| panic!("no last {job} time:\n{m}"));
+        assert!(t > 1.6e9, "{job}: {t}");
+        assert_eq!(sample(&m, &format!("mbank_last_{job}_success")), Some(1.0), "{m}");
+    }
+
+    // One line per request, naming the user and the client's address.
+    let log = s.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("path=\"/v1/machines/alice/a\"")
+                && l.contains("user=\"alice\"")
+                && l.contains("client=\"127.0.0.1\"")),
+        "{log}"
+    );
+}
