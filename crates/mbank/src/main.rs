@@ -476,6 +476,23 @@ enum Cmd {
     Login(login::Args),
     /// Log out of a bank server (--bank URL): the token is revoked and forgotten.
     Logout,
+    /// Print a shell completion script for mbank, generated from its command line.
+    #[command(after_help = "Examples:
+  mbank completions bash > /etc/bash_completion.d/mbank
+  mbank completions zsh > \"${fpath[1]}/_mbank\"
+  mbank completions fish > ~/.config/fish/completions/mbank.fish")]
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages for mbank and each of its commands into DIR (mbank.1,
+    /// mbank-import.1, …), generated from its command line.
+    #[command(after_help = "Example:
+  mbank man /usr/local/share/man/man1 && mandb -q")]
+    Man {
+        /// An existing directory.
+        dir: PathBuf,
+    },
     /// Who you are to the bank: your user, whether an administrator, your quota and
     /// what you use of it.
     ///
@@ -680,6 +697,36 @@ fn json_out<T: serde::Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
+/// `mbank man DIR`: one page for mbank and one for each command (`mbank-admin-user-add.1`).
+fn write_man_pages(dir: &std::path::Path, say: &dyn Fn(String)) -> Result<()> {
+    use clap::CommandFactory;
+    fn walk(cmd: &clap::Command, name: &str, dir: &std::path::Path, n: &mut usize) -> Result<()> {
+        // clap names are &'static str; a one-shot command may leak a few.
+        let full: &'static str = Box::leak(name.to_string().into_boxed_str());
+        let cmd = cmd.clone().name(full);
+        let path = dir.join(format!("{name}.1"));
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(cmd.clone())
+            .render(&mut buf)
+            .with_context(|| format!("render the man page {name}"))?;
+        std::fs::write(&path, buf).with_context(|| format!("write {}", path.display()))?;
+        *n += 1;
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            walk(sub, &format!("{name}-{}", sub.get_name()), dir, n)?;
+        }
+        Ok(())
+    }
+    if !dir.is_dir() {
+        bail!("{} is not a directory: make it first (man pages go into DIR/NAME.1)", dir.display());
+    }
+    let mut cmd = Cli::command();
+    cmd.build();
+    let mut n = 0;
+    walk(&cmd, "mbank", dir, &mut n)?;
+    say(format!("wrote {n} man pages to {}", dir.display()));
+    Ok(())
+}
+
 /// `mbank whoami`: the user, quota and usage a bank server knows for our token; for a
 /// bank directory, this login and no quota.
 fn whoami(bank_dir: &std::path::Path, url: Option<&str>, json: bool) -> Result<()> {
@@ -792,6 +839,8 @@ impl Cmd {
             Cmd::Login(_) => ("login", false, false),
             Cmd::Logout => ("logout", false, false),
             Cmd::Whoami { .. } => ("whoami", false, false),
+            Cmd::Completions { .. } => ("completions", false, false),
+            Cmd::Man { .. } => ("man", false, false),
             Cmd::Stats { .. } => ("stats", true, false),
             Cmd::Admin { .. } => ("admin", true, false),
         };
@@ -832,6 +881,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out::say(&s);
         }
     };
+    match &cli.cmd {
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            let mut out = std::io::stdout().lock();
+            clap_complete::generate(*shell, &mut cmd, "mbank", &mut out);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Man { dir } => {
+            write_man_pages(dir, &say)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     if let Cmd::Login(args) = cli.cmd {
         login::login(args, &say)?;
         return Ok(ExitCode::SUCCESS);
@@ -927,7 +990,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         | Cmd::Admin { .. }
         | Cmd::Login(_)
         | Cmd::Logout
-        | Cmd::Whoami { .. } => {
+        | Cmd::Whoami { .. }
+        | Cmd::Completions { .. }
+        | Cmd::Man { .. } => {
             unreachable!("handled above")
         }
         Cmd::Create { args, json } => {

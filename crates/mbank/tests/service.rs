@@ -471,3 +471,24 @@ fn metrics_follow_prometheus_names_and_request_lines_name_user_and_address() {
         "{log}"
     );
 }
+
+#[test]
+fn completions_and_man_pages_come_from_the_command_line() {
+    let r = mbank_run(&["completions", "bash"]).ok();
+    assert!(r.stdout.contains("_mbank()"), "{r}");
+    for sub in ["whoami", "import", "export", "admin"] {
+        assert!(r.stdout.contains(sub), "bash completion lacks {sub}");
+    }
+    assert!(mbank_run(&["completions", "zsh"]).ok().stdout.contains("#compdef mbank"));
+    assert!(mbank_run(&["completions", "fish"]).ok().stdout.contains("complete -c mbank"));
+
+    let dir = tempfile::tempdir().unwrap();
+    mbank_run(&[std::ffi::OsStr::new("man"), dir.path().as_os_str()]).ok();
+    for page in ["mbank.1", "mbank-import.1", "mbank-admin-user-add.1"] {
+        let text = fs::read_to_string(dir.path().join(page))
+            .unwrap_or_else(|e| panic!("no {page}: {e}"));
+        assert!(text.contains(".TH"), "{page} is no man page:\n{text}");
+    }
+    let import = fs::read_to_string(dir.path().join("mbank-import.1")).unwrap();
+    assert!(import.contains("chunk"), "{import}");
+}
