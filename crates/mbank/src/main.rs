@@ -493,6 +493,28 @@ enum Cmd {
         /// An existing directory.
         dir: PathBuf,
     },
+    /// Write systemd units into DIR: mbank-serve.service (`serve` on the --bank
+    /// directory, Type=notify) and mbank-recover.service (a station: `recover` at boot
+    /// into the --bank, with the --cache).
+    ///
+    /// The units run this binary (its path now) as root; options after `--` go to
+    /// `serve`. Install them with systemctl (see the example); the station's unit
+    /// needs the bank server's token for root (`mbank login` as root), or MBANK_TOKEN
+    /// in /etc/mbank/station.env.
+    #[command(after_help = "Example (as root):
+  mbank --bank /srv/mbank units /etc/systemd/system -- --listen 0.0.0.0:7070 \\
+      --tls-cert /etc/mbank/cert.pem --tls-key /etc/mbank/key.pem
+  systemctl daemon-reload && systemctl enable --now mbank-serve.service
+  # on a station:
+  mbank --bank https://bank.lab:7070 --cache /var/cache/mbank units /etc/systemd/system
+  systemctl daemon-reload && systemctl enable mbank-recover.service")]
+    Units {
+        /// Where to write the unit files, e.g. /etc/systemd/system.
+        dir: PathBuf,
+        /// Options for `mbank serve` in mbank-serve.service, after `--`.
+        #[arg(last = true, value_name = "SERVE-OPTIONS")]
+        serve_args: Vec<String>,
+    },
     /// Who you are to the bank: your user, whether an administrator, your quota and
     /// what you use of it.
     ///
@@ -697,6 +719,96 @@ fn json_out<T: serde::Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
+/// `mbank units DIR`: the systemd units of a bank server and of a station.
+fn write_units(
+    dir: &std::path::Path,
+    bank: &std::path::Path,
+    cache: &std::path::Path,
+    serve_args: &[String],
+    say: &dyn Fn(String),
+) -> Result<()> {
+    if !dir.is_dir() {
+        bail!("{} is not a directory (systemd's is /etc/systemd/system)", dir.display());
+    }
+    let bin = std::env::current_exe().context("find this binary's path for the units")?;
+    // systemd's quoting: each word in double quotes, `\` and `"` escaped, `%` doubled.
+    let q = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"").replace('%', "%%").replace('$', "$$"));
+    let bin = q(&bin.to_string_lossy());
+    let bank_s = bank.to_string_lossy().to_string();
+    let remote = mbank_remote::is_url(&bank_s);
+    let mut units = Vec::new();
+    if !remote {
+        let bank_abs = std::fs::canonicalize(bank)
+            .with_context(|| format!("find the bank directory {}", bank.display()))?;
+        let args: Vec<String> = serve_args.iter().map(|a| q(a)).collect();
+        units.push((
+            "mbank-serve.service",
+            format!(
+                "[Unit]
+Description=Machine Bank server for {bank}
+Documentation=man:mbank-serve(1)
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+# Ready once it listens: mbank serve tells systemd (sd_notify).
+Type=notify
+NotifyAccess=main
+ExecStart={bin} --bank {bank_q} serve {args}
+Restart=on-failure
+RestartSec=2
+NoNewPrivileges=yes
+PrivateTmp=yes
+ProtectSystem=full
+ProtectHome=read-only
+ReadWritePaths={bank_q}
+
+[Install]
+WantedBy=multi-user.target
+",
+                bank = bank_abs.display(),
+                bank_q = q(&bank_abs.to_string_lossy()),
+                args = args.join(" "),
+            ),
+        ));
+    }
+    units.push((
+        "mbank-recover.service",
+        format!(
+            "[Unit]
+Description=Machine Bank station: check in sessions a crash or power cut left
+Documentation=man:mbank-recover(1)
+After=network-online.target local-fs.target
+Wants=network-online.target
+
+[Service]
+Type=oneshot
+# MBANK_TOKEN (a served bank) may be set here; else root's credentials are used.
+EnvironmentFile=-/etc/mbank/station.env
+ExecStart={bin} --bank {bank_q} --cache {cache_q} recover
+# The bank may be away at boot: the sessions stay for the next try.
+SuccessExitStatus=1
+
+[Install]
+WantedBy=multi-user.target
+",
+            bank_q = q(&bank_s),
+            cache_q = q(&cache.to_string_lossy()),
+        ),
+    ));
+    for (name, text) in &units {
+        let path = dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+        // Unit files are read by systemd and shown to everyone: 0644 whatever our umask.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("set the mode of {}", path.display()))?;
+        say(format!("wrote {}", path.display()));
+    }
+    say("then: systemctl daemon-reload, and systemctl enable --now UNIT".into());
+    Ok(())
+}
+
 /// `mbank man DIR`: one page for mbank and one for each command (`mbank-admin-user-add.1`).
 fn write_man_pages(dir: &std::path::Path, say: &dyn Fn(String)) -> Result<()> {
     use clap::CommandFactory;
@@ -841,6 +953,7 @@ impl Cmd {
             Cmd::Whoami { .. } => ("whoami", false, false),
             Cmd::Completions { .. } => ("completions", false, false),
             Cmd::Man { .. } => ("man", false, false),
+            Cmd::Units { .. } => ("units", false, false),
             Cmd::Stats { .. } => ("stats", true, false),
             Cmd::Admin { .. } => ("admin", true, false),
         };
@@ -923,6 +1036,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
     } else if let Cmd::Logout = cli.cmd {
         bail!("logout needs the bank server's URL: mbank --bank https://HOST:PORT logout");
     }
+    if let Cmd::Units { dir, serve_args } = &cli.cmd {
+        let cache = cli
+            .cache
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/cache/mbank"));
+        write_units(dir, &bank_dir, &cache, serve_args, &say)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Cmd::Whoami { json } = cli.cmd {
         whoami(&bank_dir, url.as_deref(), json)?;
         return Ok(ExitCode::SUCCESS);
@@ -992,7 +1113,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         | Cmd::Logout
         | Cmd::Whoami { .. }
         | Cmd::Completions { .. }
-        | Cmd::Man { .. } => {
+        | Cmd::Man { .. }
+        | Cmd::Units { .. } => {
             unreachable!("handled above")
         }
         Cmd::Create { args, json } => {

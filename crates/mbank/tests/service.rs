@@ -492,3 +492,52 @@ fn completions_and_man_pages_come_from_the_command_line() {
     let import = fs::read_to_string(dir.path().join("mbank-import.1")).unwrap();
     assert!(import.contains("chunk"), "{import}");
 }
+
+#[test]
+fn systemd_units_pass_systemd_analyze_and_serve_notifies_readiness() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bank = tmp.path().join("bank dir"); // a space, which the units must quote
+    mbank_run(&[std::ffi::OsStr::new("--bank"), bank.as_os_str(), "init".as_ref()]).ok();
+    let units = tmp.path().join("units");
+    fs::create_dir(&units).unwrap();
+    let mut c = mbank();
+    c.arg("--bank").arg(&bank).arg("--cache").arg(tmp.path().join("cache"));
+    c.arg("units").arg(&units).args(["--", "--listen", "127.0.0.1:7070"]);
+    run_cmd(c).ok();
+    let serve = fs::read_to_string(units.join("mbank-serve.service")).unwrap();
+    assert!(serve.contains("Type=notify"), "{serve}");
+    assert!(serve.contains("\"--listen\" \"127.0.0.1:7070\""), "{serve}");
+    let recover = fs::read_to_string(units.join("mbank-recover.service")).unwrap();
+    assert!(recover.contains(" recover"), "{recover}");
+    let o = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(units.join("mbank-serve.service"))
+        .arg(units.join("mbank-recover.service"))
+        .output()
+        .expect("this test needs systemd-analyze (Debian package systemd)");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && !err.contains("mbank-"), "systemd-analyze verify:\n{err}\n{serve}\n{recover}");
+
+    // Readiness: `serve` sends READY=1 on $NOTIFY_SOCKET once it listens, STOPPING=1
+    // when told to stop.
+    let sock_path = tmp.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let log = tmp.path().join("serve.log");
+    let mut c = mbank();
+    c.arg("--bank").arg(&bank).args(["serve", "--listen", "127.0.0.1:0"]);
+    c.env("NOTIFY_SOCKET", &sock_path);
+    c.stdout(Stdio::piped()).stderr(fs::File::create(&log).unwrap());
+    let mut child = c.spawn().unwrap();
+    let port = serve_port(&mut child, &log);
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).expect("no READY=1 from serve");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.starts_with("READY=1\n"), "{msg}");
+    assert!(msg.contains(&format!("127.0.0.1:{port}")), "{msg}");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let n = sock.recv(&mut buf).expect("no STOPPING=1 from serve");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(child.wait().unwrap().success());
+}
