@@ -264,9 +264,7 @@ impl AccessError {
     pub fn is_unauthorized(&self) -> bool {
         matches!(
             self,
-            AccessError::Unauthorized
-                | AccessError::TokenExpired(_)
-                | AccessError::TokenRevoked(_)
+            AccessError::Unauthorized | AccessError::TokenExpired(_) | AccessError::TokenRevoked(_)
         )
     }
 

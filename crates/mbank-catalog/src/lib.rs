@@ -2188,7 +2188,11 @@ mod tests {
             c.labels(&new).unwrap()[0].labels.note.as_deref(),
             Some("kept")
         );
-        assert_eq!(c.policy(&new).unwrap(), Some(policy), "the policy goes along");
+        assert_eq!(
+            c.policy(&new).unwrap(),
+            Some(policy),
+            "the policy goes along"
+        );
         assert_eq!(c.settings(&new).unwrap(), settings, "the settings go along");
         let check = c.check_records(None).unwrap();
         assert!(check.problems.is_empty(), "{check:?}");

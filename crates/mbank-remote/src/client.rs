@@ -324,9 +324,9 @@ impl Client {
             // The bank's own certificate or CA: trusted and pinned (tls.rs).
             Some(ca) => {
                 let config = Arc::new(load_ca(ca)?);
-                let connector = ()
-                    .chain(TcpConnector::default())
-                    .chain(crate::tls::PinnedConnector { config });
+                let connector =
+                    ().chain(TcpConnector::default())
+                        .chain(crate::tls::PinnedConnector { config });
                 ureq::Agent::with_parts(cfg.build(), connector, DefaultResolver::default())
             }
             None => cfg.build().new_agent(),
@@ -592,9 +592,7 @@ impl Client {
                     self.inner.url
                 ),
             },
-            Some(rustls::Error::InvalidMessage(_))
-                if https =>
-            {
+            Some(rustls::Error::InvalidMessage(_)) if https => {
                 format!(
                     "the server at {} does not speak TLS ({e}): if it serves plain HTTP, use {}",
                     self.inner.url,

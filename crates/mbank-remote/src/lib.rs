@@ -83,9 +83,7 @@ pub fn connect_with(
         .map(str::to_string)
         .or_else(|| filed.as_ref().map(|c| c.token.clone()));
     let others = match creds {
-        Some(p) if o.token.is_none() && filed.is_none() => {
-            Credentials::load_from(p)?.others(url)
-        }
+        Some(p) if o.token.is_none() && filed.is_none() => Credentials::load_from(p)?.others(url),
         _ => Vec::new(),
     };
     o.ca_file = ca

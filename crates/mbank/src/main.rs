@@ -728,11 +728,22 @@ fn write_units(
     say: &dyn Fn(String),
 ) -> Result<()> {
     if !dir.is_dir() {
-        bail!("{} is not a directory (systemd's is /etc/systemd/system)", dir.display());
+        bail!(
+            "{} is not a directory (systemd's is /etc/systemd/system)",
+            dir.display()
+        );
     }
     let bin = std::env::current_exe().context("find this binary's path for the units")?;
     // systemd's quoting: each word in double quotes, `\` and `"` escaped, `%` doubled.
-    let q = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"").replace('%', "%%").replace('$', "$$"));
+    let q = |s: &str| {
+        format!(
+            "\"{}\"",
+            s.replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('%', "%%")
+                .replace('$', "$$")
+        )
+    };
     let bin = q(&bin.to_string_lossy());
     let bank_s = bank.to_string_lossy().to_string();
     let remote = mbank_remote::is_url(&bank_s);
@@ -829,7 +840,10 @@ fn write_man_pages(dir: &std::path::Path, say: &dyn Fn(String)) -> Result<()> {
         Ok(())
     }
     if !dir.is_dir() {
-        bail!("{} is not a directory: make it first (man pages go into DIR/NAME.1)", dir.display());
+        bail!(
+            "{} is not a directory: make it first (man pages go into DIR/NAME.1)",
+            dir.display()
+        );
     }
     let mut cmd = Cli::command();
     cmd.build();
@@ -874,7 +888,12 @@ fn whoami(bank_dir: &std::path::Path, url: Option<&str>, json: bool) -> Result<(
         }
     )?;
     match (used, quota) {
-        (Some(u), Some(q)) => outln!("used   {} of {} ({:.0}%)", bytes(u), bytes(q), u as f64 * 100.0 / q.max(1) as f64)?,
+        (Some(u), Some(q)) => outln!(
+            "used   {} of {} ({:.0}%)",
+            bytes(u),
+            bytes(q),
+            u as f64 * 100.0 / q.max(1) as f64
+        )?,
         (Some(u), None) => outln!("used   {} (no quota)", bytes(u))?,
         (None, _) => outln!("quota  none")?,
     }
@@ -901,10 +920,14 @@ fn record_job(
     });
     let path = bank_dir.join(format!("last-{job}.json"));
     let tmp = bank_dir.join(format!(".last-{job}.json.tmp"));
-    let written = std::fs::write(&tmp, format!("{v}\n")).and_then(|()| std::fs::rename(&tmp, &path));
+    let written =
+        std::fs::write(&tmp, format!("{v}\n")).and_then(|()| std::fs::rename(&tmp, &path));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
-        eprintln!("mbank: warning: cannot record the {job} run in {}: {e}", path.display());
+        eprintln!(
+            "mbank: warning: cannot record the {job} run in {}: {e}",
+            path.display()
+        );
     }
 }
 
@@ -1598,7 +1621,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .ok()
                 .and_then(|_| bank.store().stats().ok())
                 .map(|s| s.bytes);
-            record_job(&bank_dir, "gc", r.as_ref().err().map(|e| e.to_string()), started, stored);
+            record_job(
+                &bank_dir,
+                "gc",
+                r.as_ref().err().map(|e| e.to_string()),
+                started,
+                stored,
+            );
             let r = r?;
             // A served bank: who may read a chunk that is gone is forgotten, so that
             // quotas count what is still stored; but not the rights recorded since the

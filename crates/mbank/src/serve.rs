@@ -133,4 +133,3 @@ pub fn sd_notify(state: &str) {
         );
     }
 }
-

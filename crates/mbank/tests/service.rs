@@ -176,8 +176,12 @@ fn a_pinned_self_signed_certificate_is_accepted_and_its_absence_explained() {
     not_retried(&r);
 
     // With the certificate itself as --ca-cert: accepted, and remembered.
-    s.login("alice", &url, &[std::ffi::OsStr::new("--ca-cert"), cert.as_os_str()])
-        .ok();
+    s.login(
+        "alice",
+        &url,
+        &[std::ffi::OsStr::new("--ca-cert"), cert.as_os_str()],
+    )
+    .ok();
     let r = s.run("alice", &url, &["ls"]).ok();
     assert!(!r.stderr.contains("CaUsedAsEndEntity"), "{r}");
 
@@ -219,7 +223,10 @@ fn login_messages_say_what_is_wrong_with_the_token() {
 
     // No token at all.
     let r = s.run("alice", &url, &["ls"]).failed();
-    r.stderr_has(&[&format!("no token for {url}"), &format!("mbank login {url}")]);
+    r.stderr_has(&[
+        &format!("no token for {url}"),
+        &format!("mbank login {url}"),
+    ]);
 
     // Logged in at 127.0.0.1, used as localhost: the same server, the same token.
     s.login("alice", &url, &[]).ok();
@@ -240,8 +247,12 @@ fn login_messages_say_what_is_wrong_with_the_token() {
     r.stderr_has(&["revoked", &format!("mbank login {url}")]);
 
     // Expired.
-    s.login("alice", &url, &[std::ffi::OsStr::new("--ttl"), std::ffi::OsStr::new("1s")])
-        .ok();
+    s.login(
+        "alice",
+        &url,
+        &[std::ffi::OsStr::new("--ttl"), std::ffi::OsStr::new("1s")],
+    )
+    .ok();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = s.run("alice", &url, &["ls"]);
@@ -257,7 +268,10 @@ fn login_messages_say_what_is_wrong_with_the_token() {
 /// True for `2026-03-01T12:00:00.250Z`.
 fn is_rfc3339(v: &serde_json::Value) -> bool {
     v.as_str().is_some_and(|s| {
-        s.len() == 24 && s.as_bytes()[10] == b'T' && s.ends_with('Z') && s[..4].parse::<u32>().is_ok()
+        s.len() == 24
+            && s.as_bytes()[10] == b'T'
+            && s.ends_with('Z')
+            && s[..4].parse::<u32>().is_ok()
     })
 }
 
@@ -277,7 +291,14 @@ fn json_has_utc_times_configuration_and_counts_that_add_up() {
     assert_eq!(fork["chunks_dedup"], 48, "{fork}");
     // An empty disk is all zeros.
     let empty = bank.json(&[
-        "create", "alice/empty", "--disk-size", "1M", "--memory", "256M", "--cpus", "2",
+        "create",
+        "alice/empty",
+        "--disk-size",
+        "1M",
+        "--memory",
+        "256M",
+        "--cpus",
+        "2",
         "--json",
     ]);
     assert_eq!(empty["chunks_zero"], empty["chunks_total"], "{empty}");
@@ -317,8 +338,12 @@ fn an_import_refused_over_quota_leaves_the_usage_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
     let small = dir.path().join("small.raw");
     write_image(&small, &random_bytes(1 << 20, 1), 0);
-    s.run("alice", &url, &["-q", "import", "alice/small", small.to_str().unwrap()])
-        .ok();
+    s.run(
+        "alice",
+        &url,
+        &["-q", "import", "alice/small", small.to_str().unwrap()],
+    )
+    .ok();
     let before = used(&s, "alice");
     assert!(before >= 1 << 20, "{before}");
 
@@ -327,15 +352,27 @@ fn an_import_refused_over_quota_leaves_the_usage_as_it_was() {
     let big = dir.path().join("big.raw");
     write_image(&big, &random_bytes(8 << 20, 2), 0);
     let r = s
-        .run("alice", &url, &["-q", "import", "alice/big", big.to_str().unwrap()])
+        .run(
+            "alice",
+            &url,
+            &["-q", "import", "alice/big", big.to_str().unwrap()],
+        )
         .failed();
     r.stderr_has(&["quota"]);
-    assert_eq!(used(&s, "alice"), before, "the refused import is still charged:\n{r}");
+    assert_eq!(
+        used(&s, "alice"),
+        before,
+        "the refused import is still charged:\n{r}"
+    );
     // And what is left of the quota is usable.
     let more = dir.path().join("more.raw");
     write_image(&more, &random_bytes(1 << 20, 3), 0);
-    s.run("alice", &url, &["-q", "import", "alice/more", more.to_str().unwrap()])
-        .ok();
+    s.run(
+        "alice",
+        &url,
+        &["-q", "import", "alice/more", more.to_str().unwrap()],
+    )
+    .ok();
 }
 
 #[test]
@@ -347,8 +384,12 @@ fn whoami_says_user_quota_and_use_served_and_local() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("a.raw");
     write_image(&img, &random_bytes(1 << 20, 1), 0);
-    s.run("alice", &url, &["-q", "import", "alice/a", img.to_str().unwrap()])
-        .ok();
+    s.run(
+        "alice",
+        &url,
+        &["-q", "import", "alice/a", img.to_str().unwrap()],
+    )
+    .ok();
     let w = s.run("alice", &url, &["whoami", "--json"]).ok().json();
     assert_eq!(w["user"], "alice", "{w}");
     assert_eq!(w["admin"], false, "{w}");
@@ -356,7 +397,10 @@ fn whoami_says_user_quota_and_use_served_and_local() {
     // Its chunks, plus what its version costs in the catalog.
     assert!(w["used"].as_u64().unwrap() > used(&s, "alice"), "{w}");
     let r = s.run("alice", &url, &["whoami"]).ok();
-    assert!(r.stdout.contains("alice") && r.stdout.contains("6.0 MiB"), "{r}");
+    assert!(
+        r.stdout.contains("alice") && r.stdout.contains("6.0 MiB"),
+        "{r}"
+    );
 
     // Not logged in: the message of any command without a token.
     s.run("root", &url, &["whoami"])
@@ -410,8 +454,12 @@ fn metrics_follow_prometheus_names_and_request_lines_name_user_and_address() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("a.raw");
     write_image(&img, &random_bytes(1 << 20, 1), 0);
-    s.run("alice", &url, &["-q", "import", "alice/a", img.to_str().unwrap()])
-        .ok();
+    s.run(
+        "alice",
+        &url,
+        &["-q", "import", "alice/a", img.to_str().unwrap()],
+    )
+    .ok();
     s.run("alice", &url, &["log", "alice/nope"])
         .failed()
         .stderr_has(&["alice/nope"]);
@@ -435,18 +483,26 @@ fn metrics_follow_prometheus_names_and_request_lines_name_user_and_address() {
     ] {
         assert!(sample(&m, name).is_some(), "no {name}:\n{m}");
     }
-    for old in ["mbank_bytes_in_total", "mbank_bytes_out_total", "mbank_bytes_stored_total"] {
+    for old in [
+        "mbank_bytes_in_total",
+        "mbank_bytes_out_total",
+        "mbank_bytes_stored_total",
+    ] {
         assert!(!m.contains(old), "{old} is still there:\n{m}");
     }
     // The request-duration histogram, by route.
     let route = "route=\"/v1/machines/{u}/{n}/versions\"";
     assert!(
-        m.lines().any(|l| l.starts_with("mbank_request_duration_seconds_bucket{")
-            && l.contains(route)
-            && l.contains("le=\"+Inf\"")),
+        m.lines()
+            .any(|l| l.starts_with("mbank_request_duration_seconds_bucket{")
+                && l.contains(route)
+                && l.contains("le=\"+Inf\"")),
         "{m}"
     );
-    assert!(m.contains("# TYPE mbank_request_duration_seconds histogram"), "{m}");
+    assert!(
+        m.contains("# TYPE mbank_request_duration_seconds histogram"),
+        "{m}"
+    );
     // Errors by the API's kind, never by a status code.
     assert!(
         sample(&m, "mbank_errors_total{kind=\"machine_not_found\"}").is_some_and(|n| n >= 1.0),
@@ -458,7 +514,11 @@ fn metrics_follow_prometheus_names_and_request_lines_name_user_and_address() {
         let t = sample(&m, &format!("mbank_last_{job}_timestamp_seconds"))
             .unwrap_or_else(|| panic!("no last {job} time:\n{m}"));
         assert!(t > 1.6e9, "{job}: {t}");
-        assert_eq!(sample(&m, &format!("mbank_last_{job}_success")), Some(1.0), "{m}");
+        assert_eq!(
+            sample(&m, &format!("mbank_last_{job}_success")),
+            Some(1.0),
+            "{m}"
+        );
     }
 
     // One line per request, naming the user and the client's address.
@@ -479,14 +539,24 @@ fn completions_and_man_pages_come_from_the_command_line() {
     for sub in ["whoami", "import", "export", "admin"] {
         assert!(r.stdout.contains(sub), "bash completion lacks {sub}");
     }
-    assert!(mbank_run(&["completions", "zsh"]).ok().stdout.contains("#compdef mbank"));
-    assert!(mbank_run(&["completions", "fish"]).ok().stdout.contains("complete -c mbank"));
+    assert!(
+        mbank_run(&["completions", "zsh"])
+            .ok()
+            .stdout
+            .contains("#compdef mbank")
+    );
+    assert!(
+        mbank_run(&["completions", "fish"])
+            .ok()
+            .stdout
+            .contains("complete -c mbank")
+    );
 
     let dir = tempfile::tempdir().unwrap();
     mbank_run(&[std::ffi::OsStr::new("man"), dir.path().as_os_str()]).ok();
     for page in ["mbank.1", "mbank-import.1", "mbank-admin-user-add.1"] {
-        let text = fs::read_to_string(dir.path().join(page))
-            .unwrap_or_else(|e| panic!("no {page}: {e}"));
+        let text =
+            fs::read_to_string(dir.path().join(page)).unwrap_or_else(|e| panic!("no {page}: {e}"));
         assert!(text.contains(".TH"), "{page} is no man page:\n{text}");
     }
     let import = fs::read_to_string(dir.path().join("mbank-import.1")).unwrap();
@@ -497,12 +567,22 @@ fn completions_and_man_pages_come_from_the_command_line() {
 fn systemd_units_pass_systemd_analyze_and_serve_notifies_readiness() {
     let tmp = tempfile::tempdir().unwrap();
     let bank = tmp.path().join("bank dir"); // a space, which the units must quote
-    mbank_run(&[std::ffi::OsStr::new("--bank"), bank.as_os_str(), "init".as_ref()]).ok();
+    mbank_run(&[
+        std::ffi::OsStr::new("--bank"),
+        bank.as_os_str(),
+        "init".as_ref(),
+    ])
+    .ok();
     let units = tmp.path().join("units");
     fs::create_dir(&units).unwrap();
     let mut c = mbank();
-    c.arg("--bank").arg(&bank).arg("--cache").arg(tmp.path().join("cache"));
-    c.arg("units").arg(&units).args(["--", "--listen", "127.0.0.1:7070"]);
+    c.arg("--bank")
+        .arg(&bank)
+        .arg("--cache")
+        .arg(tmp.path().join("cache"));
+    c.arg("units")
+        .arg(&units)
+        .args(["--", "--listen", "127.0.0.1:7070"]);
     run_cmd(c).ok();
     let serve = fs::read_to_string(units.join("mbank-serve.service")).unwrap();
     assert!(serve.contains("Type=notify"), "{serve}");
@@ -516,18 +596,25 @@ fn systemd_units_pass_systemd_analyze_and_serve_notifies_readiness() {
         .output()
         .expect("this test needs systemd-analyze (Debian package systemd)");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success() && !err.contains("mbank-"), "systemd-analyze verify:\n{err}\n{serve}\n{recover}");
+    assert!(
+        o.status.success() && !err.contains("mbank-"),
+        "systemd-analyze verify:\n{err}\n{serve}\n{recover}"
+    );
 
     // Readiness: `serve` sends READY=1 on $NOTIFY_SOCKET once it listens, STOPPING=1
     // when told to stop.
     let sock_path = tmp.path().join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     let log = tmp.path().join("serve.log");
     let mut c = mbank();
-    c.arg("--bank").arg(&bank).args(["serve", "--listen", "127.0.0.1:0"]);
+    c.arg("--bank")
+        .arg(&bank)
+        .args(["serve", "--listen", "127.0.0.1:0"]);
     c.env("NOTIFY_SOCKET", &sock_path);
-    c.stdout(Stdio::piped()).stderr(fs::File::create(&log).unwrap());
+    c.stdout(Stdio::piped())
+        .stderr(fs::File::create(&log).unwrap());
     let mut child = c.spawn().unwrap();
     let port = serve_port(&mut child, &log);
     let mut buf = [0u8; 512];
