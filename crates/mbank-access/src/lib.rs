@@ -406,7 +406,7 @@ pub struct User {
 }
 
 /// A user as an administrator sees them ([`Access::users`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct UserInfo {
     /// The user's name.
     pub name: String,

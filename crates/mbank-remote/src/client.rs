@@ -395,6 +395,41 @@ impl Client {
         self.get_json("/whoami", "who-am-I question")
     }
 
+    /// `POST /v1/admin/jobs`: starts `job` (`gc`, `verify`, `stats`) on the server's
+    /// bank (administrators only); a job of that kind already running is answered.
+    pub fn start_job(&self, job: &str) -> Result<wire::Job, ClientError> {
+        let req = wire::JobRequest { job: job.into() };
+        self.send_json(
+            http::Method::POST,
+            "/admin/jobs",
+            &format!("start of {job}"),
+            &req,
+        )
+    }
+
+    /// `GET /v1/admin/jobs/{id}`: a job's progress, or its outcome.
+    pub fn job(&self, id: u64) -> Result<wire::Job, ClientError> {
+        self.get_json(&format!("/admin/jobs/{id}"), "job's progress")
+    }
+
+    /// `GET /v1/admin/users`: every user with quota and usage (administrators only).
+    pub fn users(&self) -> Result<Vec<serde_json::Value>, ClientError> {
+        self.get_json("/admin/users", "list of users")
+    }
+
+    /// `PUT /v1/admin/users/{name}/quota`: sets a user's quota (`None`: no bound).
+    pub fn set_quota(&self, user: &str, quota: Option<u64>) -> Result<(), ClientError> {
+        let json = serde_json::to_vec(&wire::QuotaBody { quota }).expect("serialises");
+        self.call(
+            http::Method::PUT,
+            &format!("/admin/users/{}/quota", seg(user)),
+            "quota change",
+            Payload::Json(json),
+            1 << 16,
+        )
+        .map(drop)
+    }
+
     /// `POST /v1/login`: a new token for `user`. `ttl_secs` defaults (server side) to
     /// 30 days; `label` names the token for people (e.g. the host it was made for).
     pub fn login(

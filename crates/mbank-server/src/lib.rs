@@ -30,6 +30,7 @@
 mod caps;
 mod conn;
 mod error;
+pub mod jobs;
 mod limits;
 mod metrics;
 mod tls;
@@ -100,6 +101,8 @@ struct App {
     /// this server started: a writer released with no commit since it began gives back
     /// the quota its uploads took.
     last_commit: Mutex<std::collections::HashMap<String, i64>>,
+    /// gc, verify and stats started by administrators over HTTPS.
+    jobs: jobs::Jobs,
 }
 
 type Shared = Arc<App>;
@@ -317,6 +320,13 @@ fn router(app: Shared, tls: bool) -> Router {
         .route("/v1/login", post(login))
         .route("/v1/logout", post(logout))
         .route("/v1/whoami", get(whoami))
+        .route("/v1/admin/jobs", post(start_job))
+        .route("/v1/admin/jobs/{id}", get(get_job))
+        .route("/v1/admin/users", get(admin_users))
+        .route(
+            "/v1/admin/users/{name}/quota",
+            axum::routing::put(admin_quota),
+        )
         .route("/v1/machines", get(machines))
         .route("/v1/machines/{u}/{n}", get(machine).delete(remove_machine))
         .route("/v1/machines/{u}/{n}/versions", get(versions).post(commit))
@@ -717,6 +727,80 @@ async fn logout(
     let token = bearer(&headers).ok_or_else(ApiError::unauthorized)?;
     authed(&app, caller, move |app, _| {
         app.access(|a| Ok(a.revoke_token(&token)?))?;
+        Ok(StatusCode::NO_CONTENT.into_response())
+    })
+    .await
+}
+
+/// Refuses a user who is not an administrator (`403`).
+fn require_admin(user: &User, what: &str) -> Result<(), ApiError> {
+    if user.admin {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!(
+            "{what} is for administrators, and {} is not one (an administrator adds them with `mbank admin user add NAME --admin`)",
+            user.name
+        )))
+    }
+}
+
+/// `POST /v1/admin/jobs`: starts gc, verify or stats on the served bank.
+async fn start_job(
+    State(app): State<Shared>,
+    caller: Caller,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: wire::JobRequest = parse_json(&body(b)?)?;
+    authed(&app, caller, move |app, user| {
+        require_admin(user, &format!("`mbank {}` over the network", req.job))?;
+        let job = app
+            .jobs
+            .start(&app.bank_dir, &req.job)
+            .map_err(ApiError::bad_request)?;
+        tracing::info!(user = %user.name, job = %job.job, id = job.id, "job requested");
+        Ok((StatusCode::ACCEPTED, json(&job)).into_response())
+    })
+    .await
+}
+
+/// `GET /v1/admin/jobs/{id}`: a job's progress, or its report.
+async fn get_job(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path(id): Path<u64>,
+) -> Result<Response, ApiError> {
+    authed(&app, caller, move |app, user| {
+        require_admin(user, "a job's progress")?;
+        let job = app
+            .jobs
+            .get(id)
+            .ok_or_else(|| ApiError::not_found(format!("no job {id} since the server started")))?;
+        Ok(json(&job))
+    })
+    .await
+}
+
+/// `GET /v1/admin/users`: every user with quota and usage.
+async fn admin_users(State(app): State<Shared>, caller: Caller) -> Result<Response, ApiError> {
+    authed(&app, caller, move |app, user| {
+        require_admin(user, "the list of users")?;
+        Ok(json(&app.access(|a| Ok(a.users()?))?))
+    })
+    .await
+}
+
+/// `PUT /v1/admin/users/{name}/quota`: sets a user's quota.
+async fn admin_quota(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path(name): Path<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: wire::QuotaBody = parse_json(&body(b)?)?;
+    authed(&app, caller, move |app, user| {
+        require_admin(user, "a quota change")?;
+        app.access(|a| Ok(a.set_quota(&name, req.quota)?))?;
+        tracing::info!(by = %user.name, user = %name, quota = ?req.quota, "quota set");
         Ok(StatusCode::NO_CONTENT.into_response())
     })
     .await
@@ -1779,6 +1863,7 @@ fn open_app(bank_dir: &FsPath, limits: Limits) -> Result<Shared, String> {
         quota_locks: caps::UserLocks::default(),
         started_ms: mbank_catalog::now_ms(),
         last_commit: Mutex::new(std::collections::HashMap::new()),
+        jobs: jobs::Jobs::default(),
         limits,
     }))
 }

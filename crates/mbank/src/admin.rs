@@ -134,6 +134,41 @@ fn parse_quota(s: &str) -> Result<Quota, String> {
     }
 }
 
+/// Runs one `admin` command against a bank server (an administrator's token): the
+/// users with their usage, and quotas. The rest runs on the bank's host.
+pub fn run_remote(url: &str, cmd: AdminCmd, quiet: bool) -> Result<()> {
+    let url = mbank_remote::normalize_url(url);
+    let client = mbank_remote::connect(&url, None)?;
+    match cmd {
+        AdminCmd::User {
+            cmd: UserCmd::Ls { json },
+        } => {
+            let users: Vec<mbank_access::UserInfo> = client
+                .users()?
+                .into_iter()
+                .map(serde_json::from_value)
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("the list of users from {url} is not as expected"))?;
+            print_users(users, json)
+        }
+        AdminCmd::User {
+            cmd: UserCmd::Quota { name, quota },
+        } => {
+            client.set_quota(&name, quota.0)?;
+            if !quiet {
+                crate::out::say(&match quota.0 {
+                    Some(q) => format!("{name} may now store {} on {url}", bytes(q)),
+                    None => format!("{name} has no quota on {url} now"),
+                });
+            }
+            Ok(())
+        }
+        _ => bail!(
+            "over the network, `mbank admin` lists users and sets quotas (admin user ls, admin user quota); the rest runs on the bank's host, on its directory (--bank DIR)"
+        ),
+    }
+}
+
 /// Runs one `admin` command against the bank in `bank_dir`. Messages go to standard
 /// error unless `quiet`; listings go to standard output.
 pub fn run(bank_dir: &Path, cmd: AdminCmd, quiet: bool) -> Result<()> {
@@ -191,33 +226,7 @@ pub fn run(bank_dir: &Path, cmd: AdminCmd, quiet: bool) -> Result<()> {
                     None => format!("{name} has no quota now"),
                 });
             }
-            UserCmd::Ls { json } => {
-                let users = access.users()?;
-                if json {
-                    crate::json_out(&users)?;
-                } else {
-                    outln!(
-                        "{:<32} {:<5} {:>10} {:>10} {:>6} {:<20}",
-                        "USER",
-                        "ADMIN",
-                        "QUOTA",
-                        "USED",
-                        "TOKENS",
-                        "CREATED (UTC)"
-                    )?;
-                    for u in users {
-                        outln!(
-                            "{:<32} {:<5} {:>10} {:>10} {:>6} {:<20}",
-                            u.name,
-                            if u.admin { "yes" } else { "no" },
-                            u.quota.map_or("-".into(), bytes),
-                            bytes(u.used),
-                            u.tokens_live,
-                            date(u.created_ms),
-                        )?;
-                    }
-                }
-            }
+            UserCmd::Ls { json } => print_users(access.users()?, json)?,
         },
         AdminCmd::Token { cmd } => match cmd {
             TokenCmd::Ls { user, json } => {
@@ -419,4 +428,33 @@ pub(crate) fn ask_hidden(prompt: &str) -> Result<String> {
     }
     let pw = line.strip_suffix('\n').unwrap_or(&line);
     Ok(pw.to_string())
+}
+
+/// The users table of `admin user ls` (or its JSON).
+fn print_users(users: Vec<mbank_access::UserInfo>, json: bool) -> Result<()> {
+    if json {
+        crate::json_out(&users)?;
+    } else {
+        outln!(
+            "{:<32} {:<5} {:>10} {:>10} {:>6} {:<20}",
+            "USER",
+            "ADMIN",
+            "QUOTA",
+            "USED",
+            "TOKENS",
+            "CREATED (UTC)"
+        )?;
+        for u in users {
+            outln!(
+                "{:<32} {:<5} {:>10} {:>10} {:>6} {:<20}",
+                u.name,
+                if u.admin { "yes" } else { "no" },
+                u.quota.map_or("-".into(), bytes),
+                bytes(u.used),
+                u.tokens_live,
+                date(u.created_ms),
+            )?;
+        }
+    }
+    Ok(())
 }

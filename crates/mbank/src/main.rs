@@ -263,6 +263,9 @@ enum Cmd {
         json: bool,
     },
     /// Delete chunks that no version needs. Safe while imports run.
+    ///
+    /// With --bank URL (an administrator's token), the server runs it on its bank and
+    /// this command shows its progress and outcome; `verify` likewise.
     Gc {
         /// Print a JSON report: chunks and bytes deleted and kept.
         #[arg(long)]
@@ -528,12 +531,16 @@ enum Cmd {
         json: bool,
     },
     /// Show totals: machines, versions, chunks, bytes stored, deduplication.
+    ///
+    /// With --bank URL (an administrator's token), the server counts its bank.
     Stats {
         /// Print the totals as JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Manage the users, tokens and published machines of a bank served by `mbank serve` (run on the bank host with --bank DIR).
+    /// Manage the users, tokens and published machines of a bank served by `mbank serve`
+    /// (on the bank's host with --bank DIR; `admin user ls` and `admin user quota` also
+    /// with --bank URL and an administrator's token).
     Admin {
         #[command(subcommand)]
         cmd: admin::AdminCmd,
@@ -719,6 +726,92 @@ fn json_out<T: serde::Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
+/// `mbank gc`, `verify` or `stats` with `--bank URL`: started on the server (an
+/// administrator's token), its progress shown while it runs, its report at the end.
+fn remote_job(
+    url: &str,
+    job: &str,
+    json: bool,
+    bar: &Bar,
+    say: &dyn Fn(String),
+) -> Result<ExitCode> {
+    use mbank_bank::Progress;
+    let url = mbank_remote::normalize_url(url);
+    let client = mbank_remote::connect(&url, None)?;
+    let mut j = client.start_job(job)?;
+    say(format!("{job} started on {url} (job {})", j.id));
+    let (mut phase, mut done) = (String::new(), 0);
+    loop {
+        if j.phase != phase {
+            bar.finish();
+            phase = j.phase.clone();
+            done = 0;
+            let unit = if j.unit == "bytes" {
+                mbank_bank::Unit::Bytes
+            } else {
+                mbank_bank::Unit::Chunks
+            };
+            bar.start(&format!("{job} on the server: {phase}"), j.total, unit);
+            if !bar.enabled() && j.state == "running" {
+                say(format!("{job}: {phase}"));
+            }
+        }
+        bar.advance(j.done.saturating_sub(done));
+        done = j.done;
+        if j.state != "running" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        j = client.job(j.id)?;
+    }
+    bar.finish();
+    let secs = j
+        .finished_ms
+        .unwrap_or(j.started_ms)
+        .saturating_sub(j.started_ms) as f64
+        / 1000.0;
+    let Some(r) = j.result else {
+        bail!(
+            "{job} failed on {url} after {secs:.1} s: {}",
+            j.error.as_deref().unwrap_or("no reason given")
+        );
+    };
+    if json {
+        json_out(&r)?;
+    }
+    match job {
+        "verify" if r["ok"] == false => {
+            if !json {
+                outln!("{}", serde_json::to_string_pretty(&r)?)?;
+            }
+            say(format!(
+                "verify on {url} found damage (above); run `mbank verify` on the bank's host for what to do"
+            ));
+            return Ok(ExitCode::from(3));
+        }
+        "verify" => say(format!(
+            "ok: {} versions, {} chunks ({}) verified on {url} in {secs:.1} s",
+            r["versions"],
+            r["chunks_checked"],
+            bytes(r["bytes_checked"].as_u64().unwrap_or(0))
+        )),
+        "gc" => say(format!(
+            "gc on {url}: deleted {} chunks ({}), {} referenced, in {secs:.1} s",
+            r["chunks_deleted"],
+            bytes(r["bytes_deleted"].as_u64().unwrap_or(0)),
+            r["chunks_referenced"]
+        )),
+        _ => {
+            if !json && let Some(m) = r.as_object() {
+                for (k, v) in m {
+                    outln!("{k:<20}{v}")?;
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `mbank units DIR`: the systemd units of a bank server and of a station.
 fn write_units(
     dir: &std::path::Path,
@@ -900,37 +993,6 @@ fn whoami(bank_dir: &std::path::Path, url: Option<&str>, json: bool) -> Result<(
     Ok(())
 }
 
-/// Records in `<bank>/last-JOB.json` when `gc` or `verify` ended and how (`failure`:
-/// what went wrong), for the bank server's metrics (docs/formats.md). Best effort: a
-/// read-only bank keeps no record.
-fn record_job(
-    bank_dir: &std::path::Path,
-    job: &str,
-    failure: Option<String>,
-    started: std::time::Instant,
-    bytes_stored: Option<u64>,
-) {
-    let v = serde_json::json!({
-        "job": job,
-        "finished_ms": mbank_catalog::now_ms(),
-        "seconds": started.elapsed().as_secs_f64(),
-        "ok": failure.is_none(),
-        "failure": failure,
-        "bytes_stored": bytes_stored,
-    });
-    let path = bank_dir.join(format!("last-{job}.json"));
-    let tmp = bank_dir.join(format!(".last-{job}.json.tmp"));
-    let written =
-        std::fs::write(&tmp, format!("{v}\n")).and_then(|()| std::fs::rename(&tmp, &path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        eprintln!(
-            "mbank: warning: cannot record the {job} run in {}: {e}",
-            path.display()
-        );
-    }
-}
-
 /// What `run` needs to know of a command before it runs it.
 struct Traits {
     /// The command's name, as typed.
@@ -957,8 +1019,8 @@ impl Cmd {
             Cmd::Status { .. } => ("status", false, false),
             Cmd::Rename { .. } => ("rename", false, true),
             Cmd::Set { .. } => ("set", false, true),
-            Cmd::Verify { .. } => ("verify", true, false),
-            Cmd::Gc { .. } => ("gc", true, true),
+            Cmd::Verify { .. } => ("verify", false, false),
+            Cmd::Gc { .. } => ("gc", false, true),
             Cmd::Rm { .. } => ("rm", false, true),
             Cmd::Forget { .. } => ("forget", false, true),
             Cmd::Head { .. } => ("head", false, true),
@@ -977,8 +1039,8 @@ impl Cmd {
             Cmd::Completions { .. } => ("completions", false, false),
             Cmd::Man { .. } => ("man", false, false),
             Cmd::Units { .. } => ("units", false, false),
-            Cmd::Stats { .. } => ("stats", true, false),
-            Cmd::Admin { .. } => ("admin", true, false),
+            Cmd::Stats { .. } => ("stats", false, false),
+            Cmd::Admin { .. } => ("admin", false, false),
         };
         Traits {
             name,
@@ -1072,6 +1134,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let bar = Bar::new(cli.quiet);
+    if let Some(url) = &url {
+        // An administrator's walks over the whole bank run on the server, as jobs.
+        let job = match &cli.cmd {
+            Cmd::Gc { json } => Some(("gc", *json)),
+            Cmd::Verify {
+                machine: None,
+                json,
+            } => Some(("verify", *json)),
+            Cmd::Verify {
+                machine: Some(m), ..
+            } => bail!(
+                "`mbank verify {m}` runs on the bank's host (--bank DIR); over the network an administrator verifies the whole bank: mbank --bank {url} verify"
+            ),
+            Cmd::Stats { json } => Some(("stats", *json)),
+            _ => None,
+        };
+        if let Some((job, json)) = job {
+            return remote_job(url, job, json, &bar, &say);
+        }
+        if let Cmd::Admin { cmd } = cli.cmd {
+            admin::run_remote(url, cmd, cli.quiet)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     let read_only = !cli.cmd.traits().writes;
     let cache_dir = cli
         .cache
@@ -1520,7 +1606,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Ok(_) => Some("damage found".to_string()),
                     Err(e) => Some(e.to_string()),
                 };
-                record_job(&bank_dir, "verify", outcome, started, None);
+                mbank_server::jobs::record_job(&bank_dir, "verify", outcome, started, None);
             }
             let r = r?;
             if json {
@@ -1621,7 +1707,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .ok()
                 .and_then(|_| bank.store().stats().ok())
                 .map(|s| s.bytes);
-            record_job(
+            mbank_server::jobs::record_job(
                 &bank_dir,
                 "gc",
                 r.as_ref().err().map(|e| e.to_string()),
@@ -1629,27 +1715,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 stored,
             );
             let r = r?;
-            // A served bank: who may read a chunk that is gone is forgotten, so that
-            // quotas count what is still stored; but not the rights recorded since the
-            // cutoff, which a writer in flight may rely on (the server holds the chunks
-            // it sent back until their commit, out of this process's sight).
-            let pruned = if bank_dir.join(mbank_access::FILE_NAME).is_file() {
-                let referenced = bank.referenced_chunks()?;
-                let access = mbank_access::Access::open(&bank_dir)?;
-                let store = bank.store();
-                access.prune(
-                    &|id| {
-                        referenced.contains(id)
-                            || !matches!(
-                                store.plain_len(id),
-                                Err(mbank_store::StoreError::Missing(_))
-                            )
-                    },
-                    r.cutoff_ms,
-                )?
-            } else {
-                0
-            };
+            let pruned = mbank_server::jobs::prune_rights(&bank, &bank_dir, r.cutoff_ms)
+                .map_err(anyhow::Error::msg)?;
             if json {
                 let mut v = serde_json::to_value(&r)?;
                 v["access_rows_pruned"] = pruned.into();

@@ -628,3 +628,69 @@ fn systemd_units_pass_systemd_analyze_and_serve_notifies_readiness() {
     assert_eq!(&buf[..n], b"STOPPING=1");
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn an_administrator_runs_stats_gc_verify_and_quotas_over_the_network() {
+    let s = Server::plain();
+    let url = s.url();
+    s.login("alice", &url, &[]).ok();
+    s.login("root", &url, &[]).ok();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.raw");
+    write_image(&img, &random_bytes(1 << 20, 1), 1 << 20);
+    s.run(
+        "alice",
+        &url,
+        &["-q", "import", "alice/a", img.to_str().unwrap()],
+    )
+    .ok();
+
+    // Not for users.
+    for cmd in [
+        &["gc"][..],
+        &["verify"],
+        &["stats"],
+        &["admin", "user", "ls"],
+    ] {
+        s.run("alice", &url, cmd)
+            .failed()
+            .stderr_has(&["for administrators"]);
+    }
+
+    let st = s.run("root", &url, &["stats", "--json"]).ok().json();
+    assert_eq!(st["machines"], 1, "{st}");
+    let r = s.run("root", &url, &["gc"]).ok();
+    r.stderr_has(&["gc started on", "deleted"]);
+    let r = s.run("root", &url, &["verify", "--json"]).ok();
+    r.stderr_has(&["verify started on"]);
+    assert_eq!(r.json()["ok"], true, "{r}");
+    assert!(r.json()["chunks_checked"].as_u64().unwrap() >= 16, "{r}");
+
+    // Users and quotas.
+    s.run("root", &url, &["admin", "user", "quota", "alice", "5M"])
+        .ok();
+    let users = s
+        .run("root", &url, &["admin", "user", "ls", "--json"])
+        .ok()
+        .json();
+    let alice = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "alice")
+        .unwrap();
+    assert_eq!(alice["quota"], 5 << 20, "{users}");
+    assert!(alice["used"].as_u64().unwrap() >= 1 << 20, "{users}");
+    s.run("root", &url, &["admin", "user", "add", "carol"])
+        .failed()
+        .stderr_has(&["bank's host"]);
+
+    // Damage is found by the server's verify: exit 3.
+    let chunk = chunk_files(&s.bank_dir).into_iter().next().unwrap();
+    let path = s.bank_dir.join("chunks").join(&chunk[..2]).join(&chunk);
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(&path, bytes).unwrap();
+    s.run("root", &url, &["verify"]).code(3);
+}
