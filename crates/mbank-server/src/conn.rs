@@ -188,16 +188,16 @@ pub async fn run(
             let slot = Arc::new(slot);
             let kill = slot.kill.clone();
             let _done = done;
+            let handshake_by = tokio::time::Instant::now() + limits.header_timeout;
             let work = async {
                 match tls {
                     None => serve_one(sock, peer, router, &limits, stop, slot.clone()).await,
-                    Some(_) if plain_http(&sock, &limits).await => {
+                    // One deadline for the first byte and the whole handshake.
+                    Some(_) if plain_http(&sock, handshake_by).await => {
                         answer_use_https(sock, peer, &limits).await
                     }
                     Some(acceptor) => {
-                        match tokio::time::timeout(limits.header_timeout, acceptor.accept(sock))
-                            .await
-                        {
+                        match tokio::time::timeout_at(handshake_by, acceptor.accept(sock)).await {
                             Ok(Ok(s)) => {
                                 serve_one(s, peer, router, &limits, stop, slot.clone()).await
                             }
@@ -225,10 +225,10 @@ pub async fn run(
 
 /// True when a client of the TLS port starts with a plain HTTP request (a method's
 /// capital letters; a TLS handshake starts with the byte 0x16).
-async fn plain_http(sock: &tokio::net::TcpStream, limits: &Limits) -> bool {
+async fn plain_http(sock: &tokio::net::TcpStream, by: tokio::time::Instant) -> bool {
     let mut first = [0u8; 1];
     matches!(
-        tokio::time::timeout(limits.header_timeout, sock.peek(&mut first)).await,
+        tokio::time::timeout_at(by, sock.peek(&mut first)).await,
         Ok(Ok(1)) if first[0].is_ascii_uppercase()
     )
 }
