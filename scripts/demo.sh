@@ -16,7 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-scripts/setup.sh
+# The demo keeps its chunks in the bank directory: no Garage (S3) to build.
+scripts/setup.sh --no-garage
 echo "== building mbank (release)" >&2
 cargo build --release --locked -p mbank
 mbank() { "$root/target/release/mbank" "$@"; }

@@ -4,7 +4,20 @@
 #
 #   scripts/setup.sh            what the tests need
 #   scripts/setup.sh --bench    also the peers the benchmarks compare against
+#   scripts/setup.sh --no-garage  all but Garage (built from source, ~10 minutes, used
+#                                 only by the S3 store tests; demo.sh needs none of it)
 set -euo pipefail
+bench=0 garage=1
+for arg in "$@"; do
+    case $arg in
+    --bench) bench=1 ;;
+    --no-garage) garage=0 ;;
+    *)
+        echo "usage: $0 [--bench] [--no-garage]" >&2
+        exit 2
+        ;;
+    esac
+done
 
 # command  Debian package
 needs=(
@@ -31,7 +44,7 @@ needs=(
     "chromedriver chromium-driver"
     "/usr/lib/python3/dist-packages/selenium python3-selenium"
 )
-if [[ ${1:-} == --bench ]]; then
+if ((bench)); then
     needs+=("restic restic" "borg borgbackup" "casync casync" "hyperfine hyperfine" "zstd zstd")
 fi
 
@@ -65,4 +78,6 @@ done
 # The test guest: QEMU (pinned so qemu-system-x86 and qemu-utils match), a Debian
 # cloud kernel and a busybox initramfs, cached outside the repo.
 "$(dirname "$0")/build-guest.sh" build >/dev/null
-"$(dirname "$0")/garage.sh" install # the S3 store tests run a Garage cluster
+if ((garage)); then
+    "$(dirname "$0")/garage.sh" install # the S3 store tests run a Garage cluster
+fi

@@ -89,7 +89,7 @@ use rusqlite::{
 use serde::Serialize;
 
 /// Schema version this code writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// `PRAGMA application_id` of an access database: `MBAC` in ASCII.
 pub const APPLICATION_ID: i32 = 0x4d42_4143;
@@ -162,6 +162,12 @@ const SCHEMA_V3: &str = "
 ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// Version 4: when each right was first recorded, so that the rights a failed import
+/// paid for can be given back when its writer ends (see [`Access::drop_uploads_since`]).
+const SCHEMA_V4: &str = "
+ALTER TABLE chunk_owners ADD COLUMN first_ms INTEGER NOT NULL DEFAULT 0;
+";
+
 /// A right recorded less than this long ago is not recorded again by an upload: a
 /// pruning GC's cutoff is at least 1 s before the start of every writer in flight, so a
 /// right this recent is after it.
@@ -179,6 +185,14 @@ pub enum AccessError {
         "the token or password is not valid (wrong, expired or revoked); log in again with `mbank login`"
     )]
     Unauthorized,
+    /// A token whose secret matches but whose lifetime is over (HTTP 401). Said only to
+    /// the token's holder: nobody else knows its secret.
+    #[error("your token expired at {} UTC; log in again with `mbank login`", mbank_core::utc_datetime(*.0))]
+    TokenExpired(i64),
+    /// A token whose secret matches but that was revoked (a logout, a password change,
+    /// an administrator; HTTP 401). Said only to the token's holder.
+    #[error("your token was revoked at {} UTC (by a logout, a password change or an administrator); log in again with `mbank login`", mbank_core::utc_datetime(*.0))]
+    TokenRevoked(i64),
     /// No user has this name.
     #[error("there is no user {0:?}; `mbank admin user ls` lists them")]
     UnknownUser(String),
@@ -255,7 +269,10 @@ pub enum AccessError {
 impl AccessError {
     /// True for [`AccessError::Unauthorized`] (the server answers 401).
     pub fn is_unauthorized(&self) -> bool {
-        matches!(self, AccessError::Unauthorized)
+        matches!(
+            self,
+            AccessError::Unauthorized | AccessError::TokenExpired(_) | AccessError::TokenRevoked(_)
+        )
     }
 
     /// True for SQLite's "busy"/"locked", which a retry may get past.
@@ -396,7 +413,7 @@ pub struct User {
 }
 
 /// A user as an administrator sees them ([`Access::users`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct UserInfo {
     /// The user's name.
     pub name: String,
@@ -544,6 +561,10 @@ impl Access {
         if v < 3 {
             tx.execute_batch(SCHEMA_V3)
                 .map_err(sql("migrate the schema to version 3"))?;
+        }
+        if v < 4 {
+            tx.execute_batch(SCHEMA_V4)
+                .map_err(sql("migrate the schema to version 4"))?;
         }
         tx.pragma_update(None, "application_id", APPLICATION_ID)
             .map_err(sql("set the application id"))?;
@@ -805,8 +826,14 @@ impl Access {
         };
         // blake3::Hash's equality is constant-time.
         let matches = blake3::Hash::from_bytes(stored) == blake3::hash(&secret);
-        if !matches || revoked_ms.is_some() || expires_ms <= now_ms() {
+        if !matches {
             return Err(AccessError::Unauthorized);
+        }
+        if let Some(at) = revoked_ms {
+            return Err(AccessError::TokenRevoked(at));
+        }
+        if expires_ms <= now_ms() {
+            return Err(AccessError::TokenExpired(expires_ms));
         }
         Ok(User {
             name,
@@ -1122,8 +1149,8 @@ impl Access {
         {
             let mut ins = tx
                 .prepare_cached(
-                    "INSERT INTO chunk_owners (user, chunk, bytes, charged, recorded_ms)
-                     VALUES (?1, ?2, ?3, 1, ?4)",
+                    "INSERT INTO chunk_owners (user, chunk, bytes, charged, recorded_ms, first_ms)
+                     VALUES (?1, ?2, ?3, 1, ?4, ?4)",
                 )
                 .map_err(sql("record an upload"))?;
             for (id, bytes) in &new {
@@ -1212,6 +1239,24 @@ impl Access {
     pub fn usage(&self, user: &str) -> Result<u64, AccessError> {
         Self::require_user(&self.conn, user)?;
         Self::usage_in(&self.conn, user)
+    }
+
+    /// Drops `user`'s charged rights first recorded at or after `since_ms`: the chunks
+    /// a writer that started then sent, when it ended with no commit (a failed import),
+    /// so that what it paid for is given back at once rather than at the next gc. The
+    /// caller must know that nothing committed since `since_ms` names them. Returns the
+    /// rows dropped.
+    pub fn drop_uploads_since(&self, user: &str, since_ms: i64) -> Result<u64, AccessError> {
+        let tx = self.write("give back a failed upload's quota")?;
+        let n = tx
+            .execute(
+                "DELETE FROM chunk_owners WHERE user = ?1 AND charged = 1 AND first_ms >= ?2",
+                params![user, since_ms],
+            )
+            .map_err(sql("give back a failed upload's quota"))?;
+        tx.commit()
+            .map_err(sql("give back a failed upload's quota"))?;
+        Ok(n as u64)
     }
 
     /// Drops the rights (of every owner, [`PUBLIC`] included) to chunks that `keep`

@@ -26,7 +26,7 @@ fn user(a: &Access, name: &str) -> User {
 
 fn assert_unauthorized(r: Result<User, AccessError>, what: &str) {
     match r {
-        Err(AccessError::Unauthorized) => {}
+        Err(e) if e.is_unauthorized() => {}
         other => panic!("{what}: expected Unauthorized, got {other:?}"),
     }
 }
@@ -603,13 +603,17 @@ fn a_disabled_user_cannot_log_in_until_enabled() {
 }
 
 #[test]
-fn a_schema_2_database_gains_the_disabled_flag() {
+fn a_schema_2_database_gains_the_disabled_flag_and_first_ms() {
     let d = tempfile::tempdir().unwrap();
     {
         let a = Access::open(d.path()).unwrap();
         a.add_user("alice", PW, false, None).unwrap();
         a.conn
-            .execute_batch("ALTER TABLE users DROP COLUMN disabled; PRAGMA user_version = 2;")
+            .execute_batch(
+                "ALTER TABLE users DROP COLUMN disabled;
+                 ALTER TABLE chunk_owners DROP COLUMN first_ms;
+                 PRAGMA user_version = 2;",
+            )
             .unwrap();
     }
     let a = Access::open(d.path()).unwrap();

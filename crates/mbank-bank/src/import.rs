@@ -262,6 +262,17 @@ impl Bank {
         );
         progress.finish();
         result?;
+        if parent.is_none() {
+            // A first version made from another's chunks or an empty disk (`create`):
+            // the chunks no item covered come from the base as they are, zero or shared,
+            // so that zero + new + dedup = total as for an import.
+            let covered = stats.chunks_zero + stats.chunks_new + stats.chunks_dedup;
+            let untouched = stats.chunks_total.saturating_sub(covered);
+            let zeros = base.chunks.iter().filter(|c| c.is_none()).count() as u64;
+            let untouched_zero = zeros.saturating_sub(stats.chunks_zero).min(untouched);
+            stats.chunks_zero += untouched_zero;
+            stats.chunks_dedup += untouched - untouched_zero;
+        }
         stats.chunks_new += streams_stored.0;
         stats.bytes_stored += streams_stored.1;
         let index = base;

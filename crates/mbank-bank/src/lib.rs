@@ -282,6 +282,10 @@ pub struct VersionSummary {
     pub suspended: bool,
     /// The version holds a machine configuration (made by `mbank create` or `run`).
     pub configured: bool,
+    /// The version's machine configuration (memory, CPUs…), as `mbank create` or `set`
+    /// stored it; absent when it has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
     pub stats: mbank_catalog::VersionStats,
     /// The version's note (`mbank note`), if it has one.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -697,6 +701,10 @@ impl Bank {
                     chunk_size: v.chunk_size,
                     suspended: v.has_memory(),
                     configured: v.config.is_some(),
+                    config: v
+                        .config
+                        .as_deref()
+                        .and_then(|c| serde_json::from_str(c).ok()),
                     stats: v.stats,
                     note: l.note,
                     tags: l.tags,

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use ureq::http;
-use ureq::tls::{PemItem, RootCerts, TlsConfig};
+use ureq::tls::PemItem;
+use ureq::unversioned::resolver::DefaultResolver;
+use ureq::unversioned::transport::{Connector, TcpConnector};
 
 use crate::wire::{self, ErrorBody, Health, LoginRequest, LoginResponse, WhoAmI};
 
@@ -159,6 +161,10 @@ struct Inner {
     /// `http(s)://host:port`, no trailing slash.
     url: String,
     token: Option<String>,
+    /// The `--ca-cert` in use, for messages.
+    ca_file: Option<PathBuf>,
+    /// With no token: the URLs the credentials file has tokens for, for messages.
+    filed_elsewhere: Vec<String>,
     agent: ureq::Agent,
     retry_budget: Duration,
     /// When the last "waiting for the bank" line went to standard error.
@@ -205,7 +211,7 @@ pub(crate) fn seg(s: &str) -> String {
     out
 }
 
-fn load_ca(path: &Path) -> Result<TlsConfig, ClientError> {
+fn load_ca(path: &Path) -> Result<rustls::ClientConfig, ClientError> {
     let local = |why: String| {
         ClientError::Local(format!(
             "cannot use {} as the bank's CA certificate: {why}",
@@ -216,15 +222,22 @@ fn load_ca(path: &Path) -> Result<TlsConfig, ClientError> {
     let mut certs = Vec::new();
     for item in ureq::tls::parse_pem(&pem) {
         if let PemItem::Certificate(c) = item.map_err(|e| local(e.to_string()))? {
-            certs.push(c);
+            certs.push(rustls::pki_types::CertificateDer::from(c.der().to_vec()));
         }
     }
     if certs.is_empty() {
         return Err(local("it holds no PEM certificate".into()));
     }
-    Ok(TlsConfig::builder()
-        .root_certs(RootCerts::new_with_certs(&certs))
-        .build())
+    crate::tls::pinned_config(certs).map_err(local)
+}
+
+/// The rustls error inside a ureq error, if any.
+fn rustls_error(e: &ureq::Error) -> Option<&rustls::Error> {
+    match e {
+        ureq::Error::Rustls(r) => Some(r),
+        ureq::Error::Io(io) => io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        _ => None,
+    }
 }
 
 /// True for failures that may go away by waiting: the server down or restarting, the
@@ -298,7 +311,7 @@ impl Client {
                 "{url:?} is not a bank URL: expected http://HOST:PORT or https://HOST:PORT"
             )));
         }
-        let mut cfg = ureq::Agent::config_builder()
+        let cfg = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(o.request_timeout))
             .timeout_connect(Some(o.connect_timeout))
@@ -307,18 +320,59 @@ impl Client {
             .max_idle_connections(2 * MAX_IN_FLIGHT)
             .max_idle_connections_per_host(2 * MAX_IN_FLIGHT)
             .user_agent(concat!("mbank/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = &o.ca_file {
-            cfg = cfg.tls_config(load_ca(ca)?);
-        }
+        let agent = match &o.ca_file {
+            // The bank's own certificate or CA: trusted and pinned (tls.rs).
+            Some(ca) => {
+                let config = Arc::new(load_ca(ca)?);
+                let connector =
+                    ().chain(TcpConnector::default())
+                        .chain(crate::tls::PinnedConnector { config });
+                ureq::Agent::with_parts(cfg.build(), connector, DefaultResolver::default())
+            }
+            None => cfg.build().new_agent(),
+        };
         Ok(Client {
             inner: Arc::new(Inner {
                 url,
                 token: o.token,
-                agent: cfg.build().new_agent(),
+                ca_file: o.ca_file,
+                filed_elsewhere: Vec::new(),
+                agent,
                 retry_budget: o.retry_budget,
                 last_warning: Mutex::new(None),
             }),
         })
+    }
+
+    /// The same client, told which URLs the credentials file has tokens for (when it
+    /// has none for this one), so that a refusal can say so.
+    pub fn with_filed_elsewhere(mut self, urls: Vec<String>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.filed_elsewhere = urls;
+        }
+        self
+    }
+
+    /// What a `401` means for this client: no token, or the server's word on the one
+    /// it sent; with the command that gets a new one.
+    fn unauthorized_message(&self, server: &str) -> String {
+        let url = &self.inner.url;
+        let login = format!("mbank login {url} --user NAME");
+        if self.inner.token.is_none() {
+            let mut m = format!("no token for {url}: log in first with `{login}`");
+            if !self.inner.filed_elsewhere.is_empty() {
+                m.push_str(&format!(
+                    " (tokens are filed for {}: a token is used only with the URL it was made for, \
+                     or another spelling of the same loopback address)",
+                    self.inner.filed_elsewhere.join(", ")
+                ));
+            }
+            return m;
+        }
+        let why = server
+            .trim_end_matches("; log in again with `mbank login`")
+            .trim_end_matches('.');
+        format!("{why}; log in again with `{login}`")
     }
 
     /// The bank's base URL, without a trailing slash.
@@ -339,6 +393,41 @@ impl Client {
     /// `GET /v1/whoami`: the token's user, whether an administrator, quota and use.
     pub fn whoami(&self) -> Result<WhoAmI, ClientError> {
         self.get_json("/whoami", "who-am-I question")
+    }
+
+    /// `POST /v1/admin/jobs`: starts `job` (`gc`, `verify`, `stats`) on the server's
+    /// bank (administrators only); a job of that kind already running is answered.
+    pub fn start_job(&self, job: &str) -> Result<wire::Job, ClientError> {
+        let req = wire::JobRequest { job: job.into() };
+        self.send_json(
+            http::Method::POST,
+            "/admin/jobs",
+            &format!("start of {job}"),
+            &req,
+        )
+    }
+
+    /// `GET /v1/admin/jobs/{id}`: a job's progress, or its outcome.
+    pub fn job(&self, id: u64) -> Result<wire::Job, ClientError> {
+        self.get_json(&format!("/admin/jobs/{id}"), "job's progress")
+    }
+
+    /// `GET /v1/admin/users`: every user with quota and usage (administrators only).
+    pub fn users(&self) -> Result<Vec<serde_json::Value>, ClientError> {
+        self.get_json("/admin/users", "list of users")
+    }
+
+    /// `PUT /v1/admin/users/{name}/quota`: sets a user's quota (`None`: no bound).
+    pub fn set_quota(&self, user: &str, quota: Option<u64>) -> Result<(), ClientError> {
+        let json = serde_json::to_vec(&wire::QuotaBody { quota }).expect("serialises");
+        self.call(
+            http::Method::PUT,
+            &format!("/admin/users/{}/quota", seg(user)),
+            "quota change",
+            Payload::Json(json),
+            1 << 16,
+        )
+        .map(drop)
     }
 
     /// `POST /v1/login`: a new token for `user`. `ttl_secs` defaults (server side) to
@@ -481,7 +570,7 @@ impl Client {
         let resp = match self.send_once(method, path, payload) {
             Ok(resp) => resp,
             Err(e) if retryable(&e) => return Ok(Opened::Retry(e.to_string())),
-            Err(e) => return Err(self.unreachable(e.to_string(), t.sent, t.started)),
+            Err(e) => return Err(self.unreachable(self.describe(&e), t.sent, t.started)),
         };
         let status = resp.status().as_u16();
         let mut body = resp.into_body().into_reader();
@@ -493,7 +582,11 @@ impl Client {
         if let Err(e) = (&mut body).take(1 << 16).read_to_end(&mut out) {
             return Ok(Opened::Retry(e.to_string()));
         }
-        let b = error_body(status, &out);
+        let mut b = error_body(status, &out);
+        // A refused login is a wrong user or password, said as the server says it.
+        if status == 401 && path != "/login" {
+            b.message = self.unauthorized_message(&b.message);
+        }
         if matches!(status, 429 | 502 | 503 | 504) {
             return Ok(Opened::Retry(if b.kind.is_empty() {
                 b.message
@@ -501,11 +594,48 @@ impl Client {
                 format!("{}: {}", status_text(status), b.message)
             }));
         }
+        if status == 400 && b.kind == "use_https" {
+            return Err(ClientError::Local(format!(
+                "the bank at {} speaks TLS: use {}",
+                self.inner.url,
+                self.inner.url.replacen("http://", "https://", 1)
+            )));
+        }
         Err(ClientError::Api {
             url: self.inner.url.clone(),
             status,
             body: Box::new(b),
         })
+    }
+
+    /// A failure that waiting does not cure, with what to do about it: a certificate
+    /// this machine does not trust, a server that does not speak TLS.
+    fn describe(&self, e: &ureq::Error) -> String {
+        let https = self.inner.url.starts_with("https://");
+        match rustls_error(e) {
+            Some(rustls::Error::InvalidCertificate(why)) => match &self.inner.ca_file {
+                None => format!(
+                    "the bank's certificate is not signed by an authority this machine trusts ({why:?}): \
+                     give the bank's certificate (or its CA's) with --ca-cert FILE, \
+                     e.g. mbank login {} --user NAME --ca-cert FILE (it is remembered with the token)",
+                    self.inner.url
+                ),
+                Some(ca) => format!(
+                    "the bank's certificate is neither the one in {} nor signed by it ({why:?}): \
+                     is that the bank's certificate, and is {} the bank?",
+                    ca.display(),
+                    self.inner.url
+                ),
+            },
+            Some(rustls::Error::InvalidMessage(_)) if https => {
+                format!(
+                    "the server at {} does not speak TLS ({e}): if it serves plain HTTP, use {}",
+                    self.inner.url,
+                    self.inner.url.replacen("https://", "http://", 1)
+                )
+            }
+            _ => e.to_string(),
+        }
     }
 
     fn unreachable(&self, cause: String, tries: u32, started: Instant) -> ClientError {

@@ -99,8 +99,34 @@ impl Credentials {
     }
 
     /// The credential for the bank at `url`.
+    /// The credential for `url`: filed under `url`, else under another spelling of the
+    /// same loopback address (`localhost`, `127.0.0.1`, `[::1]`, same scheme and port),
+    /// which can only be this machine's server.
     pub fn get(&self, url: &str) -> Option<&Credential> {
-        self.banks.get(&normalize_url(url))
+        self.key_for(url).and_then(|k| self.banks.get(&k))
+    }
+
+    /// The URL a credential for `url` is filed under (see [`Credentials::get`]).
+    fn key_for(&self, url: &str) -> Option<String> {
+        let url = normalize_url(url);
+        if self.banks.contains_key(&url) {
+            return Some(url);
+        }
+        let same = loopback_key(&url)?;
+        self.banks
+            .keys()
+            .find(|k| loopback_key(k).as_deref() == Some(same.as_str()))
+            .cloned()
+    }
+
+    /// The URLs credentials are filed under, but for `url`'s (for a message).
+    pub fn others(&self, url: &str) -> Vec<String> {
+        let own = self.key_for(url);
+        self.banks
+            .keys()
+            .filter(|k| Some(*k) != own.as_ref())
+            .cloned()
+            .collect()
     }
 
     /// Files `c` under `url` (replacing any earlier one); [`Credentials::save`] writes it.
@@ -110,7 +136,8 @@ impl Credentials {
 
     /// Forgets the credential for `url`; returns it.
     pub fn remove(&mut self, url: &str) -> Option<Credential> {
-        self.banks.remove(&normalize_url(url))
+        let k = self.key_for(url)?;
+        self.banks.remove(&k)
     }
 
     /// Writes the file atomically, mode 0600 (its directory created mode 0700).
@@ -211,4 +238,22 @@ pub fn login(
         ttl_secs,
         Some(format!("mbank on {}", this_host())),
     )
+}
+
+/// `scheme://loopback:port` for a URL whose host is a loopback address spelled any way
+/// (`localhost`, `127.0.0.1` and the rest of 127/8, `[::1]`); `None` for another host.
+fn loopback_key(url: &str) -> Option<String> {
+    let url = url.to_ascii_lowercase();
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') => (h, p),
+        _ => (authority, ""),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    loopback.then(|| format!("{scheme}://loopback:{port}"))
 }

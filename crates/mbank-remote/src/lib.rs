@@ -17,6 +17,7 @@ pub mod catalog;
 pub mod client;
 pub mod credentials;
 pub mod store;
+mod tls;
 pub mod wire;
 
 #[cfg(test)]
@@ -81,8 +82,12 @@ pub fn connect_with(
     o.token = env_token
         .map(str::to_string)
         .or_else(|| filed.as_ref().map(|c| c.token.clone()));
+    let others = match creds {
+        Some(p) if o.token.is_none() && filed.is_none() => Credentials::load_from(p)?.others(url),
+        _ => Vec::new(),
+    };
     o.ca_file = ca
         .map(Path::to_path_buf)
         .or_else(|| filed.and_then(|c| c.ca));
-    Client::with_options(url, o)
+    Ok(Client::with_options(url, o)?.with_filed_elsewhere(others))
 }

@@ -229,7 +229,14 @@ fn unauthorized_maps_to_unauthorized_naming_the_bank() {
     let name: MachineName = "alice/dev".parse().unwrap();
     match cat.versions(&name) {
         Err(CatalogError::Unauthorized(m)) => {
-            assert_eq!(m, format!("not logged in (bank {})", srv.url));
+            // The server's reason, and the command that gets a new token.
+            assert_eq!(
+                m,
+                format!(
+                    "not logged in; log in again with `mbank login {0} --user NAME` (bank {0})",
+                    srv.url
+                )
+            );
         }
         other => panic!("{other:?}"),
     }

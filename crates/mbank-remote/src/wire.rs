@@ -183,6 +183,41 @@ pub struct WriterRequest {
     pub what: String,
 }
 
+/// `POST /v1/admin/jobs`: start `gc`, `verify` or `stats` on the server's bank.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobRequest {
+    pub job: String,
+}
+
+/// A job an administrator started on the server (`POST /v1/admin/jobs`, `GET
+/// /v1/admin/jobs/{id}`): its progress while it runs, its report when done.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Job {
+    pub id: u64,
+    /// `gc`, `verify` or `stats`.
+    pub job: String,
+    /// `running`, `done` or `failed`.
+    pub state: String,
+    /// What it does now (a phase of the walk), and how far it is: `done` of `total`
+    /// (0: unknown) `unit`s (`bytes` or `chunks`).
+    pub phase: String,
+    pub done: u64,
+    pub total: u64,
+    pub unit: String,
+    pub started_ms: i64,
+    pub finished_ms: Option<i64>,
+    /// The report (what `mbank JOB --json` prints on the bank's host), once done.
+    pub result: Option<serde_json::Value>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// `PUT /v1/admin/users/{name}/quota`: bytes, or `null` for no bound.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QuotaBody {
+    pub quota: Option<u64>,
+}
+
 /// `GET /v1/health`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Health {

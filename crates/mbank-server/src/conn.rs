@@ -188,13 +188,16 @@ pub async fn run(
             let slot = Arc::new(slot);
             let kill = slot.kill.clone();
             let _done = done;
+            let handshake_by = tokio::time::Instant::now() + limits.header_timeout;
             let work = async {
                 match tls {
                     None => serve_one(sock, peer, router, &limits, stop, slot.clone()).await,
+                    // One deadline for the first byte and the whole handshake.
+                    Some(_) if plain_http(&sock, handshake_by).await => {
+                        answer_use_https(sock, peer, &limits).await
+                    }
                     Some(acceptor) => {
-                        match tokio::time::timeout(limits.header_timeout, acceptor.accept(sock))
-                            .await
-                        {
+                        match tokio::time::timeout_at(handshake_by, acceptor.accept(sock)).await {
                             Ok(Ok(s)) => {
                                 serve_one(s, peer, router, &limits, stop, slot.clone()).await
                             }
@@ -218,6 +221,51 @@ pub async fn run(
     drop(done_tx);
     // Every connection task holds a sender: `None` once the last one ended.
     let _ = done_rx.recv().await;
+}
+
+/// True when a client of the TLS port starts with a plain HTTP request (a method's
+/// capital letters; a TLS handshake starts with the byte 0x16).
+async fn plain_http(sock: &tokio::net::TcpStream, by: tokio::time::Instant) -> bool {
+    let mut first = [0u8; 1];
+    matches!(
+        tokio::time::timeout_at(by, sock.peek(&mut first)).await,
+        Ok(Ok(1)) if first[0].is_ascii_uppercase()
+    )
+}
+
+/// Answers a plain HTTP request on the TLS port with a `400 use_https` error (docs/api.md),
+/// so that the client says what is wrong rather than retrying a garbled answer.
+async fn answer_use_https(mut sock: tokio::net::TcpStream, peer: SocketAddr, limits: &Limits) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The request's head, read before answering so that closing does not reset the
+    // connection under the answer.
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read_head = async {
+        while head.len() < 64 * 1024 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(limits.header_timeout, read_head).await;
+    tracing::info!(%peer, "plain HTTP on the TLS port: answered use_https");
+    let body = serde_json::to_string(&mbank_remote::wire::ErrorBody {
+        kind: "use_https".into(),
+        message: "this bank server speaks TLS only: use https:// in its URL".into(),
+        ..Default::default()
+    })
+    .unwrap_or_default();
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(limits.header_timeout, async {
+        let _ = sock.write_all(answer.as_bytes()).await;
+        let _ = sock.shutdown().await;
+    })
+    .await;
 }
 
 /// Serves HTTP/1.1 on one connection; on shutdown, finishes the request in progress.

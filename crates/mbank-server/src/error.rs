@@ -94,9 +94,15 @@ impl ApiError {
     }
 }
 
+/// The kind of an error answer (docs/api.md), kept in the response's extensions for the
+/// metrics and the request log.
+#[derive(Clone, Debug)]
+pub struct ErrorKind(pub String);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::to_vec(&self.body).unwrap_or_default();
+        let kind = ErrorKind(self.body.kind.clone());
         let mut r = (
             self.status,
             [(axum::http::header::CONTENT_TYPE, "application/json")],
@@ -107,6 +113,7 @@ impl IntoResponse for ApiError {
             r.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, s.into());
         }
+        r.extensions_mut().insert(kind);
         r
     }
 }
@@ -203,6 +210,9 @@ impl From<AccessError> for ApiError {
     fn from(e: AccessError) -> Self {
         match e {
             AccessError::Unauthorized => ApiError::unauthorized(),
+            AccessError::TokenExpired(_) | AccessError::TokenRevoked(_) => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+            }
             AccessError::QuotaExceeded {
                 ref user,
                 used,

@@ -31,6 +31,7 @@ mod actions;
 mod caps;
 mod conn;
 mod error;
+pub mod jobs;
 mod limits;
 mod metrics;
 mod tls;
@@ -97,6 +98,14 @@ struct App {
     quota_locks: caps::UserLocks,
     /// The web console's jobs (gc, verify) and health samples.
     console: web::ConsoleState,
+    /// When this server started (ms since the epoch).
+    started_ms: i64,
+    /// When each user last began a commit (as caller or as the machine's owner), since
+    /// this server started: a writer released with no commit since it began gives back
+    /// the quota its uploads took.
+    last_commit: Mutex<std::collections::HashMap<String, i64>>,
+    /// gc, verify and stats started by administrators over HTTPS.
+    jobs: jobs::Jobs,
 }
 
 type Shared = Arc<App>;
@@ -154,6 +163,21 @@ impl App {
     }
 
     /// `owner`'s usage: the chunks charged to them plus their versions' catalog bytes.
+    /// When `user` last began a commit, since this server started.
+    fn last_commit(&self, user: &str) -> Option<i64> {
+        let m = self.last_commit.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(user).copied()
+    }
+
+    /// Notes that `users` begin a commit now.
+    fn note_commit(&self, users: &[&str]) {
+        let now = mbank_catalog::now_ms();
+        let mut m = self.last_commit.lock().unwrap_or_else(|p| p.into_inner());
+        for u in users {
+            m.insert(u.to_string(), now);
+        }
+    }
+
     fn usage(&self, owner: &str) -> Result<u64, ApiError> {
         let chunks = self.access(|a| Ok(a.usage(owner)?))?;
         Ok(chunks.saturating_add(self.owner_usage(owner)?.bytes))
@@ -299,6 +323,13 @@ fn router(app: Shared, tls: bool) -> Router {
         .route("/v1/login", post(login))
         .route("/v1/logout", post(logout))
         .route("/v1/whoami", get(whoami))
+        .route("/v1/admin/jobs", post(start_job))
+        .route("/v1/admin/jobs/{id}", get(get_job))
+        .route("/v1/admin/users", get(admin_users))
+        .route(
+            "/v1/admin/users/{name}/quota",
+            axum::routing::put(admin_quota),
+        )
         .route("/v1/machines", get(machines))
         .route("/v1/machines/{u}/{n}", get(machine).delete(remove_machine))
         .route("/v1/machines/{u}/{n}/versions", get(versions).post(commit))
@@ -388,6 +419,9 @@ async fn gate(State(app): State<Shared>, mut req: Request, next: Next) -> Respon
             .and_then(|r| r);
         match user {
             Ok(u) => {
+                if let Some(who) = req.extensions().get::<RequestUser>() {
+                    *who.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(u.name.clone());
+                }
                 req.extensions_mut().insert(Caller(u));
             }
             Err(e) => return refuse_unread(req, e.into_response(), ANON_DRAIN),
@@ -489,11 +523,27 @@ fn refuse_unread(req: Request, resp: Response, most: u64) -> Response {
     resp
 }
 
-/// Counts and logs every request (one structured line each).
-async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Response {
+/// Who made a request, once `gate` has authenticated it: filled in for `observe`'s log
+/// line.
+#[derive(Clone, Default)]
+struct RequestUser(Arc<Mutex<Option<String>>>);
+
+/// Counts and logs every request (one structured line each, naming the user and the
+/// client's address).
+async fn observe(State(app): State<Shared>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "other".to_string(), |p| p.as_str().to_string());
+    let client = req
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "-".to_string(), |c| c.0.ip().to_string());
+    let who = RequestUser::default();
+    req.extensions_mut().insert(who.clone());
     let len_in = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -508,17 +558,32 @@ async fn observe(State(app): State<Shared>, req: Request, next: Next) -> Respons
         .unwrap_or(0);
     m.bytes_out.fetch_add(out, Relaxed);
     let status = resp.status();
+    let kind = resp
+        .extensions()
+        .get::<error::ErrorKind>()
+        .map(|k| k.0.clone());
     if status.is_client_error() || status.is_server_error() {
-        m.error(&status.as_u16().to_string());
+        m.error(kind.as_deref().unwrap_or("other"));
     }
+    let elapsed = started.elapsed();
+    m.observe_duration(method.as_str(), &route, elapsed.as_secs_f64());
+    let user = who
+        .0
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_else(|| "-".into());
     tracing::info!(
         target: "mbank::http",
         %method,
         path,
         status = status.as_u16(),
+        kind = kind.as_deref().unwrap_or("-"),
+        user,
+        client,
         bytes_in = len_in,
         bytes_out = out,
-        ms = started.elapsed().as_millis() as u64,
+        ms = elapsed.as_millis() as u64,
     );
     resp
 }
@@ -589,7 +654,15 @@ async fn metrics_text(State(app): State<Shared>, caller: Caller) -> Result<Respo
     .map_err(|e| ApiError::internal(e.to_string()))??;
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.metrics.render(sessions, machines, users),
+        app.metrics.render(
+            sessions,
+            machines,
+            users,
+            &[
+                ("gc", metrics::LastJob::read(&app.bank_dir, "gc")),
+                ("verify", metrics::LastJob::read(&app.bank_dir, "verify")),
+            ],
+        ),
     )
         .into_response())
 }
@@ -657,6 +730,80 @@ async fn logout(
     let token = bearer(&headers).ok_or_else(ApiError::unauthorized)?;
     authed(&app, caller, move |app, _| {
         app.access(|a| Ok(a.revoke_token(&token)?))?;
+        Ok(StatusCode::NO_CONTENT.into_response())
+    })
+    .await
+}
+
+/// Refuses a user who is not an administrator (`403`).
+fn require_admin(user: &User, what: &str) -> Result<(), ApiError> {
+    if user.admin {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!(
+            "{what} is for administrators, and {} is not one (an administrator adds them with `mbank admin user add NAME --admin`)",
+            user.name
+        )))
+    }
+}
+
+/// `POST /v1/admin/jobs`: starts gc, verify or stats on the served bank.
+async fn start_job(
+    State(app): State<Shared>,
+    caller: Caller,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: wire::JobRequest = parse_json(&body(b)?)?;
+    authed(&app, caller, move |app, user| {
+        require_admin(user, &format!("`mbank {}` over the network", req.job))?;
+        let job = app
+            .jobs
+            .start(&app.bank_dir, &req.job)
+            .map_err(ApiError::bad_request)?;
+        tracing::info!(user = %user.name, job = %job.job, id = job.id, "job requested");
+        Ok((StatusCode::ACCEPTED, json(&job)).into_response())
+    })
+    .await
+}
+
+/// `GET /v1/admin/jobs/{id}`: a job's progress, or its report.
+async fn get_job(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path(id): Path<u64>,
+) -> Result<Response, ApiError> {
+    authed(&app, caller, move |app, user| {
+        require_admin(user, "a job's progress")?;
+        let job = app
+            .jobs
+            .get(id)
+            .ok_or_else(|| ApiError::not_found(format!("no job {id} since the server started")))?;
+        Ok(json(&job))
+    })
+    .await
+}
+
+/// `GET /v1/admin/users`: every user with quota and usage.
+async fn admin_users(State(app): State<Shared>, caller: Caller) -> Result<Response, ApiError> {
+    authed(&app, caller, move |app, user| {
+        require_admin(user, "the list of users")?;
+        Ok(json(&app.access(|a| Ok(a.users()?))?))
+    })
+    .await
+}
+
+/// `PUT /v1/admin/users/{name}/quota`: sets a user's quota.
+async fn admin_quota(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path(name): Path<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: wire::QuotaBody = parse_json(&body(b)?)?;
+    authed(&app, caller, move |app, user| {
+        require_admin(user, "a quota change")?;
+        app.access(|a| Ok(a.set_quota(&name, req.quota)?))?;
+        tracing::info!(by = %user.name, user = %name, quota = ?req.quota, "quota set");
         Ok(StatusCode::NO_CONTENT.into_response())
     })
     .await
@@ -790,6 +937,7 @@ async fn commit(
     let b = body(b)?;
     authed(&app, caller, move |app, user| {
         app.writable_machine(user, &m)?;
+        app.note_commit(&[&user.name, m.user()]);
         let (h, index, streams) = wire::parse_commit_body(&b).map_err(ApiError::bad_request)?;
         // Bound the work before parsing the streams (the action checks again).
         caps::check_streams(h.streams.iter().map(|(n, _)| n.as_str()))?;
@@ -1292,7 +1440,38 @@ async fn unregister_writer(
     caller: Caller,
     Path(id): Path<i64>,
 ) -> Result<Response, ApiError> {
-    on_writer(&app, caller, id, |c, id| Ok(c.unregister_writer(id)?)).await
+    authed(&app, caller, move |app, user| {
+        own_writer(app, user, id)?;
+        let tag = writer_tag(&user.name);
+        app.quota_locks.run(&user.name, || {
+            let writers = app.catalog(|c| Ok(c.writers()?))?;
+            let started = writers.iter().find(|w| w.id == id).map(|w| w.started_ms);
+            app.catalog(|c| Ok(c.unregister_writer(id)?))?;
+            // A writer that ends with nothing committed since it began (a failed or
+            // interrupted import) gives back the quota its uploads took, unless another
+            // writer of the user is live (its commit may need those chunks) or it began
+            // before this server (whose commits we did not see).
+            let now = mbank_catalog::now_ms();
+            let others = writers.iter().any(|w| {
+                w.id != id
+                    && w.what.starts_with(&tag)
+                    && now - w.heartbeat_ms < caps::WRITER_SILENCE_MS
+            });
+            if let Some(started) = started
+                && started > app.started_ms
+                && !others
+                && app.last_commit(&user.name).is_none_or(|c| c < started)
+            {
+                let n = app.access(|a| Ok(a.drop_uploads_since(&user.name, started)?))?;
+                if n > 0 {
+                    tracing::info!(user = %user.name, writer = id, chunks = n, "a writer ended with no commit: the quota its uploads took is given back");
+                }
+            }
+            Ok::<(), ApiError>(())
+        })?;
+        Ok(StatusCode::NO_CONTENT.into_response())
+    })
+    .await
 }
 
 /// Runs `f` on writer `id` if it is the user's (else: no such writer).
@@ -1599,6 +1778,9 @@ fn open_app(bank_dir: &FsPath, limits: Limits) -> Result<Shared, String> {
         bodies: BodyBudget::new(limits.body_memory),
         quota_locks: caps::UserLocks::default(),
         console: web::ConsoleState::default(),
+        started_ms: mbank_catalog::now_ms(),
+        last_commit: Mutex::new(std::collections::HashMap::new()),
+        jobs: jobs::Jobs::default(),
         limits,
     }))
 }

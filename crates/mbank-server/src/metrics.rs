@@ -1,4 +1,6 @@
-//! Counters for `GET /metrics` (Prometheus text format 0.0.4).
+//! Counters for `GET /metrics` (Prometheus text format 0.0.4), named by Prometheus's
+//! conventions: the unit in the name (`_bytes`, `_seconds`), `_total` for counters,
+//! `mbank_build_info` for the version, and error kinds (docs/api.md) as labels.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -25,17 +27,119 @@ pub struct Metrics {
     pub login_failures: AtomicU64,
     /// Error answers by kind.
     pub errors: Mutex<BTreeMap<String, u64>>,
+    /// Request durations by (method, route).
+    pub durations: Mutex<BTreeMap<(String, String), Histogram>>,
+}
+
+/// Upper bounds of the request-duration histogram's buckets, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// One histogram: cumulative counts are made when rendered.
+#[derive(Default)]
+pub struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+/// How `mbank gc` or `mbank verify` last ended on the bank's host: what the command
+/// wrote to `<bank>/last-JOB.json` (docs/formats.md).
+#[derive(Debug, serde::Deserialize)]
+pub struct LastJob {
+    pub finished_ms: i64,
+    pub ok: bool,
+    #[serde(default)]
+    pub bytes_stored: Option<u64>,
+}
+
+impl LastJob {
+    /// The record of `job` in `bank_dir`, if there is one that parses.
+    pub fn read(bank_dir: &std::path::Path, job: &str) -> Option<LastJob> {
+        let text = std::fs::read(bank_dir.join(format!("last-{job}.json"))).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
 }
 
 impl Metrics {
+    /// Counts a request of `method` on `route` that took `secs`.
+    pub fn observe_duration(&self, method: &str, route: &str, secs: f64) {
+        let mut m = self.durations.lock().unwrap_or_else(|p| p.into_inner());
+        let h = m
+            .entry((method.to_string(), route.to_string()))
+            .or_default();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            h.counts[i] += 1;
+        }
+        h.count += 1;
+        h.sum += secs;
+    }
+
     pub fn error(&self, kind: &str) {
         let mut m = self.errors.lock().unwrap_or_else(|p| p.into_inner());
         *m.entry(kind.to_string()).or_default() += 1;
     }
 
-    /// The text exposition; `sessions`, `machines` and `users` are read by the caller.
-    pub fn render(&self, sessions: u64, machines: u64, users: u64) -> String {
+    /// The text exposition; `sessions`, `machines`, `users` and the last gc and verify
+    /// runs are read by the caller.
+    pub fn render(
+        &self,
+        sessions: u64,
+        machines: u64,
+        users: u64,
+        jobs: &[(&str, Option<LastJob>)],
+    ) -> String {
         let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP mbank_build_info The running mbank's version.\n# TYPE mbank_build_info gauge\nmbank_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mbank_request_duration_seconds Time from a request's arrival to its answer, by route.\n# TYPE mbank_request_duration_seconds histogram"
+        );
+        for ((method, route), h) in self
+            .durations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let labels = format!("method=\"{method}\",route=\"{}\"", route.replace('"', "'"));
+            let mut cumulative = 0;
+            for (le, n) in BUCKETS.iter().zip(h.counts) {
+                cumulative += n;
+                let _ = writeln!(
+                    out,
+                    "mbank_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "mbank_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}\nmbank_request_duration_seconds_sum{{{labels}}} {}\nmbank_request_duration_seconds_count{{{labels}}} {}",
+                h.count, h.sum, h.count
+            );
+        }
+        for (job, last) in jobs {
+            let Some(last) = last else { continue };
+            let _ = writeln!(
+                out,
+                "# HELP mbank_last_{job}_timestamp_seconds When `mbank {job}` last ended on the bank's host.\n# TYPE mbank_last_{job}_timestamp_seconds gauge\nmbank_last_{job}_timestamp_seconds {}",
+                last.finished_ms as f64 / 1000.0
+            );
+            let _ = writeln!(
+                out,
+                "# HELP mbank_last_{job}_success 1 if the last `mbank {job}` succeeded (for verify: found no damage), else 0.\n# TYPE mbank_last_{job}_success gauge\nmbank_last_{job}_success {}",
+                u8::from(last.ok)
+            );
+            if let Some(b) = last.bytes_stored {
+                let _ = writeln!(
+                    out,
+                    "# HELP mbank_stored_bytes Bytes the chunk store held after the last gc.\n# TYPE mbank_stored_bytes gauge\nmbank_stored_bytes {b}"
+                );
+            }
+        }
         let mut counter = |name: &str, help: &str, v: u64| {
             let _ = writeln!(
                 out,
@@ -48,12 +152,12 @@ impl Metrics {
             self.requests.load(Relaxed),
         );
         counter(
-            "mbank_bytes_in_total",
+            "mbank_received_bytes_total",
             "Request body bytes received.",
             self.bytes_in.load(Relaxed),
         );
         counter(
-            "mbank_bytes_out_total",
+            "mbank_sent_bytes_total",
             "Response body bytes sent.",
             self.bytes_out.load(Relaxed),
         );
@@ -78,7 +182,7 @@ impl Metrics {
             self.chunks_dedup.load(Relaxed),
         );
         counter(
-            "mbank_bytes_stored_total",
+            "mbank_stored_bytes_total",
             "Stored bytes of the chunks stored anew.",
             self.bytes_stored.load(Relaxed),
         );

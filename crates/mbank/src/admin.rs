@@ -31,11 +31,18 @@ pub enum AdminCmd {
     ///
     /// Run it again after the machine gets new versions so that their chunks are
     /// readable too.
-    Publish { machine: MachineName },
+    Publish {
+        /// The machine, as user/name.
+        machine: MachineName,
+    },
     /// Stop publishing a machine. Users who forked it keep their forks.
-    Unpublish { machine: MachineName },
+    Unpublish {
+        /// The machine, as user/name.
+        machine: MachineName,
+    },
     /// List the published machines.
     Published {
+        /// Print a JSON list of the published machines.
         #[arg(long)]
         json: bool,
     },
@@ -44,6 +51,7 @@ pub enum AdminCmd {
     /// of that version (not charged against their quota), and a published machine's
     /// chunks are readable by every user again.
     RepairRights {
+        /// Print a JSON report of the rights granted.
         #[arg(long)]
         json: bool,
     },
@@ -67,9 +75,13 @@ pub enum UserCmd {
         password_stdin: bool,
     },
     /// Remove a user: their tokens stop working. Their machines stay in the bank.
-    Rm { name: String },
+    Rm {
+        /// The user's name.
+        name: String,
+    },
     /// Set a user's password; their tokens are revoked (they log in again).
     Passwd {
+        /// The user's name.
         name: String,
         /// Read the password from the first line of standard input.
         #[arg(long)]
@@ -77,12 +89,15 @@ pub enum UserCmd {
     },
     /// Set a user's quota: a size like 50G, or `none` for no bound.
     Quota {
+        /// The user's name.
         name: String,
+        /// The quota: a size such as 50G, or `none`.
         #[arg(value_parser = parse_quota, value_name = "SIZE|none")]
         quota: Quota,
     },
     /// List the users with their usage and live tokens.
     Ls {
+        /// Print a JSON list: each user's name, admin, quota, used and tokens.
         #[arg(long)]
         json: bool,
     },
@@ -96,11 +111,15 @@ pub enum TokenCmd {
         /// Only this user's.
         #[arg(long, value_name = "NAME")]
         user: Option<String>,
+        /// Print a JSON list of the tokens.
         #[arg(long)]
         json: bool,
     },
     /// Revoke a token by its id (as `token ls` shows it).
-    Revoke { id: String },
+    Revoke {
+        /// The token's id (32 hex digits, as `token ls` shows it).
+        id: String,
+    },
 }
 
 /// A quota argument: bytes, or no bound.
@@ -112,6 +131,41 @@ fn parse_quota(s: &str) -> Result<Quota, String> {
         Ok(Quota(None))
     } else {
         parse_size(s).map(|n| Quota(Some(n)))
+    }
+}
+
+/// Runs one `admin` command against a bank server (an administrator's token): the
+/// users with their usage, and quotas. The rest runs on the bank's host.
+pub fn run_remote(url: &str, cmd: AdminCmd, quiet: bool) -> Result<()> {
+    let url = mbank_remote::normalize_url(url);
+    let client = mbank_remote::connect(&url, None)?;
+    match cmd {
+        AdminCmd::User {
+            cmd: UserCmd::Ls { json },
+        } => {
+            let users: Vec<mbank_access::UserInfo> = client
+                .users()?
+                .into_iter()
+                .map(serde_json::from_value)
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("the list of users from {url} is not as expected"))?;
+            print_users(users, json)
+        }
+        AdminCmd::User {
+            cmd: UserCmd::Quota { name, quota },
+        } => {
+            client.set_quota(&name, quota.0)?;
+            if !quiet {
+                crate::out::say(&match quota.0 {
+                    Some(q) => format!("{name} may now store {} on {url}", bytes(q)),
+                    None => format!("{name} has no quota on {url} now"),
+                });
+            }
+            Ok(())
+        }
+        _ => bail!(
+            "over the network, `mbank admin` lists users and sets quotas (admin user ls, admin user quota); the rest runs on the bank's host, on its directory (--bank DIR)"
+        ),
     }
 }
 
@@ -172,33 +226,7 @@ pub fn run(bank_dir: &Path, cmd: AdminCmd, quiet: bool) -> Result<()> {
                     None => format!("{name} has no quota now"),
                 });
             }
-            UserCmd::Ls { json } => {
-                let users = access.users()?;
-                if json {
-                    crate::json_out(&users)?;
-                } else {
-                    outln!(
-                        "{:<32} {:<5} {:>10} {:>10} {:>6} {:<20}",
-                        "USER",
-                        "ADMIN",
-                        "QUOTA",
-                        "USED",
-                        "TOKENS",
-                        "CREATED (UTC)"
-                    )?;
-                    for u in users {
-                        outln!(
-                            "{:<32} {:<5} {:>10} {:>10} {:>6} {:<20}",
-                            u.name,
-                            if u.admin { "yes" } else { "no" },
-                            u.quota.map_or("-".into(), bytes),
-                            bytes(u.used),
-                            u.tokens_live,
-                            date(u.created_ms),
-                        )?;
-                    }
-                }
-            }
+            UserCmd::Ls { json } => print_users(access.users()?, json)?,
         },
         AdminCmd::Token { cmd } => match cmd {
             TokenCmd::Ls { user, json } => {
@@ -400,4 +428,33 @@ pub(crate) fn ask_hidden(prompt: &str) -> Result<String> {
     }
     let pw = line.strip_suffix('\n').unwrap_or(&line);
     Ok(pw.to_string())
+}
+
+/// The users table of `admin user ls` (or its JSON).
+fn print_users(users: Vec<mbank_access::UserInfo>, json: bool) -> Result<()> {
+    if json {
+        crate::json_out(&users)?;
+    } else {
+        outln!(
+            "{:<32} {:<5} {:>10} {:>10} {:>6} {:<20}",
+            "USER",
+            "ADMIN",
+            "QUOTA",
+            "USED",
+            "TOKENS",
+            "CREATED (UTC)"
+        )?;
+        for u in users {
+            outln!(
+                "{:<32} {:<5} {:>10} {:>10} {:>6} {:<20}",
+                u.name,
+                if u.admin { "yes" } else { "no" },
+                u.quota.map_or("-".into(), bytes),
+                bytes(u.used),
+                u.tokens_live,
+                date(u.created_ms),
+            )?;
+        }
+    }
+    Ok(())
 }

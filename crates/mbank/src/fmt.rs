@@ -63,6 +63,53 @@ pub fn date(ms: i64) -> String {
     mbank_core::utc_datetime(ms)
 }
 
+/// Milliseconds since the epoch as RFC 3339 in UTC: `2026-03-01T12:00:00.250Z`.
+pub fn rfc3339(ms: i64) -> String {
+    let d = mbank_core::utc_datetime(ms).replacen(' ', "T", 1);
+    format!("{d}.{:03}Z", ms.rem_euclid(1000))
+}
+
+/// The `_ms` fields that hold a moment (not a duration): each gets a `_utc` twin in
+/// JSON output.
+const MOMENTS: &[&str] = &[
+    "created_ms",
+    "updated_ms",
+    "started_ms",
+    "since_ms",
+    "heartbeat_ms",
+    "expires_ms",
+    "revoked_ms",
+    "recorded_ms",
+    "used_ms",
+    "last_used_ms",
+    "cutoff_ms",
+];
+
+/// Adds beside every moment field `X_ms` (an integer) of `v`, at any depth, `X_utc`: the
+/// same moment in RFC 3339, for people and for tools that parse dates.
+pub fn add_utc(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let twins: Vec<(String, String)> = map
+                .iter()
+                .filter(|(k, _)| MOMENTS.contains(&k.as_str()))
+                .filter_map(|(k, ms)| {
+                    let stem = k.strip_suffix("_ms")?;
+                    Some((format!("{stem}_utc"), rfc3339(ms.as_i64()?)))
+                })
+                .collect();
+            for val in map.values_mut() {
+                add_utc(val);
+            }
+            for (k, t) in twins {
+                map.entry(k).or_insert(serde_json::Value::String(t));
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(add_utc),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,9 @@ pub struct Args {
     #[arg(long)]
     pub password_stdin: bool,
     /// A CA certificate (PEM) to trust for this bank, when its certificate is not
-    /// signed by a public authority. It is remembered with the token.
+    /// signed by a public authority, or the bank's own self-signed certificate (pinned:
+    /// accepted as it is, e.g. one made by `openssl req -x509`). It is remembered with
+    /// the token.
     #[arg(long, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
     /// How long the token lives, e.g. 8h, 30d [default: 30d; at most 365d].

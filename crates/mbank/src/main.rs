@@ -140,7 +140,9 @@ enum Cmd {
     /// STATE says `in use` for the version a session (`run` or `attach`, on any
     /// station) has checked out now, `suspended` for one with a saved memory state.
     Log {
+        /// The machine, as user/name.
         machine: MachineName,
+        /// Print a JSON list of the versions (newest first) with their configuration.
         #[arg(long)]
         json: bool,
     },
@@ -254,12 +256,18 @@ enum Cmd {
     /// with the image a version was made from puts good copies back. The catalog is
     /// checked too (SQLite's integrity check, each version's record against its checksum).
     Verify {
+        /// Only the versions of this machine (user/name) [default: every machine].
         machine: Option<MachineName>,
+        /// Print a JSON report: what was checked, and each damaged chunk with the versions that need it.
         #[arg(long)]
         json: bool,
     },
     /// Delete chunks that no version needs. Safe while imports run.
+    ///
+    /// With --bank URL (an administrator's token), the server runs it on its bank and
+    /// this command shows its progress and outcome; `verify` likewise.
     Gc {
+        /// Print a JSON report: chunks and bytes deleted and kept.
         #[arg(long)]
         json: bool,
     },
@@ -268,7 +276,9 @@ enum Cmd {
     /// Removing the head moves it to the removed version's parent. The chunks are
     /// deleted by the next gc.
     Rm {
+        /// user/name@VERSION for one version, user/name for the whole machine.
         machine: MachineRef,
+        /// Print a JSON report of what was removed.
         #[arg(long)]
         json: bool,
     },
@@ -289,6 +299,7 @@ enum Cmd {
   mbank forget alice/dev --clear-policy
   mbank forget alice/dev && mbank gc     # on the bank's host; frees quota on a server")]
     Forget {
+        /// The machine, as user/name.
         machine: MachineName,
         #[command(flatten)]
         keep: KeepArgs,
@@ -317,6 +328,7 @@ enum Cmd {
         /// Move only if the head is this version (`none` for no head).
         #[arg(long, value_name = "VERSION")]
         expect: Option<String>,
+        /// Print the head as JSON: {machine, head}.
         #[arg(long)]
         json: bool,
     },
@@ -326,6 +338,7 @@ enum Cmd {
   mbank note alice/dev --untag good
   mbank note alice/dev@1a2b3c \"\"      # removes the note")]
     Note {
+        /// user/name for the head, or user/name@VERSION.
         machine: MachineRef,
         /// The note (at most 1 KiB); an empty one removes it; none leaves it as it is.
         text: Option<String>,
@@ -335,12 +348,15 @@ enum Cmd {
         /// Remove a tag (repeatable).
         #[arg(long, value_name = "TAG")]
         untag: Vec<String>,
+        /// Print the version's note and tags as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Show a machine: its head, versions, retention policy and any session on it.
     Info {
+        /// The machine, as user/name.
         machine: MachineName,
+        /// Print one JSON document: head, versions, policy, settings, session.
         #[arg(long)]
         json: bool,
     },
@@ -372,6 +388,7 @@ enum Cmd {
     Create {
         #[command(flatten)]
         args: create::Args,
+        /// Print a JSON report instead of the version id.
         #[arg(long)]
         json: bool,
     },
@@ -395,7 +412,13 @@ enum Cmd {
     /// Suspend a machine that `mbank run` runs on this station: save memory and disk.
     ///
     /// Prints the new version's id once the memory state and the disk are in the bank.
-    Suspend { machine: MachineName },
+    Suspend {
+        /// The machine, as user/name.
+        machine: MachineName,
+        /// Print a JSON report: {machine, action, version}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Power a machine off (ACPI power button) that `mbank run` runs on this station.
     ///
     /// Presses the power button and waits up to --timeout seconds for the guest to
@@ -409,6 +432,7 @@ enum Cmd {
   mbank poweroff alice/dev --timeout 10 --force # the button, then off after 10 s
   mbank poweroff alice/dev --timeout 0 --force  # pull the plug now")]
     Poweroff {
+        /// The machine, as user/name.
         machine: MachineName,
         /// Seconds to wait for the guest to power off after the button.
         #[arg(long, value_name = "SECONDS", default_value_t = 60)]
@@ -417,6 +441,10 @@ enum Cmd {
         /// writes are lost).
         #[arg(long)]
         force: bool,
+        /// Print a JSON report: {machine, action, version} (version null when the
+        /// session ended with no new version).
+        #[arg(long)]
+        json: bool,
     },
     /// Check in sessions left behind on this station by a crash.
     ///
@@ -425,6 +453,7 @@ enum Cmd {
     /// one that cannot be checked in now (the bank is away) stays for the next try. The
     /// others go on; the exit status is 1 if any session could not be recovered.
     Recover {
+        /// Print a JSON report: the sessions recovered, left for later and damaged.
         #[arg(long)]
         json: bool,
     },
@@ -450,12 +479,68 @@ enum Cmd {
     Login(login::Args),
     /// Log out of a bank server (--bank URL): the token is revoked and forgotten.
     Logout,
-    /// Show totals: machines, versions, chunks, bytes stored, deduplication.
-    Stats {
+    /// Print a shell completion script for mbank, generated from its command line.
+    #[command(after_help = "Examples:
+  mbank completions bash > /etc/bash_completion.d/mbank
+  mbank completions zsh > \"${fpath[1]}/_mbank\"
+  mbank completions fish > ~/.config/fish/completions/mbank.fish")]
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages for mbank and each of its commands into DIR (mbank.1,
+    /// mbank-import.1, …), generated from its command line.
+    #[command(after_help = "Example:
+  mbank man /usr/local/share/man/man1 && mandb -q")]
+    Man {
+        /// An existing directory.
+        dir: PathBuf,
+    },
+    /// Write systemd units into DIR: mbank-serve.service (`serve` on the --bank
+    /// directory, Type=notify) and mbank-recover.service (a station: `recover` at boot
+    /// into the --bank, with the --cache).
+    ///
+    /// The units run this binary (its path now) as root; options after `--` go to
+    /// `serve`. Install them with systemctl (see the example); the station's unit
+    /// needs the bank server's token for root (`mbank login` as root), or MBANK_TOKEN
+    /// in /etc/mbank/station.env.
+    #[command(after_help = "Example (as root):
+  mbank --bank /srv/mbank units /etc/systemd/system -- --listen 0.0.0.0:7070 \\
+      --tls-cert /etc/mbank/cert.pem --tls-key /etc/mbank/key.pem
+  systemctl daemon-reload && systemctl enable --now mbank-serve.service
+  # on a station:
+  mbank --bank https://bank.lab:7070 --cache /var/cache/mbank units /etc/systemd/system
+  systemctl daemon-reload && systemctl enable mbank-recover.service")]
+    Units {
+        /// Where to write the unit files, e.g. /etc/systemd/system.
+        dir: PathBuf,
+        /// Options for `mbank serve` in mbank-serve.service, after `--`.
+        #[arg(last = true, value_name = "SERVE-OPTIONS")]
+        serve_args: Vec<String>,
+    },
+    /// Who you are to the bank: your user, whether an administrator, your quota and
+    /// what you use of it.
+    ///
+    /// With --bank URL, as the bank server knows you (by your token). With a bank
+    /// directory there are no users: whoever may write the directory may do anything,
+    /// and there is no quota.
+    Whoami {
+        /// Print one JSON document: {bank, user, admin, quota, used} (quota null: no
+        /// bound; used null for a bank directory).
         #[arg(long)]
         json: bool,
     },
-    /// Manage the users, tokens and published machines of a bank served by `mbank serve` (run on the bank host with --bank DIR).
+    /// Show totals: machines, versions, chunks, bytes stored, deduplication.
+    ///
+    /// With --bank URL (an administrator's token), the server counts its bank.
+    Stats {
+        /// Print the totals as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage the users, tokens and published machines of a bank served by `mbank serve`
+    /// (on the bank's host with --bank DIR; `admin user ls` and `admin user quota` also
+    /// with --bank URL and an administrator's token).
     Admin {
         #[command(subcommand)]
         cmd: admin::AdminCmd,
@@ -633,8 +718,278 @@ fn forget(
     Ok(())
 }
 
+/// Prints one JSON document; every moment `X_ms` gets its RFC 3339 twin `X_utc`.
 fn json_out<T: serde::Serialize>(v: &T) -> Result<()> {
-    outln!("{}", serde_json::to_string_pretty(v)?)?;
+    let mut v = serde_json::to_value(v)?;
+    fmt::add_utc(&mut v);
+    outln!("{}", serde_json::to_string_pretty(&v)?)?;
+    Ok(())
+}
+
+/// `mbank gc`, `verify` or `stats` with `--bank URL`: started on the server (an
+/// administrator's token), its progress shown while it runs, its report at the end.
+fn remote_job(
+    url: &str,
+    job: &str,
+    json: bool,
+    bar: &Bar,
+    say: &dyn Fn(String),
+) -> Result<ExitCode> {
+    use mbank_bank::Progress;
+    let url = mbank_remote::normalize_url(url);
+    let client = mbank_remote::connect(&url, None)?;
+    let mut j = client.start_job(job)?;
+    say(format!("{job} started on {url} (job {})", j.id));
+    let (mut phase, mut done) = (String::new(), 0);
+    loop {
+        if j.phase != phase {
+            bar.finish();
+            phase = j.phase.clone();
+            done = 0;
+            let unit = if j.unit == "bytes" {
+                mbank_bank::Unit::Bytes
+            } else {
+                mbank_bank::Unit::Chunks
+            };
+            bar.start(&format!("{job} on the server: {phase}"), j.total, unit);
+            if !bar.enabled() && j.state == "running" {
+                say(format!("{job}: {phase}"));
+            }
+        }
+        bar.advance(j.done.saturating_sub(done));
+        done = j.done;
+        if j.state != "running" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        j = client.job(j.id)?;
+    }
+    bar.finish();
+    let secs = j
+        .finished_ms
+        .unwrap_or(j.started_ms)
+        .saturating_sub(j.started_ms) as f64
+        / 1000.0;
+    let Some(r) = j.result else {
+        bail!(
+            "{job} failed on {url} after {secs:.1} s: {}",
+            j.error.as_deref().unwrap_or("no reason given")
+        );
+    };
+    if json {
+        json_out(&r)?;
+    }
+    match job {
+        "verify" if r["ok"] == false => {
+            if !json {
+                outln!("{}", serde_json::to_string_pretty(&r)?)?;
+            }
+            say(format!(
+                "verify on {url} found damage (above); run `mbank verify` on the bank's host for what to do"
+            ));
+            return Ok(ExitCode::from(3));
+        }
+        "verify" => say(format!(
+            "ok: {} versions, {} chunks ({}) verified on {url} in {secs:.1} s",
+            r["versions"],
+            r["chunks_checked"],
+            bytes(r["bytes_checked"].as_u64().unwrap_or(0))
+        )),
+        "gc" => say(format!(
+            "gc on {url}: deleted {} chunks ({}), {} referenced, in {secs:.1} s",
+            r["chunks_deleted"],
+            bytes(r["bytes_deleted"].as_u64().unwrap_or(0)),
+            r["chunks_referenced"]
+        )),
+        _ => {
+            if !json && let Some(m) = r.as_object() {
+                for (k, v) in m {
+                    outln!("{k:<20}{v}")?;
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `mbank units DIR`: the systemd units of a bank server and of a station.
+fn write_units(
+    dir: &std::path::Path,
+    bank: &std::path::Path,
+    cache: &std::path::Path,
+    serve_args: &[String],
+    say: &dyn Fn(String),
+) -> Result<()> {
+    if !dir.is_dir() {
+        bail!(
+            "{} is not a directory (systemd's is /etc/systemd/system)",
+            dir.display()
+        );
+    }
+    let bin = std::env::current_exe().context("find this binary's path for the units")?;
+    // systemd's quoting: each word in double quotes, `\` and `"` escaped, `%` doubled.
+    let q = |s: &str| {
+        format!(
+            "\"{}\"",
+            s.replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('%', "%%")
+                .replace('$', "$$")
+        )
+    };
+    let bin = q(&bin.to_string_lossy());
+    let bank_s = bank.to_string_lossy().to_string();
+    let remote = mbank_remote::is_url(&bank_s);
+    let mut units = Vec::new();
+    if !remote {
+        let bank_abs = std::fs::canonicalize(bank)
+            .with_context(|| format!("find the bank directory {}", bank.display()))?;
+        let args: Vec<String> = serve_args.iter().map(|a| q(a)).collect();
+        units.push((
+            "mbank-serve.service",
+            format!(
+                "[Unit]
+Description=Machine Bank server for {bank}
+Documentation=man:mbank-serve(1)
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+# Ready once it listens: mbank serve tells systemd (sd_notify).
+Type=notify
+NotifyAccess=main
+ExecStart={bin} --bank {bank_q} serve {args}
+Restart=on-failure
+RestartSec=2
+NoNewPrivileges=yes
+PrivateTmp=yes
+ProtectSystem=full
+ProtectHome=read-only
+ReadWritePaths={bank_q}
+
+[Install]
+WantedBy=multi-user.target
+",
+                bank = bank_abs.display(),
+                bank_q = q(&bank_abs.to_string_lossy()),
+                args = args.join(" "),
+            ),
+        ));
+    }
+    units.push((
+        "mbank-recover.service",
+        format!(
+            "[Unit]
+Description=Machine Bank station: check in sessions a crash or power cut left
+Documentation=man:mbank-recover(1)
+After=network-online.target local-fs.target
+Wants=network-online.target
+
+[Service]
+Type=oneshot
+# MBANK_TOKEN (a served bank) may be set here; else root's credentials are used.
+EnvironmentFile=-/etc/mbank/station.env
+ExecStart={bin} --bank {bank_q} --cache {cache_q} recover
+# The bank may be away at boot: the sessions stay for the next try.
+SuccessExitStatus=1
+
+[Install]
+WantedBy=multi-user.target
+",
+            bank_q = q(&bank_s),
+            cache_q = q(&cache.to_string_lossy()),
+        ),
+    ));
+    for (name, text) in &units {
+        let path = dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+        // Unit files are read by systemd and shown to everyone: 0644 whatever our umask.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("set the mode of {}", path.display()))?;
+        say(format!("wrote {}", path.display()));
+    }
+    say("then: systemctl daemon-reload, and systemctl enable --now UNIT".into());
+    Ok(())
+}
+
+/// `mbank man DIR`: one page for mbank and one for each command (`mbank-admin-user-add.1`).
+fn write_man_pages(dir: &std::path::Path, say: &dyn Fn(String)) -> Result<()> {
+    use clap::CommandFactory;
+    fn walk(cmd: &clap::Command, name: &str, dir: &std::path::Path, n: &mut usize) -> Result<()> {
+        // clap names are &'static str; a one-shot command may leak a few.
+        let full: &'static str = Box::leak(name.to_string().into_boxed_str());
+        let cmd = cmd.clone().name(full);
+        let path = dir.join(format!("{name}.1"));
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(cmd.clone())
+            .render(&mut buf)
+            .with_context(|| format!("render the man page {name}"))?;
+        std::fs::write(&path, buf).with_context(|| format!("write {}", path.display()))?;
+        *n += 1;
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            walk(sub, &format!("{name}-{}", sub.get_name()), dir, n)?;
+        }
+        Ok(())
+    }
+    if !dir.is_dir() {
+        bail!(
+            "{} is not a directory: make it first (man pages go into DIR/NAME.1)",
+            dir.display()
+        );
+    }
+    let mut cmd = Cli::command();
+    cmd.build();
+    let mut n = 0;
+    walk(&cmd, "mbank", dir, &mut n)?;
+    say(format!("wrote {n} man pages to {}", dir.display()));
+    Ok(())
+}
+
+/// `mbank whoami`: the user, quota and usage a bank server knows for our token; for a
+/// bank directory, this login and no quota.
+fn whoami(bank_dir: &std::path::Path, url: Option<&str>, json: bool) -> Result<()> {
+    let (bank, user, admin, quota, used) = match url {
+        Some(url) => {
+            let url = mbank_remote::normalize_url(url);
+            let w = mbank_remote::connect(&url, None)?.whoami()?;
+            (url, w.user, w.admin, w.quota, Some(w.used))
+        }
+        None => {
+            // Fails with the usual message when the directory is no bank.
+            Bank::open(bank_dir, true)?;
+            let user = std::env::var("USER")
+                .or_else(|_| std::env::var("LOGNAME"))
+                .unwrap_or_else(|_| "this login".into());
+            (bank_dir.display().to_string(), user, true, None, None)
+        }
+    };
+    if json {
+        return json_out(&serde_json::json!({
+            "bank": bank, "user": user, "admin": admin, "quota": quota, "used": used,
+        }));
+    }
+    outln!("bank   {bank}")?;
+    outln!(
+        "user   {user}{}",
+        if url.is_none() {
+            " (a bank directory: no users; whoever may write it may do anything)"
+        } else if admin {
+            " (administrator)"
+        } else {
+            ""
+        }
+    )?;
+    match (used, quota) {
+        (Some(u), Some(q)) => outln!(
+            "used   {} of {} ({:.0}%)",
+            bytes(u),
+            bytes(q),
+            u as f64 * 100.0 / q.max(1) as f64
+        )?,
+        (Some(u), None) => outln!("used   {} (no quota)", bytes(u))?,
+        (None, _) => outln!("quota  none")?,
+    }
     Ok(())
 }
 
@@ -664,8 +1019,8 @@ impl Cmd {
             Cmd::Status { .. } => ("status", false, false),
             Cmd::Rename { .. } => ("rename", false, true),
             Cmd::Set { .. } => ("set", false, true),
-            Cmd::Verify { .. } => ("verify", true, false),
-            Cmd::Gc { .. } => ("gc", true, true),
+            Cmd::Verify { .. } => ("verify", false, false),
+            Cmd::Gc { .. } => ("gc", false, true),
             Cmd::Rm { .. } => ("rm", false, true),
             Cmd::Forget { .. } => ("forget", false, true),
             Cmd::Head { .. } => ("head", false, true),
@@ -680,8 +1035,12 @@ impl Cmd {
             Cmd::Serve(_) => ("serve", true, false),
             Cmd::Login(_) => ("login", false, false),
             Cmd::Logout => ("logout", false, false),
-            Cmd::Stats { .. } => ("stats", true, false),
-            Cmd::Admin { .. } => ("admin", true, false),
+            Cmd::Whoami { .. } => ("whoami", false, false),
+            Cmd::Completions { .. } => ("completions", false, false),
+            Cmd::Man { .. } => ("man", false, false),
+            Cmd::Units { .. } => ("units", false, false),
+            Cmd::Stats { .. } => ("stats", false, false),
+            Cmd::Admin { .. } => ("admin", false, false),
         };
         Traits {
             name,
@@ -720,6 +1079,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out::say(&s);
         }
     };
+    match &cli.cmd {
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            let mut out = std::io::stdout().lock();
+            clap_complete::generate(*shell, &mut cmd, "mbank", &mut out);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Man { dir } => {
+            write_man_pages(dir, &say)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     if let Cmd::Login(args) = cli.cmd {
         login::login(args, &say)?;
         return Ok(ExitCode::SUCCESS);
@@ -748,7 +1121,43 @@ fn run(cli: Cli) -> Result<ExitCode> {
     } else if let Cmd::Logout = cli.cmd {
         bail!("logout needs the bank server's URL: mbank --bank https://HOST:PORT logout");
     }
+    if let Cmd::Units { dir, serve_args } = &cli.cmd {
+        let cache = cli
+            .cache
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/cache/mbank"));
+        write_units(dir, &bank_dir, &cache, serve_args, &say)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Cmd::Whoami { json } = cli.cmd {
+        whoami(&bank_dir, url.as_deref(), json)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let bar = Bar::new(cli.quiet);
+    if let Some(url) = &url {
+        // An administrator's walks over the whole bank run on the server, as jobs.
+        let job = match &cli.cmd {
+            Cmd::Gc { json } => Some(("gc", *json)),
+            Cmd::Verify {
+                machine: None,
+                json,
+            } => Some(("verify", *json)),
+            Cmd::Verify {
+                machine: Some(m), ..
+            } => bail!(
+                "`mbank verify {m}` runs on the bank's host (--bank DIR); over the network an administrator verifies the whole bank: mbank --bank {url} verify"
+            ),
+            Cmd::Stats { json } => Some(("stats", *json)),
+            _ => None,
+        };
+        if let Some((job, json)) = job {
+            return remote_job(url, job, json, &bar, &say);
+        }
+        if let Cmd::Admin { cmd } = cli.cmd {
+            admin::run_remote(url, cmd, cli.quiet)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     let read_only = !cli.cmd.traits().writes;
     let cache_dir = cli
         .cache
@@ -775,15 +1184,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
         admin::run(&bank_dir, cmd, cli.quiet)?;
         return Ok(ExitCode::SUCCESS);
     }
-    if let Cmd::Suspend { machine } | Cmd::Poweroff { machine, .. } = &cli.cmd {
+    if let Cmd::Suspend { machine, json } | Cmd::Poweroff { machine, json, .. } = &cli.cmd {
         let station = mbank_station::Station::open(&cache_dir, cache_size)?;
         let off = match cli.cmd {
             Cmd::Poweroff { timeout, force, .. } => Some(run::PowerOff { timeout, force }),
             _ => None,
         };
-        match run::suspend(&station, machine, off, &say)? {
-            Some(v) => outln!("{v}")?,
-            None => say(format!("{machine} ended with no new version")),
+        let ended = run::suspend(&station, machine, off, &say)?;
+        if *json {
+            json_out(&serde_json::json!({
+                "machine": machine.to_string(),
+                "action": if off.is_some() { "poweroff" } else { "suspend" },
+                "version": ended,
+            }))?;
+        } else {
+            match ended {
+                Some(v) => outln!("{v}")?,
+                None => say(format!("{machine} ended with no new version")),
+            }
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -801,7 +1219,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         | Cmd::Serve(_)
         | Cmd::Admin { .. }
         | Cmd::Login(_)
-        | Cmd::Logout => {
+        | Cmd::Logout
+        | Cmd::Whoami { .. }
+        | Cmd::Completions { .. }
+        | Cmd::Man { .. }
+        | Cmd::Units { .. } => {
             unreachable!("handled above")
         }
         Cmd::Create { args, json } => {
@@ -1175,7 +1597,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(w) = mbank_bank::open_to_others(&bank_dir) {
                 eprintln!("mbank: warning: {w}");
             }
-            let r = bank.verify(machine.as_ref(), jobs, &bar)?;
+            let started = std::time::Instant::now();
+            let r = bank.verify(machine.as_ref(), jobs, &bar);
+            // A whole-bank verify is what the server's metrics report.
+            if machine.is_none() {
+                let outcome = match &r {
+                    Ok(r) if r.ok() => None,
+                    Ok(_) => Some("damage found".to_string()),
+                    Err(e) => Some(e.to_string()),
+                };
+                mbank_server::jobs::record_job(&bank_dir, "verify", outcome, started, None);
+            }
+            let r = r?;
             if json {
                 json_out(&r)?;
             } else {
@@ -1267,28 +1700,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Gc { json } => {
-            let r = bank.gc(&bar)?;
-            // A served bank: who may read a chunk that is gone is forgotten, so that
-            // quotas count what is still stored; but not the rights recorded since the
-            // cutoff, which a writer in flight may rely on (the server holds the chunks
-            // it sent back until their commit, out of this process's sight).
-            let pruned = if bank_dir.join(mbank_access::FILE_NAME).is_file() {
-                let referenced = bank.referenced_chunks()?;
-                let access = mbank_access::Access::open(&bank_dir)?;
-                let store = bank.store();
-                access.prune(
-                    &|id| {
-                        referenced.contains(id)
-                            || !matches!(
-                                store.plain_len(id),
-                                Err(mbank_store::StoreError::Missing(_))
-                            )
-                    },
-                    r.cutoff_ms,
-                )?
-            } else {
-                0
-            };
+            let started = std::time::Instant::now();
+            let r = bank.gc(&bar);
+            let stored = r
+                .as_ref()
+                .ok()
+                .and_then(|_| bank.store().stats().ok())
+                .map(|s| s.bytes);
+            mbank_server::jobs::record_job(
+                &bank_dir,
+                "gc",
+                r.as_ref().err().map(|e| e.to_string()),
+                started,
+                stored,
+            );
+            let r = r?;
+            let pruned = mbank_server::jobs::prune_rights(&bank, &bank_dir, r.cutoff_ms)
+                .map_err(anyhow::Error::msg)?;
             if json {
                 let mut v = serde_json::to_value(&r)?;
                 v["access_rows_pruned"] = pruned.into();
@@ -1568,4 +1996,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use clap::CommandFactory;
+
+    /// Every argument of every command says what it is for in `--help` (`json` flags too).
+    #[test]
+    fn every_argument_has_a_help_line() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                if a.is_hide_set() {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.is_hide_set() {
+                    continue;
+                }
+                if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(format!("{path} {} (the command)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let cmd = super::Cli::command();
+        let mut missing = Vec::new();
+        walk(&cmd, "mbank", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "arguments without a help line:\n  {}",
+            missing.join("\n  ")
+        );
+    }
 }

@@ -18,6 +18,11 @@ impl Bar {
             bar: Mutex::new(None),
         }
     }
+
+    /// True when bars are drawn (standard error is a terminal and not --quiet).
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
 }
 
 impl Progress for Bar {

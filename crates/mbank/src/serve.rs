@@ -83,6 +83,7 @@ pub fn run(bank_dir: &Path, args: Args, quiet: bool) -> Result<()> {
         .build()?;
     // In the runtime: the signal listeners are set up now, before the server binds.
     let _in_runtime = rt.enter();
+    let stop = crate::attach::shutdown_signal();
     rt.block_on(mbank_server::serve(
         cfg,
         |addr| {
@@ -91,12 +92,44 @@ pub fn run(bank_dir: &Path, args: Args, quiet: bool) -> Result<()> {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "listening on {scheme}://{addr}");
             let _ = out.flush();
+            sd_notify(&format!("READY=1\nSTATUS=listening on {scheme}://{addr}"));
         },
-        crate::attach::shutdown_signal(),
+        async move {
+            stop.await;
+            sd_notify("STOPPING=1");
+        },
     ))
     .map_err(anyhow::Error::msg)?;
     if !quiet {
         crate::out::say("mbank: server stopped");
     }
     Ok(())
+}
+
+/// Tells systemd (a `Type=notify` unit) how the server is: one datagram of the notify
+/// protocol, `KEY=VALUE` lines, to the socket `$NOTIFY_SOCKET` names (a path, or an
+/// abstract name after `@`). Nothing without that variable; a failure is only a warning
+/// (systemd then says the service did not become ready).
+pub fn sd_notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(name) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| -> std::io::Result<()> {
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(name.as_os_str());
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name)?,
+            None => SocketAddr::from_pathname(std::path::Path::new(&name))?,
+        };
+        let sock = UnixDatagram::unbound()?;
+        sock.send_to_addr(state.as_bytes(), &addr)?;
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        eprintln!(
+            "mbank: warning: cannot tell systemd the service's state at NOTIFY_SOCKET={}: {e}",
+            name.to_string_lossy()
+        );
+    }
 }
