@@ -40,6 +40,8 @@ needs=(
     "tc iproute2"
     "bc bc"
     "sqlite3 sqlite3"
+    "virt-xml-validate libvirt-clients"
+    "xmllint libxml2-utils"
     "chromium chromium"
     "chromedriver chromium-driver"
     "/usr/lib/python3/dist-packages/selenium python3-selenium"

@@ -82,6 +82,12 @@ pub struct ServerOptions {
     /// (the protocol's FORCEDTLS mode, as qemu-nbd with `--tls-creds`). `None` (the
     /// default): no TLS, `NBD_OPT_STARTTLS` is answered `NBD_REP_ERR_UNSUP`.
     pub tls: Option<TlsConfig>,
+    /// A Unix socket's permission bits (default `0o600`: its owner only), so that
+    /// another user (QEMU run by libvirt, say) may connect.
+    pub socket_mode: u32,
+    /// A Unix socket's owner and group (`None`: the process's), set before the socket
+    /// appears at its path.
+    pub socket_owner: (Option<u32>, Option<u32>),
 }
 
 impl Default for ServerOptions {
@@ -101,6 +107,8 @@ impl Default for ServerOptions {
             shutdown_grace: Duration::from_secs(30),
             stats: Arc::default(),
             tls: None,
+            socket_mode: 0o600,
+            socket_owner: (None, None),
         }
     }
 }
@@ -360,7 +368,7 @@ where
     D: BlockDevice,
     F: Future + Send,
 {
-    let (listener, socket_file) = bind_unix(path.as_ref())?;
+    let (listener, socket_file) = bind_unix(path.as_ref(), &opts)?;
     let opts = Arc::new(opts);
     let conns = accept_until(&listener, device, opts.clone(), shutdown).await;
     drop(listener);
@@ -513,7 +521,7 @@ impl Drop for SocketFile {
     }
 }
 
-fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), ServeError> {
+fn bind_unix(path: &Path, opts: &ServerOptions) -> Result<(UnixListener, SocketFile), ServeError> {
     let bind_err = |source| ServeError::Bind {
         endpoint: path.display().to_string(),
         source,
@@ -537,8 +545,9 @@ fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), ServeError> {
         Err(e) => return Err(bind_err(e)),
     }
 
-    // Bind under a temporary name, restrict it, then rename into place: the socket never
-    // exists at `path` with looser permissions, and it is listening once it is there.
+    // Bind under a temporary name, give it its owner and mode, then rename into place:
+    // the socket never exists at `path` with other permissions, and it is listening
+    // once it is there.
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let tmp = path.with_file_name(format!(
         ".nbd-{}-{}.tmp",
@@ -547,7 +556,11 @@ fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), ServeError> {
     ));
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp).map_err(bind_err)?;
-    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+    let (uid, gid) = opts.socket_owner;
+    let placed = std::os::unix::fs::chown(&tmp, uid, gid)
+        .and_then(|()| {
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(opts.socket_mode))
+        })
         .and_then(|()| std::fs::rename(&tmp, path))
         .and_then(|()| std::fs::symlink_metadata(path));
     match placed {

@@ -20,6 +20,14 @@ pub struct Args {
     /// Serve on this Unix socket (URI: nbd+unix:///?socket=PATH).
     #[arg(long, value_name = "PATH", required_unless_present = "listen")]
     pub socket: Option<PathBuf>,
+    /// The socket's permission bits, in octal [default: 600, its owner only]; e.g. 660
+    /// with --socket-owner :GROUP for a QEMU run by libvirt (docs/libvirt.md).
+    #[arg(long, value_name = "MODE", requires = "socket", value_parser = parse_mode)]
+    pub socket_mode: Option<u32>,
+    /// The socket's owner and group, as USER, USER:GROUP or :GROUP (names or numbers)
+    /// [default: this process's].
+    #[arg(long, value_name = "USER[:GROUP]", requires = "socket", value_parser = parse_owner)]
+    pub socket_owner: Option<(Option<u32>, Option<u32>)>,
     /// Serve on this TCP address instead, e.g. 127.0.0.1:10809 (port 0: any free port,
     /// printed). An address other than loopback needs --tls-cert and --tls-key, or
     /// --insecure.
@@ -86,6 +94,50 @@ pub struct SessionFlags {
     /// or $MBANK_WRITEBACK_MBIT.
     #[arg(long, value_name = "N")]
     pub writeback_mbit: Option<u64>,
+}
+
+/// `--socket-mode`: octal permission bits, at most 777.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!("{s:?} is not a mode in octal such as 600 or 660")),
+    }
+}
+
+/// `--socket-owner`: `USER`, `USER:GROUP` or `:GROUP`, each a name or a number.
+fn parse_owner(s: &str) -> Result<(Option<u32>, Option<u32>), String> {
+    let (user, group) = s.split_once(':').unwrap_or((s, ""));
+    let id = |name: &str, group: bool| -> Result<Option<u32>, String> {
+        if name.is_empty() {
+            return Ok(None);
+        }
+        if let Ok(n) = name.parse::<u32>() {
+            return Ok(Some(n));
+        }
+        let c = std::ffi::CString::new(name).map_err(|_| format!("bad name {name:?}"))?;
+        // SAFETY: getpwnam/getgrnam with a valid C string; the result is read at once,
+        // before any other call that could reuse its static buffer.
+        let found = unsafe {
+            if group {
+                let g = libc::getgrnam(c.as_ptr());
+                (!g.is_null()).then(|| (*g).gr_gid)
+            } else {
+                let p = libc::getpwnam(c.as_ptr());
+                (!p.is_null()).then(|| (*p).pw_uid)
+            }
+        };
+        found.map(Some).ok_or_else(|| {
+            format!(
+                "there is no {} named {name:?} on this station",
+                if group { "group" } else { "user" }
+            )
+        })
+    };
+    let owner = (id(user, false)?, id(group, true)?);
+    if owner == (None, None) {
+        return Err(format!("{s:?} names neither a user nor a group"));
+    }
+    Ok(owner)
 }
 
 /// One line about a finished session.
@@ -332,6 +384,8 @@ fn serve(
             // costs more than it saves on a local socket.
             sparse_reads: false,
             tls: tls.clone(),
+            socket_mode: args.socket_mode.unwrap_or(0o600),
+            socket_owner: args.socket_owner.unwrap_or((None, None)),
             ..Default::default()
         };
         let (ro, ends) = if args.read_only {

@@ -536,3 +536,58 @@ fn zero_jobs_are_refused_and_sizes_take_decimals() {
         .code(2)
         .stderr_has(&["whole number of bytes"]);
 }
+
+/// `attach --socket-mode/--socket-owner` give the socket its mode and group as it
+/// appears; bad values are usage errors.
+#[test]
+fn attach_gives_its_socket_the_mode_and_owner_asked_for() {
+    use std::os::unix::fs::MetadataExt;
+    let bank = Bank::new();
+    let img = bank.file("d.raw");
+    fs::write(&img, vec![7u8; 64 * 1024]).unwrap();
+    bank.import("alice/dev", &img, &[]);
+    let cache = bank.file("cache");
+    let a = bank.attach(
+        &cache,
+        "alice/dev",
+        &["--socket-mode", "660", "--socket-owner", ":1"],
+    );
+    let md = fs::metadata(&a.socket).unwrap();
+    assert_eq!(md.mode() & 0o777, 0o660, "{md:?}");
+    assert_eq!(md.gid(), 1, "{md:?}");
+    drop(a);
+    for bad in [
+        vec!["--socket-mode", "999"],
+        vec!["--socket-owner", "no-such-user-here"],
+        vec!["--socket-owner", ":"],
+    ] {
+        let mut args = vec!["attach", "alice/dev", "--socket", "/nonexistent/x.sock"];
+        args.extend(bad);
+        bank.run(&args).code(2);
+    }
+}
+
+/// The libvirt domain of docs/libvirt.md is valid for libvirt: its schema
+/// (virt-xml-validate) and its test driver, which parses and defines it.
+#[test]
+fn the_libvirt_example_is_a_valid_domain() {
+    common::require_tool("virt-xml-validate", "libvirt-clients");
+    let doc = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/libvirt.md"
+    ))
+    .unwrap();
+    let start = doc.find("```xml\n").expect("an XML block") + 7;
+    let xml = &doc[start..start + doc[start..].find("```").unwrap()];
+    assert!(xml.contains("transport='unix'"), "{xml}");
+    let bank = Bank::new();
+    let f = bank.file("domain.xml");
+    fs::write(&f, xml).unwrap();
+    let mut c = std::process::Command::new("virt-xml-validate");
+    c.arg(&f).arg("domain");
+    run_cmd(c).ok();
+    let mut c = std::process::Command::new("virsh");
+    c.args(["-c", "test:///default", "define"]).arg(&f);
+    let r = run_cmd(c).ok();
+    assert!(r.stdout.contains("alice-dev"), "{r}");
+}
