@@ -40,6 +40,7 @@ mod web;
 use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
@@ -1575,53 +1576,76 @@ async fn get_chunks(
     let Some(&first_id) = ids.first() else {
         return Ok(binary(Vec::new()));
     };
-    let (first, ids) = authed(&app, caller, move |app, user| {
+    let ids = authed(&app, caller, move |app, user| {
         let ok = app.access(|a| Ok(a.readable(user, &ids)?))?;
         if let Some((id, _)) = ids.iter().zip(&ok).find(|(_, ok)| !**ok) {
             return Err(ApiError::no_chunk(id));
         }
-        Ok((app.store.get_raw(&first_id)?, ids))
+        Ok(ids)
     })
     .await?;
+    // One thread reads the chunks in order (a store on S3 keeps several GETs in
+    // flight: `get_raw_each`) and streams them; the first chunk's outcome comes back
+    // here first, so that a failure to read it is the answer's status.
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<Result<(), ApiError>>();
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
     let a = app.clone();
     tokio::task::spawn_blocking(move || {
         let m = &a.metrics;
         // Frames go out in messages of about GET_MESSAGE bytes: one wake-up of the
         // connection's task per message rather than per chunk. A message is sent when
-        // full and before the thread reads on, so what one answer holds is about two
-        // messages (or one chunk, when a chunk is larger).
-        let mut msg: Vec<u8> = Vec::with_capacity(GET_MESSAGE + 4 + first.len());
-        let push = |msg: &mut Vec<u8>, raw: &[u8]| {
-            msg.extend_from_slice(&(raw.len() as u32).to_le_bytes());
-            msg.extend_from_slice(raw);
-            m.chunks_served.fetch_add(1, Relaxed);
-            m.bytes_out.fetch_add(4 + raw.len() as u64, Relaxed);
-        };
-        let mut sent = 4 + first.len();
-        push(&mut msg, &first);
-        drop(first);
-        for id in &ids[1..] {
+        // full and before the thread takes the next chunk, so what one answer holds is
+        // about two messages (or one chunk, when a chunk is larger) and the store's
+        // read-ahead window.
+        let mut msg: Vec<u8> = Vec::with_capacity(GET_MESSAGE + (64 << 10));
+        let mut sent = 0;
+        let mut first_tx = Some(first_tx);
+        a.store.get_raw_each(&ids, &mut |_, raw| {
+            let raw = match (raw, first_tx.take()) {
+                (Ok(raw), Some(first)) => {
+                    if first.send(Ok(())).is_err() {
+                        return ControlFlow::Break(());
+                    }
+                    raw
+                }
+                (Ok(raw), None) => raw,
+                (Err(e), Some(first)) => {
+                    let _ = first.send(Err(e.into()));
+                    return ControlFlow::Break(());
+                }
+                // A chunk after the first that cannot be read ends the answer.
+                (Err(_), None) => return ControlFlow::Break(()),
+            };
+            sent += 4 + raw.len();
+            if sent > wire::MAX_GET_BYTES && sent > 4 + raw.len() {
+                return ControlFlow::Break(());
+            }
             if msg.len() >= GET_MESSAGE {
                 let full =
                     std::mem::replace(&mut msg, Vec::with_capacity(GET_MESSAGE + (64 << 10)));
                 if tx.blocking_send(Bytes::from(full)).is_err() {
-                    return;
+                    return ControlFlow::Break(());
                 }
             }
-            let Ok(raw) = a.store.get_raw(id) else {
-                break;
-            };
-            sent += 4 + raw.len();
-            if sent > wire::MAX_GET_BYTES {
-                break;
-            }
-            push(&mut msg, &raw);
-        }
+            msg.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+            msg.extend_from_slice(&raw);
+            m.chunks_served.fetch_add(1, Relaxed);
+            m.bytes_out.fetch_add(4 + raw.len() as u64, Relaxed);
+            ControlFlow::Continue(())
+        });
         if !msg.is_empty() {
             let _ = tx.blocking_send(Bytes::from(msg));
         }
     });
+    match first_rx.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            return Err(ApiError::internal(format!(
+                "the read of chunk {first_id} ended without an answer"
+            )));
+        }
+    }
     Ok((
         [(header::CONTENT_TYPE, "application/octet-stream")],
         axum::body::Body::new(ChannelBody(rx)),

@@ -308,6 +308,27 @@ pub trait ChunkStore: Send + Sync {
         ids.iter().map(|id| self.get_raw(id)).collect()
     }
 
+    /// The stored bytes of each of `ids`, unverified, handed to `each(i, raw)` (`i` its
+    /// place in `ids`) in the order of `ids`, each as soon as it and those before it
+    /// are read: a bank server streams a batch get's answer from this. A missing or
+    /// unreadable chunk is handed over as its error, in its place. `each` returns
+    /// [`ControlFlow::Break`] to stop the reading (reads in flight are dropped).
+    ///
+    /// The default reads one chunk at a time. A store whose reads are round trips (S3)
+    /// keeps several in flight, a bounded window ahead of `each`, so a batch costs
+    /// about one round trip per window rather than one per chunk.
+    fn get_raw_each(
+        &self,
+        ids: &[ChunkId],
+        each: &mut dyn FnMut(usize, Result<Vec<u8>, StoreError>) -> ControlFlow<()>,
+    ) {
+        for (i, id) in ids.iter().enumerate() {
+            if each(i, self.get_raw(id)).is_break() {
+                return;
+            }
+        }
+    }
+
     /// Reads, decodes and verifies a chunk; returns its plaintext. A chunk that fails
     /// verification is quarantined and reported as [`StoreError::Corrupt`].
     fn read(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {

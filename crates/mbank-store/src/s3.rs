@@ -70,9 +70,10 @@
 
 use std::fmt::Write as _;
 use std::io::Read;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
@@ -153,6 +154,11 @@ impl S3Config {
 
 /// Parallel requests of one [`ChunkStore::touch_many`].
 const TOUCH_THREADS: usize = 16;
+
+/// GETs in flight for one [`ChunkStore::get_raw_each`] (and `get_raw_many`): also how
+/// far the reads run ahead of the consumer, so what one call holds is at most this
+/// many chunks.
+const GET_WINDOW: usize = 16;
 
 /// A chunk store in an S3 bucket. See the module docs.
 pub struct S3Store {
@@ -567,6 +573,35 @@ impl ChunkStore for S3Store {
         Ok(reply.body)
     }
 
+    /// GETs on up to [`GET_WINDOW`] threads, each taking the next place once the
+    /// consumer is less than a window behind; answers are handed over in order.
+    fn get_raw_each(
+        &self,
+        ids: &[ChunkId],
+        each: &mut dyn FnMut(usize, Result<Vec<u8>, StoreError>) -> ControlFlow<()>,
+    ) {
+        in_order_ahead(ids.len(), GET_WINDOW, &|i| self.get_raw(&ids[i]), each);
+    }
+
+    fn get_raw_many(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        let mut failed = None;
+        self.get_raw_each(ids, &mut |_, r| match r {
+            Ok(raw) => {
+                out.push(raw);
+                ControlFlow::Continue(())
+            }
+            Err(e) => {
+                failed = Some(e);
+                ControlFlow::Break(())
+            }
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
     fn quarantine(&self, id: &ChunkId) -> Result<Option<PathBuf>, StoreError> {
         let key = Self::chunk_key(id);
         let ms = SystemTime::now()
@@ -644,6 +679,85 @@ impl ChunkStore for S3Store {
         })?;
         Ok(s)
     }
+}
+
+/// Runs `work(i)` for `i` in `0..n` on up to `window` threads, never more than `window`
+/// places ahead of the last one handed over, and hands each result to `each` in order
+/// on the calling thread. A [`ControlFlow::Break`] from `each` stops the threads before
+/// their next place; results not yet handed over are dropped.
+fn in_order_ahead<T: Send>(
+    n: usize,
+    window: usize,
+    work: &(dyn Fn(usize) -> T + Sync),
+    each: &mut dyn FnMut(usize, T) -> ControlFlow<()>,
+) {
+    struct State<T> {
+        /// The next place a thread takes.
+        next: usize,
+        /// The next place to hand over.
+        due: usize,
+        done: std::collections::BTreeMap<usize, T>,
+        stop: bool,
+    }
+    let window = window.max(1);
+    let threads = window.min(n);
+    if threads <= 1 {
+        for i in 0..n {
+            if each(i, work(i)).is_break() {
+                return;
+            }
+        }
+        return;
+    }
+    let state = Mutex::new(State {
+        next: 0,
+        due: 0,
+        done: std::collections::BTreeMap::new(),
+        stop: false,
+    });
+    // Threads wait on `room` for the window to move; the consumer on `ready`.
+    let (room, ready) = (Condvar::new(), Condvar::new());
+    let lock = || state.lock().expect("read-ahead state poisoned");
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                loop {
+                    let i = {
+                        let mut st = lock();
+                        while !st.stop && st.next < n && st.next >= st.due + window {
+                            st = room.wait(st).expect("read-ahead state poisoned");
+                        }
+                        if st.stop || st.next >= n {
+                            return;
+                        }
+                        st.next += 1;
+                        st.next - 1
+                    };
+                    let r = work(i);
+                    lock().done.insert(i, r);
+                    ready.notify_one();
+                }
+            });
+        }
+        for i in 0..n {
+            let r = {
+                let mut st = lock();
+                loop {
+                    if let Some(r) = st.done.remove(&i) {
+                        st.due = i + 1;
+                        break r;
+                    }
+                    st = ready.wait(st).expect("read-ahead state poisoned");
+                }
+            };
+            room.notify_all();
+            if each(i, r).is_break() {
+                break;
+            }
+        }
+        lock().stop = true;
+        room.notify_all();
+    });
 }
 
 // ---- AWS Signature Version 4 -------------------------------------------------------
@@ -835,6 +949,49 @@ fn error_code(body: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Results come in order whatever order the work ends in; no more than the window
+    /// is in flight or waiting; a break stops the threads.
+    #[test]
+    fn in_order_ahead_keeps_order_and_its_window() {
+        use std::sync::atomic::AtomicUsize;
+        let (busy, peak, started) = (
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+        );
+        let work = |i: usize| {
+            started.fetch_add(1, Ordering::SeqCst);
+            let now = busy.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            // Later places finish first within a window.
+            std::thread::sleep(Duration::from_millis((8 - (i % 8)) as u64));
+            busy.fetch_sub(1, Ordering::SeqCst);
+            i * 10
+        };
+        let mut got = Vec::new();
+        in_order_ahead(100, 8, &work, &mut |i, r| {
+            got.push((i, r));
+            ControlFlow::Continue(())
+        });
+        assert_eq!(got, (0..100).map(|i| (i, i * 10)).collect::<Vec<_>>());
+        let p = peak.load(Ordering::SeqCst);
+        assert!((2..=8).contains(&p), "{p} at once");
+
+        started.store(0, Ordering::SeqCst);
+        let mut n = 0;
+        in_order_ahead(1000, 4, &work, &mut |i, _| {
+            n += 1;
+            if i == 9 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        assert_eq!(n, 10);
+        let s = started.load(Ordering::SeqCst);
+        assert!(s <= 10 + 4, "{s} places started after a break at the 10th");
+    }
 
     #[test]
     fn dates_round_trip() {

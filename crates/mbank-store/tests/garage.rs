@@ -3,8 +3,11 @@
 //! is not cached yet (`scripts/garage.sh install`), so this test never skips.
 
 use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use mbank_core::ChunkId;
@@ -72,6 +75,60 @@ impl Drop for Cluster {
         let _ = Command::new(script())
             .args(["stop", self.dir.path().to_str().unwrap()])
             .status();
+    }
+}
+
+/// A TCP proxy in front of one node that counts the connections open through it at
+/// once: a client keeps one connection per request in flight.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    peak: Arc<AtomicUsize>,
+}
+
+impl Proxy {
+    fn start(endpoint: &str) -> Proxy {
+        let upstream = endpoint
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let (o, p) = (open.clone(), peak.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let now = o.fetch_add(1, Ordering::SeqCst) + 1;
+                p.fetch_max(now, Ordering::SeqCst);
+                let o = o.clone();
+                std::thread::spawn(move || {
+                    let (mut c2, mut s2) =
+                        (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    let up = std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut c2, &mut s2);
+                        let _ = s2.shutdown(std::net::Shutdown::Write);
+                    });
+                    let (mut s1, mut c1) = (server, client);
+                    let _ = std::io::copy(&mut s1, &mut c1);
+                    let _ = c1.shutdown(std::net::Shutdown::Both);
+                    let _ = up.join();
+                    o.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Proxy { addr, peak }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn peak(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
     }
 }
 
@@ -252,4 +309,54 @@ fn s3_store_on_a_three_node_garage_cluster() {
     let back = S3Store::new(cluster.config(vec![dead])).unwrap();
     assert_eq!(back.read(&d.id).unwrap().len(), 500 * 28);
     phase("node back");
+
+    // A batch read keeps several GETs in flight (each is a round trip to a node), and
+    // hands the chunks over in order, a missing one as its error in its place.
+    let batch: Vec<EncodedChunk> = (0..48)
+        .map(|i| encode(&noise(8 << 10, 100 + i), DEFAULT_ZSTD_LEVEL))
+        .collect();
+    for c in &batch {
+        store.put(c).unwrap();
+    }
+    let proxy = Proxy::start(&cluster.env["GARAGE_ENDPOINT_1"]);
+    let through = S3Store::new(cluster.config(vec![proxy.url()])).unwrap();
+    let ids: Vec<ChunkId> = batch.iter().map(|c| c.id).collect();
+    let raws = through.get_raw_many(&ids).unwrap();
+    assert!(
+        raws.iter().zip(&batch).all(|(r, c)| *r == c.bytes),
+        "a batch read returns each chunk's stored bytes, in order"
+    );
+    let peak = proxy.peak();
+    assert!(
+        peak >= 4,
+        "a batch read of {} chunks had at most {peak} connection(s) open at once: its \
+         GETs went one after another",
+        ids.len()
+    );
+    let mut asked = ids.clone();
+    asked.insert(5, missing);
+    let mut seen = Vec::new();
+    through.get_raw_each(&asked, &mut |i, r| {
+        seen.push((i, r.map(|raw| raw.len()).map_err(|e| e.to_string())));
+        if i == 20 {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
+        }
+    });
+    assert_eq!(
+        seen.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        (0..=20).collect::<Vec<_>>(),
+        "handed over in order, until asked to stop"
+    );
+    assert!(
+        seen[5].1.as_ref().is_err_and(|e| e.contains("missing")),
+        "{:?}",
+        seen[5]
+    );
+    assert!(seen.iter().filter(|(_, r)| r.is_err()).count() == 1);
+    drop(through);
+    drop(proxy);
+
+    phase("batch reads");
 }
