@@ -5,8 +5,7 @@
 use std::path::Path;
 
 use mbank_catalog::{NamedStream, VersionInfo};
-use mbank_core::{ChunkId, DEFAULT_CHUNK_SIZE, DiskIndex, MachineName};
-use mbank_store::StoreError;
+use mbank_core::{DEFAULT_CHUNK_SIZE, DiskIndex, MachineName};
 
 use crate::image::open_image;
 use crate::import::image_items;
@@ -73,14 +72,12 @@ impl Bank {
                 0,
             ),
             DiskFrom::Version(v) => {
+                // Read after `writer` registered: the chunks must outlive a removal of
+                // `v` racing with this commit, and they do without being touched (a
+                // copy of each object on S3: minutes for a large base), because a GC
+                // defers its sweep while a writer older than the last removal of a
+                // version is in flight (`mbank-store`'s crate docs, "forks").
                 let idx = self.catalog.disk_index(v)?;
-                // The chunks must outlive a removal of `v` racing with this commit:
-                // touching them puts them after the GC cutoff this writer holds.
-                let mut ids: Vec<ChunkId> = idx.chunks.iter().flatten().copied().collect();
-                for (_, s) in &new.streams {
-                    ids.extend(s.runs.iter().filter_map(|r| r.id));
-                }
-                self.touch_existing(&ids, v)?;
                 (
                     format!("create from {}@{}", v.machine, v.id.to_hex()),
                     idx,
@@ -116,22 +113,6 @@ impl Bank {
             streams_stored: new.streams_stored,
         };
         self.write_version(new.machine, source, writer, opts, progress)
-    }
-
-    /// Touches `ids` (in batches: one request each to a bank server); an absent one
-    /// means `v` is damaged.
-    fn touch_existing(&self, ids: &[ChunkId], v: &VersionInfo) -> Result<(), BankError> {
-        for batch in ids.chunks(1024) {
-            let have = self.store.touch_many(batch)?;
-            if let Some((id, _)) = batch.iter().zip(have).find(|(_, h)| !h) {
-                return Err(BankError::Damaged {
-                    machine: v.machine.clone(),
-                    version: v.id,
-                    source: Box::new(StoreError::Missing(*id)),
-                });
-            }
-        }
-        Ok(())
     }
 
     /// `idx` grown to `size` bytes with zeros. A partial last chunk that holds data is

@@ -107,14 +107,31 @@ pub fn check_chunk_lengths(
     streams: &[NamedStream],
     known: &HashSet<(ChunkId, u64)>,
 ) -> Result<Option<WrongLength>, StoreError> {
-    let mut lens: HashMap<ChunkId, u64> = HashMap::new();
-    let mut len_of = |id: &ChunkId| -> Result<u64, StoreError> {
-        if let Some(n) = lens.get(id) {
-            return Ok(*n);
-        }
-        let n = store.plain_len(id)? as u64;
-        lens.insert(*id, n);
-        Ok(n)
+    // The distinct chunks to ask about, asked all at once (on S3 with several header
+    // reads in flight: a fork's first commit asks about every chunk of its disk).
+    let mut asked = HashSet::new();
+    let disk = index
+        .chunks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.map(|id| (id, index.chunk_len(i) as u64)));
+    let runs = streams.iter().flat_map(|(_, s)| {
+        s.runs
+            .iter()
+            .filter_map(|r| r.id.map(|id| (id, r.len as u64)))
+    });
+    let ids: Vec<ChunkId> = disk
+        .chain(runs)
+        .filter(|pair| !known.contains(pair) && asked.insert(pair.0))
+        .map(|(id, _)| id)
+        .collect();
+    let lens: HashMap<ChunkId, u64> = ids
+        .iter()
+        .copied()
+        .zip(store.plain_len_many(&ids)?.into_iter().map(|n| n as u64))
+        .collect();
+    let len_of = |id: &ChunkId| -> Result<u64, StoreError> {
+        lens.get(id).copied().ok_or(StoreError::Missing(*id))
     };
     for (i, c) in index.chunks.iter().enumerate() {
         let Some(id) = c else { continue };

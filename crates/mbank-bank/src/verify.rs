@@ -136,6 +136,11 @@ pub struct GcReport {
     pub temp_files_deleted: u64,
     pub live_writers: u64,
     pub stale_writers_removed: u64,
+    /// True when nothing was swept because a version was removed while a writer in
+    /// flight may have read it (or while this GC ran): such a writer may commit a
+    /// version naming the removed one's chunks without having touched them (a fork).
+    /// The next GC after those writers have finished collects what this one kept.
+    pub sweep_deferred: bool,
     pub seconds: f64,
     /// The cutoff, in ms since the epoch: what no writer in flight can rely on is older.
     #[serde(skip)]
@@ -597,13 +602,16 @@ impl Bank {
         let catalog = self.local_catalog("gc")?;
         let mut report = GcReport::default();
         // 1. Cutoff: now, or the start of the oldest live writer, less a margin.
+        let removals = catalog.version_removals()?;
         let t0 = now_ms();
         let host = this_host();
         let mut oldest = t0;
+        let mut oldest_writer: Option<i64> = None;
         for w in catalog.writers()? {
             if writer_is_alive(&w, &host) {
                 report.live_writers += 1;
                 oldest = oldest.min(w.started_ms);
+                oldest_writer = Some(oldest_writer.map_or(w.started_ms, |o| o.min(w.started_ms)));
             } else {
                 catalog.unregister_writer(w.id)?;
                 report.stale_writers_removed += 1;
@@ -637,7 +645,21 @@ impl Bank {
             return Err(BankError::GcRefused { machine, version });
         }
         report.chunks_referenced = live.len() as u64;
-        // 3. Sweep.
+        // 3. A version removed while this GC ran (after it read the writers), or
+        // after the oldest live writer began, may have been read by a writer that will
+        // commit its chunks without having touched them (a fork): its chunks are in no
+        // version this GC saw, and may be old. Read after the mark, so that a removal
+        // this misses happened after the mark, which then saw the version.
+        let now = catalog.version_removals()?;
+        let margin = MTIME_MARGIN.as_millis() as i64;
+        if now.count != removals.count
+            || oldest_writer.is_some_and(|w| now.count > 0 && now.last_ms >= w - margin)
+        {
+            report.sweep_deferred = true;
+            report.seconds = started.elapsed().as_secs_f64();
+            return Ok(report);
+        }
+        // 4. Sweep.
         progress.start("sweeping unreferenced chunks", 0, Unit::Chunks);
         let s = self.store.sweep(cutoff, &|id| live.contains(id))?;
         progress.finish();

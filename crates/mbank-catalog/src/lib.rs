@@ -94,7 +94,7 @@ impl MachineSettings {
 }
 
 /// Schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE machines (
@@ -192,6 +192,26 @@ CREATE TABLE IF NOT EXISTS machine_settings (
     machine     TEXT PRIMARY KEY,
     settings    TEXT NOT NULL
 );
+";
+
+/// Version 7: how many version records were ever deleted, and when the last one was,
+/// whatever deleted it (`rm`, `forget`, a removed machine): GC's rule for chunks that a
+/// writer in flight took from an existing version without touching them
+/// (`mbank-store`'s crate docs). A trigger, so that no way of deleting a version can
+/// miss it; the time is SQLite's clock (ms), the system clock that writer start times
+/// are read from too.
+const SCHEMA_V7: &str = "
+CREATE TABLE IF NOT EXISTS gc_marks (
+    name        TEXT PRIMARY KEY,
+    at_ms       INTEGER NOT NULL,
+    count       INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS versions_removed AFTER DELETE ON versions
+BEGIN
+    INSERT INTO gc_marks (name, at_ms, count)
+    VALUES ('version_removed', CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER), 1)
+    ON CONFLICT (name) DO UPDATE SET at_ms = excluded.at_ms, count = count + 1;
+END;
 ";
 
 /// Longest note on a version, in bytes.
@@ -691,6 +711,15 @@ pub struct WriterInfo {
     pub what: String,
 }
 
+/// Deletions of version records ([`Catalog::version_removals`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Removals {
+    /// When the last one was, in ms since the epoch (0: never).
+    pub last_ms: i64,
+    /// How many there were.
+    pub count: i64,
+}
+
 /// A machine checked out to one station (DESIGN invariant 6).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
@@ -864,10 +893,38 @@ impl Catalog {
             tx.execute_batch(SCHEMA_V6)
                 .map_err(sql("migrate the schema to version 6"))?;
         }
+        if v < 7 {
+            tx.execute_batch(SCHEMA_V7)
+                .map_err(sql("migrate the schema to version 7"))?;
+        }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(sql("set the schema version"))?;
         tx.commit().map_err(sql("commit the schema migration"))?;
         Ok(SCHEMA_VERSION)
+    }
+
+    /// How many version records were ever deleted (since schema 7) and when the last
+    /// one was: GC defers its sweep when a writer in flight may have read a removed
+    /// version (`mbank-store`'s crate docs).
+    pub fn version_removals(&self) -> Result<Removals, CatalogError> {
+        if self.schema < 7 {
+            return Ok(Removals::default());
+        }
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT at_ms, count FROM gc_marks WHERE name = 'version_removed'",
+                [],
+                |r| {
+                    Ok(Removals {
+                        last_ms: r.get(0)?,
+                        count: r.get(1)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(sql("read when a version was last removed"))?
+            .unwrap_or_default())
     }
 
     /// A machine, or `None`.
@@ -2330,6 +2387,43 @@ mod tests {
         assert_eq!(c.machine(&v1.machine).unwrap().unwrap().head, None);
         assert_eq!(c.remove_machine(&v1.machine).unwrap(), 0);
         assert!(c.machine(&v1.machine).unwrap().is_none());
+    }
+
+    /// Every deletion of a version record is counted, with the time of the last, for
+    /// GC (schema 7): by `remove_version` and by `remove_machine`, in a catalog
+    /// migrated from schema 1 too.
+    #[test]
+    fn removals_of_versions_are_counted_for_gc() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("catalog.db");
+        let conn = Connection::open(&p).unwrap();
+        conn.execute_batch(SCHEMA_V1).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        drop(conn);
+        let mut c = Catalog::open(&p, false, false).unwrap();
+        assert_eq!(c.version_removals().unwrap(), Removals::default());
+        let (v1, i1) = info("alice/dev", None, 1);
+        let (v2, i2) = info("alice/dev", Some(v1.id), 2);
+        let (v3, i3) = info("alice/dev", Some(v2.id), 3);
+        c.commit_version(&v1, &i1, &[], None).unwrap();
+        c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
+        c.commit_version(&v3, &i3, &[], Some(v2.id)).unwrap();
+        assert_eq!(
+            c.version_removals().unwrap().count,
+            0,
+            "commits are not removals"
+        );
+        let before = now_ms();
+        c.remove_version(&v3).unwrap();
+        let r = c.version_removals().unwrap();
+        let after = now_ms();
+        assert_eq!(r.count, 1);
+        assert!(
+            (before..=after).contains(&r.last_ms),
+            "{r:?} not in {before}..={after}"
+        );
+        assert_eq!(c.remove_machine(&v1.machine).unwrap(), 2);
+        assert_eq!(c.version_removals().unwrap().count, 3);
     }
 
     #[test]

@@ -62,6 +62,45 @@
 //! only makes GC keep more. Temp files older than `cutoff` are leftovers of dead writers
 //! and are removed by the sweep.
 //!
+//! ### Forks: chunks taken from an existing version without a touch
+//!
+//! A fork (`create --from`) makes a version naming every chunk of its source. Step 2
+//! would have it touch them all, and on S3 a touch is a copy of the object onto itself
+//! (written with fsync on a quorum of nodes): a fork of a published Debian base took
+//! over a minute on an idle Garage and over five through a loaded server. So a writer
+//! may instead rely on the chunks of a version it read **after it registered**,
+//! without touching them, under one more rule for GC:
+//!
+//! 5. The catalog counts every deletion of a version record and keeps the time of the
+//!    last one (a trigger on the table, so no way of removing a version can miss it;
+//!    `Catalog::version_removals`). GC reads the count before it reads the writer list,
+//!    and the count and time again after the mark (step 3's reading of every version).
+//!    It **sweeps nothing** (`GcReport::sweep_deferred`) if the count changed, or if a
+//!    writer it found live started no later than 1 s after the last removal.
+//!
+//! Why that keeps invariant 5 ("GC never deletes what may be referenced"). Let a writer
+//! W register at `s`, read version V's index at `r >= s`, and commit a version naming
+//! V's chunks at `c`, without touching them; a GC G reads the count at `g0`, the writer
+//! list at `g1`, marks from `g2` to `g3`, and reads the count again at `g4`. G could only
+//! delete such a chunk if it is in no version G marked: V is gone by the time G's mark
+//! reads it (V removed at some `v <= g3`) and W's version was not there yet (`c > g2`).
+//! V existed at `r`, so `r < v`. Two cases:
+//! - W registered before G read the writers (`s < g1`), and had not yet unregistered
+//!   (it unregisters after `c > g2`): G found W live, and the last removal is at or after
+//!   `v > r >= s`: G defers. (A W that G judged dead, its process gone or, on another
+//!   host, silent past the heartbeats' limit, is assumed never to commit: step 2's
+//!   touches rely on that too.)
+//! - W registered after G read the writers (`s > g1 > g0`): then `v > r >= s > g0`,
+//!   and `v <= g3 < g4`, so the count G read at `g4` differs from the one at `g0`: G
+//!   defers.
+//!
+//! Either way the chunks of V stay until a GC that starts after every writer that could
+//! have read V has committed (its version then marks them) or gone. The cost: one GC
+//! sweeps nothing after a removal while writers older than it are in flight, such as a
+//! station's session-long write-back writer; the next GC after they finish collects
+//! everything. Writers that store or reuse chunks they did not read from a version (an
+//! import's dedup, a check-in's `have`) still touch, as in step 2.
+//!
 //! | operation | may overlap with |
 //! | --- | --- |
 //! | put / flush | everything |
@@ -383,6 +422,13 @@ pub trait ChunkStore: Send + Sync {
                 source,
                 moved_to: None,
             })
+    }
+
+    /// [`ChunkStore::plain_len`] of each of `ids`, in order; the first error is
+    /// returned. The default asks one at a time; a store whose reads are round trips
+    /// (S3) keeps several in flight.
+    fn plain_len_many(&self, ids: &[ChunkId]) -> Result<Vec<usize>, StoreError> {
+        ids.iter().map(|id| self.plain_len(id)).collect()
     }
 
     /// Decodes and verifies a chunk's stored bytes; quarantines it if they are damaged.

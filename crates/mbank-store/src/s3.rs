@@ -78,7 +78,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use mbank_core::ChunkId;
-use mbank_core::chunk::{EncodedChunk, MAX_STORED_LEN};
+use mbank_core::chunk::{self, EncodedChunk, HEADER_LEN, MAX_STORED_LEN};
 use sha2::{Digest, Sha256};
 use ureq::http;
 
@@ -176,6 +176,8 @@ struct Reply {
     endpoint: String,
     status: u16,
     body: Vec<u8>,
+    /// The object's whole length, from `Content-Range` (an answer to a ranged GET).
+    whole_len: Option<u64>,
 }
 
 /// What to send.
@@ -361,6 +363,12 @@ impl S3Store {
             None => self.agent.run(b.body(())?)?,
         };
         let status = resp.status().as_u16();
+        let whole_len = resp
+            .headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit('/').next())
+            .and_then(|n| n.trim().parse().ok());
         let mut out = Vec::new();
         resp.body_mut()
             .as_reader()
@@ -371,6 +379,7 @@ impl S3Store {
             endpoint: endpoint.to_string(),
             status,
             body: out,
+            whole_len,
         })
     }
 
@@ -581,6 +590,54 @@ impl ChunkStore for S3Store {
         each: &mut dyn FnMut(usize, Result<Vec<u8>, StoreError>) -> ControlFlow<()>,
     ) {
         in_order_ahead(ids.len(), GET_WINDOW, &|i| self.get_raw(&ids[i]), each);
+    }
+
+    /// A ranged GET of the header (and the object's length from `Content-Range`).
+    fn plain_len(&self, id: &ChunkId) -> Result<usize, StoreError> {
+        let key = Self::chunk_key(id);
+        let mut r = Req::new("GET", &key);
+        r.headers = vec![("range", format!("bytes=0-{}", HEADER_LEN - 1))];
+        // A server that ignores the range sends the whole object.
+        r.limit = MAX_STORED_LEN as u64 + 1;
+        let reply = self.send("read the header of chunk", &r)?;
+        if reply.status == 404 {
+            return Err(StoreError::Missing(*id));
+        }
+        self.expect_ok("read the header of chunk", &key, &reply)?;
+        let whole = match (reply.status, reply.whole_len) {
+            (206, Some(n)) => usize::try_from(n).unwrap_or(usize::MAX),
+            _ => reply.body.len(),
+        };
+        chunk::parse_header_of(id, &reply.body, whole)
+            .map(|(_, n)| n)
+            .map_err(|source| StoreError::Corrupt {
+                source,
+                moved_to: None,
+            })
+    }
+
+    fn plain_len_many(&self, ids: &[ChunkId]) -> Result<Vec<usize>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        let mut failed = None;
+        in_order_ahead(
+            ids.len(),
+            GET_WINDOW,
+            &|i| self.plain_len(&ids[i]),
+            &mut |_, r| match r {
+                Ok(n) => {
+                    out.push(n);
+                    ControlFlow::Continue(())
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    ControlFlow::Break(())
+                }
+            },
+        );
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 
     fn get_raw_many(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>, StoreError> {

@@ -355,6 +355,16 @@ fn s3_store_on_a_three_node_garage_cluster() {
         seen[5]
     );
     assert!(seen.iter().filter(|(_, r)| r.is_err()).count() == 1);
+    // Lengths from ranged reads of the headers, also many at once.
+    assert_eq!(
+        through.plain_len_many(&ids).unwrap(),
+        vec![8 << 10; ids.len()]
+    );
+    assert_eq!(through.plain_len(&big.id).unwrap(), 256 << 10);
+    assert!(matches!(
+        through.plain_len_many(&asked),
+        Err(StoreError::Missing(id)) if id == missing
+    ));
     drop(through);
     drop(proxy);
 

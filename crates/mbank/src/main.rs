@@ -1727,6 +1727,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "gc: forgot {pruned} users' rights to chunks that are gone"
                 ));
             }
+            if r.sweep_deferred {
+                say(format!(
+                    "gc: deleted nothing: a version was removed while {} writers were in flight \
+                     (or while gc ran), and one of them may be a fork of it that will commit its \
+                     chunks; run gc again once they have finished",
+                    r.live_writers
+                ));
+            }
             say(format!(
                 "gc: {} chunks referenced by {} versions; deleted {} chunks ({}) and {} temp files; \
                  kept {} unreferenced chunks for {} writers in flight; {:.1} s",
