@@ -35,8 +35,15 @@
 # fork touches every chunk of the base, a copy of each object onto itself on Garage
 # (minutes per fork of this disk; see docs/BENCHMARKS.md).
 #
+# Replay (BENCH_BOOT_REPLAY, default ""; e.g. "garage:1gbit:32"): as Concurrent, for more
+# stations than this machine can boot TCG guests at once: one station boots its fork
+# alone with QEMU tracing the guest's disk reads (`-trace blk_co_preadv`); then one
+# station alone, and then N stations at the same moment, each on its own fork with an
+# empty cache, replay those reads in their order through their own `mbank attach`
+# (qemu-io over NBD, one read at a time). The forks' times are reported too.
+#
 # Env: MBANK (binary; else a release build, in CARGO_TARGET_DIR if set),
-# BENCH_USER_MIB, BENCH_BOOT_SERIES, BENCH_BOOT_CONCURRENT. Everything (server, Garage,
+# BENCH_USER_MIB, BENCH_BOOT_SERIES, BENCH_BOOT_CONCURRENT, BENCH_BOOT_REPLAY. Everything (server, Garage,
 # stations, the shaping and every QEMU) shares this machine's cores: wall times of
 # concurrent TCG boots say more about the CPU than the network.
 set -euo pipefail
@@ -47,6 +54,7 @@ LAB_NET=$REPO_ROOT/scripts/lab-net.sh
 USER_MIB=${BENCH_USER_MIB:-512}
 read -r -a SERIES <<<"${BENCH_BOOT_SERIES-dir:1gbit dir:100mbit}"
 read -r -a CONCURRENT <<<"${BENCH_BOOT_CONCURRENT-dir:1gbit:8}"
+read -r -a REPLAY <<<"${BENCH_BOOT_REPLAY-}"
 [[ $USER_MIB =~ ^[0-9]+$ ]] || die "BENCH_USER_MIB=$USER_MIB: give MiB"
 [[ $EUID == 0 ]] || die "must run as root (network namespaces)"
 need openssl
@@ -156,10 +164,26 @@ lab_up() { # lab_up STORE PROFILE STATIONS: the lab, a bank on STORE, its server
 }
 lab_end() { serve_stop; lab_down; }
 
+forks() { # forks TAG N: bench/pc1..N (station k forks its own) and bench/alone, timed
+    local k s t all=""
+    for ((k = 1; k <= $2; k++)); do
+        s=$(now)
+        in_st "$k" "$MBANK" -q --bank "$URL" create "bench/pc$k" --from lab/base >/dev/null
+        t=$(calc "$(now) - $s")
+        all="$all $(printf %.1f "$t")"
+    done
+    s=$(now)
+    in_st 1 "$MBANK" -q --bank "$URL" create bench/alone --from lab/base >/dev/null
+    t=$(calc "$(now) - $s")
+    FORKS_NOTE="forks through the server (\`create --from lab/base\`, one after another): $(printf %.1f "$t") s for bench/alone; bench/pc1..$2:$all s"
+    log "  $FORKS_NOTE"
+}
+
 QEMU=(qemu-system-x86_64 -accel tcg -cpu max -m 256 -smp 1 -nodefaults -no-reboot -display none)
 APPEND="console=ttyS0 panic=-1 mbank.job=write mbank.size_mib=1 mbank.root=/dev/vda"
+QEMU_EXTRA=()
 qemu_boot() { # qemu_boot DRIVE CONSOLE: boots, waits for the power-off
-    timeout 1800 "${QEMU[@]}" -serial "file:$2" -kernel "$KERNEL" -initrd "$INITRD" \
+    timeout 1800 "${QEMU[@]}" "${QEMU_EXTRA[@]}" -serial "file:$2" -kernel "$KERNEL" -initrd "$INITRD" \
         -append "$APPEND" -drive "$1" </dev/null >/dev/null 2>&1 || true
     grep -q MBANK-JOB-DONE "$2" || die "the guest did not finish its job: $(tail -n 20 "$2")"
 }
@@ -275,10 +299,7 @@ for c in "${CONCURRENT[@]}"; do
     # The published base's first boot, on the bank's host: it gets its working set.
     boot "$p-first" 0 lab/base "$T/cache-$p-host"
     in_srv "$MBANK" -q --bank "$BANK" admin publish lab/base >/dev/null
-    for ((k = 1; k <= n; k++)); do
-        in_st "$k" "$MBANK" -q --bank "$URL" create "bench/pc$k" --from lab/base >/dev/null
-    done
-    in_st 1 "$MBANK" -q --bank "$URL" create bench/alone --from lab/base >/dev/null
+    forks "$p" "$n"
     boot "$p-alone" 1 bench/alone "$T/cache-$p-alone"
     for ((k = 1; k <= n; k++)); do attach_start "$p-$k" "$k" "bench/pc$k" "$T/cache-$p-$k"; done
     log "  $n boots at once"
@@ -319,6 +340,87 @@ for c in "${CONCURRENT[@]}"; do
             "$(calc "$tot / $n / 1048576")" "$(calc "$(bytes "$p-alone") / 1048576")" \
             "$(calc "$tot / $n / $(bytes "$p-alone")")" "$maxm" "$(misses "$p-alone")" "$maxw" \
             "$(jget "$T/$p-alone.json" stats.miss_wait_seconds)"
+        echo "- $FORKS_NOTE"
+        echo
+    } >>"$REPORT"
+    lab_end
+done
+
+# ---- N stations replaying one boot's reads at the same moment --------------------------
+replay() { # replay TAG SOCKET: the traced boot's reads, in order, over NBD
+    qemu-io -f raw "nbd+unix:///?socket=$2" <"$T/reads.qio" >"$T/$1.qio.out" 2>&1 ||
+        die "replay $1 failed: $(tail -n 5 "$T/$1.qio.out")"
+}
+for c in "${REPLAY[@]}"; do
+    store=${c%%:*} rest=${c#*:} profile=${rest%%:*} n=${rest#*:}
+    log "replay $store $profile, $n stations: lab up"
+    lab_up "$store" "$profile" "$n"
+    p=replay-$store-$profile-$n
+    boot "$p-first" 0 lab/base "$T/cache-$p-host"
+    in_srv "$MBANK" -q --bank "$BANK" admin publish lab/base >/dev/null
+    forks "$p" "$n"
+    in_st 1 "$MBANK" -q --bank "$URL" create bench/traced --from lab/base >/dev/null
+    QEMU_EXTRA=(-trace "enable=blk_co_preadv,file=$T/boot.trace")
+    boot "$p-traced" 1 bench/traced "$T/cache-$p-traced"
+    QEMU_EXTRA=()
+    python3 - "$T/boot.trace" >"$T/reads.qio" <<'PY'
+import re, sys
+for line in open(sys.argv[1]):
+    m = re.search(r"blk_co_preadv .* offset (\d+) bytes (\d+)", line)
+    if m:
+        print(f"read -q {m.group(1)} {m.group(2)}")
+PY
+    nreads=$(wc -l <"$T/reads.qio")
+    ((nreads > 0)) || die "the traced boot recorded no reads ($T/boot.trace)"
+    log "  the traced boot read $nreads times"
+    attach_start "$p-alone" 1 bench/alone "$T/cache-$p-alone"
+    s=$(now)
+    replay "$p-alone" "$T/$p-alone.sock"
+    SECS[$p-alone]=$(calc "$(now) - $s")
+    attach_stop "$p-alone"
+    log "  alone: $(printf %.1f "${SECS[$p-alone]}") s, $(stats_of "$p-alone")"
+    for ((k = 1; k <= n; k++)); do attach_start "$p-$k" "$k" "bench/pc$k" "$T/cache-$p-$k"; done
+    log "  $n replays at once"
+    declare -A QPID=()
+    s=$(now)
+    for ((k = 1; k <= n; k++)); do
+        (
+            replay "$p-$k" "$T/$p-$k.sock"
+            calc "$(now) - $s" >"$T/$p-$k.secs"
+        ) &
+        QPID[$k]=$!
+    done
+    for ((k = 1; k <= n; k++)); do wait "${QPID[$k]}" || die "replay $k of $n failed"; done
+    for ((k = 1; k <= n; k++)); do
+        SECS[$p-$k]=$(cat "$T/$p-$k.secs")
+        attach_stop "$p-$k"
+        log "  station $k: $(printf %.1f "${SECS[$p-$k]}") s, $(stats_of "$p-$k")"
+    done
+    {
+        echo "### $profile, chunks in $store: $n stations replaying one boot's $nreads disk reads at once (no QEMU)"
+        echo
+        echo "lab/base: $(human "$DISK_BYTES") disk, $(human "$STORED") in the bank; its working set from a first boot on the bank's host; the reads traced from one QEMU boot of a fork on station 1"
+        echo
+        head_rows
+        row "first boot of the base (bank's host, no network; QEMU)" "$p-first"
+        row "the traced boot (station 1, QEMU)" "$p-traced"
+        row "one station alone (replay)" "$p-alone"
+        for ((k = 1; k <= n; k++)); do row "station $k of $n (replay)" "$p-$k"; done
+        echo
+        tot=0 maxm=0 maxw=0 maxs=0
+        for ((k = 1; k <= n; k++)); do
+            tot=$(calc "$tot + $(bytes "$p-$k")")
+            m=$(misses "$p-$k")
+            ((m > maxm)) && maxm=$m
+            w=$(jget "$T/$p-$k.json" stats.miss_wait_seconds)
+            maxw=$(calc "if ($w > $maxw) $w else $maxw")
+            maxs=$(calc "if (${SECS[$p-$k]} > $maxs) ${SECS[$p-$k]} else $maxs")
+        done
+        printf -- '- per station: mean %.1f MiB fetched (alone %.1f: %.2f×); most misses waited %s (alone %s); longest total wait %.1f s (alone %.1f s); slowest replay %.1f s (alone %.1f s)\n' \
+            "$(calc "$tot / $n / 1048576")" "$(calc "$(bytes "$p-alone") / 1048576")" \
+            "$(calc "$tot / $n / $(bytes "$p-alone")")" "$maxm" "$(misses "$p-alone")" "$maxw" \
+            "$(jget "$T/$p-alone.json" stats.miss_wait_seconds)" "$maxs" "${SECS[$p-alone]}"
+        echo "- $FORKS_NOTE"
         echo
     } >>"$REPORT"
     lab_end

@@ -5,11 +5,24 @@
 use std::path::Path;
 
 use mbank_catalog::{NamedStream, VersionInfo};
-use mbank_core::{DEFAULT_CHUNK_SIZE, DiskIndex, MachineName};
+use mbank_core::{DEFAULT_CHUNK_SIZE, DiskIndex, MachineName, VersionId};
 
 use crate::image::open_image;
 use crate::import::image_items;
 use crate::{Bank, BankError, ImportOptions, ImportReport, Progress, VersionSource, WriterGuard};
+
+/// How a fork's first version names its source in its statistics (`source`):
+/// `create from <machine>@<version id>`.
+const FORK_SOURCE: &str = "create from ";
+
+/// The version a fork's first version was made from, read from its statistics'
+/// `source` (as [`Bank::create`] writes it), if it is a fork's: a bank server trusts
+/// the chunk lengths of that version (checked when it was committed) when the fork
+/// commits, rather than reading every chunk's header again.
+pub fn fork_source(source: &str) -> Option<(MachineName, VersionId)> {
+    let (m, v) = source.strip_prefix(FORK_SOURCE)?.rsplit_once('@')?;
+    Some((m.parse().ok()?, v.parse().ok()?))
+}
 
 /// Where a new machine's disk comes from.
 pub enum DiskFrom<'a> {
@@ -79,7 +92,7 @@ impl Bank {
                 // version is in flight (`mbank-store`'s crate docs, "forks").
                 let idx = self.catalog.disk_index(v)?;
                 (
-                    format!("create from {}@{}", v.machine, v.id.to_hex()),
+                    format!("{FORK_SOURCE}{}@{}", v.machine, v.id.to_hex()),
                     idx,
                     none(),
                     0,

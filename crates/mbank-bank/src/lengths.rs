@@ -96,19 +96,14 @@ pub fn length_pairs(index: &DiskIndex, streams: &[NamedStream]) -> HashSet<(Chun
     out
 }
 
-/// The first place of `index` or `streams` whose chunk, as `store` holds it, is not as
-/// long as the place; `None` when every one fits. Pairs in `known` (a version already
-/// checked, such as the parent) are not looked up; every other distinct chunk costs one
-/// [`ChunkStore::plain_len`] (a header read on a local store, a GET on S3). A chunk the
-/// store lacks is [`StoreError::Missing`].
-pub fn check_chunk_lengths(
-    store: &dyn ChunkStore,
+/// The distinct chunks whose length [`check_chunk_lengths`] reads from the store for
+/// `index` and `streams`: those at a place whose pair of chunk and length is not in
+/// `known`, in the order first met.
+pub fn lengths_to_check(
     index: &DiskIndex,
     streams: &[NamedStream],
     known: &HashSet<(ChunkId, u64)>,
-) -> Result<Option<WrongLength>, StoreError> {
-    // The distinct chunks to ask about, asked all at once (on S3 with several header
-    // reads in flight: a fork's first commit asks about every chunk of its disk).
+) -> Vec<ChunkId> {
     let mut asked = HashSet::new();
     let disk = index
         .chunks
@@ -120,11 +115,27 @@ pub fn check_chunk_lengths(
             .iter()
             .filter_map(|r| r.id.map(|id| (id, r.len as u64)))
     });
-    let ids: Vec<ChunkId> = disk
-        .chain(runs)
+    disk.chain(runs)
         .filter(|pair| !known.contains(pair) && asked.insert(pair.0))
         .map(|(id, _)| id)
-        .collect();
+        .collect()
+}
+
+/// The first place of `index` or `streams` whose chunk, as `store` holds it, is not as
+/// long as the place; `None` when every one fits. Pairs in `known` (a version already
+/// checked, such as the parent) are not looked up; every other distinct chunk costs one
+/// [`ChunkStore::plain_len`] (a header read on a local store, a ranged GET on S3, many
+/// in flight: [`ChunkStore::plain_len_many`]). A chunk the
+/// store lacks is [`StoreError::Missing`].
+pub fn check_chunk_lengths(
+    store: &dyn ChunkStore,
+    index: &DiskIndex,
+    streams: &[NamedStream],
+    known: &HashSet<(ChunkId, u64)>,
+) -> Result<Option<WrongLength>, StoreError> {
+    // The distinct chunks to ask about, asked all at once (on S3 with several header
+    // reads in flight).
+    let ids = lengths_to_check(index, streams, known);
     let lens: HashMap<ChunkId, u64> = ids
         .iter()
         .copied()

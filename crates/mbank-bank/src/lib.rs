@@ -47,12 +47,12 @@ mod s3;
 mod stream;
 mod verify;
 
-pub use create::{DiskFrom, NewMachine};
+pub use create::{DiskFrom, NewMachine, fork_source};
 pub use derive::{check_not_in_use, repeated_commit};
 pub use export::{ExportReport, write_disk};
 pub use image::ImageFormat;
 pub use import::{ChunkItem, ImportOptions, ImportReport, RepairReport, VersionSource};
-pub use lengths::{Place, WrongLength, check_chunk_lengths, length_pairs};
+pub use lengths::{Place, WrongLength, check_chunk_lengths, length_pairs, lengths_to_check};
 pub use s3::{CREDENTIALS_FILE, STORE_URL_FORM, StoreSpec};
 pub use stream::StreamStats;
 pub use verify::{DamagedChunk, DamagedIndex, GcReport, VerifyReport};

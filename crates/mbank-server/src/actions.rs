@@ -198,7 +198,7 @@ pub(crate) fn commit(
         e.body.chunk = Some(*id);
         return Err(e);
     }
-    check_lengths(app, m, &info, &index, &named)?;
+    check_lengths(app, user, m, &info, &index, &named)?;
     let published = app.access(|a| Ok(a.is_published(m)?))?;
     let grants: Vec<(ChunkId, u64)> = ids.iter().map(|id| (*id, 0)).collect();
     app.access(|a| {

@@ -979,15 +979,34 @@ async fn commit(
 /// Pairs of chunk and length the parent (a version of the same machine, checked when
 /// it was committed) already has are trusted; every other distinct chunk costs one
 /// header read from the store (a GET of the chunk on S3), so a check-in pays for the
-/// chunks it changed, a fork or first commit for all of its chunks.
+/// chunks it changed, a first commit for all of its chunks. A fork's first version
+/// trusts the pairs of the version it names as its source (`mbank_bank::fork_source`),
+/// if the user may read that machine: on S3 the header reads of a large base cost
+/// seconds to minutes. (A false claim of a source changes no outcome: a pair a
+/// committed version holds is a true one.)
 fn check_lengths(
     app: &App,
+    user: &User,
     m: &MachineName,
     info: &mbank_catalog::VersionInfo,
     index: &DiskIndex,
     streams: &[mbank_catalog::NamedStream],
 ) -> Result<(), ApiError> {
-    let known = match info.parent {
+    let source = match (info.parent, mbank_bank::fork_source(&info.stats.source)) {
+        (None, Some((sm, sv))) if app.readable_machine(user, &sm).is_ok() => app.catalog(|c| {
+            let Ok(v) = c.resolve(&sm, Some(&sv.to_hex())) else {
+                return Ok(HashSet::new());
+            };
+            if v.id != sv {
+                return Ok(HashSet::new());
+            }
+            let idx = c.disk_index(&v)?;
+            let streams = c.streams(&v)?;
+            Ok(mbank_bank::length_pairs(&idx, &streams))
+        })?,
+        _ => HashSet::new(),
+    };
+    let mut known = match info.parent {
         Some(p) => app.catalog(|c| {
             let Ok(parent) = c.resolve(m, Some(&p.to_hex())) else {
                 return Ok(HashSet::new());
@@ -1001,6 +1020,11 @@ fn check_lengths(
         })?,
         None => HashSet::new(),
     };
+    known.extend(source);
+    let reads = mbank_bank::lengths_to_check(index, streams, &known).len();
+    app.metrics
+        .commit_length_reads
+        .fetch_add(reads as u64, Relaxed);
     match mbank_bank::check_chunk_lengths(&*app.store, index, streams, &known) {
         Ok(None) => Ok(()),
         Ok(Some(w)) => {

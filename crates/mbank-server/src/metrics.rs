@@ -23,6 +23,8 @@ pub struct Metrics {
     pub bytes_stored: AtomicU64,
     pub chunks_served: AtomicU64,
     pub commits: AtomicU64,
+    /// Chunk headers read from the store to check a commit's chunk lengths.
+    pub commit_length_reads: AtomicU64,
     pub logins: AtomicU64,
     pub login_failures: AtomicU64,
     /// Error answers by kind.
@@ -195,6 +197,11 @@ impl Metrics {
             "mbank_commits_total",
             "Versions committed.",
             self.commits.load(Relaxed),
+        );
+        counter(
+            "mbank_commit_length_reads_total",
+            "Chunk headers read from the store to check the lengths in commits.",
+            self.commit_length_reads.load(Relaxed),
         );
         counter("mbank_logins_total", "Logins.", self.logins.load(Relaxed));
         counter(

@@ -18,8 +18,8 @@
 //! quick-xml, serde) that we would drive through a private runtime, and its copy has no
 //! way to say `x-amz-metadata-directive: REPLACE`, which `touch` needs;
 //! `reqwest::blocking` runs a hidden tokio runtime thread and pulls hyper for the same
-//! few requests. We use six S3 calls (PUT, GET, DELETE, PUT with a copy source,
-//! ListObjectsV2, and nothing else), all path-style, so the signer and a tolerant
+//! few requests. We use six S3 calls (PUT, GET (also of a byte range), DELETE, PUT
+//! with a copy source, ListObjectsV2, and nothing else), all path-style, so the signer and a tolerant
 //! reader of the list XML are all the protocol we need. The body hash is signed
 //! (`x-amz-content-sha256`), so the server rejects a body damaged on the way.
 //!
@@ -60,6 +60,15 @@
 //!
 //! Timestamps come from the Garage nodes' clocks and the cutoff from the bank's: keep
 //! them synchronised (NTP); the scheme's 1 s margin covers small skew.
+//!
+//! ## Many reads at once
+//!
+//! Each read is a round trip to a node (tens of ms on a busy Garage), so the batch reads
+//! keep several in flight: `get_raw_each` (which the bank server streams a batch get
+//! from) and `get_raw_many` run up to 16 GETs on as many threads, at most 16 chunks
+//! ahead of the one handed over next, and hand the chunks over in order;
+//! `plain_len_many` (a commit's length check) does the same with ranged GETs of the
+//! 16-byte header. `touch_many` runs 16 copies at once.
 //!
 //! ## Failures
 //!

@@ -580,6 +580,22 @@ fn isolation_probes_see_nothing_of_another_user() {
     );
     s.local(&["admin", "publish", "lab/base"]).ok();
     assert_eq!(alice.log("lab/base").len(), 1);
+    // The server reads no chunk header for the fork's commit: it trusts the lengths of
+    // the published version the fork names (bob's import above read all of its own).
+    s.add_user("ops", "ops-secret-4444", &["--admin"]);
+    s.try_login("ops", "ops-secret-4444", &[]).ok();
+    let length_reads = || {
+        let (code, m) = s.curl(Some(&s.token("ops")), "GET", "/metrics", None);
+        let m = String::from_utf8_lossy(&m).into_owned();
+        assert_eq!(code, 200, "{m}");
+        m.lines()
+            .find_map(|l| l.strip_prefix("mbank_commit_length_reads_total "))
+            .unwrap_or_else(|| panic!("no mbank_commit_length_reads_total in:\n{m}"))
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = length_reads();
+    assert!(before > 0, "bob's import read its chunks' lengths");
     alice
         .run(&[
             "-q",
@@ -591,6 +607,11 @@ fn isolation_probes_see_nothing_of_another_user() {
             "256M",
         ])
         .ok();
+    assert_eq!(
+        length_reads(),
+        before,
+        "chunk headers read for the commit of a fork"
+    );
     assert_export(
         &alice,
         "alice/fork",
