@@ -80,6 +80,7 @@
 use std::fmt::Write as _;
 use std::io::Read;
 use std::ops::ControlFlow;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, RwLock};
@@ -764,6 +765,8 @@ fn in_order_ahead<T: Send>(
         due: usize,
         done: std::collections::BTreeMap<usize, T>,
         stop: bool,
+        /// A thread's work panicked: its place will never be done.
+        lost: bool,
     }
     let window = window.max(1);
     let threads = window.min(n);
@@ -780,6 +783,7 @@ fn in_order_ahead<T: Send>(
         due: 0,
         done: std::collections::BTreeMap::new(),
         stop: false,
+        lost: false,
     });
     // Threads wait on `room` for the window to move; the consumer on `ready`.
     let (room, ready) = (Condvar::new(), Condvar::new());
@@ -799,30 +803,50 @@ fn in_order_ahead<T: Send>(
                         st.next += 1;
                         st.next - 1
                     };
-                    let r = work(i);
+                    // A panic stops everyone (the consumer would wait for its place
+                    // for ever) and is raised again when the scope joins.
+                    let r = match catch_unwind(AssertUnwindSafe(|| work(i))) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let mut st = lock();
+                            (st.lost, st.stop) = (true, true);
+                            drop(st);
+                            ready.notify_one();
+                            room.notify_all();
+                            resume_unwind(e);
+                        }
+                    };
                     lock().done.insert(i, r);
                     ready.notify_one();
                 }
             });
         }
-        for i in 0..n {
-            let r = {
-                let mut st = lock();
-                loop {
-                    if let Some(r) = st.done.remove(&i) {
-                        st.due = i + 1;
-                        break r;
+        let handed = catch_unwind(AssertUnwindSafe(|| {
+            for i in 0..n {
+                let r = {
+                    let mut st = lock();
+                    loop {
+                        if let Some(r) = st.done.remove(&i) {
+                            st.due = i + 1;
+                            break r;
+                        }
+                        if st.lost {
+                            return;
+                        }
+                        st = ready.wait(st).expect("read-ahead state poisoned");
                     }
-                    st = ready.wait(st).expect("read-ahead state poisoned");
+                };
+                room.notify_all();
+                if each(i, r).is_break() {
+                    return;
                 }
-            };
-            room.notify_all();
-            if each(i, r).is_break() {
-                break;
             }
-        }
+        }));
         lock().stop = true;
         room.notify_all();
+        if let Err(e) = handed {
+            resume_unwind(e);
+        }
     });
 }
 
@@ -1057,6 +1081,28 @@ mod tests {
         assert_eq!(n, 10);
         let s = started.load(Ordering::SeqCst);
         assert!(s <= 10 + 4, "{s} places started after a break at the 10th");
+    }
+
+    /// A panic in the work or in the consumer is raised to the caller, with the other
+    /// threads stopped, rather than leaving the consumer or the threads waiting.
+    #[test]
+    fn in_order_ahead_raises_a_panic_rather_than_hanging() {
+        let work = |i: usize| {
+            assert!(i != 5, "work of place 5 failed");
+            std::thread::sleep(Duration::from_millis(1));
+            i
+        };
+        let r = std::panic::catch_unwind(|| {
+            in_order_ahead(100, 4, &work, &mut |_, _| ControlFlow::Continue(()))
+        });
+        assert!(r.is_err(), "a panicking work item");
+        let r = std::panic::catch_unwind(|| {
+            in_order_ahead(100, 4, &|i| i, &mut |i, _| {
+                assert!(i != 3, "the consumer failed at place 3");
+                ControlFlow::Continue(())
+            })
+        });
+        assert!(r.is_err(), "a panicking consumer");
     }
 
     #[test]
