@@ -209,7 +209,7 @@ CREATE TABLE IF NOT EXISTS gc_marks (
 CREATE TRIGGER IF NOT EXISTS versions_removed AFTER DELETE ON versions
 BEGIN
     INSERT INTO gc_marks (name, at_ms, count)
-    VALUES ('version_removed', CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER), 1)
+    VALUES ('version_removed', CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER), 1)
     ON CONFLICT (name) DO UPDATE SET at_ms = excluded.at_ms, count = count + 1;
 END;
 ";
