@@ -485,7 +485,7 @@ fn console_login_pages_forms_and_logout() {
 /// The console in a real browser: headless Chromium driven by Selenium
 /// (`web_browser.py`): log in, see the machines, set a head, remove a version, meet the
 /// 404 of another user's machine, log out; an administrator adds a user with a quota,
-/// who logs in. No errors in the browser's console; a screenshot of each step in
+/// who logs in, and runs a verify from the storage page, reloaded to its outcome. No errors in the browser's console; a screenshot of each step in
 /// `target/web-screenshots` (kept by CI as artifacts).
 #[test]
 fn console_in_a_real_browser() {
@@ -982,7 +982,9 @@ fn a_verify_started_from_the_console_is_the_apis_job_and_outlives_a_restart() {
     assert_eq!(p.status, 200, "{}", p.body);
     let jobs = table(&p.body, "jobs");
     assert!(
-        jobs.contains(">verify<") && jobs.contains("no damage") && jobs.contains("last-verify.json"),
+        jobs.contains(">verify<")
+            && jobs.contains("no damage")
+            && jobs.contains("last-verify.json"),
         "{jobs}"
     );
 }
