@@ -196,6 +196,9 @@ pub struct Job {
     pub id: u64,
     /// `gc`, `verify` or `stats`.
     pub job: String,
+    /// The administrator who started it (over the API or from the web console).
+    #[serde(default)]
+    pub by: String,
     /// `running`, `done` or `failed`.
     pub state: String,
     /// What it does now (a phase of the walk), and how far it is: `done` of `total`

@@ -4,6 +4,10 @@
 //! safe while serving), whose progress and report the client polls; and the users'
 //! quotas and usage. The same functions serve `mbank gc` and `verify` on the host, so
 //! both record `<bank>/last-JOB.json` for `/metrics` and prune the same rights.
+//!
+//! [`Jobs`] is the server's only runner: the web console's storage page starts gc and
+//! verify through it and lists its jobs (issue 16: one set of rules), so one job of a
+//! kind runs at a time whichever way it was started, and each sees the other's.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -16,6 +20,8 @@ use mbank_remote::wire;
 pub struct JobState {
     id: u64,
     job: String,
+    /// The administrator who started it.
+    by: String,
     started_ms: i64,
     phase: Mutex<(String, &'static str)>,
     total: AtomicU64,
@@ -25,10 +31,11 @@ pub struct JobState {
 }
 
 impl JobState {
-    fn new(id: u64, job: &str) -> JobState {
+    fn new(id: u64, job: &str, by: &str) -> JobState {
         JobState {
             id,
             job: job.to_string(),
+            by: by.to_string(),
             started_ms: mbank_catalog::now_ms(),
             phase: Mutex::new(("starting".into(), "chunks")),
             total: AtomicU64::new(0),
@@ -61,6 +68,7 @@ impl JobState {
         wire::Job {
             id: self.id,
             job: self.job.clone(),
+            by: self.by.clone(),
             state: state.into(),
             phase,
             done: self.done.load(Relaxed),
@@ -97,9 +105,9 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    /// Starts `job` on the bank in `bank_dir`, or answers the one of that kind that
-    /// runs already.
-    pub fn start(&self, bank_dir: &Path, job: &str) -> Result<wire::Job, String> {
+    /// Starts `job` on the bank in `bank_dir` for administrator `by`, or answers the
+    /// one of that kind that runs already (whoever started it).
+    pub fn start(&self, bank_dir: &Path, job: &str, by: &str) -> Result<wire::Job, String> {
         if !matches!(job, "gc" | "verify" | "stats") {
             return Err(format!("there is no job {job:?}: gc, verify or stats"));
         }
@@ -107,7 +115,7 @@ impl Jobs {
         if let Some(j) = all.iter().find(|j| j.job == job && j.running()) {
             return Ok(j.wire());
         }
-        let state = std::sync::Arc::new(JobState::new(all.len() as u64 + 1, job));
+        let state = std::sync::Arc::new(JobState::new(all.len() as u64 + 1, job, by));
         all.push(state.clone());
         drop(all);
         let dir: PathBuf = bank_dir.to_path_buf();
@@ -134,6 +142,19 @@ impl Jobs {
     pub fn get(&self, id: u64) -> Option<wire::Job> {
         let all = self.all.lock().unwrap_or_else(|p| p.into_inner());
         all.iter().find(|j| j.id == id).map(|j| j.wire())
+    }
+
+    /// The last job of each kind started since the server started, oldest first.
+    pub fn latest(&self) -> Vec<wire::Job> {
+        let all = self.all.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<wire::Job> = Vec::new();
+        for j in all.iter().rev() {
+            if !out.iter().any(|o| o.job == j.job) {
+                out.push(j.wire());
+            }
+        }
+        out.reverse();
+        out
     }
 }
 

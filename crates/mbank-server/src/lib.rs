@@ -97,7 +97,7 @@ struct App {
     bodies: BodyBudget,
     /// Held while a user's quota is checked and what it pays for recorded.
     quota_locks: caps::UserLocks,
-    /// The web console's jobs (gc, verify) and health samples.
+    /// The web console's health samples.
     console: web::ConsoleState,
     /// When this server started (ms since the epoch).
     started_ms: i64,
@@ -105,7 +105,7 @@ struct App {
     /// this server started: a writer released with no commit since it began gives back
     /// the quota its uploads took.
     last_commit: Mutex<std::collections::HashMap<String, i64>>,
-    /// gc, verify and stats started by administrators over HTTPS.
+    /// gc, verify and stats started by administrators over HTTPS or from the console.
     jobs: jobs::Jobs,
 }
 
@@ -759,7 +759,7 @@ async fn start_job(
         require_admin(user, &format!("`mbank {}` over the network", req.job))?;
         let job = app
             .jobs
-            .start(&app.bank_dir, &req.job)
+            .start(&app.bank_dir, &req.job, &user.name)
             .map_err(ApiError::bad_request)?;
         tracing::info!(user = %user.name, job = %job.job, id = job.id, "job requested");
         Ok((StatusCode::ACCEPTED, json(&job)).into_response())

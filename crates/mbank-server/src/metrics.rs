@@ -51,7 +51,12 @@ pub struct Histogram {
 #[derive(Debug, serde::Deserialize)]
 pub struct LastJob {
     pub finished_ms: i64,
+    #[serde(default)]
+    pub seconds: f64,
     pub ok: bool,
+    /// What went wrong, when not `ok`.
+    #[serde(default)]
+    pub failure: Option<String>,
     #[serde(default)]
     pub bytes_stored: Option<u64>,
 }

@@ -103,6 +103,20 @@ impl Console {
     }
 
     fn spawn(mut self) -> Console {
+        self.launch();
+        self
+    }
+
+    /// Stops the server and serves the same bank again (on another port).
+    fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.launch();
+    }
+
+    fn launch(&mut self) {
         let log = self.root.join("server.log");
         let mut c = mbank();
         c.arg("--bank").arg(&self.bank_dir).arg("serve");
@@ -115,7 +129,28 @@ impl Console {
         let mut child = c.spawn().unwrap();
         self.port = common::serve_port(&mut child, &log);
         self.child = Some(child);
-        self
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// `mbank ARGS` with root's credentials (`mbank login` with the test CA).
+    fn as_root(&self, args: &[&str]) -> Run {
+        let mut c = mbank();
+        c.env("XDG_CONFIG_HOME", self.root.join("config-root"))
+            .env_remove("MBANK_TOKEN")
+            .args(args);
+        run_cmd(c)
+    }
+
+    fn login_root(&self) {
+        let mut c = mbank();
+        c.env("XDG_CONFIG_HOME", self.root.join("config-root"))
+            .env_remove("MBANK_TOKEN");
+        c.args(["login", &self.url(), "--user", "root", "--password-stdin"]);
+        c.arg("--ca-cert").arg(&self.ca);
+        with_stdin(c, "root-secret-333").ok();
     }
 
     fn local(&self, args: &[&str]) -> Run {
@@ -450,7 +485,7 @@ fn console_login_pages_forms_and_logout() {
 /// The console in a real browser: headless Chromium driven by Selenium
 /// (`web_browser.py`): log in, see the machines, set a head, remove a version, meet the
 /// 404 of another user's machine, log out; an administrator adds a user with a quota,
-/// who logs in. No errors in the browser's console; a screenshot of each step in
+/// who logs in, and runs a verify from the storage page, reloaded to its outcome. No errors in the browser's console; a screenshot of each step in
 /// `target/web-screenshots` (kept by CI as artifacts).
 #[test]
 fn console_in_a_real_browser() {
@@ -864,4 +899,92 @@ fn console_forks_downloads_and_administers() {
     );
     let p = root.wait_for("/admin/storage", "Start verify");
     assert!(p.body.contains("no damage"), "{}", p.body);
+}
+
+/// The part of `page` in the element with `id` (up to its table's end).
+fn table<'a>(page: &'a str, id: &str) -> &'a str {
+    let at = page
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no element {id} in {page}"));
+    let rest = &page[at..];
+    &rest[..rest.find("</table>").unwrap_or(rest.len())]
+}
+
+/// `GET path` of the API with a bearer token: status and body.
+fn api_get(s: &Console, token: &str, path: &str) -> (u16, String) {
+    let o = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", "--cacert"])
+        .arg(&s.ca)
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {token}"))
+        .arg(format!("https://127.0.0.1:{}{path}", s.port))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let (body, status) = out.rsplit_once('\n').unwrap_or(("", &out));
+    (status.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// One runner for the administrator's jobs (issue 16): a gc started over the API with
+/// `mbank gc --bank URL` is on the console's storage page, with who started it and
+/// its outcome.
+#[test]
+fn a_gc_started_over_the_api_shows_on_the_storage_page() {
+    let s = Console::start();
+    s.login_root();
+    let r = s.as_root(&["--bank", &s.url(), "gc"]).ok();
+    r.stderr_has(&["gc started on", "deleted 0 chunks"]);
+
+    let root = s.browser();
+    assert_eq!(root.login("root", "root-secret-333").status, 303);
+    let p = root.get("/admin/storage");
+    assert_eq!(p.status, 200, "{}", p.body);
+    let jobs = table(&p.body, "jobs");
+    assert!(
+        jobs.contains(">gc<") && jobs.contains(">root<") && jobs.contains("deleted 0 chunks"),
+        "{jobs}"
+    );
+}
+
+/// A verify started from the console is the API's job (`GET /v1/admin/jobs/{id}`),
+/// recorded in `last-verify.json`, and its outcome is on the storage page after the
+/// server restarts.
+#[test]
+fn a_verify_started_from_the_console_is_the_apis_job_and_outlives_a_restart() {
+    let mut s = Console::start();
+    let root = s.browser();
+    assert_eq!(root.login("root", "root-secret-333").status, 303);
+    let csrf = root.get("/admin/storage").csrf();
+    let a = root.post("/admin/jobs", &[("csrf", &csrf), ("kind", "verify")]);
+    assert_eq!(a.status, 303, "{}", a.body);
+    let p = root.wait_for("/admin/storage", "Start verify");
+    assert!(table(&p.body, "jobs").contains("no damage"), "{}", p.body);
+
+    let (status, body) = api_get(&s, &root.token(), "/v1/admin/jobs/1");
+    assert_eq!(status, 200, "{body}");
+    let job: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(job["job"], "verify", "{job}");
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(job["result"]["ok"], true, "{job}");
+    assert_eq!(job["by"], "root", "{job}");
+    let record = s.bank_dir.join("last-verify.json");
+    let rec: serde_json::Value = serde_json::from_slice(
+        &fs::read(&record).unwrap_or_else(|e| panic!("{}: {e}", record.display())),
+    )
+    .unwrap();
+    assert_eq!(rec["ok"], true, "{rec}");
+
+    // The same browser (its cookie jar) on the server started again.
+    let jar = root.jar.clone();
+    s.restart();
+    let root = Browser { s: &s, jar };
+    let p = root.get("/admin/storage");
+    assert_eq!(p.status, 200, "{}", p.body);
+    let jobs = table(&p.body, "jobs");
+    assert!(
+        jobs.contains(">verify<")
+            && jobs.contains("no damage")
+            && jobs.contains("last-verify.json"),
+        "{jobs}"
+    );
 }

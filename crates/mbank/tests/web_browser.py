@@ -13,6 +13,7 @@ browser's console on a page that should load.
 
 import os
 import sys
+import time
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -162,6 +163,25 @@ for step, name in [("11b-published", "Published"), ("11c-storage", "Storage"),
     page(step)
 check("11e-health", len(driver.find_elements(By.CSS_SELECTOR, "figure.chart svg")) >= 4,
       "the health page has no charts")
+
+# A verify started from the storage page, followed by reloading (no script) to its end.
+click(driver.find_element(By.LINK_TEXT, "Storage"))
+click(driver.find_element(By.NAME, "start-verify"))
+page("11f-verify-started")
+driver.implicitly_wait(0)
+for _ in range(480):  # up to two minutes
+    if driver.find_elements(By.NAME, "start-verify"):
+        break
+    time.sleep(0.25)
+    reload = driver.find_elements(By.LINK_TEXT, "reload the page")
+    if reload:
+        click(reload[0])
+    else:
+        driver.get(URL + "/admin/storage")
+driver.implicitly_wait(5)
+page("11g-verify-done")
+check("11g-verify-done", "no damage" in driver.find_element(By.ID, "jobs").text,
+      "the verify started from the storage page did not end with no damage")
 logout("12-admin-logout")
 login("13-new-user-login", "carol", "carol-secret-4444")
 page("14-new-user-machines")

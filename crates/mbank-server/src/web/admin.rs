@@ -4,10 +4,11 @@
 //! metrics' counters.
 //!
 //! **Jobs**: an administrator may start `gc` or `verify` on the bank from the storage
-//! page. The server runs it on a thread with the bank opened on its directory (the
-//! same `Bank::gc`/`Bank::verify` and access pruning as `mbank gc`/`verify`), one job
-//! at a time, and the page shows its phase and progress, and the outcome of the last
-//! run of each since the server started (not kept across restarts).
+//! page. They are the API's jobs ([`crate::jobs::Jobs`], as `mbank gc --bank URL`
+//! starts them): one of a kind at a time however started, recorded in
+//! `<bank>/last-JOB.json`. The page shows the last job of each kind since the server
+//! started (phase and progress while it runs, then its outcome), and the recorded
+//! last run where that is newer (before this server started, or on the bank's host).
 //!
 //! **Health**: a task samples the counters every [`SAMPLE_EVERY`]; the page draws
 //! the last [`SAMPLES`] as rates, in inline SVG (no script).
@@ -21,7 +22,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect};
 use maud::{Markup, html};
-use mbank_bank::{Progress, Unit};
+use mbank_remote::wire;
 use serde::Deserialize;
 
 use super::{
@@ -34,26 +35,11 @@ pub(crate) const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 /// How many samples the health page draws (an hour).
 const SAMPLES: usize = 360;
 
-/// The console's state in the server: jobs and health samples.
+/// The console's state in the server: health samples.
 #[derive(Default)]
 pub(crate) struct ConsoleState {
-    jobs: Mutex<Vec<Job>>,
     samples: Mutex<VecDeque<Sample>>,
     sampler: std::sync::OnceLock<()>,
-}
-
-/// A gc or verify the console started: running, or its outcome.
-#[derive(Clone)]
-struct Job {
-    kind: &'static str,
-    by: String,
-    started_ms: i64,
-    finished_ms: Option<i64>,
-    phase: String,
-    done: u64,
-    total: u64,
-    /// `Ok(summary)` or `Err(what failed)`, once finished.
-    outcome: Option<Result<String, String>>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -259,11 +245,11 @@ pub(crate) async fn publish(
 // Storage and jobs
 
 /// `GET /admin/storage`: the bank's totals (`mbank stats`: a walk over every index),
-/// each user's use, and the gc and verify jobs.
+/// each user's use, and the gc, verify and stats jobs.
 pub(crate) async fn storage_page(State(app): State<Shared>, headers: HeaderMap) -> WebResult {
     let s = session(&app, &headers).await?;
     admin(&s)?;
-    let (stats, users) = blocking(&app, |app| {
+    let (stats, users, records) = blocking(&app, |app| {
         let bank = mbank_bank::Bank::open(&app.bank_dir, true)
             .map_err(|e| ApiError::internal(e.to_string()))?;
         let stats = bank
@@ -274,16 +260,25 @@ pub(crate) async fn storage_page(State(app): State<Shared>, headers: HeaderMap) 
             let used = app.usage(&u.name)?;
             users.push((u, used));
         }
-        Ok((stats, users))
+        let records =
+            ["gc", "verify"].map(|job| (job, crate::metrics::LastJob::read(&app.bank_dir, job)));
+        Ok((stats, users, records))
     })
     .await?;
-    let jobs = app
-        .console
-        .jobs
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let running = jobs.iter().any(|j| j.finished_ms.is_none());
+    let jobs = app.jobs.latest();
+    let running = |kind: &str| jobs.iter().any(|j| j.job == kind && j.state == "running");
+    // A recorded run newer than this server's last job of its kind.
+    let records: Vec<_> = records
+        .into_iter()
+        .filter_map(|(kind, r)| {
+            let r = r?;
+            let newer = match jobs.iter().find(|j| j.job == kind) {
+                None => true,
+                Some(j) => j.finished_ms.is_some_and(|f| r.finished_ms > f),
+            };
+            newer.then_some((kind, r))
+        })
+        .collect();
     let body = html! {
         h1 { "Storage" }
         table id="storage" {
@@ -304,12 +299,13 @@ pub(crate) async fn storage_page(State(app): State<Shared>, headers: HeaderMap) 
             }
         }
         h2 { "Garbage collection and verification" }
+        p { "The same jobs as " code { "mbank gc" } ", " code { "verify" } " and " code { "stats" } " with " code { "--bank URL" } "." }
         table id="jobs" {
             thead { tr { th { "Job" } th { "By" } th { "Started" } th { "State" } th { "Outcome" } } }
             tbody {
                 @for j in &jobs {
                     tr.job {
-                        td { (j.kind) }
+                        td { (j.job) }
                         td { (j.by) }
                         td { (when(j.started_ms)) }
                         td {
@@ -318,14 +314,14 @@ pub(crate) async fn storage_page(State(app): State<Shared>, headers: HeaderMap) 
                                     "running: " (j.phase)
                                     @if j.total > 0 {
                                         " " progress max=(j.total) value=(j.done.min(j.total)) {}
-                                        " " (j.done * 100 / j.total) "%"
+                                        " " (j.done.min(j.total) * 100 / j.total) "%"
                                     }
                                 }
                                 Some(f) => { "finished " (when(f)) }
                             }
                         }
                         td.outcome {
-                            @match &j.outcome {
+                            @match outcome(j) {
                                 Some(Ok(o)) => span.ok { (o) },
                                 Some(Err(e)) => span.error { (e) },
                                 None => "-",
@@ -333,13 +329,29 @@ pub(crate) async fn storage_page(State(app): State<Shared>, headers: HeaderMap) 
                         }
                     }
                 }
+                @for (kind, r) in &records {
+                    tr.job.recorded {
+                        td { (kind) }
+                        td { "-" }
+                        td { (when(r.finished_ms - (r.seconds * 1000.0) as i64)) }
+                        td { "finished " (when(r.finished_ms)) " (" code { "last-" (kind) ".json" } ")" }
+                        td.outcome {
+                            @match (&r.failure, r.ok) {
+                                (None, true) if *kind == "verify" => span.ok { "no damage" },
+                                (None, true) => span.ok { "done in " (format!("{:.1}", r.seconds)) " s" @if let Some(b) = r.bytes_stored { "; " (bytes(b)) " stored after it" } },
+                                (f, _) => span.error { (f.as_deref().unwrap_or("failed")) },
+                            }
+                        }
+                    }
+                }
             }
         }
-        @if jobs.is_empty() { p { "No gc or verify has run since the server started." } }
-        @if running {
-            p { "A job is running; reload the page to follow it." }
-        } @else {
-            @for kind in ["gc", "verify"] {
+        @if jobs.is_empty() && records.is_empty() { p { "No gc or verify has run on this bank." } }
+        @if jobs.iter().any(|j| j.state == "running") {
+            p { "A job is running; " a href="/admin/storage" { "reload the page" } " to follow it." }
+        }
+        @for kind in ["gc", "verify"] {
+            @if !running(kind) {
                 form.inline method="post" action="/admin/jobs" {
                     input type="hidden" name="csrf" value=(s.csrf);
                     input type="hidden" name="kind" value=(kind);
@@ -351,6 +363,60 @@ pub(crate) async fn storage_page(State(app): State<Shared>, headers: HeaderMap) 
     Ok(Page(StatusCode::OK, layout("Storage", Some(&s), body)).into_response())
 }
 
+/// What the storage page says of a finished job: `Ok(summary)`, or `Err` with what
+/// failed or the damage verify found; `None` while it runs.
+fn outcome(j: &wire::Job) -> Option<Result<String, String>> {
+    if j.state == "running" {
+        return None;
+    }
+    let Some(r) = &j.result else {
+        return Some(Err(j
+            .error
+            .clone()
+            .unwrap_or_else(|| format!("{} failed (no reason given)", j.job))));
+    };
+    let n = |k: &str| r[k].as_u64().unwrap_or(0);
+    let len = |k: &str| r[k].as_array().map_or(0, Vec::len);
+    let secs = r["seconds"].as_f64().unwrap_or(0.0);
+    Some(match j.job.as_str() {
+        "gc" => Ok(format!(
+            "deleted {} chunks ({}), kept {} for writers in flight; {} referenced by {} versions; forgot {} rights; {secs:.1} s",
+            n("chunks_deleted"),
+            bytes(n("bytes_deleted")),
+            n("chunks_kept_for_writers"),
+            n("chunks_referenced"),
+            n("versions"),
+            n("access_rows_pruned"),
+        )),
+        "verify" => {
+            let summary = format!(
+                "{} versions, {} chunks ({}) checked in {secs:.1} s",
+                n("versions"),
+                n("chunks_checked"),
+                bytes(n("bytes_checked")),
+            );
+            if r["ok"] == true {
+                Ok(format!("no damage: {summary}"))
+            } else {
+                Err(format!(
+                    "DAMAGE: {} chunks, {} indexes, {} databases, {} records damaged; {} missing rights; {summary}; run `mbank verify` on the bank's host for the details",
+                    len("damaged_chunks"),
+                    len("damaged_indexes"),
+                    len("damaged_databases"),
+                    len("damaged_records"),
+                    len("missing_rights"),
+                ))
+            }
+        }
+        _ => Ok(format!(
+            "{} machines, {} versions; {} stored",
+            n("machines"),
+            n("versions"),
+            bytes(n("bytes_stored")),
+        )),
+    })
+}
+
 #[derive(Deserialize)]
 pub(super) struct JobForm {
     #[serde(default)]
@@ -358,41 +424,8 @@ pub(super) struct JobForm {
     kind: String,
 }
 
-/// A job's progress, into the console's state.
-struct JobProgress {
-    app: Shared,
-    kind: &'static str,
-}
-
-impl JobProgress {
-    fn with(&self, f: impl FnOnce(&mut Job)) {
-        let mut jobs = self
-            .app
-            .console
-            .jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(j) = jobs.iter_mut().rev().find(|j| j.kind == self.kind) {
-            f(j);
-        }
-    }
-}
-
-impl Progress for JobProgress {
-    fn start(&self, what: &str, total: u64, _: Unit) {
-        self.with(|j| {
-            j.phase = what.to_string();
-            j.total = total;
-            j.done = 0;
-        });
-    }
-
-    fn advance(&self, n: u64) {
-        self.with(|j| j.done = j.done.saturating_add(n));
-    }
-}
-
-/// `POST /admin/jobs`: starts `gc` or `verify` on a thread, one job at a time.
+/// `POST /admin/jobs`: starts `gc` or `verify` as the API's `POST /v1/admin/jobs` does
+/// (a job of that kind running already is left to run, and shown).
 pub(crate) async fn start_job(
     State(app): State<Shared>,
     headers: HeaderMap,
@@ -401,119 +434,19 @@ pub(crate) async fn start_job(
     let s = session(&app, &headers).await?;
     check_csrf(&s, &f.csrf)?;
     admin(&s)?;
-    let kind: &'static str = match f.kind.as_str() {
-        "gc" => "gc",
-        "verify" => "verify",
-        other => {
-            return Err(ApiError::bad_request(format!(
-                "no such job: {other:?}; start gc or verify"
-            ))
-            .into());
-        }
-    };
-    {
-        let mut jobs = app.console.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(j) = jobs.iter().find(|j| j.finished_ms.is_none()) {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "busy",
-                format!("{} is running; wait for it to finish", j.kind),
-            )
-            .into());
-        }
-        // Keep the last run of each kind, and this one.
-        jobs.retain(|j| j.kind != kind);
-        jobs.push(Job {
-            kind,
-            by: s.user.name.clone(),
-            started_ms: mbank_catalog::now_ms(),
-            finished_ms: None,
-            phase: "starting".into(),
-            done: 0,
-            total: 0,
-            outcome: None,
-        });
-    }
-    tracing::info!(job = kind, by = %s.user.name, "job started (console)");
-    let a = app.clone();
-    std::thread::Builder::new()
-        .name(format!("console {kind}"))
-        .spawn(move || {
-            let p = JobProgress {
-                app: a.clone(),
-                kind,
-            };
-            let outcome = match kind {
-                "gc" => run_gc(&a, &p),
-                _ => run_verify(&a, &p),
-            };
-            match &outcome {
-                Ok(o) => tracing::info!(job = kind, outcome = %o, "job finished"),
-                Err(e) => tracing::warn!(job = kind, error = %e, "job failed"),
-            }
-            p.with(|j| {
-                j.finished_ms = Some(mbank_catalog::now_ms());
-                j.outcome = Some(outcome);
-            });
-        })
-        .map_err(|e| ApiError::internal(format!("cannot start the {kind} thread: {e}")))?;
-    Ok(Redirect::to("/admin/storage").into_response())
-}
-
-/// `mbank gc`, with the pruning of rights to chunks that are gone.
-fn run_gc(app: &App, p: &JobProgress) -> Result<String, String> {
-    let bank = mbank_bank::Bank::open(&app.bank_dir, false).map_err(|e| e.to_string())?;
-    let r = bank.gc(p).map_err(|e| e.to_string())?;
-    let referenced = bank.referenced_chunks().map_err(|e| e.to_string())?;
-    let store = bank.store();
-    let pruned = app
-        .access(|a| {
-            Ok(a.prune(
-                &|id| {
-                    referenced.contains(id)
-                        || !matches!(
-                            store.plain_len(id),
-                            Err(mbank_store::StoreError::Missing(_))
-                        )
-                },
-                r.cutoff_ms,
-            )?)
-        })
-        .map_err(|e| e.body.message)?;
-    Ok(format!(
-        "deleted {} chunks ({}), kept {} for writers in flight; {} referenced by {} versions; forgot {pruned} rights; {:.1} s",
-        r.chunks_deleted,
-        bytes(r.bytes_deleted),
-        r.chunks_kept_for_writers,
-        r.chunks_referenced,
-        r.versions,
-        r.seconds
-    ))
-}
-
-/// `mbank verify` of the whole bank.
-fn run_verify(app: &App, p: &JobProgress) -> Result<String, String> {
-    let bank = mbank_bank::Bank::open(&app.bank_dir, true).map_err(|e| e.to_string())?;
-    let r = bank.verify(None, 2, p).map_err(|e| e.to_string())?;
-    let summary = format!(
-        "{} versions, {} chunks ({}) checked in {:.1} s",
-        r.versions,
-        r.chunks_checked,
-        bytes(r.bytes_checked),
-        r.seconds
-    );
-    if r.ok() {
-        Ok(format!("no damage: {summary}"))
-    } else {
-        Err(format!(
-            "DAMAGE: {} chunks, {} indexes, {} databases, {} records damaged; {} missing rights; {summary}; run `mbank verify` on the bank's host for the details",
-            r.damaged_chunks.len(),
-            r.damaged_indexes.len(),
-            r.damaged_databases.len(),
-            r.damaged_records.len(),
-            r.missing_rights.len()
+    if !matches!(f.kind.as_str(), "gc" | "verify") {
+        return Err(ApiError::bad_request(format!(
+            "no such job: {:?}; start gc or verify",
+            f.kind
         ))
+        .into());
     }
+    let job = app
+        .jobs
+        .start(&app.bank_dir, &f.kind, &s.user.name)
+        .map_err(ApiError::internal)?;
+    tracing::info!(job = %job.job, id = job.id, by = %s.user.name, "job requested (console)");
+    Ok(Redirect::to("/admin/storage").into_response())
 }
 
 // ---------------------------------------------------------------------------------
