@@ -587,12 +587,80 @@ fn parse_chunk_size(s: &str) -> Result<u32, String> {
     Ok(v as u32)
 }
 
+/// Global options and the commands they apply to; every other command's help leaves
+/// them out (they are still accepted there, and ignored).
+const GLOBAL_WHERE: &[(&str, &[&str])] = &[
+    (
+        "cache",
+        &[
+            "attach", "run", "recover", "status", "suspend", "poweroff", "ls", "cat", "restore",
+            "mount", "diff",
+        ],
+    ),
+    (
+        "cache_size",
+        &[
+            "attach", "run", "recover", "status", "suspend", "poweroff", "ls", "cat", "restore",
+            "mount", "diff",
+        ],
+    ),
+    (
+        "jobs",
+        &[
+            "import", "export", "create", "verify", "gc", "stats", "attach", "run", "recover",
+            "ls", "cat", "restore", "mount", "diff",
+        ],
+    ),
+];
+/// Commands that never reach a bank: their help leaves `--bank` out.
+const NO_BANK: &[&str] = &["completions", "man", "units", "login", "logout"];
+
+/// The command line's definition, with each global option shown in the help of the
+/// commands it applies to only ([`GLOBAL_WHERE`], [`NO_BANK`]).
+fn command() -> clap::Command {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let global = |id: &str| {
+        cmd.get_arguments()
+            .find(|a| a.get_id() == id)
+            .expect("a global option")
+            .clone()
+    };
+    // Where an option does not apply, the command gets its own hidden copy of it, which
+    // clap's propagation of global options then leaves in place. (clap's own `help`
+    // command gets no global options.)
+    let mut hide: Vec<(String, clap::Arg)> = Vec::new();
+    for sub in cmd.get_subcommands().map(|c| c.get_name()) {
+        if sub == "help" {
+            continue;
+        }
+        for (id, used) in GLOBAL_WHERE {
+            if !used.contains(&sub) {
+                hide.push((sub.to_string(), global(id).hide(true)));
+            }
+        }
+        if NO_BANK.contains(&sub) {
+            hide.push((sub.to_string(), global("bank").hide(true)));
+        }
+    }
+    for (sub, arg) in hide {
+        cmd = cmd.mut_subcommand(sub, |c| c.arg(arg));
+    }
+    cmd
+}
+
 fn main() -> ExitCode {
     // What mbank writes (a bank, a station cache, sessions, exported images) is private
     // to the user or service running it, whatever the login's umask.
     // SAFETY: umask(2) only sets this process's file creation mask; it cannot fail.
     unsafe { libc::umask(0o077) };
-    let cli = Cli::parse();
+    let cli = {
+        use clap::FromArgMatches;
+        match Cli::from_arg_matches(&command().get_matches()) {
+            Ok(c) => c,
+            Err(e) => e.exit(),
+        }
+    };
     match run(cli) {
         Ok(code) => code,
         Err(e) if out::is_stdout_closed(&e) => out::die_of_sigpipe(),
@@ -915,7 +983,6 @@ WantedBy=multi-user.target
 
 /// `mbank man DIR`: one page for mbank and one for each command (`mbank-admin-user-add.1`).
 fn write_man_pages(dir: &std::path::Path, say: &dyn Fn(String)) -> Result<()> {
-    use clap::CommandFactory;
     fn walk(cmd: &clap::Command, name: &str, dir: &std::path::Path, n: &mut usize) -> Result<()> {
         // clap names are &'static str; a one-shot command may leak a few.
         let full: &'static str = Box::leak(name.to_string().into_boxed_str());
@@ -938,8 +1005,7 @@ fn write_man_pages(dir: &std::path::Path, say: &dyn Fn(String)) -> Result<()> {
             dir.display()
         );
     }
-    let mut cmd = Cli::command();
-    cmd.build();
+    let cmd = command();
     let mut n = 0;
     walk(&cmd, "mbank", dir, &mut n)?;
     say(format!("wrote {n} man pages to {}", dir.display()));
@@ -1081,8 +1147,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     };
     match &cli.cmd {
         Cmd::Completions { shell } => {
-            use clap::CommandFactory;
-            let mut cmd = Cli::command();
+            let mut cmd = command();
             let mut out = std::io::stdout().lock();
             clap_complete::generate(*shell, &mut cmd, "mbank", &mut out);
             return Ok(ExitCode::SUCCESS);

@@ -591,3 +591,33 @@ fn the_libvirt_example_is_a_valid_domain() {
     let r = run_cmd(c).ok();
     assert!(r.stdout.contains("alice-dev"), "{r}");
 }
+
+/// A global option shows in the help of the commands it applies to only (and is still
+/// accepted by the others, so scripts and MBANK_* settings keep working).
+#[test]
+fn global_options_show_only_where_they_apply() {
+    let help = |args: &[&str]| {
+        let mut c = mbank();
+        c.args(args).arg("--help");
+        run_cmd(c).ok().stdout
+    };
+    let log = help(&["log"]);
+    for absent in ["--cache", "--cache-size", "--jobs"] {
+        assert!(!log.contains(absent), "log --help shows {absent}:\n{log}");
+    }
+    assert!(log.contains("--bank") && log.contains("--quiet"), "{log}");
+    let attach = help(&["attach"]);
+    for present in ["--cache", "--cache-size", "--jobs", "--bank"] {
+        assert!(
+            attach.contains(present),
+            "attach --help lacks {present}:\n{attach}"
+        );
+    }
+    let completions = help(&["completions"]);
+    assert!(!completions.contains("--bank"), "{completions}");
+    assert!(help(&["admin", "user", "add"]).contains("--bank"));
+    let bank = Bank::new();
+    bank.run(&["log", "nobody/none", "--cache", "/nonexistent", "-j", "2"])
+        .failed()
+        .stderr_has(&["no machine named nobody/none"]);
+}
