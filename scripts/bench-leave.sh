@@ -77,7 +77,7 @@ in_st() { local k=$1; shift; ip netns exec "$(st_ns "$k")" env XDG_CONFIG_HOME="
 BANK=$T/bank
 "$MBANK" -q --bank "$BANK" init
 printf 'bench-password-leave\n' | "$MBANK" -q --bank "$BANK" admin user add bench --password-stdin >/dev/null
-in_srv "$MBANK" -q --bank "$BANK" serve --listen "$MBANK_LAB_SERVER_ADDR:0" \
+in_srv "$MBANK" --bank "$BANK" serve --listen "$MBANK_LAB_SERVER_ADDR:0" \
     --tls-cert "$T/cert.pem" --tls-key "$T/key.pem" >"$T/serve.out" 2>"$T/serve.log" &
 PIDS+=($!)
 URL=
