@@ -161,6 +161,9 @@ pub struct Counters {
     pub reads: u64,
     /// Bytes they returned.
     pub bytes_read: u64,
+    /// The longest read request (the kernel's read-around window, or its request
+    /// size when the window is split).
+    pub largest_read: u64,
     /// Write requests served.
     pub writes: u64,
     /// Bytes they wrote.

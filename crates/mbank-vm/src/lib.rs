@@ -15,6 +15,7 @@
 //! The format of the configuration is in `docs/formats.md`.
 
 pub mod qmp;
+pub mod thp;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
