@@ -458,10 +458,25 @@ fn spawn_qemu(
             advice.apply()
         });
     }
-    let mut child = cmd.spawn().map_err(|source| mbank_vm::VmError::NoQemu {
-        binary: bin.clone(),
-        source,
-    })?;
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        // Not a missing binary: most likely the filter set before exec failed.
+        Err(e) if advice == HugePageAdvice::Ignore && e.kind() != std::io::ErrorKind::NotFound => {
+            bail!(
+                "cannot start QEMU ({}) under the seccomp filter that keeps its huge-page \
+                 advice off the lazily served RAM file: {e}; the kernel needs seccomp \
+                 filters (CONFIG_SECCOMP_FILTER), or run without --lazy-memory",
+                bin.display()
+            )
+        }
+        Err(source) => {
+            return Err(mbank_vm::VmError::NoQemu {
+                binary: bin.clone(),
+                source,
+            }
+            .into());
+        }
+    };
     let stderr = Arc::new(Mutex::new(Vec::new()));
     if let Some(err) = child.stderr.take() {
         let keep = stderr.clone();
