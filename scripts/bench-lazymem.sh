@@ -8,6 +8,11 @@
 # (MBANK_LAZYMEM_RATES, Mbit/s, 0 = unlimited, default 0,1000,100). The link is a
 # model inside the fetcher (one queue: a chunk of N bytes holds it N/rate seconds),
 # not the lab network: it prices each fetch as a shaped link would and ignores latency.
+# MBANK_LAZYMEM_ADVICE (default ignore; comma separated): what the resumed QEMU does
+# with its MADV_HUGEPAGE (mbank_vm::thp): keep, thp-disable (prctl PR_SET_THP_DISABLE)
+# or ignore (a seccomp filter makes it a no-op). MBANK_LAZYMEM_READAHEAD_KIB: the FUSE
+# mount's max_readahead (default one chunk). "FUSE reads at answer": the read requests
+# by size, and the bytes they asked.
 #
 # Columns: "to cont" from the start of QEMU (lazy) or of the fetch (eager) until `cont`
 # returned; "to answer" until the guest printed the answer of `cat /c` on its console;

@@ -53,6 +53,7 @@ struct Stats {
     faults_waited: AtomicU64,
     reads: AtomicU64,
     bytes_read: AtomicU64,
+    largest_read: AtomicU64,
     writes: AtomicU64,
     bytes_written: AtomicU64,
     fetch_errors: AtomicU64,
@@ -67,7 +68,13 @@ struct Inner {
     last_error: Option<String>,
     /// The chunks a guest access fetched, in the order of their first fetch.
     faults: Vec<u32>,
+    /// The first [`READ_LOG`] read requests: offset and length.
+    read_log: Vec<(u64, u32)>,
 }
+
+/// How many read requests [`MemImage::read_log`] keeps (a fault's read-around is a
+/// few requests; this covers a resume until the guest answers).
+const READ_LOG: usize = 4096;
 
 /// A guest RAM image of fixed-size chunks, fetched on first access through a
 /// [`Fetcher`]; writes go to a sparse overlay file and set the chunk's dirty bit.
@@ -137,6 +144,7 @@ impl MemImage {
                 dirty: vec![0; layout.chunks().div_ceil(64)],
                 last_error: None,
                 faults: Vec::new(),
+                read_log: Vec::new(),
             }),
             fetched: Condvar::new(),
             stats: Stats::default(),
@@ -314,6 +322,15 @@ impl MemImage {
     /// the chunks it touches that are not in the overlay yet.
     pub fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, MemError> {
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .largest_read
+            .fetch_max(len as u64, Ordering::Relaxed);
+        {
+            let mut g = self.lock();
+            if g.read_log.len() < READ_LOG {
+                g.read_log.push((offset, len));
+            }
+        }
         let range = self.chunk_range(offset, len as u64);
         self.fetch_absent(range.clone(), true)?;
         for i in range {
@@ -392,6 +409,12 @@ impl MemImage {
         self.lock().faults.iter().map(|&i| i as usize).collect()
     }
 
+    /// The first read requests served (up to 4096), as offset and length: what the
+    /// kernel's read-around asked for on each fault.
+    pub fn read_log(&self) -> Vec<(u64, u32)> {
+        self.lock().read_log.clone()
+    }
+
     /// Makes the overlay durable (`fdatasync`). The kernel hands dirty pages of a
     /// shared mapping to the file system only on write-back or an `fsync` of the file,
     /// so a suspend fsyncs the FUSE file first, which ends here.
@@ -443,6 +466,7 @@ impl MemImage {
             fetch_errors: l(&s.fetch_errors),
             reads: l(&s.reads),
             bytes_read: l(&s.bytes_read),
+            largest_read: l(&s.largest_read),
             writes: l(&s.writes),
             bytes_written: l(&s.bytes_written),
             dirty_chunks: dirty,

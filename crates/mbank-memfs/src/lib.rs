@@ -15,9 +15,11 @@
 //! version's index elides as zero starts ready (a hole in the overlay reads as
 //! zeros): it costs no fetch.
 //!
-//! - **Read** (a page fault in QEMU becomes FUSE READs of the pages around it: QEMU
-//!   advises guest RAM `MADV_HUGEPAGE`, and for such a mapping the kernel reads a 4 MiB
-//!   window, 2 MiB aligned, in requests of 1 MiB, whatever `max_readahead` says):
+//! - **Read** (a page fault in QEMU becomes a FUSE READ of the `max_readahead` window
+//!   around it, one chunk by default; but QEMU advises guest RAM `MADV_HUGEPAGE`, and
+//!   for such a mapping the kernel reads a 4 MiB window, 2 MiB aligned, in requests of
+//!   1 MiB, whatever `max_readahead` says: start QEMU under
+//!   `mbank_vm::thp::HugePageAdvice::Ignore`, as `mbank run` does):
 //!   the chunks it touches that nobody fetches yet are made ready by one
 //!   [`Fetcher::fetch_many`] (one batch per read), whose bytes are written into the
 //!   overlay, then the read is served from the overlay. One fetch per chunk is in
@@ -31,11 +33,12 @@
 //!   A suspend must fsync the FUSE file after `stop` and before it reads the dirty map.
 //! - [`MemImage::prefetch`] fetches ahead of the guest (the recorded working set, then
 //!   the rest); a guest fault on a chunk being prefetched joins that fetch.
-//! - [`Counters`]: chunks and bytes fetched, faults waited, dirty chunks, reads, writes.
+//! - [`Counters`]: chunks and bytes fetched, faults waited, dirty chunks, reads (and
+//!   the largest), writes; [`MemImage::read_log`] the first reads' offsets and lengths.
 //!
 //! The chunk size is the caller's: ARCHITECTURE.md ("Lazy memory: evaluation")
-//! measured 64 KiB to 2 MiB and chose 64 KiB, since the read-around makes the bytes
-//! fetched the same and small chunks keep the dirty set of a suspend small.
+//! measured 64 KiB to 2 MiB and chose 64 KiB: small chunks keep the dirty set of a
+//! suspend small, and without the huge-page read-around a fault fetches one or two.
 //!
 //! ## Invariants
 //!
@@ -161,6 +164,9 @@ pub struct Counters {
     pub reads: u64,
     /// Bytes they returned.
     pub bytes_read: u64,
+    /// The longest read request (the kernel's read-around window, or its request
+    /// size when the window is split).
+    pub largest_read: u64,
     /// Write requests served.
     pub writes: u64,
     /// Bytes they wrote.

@@ -291,3 +291,17 @@ fn faults_are_recorded_in_order_and_a_prefetch_of_many_is_one_batch() {
     assert_eq!((c.prefetched, c.faults_waited, c.chunks_fetched), (2, 2, 4));
     assert_eq!(img.fault_order(), vec![4, 1]);
 }
+
+#[test]
+fn reads_are_logged_with_their_offsets_and_the_largest_is_counted() {
+    let (_d, img, _f) = image(8, &[], false);
+    img.read(CS as u64 + 4096, 4096).unwrap();
+    img.read(0, 3 * CS).unwrap();
+    img.read(5 * CS as u64, CS).unwrap();
+    assert_eq!(
+        img.read_log(),
+        vec![(CS as u64 + 4096, 4096), (0, 3 * CS), (5 * CS as u64, CS)]
+    );
+    let c = img.counters();
+    assert_eq!((c.reads, c.largest_read), (3, 3 * CS as u64));
+}

@@ -15,6 +15,7 @@ mod guest;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use mbank_memfs::{Counters, FetchError, Fetcher, Layout, MemImage, MemMount, MountOptions};
 use mbank_vm::qmp::Qmp;
+use mbank_vm::thp::HugePageAdvice;
 use serde_json::json;
 
 const RAM_MIB: u64 = 256;
@@ -40,7 +42,13 @@ struct Vm {
 impl Vm {
     /// Starts the test guest's `shell` job with its RAM on `mem_path`; with
     /// `incoming`, stopped and waiting for `migrate-incoming`.
-    fn start(dir: &Path, name: &str, mem_path: &Path, incoming: bool) -> Vm {
+    fn start(
+        dir: &Path,
+        name: &str,
+        mem_path: &Path,
+        incoming: bool,
+        advice: HugePageAdvice,
+    ) -> Vm {
         let g = guest::Guest::build();
         let qmp_path = dir.join(format!("{name}.qmp"));
         let mut c = Command::new("qemu-system-x86_64");
@@ -67,6 +75,10 @@ impl Vm {
         c.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        // SAFETY: apply only calls prctl(2) between fork and exec.
+        unsafe {
+            c.pre_exec(move || advice.apply());
+        }
         let mut child = c.spawn().expect("cannot start qemu-system-x86_64");
         let stdin = child.stdin.take().unwrap();
         let mut stdout = child.stdout.take().unwrap();
@@ -206,7 +218,7 @@ struct Saved {
 fn suspend_a_guest(dir: &Path, random_mib: u64) -> Saved {
     let ram = dir.join("saved-ram");
     File::create(&ram).unwrap().set_len(RAM_MIB << 20).unwrap();
-    let mut vm = Vm::start(dir, "source", &ram, false);
+    let mut vm = Vm::start(dir, "source", &ram, false, HugePageAdvice::Keep);
     vm.wait("shell; exit it to power off", 1);
     // The shell may not read the console yet: ask until it answers (bounded).
     let mut up = false;
@@ -309,6 +321,8 @@ struct Resumed {
     to_answer: Duration,
     at_cont: Option<Counters>,
     at_answer: Option<Counters>,
+    /// The FUSE read requests (offset, length) until the guest answered.
+    reads_at_answer: Option<Vec<(u64, u32)>>,
     /// The guest checksumming its whole random region right after the resume, then
     /// again (warm).
     cold_sum: Duration,
@@ -323,7 +337,14 @@ struct Resumed {
 
 /// Resumes `saved` lazily from an mbank-memfs mount, or eagerly (every non-zero
 /// chunk fetched into a plain file first).
-fn resume(dir: &Path, saved: &Saved, chunk_size: u32, rate: Option<f64>, lazy: bool) -> Resumed {
+fn resume(
+    dir: &Path,
+    saved: &Saved,
+    chunk_size: u32,
+    rate: Option<f64>,
+    lazy: bool,
+    advice: HugePageAdvice,
+) -> Resumed {
     let layout = Layout {
         size: RAM_MIB << 20,
         chunk_size,
@@ -332,7 +353,7 @@ fn resume(dir: &Path, saved: &Saved, chunk_size: u32, rate: Option<f64>, lazy: b
     let nonzero_chunks = nonzero.iter().filter(|&&b| b).count() as u64;
     let fetcher = FileFetcher::new(&saved.ram, layout, rate);
     let run = dir.join(format!(
-        "run-{}-{chunk_size}-{}",
+        "run-{}-{chunk_size}-{}-{advice:?}",
         if lazy { "lazy" } else { "eager" },
         rate.unwrap_or(0.0)
     ));
@@ -343,7 +364,13 @@ fn resume(dir: &Path, saved: &Saved, chunk_size: u32, rate: Option<f64>, lazy: b
     let (mount, mem_path) = if lazy {
         let image =
             MemImage::create(layout, &nonzero, &run.join("overlay"), fetcher.clone()).unwrap();
-        let m = MemMount::mount(&mnt, Arc::new(image), MountOptions::default()).unwrap();
+        let opts = MountOptions {
+            readahead: std::env::var("MBANK_LAZYMEM_READAHEAD_KIB")
+                .ok()
+                .map(|k| k.parse::<u32>().unwrap() << 10),
+            ..MountOptions::default()
+        };
+        let m = MemMount::mount(&mnt, Arc::new(image), opts).unwrap();
         let p = m.file().to_path_buf();
         (Some(m), p)
     } else {
@@ -371,13 +398,14 @@ fn resume(dir: &Path, saved: &Saved, chunk_size: u32, rate: Option<f64>, lazy: b
         (None, p)
     };
     let counters = || mount.as_ref().map(|m| m.image().counters());
-    let mut vm = Vm::start(&run, "dest", &mem_path, true);
+    let mut vm = Vm::start(&run, "dest", &mem_path, true, advice);
     vm.resume(&saved.state);
     let to_cont = t0.elapsed();
     let at_cont = counters();
     let counter_at_answer = vm.ask("ALIVE", "cat /c").parse::<u64>().unwrap();
     let to_answer = t0.elapsed();
     let at_answer = counters();
+    let reads_at_answer = mount.as_ref().map(|m| m.image().read_log());
     let t = Instant::now();
     let sum = vm.ask("SUM", "md5sum /r.bin");
     let cold_sum = t.elapsed();
@@ -406,6 +434,7 @@ fn resume(dir: &Path, saved: &Saved, chunk_size: u32, rate: Option<f64>, lazy: b
         to_answer,
         at_cont,
         at_answer,
+        reads_at_answer,
         cold_sum,
         warm_sum,
         after_sum,
@@ -414,6 +443,21 @@ fn resume(dir: &Path, saved: &Saved, chunk_size: u32, rate: Option<f64>, lazy: b
         counter_later,
         sum,
     }
+}
+
+/// The read requests as "N × size" groups, largest first, and the bytes they asked.
+fn read_sizes(reads: &[(u64, u32)]) -> String {
+    let mut by: std::collections::BTreeMap<u32, usize> = Default::default();
+    for &(_, len) in reads {
+        *by.entry(len).or_default() += 1;
+    }
+    let total: u64 = reads.iter().map(|&(_, l)| l as u64).sum();
+    let groups: Vec<String> = by
+        .iter()
+        .rev()
+        .map(|(len, n)| format!("{n} × {} KiB", len >> 10))
+        .collect();
+    format!("{} ({:.1} MiB)", groups.join(", "), mib(total))
 }
 
 fn mib(b: u64) -> f64 {
@@ -429,7 +473,14 @@ fn a_lazily_resumed_guest_goes_on_with_its_memory() {
         state_bytes < 4 << 20,
         "with x-ignore-shared the stream holds device state only, not RAM: {state_bytes} bytes"
     );
-    let r = resume(dir.path(), &saved, 64 << 10, None, true);
+    let r = resume(
+        dir.path(),
+        &saved,
+        64 << 10,
+        None,
+        true,
+        HugePageAdvice::Ignore,
+    );
     eprintln!("{r:#?}");
     let at_cont = r.at_cont.as_ref().unwrap();
     let at_answer = r.at_answer.as_ref().unwrap();
@@ -451,6 +502,14 @@ fn a_lazily_resumed_guest_goes_on_with_its_memory() {
         "a running guest touches memory"
     );
     assert_eq!(at_answer.fetch_errors, 0, "{:?}", at_answer.last_error);
+    // With QEMU's MADV_HUGEPAGE ignored a fault reads the file system's read-ahead
+    // window (one 64 KiB chunk) around it; under the advice the kernel reads 4 MiB in
+    // 1 MiB requests.
+    assert!(
+        at_answer.largest_read <= 64 << 10,
+        "a fault read {} bytes at once: the kernel's huge-page read-around?",
+        at_answer.largest_read
+    );
     // The guest's memory is the one it had: its counter goes on, its random region
     // has the same checksum (read whole, so those chunks were fetched).
     assert!(r.counter_at_answer >= saved.counter, "{r:?}");
@@ -485,6 +544,16 @@ fn lazy_resume_bench() {
     let random = list("MBANK_LAZYMEM_RANDOM_MIB", "128")[0];
     let chunks = list("MBANK_LAZYMEM_CHUNKS", "64,256,2048");
     let rates = list("MBANK_LAZYMEM_RATES", "0,1000,100");
+    let advices: Vec<HugePageAdvice> = std::env::var("MBANK_LAZYMEM_ADVICE")
+        .unwrap_or_else(|_| "ignore".into())
+        .split(',')
+        .map(|s| match s.trim() {
+            "keep" => HugePageAdvice::Keep,
+            "thp-disable" => HugePageAdvice::ThpDisable,
+            "ignore" => HugePageAdvice::Ignore,
+            x => panic!("MBANK_LAZYMEM_ADVICE: {x}? (keep, thp-disable, ignore)"),
+        })
+        .collect();
     let dir = tempfile::tempdir().unwrap();
     let saved = suspend_a_guest(dir.path(), random);
     let nz = |cs| {
@@ -502,9 +571,9 @@ fn lazy_resume_bench() {
         mib(nz(4096).iter().filter(|&&b| b).count() as u64 * 4096)
     );
     println!(
-        "| path | chunk | link | to cont | to answer | fetched at answer | waited at answer | cold sum | warm sum | fetched after sum | dirty chunks after 4 MiB |"
+        "| path | huge-page advice | chunk | link | to cont | to answer | fetched at answer | waited at answer | FUSE reads at answer | cold sum | warm sum | fetched after sum | dirty chunks after 4 MiB |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for &rate in &rates {
         let link = if rate == 0 {
             "local".to_string()
@@ -512,21 +581,25 @@ fn lazy_resume_bench() {
             format!("{rate} Mbit/s")
         };
         let r = (rate > 0).then(|| rate as f64 * 1e6 / 8.0);
-        for &kib in &chunks {
+        for (&kib, &advice) in chunks
+            .iter()
+            .flat_map(|k| advices.iter().map(move |a| (k, a)))
+        {
             let cs = (kib << 10) as u32;
-            let x = resume(dir.path(), &saved, cs, r, true);
+            let x = resume(dir.path(), &saved, cs, r, true, advice);
             assert_eq!(x.sum, saved.sum);
             let a = x.at_answer.as_ref().unwrap();
             let s = x.after_sum.as_ref().unwrap();
             let w = x.after_write.as_ref().unwrap();
             println!(
-                "| lazy | {kib} KiB | {link} | {:.2} s | {:.2} s | {:.1} MiB ({} of {} chunks) | {} | {:.2} s | {:.2} s | {:.1} MiB | {} ({:.1} MiB) |",
+                "| lazy | {advice:?} | {kib} KiB | {link} | {:.2} s | {:.2} s | {:.1} MiB ({} of {} chunks) | {} | {} | {:.2} s | {:.2} s | {:.1} MiB | {} ({:.1} MiB) |",
                 x.to_cont.as_secs_f64(),
                 x.to_answer.as_secs_f64(),
                 mib(a.bytes_fetched),
                 a.chunks_fetched,
                 x.nonzero_chunks,
                 a.faults_waited,
+                read_sizes(x.reads_at_answer.as_deref().unwrap_or(&[])),
                 x.cold_sum.as_secs_f64(),
                 x.warm_sum.as_secs_f64(),
                 mib(s.bytes_fetched),
@@ -535,10 +608,10 @@ fn lazy_resume_bench() {
             );
         }
         let cs = (chunks[chunks.len() / 2] << 10) as u32;
-        let x = resume(dir.path(), &saved, cs, r, false);
+        let x = resume(dir.path(), &saved, cs, r, false, HugePageAdvice::Keep);
         assert_eq!(x.sum, saved.sum);
         println!(
-            "| eager | {} KiB | {link} | {:.2} s | {:.2} s | {:.1} MiB (all {} chunks) | - | {:.2} s | {:.2} s | - | - |",
+            "| eager | Keep | {} KiB | {link} | {:.2} s | {:.2} s | {:.1} MiB (all {} chunks) | - | - | {:.2} s | {:.2} s | - | - |",
             cs >> 10,
             x.to_cont.as_secs_f64(),
             x.to_answer.as_secs_f64(),

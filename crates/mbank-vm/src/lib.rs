@@ -11,10 +11,14 @@
 //!   the same devices at the same addresses, which is what migration (suspend and
 //!   resume) needs.
 //! - [`qmp`] is a small blocking QMP client.
+//! - [`thp`] keeps QEMU's `MADV_HUGEPAGE` off a lazily served RAM file (a seccomp
+//!   filter set between fork and exec), which would make the kernel read 4 MiB
+//!   around every guest fault.
 //!
 //! The format of the configuration is in `docs/formats.md`.
 
 pub mod qmp;
+pub mod thp;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -46,6 +46,7 @@ use mbank_station::memory::{
 };
 use mbank_station::{CheckinExtras, Session, SessionOptions, SessionReport, Station};
 use mbank_vm::qmp::Qmp;
+use mbank_vm::thp::HugePageAdvice;
 use mbank_vm::{Accel, Boot, Display, Launch, MachineConfig, SavedHardware};
 use serde::Serialize;
 
@@ -434,7 +435,11 @@ impl Vm {
     }
 }
 
-fn spawn_qemu(args: &[String], log: &Path) -> Result<(Child, Arc<Mutex<Vec<String>>>)> {
+fn spawn_qemu(
+    args: &[String],
+    log: &Path,
+    advice: HugePageAdvice,
+) -> Result<(Child, Arc<Mutex<Vec<String>>>)> {
     let bin = mbank_vm::qemu_binary();
     let mut cmd = Command::new(&bin);
     cmd.args(args)
@@ -443,19 +448,35 @@ fn spawn_qemu(args: &[String], log: &Path) -> Result<(Child, Arc<Mutex<Vec<Strin
         .stderr(Stdio::piped())
         .process_group(0);
     // SAFETY: the closure runs in the child between fork and exec and calls only
-    // prctl(2), which is async-signal-safe; it touches no memory of the parent.
+    // prctl(2), which is async-signal-safe; it touches no memory of the parent but
+    // the seccomp program, a constant.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(())
+            advice.apply()
         });
     }
-    let mut child = cmd.spawn().map_err(|source| mbank_vm::VmError::NoQemu {
-        binary: bin.clone(),
-        source,
-    })?;
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        // Not a missing binary: most likely the filter set before exec failed.
+        Err(e) if advice == HugePageAdvice::Ignore && e.kind() != std::io::ErrorKind::NotFound => {
+            bail!(
+                "cannot start QEMU ({}) under the seccomp filter that keeps its huge-page \
+                 advice off the lazily served RAM file: {e}; the kernel needs seccomp \
+                 filters (CONFIG_SECCOMP_FILTER), or run without --lazy-memory",
+                bin.display()
+            )
+        }
+        Err(source) => {
+            return Err(mbank_vm::VmError::NoQemu {
+                binary: bin.clone(),
+                source,
+            }
+            .into());
+        }
+    };
     let stderr = Arc::new(Mutex::new(Vec::new()));
     if let Some(err) = child.stderr.take() {
         let keep = stderr.clone();
@@ -842,7 +863,14 @@ fn run_session(
     }
     std::fs::write(session_file(disk, "qemu.args"), qargs.join("\n"))
         .context("cannot record the QEMU command line")?;
-    let (child, stderr) = match spawn_qemu(&qargs, &session_file(disk, "qemu.log")) {
+    // A lazily served RAM file must not carry QEMU's MADV_HUGEPAGE: the kernel would
+    // read 4 MiB around every guest fault (mbank_vm::thp).
+    let advice = if ram.is_some() {
+        HugePageAdvice::Ignore
+    } else {
+        HugePageAdvice::Keep
+    };
+    let (child, stderr) = match spawn_qemu(&qargs, &session_file(disk, "qemu.log"), advice) {
         Ok(x) => x,
         Err(e) => {
             stop_service(&rt);
