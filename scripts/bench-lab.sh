@@ -179,10 +179,8 @@ class Sink(BaseHTTPRequestHandler):
 ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), Sink).serve_forever()
 PY
 curl_put() { in_st curl -sS -o /dev/null -T "$ZST" "http://$MBANK_LAB_SERVER_ADDR:8099/base.raw.zst"; }
-UP_N=0
-import_up() { # a fresh bank served over HTTPS; times the station's import only
-    UP_N=$((UP_N + 1))
-    BANK=$T/bank-up-$UP_N
+import_up() { # import_up TAG: a fresh bank served over HTTPS; times the station's import only
+    BANK=$T/bank-up-$1
     "$MBANK" -q --bank "$BANK" init >/dev/null
     printf 'bench-password-lab\n' | "$MBANK" -q --bank "$BANK" admin user add bench --password-stdin >/dev/null
     serve_start https
@@ -238,7 +236,7 @@ for p in "${PROFILES[@]}"; do
     if [[ $WHAT == *" upload "* && $store == dir ]]; then
         ts_up=()
         for ((r = 1; r <= RUNS; r++)); do
-            t=$(import_up)
+            t=$(import_up "${p%%:*}-$r")
             ts_up+=("$t")
             log "  $p, import: $(printf %.2f "$t") s (load $(cut -d' ' -f1 /proc/loadavg))"
         done
