@@ -159,7 +159,11 @@ export_file() { in_st "$MBANK" -q --bank "$URL" export lab/base "$T/out.raw"; }
 # took 0.1-0.2 s of the row's time before.
 after_export_file() { rm -f "$T/out.raw"; }
 export_null() { in_st "$MBANK" -q --bank "$URL" export lab/base /dev/null; }
-curl_zst() { in_st curl -sS -o /dev/null "http://$MBANK_LAB_SERVER_ADDR:8099/base.raw.zst"; }
+curl_zst() { # checks the size: a stale server on the port must not pass for a fast one
+    local n
+    n=$(in_st curl -sS -o /dev/null -w '%{size_download}' "http://$MBANK_LAB_SERVER_ADDR:8099/base.raw.zst")
+    [[ $n == "$ZST_BYTES" ]] || die "curl fetched $n bytes of base.raw.zst, not $ZST_BYTES"
+}
 
 cat >"$T/sink.py" <<'PY'
 import sys
@@ -181,7 +185,11 @@ class Sink(BaseHTTPRequestHandler):
         pass
 ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), Sink).serve_forever()
 PY
-curl_put() { in_st curl -sS -o /dev/null -T "$ZST" "http://$MBANK_LAB_SERVER_ADDR:8099/base.raw.zst"; }
+curl_put() {
+    local n
+    n=$(in_st curl -sS -o /dev/null -w '%{size_upload}' -T "$ZST" "http://$MBANK_LAB_SERVER_ADDR:8098/base.raw.zst")
+    [[ $n == "$ZST_BYTES" ]] || die "curl sent $n bytes of base.raw.zst, not $ZST_BYTES"
+}
 import_up() { # import_up TAG: a fresh bank served over HTTPS; times the station's import only
     BANK=$T/bank-up-$1
     "$MBANK" -q --bank "$BANK" init >/dev/null
@@ -245,10 +253,11 @@ for p in "${PROFILES[@]}"; do
             log "  $p, import: $(printf %.2f "$t") s (load $(cut -d' ' -f1 /proc/loadavg))"
         done
         MED[$p,mbank import to a fresh bank, HTTPS]=$(median "${ts_up[@]}")
-        in_srv python3 "$T/sink.py" "$MBANK_LAB_SERVER_ADDR" 8099 >/dev/null 2>&1 &
+        # Not through in_srv: $! must be python's pid (ip netns exec execs it), for www_stop.
+        ip netns exec "$MBANK_LAB_SERVER_NS" python3 "$T/sink.py" "$MBANK_LAB_SERVER_ADDR" 8098 >/dev/null 2>&1 &
         WWW_PID=$!
         for ((i = 0; i < 100; i++)); do
-            in_st curl -s -o /dev/null "http://$MBANK_LAB_SERVER_ADDR:8099/" && break
+            in_st curl -s -o /dev/null "http://$MBANK_LAB_SERVER_ADDR:8098/" && break
             sleep 0.1
         done
         measure "$p" "curl -T of the zstd file, HTTP" curl_put
@@ -269,7 +278,7 @@ for p in "${PROFILES[@]}"; do
         measure "$p" "mbank export, HTTP, to a file" export_file
         serve_stop
     fi
-    in_srv python3 -m http.server --bind "$MBANK_LAB_SERVER_ADDR" --directory "$T/www" 8099 >/dev/null 2>&1 &
+    ip netns exec "$MBANK_LAB_SERVER_NS" python3 -m http.server --bind "$MBANK_LAB_SERVER_ADDR" --directory "$T/www" 8099 >/dev/null 2>&1 &
     WWW_PID=$!
     for ((i = 0; i < 100; i++)); do
         in_st curl -s -o /dev/null "http://$MBANK_LAB_SERVER_ADDR:8099/" && break
