@@ -15,6 +15,13 @@
 #   - mbank export lab/base to /dev/null (the in-order path: runs of 16 chunks);
 #   - curl of base.raw.zst (zstd -3 of the disk, made once, cached) from
 #     `python3 -m http.server` in the server's namespace, to /dev/null.
+# With BENCH_LAB_WHAT containing `upload` (default "export upload"), the other way too:
+#   - mbank import of base.raw from the station into a fresh bank served over HTTPS
+#     (each run a new bank on the server's host, so nothing is deduplicated; only the
+#     import is timed), and
+#   - curl -T of base.raw.zst from the station to a Python sink in the server's
+#     namespace that reads and drops what a PUT sends.
+#   Not for a :garage profile (a fresh bank there would dedup against the last run's).
 # Floor: bytes in the bank (import's bytes_stored) / the link rate. Ratios:
 # floor/mbank (1.00 = the link's speed, the goal is >= 0.9) and curl/mbank (>= 1.00:
 # no slower than the plain copy). Whole commands are timed; the page cache is warm on
@@ -29,7 +36,8 @@
 # not warmed for it (the chunks are in Garage's files).
 #
 # Env: MBANK (binary; else a release build, in CARGO_TARGET_DIR if set),
-# BENCH_LAB_PROFILES, BENCH_RUNS, BENCH_LAB_SKIP_HTTP=1 (HTTPS rows only).
+# BENCH_LAB_PROFILES, BENCH_RUNS, BENCH_LAB_SKIP_HTTP=1 (HTTPS rows only),
+# BENCH_LAB_WHAT (words: export, upload; default both).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -37,6 +45,7 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LAB_NET=$REPO_ROOT/scripts/lab-net.sh
 read -r -a PROFILES <<<"${BENCH_LAB_PROFILES:-1gbit 100mbit}"
 RUNS=${BENCH_RUNS:-3}
+WHAT=" ${BENCH_LAB_WHAT:-export upload} "
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNS=$RUNS: give a number of runs"
 
 [[ $EUID == 0 ]] || die "must run as root (network namespaces)"
@@ -145,21 +154,71 @@ timed() { # timed CMD...: seconds CMD took
     e=$(now)
     calc "$e - $s"
 }
-export_file() { in_st "$MBANK" -q --bank "$URL" export lab/base "$T/out.raw"; rm -f "$T/out.raw"; }
+export_file() { in_st "$MBANK" -q --bank "$URL" export lab/base "$T/out.raw"; }
+# Run after each timed run of a row (not timed): removing the 2 GiB file export wrote
+# took 0.1-0.2 s of the row's time before.
+after_export_file() { rm -f "$T/out.raw"; }
 export_null() { in_st "$MBANK" -q --bank "$URL" export lab/base /dev/null; }
-curl_zst() { in_st curl -sS -o /dev/null "http://$MBANK_LAB_SERVER_ADDR:8099/base.raw.zst"; }
+curl_zst() { # checks the size: a stale server on the port must not pass for a fast one
+    local n
+    n=$(in_st curl -sS -o /dev/null -w '%{size_download}' "http://$MBANK_LAB_SERVER_ADDR:8099/base.raw.zst")
+    [[ $n == "$ZST_BYTES" ]] || die "curl fetched $n bytes of base.raw.zst, not $ZST_BYTES"
+}
+
+cat >"$T/sink.py" <<'PY'
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class Sink(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_PUT(self):
+        n = int(self.headers.get("Content-Length", "0"))
+        while n > 0:
+            b = self.rfile.read(min(n, 1 << 20))
+            if not b:
+                break
+            n -= len(b)
+        self.send_response(201)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    do_GET = do_PUT
+    def log_message(self, *a):
+        pass
+ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), Sink).serve_forever()
+PY
+curl_put() {
+    local n
+    n=$(in_st curl -sS -o /dev/null -w '%{size_upload}' -T "$ZST" "http://$MBANK_LAB_SERVER_ADDR:8098/base.raw.zst")
+    [[ $n == "$ZST_BYTES" ]] || die "curl sent $n bytes of base.raw.zst, not $ZST_BYTES"
+}
+import_up() { # import_up TAG: a fresh bank served over HTTPS; times the station's import only
+    BANK=$T/bank-up-$1
+    "$MBANK" -q --bank "$BANK" init >/dev/null
+    printf 'bench-password-lab\n' | "$MBANK" -q --bank "$BANK" admin user add bench --password-stdin >/dev/null
+    serve_start https
+    timed in_st "$MBANK" -q --bank "$URL" import bench/up "$IMG"
+    serve_stop
+    # Removed after the profile's runs: ext4 makes the next bank's files slowly while it
+    # still has the inodes of thousands just deleted (recently_deleted in a profile).
+}
 
 declare -A MED RATE
-ROWS=("mbank export, HTTPS, to a file" "mbank export, HTTPS, to /dev/null")
-[[ -n ${BENCH_LAB_SKIP_HTTP:-} ]] || ROWS+=("mbank export, HTTP, to a file")
-ROWS+=("curl of the zstd file, HTTP")
+ROWS=()
+if [[ $WHAT == *" export "* ]]; then
+    ROWS+=("mbank export, HTTPS, to a file" "mbank export, HTTPS, to /dev/null")
+    [[ -n ${BENCH_LAB_SKIP_HTTP:-} ]] || ROWS+=("mbank export, HTTP, to a file")
+    ROWS+=("curl of the zstd file, HTTP")
+fi
+if [[ $WHAT == *" upload "* ]]; then
+    ROWS+=("mbank import to a fresh bank, HTTPS" "curl -T of the zstd file, HTTP")
+fi
 measure() { # measure PROFILE ROW CMD...: MED[PROFILE,ROW] = median seconds of RUNS runs
     local p=$1 row=$2 r t ts=()
     shift 2
     for ((r = 1; r <= RUNS; r++)); do
         t=$(timed "$@")
         ts+=("$t")
-        log "  $p, $row: $(printf %.2f "$t") s"
+        log "  $p, $row: $(printf %.2f "$t") s (load $(cut -d' ' -f1 /proc/loadavg))"
+        if declare -F "after_$1" >/dev/null; then "after_$1"; fi
     done
     MED[$p,$row]=$(median "${ts[@]}")
 }
@@ -186,6 +245,30 @@ for p in "${PROFILES[@]}"; do
         # Warm the server's page cache for both sides.
         cat "$BANK"/chunks/*/* "$ZST" >/dev/null
     fi
+    if [[ $WHAT == *" upload "* && $store == dir ]]; then
+        ts_up=()
+        for ((r = 1; r <= RUNS; r++)); do
+            t=$(import_up "${p%%:*}-$r")
+            ts_up+=("$t")
+            log "  $p, import: $(printf %.2f "$t") s (load $(cut -d' ' -f1 /proc/loadavg))"
+        done
+        MED[$p,mbank import to a fresh bank, HTTPS]=$(median "${ts_up[@]}")
+        # Not through in_srv: $! must be python's pid (ip netns exec execs it), for www_stop.
+        ip netns exec "$MBANK_LAB_SERVER_NS" python3 "$T/sink.py" "$MBANK_LAB_SERVER_ADDR" 8098 >/dev/null 2>&1 &
+        WWW_PID=$!
+        for ((i = 0; i < 100; i++)); do
+            in_st curl -s -o /dev/null "http://$MBANK_LAB_SERVER_ADDR:8098/" && break
+            sleep 0.1
+        done
+        measure "$p" "curl -T of the zstd file, HTTP" curl_put
+        www_stop
+        rm -rf "$T"/bank-up-*
+        BANK=$DIR_BANK
+    fi
+    if [[ $WHAT != *" export "* ]]; then
+        lab_down
+        continue
+    fi
     serve_start https
     measure "$p" "mbank export, HTTPS, to a file" export_file
     measure "$p" "mbank export, HTTPS, to /dev/null" export_null
@@ -195,7 +278,7 @@ for p in "${PROFILES[@]}"; do
         measure "$p" "mbank export, HTTP, to a file" export_file
         serve_stop
     fi
-    in_srv python3 -m http.server --bind "$MBANK_LAB_SERVER_ADDR" --directory "$T/www" 8099 >/dev/null 2>&1 &
+    ip netns exec "$MBANK_LAB_SERVER_NS" python3 -m http.server --bind "$MBANK_LAB_SERVER_ADDR" --directory "$T/www" 8099 >/dev/null 2>&1 &
     WWW_PID=$!
     for ((i = 0; i < 100; i++)); do
         in_st curl -s -o /dev/null "http://$MBANK_LAB_SERVER_ADDR:8099/" && break
@@ -208,6 +291,7 @@ done
 
 # ==== report ========================================================================
 CURL_ROW="curl of the zstd file, HTTP"
+PUT_ROW="curl -T of the zstd file, HTTP"
 {
     echo "## Lab network"
     echo
@@ -221,16 +305,20 @@ CURL_ROW="curl of the zstd file, HTTP"
     for p in "${PROFILES[@]}"; do
         floor=$(calc "$STORED * 8 / ${RATE[$p]}")
         for row in "${ROWS[@]}"; do
-            t=${MED[$p,$row]}
+            t=${MED[$p,$row]:-}
+            [[ -n $t ]] || continue # an upload row of a :garage profile
             moved=$STORED
-            [[ $row != "$CURL_ROW" ]] || moved=$ZST_BYTES
+            [[ $row != "$CURL_ROW" && $row != "$PUT_ROW" ]] || moved=$ZST_BYTES
+            ref=$CURL_ROW
+            [[ $row != *import* && $row != "$PUT_ROW" ]] || ref=$PUT_ROW
             printf '| %s | %s | %.2f | %.1f | %.2f | %s | %s |\n' "$p" "$row" "$t" \
                 "$(calc "$moved / 1048576 / $t")" "$floor" "$(ratio "$floor" "$t")" \
-                "$(ratio "${MED[$p,$CURL_ROW]}" "$t")"
+                "$(ratio "${MED[$p,$ref]}" "$t")"
         done
     done
     echo
     echo "- floor: bytes in the bank / the link rate (tbf's rate; TCP carries about 95% of it);" \
-        "floor / this >= 0.9 is issue 12's goal for mbank, curl / this >= 1.00 its second"
+        "floor / this >= 0.9 is issue 12's goal for mbank, curl / this >= 1.00 its second" \
+        "(an import is compared with curl -T, an export with curl's download)"
     echo "- MiB/s of bytes moved: bytes in the bank (mbank) or of the zstd file (curl) per second"
 } | tee "$CACHE_DIR/results/bench-lab.md"
