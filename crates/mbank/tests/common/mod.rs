@@ -315,9 +315,16 @@ impl Bank {
         temp_files(&self.path)
     }
 
-    /// Every file in the bank directory (recursively), for "nothing changed" checks.
+    /// Every file in the bank directory (recursively), for "nothing changed" checks;
+    /// without the records of the last gc and verify (`last-JOB.json`), which the
+    /// checks' own `verify` writes.
     pub fn all_files(&self) -> BTreeSet<PathBuf> {
-        all_files(&self.path)
+        let mut files = all_files(&self.path);
+        files.retain(|p| {
+            let name = p.to_string_lossy();
+            !(name.starts_with("last-") && name.ends_with(".json") && !name.contains('/'))
+        });
+        files
     }
 
     /// Sets every chunk file's mtime to an hour ago, as if the chunks had been in the
