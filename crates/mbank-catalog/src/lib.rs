@@ -609,6 +609,8 @@ pub struct VersionStats {
 /// A version without its index.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VersionInfo {
+    /// `version` in JSON (the API's one vocabulary); `id` is still read.
+    #[serde(rename = "version", alias = "id")]
     pub id: VersionId,
     pub machine: MachineName,
     pub parent: Option<VersionId>,
@@ -636,6 +638,8 @@ pub type NamedStream = (String, MemoryIndex);
 /// A machine and its head.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MachineInfo {
+    /// `machine` in JSON (the API's one vocabulary); `name` is still read.
+    #[serde(rename = "machine", alias = "name")]
     pub name: MachineName,
     pub chunk_size: u32,
     pub head: Option<VersionId>,
@@ -2488,6 +2492,36 @@ mod tests {
         assert!(c.release_lease(&m, "s2").unwrap());
         assert_eq!(c.lease(&m).unwrap(), None);
         assert!(c.session_bases(&m).unwrap().is_empty());
+    }
+
+    /// Records speak the API's vocabulary (`machine`, `version`) and still read the
+    /// older spellings (`name`, `id`).
+    #[test]
+    fn records_write_machine_and_version_and_read_the_old_names() {
+        let (v, _) = info("alice/dev", None, 1);
+        let j = serde_json::to_value(&v).unwrap();
+        assert_eq!(j["version"], v.id.to_hex(), "{j}");
+        assert!(j.get("id").is_none(), "{j}");
+        let mut old = j.clone();
+        let o = old.as_object_mut().unwrap();
+        let id = o.remove("version").unwrap();
+        o.insert("id".into(), id);
+        assert_eq!(serde_json::from_value::<VersionInfo>(old).unwrap(), v);
+        let m = MachineInfo {
+            name: "alice/dev".parse().unwrap(),
+            chunk_size: 65536,
+            head: Some(v.id),
+            created_ms: 1,
+            versions: 1,
+            updated_ms: None,
+            disk_size: None,
+        };
+        let j = serde_json::to_value(&m).unwrap();
+        assert_eq!(j["machine"], "alice/dev", "{j}");
+        let old = serde_json::json!({"name": "alice/dev", "chunk_size": 65536,
+            "head": v.id.to_hex(), "created_ms": 1, "versions": 1, "updated_ms": null,
+            "disk_size": null});
+        assert_eq!(serde_json::from_value::<MachineInfo>(old).unwrap(), m);
     }
 
     #[test]

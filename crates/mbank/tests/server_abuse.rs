@@ -565,7 +565,7 @@ fn a_commit_reusing_another_users_version_id_is_a_conflict() {
     let (code, _, info) = s.request("GET", "/v1/machines/alice/m/resolve", Some(&alice), b"");
     assert_eq!(code, 200);
     let mut info: Value = serde_json::from_slice(&info).unwrap();
-    let id = info["id"].as_str().unwrap().to_string();
+    let id = info["version"].as_str().unwrap().to_string();
     let (code, _, index) = s.request(
         "GET",
         &format!("/v1/machines/alice/m/versions/{id}/index"),
