@@ -71,8 +71,6 @@ V0=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["version"])
     --append "console=ttyS0 panic=-1 mbank.root=/dev/vda" >"$T/create.json"
 VPC=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["version"])' "$T/create.json")
 
-now() { date +%s.%N; }
-calc() { echo "$*" | bc -l; }
 json_field() { python3 -c 'import json,sys; v=json.load(open(sys.argv[1])).get(sys.argv[2]); print("" if v is None else v)' "$1" "$2"; }
 
 # boot DRIVE LOG: boots the guest with its root on DRIVE (a -drive value) and returns

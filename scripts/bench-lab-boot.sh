@@ -71,8 +71,6 @@ build_mbank "$REPO_ROOT"
 note=$(load_note)
 uptime_start=$(uptime | sed 's/^ *//')
 
-now() { date +%s.%N; }
-calc() { echo "$*" | bc -l; }
 jget() { python3 -c 'import json,sys; v=json.load(open(sys.argv[1]))
 for k in sys.argv[2].split("."): v = v[k]
 print(v)' "$1" "$2"; }
@@ -112,16 +110,7 @@ serve_stop() {
 }
 at_exit serve_stop
 
-(
-    cd "$T"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-        -keyout ca.key -out ca.pem -days 2 -subj "/CN=mbank bench-lab-boot CA"
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-        -keyout key.pem -out server.csr -subj /CN=10.77.0.1
-    printf 'subjectAltName=IP:10.77.0.1\nbasicConstraints=CA:FALSE\n' >ext.cnf
-    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
-        -out cert.pem -days 2 -extfile ext.cnf
-) >/dev/null 2>&1 || die "openssl could not make the certificates"
+lab_certs "$T" bench-lab-boot
 
 # The bank's host is the server's namespace (a Garage cluster listens on its loopback).
 in_srv() { ip netns exec "$MBANK_LAB_SERVER_NS" "$@"; }

@@ -40,8 +40,6 @@ build_mbank "$REPO_ROOT"
 eval "$("$REPO_ROOT/scripts/build-guest.sh" build | grep -E '^(KERNEL|INITRD)=')"
 note=$(load_note)
 uptime_start=$(uptime | sed 's/^ *//')
-now() { date +%s.%N; }
-calc() { echo "$*" | bc -l; }
 # The JSON report `run --json` prints after the console output.
 field() {
     python3 -c 'import json,sys; s=open(sys.argv[1]).read().replace("\r",""); d=json.loads(s[s.rfind("{\n  \""):])
@@ -77,16 +75,7 @@ serve_stop() {
     SERVER_PID=
 }
 at_exit serve_stop
-(
-    cd "$T"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-        -keyout ca.key -out ca.pem -days 2 -subj "/CN=mbank bench-lab-resume CA"
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-        -keyout key.pem -out server.csr -subj /CN=10.77.0.1
-    printf 'subjectAltName=IP:10.77.0.1\nbasicConstraints=CA:FALSE\n' >ext.cnf
-    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
-        -out cert.pem -days 2 -extfile ext.cnf
-) >/dev/null 2>&1 || die "openssl could not make the certificates"
+lab_certs "$T" bench-lab-resume
 
 in_srv() { ip netns exec "$MBANK_LAB_SERVER_NS" "$@"; }
 st_ns() { local a; read -r -a a <<<"$MBANK_LAB_STATION_NS"; echo "${a[$1 - 1]}"; }

@@ -63,8 +63,6 @@ build_mbank "$REPO_ROOT"
 note=$(load_note)
 uptime_start=$(uptime)
 
-now() { date +%s.%N; }
-calc() { echo "$*" | bc -l; }
 ratio() { printf '%.2f' "$(calc "$1 / $2")"; }
 median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 jfield() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
@@ -114,16 +112,7 @@ mkdir -p "$T/www"
 ln "$ZST" "$T/www/base.raw.zst" 2>/dev/null || cp "$ZST" "$T/www/base.raw.zst"
 
 # A throwaway CA and a certificate for the lab's server address.
-(
-    cd "$T"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-        -keyout ca.key -out ca.pem -days 2 -subj "/CN=mbank bench-lab CA"
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-        -keyout key.pem -out server.csr -subj /CN=10.77.0.1
-    printf 'subjectAltName=IP:10.77.0.1\nbasicConstraints=CA:FALSE\n' >ext.cnf
-    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
-        -out cert.pem -days 2 -extfile ext.cnf
-) >/dev/null 2>&1 || die "openssl could not make the certificates"
+lab_certs "$T" bench-lab
 
 in_srv() { ip netns exec "$MBANK_LAB_SERVER_NS" "$@"; }
 in_st() { ip netns exec "$MBANK_LAB_STATION_NS" env XDG_CONFIG_HOME="$T/cfg" "$@"; }

@@ -41,8 +41,6 @@ fi
 build_mbank "$REPO_ROOT"
 note=$(load_note)
 uptime_start=$(uptime | sed 's/^ *//')
-now() { date +%s.%N; }
-calc() { echo "$*" | bc -l; }
 field() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1]))
 for k in sys.argv[2].split("."): d = d[k]
 print(d)' "$1" "$2"; }
@@ -57,16 +55,7 @@ stop_all() {
     for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
 }
 at_exit stop_all
-(
-    cd "$T"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-        -keyout ca.key -out ca.pem -days 2 -subj "/CN=mbank bench-leave CA"
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-        -keyout key.pem -out server.csr -subj /CN=10.77.0.1
-    printf 'subjectAltName=IP:10.77.0.1\nbasicConstraints=CA:FALSE\n' >ext.cnf
-    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
-        -out cert.pem -days 2 -extfile ext.cnf
-) >/dev/null 2>&1 || die "openssl could not make the certificates"
+lab_certs "$T" bench-leave
 
 log "$PROFILE lab with 2 stations"
 eval "$("$LAB_NET" up --name "$LAB" --profile "$PROFILE" --stations 2)"

@@ -72,8 +72,6 @@ make_tmp T
 note=$(load_note)
 uptime_start=$(uptime)
 
-now() { date +%s.%N; }
-calc() { echo "$*" | bc -l; }
 mibps() { printf '%.0f' "$(calc "$1 / 1048576 / $2")"; } # mibps BYTES SECONDS
 ratio() { printf '%.2f' "$(calc "$1 / $2")"; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system, in clock ticks

@@ -40,7 +40,6 @@ wait_for() { # FILE PATTERN PID
     done
 }
 
-now() { date +%s.%N; }
 # The JSON report `run --json` prints after the console output.
 json_of() { tr -d '\r' <"$1"; }
 field() {

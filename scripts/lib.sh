@@ -78,3 +78,21 @@ build_mbank() {
     fi
 }
 
+# Time now in seconds (with nanoseconds), and arithmetic on such numbers.
+now() { date +%s.%N; }
+calc() { echo "$*" | bc -l; }
+
+# lab_certs DIR NAME: a CA (DIR/ca.pem) and the lab server's certificate for 10.77.0.1
+# (DIR/cert.pem, DIR/key.pem), as scripts/lab-net.sh addresses its server.
+lab_certs() {
+    (
+        cd "$1"
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+            -keyout ca.key -out ca.pem -days 2 -subj "/CN=mbank $2 CA"
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+            -keyout key.pem -out server.csr -subj /CN=10.77.0.1
+        printf 'subjectAltName=IP:10.77.0.1\nbasicConstraints=CA:FALSE\n' >ext.cnf
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+            -out cert.pem -days 2 -extfile ext.cnf
+    ) >/dev/null 2>&1 || die "openssl could not make the certificates"
+}
