@@ -24,6 +24,12 @@ pub fn fork_source(source: &str) -> Option<(MachineName, VersionId)> {
     Some((m.parse().ok()?, v.parse().ok()?))
 }
 
+/// The `source` a fork's first version records: `create from M@V` ([`fork_source`]
+/// reads it back).
+pub fn fork_source_text(m: &MachineName, v: VersionId) -> String {
+    format!("{FORK_SOURCE}{m}@{}", v.to_hex())
+}
+
 /// Where a new machine's disk comes from.
 pub enum DiskFrom<'a> {
     /// An image file (raw, qcow2, vmdk, vdi, vhdx, qed).
@@ -91,12 +97,7 @@ impl Bank {
                 // defers its sweep while a writer older than the last removal of a
                 // version is in flight (`mbank-store`'s crate docs, "forks").
                 let idx = self.catalog.disk_index(v)?;
-                (
-                    format!("{FORK_SOURCE}{}@{}", v.machine, v.id.to_hex()),
-                    idx,
-                    none(),
-                    0,
-                )
+                (fork_source_text(&v.machine, v.id), idx, none(), 0)
             }
         };
         let (base, items, total) = match new.grow_to {

@@ -47,7 +47,7 @@ mod s3;
 mod stream;
 mod verify;
 
-pub use create::{DiskFrom, NewMachine, fork_source};
+pub use create::{DiskFrom, NewMachine, fork_source, fork_source_text};
 pub use derive::{check_not_in_use, repeated_commit};
 pub use export::{ExportReport, write_disk};
 pub use image::ImageFormat;

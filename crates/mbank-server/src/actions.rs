@@ -121,15 +121,7 @@ pub(crate) fn label(
     change: &LabelChange,
 ) -> Result<Labels, ApiError> {
     app.owned_machine(user, m)?;
-    let info = app.catalog(|c| Ok(c.resolve(m, Some(&v.to_hex()))?))?;
-    if info.id != v {
-        return Err(ApiError::from(
-            mbank_catalog::CatalogError::VersionNotFound {
-                machine: m.to_string(),
-                prefix: v.to_hex(),
-            },
-        ));
-    }
+    let info = crate::exact_version(app, user, m, v)?;
     app.catalog(|c| Ok(c.label(&info, change)?))
 }
 
@@ -155,6 +147,9 @@ pub(crate) fn commit(
     new: NewVersion,
 ) -> Result<CommitOutcome, ApiError> {
     app.writable_machine(user, m)?;
+    // From now on a writer of these users released without a commit keeps its
+    // uploads' charge (a commit may name them).
+    app.note_commit(&[&user.name, m.user()]);
     let NewVersion {
         info,
         index,
@@ -330,7 +325,7 @@ pub(crate) fn fork(
         disk_size: src.disk_size,
         chunk_size: src.chunk_size,
         stats: VersionStats {
-            source: format!("create from {from}@{}", src.id.to_hex()),
+            source: mbank_bank::fork_source_text(from, src.id),
             chunks_total: index.chunks.len() as u64,
             chunks_zero: index.chunks.iter().filter(|c| c.is_none()).count() as u64,
             chunks_dedup: index.chunks.iter().filter(|c| c.is_some()).count() as u64,

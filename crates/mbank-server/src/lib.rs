@@ -163,7 +163,6 @@ impl App {
         self.catalog(|c| Ok(c.owner_usage(owner, since)?))
     }
 
-    /// `owner`'s usage: the chunks charged to them plus their versions' catalog bytes.
     /// When `user` last began a commit, since this server started.
     fn last_commit(&self, user: &str) -> Option<i64> {
         let m = self.last_commit.lock().unwrap_or_else(|p| p.into_inner());
@@ -179,6 +178,7 @@ impl App {
         }
     }
 
+    /// `owner`'s usage: the chunks charged to them plus their versions' catalog bytes.
     fn usage(&self, owner: &str) -> Result<u64, ApiError> {
         let chunks = self.access(|a| Ok(a.usage(owner)?))?;
         Ok(chunks.saturating_add(self.owner_usage(owner)?.bytes))
@@ -938,7 +938,6 @@ async fn commit(
     let b = body(b)?;
     authed(&app, caller, move |app, user| {
         app.writable_machine(user, &m)?;
-        app.note_commit(&[&user.name, m.user()]);
         let (h, index, streams) = wire::parse_commit_body(&b).map_err(ApiError::bad_request)?;
         // Bound the work before parsing the streams (the action checks again).
         caps::check_streams(h.streams.iter().map(|(n, _)| n.as_str()))?;
@@ -992,32 +991,26 @@ fn check_lengths(
     index: &DiskIndex,
     streams: &[mbank_catalog::NamedStream],
 ) -> Result<(), ApiError> {
-    let source = match (info.parent, mbank_bank::fork_source(&info.stats.source)) {
-        (None, Some((sm, sv))) if app.readable_machine(user, &sm).is_ok() => app.catalog(|c| {
-            let Ok(v) = c.resolve(&sm, Some(&sv.to_hex())) else {
+    // The (chunk, length) pairs of version `v` of `machine`, if it exists as named.
+    let pairs_of = |machine: &MachineName, v: VersionId| {
+        app.catalog(|c| {
+            let Ok(found) = c.resolve(machine, Some(&v.to_hex())) else {
                 return Ok(HashSet::new());
             };
-            if v.id != sv {
+            if found.id != v {
                 return Ok(HashSet::new());
             }
-            let idx = c.disk_index(&v)?;
-            let streams = c.streams(&v)?;
+            let idx = c.disk_index(&found)?;
+            let streams = c.streams(&found)?;
             Ok(mbank_bank::length_pairs(&idx, &streams))
-        })?,
+        })
+    };
+    let source = match (info.parent, mbank_bank::fork_source(&info.stats.source)) {
+        (None, Some((sm, sv))) if app.readable_machine(user, &sm).is_ok() => pairs_of(&sm, sv)?,
         _ => HashSet::new(),
     };
     let mut known = match info.parent {
-        Some(p) => app.catalog(|c| {
-            let Ok(parent) = c.resolve(m, Some(&p.to_hex())) else {
-                return Ok(HashSet::new());
-            };
-            if parent.id != p {
-                return Ok(HashSet::new());
-            }
-            let idx = c.disk_index(&parent)?;
-            let streams = c.streams(&parent)?;
-            Ok(mbank_bank::length_pairs(&idx, &streams))
-        })?,
+        Some(p) => pairs_of(m, p)?,
         None => HashSet::new(),
     };
     known.extend(source);

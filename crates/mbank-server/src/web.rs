@@ -719,13 +719,6 @@ struct History {
     state: MachineState,
 }
 
-/// The machine and version a fork's first version came from (`create from M@V`).
-fn forked_from(source: &str) -> Option<(&str, &str)> {
-    let rest = source.strip_prefix("create from ")?;
-    let (m, v) = rest.split_once('@')?;
-    (m.contains('/') && !v.is_empty() && v.bytes().all(|b| b.is_ascii_hexdigit())).then_some((m, v))
-}
-
 fn history(s: &Session, h: &History) -> Markup {
     let info = &h.info;
     let owner = h.owner;
@@ -787,8 +780,8 @@ fn history(s: &Session, h: &History) -> Markup {
                             div { "parent " code { (p.short()) } " (removed)" }
                         }
                     }
-                    @if let Some((fm, fv)) = forked_from(&v.stats.source) {
-                        div.source { "forked from " a.forked href=(format!("/machines/{fm}#v-{fv}")) { (fm) "@" (fv.get(..12).unwrap_or(fv)) } }
+                    @if let Some((fm, fv)) = mbank_bank::fork_source(&v.stats.source) {
+                        div.source { "forked from " a.forked href=(format!("/machines/{fm}#v-{}", fv.to_hex())) { (fm) "@" (fv.short()) } }
                     } @else if !v.stats.source.is_empty() {
                         div.source { (v.stats.source) }
                     }

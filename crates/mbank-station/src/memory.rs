@@ -322,22 +322,18 @@ impl LazyRam {
 
     /// The RAM working set to store with the next version: the chunks this session's
     /// guest fetched on fault, in order, then those of the inherited set it lacks (they
-    /// were prefetched, so they are no faults here, but still needed).
+    /// were prefetched, so they are no faults here, but still needed). A session whose
+    /// guest waited on no fault (all prefetched in time) passes the inherited set on.
+    /// Each chunk once (a fault retried after a failed fetch is recorded again).
     fn working_set(&self) -> Vec<usize> {
-        let mut order = self.mounted().image().fault_order();
-        if order.is_empty() {
-            return order;
-        }
         let mut have = vec![false; self.layout.chunks()];
-        for &c in &order {
-            have[c] = true;
-        }
-        order.extend(
-            self.inherited_set
-                .iter()
-                .filter(|&&c| c < have.len() && !std::mem::replace(&mut have[c], true)),
-        );
-        order
+        self.mounted()
+            .image()
+            .fault_order()
+            .into_iter()
+            .chain(self.inherited_set.iter().copied())
+            .filter(|&c| c < have.len() && !std::mem::replace(&mut have[c], true))
+            .collect()
     }
 
     fn mounted(&self) -> &MemMount {
