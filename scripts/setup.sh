@@ -42,6 +42,7 @@ needs=(
     "sqlite3 sqlite3"
     "virt-xml-validate libvirt-clients"
     "xmllint libxml2-utils"
+    "systemd-analyze systemd"
     "chromium chromium"
     "chromedriver chromium-driver"
     "/usr/lib/python3/dist-packages/selenium python3-selenium"
