@@ -72,6 +72,8 @@ pub struct DiskCounters {
     /// a fetch from the bank, and how long they waited in all (ns).
     pub misses_waited: AtomicU64,
     pub wait_ns: AtomicU64,
+    /// Guest reads waiting for a fetch now.
+    pub misses_waiting: AtomicU64,
     /// Chunks the guest used for the first time that a background fetch had brought.
     pub prefetch_hits: AtomicU64,
     /// Chunks fetched by the working-set replay, and by read-ahead.
@@ -102,6 +104,9 @@ pub struct SessionStats {
     /// Reads the guest waited on a fetch for, and their total wait.
     pub misses_waited: u64,
     pub miss_wait_seconds: f64,
+    /// Reads waiting for a fetch now (a guest stalled on an unreachable bank shows
+    /// here).
+    pub misses_waiting: u64,
     /// Chunks the guest found in the cache because a background fetch brought them.
     pub prefetch_hits: u64,
     pub prefetched_chunks: u64,
@@ -592,6 +597,7 @@ impl Disk {
             chunks_fetched: get(&c.chunks_fetched),
             misses_waited: get(&c.misses_waited),
             miss_wait_seconds: get(&c.wait_ns) as f64 / 1e9,
+            misses_waiting: get(&c.misses_waiting),
             prefetch_hits: get(&c.prefetch_hits),
             prefetched_chunks: get(&c.prefetched_chunks),
             readahead_chunks: get(&c.readahead_chunks),
@@ -606,12 +612,18 @@ impl Disk {
         }
     }
 
-    /// Counts a wait of the guest for a fetch that started at `t`.
-    fn waited(&self, t: Instant) {
-        self.counters.misses_waited.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .wait_ns
+    /// Runs `fetch`, a fetch the guest waits on: shown as waiting while it runs, then
+    /// counted with its wait.
+    fn waiting<T>(&self, fetch: impl FnOnce() -> T) -> T {
+        let c = &self.counters;
+        c.misses_waiting.fetch_add(1, Ordering::Relaxed);
+        let t = Instant::now();
+        let r = fetch();
+        c.misses_waiting.fetch_sub(1, Ordering::Relaxed);
+        c.misses_waited.fetch_add(1, Ordering::Relaxed);
+        c.wait_ns
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r
     }
 
     /// Notes the guest's use of base chunk `id` at place `i`: recorded on its first use;
@@ -961,10 +973,7 @@ impl Disk {
         if let Some(d) = self.cache.get(id) {
             return Ok(Arc::new(d));
         }
-        let t = Instant::now();
-        let r = self.fetch_missing(id, None);
-        self.waited(t);
-        r
+        self.waiting(|| self.fetch_missing(id, None))
     }
 
     /// [`Disk::fetch`] of the base chunk `id` for its place `i` in the disk: an I/O
@@ -975,12 +984,7 @@ impl Disk {
                 self.check_len(i, id, d.len())?;
                 Ok(Arc::new(d))
             }
-            None => {
-                let t = Instant::now();
-                let r = self.fetch_missing(id, Some(i));
-                self.waited(t);
-                r
-            }
+            None => self.waiting(|| self.fetch_missing(id, Some(i))),
         }
     }
 
@@ -1115,11 +1119,10 @@ impl Disk {
         if inline {
             return Ok(false);
         }
-        let t = Instant::now();
-        self.readahead_on_miss(i);
-        let data = self.fetch_missing(id, Some(i));
-        self.waited(t);
-        let data = data?;
+        let data = self.waiting(|| {
+            self.readahead_on_miss(i);
+            self.fetch_missing(id, Some(i))
+        })?;
         buf.extend_from_slice(&data[a..a + n]);
         Ok(true)
     }

@@ -404,3 +404,32 @@ fn a_guest_read_jumps_the_replay_queue() {
     );
     b.discard(&f.bank, &disk).unwrap();
 }
+
+/// A guest read waiting on the bank shows as waiting while it waits (a station whose
+/// bank is unreachable shows its stalled guest), and as one wait once served.
+#[test]
+fn a_read_waiting_on_the_bank_shows_as_waiting_until_served() {
+    let mut f = fixture(8 * CS);
+    let a = f.station("a");
+    let store = LogStore::open(&f.bank);
+    let disk = f.check_out(&a, store.clone());
+    *store.held.lock().unwrap() = [disk.base.chunks[5].unwrap()].into();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let d = disk.clone();
+    std::thread::spawn(move || tx.send(d.read_sync(5 * CS as u64, 4096)).unwrap());
+    while store.reads().is_empty() {
+        std::thread::yield_now();
+    }
+    let s = disk.stats();
+    assert_eq!((s.misses_waiting, s.misses_waited), (1, 0), "{s:?}");
+    store.held.lock().unwrap().clear();
+    store.cv.notify_all();
+    let got = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the read was served once the bank answered")
+        .unwrap();
+    assert_eq!(got, f.base[5 * CS..5 * CS + 4096]);
+    let s = disk.stats();
+    assert_eq!((s.misses_waiting, s.misses_waited), (0, 1), "{s:?}");
+    a.discard(&f.bank, &disk).unwrap();
+}

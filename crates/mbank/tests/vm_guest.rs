@@ -714,19 +714,8 @@ fn start_vnc(bank: &Bank, cache: &Path, machine: &str, vnc: &Path, extra: &[&str
         .args(["run", machine, "--json", "--vnc"])
         .arg(format!("unix:{}", vnc.display()))
         .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().expect("spawn mbank run");
-    let out = collect(child.stdout.take().unwrap());
-    let err = collect(child.stderr.take().unwrap());
-    Running {
-        child: Some(child),
-        stdin: None,
-        out,
-        err,
-        cache: cache.to_path_buf(),
-    }
+        .stdin(Stdio::null());
+    Running::spawn(c, cache)
 }
 
 impl Running {
@@ -742,8 +731,9 @@ impl Running {
             }
             assert!(
                 t.elapsed() < DEFAULT_TIMEOUT,
-                "no {needle:?} after {DEFAULT_TIMEOUT:?}\n{}",
-                self.stderr()
+                "no {needle:?} after {DEFAULT_TIMEOUT:?}\n{}\n{}",
+                self.stderr(),
+                self.diagnose()
             );
             std::thread::sleep(Duration::from_millis(50));
         }

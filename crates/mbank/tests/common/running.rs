@@ -59,6 +59,8 @@ pub struct Running {
     pub out: Arc<Mutex<String>>,
     pub err: Arc<Mutex<String>>,
     pub cache: std::path::PathBuf,
+    /// The threads collecting standard output and error, ending at end of file.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Running {
@@ -109,10 +111,17 @@ pub fn kill_sessions(cache: &Path) {
     }
 }
 
-pub fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+pub fn collect(r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    collect_until_eof(r).0
+}
+
+/// [`collect`], and the reader thread, which ends at end of file.
+pub fn collect_until_eof(
+    mut r: impl Read + Send + 'static,
+) -> (Arc<Mutex<String>>, std::thread::JoinHandle<()>) {
     let buf = Arc::new(Mutex::new(String::new()));
     let b = buf.clone();
-    std::thread::spawn(move || {
+    let h = std::thread::spawn(move || {
         let mut chunk = [0u8; 4096];
         while let Ok(n) = r.read(&mut chunk) {
             if n == 0 {
@@ -124,7 +133,7 @@ pub fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
                 .push_str(&String::from_utf8_lossy(&chunk[..n]).replace('\r', ""));
         }
     });
-    buf
+    (buf, h)
 }
 
 pub fn start(bank: &Bank, cache: &Path, machine: &str, extra: &[&str]) -> Running {
@@ -133,23 +142,87 @@ pub fn start(bank: &Bank, cache: &Path, machine: &str, extra: &[&str]) -> Runnin
         .arg(cache)
         .args(["run", machine, "--console", "--json"])
         .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().expect("spawn mbank run");
-    let out = collect(child.stdout.take().unwrap());
-    let err = collect(child.stderr.take().unwrap());
-    let stdin = child.stdin.take();
-    Running {
-        child: Some(child),
-        stdin,
-        out,
-        err,
-        cache: cache.to_path_buf(),
+        .stdin(Stdio::piped());
+    Running::spawn(c, cache)
+}
+
+/// What a test that timed out waiting on a session can show of it: each session's
+/// files and the ends of its logs, and the station's processes with where their
+/// threads wait in the kernel.
+pub fn diagnose(cache: &Path) -> String {
+    let mut out = String::new();
+    if let Ok(dirs) = std::fs::read_dir(cache.join("sessions")) {
+        for d in dirs.flatten() {
+            let mut names: Vec<String> = std::fs::read_dir(d.path())
+                .map(|r| {
+                    r.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            names.sort();
+            out += &format!("session {}: {names:?}\n", d.path().display());
+            for log in ["run.log", "qemu.log"] {
+                if let Ok(t) = std::fs::read_to_string(d.path().join(log)) {
+                    let tail: Vec<&str> = t.lines().rev().take(20).collect();
+                    out += &format!("{log} (end):\n");
+                    for l in tail.into_iter().rev() {
+                        out += &format!("  {l}\n");
+                    }
+                }
+            }
+        }
     }
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "pid,ppid,stat,etime,args"])
+        .output();
+    if let Ok(ps) = ps {
+        for l in String::from_utf8_lossy(&ps.stdout).lines() {
+            if !(l.contains("mbank") || l.contains("qemu")) {
+                continue;
+            }
+            out += &format!("{l}\n");
+            let pid = l.split_whitespace().next().unwrap_or("");
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                continue;
+            };
+            for t in tasks.flatten() {
+                let read = |f: &str| {
+                    std::fs::read_to_string(t.path().join(f))
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string()
+                };
+                out += &format!("    thread {} wchan {}\n", read("comm"), read("wchan"));
+            }
+        }
+    }
+    out
 }
 
 impl Running {
+    /// Spawns `c` (an `mbank run`) with its standard output and error collected.
+    pub fn spawn(mut c: std::process::Command, cache: &Path) -> Running {
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = c.spawn().expect("spawn mbank run");
+        let (out, o) = collect_until_eof(child.stdout.take().unwrap());
+        let (err, e) = collect_until_eof(child.stderr.take().unwrap());
+        let stdin = child.stdin.take();
+        Running {
+            child: Some(child),
+            stdin,
+            out,
+            err,
+            cache: cache.to_path_buf(),
+            readers: vec![o, e],
+        }
+    }
+
+    /// The session's state (see [`diagnose`]), for a test that timed out.
+    pub fn diagnose(&self) -> String {
+        diagnose(&self.cache)
+    }
+
     pub fn stdout(&self) -> String {
         self.out.lock().unwrap().clone()
     }
@@ -172,9 +245,10 @@ impl Running {
             }
             assert!(
                 t.elapsed() < DEFAULT_TIMEOUT,
-                "no {needle:?} after {DEFAULT_TIMEOUT:?}\nstdout:\n{}\nstderr:\n{}",
+                "no {needle:?} after {DEFAULT_TIMEOUT:?}\nstdout:\n{}\nstderr:\n{}\n{}",
                 self.stdout(),
-                self.stderr()
+                self.stderr(),
+                self.diagnose()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -195,17 +269,23 @@ impl Running {
                 break st;
             }
             if t.elapsed() > DEFAULT_TIMEOUT {
+                let state = self.diagnose();
                 let _ = child.kill();
                 panic!(
-                    "mbank run did not end\nstdout:\n{}\nstderr:\n{}",
+                    "mbank run did not end\nstdout:\n{}\nstderr:\n{}\n{state}",
                     self.stdout(),
                     self.stderr()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        // The output threads finish at EOF.
-        std::thread::sleep(Duration::from_millis(200));
+        // The output threads finish at end of file (bounded: a process `run` left
+        // behind could hold its output open).
+        let t = Instant::now();
+        while !self.readers.iter().all(|h| h.is_finished()) && t.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let out = self.stdout();
         let report = out
             .rfind("\n{\n")
@@ -235,8 +315,9 @@ impl Running {
             }
             assert!(
                 n < 120,
-                "the guest's shell never answered:\n{}",
-                self.stdout()
+                "the guest's shell never answered:\n{}\n{}",
+                self.stdout(),
+                self.diagnose()
             );
         }
     }
@@ -272,9 +353,10 @@ impl Running {
             }
             assert!(
                 t.elapsed() < DEFAULT_TIMEOUT,
-                "no answer to {cmd:?} after {DEFAULT_TIMEOUT:?}\nstdout:\n{}\nstderr:\n{}",
+                "no answer to {cmd:?} after {DEFAULT_TIMEOUT:?}\nstdout:\n{}\nstderr:\n{}\n{}",
                 self.stdout(),
-                self.stderr()
+                self.stderr(),
+                self.diagnose()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
