@@ -19,8 +19,13 @@
 # station 2 suspends it (timed), storing the bytes shown. The floor is the memory's
 # bytes in the bank over the link rate.
 #
+# Mode `lazy-nowb` is `lazy` with the background write-back off (`--writeback-mbit 0`):
+# with BENCH_RESUME_SETTLE seconds (default 0) between the fill and the first suspend,
+# `lazy` against `lazy-nowb` is the time to leave with the RAM written back while the
+# guest ran, against everything sent at the suspend (issue 14).
+#
 # Env: MBANK (binary; else a release build, in CARGO_TARGET_DIR if set),
-# BENCH_RESUME_CASES, BENCH_RESUME_MODES, BENCH_RESUME_KEEP (a directory: keep each
+# BENCH_RESUME_CASES, BENCH_RESUME_MODES, BENCH_RESUME_SETTLE, BENCH_RESUME_KEEP (a directory: keep each
 # run's `--json` output there). TCG; everything on this machine.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -29,6 +34,7 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LAB_NET=$REPO_ROOT/scripts/lab-net.sh
 read -r -a CASES <<<"${BENCH_RESUME_CASES:-1gbit:256 1gbit:1024 100mbit:256 100mbit:1024}"
 read -r -a MODES <<<"${BENCH_RESUME_MODES:-eager lazy}"
+SETTLE=${BENCH_RESUME_SETTLE:-0}
 [[ $EUID == 0 ]] || die "must run as root (network namespaces)"
 need openssl
 need qemu-system-x86_64 qemu-system-x86
@@ -106,13 +112,19 @@ echo "## Lab network: resume on an empty station" >"$T/report.md"
     echo
     echo "- $(date -u '+%F %H:%M UTC'); $note; uptime at start: $uptime_start"
     echo "- ${MBANK_NOTE:-mbank $MBANK}; $(nproc) cores; stations, server and QEMU (TCG) on this machine"
+    echo "- $SETTLE s between the fill and the first suspend"
     echo
     echo "| link | guest | path | suspend s | memory in the bank | floor s | resume s (runs) | resume s (answers) | MiB fetched in 10 s | suspend after 4 MiB s | MiB stored |"
     echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 } >>"$T/report.md"
 one_run() { # one_run PROFILE MIB MODE
     local profile=$1 mib=$2 mode=$3 lazy=() k
-    [[ $mode == lazy ]] && lazy=(--lazy-memory)
+    case $mode in
+    lazy) lazy=(--lazy-memory) ;;
+    lazy-nowb) lazy=(--lazy-memory --writeback-mbit 0) ;;
+    eager) ;;
+    *) die "unknown mode $mode (eager, lazy, lazy-nowb)" ;;
+    esac
     local m=bench/pc-$mode
     for k in 1 2; do rm -rf "$T/cache$k" "$T/in$k"; done
     in_st 1 "$MBANK" -q --bank "$URL" create "$m" --image "$T/disk.raw" --memory "${mib}M" \
@@ -124,6 +136,7 @@ one_run() { # one_run PROFILE MIB MODE
         # On a tmpfs of its own: the guest's root, a tmpfs of half its RAM, holds less.
     console_line "mkdir -p /big && mount -t tmpfs -o size=$((mib / 2 + 8))m big /big && dd if=/dev/urandom of=/big/fill bs=1M count=$((mib / 2)) 2>/dev/null && echo FILLED-\$((40+2))"
     wait_for "$T/run1.out" "FILLED-42" "$pid"
+    sleep "$SETTLE"
     t0=$(now)
     in_st 1 "$MBANK" -q --bank "$URL" --cache "$T/cache1" suspend "$m" >/dev/null
     suspend_s=$(calc "$(now) - $t0")

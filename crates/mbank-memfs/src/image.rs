@@ -58,6 +58,8 @@ struct Stats {
     bytes_written: AtomicU64,
     fetch_errors: AtomicU64,
     prefetched: AtomicU64,
+    /// Reads being served now (a guest fault waits in one of them).
+    reads_in_flight: AtomicU64,
 }
 
 struct Inner {
@@ -65,6 +67,9 @@ struct Inner {
     /// One bit per chunk: written since the image was made (or since
     /// [`MemImage::clear_dirty`]).
     dirty: Vec<u64>,
+    /// One bit per chunk: written since [`MemImage::take_changed`] last took it (set
+    /// with the dirty bit, after the bytes are in the overlay).
+    changed: Vec<u64>,
     last_error: Option<String>,
     /// The chunks a guest access fetched, in the order of their first fetch.
     faults: Vec<u32>,
@@ -142,6 +147,7 @@ impl MemImage {
             inner: Mutex::new(Inner {
                 states,
                 dirty: vec![0; layout.chunks().div_ceil(64)],
+                changed: vec![0; layout.chunks().div_ceil(64)],
                 last_error: None,
                 faults: Vec::new(),
                 read_log: Vec::new(),
@@ -321,6 +327,13 @@ impl MemImage {
     /// Reads up to `len` bytes at `offset` (short at the end of the image), fetching
     /// the chunks it touches that are not in the overlay yet.
     pub fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, MemError> {
+        self.stats.reads_in_flight.fetch_add(1, Ordering::AcqRel);
+        let r = self.read_counted(offset, len);
+        self.stats.reads_in_flight.fetch_sub(1, Ordering::AcqRel);
+        r
+    }
+
+    fn read_counted(&self, offset: u64, len: u32) -> Result<Vec<u8>, MemError> {
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         self.stats
             .largest_read
@@ -379,6 +392,7 @@ impl MemImage {
         let mut g = self.lock();
         for i in self.chunk_range(offset, data.len() as u64) {
             g.dirty[i / 64] |= 1 << (i % 64);
+            g.changed[i / 64] |= 1 << (i % 64);
         }
         drop(g);
         self.stats
@@ -428,6 +442,44 @@ impl MemImage {
         (0..self.layout.chunks())
             .filter(|&i| g.dirty[i / 64] & (1 << (i % 64)) != 0)
             .collect()
+    }
+
+    /// Whether a read (a guest fault) is being served now: background work that
+    /// competes with it for the link waits.
+    pub fn guest_reading(&self) -> bool {
+        self.stats.reads_in_flight.load(Ordering::Acquire) > 0
+    }
+
+    /// The chunks written since the last call (or since the image was made), in order,
+    /// their marks cleared: a background write-back takes them *before* it reads them,
+    /// so a write it does not see marks the chunk again.
+    pub fn take_changed(&self) -> Vec<usize> {
+        let mut g = self.lock();
+        let n = self.layout.chunks();
+        let mut out = Vec::new();
+        for (w, word) in g.changed.iter_mut().enumerate() {
+            let mut bits = std::mem::take(word);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if w * 64 + b < n {
+                    out.push(w * 64 + b);
+                }
+            }
+        }
+        out
+    }
+
+    /// Marks chunk `i` changed again (a write-back that took it and did not store it).
+    pub fn mark_changed(&self, i: usize) {
+        if i < self.layout.chunks() {
+            self.lock().changed[i / 64] |= 1 << (i % 64);
+        }
+    }
+
+    /// Whether chunk `i` was written since [`MemImage::take_changed`] last took it.
+    pub fn is_changed(&self, i: usize) -> bool {
+        i < self.layout.chunks() && self.lock().changed[i / 64] & (1 << (i % 64)) != 0
     }
 
     /// Reads chunk `i` as the guest sees it now (for a suspend that stores the dirty

@@ -76,6 +76,35 @@ use std::sync::Arc;
 
 pub use image::{Layout, MemImage};
 
+/// Starts writing back every page dirtied through a mapping of the mounted RAM `file`
+/// to the image and waits for it (`sync_file_range`), without syncing the overlay: a
+/// background write-back of a running guest's RAM calls it before
+/// [`MemImage::take_changed`]. The guest's next write to such a page faults once.
+pub fn write_out(file: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let err = |e: io::Error| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot write out the guest RAM file {}: {e}",
+                file.display()
+            ),
+        )
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .open(file)
+        .map_err(err)?;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: the descriptor is open for the call; the range 0..0 means the whole file.
+    if unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, flags) } != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// Where the chunks of a memory image come from (the station plugs in its cache and
 /// the bank). Called from the FUSE threads, at most once at a time per chunk.
 pub trait Fetcher: Send + Sync + 'static {
@@ -271,6 +300,11 @@ impl MemMount {
                 ),
             )
         })
+    }
+
+    /// [`write_out`] of the file.
+    pub fn write_out(&self) -> io::Result<()> {
+        write_out(&self.file)
     }
 
     /// Unmounts lazily: processes that still map the file get errors, and the serving

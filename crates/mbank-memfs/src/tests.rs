@@ -305,3 +305,19 @@ fn reads_are_logged_with_their_offsets_and_the_largest_is_counted() {
     let c = img.counters();
     assert_eq!((c.reads, c.largest_read), (3, 3 * CS as u64));
 }
+
+#[test]
+fn writes_mark_chunks_changed_until_taken_and_a_mark_can_be_given_back() {
+    let (_d, img, _f) = image(200, &[], false);
+    assert!(img.take_changed().is_empty());
+    img.write(CS as u64 - 1, &[0xAA; 2]).unwrap();
+    img.write(130 * CS as u64, &[0xBB; 8]).unwrap();
+    assert!(img.is_changed(130) && !img.is_changed(2));
+    assert_eq!(img.take_changed(), vec![0, 1, 130]);
+    assert!(img.take_changed().is_empty(), "taken once");
+    assert_eq!(img.dirty_chunks(), vec![0, 1, 130], "dirty stays");
+    img.mark_changed(7);
+    img.mark_changed(10_000);
+    img.write(199 * CS as u64, &[1]).unwrap();
+    assert_eq!(img.take_changed(), vec![7, 199]);
+}

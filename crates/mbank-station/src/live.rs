@@ -70,6 +70,8 @@ pub struct Session<'s> {
     /// The session's writer registration, which keeps what its write-back sent from
     /// GC; released once the check-in committed (or the session ended otherwise).
     writer: Option<Arc<Mutex<WriterGuard>>>,
+    /// The write-back's bandwidth cap, shared with the RAM's write-back.
+    pacer: Option<Arc<crate::writeback::Pacer>>,
 }
 
 impl<'s> Session<'s> {
@@ -141,21 +143,23 @@ impl<'s> Session<'s> {
                 opts.say.clone(),
             ));
         }
-        let mut writer = None;
+        let (mut writer, mut pacer) = (None, None);
         if let Some(bps) = crate::writeback::cap(opts.writeback_mbit) {
             let w = Arc::new(Mutex::new(
                 bank.begin_write(&format!("write-back of {}", disk.meta.machine))?,
             ));
+            let p = crate::writeback::Pacer::new(bps);
             threads.push(crate::writeback::spawn(
                 disk.clone(),
                 bank.store_arc(),
                 w.clone(),
-                bps,
+                p.clone(),
                 ImportOptions::default().zstd_level,
                 stop.clone(),
                 opts.say.clone(),
             ));
             writer = Some(w);
+            pacer = Some(p);
         }
         if opts.whole_disk {
             let (d, stop) = (disk.clone(), stop.clone());
@@ -167,12 +171,20 @@ impl<'s> Session<'s> {
             stop,
             threads,
             writer,
+            pacer,
         })
     }
 
     /// The session's disk.
     pub fn disk(&self) -> &Arc<Disk> {
         &self.disk
+    }
+
+    /// The session's write-back, if it has one: its writer registration (which keeps
+    /// what it sends from GC until the check-in commits) and its bandwidth cap, for the
+    /// RAM's write-back to share ([`crate::memory::LazyRam::start_writeback`]).
+    pub fn writeback(&self) -> Option<(Arc<Mutex<WriterGuard>>, Arc<crate::writeback::Pacer>)> {
+        Some((self.writer.clone()?, self.pacer.clone()?))
     }
 
     /// The station the session runs on.

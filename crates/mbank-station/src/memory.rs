@@ -22,6 +22,15 @@
 //!   are read, hashed and sent (in batches of [`SAVE_BATCH`]: one `have` query, one
 //!   upload), and every other run is the parent's. A second suspend of a resumed guest
 //!   sends its dirty chunks only.
+//! - **Write-back** ([`LazyRam::start_writeback`]): while the guest runs, a thread
+//!   writes its dirty pages out to the image every [`WRITEBACK_ROUND`]
+//!   ([`mbank_memfs::write_out`]), takes the chunks changed since
+//!   ([`MemImage::take_changed`]), and sends those that changed in an earlier round but
+//!   not in the last one (settled: a chunk the guest rewrites all the time is left to
+//!   the suspend), behind the guest's faults and disk reads, under the session's
+//!   write-back cap, under its writer registration. It records each chunk's id; the
+//!   suspend takes the id of every dirty chunk nothing wrote since it was taken, and
+//!   reads, hashes and sends only the rest.
 //!
 //! Crashes: the overlay and the dirty map are not journalled. A session killed while
 //! running loses its RAM since the version it resumed (the disk is recovered as after
@@ -55,8 +64,12 @@ pub const PREFETCH_BATCH: usize = 16;
 /// of a suspend small).
 pub const RAM_CHUNK: u32 = 64 << 10;
 
-/// Dirty chunks hashed and sent at once by [`LazyRam::save`].
+/// Dirty chunks hashed and sent at once by [`LazyRam::save`] and the write-back.
 pub const SAVE_BATCH: usize = 32;
+
+/// How often the RAM's write-back writes the guest's dirty pages out and looks for
+/// settled chunks.
+pub const WRITEBACK_ROUND: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Names inside the session directory.
 const MOUNT_DIR: &str = "ram.mnt";
@@ -146,6 +159,10 @@ pub struct RamStats {
     pub chunks_prefetched: u64,
     /// Chunks the guest wrote since the mount (as far as the kernel wrote them back).
     pub chunks_dirty: u64,
+    /// Chunks the background write-back stored in the bank during the session, and
+    /// their bytes as sent (compressed); chunks the bank had already are not counted.
+    pub written_back_chunks: u64,
+    pub written_back_bytes: u64,
     /// Fetches that failed (the guest's access got an I/O error: QEMU dies of SIGBUS),
     /// and the last failure's message, which names the chunk.
     pub fetch_errors: u64,
@@ -158,6 +175,7 @@ pub struct RamStats {
 pub struct RamStatsHandle {
     image: Arc<MemImage>,
     chunks_nonzero: u64,
+    written: Arc<Written>,
 }
 
 impl RamStatsHandle {
@@ -172,6 +190,8 @@ impl RamStatsHandle {
             faults_waited: c.faults_waited,
             chunks_prefetched: c.prefetched,
             chunks_dirty: c.dirty_chunks,
+            written_back_chunks: self.written.chunks.load(Ordering::Relaxed),
+            written_back_bytes: self.written.bytes.load(Ordering::Relaxed),
             fetch_errors: c.fetch_errors,
             last_error: c.last_error,
         }
@@ -186,6 +206,18 @@ pub struct LazyRam {
     /// The working set the version came with (replayed by [`LazyRam::prefetch`]).
     inherited_set: Vec<usize>,
     prefetcher: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+    /// What the write-back stored, and its thread while it runs.
+    written: Arc<Written>,
+    writeback: std::sync::Mutex<Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>>,
+}
+
+/// What the RAM's write-back stored: per chunk, the id of the content it sent when it
+/// took the chunk (`Some(None)`: zeros), and its counters.
+#[derive(Default)]
+struct Written {
+    ids: std::sync::Mutex<Vec<Option<Option<ChunkId>>>>,
+    chunks: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
 }
 
 /// What [`LazyRam::save`] stored: the `ram` index and what storing it did, and the
@@ -195,6 +227,8 @@ pub struct SavedRam {
     pub index: MemoryIndex,
     pub stats: StreamStats,
     pub working_set: Option<(MemoryIndex, u64)>,
+    /// Dirty chunks whose id the write-back had stored (not read again).
+    pub written_back: u64,
 }
 
 /// A RAM working set as bytes (docs/formats.md, "RAM working set"): `MBRS`, format
@@ -286,6 +320,11 @@ impl LazyRam {
             layout,
             inherited_set: Vec::new(),
             prefetcher: None,
+            written: Arc::new(Written {
+                ids: std::sync::Mutex::new(vec![None; layout.chunks()]),
+                ..Written::default()
+            }),
+            writeback: std::sync::Mutex::new(None),
         })
     }
 
@@ -350,6 +389,7 @@ impl LazyRam {
         RamStatsHandle {
             image: self.mounted().image().clone(),
             chunks_nonzero: self.base.iter().filter(|c| c.is_some()).count() as u64,
+            written: self.written.clone(),
         }
     }
 
@@ -358,6 +398,7 @@ impl LazyRam {
     /// parent's runs for the rest). `guard` keeps what is sent from GC until the version
     /// naming it commits.
     pub fn save(&self, bank: &Bank, guard: &WriterGuard) -> Result<SavedRam, MemoryError> {
+        self.stop_writeback();
         let m = self.mounted();
         m.sync().map_err(|source| MemoryError::Io {
             path: m.file().to_path_buf(),
@@ -367,29 +408,28 @@ impl LazyRam {
         let store: &dyn ChunkStore = &*bank.store_arc();
         let mut ids = self.base.clone();
         let mut st = StreamStats::default();
-        for batch in image.dirty_chunks().chunks(SAVE_BATCH) {
-            let mut encoded = Vec::with_capacity(batch.len());
-            for &i in batch {
-                let data = image.read_chunk(i)?;
-                if mbank_core::is_zero(&data) {
-                    ids[i] = None;
-                } else {
-                    let c = encode(&data, DEFAULT_ZSTD_LEVEL);
-                    ids[i] = Some(c.id);
-                    encoded.push(c);
+        // The write-back's chunks that nothing wrote since it took them are in the bank
+        // (kept by the session's writer); the rest are read and sent now.
+        let mut written_back = 0;
+        let mut rest = Vec::new();
+        {
+            let written = self.written.ids.lock().expect("written lock");
+            for i in image.dirty_chunks() {
+                match written[i] {
+                    Some(id) if !image.is_changed(i) => {
+                        ids[i] = id;
+                        written_back += 1;
+                    }
+                    _ => rest.push(i),
                 }
             }
-            let have = store.touch_many(&encoded.iter().map(|c| c.id).collect::<Vec<_>>())?;
-            let missing: Vec<_> = encoded
-                .into_iter()
-                .zip(have)
-                .filter(|(_, h)| !h)
-                .map(|(c, _)| c)
-                .collect();
-            st.chunks_new += missing.len() as u64;
-            st.bytes_stored += missing.iter().map(|c| c.bytes.len() as u64).sum::<u64>();
-            if !missing.is_empty() {
-                store.put_many(&missing)?;
+        }
+        for batch in rest.chunks(SAVE_BATCH) {
+            let sent = store_chunks(image, store, batch)?;
+            st.chunks_new += sent.chunks_new;
+            st.bytes_stored += sent.bytes;
+            for (i, id) in sent.ids {
+                ids[i] = id;
             }
         }
         store.flush()?;
@@ -421,12 +461,116 @@ impl LazyRam {
             },
             stats: st,
             working_set,
+            written_back,
         })
+    }
+
+    /// Starts the RAM's write-back (see the module docs) into `store` under `writer`
+    /// and `pacer`, the session's ([`crate::live::Session::writeback`]); it waits while
+    /// `guest_waits` (a disk read waiting on a fetch) or a fault is served. It runs until
+    /// [`LazyRam::save`] or the unmount; a failure is said once and tried again.
+    pub fn start_writeback(
+        &self,
+        store: Arc<dyn ChunkStore>,
+        writer: Arc<std::sync::Mutex<WriterGuard>>,
+        pacer: Arc<crate::writeback::Pacer>,
+        guest_waits: impl Fn() -> bool + Send + 'static,
+        say: crate::live::Warn,
+    ) {
+        let image = self.mounted().image().clone();
+        let file = self.mounted().file().to_path_buf();
+        let written = self.written.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let h = std::thread::Builder::new()
+            .name("ram-writeback".into())
+            .spawn(move || {
+                let _writer = writer;
+                let busy = || guest_waits() || image.guest_reading();
+                let mut pending: Vec<usize> = Vec::new();
+                let mut warned = false;
+                while crate::writeback::nap(WRITEBACK_ROUND, &s) {
+                    if let Err(e) = mbank_memfs::write_out(&file) {
+                        if !std::mem::replace(&mut warned, true) {
+                            say(format!(
+                                "warning: the RAM's background write-back stopped: {e}"
+                            ));
+                        }
+                        break;
+                    }
+                    let now = image.take_changed();
+                    let mut hot = vec![false; image.layout().chunks()];
+                    now.iter().for_each(|&i| hot[i] = true);
+                    let settled: Vec<usize> =
+                        pending.iter().copied().filter(|&i| !hot[i]).collect();
+                    pending = now;
+                    let mut left = settled.as_slice();
+                    while !left.is_empty() {
+                        while busy()
+                            && crate::writeback::nap(std::time::Duration::from_millis(1), &s)
+                        {
+                        }
+                        if s.load(Ordering::Relaxed) {
+                            pending.extend_from_slice(left);
+                            break;
+                        }
+                        let (batch, more) = left.split_at(left.len().min(SAVE_BATCH));
+                        left = more;
+                        let sent = store_chunks(&image, &*store, batch).and_then(|sent| {
+                            store.flush()?;
+                            Ok(sent)
+                        });
+                        match sent {
+                            Ok(sent) => {
+                                let mut ids = written.ids.lock().expect("written lock");
+                                for (i, id) in sent.ids {
+                                    ids[i] = Some(id);
+                                }
+                                drop(ids);
+                                written.chunks.fetch_add(sent.chunks_new, Ordering::Relaxed);
+                                written.bytes.fetch_add(sent.bytes, Ordering::Relaxed);
+                                if !crate::writeback::nap(pacer.paid(sent.bytes), &s) {
+                                    pending.extend_from_slice(left);
+                                    break;
+                                }
+                            }
+                            Err(e) => {
+                                if !std::mem::replace(&mut warned, true) {
+                                    say(format!(
+                                        "warning: the RAM's background write-back failed: {e}; \
+                                         it tries again, and the suspend sends what it could not"
+                                    ));
+                                }
+                                pending.extend_from_slice(batch);
+                                pending.extend_from_slice(left);
+                                break;
+                            }
+                        }
+                    }
+                }
+                // What was taken and not stored goes back to the suspend.
+                for i in pending {
+                    image.mark_changed(i);
+                }
+            });
+        if let Ok(h) = h {
+            *self.writeback.lock().expect("write-back lock") = Some((stop, h));
+        }
+    }
+
+    /// Stops the write-back thread, if it runs, and waits for it.
+    fn stop_writeback(&self) {
+        let w = self.writeback.lock().expect("write-back lock").take();
+        if let Some((stop, h)) = w {
+            stop.store(true, Ordering::Relaxed);
+            let _ = h.join();
+        }
     }
 
     /// Unmounts the RAM file system (QEMU must have exited).
     pub fn unmount(mut self) -> Result<(), MemoryError> {
         self.stop_prefetch();
+        self.stop_writeback();
         let Some(m) = self.mount.take() else {
             return Ok(());
         };
@@ -439,7 +583,53 @@ impl LazyRam {
 impl Drop for LazyRam {
     fn drop(&mut self) {
         self.stop_prefetch();
+        self.stop_writeback();
     }
+}
+
+/// What [`store_chunks`] did: each chunk's id (`None`: zeros), and the chunks and bytes
+/// the bank did not have.
+struct Stored {
+    ids: Vec<(usize, Option<ChunkId>)>,
+    chunks_new: u64,
+    bytes: u64,
+}
+
+/// Reads the chunks `batch` of `image` as they are now, and sends those the bank lacks
+/// (one `have` query, one upload); the caller flushes the store.
+fn store_chunks(
+    image: &MemImage,
+    store: &dyn ChunkStore,
+    batch: &[usize],
+) -> Result<Stored, MemoryError> {
+    let mut ids = Vec::with_capacity(batch.len());
+    let mut encoded = Vec::with_capacity(batch.len());
+    for &i in batch {
+        let data = image.read_chunk(i)?;
+        if mbank_core::is_zero(&data) {
+            ids.push((i, None));
+        } else {
+            let c = encode(&data, DEFAULT_ZSTD_LEVEL);
+            ids.push((i, Some(c.id)));
+            encoded.push(c);
+        }
+    }
+    let have = store.touch_many(&encoded.iter().map(|c| c.id).collect::<Vec<_>>())?;
+    let missing: Vec<_> = encoded
+        .into_iter()
+        .zip(have)
+        .filter(|(_, h)| !h)
+        .map(|(c, _)| c)
+        .collect();
+    let bytes = missing.iter().map(|c| c.bytes.len() as u64).sum();
+    if !missing.is_empty() {
+        store.put_many(&missing)?;
+    }
+    Ok(Stored {
+        ids,
+        chunks_new: missing.len() as u64,
+        bytes,
+    })
 }
 
 /// The chunk ids of a `ram` index for `layout`: one run per chunk, each as long as its

@@ -14,6 +14,9 @@
 //! - **When**: in batches of [`BATCH`] chunks, never while a guest read waits on a fetch
 //!   ([`Disk::guest_waiting`]), under a bandwidth cap (bytes sent per second; default
 //!   [`DEFAULT_MBIT`] Mbit/s, `--writeback-mbit`, `MBANK_WRITEBACK_MBIT`; 0 turns it off).
+//! - **Memory too**: a session with lazy memory writes its guest's RAM back the same
+//!   way ([`crate::memory::LazyRam::start_writeback`]), under the same cap: both
+//!   threads pay one [`Pacer`].
 //! - **Safe from GC**: the session registers a writer in the bank for its whole life
 //!   (held until after its check-in commits), so every chunk it writes back is newer
 //!   than the GC cutoff while the session lives (the scheme in `mbank-store`). Each
@@ -51,8 +54,34 @@ pub fn cap(mbit: Option<u64>) -> Option<u64> {
     (m > 0).then(|| m.saturating_mul(1_000_000) / 8)
 }
 
+/// The bandwidth cap shared by a session's write-back threads (disk and RAM): each
+/// pays for what it sent, and waits until the link's share is free again.
+pub struct Pacer {
+    bytes_per_second: u64,
+    /// When the bytes sent so far have drained at the cap.
+    free_at: Mutex<std::time::Instant>,
+}
+
+impl Pacer {
+    pub fn new(bytes_per_second: u64) -> Arc<Pacer> {
+        Arc::new(Pacer {
+            bytes_per_second: bytes_per_second.max(1),
+            free_at: Mutex::new(std::time::Instant::now()),
+        })
+    }
+
+    /// Accounts `bytes` sent now; returns how long the sender waits before its next
+    /// batch (until every thread's bytes so far have drained at the cap).
+    pub fn paid(&self, bytes: u64) -> Duration {
+        let now = std::time::Instant::now();
+        let mut at = self.free_at.lock().expect("pacer lock");
+        *at = (*at).max(now) + Duration::from_secs_f64(bytes as f64 / self.bytes_per_second as f64);
+        *at - now
+    }
+}
+
 /// Sleeps `d` in ticks; false if `stop` was set meanwhile.
-fn nap(d: Duration, stop: &AtomicBool) -> bool {
+pub(crate) fn nap(d: Duration, stop: &AtomicBool) -> bool {
     let mut left = d;
     while !left.is_zero() {
         if stop.load(Ordering::Relaxed) {
@@ -65,13 +94,13 @@ fn nap(d: Duration, stop: &AtomicBool) -> bool {
     !stop.load(Ordering::Relaxed)
 }
 
-/// Starts the write-back of `disk` into `store` at most `bytes_per_second`, until
-/// `stop`; `writer` is the session's writer registration (kept fresh here).
+/// Starts the write-back of `disk` into `store` under `pacer`'s cap, until `stop`;
+/// `writer` is the session's writer registration (kept fresh here).
 pub fn spawn(
     disk: Arc<Disk>,
     store: Arc<dyn ChunkStore>,
     writer: Arc<Mutex<WriterGuard>>,
-    bytes_per_second: u64,
+    pacer: Arc<Pacer>,
     zstd_level: i32,
     stop: Arc<AtomicBool>,
     say: Warn,
@@ -101,8 +130,7 @@ pub fn spawn(
                 rest = more;
                 match send(&disk, &*store, &map, batch, zstd_level) {
                     Ok(sent) => {
-                        let wait = Duration::from_secs_f64(sent as f64 / bytes_per_second as f64);
-                        if !nap(wait, &stop) {
+                        if !nap(pacer.paid(sent), &stop) {
                             rest.iter().for_each(|&i| disk.mark_changed(i));
                             return;
                         }

@@ -115,6 +115,9 @@ pub struct RunReport {
     /// With lazy memory: what the suspend stored of the RAM (`ram` stream), and what
     /// the RAM device did.
     pub ram_saved: Option<StreamStats>,
+    /// With lazy memory: the dirty RAM chunks the suspend took from the background
+    /// write-back instead of reading and sending them.
+    pub ram_written_back: u64,
     pub ram: Option<RamStats>,
     pub session: SessionReport,
 }
@@ -796,6 +799,18 @@ fn run_session(
             return Err(fail_clean(bank, session, e));
         }
     };
+    // The RAM goes to the bank in the background too, under the disk's write-back cap.
+    if let (Some(ram), Some((writer, pacer))) = (&ram, session.writeback()) {
+        let d = disk.clone();
+        let h = hub.clone();
+        ram.start_writeback(
+            bank.store_arc(),
+            writer,
+            pacer,
+            move || d.guest_waiting(),
+            Arc::new(move |s: String| h.say(&s)),
+        );
+    }
     let ram_stats = ram.as_ref().map(LazyRam::stats_handle);
     // Fronts and `mbank suspend` may connect from now on.
     let (tx, requests) = mpsc::channel();
@@ -997,6 +1012,7 @@ fn run_session(
     let mut shutdown_seen = false;
     let mut memory_saved = None;
     let mut ram_saved = None;
+    let mut ram_written_back = 0;
     let mut memory_save_seconds = 0.0;
     let mut streams = Vec::new();
     let mut streams_stored = (0, 0);
@@ -1020,12 +1036,14 @@ fn run_session(
             index,
             stats: st,
             working_set,
+            written_back,
         }) = ram_idx
         {
             say(format!(
-                "saved the guest's RAM: {} chunks written since the start, {} new in the bank",
+                "saved the guest's RAM: {} chunks new in the bank ({}), {} sent during the session",
                 st.chunks_new,
-                bytes(st.bytes_stored)
+                bytes(st.bytes_stored),
+                written_back
             ));
             streams.push((RAM_STREAM.to_string(), index));
             if let Some((ws, _)) = working_set {
@@ -1034,6 +1052,7 @@ fn run_session(
             streams_stored.0 += st.chunks_new;
             streams_stored.1 += st.bytes_stored;
             ram_saved = Some(st);
+            ram_written_back = written_back;
         }
         memory_saved = Some(stats);
         writer_guard = Some(guard);
@@ -1199,6 +1218,7 @@ fn run_session(
         memory_saved,
         memory_save_seconds,
         ram_saved,
+        ram_written_back,
         ram: ram_final,
         session,
     };
