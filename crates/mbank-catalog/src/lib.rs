@@ -94,7 +94,7 @@ impl MachineSettings {
 }
 
 /// Schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE machines (
@@ -213,6 +213,11 @@ BEGIN
     ON CONFLICT (name) DO UPDATE SET at_ms = excluded.at_ms, count = count + 1;
 END;
 ";
+
+/// Version 8: a session's last checkpoint, protected like its base while the session
+/// lives (or, displaced, until it checks in): its next checkpoint and its check-in
+/// derive from it. A `checkpoint BLOB` column in `leases` and in `displaced`.
+const SCHEMA_V8: [(&str, &str); 2] = [("leases", "checkpoint"), ("displaced", "checkpoint")];
 
 /// Longest note on a version, in bytes.
 pub const MAX_NOTE: usize = 1024;
@@ -412,6 +417,13 @@ pub trait CatalogApi: Send {
     ) -> Result<Vec<(VersionId, String)>, CatalogError>;
     /// See [`Catalog::heartbeat_lease`].
     fn heartbeat_lease(&self, machine: &MachineName, session: &str) -> Result<bool, CatalogError>;
+    /// See [`Catalog::lease_checkpoint`].
+    fn lease_checkpoint(
+        &self,
+        machine: &MachineName,
+        session: &str,
+        version: VersionId,
+    ) -> Result<bool, CatalogError>;
     /// See [`Catalog::forget`].
     fn forget(
         &mut self,
@@ -529,6 +541,14 @@ impl CatalogApi for Catalog {
     }
     fn heartbeat_lease(&self, machine: &MachineName, session: &str) -> Result<bool, CatalogError> {
         Catalog::heartbeat_lease(self, machine, session)
+    }
+    fn lease_checkpoint(
+        &self,
+        machine: &MachineName,
+        session: &str,
+        version: VersionId,
+    ) -> Result<bool, CatalogError> {
+        Catalog::lease_checkpoint(self, machine, session, version)
     }
     fn forget(
         &mut self,
@@ -900,6 +920,21 @@ impl Catalog {
         if v < 7 {
             tx.execute_batch(SCHEMA_V7)
                 .map_err(sql("migrate the schema to version 7"))?;
+        }
+        if v < 8 {
+            for (table, column) in SCHEMA_V8 {
+                let has: bool = tx
+                    .query_row(
+                        &format!("SELECT EXISTS (SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1)"),
+                        params![column],
+                        |r| r.get(0),
+                    )
+                    .map_err(sql("migrate the schema to version 8"))?;
+                if !has {
+                    tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} BLOB"))
+                        .map_err(sql("migrate the schema to version 8"))?;
+                }
+            }
         }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(sql("set the schema version"))?;
@@ -1432,7 +1467,11 @@ fn session_bases_in(
         .prepare_cached(
             "SELECT base, station_name FROM leases WHERE machine = ?1 AND base IS NOT NULL
              UNION ALL
-             SELECT base, station_name FROM displaced WHERE machine = ?1 AND base IS NOT NULL",
+             SELECT base, station_name FROM displaced WHERE machine = ?1 AND base IS NOT NULL
+             UNION ALL
+             SELECT checkpoint, station_name FROM leases WHERE machine = ?1 AND checkpoint IS NOT NULL
+             UNION ALL
+             SELECT checkpoint, station_name FROM displaced WHERE machine = ?1 AND checkpoint IS NOT NULL",
         )
         .map_err(sql("list the sessions' versions"))?;
     let rows = st
@@ -1584,6 +1623,12 @@ impl Catalog {
                 ],
             )
             .map_err(sql("record the displaced session"))?;
+            tx.execute(
+                "UPDATE displaced SET checkpoint = (SELECT checkpoint FROM leases WHERE machine = ?1)
+                 WHERE session = ?2",
+                params![h.machine, h.session],
+            )
+            .map_err(sql("record the displaced session's checkpoint"))?;
         }
         tx.execute(
             "INSERT OR REPLACE INTO leases (machine, session, station, station_name, pid, base, started_ms, heartbeat_ms)
@@ -2055,6 +2100,30 @@ impl Catalog {
         Ok(())
     }
 
+    /// Records `version` as the last checkpoint of `session` on `machine`, protected like
+    /// its base from now on (and the checkpoint before it no longer); false if the
+    /// session holds no lease and was not displaced (it has checked in).
+    pub fn lease_checkpoint(
+        &self,
+        machine: &MachineName,
+        session: &str,
+        version: VersionId,
+    ) -> Result<bool, CatalogError> {
+        let mut n = 0;
+        for table in ["leases", "displaced"] {
+            n += self
+                .conn
+                .execute(
+                    &format!(
+                        "UPDATE {table} SET checkpoint = ?1 WHERE machine = ?2 AND session = ?3"
+                    ),
+                    params![version.as_bytes().to_vec(), machine.as_str(), session],
+                )
+                .map_err(sql("record the session's checkpoint"))?;
+        }
+        Ok(n > 0)
+    }
+
     /// Records that `session` is alive; false if it no longer holds the lease.
     pub fn heartbeat_lease(
         &self,
@@ -2492,6 +2561,63 @@ mod tests {
         assert!(c.release_lease(&m, "s2").unwrap());
         assert_eq!(c.lease(&m).unwrap(), None);
         assert!(c.session_bases(&m).unwrap().is_empty());
+    }
+
+    /// A session's last checkpoint is protected beside its base, the one before it no
+    /// longer; a displaced session keeps both until it checks in.
+    #[test]
+    fn a_sessions_last_checkpoint_is_protected_like_its_base() {
+        let (_d, mut c) = cat();
+        let m: MachineName = "alice/dev".parse().unwrap();
+        let (b, c1, c2, b2) = (
+            VersionId::random(),
+            VersionId::random(),
+            VersionId::random(),
+            VersionId::random(),
+        );
+        let lease = |session: &str, station: &str, base| Lease {
+            machine: "alice/dev".into(),
+            session: session.into(),
+            station: station.into(),
+            station_name: station.into(),
+            pid: 1,
+            base: Some(base),
+            started_ms: 1_795_000_000_000,
+            heartbeat_ms: 0,
+        };
+        let sorted = |c: &Catalog| {
+            let mut v: Vec<VersionId> = c
+                .session_bases(&m)
+                .unwrap()
+                .into_iter()
+                .map(|x| x.0)
+                .collect();
+            v.sort();
+            v
+        };
+        let set = |v: &[VersionId]| {
+            let mut v = v.to_vec();
+            v.sort();
+            v
+        };
+        c.acquire_lease(&lease("s1", "a", b), |_| false).unwrap();
+        assert!(c.lease_checkpoint(&m, "s1", c1).unwrap());
+        assert_eq!(sorted(&c), set(&[b, c1]));
+        assert!(c.lease_checkpoint(&m, "s1", c2).unwrap());
+        assert_eq!(sorted(&c), set(&[b, c2]), "only the last checkpoint");
+        // Taken over from the checkpoint: the displaced session keeps its own.
+        c.acquire_lease(&lease("s2", "b", b2), |_| true).unwrap();
+        assert_eq!(sorted(&c), set(&[b, c2, b2]));
+        assert!(c.lease_checkpoint(&m, "s1", c1).unwrap(), "displaced");
+        assert_eq!(sorted(&c), set(&[b, c1, b2]));
+        assert!(
+            !c.lease_checkpoint(&m, "s3", c1).unwrap(),
+            "no such session"
+        );
+        c.release_lease(&m, "s1").unwrap();
+        c.release_lease(&m, "s2").unwrap();
+        assert!(c.session_bases(&m).unwrap().is_empty());
+        assert!(!c.lease_checkpoint(&m, "s1", c2).unwrap(), "checked in");
     }
 
     /// Records speak the API's vocabulary (`machine`, `version`) and still read the

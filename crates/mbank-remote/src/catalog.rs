@@ -369,6 +369,22 @@ impl CatalogApi for RemoteCatalog {
         Ok(r.held)
     }
 
+    fn lease_checkpoint(
+        &self,
+        machine: &MachineName,
+        session: &str,
+        version: VersionId,
+    ) -> Result<bool, CatalogError> {
+        let what = format!("the checkpoint of the session on {machine}");
+        let path = format!("{}/lease/checkpoint", mpath(machine.as_str()));
+        let req = wire::CheckpointBody {
+            session: session.into(),
+            version: version.to_hex(),
+        };
+        let r: Held = self.send(Method::POST, &path, &what, &req, Some(machine.as_str()))?;
+        Ok(r.held)
+    }
+
     fn forget(
         &mut self,
         machine: &MachineName,

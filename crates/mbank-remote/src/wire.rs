@@ -125,6 +125,13 @@ pub struct SessionBody {
     pub session: String,
 }
 
+/// `POST /v1/machines/{m}/lease/checkpoint`: `session`'s last checkpoint is `version`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckpointBody {
+    pub session: String,
+    pub version: String,
+}
+
 /// `{held}`, `{released}`, `{removed}`, `{head}`, `{bytes}` answers.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Held {

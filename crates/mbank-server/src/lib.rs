@@ -349,6 +349,10 @@ fn router(app: Shared, tls: bool) -> Router {
             "/v1/machines/{u}/{n}/lease/heartbeat",
             post(lease_heartbeat),
         )
+        .route(
+            "/v1/machines/{u}/{n}/lease/checkpoint",
+            post(lease_checkpoint),
+        )
         .route("/v1/machines/{u}/{n}/sessions", get(sessions))
         .route("/v1/machines/{u}/{n}/forget", post(forget))
         .route("/v1/machines/{u}/{n}/head", axum::routing::put(set_head))
@@ -1369,6 +1373,21 @@ async fn lease_heartbeat(
     let req: wire::SessionBody = parse_json(&body(b)?)?;
     on_machine(&app, caller, &u, &n, Need::Write, move |app, _, m| {
         let held = app.catalog(|c| Ok(c.heartbeat_lease(m, &req.session)?))?;
+        Ok(json(&wire::Held { held }))
+    })
+    .await
+}
+
+async fn lease_checkpoint(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path((u, n)): Path<(String, String)>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: wire::CheckpointBody = parse_json(&body(b)?)?;
+    let version = version_id(&req.version)?;
+    on_machine(&app, caller, &u, &n, Need::Write, move |app, _, m| {
+        let held = app.catalog(|c| Ok(c.lease_checkpoint(m, &req.session, version)?))?;
         Ok(json(&wire::Held { held }))
     })
     .await

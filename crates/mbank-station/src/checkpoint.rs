@@ -198,6 +198,19 @@ pub fn checkpoint(
         forgotten: Vec::new(),
         warnings: Vec::new(),
     };
+    // Protected like the session's base from now on: the next checkpoint and the
+    // check-in derive from it, so neither `rm` nor a policy may take it.
+    let protected = match bank.catalog().lease_checkpoint(&machine, &meta.session, id) {
+        Ok(held) => held,
+        Err(e) => {
+            report.warnings.push(format!(
+                "checkpoint {} of {} is not recorded with the session's lease, so it is not                  protected from `rm` until the session ends: {e}",
+                id.short(),
+                meta.machine
+            ));
+            false
+        }
+    };
     let expect = match (r.head_moved, expected_head) {
         (true, _) => id.to_hex(),
         (false, Some(h)) => h.to_hex(),
@@ -228,9 +241,10 @@ pub fn checkpoint(
         ));
     }
     // The machine's retention policy, as after a check-in; only when the checkpoint is
-    // the head, which the policy never removes: a checkpoint kept beside a head moved
-    // by someone else is what the next checkpoint and the check-in derive from.
-    if r.head_moved {
+    // protected (with the lease) or the head, which the policy never removes: a
+    // checkpoint kept beside a head moved by someone else is what the next checkpoint
+    // and the check-in derive from.
+    if r.head_moved || protected {
         match bank.apply_policy(&at.machine) {
             Ok(Some(f)) => report.forgotten = f.removed.iter().map(|v| v.to_hex()).collect(),
             Ok(None) => {}

@@ -1436,3 +1436,55 @@ fn rename_over_the_server_keeps_history_for_the_owner_only() {
         .failed()
         .stderr_has(&["published", "unpublish"]);
 }
+
+/// A session on a served bank records each checkpoint with its lease: the last one
+/// cannot be removed until the session checks in.
+#[test]
+fn a_sessions_checkpoint_on_a_served_bank_is_protected_until_it_checks_in() {
+    let s = Served::start();
+    let mut alice = s.login("alice");
+    let img = image(4 * MIB, &[(0, MIB)], 61);
+    let p = write_img(&alice, &img);
+    alice.import("alice/dev", &p, &[]);
+    alice
+        .env
+        .push(("MBANK_CHECKPOINT_SECONDS".into(), Some("1".into())));
+    let cache = s.root.join("cache-alice");
+    let mut a = alice.attach(&cache, "alice/dev", &[]);
+    let r = tool(
+        "qemu-io",
+        &[
+            "-f".to_string(),
+            "raw".into(),
+            "-c".into(),
+            "write -P 7 65536 4096".into(),
+            "-c".into(),
+            "flush".into(),
+            a.uri(),
+        ],
+    );
+    assert!(r.success(), "qemu-io:\n{r}");
+    let t = std::time::Instant::now();
+    let ck = loop {
+        let found = alice.log("alice/dev").into_iter().find(|e| {
+            e["tags"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t == "checkpoint"))
+        });
+        if let Some(e) = found {
+            break e["version"].as_str().unwrap().to_string();
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(120),
+            "no checkpoint"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    alice
+        .run(&["rm", &format!("alice/dev@{ck}")])
+        .code(1)
+        .stderr_has(&["checked out on station"]);
+    let done = a.stop();
+    assert!(done.success(), "attach:\n{done}");
+    alice.run(&["rm", &format!("alice/dev@{ck}")]).ok();
+}

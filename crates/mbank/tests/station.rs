@@ -968,6 +968,60 @@ fn checkpoint_then_kill9_another_station_takes_over_from_it() {
     bank.verify_ok();
 }
 
+/// A session's last checkpoint, which its next checkpoint and its check-in derive
+/// from, cannot be removed while the session runs (as its base cannot); the one before
+/// it can. The check-in then derives from the last one, with every write.
+#[test]
+fn a_sessions_last_checkpoint_is_protected_until_it_checks_in() {
+    need(&[("nbdsh", "python3-libnbd")]);
+    let mut bank = Bank::new();
+    bank.env
+        .push(("MBANK_CHECKPOINT_SECONDS".into(), Some("1".into())));
+    let size = 8 * MIB;
+    let base_img = image(size, &[(0, 4 * MIB)], 71);
+    import(&bank, "alice/dev", &base_img, &[]);
+    let c1 = bank.file("station-1");
+    let mut a = bank.attach(&c1, "alice/dev", &["--json"]);
+    let mut rng = Rng::new(72);
+    let mut expected = base_img.clone();
+    let mut write = |at: usize| {
+        let mut d = vec![0u8; 8 * KIB];
+        rng.fill(&mut d);
+        Script::new(&bank).write(at, &d, true).run(&a.uri());
+        apply(&mut expected, at, &d);
+    };
+    write(CS);
+    let ck1 = wait_checkpoints(&bank, "alice/dev", 1)[0].clone();
+    bank.run(&["rm", &format!("alice/dev@{ck1}")])
+        .code(1)
+        .stderr_has(&["checked out on station", "until the session ends"]);
+    write(5 * CS);
+    let ck2 = wait_checkpoints(&bank, "alice/dev", 2)[1].clone();
+    bank.run(&["rm", &format!("alice/dev@{ck1}")]).ok();
+    bank.run(&["rm", &format!("alice/dev@{ck2}")])
+        .code(1)
+        .stderr_has(&["checked out on station"]);
+    let r = a.stop().ok();
+    let j = report(&r);
+    let v = j["version"].as_str().expect("a version").to_string();
+    let e = log_entry(&bank, "alice/dev", &v);
+    let last = wait_checkpoints(&bank, "alice/dev", 1);
+    assert_eq!(
+        Some(&e["parent"].as_str().unwrap().to_string()),
+        last.last(),
+        "{e}"
+    );
+    assert_eq!(j["head_moved"], true, "{j}");
+    assert_same_bytes(
+        &export(&bank, &format!("alice/dev@{v}")),
+        &expected,
+        "check-in after a removed checkpoint",
+    );
+    // Checked in: the checkpoint is an ordinary version again.
+    bank.run(&["rm", &format!("alice/dev@{ck2}")]).ok();
+    bank.verify_ok();
+}
+
 /// A machine's checkpoint setting in the bank (`set --checkpoint-minutes`) wins over
 /// the station's default ($MBANK_CHECKPOINT_SECONDS here): 0 turns its checkpoints off;
 /// `default` gives the station's back; `info` shows it. The machine's retention policy
