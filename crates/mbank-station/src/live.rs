@@ -160,6 +160,12 @@ impl<'s> Session<'s> {
             ));
             writer = Some(w);
             pacer = Some(p);
+        } else {
+            (opts.say)(format!(
+                "no background write-back of {}: what the guest writes goes to the bank at \
+                 the check-in",
+                disk.meta.machine
+            ));
         }
         if opts.whole_disk {
             let (d, stop) = (disk.clone(), stop.clone());

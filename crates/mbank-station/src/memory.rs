@@ -43,7 +43,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use mbank_bank::{Bank, StreamStats, WriterGuard};
-use mbank_core::chunk::{DEFAULT_ZSTD_LEVEL, encode};
+use mbank_core::chunk::{DEFAULT_ZSTD_LEVEL, encode_with_id};
 use mbank_core::{ChunkId, MemoryIndex, MemoryRun};
 use mbank_memfs::{Counters, FetchError, Fetcher, Layout, MemImage, MemMount, MountOptions};
 use mbank_store::ChunkStore;
@@ -596,30 +596,31 @@ struct Stored {
 }
 
 /// Reads the chunks `batch` of `image` as they are now, and sends those the bank lacks
-/// (one `have` query, one upload); the caller flushes the store.
+/// (one `have` query, one upload; only those are compressed); the caller flushes the
+/// store.
 fn store_chunks(
     image: &MemImage,
     store: &dyn ChunkStore,
     batch: &[usize],
 ) -> Result<Stored, MemoryError> {
     let mut ids = Vec::with_capacity(batch.len());
-    let mut encoded = Vec::with_capacity(batch.len());
+    let mut plain = Vec::with_capacity(batch.len());
     for &i in batch {
         let data = image.read_chunk(i)?;
         if mbank_core::is_zero(&data) {
             ids.push((i, None));
         } else {
-            let c = encode(&data, DEFAULT_ZSTD_LEVEL);
-            ids.push((i, Some(c.id)));
-            encoded.push(c);
+            let id = ChunkId::of(&data);
+            ids.push((i, Some(id)));
+            plain.push((id, data));
         }
     }
-    let have = store.touch_many(&encoded.iter().map(|c| c.id).collect::<Vec<_>>())?;
-    let missing: Vec<_> = encoded
+    let have = store.touch_many(&plain.iter().map(|(id, _)| *id).collect::<Vec<_>>())?;
+    let missing: Vec<_> = plain
         .into_iter()
         .zip(have)
         .filter(|(_, h)| !h)
-        .map(|(c, _)| c)
+        .map(|((id, data), _)| encode_with_id(id, &data, DEFAULT_ZSTD_LEVEL))
         .collect();
     let bytes = missing.iter().map(|c| c.bytes.len() as u64).sum();
     if !missing.is_empty() {

@@ -29,7 +29,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use mbank_bank::WriterGuard;
-use mbank_core::chunk::encode;
+use mbank_core::chunk::encode_with_id;
 use mbank_store::ChunkStore;
 
 use crate::device::{Disk, WrittenBack, assemble_chunk};
@@ -189,9 +189,8 @@ fn send(
         let id = if mbank_core::is_zero(&data) {
             None
         } else {
-            let c = encode(&data, zstd_level);
-            let id = c.id;
-            chunks.push(c);
+            let id = mbank_core::ChunkId::of(&data);
+            chunks.push((id, data));
             Some(id)
         };
         sent.push((i, WrittenBack { id, mask, sums }));
@@ -205,7 +204,8 @@ fn send(
         record(sent);
         return Ok(0);
     }
-    let ids: Vec<_> = chunks.iter().map(|c| c.id).collect();
+    // Hashed first; only what the bank lacks is compressed.
+    let ids: Vec<_> = chunks.iter().map(|(id, _)| *id).collect();
     let have = store
         .touch_many(&ids)
         .map_err(|e| format!("ask the bank which chunks it has: {e}"))?;
@@ -213,7 +213,7 @@ fn send(
         .into_iter()
         .zip(have)
         .filter(|(_, h)| !h)
-        .map(|(c, _)| c)
+        .map(|((id, data), _)| encode_with_id(id, &data, zstd_level))
         .collect();
     if missing.is_empty() {
         record(sent);

@@ -96,6 +96,21 @@ pub struct SessionFlags {
     pub writeback_mbit: Option<u64>,
 }
 
+impl SessionFlags {
+    /// The flags as arguments again, for a session process started for them (`run`'s
+    /// supervisor).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        if let Some(n) = self.checkpoint_minutes {
+            a.extend(["--checkpoint-minutes".to_string(), n.to_string()]);
+        }
+        if let Some(n) = self.writeback_mbit {
+            a.extend(["--writeback-mbit".to_string(), n.to_string()]);
+        }
+        a
+    }
+}
+
 /// `--socket-mode`: octal permission bits, at most 777.
 fn parse_mode(s: &str) -> Result<u32, String> {
     match u32::from_str_radix(s.trim_start_matches("0o"), 8) {

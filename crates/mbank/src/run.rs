@@ -924,7 +924,9 @@ fn run_session(
         let total = idx.total_len;
         if ram.is_some() {
             // The state goes in only now, after x-ignore-shared where the RAM was saved.
-            let ram_saved = bank.catalog().stream(v, RAM_STREAM)?.is_some();
+            // (The version's stream names say it; the index itself was read once, for
+            // the mount: at 4 GiB of RAM it is a megabyte or two over the link.)
+            let ram_saved = v.streams.iter().any(|s| s == RAM_STREAM);
             if let Err(e) = incoming_lazy(&mut vm.qmp, &mem_in, ram_saved) {
                 vm.kill();
                 stop_service(&rt);
@@ -1732,6 +1734,7 @@ fn start_supervisor(f: &Front<'_>, args: &Args, say: &dyn Fn(String)) -> Result<
     if args.lazy_memory {
         c.arg("--lazy-memory");
     }
+    c.args(args.session.to_args());
     c.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

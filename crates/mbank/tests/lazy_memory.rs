@@ -635,6 +635,12 @@ fn lazy_memory_is_written_back_while_the_guest_runs_and_the_suspend_sends_the_re
         r["ram_saved"]
     );
     assert_eq!(n(&r["ram"]["written_back_chunks"]), 0, "{}", r["ram"]);
+    assert!(
+        off.stderr()
+            .contains("no background write-back of alice/dev"),
+        "the session process was not told: {}",
+        off.stderr()
+    );
     // Back to a fresh boot.
     bank.run(&["head", &format!("alice/dev@{v0}")]).ok();
 
