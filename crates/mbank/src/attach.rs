@@ -99,7 +99,7 @@ pub struct SessionFlags {
 impl SessionFlags {
     /// The flags as arguments again, for a session process started for them (`run`'s
     /// supervisor).
-    pub fn to_args(&self) -> Vec<String> {
+    pub fn as_args(&self) -> Vec<String> {
         let mut a = Vec::new();
         if let Some(n) = self.checkpoint_minutes {
             a.extend(["--checkpoint-minutes".to_string(), n.to_string()]);

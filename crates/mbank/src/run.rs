@@ -1734,7 +1734,7 @@ fn start_supervisor(f: &Front<'_>, args: &Args, say: &dyn Fn(String)) -> Result<
     if args.lazy_memory {
         c.arg("--lazy-memory");
     }
-    c.args(args.session.to_args());
+    c.args(args.session.as_args());
     c.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
