@@ -283,16 +283,13 @@ pub(crate) fn fork(
     if !suspended {
         streams.retain(|(n, _)| n != "memory");
         if let Some(c) = &config {
-            let mut c = mbank_vm::MachineConfig::from_json(c).map_err(|e| {
+            let c = mbank_vm::MachineConfig::from_json(c).map_err(|e| {
                 ApiError::internal(format!(
                     "the configuration of {from}@{} cannot be read: {e}",
                     src.id.short()
                 ))
             })?;
-            // A fork is a new machine on the network: it gets its own MAC address.
-            c.mac = mbank_vm::MachineConfig::new().mac;
-            c.saved = None;
-            config = Some(c.to_json());
+            config = Some(c.forked().to_json());
         }
     }
     // The chunks must outlive a removal of the source racing with this commit:

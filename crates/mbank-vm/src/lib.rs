@@ -140,6 +140,18 @@ impl MachineConfig {
         }
     }
 
+    /// The configuration of a fork of a version that is not suspended (`mbank create
+    /// --from`, the console's and the API's fork): a new machine on the network, so its
+    /// own MAC address, and no saved hardware (it boots). A fork of a suspended version
+    /// keeps both: it resumes on the same hardware.
+    pub fn forked(self) -> Self {
+        MachineConfig {
+            mac: MachineConfig::new().mac,
+            saved: None,
+            ..self
+        }
+    }
+
     /// Parses and checks a stored configuration.
     pub fn from_json(s: &str) -> Result<Self, VmError> {
         let c: MachineConfig = serde_json::from_str(s)
@@ -531,6 +543,27 @@ pub fn station_memory_mib() -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_fork_gets_its_own_mac_and_no_saved_hardware_and_keeps_the_rest() {
+        let mut c = MachineConfig::new();
+        c.memory_mib = 768;
+        c.cpus = 3;
+        c.saved = Some(SavedHardware {
+            accel: Accel::Tcg,
+            machine_type: "pc-i440fx-7.2".into(),
+            qemu_version: "QEMU emulator version 7.2.0".into(),
+        });
+        let f = c.clone().forked();
+        assert_ne!(f.mac, c.mac);
+        assert!(f.mac.starts_with("52:54:00:"), "{}", f.mac);
+        assert_eq!(f.saved, None);
+        assert_eq!(
+            (f.memory_mib, f.cpus, f.boot.clone()),
+            (768, 3, c.boot.clone())
+        );
+    }
+
     use super::*;
 
     fn launch<'a>(c: &'a MachineConfig, incoming: Option<&'a Path>) -> Launch<'a> {

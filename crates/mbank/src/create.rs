@@ -82,9 +82,7 @@ pub fn run(bank: &mut Bank, a: Args, jobs: usize, progress: &dyn Progress) -> Re
         );
     }
     if !suspended {
-        // A fork is a new machine on the network: it gets its own MAC address.
-        config.mac = MachineConfig::new().mac;
-        config.saved = None;
+        config = config.forked();
     }
     if let Some(m) = a.memory {
         if m % (1 << 20) != 0 {
