@@ -257,8 +257,29 @@ impl Browser<'_> {
         }
     }
 
+    /// GETs `path`; an HTML page must keep the console's promise of no JavaScript (no
+    /// script element, no `javascript:` URL, no event handler attribute).
     fn get(&self, path: &str) -> Answer {
-        self.request("GET", path, &[])
+        let a = self.request("GET", path, &[]);
+        let lower = a.body.to_ascii_lowercase();
+        if lower.contains("<html") {
+            assert!(
+                !lower.contains("<script") && !lower.contains("javascript:"),
+                "{path} has JavaScript:\n{}",
+                a.body
+            );
+            let handler = lower.split(['<', '>']).skip(1).step_by(2).find(|tag| {
+                tag.split_whitespace()
+                    .skip(1)
+                    .any(|attr| attr.starts_with("on") && attr.contains('='))
+            });
+            assert!(
+                handler.is_none(),
+                "{path} has an event handler: <{}>",
+                handler.unwrap_or("")
+            );
+        }
+        a
     }
 
     fn post(&self, path: &str, form: &[(&str, &str)]) -> Answer {
