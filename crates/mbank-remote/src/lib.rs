@@ -16,6 +16,7 @@
 pub mod catalog;
 pub mod client;
 pub mod credentials;
+pub mod peers;
 pub mod store;
 mod tls;
 pub mod wire;
@@ -40,13 +41,18 @@ pub type BankParts = (Arc<dyn ChunkStore>, Box<dyn CatalogApi>);
 /// A bank server's store and catalog, ready for `Bank::with_parts(url, store, catalog)`.
 /// The token is `MBANK_TOKEN` or the credentials file's for `url` (none: requests go
 /// without one and the server answers `unauthorized`); the CA certificate is `ca`, else
-/// the one filed with the credential. Makes no request.
+/// the one filed with the credential. With `MBANK_PEERS` set, reads go through the
+/// lab's peers first ([`peers::PeerStore`]). Makes no request.
 pub fn open_bank(url: &str, ca: Option<&Path>) -> Result<BankParts, ClientError> {
     let client = connect(url, ca)?;
-    Ok((
-        Arc::new(RemoteStore::new(client.clone())),
-        Box::new(RemoteCatalog::new(client)),
-    ))
+    let store: Arc<dyn ChunkStore> = Arc::new(RemoteStore::new(client.clone()));
+    let peers = peers::peers_from_env();
+    let store: Arc<dyn ChunkStore> = if peers.is_empty() {
+        store
+    } else {
+        Arc::new(peers::PeerStore::new(store, client.clone(), &peers))
+    };
+    Ok((store, Box::new(RemoteCatalog::new(client))))
 }
 
 /// A [`Client`] of the bank at `url` with the token and CA [`open_bank`] would use.

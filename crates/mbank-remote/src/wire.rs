@@ -132,6 +132,36 @@ pub struct CheckpointBody {
     pub version: String,
 }
 
+/// `POST /v1/peers/grant`: the chunks a station is about to fetch (hex ids).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GrantRequest {
+    pub chunks: Vec<String>,
+}
+
+/// The answer to a [`GrantRequest`]: the signed grant (hex) over the chunks the caller
+/// may read, and for each asked chunk whether it is in it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GrantAnswer {
+    pub grant: String,
+    pub sig: String,
+    pub granted: Vec<bool>,
+}
+
+/// `GET /v1/peers/key`: the bank server's public key for grants (hex, Ed25519).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerKey {
+    pub key: String,
+}
+
+/// `POST /v1/peer/chunks` to a station's peer service: a grant, its signature, and the
+/// chunks wanted (hex ids, each in the grant).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerRequest {
+    pub grant: String,
+    pub sig: String,
+    pub chunks: Vec<String>,
+}
+
 /// `{held}`, `{released}`, `{removed}`, `{head}`, `{bytes}` answers.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Held {

@@ -34,6 +34,7 @@ mod error;
 pub mod jobs;
 mod limits;
 mod metrics;
+pub mod peer;
 mod tls;
 mod web;
 
@@ -82,6 +83,9 @@ pub struct Config {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Timeouts and caps.
     pub limits: Limits,
+    /// LAN sharing (`--lan-sharing`): sign grants for stations to fetch chunks from
+    /// each other's caches ([`peer`]).
+    pub lan_sharing: bool,
 }
 
 /// The server's shared state.
@@ -107,6 +111,8 @@ struct App {
     last_commit: Mutex<std::collections::HashMap<String, i64>>,
     /// gc, verify and stats started by administrators over HTTPS or from the console.
     jobs: jobs::Jobs,
+    /// The key that signs LAN sharing grants, when LAN sharing is on.
+    peer_signer: Option<peer::Signer>,
 }
 
 type Shared = Arc<App>;
@@ -367,6 +373,8 @@ fn router(app: Shared, tls: bool) -> Router {
             "/v1/machines/{u}/{n}/settings",
             get(settings).put(set_settings),
         )
+        .route("/v1/peers/key", get(peers_key))
+        .route("/v1/peers/grant", post(peers_grant))
         .route("/v1/writers", post(register_writer))
         .route("/v1/writers/{id}", axum::routing::delete(unregister_writer))
         .route("/v1/writers/{id}/heartbeat", post(writer_heartbeat))
@@ -413,7 +421,7 @@ async fn gate(State(app): State<Shared>, mut req: Request, next: Next) -> Respon
     else {
         return next.run(req).await;
     };
-    if !matches!(route.as_str(), "/v1/login" | "/v1/health") {
+    if !matches!(route.as_str(), "/v1/login" | "/v1/health" | "/v1/peers/key") {
         let Some(token) = bearer(req.headers()) else {
             return refuse_unread(req, ApiError::unauthorized().into_response(), ANON_DRAIN);
         };
@@ -1393,6 +1401,61 @@ async fn lease_checkpoint(
     .await
 }
 
+/// The LAN sharing signer, or `404 not_enabled`.
+fn peer_signer(app: &App) -> Result<&peer::Signer, ApiError> {
+    app.peer_signer.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_enabled",
+            "LAN sharing is off on this bank server (`mbank serve --lan-sharing` turns it on)",
+        )
+    })
+}
+
+async fn peers_key(State(app): State<Shared>) -> Result<Response, ApiError> {
+    Ok(json(&wire::PeerKey {
+        key: peer_signer(&app)?.public_hex(),
+    }))
+}
+
+/// A grant over the asked chunks the caller may read: another user's chunk is left
+/// out as an absent one is.
+async fn peers_grant(
+    State(app): State<Shared>,
+    caller: Caller,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: wire::GrantRequest = parse_json(&body(b)?)?;
+    if req.chunks.len() > peer::MAX_CHUNKS {
+        return Err(ApiError::bad_request(format!(
+            "a grant covers at most {} chunks",
+            peer::MAX_CHUNKS
+        )));
+    }
+    let ids = req
+        .chunks
+        .iter()
+        .map(|c| chunk_id(c))
+        .collect::<Result<Vec<_>, _>>()?;
+    authed(&app, caller, move |app, user| {
+        let signer = peer_signer(app)?;
+        let ok = app.access(|a| Ok(a.readable(user, &ids)?))?;
+        let granted: Vec<ChunkId> = ids
+            .iter()
+            .zip(&ok)
+            .filter(|(_, ok)| **ok)
+            .map(|(id, _)| *id)
+            .collect();
+        let (grant, sig) = signer.grant(&user.name, &granted, mbank_catalog::now_ms());
+        Ok(json(&wire::GrantAnswer {
+            grant,
+            sig,
+            granted: ok,
+        }))
+    })
+    .await
+}
+
 async fn sessions(
     State(app): State<Shared>,
     caller: Caller,
@@ -1801,7 +1864,7 @@ pub async fn serve(
     ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let app = open_app(&cfg.bank_dir, cfg.limits.clone())?;
+    let app = open_app(&cfg.bank_dir, cfg.limits.clone(), cfg.lan_sharing)?;
     let tls = match &cfg.tls {
         Some((cert, key)) => Some(tls::acceptor(cert, key)?),
         None => None,
@@ -1818,7 +1881,11 @@ pub async fn serve(
     Ok(())
 }
 
-fn open_app(bank_dir: &FsPath, limits: Limits) -> Result<Shared, String> {
+fn open_app(bank_dir: &FsPath, limits: Limits, lan_sharing: bool) -> Result<Shared, String> {
+    let peer_signer = match lan_sharing {
+        true => Some(peer::Signer::load_or_create(bank_dir)?),
+        false => None,
+    };
     // Opening the bank checks its marker and opens its store (a directory or S3).
     let bank = mbank_bank::Bank::open(bank_dir, false).map_err(|e| e.to_string())?;
     let store = bank.store_arc();
@@ -1841,6 +1908,7 @@ fn open_app(bank_dir: &FsPath, limits: Limits) -> Result<Shared, String> {
         started_ms: mbank_catalog::now_ms(),
         last_commit: Mutex::new(std::collections::HashMap::new()),
         jobs: jobs::Jobs::default(),
+        peer_signer,
         limits,
     }))
 }

@@ -12,6 +12,7 @@ mod fmt;
 mod login;
 mod mount;
 mod out;
+mod peer;
 mod progress;
 mod run;
 mod serve;
@@ -468,6 +469,17 @@ enum Cmd {
   mbank --bank /srv/mbank serve --listen 0.0.0.0:7070 --tls-cert cert.pem --tls-key key.pem
   mbank --bank /srv/mbank serve                       # http://127.0.0.1:7070, this host only")]
     Serve(serve::Args),
+    /// Serve this station's cache to the lab's other stations (LAN sharing).
+    ///
+    /// A station with MBANK_PEERS=HOST:PORT,… asks these services for the chunks it is
+    /// about to fetch before it asks the bank server (`--bank URL`), under a grant the
+    /// server signed for its user and those chunks (`mbank serve --lan-sharing`); every
+    /// chunk is checked by its hash. Prints `listening on URL` when ready; stops on
+    /// SIGINT or SIGTERM.
+    #[command(after_help = "Examples:
+  mbank --bank https://bank.lab:7070 peer --listen 0.0.0.0:7071
+  MBANK_PEERS=10.0.0.11:7071,10.0.0.12:7071 mbank --bank https://bank.lab:7070 run alice/dev")]
+    Peer(peer::Args),
     /// Log in to a bank server: asks for your password and keeps a token for this URL.
     ///
     /// The token goes to ~/.config/mbank/credentials.json (readable only by you), and
@@ -594,14 +606,14 @@ const GLOBAL_WHERE: &[(&str, &[&str])] = &[
         "cache",
         &[
             "attach", "run", "recover", "status", "suspend", "poweroff", "ls", "cat", "restore",
-            "mount", "diff",
+            "mount", "diff", "peer",
         ],
     ),
     (
         "cache_size",
         &[
             "attach", "run", "recover", "status", "suspend", "poweroff", "ls", "cat", "restore",
-            "mount", "diff",
+            "mount", "diff", "peer",
         ],
     ),
     (
@@ -1099,6 +1111,7 @@ impl Cmd {
             Cmd::Poweroff { .. } => ("poweroff", false, false),
             Cmd::Recover { .. } => ("recover", false, true),
             Cmd::Serve(_) => ("serve", true, false),
+            Cmd::Peer(_) => ("peer", false, false),
             Cmd::Login(_) => ("login", false, false),
             Cmd::Logout => ("logout", false, false),
             Cmd::Whoami { .. } => ("whoami", false, false),
@@ -1249,6 +1262,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         admin::run(&bank_dir, cmd, cli.quiet)?;
         return Ok(ExitCode::SUCCESS);
     }
+    if let Cmd::Peer(args) = cli.cmd {
+        peer::run(url.as_deref(), &cache_dir, cache_size, args)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Cmd::Suspend { machine, json } | Cmd::Poweroff { machine, json, .. } = &cli.cmd {
         let station = mbank_station::Station::open(&cache_dir, cache_size)?;
         let off = match cli.cmd {
@@ -1282,6 +1299,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         | Cmd::Suspend { .. }
         | Cmd::Poweroff { .. }
         | Cmd::Serve(_)
+        | Cmd::Peer(_)
         | Cmd::Admin { .. }
         | Cmd::Login(_)
         | Cmd::Logout

@@ -34,6 +34,12 @@ pub struct Args {
     /// MiB of request bodies held in memory at once (a request waits for room).
     #[arg(long, default_value_t = 512, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
     pub body_memory: u64,
+    /// LAN sharing: sign grants with which stations fetch chunks from each other's
+    /// caches (`mbank peer` on each station, `MBANK_PEERS` naming them) before the
+    /// bank, each chunk checked by its hash. Off by default: a station then serves
+    /// what its users read to other stations of the lab that may read it too.
+    #[arg(long)]
+    pub lan_sharing: bool,
 }
 
 pub fn run(bank_dir: &Path, args: Args, quiet: bool) -> Result<()> {
@@ -77,6 +83,7 @@ pub fn run(bank_dir: &Path, args: Args, quiet: bool) -> Result<()> {
             body_memory: (args.body_memory as usize).saturating_mul(1 << 20),
             ..Default::default()
         },
+        lan_sharing: args.lan_sharing,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
