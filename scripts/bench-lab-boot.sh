@@ -40,7 +40,12 @@
 # alone with QEMU tracing the guest's disk reads (`-trace blk_co_preadv`); then one
 # station alone, and then N stations at the same moment, each on its own fork with an
 # empty cache, replay those reads in their order through their own `mbank attach`
-# (qemu-io over NBD, one read at a time). The forks' times are reported too.
+# (qemu-io over NBD, one read at a time). The forks' times are reported too. An entry
+# with a fourth field `peers` ("dir:1gbit:8:peers") adds a round with LAN sharing
+# (issue 17): station 1 serves the cache of its "alone" replay (`mbank peer`), and N
+# stations with MBANK_PEERS naming it replay again at the same moment, each on a new
+# fork with an empty cache; reported with the bytes the peer served, so what the bank
+# server sent is the rest.
 #
 # Env: MBANK (binary; else a release build, in CARGO_TARGET_DIR if set),
 # BENCH_USER_MIB, BENCH_BOOT_SERIES, BENCH_BOOT_CONCURRENT, BENCH_BOOT_REPLAY. Everything (server, Garage,
@@ -134,7 +139,7 @@ lab_up() { # lab_up STORE PROFILE STATIONS: the lab, a bank on STORE, its server
     in_srv "$MBANK" -q --bank "$BANK" admin publish lab/base >/dev/null
     printf 'bench-password-boot\n' | in_srv "$MBANK" -q --bank "$BANK" admin user add bench --password-stdin >/dev/null
     : >"$out"
-    in_srv "$MBANK" -q --bank "$BANK" serve --listen "$MBANK_LAB_SERVER_ADDR:0" \
+    in_srv "$MBANK" -q --bank "$BANK" serve --listen "$MBANK_LAB_SERVER_ADDR:0" --lan-sharing \
         --tls-cert "$T/cert.pem" --tls-key "$T/key.pem" >"$out" 2>>"$T/serve.log" &
     SERVER_PID=$!
     URL=
@@ -153,14 +158,15 @@ lab_up() { # lab_up STORE PROFILE STATIONS: the lab, a bank on STORE, its server
 }
 lab_end() { serve_stop; lab_down; }
 
-forks() { # forks TAG N: bench/pc1..N (station k forks its own) and bench/alone, timed
-    local k s t all=""
+forks() { # forks TAG N [PREFIX]: bench/PREFIX1..N (default pc; station k forks its own) and bench/alone, timed
+    local k s t all="" pre=${3:-pc}
     for ((k = 1; k <= $2; k++)); do
         s=$(now)
-        in_st "$k" "$MBANK" -q --bank "$URL" create "bench/pc$k" --from lab/base >/dev/null
+        in_st "$k" "$MBANK" -q --bank "$URL" create "bench/$pre$k" --from lab/base >/dev/null
         t=$(calc "$(now) - $s")
         all="$all $(printf %.1f "$t")"
     done
+    [[ $pre == pc ]] || return 0
     s=$(now)
     in_st 1 "$MBANK" -q --bank "$URL" create bench/alone --from lab/base >/dev/null
     t=$(calc "$(now) - $s")
@@ -183,7 +189,7 @@ attach_start() { # attach_start TAG STATION(0: the bank's host) MACHINE CACHE: A
     # signals; a background subshell would ignore the signal.
     local ns=$MBANK_LAB_SERVER_NS bank=$BANK
     ((k == 0)) || ns=$(st_ns "$k") bank=$URL
-    (exec ip netns exec "$ns" env XDG_CONFIG_HOME="$T/cfg-$k" "$MBANK" -q --bank "$bank" \
+    (exec ip netns exec "$ns" env XDG_CONFIG_HOME="$T/cfg-$k" ${PEERS_ENV:+MBANK_PEERS=$PEERS_ENV} "$MBANK" -q --bank "$bank" \
         --cache "$cache" attach "$m" --socket "$sock" --json >"$T/$tag.json" 2>"$T/$tag.err") &
     ATT_PID[$tag]=$!
     for ((i = 0; i < 3000; i++)); do
@@ -340,8 +346,64 @@ replay() { # replay TAG SOCKET: the traced boot's reads, in order, over NBD
     qemu-io -f raw "nbd+unix:///?socket=$2" <"$T/reads.qio" >"$T/$1.qio.out" 2>&1 ||
         die "replay $1 failed: $(tail -n 5 "$T/$1.qio.out")"
 }
+lan_round() { # lan_round TAG N: N replays at once with station 1's cache as their peer
+    local p=$1 n=$2 k s addr
+    read -r -a addr <<<"$MBANK_LAB_STATION_ADDRS"
+    addr=${addr[0]}:7071
+    (exec ip netns exec "$(st_ns 1)" env XDG_CONFIG_HOME="$T/cfg-1" "$MBANK" -q --bank "$URL" \
+        --cache "$T/cache-$p-alone" peer --listen "$addr" >"$T/peer.out" 2>"$T/peer.err") &
+    local peer_pid=$!
+    for ((k = 0; k < 600; k++)); do
+        grep -q "listening on" "$T/peer.out" 2>/dev/null && break
+        kill -0 "$peer_pid" 2>/dev/null || die "mbank peer exited: $(cat "$T/peer.err")"
+        sleep 0.05
+    done
+    log "  LAN sharing: station 1's cache served on $addr; $n new forks"
+    forks "$p-lan" "$n" lpc
+    PEERS_ENV=$addr
+    for ((k = 1; k <= n; k++)); do attach_start "$p-lan-$k" "$k" "bench/lpc$k" "$T/cache-$p-lan-$k"; done
+    PEERS_ENV=
+    declare -A LPID=()
+    s=$(now)
+    for ((k = 1; k <= n; k++)); do
+        (
+            replay "$p-lan-$k" "$T/$p-lan-$k.sock"
+            calc "$(now) - $s" >"$T/$p-lan-$k.secs"
+        ) &
+        LPID[$k]=$!
+    done
+    for ((k = 1; k <= n; k++)); do wait "${LPID[$k]}" || die "replay $k of $n (LAN) failed"; done
+    for ((k = 1; k <= n; k++)); do
+        SECS[$p-lan-$k]=$(cat "$T/$p-lan-$k.secs")
+        attach_stop "$p-lan-$k"
+        log "  station $k (LAN): $(printf %.1f "${SECS[$p-lan-$k]}") s, $(stats_of "$p-lan-$k")"
+    done
+    ip netns exec "$(st_ns 1)" curl -sS "http://$addr/v1/peer/stats" >"$T/peer-stats.json" ||
+        die "cannot read the peer's statistics"
+    kill -TERM "$peer_pid" 2>/dev/null || true
+    wait "$peer_pid" 2>/dev/null || true
+    local served tot=0 maxs=0
+    served=$(jget "$T/peer-stats.json" bytes_served)
+    for ((k = 1; k <= n; k++)); do
+        tot=$(calc "$tot + $(bytes "$p-lan-$k")")
+        maxs=$(calc "if (${SECS[$p-lan-$k]} > $maxs) ${SECS[$p-lan-$k]} else $maxs")
+    done
+    {
+        echo "#### The same with LAN sharing: station 1's cache (of its replay alone) as every station's peer"
+        echo
+        head_rows
+        for ((k = 1; k <= n; k++)); do row "station $k of $n (replay, LAN sharing)" "$p-lan-$k"; done
+        echo
+        printf -- '- per station: mean %.1f MiB fetched (alone %.1f: %.2f×); slowest replay %.1f s; the peer served %.1f MiB of the %.1f MiB the stations fetched (%.0f%%): the bank server sent %.1f MiB of chunks\n' \
+            "$(calc "$tot / $n / 1048576")" "$(calc "$(bytes "$p-alone") / 1048576")" \
+            "$(calc "$tot / $n / $(bytes "$p-alone")")" "$maxs" "$(calc "$served / 1048576")" \
+            "$(calc "$tot / 1048576")" "$(calc "100 * $served / $tot")" "$(calc "($tot - $served) / 1048576")"
+        echo
+    } >>"$REPORT"
+}
+PEERS_ENV=
 for c in "${REPLAY[@]}"; do
-    store=${c%%:*} rest=${c#*:} profile=${rest%%:*} n=${rest#*:}
+    IFS=: read -r store profile n opt <<<"$c"
     log "replay $store $profile, $n stations: lab up"
     lab_up "$store" "$profile" "$n"
     p=replay-$store-$profile-$n
@@ -412,6 +474,7 @@ PY
         echo "- $FORKS_NOTE"
         echo
     } >>"$REPORT"
+    [[ ${opt:-} == peers ]] && lan_round "$p" "$n"
     lab_end
 done
 
