@@ -68,6 +68,8 @@ pub struct DiskCounters {
     pub intents: AtomicU64,
     /// Times the journal was folded into a new dirty map.
     pub compactions: AtomicU64,
+    /// Flushes that a flush asked for after them made durable (group commit).
+    pub flushes_shared: AtomicU64,
     /// Guest reads (and write merges, and stream chunks the boot needs) that waited for
     /// a fetch from the bank, and how long they waited in all (ns).
     pub misses_waited: AtomicU64,
@@ -121,6 +123,8 @@ pub struct SessionStats {
     /// Dirty chunks the background write-back sent to the bank ([`crate::writeback`]).
     pub written_back_chunks: u64,
     pub written_back_bytes: u64,
+    /// Guest flushes that another flush made durable (group commit).
+    pub flushes_shared: u64,
 }
 
 /// Per-place flags: the guest read the chunk; a background fetch brought it; read-ahead
@@ -217,6 +221,8 @@ struct Journal {
     /// would hide anything appended to this journal. Nothing is appended until a
     /// compaction succeeds.
     redo: bool,
+    /// The last flush snapshot ([`Disk::flush_snapshots`]) made durable.
+    durable_through: u64,
 }
 
 /// The journal is folded into a new dirty map once its records exceed this many bytes
@@ -288,6 +294,9 @@ pub struct Disk {
     sealed: Vec<AtomicU64>,
     block_size: usize,
     journal: Mutex<Journal>,
+    /// Flushes that took the pending blocks so far (under the journal lock): a flush
+    /// asked for after snapshot `n` was taken is covered by any later snapshot.
+    flush_snapshots: AtomicU64,
     compact_bytes: AtomicU64,
     stripes: Vec<Mutex<()>>,
     cache: Arc<ChunkCache>,
@@ -368,7 +377,9 @@ impl Disk {
                 durable: vec![0; n],
                 sums: Default::default(),
                 redo: false,
+                durable_through: 0,
             }),
+            flush_snapshots: AtomicU64::new(0),
             compact_bytes: AtomicU64::new(DEFAULT_COMPACT_BYTES),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             chunks: Arc::new(CachedStore::new(cache.clone(), store)),
@@ -609,6 +620,7 @@ impl Disk {
             workset_over_budget: get(&c.workset_over_budget),
             written_back_chunks: get(&c.written_back_chunks),
             written_back_bytes: get(&c.written_back_bytes),
+            flushes_shared: get(&c.flushes_shared),
         }
     }
 
@@ -1362,11 +1374,27 @@ impl Disk {
     /// flush record are appended to the journal and synced. A flush costs the data it
     /// makes durable, not the size of the dirty map; now and then the journal is
     /// folded into a new map ([`Disk::set_compact_bytes`]).
+    ///
+    /// Flushes that queue behind one in progress share the next one (group commit):
+    /// a flush whose writes another flush took in, made durable after it was asked
+    /// for, returns at once (counted in `flushes_shared`).
     pub fn flush_sync(&self) -> Result<(), DeviceError> {
+        // Any snapshot taken from now on holds every write completed before this call.
+        let need = self.flush_snapshots.load(Ordering::Acquire) + 1;
+        self.flush_covering(need)
+    }
+
+    /// [`Disk::flush_sync`] for a flush asked for before snapshot `need` was taken.
+    fn flush_covering(&self, need: u64) -> Result<(), DeviceError> {
         let mut j = self.journal.lock().expect("flush lock");
+        if j.durable_through >= need {
+            self.counters.flushes_shared.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         if j.redo {
             self.compact(&mut j)?;
         }
+        let snapshot = self.flush_snapshots.fetch_add(1, Ordering::AcqRel) + 1;
         let chunks = std::mem::take(&mut *self.pending_chunks.lock().expect("pending lock"));
         let mut taken: Vec<(usize, u64)> = Vec::new();
         let mut sums: Vec<(u64, BlockSum)> = Vec::new();
@@ -1430,6 +1458,7 @@ impl Disk {
             j.durable[(block / 64) as usize] |= 1 << (block % 64);
             j.sums.insert(block, sum);
         }
+        j.durable_through = snapshot;
         self.maybe_compact(&mut j)
     }
 
@@ -2072,6 +2101,42 @@ mod tests {
             .unwrap();
         assert_eq!(r.chunks_written, 8);
         assert_eq!(f.head(), f.model);
+    }
+
+    /// Group commit: a flush asked for before a snapshot that later became durable
+    /// returns without syncing again; one asked for after it syncs its own writes.
+    #[test]
+    fn a_flush_covered_by_a_later_snapshot_is_shared_and_its_writes_survive() {
+        let mut f = fixture();
+        let disk = f.check_out();
+        f.write(&disk, CS, Some(&pattern(4096, 1)), 4096);
+        // Two flushes asked for at the same time (both before snapshot 1): the first
+        // takes the write in; the second finds it durable.
+        disk.flush_covering(1).unwrap();
+        let journal = std::fs::metadata(disk.dir.journal_path()).unwrap().len();
+        let seq = disk.journal.lock().unwrap().seq;
+        disk.flush_covering(1).unwrap();
+        assert_eq!(disk.counters.flushes_shared.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            disk.journal.lock().unwrap().seq,
+            seq,
+            "no second flush record"
+        );
+        assert_eq!(
+            std::fs::metadata(disk.dir.journal_path()).unwrap().len(),
+            journal
+        );
+        // A write after that, and a flush asked for after snapshot 1: its own.
+        f.write(&disk, 2 * CS, Some(&pattern(4096, 2)), 4096);
+        disk.flush_sync().unwrap();
+        assert_eq!(disk.counters.flushes_shared.load(Ordering::Relaxed), 1);
+        assert_eq!(disk.journal.lock().unwrap().seq, seq + 1);
+        let flushed = f.model.clone();
+        crash(disk);
+        f.station
+            .recover(&mut f.bank, &ImportOptions::default())
+            .unwrap();
+        assert_eq!(f.head(), flushed, "both flushed writes");
     }
 
     #[test]
