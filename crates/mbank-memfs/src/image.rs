@@ -60,6 +60,8 @@ struct Stats {
     prefetched: AtomicU64,
     /// Reads being served now (a guest fault waits in one of them).
     reads_in_flight: AtomicU64,
+    /// Chunks fetched by read-ahead with a sequential guest fault.
+    read_ahead: AtomicU64,
 }
 
 struct Inner {
@@ -75,7 +77,14 @@ struct Inner {
     faults: Vec<u32>,
     /// The first [`READ_LOG`] read requests: offset and length.
     read_log: Vec<(u64, u32)>,
+    /// The chunk after the last read's, and the read-ahead window (chunks) that
+    /// sequential faults have grown.
+    next_chunk: usize,
+    window: usize,
 }
+
+/// The most chunks one read-ahead fetches beyond a fault (64 KiB chunks: 2 MiB).
+pub const READ_AHEAD_MAX: usize = 32;
 
 /// How many read requests [`MemImage::read_log`] keeps (a fault's read-around is a
 /// few requests; this covers a resume until the guest answers).
@@ -151,6 +160,8 @@ impl MemImage {
                 last_error: None,
                 faults: Vec::new(),
                 read_log: Vec::new(),
+                next_chunk: usize::MAX,
+                window: 0,
             }),
             fetched: Condvar::new(),
             stats: Stats::default(),
@@ -236,28 +247,47 @@ impl MemImage {
         chunks: impl IntoIterator<Item = usize>,
         guest: bool,
     ) -> Result<(), MemError> {
+        let prefetched = &self.stats.prefetched;
+        match guest {
+            true => self.fetch_absent_with(chunks, 0..0, prefetched),
+            false => self.fetch_absent_with(0..0, chunks, prefetched),
+        }
+    }
+
+    /// [`MemImage::fetch_absent`] of the guest's `chunks` and, in the same batch, the
+    /// absent chunks of `ahead` (read-ahead or prefetch, counted in `counter`: not
+    /// faults; their failures are left to a later access).
+    fn fetch_absent_with(
+        &self,
+        chunks: impl IntoIterator<Item = usize>,
+        ahead: impl IntoIterator<Item = usize>,
+        counter: &AtomicU64,
+    ) -> Result<(), MemError> {
         let mut g = self.lock();
         let n = self.layout.chunks();
-        let mine: Vec<usize> = chunks
-            .into_iter()
-            .filter(|&i| i < n && g.states[i] == State::Absent)
-            .collect();
-        for &i in &mine {
-            g.states[i] = State::Fetching;
-            if guest {
+        let mut mine: Vec<usize> = Vec::new();
+        for i in chunks {
+            if i < n && g.states[i] == State::Absent {
+                g.states[i] = State::Fetching;
                 g.faults.push(i as u32);
+                mine.push(i);
+            }
+        }
+        let guest = mine.len();
+        for i in ahead {
+            if i < n && g.states[i] == State::Absent {
+                g.states[i] = State::Fetching;
+                mine.push(i);
             }
         }
         drop(g);
         if mine.is_empty() {
             return Ok(());
         }
-        let counter = if guest {
-            &self.stats.faults_waited
-        } else {
-            &self.stats.prefetched
-        };
-        counter.fetch_add(mine.len() as u64, Ordering::Relaxed);
+        self.stats
+            .faults_waited
+            .fetch_add(guest as u64, Ordering::Relaxed);
+        counter.fetch_add((mine.len() - guest) as u64, Ordering::Relaxed);
         let mut results = self.fetcher.fetch_many(&mine).into_iter();
         let mut outcomes: Vec<_> = mine
             .iter()
@@ -284,7 +314,13 @@ impl MemImage {
         }
         drop(g);
         self.fetched.notify_all();
-        outcomes.drain(..).find(Result::is_err).unwrap_or(Ok(()))
+        match guest {
+            0 => outcomes.drain(..).find(Result::is_err).unwrap_or(Ok(())),
+            _ => outcomes
+                .drain(..guest)
+                .find(Result::is_err)
+                .unwrap_or(Ok(())),
+        }
     }
 
     /// Writes a fetched chunk `i` into the overlay, checking its length.
@@ -338,14 +374,29 @@ impl MemImage {
         self.stats
             .largest_read
             .fetch_max(len as u64, Ordering::Relaxed);
-        {
+        let range = self.chunk_range(offset, len as u64);
+        // Read-ahead: a read that starts where the last one ended and finds a chunk
+        // absent grows the window (1, 2, 4, … READ_AHEAD_MAX chunks) fetched with it in
+        // the same batch; a read elsewhere shrinks it to nothing.
+        let ahead = {
             let mut g = self.lock();
             if g.read_log.len() < READ_LOG {
                 g.read_log.push((offset, len));
             }
-        }
-        let range = self.chunk_range(offset, len as u64);
-        self.fetch_absent(range.clone(), true)?;
+            let sequential = g.next_chunk != usize::MAX
+                && range.start + 1 >= g.next_chunk
+                && range.start <= g.next_chunk + 1;
+            let missing = range.clone().any(|i| g.states[i] == State::Absent);
+            if !sequential {
+                g.window = 0;
+            } else if missing {
+                g.window = (g.window * 2).clamp(1, READ_AHEAD_MAX);
+            }
+            g.next_chunk = range.end;
+            if missing { g.window } else { 0 }
+        };
+        let ahead = range.end..(range.end + ahead).min(self.layout.chunks());
+        self.fetch_absent_with(range.clone(), ahead, &self.stats.read_ahead)?;
         for i in range {
             self.ensure(i, true)?;
         }
@@ -515,6 +566,7 @@ impl MemImage {
             bytes_fetched: l(&s.bytes_fetched),
             faults_waited: l(&s.faults_waited),
             prefetched: l(&s.prefetched),
+            read_ahead: l(&s.read_ahead),
             fetch_errors: l(&s.fetch_errors),
             reads: l(&s.reads),
             bytes_read: l(&s.bytes_read),

@@ -187,6 +187,8 @@ pub struct Counters {
     pub faults_waited: u64,
     /// Fetches started by [`MemImage::prefetch`].
     pub prefetched: u64,
+    /// Chunks fetched by read-ahead, in the batch of a sequential fault.
+    pub read_ahead: u64,
     /// Fetches that failed.
     pub fetch_errors: u64,
     /// Read requests served.

@@ -321,3 +321,36 @@ fn writes_mark_chunks_changed_until_taken_and_a_mark_can_be_given_back() {
     img.write(199 * CS as u64, &[1]).unwrap();
     assert_eq!(img.take_changed(), vec![7, 199]);
 }
+
+/// Reads that follow each other fetch a growing window ahead in the same batch; a
+/// read elsewhere does not; the chunks read ahead are no faults.
+#[test]
+fn sequential_faults_read_ahead_in_one_batch_and_a_jump_does_not() {
+    let (_d, img, f) = image(200, &[], false);
+    let cs = CS as u64;
+    img.read(0, CS).unwrap(); // first read: no window yet
+    assert_eq!(f.total(), 1);
+    img.read(cs, CS).unwrap(); // sequential: 1 ahead
+    assert_eq!((f.calls(1), f.calls(2)), (1, 1));
+    img.read(3 * cs, CS).unwrap(); // chunk 2 was read ahead; 3 sequential: 2 ahead
+    assert_eq!(
+        (f.calls(3), f.calls(4), f.calls(5), f.calls(6)),
+        (1, 1, 1, 0)
+    );
+    let c = img.counters();
+    assert_eq!((c.faults_waited, c.read_ahead), (3, 3), "{c:?}");
+    // Chunks 4 and 5 are there: no fetch; then 6 misses, sequential: 4 ahead.
+    img.read(4 * cs, 2 * CS).unwrap();
+    img.read(6 * cs, CS).unwrap();
+    assert_eq!(
+        (7..=10).map(|i| f.calls(i)).collect::<Vec<_>>(),
+        [1, 1, 1, 1]
+    );
+    assert_eq!(f.calls(11), 0);
+    // A jump: no read-ahead.
+    img.read(100 * cs, CS).unwrap();
+    assert_eq!((f.calls(100), f.calls(101)), (1, 0));
+    assert_eq!(img.counters().read_ahead, 7);
+    // Every byte as the base has it.
+    assert!(img.read(5 * cs, CS).unwrap().iter().all(|&b| b == 6));
+}

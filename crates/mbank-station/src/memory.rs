@@ -157,6 +157,8 @@ pub struct RamStats {
     pub faults_waited: u64,
     /// Chunks fetched ahead of the guest by the replay of the recorded working set.
     pub chunks_prefetched: u64,
+    /// Chunks fetched by read-ahead with a sequential fault (in the fault's batch).
+    pub chunks_read_ahead: u64,
     /// Chunks the guest wrote since the mount (as far as the kernel wrote them back).
     pub chunks_dirty: u64,
     /// Chunks the background write-back stored in the bank during the session, and
@@ -189,6 +191,7 @@ impl RamStatsHandle {
             bytes_fetched: c.bytes_fetched,
             faults_waited: c.faults_waited,
             chunks_prefetched: c.prefetched,
+            chunks_read_ahead: c.read_ahead,
             chunks_dirty: c.dirty_chunks,
             written_back_chunks: self.written.chunks.load(Ordering::Relaxed),
             written_back_bytes: self.written.bytes.load(Ordering::Relaxed),
