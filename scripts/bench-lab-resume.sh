@@ -15,7 +15,10 @@
 # "resumed" (the guest runs again) and until the guest answers a command on its
 # console; the bytes station 2 fetched in the first 10 s after its start, or until
 # the guest answered if that is later (the session's control socket `stats`: disk,
-# memory stream and RAM chunks); then the guest writes 4 MiB more random data and
+# memory stream and RAM chunks); then a memory-bound loop, timed twice: the guest reads
+# its random half of RAM (`dd` of the tmpfs file to /dev/null), right after the resume
+# (lazily: the RAM it has not touched yet comes over the link) and again once warm;
+# then the guest writes 4 MiB more random data and
 # station 2 suspends it (timed), storing the bytes shown. The floor is the memory's
 # bytes in the bank over the link rate.
 #
@@ -114,11 +117,11 @@ echo "## Lab network: resume on an empty station" >"$T/report.md"
     echo "- ${MBANK_NOTE:-mbank $MBANK}; $(nproc) cores; stations, server and QEMU (TCG) on this machine"
     echo "- $SETTLE s between the fill and the first suspend"
     echo
-    echo "| link | guest | path | suspend s | memory in the bank | floor s | resume s (runs) | resume s (answers) | MiB fetched in 10 s | suspend after 4 MiB s | MiB stored |"
-    echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| link | guest | path | suspend s | memory in the bank | floor s | resume s (runs) | resume s (answers) | MiB fetched in 10 s | loop s (after resume) | loop s (warm) | suspend after 4 MiB s | MiB stored |"
+    echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 } >>"$T/report.md"
 one_run() { # one_run PROFILE MIB MODE
-    local profile=$1 mib=$2 mode=$3 lazy=() k
+    local profile=$1 mib=$2 mode=$3 lazy=() k loop=()
     case $mode in
     lazy) lazy=(--lazy-memory) ;;
     lazy-nowb) lazy=(--lazy-memory --writeback-mbit 0) ;;
@@ -155,6 +158,13 @@ one_run() { # one_run PROFILE MIB MODE
     log "  $mode: resume on an empty station: runs after $(printf %.2f "$resume_s") s, answers after $(printf %.2f "$answer_s") s"
     sleep "$(calc "if ($t0 + 10 > $(now)) $t0 + 10 - $(now) else 0")"
     fetched=$(fetched_now 2)
+    for k in 1 2; do
+        t1=$(now)
+        console_line "dd if=/big/fill of=/dev/null bs=1M 2>/dev/null && echo LOOP$k-\$((40+2))"
+        wait_for "$T/run2.out" "LOOP$k-42" "$pid"
+        loop[k]=$(calc "$(now) - $t1")
+    done
+    log "  $mode: the loop over the random half of RAM: $(printf %.2f "${loop[1]}") s after the resume, $(printf %.2f "${loop[2]}") s warm"
         console_line "dd if=/dev/urandom of=/big/w bs=1M count=4 2>/dev/null && echo WROTE-\$((40+2))"
     wait_for "$T/run2.out" "WROTE-42" "$pid"
     t1=$(now)
@@ -169,9 +179,9 @@ one_run() { # one_run PROFILE MIB MODE
     fi
     stored2=$(calc "$(field "$T/run2.out" memory_saved.bytes_stored) + $(field "$T/run2.out" ram_saved.bytes_stored)")
     floor=$(calc "$stored * 8 / $MBANK_LAB_RATE_BIT")
-    printf '| %s | %s MiB, %s MiB random | %s | %.2f | %s | %.2f | %.2f | %.2f | %.1f | %.2f | %.1f |\n' \
+    printf '| %s | %s MiB, %s MiB random | %s | %.2f | %s | %.2f | %.2f | %.2f | %.1f | %.2f | %.2f | %.2f | %.1f |\n' \
         "$profile" "$mib" "$((mib / 2))" "$mode" "$suspend_s" "$(human "$stored")" "$floor" "$resume_s" \
-        "$answer_s" "$(calc "$fetched / 1048576")" "$suspend2_s" "$(calc "$stored2 / 1048576")" \
+        "$answer_s" "$(calc "$fetched / 1048576")" "${loop[1]}" "${loop[2]}" "$suspend2_s" "$(calc "$stored2 / 1048576")" \
         >>"$T/report.md"
 }
 for c in "${CASES[@]}"; do
