@@ -79,6 +79,17 @@ pub enum UserCmd {
         /// The user's name.
         name: String,
     },
+    /// Disable a user: they cannot log in, and their tokens are revoked. Their machines,
+    /// chunks and quota stay; `enable` lets them log in again.
+    Disable {
+        /// The user's name.
+        name: String,
+    },
+    /// Enable a disabled user: they may log in again (their old tokens stay revoked).
+    Enable {
+        /// The user's name.
+        name: String,
+    },
     /// Set a user's password; their tokens are revoked (they log in again).
     Passwd {
         /// The user's name.
@@ -206,6 +217,22 @@ pub fn run(bank_dir: &Path, cmd: AdminCmd, quiet: bool) -> Result<()> {
                 say(format!(
                     "removed user {name}; their machines stay in the bank"
                 ));
+            }
+            UserCmd::Disable { name } => {
+                let changed = access.set_disabled(&name, true)?;
+                say(match changed {
+                    true => format!(
+                        "disabled {name}: they cannot log in and their tokens are revoked; their machines stay"
+                    ),
+                    false => format!("{name} was disabled already"),
+                });
+            }
+            UserCmd::Enable { name } => {
+                let changed = access.set_disabled(&name, false)?;
+                say(match changed {
+                    true => format!("enabled {name}: they may log in again"),
+                    false => format!("{name} was not disabled"),
+                });
             }
             UserCmd::Passwd {
                 name,

@@ -93,6 +93,30 @@ fn user_add_ls_quota_rm() {
         .failed()
         .stderr_has(&["lots"]);
 
+    // Disabled: the token stops working, a login is refused, the user stays listed.
+    admin(&bank, &["user", "disable", "alice"])
+        .ok()
+        .stderr_has(&["disabled alice", "tokens are revoked"]);
+    assert!(a.authenticate(&t.token).unwrap_err().is_unauthorized());
+    assert_eq!(users(&bank)[0]["disabled"], true, "{:?}", users(&bank));
+    assert!(
+        a.login("alice", PW, Duration::from_secs(3600), "test")
+            .is_err(),
+        "a disabled user cannot log in"
+    );
+    admin(&bank, &["user", "disable", "alice"])
+        .ok()
+        .stderr_has(&["alice was disabled already"]);
+    admin(&bank, &["user", "enable", "alice"])
+        .ok()
+        .stderr_has(&["enabled alice"]);
+    assert_eq!(users(&bank)[0]["disabled"], false);
+    let (a, t) = login(&bank, "alice");
+    assert_eq!(a.authenticate(&t.token).unwrap().name, "alice");
+    admin(&bank, &["user", "disable", "nobody"])
+        .failed()
+        .stderr_has(&["nobody"]);
+
     admin(&bank, &["user", "rm", "alice"]).ok();
     assert!(a.authenticate(&t.token).unwrap_err().is_unauthorized());
     assert_eq!(users(&bank).len(), 1);
