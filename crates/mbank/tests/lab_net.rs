@@ -76,18 +76,7 @@ fn a_disk_goes_through_the_server_across_a_shaped_link() {
     // Attach on the station with an empty cache, read every byte through NBD.
     let cache = alice.file("cache");
     let mut a = alice.attach(&cache, "alice/disk", &[]);
-    let r = tool(
-        "qemu-img",
-        &[
-            "compare".to_string(),
-            "-f".into(),
-            "raw".into(),
-            "-F".into(),
-            "raw".into(),
-            image.display().to_string(),
-            a.uri(),
-        ],
-    );
+    let r = common::compare_raw(&image, &a.uri());
     assert!(
         r.success(),
         "the attached disk differs from the image:\n{r}"
@@ -516,18 +505,7 @@ fn a_damaged_or_stale_working_set_is_a_warning_across_the_lab() {
             // depend on whether the replay or the reader gets to them first.
             wait_cached(&cache, 4, "the replay of the list's disk entries", &mut a);
         }
-        let r = tool(
-            "qemu-img",
-            &[
-                "compare".to_string(),
-                "-f".into(),
-                "raw".into(),
-                "-F".into(),
-                "raw".into(),
-                path.display().to_string(),
-                a.uri(),
-            ],
-        );
+        let r = common::compare_raw(&path, &a.uri());
         assert!(r.success(), "{what}: the disk reads wrong:\n{r}");
         let done = a.stop();
         assert!(done.success(), "{what}: the session failed:\n{done}");

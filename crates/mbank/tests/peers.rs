@@ -168,18 +168,7 @@ fn curl(method: &str, url: &str, token: Option<&str>, body: &str) -> (u16, Strin
 /// `img` (every byte); returns attach's JSON report and its standard error.
 fn read_all(bank: &Bank, cache: &Path, img: &Path) -> (Value, String) {
     let mut a = bank.attach(cache, "alice/dev", &["--json"]);
-    let r = common::tool(
-        "qemu-img",
-        &[
-            "compare".to_string(),
-            "-f".into(),
-            "raw".into(),
-            "-F".into(),
-            "raw".into(),
-            img.display().to_string(),
-            a.uri(),
-        ],
-    );
+    let r = common::compare_raw(img, &a.uri());
     assert!(r.success(), "the disk read through attach differs:\n{r}");
     let done = a.stop();
     assert!(done.success(), "attach:\n{done}");

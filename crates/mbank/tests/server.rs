@@ -382,18 +382,7 @@ fn two_users_full_flows_over_https() {
     // bob reads his disk through attach with qemu-img compare (every byte).
     let cache_b = s.root.join("cache-bob");
     let mut b = bob.attach(&cache_b, "bob/dev", &[]);
-    let r = tool(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &pb.display().to_string(),
-            &b.uri(),
-        ],
-    );
+    let r = common::compare_raw(&pb, &b.uri());
     assert!(r.success(), "qemu-img compare:\n{r}");
     assert!(b.stop().success());
 

@@ -776,6 +776,23 @@ pub fn tool<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Run {
     run_cmd(c)
 }
 
+/// `qemu-img compare` of the raw image `image` with the raw disk at `uri` (an NBD
+/// URI): every byte read, a success when they are the same.
+pub fn compare_raw(image: &Path, uri: &str) -> Run {
+    tool(
+        "qemu-img",
+        &[
+            "compare".to_string(),
+            "-f".into(),
+            "raw".into(),
+            "-F".into(),
+            "raw".into(),
+            image.display().to_string(),
+            uri.to_string(),
+        ],
+    )
+}
+
 /// The command for `nbdsh -u URI -c SCRIPT`. nbdsh is a Python program that needs the
 /// system python3 (with the libnbd module): put /usr/bin first in PATH, since another
 /// python3 earlier in PATH would not have it.
