@@ -21,7 +21,8 @@
 #     import is timed), and
 #   - curl -T of base.raw.zst from the station to a Python sink in the server's
 #     namespace that reads and drops what a PUT sends.
-#   Not for a :garage profile (a fresh bank there would dedup against the last run's).
+#   On a :garage profile each run's bank gets a new bucket of the lab's cluster
+#   (scripts/garage.sh bucket), so nothing is deduplicated there either.
 # Floor: bytes in the bank (import's bytes_stored) / the link rate. Ratios:
 # floor/mbank (1.00 = the link's speed, the goal is >= 0.9) and curl/mbank (>= 1.00:
 # no slower than the plain copy). Whole commands are timed; the page cache is warm on
@@ -179,9 +180,14 @@ curl_put() {
     n=$(in_st curl -sS -o /dev/null -w '%{size_upload}' -T "$ZST" "http://$MBANK_LAB_SERVER_ADDR:8098/base.raw.zst")
     [[ $n == "$ZST_BYTES" ]] || die "curl sent $n bytes of base.raw.zst, not $ZST_BYTES"
 }
-import_up() { # import_up TAG: a fresh bank served over HTTPS; times the station's import only
+import_up() { # import_up TAG STORE: a fresh bank served over HTTPS; times the station's import only
     BANK=$T/bank-up-$1
-    "$MBANK" -q --bank "$BANK" init >/dev/null
+    if [[ $2 == garage ]]; then
+        in_srv "$REPO_ROOT/scripts/garage.sh" bucket "$MBANK_LAB_GARAGE_DIR" "up-$1" >/dev/null
+        in_srv "$MBANK" -q --bank "$BANK" init --store "${MBANK_LAB_STORE_URL/s3:\/\/mbank\?/s3://up-$1?}" >/dev/null
+    else
+        "$MBANK" -q --bank "$BANK" init >/dev/null
+    fi
     printf 'bench-password-lab\n' | "$MBANK" -q --bank "$BANK" admin user add bench --password-stdin >/dev/null
     serve_start https
     timed in_st "$MBANK" -q --bank "$URL" import bench/up "$IMG"
@@ -220,8 +226,8 @@ for p in "${PROFILES[@]}"; do
     RATE[$p]=$MBANK_LAB_RATE_BIT
     ((RATE[$p] > 0)) || die "profile $p has no rate: the floor needs one"
     log "  $($LAB_NET measure --name "$LAB" --size 16)"
-    if [[ $store == garage ]]; then
-        export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
+    [[ $store != garage ]] || export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
+    if [[ $store == garage && $WHAT == *" export "* ]]; then
         BANK=$T/bank-garage-${p%%:*}
         log "  importing $IMG into a bank on Garage (in the server's namespace)"
         in_srv "$MBANK" -q --bank "$BANK" init --store "$MBANK_LAB_STORE_URL"
@@ -234,10 +240,11 @@ for p in "${PROFILES[@]}"; do
         # Warm the server's page cache for both sides.
         cat "$BANK"/chunks/*/* "$ZST" >/dev/null
     fi
-    if [[ $WHAT == *" upload "* && $store == dir ]]; then
+    if [[ $WHAT == *" upload "* ]]; then
+        export_bank=$BANK
         ts_up=()
         for ((r = 1; r <= RUNS; r++)); do
-            t=$(import_up "${p%%:*}-$r")
+            t=$(import_up "${p%%:*}-$store-$r" "$store")
             ts_up+=("$t")
             log "  $p, import: $(printf %.2f "$t") s (load $(cut -d' ' -f1 /proc/loadavg))"
         done
@@ -252,7 +259,7 @@ for p in "${PROFILES[@]}"; do
         measure "$p" "curl -T of the zstd file, HTTP" curl_put
         www_stop
         rm -rf "$T"/bank-up-*
-        BANK=$DIR_BANK
+        BANK=$export_bank
     fi
     if [[ $WHAT != *" export "* ]]; then
         lab_down

@@ -11,6 +11,8 @@
 #   scripts/garage.sh stop DIR            stops every node of the cluster in DIR
 #   scripts/garage.sh stop-node DIR N     kills node N (1..3), as in a crash
 #   scripts/garage.sh start-node DIR N    starts node N again; returns once it is healthy
+#   scripts/garage.sh bucket DIR NAME     a new bucket NAME on the cluster in DIR, which
+#                                         the cluster's key may read and write
 #
 # The printed lines: GARAGE_ENDPOINTS (the nodes' S3 URLs, space-separated),
 # GARAGE_ENDPOINT_N, GARAGE_REGION, GARAGE_BUCKET, AWS_ACCESS_KEY_ID,
@@ -209,8 +211,16 @@ start | stop | stop-node | start-node)
         ;;
     esac
     ;;
+bucket)
+    [[ -n ${2:-} && ${3:-} =~ ^[a-z0-9][a-z0-9-]{2,62}$ ]] || die "usage: $0 bucket DIR NAME (a-z, 0-9, '-')"
+    dir=$(realpath -m "$2")
+    [[ -e $dir/env ]] || die "no cluster in $dir"
+    key_id=$(sed -n 's/^AWS_ACCESS_KEY_ID=//p' "$dir/env")
+    retry "create bucket $3" g 1 bucket create "$3" >/dev/null
+    retry "allow the key on $3" g 1 bucket allow --read --write --owner "$3" --key "$key_id" >/dev/null
+    ;;
 *)
-    sed -n '5,15s/^# \{0,1\}//p' "$0" >&2
+    sed -n '5,17s/^# \{0,1\}//p' "$0" >&2
     exit 2
     ;;
 esac
