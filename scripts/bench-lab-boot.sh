@@ -47,6 +47,9 @@
 # fork with an empty cache; reported with the bytes the peer served, so what the bank
 # server sent is the rest.
 #
+# BENCH_BOOT_UPLINK (1gbit, 100mbit; default none) shapes the server's own link too: the
+# lab's one uplink to the bank, which all stations share (`lab-net.sh --uplink`).
+#
 # Env: MBANK (binary; else a release build, in CARGO_TARGET_DIR if set),
 # BENCH_USER_MIB, BENCH_BOOT_SERIES, BENCH_BOOT_CONCURRENT, BENCH_BOOT_REPLAY. Everything (server, Garage,
 # stations, the shaping and every QEMU) shares this machine's cores: wall times of
@@ -124,7 +127,7 @@ in_st() { local k=$1; shift; ip netns exec "$(st_ns "$k")" env XDG_CONFIG_HOME="
 
 lab_up() { # lab_up STORE PROFILE STATIONS: the lab, a bank on STORE, its server, logins
     local store=$1 profile=$2 n=$3 i out=$T/serve.out
-    eval "$("$LAB_NET" up --name "$LAB" --profile "$profile" --stations "$n" --store "$store")"
+    eval "$("$LAB_NET" up --name "$LAB" --profile "$profile" --stations "$n" --store "$store" --uplink "${BENCH_BOOT_UPLINK:-none}")"
     [[ $store != garage ]] || export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
     BANK=$T/bank-$store-$profile-$n
     if [[ $store == garage ]]; then
@@ -448,7 +451,7 @@ PY
         log "  station $k: $(printf %.1f "${SECS[$p-$k]}") s, $(stats_of "$p-$k")"
     done
     {
-        echo "### $profile, chunks in $store: $n stations replaying one boot's $nreads disk reads at once (no QEMU)"
+        echo "### $profile, chunks in $store: $n stations replaying one boot's $nreads disk reads at once (no QEMU)${BENCH_BOOT_UPLINK:+, server uplink $BENCH_BOOT_UPLINK}"
         echo
         echo "lab/base: $(human "$DISK_BYTES") disk, $(human "$STORED") in the bank; its working set from a first boot on the bank's host; the reads traced from one QEMU boot of a fork on station 1"
         echo

@@ -17,12 +17,12 @@ A lab of network namespaces on this machine, named after the lab NAME:
   NAME-stK   station K (1..N), eth0 = 10.77.0.(10+K)/24
 Every host's eth0 is a veth pair to its switch port. A station's link is shaped in
 both directions with a tbf qdisc: on its eth0 (upload) and on its switch port
-(download). The server's link is not shaped. The addresses exist only inside the
+(download). The server's link is shaped only with --uplink. The addresses exist only inside the
 lab's namespaces (nothing is added to the host's namespace), so two labs with
 different names can run at once.
 
 Commands:
-  up [--name NAME] [--stations N] [--profile P] [--store S]
+  up [--name NAME] [--stations N] [--profile P] [--uplink P] [--store S]
         make the lab (after removing what an earlier lab of that name left)
   down [--name NAME]
         remove the lab: stop the processes still running in its namespaces
@@ -44,6 +44,9 @@ Commands:
 Options:
   --name NAME      lab name (default mbank-lab; letters, digits, '-', at most 40)
   --stations N     number of stations, 1..200 (default 1)
+  --uplink P       1gbit, 100mbit or none (default none): tbf rate of the server's
+                   link, both directions: the lab's one uplink to the bank, which
+                   every station shares
   --profile P      1gbit, 100mbit or none (default 100mbit): tbf rate of each
                    station's link, both directions
   --store S        where the bank server's chunks go: dir (default; the bank
@@ -91,6 +94,7 @@ NAME=
 STATIONS=1
 STORE=dir
 PROFILE=100mbit
+UPLINK=none
 STATION_K=1
 SIZE_MIB=32
 parse() { # parse ARGS...: options into globals; what follows `--` into CMD
@@ -100,6 +104,7 @@ parse() { # parse ARGS...: options into globals; what follows `--` into CMD
         --name) NAME=${2:?--name needs a value}; shift 2 ;;
         --stations) STATIONS=${2:?--stations needs a value}; shift 2 ;;
         --profile) PROFILE=${2:?--profile needs a value}; shift 2 ;;
+        --uplink) UPLINK=${2:?--uplink needs a value}; shift 2 ;;
         --store) STORE=${2:?--store needs a value}; shift 2 ;;
         --station) STATION_K=${2:?--station needs a value}; shift 2 ;;
         --size) SIZE_MIB=${2:?--size needs a value}; shift 2 ;;
@@ -117,6 +122,12 @@ parse() { # parse ARGS...: options into globals; what follows `--` into CMD
     100mbit) RATE_BIT=100000000 BURST=128kb ;;
     none) RATE_BIT=0 BURST= ;;
     *) die "--profile $PROFILE: the profiles are 1gbit, 100mbit and none" ;;
+    esac
+    case $UPLINK in
+    1gbit) UP_RATE_BIT=1000000000 UP_BURST=512kb ;;
+    100mbit) UP_RATE_BIT=100000000 UP_BURST=128kb ;;
+    none) UP_RATE_BIT=0 UP_BURST= ;;
+    *) die "--uplink $UPLINK: the rates are 1gbit, 100mbit and none" ;;
     esac
     [[ $STORE == dir || $STORE == garage ]] || die "--store $STORE: the stores are dir and garage"
     [[ $STATION_K =~ ^[1-9][0-9]*$ ]] || die "--station $STATION_K: give a station number (1, 2, ...)"
@@ -236,7 +247,7 @@ garage_up() {
 
 do_up() {
     do_down
-    local sw=$NAME-sw k
+    local sw=$NAME-sw k at ns dev
     # On any failure, leave nothing half made.
     trap 'do_down' ERR
     ip netns add "$sw"
@@ -244,6 +255,13 @@ do_up() {
     ip -n "$sw" link add br0 type bridge
     ip -n "$sw" link set br0 up
     add_host "$NAME-srv" p-srv 10.77.0.1
+    if ((UP_RATE_BIT > 0)); then
+        # The server's uplink: what it sends, and what the switch sends it.
+        for at in "$NAME-srv eth0" "$sw p-srv"; do
+            read -r ns dev <<<"$at"
+            ip netns exec "$ns" tc qdisc replace dev "$dev" root tbf rate "$UP_RATE_BIT"bit burst "$UP_BURST" latency 50ms
+        done
+    fi
     for ((k = 1; k <= STATIONS; k++)); do
         add_host "$NAME-st$k" "p-st$k" "$(station_addr "$k")"
         shape "$NAME-st$k" eth0   # upload: station -> switch
