@@ -21,6 +21,23 @@ pub const MAX_GET_MANY: usize = 64;
 /// Most bytes in one answer to `POST /v1/chunks/get` (unless its first chunk alone is
 /// larger): the server answers a prefix of the ids asked and the client asks again.
 pub const MAX_GET_BYTES: usize = 64 << 20;
+/// Most ids in one `POST /v1/chunks/urls`.
+pub const MAX_URLS: usize = 256;
+/// The error kind of `POST /v1/chunks/urls` on a bank that hands out no direct URLs
+/// (its chunks are in a directory, or `serve --no-direct-reads`): fetch through the
+/// server.
+pub const NO_DIRECT_READS: &str = "no_direct_reads";
+
+/// The answer to `POST /v1/chunks/urls`: for each id asked, in order, a URL to GET its
+/// stored bytes from straight from the object store, or `null` for a chunk the user
+/// cannot read (or the bank lacks: the two are not told apart). Each URL is valid for
+/// `valid_secs` from when the server made it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChunkUrls {
+    pub valid_secs: u64,
+    pub urls: Vec<Option<String>>,
+}
+
 /// Default and longest token lifetimes.
 pub const DEFAULT_TTL_SECS: u64 = 30 * 24 * 3600;
 pub const MAX_TTL_SECS: u64 = 365 * 24 * 3600;

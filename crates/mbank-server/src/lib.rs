@@ -15,6 +15,15 @@
 //! user is verified and counted against their quota, and stored once. `/metrics` is for
 //! administrators: its bank-wide counts would tell a user what others store.
 //!
+//! ## Direct reads
+//!
+//! On a bank whose chunks are in S3, `POST /v1/chunks/urls` hands out presigned GET
+//! URLs ([`ChunkStore::direct_urls`]) for the chunks the user may read, by the same
+//! check as `chunks/get`, and `null` for the others whether the bank has them or not;
+//! the station then fetches the bytes from the object store, and the server keeps only
+//! the rights. A URL grants a read of that one object until it expires
+//! ([`DirectReads::valid`]), to whoever holds it.
+//!
 //! ## Under abuse
 //!
 //! Nothing a client without a valid token sends is held: [`gate`] checks the token from
@@ -82,6 +91,29 @@ pub struct Config {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Timeouts and caps.
     pub limits: Limits,
+    /// Presigned object-store URLs for chunk reads (`POST /v1/chunks/urls`), when the
+    /// bank's store can make them (S3); `None`: every chunk goes through the server.
+    pub direct_reads: Option<DirectReads>,
+}
+
+/// How the server hands out direct URLs (`POST /v1/chunks/urls`).
+#[derive(Clone, Debug)]
+pub struct DirectReads {
+    /// How long a URL stays valid.
+    pub valid: Duration,
+    /// How long ago each URL is said to have been made: 0, but for tests of a
+    /// station's answer to an expired URL (`serve --direct-url-age-secs`).
+    pub age: Duration,
+}
+
+impl Default for DirectReads {
+    /// URLs valid for 5 minutes.
+    fn default() -> Self {
+        DirectReads {
+            valid: Duration::from_secs(300),
+            age: Duration::ZERO,
+        }
+    }
 }
 
 /// The server's shared state.
@@ -107,6 +139,8 @@ struct App {
     last_commit: Mutex<std::collections::HashMap<String, i64>>,
     /// gc, verify and stats started by administrators over HTTPS or from the console.
     jobs: jobs::Jobs,
+    /// Direct reads, when on and the store can make URLs.
+    direct: Option<DirectReads>,
 }
 
 type Shared = Arc<App>;
@@ -372,6 +406,7 @@ fn router(app: Shared, tls: bool) -> Router {
         .route("/v1/writers/{id}/heartbeat", post(writer_heartbeat))
         .route("/v1/chunks/have", post(have))
         .route("/v1/chunks/get", post(get_chunks))
+        .route("/v1/chunks/urls", post(chunk_urls))
         .route("/v1/chunks", post(put_chunks))
         .route("/v1/chunks/{id}", get(get_chunk).put(put_chunk))
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/api.md") })
@@ -392,6 +427,7 @@ fn body_limit(method: &Method, route: &str) -> Option<usize> {
         ("POST", "/v1/machines/{u}/{n}/versions") => wire::MAX_COMMIT,
         ("POST", "/v1/chunks/have") => wire::MAX_HAVE * ChunkId::LEN,
         ("POST", "/v1/chunks/get") => wire::MAX_GET_MANY * ChunkId::LEN,
+        ("POST", "/v1/chunks/urls") => wire::MAX_URLS * ChunkId::LEN,
         ("POST", _) | ("PUT", _) => wire::MAX_JSON,
         _ => return None,
     })
@@ -1689,6 +1725,64 @@ async fn get_chunks(
         .into_response())
 }
 
+/// `POST /v1/chunks/urls`: for each id, a presigned object-store URL of its stored
+/// bytes if the user may read it, else `null`, so that a hidden chunk and an absent one
+/// get the same answer (a URL is made without looking whether the object exists: a
+/// readable chunk the bank lacks answers 404 at the object store). On a bank that makes
+/// no URLs: `404 no_direct_reads`, and the client reads through the server.
+async fn chunk_urls(
+    State(app): State<Shared>,
+    caller: Caller,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Some(direct) = app.direct.clone() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            wire::NO_DIRECT_READS,
+            "this bank hands out no direct chunk URLs (its chunks are not in an object store, or the server runs with --no-direct-reads): fetch them with POST /v1/chunks/get",
+        ));
+    };
+    let b = body(b)?;
+    let Ok(ids) = wire::parse_id_list(&b, wire::MAX_URLS) else {
+        return Err(ApiError::bad_request(format!(
+            "a URL query is a list of at most {} chunk ids of {} bytes; {} bytes is not",
+            wire::MAX_URLS,
+            ChunkId::LEN,
+            b.len()
+        )));
+    };
+    authed(&app, caller, move |app, user| {
+        let ok = app.access(|a| Ok(a.readable(user, &ids)?))?;
+        let readable: Vec<ChunkId> = ids
+            .iter()
+            .zip(&ok)
+            .filter(|(_, ok)| **ok)
+            .map(|(id, _)| *id)
+            .collect();
+        let issued = std::time::SystemTime::now()
+            .checked_sub(direct.age)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let made = app
+            .store
+            .direct_urls(&readable, issued, direct.valid)
+            .filter(|u| u.len() == readable.len())
+            .ok_or_else(|| ApiError::internal("the bank's store made no direct URLs"))?;
+        let mut made = made.into_iter();
+        let urls: Vec<Option<String>> = ok
+            .iter()
+            .map(|&ok| if ok { made.next() } else { None })
+            .collect();
+        app.metrics
+            .chunk_urls
+            .fetch_add(readable.len() as u64, Relaxed);
+        Ok(json(&wire::ChunkUrls {
+            valid_secs: direct.valid.as_secs(),
+            urls,
+        }))
+    })
+    .await
+}
+
 /// About how many bytes of an answer to `POST /v1/chunks/get` go to the connection at
 /// once.
 const GET_MESSAGE: usize = 256 << 10;
@@ -1801,7 +1895,7 @@ pub async fn serve(
     ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let app = open_app(&cfg.bank_dir, cfg.limits.clone())?;
+    let app = open_app(&cfg.bank_dir, cfg.limits.clone(), cfg.direct_reads.clone())?;
     let tls = match &cfg.tls {
         Some((cert, key)) => Some(tls::acceptor(cert, key)?),
         None => None,
@@ -1818,11 +1912,27 @@ pub async fn serve(
     Ok(())
 }
 
-fn open_app(bank_dir: &FsPath, limits: Limits) -> Result<Shared, String> {
+fn open_app(
+    bank_dir: &FsPath,
+    limits: Limits,
+    direct: Option<DirectReads>,
+) -> Result<Shared, String> {
     // Opening the bank checks its marker and opens its store (a directory or S3).
     let bank = mbank_bank::Bank::open(bank_dir, false).map_err(|e| e.to_string())?;
     let store = bank.store_arc();
     drop(bank);
+    // Direct reads need a store that makes URLs (S3); asked with no ids, it says so.
+    let direct = direct.filter(|d| {
+        store
+            .direct_urls(&[], std::time::SystemTime::now(), d.valid)
+            .is_some()
+    });
+    if let Some(d) = &direct {
+        tracing::info!(
+            valid_secs = d.valid.as_secs(),
+            "direct reads: stations fetch chunks from the object store by presigned URLs"
+        );
+    }
     let access = Access::open(bank_dir).map_err(|e| e.to_string())?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -1842,5 +1952,6 @@ fn open_app(bank_dir: &FsPath, limits: Limits) -> Result<Shared, String> {
         last_commit: Mutex::new(std::collections::HashMap::new()),
         jobs: jobs::Jobs::default(),
         limits,
+        direct,
     }))
 }

@@ -431,6 +431,21 @@ pub trait ChunkStore: Send + Sync {
         ids.iter().map(|id| self.plain_len(id)).collect()
     }
 
+    /// URLs through which whoever holds one may GET each of `ids`' stored bytes
+    /// straight from where the store keeps them, valid for `valid` from `issued`, in
+    /// the order of `ids`; `None` when the store has no such URLs (a directory, a bank
+    /// server's client). An [`S3Store`] presigns them (SigV4 query authentication).
+    /// No request is made and nothing is checked: a URL of an absent chunk answers 404.
+    /// A bank server hands them only for chunks the asking user may read.
+    fn direct_urls(
+        &self,
+        _ids: &[ChunkId],
+        _issued: SystemTime,
+        _valid: std::time::Duration,
+    ) -> Option<Vec<String>> {
+        None
+    }
+
     /// Decodes and verifies a chunk's stored bytes; quarantines it if they are damaged.
     fn verify(&self, id: &ChunkId, raw: Vec<u8>) -> Result<Vec<u8>, StoreError> {
         match chunk::decode(id, &raw) {

@@ -592,6 +592,26 @@ impl ChunkStore for S3Store {
         Ok(reply.body)
     }
 
+    /// Presigned GETs of the chunks' objects at the endpoint in use (see
+    /// [`presign`]); at most a week, as S3 allows.
+    fn direct_urls(
+        &self,
+        ids: &[ChunkId],
+        issued: SystemTime,
+        valid: Duration,
+    ) -> Option<Vec<String>> {
+        let n = self.cfg.endpoints.len();
+        let endpoint = &self.cfg.endpoints[self.preferred.load(Ordering::Relaxed) % n];
+        Some(
+            ids.iter()
+                .map(|id| {
+                    let path = format!("/{}/{}", self.cfg.bucket, Self::chunk_key(id));
+                    presign(&self.cfg, endpoint, &path, issued, valid)
+                })
+                .collect(),
+        )
+    }
+
     /// GETs on up to [`GET_WINDOW`] threads, each taking the next place once the
     /// consumer is less than a window behind; answers are handed over in order.
     fn get_raw_each(
@@ -942,6 +962,58 @@ fn sign(
     headers
 }
 
+/// The longest validity S3 allows a presigned URL (`X-Amz-Expires`): 7 days.
+const MAX_PRESIGNED: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A presigned GET URL of `path` (path-style: `/BUCKET/KEY`) at `endpoint`: SigV4
+/// query-string authentication, the host the only signed header, the payload
+/// unsigned, valid for `valid` (1 s to 7 days) from `issued`. The holder needs no key;
+/// the object store refuses the URL once it expired (Garage: 400, AWS: 403) or if any part of it
+/// was changed.
+fn presign(
+    cfg: &S3Config,
+    endpoint: &str,
+    path: &str,
+    issued: SystemTime,
+    valid: Duration,
+) -> String {
+    let host = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let (date, time) = utc(issued);
+    let amz_date = format!("{date}T{time}Z");
+    let scope = format!("{date}/{}/s3/aws4_request", cfg.region);
+    let secs = valid.clamp(Duration::from_secs(1), MAX_PRESIGNED).as_secs();
+    let canonical_path = uri_encode(path, false);
+    // Already in order: the canonical query sorts its names.
+    let query = [
+        ("X-Amz-Algorithm", "AWS4-HMAC-SHA256".to_string()),
+        ("X-Amz-Credential", format!("{}/{scope}", cfg.access_key_id)),
+        ("X-Amz-Date", amz_date.clone()),
+        ("X-Amz-Expires", secs.to_string()),
+        ("X-Amz-SignedHeaders", "host".into()),
+    ]
+    .iter()
+    .map(|(k, v)| format!("{}={}", uri_encode(k, true), uri_encode(v, true)))
+    .collect::<Vec<_>>()
+    .join("&");
+    let canonical =
+        format!("GET\n{canonical_path}\n{query}\nhost:{host}\n\nhost\nUNSIGNED-PAYLOAD");
+    let to_sign = format!(
+        "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
+        hex(&Sha256::digest(canonical.as_bytes()))
+    );
+    let k = hmac(format!("AWS4{}", cfg.secret_access_key).as_bytes(), &date);
+    let k = hmac(&k, &cfg.region);
+    let k = hmac(&k, "s3");
+    let k = hmac(&k, "aws4_request");
+    let signature = hex(&hmac(&k, &to_sign));
+    format!("{endpoint}{canonical_path}?{query}&X-Amz-Signature={signature}")
+}
+
 // ---- dates ---------------------------------------------------------------------------
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -1150,6 +1222,29 @@ mod tests {
             "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request, \
              SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, \
              Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+        );
+    }
+
+    /// The presigned-URL example of AWS's SigV4 documentation ("query string
+    /// authentication", examplebucket, 24 hours).
+    #[test]
+    fn presigned_url_matches_aws_example() {
+        let endpoint = "https://examplebucket.s3.amazonaws.com";
+        let cfg = S3Config::new(
+            vec![endpoint.into()],
+            "us-east-1",
+            "examplebucket",
+            "AKIAIOSFODNN7EXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        );
+        let now = parse_rfc3339("2013-05-24T00:00:00Z").unwrap();
+        let url = presign(&cfg, endpoint, "/test.txt", now, Duration::from_secs(86400));
+        assert_eq!(
+            url,
+            "https://examplebucket.s3.amazonaws.com/test.txt?X-Amz-Algorithm=AWS4-HMAC-SHA256\
+             &X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2Faws4_request\
+             &X-Amz-Date=20130524T000000Z&X-Amz-Expires=86400&X-Amz-SignedHeaders=host\
+             &X-Amz-Signature=aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404"
         );
     }
 

@@ -34,6 +34,18 @@ pub struct Args {
     /// MiB of request bodies held in memory at once (a request waits for room).
     #[arg(long, default_value_t = 512, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
     pub body_memory: u64,
+    /// Send every chunk through the server, even when the bank's chunks are in an
+    /// object store (S3) that stations could read from directly (by presigned URLs, the
+    /// default for such a bank): for stations that cannot reach the store.
+    #[arg(long)]
+    pub no_direct_reads: bool,
+    /// Seconds a presigned URL for a direct chunk read stays valid.
+    #[arg(long, default_value_t = 300, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=604800))]
+    pub direct_url_secs: u64,
+    /// For tests: URLs are made as if this many seconds ago (so they may be expired
+    /// when handed out).
+    #[arg(long, default_value_t = 0, value_name = "SECS", hide = true)]
+    pub direct_url_age_secs: u64,
 }
 
 pub fn run(bank_dir: &Path, args: Args, quiet: bool) -> Result<()> {
@@ -77,6 +89,10 @@ pub fn run(bank_dir: &Path, args: Args, quiet: bool) -> Result<()> {
             body_memory: (args.body_memory as usize).saturating_mul(1 << 20),
             ..Default::default()
         },
+        direct_reads: (!args.no_direct_reads).then(|| mbank_server::DirectReads {
+            valid: std::time::Duration::from_secs(args.direct_url_secs),
+            age: std::time::Duration::from_secs(args.direct_url_age_secs),
+        }),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -42,6 +42,8 @@ struct Served {
     port: u16,
     child: Option<Child>,
     log: PathBuf,
+    /// More options for `mbank serve`, from the next (re)start.
+    serve_args: Vec<String>,
 }
 
 const PASSWORDS: &[(&str, &str)] = &[("alice", "alice-secret-1"), ("bob", "bob-secret-22")];
@@ -95,6 +97,7 @@ impl Served {
             _tmp: tmp,
             port: 0,
             child: None,
+            serve_args: Vec::new(),
         };
         for (user, pw) in PASSWORDS {
             s.add_user(user, pw, &[]);
@@ -135,6 +138,7 @@ impl Served {
             .arg(&self.cert)
             .arg("--tls-key")
             .arg(&self.key);
+        c.args(&self.serve_args);
         c.stdout(Stdio::piped());
         c.stderr(
             fs::OpenOptions::new()
@@ -1487,4 +1491,201 @@ fn a_sessions_checkpoint_on_a_served_bank_is_protected_until_it_checks_in() {
     let done = a.stop();
     assert!(done.success(), "attach:\n{done}");
     alice.run(&["rm", &format!("alice/dev@{ck}")]).ok();
+}
+
+/// The counter `name` in the server's /metrics, read with `admin_token`.
+fn metric(s: &Served, admin_token: &str, name: &str) -> u64 {
+    let (code, m) = s.curl(Some(admin_token), "GET", "/metrics", None);
+    let m = String::from_utf8_lossy(&m).into_owned();
+    assert_eq!(code, 200, "{m}");
+    m.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{m}"))
+        .parse()
+        .unwrap()
+}
+
+/// The request bodies' sizes (`bytes_in`) of the logged requests to `path`.
+fn logged_bytes_in(log: &str, path: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains(&format!("path=\"{path}\"")) || l.contains(&format!("path={path} ")))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|f| f.strip_prefix("bytes_in="))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect()
+}
+
+/// alice's `POST /v1/chunks/urls` for `ids` (hex): (status, JSON answer).
+fn ask_urls(s: &Served, token: &str, ids: &[&str]) -> (u16, Value) {
+    let body: Vec<u8> = ids.iter().flat_map(|h| hex(h)).collect();
+    s.curl_json(Some(token), "POST", "/v1/chunks/urls", Some(&body))
+}
+
+/// A bank on Garage hands stations presigned URLs: an export and a station's reads
+/// fetch the chunk bytes straight from the object store (the server's bytes sent stay
+/// far below them); nobody gets a URL for another user's chunk (the same `null` as for
+/// an absent one); URLs that expired make the station ask again and then read through
+/// the server; `--no-direct-reads` turns them off.
+#[test]
+fn a_station_reads_a_garage_bank_by_direct_urls() {
+    need(&["qemu-img", "curl"]);
+    let cluster = garage::Cluster::start();
+    let mut s = Served::start_on(Some(&cluster));
+    s.add_user("ops", "ops-secret-4444", &["--admin"]);
+    s.try_login("ops", "ops-secret-4444", &[]).ok();
+    let ops = s.token("ops");
+    let alice = s.login("alice");
+    let bob = s.login("bob");
+    let img = image(12 * MIB, &[(0, 5 * MIB), (8 * MIB, 9 * MIB)], 31);
+    let nonzero = 6 * MIB as u64;
+    alice.import("alice/dev", &write_img(&alice, &img), &[]);
+    let img_b = image(4 * MIB, &[(0, 4 * MIB)], 32);
+    bob.import("bob/dev", &write_img(&bob, &img_b), &[]);
+
+    // An export: the chunks come from Garage, not through the server.
+    let sent = metric(&s, &ops, "mbank_sent_bytes_total");
+    assert_export(&alice, "alice/dev", &img, "an export by direct reads");
+    let through = metric(&s, &ops, "mbank_sent_bytes_total") - sent;
+    assert!(
+        through < nonzero / 10,
+        "the server sent {through} bytes for an export of {nonzero} bytes of chunks:\n{}",
+        s.server_log()
+    );
+    assert!(metric(&s, &ops, "mbank_chunk_urls_total") > 0);
+    assert!(logged_bytes_in(&s.server_log(), "/v1/chunks/get").is_empty());
+
+    // A station (empty cache) reading the whole disk over NBD: the same.
+    let sent = metric(&s, &ops, "mbank_sent_bytes_total");
+    let cache = s.root.join("cache-direct");
+    let mut a = alice.attach(&cache, "alice/dev", &["--read-only"]);
+    let copy = alice.file(&format!("read-{}.raw", unique()));
+    let r = tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &a.uri(),
+            &copy.display().to_string(),
+        ],
+    );
+    assert!(r.success(), "the read through the station:\n{r}");
+    assert_same_bytes(&fs::read(&copy).unwrap(), &img, "what the station read");
+    assert!(a.stop().success());
+    let through = metric(&s, &ops, "mbank_sent_bytes_total") - sent;
+    assert!(
+        through < nonzero / 10,
+        "the server sent {through} bytes to a station that read {nonzero} bytes of chunks"
+    );
+
+    // Isolation: for alice, bob's chunk and an absent one get the same null; her own
+    // gets a URL that works without any token.
+    let alice_token = s.token("alice");
+    let bobs = head_chunks(&s, "bob/dev");
+    let hers = head_chunks(&s, "alice/dev");
+    let absent = mbank_core::ChunkId::of(b"in no bank").to_hex();
+    let (code, v) = ask_urls(&s, &alice_token, &[&bobs[0], &absent, &hers[0]]);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["urls"][0], Value::Null, "bob's chunk: {v}");
+    assert_eq!(v["urls"][1], Value::Null, "an absent chunk: {v}");
+    let url = v["urls"][2]
+        .as_str()
+        .unwrap_or_else(|| panic!("no URL for her own chunk: {v}"));
+    assert!(
+        !url.contains(&s.url()),
+        "the URL is the object store's: {url}"
+    );
+    let o = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", url])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "200", "GET {url}");
+    let (code, v) = ask_urls(&s, &s.token("bob"), &[&bobs[0]]);
+    assert_eq!(code, 200, "{v}");
+    assert!(
+        v["urls"][0].is_string(),
+        "bob gets his own chunk's URL: {v}"
+    );
+
+    // URLs expired when handed out: the station asks again once per chunk, then reads
+    // through the server, and the read succeeds.
+    s.kill();
+    s.serve_args = ["--direct-url-secs", "60", "--direct-url-age-secs", "3600"]
+        .map(String::from)
+        .to_vec();
+    s.spawn();
+    let (code, v) = ask_urls(&s, &alice_token, &[&hers[0]]);
+    assert_eq!(code, 200, "{v}");
+    let url = v["urls"][0].as_str().unwrap();
+    let o = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", url])
+        .output()
+        .unwrap();
+    let code = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        code == "400" || code == "403",
+        "the object store refuses an expired URL (Garage: 400, AWS: 403), not {code}"
+    );
+    let before_urls: u64 = logged_bytes_in(&s.server_log(), "/v1/chunks/urls")
+        .iter()
+        .sum();
+    assert_export(
+        &alice,
+        "alice/dev",
+        &img,
+        "an export whose URLs had expired",
+    );
+    let log = s.server_log();
+    let urls: u64 = logged_bytes_in(&log, "/v1/chunks/urls").iter().sum::<u64>() - before_urls;
+    let got: u64 = logged_bytes_in(&log, "/v1/chunks/get").iter().sum();
+    assert!(
+        got > 0,
+        "the chunks came through the server at last:\n{log}"
+    );
+    assert_eq!(
+        urls,
+        2 * got,
+        "each chunk's URL was asked for twice before the server read it:\n{log}"
+    );
+
+    // Turned off: the query is answered as on a bank without an object store.
+    s.kill();
+    s.serve_args = vec!["--no-direct-reads".into()];
+    s.spawn();
+    let (code, v) = ask_urls(&s, &alice_token, &[&hers[0]]);
+    assert_eq!(
+        (code, v["kind"].as_str()),
+        (404, Some("no_direct_reads")),
+        "{v}"
+    );
+    assert_export(&alice, "alice/dev", &img, "an export through the server");
+}
+
+/// A bank on a directory has no direct URLs: the query says so, and clients read
+/// through the server as before.
+#[test]
+fn a_bank_on_a_directory_offers_no_direct_urls() {
+    let s = Served::start();
+    let alice = s.login("alice");
+    let img = image(2 * MIB, &[(0, MIB)], 33);
+    alice.import("alice/dev", &write_img(&alice, &img), &[]);
+    let hers = head_chunks(&s, "alice/dev");
+    let (code, v) = ask_urls(&s, &s.token("alice"), &[&hers[0]]);
+    assert_eq!(
+        (code, v["kind"].as_str()),
+        (404, Some("no_direct_reads")),
+        "{v}"
+    );
+    assert_export(&alice, "alice/dev", &img, "an export from a directory bank");
+    let log = s.server_log();
+    assert_eq!(
+        logged_bytes_in(&log, "/v1/chunks/urls").len(),
+        2,
+        "the client asked once:\n{log}"
+    );
+    assert!(!logged_bytes_in(&log, "/v1/chunks/get").is_empty());
 }
