@@ -93,6 +93,10 @@ struct Direct {
     /// Held by the first URL query, so that the threads of a transfer ask once
     /// whether the server offers URLs, not each at once.
     probe: Mutex<()>,
+    /// Like `state`, for uploads.
+    writes: AtomicU8,
+    /// Upload batches running whose every PUT failed to reach the object store.
+    unreachable_writes: AtomicU32,
 }
 
 impl std::fmt::Debug for Direct {
@@ -186,6 +190,8 @@ impl RemoteStore {
                 unreachable_runs: AtomicU32::new(0),
                 agent,
                 probe: Mutex::new(()),
+                writes: AtomicU8::new(DIRECT_UNKNOWN),
+                unreachable_writes: AtomicU32::new(0),
             }),
         }
     }
@@ -197,6 +203,161 @@ impl RemoteStore {
             self.direct.state.store(DIRECT_OFF, Ordering::Relaxed);
         }
         self
+    }
+
+    /// The same store, uploading every chunk through the server when `on` is false.
+    pub fn with_direct_writes(self, on: bool) -> Self {
+        if !on {
+            self.direct.writes.store(DIRECT_OFF, Ordering::Relaxed);
+        }
+        self
+    }
+
+    /// Whether uploads go straight to the object store, as [`RemoteStore::direct_reads`]
+    /// says of reads.
+    pub fn direct_writes(&self) -> Option<bool> {
+        match self.direct.writes.load(Ordering::Relaxed) {
+            DIRECT_ON => Some(true),
+            DIRECT_OFF => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Uploads `batch` (at most [`wire::MAX_DIRECT_UPLOADS`] chunks) by presigned URLs
+    /// (`POST /v1/chunks/upload-urls`, a PUT each, [`DIRECT_IN_FLIGHT`] at a time), then
+    /// has the server verify and record them (`POST /v1/chunks/confirm`); the chunks
+    /// whose PUT failed go through the server. `None` when the server takes no direct
+    /// uploads, or refused the confirmation (the caller sends the batch through it).
+    fn put_direct(&self, batch: &[EncodedChunk]) -> Result<Option<Vec<u64>>, StoreError> {
+        if self.direct.writes.load(Ordering::Relaxed) == DIRECT_OFF {
+            return Ok(None);
+        }
+        let shas: Vec<[u8; 32]> = batch
+            .iter()
+            .map(|c| mbank_store::sha256(&c.bytes))
+            .collect();
+        let body = wire::upload_list_body(batch.iter().map(|c| &c.id).zip(&shas));
+        let what = format!("question for upload URLs of {} chunks", batch.len());
+        let answer = match self.client.call(
+            Method::POST,
+            "/chunks/upload-urls",
+            &what,
+            Payload::Bytes(&body),
+            4 << 20,
+        ) {
+            Ok(a) => a,
+            Err(ClientError::Api {
+                status: 404 | 405, ..
+            }) => {
+                self.direct.writes.store(DIRECT_OFF, Ordering::Relaxed);
+                return Ok(None);
+            }
+            Err(ClientError::Api { .. }) => return Ok(None),
+            Err(e) => return Err(store_error(e, None)),
+        };
+        let urls = match self.client.parse::<wire::UploadUrls>(&answer, &what) {
+            Ok(u) if u.urls.len() == batch.len() => u.urls,
+            _ => {
+                self.direct.writes.store(DIRECT_OFF, Ordering::Relaxed);
+                return Ok(None);
+            }
+        };
+        self.direct.writes.store(DIRECT_ON, Ordering::Relaxed);
+        // The PUTs, DIRECT_IN_FLIGHT at a time.
+        let next = AtomicUsize::new(0);
+        let done: Vec<AtomicBool> = batch.iter().map(|_| AtomicBool::new(false)).collect();
+        let unreachable: Mutex<Option<String>> = Mutex::new(None);
+        let answered = AtomicBool::new(false);
+        let work = || {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(url) = urls.get(i) else {
+                    return;
+                };
+                let sent = self
+                    .direct
+                    .agent
+                    .put(url)
+                    .header(mbank_store::CHECKSUM_HEADER, mbank_store::base64(&shas[i]))
+                    .send(&batch[i].bytes[..]);
+                match sent {
+                    Ok(resp) => {
+                        answered.store(true, Ordering::Relaxed);
+                        if resp.status().as_u16() == 200 {
+                            done[i].store(true, Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) => {
+                        *unreachable.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(e.to_string());
+                    }
+                }
+            }
+        };
+        std::thread::scope(|s| {
+            for _ in 0..DIRECT_IN_FLIGHT.min(batch.len()) {
+                s.spawn(work);
+            }
+        });
+        if answered.load(Ordering::Relaxed) {
+            self.direct.unreachable_writes.store(0, Ordering::Relaxed);
+        } else if let Some(cause) = unreachable.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            let runs = self
+                .direct
+                .unreachable_writes
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            if runs >= UNREACHABLE_RUNS
+                && self.direct.writes.swap(DIRECT_OFF, Ordering::Relaxed) != DIRECT_OFF
+            {
+                eprintln!(
+                    "mbank: warning: the bank's object store does not take this station's uploads ({cause}): chunks go through the bank at {} from now on",
+                    self.client.url()
+                );
+            }
+        }
+        let (up, through): (Vec<usize>, Vec<usize>) =
+            (0..batch.len()).partition(|&i| done[i].load(Ordering::Relaxed));
+        let mut sizes = vec![0u64; batch.len()];
+        if !up.is_empty() {
+            let body = wire::upload_list_body(up.iter().map(|&i| (&batch[i].id, &shas[i])));
+            let what = format!("confirmation of {} uploaded chunks", up.len());
+            let answer = match self.client.call(
+                Method::POST,
+                "/chunks/confirm",
+                &what,
+                Payload::Bytes(&body),
+                1 << 20,
+            ) {
+                Ok(a) => a,
+                // A quota exceeded is the user's to hear; anything else (a staged chunk
+                // another upload took first, say): the batch goes through the server.
+                Err(e) if e.kind() == Some("quota_exceeded") => return Err(store_error(e, None)),
+                Err(ClientError::Api { .. }) => return Ok(None),
+                Err(e) => return Err(store_error(e, None)),
+            };
+            let s: wire::StoredMany = self
+                .client
+                .parse(&answer, &what)
+                .map_err(|e| store_error(e, None))?;
+            if s.bytes.len() != up.len() {
+                return Err(StoreError::Remote(format!(
+                    "the bank answered {} sizes for a confirmation of {} chunks",
+                    s.bytes.len(),
+                    up.len()
+                )));
+            }
+            for (&i, n) in up.iter().zip(s.bytes) {
+                sizes[i] = n;
+            }
+        }
+        if !through.is_empty() {
+            let rest: Vec<EncodedChunk> = through.iter().map(|&i| batch[i].clone()).collect();
+            for (&i, n) in through.iter().zip(self.put_through_server(&rest)?) {
+                sizes[i] = n;
+            }
+        }
+        Ok(Some(sizes))
     }
 
     /// Whether reads go straight to the object store: `Some(true)` once the server
@@ -545,39 +706,10 @@ impl RemoteStore {
         }
     }
 
-    fn on_the_host(&self, what: &str) -> StoreError {
-        StoreError::Remote(format!(
-            "{what} runs on the bank's host, not through its client: run it where the bank at {} keeps its store",
-            self.client.url()
-        ))
-    }
-}
-
-impl ChunkStore for RemoteStore {
-    fn put(&self, chunk: &EncodedChunk) -> Result<u64, StoreError> {
-        let what = format!("upload of chunk {}", short(&chunk.id));
-        let path = format!("/chunks/{}", chunk.id.to_hex());
-        let answer = self
-            .client
-            .call(
-                Method::PUT,
-                &path,
-                &what,
-                Payload::Bytes(&chunk.bytes),
-                1 << 16,
-            )
-            .map_err(|e| store_error(e, Some(&chunk.id)))?;
-        let s: Stored = self
-            .client
-            .parse(&answer, &what)
-            .map_err(|e| store_error(e, None))?;
-        Ok(s.bytes)
-    }
-
     /// One `POST /v1/chunks` per batch of at most `MAX_BATCH_CHUNKS` chunks and
     /// `MAX_BATCH_BYTES` bytes: the server records the user's rights to all of them in
     /// one transaction.
-    fn put_many(&self, chunks: &[EncodedChunk]) -> Result<Vec<u64>, StoreError> {
+    fn put_through_server(&self, chunks: &[EncodedChunk]) -> Result<Vec<u64>, StoreError> {
         let mut out = Vec::with_capacity(chunks.len());
         let mut start = 0;
         while start < chunks.len() {
@@ -616,6 +748,48 @@ impl ChunkStore for RemoteStore {
             }
             out.extend(s.bytes);
             start = end;
+        }
+        Ok(out)
+    }
+
+    fn on_the_host(&self, what: &str) -> StoreError {
+        StoreError::Remote(format!(
+            "{what} runs on the bank's host, not through its client: run it where the bank at {} keeps its store",
+            self.client.url()
+        ))
+    }
+}
+
+impl ChunkStore for RemoteStore {
+    fn put(&self, chunk: &EncodedChunk) -> Result<u64, StoreError> {
+        let what = format!("upload of chunk {}", short(&chunk.id));
+        let path = format!("/chunks/{}", chunk.id.to_hex());
+        let answer = self
+            .client
+            .call(
+                Method::PUT,
+                &path,
+                &what,
+                Payload::Bytes(&chunk.bytes),
+                1 << 16,
+            )
+            .map_err(|e| store_error(e, Some(&chunk.id)))?;
+        let s: Stored = self
+            .client
+            .parse(&answer, &what)
+            .map_err(|e| store_error(e, None))?;
+        Ok(s.bytes)
+    }
+
+    /// Straight to the object store when the server offers it ([`RemoteStore::put_direct`],
+    /// batches of [`wire::MAX_DIRECT_UPLOADS`]), else through the server.
+    fn put_many(&self, chunks: &[EncodedChunk]) -> Result<Vec<u64>, StoreError> {
+        let mut out = Vec::with_capacity(chunks.len());
+        for batch in chunks.chunks(wire::MAX_DIRECT_UPLOADS) {
+            match self.put_direct(batch)? {
+                Some(sizes) => out.extend(sizes),
+                None => out.extend(self.put_through_server(batch)?),
+            }
         }
         Ok(out)
     }

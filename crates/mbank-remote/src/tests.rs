@@ -958,3 +958,89 @@ fn a_bank_without_direct_urls_is_asked_once() {
         assert_eq!(asked, 1, "after a {status}");
     }
 }
+
+#[test]
+fn direct_uploads_put_to_the_urls_confirm_and_send_the_failures_through_the_server() {
+    // Three chunks: the object store takes the first and the third, and fails the
+    // second (503), which then goes through `POST /v1/chunks`; the confirmation names
+    // the two uploaded, each with the SHA-256 it was put with.
+    let chunks = Arc::new(some_chunks(3));
+    let c2 = chunks.clone();
+    let base = Arc::new(Mutex::new(String::new()));
+    let b2 = base.clone();
+    let server = Server::start(move |req, _| {
+        let base = b2.lock().unwrap().clone();
+        match req.path.as_str() {
+            "/v1/chunks/upload-urls" => {
+                let list = wire::parse_upload_list(&req.body).unwrap();
+                let urls: Vec<String> = list
+                    .iter()
+                    .map(|(id, _)| format!("{base}/staged/{}", id.to_hex()))
+                    .collect();
+                (
+                    200,
+                    json(serde_json::json!({"valid_secs": 300, "urls": urls})),
+                )
+            }
+            "/v1/chunks/confirm" => {
+                let list = wire::parse_upload_list(&req.body).unwrap();
+                let sizes: Vec<u64> = list.iter().map(|_| 7).collect();
+                (200, json(serde_json::json!({ "bytes": sizes })))
+            }
+            "/v1/chunks" => (200, json(serde_json::json!({"bytes": [9]}))),
+            p if p.starts_with("/staged/") => {
+                let id: ChunkId = p["/staged/".len()..].parse().unwrap();
+                let c = c2.iter().find(|c| c.id == id).unwrap();
+                let sum = mbank_store::base64(&mbank_store::sha256(&c.bytes));
+                assert_eq!(req.header(mbank_store::CHECKSUM_HEADER), Some(sum.as_str()));
+                assert_eq!(req.body, c.bytes);
+                if id == c2[1].id {
+                    (503, b"<Error><Code>SlowDown</Code></Error>".to_vec())
+                } else {
+                    (200, Vec::new())
+                }
+            }
+            other => panic!("unexpected request to {other}"),
+        }
+    });
+    *base.lock().unwrap() = server.url.clone();
+    let store = RemoteStore::new(client(&server.url, Duration::from_secs(5)));
+    let sizes = store.put_many(&chunks).unwrap();
+    assert_eq!(sizes, [7, 9, 7]);
+    assert_eq!(store.direct_writes(), Some(true));
+    let seen = server.seen();
+    let confirm = seen
+        .iter()
+        .find(|s| s.path == "/v1/chunks/confirm")
+        .unwrap();
+    let want: Vec<(ChunkId, [u8; 32])> = [0, 2]
+        .iter()
+        .map(|&i| (chunks[i].id, mbank_store::sha256(&chunks[i].bytes)))
+        .collect();
+    assert_eq!(wire::parse_upload_list(&confirm.body).unwrap(), want);
+    let through = seen.iter().find(|s| s.path == "/v1/chunks").unwrap();
+    assert_eq!(
+        through.body,
+        wire::batch_body([(&chunks[1].id, &chunks[1].bytes[..])])
+    );
+}
+
+#[test]
+fn a_bank_without_direct_uploads_takes_them_itself_and_is_asked_once() {
+    let server = Server::start(|req, _| match req.path.as_str() {
+        "/v1/chunks/upload-urls" => (404, error(wire::NO_DIRECT_WRITES, "not here")),
+        "/v1/chunks" => (200, json(serde_json::json!({"bytes": [1, 1]}))),
+        other => panic!("unexpected request to {other}"),
+    });
+    let store = RemoteStore::new(client(&server.url, Duration::from_secs(5)));
+    let chunks = some_chunks(2);
+    assert_eq!(store.put_many(&chunks).unwrap(), [1, 1]);
+    assert_eq!(store.put_many(&chunks).unwrap(), [1, 1]);
+    assert_eq!(store.direct_writes(), Some(false));
+    let asked = server
+        .seen()
+        .iter()
+        .filter(|s| s.path == "/v1/chunks/upload-urls")
+        .count();
+    assert_eq!(asked, 1);
+}

@@ -38,6 +38,53 @@ pub struct ChunkUrls {
     pub urls: Vec<Option<String>>,
 }
 
+/// Most chunks in one `POST /v1/chunks/upload-urls` or `POST /v1/chunks/confirm`.
+pub const MAX_DIRECT_UPLOADS: usize = MAX_BATCH_CHUNKS;
+/// The error kind of the direct-upload routes on a bank that takes no direct uploads
+/// (its chunks are in a directory, or `serve --no-direct-writes`): upload through the
+/// server.
+pub const NO_DIRECT_WRITES: &str = "no_direct_writes";
+
+/// The answer to `POST /v1/chunks/upload-urls`: for each chunk asked, in order, a URL
+/// to PUT its stored bytes to, with the header `x-amz-checksum-sha256` set to the
+/// base64 SHA-256 of those bytes (the one asked with); valid for `valid_secs`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UploadUrls {
+    pub valid_secs: u64,
+    pub urls: Vec<String>,
+}
+
+/// The body of `POST /v1/chunks/upload-urls` and `POST /v1/chunks/confirm`: for each
+/// chunk its 32-byte id and the SHA-256 of its stored bytes.
+pub fn upload_list_body<'a>(
+    chunks: impl IntoIterator<Item = (&'a ChunkId, &'a [u8; 32])>,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (id, sha) in chunks {
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(sha);
+    }
+    out
+}
+
+/// Parses [`upload_list_body`]: at least one and at most [`MAX_DIRECT_UPLOADS`] entries.
+pub fn parse_upload_list(body: &[u8]) -> Option<Vec<(ChunkId, [u8; 32])>> {
+    const ENTRY: usize = ChunkId::LEN + 32;
+    let n = body.len() / ENTRY;
+    if !body.len().is_multiple_of(ENTRY) || n == 0 || n > MAX_DIRECT_UPLOADS {
+        return None;
+    }
+    Some(
+        body.chunks_exact(ENTRY)
+            .map(|e| {
+                let id = ChunkId::from_bytes(e[..ChunkId::LEN].try_into().expect("32 bytes"));
+                let sha: [u8; 32] = e[ChunkId::LEN..].try_into().expect("32 bytes");
+                (id, sha)
+            })
+            .collect(),
+    )
+}
+
 /// Default and longest token lifetimes.
 pub const DEFAULT_TTL_SECS: u64 = 30 * 24 * 3600;
 pub const MAX_TTL_SECS: u64 = 365 * 24 * 3600;

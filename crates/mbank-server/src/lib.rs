@@ -22,7 +22,10 @@
 //! check as `chunks/get`, and `null` for the others whether the bank has them or not;
 //! the station then fetches the bytes from the object store, and the server keeps only
 //! the rights. A URL grants a read of that one object until it expires
-//! ([`DirectReads::valid`]), to whoever holds it.
+//! ([`DirectUrls::valid`]), to whoever holds it. Uploads likewise: a presigned PUT
+//! (`upload-urls`) writes only a staging object named by the bytes' SHA-256
+//! ([`mbank_store::Staging`]), and `confirm` reads it back, verifies it and records the
+//! rights as an upload through the server does; nothing else grants them.
 //!
 //! ## Under abuse
 //!
@@ -92,13 +95,18 @@ pub struct Config {
     /// Timeouts and caps.
     pub limits: Limits,
     /// Presigned object-store URLs for chunk reads (`POST /v1/chunks/urls`), when the
-    /// bank's store can make them (S3); `None`: every chunk goes through the server.
-    pub direct_reads: Option<DirectReads>,
+    /// bank's store can make them (S3); off: every chunk goes through the server.
+    pub direct_reads: bool,
+    /// Presigned object-store URLs for chunk uploads (`POST /v1/chunks/upload-urls`),
+    /// when the store can stage them (S3).
+    pub direct_writes: bool,
+    /// How long those URLs last.
+    pub direct_urls: DirectUrls,
 }
 
-/// How the server hands out direct URLs (`POST /v1/chunks/urls`).
+/// How long the server's presigned URLs last (`POST /v1/chunks/urls`, `upload-urls`).
 #[derive(Clone, Debug)]
-pub struct DirectReads {
+pub struct DirectUrls {
     /// How long a URL stays valid.
     pub valid: Duration,
     /// How long ago each URL is said to have been made: 0, but for tests of a
@@ -106,10 +114,10 @@ pub struct DirectReads {
     pub age: Duration,
 }
 
-impl Default for DirectReads {
+impl Default for DirectUrls {
     /// URLs valid for 5 minutes.
     fn default() -> Self {
-        DirectReads {
+        DirectUrls {
             valid: Duration::from_secs(300),
             age: Duration::ZERO,
         }
@@ -140,7 +148,9 @@ struct App {
     /// gc, verify and stats started by administrators over HTTPS or from the console.
     jobs: jobs::Jobs,
     /// Direct reads, when on and the store can make URLs.
-    direct: Option<DirectReads>,
+    direct: Option<DirectUrls>,
+    /// Direct uploads, when on and the store can stage them.
+    direct_writes: Option<DirectUrls>,
 }
 
 type Shared = Arc<App>;
@@ -407,6 +417,8 @@ fn router(app: Shared, tls: bool) -> Router {
         .route("/v1/chunks/have", post(have))
         .route("/v1/chunks/get", post(get_chunks))
         .route("/v1/chunks/urls", post(chunk_urls))
+        .route("/v1/chunks/upload-urls", post(upload_urls))
+        .route("/v1/chunks/confirm", post(confirm_uploads))
         .route("/v1/chunks", post(put_chunks))
         .route("/v1/chunks/{id}", get(get_chunk).put(put_chunk))
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/api.md") })
@@ -428,6 +440,9 @@ fn body_limit(method: &Method, route: &str) -> Option<usize> {
         ("POST", "/v1/chunks/have") => wire::MAX_HAVE * ChunkId::LEN,
         ("POST", "/v1/chunks/get") => wire::MAX_GET_MANY * ChunkId::LEN,
         ("POST", "/v1/chunks/urls") => wire::MAX_URLS * ChunkId::LEN,
+        ("POST", "/v1/chunks/upload-urls") | ("POST", "/v1/chunks/confirm") => {
+            wire::MAX_DIRECT_UPLOADS * (ChunkId::LEN + 32)
+        }
         ("POST", _) | ("PUT", _) => wire::MAX_JSON,
         _ => return None,
     })
@@ -1783,6 +1798,150 @@ async fn chunk_urls(
     .await
 }
 
+fn no_direct_writes() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        wire::NO_DIRECT_WRITES,
+        "this bank takes no direct chunk uploads (its chunks are not in an object store, or the server runs with --no-direct-writes): send them with POST /v1/chunks",
+    )
+}
+
+fn upload_list(b: &[u8]) -> Result<Vec<(ChunkId, [u8; 32])>, ApiError> {
+    wire::parse_upload_list(b).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "an upload list holds 1 to {} entries of a {}-byte chunk id and a 32-byte SHA-256; {} bytes is not one",
+            wire::MAX_DIRECT_UPLOADS,
+            ChunkId::LEN,
+            b.len()
+        ))
+    })
+}
+
+/// `POST /v1/chunks/upload-urls`: a presigned PUT URL per chunk, bound to the SHA-256
+/// of the bytes the client will send (`mbank_store::Staging`). Anyone may upload any
+/// chunk (storage is shared); nothing is recorded until `confirm`.
+async fn upload_urls(
+    State(app): State<Shared>,
+    caller: Caller,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Some(direct) = app.direct_writes.clone() else {
+        return Err(no_direct_writes());
+    };
+    let list = upload_list(&body(b)?)?;
+    authed(&app, caller, move |app, _user| {
+        let staging = app.store.staging().ok_or_else(no_direct_writes)?;
+        let issued = std::time::SystemTime::now()
+            .checked_sub(direct.age)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let urls: Vec<String> = list
+            .iter()
+            .map(|(_, sha)| staging.put_url(sha, issued, direct.valid))
+            .collect();
+        app.metrics
+            .upload_urls
+            .fetch_add(urls.len() as u64, Relaxed);
+        Ok(json(&wire::UploadUrls {
+            valid_secs: direct.valid.as_secs(),
+            urls,
+        }))
+    })
+    .await
+}
+
+/// What reading back one staged upload gave.
+type StagedRead = Result<Option<Vec<u8>>, mbank_store::StoreError>;
+
+/// Staged chunks read back at once by one `confirm`.
+const CONFIRM_READS: usize = 16;
+
+/// `POST /v1/chunks/confirm`: the chunks the user uploaded by presigned URLs are read
+/// back from their staging names, verified (SHA-256 as announced, decoding to content
+/// hashing to the id) and then treated as `POST /v1/chunks` treats uploads: the user's
+/// rights recorded against the quota in one transaction (refused whole if over it),
+/// and those the bank lacks given their chunk names (a copy in the store). One chunk
+/// that fails refuses the whole list (`422 bad_chunk`), and its staged bytes are
+/// removed. Until this succeeds the user cannot read the chunks, so a commit naming
+/// them is refused.
+async fn confirm_uploads(
+    State(app): State<Shared>,
+    caller: Caller,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    if app.direct_writes.is_none() {
+        return Err(no_direct_writes());
+    }
+    let list = upload_list(&body(b)?)?;
+    authed(&app, caller, move |app, user| {
+        let staging = app.store.staging().ok_or_else(no_direct_writes)?;
+        let bad = |id: &ChunkId, why: String| {
+            let mut a = ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "bad_chunk",
+                format!("the upload of chunk {id} {why}"),
+            );
+            a.body.chunk = Some(*id);
+            a
+        };
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let raws: Vec<Mutex<Option<StagedRead>>> =
+            list.iter().map(|_| Mutex::new(None)).collect();
+        std::thread::scope(|sc| {
+            for _ in 0..CONFIRM_READS.min(list.len()) {
+                sc.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Relaxed);
+                        let Some((_, sha)) = list.get(i) else {
+                            return;
+                        };
+                        let r = staging.read_staged(sha);
+                        *raws[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                    }
+                });
+            }
+        });
+        let mut parts: Vec<(ChunkId, Vec<u8>)> = Vec::with_capacity(list.len());
+        for ((id, sha), raw) in list.iter().zip(raws) {
+            let raw = raw
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .expect("every staged chunk was read")?;
+            let checked = match raw {
+                None => Err(bad(id, "is not in the store: its PUT failed, or another confirm took it; send it again".into())),
+                Some(raw) if mbank_store::sha256(&raw) != *sha => {
+                    Err(bad(id, "holds other bytes than those announced".into()))
+                }
+                Some(raw) => mbank_core::chunk::decode(id, &raw)
+                    .map(|_| raw)
+                    .map_err(|e| bad(id, format!("is not that chunk: {e}"))),
+            };
+            match checked {
+                Ok(raw) => parts.push((*id, raw)),
+                Err(e) => {
+                    let _ = staging.discard(sha);
+                    return Err(e);
+                }
+            }
+        }
+        let refs: Vec<(ChunkId, &[u8])> = parts.iter().map(|(id, b)| (*id, &b[..])).collect();
+        let sizes = record_and_store(app, user, &refs, |fresh| {
+            for &i in fresh {
+                staging.promote(&list[i].1, &list[i].0)?;
+            }
+            Ok(())
+        })?;
+        // Staged copies of chunks the bank already had.
+        for (_, sha) in &list {
+            let _ = staging.discard(sha);
+        }
+        app.metrics
+            .chunks_confirmed
+            .fetch_add(list.len() as u64, Relaxed);
+        Ok(json(&wire::StoredMany { bytes: sizes }))
+    })
+    .await
+}
+
 /// About how many bytes of an answer to `POST /v1/chunks/get` go to the connection at
 /// once.
 const GET_MESSAGE: usize = 256 << 10;
@@ -1838,6 +1997,32 @@ async fn put_chunks(
 /// the user's right to read them in one transaction (charged against their quota,
 /// refused whole if over it), and stores those the bank lacks. Returns each one's size.
 fn store_uploads(app: &App, user: &User, parts: &[(ChunkId, &[u8])]) -> Result<Vec<u64>, ApiError> {
+    record_and_store(app, user, parts, |fresh| {
+        let mut chunks = Vec::with_capacity(fresh.len());
+        for &i in fresh {
+            let (id, bytes) = parts[i];
+            let codec = mbank_core::chunk::parse_header(&id, bytes)
+                .map(|(c, _)| c)
+                .map_err(|e| ApiError::internal(format!("chunk {id}: {e}")))?;
+            chunks.push(EncodedChunk {
+                id,
+                bytes: bytes.to_vec(),
+                codec,
+            });
+        }
+        app.store.put_many(&chunks)?;
+        Ok(())
+    })
+}
+
+/// [`store_uploads`]' verification and rights, with `store` giving the chunks the bank
+/// lacks (their places in `parts`) their place in the store.
+fn record_and_store(
+    app: &App,
+    user: &User,
+    parts: &[(ChunkId, &[u8])],
+    store: impl FnOnce(&[usize]) -> Result<(), ApiError>,
+) -> Result<Vec<u64>, ApiError> {
     let mut codecs = Vec::with_capacity(parts.len());
     for (id, bytes) in parts {
         let codec = mbank_core::chunk::decode(id, bytes)
@@ -1861,18 +2046,15 @@ fn store_uploads(app: &App, user: &User, parts: &[(ChunkId, &[u8])]) -> Result<V
     let ids: Vec<ChunkId> = parts.iter().map(|(id, _)| *id).collect();
     let present = app.store.touch_many(&ids)?;
     let mut fresh = Vec::new();
-    for (((id, bytes), codec), have) in parts.iter().zip(codecs).zip(present) {
+    for (i, have) in present.into_iter().enumerate() {
         if have {
             app.metrics.chunks_dedup.fetch_add(1, Relaxed);
         } else {
-            fresh.push(EncodedChunk {
-                id: *id,
-                bytes: bytes.to_vec(),
-                codec,
-            });
+            fresh.push(i);
         }
     }
-    app.store.put_many(&fresh)?;
+    drop(codecs);
+    store(&fresh)?;
     // `gc` on the bank's host forgets rights to chunks that are missing when it looks;
     // it may have looked between the rows above and the store: what it dropped is put
     // back now that the chunks are stored (nothing is written if nothing was dropped).
@@ -1880,7 +2062,7 @@ fn store_uploads(app: &App, user: &User, parts: &[(ChunkId, &[u8])]) -> Result<V
         let catalog = app.owner_usage(&user.name)?.bytes;
         app.access(|a| Ok(a.record_uploads_beside(user, &rows, catalog)?))
     })?;
-    let stored: u64 = fresh.iter().map(|c| c.bytes.len() as u64).sum();
+    let stored: u64 = fresh.iter().map(|&i| parts[i].1.len() as u64).sum();
     app.metrics
         .chunks_stored
         .fetch_add(fresh.len() as u64, Relaxed);
@@ -1895,7 +2077,7 @@ pub async fn serve(
     ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let app = open_app(&cfg.bank_dir, cfg.limits.clone(), cfg.direct_reads.clone())?;
+    let app = open_app(&cfg.bank_dir, cfg.limits.clone(), &cfg)?;
     let tls = match &cfg.tls {
         Some((cert, key)) => Some(tls::acceptor(cert, key)?),
         None => None,
@@ -1912,21 +2094,25 @@ pub async fn serve(
     Ok(())
 }
 
-fn open_app(
-    bank_dir: &FsPath,
-    limits: Limits,
-    direct: Option<DirectReads>,
-) -> Result<Shared, String> {
+fn open_app(bank_dir: &FsPath, limits: Limits, cfg: &Config) -> Result<Shared, String> {
     // Opening the bank checks its marker and opens its store (a directory or S3).
     let bank = mbank_bank::Bank::open(bank_dir, false).map_err(|e| e.to_string())?;
     let store = bank.store_arc();
     drop(bank);
     // Direct reads need a store that makes URLs (S3); asked with no ids, it says so.
-    let direct = direct.filter(|d| {
-        store
-            .direct_urls(&[], std::time::SystemTime::now(), d.valid)
-            .is_some()
-    });
+    let direct_writes =
+        (cfg.direct_writes && store.staging().is_some()).then(|| cfg.direct_urls.clone());
+    if let Some(d) = &direct_writes {
+        tracing::info!(
+            valid_secs = d.valid.as_secs(),
+            "direct writes: stations upload chunks to the object store by presigned URLs"
+        );
+    }
+    let direct = (cfg.direct_reads
+        && store
+            .direct_urls(&[], std::time::SystemTime::now(), cfg.direct_urls.valid)
+            .is_some())
+    .then(|| cfg.direct_urls.clone());
     if let Some(d) = &direct {
         tracing::info!(
             valid_secs = d.valid.as_secs(),
@@ -1953,5 +2139,6 @@ fn open_app(
         jobs: jobs::Jobs::default(),
         limits,
         direct,
+        direct_writes,
     }))
 }

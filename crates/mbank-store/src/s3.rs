@@ -6,6 +6,8 @@
 //! ```text
 //! chunks/ab/<64 hex digits>   one chunk, in the format of mbank_core::chunk
 //! corrupt/<hex>.<ms>          chunks found damaged and moved aside
+//! uploads/<64 hex digits>     a chunk uploaded by a presigned PUT, named by the
+//!                             SHA-256 of its bytes, until the bank verified it
 //! ```
 //!
 //! ## The client, and why
@@ -96,6 +98,9 @@ use crate::{ChunkStore, StoreError, StoreStats, SweepStats};
 
 const CHUNK_PREFIX: &str = "chunks/";
 const CORRUPT_PREFIX: &str = "corrupt/";
+/// Chunks uploaded by presigned PUTs, named by the SHA-256 of their bytes, until the
+/// bank verified them ([`crate::Staging`]).
+const UPLOAD_PREFIX: &str = "uploads/";
 
 /// How often and how patiently to retry transient failures.
 #[derive(Clone, Debug)]
@@ -533,6 +538,56 @@ fn tally(
     }
 }
 
+/// Presigned uploads (see [`crate::Staging`]): the URL writes `uploads/<SHA-256 hex>`
+/// and signs the header `x-amz-checksum-sha256`, so the object store takes only bytes
+/// with that digest (Garage answers anything else `400 InvalidDigest`). What lies under
+/// that name can therefore never change once the bank read and verified it, and the
+/// copy to the chunk's own name copies those bytes.
+impl crate::Staging for S3Store {
+    fn put_url(&self, sha256: &[u8; 32], issued: SystemTime, valid: Duration) -> String {
+        let n = self.cfg.endpoints.len();
+        let endpoint = &self.cfg.endpoints[self.preferred.load(Ordering::Relaxed) % n];
+        let path = format!("/{}/{}", self.cfg.bucket, staged_key(sha256));
+        presign_request(
+            &self.cfg,
+            endpoint,
+            "PUT",
+            &path,
+            issued,
+            valid,
+            &[(crate::CHECKSUM_HEADER, crate::base64(sha256))],
+        )
+    }
+
+    fn read_staged(&self, sha256: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = staged_key(sha256);
+        let mut r = Req::new("GET", &key);
+        r.limit = MAX_STORED_LEN as u64 + 1;
+        let reply = self.send("read an upload", &r)?;
+        if reply.status == 404 {
+            return Ok(None);
+        }
+        self.expect_ok("read an upload", &key, &reply)?;
+        Ok(Some(reply.body))
+    }
+
+    fn promote(&self, sha256: &[u8; 32], id: &ChunkId) -> Result<(), StoreError> {
+        let staged = staged_key(sha256);
+        if !self.copy("store an upload", &staged, &Self::chunk_key(id))? {
+            return Err(StoreError::Missing(*id));
+        }
+        self.delete(&staged)
+    }
+
+    fn discard(&self, sha256: &[u8; 32]) -> Result<(), StoreError> {
+        self.delete(&staged_key(sha256))
+    }
+}
+
+fn staged_key(sha256: &[u8; 32]) -> String {
+    format!("{UPLOAD_PREFIX}{}", hex(sha256))
+}
+
 impl ChunkStore for S3Store {
     fn put(&self, chunk: &EncodedChunk) -> Result<u64, StoreError> {
         let key = Self::chunk_key(&chunk.id);
@@ -590,6 +645,10 @@ impl ChunkStore for S3Store {
         }
         self.expect_ok("read chunk", &key, &reply)?;
         Ok(reply.body)
+    }
+
+    fn staging(&self) -> Option<&dyn crate::Staging> {
+        Some(self)
     }
 
     /// Presigned GETs of the chunks' objects at the endpoint in use (see
@@ -744,6 +803,17 @@ impl ChunkStore for S3Store {
             for key in doomed {
                 self.delete(&key)?;
             }
+        }
+        // Uploads never verified (their writer gave up) once older than the cutoff.
+        let mut stale = Vec::new();
+        self.list(UPLOAD_PREFIX, &mut |o| {
+            if o.modified < cutoff {
+                stale.push(o.key);
+            }
+            Ok(())
+        })?;
+        for key in stale {
+            self.delete(&key)?;
         }
         let mut s = SweepStats::default();
         for p in per {
@@ -977,6 +1047,20 @@ fn presign(
     issued: SystemTime,
     valid: Duration,
 ) -> String {
+    presign_request(cfg, endpoint, "GET", path, issued, valid, &[])
+}
+
+/// A presigned URL for `method` on `path`; `headers` (lower-case names, sorted) are
+/// signed too, so the request must carry them with these values.
+fn presign_request(
+    cfg: &S3Config,
+    endpoint: &str,
+    method: &str,
+    path: &str,
+    issued: SystemTime,
+    valid: Duration,
+    headers: &[(&str, String)],
+) -> String {
     let host = endpoint
         .split_once("://")
         .map_or(endpoint, |(_, rest)| rest)
@@ -994,14 +1078,26 @@ fn presign(
         ("X-Amz-Credential", format!("{}/{scope}", cfg.access_key_id)),
         ("X-Amz-Date", amz_date.clone()),
         ("X-Amz-Expires", secs.to_string()),
-        ("X-Amz-SignedHeaders", "host".into()),
+        (
+            "X-Amz-SignedHeaders",
+            std::iter::once("host")
+                .chain(headers.iter().map(|(k, _)| *k))
+                .collect::<Vec<_>>()
+                .join(";"),
+        ),
     ]
     .iter()
     .map(|(k, v)| format!("{}={}", uri_encode(k, true), uri_encode(v, true)))
     .collect::<Vec<_>>()
     .join("&");
-    let canonical =
-        format!("GET\n{canonical_path}\n{query}\nhost:{host}\n\nhost\nUNSIGNED-PAYLOAD");
+    let mut canonical = format!("{method}\n{canonical_path}\n{query}\nhost:{host}\n");
+    for (k, v) in headers {
+        let _ = writeln!(canonical, "{k}:{v}");
+    }
+    let signed: Vec<&str> = std::iter::once("host")
+        .chain(headers.iter().map(|(k, _)| *k))
+        .collect();
+    let _ = write!(canonical, "\n{}\nUNSIGNED-PAYLOAD", signed.join(";"));
     let to_sign = format!(
         "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
         hex(&Sha256::digest(canonical.as_bytes()))

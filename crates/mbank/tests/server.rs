@@ -1680,6 +1680,19 @@ fn a_bank_on_a_directory_offers_no_direct_urls() {
         (404, Some("no_direct_reads")),
         "{v}"
     );
+    let id: mbank_core::ChunkId = hers[0].parse().unwrap();
+    let list = mbank_remote::wire::upload_list_body([(&id, &[0u8; 32])]);
+    let (code, v) = s.curl_json(
+        Some(&s.token("alice")),
+        "POST",
+        "/v1/chunks/upload-urls",
+        Some(&list),
+    );
+    assert_eq!(
+        (code, v["kind"].as_str()),
+        (404, Some("no_direct_writes")),
+        "{v}"
+    );
     assert_export(&alice, "alice/dev", &img, "an export from a directory bank");
     let log = s.server_log();
     assert_eq!(
@@ -1688,4 +1701,192 @@ fn a_bank_on_a_directory_offers_no_direct_urls() {
         "the client asked once:\n{log}"
     );
     assert!(!logged_bytes_in(&log, "/v1/chunks/get").is_empty());
+}
+
+/// `POST /v1/chunks/upload-urls` then `confirm` for `(id, bytes)` with curl as `token`:
+/// the URL's answer to the PUT of `bytes`, and the confirmation's (status, JSON).
+fn upload_direct(
+    s: &Served,
+    token: &str,
+    id: &mbank_core::ChunkId,
+    bytes: &[u8],
+) -> (String, (u16, Value)) {
+    let sha = mbank_store::sha256(bytes);
+    let list = mbank_remote::wire::upload_list_body([(id, &sha)]);
+    let (code, v) = s.curl_json(Some(token), "POST", "/v1/chunks/upload-urls", Some(&list));
+    assert_eq!(code, 200, "{v}");
+    let url = v["urls"][0].as_str().unwrap().to_string();
+    let f = s.root.join(format!("put-{}.bin", unique()));
+    fs::write(&f, bytes).unwrap();
+    let o = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "PUT",
+            "-H",
+        ])
+        .arg(format!(
+            "{}: {}",
+            mbank_store::CHECKSUM_HEADER,
+            mbank_store::base64(&sha)
+        ))
+        .arg("--data-binary")
+        .arg(format!("@{}", f.display()))
+        .arg(&url)
+        .output()
+        .unwrap();
+    let put = String::from_utf8_lossy(&o.stdout).into_owned();
+    (
+        put,
+        s.curl_json(Some(token), "POST", "/v1/chunks/confirm", Some(&list)),
+    )
+}
+
+/// A bank on Garage takes uploads by presigned URLs: an import's chunk bytes go
+/// straight to the object store (the server receives far fewer bytes than it stores),
+/// and the server verifies each before a commit may name it; a presigned upload of
+/// wrong bytes is refused at the confirmation, is not stored, and a commit naming the
+/// chunk is refused.
+#[test]
+fn a_station_uploads_to_a_garage_bank_by_direct_urls() {
+    let cluster = garage::Cluster::start();
+    let s = Served::start_on(Some(&cluster));
+    s.add_user("ops", "ops-secret-4444", &["--admin"]);
+    s.try_login("ops", "ops-secret-4444", &[]).ok();
+    let ops = s.token("ops");
+    let alice = s.login("alice");
+    let img = image(12 * MIB, &[(0, 5 * MIB), (8 * MIB, 9 * MIB)], 41);
+    let nonzero = 6 * MIB as u64;
+    let p = write_img(&alice, &img);
+    let received = metric(&s, &ops, "mbank_received_bytes_total");
+    alice.import("alice/dev", &p, &[]);
+    let through = metric(&s, &ops, "mbank_received_bytes_total") - received;
+    assert!(
+        through < nonzero / 10,
+        "the server received {through} bytes for an import of {nonzero} bytes of chunks:\n{}",
+        s.server_log()
+    );
+    assert!(metric(&s, &ops, "mbank_chunks_confirmed_total") >= 90);
+    assert_export(&alice, "alice/dev", &img, "an import by direct uploads");
+    let r = s.local(&["verify", "--json"]);
+    assert!(r.success(), "{r}");
+
+    // Wrong bytes under a chunk's id: the object store takes them (they are what the
+    // URL was asked for), the confirmation refuses them, and nothing names the chunk.
+    let token = s.token("alice");
+    let x = mbank_core::chunk::encode(&random_bytes(64 * KIB, 42), 3);
+    let other = mbank_core::chunk::encode(&random_bytes(64 * KIB, 43), 3);
+    let (put, (code, v)) = upload_direct(&s, &token, &x.id, &other.bytes);
+    assert_eq!(put, "200", "the PUT of the bytes the URL was made for");
+    assert_eq!((code, v["kind"].as_str()), (422, Some("bad_chunk")), "{v}");
+    let store = cluster.store();
+    assert!(
+        !mbank_store::ChunkStore::touch(&store, &x.id).unwrap(),
+        "the wrong bytes are not stored under the chunk's name"
+    );
+    let body = steal_commit(&s, "alice/dev", &x.id.to_hex());
+    let (code, v) = s.curl_json(
+        Some(&token),
+        "POST",
+        "/v1/machines/alice/dev/versions",
+        Some(&body),
+    );
+    assert_eq!(code, 400, "a commit naming the refused chunk: {v}");
+    // Bytes other than those the URL was made for: the object store refuses them.
+    let sha = mbank_store::sha256(&x.bytes);
+    let list = mbank_remote::wire::upload_list_body([(&x.id, &sha)]);
+    let (_, v) = s.curl_json(Some(&token), "POST", "/v1/chunks/upload-urls", Some(&list));
+    let url = v["urls"][0].as_str().unwrap();
+    let f = s.root.join("wrong.bin");
+    fs::write(&f, &other.bytes).unwrap();
+    let o = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "PUT",
+            "-H",
+        ])
+        .arg(format!(
+            "{}: {}",
+            mbank_store::CHECKSUM_HEADER,
+            mbank_store::base64(&sha)
+        ))
+        .arg("--data-binary")
+        .arg(format!("@{}", f.display()))
+        .arg(url)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "400",
+        "Garage's InvalidDigest"
+    );
+
+    // The right bytes: confirmed, stored, and then a commit may name the chunk.
+    let (put, (code, v)) = upload_direct(&s, &token, &x.id, &x.bytes);
+    assert_eq!(put, "200");
+    assert_eq!(code, 200, "{v}");
+    assert!(mbank_store::ChunkStore::touch(&store, &x.id).unwrap());
+    let (code, v) = s.curl_json(
+        Some(&token),
+        "POST",
+        "/v1/machines/alice/dev/versions",
+        Some(&body),
+    );
+    assert_eq!(code, 200, "a commit naming the confirmed chunk: {v}");
+
+    // An upload never confirmed stays staged until gc finds it older than its cutoff
+    // (the start of the oldest writer, else now, less a second).
+    let y = mbank_core::chunk::encode(&random_bytes(64 * KIB, 44), 3);
+    let sha = mbank_store::sha256(&y.bytes);
+    let list = mbank_remote::wire::upload_list_body([(&y.id, &sha)]);
+    let (_, v) = s.curl_json(Some(&token), "POST", "/v1/chunks/upload-urls", Some(&list));
+    let f = s.root.join("staged.bin");
+    fs::write(&f, &y.bytes).unwrap();
+    let o = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "PUT",
+            "-H",
+        ])
+        .arg(format!(
+            "{}: {}",
+            mbank_store::CHECKSUM_HEADER,
+            mbank_store::base64(&sha)
+        ))
+        .arg("--data-binary")
+        .arg(format!("@{}", f.display()))
+        .arg(v["urls"][0].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "200");
+    let staging = mbank_store::ChunkStore::staging(&store).unwrap();
+    assert!(staging.read_staged(&sha).unwrap().is_some());
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let r = s.local(&["gc"]);
+        assert!(r.success(), "{r}");
+        if staging.read_staged(&sha).unwrap().is_none() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "gc left a stale staged upload"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert!(!mbank_store::ChunkStore::touch(&store, &y.id).unwrap());
 }
