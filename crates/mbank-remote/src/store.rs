@@ -232,11 +232,11 @@ impl RemoteStore {
         if self.direct.writes.load(Ordering::Relaxed) == DIRECT_OFF {
             return Ok(None);
         }
-        let shas: Vec<[u8; 32]> = batch
+        let list: Vec<wire::Upload> = batch
             .iter()
-            .map(|c| mbank_store::sha256(&c.bytes))
+            .map(|c| wire::Upload::of(c.id, &c.bytes))
             .collect();
-        let body = wire::upload_list_body(batch.iter().map(|c| &c.id).zip(&shas));
+        let body = wire::upload_list_body(&list);
         let what = format!("question for upload URLs of {} chunks", batch.len());
         let answer = match self.client.call(
             Method::POST,
@@ -278,7 +278,10 @@ impl RemoteStore {
                     .direct
                     .agent
                     .put(url)
-                    .header(mbank_store::CHECKSUM_HEADER, mbank_store::base64(&shas[i]))
+                    .header(
+                        mbank_store::CHECKSUM_HEADER,
+                        mbank_store::base64(&list[i].sha256),
+                    )
                     .send(&batch[i].bytes[..]);
                 match sent {
                     Ok(resp) => {
@@ -320,7 +323,8 @@ impl RemoteStore {
             (0..batch.len()).partition(|&i| done[i].load(Ordering::Relaxed));
         let mut sizes = vec![0u64; batch.len()];
         if !up.is_empty() {
-            let body = wire::upload_list_body(up.iter().map(|&i| (&batch[i].id, &shas[i])));
+            let up_list: Vec<wire::Upload> = up.iter().map(|&i| list[i]).collect();
+            let body = wire::upload_list_body(&up_list);
             let what = format!("confirmation of {} uploaded chunks", up.len());
             let answer = match self.client.call(
                 Method::POST,

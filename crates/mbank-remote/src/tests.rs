@@ -975,7 +975,7 @@ fn direct_uploads_put_to_the_urls_confirm_and_send_the_failures_through_the_serv
                 let list = wire::parse_upload_list(&req.body).unwrap();
                 let urls: Vec<String> = list
                     .iter()
-                    .map(|(id, _)| format!("{base}/staged/{}", id.to_hex()))
+                    .map(|u| format!("{base}/staged/{}", u.id.to_hex()))
                     .collect();
                 (
                     200,
@@ -1013,9 +1013,9 @@ fn direct_uploads_put_to_the_urls_confirm_and_send_the_failures_through_the_serv
         .iter()
         .find(|s| s.path == "/v1/chunks/confirm")
         .unwrap();
-    let want: Vec<(ChunkId, [u8; 32])> = [0, 2]
+    let want: Vec<wire::Upload> = [0, 2]
         .iter()
-        .map(|&i| (chunks[i].id, mbank_store::sha256(&chunks[i].bytes)))
+        .map(|&i| wire::Upload::of(chunks[i].id, &chunks[i].bytes))
         .collect();
     assert_eq!(wire::parse_upload_list(&confirm.body).unwrap(), want);
     let through = seen.iter().find(|s| s.path == "/v1/chunks").unwrap();

@@ -54,32 +54,54 @@ pub struct UploadUrls {
     pub urls: Vec<String>,
 }
 
+/// One chunk of a direct upload: its id, and the SHA-256 and length of its stored
+/// bytes (what the presigned URL takes and the confirmation checks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Upload {
+    pub id: ChunkId,
+    pub sha256: [u8; 32],
+    pub len: u32,
+}
+
+impl Upload {
+    /// The entry for `bytes`, the stored bytes of chunk `id`.
+    pub fn of(id: ChunkId, bytes: &[u8]) -> Upload {
+        Upload {
+            id,
+            sha256: mbank_store::sha256(bytes),
+            len: bytes.len() as u32,
+        }
+    }
+}
+
+/// Bytes of one [`Upload`] in a list.
+const UPLOAD_ENTRY: usize = ChunkId::LEN + 32 + 4;
+
 /// The body of `POST /v1/chunks/upload-urls` and `POST /v1/chunks/confirm`: for each
-/// chunk its 32-byte id and the SHA-256 of its stored bytes.
-pub fn upload_list_body<'a>(
-    chunks: impl IntoIterator<Item = (&'a ChunkId, &'a [u8; 32])>,
-) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (id, sha) in chunks {
-        out.extend_from_slice(id.as_bytes());
-        out.extend_from_slice(sha);
+/// chunk its 32-byte id, the SHA-256 of its stored bytes and their length (u32
+/// little-endian).
+pub fn upload_list_body(uploads: &[Upload]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(uploads.len() * UPLOAD_ENTRY);
+    for u in uploads {
+        out.extend_from_slice(u.id.as_bytes());
+        out.extend_from_slice(&u.sha256);
+        out.extend_from_slice(&u.len.to_le_bytes());
     }
     out
 }
 
 /// Parses [`upload_list_body`]: at least one and at most [`MAX_DIRECT_UPLOADS`] entries.
-pub fn parse_upload_list(body: &[u8]) -> Option<Vec<(ChunkId, [u8; 32])>> {
-    const ENTRY: usize = ChunkId::LEN + 32;
-    let n = body.len() / ENTRY;
-    if !body.len().is_multiple_of(ENTRY) || n == 0 || n > MAX_DIRECT_UPLOADS {
+pub fn parse_upload_list(body: &[u8]) -> Option<Vec<Upload>> {
+    let n = body.len() / UPLOAD_ENTRY;
+    if !body.len().is_multiple_of(UPLOAD_ENTRY) || n == 0 || n > MAX_DIRECT_UPLOADS {
         return None;
     }
     Some(
-        body.chunks_exact(ENTRY)
-            .map(|e| {
-                let id = ChunkId::from_bytes(e[..ChunkId::LEN].try_into().expect("32 bytes"));
-                let sha: [u8; 32] = e[ChunkId::LEN..].try_into().expect("32 bytes");
-                (id, sha)
+        body.chunks_exact(UPLOAD_ENTRY)
+            .map(|e| Upload {
+                id: ChunkId::from_bytes(e[..32].try_into().expect("32 bytes")),
+                sha256: e[32..64].try_into().expect("32 bytes"),
+                len: u32::from_le_bytes(e[64..].try_into().expect("4 bytes")),
             })
             .collect(),
     )

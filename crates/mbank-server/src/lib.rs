@@ -151,6 +151,8 @@ struct App {
     direct: Option<DirectUrls>,
     /// Direct uploads, when on and the store can stage them.
     direct_writes: Option<DirectUrls>,
+    /// The direct uploads handed out and not yet confirmed, by user.
+    staged: Mutex<std::collections::HashMap<String, Vec<Staged>>>,
 }
 
 type Shared = Arc<App>;
@@ -1806,16 +1808,42 @@ fn no_direct_writes() -> ApiError {
     )
 }
 
-fn upload_list(b: &[u8]) -> Result<Vec<(ChunkId, [u8; 32])>, ApiError> {
-    wire::parse_upload_list(b).ok_or_else(|| {
+fn upload_list(b: &[u8]) -> Result<Vec<wire::Upload>, ApiError> {
+    let list = wire::parse_upload_list(b).ok_or_else(|| {
         ApiError::bad_request(format!(
-            "an upload list holds 1 to {} entries of a {}-byte chunk id and a 32-byte SHA-256; {} bytes is not one",
+            "an upload list holds 1 to {} entries of a {}-byte chunk id, a 32-byte SHA-256 and a 4-byte length; {} bytes is not one",
             wire::MAX_DIRECT_UPLOADS,
             ChunkId::LEN,
             b.len()
         ))
-    })
+    })?;
+    if let Some(u) = list
+        .iter()
+        .find(|u| u.len == 0 || u.len as usize > MAX_STORED_LEN)
+    {
+        return Err(ApiError::bad_request(format!(
+            "chunk {} cannot be {} bytes (1 to {MAX_STORED_LEN})",
+            u.id, u.len
+        )));
+    }
+    Ok(list)
 }
+
+/// One presigned upload handed out and not yet confirmed: charged against its user's
+/// quota until then, and removed from the store once its URL has expired.
+#[derive(Clone, Copy)]
+struct Staged {
+    sha256: [u8; 32],
+    len: u64,
+    expires_ms: i64,
+}
+
+/// Most uploads one user may have handed out and not confirmed.
+const MAX_STAGED_PER_USER: usize = 4096;
+
+/// How long after its URL expired a staged upload is removed (a PUT under way when
+/// the URL expired may still be landing).
+const STAGED_GRACE_MS: i64 = 60_000;
 
 /// `POST /v1/chunks/upload-urls`: a presigned PUT URL per chunk, bound to the SHA-256
 /// of the bytes the client will send (`mbank_store::Staging`). Anyone may upload any
@@ -1829,14 +1857,72 @@ async fn upload_urls(
         return Err(no_direct_writes());
     };
     let list = upload_list(&body(b)?)?;
-    authed(&app, caller, move |app, _user| {
+    authed(&app, caller, move |app, user| {
         let staging = app.store.staging().ok_or_else(no_direct_writes)?;
         let issued = std::time::SystemTime::now()
             .checked_sub(direct.age)
             .unwrap_or(std::time::UNIX_EPOCH);
+        let issued_ms = issued
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let expires_ms = issued_ms + direct.valid.as_millis() as i64;
+        let need: u64 = list.iter().map(|u| u64::from(u.len)).sum();
+        app.quota_locks.run(&user.name, || {
+            // Uploads whose URLs expired long enough ago are removed (none can land
+            // any more), and stop counting.
+            let now = mbank_catalog::now_ms();
+            let expired: Vec<Staged> = {
+                let mut all = app.staged.lock().unwrap_or_else(|p| p.into_inner());
+                let mine = all.entry(user.name.clone()).or_default();
+                let (gone, live): (Vec<Staged>, Vec<Staged>) = mine
+                    .iter()
+                    .partition(|s| s.expires_ms + STAGED_GRACE_MS < now);
+                *mine = live;
+                gone
+            };
+            for s in &expired {
+                let _ = staging.discard(&s.sha256);
+            }
+            let quota = app.access(|a| Ok(a.quota(&user.name)?))?;
+            let used = match quota {
+                Some(_) => app.usage(&user.name)?,
+                None => 0,
+            };
+            let mut all = app.staged.lock().unwrap_or_else(|p| p.into_inner());
+            let mine = all.entry(user.name.clone()).or_default();
+            if mine.len() + list.len() > MAX_STAGED_PER_USER {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "too_many",
+                    format!(
+                        "{} has {} direct uploads not yet confirmed, and may have at most {MAX_STAGED_PER_USER}: confirm them (POST /v1/chunks/confirm) or upload through POST /v1/chunks",
+                        user.name,
+                        mine.len()
+                    ),
+                ));
+            }
+            let pending: u64 = mine.iter().map(|s| s.len).sum();
+            if let Some(quota) = quota
+                && used + pending + need > quota
+            {
+                return Err(mbank_access::AccessError::QuotaExceeded {
+                    user: user.name.clone(),
+                    used: used + pending,
+                    quota,
+                    need,
+                }
+                .into());
+            }
+            mine.extend(list.iter().map(|u| Staged {
+                sha256: u.sha256,
+                len: u64::from(u.len),
+                expires_ms,
+            }));
+            Ok(())
+        })?;
         let urls: Vec<String> = list
             .iter()
-            .map(|(_, sha)| staging.put_url(sha, issued, direct.valid))
+            .map(|u| staging.put_url(&u.sha256, u64::from(u.len), issued, direct.valid))
             .collect();
         app.metrics
             .upload_urls
@@ -1874,6 +1960,19 @@ async fn confirm_uploads(
     let list = upload_list(&body(b)?)?;
     authed(&app, caller, move |app, user| {
         let staging = app.store.staging().ok_or_else(no_direct_writes)?;
+        // Whatever the outcome, these uploads stop counting as handed out, and their
+        // staged bytes go (promoted to their chunk names, or removed).
+        {
+            let mut all = app.staged.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(mine) = all.get_mut(&user.name) {
+                mine.retain(|s| !list.iter().any(|u| u.sha256 == s.sha256));
+            }
+        }
+        let discard_all = || {
+            for u in &list {
+                let _ = staging.discard(&u.sha256);
+            }
+        };
         let bad = |id: &ChunkId, why: String| {
             let mut a = ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -1891,24 +1990,32 @@ async fn confirm_uploads(
                 sc.spawn(|| {
                     loop {
                         let i = next.fetch_add(1, Relaxed);
-                        let Some((_, sha)) = list.get(i) else {
+                        let Some(u) = list.get(i) else {
                             return;
                         };
-                        let r = staging.read_staged(sha);
+                        let r = staging.read_staged(&u.sha256);
                         *raws[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
                     }
                 });
             }
         });
         let mut parts: Vec<(ChunkId, Vec<u8>)> = Vec::with_capacity(list.len());
-        for ((id, sha), raw) in list.iter().zip(raws) {
-            let raw = raw
+        for (u, raw) in list.iter().zip(raws) {
+            let (id, sha) = (&u.id, &u.sha256);
+            let raw = match raw
                 .into_inner()
                 .unwrap_or_else(|p| p.into_inner())
-                .expect("every staged chunk was read")?;
+                .expect("every staged chunk was read")
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    discard_all();
+                    return Err(e.into());
+                }
+            };
             let checked = match raw {
                 None => Err(bad(id, "is not in the store: its PUT failed, or another confirm took it; send it again".into())),
-                Some(raw) if mbank_store::sha256(&raw) != *sha => {
+                Some(raw) if raw.len() != u.len as usize || mbank_store::sha256(&raw) != *sha => {
                     Err(bad(id, "holds other bytes than those announced".into()))
                 }
                 Some(raw) => mbank_core::chunk::decode(id, &raw)
@@ -1918,22 +2025,21 @@ async fn confirm_uploads(
             match checked {
                 Ok(raw) => parts.push((*id, raw)),
                 Err(e) => {
-                    let _ = staging.discard(sha);
+                    discard_all();
                     return Err(e);
                 }
             }
         }
         let refs: Vec<(ChunkId, &[u8])> = parts.iter().map(|(id, b)| (*id, &b[..])).collect();
-        let sizes = record_and_store(app, user, &refs, |fresh| {
+        let stored = record_and_store(app, user, &refs, |fresh| {
             for &i in fresh {
-                staging.promote(&list[i].1, &list[i].0)?;
+                staging.promote(&list[i].sha256, &list[i].id)?;
             }
             Ok(())
-        })?;
-        // Staged copies of chunks the bank already had.
-        for (_, sha) in &list {
-            let _ = staging.discard(sha);
-        }
+        });
+        // Staged copies of chunks the bank already had, or of a refused list.
+        discard_all();
+        let sizes = stored?;
         app.metrics
             .chunks_confirmed
             .fetch_add(list.len() as u64, Relaxed);
@@ -2140,5 +2246,6 @@ fn open_app(bank_dir: &FsPath, limits: Limits, cfg: &Config) -> Result<Shared, S
         limits,
         direct,
         direct_writes,
+        staged: Mutex::new(std::collections::HashMap::new()),
     }))
 }

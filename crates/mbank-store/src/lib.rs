@@ -165,9 +165,16 @@ pub const CHECKSUM_HEADER: &str = "x-amz-checksum-sha256";
 /// bytes. A staged chunk never promoted is deleted by the sweep once older than its
 /// cutoff.
 pub trait Staging: Send + Sync {
-    /// A URL to PUT bytes whose SHA-256 is `sha256` to, with [`CHECKSUM_HEADER`] set
-    /// to [`base64`] of it; valid for `valid` from `issued`. No request is made.
-    fn put_url(&self, sha256: &[u8; 32], issued: SystemTime, valid: std::time::Duration) -> String;
+    /// A URL to PUT `len` bytes whose SHA-256 is `sha256` to, with [`CHECKSUM_HEADER`]
+    /// set to [`base64`] of it (and `Content-Length` to `len`: both are signed); valid
+    /// for `valid` from `issued`. No request is made.
+    fn put_url(
+        &self,
+        sha256: &[u8; 32],
+        len: u64,
+        issued: SystemTime,
+        valid: std::time::Duration,
+    ) -> String;
     /// The bytes staged under `sha256` (at most one byte over a chunk's bound), or
     /// `None` if nothing is.
     fn read_staged(&self, sha256: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError>;

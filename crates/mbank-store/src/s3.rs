@@ -539,12 +539,12 @@ fn tally(
 }
 
 /// Presigned uploads (see [`crate::Staging`]): the URL writes `uploads/<SHA-256 hex>`
-/// and signs the header `x-amz-checksum-sha256`, so the object store takes only bytes
-/// with that digest (Garage answers anything else `400 InvalidDigest`). What lies under
+/// and signs the headers `content-length` and `x-amz-checksum-sha256`, so the object
+/// store takes only bytes of that length and digest (Garage answers anything else `400 InvalidDigest`). What lies under
 /// that name can therefore never change once the bank read and verified it, and the
 /// copy to the chunk's own name copies those bytes.
 impl crate::Staging for S3Store {
-    fn put_url(&self, sha256: &[u8; 32], issued: SystemTime, valid: Duration) -> String {
+    fn put_url(&self, sha256: &[u8; 32], len: u64, issued: SystemTime, valid: Duration) -> String {
         let n = self.cfg.endpoints.len();
         let endpoint = &self.cfg.endpoints[self.preferred.load(Ordering::Relaxed) % n];
         let path = format!("/{}/{}", self.cfg.bucket, staged_key(sha256));
@@ -555,7 +555,10 @@ impl crate::Staging for S3Store {
             &path,
             issued,
             valid,
-            &[(crate::CHECKSUM_HEADER, crate::base64(sha256))],
+            &[
+                ("content-length", len.to_string()),
+                (crate::CHECKSUM_HEADER, crate::base64(sha256)),
+            ],
         )
     }
 
@@ -1050,8 +1053,8 @@ fn presign(
     presign_request(cfg, endpoint, "GET", path, issued, valid, &[])
 }
 
-/// A presigned URL for `method` on `path`; `headers` (lower-case names, sorted) are
-/// signed too, so the request must carry them with these values.
+/// A presigned URL for `method` on `path`; `headers` (lower-case names) are signed
+/// too, so the request must carry them with these values.
 fn presign_request(
     cfg: &S3Config,
     endpoint: &str,
@@ -1072,32 +1075,29 @@ fn presign_request(
     let scope = format!("{date}/{}/s3/aws4_request", cfg.region);
     let secs = valid.clamp(Duration::from_secs(1), MAX_PRESIGNED).as_secs();
     let canonical_path = uri_encode(path, false);
+    // The signed headers, host among them, sorted by name.
+    let mut signed: Vec<(&str, &str)> = std::iter::once(("host", host))
+        .chain(headers.iter().map(|(k, v)| (*k, v.as_str())))
+        .collect();
+    signed.sort();
+    let names = signed.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(";");
     // Already in order: the canonical query sorts its names.
     let query = [
         ("X-Amz-Algorithm", "AWS4-HMAC-SHA256".to_string()),
         ("X-Amz-Credential", format!("{}/{scope}", cfg.access_key_id)),
         ("X-Amz-Date", amz_date.clone()),
         ("X-Amz-Expires", secs.to_string()),
-        (
-            "X-Amz-SignedHeaders",
-            std::iter::once("host")
-                .chain(headers.iter().map(|(k, _)| *k))
-                .collect::<Vec<_>>()
-                .join(";"),
-        ),
+        ("X-Amz-SignedHeaders", names.clone()),
     ]
     .iter()
     .map(|(k, v)| format!("{}={}", uri_encode(k, true), uri_encode(v, true)))
     .collect::<Vec<_>>()
     .join("&");
-    let mut canonical = format!("{method}\n{canonical_path}\n{query}\nhost:{host}\n");
-    for (k, v) in headers {
+    let mut canonical = format!("{method}\n{canonical_path}\n{query}\n");
+    for (k, v) in &signed {
         let _ = writeln!(canonical, "{k}:{v}");
     }
-    let signed: Vec<&str> = std::iter::once("host")
-        .chain(headers.iter().map(|(k, _)| *k))
-        .collect();
-    let _ = write!(canonical, "\n{}\nUNSIGNED-PAYLOAD", signed.join(";"));
+    let _ = write!(canonical, "\n{names}\nUNSIGNED-PAYLOAD");
     let to_sign = format!(
         "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
         hex(&Sha256::digest(canonical.as_bytes()))
