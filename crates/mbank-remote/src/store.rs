@@ -29,6 +29,12 @@
 //! its 404) is the outcome. A server that answers `404` or `405` to the URL query (a
 //! bank on a directory, `serve --no-direct-reads`, an older server) is not asked again, nor
 //! is one whose object store this station could not reach in three transfers running.
+//!
+//! Uploads likewise ([`ChunkStore::put_many`], `put_direct`): presigned
+//! PUTs bound to each chunk's length and SHA-256 (`POST /v1/chunks/upload-urls`), then
+//! one `POST /v1/chunks/confirm`, after which the server has verified the chunks and
+//! recorded the user's rights; a failed PUT goes through `POST /v1/chunks`, as does a
+//! batch whose confirmation the server refused.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -82,7 +88,7 @@ const DIRECT_UNKNOWN: u8 = 0;
 const DIRECT_ON: u8 = 1;
 const DIRECT_OFF: u8 = 2;
 
-/// What the store knows about direct reads, shared by its clones.
+/// What the store knows about direct reads and uploads, shared by its clones.
 struct Direct {
     /// `DIRECT_UNKNOWN` until the server answers a URL query, then on or off.
     state: AtomicU8,
@@ -785,7 +791,7 @@ impl ChunkStore for RemoteStore {
         Ok(s.bytes)
     }
 
-    /// Straight to the object store when the server offers it ([`RemoteStore::put_direct`],
+    /// Straight to the object store when the server offers it (`put_direct`,
     /// batches of [`wire::MAX_DIRECT_UPLOADS`]), else through the server.
     fn put_many(&self, chunks: &[EncodedChunk]) -> Result<Vec<u64>, StoreError> {
         let mut out = Vec::with_capacity(chunks.len());

@@ -654,8 +654,8 @@ impl ChunkStore for S3Store {
         Some(self)
     }
 
-    /// Presigned GETs of the chunks' objects at the endpoint in use (see
-    /// [`presign`]); at most a week, as S3 allows.
+    /// Presigned GETs of the chunks' objects at the endpoint in use (SigV4 query
+    /// authentication, the host the only signed header); at most a week, as S3 allows.
     fn direct_urls(
         &self,
         ids: &[ChunkId],
