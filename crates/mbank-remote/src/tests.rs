@@ -372,7 +372,7 @@ fn missing_chunk_maps_to_missing() {
             ),
         )
     });
-    let store = RemoteStore::new(client(&srv.url, Duration::from_secs(5)));
+    let store = RemoteStore::new(client(&srv.url, Duration::from_secs(5))).with_direct_reads(false);
     assert!(matches!(store.get_raw(&id), Err(StoreError::Missing(m)) if m == id));
     assert!(matches!(store.read(&id), Err(StoreError::Missing(m)) if m == id));
 }
@@ -723,7 +723,8 @@ fn read_many_keeps_several_batch_requests_in_flight() {
         g.0 -= 1;
         (200, get_answer(&c2, &req.body, usize::MAX))
     });
-    let store = RemoteStore::new(client(&server.url, Duration::from_secs(5)));
+    let store =
+        RemoteStore::new(client(&server.url, Duration::from_secs(5))).with_direct_reads(false);
     let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
     let plains = store.read_many(&ids).unwrap();
     for (c, p) in chunks.iter().zip(&plains) {
@@ -781,7 +782,7 @@ fn answers_are_handed_over_as_they_stream_in() {
         out.flush().unwrap();
         streamed
     });
-    let store = RemoteStore::new(client(&url, Duration::from_secs(5)));
+    let store = RemoteStore::new(client(&url, Duration::from_secs(5))).with_direct_reads(false);
     let ids = [chunks[0].id, chunks[1].id];
     let got = Mutex::new(Vec::new());
     store
@@ -806,7 +807,8 @@ fn a_short_answer_is_followed_by_a_request_for_the_rest() {
     let chunks = Arc::new(some_chunks(5));
     let c2 = chunks.clone();
     let server = Server::start(move |req, _| (200, get_answer(&c2, &req.body, 1)));
-    let store = RemoteStore::new(client(&server.url, Duration::from_secs(5)));
+    let store =
+        RemoteStore::new(client(&server.url, Duration::from_secs(5))).with_direct_reads(false);
     let mut ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
     ids.push(chunks[2].id);
     let got: Mutex<Vec<usize>> = Mutex::new(Vec::new());
@@ -830,4 +832,215 @@ fn a_short_answer_is_followed_by_a_request_for_the_rest() {
         [5, 4, 3, 2, 1],
         "each request asks for what is still missing"
     );
+}
+
+/// Where the scripted object store of the direct-read tests serves chunk `id` in the
+/// `generation`th answer to a URL query.
+fn object_url(base: &str, id: &ChunkId, generation: usize) -> String {
+    format!("{base}/object/{}?gen={generation}", id.to_hex())
+}
+
+#[test]
+fn direct_reads_ask_again_once_then_read_through_the_server() {
+    // Chunk 0's first URL is expired (403), its second works; chunk 1's object answers
+    // with bytes that do not verify, every time; chunk 2 gets no URL (hidden or absent).
+    // The scripted server is also the object store.
+    let chunks = Arc::new(some_chunks(3));
+    let c2 = chunks.clone();
+    let base = Arc::new(Mutex::new(String::new()));
+    let b2 = base.clone();
+    let queries = Arc::new(AtomicUsize::new(0));
+    let q2 = queries.clone();
+    let server = Server::start(move |req, _| {
+        let base = b2.lock().unwrap().clone();
+        if req.path == "/v1/chunks/urls" {
+            let generation = q2.fetch_add(1, Ordering::SeqCst);
+            let urls: Vec<Option<String>> = req
+                .body
+                .chunks_exact(ChunkId::LEN)
+                .map(|b| {
+                    let id = ChunkId::from_bytes(b.try_into().unwrap());
+                    (id != c2[2].id).then(|| object_url(&base, &id, generation))
+                })
+                .collect();
+            return (
+                200,
+                json(serde_json::json!({"valid_secs": 300, "urls": urls})),
+            );
+        }
+        if let Some(rest) = req.path.strip_prefix("/object/") {
+            let (hex, generation) = rest.split_once("?gen=").unwrap();
+            let id: ChunkId = hex.parse().unwrap();
+            return match (id == c2[0].id, generation) {
+                (true, "0") => (403, b"<Error><Code>AccessDenied</Code></Error>".to_vec()),
+                (true, _) => (200, c2[0].bytes.clone()),
+                // Another chunk's bytes under chunk 1's name.
+                _ => (200, c2[0].bytes.clone()),
+            };
+        }
+        assert_eq!(req.path, "/v1/chunks/get");
+        (200, get_answer(&c2, &req.body, usize::MAX))
+    });
+    *base.lock().unwrap() = server.url.clone();
+    let store = RemoteStore::new(client(&server.url, Duration::from_secs(5)));
+    let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+    let plains = store.read_many(&ids).unwrap();
+    for (c, p) in chunks.iter().zip(&plains) {
+        assert_eq!(ChunkId::of(p), c.id);
+    }
+    assert_eq!(store.direct_reads(), Some(true));
+    let seen = server.seen();
+    let paths: Vec<&str> = seen
+        .iter()
+        .map(|s| s.path.split('?').next().unwrap())
+        .collect();
+    let urls: Vec<usize> = seen
+        .iter()
+        .filter(|s| s.path == "/v1/chunks/urls")
+        .map(|s| s.body.len() / ChunkId::LEN)
+        .collect();
+    assert_eq!(
+        urls,
+        [3, 2],
+        "URLs for all, then fresh ones once for the two that failed: {paths:?}"
+    );
+    let through: Vec<Vec<u8>> = seen
+        .iter()
+        .filter(|s| s.path == "/v1/chunks/get")
+        .map(|s| s.body.clone())
+        .collect();
+    let want: Vec<u8> = [ids[1], ids[2]]
+        .iter()
+        .flat_map(|id| *id.as_bytes())
+        .collect();
+    assert_eq!(
+        through,
+        [want],
+        "chunks 1 and 2 come through the server: {paths:?}"
+    );
+    // A single read takes the same way.
+    assert_eq!(ChunkId::of(&store.read(&ids[0]).unwrap()), ids[0]);
+}
+
+#[test]
+fn a_bank_without_direct_urls_is_asked_once() {
+    // A bank on a directory (404), and an older server whose `/v1/chunks/{id}` takes no
+    // POST (405).
+    for (status, kind) in [(404, wire::NO_DIRECT_READS), (405, "bad_request")] {
+        let chunks = Arc::new(some_chunks(4));
+        let c2 = chunks.clone();
+        let server = Server::start(move |req, _| {
+            if req.path == "/v1/chunks/urls" {
+                return (status, error(kind, "no direct URLs here"));
+            }
+            if let Some(hex) = req.path.strip_prefix("/v1/chunks/")
+                && let Ok(id) = hex.parse::<ChunkId>()
+            {
+                return (200, c2.iter().find(|c| c.id == id).unwrap().bytes.clone());
+            }
+            (200, get_answer(&c2, &req.body, usize::MAX))
+        });
+        let store = RemoteStore::new(client(&server.url, Duration::from_secs(5)));
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+        for _ in 0..2 {
+            let plains = store.read_many(&ids).unwrap();
+            for (c, p) in chunks.iter().zip(&plains) {
+                assert_eq!(ChunkId::of(p), c.id);
+            }
+        }
+        assert_eq!(ChunkId::of(&store.read(&ids[1]).unwrap()), ids[1]);
+        assert_eq!(store.direct_reads(), Some(false), "after a {status}");
+        let asked = server
+            .seen()
+            .iter()
+            .filter(|s| s.path == "/v1/chunks/urls")
+            .count();
+        assert_eq!(asked, 1, "after a {status}");
+    }
+}
+
+#[test]
+fn direct_uploads_put_to_the_urls_confirm_and_send_the_failures_through_the_server() {
+    // Three chunks: the object store takes the first and the third, and fails the
+    // second (503), which then goes through `POST /v1/chunks`; the confirmation names
+    // the two uploaded, each with the SHA-256 it was put with.
+    let chunks = Arc::new(some_chunks(3));
+    let c2 = chunks.clone();
+    let base = Arc::new(Mutex::new(String::new()));
+    let b2 = base.clone();
+    let server = Server::start(move |req, _| {
+        let base = b2.lock().unwrap().clone();
+        match req.path.as_str() {
+            "/v1/chunks/upload-urls" => {
+                let list = wire::parse_upload_list(&req.body).unwrap();
+                let urls: Vec<String> = list
+                    .iter()
+                    .map(|u| format!("{base}/staged/{}", u.id.to_hex()))
+                    .collect();
+                (
+                    200,
+                    json(serde_json::json!({"valid_secs": 300, "urls": urls})),
+                )
+            }
+            "/v1/chunks/confirm" => {
+                let list = wire::parse_upload_list(&req.body).unwrap();
+                let sizes: Vec<u64> = list.iter().map(|_| 7).collect();
+                (200, json(serde_json::json!({ "bytes": sizes })))
+            }
+            "/v1/chunks" => (200, json(serde_json::json!({"bytes": [9]}))),
+            p if p.starts_with("/staged/") => {
+                let id: ChunkId = p["/staged/".len()..].parse().unwrap();
+                let c = c2.iter().find(|c| c.id == id).unwrap();
+                let sum = mbank_store::base64(&mbank_store::sha256(&c.bytes));
+                assert_eq!(req.header(mbank_store::CHECKSUM_HEADER), Some(sum.as_str()));
+                assert_eq!(req.body, c.bytes);
+                if id == c2[1].id {
+                    (503, b"<Error><Code>SlowDown</Code></Error>".to_vec())
+                } else {
+                    (200, Vec::new())
+                }
+            }
+            other => panic!("unexpected request to {other}"),
+        }
+    });
+    *base.lock().unwrap() = server.url.clone();
+    let store = RemoteStore::new(client(&server.url, Duration::from_secs(5)));
+    let sizes = store.put_many(&chunks).unwrap();
+    assert_eq!(sizes, [7, 9, 7]);
+    assert_eq!(store.direct_writes(), Some(true));
+    let seen = server.seen();
+    let confirm = seen
+        .iter()
+        .find(|s| s.path == "/v1/chunks/confirm")
+        .unwrap();
+    let want: Vec<wire::Upload> = [0, 2]
+        .iter()
+        .map(|&i| wire::Upload::of(chunks[i].id, &chunks[i].bytes))
+        .collect();
+    assert_eq!(wire::parse_upload_list(&confirm.body).unwrap(), want);
+    let through = seen.iter().find(|s| s.path == "/v1/chunks").unwrap();
+    assert_eq!(
+        through.body,
+        wire::batch_body([(&chunks[1].id, &chunks[1].bytes[..])])
+    );
+}
+
+#[test]
+fn a_bank_without_direct_uploads_takes_them_itself_and_is_asked_once() {
+    let server = Server::start(|req, _| match req.path.as_str() {
+        "/v1/chunks/upload-urls" => (404, error(wire::NO_DIRECT_WRITES, "not here")),
+        "/v1/chunks" => (200, json(serde_json::json!({"bytes": [1, 1]}))),
+        other => panic!("unexpected request to {other}"),
+    });
+    let store = RemoteStore::new(client(&server.url, Duration::from_secs(5)));
+    let chunks = some_chunks(2);
+    assert_eq!(store.put_many(&chunks).unwrap(), [1, 1]);
+    assert_eq!(store.put_many(&chunks).unwrap(), [1, 1]);
+    assert_eq!(store.direct_writes(), Some(false));
+    let asked = server
+        .seen()
+        .iter()
+        .filter(|s| s.path == "/v1/chunks/upload-urls")
+        .count();
+    assert_eq!(asked, 1);
 }

@@ -21,6 +21,92 @@ pub const MAX_GET_MANY: usize = 64;
 /// Most bytes in one answer to `POST /v1/chunks/get` (unless its first chunk alone is
 /// larger): the server answers a prefix of the ids asked and the client asks again.
 pub const MAX_GET_BYTES: usize = 64 << 20;
+/// Most ids in one `POST /v1/chunks/urls`.
+pub const MAX_URLS: usize = 256;
+/// The error kind of `POST /v1/chunks/urls` on a bank that hands out no direct URLs
+/// (its chunks are in a directory, or `serve --no-direct-reads`): fetch through the
+/// server.
+pub const NO_DIRECT_READS: &str = "no_direct_reads";
+
+/// The answer to `POST /v1/chunks/urls`: for each id asked, in order, a URL to GET its
+/// stored bytes from straight from the object store, or `null` for a chunk the user
+/// cannot read (or the bank lacks: the two are not told apart). Each URL is valid for
+/// `valid_secs` from when the server made it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChunkUrls {
+    pub valid_secs: u64,
+    pub urls: Vec<Option<String>>,
+}
+
+/// Most chunks in one `POST /v1/chunks/upload-urls` or `POST /v1/chunks/confirm`.
+pub const MAX_DIRECT_UPLOADS: usize = MAX_BATCH_CHUNKS;
+/// The error kind of the direct-upload routes on a bank that takes no direct uploads
+/// (its chunks are in a directory, or `serve --no-direct-writes`): upload through the
+/// server.
+pub const NO_DIRECT_WRITES: &str = "no_direct_writes";
+
+/// The answer to `POST /v1/chunks/upload-urls`: for each chunk asked, in order, a URL
+/// to PUT its stored bytes to, with the header `x-amz-checksum-sha256` set to the
+/// base64 SHA-256 of those bytes (the one asked with); valid for `valid_secs`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UploadUrls {
+    pub valid_secs: u64,
+    pub urls: Vec<String>,
+}
+
+/// One chunk of a direct upload: its id, and the SHA-256 and length of its stored
+/// bytes (what the presigned URL takes and the confirmation checks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Upload {
+    pub id: ChunkId,
+    pub sha256: [u8; 32],
+    pub len: u32,
+}
+
+impl Upload {
+    /// The entry for `bytes`, the stored bytes of chunk `id`.
+    pub fn of(id: ChunkId, bytes: &[u8]) -> Upload {
+        Upload {
+            id,
+            sha256: mbank_store::sha256(bytes),
+            len: bytes.len() as u32,
+        }
+    }
+}
+
+/// Bytes of one [`Upload`] in a list.
+const UPLOAD_ENTRY: usize = ChunkId::LEN + 32 + 4;
+
+/// The body of `POST /v1/chunks/upload-urls` and `POST /v1/chunks/confirm`: for each
+/// chunk its 32-byte id, the SHA-256 of its stored bytes and their length (u32
+/// little-endian).
+pub fn upload_list_body(uploads: &[Upload]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(uploads.len() * UPLOAD_ENTRY);
+    for u in uploads {
+        out.extend_from_slice(u.id.as_bytes());
+        out.extend_from_slice(&u.sha256);
+        out.extend_from_slice(&u.len.to_le_bytes());
+    }
+    out
+}
+
+/// Parses [`upload_list_body`]: at least one and at most [`MAX_DIRECT_UPLOADS`] entries.
+pub fn parse_upload_list(body: &[u8]) -> Option<Vec<Upload>> {
+    let n = body.len() / UPLOAD_ENTRY;
+    if !body.len().is_multiple_of(UPLOAD_ENTRY) || n == 0 || n > MAX_DIRECT_UPLOADS {
+        return None;
+    }
+    Some(
+        body.chunks_exact(UPLOAD_ENTRY)
+            .map(|e| Upload {
+                id: ChunkId::from_bytes(e[..32].try_into().expect("32 bytes")),
+                sha256: e[32..64].try_into().expect("32 bytes"),
+                len: u32::from_le_bytes(e[64..].try_into().expect("4 bytes")),
+            })
+            .collect(),
+    )
+}
+
 /// Default and longest token lifetimes.
 pub const DEFAULT_TTL_SECS: u64 = 30 * 24 * 3600;
 pub const MAX_TTL_SECS: u64 = 365 * 24 * 3600;

@@ -15,6 +15,18 @@
 //! user is verified and counted against their quota, and stored once. `/metrics` is for
 //! administrators: its bank-wide counts would tell a user what others store.
 //!
+//! ## Direct reads
+//!
+//! On a bank whose chunks are in S3, `POST /v1/chunks/urls` hands out presigned GET
+//! URLs ([`ChunkStore::direct_urls`]) for the chunks the user may read, by the same
+//! check as `chunks/get`, and `null` for the others whether the bank has them or not;
+//! the station then fetches the bytes from the object store, and the server keeps only
+//! the rights. A URL grants a read of that one object until it expires
+//! ([`DirectUrls::valid`]), to whoever holds it. Uploads likewise: a presigned PUT
+//! (`upload-urls`) writes only a staging object named by the bytes' SHA-256
+//! ([`mbank_store::Staging`]), and `confirm` reads it back, verifies it and records the
+//! rights as an upload through the server does; nothing else grants them.
+//!
 //! ## Under abuse
 //!
 //! Nothing a client without a valid token sends is held: [`gate`] checks the token from
@@ -86,6 +98,34 @@ pub struct Config {
     /// LAN sharing (`--lan-sharing`): sign grants for stations to fetch chunks from
     /// each other's caches ([`peer`]).
     pub lan_sharing: bool,
+    /// Presigned object-store URLs for chunk reads (`POST /v1/chunks/urls`), when the
+    /// bank's store can make them (S3); off: every chunk goes through the server.
+    pub direct_reads: bool,
+    /// Presigned object-store URLs for chunk uploads (`POST /v1/chunks/upload-urls`),
+    /// when the store can stage them (S3).
+    pub direct_writes: bool,
+    /// How long those URLs last.
+    pub direct_urls: DirectUrls,
+}
+
+/// How long the server's presigned URLs last (`POST /v1/chunks/urls`, `upload-urls`).
+#[derive(Clone, Debug)]
+pub struct DirectUrls {
+    /// How long a URL stays valid.
+    pub valid: Duration,
+    /// How long ago each URL is said to have been made: 0, but for tests of a
+    /// station's answer to an expired URL (`serve --direct-url-age-secs`).
+    pub age: Duration,
+}
+
+impl Default for DirectUrls {
+    /// URLs valid for 5 minutes.
+    fn default() -> Self {
+        DirectUrls {
+            valid: Duration::from_secs(300),
+            age: Duration::ZERO,
+        }
+    }
 }
 
 /// The server's shared state.
@@ -113,6 +153,12 @@ struct App {
     jobs: jobs::Jobs,
     /// The key that signs LAN sharing grants, when LAN sharing is on.
     peer_signer: Option<peer::Signer>,
+    /// Direct reads, when on and the store can make URLs.
+    direct: Option<DirectUrls>,
+    /// Direct uploads, when on and the store can stage them.
+    direct_writes: Option<DirectUrls>,
+    /// The direct uploads handed out and not yet confirmed, by user.
+    staged: Mutex<std::collections::HashMap<String, Vec<Staged>>>,
 }
 
 type Shared = Arc<App>;
@@ -380,6 +426,9 @@ fn router(app: Shared, tls: bool) -> Router {
         .route("/v1/writers/{id}/heartbeat", post(writer_heartbeat))
         .route("/v1/chunks/have", post(have))
         .route("/v1/chunks/get", post(get_chunks))
+        .route("/v1/chunks/urls", post(chunk_urls))
+        .route("/v1/chunks/upload-urls", post(upload_urls))
+        .route("/v1/chunks/confirm", post(confirm_uploads))
         .route("/v1/chunks", post(put_chunks))
         .route("/v1/chunks/{id}", get(get_chunk).put(put_chunk))
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/api.md") })
@@ -400,6 +449,10 @@ fn body_limit(method: &Method, route: &str) -> Option<usize> {
         ("POST", "/v1/machines/{u}/{n}/versions") => wire::MAX_COMMIT,
         ("POST", "/v1/chunks/have") => wire::MAX_HAVE * ChunkId::LEN,
         ("POST", "/v1/chunks/get") => wire::MAX_GET_MANY * ChunkId::LEN,
+        ("POST", "/v1/chunks/urls") => wire::MAX_URLS * ChunkId::LEN,
+        ("POST", "/v1/chunks/upload-urls") | ("POST", "/v1/chunks/confirm") => {
+            wire::MAX_DIRECT_UPLOADS * (ChunkId::LEN + 32)
+        }
         ("POST", _) | ("PUT", _) => wire::MAX_JSON,
         _ => return None,
     })
@@ -1752,6 +1805,312 @@ async fn get_chunks(
         .into_response())
 }
 
+/// `POST /v1/chunks/urls`: for each id, a presigned object-store URL of its stored
+/// bytes if the user may read it, else `null`, so that a hidden chunk and an absent one
+/// get the same answer (a URL is made without looking whether the object exists: a
+/// readable chunk the bank lacks answers 404 at the object store). On a bank that makes
+/// no URLs: `404 no_direct_reads`, and the client reads through the server.
+async fn chunk_urls(
+    State(app): State<Shared>,
+    caller: Caller,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Some(direct) = app.direct.clone() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            wire::NO_DIRECT_READS,
+            "this bank hands out no direct chunk URLs (its chunks are not in an object store, or the server runs with --no-direct-reads): fetch them with POST /v1/chunks/get",
+        ));
+    };
+    let b = body(b)?;
+    let Ok(ids) = wire::parse_id_list(&b, wire::MAX_URLS) else {
+        return Err(ApiError::bad_request(format!(
+            "a URL query is a list of at most {} chunk ids of {} bytes; {} bytes is not",
+            wire::MAX_URLS,
+            ChunkId::LEN,
+            b.len()
+        )));
+    };
+    authed(&app, caller, move |app, user| {
+        let ok = app.access(|a| Ok(a.readable(user, &ids)?))?;
+        let readable: Vec<ChunkId> = ids
+            .iter()
+            .zip(&ok)
+            .filter(|(_, ok)| **ok)
+            .map(|(id, _)| *id)
+            .collect();
+        let issued = std::time::SystemTime::now()
+            .checked_sub(direct.age)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let made = app
+            .store
+            .direct_urls(&readable, issued, direct.valid)
+            .filter(|u| u.len() == readable.len())
+            .ok_or_else(|| ApiError::internal("the bank's store made no direct URLs"))?;
+        let mut made = made.into_iter();
+        let urls: Vec<Option<String>> = ok
+            .iter()
+            .map(|&ok| if ok { made.next() } else { None })
+            .collect();
+        app.metrics
+            .chunk_urls
+            .fetch_add(readable.len() as u64, Relaxed);
+        Ok(json(&wire::ChunkUrls {
+            valid_secs: direct.valid.as_secs(),
+            urls,
+        }))
+    })
+    .await
+}
+
+fn no_direct_writes() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        wire::NO_DIRECT_WRITES,
+        "this bank takes no direct chunk uploads (its chunks are not in an object store, or the server runs with --no-direct-writes): send them with POST /v1/chunks",
+    )
+}
+
+fn upload_list(b: &[u8]) -> Result<Vec<wire::Upload>, ApiError> {
+    let list = wire::parse_upload_list(b).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "an upload list holds 1 to {} entries of a {}-byte chunk id, a 32-byte SHA-256 and a 4-byte length; {} bytes is not one",
+            wire::MAX_DIRECT_UPLOADS,
+            ChunkId::LEN,
+            b.len()
+        ))
+    })?;
+    if let Some(u) = list
+        .iter()
+        .find(|u| u.len == 0 || u.len as usize > MAX_STORED_LEN)
+    {
+        return Err(ApiError::bad_request(format!(
+            "chunk {} cannot be {} bytes (1 to {MAX_STORED_LEN})",
+            u.id, u.len
+        )));
+    }
+    Ok(list)
+}
+
+/// One presigned upload handed out and not yet confirmed: charged against its user's
+/// quota until then, and removed from the store once its URL has expired.
+#[derive(Clone, Copy)]
+struct Staged {
+    sha256: [u8; 32],
+    len: u64,
+    expires_ms: i64,
+}
+
+/// Most uploads one user may have handed out and not confirmed.
+const MAX_STAGED_PER_USER: usize = 4096;
+
+/// How long after its URL expired a staged upload is removed (a PUT under way when
+/// the URL expired may still be landing).
+const STAGED_GRACE_MS: i64 = 60_000;
+
+/// `POST /v1/chunks/upload-urls`: a presigned PUT URL per chunk, bound to the SHA-256
+/// of the bytes the client will send (`mbank_store::Staging`). Anyone may upload any
+/// chunk (storage is shared); nothing is recorded until `confirm`.
+async fn upload_urls(
+    State(app): State<Shared>,
+    caller: Caller,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Some(direct) = app.direct_writes.clone() else {
+        return Err(no_direct_writes());
+    };
+    let list = upload_list(&body(b)?)?;
+    authed(&app, caller, move |app, user| {
+        let staging = app.store.staging().ok_or_else(no_direct_writes)?;
+        let issued = std::time::SystemTime::now()
+            .checked_sub(direct.age)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let issued_ms = issued
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let expires_ms = issued_ms + direct.valid.as_millis() as i64;
+        let need: u64 = list.iter().map(|u| u64::from(u.len)).sum();
+        app.quota_locks.run(&user.name, || {
+            // Uploads whose URLs expired long enough ago are removed (none can land
+            // any more), and stop counting.
+            let now = mbank_catalog::now_ms();
+            let expired: Vec<Staged> = {
+                let mut all = app.staged.lock().unwrap_or_else(|p| p.into_inner());
+                let mine = all.entry(user.name.clone()).or_default();
+                let (gone, live): (Vec<Staged>, Vec<Staged>) = mine
+                    .iter()
+                    .partition(|s| s.expires_ms + STAGED_GRACE_MS < now);
+                *mine = live;
+                gone
+            };
+            for s in &expired {
+                let _ = staging.discard(&s.sha256);
+            }
+            let quota = app.access(|a| Ok(a.quota(&user.name)?))?;
+            let used = match quota {
+                Some(_) => app.usage(&user.name)?,
+                None => 0,
+            };
+            let mut all = app.staged.lock().unwrap_or_else(|p| p.into_inner());
+            let mine = all.entry(user.name.clone()).or_default();
+            if mine.len() + list.len() > MAX_STAGED_PER_USER {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "too_many",
+                    format!(
+                        "{} has {} direct uploads not yet confirmed, and may have at most {MAX_STAGED_PER_USER}: confirm them (POST /v1/chunks/confirm) or upload through POST /v1/chunks",
+                        user.name,
+                        mine.len()
+                    ),
+                ));
+            }
+            let pending: u64 = mine.iter().map(|s| s.len).sum();
+            if let Some(quota) = quota
+                && used + pending + need > quota
+            {
+                return Err(mbank_access::AccessError::QuotaExceeded {
+                    user: user.name.clone(),
+                    used: used + pending,
+                    quota,
+                    need,
+                }
+                .into());
+            }
+            mine.extend(list.iter().map(|u| Staged {
+                sha256: u.sha256,
+                len: u64::from(u.len),
+                expires_ms,
+            }));
+            Ok(())
+        })?;
+        let urls: Vec<String> = list
+            .iter()
+            .map(|u| staging.put_url(&u.sha256, u64::from(u.len), issued, direct.valid))
+            .collect();
+        app.metrics
+            .upload_urls
+            .fetch_add(urls.len() as u64, Relaxed);
+        Ok(json(&wire::UploadUrls {
+            valid_secs: direct.valid.as_secs(),
+            urls,
+        }))
+    })
+    .await
+}
+
+/// What reading back one staged upload gave.
+type StagedRead = Result<Option<Vec<u8>>, mbank_store::StoreError>;
+
+/// Staged chunks read back at once by one `confirm`.
+const CONFIRM_READS: usize = 16;
+
+/// `POST /v1/chunks/confirm`: the chunks the user uploaded by presigned URLs are read
+/// back from their staging names, verified (SHA-256 as announced, decoding to content
+/// hashing to the id) and then treated as `POST /v1/chunks` treats uploads: the user's
+/// rights recorded against the quota in one transaction (refused whole if over it),
+/// and those the bank lacks given their chunk names (a copy in the store). One chunk
+/// that fails refuses the whole list (`422 bad_chunk`), and its staged bytes are
+/// removed. Until this succeeds the user cannot read the chunks, so a commit naming
+/// them is refused.
+async fn confirm_uploads(
+    State(app): State<Shared>,
+    caller: Caller,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    if app.direct_writes.is_none() {
+        return Err(no_direct_writes());
+    }
+    let list = upload_list(&body(b)?)?;
+    authed(&app, caller, move |app, user| {
+        let staging = app.store.staging().ok_or_else(no_direct_writes)?;
+        // Whatever the outcome, these uploads stop counting as handed out, and their
+        // staged bytes go (promoted to their chunk names, or removed).
+        {
+            let mut all = app.staged.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(mine) = all.get_mut(&user.name) {
+                mine.retain(|s| !list.iter().any(|u| u.sha256 == s.sha256));
+            }
+        }
+        let discard_all = || {
+            for u in &list {
+                let _ = staging.discard(&u.sha256);
+            }
+        };
+        let bad = |id: &ChunkId, why: String| {
+            let mut a = ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "bad_chunk",
+                format!("the upload of chunk {id} {why}"),
+            );
+            a.body.chunk = Some(*id);
+            a
+        };
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let raws: Vec<Mutex<Option<StagedRead>>> =
+            list.iter().map(|_| Mutex::new(None)).collect();
+        std::thread::scope(|sc| {
+            for _ in 0..CONFIRM_READS.min(list.len()) {
+                sc.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Relaxed);
+                        let Some(u) = list.get(i) else {
+                            return;
+                        };
+                        let r = staging.read_staged(&u.sha256);
+                        *raws[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                    }
+                });
+            }
+        });
+        let mut parts: Vec<(ChunkId, Vec<u8>)> = Vec::with_capacity(list.len());
+        for (u, raw) in list.iter().zip(raws) {
+            let (id, sha) = (&u.id, &u.sha256);
+            let raw = match raw
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .expect("every staged chunk was read")
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    discard_all();
+                    return Err(e.into());
+                }
+            };
+            let checked = match raw {
+                None => Err(bad(id, "is not in the store: its PUT failed, or another confirm took it; send it again".into())),
+                Some(raw) if raw.len() != u.len as usize || mbank_store::sha256(&raw) != *sha => {
+                    Err(bad(id, "holds other bytes than those announced".into()))
+                }
+                Some(raw) => mbank_core::chunk::decode(id, &raw)
+                    .map(|_| raw)
+                    .map_err(|e| bad(id, format!("is not that chunk: {e}"))),
+            };
+            match checked {
+                Ok(raw) => parts.push((*id, raw)),
+                Err(e) => {
+                    discard_all();
+                    return Err(e);
+                }
+            }
+        }
+        let refs: Vec<(ChunkId, &[u8])> = parts.iter().map(|(id, b)| (*id, &b[..])).collect();
+        let stored = record_and_store(app, user, &refs, |fresh| {
+            for &i in fresh {
+                staging.promote(&list[i].sha256, &list[i].id)?;
+            }
+            Ok(())
+        });
+        // Staged copies of chunks the bank already had, or of a refused list.
+        discard_all();
+        let sizes = stored?;
+        app.metrics
+            .chunks_confirmed
+            .fetch_add(list.len() as u64, Relaxed);
+        Ok(json(&wire::StoredMany { bytes: sizes }))
+    })
+    .await
+}
+
 /// About how many bytes of an answer to `POST /v1/chunks/get` go to the connection at
 /// once.
 const GET_MESSAGE: usize = 256 << 10;
@@ -1807,6 +2166,32 @@ async fn put_chunks(
 /// the user's right to read them in one transaction (charged against their quota,
 /// refused whole if over it), and stores those the bank lacks. Returns each one's size.
 fn store_uploads(app: &App, user: &User, parts: &[(ChunkId, &[u8])]) -> Result<Vec<u64>, ApiError> {
+    record_and_store(app, user, parts, |fresh| {
+        let mut chunks = Vec::with_capacity(fresh.len());
+        for &i in fresh {
+            let (id, bytes) = parts[i];
+            let codec = mbank_core::chunk::parse_header(&id, bytes)
+                .map(|(c, _)| c)
+                .map_err(|e| ApiError::internal(format!("chunk {id}: {e}")))?;
+            chunks.push(EncodedChunk {
+                id,
+                bytes: bytes.to_vec(),
+                codec,
+            });
+        }
+        app.store.put_many(&chunks)?;
+        Ok(())
+    })
+}
+
+/// [`store_uploads`]' verification and rights, with `store` giving the chunks the bank
+/// lacks (their places in `parts`) their place in the store.
+fn record_and_store(
+    app: &App,
+    user: &User,
+    parts: &[(ChunkId, &[u8])],
+    store: impl FnOnce(&[usize]) -> Result<(), ApiError>,
+) -> Result<Vec<u64>, ApiError> {
     let mut codecs = Vec::with_capacity(parts.len());
     for (id, bytes) in parts {
         let codec = mbank_core::chunk::decode(id, bytes)
@@ -1830,18 +2215,15 @@ fn store_uploads(app: &App, user: &User, parts: &[(ChunkId, &[u8])]) -> Result<V
     let ids: Vec<ChunkId> = parts.iter().map(|(id, _)| *id).collect();
     let present = app.store.touch_many(&ids)?;
     let mut fresh = Vec::new();
-    for (((id, bytes), codec), have) in parts.iter().zip(codecs).zip(present) {
+    for (i, have) in present.into_iter().enumerate() {
         if have {
             app.metrics.chunks_dedup.fetch_add(1, Relaxed);
         } else {
-            fresh.push(EncodedChunk {
-                id: *id,
-                bytes: bytes.to_vec(),
-                codec,
-            });
+            fresh.push(i);
         }
     }
-    app.store.put_many(&fresh)?;
+    drop(codecs);
+    store(&fresh)?;
     // `gc` on the bank's host forgets rights to chunks that are missing when it looks;
     // it may have looked between the rows above and the store: what it dropped is put
     // back now that the chunks are stored (nothing is written if nothing was dropped).
@@ -1849,7 +2231,7 @@ fn store_uploads(app: &App, user: &User, parts: &[(ChunkId, &[u8])]) -> Result<V
         let catalog = app.owner_usage(&user.name)?.bytes;
         app.access(|a| Ok(a.record_uploads_beside(user, &rows, catalog)?))
     })?;
-    let stored: u64 = fresh.iter().map(|c| c.bytes.len() as u64).sum();
+    let stored: u64 = fresh.iter().map(|&i| parts[i].1.len() as u64).sum();
     app.metrics
         .chunks_stored
         .fetch_add(fresh.len() as u64, Relaxed);
@@ -1864,7 +2246,7 @@ pub async fn serve(
     ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let app = open_app(&cfg.bank_dir, cfg.limits.clone(), cfg.lan_sharing)?;
+    let app = open_app(&cfg.bank_dir, cfg.limits.clone(), &cfg)?;
     let tls = match &cfg.tls {
         Some((cert, key)) => Some(tls::acceptor(cert, key)?),
         None => None,
@@ -1881,8 +2263,8 @@ pub async fn serve(
     Ok(())
 }
 
-fn open_app(bank_dir: &FsPath, limits: Limits, lan_sharing: bool) -> Result<Shared, String> {
-    let peer_signer = match lan_sharing {
+fn open_app(bank_dir: &FsPath, limits: Limits, cfg: &Config) -> Result<Shared, String> {
+    let peer_signer = match cfg.lan_sharing {
         true => Some(peer::Signer::load_or_create(bank_dir)?),
         false => None,
     };
@@ -1890,6 +2272,26 @@ fn open_app(bank_dir: &FsPath, limits: Limits, lan_sharing: bool) -> Result<Shar
     let bank = mbank_bank::Bank::open(bank_dir, false).map_err(|e| e.to_string())?;
     let store = bank.store_arc();
     drop(bank);
+    // Direct reads need a store that makes URLs (S3); asked with no ids, it says so.
+    let direct_writes =
+        (cfg.direct_writes && store.staging().is_some()).then(|| cfg.direct_urls.clone());
+    if let Some(d) = &direct_writes {
+        tracing::info!(
+            valid_secs = d.valid.as_secs(),
+            "direct writes: stations upload chunks to the object store by presigned URLs"
+        );
+    }
+    let direct = (cfg.direct_reads
+        && store
+            .direct_urls(&[], std::time::SystemTime::now(), cfg.direct_urls.valid)
+            .is_some())
+    .then(|| cfg.direct_urls.clone());
+    if let Some(d) = &direct {
+        tracing::info!(
+            valid_secs = d.valid.as_secs(),
+            "direct reads: stations fetch chunks from the object store by presigned URLs"
+        );
+    }
     let access = Access::open(bank_dir).map_err(|e| e.to_string())?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -1910,5 +2312,8 @@ fn open_app(bank_dir: &FsPath, limits: Limits, lan_sharing: bool) -> Result<Shar
         jobs: jobs::Jobs::default(),
         peer_signer,
         limits,
+        direct,
+        direct_writes,
+        staged: Mutex::new(std::collections::HashMap::new()),
     }))
 }

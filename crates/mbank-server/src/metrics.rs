@@ -22,6 +22,11 @@ pub struct Metrics {
     pub chunks_dedup: AtomicU64,
     pub bytes_stored: AtomicU64,
     pub chunks_served: AtomicU64,
+    /// Presigned URLs handed out for direct chunk reads.
+    pub chunk_urls: AtomicU64,
+    /// Presigned URLs handed out for direct uploads, and chunks confirmed after one.
+    pub upload_urls: AtomicU64,
+    pub chunks_confirmed: AtomicU64,
     pub commits: AtomicU64,
     /// Chunk headers read from the store to check a commit's chunk lengths.
     pub commit_length_reads: AtomicU64,
@@ -197,6 +202,21 @@ impl Metrics {
             "mbank_chunks_served_total",
             "Chunks downloaded.",
             self.chunks_served.load(Relaxed),
+        );
+        counter(
+            "mbank_chunk_urls_total",
+            "Presigned URLs handed out for direct chunk reads from the object store.",
+            self.chunk_urls.load(Relaxed),
+        );
+        counter(
+            "mbank_upload_urls_total",
+            "Presigned URLs handed out for direct chunk uploads to the object store.",
+            self.upload_urls.load(Relaxed),
+        );
+        counter(
+            "mbank_chunks_confirmed_total",
+            "Chunks uploaded by presigned URLs that the server verified and recorded.",
+            self.chunks_confirmed.load(Relaxed),
         );
         counter(
             "mbank_commits_total",

@@ -153,6 +153,63 @@ pub enum StoreError {
     Remote(String),
 }
 
+/// The header a presigned upload ([`Staging::put_url`]) must carry: the base64 SHA-256
+/// of the bytes, which the URL's signature covers.
+pub const CHECKSUM_HEADER: &str = "x-amz-checksum-sha256";
+
+/// Chunks uploaded by whoever holds a presigned URL, straight into the store, under a
+/// staging name: the SHA-256 of their bytes, which the store enforces (the URL signs
+/// [`CHECKSUM_HEADER`]). Nothing reads a staged chunk but the bank, which verifies it
+/// ([`Staging::read_staged`]: it must decode to its id) before [`Staging::promote`]
+/// gives it the chunk's own name; a chunk's name thus only ever receives verified
+/// bytes. A staged chunk never promoted is deleted by the sweep once older than its
+/// cutoff.
+pub trait Staging: Send + Sync {
+    /// A URL to PUT `len` bytes whose SHA-256 is `sha256` to, with [`CHECKSUM_HEADER`]
+    /// set to [`base64`] of it (and `Content-Length` to `len`: both are signed); valid
+    /// for `valid` from `issued`. No request is made.
+    fn put_url(
+        &self,
+        sha256: &[u8; 32],
+        len: u64,
+        issued: SystemTime,
+        valid: std::time::Duration,
+    ) -> String;
+    /// The bytes staged under `sha256` (at most one byte over a chunk's bound), or
+    /// `None` if nothing is.
+    fn read_staged(&self, sha256: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Gives the chunk staged under `sha256`, verified by the caller to be chunk `id`,
+    /// its own name (a copy in the store) and removes the staged one.
+    fn promote(&self, sha256: &[u8; 32], id: &ChunkId) -> Result<(), StoreError>;
+    /// Removes what is staged under `sha256` (nothing if nothing is).
+    fn discard(&self, sha256: &[u8; 32]) -> Result<(), StoreError>;
+}
+
+/// The SHA-256 of `bytes`: what names a staged upload ([`Staging`]).
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
+/// Standard base64 (with padding) of `bytes`, as S3's checksum headers take it.
+pub fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for k in 0..4 {
+            if k <= c.len() {
+                out.push(ABC[(n >> (18 - 6 * k) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// What [`ChunkStore::read_each`] hands each verified plaintext to, with its place.
 pub type Each<'a> = dyn Fn(usize, Vec<u8>) -> ControlFlow<()> + Sync + 'a;
 
@@ -431,6 +488,26 @@ pub trait ChunkStore: Send + Sync {
         ids.iter().map(|id| self.plain_len(id)).collect()
     }
 
+    /// URLs through which whoever holds one may GET each of `ids`' stored bytes
+    /// straight from where the store keeps them, valid for `valid` from `issued`, in
+    /// the order of `ids`; `None` when the store has no such URLs (a directory, a bank
+    /// server's client). An [`S3Store`] presigns them (SigV4 query authentication).
+    /// No request is made and nothing is checked: a URL of an absent chunk answers 404.
+    /// A bank server hands them only for chunks the asking user may read.
+    fn direct_urls(
+        &self,
+        _ids: &[ChunkId],
+        _issued: SystemTime,
+        _valid: std::time::Duration,
+    ) -> Option<Vec<String>> {
+        None
+    }
+
+    /// Uploads straight to the store by presigned URLs, when the store offers them (S3).
+    fn staging(&self) -> Option<&dyn Staging> {
+        None
+    }
+
     /// Decodes and verifies a chunk's stored bytes; quarantines it if they are damaged.
     fn verify(&self, id: &ChunkId, raw: Vec<u8>) -> Result<Vec<u8>, StoreError> {
         match chunk::decode(id, &raw) {
@@ -439,6 +516,24 @@ pub trait ChunkStore: Send + Sync {
                 let moved_to = self.quarantine(id).ok().flatten();
                 Err(StoreError::Corrupt { source, moved_to })
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod base64_tests {
+    #[test]
+    fn base64_matches_rfc4648() {
+        for (plain, want) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(super::base64(plain.as_bytes()), want);
         }
     }
 }

@@ -6,6 +6,8 @@
 //! ```text
 //! chunks/ab/<64 hex digits>   one chunk, in the format of mbank_core::chunk
 //! corrupt/<hex>.<ms>          chunks found damaged and moved aside
+//! uploads/<64 hex digits>     a chunk uploaded by a presigned PUT, named by the
+//!                             SHA-256 of its bytes, until the bank verified it
 //! ```
 //!
 //! ## The client, and why
@@ -96,6 +98,9 @@ use crate::{ChunkStore, StoreError, StoreStats, SweepStats};
 
 const CHUNK_PREFIX: &str = "chunks/";
 const CORRUPT_PREFIX: &str = "corrupt/";
+/// Chunks uploaded by presigned PUTs, named by the SHA-256 of their bytes, until the
+/// bank verified them ([`crate::Staging`]).
+const UPLOAD_PREFIX: &str = "uploads/";
 
 /// How often and how patiently to retry transient failures.
 #[derive(Clone, Debug)]
@@ -533,6 +538,59 @@ fn tally(
     }
 }
 
+/// Presigned uploads (see [`crate::Staging`]): the URL writes `uploads/<SHA-256 hex>`
+/// and signs the headers `content-length` and `x-amz-checksum-sha256`, so the object
+/// store takes only bytes of that length and digest (Garage answers anything else `400 InvalidDigest`). What lies under
+/// that name can therefore never change once the bank read and verified it, and the
+/// copy to the chunk's own name copies those bytes.
+impl crate::Staging for S3Store {
+    fn put_url(&self, sha256: &[u8; 32], len: u64, issued: SystemTime, valid: Duration) -> String {
+        let n = self.cfg.endpoints.len();
+        let endpoint = &self.cfg.endpoints[self.preferred.load(Ordering::Relaxed) % n];
+        let path = format!("/{}/{}", self.cfg.bucket, staged_key(sha256));
+        presign_request(
+            &self.cfg,
+            endpoint,
+            "PUT",
+            &path,
+            issued,
+            valid,
+            &[
+                ("content-length", len.to_string()),
+                (crate::CHECKSUM_HEADER, crate::base64(sha256)),
+            ],
+        )
+    }
+
+    fn read_staged(&self, sha256: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = staged_key(sha256);
+        let mut r = Req::new("GET", &key);
+        r.limit = MAX_STORED_LEN as u64 + 1;
+        let reply = self.send("read an upload", &r)?;
+        if reply.status == 404 {
+            return Ok(None);
+        }
+        self.expect_ok("read an upload", &key, &reply)?;
+        Ok(Some(reply.body))
+    }
+
+    fn promote(&self, sha256: &[u8; 32], id: &ChunkId) -> Result<(), StoreError> {
+        let staged = staged_key(sha256);
+        if !self.copy("store an upload", &staged, &Self::chunk_key(id))? {
+            return Err(StoreError::Missing(*id));
+        }
+        self.delete(&staged)
+    }
+
+    fn discard(&self, sha256: &[u8; 32]) -> Result<(), StoreError> {
+        self.delete(&staged_key(sha256))
+    }
+}
+
+fn staged_key(sha256: &[u8; 32]) -> String {
+    format!("{UPLOAD_PREFIX}{}", hex(sha256))
+}
+
 impl ChunkStore for S3Store {
     fn put(&self, chunk: &EncodedChunk) -> Result<u64, StoreError> {
         let key = Self::chunk_key(&chunk.id);
@@ -590,6 +648,30 @@ impl ChunkStore for S3Store {
         }
         self.expect_ok("read chunk", &key, &reply)?;
         Ok(reply.body)
+    }
+
+    fn staging(&self) -> Option<&dyn crate::Staging> {
+        Some(self)
+    }
+
+    /// Presigned GETs of the chunks' objects at the endpoint in use (SigV4 query
+    /// authentication, the host the only signed header); at most a week, as S3 allows.
+    fn direct_urls(
+        &self,
+        ids: &[ChunkId],
+        issued: SystemTime,
+        valid: Duration,
+    ) -> Option<Vec<String>> {
+        let n = self.cfg.endpoints.len();
+        let endpoint = &self.cfg.endpoints[self.preferred.load(Ordering::Relaxed) % n];
+        Some(
+            ids.iter()
+                .map(|id| {
+                    let path = format!("/{}/{}", self.cfg.bucket, Self::chunk_key(id));
+                    presign(&self.cfg, endpoint, &path, issued, valid)
+                })
+                .collect(),
+        )
     }
 
     /// GETs on up to [`GET_WINDOW`] threads, each taking the next place once the
@@ -724,6 +806,17 @@ impl ChunkStore for S3Store {
             for key in doomed {
                 self.delete(&key)?;
             }
+        }
+        // Uploads never verified (their writer gave up) once older than the cutoff.
+        let mut stale = Vec::new();
+        self.list(UPLOAD_PREFIX, &mut |o| {
+            if o.modified < cutoff {
+                stale.push(o.key);
+            }
+            Ok(())
+        })?;
+        for key in stale {
+            self.delete(&key)?;
         }
         let mut s = SweepStats::default();
         for p in per {
@@ -942,6 +1035,81 @@ fn sign(
     headers
 }
 
+/// The longest validity S3 allows a presigned URL (`X-Amz-Expires`): 7 days.
+const MAX_PRESIGNED: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A presigned GET URL of `path` (path-style: `/BUCKET/KEY`) at `endpoint`: SigV4
+/// query-string authentication, the host the only signed header, the payload
+/// unsigned, valid for `valid` (1 s to 7 days) from `issued`. The holder needs no key;
+/// the object store refuses the URL once it expired (Garage: 400, AWS: 403) or if any part of it
+/// was changed.
+fn presign(
+    cfg: &S3Config,
+    endpoint: &str,
+    path: &str,
+    issued: SystemTime,
+    valid: Duration,
+) -> String {
+    presign_request(cfg, endpoint, "GET", path, issued, valid, &[])
+}
+
+/// A presigned URL for `method` on `path`; `headers` (lower-case names) are signed
+/// too, so the request must carry them with these values.
+fn presign_request(
+    cfg: &S3Config,
+    endpoint: &str,
+    method: &str,
+    path: &str,
+    issued: SystemTime,
+    valid: Duration,
+    headers: &[(&str, String)],
+) -> String {
+    let host = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let (date, time) = utc(issued);
+    let amz_date = format!("{date}T{time}Z");
+    let scope = format!("{date}/{}/s3/aws4_request", cfg.region);
+    let secs = valid.clamp(Duration::from_secs(1), MAX_PRESIGNED).as_secs();
+    let canonical_path = uri_encode(path, false);
+    // The signed headers, host among them, sorted by name.
+    let mut signed: Vec<(&str, &str)> = std::iter::once(("host", host))
+        .chain(headers.iter().map(|(k, v)| (*k, v.as_str())))
+        .collect();
+    signed.sort();
+    let names = signed.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(";");
+    // Already in order: the canonical query sorts its names.
+    let query = [
+        ("X-Amz-Algorithm", "AWS4-HMAC-SHA256".to_string()),
+        ("X-Amz-Credential", format!("{}/{scope}", cfg.access_key_id)),
+        ("X-Amz-Date", amz_date.clone()),
+        ("X-Amz-Expires", secs.to_string()),
+        ("X-Amz-SignedHeaders", names.clone()),
+    ]
+    .iter()
+    .map(|(k, v)| format!("{}={}", uri_encode(k, true), uri_encode(v, true)))
+    .collect::<Vec<_>>()
+    .join("&");
+    let mut canonical = format!("{method}\n{canonical_path}\n{query}\n");
+    for (k, v) in &signed {
+        let _ = writeln!(canonical, "{k}:{v}");
+    }
+    let _ = write!(canonical, "\n{names}\nUNSIGNED-PAYLOAD");
+    let to_sign = format!(
+        "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
+        hex(&Sha256::digest(canonical.as_bytes()))
+    );
+    let k = hmac(format!("AWS4{}", cfg.secret_access_key).as_bytes(), &date);
+    let k = hmac(&k, &cfg.region);
+    let k = hmac(&k, "s3");
+    let k = hmac(&k, "aws4_request");
+    let signature = hex(&hmac(&k, &to_sign));
+    format!("{endpoint}{canonical_path}?{query}&X-Amz-Signature={signature}")
+}
+
 // ---- dates ---------------------------------------------------------------------------
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -1150,6 +1318,29 @@ mod tests {
             "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request, \
              SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, \
              Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+        );
+    }
+
+    /// The presigned-URL example of AWS's SigV4 documentation ("query string
+    /// authentication", examplebucket, 24 hours).
+    #[test]
+    fn presigned_url_matches_aws_example() {
+        let endpoint = "https://examplebucket.s3.amazonaws.com";
+        let cfg = S3Config::new(
+            vec![endpoint.into()],
+            "us-east-1",
+            "examplebucket",
+            "AKIAIOSFODNN7EXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        );
+        let now = parse_rfc3339("2013-05-24T00:00:00Z").unwrap();
+        let url = presign(&cfg, endpoint, "/test.txt", now, Duration::from_secs(86400));
+        assert_eq!(
+            url,
+            "https://examplebucket.s3.amazonaws.com/test.txt?X-Amz-Algorithm=AWS4-HMAC-SHA256\
+             &X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2Faws4_request\
+             &X-Amz-Date=20130524T000000Z&X-Amz-Expires=86400&X-Amz-SignedHeaders=host\
+             &X-Amz-Signature=aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404"
         );
     }
 

@@ -40,6 +40,24 @@ pub struct Args {
     /// what its users read to other stations of the lab that may read it too.
     #[arg(long)]
     pub lan_sharing: bool,
+    /// Send every chunk through the server, even when the bank's chunks are in an
+    /// object store (S3) that stations could read from directly (by presigned URLs, the
+    /// default for such a bank): for stations that cannot reach the store.
+    #[arg(long)]
+    pub no_direct_reads: bool,
+    /// Take every chunk upload through the server, even when the bank's chunks are in
+    /// an object store stations could upload to directly (by presigned URLs, which the
+    /// server verifies before any commit may name the chunks; the default for such a
+    /// bank).
+    #[arg(long)]
+    pub no_direct_writes: bool,
+    /// Seconds a presigned URL for a direct chunk read or upload stays valid.
+    #[arg(long, default_value_t = 300, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=604800))]
+    pub direct_url_secs: u64,
+    /// For tests: URLs are made as if this many seconds ago (so they may be expired
+    /// when handed out).
+    #[arg(long, default_value_t = 0, value_name = "SECS", hide = true)]
+    pub direct_url_age_secs: u64,
 }
 
 pub fn run(bank_dir: &Path, args: Args, quiet: bool) -> Result<()> {
@@ -84,6 +102,12 @@ pub fn run(bank_dir: &Path, args: Args, quiet: bool) -> Result<()> {
             ..Default::default()
         },
         lan_sharing: args.lan_sharing,
+        direct_reads: !args.no_direct_reads,
+        direct_writes: !args.no_direct_writes,
+        direct_urls: mbank_server::DirectUrls {
+            valid: std::time::Duration::from_secs(args.direct_url_secs),
+            age: std::time::Duration::from_secs(args.direct_url_age_secs),
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -42,6 +42,8 @@ struct Served {
     port: u16,
     child: Option<Child>,
     log: PathBuf,
+    /// More options for `mbank serve`, from the next (re)start.
+    serve_args: Vec<String>,
 }
 
 const PASSWORDS: &[(&str, &str)] = &[("alice", "alice-secret-1"), ("bob", "bob-secret-22")];
@@ -95,6 +97,7 @@ impl Served {
             _tmp: tmp,
             port: 0,
             child: None,
+            serve_args: Vec::new(),
         };
         for (user, pw) in PASSWORDS {
             s.add_user(user, pw, &[]);
@@ -135,6 +138,7 @@ impl Served {
             .arg(&self.cert)
             .arg("--tls-key")
             .arg(&self.key);
+        c.args(&self.serve_args);
         c.stdout(Stdio::piped());
         c.stderr(
             fs::OpenOptions::new()
@@ -1476,4 +1480,438 @@ fn a_sessions_checkpoint_on_a_served_bank_is_protected_until_it_checks_in() {
     let done = a.stop();
     assert!(done.success(), "attach:\n{done}");
     alice.run(&["rm", &format!("alice/dev@{ck}")]).ok();
+}
+
+/// The counter `name` in the server's /metrics, read with `admin_token`.
+fn metric(s: &Served, admin_token: &str, name: &str) -> u64 {
+    let (code, m) = s.curl(Some(admin_token), "GET", "/metrics", None);
+    let m = String::from_utf8_lossy(&m).into_owned();
+    assert_eq!(code, 200, "{m}");
+    m.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{m}"))
+        .parse()
+        .unwrap()
+}
+
+/// The request bodies' sizes (`bytes_in`) of the logged requests to `path`.
+fn logged_bytes_in(log: &str, path: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains(&format!("path=\"{path}\"")) || l.contains(&format!("path={path} ")))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|f| f.strip_prefix("bytes_in="))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect()
+}
+
+/// alice's `POST /v1/chunks/urls` for `ids` (hex): (status, JSON answer).
+fn ask_urls(s: &Served, token: &str, ids: &[&str]) -> (u16, Value) {
+    let body: Vec<u8> = ids.iter().flat_map(|h| hex(h)).collect();
+    s.curl_json(Some(token), "POST", "/v1/chunks/urls", Some(&body))
+}
+
+/// A bank on Garage hands stations presigned URLs: an export and a station's reads
+/// fetch the chunk bytes straight from the object store (the server's bytes sent stay
+/// far below them); nobody gets a URL for another user's chunk (the same `null` as for
+/// an absent one); URLs that expired make the station ask again and then read through
+/// the server; `--no-direct-reads` turns them off.
+#[test]
+fn a_station_reads_a_garage_bank_by_direct_urls() {
+    need(&["qemu-img", "curl"]);
+    let cluster = garage::Cluster::start();
+    let mut s = Served::start_on(Some(&cluster));
+    s.add_user("ops", "ops-secret-4444", &["--admin"]);
+    s.try_login("ops", "ops-secret-4444", &[]).ok();
+    let ops = s.token("ops");
+    let alice = s.login("alice");
+    let bob = s.login("bob");
+    let img = image(12 * MIB, &[(0, 5 * MIB), (8 * MIB, 9 * MIB)], 31);
+    let nonzero = 6 * MIB as u64;
+    alice.import("alice/dev", &write_img(&alice, &img), &[]);
+    let img_b = image(4 * MIB, &[(0, 4 * MIB)], 32);
+    bob.import("bob/dev", &write_img(&bob, &img_b), &[]);
+
+    // An export: the chunks come from Garage, not through the server.
+    let sent = metric(&s, &ops, "mbank_sent_bytes_total");
+    assert_export(&alice, "alice/dev", &img, "an export by direct reads");
+    let through = metric(&s, &ops, "mbank_sent_bytes_total") - sent;
+    assert!(
+        through < nonzero / 10,
+        "the server sent {through} bytes for an export of {nonzero} bytes of chunks:\n{}",
+        s.server_log()
+    );
+    assert!(metric(&s, &ops, "mbank_chunk_urls_total") > 0);
+    assert!(logged_bytes_in(&s.server_log(), "/v1/chunks/get").is_empty());
+
+    // A station (empty cache) reading the whole disk over NBD: the same.
+    let sent = metric(&s, &ops, "mbank_sent_bytes_total");
+    let cache = s.root.join("cache-direct");
+    let mut a = alice.attach(&cache, "alice/dev", &["--read-only"]);
+    let copy = alice.file(&format!("read-{}.raw", unique()));
+    let r = tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &a.uri(),
+            &copy.display().to_string(),
+        ],
+    );
+    assert!(r.success(), "the read through the station:\n{r}");
+    assert_same_bytes(&fs::read(&copy).unwrap(), &img, "what the station read");
+    assert!(a.stop().success());
+    let through = metric(&s, &ops, "mbank_sent_bytes_total") - sent;
+    assert!(
+        through < nonzero / 10,
+        "the server sent {through} bytes to a station that read {nonzero} bytes of chunks"
+    );
+
+    // Isolation: for alice, bob's chunk and an absent one get the same null; her own
+    // gets a URL that works without any token.
+    let alice_token = s.token("alice");
+    let bobs = head_chunks(&s, "bob/dev");
+    let hers = head_chunks(&s, "alice/dev");
+    let absent = mbank_core::ChunkId::of(b"in no bank").to_hex();
+    let (code, v) = ask_urls(&s, &alice_token, &[&bobs[0], &absent, &hers[0]]);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["urls"][0], Value::Null, "bob's chunk: {v}");
+    assert_eq!(v["urls"][1], Value::Null, "an absent chunk: {v}");
+    let url = v["urls"][2]
+        .as_str()
+        .unwrap_or_else(|| panic!("no URL for her own chunk: {v}"));
+    assert!(
+        !url.contains(&s.url()),
+        "the URL is the object store's: {url}"
+    );
+    let o = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", url])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "200", "GET {url}");
+    let (code, v) = ask_urls(&s, &s.token("bob"), &[&bobs[0]]);
+    assert_eq!(code, 200, "{v}");
+    assert!(
+        v["urls"][0].is_string(),
+        "bob gets his own chunk's URL: {v}"
+    );
+
+    // URLs expired when handed out: the station asks again once per chunk, then reads
+    // through the server, and the read succeeds.
+    s.kill();
+    s.serve_args = ["--direct-url-secs", "60", "--direct-url-age-secs", "3600"]
+        .map(String::from)
+        .to_vec();
+    s.spawn();
+    let (code, v) = ask_urls(&s, &alice_token, &[&hers[0]]);
+    assert_eq!(code, 200, "{v}");
+    let url = v["urls"][0].as_str().unwrap();
+    let o = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", url])
+        .output()
+        .unwrap();
+    let code = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        code == "400" || code == "403",
+        "the object store refuses an expired URL (Garage: 400, AWS: 403), not {code}"
+    );
+    let before_urls: u64 = logged_bytes_in(&s.server_log(), "/v1/chunks/urls")
+        .iter()
+        .sum();
+    assert_export(
+        &alice,
+        "alice/dev",
+        &img,
+        "an export whose URLs had expired",
+    );
+    let log = s.server_log();
+    let urls: u64 = logged_bytes_in(&log, "/v1/chunks/urls").iter().sum::<u64>() - before_urls;
+    let got: u64 = logged_bytes_in(&log, "/v1/chunks/get").iter().sum();
+    assert!(
+        got > 0,
+        "the chunks came through the server at last:\n{log}"
+    );
+    assert_eq!(
+        urls,
+        2 * got,
+        "each chunk's URL was asked for twice before the server read it:\n{log}"
+    );
+
+    // Turned off: the query is answered as on a bank without an object store.
+    s.kill();
+    s.serve_args = vec!["--no-direct-reads".into()];
+    s.spawn();
+    let (code, v) = ask_urls(&s, &alice_token, &[&hers[0]]);
+    assert_eq!(
+        (code, v["kind"].as_str()),
+        (404, Some("no_direct_reads")),
+        "{v}"
+    );
+    assert_export(&alice, "alice/dev", &img, "an export through the server");
+}
+
+/// A bank on a directory has no direct URLs: the query says so, and clients read
+/// through the server as before.
+#[test]
+fn a_bank_on_a_directory_offers_no_direct_urls() {
+    let s = Served::start();
+    let alice = s.login("alice");
+    let img = image(2 * MIB, &[(0, MIB)], 33);
+    alice.import("alice/dev", &write_img(&alice, &img), &[]);
+    let hers = head_chunks(&s, "alice/dev");
+    let (code, v) = ask_urls(&s, &s.token("alice"), &[&hers[0]]);
+    assert_eq!(
+        (code, v["kind"].as_str()),
+        (404, Some("no_direct_reads")),
+        "{v}"
+    );
+    let id: mbank_core::ChunkId = hers[0].parse().unwrap();
+    let list = mbank_remote::wire::upload_list_body(&[mbank_remote::wire::Upload::of(id, b"x")]);
+    let (code, v) = s.curl_json(
+        Some(&s.token("alice")),
+        "POST",
+        "/v1/chunks/upload-urls",
+        Some(&list),
+    );
+    assert_eq!(
+        (code, v["kind"].as_str()),
+        (404, Some("no_direct_writes")),
+        "{v}"
+    );
+    assert_export(&alice, "alice/dev", &img, "an export from a directory bank");
+    let log = s.server_log();
+    assert_eq!(
+        logged_bytes_in(&log, "/v1/chunks/urls").len(),
+        2,
+        "the client asked once:\n{log}"
+    );
+    assert!(!logged_bytes_in(&log, "/v1/chunks/get").is_empty());
+}
+
+/// `POST /v1/chunks/upload-urls` then `confirm` for `(id, bytes)` with curl as `token`:
+/// the URL's answer to the PUT of `bytes`, and the confirmation's (status, JSON).
+fn upload_direct(
+    s: &Served,
+    token: &str,
+    id: &mbank_core::ChunkId,
+    bytes: &[u8],
+) -> (String, (u16, Value)) {
+    let sha = mbank_store::sha256(bytes);
+    let list = mbank_remote::wire::upload_list_body(&[mbank_remote::wire::Upload::of(*id, bytes)]);
+    let (code, v) = s.curl_json(Some(token), "POST", "/v1/chunks/upload-urls", Some(&list));
+    assert_eq!(code, 200, "{v}");
+    let url = v["urls"][0].as_str().unwrap().to_string();
+    let f = s.root.join(format!("put-{}.bin", unique()));
+    fs::write(&f, bytes).unwrap();
+    let o = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "PUT",
+            "-H",
+        ])
+        .arg(format!(
+            "{}: {}",
+            mbank_store::CHECKSUM_HEADER,
+            mbank_store::base64(&sha)
+        ))
+        .arg("--data-binary")
+        .arg(format!("@{}", f.display()))
+        .arg(&url)
+        .output()
+        .unwrap();
+    let put = String::from_utf8_lossy(&o.stdout).into_owned();
+    (
+        put,
+        s.curl_json(Some(token), "POST", "/v1/chunks/confirm", Some(&list)),
+    )
+}
+
+/// A bank on Garage takes uploads by presigned URLs: an import's chunk bytes go
+/// straight to the object store (the server receives far fewer bytes than it stores),
+/// and the server verifies each before a commit may name it; a presigned upload of
+/// wrong bytes is refused at the confirmation, is not stored, and a commit naming the
+/// chunk is refused.
+#[test]
+fn a_station_uploads_to_a_garage_bank_by_direct_urls() {
+    let cluster = garage::Cluster::start();
+    let s = Served::start_on(Some(&cluster));
+    s.add_user("ops", "ops-secret-4444", &["--admin"]);
+    s.try_login("ops", "ops-secret-4444", &[]).ok();
+    let ops = s.token("ops");
+    let alice = s.login("alice");
+    let img = image(12 * MIB, &[(0, 5 * MIB), (8 * MIB, 9 * MIB)], 41);
+    let nonzero = 6 * MIB as u64;
+    let p = write_img(&alice, &img);
+    let received = metric(&s, &ops, "mbank_received_bytes_total");
+    alice.import("alice/dev", &p, &[]);
+    let through = metric(&s, &ops, "mbank_received_bytes_total") - received;
+    assert!(
+        through < nonzero / 10,
+        "the server received {through} bytes for an import of {nonzero} bytes of chunks:\n{}",
+        s.server_log()
+    );
+    assert!(metric(&s, &ops, "mbank_chunks_confirmed_total") >= 90);
+    assert_export(&alice, "alice/dev", &img, "an import by direct uploads");
+    let r = s.local(&["verify", "--json"]);
+    assert!(r.success(), "{r}");
+
+    // Wrong bytes under a chunk's id: the object store takes them (they are what the
+    // URL was asked for), the confirmation refuses them, and nothing names the chunk.
+    let token = s.token("alice");
+    let x = mbank_core::chunk::encode(&random_bytes(64 * KIB, 42), 3);
+    let other = mbank_core::chunk::encode(&random_bytes(64 * KIB, 43), 3);
+    let (put, (code, v)) = upload_direct(&s, &token, &x.id, &other.bytes);
+    assert_eq!(put, "200", "the PUT of the bytes the URL was made for");
+    assert_eq!((code, v["kind"].as_str()), (422, Some("bad_chunk")), "{v}");
+    let store = cluster.store();
+    assert!(
+        !mbank_store::ChunkStore::touch(&store, &x.id).unwrap(),
+        "the wrong bytes are not stored under the chunk's name"
+    );
+    let body = steal_commit(&s, "alice/dev", &x.id.to_hex());
+    let (code, v) = s.curl_json(
+        Some(&token),
+        "POST",
+        "/v1/machines/alice/dev/versions",
+        Some(&body),
+    );
+    assert_eq!(code, 400, "a commit naming the refused chunk: {v}");
+    // Bytes other than those the URL was made for: the object store refuses them.
+    let sha = mbank_store::sha256(&x.bytes);
+    let list =
+        mbank_remote::wire::upload_list_body(&[mbank_remote::wire::Upload::of(x.id, &x.bytes)]);
+    let (_, v) = s.curl_json(Some(&token), "POST", "/v1/chunks/upload-urls", Some(&list));
+    let url = v["urls"][0].as_str().unwrap();
+    let f = s.root.join("wrong.bin");
+    fs::write(&f, &other.bytes).unwrap();
+    let o = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "PUT",
+            "-H",
+        ])
+        .arg(format!(
+            "{}: {}",
+            mbank_store::CHECKSUM_HEADER,
+            mbank_store::base64(&sha)
+        ))
+        .arg("--data-binary")
+        .arg(format!("@{}", f.display()))
+        .arg(url)
+        .output()
+        .unwrap();
+    let code = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        code == "400" || code == "403",
+        "bytes other than the URL's are refused (InvalidDigest, or a signature mismatch when their length differs), not {code}"
+    );
+
+    // The right bytes: confirmed, stored, and then a commit may name the chunk.
+    let (put, (code, v)) = upload_direct(&s, &token, &x.id, &x.bytes);
+    assert_eq!(put, "200");
+    assert_eq!(code, 200, "{v}");
+    assert!(mbank_store::ChunkStore::touch(&store, &x.id).unwrap());
+    let (code, v) = s.curl_json(
+        Some(&token),
+        "POST",
+        "/v1/machines/alice/dev/versions",
+        Some(&body),
+    );
+    assert_eq!(code, 200, "a commit naming the confirmed chunk: {v}");
+
+    // Uploads handed out count against the quota before they are confirmed.
+    s.add_user("carol", "carol-secret-333", &["--quota", "100K"]);
+    s.try_login("carol", "carol-secret-333", &[]).ok();
+    let two = [x, other].map(|c| mbank_remote::wire::Upload::of(c.id, &c.bytes));
+    let (code, v) = s.curl_json(
+        Some(&s.token("carol")),
+        "POST",
+        "/v1/chunks/upload-urls",
+        Some(&mbank_remote::wire::upload_list_body(&two)),
+    );
+    assert_eq!(
+        (code, v["kind"].as_str()),
+        (507, Some("quota_exceeded")),
+        "{v}"
+    );
+    let (code, v) = s.curl_json(
+        Some(&s.token("carol")),
+        "POST",
+        "/v1/chunks/upload-urls",
+        Some(&mbank_remote::wire::upload_list_body(&two[..1])),
+    );
+    assert_eq!(code, 200, "one fits: {v}");
+    let (code, v) = s.curl_json(
+        Some(&s.token("carol")),
+        "POST",
+        "/v1/chunks/upload-urls",
+        Some(&mbank_remote::wire::upload_list_body(&two[1..])),
+    );
+    assert_eq!(
+        (code, v["kind"].as_str()),
+        (507, Some("quota_exceeded")),
+        "the first, handed out, still counts: {v}"
+    );
+
+    // An upload never confirmed stays staged until gc finds it older than its cutoff
+    // (the start of the oldest writer, else now, less a second).
+    let y = mbank_core::chunk::encode(&random_bytes(64 * KIB, 44), 3);
+    let sha = mbank_store::sha256(&y.bytes);
+    let list =
+        mbank_remote::wire::upload_list_body(&[mbank_remote::wire::Upload::of(y.id, &y.bytes)]);
+    let (_, v) = s.curl_json(Some(&token), "POST", "/v1/chunks/upload-urls", Some(&list));
+    let f = s.root.join("staged.bin");
+    fs::write(&f, &y.bytes).unwrap();
+    let o = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "PUT",
+            "-H",
+        ])
+        .arg(format!(
+            "{}: {}",
+            mbank_store::CHECKSUM_HEADER,
+            mbank_store::base64(&sha)
+        ))
+        .arg("--data-binary")
+        .arg(format!("@{}", f.display()))
+        .arg(v["urls"][0].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "200");
+    let staging = mbank_store::ChunkStore::staging(&store).unwrap();
+    assert!(staging.read_staged(&sha).unwrap().is_some());
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let r = s.local(&["gc"]);
+        assert!(r.success(), "{r}");
+        if staging.read_staged(&sha).unwrap().is_none() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "gc left a stale staged upload"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert!(!mbank_store::ChunkStore::touch(&store, &y.id).unwrap());
 }
