@@ -49,6 +49,9 @@
 #
 # BENCH_BOOT_UPLINK (1gbit, 100mbit; default none) shapes the server's own link too: the
 # lab's one uplink to the bank, which all stations share (`lab-net.sh --uplink`).
+# BENCH_BOOT_SERVE_ARGS: more options for `mbank serve` (e.g. --no-direct-reads, for a
+# bank on Garage whose stations then read every chunk through the server). The replay
+# rounds report what the server sent (its metrics, `mbank_sent_bytes_total`).
 #
 # Env: MBANK (binary; else a release build, in CARGO_TARGET_DIR if set),
 # BENCH_USER_MIB, BENCH_BOOT_SERIES, BENCH_BOOT_CONCURRENT, BENCH_BOOT_REPLAY. Everything (server, Garage,
@@ -141,8 +144,11 @@ lab_up() { # lab_up STORE PROFILE STATIONS: the lab, a bank on STORE, its server
     STORED=$(jget "$T/import.json" bytes_stored)
     in_srv "$MBANK" -q --bank "$BANK" admin publish lab/base >/dev/null
     printf 'bench-password-boot\n' | in_srv "$MBANK" -q --bank "$BANK" admin user add bench --password-stdin >/dev/null
+    printf 'bench-password-adm\n' | in_srv "$MBANK" -q --bank "$BANK" admin user add benchadm --admin --password-stdin >/dev/null
     : >"$out"
-    in_srv "$MBANK" -q --bank "$BANK" serve --listen "$MBANK_LAB_SERVER_ADDR:0" --lan-sharing \
+    local extra=()
+    read -r -a extra <<<"${BENCH_BOOT_SERVE_ARGS:-}"
+    in_srv "$MBANK" -q --bank "$BANK" serve --listen "$MBANK_LAB_SERVER_ADDR:0" --lan-sharing "${extra[@]}" \
         --tls-cert "$T/cert.pem" --tls-key "$T/key.pem" >"$out" 2>>"$T/serve.log" &
     SERVER_PID=$!
     URL=
@@ -158,8 +164,26 @@ lab_up() { # lab_up STORE PROFILE STATIONS: the lab, a bank on STORE, its server
         printf 'bench-password-boot\n' | in_st "$i" "$MBANK" -q login "$URL" --user bench \
             --password-stdin --ca-cert "$T/ca.pem" >/dev/null
     done
+    rm -rf "$T/cfg-adm"
+    printf 'bench-password-adm\n' | ip netns exec "$(st_ns 1)" env XDG_CONFIG_HOME="$T/cfg-adm" \
+        "$MBANK" -q login "$URL" --user benchadm --password-stdin --ca-cert "$T/ca.pem" >/dev/null
 }
 lab_end() { serve_stop; lab_down; }
+sent_bytes() { # what the server sent so far: its metrics, read with the administrator's token
+    local token
+    token=$(python3 -c 'import json,sys
+def f(v):
+    if isinstance(v, dict):
+        if isinstance(v.get("token"), str): return v["token"]
+        v = list(v.values())
+    if isinstance(v, list):
+        for x in v:
+            t = f(x)
+            if t: return t
+print(f(json.load(open(sys.argv[1]))))' "$T/cfg-adm/mbank/credentials.json")
+    ip netns exec "$(st_ns 1)" curl -sS --cacert "$T/ca.pem" -H "Authorization: Bearer $token" "$URL/metrics" |
+        awk '$1 == "mbank_sent_bytes_total" { print $2 }'
+}
 
 forks() { # forks TAG N [PREFIX]: bench/PREFIX1..N (default pc; station k forks its own) and bench/alone, timed
     local k s t all="" pre=${3:-pc}
@@ -367,6 +391,8 @@ lan_round() { # lan_round TAG N: N replays at once with station 1's cache as the
     for ((k = 1; k <= n; k++)); do attach_start "$p-lan-$k" "$k" "bench/lpc$k" "$T/cache-$p-lan-$k"; done
     PEERS_ENV=
     declare -A LPID=()
+    local sent0 sent1
+    sent0=$(sent_bytes)
     s=$(now)
     for ((k = 1; k <= n; k++)); do
         (
@@ -376,6 +402,7 @@ lan_round() { # lan_round TAG N: N replays at once with station 1's cache as the
         LPID[$k]=$!
     done
     for ((k = 1; k <= n; k++)); do wait "${LPID[$k]}" || die "replay $k of $n (LAN) failed"; done
+    sent1=$(sent_bytes)
     for ((k = 1; k <= n; k++)); do
         SECS[$p-lan-$k]=$(cat "$T/$p-lan-$k.secs")
         attach_stop "$p-lan-$k"
@@ -397,10 +424,10 @@ lan_round() { # lan_round TAG N: N replays at once with station 1's cache as the
         head_rows
         for ((k = 1; k <= n; k++)); do row "station $k of $n (replay, LAN sharing)" "$p-lan-$k"; done
         echo
-        printf -- '- per station: mean %.1f MiB fetched (alone %.1f: %.2f×); slowest replay %.1f s; the peer served %.1f MiB of the %.1f MiB the stations fetched (%.0f%%): the bank server sent %.1f MiB of chunks\n' \
+        printf -- '- per station: mean %.1f MiB fetched (alone %.1f: %.2f×); slowest replay %.1f s; the peer served %.1f MiB of the %.1f MiB the stations fetched (%.0f%%): the bank server sent %.1f MiB (its metrics)\n' \
             "$(calc "$tot / $n / 1048576")" "$(calc "$(bytes "$p-alone") / 1048576")" \
             "$(calc "$tot / $n / $(bytes "$p-alone")")" "$maxs" "$(calc "$served / 1048576")" \
-            "$(calc "$tot / 1048576")" "$(calc "100 * $served / $tot")" "$(calc "($tot - $served) / 1048576")"
+            "$(calc "$tot / 1048576")" "$(calc "100 * $served / $tot")" "$(calc "($sent1 - $sent0) / 1048576")"
         echo
     } >>"$REPORT"
 }
@@ -436,6 +463,7 @@ PY
     for ((k = 1; k <= n; k++)); do attach_start "$p-$k" "$k" "bench/pc$k" "$T/cache-$p-$k"; done
     log "  $n replays at once"
     declare -A QPID=()
+    sent0=$(sent_bytes)
     s=$(now)
     for ((k = 1; k <= n; k++)); do
         (
@@ -445,6 +473,7 @@ PY
         QPID[$k]=$!
     done
     for ((k = 1; k <= n; k++)); do wait "${QPID[$k]}" || die "replay $k of $n failed"; done
+    sent1=$(sent_bytes)
     for ((k = 1; k <= n; k++)); do
         SECS[$p-$k]=$(cat "$T/$p-$k.secs")
         attach_stop "$p-$k"
@@ -474,6 +503,8 @@ PY
             "$(calc "$tot / $n / 1048576")" "$(calc "$(bytes "$p-alone") / 1048576")" \
             "$(calc "$tot / $n / $(bytes "$p-alone")")" "$maxm" "$(misses "$p-alone")" "$maxw" \
             "$(jget "$T/$p-alone.json" stats.miss_wait_seconds)" "$maxs" "${SECS[$p-alone]}"
+        printf -- '- the bank server sent %.1f MiB during the %s replays (its metrics: chunks, indexes, answers)%s\n' \
+            "$(calc "($sent1 - $sent0) / 1048576")" "$n" "${BENCH_BOOT_SERVE_ARGS:+; serve $BENCH_BOOT_SERVE_ARGS}"
         echo "- $FORKS_NOTE"
         echo
     } >>"$REPORT"

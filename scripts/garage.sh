@@ -16,7 +16,9 @@
 #
 # The printed lines: GARAGE_ENDPOINTS (the nodes' S3 URLs, space-separated),
 # GARAGE_ENDPOINT_N, GARAGE_REGION, GARAGE_BUCKET, AWS_ACCESS_KEY_ID,
-# AWS_SECRET_ACCESS_KEY, GARAGE_PID_N. Ports are picked free at start.
+# AWS_SECRET_ACCESS_KEY, GARAGE_PID_N. Ports are picked free at start. The S3 API
+# listens on GARAGE_S3_HOST (default 127.0.0.1), which the endpoints name: a lab gives
+# its server's address, so that stations reach the store too.
 set -euo pipefail
 
 GARAGE_VERSION=${GARAGE_VERSION:-2.5.0}
@@ -145,7 +147,7 @@ rpc_secret = "$secret"
 bootstrap_peers = []
 
 [s3_api]
-api_bind_addr = "127.0.0.1:$s3"
+api_bind_addr = "${GARAGE_S3_HOST:-127.0.0.1}:$s3"
 s3_region = "garage"
 root_domain = ".s3.garage.localhost"
 
@@ -178,7 +180,7 @@ TOML
     for n in "${nodes[@]}"; do wait_healthy "$n"; done
     {
         local eps=()
-        for n in "${nodes[@]}"; do eps+=("http://127.0.0.1:$(cat "$dir/node$n/s3_port")"); done
+        for n in "${nodes[@]}"; do eps+=("http://${GARAGE_S3_HOST:-127.0.0.1}:$(cat "$dir/node$n/s3_port")"); done
         echo "GARAGE_ENDPOINTS='${eps[*]}'"
         for n in "${nodes[@]}"; do echo "GARAGE_ENDPOINT_$n=${eps[n - 1]}"; done
         echo "GARAGE_REGION=garage"

@@ -51,11 +51,12 @@ Options:
                    station's link, both directions
   --store S        where the bank server's chunks go: dir (default; the bank
                    directory) or garage: a three-node Garage cluster (scripts/garage.sh,
-                   replication 3, fsync on) started in the server's namespace, on
-                   its loopback, with its data in $TMPDIR/NAME-garage. In the server's
-                   namespace because that is where its store is in a lab: beside the
-                   bank server, off the stations' shaped links; and because only there
-                   does its 127.0.0.1 reach it (the host's loopback is another). Make
+                   replication 3, fsync on) started in the server's namespace, its
+                   S3 API on the server's address 10.77.0.1 (stations read the store
+                   directly by the URLs the server hands out), its data in
+                   $TMPDIR/NAME-garage. In the server's namespace because that is
+                   where its store is in a lab: beside the bank server, behind the
+                   same uplink (the host's loopback is another). Make
                    the bank in that namespace (`exec srv -- mbank init --store
                    $MBANK_LAB_STORE_URL`), with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY
                    from the environment below. Needs garage (scripts/garage.sh install).
@@ -234,7 +235,7 @@ garage_up() {
     local dir env eps
     dir=$(garage_dir)
     rm -rf "$dir"
-    env=$(ip netns exec "$NAME-srv" "$(dirname "$SELF")/garage.sh" start "$dir") ||
+    env=$(ip netns exec "$NAME-srv" env GARAGE_S3_HOST=10.77.0.1 "$(dirname "$SELF")/garage.sh" start "$dir") ||
         die "could not start the Garage cluster in $NAME-srv (see $dir/node*/log)"
     eps=$(sed -n "s/^GARAGE_ENDPOINTS='\(.*\)'\$/\1/p" <<<"$env" | tr ' ' ',')
     [[ -n $eps ]] || die "garage.sh start printed no endpoints:\n$env"
