@@ -601,6 +601,27 @@ impl ChunkStore for S3Store {
         Ok(chunk.bytes.len() as u64)
     }
 
+    /// Puts run in parallel, [`TOUCH_THREADS`] at a time: each is a round trip and a
+    /// durable write on the store's nodes (a bank server stores an upload's batch so).
+    fn put_many(&self, chunks: &[EncodedChunk]) -> Result<Vec<u64>, StoreError> {
+        if chunks.len() <= 1 {
+            return chunks.iter().map(|c| self.put(c)).collect();
+        }
+        let per = chunks.len().div_ceil(TOUCH_THREADS);
+        std::thread::scope(|s| {
+            let parts: Vec<_> = chunks
+                .chunks(per)
+                .map(|part| s.spawn(move || part.iter().map(|c| self.put(c)).collect()))
+                .collect();
+            let mut out = Vec::with_capacity(chunks.len());
+            for p in parts {
+                let r: Result<Vec<u64>, StoreError> = p.join().expect("a put thread panicked");
+                out.extend(r?);
+            }
+            Ok(out)
+        })
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         // Every put is durable when it returns (module docs).
         Ok(())

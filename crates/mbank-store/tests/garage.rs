@@ -369,4 +369,19 @@ fn s3_store_on_a_three_node_garage_cluster() {
     drop(proxy);
 
     phase("batch reads");
+    // A batch goes up in parallel: every chunk there, sizes in order.
+    let batch: Vec<_> = (0..40u64)
+        .map(|i| encode(&noise(4096 + i as usize * 7, 100 + i), DEFAULT_ZSTD_LEVEL))
+        .collect();
+    let sizes = store.put_many(&batch).unwrap();
+    assert_eq!(
+        sizes,
+        batch
+            .iter()
+            .map(|c| c.bytes.len() as u64)
+            .collect::<Vec<_>>()
+    );
+    let ids: Vec<_> = batch.iter().map(|c| c.id).collect();
+    assert!(store.touch_many(&ids).unwrap().iter().all(|h| *h));
+    assert_eq!(store.read(&ids[39]).unwrap(), noise(4096 + 39 * 7, 139));
 }
