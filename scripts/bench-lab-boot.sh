@@ -388,11 +388,12 @@ lan_round() { # lan_round TAG N: N replays at once with station 1's cache as the
     log "  LAN sharing: station 1's cache served on $addr; $n new forks"
     forks "$p-lan" "$n" lpc
     PEERS_ENV=$addr
+    local sent0 sent1
+    # Before the attaches: each starts fetching its working set at once.
+    sent0=$(sent_bytes)
     for ((k = 1; k <= n; k++)); do attach_start "$p-lan-$k" "$k" "bench/lpc$k" "$T/cache-$p-lan-$k"; done
     PEERS_ENV=
     declare -A LPID=()
-    local sent0 sent1
-    sent0=$(sent_bytes)
     s=$(now)
     for ((k = 1; k <= n; k++)); do
         (
@@ -402,12 +403,12 @@ lan_round() { # lan_round TAG N: N replays at once with station 1's cache as the
         LPID[$k]=$!
     done
     for ((k = 1; k <= n; k++)); do wait "${LPID[$k]}" || die "replay $k of $n (LAN) failed"; done
-    sent1=$(sent_bytes)
     for ((k = 1; k <= n; k++)); do
         SECS[$p-lan-$k]=$(cat "$T/$p-lan-$k.secs")
         attach_stop "$p-lan-$k"
         log "  station $k (LAN): $(printf %.1f "${SECS[$p-lan-$k]}") s, $(stats_of "$p-lan-$k")"
     done
+    sent1=$(sent_bytes)
     ip netns exec "$(st_ns 1)" curl -sS "http://$addr/v1/peer/stats" >"$T/peer-stats.json" ||
         die "cannot read the peer's statistics"
     kill -TERM "$peer_pid" 2>/dev/null || true
@@ -460,10 +461,11 @@ PY
     SECS[$p-alone]=$(calc "$(now) - $s")
     attach_stop "$p-alone"
     log "  alone: $(printf %.1f "${SECS[$p-alone]}") s, $(stats_of "$p-alone")"
+    # Before the attaches: each starts fetching its working set at once.
+    sent0=$(sent_bytes)
     for ((k = 1; k <= n; k++)); do attach_start "$p-$k" "$k" "bench/pc$k" "$T/cache-$p-$k"; done
     log "  $n replays at once"
     declare -A QPID=()
-    sent0=$(sent_bytes)
     s=$(now)
     for ((k = 1; k <= n; k++)); do
         (
@@ -473,12 +475,13 @@ PY
         QPID[$k]=$!
     done
     for ((k = 1; k <= n; k++)); do wait "${QPID[$k]}" || die "replay $k of $n failed"; done
-    sent1=$(sent_bytes)
     for ((k = 1; k <= n; k++)); do
         SECS[$p-$k]=$(cat "$T/$p-$k.secs")
         attach_stop "$p-$k"
         log "  station $k: $(printf %.1f "${SECS[$p-$k]}") s, $(stats_of "$p-$k")"
     done
+    # After the check-ins.
+    sent1=$(sent_bytes)
     {
         echo "### $profile, chunks in $store: $n stations replaying one boot's $nreads disk reads at once (no QEMU)${BENCH_BOOT_UPLINK:+, server uplink $BENCH_BOOT_UPLINK}"
         echo
@@ -503,7 +506,7 @@ PY
             "$(calc "$tot / $n / 1048576")" "$(calc "$(bytes "$p-alone") / 1048576")" \
             "$(calc "$tot / $n / $(bytes "$p-alone")")" "$maxm" "$(misses "$p-alone")" "$maxw" \
             "$(jget "$T/$p-alone.json" stats.miss_wait_seconds)" "$maxs" "${SECS[$p-alone]}"
-        printf -- '- the bank server sent %.1f MiB during the %s replays (its metrics: chunks, indexes, answers)%s\n' \
+        printf -- '- the bank server sent %.1f MiB from the start of the %s sessions to their check-ins (its metrics: chunks as stored, indexes, answers)%s\n' \
             "$(calc "($sent1 - $sent0) / 1048576")" "$n" "${BENCH_BOOT_SERVE_ARGS:+; serve $BENCH_BOOT_SERVE_ARGS}"
         echo "- $FORKS_NOTE"
         echo
