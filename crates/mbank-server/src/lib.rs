@@ -2032,9 +2032,7 @@ async fn confirm_uploads(
             }
         }
         let discard_all = || {
-            for u in &list {
-                let _ = staging.discard(&u.sha256);
-            }
+            let _ = in_parallel(list.len(), CONFIRM_READS, |i| staging.discard(&list[i].sha256));
         };
         let bad = |id: &ChunkId, why: String| {
             let mut a = ApiError::new(
@@ -2095,10 +2093,11 @@ async fn confirm_uploads(
         }
         let refs: Vec<(ChunkId, &[u8])> = parts.iter().map(|(id, b)| (*id, &b[..])).collect();
         let stored = record_and_store(app, user, &refs, |fresh| {
-            for &i in fresh {
-                staging.promote(&list[i].sha256, &list[i].id)?;
-            }
-            Ok(())
+            in_parallel(fresh.len(), CONFIRM_READS, |k| {
+                let i = fresh[k];
+                staging.promote(&list[i].sha256, &list[i].id)
+            })
+            .map_err(ApiError::from)
         });
         // Staged copies of chunks the bank already had, or of a refused list.
         discard_all();
@@ -2109,6 +2108,39 @@ async fn confirm_uploads(
         Ok(json(&wire::StoredMany { bytes: sizes }))
     })
     .await
+}
+
+/// Runs `f(0..n)` on up to `threads` threads (each a round trip to the object store:
+/// a confirm's copies and removals); the first error, after all have run.
+fn in_parallel<E: Send>(
+    n: usize,
+    threads: usize,
+    f: impl Fn(usize) -> Result<(), E> + Sync,
+) -> Result<(), E> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let first: Mutex<Option<E>> = Mutex::new(None);
+    std::thread::scope(|sc| {
+        for _ in 0..threads.min(n) {
+            sc.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Relaxed);
+                    if i >= n {
+                        return;
+                    }
+                    if let Err(e) = f(i) {
+                        first
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    match first.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// About how many bytes of an answer to `POST /v1/chunks/get` go to the connection at
