@@ -567,6 +567,7 @@ impl MemImage {
             faults_waited: l(&s.faults_waited),
             prefetched: l(&s.prefetched),
             read_ahead: l(&s.read_ahead),
+            reads_in_flight: l(&s.reads_in_flight),
             fetch_errors: l(&s.fetch_errors),
             reads: l(&s.reads),
             bytes_read: l(&s.bytes_read),

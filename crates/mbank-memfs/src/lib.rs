@@ -189,6 +189,9 @@ pub struct Counters {
     pub prefetched: u64,
     /// Chunks fetched by read-ahead, in the batch of a sequential fault.
     pub read_ahead: u64,
+    /// Reads being served now: a guest stalled on a fetch (an unreachable bank) shows
+    /// here.
+    pub reads_in_flight: u64,
     /// Fetches that failed.
     pub fetch_errors: u64,
     /// Read requests served.

@@ -155,6 +155,8 @@ pub struct RamStats {
     pub bytes_fetched: u64,
     /// Fault reads and partial writes that waited for a fetch.
     pub faults_waited: u64,
+    /// Fault reads being served now (a guest stalled on an unreachable bank shows here).
+    pub faults_in_flight: u64,
     /// Chunks fetched ahead of the guest by the replay of the recorded working set.
     pub chunks_prefetched: u64,
     /// Chunks fetched by read-ahead with a sequential fault (in the fault's batch).
@@ -190,6 +192,7 @@ impl RamStatsHandle {
             chunks_fetched: c.chunks_fetched,
             bytes_fetched: c.bytes_fetched,
             faults_waited: c.faults_waited,
+            faults_in_flight: c.reads_in_flight,
             chunks_prefetched: c.prefetched,
             chunks_read_ahead: c.read_ahead,
             chunks_dirty: c.dirty_chunks,

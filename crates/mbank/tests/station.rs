@@ -1896,6 +1896,15 @@ fn attaches_go_on_while_recover_runs_in_a_loop() {
             }
             n
         });
+        // The loop stops when the rounds end, also when one fails (a failed round
+        // would otherwise wait for the loop forever).
+        struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let guard = Stop(&stop);
         for i in 0..rounds {
             let mut a = bank.attach(&cache, "alice/dev", &["--json"]);
             let data = common::random_bytes(4 * KIB, 500 + i);
@@ -1903,7 +1912,7 @@ fn attaches_go_on_while_recover_runs_in_a_loop() {
             let j = report(&a.stop().ok());
             assert!(j["version"].is_string(), "round {i}: {j}");
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(guard);
         looper.join().unwrap()
     });
     assert!(recovers > 0);

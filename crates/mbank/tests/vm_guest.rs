@@ -468,8 +468,10 @@ impl OnPty {
         }
     }
 
+    /// The counter's values in the complete lines so far (the last may be arriving).
     fn counters(&self) -> Vec<u64> {
-        self.text()
+        let t = self.text();
+        t[..t.rfind('\n').map_or(0, |i| i + 1)]
             .lines()
             .filter_map(|l| l.trim().strip_prefix("MBANK-COUNTER "))
             .filter_map(|n| n.trim().parse().ok())

@@ -322,9 +322,12 @@ impl Running {
         }
     }
 
-    /// Lines of the console that start with `marker` (the rest of each, trimmed).
+    /// Complete lines of the console that start with `marker` (the rest of each,
+    /// trimmed). A last line without its end of line is still arriving: left out.
     pub fn lines(&self, marker: &str) -> Vec<String> {
-        self.stdout()
+        let out = self.stdout();
+        let complete = &out[..out.rfind('\n').map_or(0, |i| i + 1)];
+        complete
             .lines()
             .filter_map(|l| l.trim().strip_prefix(marker))
             .map(|r| r.trim().to_string())
@@ -367,10 +370,9 @@ impl Running {
     }
 
     pub fn counters(&self) -> Vec<u64> {
-        self.stdout()
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("MBANK-COUNTER "))
-            .filter_map(|n| n.trim().parse().ok())
+        self.lines("MBANK-COUNTER ")
+            .iter()
+            .filter_map(|n| n.parse().ok())
             .collect()
     }
 }
