@@ -587,6 +587,30 @@ impl crate::Staging for S3Store {
     }
 }
 
+/// `f` of each of `items`, in order, on up to [`TOUCH_THREADS`] threads, each taking a
+/// run of them (one item: no thread); the first error.
+fn split_parallel<T: Sync, R: Send>(
+    items: &[T],
+    f: impl Fn(&T) -> Result<R, StoreError> + Sync,
+) -> Result<Vec<R>, StoreError> {
+    if items.len() <= 1 {
+        return items.iter().map(&f).collect();
+    }
+    let per = items.len().div_ceil(TOUCH_THREADS);
+    let f = &f;
+    std::thread::scope(|s| {
+        let parts: Vec<_> = items
+            .chunks(per)
+            .map(|part| s.spawn(move || part.iter().map(f).collect::<Result<Vec<R>, _>>()))
+            .collect();
+        let mut out = Vec::with_capacity(items.len());
+        for p in parts {
+            out.extend(p.join().expect("a store thread panicked")?);
+        }
+        Ok(out)
+    })
+}
+
 fn staged_key(sha256: &[u8; 32]) -> String {
     format!("{UPLOAD_PREFIX}{}", hex(sha256))
 }
@@ -601,25 +625,10 @@ impl ChunkStore for S3Store {
         Ok(chunk.bytes.len() as u64)
     }
 
-    /// Puts run in parallel, [`TOUCH_THREADS`] at a time: each is a round trip and a
-    /// durable write on the store's nodes (a bank server stores an upload's batch so).
+    /// Puts run in parallel ([`split_parallel`]): each is a round trip and a durable
+    /// write on the store's nodes (a bank server stores an upload's batch so).
     fn put_many(&self, chunks: &[EncodedChunk]) -> Result<Vec<u64>, StoreError> {
-        if chunks.len() <= 1 {
-            return chunks.iter().map(|c| self.put(c)).collect();
-        }
-        let per = chunks.len().div_ceil(TOUCH_THREADS);
-        std::thread::scope(|s| {
-            let parts: Vec<_> = chunks
-                .chunks(per)
-                .map(|part| s.spawn(move || part.iter().map(|c| self.put(c)).collect()))
-                .collect();
-            let mut out = Vec::with_capacity(chunks.len());
-            for p in parts {
-                let r: Result<Vec<u64>, StoreError> = p.join().expect("a put thread panicked");
-                out.extend(r?);
-            }
-            Ok(out)
-        })
+        split_parallel(chunks, |c| self.put(c))
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -636,25 +645,11 @@ impl ChunkStore for S3Store {
         self.copy("touch chunk", &key, &key)
     }
 
-    /// Touches run in parallel: each is a round trip (a copy of the object onto
-    /// itself), and a fork or a server's `have` query asks about thousands.
+    /// Touches run in parallel ([`split_parallel`]): each is a round trip (a copy of
+    /// the object onto itself), and a fork or a server's `have` query asks about
+    /// thousands.
     fn touch_many(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
-        if ids.len() <= 1 {
-            return ids.iter().map(|id| self.touch(id)).collect();
-        }
-        let per = ids.len().div_ceil(TOUCH_THREADS);
-        std::thread::scope(|s| {
-            let parts: Vec<_> = ids
-                .chunks(per)
-                .map(|part| s.spawn(move || part.iter().map(|id| self.touch(id)).collect()))
-                .collect();
-            let mut out = Vec::with_capacity(ids.len());
-            for p in parts {
-                let r: Result<Vec<bool>, StoreError> = p.join().expect("a touch thread panicked");
-                out.extend(r?);
-            }
-            Ok(out)
-        })
+        split_parallel(ids, |id| self.touch(id))
     }
 
     fn get_raw(&self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {

@@ -17,8 +17,8 @@ import time
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
 URL, SHOTS = sys.argv[1].rstrip("/"), sys.argv[2]
@@ -52,7 +52,22 @@ def click(element):
     (a click does not wait for the navigation it starts)."""
     old = driver.find_element(By.TAG_NAME, "html")
     element.click()
-    WebDriverWait(driver, 30).until(EC.staleness_of(old))
+    WebDriverWait(driver, 30).until(lambda _: gone(old))
+
+
+def gone(element):
+    """True once `element` left the document. Chromium says so either as a stale
+    element or, while the next page replaces it, as a node that "does not belong to
+    the document"."""
+    try:
+        element.is_enabled()
+        return False
+    except StaleElementReferenceException:
+        return True
+    except WebDriverException as e:
+        if "does not belong to the document" in str(e):
+            return True
+        raise
 
 
 def page(step, errors_allowed=False):
