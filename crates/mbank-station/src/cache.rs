@@ -187,6 +187,31 @@ fn open_file_budget() -> usize {
     ((lim.rlim_cur / 2) as usize).clamp(64, OPEN_FILES_MAX)
 }
 
+/// Puts the database in WAL mode unless it is already. Changing the journal mode does
+/// not wait on the busy handler: two processes opening a new cache at once (an attach
+/// and a `recover`) can find it locked, so it is tried again for up to 30 s.
+fn set_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let t = std::time::Instant::now();
+    loop {
+        let mode = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get::<_, String>(0))
+            .and_then(|m| match m.eq_ignore_ascii_case("wal") {
+                true => Ok(m),
+                false => conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)),
+            });
+        match mode {
+            Ok(_) => return Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && t.elapsed() < Duration::from_secs(30) =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 impl ChunkCache {
     /// Opens (creating if needed) the cache in `dir`, bounded to `max_bytes`.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, StationError> {
@@ -195,8 +220,7 @@ impl ChunkCache {
         let conn = Connection::open(dir.join("cache.db")).map_err(db_err("open cache.db"))?;
         conn.busy_timeout(Duration::from_secs(30))
             .map_err(db_err("set the busy timeout"))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(db_err("set WAL mode"))?;
+        set_wal(&conn).map_err(db_err("set WAL mode"))?;
         conn.pragma_update(None, "synchronous", "OFF")
             .map_err(db_err("set synchronous mode"))?;
         conn.execute_batch(
@@ -564,6 +588,33 @@ impl ChunkCache {
 
 #[cfg(test)]
 mod tests {
+
+    /// Processes opening a new cache at the same moment (an attach and a `recover`)
+    /// all get it: switching it to WAL waits out the others instead of failing with
+    /// "database is locked".
+    #[test]
+    fn caches_opened_at_once_on_a_new_directory_all_open() {
+        for round in 0..20 {
+            let d = tempfile::tempdir().unwrap();
+            let go = std::sync::Barrier::new(8);
+            std::thread::scope(|s| {
+                let opens: Vec<_> = (0..8)
+                    .map(|_| {
+                        s.spawn(|| {
+                            go.wait();
+                            ChunkCache::open(d.path(), 1 << 20).map(drop)
+                        })
+                    })
+                    .collect();
+                for o in opens {
+                    if let Err(e) = o.join().unwrap() {
+                        panic!("round {round}: {e}");
+                    }
+                }
+            });
+        }
+    }
+
     use super::*;
 
     #[test]

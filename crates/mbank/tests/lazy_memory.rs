@@ -97,7 +97,7 @@ fn lazy_memory_resumes_on_another_station_fetching_part_and_storing_only_dirty_c
 
     // Station B, empty cache: the counter goes on, with part of the RAM fetched.
     let mut run_b = start(&bank, &b, "alice/dev", &["--lazy-memory"]);
-    run_b.wait_for("MBANK-COUNTER");
+    run_b.first_counter();
     let at_answer = session_stats(&b);
     let ram = &at_answer["ram"];
     assert_eq!(n(&ram["chunks_nonzero"]), nonzero_a, "{at_answer}");
@@ -146,8 +146,7 @@ fn lazy_memory_resumes_on_another_station_fetching_part_and_storing_only_dirty_c
     // Station C resumes B's version without asking for lazy memory: a version whose RAM
     // was saved so resumes so, and its RAM is A's chunks under B's.
     let mut run_c = start(&bank, &c, "alice/dev", &[]);
-    run_c.wait_for("MBANK-COUNTER");
-    let first_c = run_c.counters()[0];
+    let first_c = run_c.first_counter();
     assert!(
         first_c + 1 >= last_b && first_c <= last_b + 2,
         "B stopped at {last_b}, C started at {first_c}"
@@ -172,8 +171,7 @@ fn a_version_saved_with_its_whole_memory_resumes_into_lazy_memory() {
     // Station B with lazy memory: the whole stream loads into the RAM file, and the
     // next suspend stores the RAM as its own stream.
     let mut run_b = start(&bank, &b, "alice/dev", &["--lazy-memory"]);
-    run_b.wait_for("MBANK-COUNTER");
-    let first_b = run_b.counters()[0];
+    let first_b = run_b.first_counter();
     assert!(
         first_b + 1 >= last_a && first_b <= last_a + 2,
         "A stopped at {last_a}, B started at {first_b}"

@@ -369,6 +369,24 @@ impl Running {
         self.child.as_ref().unwrap().id()
     }
 
+    /// Waits until the console shows a complete `MBANK-COUNTER` line; returns the first
+    /// value shown.
+    pub fn first_counter(&mut self) -> u64 {
+        self.wait_for("MBANK-COUNTER");
+        let t = Instant::now();
+        loop {
+            if let Some(&c) = self.counters().first() {
+                return c;
+            }
+            assert!(
+                t.elapsed() < DEFAULT_TIMEOUT,
+                "no complete counter line after {DEFAULT_TIMEOUT:?}\nstdout:\n{}",
+                self.stdout()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn counters(&self) -> Vec<u64> {
         self.lines("MBANK-COUNTER ")
             .iter()
