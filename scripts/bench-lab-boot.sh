@@ -257,6 +257,30 @@ row() { # row LABEL TAG: a table row of a boot
 bytes() { jget "$T/$1.json" stats.bytes_fetched; }
 misses() { jget "$T/$1.json" stats.misses_waited; }
 
+at_once() { # at_once TAG N PREFIX JOB: stations 1..N attach bench/PREFIXk, run `JOB TAG-k` at the same moment, then check in; SECS[TAG-k]
+    local p=$1 n=$2 pre=$3 job=$4 k s
+    local -A pids=()
+    for ((k = 1; k <= n; k++)); do attach_start "$p-$k" "$k" "bench/$pre$k" "$T/cache-$p-$k"; done
+    log "  $n at once ($job)"
+    s=$(now)
+    for ((k = 1; k <= n; k++)); do
+        (
+            "$job" "$p-$k"
+            calc "$(now) - $s" >"$T/$p-$k.secs"
+        ) &
+        pids[$k]=$!
+    done
+    for ((k = 1; k <= n; k++)); do wait "${pids[$k]}" || die "$job $k of $n failed"; done
+    for ((k = 1; k <= n; k++)); do
+        SECS[$p-$k]=$(cat "$T/$p-$k.secs")
+        attach_stop "$p-$k"
+        log "  station $k: $(printf %.1f "${SECS[$p-$k]}") s, $(stats_of "$p-$k")"
+    done
+}
+boot_on() { # boot_on TAG: QEMU boots from attach TAG's socket
+    qemu_boot "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path=$T/$1.sock,if=virtio" "$T/$1.console"
+}
+
 REPORT=$T/report.md
 : >"$REPORT"
 head_rows() {
@@ -323,23 +347,7 @@ for c in "${CONCURRENT[@]}"; do
     in_srv "$MBANK" -q --bank "$BANK" admin publish lab/base >/dev/null
     forks "$p" "$n"
     boot "$p-alone" 1 bench/alone "$T/cache-$p-alone"
-    for ((k = 1; k <= n; k++)); do attach_start "$p-$k" "$k" "bench/pc$k" "$T/cache-$p-$k"; done
-    log "  $n boots at once"
-    declare -A QPID=()
-    s=$(now)
-    for ((k = 1; k <= n; k++)); do
-        (
-            qemu_boot "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path=$T/$p-$k.sock,if=virtio" "$T/$p-$k.console"
-            calc "$(now) - $s" >"$T/$p-$k.secs"
-        ) &
-        QPID[$k]=$!
-    done
-    for ((k = 1; k <= n; k++)); do wait "${QPID[$k]}" || die "boot $k of $n failed"; done
-    for ((k = 1; k <= n; k++)); do
-        SECS[$p-$k]=$(cat "$T/$p-$k.secs")
-        attach_stop "$p-$k"
-        log "  station $k: $(printf %.1f "${SECS[$p-$k]}") s, $(stats_of "$p-$k")"
-    done
+    at_once "$p" "$n" pc boot_on
     {
         echo "### $profile, chunks in $store: $n stations booting forks of one published base at once"
         echo
@@ -369,8 +377,8 @@ for c in "${CONCURRENT[@]}"; do
 done
 
 # ---- N stations replaying one boot's reads at the same moment --------------------------
-replay() { # replay TAG SOCKET: the traced boot's reads, in order, over NBD
-    qemu-io -f raw "nbd+unix:///?socket=$2" <"$T/reads.qio" >"$T/$1.qio.out" 2>&1 ||
+replay() { # replay TAG: the traced boot's reads, in order, over NBD from attach TAG
+    qemu-io -f raw "nbd+unix:///?socket=$T/$1.sock" <"$T/reads.qio" >"$T/$1.qio.out" 2>&1 ||
         die "replay $1 failed: $(tail -n 5 "$T/$1.qio.out")"
 }
 lan_round() { # lan_round TAG N: N replays at once with station 1's cache as their peer
@@ -391,23 +399,8 @@ lan_round() { # lan_round TAG N: N replays at once with station 1's cache as the
     local sent0 sent1
     # Before the attaches: each starts fetching its working set at once.
     sent0=$(sent_bytes)
-    for ((k = 1; k <= n; k++)); do attach_start "$p-lan-$k" "$k" "bench/lpc$k" "$T/cache-$p-lan-$k"; done
+    at_once "$p-lan" "$n" lpc replay
     PEERS_ENV=
-    declare -A LPID=()
-    s=$(now)
-    for ((k = 1; k <= n; k++)); do
-        (
-            replay "$p-lan-$k" "$T/$p-lan-$k.sock"
-            calc "$(now) - $s" >"$T/$p-lan-$k.secs"
-        ) &
-        LPID[$k]=$!
-    done
-    for ((k = 1; k <= n; k++)); do wait "${LPID[$k]}" || die "replay $k of $n (LAN) failed"; done
-    for ((k = 1; k <= n; k++)); do
-        SECS[$p-lan-$k]=$(cat "$T/$p-lan-$k.secs")
-        attach_stop "$p-lan-$k"
-        log "  station $k (LAN): $(printf %.1f "${SECS[$p-lan-$k]}") s, $(stats_of "$p-lan-$k")"
-    done
     sent1=$(sent_bytes)
     ip netns exec "$(st_ns 1)" curl -sS "http://$addr/v1/peer/stats" >"$T/peer-stats.json" ||
         die "cannot read the peer's statistics"
@@ -457,29 +450,13 @@ PY
     log "  the traced boot read $nreads times"
     attach_start "$p-alone" 1 bench/alone "$T/cache-$p-alone"
     s=$(now)
-    replay "$p-alone" "$T/$p-alone.sock"
+    replay "$p-alone"
     SECS[$p-alone]=$(calc "$(now) - $s")
     attach_stop "$p-alone"
     log "  alone: $(printf %.1f "${SECS[$p-alone]}") s, $(stats_of "$p-alone")"
     # Before the attaches: each starts fetching its working set at once.
     sent0=$(sent_bytes)
-    for ((k = 1; k <= n; k++)); do attach_start "$p-$k" "$k" "bench/pc$k" "$T/cache-$p-$k"; done
-    log "  $n replays at once"
-    declare -A QPID=()
-    s=$(now)
-    for ((k = 1; k <= n; k++)); do
-        (
-            replay "$p-$k" "$T/$p-$k.sock"
-            calc "$(now) - $s" >"$T/$p-$k.secs"
-        ) &
-        QPID[$k]=$!
-    done
-    for ((k = 1; k <= n; k++)); do wait "${QPID[$k]}" || die "replay $k of $n failed"; done
-    for ((k = 1; k <= n; k++)); do
-        SECS[$p-$k]=$(cat "$T/$p-$k.secs")
-        attach_stop "$p-$k"
-        log "  station $k: $(printf %.1f "${SECS[$p-$k]}") s, $(stats_of "$p-$k")"
-    done
+    at_once "$p" "$n" pc replay
     # After the check-ins.
     sent1=$(sent_bytes)
     {

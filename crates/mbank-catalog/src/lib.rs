@@ -2146,6 +2146,18 @@ mod tests {
     use super::*;
     use mbank_core::ChunkId;
 
+    /// A catalog made at schema 1, as the first mbank wrote it, then opened (migrated).
+    fn catalog_from_schema_1() -> (tempfile::TempDir, Catalog) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("catalog.db");
+        let conn = Connection::open(&p).unwrap();
+        conn.execute_batch(SCHEMA_V1).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        drop(conn);
+        let c = Catalog::open(&p, false, false).unwrap();
+        (d, c)
+    }
+
     fn cat() -> (tempfile::TempDir, Catalog) {
         let d = tempfile::tempdir().unwrap();
         let c = Catalog::open(&d.path().join("catalog.db"), true, false).unwrap();
@@ -2467,13 +2479,7 @@ mod tests {
     /// migrated from schema 1 too.
     #[test]
     fn removals_of_versions_are_counted_for_gc() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("catalog.db");
-        let conn = Connection::open(&p).unwrap();
-        conn.execute_batch(SCHEMA_V1).unwrap();
-        conn.pragma_update(None, "user_version", 1).unwrap();
-        drop(conn);
-        let mut c = Catalog::open(&p, false, false).unwrap();
+        let (_d, mut c) = catalog_from_schema_1();
         assert_eq!(c.version_removals().unwrap(), Removals::default());
         let (v1, i1) = info("alice/dev", None, 1);
         let (v2, i2) = info("alice/dev", Some(v1.id), 2);
@@ -2652,13 +2658,7 @@ mod tests {
 
     #[test]
     fn version_1_catalog_is_migrated() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("catalog.db");
-        let conn = Connection::open(&p).unwrap();
-        conn.execute_batch(SCHEMA_V1).unwrap();
-        conn.pragma_update(None, "user_version", 1).unwrap();
-        drop(conn);
-        let mut c = Catalog::open(&p, false, false).unwrap();
+        let (_d, mut c) = catalog_from_schema_1();
         let m: MachineName = "alice/dev".parse().unwrap();
         assert_eq!(c.lease(&m).unwrap(), None);
         // Version 3's columns and table are there too.

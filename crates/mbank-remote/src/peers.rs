@@ -7,7 +7,6 @@
 //! costs one short timeout or one answer, and is then left alone for [`PEER_REST`].
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -59,17 +58,6 @@ pub fn server_key(bank: &Client) -> Result<Vec<u8>, crate::ClientError> {
         .collect()
 }
 
-/// What LAN sharing did in this process.
-#[derive(Debug, Default)]
-pub struct PeerCounters {
-    /// Chunks (and their bytes) that came from peers.
-    pub chunks: AtomicU64,
-    pub bytes: AtomicU64,
-    /// Peer answers that failed, were refused, or held a chunk that was not the one
-    /// asked for.
-    pub failures: AtomicU64,
-}
-
 struct Peer {
     url: String,
     client: Client,
@@ -82,8 +70,6 @@ pub struct PeerStore {
     inner: Arc<dyn ChunkStore>,
     bank: Client,
     peers: Vec<Peer>,
-    warn: Box<dyn Fn(&str) + Send + Sync>,
-    pub counters: PeerCounters,
 }
 
 impl PeerStore {
@@ -110,13 +96,7 @@ impl PeerStore {
                 })
             })
             .collect();
-        PeerStore {
-            inner,
-            bank,
-            peers,
-            warn: Box::new(|m| eprintln!("mbank: warning: {m}")),
-            counters: PeerCounters::default(),
-        }
+        PeerStore { inner, bank, peers }
     }
 
     /// Plaintexts of `ids` from the peers, where they had them and sent them right.
@@ -157,20 +137,17 @@ impl PeerStore {
             match self.ask(peer, &grant, ids, &want) {
                 Ok(got) => {
                     for (i, plain) in got {
-                        self.counters.chunks.fetch_add(1, Relaxed);
-                        self.counters.bytes.fetch_add(plain.len() as u64, Relaxed);
                         out[i] = Some(plain);
                     }
                 }
                 Err(why) => {
-                    self.counters.failures.fetch_add(1, Relaxed);
                     *peer.resting_until.lock().expect("peer lock") =
                         Some(Instant::now() + PEER_REST);
-                    (self.warn)(&format!(
-                        "peer {} is skipped for {} s: {why}",
+                    eprintln!(
+                        "mbank: warning: peer {} is skipped for {} s: {why}",
                         peer.url,
                         PEER_REST.as_secs()
-                    ));
+                    );
                 }
             }
         }

@@ -43,7 +43,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use mbank_bank::{Bank, StreamStats, WriterGuard};
-use mbank_core::chunk::{DEFAULT_ZSTD_LEVEL, encode_with_id};
+use mbank_core::chunk::DEFAULT_ZSTD_LEVEL;
 use mbank_core::{ChunkId, MemoryIndex, MemoryRun};
 use mbank_memfs::{Counters, FetchError, Fetcher, Layout, MemImage, MemMount, MountOptions};
 use mbank_store::ChunkStore;
@@ -621,20 +621,10 @@ fn store_chunks(
             plain.push((id, data));
         }
     }
-    let have = store.touch_many(&plain.iter().map(|(id, _)| *id).collect::<Vec<_>>())?;
-    let missing: Vec<_> = plain
-        .into_iter()
-        .zip(have)
-        .filter(|(_, h)| !h)
-        .map(|((id, data), _)| encode_with_id(id, &data, DEFAULT_ZSTD_LEVEL))
-        .collect();
-    let bytes = missing.iter().map(|c| c.bytes.len() as u64).sum();
-    if !missing.is_empty() {
-        store.put_many(&missing)?;
-    }
+    let (chunks_new, bytes) = crate::writeback::send_missing(store, plain, DEFAULT_ZSTD_LEVEL)?;
     Ok(Stored {
         ids,
-        chunks_new: missing.len() as u64,
+        chunks_new,
         bytes,
     })
 }

@@ -29,8 +29,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use mbank_bank::WriterGuard;
+use mbank_core::ChunkId;
 use mbank_core::chunk::encode_with_id;
-use mbank_store::ChunkStore;
+use mbank_store::{ChunkStore, StoreError};
 
 use crate::device::{Disk, WrittenBack, assemble_chunk};
 use crate::live::Warn;
@@ -189,7 +190,7 @@ fn send(
         let id = if mbank_core::is_zero(&data) {
             None
         } else {
-            let id = mbank_core::ChunkId::of(&data);
+            let id = ChunkId::of(&data);
             chunks.push((id, data));
             Some(id)
         };
@@ -200,15 +201,35 @@ fn send(
             disk.record_written_back(i, wb);
         }
     };
-    if chunks.is_empty() {
-        record(sent);
-        return Ok(0);
+    let n = chunks.len();
+    let (new, bytes) = send_missing(store, chunks, zstd_level)
+        .map_err(|e| format!("send {n} chunks to the bank: {e}"))?;
+    if new > 0 {
+        store
+            .flush()
+            .map_err(|e| format!("flush the bank's store: {e}"))?;
     }
-    // Hashed first; only what the bank lacks is compressed.
+    record(sent);
+    let c = &disk.counters;
+    c.written_back_chunks.fetch_add(new, Ordering::Relaxed);
+    c.written_back_bytes.fetch_add(bytes, Ordering::Relaxed);
+    Ok(bytes)
+}
+
+/// Sends those of `chunks` (ids and plaintexts) the bank lacks: one `have` query, then
+/// only those are compressed and uploaded, in one batch. Returns how many were sent and
+/// their bytes as sent; the caller flushes the store. The disk's and the RAM's
+/// write-back and the RAM's suspend send through it.
+pub(crate) fn send_missing(
+    store: &dyn ChunkStore,
+    chunks: Vec<(ChunkId, Vec<u8>)>,
+    zstd_level: i32,
+) -> Result<(u64, u64), StoreError> {
+    if chunks.is_empty() {
+        return Ok((0, 0));
+    }
     let ids: Vec<_> = chunks.iter().map(|(id, _)| *id).collect();
-    let have = store
-        .touch_many(&ids)
-        .map_err(|e| format!("ask the bank which chunks it has: {e}"))?;
+    let have = store.touch_many(&ids)?;
     let missing: Vec<_> = chunks
         .into_iter()
         .zip(have)
@@ -216,20 +237,9 @@ fn send(
         .map(|((id, data), _)| encode_with_id(id, &data, zstd_level))
         .collect();
     if missing.is_empty() {
-        record(sent);
-        return Ok(0);
+        return Ok((0, 0));
     }
-    let bytes: u64 = missing.iter().map(|c| c.bytes.len() as u64).sum();
-    store
-        .put_many(&missing)
-        .map_err(|e| format!("store {} chunks: {e}", missing.len()))?;
-    store
-        .flush()
-        .map_err(|e| format!("flush the bank's store: {e}"))?;
-    record(sent);
-    let c = &disk.counters;
-    c.written_back_chunks
-        .fetch_add(missing.len() as u64, Ordering::Relaxed);
-    c.written_back_bytes.fetch_add(bytes, Ordering::Relaxed);
-    Ok(bytes)
+    let bytes = missing.iter().map(|c| c.bytes.len() as u64).sum();
+    store.put_many(&missing)?;
+    Ok((missing.len() as u64, bytes))
 }

@@ -725,46 +725,11 @@ impl ChunkStore for S3Store {
     }
 
     fn plain_len_many(&self, ids: &[ChunkId]) -> Result<Vec<usize>, StoreError> {
-        let mut out = Vec::with_capacity(ids.len());
-        let mut failed = None;
-        in_order_ahead(
-            ids.len(),
-            GET_WINDOW,
-            &|i| self.plain_len(&ids[i]),
-            &mut |_, r| match r {
-                Ok(n) => {
-                    out.push(n);
-                    ControlFlow::Continue(())
-                }
-                Err(e) => {
-                    failed = Some(e);
-                    ControlFlow::Break(())
-                }
-            },
-        );
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        all_in_order(ids.len(), &|i| self.plain_len(&ids[i]))
     }
 
     fn get_raw_many(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>, StoreError> {
-        let mut out = Vec::with_capacity(ids.len());
-        let mut failed = None;
-        self.get_raw_each(ids, &mut |_, r| match r {
-            Ok(raw) => {
-                out.push(raw);
-                ControlFlow::Continue(())
-            }
-            Err(e) => {
-                failed = Some(e);
-                ControlFlow::Break(())
-            }
-        });
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        all_in_order(ids.len(), &|i| self.get_raw(&ids[i]))
     }
 
     fn quarantine(&self, id: &ChunkId) -> Result<Option<PathBuf>, StoreError> {
@@ -861,6 +826,30 @@ impl ChunkStore for S3Store {
 /// places ahead of the last one handed over, and hands each result to `each` in order
 /// on the calling thread. A [`ControlFlow::Break`] from `each` stops the threads before
 /// their next place; results not yet handed over are dropped.
+/// `work(0..n)` with [`GET_WINDOW`] in flight ([`in_order_ahead`]), collected in order;
+/// the first error stops the rest.
+fn all_in_order<T: Send>(
+    n: usize,
+    work: &(dyn Fn(usize) -> Result<T, StoreError> + Sync),
+) -> Result<Vec<T>, StoreError> {
+    let mut out = Vec::with_capacity(n);
+    let mut failed = None;
+    in_order_ahead(n, GET_WINDOW, work, &mut |_, r| match r {
+        Ok(v) => {
+            out.push(v);
+            ControlFlow::Continue(())
+        }
+        Err(e) => {
+            failed = Some(e);
+            ControlFlow::Break(())
+        }
+    });
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
 fn in_order_ahead<T: Send>(
     n: usize,
     window: usize,

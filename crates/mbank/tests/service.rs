@@ -318,6 +318,26 @@ fn json_has_utc_times_configuration_and_counts_that_add_up() {
 }
 
 /// alice's `used` bytes, as `admin user ls --json` on the bank's host says.
+/// alice imports `bytes` of random data (from `seed`) followed by `zeros` zero bytes
+/// as `machine`, through the server at `url`; the run, unchecked.
+fn alice_imports(
+    s: &Server,
+    url: &str,
+    dir: &Path,
+    machine: &str,
+    bytes: usize,
+    seed: u64,
+    zeros: u64,
+) -> Run {
+    let img = dir.join(format!("{}.raw", machine.replace('/', "-")));
+    write_image(&img, &random_bytes(bytes, seed), zeros);
+    s.run(
+        "alice",
+        url,
+        &["-q", "import", machine, img.to_str().unwrap()],
+    )
+}
+
 fn used(s: &Server, user: &str) -> u64 {
     let users = s.local(&["admin", "user", "ls", "--json"]).ok().json();
     users
@@ -336,28 +356,13 @@ fn an_import_refused_over_quota_leaves_the_usage_as_it_was() {
     s.login("alice", &url, &[]).ok();
     s.local(&["admin", "user", "quota", "alice", "6M"]).ok();
     let dir = tempfile::tempdir().unwrap();
-    let small = dir.path().join("small.raw");
-    write_image(&small, &random_bytes(1 << 20, 1), 0);
-    s.run(
-        "alice",
-        &url,
-        &["-q", "import", "alice/small", small.to_str().unwrap()],
-    )
-    .ok();
+    alice_imports(&s, &url, dir.path(), "alice/small", 1 << 20, 1, 0).ok();
     let before = used(&s, "alice");
     assert!(before >= 1 << 20, "{before}");
 
     // 8 MiB of random data cannot fit: refused part way, after two batches of 2 MiB
     // were sent.
-    let big = dir.path().join("big.raw");
-    write_image(&big, &random_bytes(8 << 20, 2), 0);
-    let r = s
-        .run(
-            "alice",
-            &url,
-            &["-q", "import", "alice/big", big.to_str().unwrap()],
-        )
-        .failed();
+    let r = alice_imports(&s, &url, dir.path(), "alice/big", 8 << 20, 2, 0).failed();
     r.stderr_has(&["quota"]);
     assert_eq!(
         used(&s, "alice"),
@@ -365,14 +370,7 @@ fn an_import_refused_over_quota_leaves_the_usage_as_it_was() {
         "the refused import is still charged:\n{r}"
     );
     // And what is left of the quota is usable.
-    let more = dir.path().join("more.raw");
-    write_image(&more, &random_bytes(1 << 20, 3), 0);
-    s.run(
-        "alice",
-        &url,
-        &["-q", "import", "alice/more", more.to_str().unwrap()],
-    )
-    .ok();
+    alice_imports(&s, &url, dir.path(), "alice/more", 1 << 20, 3, 0).ok();
 }
 
 #[test]
@@ -382,14 +380,7 @@ fn whoami_says_user_quota_and_use_served_and_local() {
     s.login("alice", &url, &[]).ok();
     s.local(&["admin", "user", "quota", "alice", "6M"]).ok();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("a.raw");
-    write_image(&img, &random_bytes(1 << 20, 1), 0);
-    s.run(
-        "alice",
-        &url,
-        &["-q", "import", "alice/a", img.to_str().unwrap()],
-    )
-    .ok();
+    alice_imports(&s, &url, dir.path(), "alice/a", 1 << 20, 1, 0).ok();
     let w = s.run("alice", &url, &["whoami", "--json"]).ok().json();
     assert_eq!(w["user"], "alice", "{w}");
     assert_eq!(w["admin"], false, "{w}");
@@ -452,14 +443,7 @@ fn metrics_follow_prometheus_names_and_request_lines_name_user_and_address() {
     s.login("alice", &url, &[]).ok();
     s.login("root", &url, &[]).ok();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("a.raw");
-    write_image(&img, &random_bytes(1 << 20, 1), 0);
-    s.run(
-        "alice",
-        &url,
-        &["-q", "import", "alice/a", img.to_str().unwrap()],
-    )
-    .ok();
+    alice_imports(&s, &url, dir.path(), "alice/a", 1 << 20, 1, 0).ok();
     s.run("alice", &url, &["log", "alice/nope"])
         .failed()
         .stderr_has(&["alice/nope"]);
@@ -636,14 +620,7 @@ fn an_administrator_runs_stats_gc_verify_and_quotas_over_the_network() {
     s.login("alice", &url, &[]).ok();
     s.login("root", &url, &[]).ok();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("a.raw");
-    write_image(&img, &random_bytes(1 << 20, 1), 1 << 20);
-    s.run(
-        "alice",
-        &url,
-        &["-q", "import", "alice/a", img.to_str().unwrap()],
-    )
-    .ok();
+    alice_imports(&s, &url, dir.path(), "alice/a", 1 << 20, 1, 1 << 20).ok();
 
     // Not for users.
     for cmd in [
