@@ -1,0 +1,204 @@
+use std::sync::OnceLock;
+
+use super::*;
+use crate::testing::TempPostgres;
+
+/// One PostgreSQL server for this test binary; a database per test.
+fn pg() -> &'static TempPostgres {
+    static PG: OnceLock<TempPostgres> = OnceLock::new();
+    PG.get_or_init(|| TempPostgres::start().expect("start PostgreSQL"))
+}
+
+fn both() -> Vec<(Db, Option<tempfile::TempDir>)> {
+    let d = tempfile::tempdir().unwrap();
+    let lite = Db::sqlite(rusqlite::Connection::open(d.path().join("t.db")).unwrap());
+    let url = pg().new_database().unwrap();
+    vec![(lite, Some(d)), (Db::postgres(&url, 7).unwrap(), None)]
+}
+
+const SCHEMA_SQLITE: &str =
+    "CREATE TABLE t (id BLOB PRIMARY KEY, n INTEGER NOT NULL, s TEXT, r REAL)";
+const SCHEMA_PG: &str =
+    "CREATE TABLE t (id BYTEA PRIMARY KEY, n BIGINT NOT NULL, s TEXT, r DOUBLE PRECISION)";
+
+fn schema(db: &Db) {
+    db.execute_batch(match db.dialect() {
+        Dialect::Sqlite => SCHEMA_SQLITE,
+        Dialect::Postgres => SCHEMA_PG,
+    })
+    .unwrap();
+}
+
+#[test]
+fn placeholders_and_functions_are_translated_outside_quotes() {
+    assert_eq!(translate("a = ?1 AND b IS ?2"), "a = $1 AND b IS $2");
+    assert_eq!(translate("(?, ?, ?)"), "($1, $2, $3)");
+    assert_eq!(translate("x = ?3 OR y = ?"), "x = $3 OR y = $4");
+    assert_eq!(translate("s = '?1' AND t = ?1"), "s = '?1' AND t = $1");
+    assert_eq!(
+        translate("SELECT group_concat(s.name, ',') FROM \"?x\""),
+        "SELECT string_agg(s.name, ',') FROM \"?x\""
+    );
+    assert_eq!(translate("é = ?1"), "é = $1");
+}
+
+#[test]
+fn passwords_are_left_out_of_messages() {
+    assert_eq!(
+        redact("postgresql://bank:s3cret@db:5432/mbank"),
+        "postgresql://bank:***@db:5432/mbank"
+    );
+    assert_eq!(
+        redact("postgresql://bank@db/mbank"),
+        "postgresql://bank@db/mbank"
+    );
+    assert_eq!(
+        redact("host=db password=s3cret user=bank"),
+        "host=db password=*** user=bank"
+    );
+}
+
+#[test]
+fn values_read_back_the_same_on_both_databases() {
+    for (mut db, _dir) in both() {
+        schema(&db);
+        let tx = db.transaction_with_behavior(Behavior::Immediate).unwrap();
+        let n = tx
+            .execute(
+                "INSERT INTO t (id, n, s, r) VALUES (?1, ?2, ?3, ?4)",
+                params![vec![1u8, 2], 5u32, "five", 0.5],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+        tx.execute(
+            "INSERT INTO t (id, n, s) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+            params![vec![1u8, 2], 6i64, None::<String>],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+        let row = db
+            .query_row(
+                "SELECT id, n, s, r, NULL FROM t WHERE id = ?1",
+                params![[1u8, 2]],
+                |r| Ok(r.clone()),
+            )
+            .unwrap();
+        assert_eq!(row.get_ref(0).unwrap(), &Value::Blob(vec![1, 2]));
+        assert_eq!(row.get_ref(1).unwrap(), &Value::Integer(5));
+        assert_eq!(row.get_ref(2).unwrap(), &Value::Text("five".into()));
+        assert_eq!(row.get_ref(3).unwrap(), &Value::Real(0.5));
+        assert_eq!(row.get::<_, u64>(1).unwrap(), 5);
+        assert_eq!(row.get::<_, Option<String>>(4).unwrap(), None);
+        assert_eq!(row.get::<_, String>(1).unwrap_err().kind(), ErrorKind::Type);
+        let none = db
+            .query_row("SELECT n FROM t WHERE id = ?1", params![[9u8]], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
+            .unwrap();
+        assert_eq!(none, None);
+        // Null-safe comparison and a count.
+        let c: i64 = db
+            .query_row(
+                "SELECT count(*) FROM t WHERE s IS NOT DISTINCT FROM ?1",
+                params![None::<String>],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(c, 0);
+        let mut st = db.prepare("SELECT n FROM t ORDER BY n").unwrap();
+        let all: Vec<i64> = st
+            .query_map(params![], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_>>()
+            .unwrap();
+        assert_eq!(all, vec![5]);
+        let e = db
+            .execute(
+                "INSERT INTO t (id, n) VALUES (?1, ?2)",
+                params![[1u8, 2], 1],
+            )
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Constraint, "{e}");
+    }
+}
+
+#[test]
+fn a_dropped_transaction_rolls_back() {
+    for (mut db, _dir) in both() {
+        schema(&db);
+        {
+            let tx = db.transaction_with_behavior(Behavior::Immediate).unwrap();
+            tx.execute("INSERT INTO t (id, n) VALUES (?1, 1)", params![[3u8]])
+                .unwrap();
+        }
+        let c: i64 = db
+            .query_row("SELECT count(*) FROM t", params![], |r| r.get(0))
+            .unwrap();
+        assert_eq!(c, 0);
+        // The connection is usable after the rollback.
+        db.execute("INSERT INTO t (id, n) VALUES (?1, 1)", params![[3u8]])
+            .unwrap();
+    }
+}
+
+/// Read-then-write transactions through separate connections do not lose updates:
+/// every writer holds the domain's lock.
+#[test]
+fn writers_on_separate_postgres_connections_are_serialised() {
+    let url = pg().new_database().unwrap();
+    let db = Db::postgres(&url, 11).unwrap();
+    db.execute_batch(
+        "CREATE TABLE c (k TEXT PRIMARY KEY, n BIGINT NOT NULL); INSERT INTO c VALUES ('x', 0)",
+    )
+    .unwrap();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let mut db = Db::postgres(&url, 11).unwrap();
+                for _ in 0..25 {
+                    let tx = db.transaction_with_behavior(Behavior::Immediate).unwrap();
+                    let n: i64 = tx
+                        .query_row("SELECT n FROM c WHERE k = 'x'", params![], |r| r.get(0))
+                        .unwrap();
+                    tx.execute("UPDATE c SET n = ?1 WHERE k = 'x'", params![n + 1])
+                        .unwrap();
+                    tx.commit().unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let n: i64 = db
+        .query_row("SELECT n FROM c WHERE k = 'x'", params![], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 100);
+}
+
+/// A connection lost (the server restarted) fails the call in flight, and the next
+/// call connects again.
+#[test]
+fn a_lost_postgres_connection_is_opened_again() {
+    let url = pg().new_database().unwrap();
+    let db = Db::postgres(&url, 12).unwrap();
+    let pid: i64 = db
+        .query_row("SELECT pg_backend_pid()", params![], |r| r.get(0))
+        .unwrap();
+    let other = Db::postgres(&url, 12).unwrap();
+    other
+        .query_row(
+            "SELECT pg_terminate_backend(?1)",
+            params![pid as i32],
+            |r| r.get::<_, bool>(0),
+        )
+        .unwrap();
+    let first = db.query_row("SELECT 1", params![], |r| r.get::<_, i64>(0));
+    if let Err(e) = &first {
+        assert!(e.is_retryable(), "{e:?}");
+    }
+    let again: i64 = db.query_row("SELECT 2", params![], |r| r.get(0)).unwrap();
+    assert_eq!(again, 2);
+}
