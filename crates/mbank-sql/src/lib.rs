@@ -45,6 +45,34 @@ use std::time::Duration;
 
 pub use value::{FromSql, ToSql, Value};
 
+/// The file in a bank directory that holds the URL of the PostgreSQL database its
+/// catalog and access rights live in (mode 0600: it may hold a password). Without it
+/// they are SQLite files in the directory (`catalog.db`, `access.db`).
+pub const URL_FILE: &str = "postgres.url";
+
+/// Advisory lock domain of the catalog's writers.
+pub const CATALOG_DOMAIN: i64 = 0x6d62_616e_6b01;
+/// Advisory lock domain of the access rights' writers.
+pub const ACCESS_DOMAIN: i64 = 0x6d62_616e_6b02;
+
+/// The PostgreSQL URL of the bank in `dir`, if its databases live there.
+pub fn bank_url(dir: &std::path::Path) -> std::io::Result<Option<String>> {
+    match std::fs::read_to_string(dir.join(URL_FILE)) {
+        Ok(s) => {
+            let url = s.trim();
+            if url.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{} is empty", dir.join(URL_FILE).display()),
+                ));
+            }
+            Ok(Some(url.to_string()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Which database a [`Db`] talks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
