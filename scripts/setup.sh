@@ -40,6 +40,7 @@ needs=(
     "tc iproute2"
     "bc bc"
     "sqlite3 sqlite3"
+    "/usr/lib/postgresql/15/bin/initdb postgresql"
     "virt-xml-validate libvirt-clients"
     "xmllint libxml2-utils"
     "systemd-analyze systemd"

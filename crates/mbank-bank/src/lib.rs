@@ -76,8 +76,11 @@ pub const MARKER_MAGIC: &str = "MBANK-BANK";
 /// The newest bank directory format version this code reads and writes. `init` writes
 /// version 1 for a bank that keeps its chunks in its directory (so older mbank opens
 /// it) and version 2 for one whose marker has a `store` line (so older mbank, which
-/// would ignore the line and look for chunks in the directory, refuses it).
-pub const MARKER_VERSION: u32 = 2;
+/// would ignore the line and look for chunks in the directory, refuses it), and version
+/// 3 for one whose marker has a `catalog postgres` line (its catalog and access rights
+/// are in the PostgreSQL database `postgres.url` names; older mbank would open an empty
+/// `catalog.db` instead, and its GC would find no version needing any chunk).
+pub const MARKER_VERSION: u32 = 3;
 const MARKER_MAX_LEN: u64 = 4096;
 
 /// Everything that can go wrong in a bank operation. Messages name the action, the
@@ -334,6 +337,8 @@ pub struct Bank {
 struct Marker {
     version: u32,
     store: Option<StoreSpec>,
+    /// The catalog is in PostgreSQL (`catalog postgres`).
+    postgres: bool,
 }
 
 /// Parses the marker's text (docs/formats.md); the error says what is wrong.
@@ -353,8 +358,25 @@ fn parse_marker(text: &str) -> Result<Marker, String> {
         ));
     }
     let mut store = None;
+    let mut postgres = false;
     for line in lines {
         let (key, value) = line.split_once(' ').unwrap_or((line, ""));
+        if key == "catalog" {
+            if version < 3 {
+                return Err("a catalog line needs bank format version 3".into());
+            }
+            if value.trim() != "postgres" {
+                return Err(format!(
+                    "catalog {}: this mbank knows only `catalog postgres`",
+                    value.trim()
+                ));
+            }
+            if postgres {
+                return Err("it has two catalog lines".into());
+            }
+            postgres = true;
+            continue;
+        }
         if key != "store" {
             continue; // unknown lines are ignored
         }
@@ -368,18 +390,34 @@ fn parse_marker(text: &str) -> Result<Marker, String> {
             .map_err(|why| format!("store {}: {why}", value.trim()))?;
         store = Some(spec);
     }
-    Ok(Marker { version, store })
+    Ok(Marker {
+        version,
+        store,
+        postgres,
+    })
 }
 
 /// The marker of a new bank.
-fn marker_text(id: &VersionId, created_ms: i64, store: Option<&StoreSpec>) -> String {
-    let version = if store.is_some() { 2 } else { 1 };
+fn marker_text(
+    id: &VersionId,
+    created_ms: i64,
+    store: Option<&StoreSpec>,
+    postgres: bool,
+) -> String {
+    let version = match (store.is_some(), postgres) {
+        (_, true) => 3,
+        (true, false) => 2,
+        (false, false) => 1,
+    };
     let mut body = format!(
         "{MARKER_MAGIC} {version}\nid {}\ncreated_ms {created_ms}\n",
         id.to_hex()
     );
     if let Some(s) = store {
         body.push_str(&format!("store {s}\n"));
+    }
+    if postgres {
+        body.push_str("catalog postgres\n");
     }
     body
 }
@@ -424,6 +462,17 @@ impl Bank {
     /// `store`, or in the directory when `None`. With a store, the directory may already
     /// hold the credentials file, and the bucket must answer and hold no chunks yet.
     pub fn init_with_store(path: &Path, store: Option<&StoreSpec>) -> Result<Bank, BankError> {
+        Bank::init_full(path, store, None)
+    }
+
+    /// [`Bank::init_with_store`], with the catalog and the access rights in the
+    /// PostgreSQL database at `postgres` when given (written to `postgres.url`, 0600).
+    /// The database must answer and hold no bank's machines yet.
+    pub fn init_full(
+        path: &Path,
+        store: Option<&StoreSpec>,
+        postgres: Option<&str>,
+    ) -> Result<Bank, BankError> {
         if path.join("MBANK").exists() {
             return Err(BankError::AlreadyABank { path: path.into() });
         }
@@ -477,19 +526,57 @@ impl Bank {
                 }
             }
         }
-        // SQLite gives the catalog's -wal and -shm files the database's mode.
-        let catalog = path.join("catalog.db");
-        fs::OpenOptions::new()
-            .mode(0o600)
-            .write(true)
-            .create_new(true)
-            .open(&catalog)
-            .map_err(|e| BankError::io("create the catalog", &catalog, e))?;
-        drop(Catalog::open(&catalog, true, false)?);
+        match postgres {
+            None => {
+                // SQLite gives the catalog's -wal and -shm files the database's mode.
+                let catalog = path.join("catalog.db");
+                fs::OpenOptions::new()
+                    .mode(0o600)
+                    .write(true)
+                    .create_new(true)
+                    .open(&catalog)
+                    .map_err(|e| BankError::io("create the catalog", &catalog, e))?;
+                drop(Catalog::open(&catalog, true, false)?);
+            }
+            Some(url) => {
+                let file = path.join(mbank_sql::URL_FILE);
+                let mut f = fs::OpenOptions::new()
+                    .mode(0o600)
+                    .write(true)
+                    .create_new(true)
+                    .open(&file)
+                    .map_err(|e| BankError::io("create", &file, e))?;
+                f.write_all(format!("{url}\n").as_bytes())
+                    .and_then(|()| f.sync_all())
+                    .map_err(|e| BankError::io("write", &file, e))?;
+                let catalog = Catalog::open_in(path, true, false)?;
+                let machines = catalog.machines()?;
+                if let Some(m) = machines.first() {
+                    let _ = fs::remove_file(&file);
+                    return Err(BankError::BadMarker {
+                        path: file,
+                        why: format!(
+                            "the PostgreSQL database {} already holds a bank's catalog \
+                             ({} machines, {} among them): give a new, empty database, or \
+                             copy that bank's directory (MBANK and {}) to share it",
+                            mbank_sql::redact(url),
+                            machines.len(),
+                            m.name,
+                            mbank_sql::URL_FILE
+                        ),
+                    });
+                }
+            }
+        }
         // The marker goes last: a directory without it is not (yet) a bank.
         let marker = path.join("MBANK");
         let tmp = path.join(".MBANK.tmp");
-        let body = marker_text(&VersionId::random(), mbank_catalog::now_ms(), store);
+        let body = marker_text(
+            &VersionId::random(),
+            mbank_catalog::now_ms(),
+            store,
+            postgres.is_some(),
+        );
         let write = || -> std::io::Result<()> {
             let mut f = fs::OpenOptions::new()
                 .mode(0o600)
@@ -527,6 +614,33 @@ impl Bank {
             path: marker.clone(),
             why,
         })?;
+        // The marker and postgres.url must agree: a catalog looked for in the wrong
+        // place would look empty, and GC would keep no chunk.
+        let url = mbank_sql::bank_url(path)
+            .map_err(|e| BankError::io("read", &path.join(mbank_sql::URL_FILE), e))?;
+        match (parsed.postgres, url.is_some()) {
+            (true, false) => {
+                return Err(BankError::BadMarker {
+                    path: marker,
+                    why: format!(
+                        "it says the catalog is in PostgreSQL, but {} is missing: put the \
+                         database's URL there (one line, mode 0600)",
+                        path.join(mbank_sql::URL_FILE).display()
+                    ),
+                });
+            }
+            (false, true) => {
+                return Err(BankError::BadMarker {
+                    path: marker,
+                    why: format!(
+                        "it has no `catalog postgres` line, but {} names a database: \
+                         remove that file, or add the line and make the marker version 3",
+                        path.join(mbank_sql::URL_FILE).display()
+                    ),
+                });
+            }
+            _ => {}
+        }
         if !read_only && !dir_is_writable(path) {
             return Err(BankError::ReadOnly {
                 path: path.into(),
@@ -889,27 +1003,42 @@ mod tests {
     #[test]
     fn marker_round_trips_with_and_without_a_store() {
         let id = VersionId::random();
-        let local = marker_text(&id, 17, None);
+        let local = marker_text(&id, 17, None, false);
         assert!(local.starts_with("MBANK-BANK 1\n"), "{local}");
         assert_eq!(
             parse_marker(&local).unwrap(),
             Marker {
                 version: 1,
-                store: None
+                store: None,
+                postgres: false
             }
         );
         let spec = StoreSpec::parse(GARAGE).unwrap();
-        let s3 = marker_text(&id, 17, Some(&spec));
+        let s3 = marker_text(&id, 17, Some(&spec), false);
         assert!(s3.starts_with("MBANK-BANK 2\n"), "{s3}");
         assert!(s3.ends_with(&format!("\nstore {GARAGE}\n")), "{s3}");
         assert_eq!(
             parse_marker(&s3).unwrap(),
             Marker {
                 version: 2,
-                store: Some(spec)
+                store: Some(spec.clone()),
+                postgres: false
             }
         );
         assert!(s3.len() as u64 <= MARKER_MAX_LEN);
+        for store in [None, Some(&spec)] {
+            let pg = marker_text(&id, 17, store, true);
+            assert!(pg.starts_with("MBANK-BANK 3\n"), "{pg}");
+            assert!(pg.ends_with("\ncatalog postgres\n"), "{pg}");
+            assert_eq!(
+                parse_marker(&pg).unwrap(),
+                Marker {
+                    version: 3,
+                    store: store.cloned(),
+                    postgres: true
+                }
+            );
+        }
     }
 
     #[test]
@@ -929,7 +1058,16 @@ mod tests {
             ("MBANK-BANKX 1\n", "first line"),
             ("MBANK-STATION 1\n", "first line"),
             ("MBANK-BANK 0\n", "version 0"),
-            ("MBANK-BANK 3\n", "version 3"),
+            ("MBANK-BANK 4\n", "version 4"),
+            (
+                "MBANK-BANK 2\ncatalog postgres\n",
+                "needs bank format version 3",
+            ),
+            ("MBANK-BANK 3\ncatalog mysql\n", "only `catalog postgres`"),
+            (
+                "MBANK-BANK 3\ncatalog postgres\ncatalog postgres\n",
+                "two catalog lines",
+            ),
             (
                 "MBANK-BANK 1\nstore s3://mbank?endpoint=http://h&region=r\n",
                 "needs bank format version 2",
@@ -993,7 +1131,7 @@ mod tests {
             StoreSpec::parse("s3://mbank?endpoint=http://127.0.0.1:9&region=garage").unwrap();
         fs::write(
             path.join("MBANK"),
-            marker_text(&VersionId::random(), 1, Some(&spec)),
+            marker_text(&VersionId::random(), 1, Some(&spec), false),
         )
         .unwrap();
         let creds = path.join(CREDENTIALS_FILE);

@@ -2278,7 +2278,13 @@ pub async fn serve(
     ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let app = open_app(&cfg.bank_dir, cfg.limits.clone(), &cfg)?;
+    // On the blocking pool: a catalog in PostgreSQL is opened by a client that blocks.
+    let app = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || open_app(&cfg.bank_dir, cfg.limits.clone(), &cfg))
+            .await
+            .map_err(|e| format!("opening the bank failed: {e}"))??
+    };
     let tls = match &cfg.tls {
         Some((cert, key)) => Some(tls::acceptor(cert, key)?),
         None => None,

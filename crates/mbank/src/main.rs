@@ -85,6 +85,15 @@ enum Cmd {
         /// be in DIR before init; every later command reads it the same way.
         #[arg(long, value_name = "URL")]
         store: Option<mbank_bank::StoreSpec>,
+        /// Keep the catalog and the access rights in a PostgreSQL database rather than
+        /// in SQLite files in the directory, so that several `mbank serve` processes
+        /// (on this host or others, behind any HTTP load balancer) can share the bank:
+        /// postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE. The database must exist
+        /// and be empty. The URL is kept in DIR/postgres.url (mode 0600); a second
+        /// server's host needs a copy of DIR's MBANK, postgres.url and, with --store,
+        /// s3-credentials (its chunks must be reachable there too: a shared bucket).
+        #[arg(long, value_name = "URL")]
+        postgres: Option<String>,
     },
     /// Store a disk image (raw, qcow2, vmdk, vdi, vhdx, qed) as a new version of a machine.
     ///
@@ -1242,14 +1251,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(mbank_station::Station::default_dir);
     let cache_size = cli.cache_size.unwrap_or(mbank_station::DEFAULT_CACHE_SIZE);
-    if let Cmd::Init { store } = &cli.cmd {
-        Bank::init_with_store(&bank_dir, store.as_ref())?;
+    if let Cmd::Init { store, postgres } = &cli.cmd {
+        Bank::init_full(&bank_dir, store.as_ref(), postgres.as_deref())?;
         say(format!(
-            "created an empty bank in {}{}",
+            "created an empty bank in {}{}{}",
             bank_dir.display(),
             store
                 .as_ref()
                 .map(|s| format!(" with its chunks in {s}"))
+                .unwrap_or_default(),
+            postgres
+                .as_deref()
+                .map(|u| format!(" and its catalog in {}", mbank_sql::redact(u)))
                 .unwrap_or_default()
         ));
         return Ok(ExitCode::SUCCESS);
