@@ -646,6 +646,157 @@ fn a_schema_2_database_gains_the_disabled_flag_and_first_ms() {
     assert!(a.login("alice", PW, HOUR, "").is_ok());
 }
 
+fn last_commits_and_staged_uploads_are_shared(b: Backend) {
+    let dir = bank(b);
+    let a = Access::open(dir.path()).unwrap();
+    let other = Access::open(dir.path()).unwrap();
+    assert_eq!(other.last_commit("alice").unwrap(), None);
+    a.note_commit(&["alice", "bob"], 1000).unwrap();
+    assert_eq!(other.last_commit("alice").unwrap(), Some(1000));
+    assert_eq!(other.last_commit("bob").unwrap(), Some(1000));
+    // A server whose clock is behind does not move it back.
+    other.note_commit(&["alice"], 900).unwrap();
+    assert_eq!(a.last_commit("alice").unwrap(), Some(1000));
+    other.note_commit(&["alice"], 2000).unwrap();
+    assert_eq!(a.last_commit("alice").unwrap(), Some(2000));
+
+    let up = |n: u8, len: u64, expires_ms: i64| StagedUpload {
+        sha256: [n; 32],
+        len,
+        expires_ms,
+    };
+    a.stage_uploads("alice", &[up(1, 10, 100), up(2, 20, 5000)])
+        .unwrap();
+    a.stage_uploads("bob", &[up(1, 30, 100)]).unwrap();
+    assert_eq!(
+        other.staged_uploads("alice").unwrap(),
+        [up(1, 10, 100), up(2, 20, 5000)]
+    );
+    // Handed out again: one row, the new URL's.
+    other.stage_uploads("alice", &[up(2, 20, 6000)]).unwrap();
+    assert_eq!(
+        a.staged_uploads("alice").unwrap(),
+        [up(1, 10, 100), up(2, 20, 6000)]
+    );
+    assert_eq!(
+        other.expire_staged("alice", 1000).unwrap(),
+        [up(1, 10, 100)]
+    );
+    assert_eq!(a.expire_staged("alice", 1000).unwrap(), []);
+    assert_eq!(a.staged_uploads("alice").unwrap(), [up(2, 20, 6000)]);
+    assert_eq!(a.take_staged("alice", &[[2; 32], [1; 32]]).unwrap(), 1);
+    assert_eq!(other.staged_uploads("alice").unwrap(), []);
+    assert_eq!(other.staged_uploads("bob").unwrap(), [up(1, 30, 100)]);
+}
+
+fn with_user_lock_runs_f(b: Backend) {
+    let (_d, a) = with_user(b, "alice", false, Some(100));
+    let alice = user(&a, "alice");
+    // `f` may use the connection that holds the lock.
+    let r = a
+        .with_user_lock("alice", || a.record_upload(&alice, &id(1), 10))
+        .unwrap();
+    r.unwrap();
+    assert_eq!(a.usage("alice").unwrap(), 10);
+}
+
+/// Waits until `cond` holds, for at most a minute.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited a minute for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_user_lock_on_postgres_excludes_other_connections_until_released() {
+    let dir = bank(Backend::Postgres);
+    let a = Access::open(dir.path()).unwrap();
+    let b = Access::open(dir.path()).unwrap();
+    let watch = Access::open(dir.path()).unwrap();
+    let waiting = || -> i64 {
+        watch
+            .db
+            .query_row(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                params![],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (leave, leave_rx) = std::sync::mpsc::channel::<()>();
+    let first = std::thread::spawn(move || {
+        a.with_user_lock("alice", || {
+            entered_tx.send(()).unwrap();
+            leave_rx.recv().unwrap();
+        })
+        .unwrap();
+    });
+    entered.recv().unwrap();
+    // Another user's lock is free meanwhile.
+    assert_eq!(watch.with_user_lock("bob", || 7).unwrap(), 7);
+    let got = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let second = {
+        let got = got.clone();
+        std::thread::spawn(move || {
+            b.with_user_lock("alice", || {
+                got.store(true, std::sync::atomic::Ordering::SeqCst)
+            })
+            .unwrap();
+        })
+    };
+    wait_for("the second holder to wait for alice's lock", || {
+        waiting() == 1
+    });
+    assert!(
+        !got.load(std::sync::atomic::Ordering::SeqCst),
+        "the second holder got in while the first held the lock"
+    );
+    leave.send(()).unwrap();
+    first.join().unwrap();
+    second.join().unwrap();
+    assert!(got.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(waiting(), 0);
+}
+
+#[test]
+fn a_newer_postgres_schema_is_refused() {
+    let dir = bank(Backend::Postgres);
+    let a = Access::open(dir.path()).unwrap();
+    a.db.execute("UPDATE access_schema SET version = 99", params![])
+        .unwrap();
+    assert!(matches!(
+        Access::open(dir.path()),
+        Err(AccessError::TooNew(99))
+    ));
+}
+
+#[test]
+fn servers_opening_a_new_postgres_database_at_once_create_its_schema_once() {
+    let dir = bank(Backend::Postgres);
+    let opened: Vec<_> = (0..4)
+        .map(|_| {
+            let path = dir.path().to_path_buf();
+            std::thread::spawn(move || Access::open(&path).map(|_| ()))
+        })
+        .collect();
+    for h in opened {
+        h.join().unwrap().unwrap();
+    }
+    let a = Access::open(dir.path()).unwrap();
+    let n: i64 =
+        a.db.query_row("SELECT count(*) FROM access_schema", params![], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
 /// Each test named runs twice: `NAME::sqlite` and `NAME::postgres`.
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {$(
@@ -680,4 +831,6 @@ on_both!(
     a_disabled_user_cannot_log_in_until_enabled,
     two_connections_see_each_other,
     open_creates_and_reopens,
+    last_commits_and_staged_uploads_are_shared,
+    with_user_lock_runs_f,
 );
