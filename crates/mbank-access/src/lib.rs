@@ -2,9 +2,12 @@
 //!
 //! The access-control database of a bank served over HTTP: who may log in, with which
 //! token, which machines and chunks each user may read, how much each user may store,
-//! and which machines an administrator published. One SQLite database, `access.db` in
-//! the bank directory, beside the catalog. The HTTP server opens one [`Access`] per
-//! worker thread ([`Access::open`] is cheap) and calls it for every request.
+//! and which machines an administrator published. One database through
+//! [`mbank_sql::Db`]: by default SQLite, `access.db` in the bank directory beside the
+//! catalog; or PostgreSQL, when the bank directory's `postgres.url` names a database
+//! ([`mbank_sql::bank_url`]), so that several `mbank serve` processes share one bank.
+//! The HTTP server opens one [`Access`] per worker thread ([`Access::open`] is cheap)
+//! and calls it for every request.
 //!
 //! ## Users and passwords
 //!
@@ -62,18 +65,34 @@
 //!
 //! `access.db` is created 0600: it holds password hashes.
 //!
+//! ## Several servers
+//!
+//! What the bank server must know across servers sharing the database lives here too:
+//! a per-user lock held while a user's quota is checked and what it pays for recorded
+//! ([`Access::with_user_lock`]: a session advisory lock on PostgreSQL; on SQLite, which
+//! one server owns, the server's own lock serves), when each user last began a commit
+//! ([`Access::note_commit`], [`Access::last_commit`]: a writer released with no commit
+//! since it began gives its uploads' quota back), and the direct uploads handed out and
+//! not yet confirmed ([`Access::stage_uploads`], [`Access::take_staged`],
+//! [`Access::expire_staged`]: they count against the quota until then).
+//!
 //! ## Concurrency and crashes
 //!
-//! WAL journal, `synchronous=FULL`, a 5 s busy timeout; every read-modify-write runs in a
-//! `BEGIN IMMEDIATE` transaction, so several connections (threads or processes) may use
-//! the database at once. A crash leaves it as of its last commit.
+//! SQLite: WAL journal, `synchronous=FULL`, a 5 s busy timeout; every read-modify-write
+//! runs in a `BEGIN IMMEDIATE` transaction, so several connections (threads or processes)
+//! may use the database at once. PostgreSQL: every write transaction first takes the
+//! access domain's advisory lock ([`mbank_sql::ACCESS_DOMAIN`]), which gives the same
+//! one-writer-at-a-time guarantee across servers; a lookup of many chunks reads one
+//! snapshot (`REPEATABLE READ`). A crash leaves the database as of its last commit.
 //!
 //! ## Schema
 //!
-//! `PRAGMA application_id` holds [`APPLICATION_ID`] (the magic, `MBAC`) and
+//! SQLite: `PRAGMA application_id` holds [`APPLICATION_ID`] (the magic, `MBAC`) and
 //! `PRAGMA user_version` the schema version; [`Access::open`] creates or migrates the
-//! schema forward and refuses a newer one or a database of another application. The
-//! tables are documented in `docs/formats.md`.
+//! schema forward and refuses a newer one or a database of another application.
+//! PostgreSQL: the table `access_schema` holds the version; [`Access::open`] creates
+//! the whole schema when it is missing (once, under the domain's lock) and refuses a
+//! newer one. The tables are documented in `docs/formats.md`.
 
 use std::collections::HashSet;
 use std::os::unix::fs::OpenOptionsExt;
