@@ -2,9 +2,12 @@
 //!
 //! The access-control database of a bank served over HTTP: who may log in, with which
 //! token, which machines and chunks each user may read, how much each user may store,
-//! and which machines an administrator published. One SQLite database, `access.db` in
-//! the bank directory, beside the catalog. The HTTP server opens one [`Access`] per
-//! worker thread ([`Access::open`] is cheap) and calls it for every request.
+//! and which machines an administrator published. One database through
+//! [`mbank_sql::Db`]: by default SQLite, `access.db` in the bank directory beside the
+//! catalog; or PostgreSQL, when the bank directory's `postgres.url` names a database
+//! ([`mbank_sql::bank_url`]), so that several `mbank serve` processes share one bank.
+//! The HTTP server opens one [`Access`] per worker thread ([`Access::open`] is cheap)
+//! and calls it for every request.
 //!
 //! ## Users and passwords
 //!
@@ -62,18 +65,34 @@
 //!
 //! `access.db` is created 0600: it holds password hashes.
 //!
+//! ## Several servers
+//!
+//! What the bank server must know across servers sharing the database lives here too:
+//! a per-user lock held while a user's quota is checked and what it pays for recorded
+//! ([`Access::with_user_lock`]: a session advisory lock on PostgreSQL; on SQLite, which
+//! one server owns, the server's own lock serves), when each user last began a commit
+//! ([`Access::note_commit`], [`Access::last_commit`]: a writer released with no commit
+//! since it began gives its uploads' quota back), and the direct uploads handed out and
+//! not yet confirmed ([`Access::stage_uploads`], [`Access::take_staged`],
+//! [`Access::expire_staged`]: they count against the quota until then).
+//!
 //! ## Concurrency and crashes
 //!
-//! WAL journal, `synchronous=FULL`, a 5 s busy timeout; every read-modify-write runs in a
-//! `BEGIN IMMEDIATE` transaction, so several connections (threads or processes) may use
-//! the database at once. A crash leaves it as of its last commit.
+//! SQLite: WAL journal, `synchronous=FULL`, a 5 s busy timeout; every read-modify-write
+//! runs in a `BEGIN IMMEDIATE` transaction, so several connections (threads or processes)
+//! may use the database at once. PostgreSQL: every write transaction first takes the
+//! access domain's advisory lock ([`mbank_sql::ACCESS_DOMAIN`]), which gives the same
+//! one-writer-at-a-time guarantee across servers; a lookup of many chunks reads one
+//! snapshot (`REPEATABLE READ`). A crash leaves the database as of its last commit.
 //!
 //! ## Schema
 //!
-//! `PRAGMA application_id` holds [`APPLICATION_ID`] (the magic, `MBAC`) and
+//! SQLite: `PRAGMA application_id` holds [`APPLICATION_ID`] (the magic, `MBAC`) and
 //! `PRAGMA user_version` the schema version; [`Access::open`] creates or migrates the
-//! schema forward and refuses a newer one or a database of another application. The
-//! tables are documented in `docs/formats.md`.
+//! schema forward and refuses a newer one or a database of another application.
+//! PostgreSQL: the table `access_schema` holds the version; [`Access::open`] creates
+//! the whole schema when it is missing (once, under the domain's lock) and refuses a
+//! newer one. The tables are documented in `docs/formats.md`.
 
 use std::collections::HashSet;
 use std::os::unix::fs::OpenOptionsExt;
@@ -83,13 +102,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use mbank_core::{ChunkId, MachineName};
-use rusqlite::{
-    Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
-};
+use mbank_sql::{Behavior, Db, Dialect, OptionalExtension, ToSql, Tx, params};
+use rusqlite::{Connection, OpenFlags};
 use serde::Serialize;
 
-/// Schema version this code writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 4;
+/// Schema version this code writes (SQLite: `PRAGMA user_version`; PostgreSQL: the
+/// table `access_schema`).
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// `PRAGMA application_id` of an access database: `MBAC` in ASCII.
 pub const APPLICATION_ID: i32 = 0x4d42_4143;
@@ -167,6 +186,82 @@ ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
 const SCHEMA_V4: &str = "
 ALTER TABLE chunk_owners ADD COLUMN first_ms INTEGER NOT NULL DEFAULT 0;
 ";
+
+/// Version 5: what must hold across several bank servers sharing the database: when
+/// each user last began a commit ([`Access::note_commit`]) and the direct uploads handed
+/// out and not yet confirmed ([`Access::stage_uploads`]).
+const SCHEMA_V5: &str = "
+CREATE TABLE last_commits (
+    user        TEXT PRIMARY KEY,
+    began_ms    INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE staged_uploads (
+    user        TEXT NOT NULL,
+    sha256      BLOB NOT NULL,
+    bytes       INTEGER NOT NULL,
+    expires_ms  INTEGER NOT NULL,
+    PRIMARY KEY (user, sha256)
+) WITHOUT ROWID;
+";
+
+/// The whole schema on PostgreSQL, created at once at [`SCHEMA_VERSION`]: the SQLite
+/// tables with PostgreSQL's types (`user` is a reserved word there, hence quoted), and
+/// `access_schema` holding the version.
+const SCHEMA_PG: &str = r#"
+CREATE TABLE access_schema (
+    version     BIGINT NOT NULL
+);
+CREATE TABLE users (
+    name        TEXT PRIMARY KEY,
+    phc         TEXT NOT NULL,
+    admin       BIGINT NOT NULL,
+    quota_bytes BIGINT,
+    created_ms  BIGINT NOT NULL,
+    disabled    BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE tokens (
+    id          TEXT PRIMARY KEY,
+    "user"      TEXT NOT NULL,
+    secret_hash BYTEA NOT NULL,
+    created_ms  BIGINT NOT NULL,
+    expires_ms  BIGINT NOT NULL,
+    revoked_ms  BIGINT,
+    label       TEXT NOT NULL
+);
+CREATE INDEX tokens_by_user ON tokens ("user");
+CREATE TABLE chunk_owners (
+    "user"      TEXT NOT NULL,
+    chunk       BYTEA NOT NULL,
+    bytes       BIGINT NOT NULL,
+    charged     BIGINT NOT NULL,
+    recorded_ms BIGINT NOT NULL DEFAULT 0,
+    first_ms    BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY ("user", chunk)
+);
+CREATE INDEX chunk_owners_by_chunk ON chunk_owners (chunk);
+CREATE TABLE published (
+    machine     TEXT PRIMARY KEY,
+    by          TEXT NOT NULL,
+    since_ms    BIGINT NOT NULL
+);
+CREATE TABLE published_chunks (
+    machine     TEXT NOT NULL,
+    chunk       BYTEA NOT NULL,
+    PRIMARY KEY (machine, chunk)
+);
+CREATE INDEX published_chunks_by_chunk ON published_chunks (chunk);
+CREATE TABLE last_commits (
+    "user"      TEXT PRIMARY KEY,
+    began_ms    BIGINT NOT NULL
+);
+CREATE TABLE staged_uploads (
+    "user"      TEXT NOT NULL,
+    sha256      BYTEA NOT NULL,
+    bytes       BIGINT NOT NULL,
+    expires_ms  BIGINT NOT NULL,
+    PRIMARY KEY ("user", sha256)
+);
+"#;
 
 /// A right recorded less than this long ago is not recorded again by an upload: a
 /// pruning GC's cutoff is at least 1 s before the start of every writer in flight, so a
@@ -256,13 +351,13 @@ pub enum AccessError {
         /// The system's error.
         source: std::io::Error,
     },
-    /// SQLite failed.
+    /// The database (SQLite or PostgreSQL) failed.
     #[error("could not {action} in the access database: {source}")]
     Sqlite {
         /// What was being done.
         action: &'static str,
-        /// SQLite's error.
-        source: rusqlite::Error,
+        /// The database's error.
+        source: mbank_sql::Error,
     },
 }
 
@@ -275,15 +370,60 @@ impl AccessError {
         )
     }
 
-    /// True for SQLite's "busy"/"locked", which a retry may get past.
+    /// True for a database that is busy (SQLite's "busy"/"locked", PostgreSQL's lock
+    /// timeout) or a PostgreSQL server out of reach, which a retry may get past.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, AccessError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. }
-            if matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
+        matches!(self, AccessError::Sqlite { source, .. } if source.is_retryable())
     }
 }
 
-fn sql(action: &'static str) -> impl Fn(rusqlite::Error) -> AccessError {
+fn sql(action: &'static str) -> impl Fn(mbank_sql::Error) -> AccessError {
     move |source| AccessError::Sqlite { action, source }
+}
+
+/// [`sql`] for a call on the SQLite connection itself (pragmas).
+fn lite(action: &'static str) -> impl Fn(rusqlite::Error) -> AccessError {
+    move |e| AccessError::Sqlite {
+        action,
+        source: e.into(),
+    }
+}
+
+/// True if the query returns a row.
+fn exists(db: &Db, q: &str, p: mbank_sql::Params<'_>) -> mbank_sql::Result<bool> {
+    Ok(!db.query_all(q, p)?.is_empty())
+}
+
+/// Chunk ids a query looks up at once (`chunk IN (…)`): a round trip per batch rather
+/// than per chunk, which matters on PostgreSQL.
+const LOOKUP_BATCH: usize = 64;
+
+/// The chunks of `ids` that `select` (a query of `chunk` ending in `chunk IN`, taking
+/// `first` as `?1`, `?2`) returns, looked up in batches.
+fn chunks_among(
+    db: &Db,
+    select: &str,
+    first: [&dyn ToSql; 2],
+    ids: &[ChunkId],
+) -> mbank_sql::Result<HashSet<Vec<u8>>> {
+    let marks: Vec<String> = (3..3 + LOOKUP_BATCH).map(|i| format!("?{i}")).collect();
+    let q = format!("{select} ({})", marks.join(", "));
+    let mut found = HashSet::new();
+    for batch in ids.chunks(LOOKUP_BATCH) {
+        // Every batch has the same statement: the last ones are padded with a repeat.
+        let mut p: Vec<&dyn ToSql> = first.to_vec();
+        p.extend((0..LOOKUP_BATCH).map(|i| batch[i.min(batch.len() - 1)].as_bytes() as &dyn ToSql));
+        for r in db.query_all(&q, &p)? {
+            found.insert(r.get::<_, Vec<u8>>(0)?);
+        }
+    }
+    Ok(found)
+}
+
+/// The key of `user`'s PostgreSQL advisory lock ([`Access::with_user_lock`]).
+fn user_lock_key(user: &str) -> i64 {
+    let h = blake3::hash(format!("mbank-access user lock {user}").as_bytes());
+    i64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
 /// `1536` → `1.5 KiB`, for messages.
@@ -401,6 +541,19 @@ fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+fn staged_from_row(r: &mbank_sql::Row) -> Result<StagedUpload, AccessError> {
+    let e = sql("read a direct upload");
+    let sha: Vec<u8> = r.get(0).map_err(&e)?;
+    let sha256 = <[u8; 32]>::try_from(sha.as_slice()).map_err(|_| {
+        AccessError::BadRow(format!("a staged upload's SHA-256 of {} bytes", sha.len()))
+    })?;
+    Ok(StagedUpload {
+        sha256,
+        len: r.get::<_, i64>(1).map_err(&e)?.max(0) as u64,
+        expires_ms: r.get(2).map_err(&e)?,
+    })
+}
+
 /// An authenticated user, as [`Access::authenticate`] returns it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct User {
@@ -462,17 +615,60 @@ pub struct TokenInfo {
     pub live: bool,
 }
 
+/// A staged (direct) upload handed out to a user and not yet confirmed
+/// ([`Access::stage_uploads`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StagedUpload {
+    /// SHA-256 of the bytes the user will send (their staging name in the store).
+    pub sha256: [u8; 32],
+    /// Their length, charged against the user's quota until confirmed.
+    pub len: u64,
+    /// When the URL to send them expires, milliseconds since the epoch.
+    pub expires_ms: i64,
+}
+
 /// A connection to a bank's access database. Cheap to open; `Send`, so a server keeps
 /// one per worker thread.
-#[derive(Debug)]
 pub struct Access {
-    conn: Connection,
+    db: Db,
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Access")
+            .field("dialect", &self.db.dialect())
+            .finish()
+    }
 }
 
 impl Access {
-    /// Opens `<bank_dir>/access.db`, creating it (and its schema) if missing and
-    /// migrating an older schema forward.
+    /// Opens the access database of the bank in `bank_dir`: the PostgreSQL database
+    /// its `postgres.url` names ([`mbank_sql::bank_url`]), or else
+    /// `<bank_dir>/access.db`, creating it (and its schema) if missing and migrating an
+    /// older schema forward.
     pub fn open(bank_dir: &Path) -> Result<Access, AccessError> {
+        let url = mbank_sql::bank_url(bank_dir).map_err(|e| AccessError::Io {
+            action: "read the PostgreSQL URL in",
+            path: bank_dir.join(mbank_sql::URL_FILE),
+            source: e,
+        })?;
+        match url {
+            Some(url) => Self::open_postgres(&url),
+            None => Self::open_sqlite(bank_dir),
+        }
+    }
+
+    /// Connects to the access database on PostgreSQL at `url`, creating its schema if
+    /// missing.
+    pub fn open_postgres(url: &str) -> Result<Access, AccessError> {
+        let db =
+            Db::postgres(url, mbank_sql::ACCESS_DOMAIN).map_err(sql("connect to PostgreSQL"))?;
+        let access = Access { db };
+        access.migrate_postgres()?;
+        Ok(access)
+    }
+
+    fn open_sqlite(bank_dir: &Path) -> Result<Access, AccessError> {
         let path = bank_dir.join(FILE_NAME);
         // Password hashes: readable by the bank's owner alone (SQLite gives its -wal
         // and -shm files the database's mode).
@@ -498,35 +694,44 @@ impl Access {
                 | OpenFlags::SQLITE_OPEN_CREATE
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
-        .map_err(sql("open the database"))?;
+        .map_err(lite("open the database"))?;
         conn.busy_timeout(Duration::from_secs(5))
-            .map_err(sql("set the busy timeout"))?;
+            .map_err(lite("set the busy timeout"))?;
         let app: i32 = conn
             .pragma_query_value(None, "application_id", |r| r.get(0))
-            .map_err(sql("read the application id"))?;
+            .map_err(lite("read the application id"))?;
         if app != 0 && app != APPLICATION_ID {
             return Err(AccessError::NotAccessDb { path, found: app });
         }
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
-            .map_err(sql("switch to the WAL journal"))?;
+            .map_err(lite("switch to the WAL journal"))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(AccessError::BadRow(format!(
                 "journal mode is {mode}, not wal"
             )));
         }
         conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(sql("set synchronous mode"))?;
-        let mut access = Access { conn };
-        access.migrate(&path)?;
+            .map_err(lite("set synchronous mode"))?;
+        let access = Access {
+            db: Db::sqlite(conn),
+        };
+        access.migrate_sqlite(&path)?;
         Ok(access)
     }
 
-    fn migrate(&mut self, path: &Path) -> Result<(), AccessError> {
+    /// The SQLite connection (an [`Access`] opened on a file has one).
+    fn lite(&self) -> &Connection {
+        self.db
+            .as_sqlite()
+            .expect("the SQLite schema is handled only on SQLite")
+    }
+
+    fn migrate_sqlite(&self, path: &Path) -> Result<(), AccessError> {
         let v: i64 = self
-            .conn
+            .lite()
             .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(sql("read the schema version"))?;
+            .map_err(lite("read the schema version"))?;
         if v > SCHEMA_VERSION {
             return Err(AccessError::TooNew(v));
         }
@@ -534,16 +739,22 @@ impl Access {
             return Ok(());
         }
         let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Exclusive)
+            .db
+            .unchecked_transaction(Behavior::Exclusive)
             .map_err(sql("start the schema migration"))?;
-        let v: i64 = tx
+        let conn = self.lite();
+        let v: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(sql("read the schema version"))?;
+            .map_err(lite("read the schema version"))?;
+        if v > SCHEMA_VERSION {
+            return Err(AccessError::TooNew(v));
+        }
         if v == 0 {
             // A brand-new file must be empty: refuse to add tables to someone else's.
             let tables: i64 = tx
-                .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
+                .query_row("SELECT count(*) FROM sqlite_schema", params![], |r| {
+                    r.get(0)
+                })
                 .map_err(sql("inspect the database"))?;
             if tables != 0 {
                 return Err(AccessError::NotAccessDb {
@@ -554,39 +765,89 @@ impl Access {
             tx.execute_batch(SCHEMA_V1)
                 .map_err(sql("create the schema"))?;
         }
-        if v < 2 {
-            tx.execute_batch(SCHEMA_V2)
-                .map_err(sql("migrate the schema to version 2"))?;
+        for (to, step) in [
+            (2, SCHEMA_V2),
+            (3, SCHEMA_V3),
+            (4, SCHEMA_V4),
+            (5, SCHEMA_V5),
+        ] {
+            if v < to {
+                tx.execute_batch(step)
+                    .map_err(sql("migrate the schema forward"))?;
+            }
         }
-        if v < 3 {
-            tx.execute_batch(SCHEMA_V3)
-                .map_err(sql("migrate the schema to version 3"))?;
-        }
-        if v < 4 {
-            tx.execute_batch(SCHEMA_V4)
-                .map_err(sql("migrate the schema to version 4"))?;
-        }
-        tx.pragma_update(None, "application_id", APPLICATION_ID)
-            .map_err(sql("set the application id"))?;
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(sql("set the schema version"))?;
+        conn.pragma_update(None, "application_id", APPLICATION_ID)
+            .map_err(lite("set the application id"))?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(lite("set the schema version"))?;
         tx.commit().map_err(sql("commit the schema migration"))
     }
 
-    /// A write transaction: `BEGIN IMMEDIATE`, so read-then-write never deadlocks
-    /// against another connection; rolled back unless committed.
-    fn write(&self, action: &'static str) -> Result<Transaction<'_>, AccessError> {
-        Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate).map_err(sql(action))
+    /// The schema version on PostgreSQL; `None` before the schema exists.
+    fn pg_version(db: &Db) -> Result<Option<i64>, AccessError> {
+        let there = exists(
+            db,
+            "SELECT 1 FROM information_schema.tables
+             WHERE table_schema = current_schema() AND table_name = 'access_schema'",
+            params![],
+        )
+        .map_err(sql("look for the schema"))?;
+        if !there {
+            return Ok(None);
+        }
+        db.query_row("SELECT max(version) FROM access_schema", params![], |r| {
+            r.get(0)
+        })
+        .map_err(sql("read the schema version"))
     }
 
-    fn user_exists(conn: &Connection, name: &str) -> Result<bool, AccessError> {
-        conn.prepare_cached("SELECT 1 FROM users WHERE name = ?1")
-            .and_then(|mut st| st.exists(params![name]))
+    /// Creates the latest schema on PostgreSQL when it is missing (one transaction
+    /// holding the domain's lock, so that servers starting at once create it once), and
+    /// refuses a newer one.
+    fn migrate_postgres(&self) -> Result<(), AccessError> {
+        let check = |v: Option<i64>| match v {
+            Some(v) if v > SCHEMA_VERSION => Err(AccessError::TooNew(v)),
+            Some(v) if v < SCHEMA_VERSION => Err(AccessError::BadRow(format!(
+                "schema version {v} on PostgreSQL, which no mbank wrote (PostgreSQL access databases start at version 5)"
+            ))),
+            v => Ok(v.is_some()),
+        };
+        if check(Self::pg_version(&self.db)?)? {
+            return Ok(());
+        }
+        let tx = self
+            .db
+            .unchecked_transaction(Behavior::Immediate)
+            .map_err(sql("start creating the schema"))?;
+        if check(Self::pg_version(&tx)?)? {
+            return Ok(());
+        }
+        tx.execute_batch(SCHEMA_PG)
+            .map_err(sql("create the schema"))?;
+        tx.execute(
+            "INSERT INTO access_schema (version) VALUES (?1)",
+            params![SCHEMA_VERSION],
+        )
+        .map_err(sql("set the schema version"))?;
+        tx.commit().map_err(sql("commit the new schema"))
+    }
+
+    /// A write transaction: `BEGIN IMMEDIATE` (on PostgreSQL the access domain's lock),
+    /// so read-then-write never deadlocks against another connection; rolled back unless
+    /// committed.
+    fn write(&self, action: &'static str) -> Result<Tx<'_>, AccessError> {
+        self.db
+            .unchecked_transaction(Behavior::Immediate)
+            .map_err(sql(action))
+    }
+
+    fn user_exists(db: &Db, name: &str) -> Result<bool, AccessError> {
+        exists(db, "SELECT 1 FROM users WHERE name = ?1", params![name])
             .map_err(sql("look up a user"))
     }
 
-    fn require_user(conn: &Connection, name: &str) -> Result<(), AccessError> {
-        if Self::user_exists(conn, name)? {
+    fn require_user(db: &Db, name: &str) -> Result<(), AccessError> {
+        if Self::user_exists(db, name)? {
             Ok(())
         } else {
             Err(AccessError::UnknownUser(name.to_string()))
@@ -604,7 +865,7 @@ impl Access {
     ) -> Result<(), AccessError> {
         check_user_name(name)?;
         check_password(password)?;
-        if Self::user_exists(&self.conn, name)? {
+        if Self::user_exists(&self.db, name)? {
             return Err(AccessError::UserExists(name.to_string()));
         }
         let phc = hash_password(password)?;
@@ -626,8 +887,8 @@ impl Access {
         let tx = self.write("remove a user")?;
         Self::require_user(&tx, name)?;
         for q in [
-            "DELETE FROM tokens WHERE user = ?1",
-            "DELETE FROM chunk_owners WHERE user = ?1",
+            "DELETE FROM tokens WHERE \"user\" = ?1",
+            "DELETE FROM chunk_owners WHERE \"user\" = ?1",
             "DELETE FROM users WHERE name = ?1",
         ] {
             tx.execute(q, params![name]).map_err(sql("remove a user"))?;
@@ -638,7 +899,7 @@ impl Access {
     /// Sets a user's password and revokes all their tokens.
     pub fn set_password(&self, name: &str, password: &str) -> Result<(), AccessError> {
         check_password(password)?;
-        Self::require_user(&self.conn, name)?;
+        Self::require_user(&self.db, name)?;
         let phc = hash_password(password)?;
         let tx = self.write("change a password")?;
         let n = tx
@@ -658,7 +919,7 @@ impl Access {
     /// refuses their further uploads but deletes nothing.
     pub fn set_quota(&self, name: &str, quota: Option<u64>) -> Result<(), AccessError> {
         let n = self
-            .conn
+            .db
             .execute(
                 "UPDATE users SET quota_bytes = ?2 WHERE name = ?1",
                 params![name, quota_to_sql(quota)],
@@ -694,11 +955,11 @@ impl Access {
     pub fn users(&self) -> Result<Vec<UserInfo>, AccessError> {
         let now = now_ms();
         let mut st = self
-            .conn
+            .db
             .prepare_cached(
                 "SELECT u.name, u.admin, u.quota_bytes, u.created_ms, u.disabled,
-                    (SELECT coalesce(sum(bytes), 0) FROM chunk_owners c WHERE c.user = u.name AND c.charged),
-                    (SELECT count(*) FROM tokens t WHERE t.user = u.name AND t.revoked_ms IS NULL AND t.expires_ms > ?1)
+                    (SELECT CAST(coalesce(sum(bytes), 0) AS BIGINT) FROM chunk_owners c WHERE c.\"user\" = u.name AND c.charged != 0),
+                    (SELECT count(*) FROM tokens t WHERE t.\"user\" = u.name AND t.revoked_ms IS NULL AND t.expires_ms > ?1)
                  FROM users u ORDER BY u.name",
             )
             .map_err(sql("list users"))?;
@@ -732,9 +993,13 @@ impl Access {
             return Err(AccessError::Unauthorized);
         }
         let phc: Option<String> = self
-            .conn
-            .prepare_cached("SELECT phc FROM users WHERE name = ?1 AND NOT disabled")
-            .and_then(|mut st| st.query_row(params![name], |r| r.get(0)).optional())
+            .db
+            .query_row(
+                "SELECT phc FROM users WHERE name = ?1 AND disabled = 0",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()
             .map_err(sql("look up a user"))?;
         let ok = match &phc {
             Some(phc) => verify_password(password, phc),
@@ -762,15 +1027,17 @@ impl Access {
         let id_hex = hex(&id);
         let tx = self.write("issue a token")?;
         // The user may have been removed or disabled since the password was checked.
-        let enabled: bool = tx
-            .prepare_cached("SELECT 1 FROM users WHERE name = ?1 AND NOT disabled")
-            .and_then(|mut st| st.exists(params![name]))
-            .map_err(sql("look up a user"))?;
+        let enabled = exists(
+            &tx,
+            "SELECT 1 FROM users WHERE name = ?1 AND disabled = 0",
+            params![name],
+        )
+        .map_err(sql("look up a user"))?;
         if !enabled {
             return Err(AccessError::Unauthorized);
         }
         tx.execute(
-            "INSERT INTO tokens (id, user, secret_hash, created_ms, expires_ms, revoked_ms, label)
+            "INSERT INTO tokens (id, \"user\", secret_hash, created_ms, expires_ms, revoked_ms, label)
              VALUES (?1, ?2, ?3, ?4, ?5, NULL, ?6)",
             params![
                 id_hex,
@@ -799,13 +1066,12 @@ impl Access {
         };
         type Row = (Vec<u8>, i64, Option<i64>, String, bool, Option<i64>);
         let row: Option<Row> = self
-            .conn
-            .prepare_cached(
+            .db
+            .query_row(
                 "SELECT t.secret_hash, t.expires_ms, t.revoked_ms, u.name, u.admin, u.quota_bytes
-                 FROM tokens t JOIN users u ON u.name = t.user WHERE t.id = ?1 AND NOT u.disabled",
-            )
-            .and_then(|mut st| {
-                st.query_row(params![hex(&id)], |r| {
+                 FROM tokens t JOIN users u ON u.name = t.\"user\" WHERE t.id = ?1 AND u.disabled = 0",
+                params![hex(&id)],
+                |r| {
                     Ok((
                         r.get(0)?,
                         r.get(1)?,
@@ -814,9 +1080,9 @@ impl Access {
                         r.get(4)?,
                         r.get(5)?,
                     ))
-                })
-                .optional()
-            })
+                },
+            )
+            .optional()
             .map_err(sql("look up a token"))?;
         let Some((stored, expires_ms, revoked_ms, name, admin, quota)) = row else {
             return Err(AccessError::Unauthorized);
@@ -848,7 +1114,7 @@ impl Access {
     pub fn revoke_token(&self, id_or_token: &str) -> Result<bool, AccessError> {
         let id = if let Some((id, secret)) = parse_token(id_or_token) {
             let stored: Option<Vec<u8>> = self
-                .conn
+                .db
                 .query_row(
                     "SELECT secret_hash FROM tokens WHERE id = ?1",
                     params![hex(&id)],
@@ -870,7 +1136,7 @@ impl Access {
             }
         };
         let n = self
-            .conn
+            .db
             .execute(
                 "UPDATE tokens SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL",
                 params![id, now_ms()],
@@ -879,10 +1145,10 @@ impl Access {
         Ok(n > 0)
     }
 
-    fn revoke_tokens_of(conn: &Connection, name: &str) -> Result<u64, AccessError> {
-        let n = conn
+    fn revoke_tokens_of(db: &Db, name: &str) -> Result<u64, AccessError> {
+        let n = db
             .execute(
-                "UPDATE tokens SET revoked_ms = ?2 WHERE user = ?1 AND revoked_ms IS NULL",
+                "UPDATE tokens SET revoked_ms = ?2 WHERE \"user\" = ?1 AND revoked_ms IS NULL",
                 params![name, now_ms()],
             )
             .map_err(sql("revoke tokens"))?;
@@ -901,14 +1167,14 @@ impl Access {
     /// The tokens of one user (or of all), oldest first; never their secrets.
     pub fn tokens(&self, user: Option<&str>) -> Result<Vec<TokenInfo>, AccessError> {
         if let Some(u) = user {
-            Self::require_user(&self.conn, u)?;
+            Self::require_user(&self.db, u)?;
         }
         let now = now_ms();
         let mut st = self
-            .conn
+            .db
             .prepare_cached(
-                "SELECT id, user, label, created_ms, expires_ms, revoked_ms FROM tokens
-                 WHERE ?1 IS NULL OR user = ?1 ORDER BY user, created_ms, id",
+                "SELECT id, \"user\", label, created_ms, expires_ms, revoked_ms FROM tokens
+                 WHERE CAST(?1 AS TEXT) IS NULL OR \"user\" = ?1 ORDER BY \"user\", created_ms, id",
             )
             .map_err(sql("list tokens"))?;
         let rows = st
@@ -948,13 +1214,13 @@ impl Access {
         {
             let mut own = tx
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO published_chunks (machine, chunk) VALUES (?1, ?2)",
+                    "INSERT INTO published_chunks (machine, chunk) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
                 )
                 .map_err(sql("publish a machine"))?;
             let mut public = tx
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO chunk_owners (user, chunk, bytes, charged, recorded_ms)
-                     VALUES (?1, ?2, 0, 0, ?3)",
+                    "INSERT INTO chunk_owners (\"user\", chunk, bytes, charged, recorded_ms)
+                     VALUES (?1, ?2, 0, 0, ?3) ON CONFLICT DO NOTHING",
                 )
                 .map_err(sql("publish a machine"))?;
             let now = now_ms();
@@ -995,7 +1261,7 @@ impl Access {
         {
             let mut drop = tx
                 .prepare(
-                    "DELETE FROM chunk_owners WHERE user = ?1 AND chunk = ?2
+                    "DELETE FROM chunk_owners WHERE \"user\" = ?1 AND chunk = ?2
                      AND NOT EXISTS (SELECT 1 FROM published_chunks p WHERE p.chunk = ?2)",
                 )
                 .map_err(sql("unpublish a machine"))?;
@@ -1010,19 +1276,21 @@ impl Access {
 
     /// True if the machine is published.
     pub fn is_published(&self, machine: &MachineName) -> Result<bool, AccessError> {
-        self.conn
-            .prepare_cached("SELECT 1 FROM published WHERE machine = ?1")
-            .and_then(|mut st| st.exists(params![machine.as_str()]))
-            .map_err(sql("look up a published machine"))
+        exists(
+            &self.db,
+            "SELECT 1 FROM published WHERE machine = ?1",
+            params![machine.as_str()],
+        )
+        .map_err(sql("look up a published machine"))
     }
 
     /// The published machines, by name.
     pub fn published(&self) -> Result<Vec<String>, AccessError> {
         let mut st = self
-            .conn
+            .db
             .prepare_cached("SELECT machine FROM published ORDER BY machine")
             .map_err(sql("list published machines"))?;
-        st.query_map([], |r| r.get(0))
+        st.query_map(params![], |r| r.get(0))
             .and_then(|rows| rows.collect())
             .map_err(sql("list published machines"))
     }
@@ -1048,26 +1316,28 @@ impl Access {
         if user.admin {
             return Ok(vec![true; ids.len()]);
         }
+        let e = sql("look up chunks");
         let tx = self
-            .conn
-            .unchecked_transaction()
-            .map_err(sql("look up chunks"))?;
-        let mut out = Vec::with_capacity(ids.len());
-        {
-            let mut st = tx
-                .prepare_cached(
-                    "SELECT 1 FROM chunk_owners WHERE user IN (?1, ?2) AND chunk = ?3 LIMIT 1",
-                )
-                .map_err(sql("look up chunks"))?;
-            for id in ids {
-                out.push(
-                    st.exists(params![user.name, PUBLIC, id.as_bytes().as_slice()])
-                        .map_err(sql("look up chunks"))?,
-                );
-            }
+            .db
+            .unchecked_transaction(Behavior::Deferred)
+            .map_err(&e)?;
+        if tx.dialect() == Dialect::Postgres {
+            // One snapshot for all the batches, as a SQLite read transaction has.
+            tx.execute_batch("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                .map_err(&e)?;
         }
-        tx.finish().map_err(sql("look up chunks"))?;
-        Ok(out)
+        let found = chunks_among(
+            &tx,
+            "SELECT chunk FROM chunk_owners WHERE \"user\" IN (?1, ?2) AND chunk IN",
+            [&user.name as &dyn ToSql, &PUBLIC],
+            ids,
+        )
+        .map_err(&e)?;
+        tx.commit().map_err(&e)?;
+        Ok(ids
+            .iter()
+            .map(|id| found.contains(id.as_bytes().as_slice()))
+            .collect())
     }
 
     /// Records that `user` sent the bytes of chunk `id` (stored size `bytes`). It is
@@ -1102,8 +1372,12 @@ impl Access {
         let tx = self.write("record an upload")?;
         // The quota in the database is authoritative; it may have changed since login.
         let quota: Option<Option<i64>> = tx
-            .prepare_cached("SELECT quota_bytes FROM users WHERE name = ?1")
-            .and_then(|mut st| st.query_row(params![user.name], |r| r.get(0)).optional())
+            .query_row(
+                "SELECT quota_bytes FROM users WHERE name = ?1",
+                params![user.name],
+                |r| r.get(0),
+            )
+            .optional()
             .map_err(sql("record an upload"))?;
         let Some(quota) = quota else {
             return Err(AccessError::UnknownUser(user.name.clone()));
@@ -1117,7 +1391,7 @@ impl Access {
             // commit, and the right must outlive a GC running meanwhile.
             let mut again = tx
                 .prepare_cached(
-                    "UPDATE chunk_owners SET recorded_ms = ?3 WHERE user = ?1 AND chunk = ?2",
+                    "UPDATE chunk_owners SET recorded_ms = ?3 WHERE \"user\" = ?1 AND chunk = ?2",
                 )
                 .map_err(sql("record an upload"))?;
             for (id, bytes) in ids {
@@ -1149,7 +1423,7 @@ impl Access {
         {
             let mut ins = tx
                 .prepare_cached(
-                    "INSERT INTO chunk_owners (user, chunk, bytes, charged, recorded_ms, first_ms)
+                    "INSERT INTO chunk_owners (\"user\", chunk, bytes, charged, recorded_ms, first_ms)
                      VALUES (?1, ?2, ?3, 1, ?4, ?4)",
                 )
                 .map_err(sql("record an upload"))?;
@@ -1173,21 +1447,17 @@ impl Access {
         ids: &[(ChunkId, u64)],
         since_ms: i64,
     ) -> Result<bool, AccessError> {
-        let mut has = self
-            .conn
-            .prepare_cached(
-                "SELECT 1 FROM chunk_owners WHERE user = ?1 AND chunk = ?2 AND recorded_ms >= ?3",
-            )
-            .map_err(sql("record an upload"))?;
-        for (id, _) in ids {
-            if !has
-                .exists(params![user, id.as_bytes().as_slice(), since_ms])
-                .map_err(sql("record an upload"))?
-            {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        let wanted: Vec<ChunkId> = ids.iter().map(|(id, _)| *id).collect();
+        let found = chunks_among(
+            &self.db,
+            "SELECT chunk FROM chunk_owners WHERE \"user\" = ?1 AND recorded_ms >= ?2 AND chunk IN",
+            [&user as &dyn ToSql, &since_ms],
+            &wanted,
+        )
+        .map_err(sql("record an upload"))?;
+        Ok(wanted
+            .iter()
+            .all(|id| found.contains(id.as_bytes().as_slice())))
     }
 
     /// Grants `user` read access to chunks that a version they committed references
@@ -1199,8 +1469,8 @@ impl Access {
         {
             let mut ins = tx
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO chunk_owners (user, chunk, bytes, charged, recorded_ms)
-                     VALUES (?1, ?2, ?3, 0, ?4)",
+                    "INSERT INTO chunk_owners (\"user\", chunk, bytes, charged, recorded_ms)
+                     VALUES (?1, ?2, ?3, 0, ?4) ON CONFLICT DO NOTHING",
                 )
                 .map_err(sql("grant chunks"))?;
             let now = now_ms();
@@ -1212,12 +1482,13 @@ impl Access {
         tx.commit().map_err(sql("grant chunks"))
     }
 
-    fn usage_in(conn: &Connection, user: &str) -> Result<u64, AccessError> {
-        let n: i64 = conn
-            .prepare_cached(
-                "SELECT coalesce(sum(bytes), 0) FROM chunk_owners WHERE user = ?1 AND charged",
+    fn usage_in(db: &Db, user: &str) -> Result<u64, AccessError> {
+        let n: i64 = db
+            .query_row(
+                "SELECT CAST(coalesce(sum(bytes), 0) AS BIGINT) FROM chunk_owners WHERE \"user\" = ?1 AND charged != 0",
+                params![user],
+                |r| r.get(0),
             )
-            .and_then(|mut st| st.query_row(params![user], |r| r.get(0)))
             .map_err(sql("sum a user's usage"))?;
         Ok(n.max(0) as u64)
     }
@@ -1225,9 +1496,13 @@ impl Access {
     /// `user`'s quota in bytes (`None`: unlimited).
     pub fn quota(&self, user: &str) -> Result<Option<u64>, AccessError> {
         let q: Option<Option<i64>> = self
-            .conn
-            .prepare_cached("SELECT quota_bytes FROM users WHERE name = ?1")
-            .and_then(|mut st| st.query_row(params![user], |r| r.get(0)).optional())
+            .db
+            .query_row(
+                "SELECT quota_bytes FROM users WHERE name = ?1",
+                params![user],
+                |r| r.get(0),
+            )
+            .optional()
             .map_err(sql("read a quota"))?;
         match q {
             Some(q) => Ok(quota_from_sql(q)),
@@ -1237,8 +1512,8 @@ impl Access {
 
     /// Bytes charged to `user`: the stored sizes of the chunks they sent, each once.
     pub fn usage(&self, user: &str) -> Result<u64, AccessError> {
-        Self::require_user(&self.conn, user)?;
-        Self::usage_in(&self.conn, user)
+        Self::require_user(&self.db, user)?;
+        Self::usage_in(&self.db, user)
     }
 
     /// Drops `user`'s charged rights first recorded at or after `since_ms`: the chunks
@@ -1250,7 +1525,7 @@ impl Access {
         let tx = self.write("give back a failed upload's quota")?;
         let n = tx
             .execute(
-                "DELETE FROM chunk_owners WHERE user = ?1 AND charged = 1 AND first_ms >= ?2",
+                "DELETE FROM chunk_owners WHERE \"user\" = ?1 AND charged = 1 AND first_ms >= ?2",
                 params![user, since_ms],
             )
             .map_err(sql("give back a failed upload's quota"))?;
@@ -1275,7 +1550,7 @@ impl Access {
     ) -> Result<u64, AccessError> {
         let old: Vec<Vec<u8>> = {
             let mut st = self
-                .conn
+                .db
                 .prepare(
                     "SELECT chunk FROM chunk_owners GROUP BY chunk HAVING max(recorded_ms) < ?1
                      UNION SELECT chunk FROM published_chunks p
@@ -1304,11 +1579,6 @@ impl Access {
         let tx = self.write("prune chunk rows")?;
         let mut dropped = 0u64;
         {
-            let mut recent = tx
-                .prepare(
-                    "SELECT 1 FROM chunk_owners WHERE chunk = ?1 AND recorded_ms >= ?2 LIMIT 1",
-                )
-                .map_err(sql("prune chunk rows"))?;
             let mut del = tx
                 .prepare("DELETE FROM chunk_owners WHERE chunk = ?1")
                 .map_err(sql("prune chunk rows"))?;
@@ -1316,9 +1586,12 @@ impl Access {
                 .prepare("DELETE FROM published_chunks WHERE chunk = ?1")
                 .map_err(sql("prune chunk rows"))?;
             for c in gone {
-                if recent
-                    .exists(params![c, recorded_before_ms])
-                    .map_err(sql("prune chunk rows"))?
+                if exists(
+                    &tx,
+                    "SELECT 1 FROM chunk_owners WHERE chunk = ?1 AND recorded_ms >= ?2 LIMIT 1",
+                    params![c, recorded_before_ms],
+                )
+                .map_err(sql("prune chunk rows"))?
                 {
                     continue;
                 }
@@ -1330,6 +1603,132 @@ impl Access {
         }
         tx.commit().map_err(sql("prune chunk rows"))?;
         Ok(dropped)
+    }
+
+    /// Runs `f` holding `user`'s lock in the database, which the bank server holds while
+    /// it checks a user's quota and records what it pays for (an upload here, a version
+    /// in the catalog: neither database's transaction alone covers both). On PostgreSQL
+    /// it is a session advisory lock, so it excludes every server sharing the database
+    /// (waiting at most [`mbank_sql::LOCK_TIMEOUT`]); on SQLite, where one server owns
+    /// the bank, `f` just runs (the server's own lock serves). `f` may use other
+    /// connections, this one too.
+    pub fn with_user_lock<R>(&self, user: &str, f: impl FnOnce() -> R) -> Result<R, AccessError> {
+        self.db
+            .with_lock(user_lock_key(user), f)
+            .map_err(sql("take a user's quota lock"))
+    }
+
+    /// Notes that `users` begin a commit at `now_ms` (a time earlier than the one noted
+    /// already is not kept).
+    pub fn note_commit(&self, users: &[&str], now_ms: i64) -> Result<(), AccessError> {
+        let e = sql("note a commit");
+        let tx = self.write("note a commit")?;
+        for u in users {
+            tx.execute(
+                "INSERT INTO last_commits (\"user\", began_ms) VALUES (?1, ?2)
+                 ON CONFLICT (\"user\") DO UPDATE SET began_ms = excluded.began_ms
+                 WHERE last_commits.began_ms < excluded.began_ms",
+                params![u, now_ms],
+            )
+            .map_err(&e)?;
+        }
+        tx.commit().map_err(&e)
+    }
+
+    /// When `user` last began a commit ([`Access::note_commit`]), if ever.
+    pub fn last_commit(&self, user: &str) -> Result<Option<i64>, AccessError> {
+        self.db
+            .query_row(
+                "SELECT began_ms FROM last_commits WHERE \"user\" = ?1",
+                params![user],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("read when a user last committed"))
+    }
+
+    /// Records direct uploads handed out to `user` (one per SHA-256: a repeat replaces
+    /// the earlier).
+    pub fn stage_uploads(&self, user: &str, ups: &[StagedUpload]) -> Result<(), AccessError> {
+        let e = sql("record direct uploads");
+        let tx = self.write("record direct uploads")?;
+        for u in ups {
+            tx.execute(
+                "INSERT INTO staged_uploads (\"user\", sha256, bytes, expires_ms)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (\"user\", sha256)
+                 DO UPDATE SET bytes = excluded.bytes, expires_ms = excluded.expires_ms",
+                params![user, u.sha256, to_i64(u.len), u.expires_ms],
+            )
+            .map_err(&e)?;
+        }
+        tx.commit().map_err(&e)
+    }
+
+    /// The direct uploads handed out to `user` and neither confirmed nor expired.
+    pub fn staged_uploads(&self, user: &str) -> Result<Vec<StagedUpload>, AccessError> {
+        let rows = self
+            .db
+            .query_all(
+                "SELECT sha256, bytes, expires_ms FROM staged_uploads WHERE \"user\" = ?1
+                 ORDER BY sha256",
+                params![user],
+            )
+            .map_err(sql("list direct uploads"))?;
+        rows.iter().map(staged_from_row).collect()
+    }
+
+    /// Forgets `user`'s direct uploads of these SHA-256s (a confirm takes them, whatever
+    /// its outcome); returns how many there were.
+    pub fn take_staged(&self, user: &str, sha256s: &[[u8; 32]]) -> Result<u64, AccessError> {
+        let e = sql("forget direct uploads");
+        let tx = self.write("forget direct uploads")?;
+        let mut n = 0;
+        for h in sha256s {
+            n += tx
+                .execute(
+                    "DELETE FROM staged_uploads WHERE \"user\" = ?1 AND sha256 = ?2",
+                    params![user, h],
+                )
+                .map_err(&e)? as u64;
+        }
+        tx.commit().map_err(&e)?;
+        Ok(n)
+    }
+
+    /// Forgets `user`'s direct uploads whose URL expired before `before_ms`, and returns
+    /// them (their staged bytes are the caller's to remove).
+    pub fn expire_staged(
+        &self,
+        user: &str,
+        before_ms: i64,
+    ) -> Result<Vec<StagedUpload>, AccessError> {
+        let e = sql("expire direct uploads");
+        let q = "FROM staged_uploads WHERE \"user\" = ?1 AND expires_ms < ?2";
+        // Most calls find none: a read answers them without the write lock.
+        if !exists(
+            &self.db,
+            &format!("SELECT 1 {q} LIMIT 1"),
+            params![user, before_ms],
+        )
+        .map_err(&e)?
+        {
+            return Ok(Vec::new());
+        }
+        let tx = self.write("expire direct uploads")?;
+        let gone = tx
+            .query_all(
+                &format!("SELECT sha256, bytes, expires_ms {q}"),
+                params![user, before_ms],
+            )
+            .map_err(&e)?
+            .iter()
+            .map(staged_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        tx.execute(&format!("DELETE {q}"), params![user, before_ms])
+            .map_err(&e)?;
+        tx.commit().map_err(&e)?;
+        Ok(gone)
     }
 }
 

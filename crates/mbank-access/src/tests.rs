@@ -1,16 +1,49 @@
+use std::sync::OnceLock;
+
+use mbank_sql::testing::TempPostgres;
+
 use super::*;
 
 const PW: &str = "correct horse";
 const HOUR: Duration = Duration::from_secs(3600);
 
-fn open() -> (tempfile::TempDir, Access) {
+/// Where a test's access database lives.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// One PostgreSQL server for this test binary; a database per test.
+fn pg() -> &'static TempPostgres {
+    static PG: OnceLock<TempPostgres> = OnceLock::new();
+    PG.get_or_init(|| TempPostgres::start().expect("start PostgreSQL"))
+}
+
+/// A bank directory whose access database is on `b` (PostgreSQL: a new database, named
+/// by the directory's `postgres.url`).
+fn bank(b: Backend) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
+    if let Backend::Postgres = b {
+        let url = pg().new_database().unwrap();
+        std::fs::write(dir.path().join(mbank_sql::URL_FILE), url).unwrap();
+    }
+    dir
+}
+
+fn open(b: Backend) -> (tempfile::TempDir, Access) {
+    let dir = bank(b);
     let a = Access::open(dir.path()).unwrap();
     (dir, a)
 }
 
-fn with_user(name: &str, admin: bool, quota: Option<u64>) -> (tempfile::TempDir, Access) {
-    let (d, a) = open();
+fn with_user(
+    b: Backend,
+    name: &str,
+    admin: bool,
+    quota: Option<u64>,
+) -> (tempfile::TempDir, Access) {
+    let (d, a) = open(b);
     a.add_user(name, PW, admin, quota).unwrap();
     (d, a)
 }
@@ -46,27 +79,34 @@ fn dummy_phc_is_a_valid_argon2id_hash() {
     assert!(!verify_password("anything at all", DUMMY_PHC));
 }
 
-#[test]
-fn open_creates_and_reopens() {
-    let dir = tempfile::tempdir().unwrap();
+fn open_creates_and_reopens(b: Backend) {
+    let dir = bank(b);
     {
         let a = Access::open(dir.path()).unwrap();
         a.add_user("alice", PW, false, None).unwrap();
     }
     let a = Access::open(dir.path()).unwrap();
     assert_eq!(a.users().unwrap().len(), 1);
-    let v: i64 = a
-        .conn
+    let Some(lite) = a.db.as_sqlite() else {
+        assert!(
+            !dir.path().join(FILE_NAME).exists(),
+            "no access.db beside PostgreSQL"
+        );
+        let v: i64 =
+            a.db.query_row("SELECT version FROM access_schema", params![], |r| r.get(0))
+                .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        return;
+    };
+    let v: i64 = lite
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
     assert_eq!(v, SCHEMA_VERSION);
-    let app: i32 = a
-        .conn
+    let app: i32 = lite
         .pragma_query_value(None, "application_id", |r| r.get(0))
         .unwrap();
     assert_eq!(app, APPLICATION_ID);
-    let mode: String = a
-        .conn
+    let mode: String = lite
         .pragma_query_value(None, "journal_mode", |r| r.get(0))
         .unwrap();
     assert_eq!(mode, "wal");
@@ -94,9 +134,8 @@ fn open_refuses_newer_schema_and_foreign_database() {
     ));
 }
 
-#[test]
-fn add_login_authenticate_round_trip() {
-    let (_d, a) = with_user("alice", false, Some(1 << 20));
+fn add_login_authenticate_round_trip(b: Backend) {
+    let (_d, a) = with_user(b, "alice", false, Some(1 << 20));
     let t = a.login("alice", PW, HOUR, "station-1").unwrap();
     assert!(t.token.starts_with("mbt_"));
     assert_eq!(t.token.len(), 4 + 32 + 1 + 64);
@@ -120,20 +159,18 @@ fn add_login_authenticate_round_trip() {
     assert_eq!(users[0].tokens_live, 1);
     // The stored row never holds the secret itself.
     let secret = &t.token[4 + 32 + 1..];
-    let n: i64 = a
-        .conn
-        .query_row(
-            "SELECT count(*) FROM tokens WHERE instr(lower(hex(secret_hash)), ?1) > 0 OR instr(label, ?1) > 0",
-            params![secret],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(n, 0);
+    for r in
+        a.db.query_all("SELECT secret_hash, label FROM tokens", params![])
+            .unwrap()
+    {
+        let hash: Vec<u8> = r.get(0).unwrap();
+        let label: String = r.get(1).unwrap();
+        assert!(!hex(&hash).contains(secret) && !label.contains(secret));
+    }
 }
 
-#[test]
-fn add_user_rejects_duplicates_bad_names_and_weak_passwords() {
-    let (_d, a) = with_user("alice", false, None);
+fn add_user_rejects_duplicates_bad_names_and_weak_passwords(b: Backend) {
+    let (_d, a) = with_user(b, "alice", false, None);
     let e = a.add_user("alice", PW, false, None).unwrap_err();
     assert!(
         matches!(&e, AccessError::UserExists(n) if n == "alice"),
@@ -180,9 +217,8 @@ fn user_name_rule_matches_machine_names() {
     }
 }
 
-#[test]
-fn wrong_password_and_unknown_user_look_the_same() {
-    let (_d, a) = with_user("alice", false, None);
+fn wrong_password_and_unknown_user_look_the_same(b: Backend) {
+    let (_d, a) = with_user(b, "alice", false, None);
     let e1 = a.login("alice", "wrong password", HOUR, "").unwrap_err();
     let e2 = a.login("mallory", PW, HOUR, "").unwrap_err();
     let e3 = a
@@ -195,9 +231,8 @@ fn wrong_password_and_unknown_user_look_the_same() {
     assert!(a.tokens(None).unwrap().is_empty());
 }
 
-#[test]
-fn tampered_and_malformed_tokens_are_unauthorized() {
-    let (_d, a) = with_user("alice", false, None);
+fn tampered_and_malformed_tokens_are_unauthorized(b: Backend) {
+    let (_d, a) = with_user(b, "alice", false, None);
     let t = a.login("alice", PW, HOUR, "").unwrap().token;
     assert!(a.authenticate(&t).is_ok());
     let flip = |s: &str, i: usize| {
@@ -238,27 +273,24 @@ fn tampered_and_malformed_tokens_are_unauthorized() {
     assert!(a.authenticate(&t).is_ok());
 }
 
-#[test]
-fn expired_tokens_are_unauthorized() {
-    let (_d, a) = with_user("alice", false, None);
+fn expired_tokens_are_unauthorized(b: Backend) {
+    let (_d, a) = with_user(b, "alice", false, None);
     let t0 = a.login("alice", PW, Duration::ZERO, "").unwrap();
     assert_unauthorized(a.authenticate(&t0.token), "ttl 0");
     let t = a.login("alice", PW, HOUR, "").unwrap();
     assert!(a.authenticate(&t.token).is_ok());
-    a.conn
-        .execute(
-            "UPDATE tokens SET expires_ms = ?2 WHERE id = ?1",
-            params![t.id, now_ms() - 1],
-        )
-        .unwrap();
+    a.db.execute(
+        "UPDATE tokens SET expires_ms = ?2 WHERE id = ?1",
+        params![t.id, now_ms() - 1],
+    )
+    .unwrap();
     assert_unauthorized(a.authenticate(&t.token), "expired");
     assert!(!a.tokens(None).unwrap().iter().any(|t| t.live));
     assert_eq!(a.users().unwrap()[0].tokens_live, 0);
 }
 
-#[test]
-fn revoked_tokens_are_unauthorized() {
-    let (_d, a) = with_user("alice", false, None);
+fn revoked_tokens_are_unauthorized(b: Backend) {
+    let (_d, a) = with_user(b, "alice", false, None);
     let t1 = a.login("alice", PW, HOUR, "").unwrap();
     let t2 = a.login("alice", PW, HOUR, "").unwrap();
     let t3 = a.login("alice", PW, HOUR, "").unwrap();
@@ -281,9 +313,8 @@ fn revoked_tokens_are_unauthorized() {
     ));
 }
 
-#[test]
-fn set_password_revokes_tokens() {
-    let (_d, a) = with_user("alice", false, None);
+fn set_password_revokes_tokens(b: Backend) {
+    let (_d, a) = with_user(b, "alice", false, None);
     let t = a.login("alice", PW, HOUR, "").unwrap();
     a.set_password("alice", "new password 1").unwrap();
     assert_unauthorized(a.authenticate(&t.token), "after password change");
@@ -304,9 +335,8 @@ fn set_password_revokes_tokens() {
     ));
 }
 
-#[test]
-fn remove_user_kills_tokens_and_rows() {
-    let (_d, a) = with_user("alice", false, None);
+fn remove_user_kills_tokens_and_rows(b: Backend) {
+    let (_d, a) = with_user(b, "alice", false, None);
     let u = user(&a, "alice");
     let t = a.login("alice", PW, HOUR, "").unwrap();
     a.record_upload(&u, &id(1), 100).unwrap();
@@ -325,9 +355,8 @@ fn remove_user_kills_tokens_and_rows() {
     ));
 }
 
-#[test]
-fn machine_rules() {
-    let (_d, a) = with_user("alice", false, None);
+fn machine_rules(b: Backend) {
+    let (_d, a) = with_user(b, "alice", false, None);
     a.add_user("root", PW, true, None).unwrap();
     let alice = user(&a, "alice");
     let root = user(&a, "root");
@@ -352,9 +381,8 @@ fn machine_rules() {
     assert!(a.published().unwrap().is_empty());
 }
 
-#[test]
-fn readable_per_user_public_and_admin() {
-    let (_d, a) = with_user("alice", false, None);
+fn readable_per_user_public_and_admin(b: Backend) {
+    let (_d, a) = with_user(b, "alice", false, None);
     a.add_user("bob", PW, false, None).unwrap();
     a.add_user("root", PW, true, None).unwrap();
     let (alice, bob, root) = (user(&a, "alice"), user(&a, "bob"), user(&a, "root"));
@@ -393,9 +421,8 @@ fn readable_per_user_public_and_admin() {
     ));
 }
 
-#[test]
-fn record_upload_charges_once_and_enforces_the_quota() {
-    let (_d, a) = with_user("alice", false, Some(1000));
+fn record_upload_charges_once_and_enforces_the_quota(b: Backend) {
+    let (_d, a) = with_user(b, "alice", false, Some(1000));
     a.add_user("bob", PW, false, None).unwrap();
     let alice = user(&a, "alice");
     let bob = user(&a, "bob");
@@ -457,9 +484,8 @@ fn record_upload_charges_once_and_enforces_the_quota() {
     ));
 }
 
-#[test]
-fn quota_is_read_from_the_database_not_the_token() {
-    let (_d, a) = with_user("alice", false, None);
+fn quota_is_read_from_the_database_not_the_token(b: Backend) {
+    let (_d, a) = with_user(b, "alice", false, None);
     let alice = user(&a, "alice");
     a.set_quota("alice", Some(10)).unwrap();
     assert!(matches!(
@@ -468,9 +494,8 @@ fn quota_is_read_from_the_database_not_the_token() {
     ));
 }
 
-#[test]
-fn prune_drops_rows_of_deleted_chunks() {
-    let (_d, a) = with_user("alice", false, None);
+fn prune_drops_rows_of_deleted_chunks(b: Backend) {
+    let (_d, a) = with_user(b, "alice", false, None);
     a.add_user("bob", PW, false, None).unwrap();
     let alice = user(&a, "alice");
     let bob = user(&a, "bob");
@@ -492,18 +517,18 @@ fn prune_drops_rows_of_deleted_chunks() {
         [true, false, false]
     );
     assert_eq!(a.prune(&|_| true, i64::MAX).unwrap(), 0);
-    let left: i64 = a
-        .conn
-        .query_row("SELECT count(*) FROM published_chunks", [], |r| r.get(0))
+    let left: i64 =
+        a.db.query_row("SELECT count(*) FROM published_chunks", params![], |r| {
+            r.get(0)
+        })
         .unwrap();
     assert_eq!(left, 0);
     // The machine stays published (its remaining chunks would be re-granted by publish).
     assert!(a.is_published(&lab).unwrap());
 }
 
-#[test]
-fn two_connections_see_each_other() {
-    let dir = tempfile::tempdir().unwrap();
+fn two_connections_see_each_other(b: Backend) {
+    let dir = bank(b);
     let a = Access::open(dir.path()).unwrap();
     let b = Access::open(dir.path()).unwrap();
     a.add_user("alice", PW, false, None).unwrap();
@@ -515,9 +540,8 @@ fn two_connections_see_each_other() {
     assert_eq!(h.join().unwrap(), 1);
 }
 
-#[test]
-fn prune_leaves_rights_recorded_since_the_cutoff() {
-    let (_d, a) = with_user("alice", false, None);
+fn prune_leaves_rights_recorded_since_the_cutoff(b: Backend) {
+    let (_d, a) = with_user(b, "alice", false, None);
     a.add_user("bob", PW, false, None).unwrap();
     let alice = user(&a, "alice");
     let bob = user(&a, "bob");
@@ -526,12 +550,11 @@ fn prune_leaves_rights_recorded_since_the_cutoff() {
     }
     a.record_upload(&bob, &id(3), 100).unwrap();
     // Rights to chunks 1 and 3 recorded long ago (before any writer in flight) ...
-    a.conn
-        .execute(
-            "UPDATE chunk_owners SET recorded_ms = 1000 WHERE chunk IN (?1, ?2)",
-            params![id(1).as_bytes().as_slice(), id(3).as_bytes().as_slice()],
-        )
-        .unwrap();
+    a.db.execute(
+        "UPDATE chunk_owners SET recorded_ms = 1000 WHERE chunk IN (?1, ?2)",
+        params![id(1).as_bytes().as_slice(), id(3).as_bytes().as_slice()],
+    )
+    .unwrap();
     // ... except bob's of chunk 3, sent again by a writer in flight: recorded again.
     a.record_upload(&bob, &id(3), 100).unwrap();
     let cutoff = now_ms() - 60_000;
@@ -557,28 +580,29 @@ fn a_version_1_database_is_migrated_with_old_rights() {
         c.pragma_update(None, "user_version", 1).unwrap();
         c.execute(
             "INSERT INTO chunk_owners (user, chunk, bytes, charged) VALUES ('alice', ?1, 7, 1)",
-            params![id(9).as_bytes().as_slice()],
+            rusqlite::params![id(9).as_bytes().as_slice()],
         )
         .unwrap();
     }
     let a = Access::open(d.path()).unwrap();
-    let v: i64 = a
-        .conn
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .unwrap();
+    let v: i64 =
+        a.db.as_sqlite()
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
     assert_eq!(v, SCHEMA_VERSION);
-    let (bytes, at): (i64, i64) = a
-        .conn
-        .query_row("SELECT bytes, recorded_ms FROM chunk_owners", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+    let (bytes, at): (i64, i64) =
+        a.db.query_row(
+            "SELECT bytes, recorded_ms FROM chunk_owners",
+            params![],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .unwrap();
     assert_eq!((bytes, at), (7, 0), "kept, as recorded before any cutoff");
 }
 
-#[test]
-fn a_disabled_user_cannot_log_in_until_enabled() {
-    let (_d, a) = with_user("alice", false, None);
+fn a_disabled_user_cannot_log_in_until_enabled(b: Backend) {
+    let (_d, a) = with_user(b, "alice", false, None);
     let t = a.login("alice", PW, HOUR, "").unwrap();
     assert!(a.set_disabled("alice", true).unwrap());
     assert_unauthorized(a.authenticate(&t.token), "disabled user's token");
@@ -608,15 +632,205 @@ fn a_schema_2_database_gains_the_disabled_flag_and_first_ms() {
     {
         let a = Access::open(d.path()).unwrap();
         a.add_user("alice", PW, false, None).unwrap();
-        a.conn
-            .execute_batch(
-                "ALTER TABLE users DROP COLUMN disabled;
+        a.db.execute_batch(
+            "ALTER TABLE users DROP COLUMN disabled;
                  ALTER TABLE chunk_owners DROP COLUMN first_ms;
+                 DROP TABLE last_commits;
+                 DROP TABLE staged_uploads;
                  PRAGMA user_version = 2;",
-            )
-            .unwrap();
+        )
+        .unwrap();
     }
     let a = Access::open(d.path()).unwrap();
     assert!(!a.users().unwrap()[0].disabled);
     assert!(a.login("alice", PW, HOUR, "").is_ok());
 }
+
+fn last_commits_and_staged_uploads_are_shared(b: Backend) {
+    let dir = bank(b);
+    let a = Access::open(dir.path()).unwrap();
+    let other = Access::open(dir.path()).unwrap();
+    assert_eq!(other.last_commit("alice").unwrap(), None);
+    a.note_commit(&["alice", "bob"], 1000).unwrap();
+    assert_eq!(other.last_commit("alice").unwrap(), Some(1000));
+    assert_eq!(other.last_commit("bob").unwrap(), Some(1000));
+    // A server whose clock is behind does not move it back.
+    other.note_commit(&["alice"], 900).unwrap();
+    assert_eq!(a.last_commit("alice").unwrap(), Some(1000));
+    other.note_commit(&["alice"], 2000).unwrap();
+    assert_eq!(a.last_commit("alice").unwrap(), Some(2000));
+
+    let up = |n: u8, len: u64, expires_ms: i64| StagedUpload {
+        sha256: [n; 32],
+        len,
+        expires_ms,
+    };
+    a.stage_uploads("alice", &[up(1, 10, 100), up(2, 20, 5000)])
+        .unwrap();
+    a.stage_uploads("bob", &[up(1, 30, 100)]).unwrap();
+    assert_eq!(
+        other.staged_uploads("alice").unwrap(),
+        [up(1, 10, 100), up(2, 20, 5000)]
+    );
+    // Handed out again: one row, the new URL's.
+    other.stage_uploads("alice", &[up(2, 20, 6000)]).unwrap();
+    assert_eq!(
+        a.staged_uploads("alice").unwrap(),
+        [up(1, 10, 100), up(2, 20, 6000)]
+    );
+    assert_eq!(
+        other.expire_staged("alice", 1000).unwrap(),
+        [up(1, 10, 100)]
+    );
+    assert_eq!(a.expire_staged("alice", 1000).unwrap(), []);
+    assert_eq!(a.staged_uploads("alice").unwrap(), [up(2, 20, 6000)]);
+    assert_eq!(a.take_staged("alice", &[[2; 32], [1; 32]]).unwrap(), 1);
+    assert_eq!(other.staged_uploads("alice").unwrap(), []);
+    assert_eq!(other.staged_uploads("bob").unwrap(), [up(1, 30, 100)]);
+}
+
+fn with_user_lock_runs_f(b: Backend) {
+    let (_d, a) = with_user(b, "alice", false, Some(100));
+    let alice = user(&a, "alice");
+    // `f` may use the connection that holds the lock.
+    let r = a
+        .with_user_lock("alice", || a.record_upload(&alice, &id(1), 10))
+        .unwrap();
+    r.unwrap();
+    assert_eq!(a.usage("alice").unwrap(), 10);
+}
+
+/// Waits until `cond` holds, for at most a minute.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited a minute for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_user_lock_on_postgres_excludes_other_connections_until_released() {
+    let dir = bank(Backend::Postgres);
+    let a = Access::open(dir.path()).unwrap();
+    let b = Access::open(dir.path()).unwrap();
+    let watch = Access::open(dir.path()).unwrap();
+    let waiting = || -> i64 {
+        watch
+            .db
+            .query_row(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                params![],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (leave, leave_rx) = std::sync::mpsc::channel::<()>();
+    let first = std::thread::spawn(move || {
+        a.with_user_lock("alice", || {
+            entered_tx.send(()).unwrap();
+            leave_rx.recv().unwrap();
+        })
+        .unwrap();
+    });
+    entered.recv().unwrap();
+    // Another user's lock is free meanwhile.
+    assert_eq!(watch.with_user_lock("bob", || 7).unwrap(), 7);
+    let got = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let second = {
+        let got = got.clone();
+        std::thread::spawn(move || {
+            b.with_user_lock("alice", || {
+                got.store(true, std::sync::atomic::Ordering::SeqCst)
+            })
+            .unwrap();
+        })
+    };
+    wait_for("the second holder to wait for alice's lock", || {
+        waiting() == 1
+    });
+    assert!(
+        !got.load(std::sync::atomic::Ordering::SeqCst),
+        "the second holder got in while the first held the lock"
+    );
+    leave.send(()).unwrap();
+    first.join().unwrap();
+    second.join().unwrap();
+    assert!(got.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(waiting(), 0);
+}
+
+#[test]
+fn a_newer_postgres_schema_is_refused() {
+    let dir = bank(Backend::Postgres);
+    let a = Access::open(dir.path()).unwrap();
+    a.db.execute("UPDATE access_schema SET version = 99", params![])
+        .unwrap();
+    assert!(matches!(
+        Access::open(dir.path()),
+        Err(AccessError::TooNew(99))
+    ));
+}
+
+#[test]
+fn servers_opening_a_new_postgres_database_at_once_create_its_schema_once() {
+    let dir = bank(Backend::Postgres);
+    let opened: Vec<_> = (0..4)
+        .map(|_| {
+            let path = dir.path().to_path_buf();
+            std::thread::spawn(move || Access::open(&path).map(|_| ()))
+        })
+        .collect();
+    for h in opened {
+        h.join().unwrap().unwrap();
+    }
+    let a = Access::open(dir.path()).unwrap();
+    let n: i64 =
+        a.db.query_row("SELECT count(*) FROM access_schema", params![], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+/// Each test named runs twice: `NAME::sqlite` and `NAME::postgres`.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn sqlite() {
+                super::$name(super::Backend::Sqlite)
+            }
+            #[test]
+            fn postgres() {
+                super::$name(super::Backend::Postgres)
+            }
+        }
+    )*};
+}
+
+on_both!(
+    add_login_authenticate_round_trip,
+    add_user_rejects_duplicates_bad_names_and_weak_passwords,
+    wrong_password_and_unknown_user_look_the_same,
+    tampered_and_malformed_tokens_are_unauthorized,
+    expired_tokens_are_unauthorized,
+    revoked_tokens_are_unauthorized,
+    set_password_revokes_tokens,
+    remove_user_kills_tokens_and_rows,
+    machine_rules,
+    readable_per_user_public_and_admin,
+    record_upload_charges_once_and_enforces_the_quota,
+    quota_is_read_from_the_database_not_the_token,
+    prune_drops_rows_of_deleted_chunks,
+    prune_leaves_rights_recorded_since_the_cutoff,
+    a_disabled_user_cannot_log_in_until_enabled,
+    two_connections_see_each_other,
+    open_creates_and_reopens,
+    last_commits_and_staged_uploads_are_shared,
+    with_user_lock_runs_f,
+);

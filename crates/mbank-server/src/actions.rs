@@ -149,7 +149,7 @@ pub(crate) fn commit(
     app.writable_machine(user, m)?;
     // From now on a writer of these users released without a commit keeps its
     // uploads' charge (a commit may name them).
-    app.note_commit(&[&user.name, m.user()]);
+    app.note_commit(&[&user.name, m.user()])?;
     let NewVersion {
         info,
         index,
@@ -213,7 +213,7 @@ pub(crate) fn commit(
         streams_len,
     );
     let owner = m.user().to_string();
-    let outcome = app.quota_locks.run(&owner, || {
+    let outcome = app.user_lock(&owner, || {
         // The machine's owner pays for its catalog rows; over the quota, nothing is kept.
         if let Some(quota) = app.access(|a| Ok(a.quota(&owner)?))? {
             let used = app.usage(&owner)?;

@@ -70,7 +70,7 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use mbank_access::{Access, User};
+use mbank_access::{Access, StagedUpload, User};
 use mbank_catalog::{Catalog, CatalogApi, MachineSettings};
 use mbank_core::chunk::{EncodedChunk, MAX_STORED_LEN};
 use mbank_core::{ChunkId, DiskIndex, MachineName, MemoryIndex, VersionId};
@@ -139,16 +139,13 @@ struct App {
     limits: Limits,
     logins: LoginGuard,
     bodies: BodyBudget,
-    /// Held while a user's quota is checked and what it pays for recorded.
+    /// Held while a user's quota is checked and what it pays for recorded (with the
+    /// access database's lock of the user: [`App::user_lock`]).
     quota_locks: caps::UserLocks,
     /// The web console's health samples.
     console: web::ConsoleState,
     /// When this server started (ms since the epoch).
     started_ms: i64,
-    /// When each user last began a commit (as caller or as the machine's owner), since
-    /// this server started: a writer released with no commit since it began gives back
-    /// the quota its uploads took.
-    last_commit: Mutex<std::collections::HashMap<String, i64>>,
     /// gc, verify and stats started by administrators over HTTPS or from the console.
     jobs: jobs::Jobs,
     /// The key that signs LAN sharing grants, when LAN sharing is on.
@@ -157,8 +154,6 @@ struct App {
     direct: Option<DirectUrls>,
     /// Direct uploads, when on and the store can stage them.
     direct_writes: Option<DirectUrls>,
-    /// The direct uploads handed out and not yet confirmed, by user.
-    staged: Mutex<std::collections::HashMap<String, Vec<Staged>>>,
 }
 
 type Shared = Arc<App>;
@@ -215,19 +210,29 @@ impl App {
         self.catalog(|c| Ok(c.owner_usage(owner, since)?))
     }
 
-    /// When `user` last began a commit, since this server started.
-    fn last_commit(&self, user: &str) -> Option<i64> {
-        let m = self.last_commit.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(user).copied()
+    /// When `user` last began a commit (as caller or as the machine's owner), through
+    /// any server sharing the access database: a writer released with no commit since
+    /// it began gives back the quota its uploads took.
+    fn last_commit(&self, user: &str) -> Result<Option<i64>, ApiError> {
+        self.access(|a| Ok(a.last_commit(user)?))
     }
 
     /// Notes that `users` begin a commit now.
-    fn note_commit(&self, users: &[&str]) {
+    fn note_commit(&self, users: &[&str]) -> Result<(), ApiError> {
         let now = mbank_catalog::now_ms();
-        let mut m = self.last_commit.lock().unwrap_or_else(|p| p.into_inner());
-        for u in users {
-            m.insert(u.to_string(), now);
-        }
+        self.access(|a| Ok(a.note_commit(users, now)?))
+    }
+
+    /// Runs `f` holding `user`'s quota lock: this server's, then the access database's
+    /// (on PostgreSQL, across every server sharing it), so that two requests of one
+    /// user cannot both pass the quota check before either records what it pays for.
+    fn user_lock<R>(
+        &self,
+        user: &str,
+        f: impl FnOnce() -> Result<R, ApiError>,
+    ) -> Result<R, ApiError> {
+        self.quota_locks
+            .run(user, || self.access(|a| a.with_user_lock(user, f)?))
     }
 
     /// `owner`'s usage: the chunks charged to them plus their versions' catalog bytes.
@@ -1369,7 +1374,7 @@ async fn take_lease(
         }
         caps::check_lease(&req.lease)?;
         let owner = m.user();
-        let replaced = app.quota_locks.run(owner, || {
+        let replaced = app.user_lock(owner, || {
             let held = app.catalog(|c| Ok(c.lease(m)?))?;
             if held.as_ref().is_none_or(|h| h.session != req.lease.session) {
                 let u = app.owner_usage(owner)?;
@@ -1535,7 +1540,7 @@ async fn register_writer(
         let host: String = req.host.chars().take(128).collect();
         let what: String = req.what.chars().take(256).collect();
         let tag = writer_tag(&user.name);
-        let w = app.quota_locks.run(&user.name, || {
+        let w = app.user_lock(&user.name, || {
             app.catalog(|c| {
                 // The user's writers not heard from for 10 minutes are dead (`mbank gc`
                 // judges them so too): dropped, so that they do not count.
@@ -1596,7 +1601,7 @@ async fn unregister_writer(
     authed(&app, caller, move |app, user| {
         own_writer(app, user, id)?;
         let tag = writer_tag(&user.name);
-        app.quota_locks.run(&user.name, || {
+        app.user_lock(&user.name, || {
             let writers = app.catalog(|c| Ok(c.writers()?))?;
             let started = writers.iter().find(|w| w.id == id).map(|w| w.started_ms);
             app.catalog(|c| Ok(c.unregister_writer(id)?))?;
@@ -1613,7 +1618,7 @@ async fn unregister_writer(
             if let Some(started) = started
                 && started > app.started_ms
                 && !others
-                && app.last_commit(&user.name).is_none_or(|c| c < started)
+                && app.last_commit(&user.name)?.is_none_or(|c| c < started)
             {
                 let n = app.access(|a| Ok(a.drop_uploads_since(&user.name, started)?))?;
                 if n > 0 {
@@ -1892,15 +1897,6 @@ fn upload_list(b: &[u8]) -> Result<Vec<wire::Upload>, ApiError> {
     Ok(list)
 }
 
-/// One presigned upload handed out and not yet confirmed: charged against its user's
-/// quota until then, and removed from the store once its URL has expired.
-#[derive(Clone, Copy)]
-struct Staged {
-    sha256: [u8; 32],
-    len: u64,
-    expires_ms: i64,
-}
-
 /// Most uploads one user may have handed out and not confirmed.
 const MAX_STAGED_PER_USER: usize = 4096;
 
@@ -1930,19 +1926,11 @@ async fn upload_urls(
             .map_or(0, |d| d.as_millis() as i64);
         let expires_ms = issued_ms + direct.valid.as_millis() as i64;
         let need: u64 = list.iter().map(|u| u64::from(u.len)).sum();
-        app.quota_locks.run(&user.name, || {
+        app.user_lock(&user.name, || {
             // Uploads whose URLs expired long enough ago are removed (none can land
             // any more), and stop counting.
             let now = mbank_catalog::now_ms();
-            let expired: Vec<Staged> = {
-                let mut all = app.staged.lock().unwrap_or_else(|p| p.into_inner());
-                let mine = all.entry(user.name.clone()).or_default();
-                let (gone, live): (Vec<Staged>, Vec<Staged>) = mine
-                    .iter()
-                    .partition(|s| s.expires_ms + STAGED_GRACE_MS < now);
-                *mine = live;
-                gone
-            };
+            let expired = app.access(|a| Ok(a.expire_staged(&user.name, now - STAGED_GRACE_MS)?))?;
             for s in &expired {
                 let _ = staging.discard(&s.sha256);
             }
@@ -1951,8 +1939,8 @@ async fn upload_urls(
                 Some(_) => app.usage(&user.name)?,
                 None => 0,
             };
-            let mut all = app.staged.lock().unwrap_or_else(|p| p.into_inner());
-            let mine = all.entry(user.name.clone()).or_default();
+            // Handed out by any server sharing the access database.
+            let mine = app.access(|a| Ok(a.staged_uploads(&user.name)?))?;
             if mine.len() + list.len() > MAX_STAGED_PER_USER {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
@@ -1976,12 +1964,15 @@ async fn upload_urls(
                 }
                 .into());
             }
-            mine.extend(list.iter().map(|u| Staged {
-                sha256: u.sha256,
-                len: u64::from(u.len),
-                expires_ms,
-            }));
-            Ok(())
+            let staged: Vec<StagedUpload> = list
+                .iter()
+                .map(|u| StagedUpload {
+                    sha256: u.sha256,
+                    len: u64::from(u.len),
+                    expires_ms,
+                })
+                .collect();
+            app.access(|a| Ok(a.stage_uploads(&user.name, &staged)?))
         })?;
         let urls: Vec<String> = list
             .iter()
@@ -2025,12 +2016,8 @@ async fn confirm_uploads(
         let staging = app.store.staging().ok_or_else(no_direct_writes)?;
         // Whatever the outcome, these uploads stop counting as handed out, and their
         // staged bytes go (promoted to their chunk names, or removed).
-        {
-            let mut all = app.staged.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(mine) = all.get_mut(&user.name) {
-                mine.retain(|s| !list.iter().any(|u| u.sha256 == s.sha256));
-            }
-        }
+        let shas: Vec<[u8; 32]> = list.iter().map(|u| u.sha256).collect();
+        app.access(|a| Ok(a.take_staged(&user.name, &shas)?))?;
         let discard_all = || {
             let _ = in_parallel(list.len(), CONFIRM_READS, |i| staging.discard(&list[i].sha256));
         };
@@ -2240,7 +2227,7 @@ fn record_and_store(
         codecs.push(codec);
     }
     let rows: Vec<(ChunkId, u64)> = parts.iter().map(|(id, b)| (*id, b.len() as u64)).collect();
-    app.quota_locks.run(&user.name, || {
+    app.user_lock(&user.name, || {
         let catalog = app.owner_usage(&user.name)?.bytes;
         app.access(|a| Ok(a.record_uploads_beside(user, &rows, catalog)?))
     })?;
@@ -2259,7 +2246,7 @@ fn record_and_store(
     // `gc` on the bank's host forgets rights to chunks that are missing when it looks;
     // it may have looked between the rows above and the store: what it dropped is put
     // back now that the chunks are stored (nothing is written if nothing was dropped).
-    app.quota_locks.run(&user.name, || {
+    app.user_lock(&user.name, || {
         let catalog = app.owner_usage(&user.name)?.bytes;
         app.access(|a| Ok(a.record_uploads_beside(user, &rows, catalog)?))
     })?;
@@ -2346,12 +2333,10 @@ fn open_app(bank_dir: &FsPath, limits: Limits, cfg: &Config) -> Result<Shared, S
         quota_locks: caps::UserLocks::default(),
         console: web::ConsoleState::default(),
         started_ms: mbank_catalog::now_ms(),
-        last_commit: Mutex::new(std::collections::HashMap::new()),
         jobs: jobs::Jobs::default(),
         peer_signer,
         limits,
         direct,
         direct_writes,
-        staged: Mutex::new(std::collections::HashMap::new()),
     }))
 }

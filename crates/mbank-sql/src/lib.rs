@@ -451,6 +451,19 @@ impl Db {
 
     /// Begins a transaction; it rolls back unless committed.
     pub fn transaction_with_behavior(&mut self, b: Behavior) -> Result<Tx<'_>> {
+        self.unchecked_transaction(b)
+    }
+
+    /// Begins a transaction through a shared reference (rusqlite's
+    /// `unchecked_transaction`): for a connection kept behind `&self`. Fails while
+    /// another transaction of this connection is open.
+    pub fn unchecked_transaction(&self, b: Behavior) -> Result<Tx<'_>> {
+        if self.in_tx.get() {
+            return Err(Error::new(
+                ErrorKind::Other,
+                "a transaction is already open on this connection",
+            ));
+        }
         match &self.conn {
             Conn::Sqlite(c) => c.execute_batch(match b {
                 Behavior::Deferred => "BEGIN DEFERRED",
@@ -741,7 +754,7 @@ impl Rows {
 
 /// A transaction; dropped without [`Tx::commit`], it rolls back.
 pub struct Tx<'a> {
-    db: &'a mut Db,
+    db: &'a Db,
     done: bool,
 }
 

@@ -195,6 +195,23 @@ fn a_lost_postgres_connection_is_opened_again() {
             |r| r.get::<_, bool>(0),
         )
         .unwrap();
+    // pg_terminate_backend only signals: wait until the backend is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while other
+        .query_row(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ?1",
+            params![pid as i32],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+        > 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backend {pid} lives on"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let first = db.query_row("SELECT 1", params![], |r| r.get::<_, i64>(0));
     if let Err(e) = &first {
         assert!(e.is_retryable(), "{e:?}");
