@@ -477,15 +477,21 @@ impl Bank {
                 }
             }
         }
-        // SQLite gives the catalog's -wal and -shm files the database's mode.
-        let catalog = path.join("catalog.db");
-        fs::OpenOptions::new()
-            .mode(0o600)
-            .write(true)
-            .create_new(true)
-            .open(&catalog)
-            .map_err(|e| BankError::io("create the catalog", &catalog, e))?;
-        drop(Catalog::open(&catalog, true, false)?);
+        // A bank whose postgres.url is already in place keeps its catalog there.
+        let in_postgres = mbank_sql::bank_url(path)
+            .map_err(|e| BankError::io("read", path.join(mbank_sql::URL_FILE), e))?
+            .is_some();
+        if !in_postgres {
+            // SQLite gives the catalog's -wal and -shm files the database's mode.
+            let catalog = path.join("catalog.db");
+            fs::OpenOptions::new()
+                .mode(0o600)
+                .write(true)
+                .create_new(true)
+                .open(&catalog)
+                .map_err(|e| BankError::io("create the catalog", &catalog, e))?;
+        }
+        drop(Catalog::open_in(path, true, false)?);
         // The marker goes last: a directory without it is not (yet) a bank.
         let marker = path.join("MBANK");
         let tmp = path.join(".MBANK.tmp");
@@ -546,7 +552,7 @@ impl Bank {
         // SQLite can roll back a journal left by a process killed mid-transaction
         // (a read-only connection cannot, and would refuse to read).
         let catalog_read_only = read_only && !dir_is_writable(path);
-        let catalog = Catalog::open(&path.join("catalog.db"), false, catalog_read_only)?;
+        let catalog = Catalog::open_in(path, false, catalog_read_only)?;
         let location = fs::canonicalize(path)
             .unwrap_or_else(|_| path.to_path_buf())
             .display()
@@ -624,7 +630,7 @@ impl Bank {
     fn local_catalog(&self, action: &'static str) -> Result<Catalog, BankError> {
         let root = self.local_root(action)?;
         let read_only = self.read_only && !dir_is_writable(root);
-        Ok(Catalog::open(&root.join("catalog.db"), false, read_only)?)
+        Ok(Catalog::open_in(root, false, read_only)?)
     }
 
     /// Where a chunk's file lives in a bank that keeps its chunks in its directory (for

@@ -1,7 +1,10 @@
 //! # mbank-catalog
 //!
 //! The bank's catalog: machines, their versions and heads, and the writers in flight
-//! (which GC must respect). One SQLite database, `catalog.db` in the bank directory.
+//! (which GC must respect). One SQLite database, `catalog.db` in the bank directory
+//! (the default), or a PostgreSQL database that several bank servers share, named by
+//! the bank's `postgres.url` ([`Catalog::open_in`]). The code is the same on both
+//! (`mbank-sql`); only the schema's creation and SQLite's pragmas differ.
 //!
 //! ## Invariants
 //!
@@ -29,10 +32,25 @@
 //! catalog writable whenever its directory is writable, even for reading commands.) The rollback journal
 //! (not WAL) is chosen so that a bank on a read-only file system can still be read.
 //!
+//! On PostgreSQL every write transaction first takes one advisory lock, the catalog's
+//! (`mbank_sql::CATALOG_DOMAIN`), so writers are serialised across every server sharing
+//! the database as SQLite serialises them across processes: a head's compare-and-swap,
+//! a lease (read the holder, then write), a `forget` (read what is protected, then
+//! remove) see no other writer between their read and their write. Readers do not take
+//! it. A lock wait over 30 s fails as busy (retryable), as SQLite's busy timeout does. A
+//! server killed mid-transaction loses its connection, and PostgreSQL rolls the
+//! transaction back and frees the lock. No statement inside a transaction is allowed to
+//! fail and be carried on from (PostgreSQL aborts the transaction). The walks over every
+//! index ([`Catalog::for_each_index`], `check_records`) list the versions first and
+//! read them one at a time, each in its own statement; a version removed meanwhile is
+//! left out (GC's rule for removals covers that: `mbank-store`'s crate docs).
+//!
 //! ## Schema
 //!
 //! `PRAGMA user_version` holds the schema version; [`Catalog::open`] migrates older
-//! schemas forward by code and refuses newer ones. The tables are documented in
+//! schemas forward by code and refuses newer ones. On PostgreSQL,
+//! [`Catalog::open_postgres`] creates the latest schema if there is none and keeps its
+//! version in the table `catalog_schema`. The tables are documented in
 //! `docs/formats.md`.
 //!
 //! ## Record checksums (schema 4)
@@ -47,7 +65,9 @@
 //! [`Catalog::disk_index`] and [`Catalog::stream`], which export, attach and run read
 //! through, refuse a version whose record fails ([`CatalogError::RecordDamaged`]); so
 //! does `verify` ([`Catalog::check_records`]), which also runs SQLite's own
-//! `integrity_check` ([`Catalog::integrity_check`]). Listing and removing do not check,
+//! `integrity_check` ([`Catalog::integrity_check`]; on PostgreSQL, the server's own
+//! checks apply). The checksums hash values as SQLite's kinds, which PostgreSQL's are
+//! read as, so the same records have the same checksums in both databases. Listing and removing do not check,
 //! so a damaged version can still be seen and removed. The walks of GC and stats use
 //! the index, whose own checksum they check, and not the record: GC keeps what an index
 //! names whatever the record says, which is the conservative choice.

@@ -122,8 +122,8 @@ impl TempPostgres {
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log);
-        let child = spawn_bound_to_process(server)
-            .map_err(|e| format!("cannot start postgres: {e}"))?;
+        let child =
+            spawn_bound_to_process(server).map_err(|e| format!("cannot start postgres: {e}"))?;
         let mut pg = TempPostgres {
             dir,
             port,

@@ -195,6 +195,24 @@ fn a_lost_postgres_connection_is_opened_again() {
             |r| r.get::<_, bool>(0),
         )
         .unwrap();
+    // pg_terminate_backend only signals: wait (bounded) until the backend is gone, so
+    // that the calls below meet a closed connection rather than racing its end.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while other
+        .query_row(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ?1",
+            params![pid as i32],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+        > 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backend {pid} still there"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let first = db.query_row("SELECT 1", params![], |r| r.get::<_, i64>(0));
     if let Err(e) = &first {
         assert!(e.is_retryable(), "{e:?}");
