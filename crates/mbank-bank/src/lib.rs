@@ -660,7 +660,7 @@ impl Bank {
         // SQLite can roll back a journal left by a process killed mid-transaction
         // (a read-only connection cannot, and would refuse to read).
         let catalog_read_only = read_only && !dir_is_writable(path);
-        let catalog = Catalog::open(&path.join("catalog.db"), false, catalog_read_only)?;
+        let catalog = Catalog::open_in(path, false, catalog_read_only)?;
         let location = fs::canonicalize(path)
             .unwrap_or_else(|_| path.to_path_buf())
             .display()
@@ -738,7 +738,7 @@ impl Bank {
     fn local_catalog(&self, action: &'static str) -> Result<Catalog, BankError> {
         let root = self.local_root(action)?;
         let read_only = self.read_only && !dir_is_writable(root);
-        Ok(Catalog::open(&root.join("catalog.db"), false, read_only)?)
+        Ok(Catalog::open_in(root, false, read_only)?)
     }
 
     /// Where a chunk's file lives in a bank that keeps its chunks in its directory (for

@@ -455,7 +455,7 @@ impl Bank {
                 return Err(e.into());
             }
             report.catalog_damaged(
-                &root.join("catalog.db"),
+                &catalog_file(&catalog, &root),
                 vec![format!("reading every version's index failed: {e}")],
             );
         }
@@ -569,7 +569,7 @@ impl Bank {
         machine: Option<&MachineName>,
         report: &mut VerifyReport,
     ) -> Result<(), BankError> {
-        let file = root.join("catalog.db");
+        let file = catalog_file(catalog, root);
         let found = catalog.integrity_check()?;
         if !found.is_empty() {
             report.catalog_damaged(&file, found);
@@ -669,5 +669,14 @@ impl Bank {
         report.temp_files_deleted = s.temp_files_deleted;
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
+    }
+}
+
+/// The file that names the catalog in a report: `catalog.db`, or for a catalog in
+/// PostgreSQL the bank's `postgres.url`.
+fn catalog_file(catalog: &Catalog, root: &std::path::Path) -> std::path::PathBuf {
+    match catalog.dialect() {
+        mbank_sql::Dialect::Sqlite => root.join("catalog.db"),
+        mbank_sql::Dialect::Postgres => root.join(mbank_sql::URL_FILE),
     }
 }

@@ -1,7 +1,10 @@
 //! # mbank-catalog
 //!
 //! The bank's catalog: machines, their versions and heads, and the writers in flight
-//! (which GC must respect). One SQLite database, `catalog.db` in the bank directory.
+//! (which GC must respect). One SQLite database, `catalog.db` in the bank directory
+//! (the default), or a PostgreSQL database that several bank servers share, named by
+//! the bank's `postgres.url` ([`Catalog::open_in`]). The code is the same on both
+//! (`mbank-sql`); only the schema's creation and SQLite's pragmas differ.
 //!
 //! ## Invariants
 //!
@@ -29,10 +32,25 @@
 //! catalog writable whenever its directory is writable, even for reading commands.) The rollback journal
 //! (not WAL) is chosen so that a bank on a read-only file system can still be read.
 //!
+//! On PostgreSQL every write transaction first takes one advisory lock, the catalog's
+//! (`mbank_sql::CATALOG_DOMAIN`), so writers are serialised across every server sharing
+//! the database as SQLite serialises them across processes: a head's compare-and-swap,
+//! a lease (read the holder, then write), a `forget` (read what is protected, then
+//! remove) see no other writer between their read and their write. Readers do not take
+//! it. A lock wait over 30 s fails as busy (retryable), as SQLite's busy timeout does. A
+//! server killed mid-transaction loses its connection, and PostgreSQL rolls the
+//! transaction back and frees the lock. No statement inside a transaction is allowed to
+//! fail and be carried on from (PostgreSQL aborts the transaction). The walks over every
+//! index ([`Catalog::for_each_index`], `check_records`) list the versions first and
+//! read them one at a time, each in its own statement; a version removed meanwhile is
+//! left out (GC's rule for removals covers that: `mbank-store`'s crate docs).
+//!
 //! ## Schema
 //!
 //! `PRAGMA user_version` holds the schema version; [`Catalog::open`] migrates older
-//! schemas forward by code and refuses newer ones. The tables are documented in
+//! schemas forward by code and refuses newer ones. On PostgreSQL,
+//! [`Catalog::open_postgres`] creates the latest schema if there is none and keeps its
+//! version in the table `catalog_schema`. The tables are documented in
 //! `docs/formats.md`.
 //!
 //! ## Record checksums (schema 4)
@@ -47,7 +65,9 @@
 //! [`Catalog::disk_index`] and [`Catalog::stream`], which export, attach and run read
 //! through, refuse a version whose record fails ([`CatalogError::RecordDamaged`]); so
 //! does `verify` ([`Catalog::check_records`]), which also runs SQLite's own
-//! `integrity_check` ([`Catalog::integrity_check`]). Listing and removing do not check,
+//! `integrity_check` ([`Catalog::integrity_check`]; on PostgreSQL, the server's own
+//! checks apply). The checksums hash values as SQLite's kinds, which PostgreSQL's are
+//! read as, so the same records have the same checksums in both databases. Listing and removing do not check,
 //! so a damaged version can still be seen and removed. The walks of GC and stats use
 //! the index, whose own checksum they check, and not the record: GC keeps what an index
 //! names whatever the record says, which is the conservative choice.
@@ -66,11 +86,12 @@ pub use records::{RecordCheck, RecordProblem, integrity_check_file};
 use records::{rename_records, seal_all, seal_machine, seal_version};
 pub use retention::{Decision, Policy, Protected};
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mbank_core::{DiskIndex, IndexError, MachineName, MemoryIndex, VersionId};
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use mbank_sql::{Behavior, Db, Dialect, ErrorKind, OptionalExtension, params};
+use rusqlite::OpenFlags;
 use serde::{Deserialize, Serialize};
 
 mod usage;
@@ -219,6 +240,121 @@ END;
 /// derive from it. A `checkpoint BLOB` column in `leases` and in `displaced`.
 const SCHEMA_V8: [(&str, &str); 2] = [("leases", "checkpoint"), ("displaced", "checkpoint")];
 
+/// The schema on PostgreSQL: schema 8's tables as SQLite has them, with PostgreSQL's
+/// types (BIGINT for integers, BYTEA for blobs, text compared byte by byte as SQLite
+/// does). `versions.rowid` stands for SQLite's implicit rowid (the order of commits);
+/// `writers.id` is an identity; the trigger on `versions` is a function. The schema's
+/// version is the one row of `catalog_schema`.
+const PG_SCHEMA: &str = r#"
+CREATE TABLE catalog_schema (
+    version     BIGINT NOT NULL
+);
+CREATE TABLE machines (
+    name        TEXT COLLATE "C" PRIMARY KEY,
+    chunk_size  BIGINT NOT NULL,
+    head        BYTEA,
+    created_ms  BIGINT NOT NULL,
+    sum         BYTEA
+);
+CREATE TABLE versions (
+    rowid       BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
+    id          BYTEA PRIMARY KEY,
+    machine     TEXT COLLATE "C" NOT NULL,
+    parent      BYTEA,
+    created_ms  BIGINT NOT NULL,
+    disk_size   BIGINT NOT NULL,
+    chunk_size  BIGINT NOT NULL,
+    disk_index  BYTEA NOT NULL,
+    stats       TEXT COLLATE "C" NOT NULL,
+    config      TEXT COLLATE "C",
+    sum         BYTEA
+);
+CREATE INDEX versions_by_machine ON versions (machine, created_ms);
+CREATE TABLE writers (
+    id           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    started_ms   BIGINT NOT NULL,
+    heartbeat_ms BIGINT NOT NULL,
+    pid          BIGINT NOT NULL,
+    host         TEXT COLLATE "C" NOT NULL,
+    what         TEXT COLLATE "C" NOT NULL
+);
+CREATE TABLE leases (
+    machine      TEXT COLLATE "C" PRIMARY KEY,
+    session      TEXT COLLATE "C" NOT NULL,
+    station      TEXT COLLATE "C" NOT NULL,
+    station_name TEXT COLLATE "C" NOT NULL,
+    pid          BIGINT NOT NULL,
+    base         BYTEA,
+    started_ms   BIGINT NOT NULL,
+    heartbeat_ms BIGINT NOT NULL,
+    checkpoint   BYTEA
+);
+CREATE TABLE displaced (
+    session      TEXT COLLATE "C" PRIMARY KEY,
+    machine      TEXT COLLATE "C" NOT NULL,
+    station_name TEXT COLLATE "C" NOT NULL,
+    base         BYTEA,
+    since_ms     BIGINT NOT NULL,
+    checkpoint   BYTEA
+);
+CREATE TABLE version_streams (
+    version     BYTEA NOT NULL,
+    name        TEXT COLLATE "C" NOT NULL,
+    len         BIGINT NOT NULL,
+    idx         BYTEA NOT NULL,
+    PRIMARY KEY (version, name)
+);
+CREATE TABLE version_labels (
+    version     BYTEA PRIMARY KEY,
+    machine     TEXT COLLATE "C" NOT NULL,
+    note        TEXT COLLATE "C",
+    tags        TEXT COLLATE "C" NOT NULL
+);
+CREATE INDEX version_labels_by_machine ON version_labels (machine);
+CREATE TABLE policies (
+    machine     TEXT COLLATE "C" PRIMARY KEY,
+    policy      TEXT COLLATE "C" NOT NULL
+);
+CREATE TABLE machine_settings (
+    machine     TEXT COLLATE "C" PRIMARY KEY,
+    settings    TEXT COLLATE "C" NOT NULL
+);
+CREATE TABLE gc_marks (
+    name        TEXT COLLATE "C" PRIMARY KEY,
+    at_ms       BIGINT NOT NULL,
+    count       BIGINT NOT NULL
+);
+CREATE FUNCTION versions_removed() RETURNS trigger LANGUAGE plpgsql AS $f$
+BEGIN
+    INSERT INTO gc_marks (name, at_ms, count)
+    VALUES ('version_removed', CAST(floor(extract(epoch FROM clock_timestamp()) * 1000) AS BIGINT), 1)
+    ON CONFLICT (name) DO UPDATE SET at_ms = excluded.at_ms, count = gc_marks.count + 1;
+    RETURN NULL;
+END
+$f$;
+CREATE TRIGGER versions_removed AFTER DELETE ON versions
+    FOR EACH ROW EXECUTE FUNCTION versions_removed();
+"#;
+
+/// The schema version of a PostgreSQL catalog; `None` when it has no schema yet.
+fn pg_schema_version(db: &Db) -> Result<Option<i64>, CatalogError> {
+    let action = "read the schema version";
+    let has: bool = db
+        .query_row(
+            "SELECT to_regclass('catalog_schema') IS NOT NULL",
+            params![],
+            |r| r.get(0),
+        )
+        .map_err(sql(action))?;
+    if !has {
+        return Ok(None);
+    }
+    db.query_row("SELECT max(version) FROM catalog_schema", params![], |r| {
+        r.get::<_, Option<i64>>(0)
+    })
+    .map_err(sql(action))
+}
+
 /// Longest note on a version, in bytes.
 pub const MAX_NOTE: usize = 1024;
 /// Most tags on a version, and the longest tag in bytes.
@@ -228,10 +364,10 @@ pub const MAX_TAG: usize = 64;
 /// What went wrong in the catalog.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error("{}", sqlite_message(action, source))]
-    Sqlite {
+    #[error("{}", db_message(action, source))]
+    Db {
         action: &'static str,
-        source: rusqlite::Error,
+        source: mbank_sql::Error,
     },
     #[error("no machine named {0}")]
     MachineNotFound(String),
@@ -311,50 +447,55 @@ pub enum CatalogError {
 }
 
 impl CatalogError {
-    /// True for SQLite's "busy"/"locked", which a retry may get past.
+    fn db_kind(&self) -> Option<ErrorKind> {
+        match self {
+            CatalogError::Db { source, .. } => Some(source.kind()),
+            _ => None,
+        }
+    }
+
+    /// True for a database that was busy (SQLite's "busy"/"locked", PostgreSQL's lock
+    /// timeout) or a PostgreSQL server out of reach: a retry may get past it.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, CatalogError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. }
-            if matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
+        matches!(self, CatalogError::Db { source, .. } if source.is_retryable())
     }
 
-    /// True when SQLite refused a row that breaks a constraint (a version id taken).
+    /// True when the database refused a row that breaks a constraint (a version id taken).
     pub fn is_constraint(&self) -> bool {
-        matches!(self, CatalogError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. }
-            if e.code == rusqlite::ErrorCode::ConstraintViolation)
+        self.db_kind() == Some(ErrorKind::Constraint)
     }
 
-    /// True when SQLite failed because the disk is full.
+    /// True when the database failed because its disk is full.
     pub fn is_disk_full(&self) -> bool {
-        matches!(self, CatalogError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. }
-            if e.code == rusqlite::ErrorCode::DiskFull)
+        self.db_kind() == Some(ErrorKind::DiskFull)
     }
 
-    /// True when SQLite found the database file damaged (or not a database at all).
+    /// True when the database found itself damaged (or the file is not a database).
     pub fn is_corrupt(&self) -> bool {
-        matches!(self, CatalogError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. }
-            if matches!(e.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase))
+        self.db_kind() == Some(ErrorKind::Corrupt)
     }
 
-    /// True when SQLite failed because the database cannot be written.
+    /// True when the database cannot be written (or opened).
     pub fn is_read_only(&self) -> bool {
-        matches!(self, CatalogError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. }
-            if matches!(e.code, rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::PermissionDenied))
+        self.db_kind() == Some(ErrorKind::ReadOnly)
     }
 }
 
-fn sqlite_message(action: &str, source: &rusqlite::Error) -> String {
-    match source {
-        rusqlite::Error::SqliteFailure(e, _) if e.code == rusqlite::ErrorCode::DiskFull => {
-            format!(
-                "no space left on the bank's disk while trying to {action} in the catalog (catalog.db)"
-            )
-        }
+fn db_message(action: &str, source: &mbank_sql::Error) -> String {
+    match source.kind() {
+        ErrorKind::DiskFull => format!(
+            "no space left on the catalog's disk while trying to {action} in the catalog \
+             (catalog.db in the bank directory, or the PostgreSQL server's disk)"
+        ),
         _ => format!("catalog: cannot {action}: {source}"),
     }
 }
 
-fn sql(action: &'static str) -> impl FnOnce(rusqlite::Error) -> CatalogError {
-    move |source| CatalogError::Sqlite { action, source }
+fn sql<E: Into<mbank_sql::Error>>(action: &'static str) -> impl FnOnce(E) -> CatalogError {
+    move |source| CatalogError::Db {
+        action,
+        source: source.into(),
+    }
 }
 
 /// The catalog operations a bank's users need, local ([`Catalog`]) or over HTTP (a
@@ -596,7 +737,10 @@ impl CatalogApi for Catalog {
         Catalog::set_settings(self, machine, settings)
     }
     fn reopen(&self) -> Result<Box<dyn CatalogApi>, CatalogError> {
-        Ok(Box::new(Catalog::open(&self.path, false, false)?))
+        Ok(Box::new(match &self.at {
+            Location::File(path) => Catalog::open(path, false, false)?,
+            Location::Postgres(url) => Catalog::open_postgres(url)?,
+        }))
     }
 }
 
@@ -768,10 +912,17 @@ impl Lease {
     }
 }
 
-/// The catalog database.
+/// Where a catalog lives, to open it again ([`CatalogApi::reopen`]).
+#[derive(Clone, Debug)]
+enum Location {
+    File(PathBuf),
+    Postgres(String),
+}
+
+/// The catalog database: a SQLite file or a PostgreSQL database.
 pub struct Catalog {
-    conn: Connection,
-    path: std::path::PathBuf,
+    conn: Db,
+    at: Location,
     /// The schema version of the file as opened: a read-only catalog older than 4 has
     /// no record checksums to check.
     schema: i64,
@@ -809,7 +960,7 @@ type RawVersionRow = (
     Option<String>,
 );
 
-fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawVersionRow> {
+fn version_row(r: &mbank_sql::Row) -> mbank_sql::Result<RawVersionRow> {
     Ok((
         r.get(0)?,
         r.get(1)?,
@@ -844,6 +995,23 @@ fn version_info(row: RawVersionRow) -> Result<VersionInfo, CatalogError> {
 }
 
 impl Catalog {
+    /// Opens the catalog of the bank in `dir`: in the PostgreSQL database its
+    /// `postgres.url` names ([`Catalog::open_postgres`]), else `dir/catalog.db`
+    /// ([`Catalog::open`], with `create` and `read_only` as there).
+    pub fn open_in(dir: &Path, create: bool, read_only: bool) -> Result<Self, CatalogError> {
+        let url = mbank_sql::bank_url(dir).map_err(|e| CatalogError::Db {
+            action: "read the bank's PostgreSQL URL",
+            source: mbank_sql::Error::new(
+                ErrorKind::Other,
+                format!("{}: {e}", dir.join(mbank_sql::URL_FILE).display()),
+            ),
+        })?;
+        match url {
+            Some(url) => Catalog::open_postgres(&url),
+            None => Catalog::open(&dir.join("catalog.db"), create, read_only),
+        }
+    }
+
     /// Opens (and with `create`, creates) the catalog at `path`. `read_only` opens it
     /// without write access, so a bank on a read-only file system can still be read.
     pub fn open(path: &Path, create: bool, read_only: bool) -> Result<Self, CatalogError> {
@@ -856,7 +1024,8 @@ impl Catalog {
         } else {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
         };
-        let conn = Connection::open_with_flags(path, flags).map_err(sql("open the database"))?;
+        let conn =
+            rusqlite::Connection::open_with_flags(path, flags).map_err(sql("open the database"))?;
         conn.busy_timeout(Duration::from_secs(30))
             .map_err(sql("set the busy timeout"))?;
         if !read_only {
@@ -864,21 +1033,79 @@ impl Catalog {
                 .map_err(sql("set synchronous mode"))?;
         }
         let mut cat = Catalog {
-            conn,
-            path: path.to_path_buf(),
+            conn: Db::sqlite(conn),
+            at: Location::File(path.to_path_buf()),
             schema: 0,
         };
         cat.schema = cat.migrate(read_only)?;
         Ok(cat)
     }
 
+    /// Opens the catalog in the PostgreSQL database at `url`, creating its schema (the
+    /// latest, in one transaction holding the catalog's lock) if the database has none.
+    /// Refuses a schema newer than this mbank's ([`CatalogError::TooNew`]).
+    pub fn open_postgres(url: &str) -> Result<Self, CatalogError> {
+        let conn = Db::postgres(url, mbank_sql::CATALOG_DOMAIN)
+            .map_err(sql("open the PostgreSQL database"))?;
+        let mut cat = Catalog {
+            conn,
+            at: Location::Postgres(url.to_string()),
+            schema: 0,
+        };
+        cat.schema = match pg_schema_version(&cat.conn)? {
+            Some(v) => v,
+            None => {
+                let tx = cat
+                    .conn
+                    .transaction_with_behavior(Behavior::Immediate)
+                    .map_err(sql("start creating the schema"))?;
+                // Another server may have created it while this one waited for the lock.
+                let v = match pg_schema_version(&tx)? {
+                    Some(v) => v,
+                    None => {
+                        tx.execute_batch(PG_SCHEMA)
+                            .map_err(sql("create the schema"))?;
+                        tx.execute(
+                            "INSERT INTO catalog_schema (version) VALUES (?1)",
+                            params![SCHEMA_VERSION],
+                        )
+                        .map_err(sql("set the schema version"))?;
+                        SCHEMA_VERSION
+                    }
+                };
+                tx.commit().map_err(sql("commit the schema"))?;
+                v
+            }
+        };
+        if cat.schema > SCHEMA_VERSION {
+            return Err(CatalogError::TooNew(cat.schema));
+        }
+        if cat.schema < SCHEMA_VERSION {
+            // Every PostgreSQL catalog so far was made at the latest schema.
+            return Err(CatalogError::BadRow(format!(
+                "the PostgreSQL catalog has schema version {}, which no mbank wrote; \
+                 its table catalog_schema is damaged",
+                cat.schema
+            )));
+        }
+        Ok(cat)
+    }
+
+    /// Which database the catalog is in.
+    pub fn dialect(&self) -> Dialect {
+        self.conn.dialect()
+    }
+
     /// Brings the schema up to [`SCHEMA_VERSION`] (unless `read_only`); returns the
     /// schema version the file now has.
     fn migrate(&mut self, read_only: bool) -> Result<i64, CatalogError> {
-        let v: i64 = self
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(sql("read the schema version"))?;
+        let user_version = |db: &Db| -> Result<i64, CatalogError> {
+            db.as_sqlite()
+                .expect("a SQLite catalog")
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .map_err(sql("read the schema version"))
+        };
+        let v = user_version(&self.conn)?;
         if v > SCHEMA_VERSION {
             return Err(CatalogError::TooNew(v));
         }
@@ -887,11 +1114,9 @@ impl Catalog {
         }
         let tx = self
             .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
+            .transaction_with_behavior(Behavior::Exclusive)
             .map_err(sql("start the schema migration"))?;
-        let v: i64 = tx
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(sql("read the schema version"))?;
+        let v = user_version(&tx)?;
         if v < 1 {
             tx.execute_batch(SCHEMA_V1)
                 .map_err(sql("create the schema"))?;
@@ -936,7 +1161,9 @@ impl Catalog {
                 }
             }
         }
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        tx.as_sqlite()
+            .expect("a SQLite catalog")
+            .pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(sql("set the schema version"))?;
         tx.commit().map_err(sql("commit the schema migration"))?;
         Ok(SCHEMA_VERSION)
@@ -953,7 +1180,7 @@ impl Catalog {
             .conn
             .query_row(
                 "SELECT at_ms, count FROM gc_marks WHERE name = 'version_removed'",
-                [],
+                params![],
                 |r| {
                     Ok(Removals {
                         last_ms: r.get(0)?,
@@ -984,7 +1211,7 @@ impl Catalog {
                         (SELECT count(*) FROM versions v WHERE v.machine = m.name),
                         h.created_ms, h.disk_size
                  FROM machines m LEFT JOIN versions h ON h.id = m.head
-                 WHERE ?1 IS NULL OR m.name = ?1 ORDER BY m.name",
+                 WHERE CAST(?1 AS TEXT) IS NULL OR m.name = ?1 ORDER BY m.name",
             )
             .map_err(sql("list machines"))?;
         let rows = st
@@ -1028,11 +1255,12 @@ impl Catalog {
     ) -> Result<CommitOutcome, CatalogError> {
         let tx = self
             .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .transaction_with_behavior(Behavior::Immediate)
             .map_err(sql("start the commit"))?;
         let created = tx
             .execute(
-                "INSERT OR IGNORE INTO machines (name, chunk_size, head, created_ms) VALUES (?1, ?2, NULL, ?3)",
+                "INSERT INTO machines (name, chunk_size, head, created_ms) VALUES (?1, ?2, NULL, ?3)
+                 ON CONFLICT DO NOTHING",
                 params![info.machine.as_str(), info.chunk_size, info.created_ms],
             )
             .map_err(sql("create the machine"))?;
@@ -1071,7 +1299,7 @@ impl Catalog {
         seal_version(&tx, &info.id)?;
         let moved = tx
             .execute(
-                "UPDATE machines SET head = ?1 WHERE name = ?2 AND head IS ?3",
+                "UPDATE machines SET head = ?1 WHERE name = ?2 AND head IS NOT DISTINCT FROM ?3",
                 params![
                     &info.id.as_bytes()[..],
                     info.machine.as_str(),
@@ -1132,11 +1360,15 @@ impl Catalog {
                     .to_vec(),
             ],
             Some(p) => {
+                let hex = match self.conn.dialect() {
+                    Dialect::Sqlite => "lower(hex(id))",
+                    Dialect::Postgres => "encode(id, 'hex')",
+                };
                 let mut st = self
                     .conn
-                    .prepare_cached(
-                        "SELECT id FROM versions WHERE machine = ?1 AND lower(hex(id)) LIKE ?2 || '%'",
-                    )
+                    .prepare_cached(&format!(
+                        "SELECT id FROM versions WHERE machine = ?1 AND {hex} LIKE CAST(?2 AS TEXT) || '%'"
+                    ))
                     .map_err(sql("find the version"))?;
                 let rows = st
                     .query_map(params![machine.as_str(), p.to_ascii_lowercase()], |r| {
@@ -1220,6 +1452,7 @@ impl Catalog {
     }
 
     /// Calls `f` for every stream of every version (or of one machine's versions).
+    /// Streams are read one at a time, as [`Catalog::for_each_index`] reads indexes.
     pub fn for_each_stream(
         &self,
         machine: Option<&MachineName>,
@@ -1229,20 +1462,32 @@ impl Catalog {
             Result<MemoryIndex, CatalogError>,
         ) -> Result<(), CatalogError>,
     ) -> Result<(), CatalogError> {
-        let mut st = self
+        let listed = self
             .conn
-            .prepare(&format!(
-                "SELECT {VERSION_COLS}, s.name, s.idx FROM version_streams s JOIN versions ON versions.id = s.version
-                 WHERE ?1 IS NULL OR versions.machine = ?1 ORDER BY versions.machine, versions.created_ms, s.name"
-            ))
+            .query_all(
+                "SELECT versions.rowid, s.name FROM version_streams s JOIN versions ON versions.id = s.version
+                 WHERE CAST(?1 AS TEXT) IS NULL OR versions.machine = ?1 ORDER BY versions.machine, versions.created_ms, s.name",
+                params![machine.map(|m| m.as_str())],
+            )
             .map_err(sql("list streams"))?;
-        let mut rows = st
-            .query(params![machine.map(|m| m.as_str())])
-            .map_err(sql("list streams"))?;
-        while let Some(r) = rows.next().map_err(sql("list streams"))? {
-            let info = version_info(version_row(r).map_err(sql("list streams"))?)?;
-            let name: String = r.get(9).map_err(sql("read a stream"))?;
-            let bytes: Vec<u8> = r.get(10).map_err(sql("read a stream"))?;
+        for r in listed {
+            let rowid: i64 = r.get(0).map_err(sql("list streams"))?;
+            let name: String = r.get(1).map_err(sql("list streams"))?;
+            let row = self
+                .conn
+                .query_row(
+                    &format!(
+                        "SELECT {VERSION_COLS}, s.idx FROM version_streams s JOIN versions ON versions.id = s.version
+                         WHERE versions.rowid = ?1 AND s.name = ?2"
+                    ),
+                    params![rowid, name],
+                    |r| Ok((version_row(r)?, r.get::<_, Vec<u8>>(9)?)),
+                )
+                .optional()
+                .map_err(sql("read a stream"))?;
+            // Removed since it was listed.
+            let Some((row, bytes)) = row else { continue };
+            let info = version_info(row)?;
             let idx = MemoryIndex::from_bytes(&bytes).map_err(|source| CatalogError::BadIndex {
                 machine: info.machine.to_string(),
                 version: info.id,
@@ -1254,24 +1499,33 @@ impl Catalog {
     }
 
     /// Calls `f` for every version of every machine (or of one machine) with its index.
-    /// Indexes are read one at a time, so memory stays bounded by the largest one.
+    /// Indexes are read one at a time, so memory stays bounded by the largest one; a
+    /// version removed meanwhile is left out.
     pub fn for_each_index(
         &self,
         machine: Option<&MachineName>,
         mut f: impl FnMut(&VersionInfo, Result<DiskIndex, CatalogError>) -> Result<(), CatalogError>,
     ) -> Result<(), CatalogError> {
-        let mut st = self
+        let listed = self
             .conn
-            .prepare(&format!(
-                "SELECT {VERSION_COLS}, disk_index FROM versions WHERE ?1 IS NULL OR machine = ?1 ORDER BY machine, created_ms"
-            ))
+            .query_all(
+                "SELECT rowid FROM versions WHERE CAST(?1 AS TEXT) IS NULL OR machine = ?1 ORDER BY machine, created_ms",
+                params![machine.map(|m| m.as_str())],
+            )
             .map_err(sql("list versions"))?;
-        let mut rows = st
-            .query(params![machine.map(|m| m.as_str())])
-            .map_err(sql("list versions"))?;
-        while let Some(r) = rows.next().map_err(sql("list versions"))? {
-            let info = version_info(version_row(r).map_err(sql("list versions"))?)?;
-            let bytes: Vec<u8> = r.get(9).map_err(sql("read an index"))?;
+        for r in listed {
+            let rowid: i64 = r.get(0).map_err(sql("list versions"))?;
+            let row = self
+                .conn
+                .query_row(
+                    &format!("SELECT {VERSION_COLS}, disk_index FROM versions WHERE rowid = ?1"),
+                    params![rowid],
+                    |r| Ok((version_row(r)?, r.get::<_, Vec<u8>>(9)?)),
+                )
+                .optional()
+                .map_err(sql("read an index"))?;
+            let Some((row, bytes)) = row else { continue };
+            let info = version_info(row)?;
             let idx = DiskIndex::from_bytes(&bytes).map_err(|source| CatalogError::BadIndex {
                 machine: info.machine.to_string(),
                 version: info.id,
@@ -1287,7 +1541,7 @@ impl Catalog {
     pub fn remove_version(&mut self, v: &VersionInfo) -> Result<Option<VersionId>, CatalogError> {
         let tx = self
             .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .transaction_with_behavior(Behavior::Immediate)
             .map_err(sql("start removing the version"))?;
         tx.execute(
             "DELETE FROM versions WHERE id = ?1",
@@ -1355,7 +1609,7 @@ impl Catalog {
     pub fn remove_machine(&mut self, machine: &MachineName) -> Result<u64, CatalogError> {
         let tx = self
             .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .transaction_with_behavior(Behavior::Immediate)
             .map_err(sql("start removing the machine"))?;
         tx.execute(
             "DELETE FROM version_streams WHERE version IN (SELECT id FROM versions WHERE machine = ?1)",
@@ -1404,14 +1658,17 @@ impl Catalog {
         what: &str,
     ) -> Result<WriterInfo, CatalogError> {
         let now = now_ms();
-        self.conn
-            .execute(
-                "INSERT INTO writers (started_ms, heartbeat_ms, pid, host, what) VALUES (?1, ?1, ?2, ?3, ?4)",
+        let id: i64 = self
+            .conn
+            .query_row(
+                "INSERT INTO writers (started_ms, heartbeat_ms, pid, host, what) VALUES (?1, ?1, ?2, ?3, ?4)
+                 RETURNING id",
                 params![now, pid, host, what],
+                |r| r.get(0),
             )
             .map_err(sql("register the writer"))?;
         Ok(WriterInfo {
-            id: self.conn.last_insert_rowid(),
+            id,
             started_ms: now,
             heartbeat_ms: now,
             pid,
@@ -1444,7 +1701,7 @@ impl Catalog {
             .prepare_cached("SELECT id, started_ms, heartbeat_ms, pid, host, what FROM writers ORDER BY started_ms")
             .map_err(sql("list writers"))?;
         let rows = st
-            .query_map([], |r| {
+            .query_map(params![], |r| {
                 Ok(WriterInfo {
                     id: r.get(0)?,
                     started_ms: r.get(1)?,
@@ -1460,7 +1717,7 @@ impl Catalog {
 }
 
 fn session_bases_in(
-    conn: &Connection,
+    conn: &Db,
     machine: &MachineName,
 ) -> Result<Vec<(VersionId, String)>, CatalogError> {
     let mut st = conn
@@ -1487,7 +1744,7 @@ fn session_bases_in(
     Ok(out)
 }
 
-fn read_head(conn: &Connection, machine: &MachineName) -> Result<Option<VersionId>, CatalogError> {
+fn read_head(conn: &Db, machine: &MachineName) -> Result<Option<VersionId>, CatalogError> {
     let head: Option<Vec<u8>> = conn
         .query_row(
             "SELECT head FROM machines WHERE name = ?1",
@@ -1528,7 +1785,7 @@ fn parse_tags(text: &str) -> Result<Vec<String>, CatalogError> {
     serde_json::from_str(text).map_err(|e| CatalogError::BadRow(format!("tags: {e}")))
 }
 
-fn read_labels(conn: &Connection, id: &VersionId) -> Result<Labels, CatalogError> {
+fn read_labels(conn: &Db, id: &VersionId) -> Result<Labels, CatalogError> {
     let row: Option<(Option<String>, String)> = conn
         .query_row(
             "SELECT note, tags FROM version_labels WHERE version = ?1",
@@ -1546,7 +1803,7 @@ fn read_labels(conn: &Connection, id: &VersionId) -> Result<Labels, CatalogError
     }
 }
 
-fn read_lease(conn: &Connection, machine: &str) -> Result<Option<Lease>, CatalogError> {
+fn read_lease(conn: &Db, machine: &str) -> Result<Option<Lease>, CatalogError> {
     let row = conn
         .query_row(
             "SELECT session, station, station_name, pid, base, started_ms, heartbeat_ms
@@ -1594,7 +1851,7 @@ impl Catalog {
         mname(lease.machine.clone())?; // validate before writing
         let tx = self
             .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .transaction_with_behavior(Behavior::Immediate)
             .map_err(sql("start taking the lease"))?;
         // Read through the transaction's connection: `self.lease` would borrow self.
         let held = read_lease(&tx, &lease.machine)?;
@@ -1612,8 +1869,11 @@ impl Catalog {
         {
             // The displaced session may still check in; until then its base stays.
             tx.execute(
-                "INSERT OR REPLACE INTO displaced (session, machine, station_name, base, since_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO displaced (session, machine, station_name, base, since_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (session) DO UPDATE SET machine = excluded.machine,
+                    station_name = excluded.station_name, base = excluded.base,
+                    since_ms = excluded.since_ms, checkpoint = NULL",
                 params![
                     h.session,
                     h.machine,
@@ -1631,8 +1891,12 @@ impl Catalog {
             .map_err(sql("record the displaced session's checkpoint"))?;
         }
         tx.execute(
-            "INSERT OR REPLACE INTO leases (machine, session, station, station_name, pid, base, started_ms, heartbeat_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO leases (machine, session, station, station_name, pid, base, started_ms, heartbeat_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (machine) DO UPDATE SET session = excluded.session,
+                station = excluded.station, station_name = excluded.station_name,
+                pid = excluded.pid, base = excluded.base, started_ms = excluded.started_ms,
+                heartbeat_ms = excluded.heartbeat_ms, checkpoint = NULL",
             params![
                 lease.machine,
                 lease.session,
@@ -1698,7 +1962,7 @@ impl Catalog {
         }
         let tx = self
             .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .transaction_with_behavior(Behavior::Immediate)
             .map_err(sql("start forgetting versions"))?;
         let head = read_head(&tx, machine)?;
         let bases = session_bases_in(&tx, machine)?;
@@ -1789,7 +2053,7 @@ impl Catalog {
     ) -> Result<(), CatalogError> {
         let tx = self
             .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .transaction_with_behavior(Behavior::Immediate)
             .map_err(sql("start moving the head"))?;
         let head = read_head(&tx, machine)?;
         let exists = tx
@@ -1815,7 +2079,7 @@ impl Catalog {
         }
         let moved = tx
             .execute(
-                "UPDATE machines SET head = ?1 WHERE name = ?2 AND head IS ?3",
+                "UPDATE machines SET head = ?1 WHERE name = ?2 AND head IS NOT DISTINCT FROM ?3",
                 params![
                     &to.as_bytes()[..],
                     machine.as_str(),
@@ -1864,7 +2128,7 @@ impl Catalog {
         }
         let tx = self
             .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .transaction_with_behavior(Behavior::Immediate)
             .map_err(sql("start the rename"))?;
         let exists = |name: &str| {
             tx.query_row(
@@ -1913,7 +2177,7 @@ impl Catalog {
         check_labels(change)?;
         let tx = self
             .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .transaction_with_behavior(Behavior::Immediate)
             .map_err(sql("start labelling the version"))?;
         let exists = tx
             .query_row(
@@ -1956,7 +2220,9 @@ impl Catalog {
             )
         } else {
             tx.execute(
-                "INSERT OR REPLACE INTO version_labels (version, machine, note, tags) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO version_labels (version, machine, note, tags) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (version) DO UPDATE SET machine = excluded.machine,
+                    note = excluded.note, tags = excluded.tags",
                 params![
                     &v.id.as_bytes()[..],
                     v.machine.as_str(),
@@ -2028,12 +2294,13 @@ impl Catalog {
         }
         let tx = self
             .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .transaction_with_behavior(Behavior::Immediate)
             .map_err(sql("start setting the retention policy"))?;
         read_head(&tx, machine)?; // the machine exists
         match policy {
             Some(p) => tx.execute(
-                "INSERT OR REPLACE INTO policies (machine, policy) VALUES (?1, ?2)",
+                "INSERT INTO policies (machine, policy) VALUES (?1, ?2)
+                 ON CONFLICT (machine) DO UPDATE SET policy = excluded.policy",
                 params![
                     machine.as_str(),
                     serde_json::to_string(p).expect("policy serialises")
@@ -2078,7 +2345,7 @@ impl Catalog {
     ) -> Result<(), CatalogError> {
         let tx = self
             .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .transaction_with_behavior(Behavior::Immediate)
             .map_err(sql("start setting the machine's settings"))?;
         read_head(&tx, machine)?; // the machine exists
         if settings.is_empty() {
@@ -2088,7 +2355,8 @@ impl Catalog {
             )
         } else {
             tx.execute(
-                "INSERT OR REPLACE INTO machine_settings (machine, settings) VALUES (?1, ?2)",
+                "INSERT INTO machine_settings (machine, settings) VALUES (?1, ?2)
+                 ON CONFLICT (machine) DO UPDATE SET settings = excluded.settings",
                 params![
                     machine.as_str(),
                     serde_json::to_string(settings).expect("settings serialise")
@@ -2145,6 +2413,49 @@ impl Catalog {
 mod tests {
     use super::*;
     use mbank_core::ChunkId;
+    use mbank_sql::testing::TempPostgres;
+    use rusqlite::Connection;
+    use std::sync::OnceLock;
+
+    /// One PostgreSQL server for this test binary; a database per catalog.
+    fn pg() -> &'static TempPostgres {
+        static PG: OnceLock<TempPostgres> = OnceLock::new();
+        PG.get_or_init(|| TempPostgres::start().expect("start PostgreSQL"))
+    }
+
+    /// A new catalog on a fresh PostgreSQL database, and the database's URL.
+    fn pg_cat() -> (String, Catalog) {
+        let url = pg().new_database().unwrap();
+        let c = Catalog::open_postgres(&url).unwrap();
+        (url, c)
+    }
+
+    /// A new catalog in each database: SQLite (in a temporary directory) and
+    /// PostgreSQL.
+    fn cats() -> Vec<(Option<tempfile::TempDir>, Catalog)> {
+        let (d, lite) = cat();
+        vec![(Some(d), lite), (None, pg_cat().1)]
+    }
+
+    /// `sql` with SQLite's blob literals (`x'00ff'`) as PostgreSQL takes them.
+    fn dialect_sql(c: &Catalog, sql: &str) -> String {
+        match c.dialect() {
+            Dialect::Sqlite => sql.to_string(),
+            Dialect::Postgres => {
+                let re_start = "x'";
+                let mut out = String::new();
+                let mut rest = sql;
+                while let Some(i) = rest.find(re_start) {
+                    let end = rest[i + 2..].find('\'').expect("a closed literal") + i + 2;
+                    out.push_str(&rest[..i]);
+                    out.push_str(&format!("decode('{}', 'hex')", &rest[i + 2..end]));
+                    rest = &rest[end + 1..];
+                }
+                out.push_str(rest);
+                out
+            }
+        }
+    }
 
     /// A catalog made at schema 1, as the first mbank wrote it, then opened (migrated).
     fn catalog_from_schema_1() -> (tempfile::TempDir, Catalog) {
@@ -2188,290 +2499,297 @@ mod tests {
 
     #[test]
     fn head_moves_only_by_compare_and_swap() {
-        let (_d, mut c) = cat();
-        let (v1, i1) = info("alice/dev", None, 1);
-        assert_eq!(
-            c.commit_version(&v1, &i1, &[], None).unwrap(),
-            CommitOutcome::HeadMoved
-        );
-        // Two writers both started from v1; the second loses but keeps its version.
-        let (v2, i2) = info("alice/dev", Some(v1.id), 2);
-        let (v3, i3) = info("alice/dev", Some(v1.id), 3);
-        assert_eq!(
-            c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap(),
-            CommitOutcome::HeadMoved
-        );
-        assert_eq!(
-            c.commit_version(&v3, &i3, &[], Some(v1.id)).unwrap(),
-            CommitOutcome::Kept { head: Some(v2.id) }
-        );
-        let m = c.machine(&v1.machine).unwrap().unwrap();
-        assert_eq!(m.head, Some(v2.id));
-        assert_eq!(m.versions, 3);
-        let vs = c.versions(&v1.machine).unwrap();
-        assert_eq!(
-            vs.iter().map(|v| v.id).collect::<Vec<_>>(),
-            [v3.id, v2.id, v1.id]
-        );
-        assert_eq!(c.disk_index(&vs[0]).unwrap(), i3);
-        assert_eq!(vs[0].stats.chunks_total, 3);
+        for (_d, mut c) in cats() {
+            let (v1, i1) = info("alice/dev", None, 1);
+            assert_eq!(
+                c.commit_version(&v1, &i1, &[], None).unwrap(),
+                CommitOutcome::HeadMoved
+            );
+            // Two writers both started from v1; the second loses but keeps its version.
+            let (v2, i2) = info("alice/dev", Some(v1.id), 2);
+            let (v3, i3) = info("alice/dev", Some(v1.id), 3);
+            assert_eq!(
+                c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap(),
+                CommitOutcome::HeadMoved
+            );
+            assert_eq!(
+                c.commit_version(&v3, &i3, &[], Some(v1.id)).unwrap(),
+                CommitOutcome::Kept { head: Some(v2.id) }
+            );
+            let m = c.machine(&v1.machine).unwrap().unwrap();
+            assert_eq!(m.head, Some(v2.id));
+            assert_eq!(m.versions, 3);
+            let vs = c.versions(&v1.machine).unwrap();
+            assert_eq!(
+                vs.iter().map(|v| v.id).collect::<Vec<_>>(),
+                [v3.id, v2.id, v1.id]
+            );
+            assert_eq!(c.disk_index(&vs[0]).unwrap(), i3);
+            assert_eq!(vs[0].stats.chunks_total, 3);
+        }
     }
 
     #[test]
     fn head_moves_back_only_from_the_head_it_expects_and_not_during_a_session() {
-        let (_d, mut c) = cat();
-        let (v1, i1) = info("alice/dev", None, 1);
-        let (v2, i2) = info("alice/dev", Some(v1.id), 2);
-        let (v3, i3) = info("alice/dev", Some(v2.id), 3);
-        c.commit_version(&v1, &i1, &[], None).unwrap();
-        c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
-        c.commit_version(&v3, &i3, &[], Some(v2.id)).unwrap();
-        let m = v1.machine.clone();
-        // Two head moves that both saw v3: the first wins, the second is refused and
-        // names the head it found.
-        c.set_head(&m, v1.id, Some(v3.id)).unwrap();
-        let e = c.set_head(&m, v2.id, Some(v3.id)).unwrap_err();
-        assert!(
-            matches!(e, CatalogError::HeadMoved { head, expected, .. } if head == Some(v1.id) && expected == Some(v3.id)),
-            "{e:?}"
-        );
-        let msg = e.to_string();
-        assert!(
-            msg.contains(&v1.id.short())
-                && msg.contains(&v3.id.short())
-                && msg.contains("moved meanwhile"),
-            "{msg}"
-        );
-        assert_eq!(c.machine(&m).unwrap().unwrap().head, Some(v1.id));
-        // A version of another machine is not a head of this one.
-        let (o, oi) = info("alice/other", None, 4);
-        c.commit_version(&o, &oi, &[], None).unwrap();
-        assert!(matches!(
-            c.set_head(&m, o.id, Some(v1.id)),
-            Err(CatalogError::VersionNotFound { .. })
-        ));
-        // While a session holds the machine, its check-in owns the head.
-        let lease = Lease {
-            machine: m.to_string(),
-            session: "s1".into(),
-            station: "a".into(),
-            station_name: "host:a".into(),
-            pid: 7,
-            base: Some(v1.id),
-            started_ms: 0,
-            heartbeat_ms: 0,
-        };
-        c.acquire_lease(&lease, |_| false).unwrap();
-        let e = c.set_head(&m, v3.id, Some(v1.id)).unwrap_err();
-        assert!(matches!(e, CatalogError::InSession { .. }), "{e:?}");
-        assert!(e.to_string().contains("host:a"), "{e}");
-        c.release_lease(&m, "s1").unwrap();
-        c.set_head(&m, v3.id, Some(v1.id)).unwrap();
-        assert_eq!(c.machine(&m).unwrap().unwrap().head, Some(v3.id));
+        for (_d, mut c) in cats() {
+            let (v1, i1) = info("alice/dev", None, 1);
+            let (v2, i2) = info("alice/dev", Some(v1.id), 2);
+            let (v3, i3) = info("alice/dev", Some(v2.id), 3);
+            c.commit_version(&v1, &i1, &[], None).unwrap();
+            c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
+            c.commit_version(&v3, &i3, &[], Some(v2.id)).unwrap();
+            let m = v1.machine.clone();
+            // Two head moves that both saw v3: the first wins, the second is refused and
+            // names the head it found.
+            c.set_head(&m, v1.id, Some(v3.id)).unwrap();
+            let e = c.set_head(&m, v2.id, Some(v3.id)).unwrap_err();
+            assert!(
+                matches!(e, CatalogError::HeadMoved { head, expected, .. } if head == Some(v1.id) && expected == Some(v3.id)),
+                "{e:?}"
+            );
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&v1.id.short())
+                    && msg.contains(&v3.id.short())
+                    && msg.contains("moved meanwhile"),
+                "{msg}"
+            );
+            assert_eq!(c.machine(&m).unwrap().unwrap().head, Some(v1.id));
+            // A version of another machine is not a head of this one.
+            let (o, oi) = info("alice/other", None, 4);
+            c.commit_version(&o, &oi, &[], None).unwrap();
+            assert!(matches!(
+                c.set_head(&m, o.id, Some(v1.id)),
+                Err(CatalogError::VersionNotFound { .. })
+            ));
+            // While a session holds the machine, its check-in owns the head.
+            let lease = Lease {
+                machine: m.to_string(),
+                session: "s1".into(),
+                station: "a".into(),
+                station_name: "host:a".into(),
+                pid: 7,
+                base: Some(v1.id),
+                started_ms: 0,
+                heartbeat_ms: 0,
+            };
+            c.acquire_lease(&lease, |_| false).unwrap();
+            let e = c.set_head(&m, v3.id, Some(v1.id)).unwrap_err();
+            assert!(matches!(e, CatalogError::InSession { .. }), "{e:?}");
+            assert!(e.to_string().contains("host:a"), "{e}");
+            c.release_lease(&m, "s1").unwrap();
+            c.set_head(&m, v3.id, Some(v1.id)).unwrap();
+            assert_eq!(c.machine(&m).unwrap().unwrap().head, Some(v3.id));
+        }
     }
 
     #[test]
     fn rename_keeps_versions_ids_labels_and_checksums_and_refuses_during_a_session() {
-        let (_d, mut c) = cat();
-        let (v1, i1) = info("alice/dev", None, 1);
-        let (v2, i2) = info("alice/dev", Some(v1.id), 2);
-        c.commit_version(&v1, &i1, &[], None).unwrap();
-        c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
-        let (old, new): (MachineName, MachineName) =
-            ("alice/dev".parse().unwrap(), "alice/work".parse().unwrap());
-        let change = LabelChange {
-            note: Some("kept".into()),
-            ..Default::default()
-        };
-        c.label(&v1, &change).unwrap();
-        let policy = Policy {
-            keep_last: 3,
-            ..Default::default()
-        };
-        c.set_policy(&old, Some(&policy)).unwrap();
-        let settings = MachineSettings {
-            checkpoint_minutes: Some(4),
-        };
-        c.set_settings(&old, &settings).unwrap();
-        // Refused while a session holds it.
-        let lease = Lease {
-            machine: old.to_string(),
-            session: "s1".into(),
-            station: "a".into(),
-            station_name: "host:a".into(),
-            pid: 7,
-            base: Some(v2.id),
-            started_ms: 0,
-            heartbeat_ms: 0,
-        };
-        c.acquire_lease(&lease, |_| false).unwrap();
-        let e = c.rename_machine(&old, &new).unwrap_err();
-        assert!(matches!(e, CatalogError::InSession { .. }), "{e:?}");
-        c.release_lease(&old, "s1").unwrap();
-        // Another owner, or a taken name, is refused.
-        let e = c
-            .rename_machine(&old, &"bob/dev".parse().unwrap())
-            .unwrap_err();
-        assert!(e.to_string().contains("keeps the owner"), "{e}");
-        let (o, oi) = info("alice/other", None, 3);
-        c.commit_version(&o, &oi, &[], None).unwrap();
-        let e = c.rename_machine(&old, &o.machine).unwrap_err();
-        assert!(matches!(e, CatalogError::MachineExists(_)), "{e:?}");
+        for (_d, mut c) in cats() {
+            let (v1, i1) = info("alice/dev", None, 1);
+            let (v2, i2) = info("alice/dev", Some(v1.id), 2);
+            c.commit_version(&v1, &i1, &[], None).unwrap();
+            c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
+            let (old, new): (MachineName, MachineName) =
+                ("alice/dev".parse().unwrap(), "alice/work".parse().unwrap());
+            let change = LabelChange {
+                note: Some("kept".into()),
+                ..Default::default()
+            };
+            c.label(&v1, &change).unwrap();
+            let policy = Policy {
+                keep_last: 3,
+                ..Default::default()
+            };
+            c.set_policy(&old, Some(&policy)).unwrap();
+            let settings = MachineSettings {
+                checkpoint_minutes: Some(4),
+            };
+            c.set_settings(&old, &settings).unwrap();
+            // Refused while a session holds it.
+            let lease = Lease {
+                machine: old.to_string(),
+                session: "s1".into(),
+                station: "a".into(),
+                station_name: "host:a".into(),
+                pid: 7,
+                base: Some(v2.id),
+                started_ms: 0,
+                heartbeat_ms: 0,
+            };
+            c.acquire_lease(&lease, |_| false).unwrap();
+            let e = c.rename_machine(&old, &new).unwrap_err();
+            assert!(matches!(e, CatalogError::InSession { .. }), "{e:?}");
+            c.release_lease(&old, "s1").unwrap();
+            // Another owner, or a taken name, is refused.
+            let e = c
+                .rename_machine(&old, &"bob/dev".parse().unwrap())
+                .unwrap_err();
+            assert!(e.to_string().contains("keeps the owner"), "{e}");
+            let (o, oi) = info("alice/other", None, 3);
+            c.commit_version(&o, &oi, &[], None).unwrap();
+            let e = c.rename_machine(&old, &o.machine).unwrap_err();
+            assert!(matches!(e, CatalogError::MachineExists(_)), "{e:?}");
 
-        c.rename_machine(&old, &new).unwrap();
-        assert!(c.machine(&old).unwrap().is_none());
-        let m = c.machine(&new).unwrap().unwrap();
-        assert_eq!((m.head, m.versions), (Some(v2.id), 2));
-        let vs = c.versions(&new).unwrap();
-        assert_eq!(vs.iter().map(|v| v.id).collect::<Vec<_>>(), [v2.id, v1.id]);
-        assert_eq!(vs[0].parent, Some(v1.id));
-        assert_eq!(c.disk_index(&vs[1]).unwrap(), i1);
-        assert_eq!(
-            c.labels(&new).unwrap()[0].labels.note.as_deref(),
-            Some("kept")
-        );
-        assert_eq!(
-            c.policy(&new).unwrap(),
-            Some(policy),
-            "the policy goes along"
-        );
-        assert_eq!(c.settings(&new).unwrap(), settings, "the settings go along");
-        let check = c.check_records(None).unwrap();
-        assert!(check.problems.is_empty(), "{check:?}");
+            c.rename_machine(&old, &new).unwrap();
+            assert!(c.machine(&old).unwrap().is_none());
+            let m = c.machine(&new).unwrap().unwrap();
+            assert_eq!((m.head, m.versions), (Some(v2.id), 2));
+            let vs = c.versions(&new).unwrap();
+            assert_eq!(vs.iter().map(|v| v.id).collect::<Vec<_>>(), [v2.id, v1.id]);
+            assert_eq!(vs[0].parent, Some(v1.id));
+            assert_eq!(c.disk_index(&vs[1]).unwrap(), i1);
+            assert_eq!(
+                c.labels(&new).unwrap()[0].labels.note.as_deref(),
+                Some("kept")
+            );
+            assert_eq!(
+                c.policy(&new).unwrap(),
+                Some(policy),
+                "the policy goes along"
+            );
+            assert_eq!(c.settings(&new).unwrap(), settings, "the settings go along");
+            let check = c.check_records(None).unwrap();
+            assert!(check.problems.is_empty(), "{check:?}");
+        }
     }
 
     #[test]
     fn rename_refuses_a_damaged_record() {
-        let (_d, mut c) = cat();
-        let (v1, i1) = info("alice/dev", None, 1);
-        c.commit_version(&v1, &i1, &[], None).unwrap();
-        c.conn
-            .execute_batch("UPDATE versions SET created_ms = created_ms + 1")
-            .unwrap();
-        let e = c
-            .rename_machine(&v1.machine, &"alice/new".parse().unwrap())
-            .unwrap_err();
-        assert!(matches!(e, CatalogError::RecordDamaged { .. }), "{e:?}");
-        assert!(c.machine(&v1.machine).unwrap().is_some());
+        for (_d, mut c) in cats() {
+            let (v1, i1) = info("alice/dev", None, 1);
+            c.commit_version(&v1, &i1, &[], None).unwrap();
+            c.conn
+                .execute_batch("UPDATE versions SET created_ms = created_ms + 1")
+                .unwrap();
+            let e = c
+                .rename_machine(&v1.machine, &"alice/new".parse().unwrap())
+                .unwrap_err();
+            assert!(matches!(e, CatalogError::RecordDamaged { .. }), "{e:?}");
+            assert!(c.machine(&v1.machine).unwrap().is_some());
+        }
     }
 
     #[test]
     fn notes_and_tags_change_go_with_their_version_and_are_bounded() {
-        let (_d, mut c) = cat();
-        let (v1, i1) = info("alice/dev", None, 1);
-        let (v2, i2) = info("alice/dev", Some(v1.id), 2);
-        c.commit_version(&v1, &i1, &[], None).unwrap();
-        c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
-        let m = v1.machine.clone();
-        let change = LabelChange {
-            note: Some("before the exam".into()),
-            add_tags: vec!["exam".into(), "good".into()],
-            ..Default::default()
-        };
-        let l = c.label(&v1, &change).unwrap();
-        assert_eq!(l.note.as_deref(), Some("before the exam"));
-        assert_eq!(l.tags, ["exam", "good"]);
-        let l = c
-            .label(
-                &v1,
-                &LabelChange {
-                    remove_tags: vec!["good".into()],
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-        assert_eq!(l.tags, ["exam"]);
-        assert_eq!(l.note.as_deref(), Some("before the exam"), "the note stays");
-        assert_eq!(c.labels(&m).unwrap().len(), 1);
-        // Record checksums do not cover labels: verify stays quiet.
-        assert!(c.check_records(None).unwrap().problems.is_empty());
-        for bad in ["", "two words", &"x".repeat(MAX_TAG + 1)] {
+        for (_d, mut c) in cats() {
+            let (v1, i1) = info("alice/dev", None, 1);
+            let (v2, i2) = info("alice/dev", Some(v1.id), 2);
+            c.commit_version(&v1, &i1, &[], None).unwrap();
+            c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
+            let m = v1.machine.clone();
+            let change = LabelChange {
+                note: Some("before the exam".into()),
+                add_tags: vec!["exam".into(), "good".into()],
+                ..Default::default()
+            };
+            let l = c.label(&v1, &change).unwrap();
+            assert_eq!(l.note.as_deref(), Some("before the exam"));
+            assert_eq!(l.tags, ["exam", "good"]);
+            let l = c
+                .label(
+                    &v1,
+                    &LabelChange {
+                        remove_tags: vec!["good".into()],
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            assert_eq!(l.tags, ["exam"]);
+            assert_eq!(l.note.as_deref(), Some("before the exam"), "the note stays");
+            assert_eq!(c.labels(&m).unwrap().len(), 1);
+            // Record checksums do not cover labels: verify stays quiet.
+            assert!(c.check_records(None).unwrap().problems.is_empty());
+            for bad in ["", "two words", &"x".repeat(MAX_TAG + 1)] {
+                let e = c
+                    .label(
+                        &v2,
+                        &LabelChange {
+                            add_tags: vec![bad.to_string()],
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap_err();
+                assert!(matches!(e, CatalogError::BadLabel(_)), "{bad:?}: {e}");
+            }
             let e = c
                 .label(
                     &v2,
                     &LabelChange {
-                        add_tags: vec![bad.to_string()],
+                        note: Some("n".repeat(MAX_NOTE + 1)),
                         ..Default::default()
                     },
                 )
                 .unwrap_err();
-            assert!(matches!(e, CatalogError::BadLabel(_)), "{bad:?}: {e}");
+            assert!(matches!(e, CatalogError::BadLabel(_)));
+            c.remove_version(&v1).unwrap();
+            assert!(
+                c.labels(&m).unwrap().is_empty(),
+                "labels go with their version"
+            );
+            let p = Policy {
+                keep_daily: 3,
+                ..Default::default()
+            };
+            c.set_policy(&m, Some(&p)).unwrap();
+            assert_eq!(c.policy(&m).unwrap(), Some(p));
+            assert!(matches!(
+                c.set_policy(&m, Some(&Policy::default())),
+                Err(CatalogError::EmptyPolicy(_))
+            ));
+            c.remove_machine(&m).unwrap();
+            assert_eq!(
+                c.policy(&m).unwrap(),
+                None,
+                "the policy goes with the machine"
+            );
         }
-        let e = c
-            .label(
-                &v2,
-                &LabelChange {
-                    note: Some("n".repeat(MAX_NOTE + 1)),
-                    ..Default::default()
-                },
-            )
-            .unwrap_err();
-        assert!(matches!(e, CatalogError::BadLabel(_)));
-        c.remove_version(&v1).unwrap();
-        assert!(
-            c.labels(&m).unwrap().is_empty(),
-            "labels go with their version"
-        );
-        let p = Policy {
-            keep_daily: 3,
-            ..Default::default()
-        };
-        c.set_policy(&m, Some(&p)).unwrap();
-        assert_eq!(c.policy(&m).unwrap(), Some(p));
-        assert!(matches!(
-            c.set_policy(&m, Some(&Policy::default())),
-            Err(CatalogError::EmptyPolicy(_))
-        ));
-        c.remove_machine(&m).unwrap();
-        assert_eq!(
-            c.policy(&m).unwrap(),
-            None,
-            "the policy goes with the machine"
-        );
     }
 
     #[test]
     fn resolve_prefixes() {
-        let (_d, mut c) = cat();
-        let (v1, i1) = info("alice/dev", None, 1);
-        c.commit_version(&v1, &i1, &[], None).unwrap();
-        let m = &v1.machine;
-        assert_eq!(c.resolve(m, None).unwrap().id, v1.id);
-        assert_eq!(c.resolve(m, Some(&v1.id.to_hex()[..6])).unwrap().id, v1.id);
-        assert_eq!(
-            c.resolve(m, Some(&v1.id.to_hex().to_uppercase()))
-                .unwrap()
-                .id,
-            v1.id
-        );
-        let other = if v1.id.to_hex().starts_with("0000") {
-            "1111"
-        } else {
-            "0000"
-        };
-        assert!(matches!(
-            c.resolve(m, Some(other)),
-            Err(CatalogError::VersionNotFound { .. })
-        ));
-        let bob: MachineName = "bob/dev".parse().unwrap();
-        assert!(matches!(
-            c.resolve(&bob, None),
-            Err(CatalogError::MachineNotFound(_))
-        ));
+        for (_d, mut c) in cats() {
+            let (v1, i1) = info("alice/dev", None, 1);
+            c.commit_version(&v1, &i1, &[], None).unwrap();
+            let m = &v1.machine;
+            assert_eq!(c.resolve(m, None).unwrap().id, v1.id);
+            assert_eq!(c.resolve(m, Some(&v1.id.to_hex()[..6])).unwrap().id, v1.id);
+            assert_eq!(
+                c.resolve(m, Some(&v1.id.to_hex().to_uppercase()))
+                    .unwrap()
+                    .id,
+                v1.id
+            );
+            let other = if v1.id.to_hex().starts_with("0000") {
+                "1111"
+            } else {
+                "0000"
+            };
+            assert!(matches!(
+                c.resolve(m, Some(other)),
+                Err(CatalogError::VersionNotFound { .. })
+            ));
+            let bob: MachineName = "bob/dev".parse().unwrap();
+            assert!(matches!(
+                c.resolve(&bob, None),
+                Err(CatalogError::MachineNotFound(_))
+            ));
+        }
     }
 
     #[test]
     fn remove_moves_head_back() {
-        let (_d, mut c) = cat();
-        let (v1, i1) = info("alice/dev", None, 1);
-        let (v2, i2) = info("alice/dev", Some(v1.id), 2);
-        c.commit_version(&v1, &i1, &[], None).unwrap();
-        c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
-        assert_eq!(c.remove_version(&v2).unwrap(), Some(v1.id));
-        assert_eq!(c.remove_version(&v1).unwrap(), None);
-        assert_eq!(c.machine(&v1.machine).unwrap().unwrap().head, None);
-        assert_eq!(c.remove_machine(&v1.machine).unwrap(), 0);
-        assert!(c.machine(&v1.machine).unwrap().is_none());
+        for (_d, mut c) in cats() {
+            let (v1, i1) = info("alice/dev", None, 1);
+            let (v2, i2) = info("alice/dev", Some(v1.id), 2);
+            c.commit_version(&v1, &i1, &[], None).unwrap();
+            c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
+            assert_eq!(c.remove_version(&v2).unwrap(), Some(v1.id));
+            assert_eq!(c.remove_version(&v1).unwrap(), None);
+            assert_eq!(c.machine(&v1.machine).unwrap().unwrap().head, None);
+            assert_eq!(c.remove_machine(&v1.machine).unwrap(), 0);
+            assert!(c.machine(&v1.machine).unwrap().is_none());
+        }
     }
 
     /// Every deletion of a version record is counted, with the time of the last, for
@@ -2479,30 +2797,32 @@ mod tests {
     /// migrated from schema 1 too.
     #[test]
     fn removals_of_versions_are_counted_for_gc() {
-        let (_d, mut c) = catalog_from_schema_1();
-        assert_eq!(c.version_removals().unwrap(), Removals::default());
-        let (v1, i1) = info("alice/dev", None, 1);
-        let (v2, i2) = info("alice/dev", Some(v1.id), 2);
-        let (v3, i3) = info("alice/dev", Some(v2.id), 3);
-        c.commit_version(&v1, &i1, &[], None).unwrap();
-        c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
-        c.commit_version(&v3, &i3, &[], Some(v2.id)).unwrap();
-        assert_eq!(
-            c.version_removals().unwrap().count,
-            0,
-            "commits are not removals"
-        );
-        let before = now_ms();
-        c.remove_version(&v3).unwrap();
-        let r = c.version_removals().unwrap();
-        let after = now_ms();
-        assert_eq!(r.count, 1);
-        assert!(
-            (before..=after).contains(&r.last_ms),
-            "{r:?} not in {before}..={after}"
-        );
-        assert_eq!(c.remove_machine(&v1.machine).unwrap(), 2);
-        assert_eq!(c.version_removals().unwrap().count, 3);
+        let (d, lite) = catalog_from_schema_1();
+        for (_d, mut c) in [(Some(d), lite), (None, pg_cat().1)] {
+            assert_eq!(c.version_removals().unwrap(), Removals::default());
+            let (v1, i1) = info("alice/dev", None, 1);
+            let (v2, i2) = info("alice/dev", Some(v1.id), 2);
+            let (v3, i3) = info("alice/dev", Some(v2.id), 3);
+            c.commit_version(&v1, &i1, &[], None).unwrap();
+            c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
+            c.commit_version(&v3, &i3, &[], Some(v2.id)).unwrap();
+            assert_eq!(
+                c.version_removals().unwrap().count,
+                0,
+                "commits are not removals"
+            );
+            let before = now_ms();
+            c.remove_version(&v3).unwrap();
+            let r = c.version_removals().unwrap();
+            let after = now_ms();
+            assert_eq!(r.count, 1);
+            assert!(
+                (before..=after).contains(&r.last_ms),
+                "{r:?} not in {before}..={after}"
+            );
+            assert_eq!(c.remove_machine(&v1.machine).unwrap(), 2);
+            assert_eq!(c.version_removals().unwrap().count, 3);
+        }
     }
 
     #[test]
@@ -2519,111 +2839,124 @@ mod tests {
         let c = Catalog::open(&p, false, false).unwrap();
         c.unregister_writer(w.id).unwrap();
         assert!(c.writers().unwrap().is_empty());
+
+        // On PostgreSQL: ids from the identity, seen through another connection.
+        let (url, c) = pg_cat();
+        let w1 = c.register_writer(42, "host", "import").unwrap();
+        let w2 = c.register_writer(43, "host", "gc").unwrap();
+        assert_ne!(w1.id, w2.id);
+        c.heartbeat(w1.id).unwrap();
+        let other = c.reopen().unwrap();
+        other.unregister_writer(w1.id).unwrap();
+        let left = Catalog::open_postgres(&url).unwrap().writers().unwrap();
+        assert_eq!(left, vec![w2]);
     }
 
     #[test]
     fn one_lease_per_machine() {
-        let (_d, mut c) = cat();
-        let b1 = VersionId::random();
-        let b2 = VersionId::random();
-        let lease = |session: &str, station: &str| Lease {
-            machine: "alice/dev".into(),
-            session: session.into(),
-            station: station.into(),
-            station_name: format!("host:{station}"),
-            pid: 1,
-            base: Some(if station == "a" { b1 } else { b2 }),
-            started_ms: 1_795_000_000_000,
-            heartbeat_ms: 0,
-        };
-        assert_eq!(c.acquire_lease(&lease("s1", "a"), |_| false).unwrap(), None);
-        let err = c.acquire_lease(&lease("s2", "b"), |_| false).unwrap_err();
-        let msg = err.to_string();
-        assert!(
-            msg.contains("host:a") && msg.contains("2026-11-18 11:06:40"),
-            "{msg}"
-        );
-        let old = c
-            .acquire_lease(&lease("s2", "b"), |h| h.station == "a")
-            .unwrap();
-        assert_eq!(old.unwrap().session, "s1");
-        let m: MachineName = "alice/dev".parse().unwrap();
-        // Both sessions' bases stay protected until each checks in.
-        let mut bases = c.session_bases(&m).unwrap();
-        bases.sort();
-        let mut want = vec![(b1, "host:a".to_string()), (b2, "host:b".to_string())];
-        want.sort();
-        assert_eq!(bases, want);
-        assert!(
-            !c.release_lease(&m, "s1").unwrap(),
-            "the replaced session no longer holds it"
-        );
-        assert_eq!(
-            c.session_bases(&m).unwrap(),
-            vec![(b2, "host:b".to_string())]
-        );
-        assert!(!c.heartbeat_lease(&m, "s1").unwrap());
-        assert!(c.heartbeat_lease(&m, "s2").unwrap());
-        assert!(c.release_lease(&m, "s2").unwrap());
-        assert_eq!(c.lease(&m).unwrap(), None);
-        assert!(c.session_bases(&m).unwrap().is_empty());
+        for (_d, mut c) in cats() {
+            let b1 = VersionId::random();
+            let b2 = VersionId::random();
+            let lease = |session: &str, station: &str| Lease {
+                machine: "alice/dev".into(),
+                session: session.into(),
+                station: station.into(),
+                station_name: format!("host:{station}"),
+                pid: 1,
+                base: Some(if station == "a" { b1 } else { b2 }),
+                started_ms: 1_795_000_000_000,
+                heartbeat_ms: 0,
+            };
+            assert_eq!(c.acquire_lease(&lease("s1", "a"), |_| false).unwrap(), None);
+            let err = c.acquire_lease(&lease("s2", "b"), |_| false).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.contains("host:a") && msg.contains("2026-11-18 11:06:40"),
+                "{msg}"
+            );
+            let old = c
+                .acquire_lease(&lease("s2", "b"), |h| h.station == "a")
+                .unwrap();
+            assert_eq!(old.unwrap().session, "s1");
+            let m: MachineName = "alice/dev".parse().unwrap();
+            // Both sessions' bases stay protected until each checks in.
+            let mut bases = c.session_bases(&m).unwrap();
+            bases.sort();
+            let mut want = vec![(b1, "host:a".to_string()), (b2, "host:b".to_string())];
+            want.sort();
+            assert_eq!(bases, want);
+            assert!(
+                !c.release_lease(&m, "s1").unwrap(),
+                "the replaced session no longer holds it"
+            );
+            assert_eq!(
+                c.session_bases(&m).unwrap(),
+                vec![(b2, "host:b".to_string())]
+            );
+            assert!(!c.heartbeat_lease(&m, "s1").unwrap());
+            assert!(c.heartbeat_lease(&m, "s2").unwrap());
+            assert!(c.release_lease(&m, "s2").unwrap());
+            assert_eq!(c.lease(&m).unwrap(), None);
+            assert!(c.session_bases(&m).unwrap().is_empty());
+        }
     }
 
     /// A session's last checkpoint is protected beside its base, the one before it no
     /// longer; a displaced session keeps both until it checks in.
     #[test]
     fn a_sessions_last_checkpoint_is_protected_like_its_base() {
-        let (_d, mut c) = cat();
-        let m: MachineName = "alice/dev".parse().unwrap();
-        let (b, c1, c2, b2) = (
-            VersionId::random(),
-            VersionId::random(),
-            VersionId::random(),
-            VersionId::random(),
-        );
-        let lease = |session: &str, station: &str, base| Lease {
-            machine: "alice/dev".into(),
-            session: session.into(),
-            station: station.into(),
-            station_name: station.into(),
-            pid: 1,
-            base: Some(base),
-            started_ms: 1_795_000_000_000,
-            heartbeat_ms: 0,
-        };
-        let sorted = |c: &Catalog| {
-            let mut v: Vec<VersionId> = c
-                .session_bases(&m)
-                .unwrap()
-                .into_iter()
-                .map(|x| x.0)
-                .collect();
-            v.sort();
-            v
-        };
-        let set = |v: &[VersionId]| {
-            let mut v = v.to_vec();
-            v.sort();
-            v
-        };
-        c.acquire_lease(&lease("s1", "a", b), |_| false).unwrap();
-        assert!(c.lease_checkpoint(&m, "s1", c1).unwrap());
-        assert_eq!(sorted(&c), set(&[b, c1]));
-        assert!(c.lease_checkpoint(&m, "s1", c2).unwrap());
-        assert_eq!(sorted(&c), set(&[b, c2]), "only the last checkpoint");
-        // Taken over from the checkpoint: the displaced session keeps its own.
-        c.acquire_lease(&lease("s2", "b", b2), |_| true).unwrap();
-        assert_eq!(sorted(&c), set(&[b, c2, b2]));
-        assert!(c.lease_checkpoint(&m, "s1", c1).unwrap(), "displaced");
-        assert_eq!(sorted(&c), set(&[b, c1, b2]));
-        assert!(
-            !c.lease_checkpoint(&m, "s3", c1).unwrap(),
-            "no such session"
-        );
-        c.release_lease(&m, "s1").unwrap();
-        c.release_lease(&m, "s2").unwrap();
-        assert!(c.session_bases(&m).unwrap().is_empty());
-        assert!(!c.lease_checkpoint(&m, "s1", c2).unwrap(), "checked in");
+        for (_d, mut c) in cats() {
+            let m: MachineName = "alice/dev".parse().unwrap();
+            let (b, c1, c2, b2) = (
+                VersionId::random(),
+                VersionId::random(),
+                VersionId::random(),
+                VersionId::random(),
+            );
+            let lease = |session: &str, station: &str, base| Lease {
+                machine: "alice/dev".into(),
+                session: session.into(),
+                station: station.into(),
+                station_name: station.into(),
+                pid: 1,
+                base: Some(base),
+                started_ms: 1_795_000_000_000,
+                heartbeat_ms: 0,
+            };
+            let sorted = |c: &Catalog| {
+                let mut v: Vec<VersionId> = c
+                    .session_bases(&m)
+                    .unwrap()
+                    .into_iter()
+                    .map(|x| x.0)
+                    .collect();
+                v.sort();
+                v
+            };
+            let set = |v: &[VersionId]| {
+                let mut v = v.to_vec();
+                v.sort();
+                v
+            };
+            c.acquire_lease(&lease("s1", "a", b), |_| false).unwrap();
+            assert!(c.lease_checkpoint(&m, "s1", c1).unwrap());
+            assert_eq!(sorted(&c), set(&[b, c1]));
+            assert!(c.lease_checkpoint(&m, "s1", c2).unwrap());
+            assert_eq!(sorted(&c), set(&[b, c2]), "only the last checkpoint");
+            // Taken over from the checkpoint: the displaced session keeps its own.
+            c.acquire_lease(&lease("s2", "b", b2), |_| true).unwrap();
+            assert_eq!(sorted(&c), set(&[b, c2, b2]));
+            assert!(c.lease_checkpoint(&m, "s1", c1).unwrap(), "displaced");
+            assert_eq!(sorted(&c), set(&[b, c1, b2]));
+            assert!(
+                !c.lease_checkpoint(&m, "s3", c1).unwrap(),
+                "no such session"
+            );
+            c.release_lease(&m, "s1").unwrap();
+            c.release_lease(&m, "s2").unwrap();
+            assert!(c.session_bases(&m).unwrap().is_empty());
+            assert!(!c.lease_checkpoint(&m, "s1", c2).unwrap(), "checked in");
+        }
     }
 
     /// Records speak the API's vocabulary (`machine`, `version`) and still read the
@@ -2714,57 +3047,58 @@ mod tests {
 
     #[test]
     fn streams_travel_with_their_version() {
-        let (_d, mut c) = cat();
-        let m: MachineName = "alice/dev".parse().unwrap();
-        let (mut v1, i1) = info("alice/dev", None, 1);
-        v1.config = Some(r#"{"memory_mib":256}"#.into());
-        let mem = MemoryIndex {
-            total_len: 10,
-            runs: vec![mbank_core::MemoryRun {
-                id: Some(ChunkId::of(b"0123456789")),
-                len: 10,
-            }],
-        };
-        let kernel = MemoryIndex {
-            total_len: 4,
-            runs: vec![mbank_core::MemoryRun { id: None, len: 4 }],
-        };
-        let streams = vec![
-            ("memory".to_string(), mem.clone()),
-            ("kernel".into(), kernel),
-        ];
-        c.commit_version(&v1, &i1, &streams, None).unwrap();
-        let (v2, i2) = info("alice/dev", Some(v1.id), 2);
-        c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
-        let got = c.resolve(&m, Some(&v1.id.to_hex())).unwrap();
-        assert_eq!(
-            got.streams,
-            vec!["kernel".to_string(), "memory".to_string()]
-        );
-        assert!(got.has_memory());
-        assert_eq!(got.config, v1.config);
-        assert_eq!(c.stream(&got, "memory").unwrap(), Some(mem));
-        assert_eq!(c.stream(&got, "initrd").unwrap(), None);
-        let head = c.resolve(&m, None).unwrap();
-        assert!(!head.has_memory() && head.config.is_none());
-        let mut seen = Vec::new();
-        c.for_each_stream(None, |v, name, idx| {
-            seen.push((v.id, name.to_string(), idx.unwrap().total_len));
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(
-            seen,
-            vec![(v1.id, "kernel".into(), 4), (v1.id, "memory".into(), 10)]
-        );
-        c.remove_version(&got).unwrap();
-        let mut n = 0;
-        c.for_each_stream(None, |_, _, _| {
-            n += 1;
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(n, 0, "a removed version's streams go with it");
+        for (_d, mut c) in cats() {
+            let m: MachineName = "alice/dev".parse().unwrap();
+            let (mut v1, i1) = info("alice/dev", None, 1);
+            v1.config = Some(r#"{"memory_mib":256}"#.into());
+            let mem = MemoryIndex {
+                total_len: 10,
+                runs: vec![mbank_core::MemoryRun {
+                    id: Some(ChunkId::of(b"0123456789")),
+                    len: 10,
+                }],
+            };
+            let kernel = MemoryIndex {
+                total_len: 4,
+                runs: vec![mbank_core::MemoryRun { id: None, len: 4 }],
+            };
+            let streams = vec![
+                ("memory".to_string(), mem.clone()),
+                ("kernel".into(), kernel),
+            ];
+            c.commit_version(&v1, &i1, &streams, None).unwrap();
+            let (v2, i2) = info("alice/dev", Some(v1.id), 2);
+            c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
+            let got = c.resolve(&m, Some(&v1.id.to_hex())).unwrap();
+            assert_eq!(
+                got.streams,
+                vec!["kernel".to_string(), "memory".to_string()]
+            );
+            assert!(got.has_memory());
+            assert_eq!(got.config, v1.config);
+            assert_eq!(c.stream(&got, "memory").unwrap(), Some(mem));
+            assert_eq!(c.stream(&got, "initrd").unwrap(), None);
+            let head = c.resolve(&m, None).unwrap();
+            assert!(!head.has_memory() && head.config.is_none());
+            let mut seen = Vec::new();
+            c.for_each_stream(None, |v, name, idx| {
+                seen.push((v.id, name.to_string(), idx.unwrap().total_len));
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(
+                seen,
+                vec![(v1.id, "kernel".into(), 4), (v1.id, "memory".into(), 10)]
+            );
+            c.remove_version(&got).unwrap();
+            let mut n = 0;
+            c.for_each_stream(None, |_, _, _| {
+                n += 1;
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(n, 0, "a removed version's streams go with it");
+        }
     }
 
     /// Each statement changes one field a version's or machine's checksum covers, as a
@@ -2793,8 +3127,10 @@ mod tests {
 
     #[test]
     fn a_changed_record_is_refused_and_reported() {
-        for change in CHANGES {
-            let (d, mut c) = cat();
+        for (change, (_d, mut c)) in CHANGES
+            .into_iter()
+            .flat_map(|ch| cats().into_iter().map(move |c| (ch, c)))
+        {
             let (v, i, streams) = with_stream();
             c.commit_version(&v, &i, &streams, None).unwrap();
             let check = c.check_records(None).unwrap();
@@ -2803,7 +3139,7 @@ mod tests {
                 "{check:?}"
             );
             assert_eq!(check.records, 2);
-            c.conn.execute_batch(change).unwrap();
+            c.conn.execute_batch(&dialect_sql(&c, change)).unwrap();
             let check = c.check_records(None).unwrap();
             assert!(
                 check
@@ -2813,10 +3149,9 @@ mod tests {
                 "{change}: {check:?}"
             );
             // Readers of the index refuse it, naming the version.
-            let v = Catalog::open(&d.path().join("catalog.db"), false, true)
-                .unwrap()
+            let v = c
                 .conn
-                .query_row("SELECT machine FROM versions", [], |r| {
+                .query_row("SELECT machine FROM versions", params![], |r| {
                     r.get::<_, String>(0)
                 })
                 .map(|m| VersionInfo {
@@ -2839,37 +3174,38 @@ mod tests {
 
     #[test]
     fn a_changed_machine_record_and_broken_links_are_reported() {
-        let (_d, mut c) = cat();
-        let (v, i, streams) = with_stream();
-        c.commit_version(&v, &i, &streams, None).unwrap();
-        c.conn
-            .execute_batch("UPDATE machines SET name = 'alice/dew'")
-            .unwrap();
-        let found: Vec<String> = c
-            .check_records(None)
-            .unwrap()
-            .problems
-            .iter()
-            .map(|p| format!("{}: {}", p.record, p.problem))
-            .collect();
-        assert!(
-            found
+        for (_d, mut c) in cats() {
+            let (v, i, streams) = with_stream();
+            c.commit_version(&v, &i, &streams, None).unwrap();
+            c.conn
+                .execute_batch("UPDATE machines SET name = 'alice/dew'")
+                .unwrap();
+            let found: Vec<String> = c
+                .check_records(None)
+                .unwrap()
+                .problems
                 .iter()
-                .any(|p| p.starts_with("machine alice/dew: its catalog record")),
-            "{found:?}"
-        );
-        assert!(
-            found
-                .iter()
-                .any(|p| p.contains("machine alice/dev is not in the catalog")),
-            "{found:?}"
-        );
-        c.conn
-            .execute_batch("DELETE FROM versions; UPDATE machines SET name = 'alice/dev'")
-            .unwrap();
-        let found = format!("{:?}", c.check_records(None).unwrap().problems);
-        assert!(found.contains("is not a version in the catalog"), "{found}");
-        assert!(found.contains("stream kernel of version"), "{found}");
+                .map(|p| format!("{}: {}", p.record, p.problem))
+                .collect();
+            assert!(
+                found
+                    .iter()
+                    .any(|p| p.starts_with("machine alice/dew: its catalog record")),
+                "{found:?}"
+            );
+            assert!(
+                found
+                    .iter()
+                    .any(|p| p.contains("machine alice/dev is not in the catalog")),
+                "{found:?}"
+            );
+            c.conn
+                .execute_batch("DELETE FROM versions; UPDATE machines SET name = 'alice/dev'")
+                .unwrap();
+            let found = format!("{:?}", c.check_records(None).unwrap().problems);
+            assert!(found.contains("is not a version in the catalog"), "{found}");
+            assert!(found.contains("stream kernel of version"), "{found}");
+        }
     }
 
     #[test]
@@ -2916,5 +3252,173 @@ mod tests {
             Catalog::open(&p, false, false),
             Err(CatalogError::TooNew(99))
         ));
+    }
+
+    #[test]
+    fn newer_postgres_schema_is_refused() {
+        let (url, c) = pg_cat();
+        assert_eq!(c.schema, SCHEMA_VERSION);
+        c.conn
+            .execute("UPDATE catalog_schema SET version = 99", params![])
+            .unwrap();
+        drop(c);
+        let e = Catalog::open_postgres(&url).err().expect("refused");
+        assert!(matches!(e, CatalogError::TooNew(99)), "{e:?}");
+    }
+
+    /// A bank directory with `postgres.url` has its catalog there; without, in
+    /// `catalog.db`.
+    #[test]
+    fn open_in_follows_the_banks_postgres_url() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Catalog::open_in(d.path(), true, false).unwrap();
+        assert_eq!(c.dialect(), Dialect::Sqlite);
+        assert!(d.path().join("catalog.db").is_file());
+        drop(c);
+        let d = tempfile::tempdir().unwrap();
+        let url = pg().new_database().unwrap();
+        std::fs::write(d.path().join(mbank_sql::URL_FILE), format!("{url}\n")).unwrap();
+        let mut c = Catalog::open_in(d.path(), true, false).unwrap();
+        assert_eq!(c.dialect(), Dialect::Postgres);
+        assert!(!d.path().join("catalog.db").exists());
+        let (v1, i1) = info("alice/dev", None, 1);
+        c.commit_version(&v1, &i1, &[], None).unwrap();
+        let again = Catalog::open_postgres(&url).unwrap();
+        assert_eq!(
+            again.machine(&v1.machine).unwrap().unwrap().head,
+            Some(v1.id)
+        );
+    }
+
+    /// The same records have the same checksums in SQLite and in PostgreSQL (they hash
+    /// SQLite's kinds of values, which PostgreSQL's are read as).
+    #[test]
+    fn the_same_records_have_the_same_checksums_in_both_databases() {
+        let (v1, i1, streams) = with_stream();
+        let (mut v2, i2) = info("alice/dev", Some(v1.id), 2);
+        v2.config = Some(r#"{"memory_mib":256,"name":"é"}"#.into());
+        v2.stats.seconds = 1.25;
+        let mut sums = Vec::new();
+        for (_d, mut c) in cats() {
+            c.commit_version(&v1, &i1, &streams, None).unwrap();
+            c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
+            let check = c.check_records(None).unwrap();
+            assert!(
+                check.checksums_checked && check.problems.is_empty() && check.records == 3,
+                "{check:?}"
+            );
+            let read = |q: &str| -> Vec<Vec<u8>> {
+                c.conn
+                    .prepare(q)
+                    .unwrap()
+                    .query_map(params![], |r| r.get(0))
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect()
+            };
+            sums.push((
+                read("SELECT sum FROM versions ORDER BY created_ms"),
+                read("SELECT sum FROM machines"),
+            ));
+        }
+        assert_eq!(sums[0].0.len(), 2);
+        assert_eq!(sums[0], sums[1], "SQLite's checksums, then PostgreSQL's");
+    }
+
+    /// Two servers commit from the same head at once: exactly one moves it, the other's
+    /// version is kept.
+    #[test]
+    fn two_catalogs_on_one_postgres_database_race_for_the_head() {
+        let (url, mut c) = pg_cat();
+        let (v1, i1) = info("alice/dev", None, 1);
+        c.commit_version(&v1, &i1, &[], None).unwrap();
+        for round in 0..5 {
+            let head = c.machine(&v1.machine).unwrap().unwrap().head;
+            let barrier = std::sync::Barrier::new(2);
+            let outcomes: Vec<(VersionId, CommitOutcome)> = std::thread::scope(|s| {
+                let threads: Vec<_> = (0..2)
+                    .map(|k| {
+                        let (url, barrier) = (&url, &barrier);
+                        s.spawn(move || {
+                            let mut mine = Catalog::open_postgres(url).unwrap();
+                            let (v, i) = info("alice/dev", head, 10 * round + k + 2);
+                            barrier.wait();
+                            (v.id, mine.commit_version(&v, &i, &[], head).unwrap())
+                        })
+                    })
+                    .collect();
+                threads.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            let winners: Vec<VersionId> = outcomes
+                .iter()
+                .filter(|(_, o)| *o == CommitOutcome::HeadMoved)
+                .map(|(id, _)| *id)
+                .collect();
+            assert_eq!(winners.len(), 1, "round {round}: {outcomes:?}");
+            let winner = winners[0];
+            assert!(
+                outcomes
+                    .iter()
+                    .any(|(_, o)| *o == CommitOutcome::Kept { head: Some(winner) }),
+                "round {round}: {outcomes:?}"
+            );
+            assert_eq!(c.machine(&v1.machine).unwrap().unwrap().head, Some(winner));
+            for (id, _) in &outcomes {
+                assert!(c.resolve(&v1.machine, Some(&id.to_hex())).is_ok(), "kept");
+            }
+        }
+        assert_eq!(c.versions(&v1.machine).unwrap().len(), 11);
+    }
+
+    /// A lease taken through one server is refused through another, also when both ask
+    /// at once (the read of the holder and the write are one serialised transaction).
+    #[test]
+    fn a_lease_taken_through_one_postgres_catalog_is_refused_through_another() {
+        let (url, mut a) = pg_cat();
+        let mut b = Catalog::open_postgres(&url).unwrap();
+        let lease = |machine: &str, session: &str| Lease {
+            machine: machine.into(),
+            session: session.into(),
+            station: session.into(),
+            station_name: format!("host:{session}"),
+            pid: 1,
+            base: None,
+            started_ms: 0,
+            heartbeat_ms: 0,
+        };
+        a.acquire_lease(&lease("alice/dev", "s1"), |_| false)
+            .unwrap();
+        let e = b
+            .acquire_lease(&lease("alice/dev", "s2"), |_| false)
+            .unwrap_err();
+        assert!(matches!(e, CatalogError::LeaseHeld { .. }), "{e:?}");
+        assert!(e.to_string().contains("host:s1"), "{e}");
+        for round in 0..10 {
+            let machine = format!("alice/m{round}");
+            let barrier = std::sync::Barrier::new(2);
+            let taken: Vec<bool> = std::thread::scope(|s| {
+                let threads: Vec<_> = ["a", "b"]
+                    .into_iter()
+                    .map(|session| {
+                        let (url, barrier, machine) = (&url, &barrier, &machine);
+                        s.spawn(move || {
+                            let mut mine = Catalog::open_postgres(url).unwrap();
+                            barrier.wait();
+                            match mine.acquire_lease(&lease(machine, session), |_| false) {
+                                Ok(_) => true,
+                                Err(CatalogError::LeaseHeld { .. }) => false,
+                                Err(e) => panic!("{e}"),
+                            }
+                        })
+                    })
+                    .collect();
+                threads.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            assert_eq!(
+                taken.iter().filter(|t| **t).count(),
+                1,
+                "round {round}: {taken:?}"
+            );
+        }
     }
 }

@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use mbank_core::MachineName;
-use rusqlite::types::ValueRef;
-use rusqlite::{Connection, OpenFlags, params};
+use mbank_sql::{Db, Row, Value, params};
+use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::{Catalog, CatalogError, VersionInfo, sql};
@@ -54,42 +54,48 @@ pub struct RecordCheck {
     pub problems: Vec<RecordProblem>,
 }
 
-fn hash_value(h: &mut blake3::Hasher, v: ValueRef<'_>) {
+/// A value, as SQLite's kind of it (PostgreSQL's are read as the same kinds, so a
+/// record's checksum is the same in either database).
+fn hash_value(h: &mut blake3::Hasher, v: &Value) {
+    let bytes = |h: &mut blake3::Hasher, tag: u8, b: &[u8]| {
+        h.update(&[tag]);
+        h.update(&(b.len() as u64).to_le_bytes());
+        h.update(b);
+    };
     match v {
-        ValueRef::Null => {
+        Value::Null => {
             h.update(&[0]);
         }
-        ValueRef::Integer(i) => {
+        Value::Integer(i) => {
             h.update(&[1]);
             h.update(&i.to_le_bytes());
         }
-        ValueRef::Real(f) => {
+        Value::Real(f) => {
             h.update(&[2]);
             h.update(&f.to_bits().to_le_bytes());
         }
-        ValueRef::Text(b) | ValueRef::Blob(b) => {
-            h.update(&[if matches!(v, ValueRef::Text(_)) { 3 } else { 4 }]);
-            h.update(&(b.len() as u64).to_le_bytes());
-            h.update(b);
-        }
+        Value::Text(t) => bytes(h, 3, t.as_bytes()),
+        Value::Blob(b) => bytes(h, 4, b),
     }
 }
 
 /// The checksum of the `versions` row `r` (selected as [`VERSION_SUMMED`]).
-fn version_sum(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Result<[u8; 32]> {
+fn version_sum(conn: &Db, r: &Row) -> mbank_sql::Result<[u8; 32]> {
     let mut h = blake3::Hasher::new();
     h.update(VERSION_DOMAIN);
     for i in 1..VERSION_SUMMED_N {
         hash_value(&mut h, r.get_ref(i)?);
     }
-    hash_value(&mut h, trailer(r.get_ref(VERSION_SUMMED_N)?));
+    hash_value(&mut h, &trailer(r.get_ref(VERSION_SUMMED_N)?));
     let rowid: i64 = r.get(0)?;
-    let mut st = conn.prepare_cached(
-        "SELECT name, len, substr(idx, -32) FROM version_streams
+    // The last 32 bytes of each index (all of it if shorter), in SQL both databases
+    // take (SQLite's `substr(idx, -32)`).
+    let streams = conn.query_all(
+        "SELECT name, len, substr(idx, length(idx) - 31) FROM version_streams
          WHERE version = (SELECT id FROM versions WHERE rowid = ?1) ORDER BY name",
+        params![rowid],
     )?;
-    let mut rows = st.query(params![rowid])?;
-    while let Some(s) = rows.next()? {
+    for s in &streams {
         h.update(STREAM_TAG);
         for i in 0..3 {
             hash_value(&mut h, s.get_ref(i)?);
@@ -100,15 +106,15 @@ fn version_sum(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Result<[u8
 
 /// An index's last 32 bytes (all of it if shorter), as SQL's `substr(idx, -32)` of a
 /// blob gives them.
-fn trailer(v: ValueRef<'_>) -> ValueRef<'_> {
+fn trailer(v: &Value) -> Value {
     match v {
-        ValueRef::Blob(b) => ValueRef::Blob(&b[b.len().saturating_sub(32)..]),
-        other => other,
+        Value::Blob(b) => Value::Blob(b[b.len().saturating_sub(32)..].to_vec()),
+        other => other.clone(),
     }
 }
 
 /// The checksum of the `machines` row `r` (selected as [`MACHINE_SUMMED`]).
-fn machine_sum(r: &rusqlite::Row<'_>) -> rusqlite::Result<[u8; 32]> {
+fn machine_sum(r: &Row) -> mbank_sql::Result<[u8; 32]> {
     let mut h = blake3::Hasher::new();
     h.update(MACHINE_DOMAIN);
     for i in 0..3 {
@@ -118,15 +124,15 @@ fn machine_sum(r: &rusqlite::Row<'_>) -> rusqlite::Result<[u8; 32]> {
 }
 
 /// How a stored checksum compares with the record's.
-fn judge(stored: ValueRef<'_>, computed: &[u8; 32]) -> Option<&'static str> {
+fn judge(stored: &Value, computed: &[u8; 32]) -> Option<&'static str> {
     match stored {
-        ValueRef::Blob(b) if b == computed => None,
-        ValueRef::Null => Some(NO_SUM),
+        Value::Blob(b) if b == computed => None,
+        Value::Null => Some(NO_SUM),
         _ => Some(MISMATCH),
     }
 }
 
-fn seal_version_row(conn: &Connection, rowid: i64) -> Result<(), CatalogError> {
+fn seal_version_row(conn: &Db, rowid: i64) -> Result<(), CatalogError> {
     let sum = conn
         .query_row(
             &format!("SELECT {VERSION_SUMMED} FROM versions WHERE rowid = ?1"),
@@ -144,10 +150,7 @@ fn seal_version_row(conn: &Connection, rowid: i64) -> Result<(), CatalogError> {
 
 /// Records the checksum of version `id` (inside the transaction that inserts it, after
 /// its streams).
-pub(crate) fn seal_version(
-    conn: &Connection,
-    id: &mbank_core::VersionId,
-) -> Result<(), CatalogError> {
+pub(crate) fn seal_version(conn: &Db, id: &mbank_core::VersionId) -> Result<(), CatalogError> {
     let rowid: i64 = conn
         .query_row(
             "SELECT rowid FROM versions WHERE id = ?1",
@@ -159,7 +162,7 @@ pub(crate) fn seal_version(
 }
 
 /// Records the checksum of machine `name` (inside the transaction that creates it).
-pub(crate) fn seal_machine(conn: &Connection, name: &str) -> Result<(), CatalogError> {
+pub(crate) fn seal_machine(conn: &Db, name: &str) -> Result<(), CatalogError> {
     let sum = conn
         .query_row(
             &format!("SELECT {MACHINE_SUMMED} FROM machines WHERE name = ?1"),
@@ -176,21 +179,21 @@ pub(crate) fn seal_machine(conn: &Connection, name: &str) -> Result<(), CatalogE
 }
 
 /// Records the checksum of every row (the migration to schema 4).
-pub(crate) fn seal_all(conn: &Connection) -> Result<(), CatalogError> {
-    let collect = |q: &str| -> rusqlite::Result<Vec<rusqlite::types::Value>> {
+pub(crate) fn seal_all(conn: &Db) -> Result<(), CatalogError> {
+    let collect = |q: &str| -> mbank_sql::Result<Vec<Value>> {
         let mut st = conn.prepare(q)?;
-        let rows = st.query_map([], |r| r.get(0))?;
+        let rows = st.query_map(params![], |r| r.get(0))?;
         rows.collect()
     };
     let versions = collect("SELECT rowid FROM versions").map_err(sql("list the versions"))?;
     for rowid in versions {
-        if let rusqlite::types::Value::Integer(rowid) = rowid {
+        if let Value::Integer(rowid) = rowid {
             seal_version_row(conn, rowid)?;
         }
     }
     let machines = collect("SELECT name FROM machines").map_err(sql("list the machines"))?;
     for name in machines {
-        if let rusqlite::types::Value::Text(name) = name {
+        if let Value::Text(name) = name {
             seal_machine(conn, &name)?;
         }
     }
@@ -201,17 +204,30 @@ pub(crate) fn seal_all(conn: &Connection) -> Result<(), CatalogError> {
 /// transaction: each record of `old` is first held to its checksum (a damaged record
 /// is refused, never sealed again under the new name), then the names change and the
 /// records are sealed anew. Version ids do not change.
-pub(crate) fn rename_records(conn: &Connection, old: &str, new: &str) -> Result<(), CatalogError> {
+pub(crate) fn rename_records(conn: &Db, old: &str, new: &str) -> Result<(), CatalogError> {
     let action = "check the versions' records before the rename";
     let damaged = {
-        let mut st = conn
-            .prepare(&format!(
-                "SELECT {VERSION_SUMMED}, sum FROM versions WHERE machine = ?1"
-            ))
+        // One row at a time: each holds its whole index.
+        let rowids = conn
+            .query_all(
+                "SELECT rowid FROM versions WHERE machine = ?1",
+                params![old],
+            )
             .map_err(sql(action))?;
-        let mut rows = st.query(params![old]).map_err(sql(action))?;
         let mut damaged = None;
-        while let Some(r) = rows.next().map_err(sql(action))? {
+        for rowid in rowids {
+            let rowid: i64 = rowid.get(0).map_err(sql(action))?;
+            let Some(r) = conn
+                .query_all(
+                    &format!("SELECT {VERSION_SUMMED}, sum FROM versions WHERE rowid = ?1"),
+                    params![rowid],
+                )
+                .map_err(sql(action))?
+                .pop()
+            else {
+                continue;
+            };
+            let r = &r;
             let sum = version_sum(conn, r).map_err(sql(action))?;
             if let Some(why) = judge(r.get_ref(VERSION_SUMMED_N + 1).map_err(sql(action))?, &sum) {
                 let id: Vec<u8> = r.get(1).map_err(sql(action))?;
@@ -262,7 +278,7 @@ pub(crate) fn rename_records(conn: &Connection, old: &str, new: &str) -> Result<
         let rows = st
             .query_map(params![new], |r| r.get(0))
             .map_err(sql("list the renamed versions"))?;
-        rows.collect::<rusqlite::Result<_>>()
+        rows.collect::<mbank_sql::Result<_>>()
             .map_err(sql("list the renamed versions"))?
     };
     for rowid in rowids {
@@ -272,13 +288,13 @@ pub(crate) fn rename_records(conn: &Connection, old: &str, new: &str) -> Result<
 }
 
 /// `machine@version` for a row whose values may be damaged.
-fn describe_version(machine: ValueRef<'_>, id: ValueRef<'_>, rowid: i64) -> String {
+fn describe_version(machine: &Value, id: &Value, rowid: i64) -> String {
     let m = match machine {
-        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+        Value::Text(t) => t.clone(),
         _ => "?".into(),
     };
     match id {
-        ValueRef::Blob(b) => {
+        Value::Blob(b) => {
             let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
             format!("{m}@{hex}")
         }
@@ -286,13 +302,13 @@ fn describe_version(machine: ValueRef<'_>, id: ValueRef<'_>, rowid: i64) -> Stri
     }
 }
 
-fn text(v: ValueRef<'_>) -> String {
+fn text(v: &Value) -> String {
     match v {
-        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
-        ValueRef::Blob(b) => b.iter().map(|x| format!("{x:02x}")).collect(),
-        ValueRef::Integer(i) => i.to_string(),
-        ValueRef::Real(f) => f.to_string(),
-        ValueRef::Null => "NULL".into(),
+        Value::Text(t) => t.clone(),
+        Value::Blob(b) => b.iter().map(|x| format!("{x:02x}")).collect(),
+        Value::Integer(i) => i.to_string(),
+        Value::Real(f) => f.to_string(),
+        Value::Null => "NULL".into(),
     }
 }
 
@@ -346,17 +362,28 @@ impl Catalog {
             checksums_checked: self.schema >= 4,
             ..Default::default()
         };
-        let wanted = |m: ValueRef<'_>| machine.is_none_or(|w| text(m) == w.as_str());
+        let wanted = |m: &Value| machine.is_none_or(|w| text(m) == w.as_str());
         let sum_col = if out.checksums_checked { "sum" } else { "NULL" };
         let action = "check the versions' records";
-        let mut st = self
+        // One row at a time: each holds its whole index.
+        let rowids = self
             .conn
-            .prepare(&format!(
-                "SELECT {VERSION_SUMMED}, {sum_col} FROM versions ORDER BY rowid"
-            ))
+            .query_all("SELECT rowid FROM versions ORDER BY rowid", params![])
             .map_err(sql(action))?;
-        let mut rows = st.query([]).map_err(sql(action))?;
-        while let Some(r) = rows.next().map_err(sql(action))? {
+        for rowid in rowids {
+            let rowid: i64 = rowid.get(0).map_err(sql(action))?;
+            let Some(r) = self
+                .conn
+                .query_all(
+                    &format!("SELECT {VERSION_SUMMED}, {sum_col} FROM versions WHERE rowid = ?1"),
+                    params![rowid],
+                )
+                .map_err(sql(action))?
+                .pop()
+            else {
+                continue;
+            };
+            let r = &r;
             let (id, m) = (
                 r.get_ref(1).map_err(sql(action))?,
                 r.get_ref(2).map_err(sql(action))?,
@@ -378,7 +405,6 @@ impl Catalog {
                 });
             }
         }
-        drop(rows);
         let action = "check the machines' records";
         let mut st = self
             .conn
@@ -386,7 +412,7 @@ impl Catalog {
                 "SELECT {MACHINE_SUMMED}, {sum_col} FROM machines ORDER BY name"
             ))
             .map_err(sql(action))?;
-        let mut rows = st.query([]).map_err(sql(action))?;
+        let mut rows = st.query(params![]).map_err(sql(action))?;
         while let Some(r) = rows.next().map_err(sql(action))? {
             let name = r.get_ref(0).map_err(sql(action))?;
             if !wanted(name) {
@@ -420,8 +446,8 @@ impl Catalog {
             .conn
             .prepare(
                 "SELECT m.name, m.head, v.machine FROM machines m LEFT JOIN versions v ON v.id = m.head
-                 WHERE m.head IS NOT NULL AND (v.id IS NULL OR v.machine IS NOT m.name)
-                   AND (?1 IS NULL OR m.name = ?1)",
+                 WHERE m.head IS NOT NULL AND (v.id IS NULL OR v.machine IS DISTINCT FROM m.name)
+                   AND (CAST(?1 AS TEXT) IS NULL OR m.name = ?1)",
             )
             .map_err(sql(action))?;
         let mut rows = st.query(params![m]).map_err(sql(action))?;
@@ -433,7 +459,7 @@ impl Catalog {
                 owner.map_err(sql(action))?,
             );
             let problem = match owner {
-                ValueRef::Null => {
+                Value::Null => {
                     format!("its head {} is not a version in the catalog", text(head))
                 }
                 o => format!("its head {} is a version of {}", text(head), text(o)),
@@ -448,7 +474,7 @@ impl Catalog {
             .conn
             .prepare(
                 "SELECT v.rowid, v.machine, v.id FROM versions v LEFT JOIN machines m ON m.name = v.machine
-                 WHERE m.name IS NULL AND (?1 IS NULL OR v.machine = ?1)",
+                 WHERE m.name IS NULL AND (CAST(?1 AS TEXT) IS NULL OR v.machine = ?1)",
             )
             .map_err(sql(action))?;
         let mut rows = st.query(params![m]).map_err(sql(action))?;
@@ -472,7 +498,7 @@ impl Catalog {
                      WHERE NOT EXISTS (SELECT 1 FROM versions v WHERE v.id = s.version)",
                 )
                 .map_err(sql(action))?;
-            let mut rows = st.query([]).map_err(sql(action))?;
+            let mut rows = st.query(params![]).map_err(sql(action))?;
             while let Some(r) = rows.next().map_err(sql(action))? {
                 let (v, n) = (
                     r.get_ref(0).map_err(sql(action))?,
@@ -490,8 +516,14 @@ impl Catalog {
     /// Runs SQLite's `PRAGMA integrity_check` (every page, every index against its
     /// table; `quick_check` would skip the latter) on the catalog. Returns what it found,
     /// empty when the database is sound.
+    ///
+    /// On PostgreSQL there is nothing to run here: the server checks its own pages
+    /// (its data checksums, `amcheck`), and an empty list is returned.
     pub fn integrity_check(&self) -> Result<Vec<String>, CatalogError> {
-        integrity(&self.conn)
+        match self.conn.as_sqlite() {
+            Some(conn) => integrity(conn),
+            None => Ok(Vec::new()),
+        }
     }
 }
 
@@ -525,9 +557,9 @@ fn integrity(conn: &Connection) -> Result<Vec<String>, CatalogError> {
         Ok(found) if found.len() == 1 && found[0] == "ok" => Ok(Vec::new()),
         Ok(found) => Ok(found),
         Err(source) => {
-            let e = CatalogError::Sqlite {
+            let e = CatalogError::Db {
                 action: "check the database's integrity",
-                source,
+                source: source.into(),
             };
             // So damaged that SQLite cannot even walk it: that is the finding.
             if e.is_corrupt() {

@@ -1,7 +1,7 @@
 //! What one user's machines hold in the catalog, for the bank server's quotas and caps
 //! (docs/api.md, "Limits"). A machine belongs to the user its name starts with.
 
-use rusqlite::params;
+use mbank_sql::params;
 
 use crate::{Catalog, CatalogError, sql};
 
@@ -39,30 +39,37 @@ impl Catalog {
     pub fn owner_usage(&self, user: &str, since_ms: i64) -> Result<OwnerUsage, CatalogError> {
         // Machine names `user/…` sort between `user/` and `user0` ('0' follows '/').
         let (lo, hi) = (format!("{user}/"), format!("{user}0"));
-        let count = |q: &str| -> Result<i64, CatalogError> {
-            self.conn
-                .prepare_cached(q)
-                .and_then(|mut st| st.query_row(params![lo, hi], |r| r.get(0)))
-                .map_err(sql("sum a user's catalog use"))
+        let count = |q: &str, since_ms: Option<i64>| -> Result<i64, CatalogError> {
+            let r = match since_ms {
+                None => self.conn.query_row(q, params![lo, hi], |r| r.get(0)),
+                Some(t) => self.conn.query_row(q, params![lo, hi, t], |r| r.get(0)),
+            };
+            r.map_err(sql("sum a user's catalog use"))
         };
-        let versions = count(&format!(
-            "SELECT coalesce(sum(length(disk_index) + coalesce(length(CAST(config AS BLOB)), 0)
-                 + length(CAST(stats AS BLOB)) + {VERSION_OVERHEAD}), 0)
-             FROM versions WHERE machine > ?1 AND machine < ?2"
-        ))?;
+        // Sums cast to BIGINT: PostgreSQL's sum of BIGINTs is a NUMERIC. Text is
+        // counted in bytes (`octet_length`, in SQLite since 3.43).
+        let versions = count(
+            &format!(
+                "SELECT CAST(coalesce(sum(length(disk_index) + coalesce(octet_length(config), 0)
+                     + octet_length(stats) + {VERSION_OVERHEAD}), 0) AS BIGINT)
+                 FROM versions WHERE machine > ?1 AND machine < ?2"
+            ),
+            None,
+        )?;
         let streams = count(
-            "SELECT coalesce(sum(length(s.idx) + length(CAST(s.name AS BLOB))), 0)
+            "SELECT CAST(coalesce(sum(length(s.idx) + octet_length(s.name)), 0) AS BIGINT)
              FROM version_streams s JOIN versions v ON v.id = s.version
              WHERE v.machine > ?1 AND v.machine < ?2",
+            None,
         )?;
-        let leases = count("SELECT count(*) FROM leases WHERE machine > ?1 AND machine < ?2")?;
-        let displaced: i64 = self
-            .conn
-            .prepare_cached(
-                "SELECT count(*) FROM displaced WHERE machine > ?1 AND machine < ?2 AND since_ms > ?3",
-            )
-            .and_then(|mut st| st.query_row(params![lo, hi, since_ms], |r| r.get(0)))
-            .map_err(sql("count a user's displaced sessions"))?;
+        let leases = count(
+            "SELECT count(*) FROM leases WHERE machine > ?1 AND machine < ?2",
+            None,
+        )?;
+        let displaced = count(
+            "SELECT count(*) FROM displaced WHERE machine > ?1 AND machine < ?2 AND since_ms > ?3",
+            Some(since_ms),
+        )?;
         let n = |v: i64| v.max(0) as u64;
         Ok(OwnerUsage {
             bytes: n(versions).saturating_add(n(streams)),

@@ -170,7 +170,7 @@ impl App {
             .pop();
         let mut c = match taken {
             Some(c) => c,
-            None => Catalog::open(&self.bank_dir.join("catalog.db"), false, false)?,
+            None => Catalog::open_in(&self.bank_dir, false, false)?,
         };
         let r = f(&mut c);
         self.catalogs

@@ -99,7 +99,8 @@ impl TempPostgres {
             .port();
         let log = fs::File::create(dir.join("postgres.log"))
             .map_err(|e| format!("cannot create the server's log: {e}"))?;
-        let child = command(&bin.join("postgres"), user)
+        let mut server = command(&bin.join("postgres"), user);
+        server
             .arg("-D")
             .arg(&data)
             .args(["-p", &port.to_string(), "-k"])
@@ -120,9 +121,9 @@ impl TempPostgres {
             ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("cannot start postgres: {e}"))?;
+            .stderr(log);
+        let child =
+            spawn_bound_to_process(server).map_err(|e| format!("cannot start postgres: {e}"))?;
         let mut pg = TempPostgres {
             dir,
             port,
@@ -181,6 +182,34 @@ impl TempPostgres {
             let _ = c.wait();
         }
     }
+}
+
+/// Spawns `cmd` so that it gets SIGINT (PostgreSQL's fast shutdown) when this process
+/// ends, even without running [`TempPostgres`]'s drop (a server in a `static` is never
+/// dropped): the child asks for a parent-death signal, and the parent is a thread that
+/// lives as long as the process (Linux sends it when the spawning *thread* exits).
+fn spawn_bound_to_process(mut cmd: Command) -> std::io::Result<Child> {
+    // SAFETY: prctl is async-signal-safe; it runs in the child after the uid change
+    // (which would clear the setting).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("temp-postgres".into())
+        .spawn(move || {
+            let _ = tx.send(cmd.spawn());
+            loop {
+                std::thread::park();
+            }
+        })?;
+    rx.recv()
+        .map_err(|_| std::io::Error::other("the spawning thread ended"))?
 }
 
 fn tempdir_for(user: Option<(u32, u32)>) -> Result<PathBuf, String> {
