@@ -148,6 +148,9 @@ struct App {
     started_ms: i64,
     /// gc, verify and stats started by administrators over HTTPS or from the console.
     jobs: jobs::Jobs,
+    /// The bank's catalog is in PostgreSQL, so other servers may share it: uploads are
+    /// made durable before they are answered (see `store_uploads`).
+    shared: bool,
     /// The key that signs LAN sharing grants, when LAN sharing is on.
     peer_signer: Option<peer::Signer>,
     /// Direct reads, when on and the store can make URLs.
@@ -2199,6 +2202,11 @@ fn store_uploads(app: &App, user: &User, parts: &[(ChunkId, &[u8])]) -> Result<V
             });
         }
         app.store.put_many(&chunks)?;
+        if app.shared {
+            // Another server may take the commit that names these chunks: it can
+            // neither see nor flush this process's pending writes.
+            app.store.flush()?;
+        }
         Ok(())
     })
 }
@@ -2318,11 +2326,20 @@ fn open_app(bank_dir: &FsPath, limits: Limits, cfg: &Config) -> Result<Shared, S
         );
     }
     let access = Access::open(bank_dir).map_err(|e| e.to_string())?;
+    let shared = mbank_sql::bank_url(bank_dir)
+        .map_err(|e| {
+            format!(
+                "cannot read {}: {e}",
+                bank_dir.join(mbank_sql::URL_FILE).display()
+            )
+        })?
+        .is_some();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "bank".into());
     Ok(Arc::new(App {
         bank_dir: bank_dir.to_path_buf(),
+        shared,
         store,
         catalogs: Mutex::new(Vec::new()),
         access: Mutex::new(vec![access]),

@@ -78,7 +78,10 @@ impl Pair {
         let mut c = mbank();
         c.arg("--bank").arg(&self.bank_dir).arg("serve");
         c.arg("--listen").arg("127.0.0.1:0");
-        c.arg("--tls-cert").arg(&self.cert).arg("--tls-key").arg(&self.key);
+        c.arg("--tls-cert")
+            .arg(&self.cert)
+            .arg("--tls-key")
+            .arg(&self.key);
         c.stdout(Stdio::piped());
         c.stderr(
             fs::OpenOptions::new()
@@ -113,7 +116,9 @@ impl Pair {
     fn login(&self, url: &str) -> Bank {
         let mut c = mbank();
         c.env("XDG_CONFIG_HOME", self.config_dir(url));
-        c.arg("login").arg(url).args(["--user", "alice", "--password-stdin"]);
+        c.arg("login")
+            .arg(url)
+            .args(["--user", "alice", "--password-stdin"]);
         c.arg("--ca-cert").arg(&self.ca);
         with_stdin(c, PASSWORD).ok();
         self.client(url)
@@ -143,13 +148,7 @@ impl Pair {
     }
 
     fn server_logs(&self) -> String {
-        (0..self.servers.len())
-            .map(|i| {
-                let log = fs::read_to_string(self.root.join(format!("server-{i}.log")))
-                    .unwrap_or_default();
-                format!("--- server {i}\n{log}")
-            })
-            .collect()
+        logs_in(&self.root)
     }
 }
 
@@ -159,6 +158,16 @@ impl Drop for Pair {
             self.kill(i);
         }
     }
+}
+
+/// The servers' logs under `root`.
+fn logs_in(root: &Path) -> String {
+    (0..2)
+        .map(|i| {
+            let log = fs::read_to_string(root.join(format!("server-{i}.log"))).unwrap_or_default();
+            format!("--- server {i}\n{log}")
+        })
+        .collect()
 }
 
 fn with_stdin(mut c: Command, input: &str) -> Run {
@@ -236,10 +245,7 @@ impl Drop for Balancer {
 }
 
 fn pipe(a: TcpStream, b: TcpStream) {
-    for (mut from, mut to) in [
-        (a.try_clone().unwrap(), b.try_clone().unwrap()),
-        (b, a),
-    ] {
+    for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
         std::thread::spawn(move || {
             let _ = std::io::copy(&mut from, &mut to);
             let _ = to.shutdown(std::net::Shutdown::Write);
@@ -332,19 +338,26 @@ fn concurrent_commits_through_two_servers_move_the_head_one_at_a_time() {
     let mut parents: Vec<&str> = moved.iter().map(|m| m.1).collect();
     parents.sort();
     parents.dedup();
-    assert_eq!(parents.len(), moved.len(), "two moves from one head: {moved:?}");
+    assert_eq!(
+        parents.len(),
+        moved.len(),
+        "two moves from one head: {moved:?}"
+    );
     let head = clients[0].head("alice/lab").unwrap();
     let mut at = head.as_str();
     let mut steps = 0;
     while at != base {
-        let (_, parent) = moved
-            .iter()
-            .find(|m| m.0 == at)
-            .unwrap_or_else(|| panic!("{at} is on the head's chain but did not move it: {moved:?}"));
+        let (_, parent) = moved.iter().find(|m| m.0 == at).unwrap_or_else(|| {
+            panic!("{at} is on the head's chain but did not move it: {moved:?}")
+        });
         at = parent;
         steps += 1;
     }
-    assert_eq!(steps, moved.len(), "every move is on the head's chain: {moved:?}");
+    assert_eq!(
+        steps,
+        moved.len(),
+        "every move is on the head's chain: {moved:?}"
+    );
 }
 
 /// A session's lease, taken through one server, is refused through the other.
@@ -371,7 +384,7 @@ fn a_lease_taken_through_one_server_is_refused_through_the_other() {
 /// bank holds exactly what it wrote.
 #[test]
 fn a_server_killed_under_a_station_costs_it_nothing() {
-    let p = Pair::start();
+    let mut p = Pair::start();
     let lb = Balancer::start(p.ports.clone());
     let c = p.login(&lb.url());
     let mut want = image(8 * MIB, 9);
@@ -380,9 +393,10 @@ fn a_server_killed_under_a_station_costs_it_nothing() {
     let mut s = c.attach(&p.root.join("cache"), "alice/work", &[]);
     let uri = s.uri();
     // Read the first half (fetched through both servers), write into it.
+    let root = p.root.clone();
     let io = |cmd: &str| {
         let r = tool("qemu-io", &["-f", "raw", "-c", cmd, &uri]);
-        assert!(r.success(), "{r}\n{}", p.server_logs());
+        assert!(r.success(), "{r}\n{}", logs_in(&root));
     };
     io(&format!("read 0 {}", 4 * MIB));
     io(&format!("write -P 0x5a {} {}", MIB, MIB));
@@ -392,7 +406,6 @@ fn a_server_killed_under_a_station_costs_it_nothing() {
         "both servers took connections: {:?}",
         lb.served.lock().unwrap()
     );
-    let mut p = p;
     p.kill(0);
     // The second half is fetched, and more is written, through the server left.
     io(&format!("read {} {}", 4 * MIB, 4 * MIB));
