@@ -617,7 +617,7 @@ impl Bank {
         // The marker and postgres.url must agree: a catalog looked for in the wrong
         // place would look empty, and GC would keep no chunk.
         let url = mbank_sql::bank_url(path)
-            .map_err(|e| BankError::io("read", &path.join(mbank_sql::URL_FILE), e))?;
+            .map_err(|e| BankError::io("read", path.join(mbank_sql::URL_FILE), e))?;
         match (parsed.postgres, url.is_some()) {
             (true, false) => {
                 return Err(BankError::BadMarker {
