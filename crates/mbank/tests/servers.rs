@@ -420,3 +420,83 @@ fn a_server_killed_under_a_station_costs_it_nothing() {
     assert_same_bytes(&got, &want, "the bank after the check-in");
     p.local(&["verify"]).ok();
 }
+
+/// A bank on PostgreSQL on its own host: import, export, gc and verify work as on
+/// SQLite; the marker and postgres.url must agree; a database that already holds a
+/// bank's machines is not taken by a second init.
+#[test]
+fn a_bank_on_postgresql_works_on_its_host_and_is_opened_only_with_its_url() {
+    let pg = TempPostgres::start().unwrap_or_else(|e| panic!("{e}"));
+    let url = pg.new_database().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("bank");
+    let bank = |args: &[&str]| {
+        let mut c = mbank();
+        c.arg("--bank").arg(&dir).args(args);
+        run_cmd(c)
+    };
+    bank(&["init", "--postgres", &url]).ok();
+    let marker = fs::read_to_string(dir.join("MBANK")).unwrap();
+    assert!(
+        marker.starts_with("MBANK-BANK 3\n") && marker.contains("\ncatalog postgres\n"),
+        "{marker}"
+    );
+    assert!(
+        !dir.join("catalog.db").exists(),
+        "no SQLite catalog beside it"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(dir.join("postgres.url"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "postgres.url is the owner's alone: {mode:o}"
+    );
+    let img = image(2 * MIB, 3);
+    let path = write_img(tmp.path(), "a.raw", &img);
+    bank(&["import", "alice/a", path.to_str().unwrap()]).ok();
+    bank(&["rm", "alice/a"]).ok();
+    let img2 = image(2 * MIB, 4);
+    let path2 = write_img(tmp.path(), "b.raw", &img2);
+    bank(&["import", "alice/b", path2.to_str().unwrap()]).ok();
+    Bank::at(&dir, &tmp.path().join("scratch")).age_chunks();
+    let gc = bank(&["gc", "--json"]).ok();
+    assert!(gc.json()["chunks_deleted"].as_u64().unwrap() >= 32, "{gc}");
+    let out = tmp.path().join("b.out");
+    bank(&["export", "alice/b", out.to_str().unwrap()]).ok();
+    assert_same_bytes(&fs::read(&out).unwrap(), &img2, "export after gc");
+    bank(&["verify"]).ok();
+
+    // Without its URL the bank is refused, not opened empty.
+    let moved = tmp.path().join("postgres.url.away");
+    fs::rename(dir.join("postgres.url"), &moved).unwrap();
+    bank(&["ls"])
+        .failed()
+        .stderr_has(&["PostgreSQL", "postgres.url is missing"]);
+    fs::rename(&moved, dir.join("postgres.url")).unwrap();
+    // A URL without the marker's line is refused too.
+    let other = tmp.path().join("other");
+    let mut c = mbank();
+    c.arg("--bank").arg(&other).arg("init");
+    run_cmd(c).ok();
+    fs::copy(dir.join("postgres.url"), other.join("postgres.url")).unwrap();
+    let mut c = mbank();
+    c.arg("--bank").arg(&other).arg("ls");
+    run_cmd(c)
+        .failed()
+        .stderr_has(&["no `catalog postgres` line"]);
+    // A second init on the same database: refused, and it leaves no bank behind.
+    let third = tmp.path().join("third");
+    let mut c = mbank();
+    c.arg("--bank")
+        .arg(&third)
+        .args(["init", "--postgres", &url]);
+    run_cmd(c)
+        .failed()
+        .stderr_has(&["already holds a bank's catalog"]);
+    assert!(!third.join("MBANK").exists());
+    bank(&["ls"]).ok();
+}
