@@ -1,9 +1,12 @@
 //! # mbank-server
 //!
 //! `mbank serve`: the HTTP API of `docs/api.md` over a bank on this machine, shared by
-//! many users. The catalog (SQLite) stays the single writer of heads and sessions; the
-//! chunk store is the bank's (a directory, or S3). Each request runs its catalog, store
-//! and access-database work on tokio's blocking pool, with pooled connections.
+//! many users. The catalog (SQLite, or PostgreSQL for a bank several servers share)
+//! stays the single writer of heads and sessions; the chunk store is the bank's (a
+//! directory, or S3). Each request runs its catalog, store and access-database work on
+//! tokio's blocking pool, with pooled connections. On a bank in PostgreSQL, every
+//! guarantee that crosses requests is kept in the database (ARCHITECTURE.md, "Several
+//! servers on one bank"), and uploads are durable before they are answered.
 //!
 //! ## Isolation (DESIGN invariant 7)
 //!
