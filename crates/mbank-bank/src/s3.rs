@@ -302,7 +302,7 @@ pub(crate) fn open_store(bank: &Path, spec: &StoreSpec) -> Result<(S3Store, Stri
 }
 
 /// The first advisory lock key of the 256 fan-out prefixes' locks (`PgPrefixLocks`).
-pub const PREFIX_LOCK_BASE: i64 = 0x6d62_616e_6b10_00;
+pub const PREFIX_LOCK_BASE: i64 = 0x006d_6261_6e6b_1000;
 
 /// [`mbank_store::PrefixLocks`] on the bank's PostgreSQL database: one advisory lock
 /// per fan-out prefix, key [`PREFIX_LOCK_BASE`] + the prefix.
