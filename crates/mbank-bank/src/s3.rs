@@ -16,6 +16,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use mbank_store::{S3Config, S3Store, StoreError};
 
@@ -291,7 +292,44 @@ pub(crate) fn open_store(bank: &Path, spec: &StoreSpec) -> Result<(S3Store, Stri
     if crate::dir_is_writable(bank) {
         cfg.lock_dir = Some(bank.join("locks"));
     }
+    // A bank whose catalog is in PostgreSQL may be served from several hosts: their
+    // touches and sweeps exclude each other by PostgreSQL's advisory locks too.
+    let url = mbank_sql::bank_url(bank)
+        .map_err(|e| BankError::io("read", bank.join(mbank_sql::URL_FILE), e))?;
+    cfg.prefix_locks =
+        url.map(|u| mbank_store::SharedPrefixLocks(Arc::new(PgPrefixLocks::new(&u))));
     Ok((S3Store::new(cfg)?, c.from))
+}
+
+/// The first advisory lock key of the 256 fan-out prefixes' locks (`PgPrefixLocks`).
+pub const PREFIX_LOCK_BASE: i64 = 0x006d_6261_6e6b_1000;
+
+/// [`mbank_store::PrefixLocks`] on the bank's PostgreSQL database: one advisory lock
+/// per fan-out prefix, key [`PREFIX_LOCK_BASE`] + the prefix.
+pub struct PgPrefixLocks(Arc<mbank_sql::LockPool>);
+
+impl PgPrefixLocks {
+    pub fn new(url: &str) -> Self {
+        PgPrefixLocks(mbank_sql::LockPool::new(url))
+    }
+}
+
+impl mbank_store::PrefixLocks for PgPrefixLocks {
+    fn lock(
+        &self,
+        fanout: u8,
+        exclusive: bool,
+    ) -> Result<Box<dyn std::any::Any + Send>, StoreError> {
+        let held = self
+            .0
+            .lock(PREFIX_LOCK_BASE + i64::from(fanout), exclusive)
+            .map_err(|e| {
+                StoreError::Remote(format!(
+                    "cannot take the lock of chunk prefix {fanout:02x} in the bank's PostgreSQL database: {e}"
+                ))
+            })?;
+        Ok(Box::new(held))
+    }
 }
 
 /// An error for a store that did not answer `check` as it should, with what the user

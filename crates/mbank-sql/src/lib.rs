@@ -620,6 +620,90 @@ impl Pg {
     }
 }
 
+/// Session advisory locks on PostgreSQL for callers on many threads (a store's
+/// touches and sweeps): each lock held keeps one connection of the pool until its
+/// guard drops. Waits without a time limit, as `flock` does: a holder that dies ends
+/// its session, and PostgreSQL releases its locks with it.
+pub struct LockPool {
+    url: String,
+    idle: std::sync::Mutex<Vec<postgres::Client>>,
+}
+
+/// Connections a [`LockPool`] keeps idle.
+const LOCK_POOL_IDLE: usize = 16;
+
+impl LockPool {
+    /// A pool for the database at `url`; connects on first use.
+    pub fn new(url: &str) -> std::sync::Arc<LockPool> {
+        std::sync::Arc::new(LockPool {
+            url: url.to_string(),
+            idle: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Holds lock `key`, shared or exclusive, until the guard drops. Must not be called
+    /// on an async runtime's worker thread.
+    pub fn lock(self: &std::sync::Arc<Self>, key: i64, exclusive: bool) -> Result<PoolLock> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut client = match idle {
+            Some(c) if !c.is_closed() => c,
+            _ => {
+                let mut c = postgres::Client::connect(&self.url, postgres::NoTls).map_err(|e| {
+                    let e = Error::from(e);
+                    Error::new(
+                        ErrorKind::Unavailable,
+                        format!("cannot connect to PostgreSQL at {}: {e}", redact(&self.url)),
+                    )
+                })?;
+                c.batch_execute("SET lock_timeout = 0")?;
+                c
+            }
+        };
+        let f = if exclusive {
+            "pg_advisory_lock"
+        } else {
+            "pg_advisory_lock_shared"
+        };
+        client.batch_execute(&format!("SELECT {f}({key})"))?;
+        Ok(PoolLock {
+            pool: self.clone(),
+            client: Some(client),
+            key,
+            exclusive,
+        })
+    }
+}
+
+/// A lock of a [`LockPool`], released when dropped.
+pub struct PoolLock {
+    pool: std::sync::Arc<LockPool>,
+    client: Option<postgres::Client>,
+    key: i64,
+    exclusive: bool,
+}
+
+impl Drop for PoolLock {
+    fn drop(&mut self) {
+        let Some(mut c) = self.client.take() else {
+            return;
+        };
+        let f = if self.exclusive {
+            "pg_advisory_unlock"
+        } else {
+            "pg_advisory_unlock_shared"
+        };
+        // A connection that cannot unlock is dropped: its session's end releases it.
+        if c.batch_execute(&format!("SELECT {f}({})", self.key))
+            .is_ok()
+        {
+            let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < LOCK_POOL_IDLE {
+                idle.push(c);
+            }
+        }
+    }
+}
+
 /// The URL without its password, for messages.
 pub fn redact(url: &str) -> String {
     if let Some(rest) = url

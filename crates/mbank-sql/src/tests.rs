@@ -219,3 +219,42 @@ fn a_lost_postgres_connection_is_opened_again() {
     let again: i64 = db.query_row("SELECT 2", params![], |r| r.get(0)).unwrap();
     assert_eq!(again, 2);
 }
+
+/// A pool's exclusive lock keeps a shared one of another pool (another host) waiting
+/// until it is released; shared locks do not exclude each other.
+#[test]
+fn pool_locks_exclude_across_pools() {
+    let url = pg().new_database().unwrap();
+    let (a, b) = (LockPool::new(&url), LockPool::new(&url));
+    let s1 = a.lock(42, false).unwrap();
+    let s2 = b.lock(42, false).unwrap();
+    drop((s1, s2));
+    let held = a.lock(42, true).unwrap();
+    let waiter = std::thread::spawn(move || b.lock(42, false).map(drop));
+    // Wait until PostgreSQL shows the shared request waiting on the key.
+    let watch = Db::postgres(&url, 1).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting: i64 = watch
+            .query_row(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 42 AND NOT granted",
+                params![],
+                |r| r.get(0),
+            )
+            .unwrap();
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no waiter on the lock"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        !waiter.is_finished(),
+        "the shared lock was taken under the exclusive one"
+    );
+    drop(held);
+    waiter.join().unwrap().unwrap();
+}

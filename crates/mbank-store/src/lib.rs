@@ -300,6 +300,29 @@ impl StoreError {
     }
 }
 
+/// Locks on fan-out prefixes that every host of a bank sees (for a bank whose catalog is
+/// in PostgreSQL: its advisory locks). The S3 store takes them on top of its own, a
+/// touch shared and a sweep exclusive: step 4 of the GC scheme above across hosts,
+/// where a lock file's `flock` only covers one.
+pub trait PrefixLocks: Send + Sync {
+    /// Holds the lock of `fanout`, shared or exclusive, until the guard drops.
+    fn lock(
+        &self,
+        fanout: u8,
+        exclusive: bool,
+    ) -> Result<Box<dyn std::any::Any + Send>, StoreError>;
+}
+
+/// [`PrefixLocks`] behind an `Arc`, for a store's configuration.
+#[derive(Clone)]
+pub struct SharedPrefixLocks(pub std::sync::Arc<dyn PrefixLocks>);
+
+impl std::fmt::Debug for SharedPrefixLocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedPrefixLocks")
+    }
+}
+
 /// Opens `path` (a directory, or a lock file created if missing) and takes a shared or
 /// exclusive `flock` on it, held until the returned file is closed. Touch (shared)
 /// against sweep (exclusive) across processes; see the GC scheme above.

@@ -56,8 +56,10 @@
 //! processes it is also an `flock` on `lock_dir/<ab>.lock` when [`S3Config::lock_dir`]
 //! is set, which a bank sets to `<bank>/locks`: every writer and GC of a bank runs on
 //! the bank's host (its catalog is there), so the server, `mbank gc` and local imports
-//! exclude each other. Without a lock directory, two processes running a writer and a
-//! GC on one bucket are *not* protected against a touch landing between the listing
+//! exclude each other. A bank served from several hosts (its catalog in PostgreSQL)
+//! also sets [`S3Config::prefix_locks`], locks every host sees (PostgreSQL's advisory
+//! locks), taken after the file's. Without either, two processes running a writer and
+//! a GC on one bucket are *not* protected against a touch landing between the listing
 //! and the delete; S3 offers no conditional delete to close that gap.
 //!
 //! Timestamps come from the Garage nodes' clocks and the cutoff from the bank's: keep
@@ -140,6 +142,9 @@ pub struct S3Config {
     /// sweeps exclude each other across processes on this host (the bank's host: the
     /// server, `mbank gc`, imports). `None`: within this process only.
     pub lock_dir: Option<PathBuf>,
+    /// Locks of the fan-out prefixes that other hosts of the bank see too (a bank whose
+    /// catalog is in PostgreSQL, served from several hosts), taken besides `lock_dir`'s.
+    pub prefix_locks: Option<crate::SharedPrefixLocks>,
 }
 
 impl S3Config {
@@ -163,9 +168,16 @@ impl S3Config {
             retry: Retry::default(),
             request_timeout: Duration::from_secs(60),
             lock_dir: None,
+            prefix_locks: None,
         }
     }
 }
+
+/// A fan-out prefix's cross-process locks, released when dropped.
+struct PrefixHeld(
+    #[allow(dead_code)] Option<std::fs::File>,
+    #[allow(dead_code)] Option<Box<dyn std::any::Any + Send>>,
+);
 
 /// Parallel requests of one [`ChunkStore::touch_many`].
 const TOUCH_THREADS: usize = 16;
@@ -264,17 +276,29 @@ impl S3Store {
     }
 
     /// The object key of chunk `id`.
-    /// The cross-process lock of one fan-out prefix, when the store has a lock
-    /// directory (held until dropped).
-    fn lock_file(&self, fanout: u8, exclusive: bool) -> Result<Option<std::fs::File>, StoreError> {
-        let Some(d) = &self.cfg.lock_dir else {
-            return Ok(None);
+    /// The cross-process locks of one fan-out prefix (held until dropped): the lock
+    /// directory's file on this host, then the locks every host sees, when the store
+    /// has them.
+    fn lock_file(&self, fanout: u8, exclusive: bool) -> Result<PrefixHeld, StoreError> {
+        let file = match &self.cfg.lock_dir {
+            None => None,
+            Some(d) => {
+                if !d.is_dir() {
+                    std::fs::create_dir_all(d)
+                        .map_err(|e| StoreError::io("create the lock directory", d, e))?;
+                }
+                Some(crate::flock_path(
+                    &d.join(format!("{fanout:02x}.lock")),
+                    true,
+                    exclusive,
+                )?)
+            }
         };
-        if !d.is_dir() {
-            std::fs::create_dir_all(d)
-                .map_err(|e| StoreError::io("create the lock directory", d, e))?;
-        }
-        crate::flock_path(&d.join(format!("{fanout:02x}.lock")), true, exclusive).map(Some)
+        let shared = match &self.cfg.prefix_locks {
+            None => None,
+            Some(l) => Some(l.0.lock(fanout, exclusive)?),
+        };
+        Ok(PrefixHeld(file, shared))
     }
 
     pub fn chunk_key(id: &ChunkId) -> String {

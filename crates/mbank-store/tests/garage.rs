@@ -385,3 +385,96 @@ fn s3_store_on_a_three_node_garage_cluster() {
     assert!(store.touch_many(&ids).unwrap().iter().all(|h| *h));
     assert_eq!(store.read(&ids[39]).unwrap(), noise(4096 + 39 * 7, 139));
 }
+
+/// Prefix locks every host sees (the test's stand-in for PostgreSQL's advisory locks):
+/// the test holds a prefix exclusively as another host's sweep would; shared takers
+/// wait.
+#[derive(Default)]
+struct Gate {
+    held: std::sync::Mutex<std::collections::HashSet<u8>>,
+    freed: std::sync::Condvar,
+    waiting: AtomicUsize,
+    exclusive_taken: AtomicUsize,
+}
+
+impl Gate {
+    fn hold(&self, f: u8) {
+        self.held.lock().unwrap().insert(f);
+    }
+    fn release(&self, f: u8) {
+        self.held.lock().unwrap().remove(&f);
+        self.freed.notify_all();
+    }
+}
+
+struct GateLocks(Arc<Gate>);
+
+impl mbank_store::PrefixLocks for GateLocks {
+    fn lock(
+        &self,
+        fanout: u8,
+        exclusive: bool,
+    ) -> Result<Box<dyn std::any::Any + Send>, StoreError> {
+        if exclusive {
+            self.0.exclusive_taken.fetch_add(1, Ordering::SeqCst);
+            return Ok(Box::new(()));
+        }
+        let mut held = self.0.held.lock().unwrap();
+        self.0.waiting.fetch_add(1, Ordering::SeqCst);
+        while held.contains(&fanout) {
+            held = self.0.freed.wait(held).unwrap();
+        }
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+        Ok(Box::new(()))
+    }
+}
+
+/// Two hosts' stores of one bucket (their own lock directories) with shared prefix
+/// locks: a touch waits while another host sweeps the chunk's prefix, and a sweep
+/// takes the prefixes it deletes from exclusively.
+#[test]
+fn touches_wait_for_another_hosts_sweep_of_their_prefix() {
+    let cluster = Cluster::start();
+    let gate = Arc::new(Gate::default());
+    let eps: Vec<String> = cluster.env["GARAGE_ENDPOINTS"]
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let host = |n: &str| {
+        let mut cfg = cluster.config(eps.clone());
+        cfg.lock_dir = Some(cluster.dir.path().join(format!("locks-{n}")));
+        cfg.prefix_locks = Some(mbank_store::SharedPrefixLocks(Arc::new(GateLocks(
+            gate.clone(),
+        ))));
+        Arc::new(S3Store::new(cfg).unwrap())
+    };
+    let (a, b) = (host("a"), host("b"));
+    let c = chunk("held prefix");
+    a.put(&c).unwrap();
+    let f = c.id.fanout();
+    gate.hold(f);
+    let b2 = b.clone();
+    let id = c.id;
+    let touch = std::thread::spawn(move || b2.touch(&id));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while gate.waiting.load(Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the touch never asked for the lock"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        !touch.is_finished(),
+        "the touch went on under the other host's sweep"
+    );
+    gate.release(f);
+    assert!(touch.join().unwrap().unwrap(), "the chunk is there");
+    // A sweep that deletes takes its prefix exclusively.
+    let gone = chunk("to be swept");
+    b.put(&gone).unwrap();
+    let later = SystemTime::now() + Duration::from_secs(3600);
+    let s = a.sweep(later, &|id| *id != gone.id).unwrap();
+    assert!(s.chunks_deleted >= 1, "{s:?}");
+    assert!(gate.exclusive_taken.load(Ordering::SeqCst) >= 1);
+}
