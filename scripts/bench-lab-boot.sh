@@ -45,7 +45,9 @@
 # (issue 17): station 1 serves the cache of its "alone" replay (`mbank peer`), and N
 # stations with MBANK_PEERS naming it replay again at the same moment, each on a new
 # fork with an empty cache; reported with the bytes the peer served, so what the bank
-# server sent is the rest.
+# server sent is the rest. BENCH_BOOT_PEERS (default "1"; e.g. "1 4") runs that round
+# once per count P: stations 1..P each serve a copy of that cache, every station names
+# them all (each request starts at the next peer in turn).
 #
 # BENCH_BOOT_UPLINK (1gbit, 100mbit; default none) shapes the server's own link too: the
 # lab's one uplink to the bank, which all stations share (`lab-net.sh --uplink`).
@@ -381,44 +383,57 @@ replay() { # replay TAG: the traced boot's reads, in order, over NBD from attach
     qemu-io -f raw "nbd+unix:///?socket=$T/$1.sock" <"$T/reads.qio" >"$T/$1.qio.out" 2>&1 ||
         die "replay $1 failed: $(tail -n 5 "$T/$1.qio.out")"
 }
-lan_round() { # lan_round TAG N: N replays at once with station 1's cache as their peer
-    local p=$1 n=$2 k s addr
-    read -r -a addr <<<"$MBANK_LAB_STATION_ADDRS"
-    addr=${addr[0]}:7071
-    (exec ip netns exec "$(st_ns 1)" env XDG_CONFIG_HOME="$T/cfg-1" "$MBANK" -q --bank "$URL" \
-        --cache "$T/cache-$p-alone" peer --listen "$addr" >"$T/peer.out" 2>"$T/peer.err") &
-    local peer_pid=$!
-    for ((k = 0; k < 600; k++)); do
-        grep -q "listening on" "$T/peer.out" 2>/dev/null && break
-        kill -0 "$peer_pid" 2>/dev/null || die "mbank peer exited: $(cat "$T/peer.err")"
-        sleep 0.05
+lan_round() { # lan_round TAG N P: N replays at once with stations 1..P serving station 1's cache as their peers
+    local p=$1 n=$2 np=$3 k j s addrs=() pids=() all
+    read -r -a all <<<"$MBANK_LAB_STATION_ADDRS"
+    for ((j = 1; j <= np; j++)); do
+        local addr=${all[j - 1]}:7071 cache=$T/cache-$p-alone
+        # Peers past the first serve a copy of station 1's cache.
+        if ((j > 1)); then
+            rm -rf "$T/cache-$p-peer$j"
+            cp -a "$T/cache-$p-alone" "$T/cache-$p-peer$j"
+            cache=$T/cache-$p-peer$j
+        fi
+        (exec ip netns exec "$(st_ns "$j")" env XDG_CONFIG_HOME="$T/cfg-$j" "$MBANK" -q --bank "$URL" \
+            --cache "$cache" peer --listen "$addr" >"$T/peer$j.out" 2>"$T/peer$j.err") &
+        pids+=($!)
+        for ((k = 0; k < 600; k++)); do
+            grep -q "listening on" "$T/peer$j.out" 2>/dev/null && break
+            kill -0 "${pids[j - 1]}" 2>/dev/null || die "mbank peer exited: $(cat "$T/peer$j.err")"
+            sleep 0.05
+        done
+        addrs+=("$addr")
     done
-    log "  LAN sharing: station 1's cache served on $addr; $n new forks"
-    forks "$p-lan" "$n" lpc
-    PEERS_ENV=$addr
+    log "  LAN sharing: station 1's cache served on ${addrs[*]}; $n new forks"
+    forks "$p-lan$np" "$n" "l${np}pc"
+    PEERS_ENV=$(IFS=,; echo "${addrs[*]}")
     local sent0 sent1
     # Before the attaches: each starts fetching its working set at once.
     sent0=$(sent_bytes)
-    at_once "$p-lan" "$n" lpc replay
+    at_once "$p-lan$np" "$n" "l${np}pc" replay
     PEERS_ENV=
     sent1=$(sent_bytes)
-    ip netns exec "$(st_ns 1)" curl -sS "http://$addr/v1/peer/stats" >"$T/peer-stats.json" ||
-        die "cannot read the peer's statistics"
-    kill -TERM "$peer_pid" 2>/dev/null || true
-    wait "$peer_pid" 2>/dev/null || true
-    local served tot=0 maxs=0
-    served=$(jget "$T/peer-stats.json" bytes_served)
-    for ((k = 1; k <= n; k++)); do
-        tot=$(calc "$tot + $(bytes "$p-lan-$k")")
-        maxs=$(calc "if (${SECS[$p-lan-$k]} > $maxs) ${SECS[$p-lan-$k]} else $maxs")
+    local served=0 tot=0 maxs=0
+    for ((j = 1; j <= np; j++)); do
+        ip netns exec "$(st_ns "$j")" curl -sS "http://${addrs[j - 1]}/v1/peer/stats" >"$T/peer$j-stats.json" ||
+            die "cannot read peer $j's statistics"
+        served=$(calc "$served + $(jget "$T/peer$j-stats.json" bytes_served)")
+        kill -TERM "${pids[j - 1]}" 2>/dev/null || true
+        wait "${pids[j - 1]}" 2>/dev/null || true
     done
+    p=$p-lan$np
+    for ((k = 1; k <= n; k++)); do
+        tot=$(calc "$tot + $(bytes "$p-$k")")
+        maxs=$(calc "if (${SECS[$p-$k]} > $maxs) ${SECS[$p-$k]} else $maxs")
+    done
+    p=${p%-lan$np}
     {
-        echo "#### The same with LAN sharing: station 1's cache (of its replay alone) as every station's peer"
+        echo "#### The same with LAN sharing: station 1's cache (of its replay alone) served by $np peer(s) (stations 1..$np), every station naming them all"
         echo
         head_rows
-        for ((k = 1; k <= n; k++)); do row "station $k of $n (replay, LAN sharing)" "$p-lan-$k"; done
+        for ((k = 1; k <= n; k++)); do row "station $k of $n (replay, LAN sharing)" "$p-lan$np-$k"; done
         echo
-        printf -- '- per station: mean %.1f MiB fetched (alone %.1f: %.2f×); slowest replay %.1f s; the peer served %.1f MiB of the %.1f MiB the stations fetched (%.0f%%): the bank server sent %.1f MiB (its metrics)\n' \
+        printf -- '- per station: mean %.1f MiB fetched (alone %.1f: %.2f×); slowest replay %.1f s; the peers sent %.1f MiB (compressed) for the %.1f MiB (plain) the stations fetched (%.0f%%): the bank server sent %.1f MiB (its metrics)\n' \
             "$(calc "$tot / $n / 1048576")" "$(calc "$(bytes "$p-alone") / 1048576")" \
             "$(calc "$tot / $n / $(bytes "$p-alone")")" "$maxs" "$(calc "$served / 1048576")" \
             "$(calc "$tot / 1048576")" "$(calc "100 * $served / $tot")" "$(calc "($sent1 - $sent0) / 1048576")"
@@ -488,7 +503,9 @@ PY
         echo "- $FORKS_NOTE"
         echo
     } >>"$REPORT"
-    [[ ${opt:-} == peers ]] && lan_round "$p" "$n"
+    if [[ ${opt:-} == peers* ]]; then
+        for np in ${BENCH_BOOT_PEERS:-1}; do lan_round "$p" "$n" "$np"; done
+    fi
     lab_end
 done
 
