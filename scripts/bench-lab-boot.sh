@@ -45,13 +45,19 @@
 # (issue 17): station 1 serves the cache of its "alone" replay (`mbank peer`), and N
 # stations with MBANK_PEERS naming it replay again at the same moment, each on a new
 # fork with an empty cache; reported with the bytes the peer served, so what the bank
-# server sent is the rest.
+# server sent is the rest. BENCH_BOOT_PEERS (default "1"; e.g. "1 4") runs that round
+# once per count P: stations 1..P each serve a copy of that cache, every station names
+# them all (each request starts at the next peer in turn).
 #
 # BENCH_BOOT_UPLINK (1gbit, 100mbit; default none) shapes the server's own link too: the
 # lab's one uplink to the bank, which all stations share (`lab-net.sh --uplink`).
 # BENCH_BOOT_SERVE_ARGS: more options for `mbank serve` (e.g. --no-direct-reads, for a
 # bank on Garage whose stations then read every chunk through the server). The replay
-# rounds report what the server sent (its metrics, `mbank_sent_bytes_total`).
+# rounds report what the servers sent (their metrics, `mbank_sent_bytes_total`) and the
+# CPU time they used (/proc). BENCH_BOOT_SERVERS (default 1; e.g. 2): that many `mbank
+# serve` processes on one bank whose catalog is in PostgreSQL (`init --postgres`, a
+# PostgreSQL server on the server namespace's loopback); station k uses server
+# ((k - 1) mod S) + 1.
 #
 # Env: MBANK (binary; else a release build, in CARGO_TARGET_DIR if set),
 # BENCH_USER_MIB, BENCH_BOOT_SERIES, BENCH_BOOT_CONCURRENT, BENCH_BOOT_REPLAY. Everything (server, Garage,
@@ -66,6 +72,8 @@ USER_MIB=${BENCH_USER_MIB:-512}
 read -r -a SERIES <<<"${BENCH_BOOT_SERIES-dir:1gbit dir:100mbit}"
 read -r -a CONCURRENT <<<"${BENCH_BOOT_CONCURRENT-dir:1gbit:8}"
 read -r -a REPLAY <<<"${BENCH_BOOT_REPLAY-}"
+SERVERS=${BENCH_BOOT_SERVERS:-1}
+[[ $SERVERS =~ ^[1-9]$ ]] || die "BENCH_BOOT_SERVERS=$SERVERS: give 1 to 9"
 [[ $USER_MIB =~ ^[0-9]+$ ]] || die "BENCH_USER_MIB=$USER_MIB: give MiB"
 [[ $EUID == 0 ]] || die "must run as root (network namespaces)"
 need openssl
@@ -112,14 +120,48 @@ make_tmp T
 LAB=mbank-boot-$$
 lab_down() { "$LAB_NET" down --name "$LAB" >&2 || true; }
 at_exit lab_down
-SERVER_PID=
+SERVER_PIDS=()
+URLS=()
+PGDIR=
 serve_stop() {
-    [[ -n $SERVER_PID ]] || return 0
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-    SERVER_PID=
+    local pid
+    for pid in "${SERVER_PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    SERVER_PIDS=()
+    if [[ -n $PGDIR ]]; then
+        runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDIR/data" stop -m fast >/dev/null 2>&1 || true
+        rm -rf "$PGDIR"
+        PGDIR=
+    fi
 }
 at_exit serve_stop
+url_of() { # url_of STATION: the server station k uses (stations take the servers in turn)
+    echo "${URLS[($1 - 1) % ${#URLS[@]}]}"
+}
+cpu_ticks() { # the servers' CPU time so far (user + system, clock ticks)
+    local pid t=0
+    for pid in "${SERVER_PIDS[@]}"; do
+        t=$((t + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
+    done
+    echo "$t"
+}
+TICKS=$(getconf CLK_TCK)
+pg_up() { # a PostgreSQL server on the server namespace's loopback, database `bank`
+    PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+    [[ -x $PGBIN/initdb ]] || die "BENCH_BOOT_SERVERS > 1 needs PostgreSQL (scripts/setup.sh installs it)"
+    # Not under $T: the postgres user must reach it.
+    PGDIR=/tmp/mbank-bench-pg-$$
+    rm -rf "$PGDIR"
+    mkdir -p "$PGDIR"
+    chown postgres: "$PGDIR"
+    runuser -u postgres -- "$PGBIN/initdb" -D "$PGDIR/data" -A trust -U mbank --no-sync >/dev/null
+    in_srv runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDIR/data" -l "$PGDIR/log" -w \
+        -o "-p 5432 -k $PGDIR -c listen_addresses=127.0.0.1 -c max_connections=300" start >/dev/null ||
+        die "PostgreSQL did not start: $(tail -n 5 "$PGDIR/log")"
+    in_srv runuser -u postgres -- "$PGBIN/createdb" -h 127.0.0.1 -p 5432 -U mbank bank
+}
 
 lab_certs "$T" bench-lab-boot
 
@@ -133,11 +175,13 @@ lab_up() { # lab_up STORE PROFILE STATIONS: the lab, a bank on STORE, its server
     eval "$("$LAB_NET" up --name "$LAB" --profile "$profile" --stations "$n" --store "$store" --uplink "${BENCH_BOOT_UPLINK:-none}")"
     [[ $store != garage ]] || export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
     BANK=$T/bank-$store-$profile-$n
-    if [[ $store == garage ]]; then
-        in_srv "$MBANK" -q --bank "$BANK" init --store "$MBANK_LAB_STORE_URL"
-    else
-        "$MBANK" -q --bank "$BANK" init
+    local init=(init)
+    [[ $store == garage ]] && init+=(--store "$MBANK_LAB_STORE_URL")
+    if ((SERVERS > 1)); then
+        pg_up
+        init+=(--postgres postgresql://mbank@127.0.0.1:5432/bank)
     fi
+    in_srv "$MBANK" -q --bank "$BANK" "${init[@]}"
     log "importing $DISK as lab/base ($store)"
     # -j 16: on Garage each chunk is first asked after (a HEAD of 45-90 ms); more in flight.
     in_srv "$MBANK" -q -j 16 --bank "$BANK" import --json lab/base "$DISK" >"$T/import.json"
@@ -145,51 +189,65 @@ lab_up() { # lab_up STORE PROFILE STATIONS: the lab, a bank on STORE, its server
     in_srv "$MBANK" -q --bank "$BANK" admin publish lab/base >/dev/null
     printf 'bench-password-boot\n' | in_srv "$MBANK" -q --bank "$BANK" admin user add bench --password-stdin >/dev/null
     printf 'bench-password-adm\n' | in_srv "$MBANK" -q --bank "$BANK" admin user add benchadm --admin --password-stdin >/dev/null
-    : >"$out"
-    local extra=()
+    local extra=() s u
     read -r -a extra <<<"${BENCH_BOOT_SERVE_ARGS:-}"
-    in_srv "$MBANK" -q --bank "$BANK" serve --listen "$MBANK_LAB_SERVER_ADDR:0" --lan-sharing "${extra[@]}" \
-        --tls-cert "$T/cert.pem" --tls-key "$T/key.pem" >"$out" 2>>"$T/serve.log" &
-    SERVER_PID=$!
-    URL=
-    for ((i = 0; i < 600; i++)); do
-        URL=$(sed -n 's/^listening on //p' "$out")
-        [[ -n $URL ]] && break
-        kill -0 "$SERVER_PID" 2>/dev/null || die "mbank serve exited: $(tail -n 5 "$T/serve.log")"
-        sleep 0.05
+    URLS=()
+    for ((s = 1; s <= SERVERS; s++)); do
+        out=$T/serve$s.out
+        : >"$out"
+        # `exec`: the pid is mbank's own, whose CPU time the rounds read.
+        (exec ip netns exec "$MBANK_LAB_SERVER_NS" "$MBANK" -q --bank "$BANK" serve \
+            --listen "$MBANK_LAB_SERVER_ADDR:0" --lan-sharing "${extra[@]}" \
+            --tls-cert "$T/cert.pem" --tls-key "$T/key.pem" >"$out" 2>>"$T/serve.log") &
+        SERVER_PIDS+=($!)
+        u=
+        for ((i = 0; i < 600; i++)); do
+            u=$(sed -n 's/^listening on //p' "$out")
+            [[ -n $u ]] && break
+            kill -0 "${SERVER_PIDS[s - 1]}" 2>/dev/null || die "mbank serve exited: $(tail -n 5 "$T/serve.log")"
+            sleep 0.05
+        done
+        [[ -n $u ]] || die "mbank serve did not say where it listens"
+        URLS+=("$u")
     done
-    [[ -n $URL ]] || die "mbank serve did not say where it listens"
+    URL=${URLS[0]}
     for ((i = 1; i <= n; i++)); do
         rm -rf "$T/cfg-$i"
-        printf 'bench-password-boot\n' | in_st "$i" "$MBANK" -q login "$URL" --user bench \
+        printf 'bench-password-boot\n' | in_st "$i" "$MBANK" -q login "$(url_of "$i")" --user bench \
             --password-stdin --ca-cert "$T/ca.pem" >/dev/null
     done
     rm -rf "$T/cfg-adm"
-    printf 'bench-password-adm\n' | ip netns exec "$(st_ns 1)" env XDG_CONFIG_HOME="$T/cfg-adm" \
-        "$MBANK" -q login "$URL" --user benchadm --password-stdin --ca-cert "$T/ca.pem" >/dev/null
+    for u in "${URLS[@]}"; do
+        printf 'bench-password-adm\n' | ip netns exec "$(st_ns 1)" env XDG_CONFIG_HOME="$T/cfg-adm" \
+            "$MBANK" -q login "$u" --user benchadm --password-stdin --ca-cert "$T/ca.pem" >/dev/null
+    done
 }
 lab_end() { serve_stop; lab_down; }
-sent_bytes() { # what the server sent so far: its metrics, read with the administrator's token
-    local token
-    token=$(python3 -c 'import json,sys
-def f(v):
+sent_bytes() { # what the servers sent so far: their metrics, read with the administrator's tokens
+    local token u t=0 b
+    for u in "${URLS[@]}"; do
+        token=$(python3 -c 'import json,sys
+def f(v, url):
     if isinstance(v, dict):
-        if isinstance(v.get("token"), str): return v["token"]
+        if isinstance(v.get("token"), str) and url in json.dumps(v): return v["token"]
         v = list(v.values())
     if isinstance(v, list):
         for x in v:
-            t = f(x)
+            t = f(x, url)
             if t: return t
-print(f(json.load(open(sys.argv[1]))))' "$T/cfg-adm/mbank/credentials.json")
-    ip netns exec "$(st_ns 1)" curl -sS --cacert "$T/ca.pem" -H "Authorization: Bearer $token" "$URL/metrics" |
-        awk '$1 == "mbank_sent_bytes_total" { print $2 }'
+print(f(json.load(open(sys.argv[1])), sys.argv[2]))' "$T/cfg-adm/mbank/credentials.json" "$u")
+        b=$(ip netns exec "$(st_ns 1)" curl -sS --cacert "$T/ca.pem" -H "Authorization: Bearer $token" "$u/metrics" |
+            awk '$1 == "mbank_sent_bytes_total" { print $2 }')
+        t=$(calc "$t + $b")
+    done
+    echo "$t"
 }
 
 forks() { # forks TAG N [PREFIX]: bench/PREFIX1..N (default pc; station k forks its own) and bench/alone, timed
     local k s t all="" pre=${3:-pc}
     for ((k = 1; k <= $2; k++)); do
         s=$(now)
-        in_st "$k" "$MBANK" -q --bank "$URL" create "bench/$pre$k" --from lab/base >/dev/null
+        in_st "$k" "$MBANK" -q --bank "$(url_of "$k")" create "bench/$pre$k" --from lab/base >/dev/null
         t=$(calc "$(now) - $s")
         all="$all $(printf %.1f "$t")"
     done
@@ -215,7 +273,7 @@ attach_start() { # attach_start TAG STATION(0: the bank's host) MACHINE CACHE: A
     # `exec`: $! is mbank itself (ip netns exec and env exec too), which attach_stop
     # signals; a background subshell would ignore the signal.
     local ns=$MBANK_LAB_SERVER_NS bank=$BANK
-    ((k == 0)) || ns=$(st_ns "$k") bank=$URL
+    ((k == 0)) || ns=$(st_ns "$k") bank=$(url_of "$k")
     (exec ip netns exec "$ns" env XDG_CONFIG_HOME="$T/cfg-$k" ${PEERS_ENV:+MBANK_PEERS=$PEERS_ENV} "$MBANK" -q --bank "$bank" \
         --cache "$cache" attach "$m" --socket "$sock" --json >"$T/$tag.json" 2>"$T/$tag.err") &
     ATT_PID[$tag]=$!
@@ -381,47 +439,65 @@ replay() { # replay TAG: the traced boot's reads, in order, over NBD from attach
     qemu-io -f raw "nbd+unix:///?socket=$T/$1.sock" <"$T/reads.qio" >"$T/$1.qio.out" 2>&1 ||
         die "replay $1 failed: $(tail -n 5 "$T/$1.qio.out")"
 }
-lan_round() { # lan_round TAG N: N replays at once with station 1's cache as their peer
-    local p=$1 n=$2 k s addr
-    read -r -a addr <<<"$MBANK_LAB_STATION_ADDRS"
-    addr=${addr[0]}:7071
-    (exec ip netns exec "$(st_ns 1)" env XDG_CONFIG_HOME="$T/cfg-1" "$MBANK" -q --bank "$URL" \
-        --cache "$T/cache-$p-alone" peer --listen "$addr" >"$T/peer.out" 2>"$T/peer.err") &
-    local peer_pid=$!
-    for ((k = 0; k < 600; k++)); do
-        grep -q "listening on" "$T/peer.out" 2>/dev/null && break
-        kill -0 "$peer_pid" 2>/dev/null || die "mbank peer exited: $(cat "$T/peer.err")"
-        sleep 0.05
+lan_round() { # lan_round TAG N P: N replays at once with stations 1..P serving station 1's cache as their peers
+    local p=$1 n=$2 np=$3 k j s addrs=() pids=() all
+    read -r -a all <<<"$MBANK_LAB_STATION_ADDRS"
+    for ((j = 1; j <= np; j++)); do
+        local addr=${all[j - 1]}:7071 cache=$T/cache-$p-alone
+        # Peers past the first serve a copy of station 1's cache.
+        if ((j > 1)); then
+            rm -rf "$T/cache-$p-peer$j"
+            cp -a "$T/cache-$p-alone" "$T/cache-$p-peer$j"
+            cache=$T/cache-$p-peer$j
+        fi
+        (exec ip netns exec "$(st_ns "$j")" env XDG_CONFIG_HOME="$T/cfg-$j" "$MBANK" -q --bank "$(url_of "$j")" \
+            --cache "$cache" peer --listen "$addr" >"$T/peer$j.out" 2>"$T/peer$j.err") &
+        pids+=($!)
+        for ((k = 0; k < 600; k++)); do
+            grep -q "listening on" "$T/peer$j.out" 2>/dev/null && break
+            kill -0 "${pids[j - 1]}" 2>/dev/null || die "mbank peer exited: $(cat "$T/peer$j.err")"
+            sleep 0.05
+        done
+        addrs+=("$addr")
     done
-    log "  LAN sharing: station 1's cache served on $addr; $n new forks"
-    forks "$p-lan" "$n" lpc
-    PEERS_ENV=$addr
+    log "  LAN sharing: station 1's cache served on ${addrs[*]}; $n new forks"
+    forks "$p-lan$np" "$n" "l${np}pc"
+    PEERS_ENV=$(IFS=,; echo "${addrs[*]}")
     local sent0 sent1
     # Before the attaches: each starts fetching its working set at once.
     sent0=$(sent_bytes)
-    at_once "$p-lan" "$n" lpc replay
+    local cpu0 cpu1
+    cpu0=$(cpu_ticks)
+    at_once "$p-lan$np" "$n" "l${np}pc" replay
     PEERS_ENV=
     sent1=$(sent_bytes)
-    ip netns exec "$(st_ns 1)" curl -sS "http://$addr/v1/peer/stats" >"$T/peer-stats.json" ||
-        die "cannot read the peer's statistics"
-    kill -TERM "$peer_pid" 2>/dev/null || true
-    wait "$peer_pid" 2>/dev/null || true
-    local served tot=0 maxs=0
-    served=$(jget "$T/peer-stats.json" bytes_served)
-    for ((k = 1; k <= n; k++)); do
-        tot=$(calc "$tot + $(bytes "$p-lan-$k")")
-        maxs=$(calc "if (${SECS[$p-lan-$k]} > $maxs) ${SECS[$p-lan-$k]} else $maxs")
+    cpu1=$(cpu_ticks)
+    local served=0 nserved=0 tot=0 ntot=0 maxs=0
+    for ((j = 1; j <= np; j++)); do
+        ip netns exec "$(st_ns "$j")" curl -sS "http://${addrs[j - 1]}/v1/peer/stats" >"$T/peer$j-stats.json" ||
+            die "cannot read peer $j's statistics"
+        served=$(calc "$served + $(jget "$T/peer$j-stats.json" bytes_served)")
+        nserved=$(calc "$nserved + $(jget "$T/peer$j-stats.json" chunks_served)")
+        kill -TERM "${pids[j - 1]}" 2>/dev/null || true
+        wait "${pids[j - 1]}" 2>/dev/null || true
     done
+    p=$p-lan$np
+    for ((k = 1; k <= n; k++)); do
+        tot=$(calc "$tot + $(bytes "$p-$k")")
+        ntot=$(calc "$ntot + $(jget "$T/$p-$k.json" stats.chunks_fetched)")
+        maxs=$(calc "if (${SECS[$p-$k]} > $maxs) ${SECS[$p-$k]} else $maxs")
+    done
+    p=${p%-lan$np}
     {
-        echo "#### The same with LAN sharing: station 1's cache (of its replay alone) as every station's peer"
+        echo "#### The same with LAN sharing: station 1's cache (of its replay alone) served by $np peer(s) (stations 1..$np), every station naming them all"
         echo
         head_rows
-        for ((k = 1; k <= n; k++)); do row "station $k of $n (replay, LAN sharing)" "$p-lan-$k"; done
+        for ((k = 1; k <= n; k++)); do row "station $k of $n (replay, LAN sharing)" "$p-lan$np-$k"; done
         echo
-        printf -- '- per station: mean %.1f MiB fetched (alone %.1f: %.2f×); slowest replay %.1f s; the peer served %.1f MiB of the %.1f MiB the stations fetched (%.0f%%): the bank server sent %.1f MiB (its metrics)\n' \
+        printf -- '- per station: mean %.1f MiB fetched (alone %.1f: %.2f×); slowest replay %.1f s; the peers sent %.1f MiB (compressed) of the %.1f MiB (plain) the stations fetched (%.0f%% of the chunks): the bank server sent %.1f MiB (its metrics) and used %.1f CPU-s\n' \
             "$(calc "$tot / $n / 1048576")" "$(calc "$(bytes "$p-alone") / 1048576")" \
             "$(calc "$tot / $n / $(bytes "$p-alone")")" "$maxs" "$(calc "$served / 1048576")" \
-            "$(calc "$tot / 1048576")" "$(calc "100 * $served / $tot")" "$(calc "($sent1 - $sent0) / 1048576")"
+            "$(calc "$tot / 1048576")" "$(calc "100 * $nserved / $ntot")" "$(calc "($sent1 - $sent0) / 1048576")" "$(calc "($cpu1 - $cpu0) / $TICKS")"
         echo
     } >>"$REPORT"
 }
@@ -456,9 +532,11 @@ PY
     log "  alone: $(printf %.1f "${SECS[$p-alone]}") s, $(stats_of "$p-alone")"
     # Before the attaches: each starts fetching its working set at once.
     sent0=$(sent_bytes)
+    cpu0=$(cpu_ticks)
     at_once "$p" "$n" pc replay
     # After the check-ins.
     sent1=$(sent_bytes)
+    cpu1=$(cpu_ticks)
     {
         echo "### $profile, chunks in $store: $n stations replaying one boot's $nreads disk reads at once (no QEMU)${BENCH_BOOT_UPLINK:+, server uplink $BENCH_BOOT_UPLINK}"
         echo
@@ -483,12 +561,16 @@ PY
             "$(calc "$tot / $n / 1048576")" "$(calc "$(bytes "$p-alone") / 1048576")" \
             "$(calc "$tot / $n / $(bytes "$p-alone")")" "$maxm" "$(misses "$p-alone")" "$maxw" \
             "$(jget "$T/$p-alone.json" stats.miss_wait_seconds)" "$maxs" "${SECS[$p-alone]}"
-        printf -- '- the bank server sent %.1f MiB from the start of the %s sessions to their check-ins (its metrics: chunks as stored, indexes, answers)%s\n' \
-            "$(calc "($sent1 - $sent0) / 1048576")" "$n" "${BENCH_BOOT_SERVE_ARGS:+; serve $BENCH_BOOT_SERVE_ARGS}"
+        printf -- '- the bank server%s sent %.1f MiB from the start of the %s sessions to their check-ins (its metrics: chunks as stored, indexes, answers) and used %.1f CPU-s%s\n' \
+            "$( ((SERVERS > 1)) && echo "s ($SERVERS, one bank in PostgreSQL)")" \
+            "$(calc "($sent1 - $sent0) / 1048576")" "$n" "$(calc "($cpu1 - $cpu0) / $TICKS")" \
+            "${BENCH_BOOT_SERVE_ARGS:+; serve $BENCH_BOOT_SERVE_ARGS}"
         echo "- $FORKS_NOTE"
         echo
     } >>"$REPORT"
-    [[ ${opt:-} == peers ]] && lan_round "$p" "$n"
+    if [[ ${opt:-} == peers* ]]; then
+        for np in ${BENCH_BOOT_PEERS:-1}; do lan_round "$p" "$n" "$np"; done
+    fi
     lab_end
 done
 

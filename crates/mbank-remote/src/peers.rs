@@ -5,6 +5,10 @@
 //! and kept only if it is the chunk asked for; what no peer had (or sent right) comes
 //! from the bank as before. A peer that is slow, gone, refuses or sends a wrong chunk
 //! costs one short timeout or one answer, and is then left alone for [`PEER_REST`].
+//! Chunks travel in the bank's stored form (compressed). With several peers, each
+//! request starts at the next one in turn, from a place of its own per process, so
+//! that a class's stations spread their asking over the peers rather than all asking
+//! the first.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -70,6 +74,8 @@ pub struct PeerStore {
     inner: Arc<dyn ChunkStore>,
     bank: Client,
     peers: Vec<Peer>,
+    /// Where the next request starts in `peers`.
+    next: std::sync::atomic::AtomicUsize,
 }
 
 impl PeerStore {
@@ -96,15 +102,27 @@ impl PeerStore {
                 })
             })
             .collect();
-        PeerStore { inner, bank, peers }
+        // A start of its own: the process id and the clock's nanoseconds.
+        let seed = std::process::id() as usize
+            ^ SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos() as usize);
+        PeerStore {
+            inner,
+            bank,
+            peers,
+            next: std::sync::atomic::AtomicUsize::new(seed),
+        }
     }
 
     /// Plaintexts of `ids` from the peers, where they had them and sent them right.
     fn ask_peers(&self, ids: &[ChunkId]) -> Vec<Option<Vec<u8>>> {
         let mut out: Vec<Option<Vec<u8>>> = vec![None; ids.len()];
-        let awake: Vec<&Peer> = self
-            .peers
+        let n = self.peers.len().max(1);
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+        let awake: Vec<&Peer> = self.peers[start..]
             .iter()
+            .chain(&self.peers[..start])
             .filter(|p| {
                 let r = p.resting_until.lock().expect("peer lock");
                 r.is_none_or(|t| Instant::now() >= t)
@@ -167,9 +185,11 @@ impl PeerStore {
             grant: grant.grant.clone(),
             sig: grant.sig.clone(),
             chunks: want.iter().map(|&i| ids[i].to_hex()).collect(),
+            encoded: true,
         };
         let body = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
-        let limit = (want.len() as u64) * (mbank_core::chunk::MAX_PLAIN_LEN as u64 + 36);
+        let limit = (want.len() as u64)
+            * (mbank_core::chunk::MAX_PLAIN_LEN + mbank_core::chunk::HEADER_LEN + 36) as u64;
         let answer = peer
             .client
             .call(
@@ -192,15 +212,16 @@ impl PeerStore {
             if rest.len() < len {
                 return Err(format!("its answer ends inside chunk {id}"));
             }
-            let plain = &rest[..len];
+            let stored = &rest[..len];
             rest = &rest[len..];
             let Some(&i) = want.iter().find(|&&i| ids[i] == id) else {
                 return Err(format!("it sent chunk {id}, which was not asked for"));
             };
-            if ChunkId::of(plain) != id {
-                return Err(format!("it sent chunk {id} with bytes of another hash"));
-            }
-            got.push((i, plain.to_vec()));
+            // Decoding checks the plaintext's hash against the id.
+            let plain = mbank_core::chunk::decode(&id, stored)
+                .map_err(|e| format!("it sent chunk {id} damaged or false: {e}"))?
+                .plain;
+            got.push((i, plain));
         }
         Ok(got)
     }

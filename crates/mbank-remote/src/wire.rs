@@ -246,6 +246,10 @@ pub struct PeerRequest {
     pub grant: String,
     pub sig: String,
     pub chunks: Vec<String>,
+    /// Each chunk in the bank's stored form (`mbank_core::chunk`: header, zstd), not
+    /// plain: a third of the bytes of a typical system disk's chunks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encoded: bool,
 }
 
 /// `{held}`, `{released}`, `{removed}`, `{head}`, `{bytes}` answers.

@@ -12,9 +12,11 @@
 //! - **Peers** (`mbank peer`, one per station): [`peer_router`] answers `POST
 //!   /v1/peer/chunks` with those of the asked chunks that its station cache holds,
 //!   only against a grant whose signature checks with the server's key, that has not
-//!   expired and that names each chunk; anything else is `403`. It serves plaintext
-//!   (the cache's form); the asking station hashes every chunk it receives and takes
-//!   the rest from the bank.
+//!   expired and that names each chunk; anything else is `403`. It serves each chunk
+//!   in the bank's stored form when asked (`encoded`: compressed once, and kept in a
+//!   64 MiB memory cache, since a class asks one peer for the same chunks), else
+//!   plaintext (the cache's form); the asking station checks every chunk it receives
+//!   by its hash and takes the rest from the bank.
 //!
 //! A grant's bytes ([`GRANT_MAGIC`]): `MBGR`, format 1, the expiry (ms since the epoch,
 //! u64 LE), the user (u16 LE length, UTF-8), the count (u32 LE) and the 32-byte chunk
@@ -178,6 +180,49 @@ struct PeerState {
     public: Arc<Vec<u8>>,
     get: CacheGet,
     stats: Arc<PeerStats>,
+    encoded: Arc<Encoded>,
+}
+
+/// Bytes of encoded chunks a peer keeps in memory.
+const ENCODED_CACHE_BYTES: usize = 64 << 20;
+
+/// Chunks a peer encoded lately, oldest evicted first.
+#[derive(Default)]
+struct Encoded(std::sync::Mutex<EncodedInner>);
+
+#[derive(Default)]
+struct EncodedInner {
+    map: std::collections::HashMap<ChunkId, Arc<Vec<u8>>>,
+    order: std::collections::VecDeque<ChunkId>,
+    bytes: usize,
+}
+
+impl Encoded {
+    /// `id`'s stored form: remembered, or encoded from the plaintext `get` gives.
+    fn get(&self, id: &ChunkId, get: &CacheGet) -> Option<Arc<Vec<u8>>> {
+        if let Some(e) = self.0.lock().unwrap_or_else(|p| p.into_inner()).map.get(id) {
+            return Some(e.clone());
+        }
+        let plain = get(id)?;
+        let e = Arc::new(
+            mbank_core::chunk::encode_with_id(*id, &plain, mbank_core::chunk::DEFAULT_ZSTD_LEVEL)
+                .bytes,
+        );
+        let mut c = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if c.map.insert(*id, e.clone()).is_none() {
+            c.order.push_back(*id);
+            c.bytes += e.len();
+        }
+        while c.bytes > ENCODED_CACHE_BYTES {
+            let Some(old) = c.order.pop_front() else {
+                break;
+            };
+            if let Some(v) = c.map.remove(&old) {
+                c.bytes -= v.len();
+            }
+        }
+        Some(e)
+    }
 }
 
 /// A station's peer service over its cache `get`, checking grants with the bank
@@ -191,6 +236,7 @@ pub fn peer_router(public: Vec<u8>, get: CacheGet, stats: Arc<PeerStats>) -> Rou
             public: Arc::new(public),
             get,
             stats,
+            encoded: Arc::default(),
         })
 }
 
@@ -265,17 +311,20 @@ async fn peer_chunks(State(p): State<PeerState>, body: axum::body::Bytes) -> Res
             }
         }
     }
-    let get = p.get.clone();
-    let stats = p.stats.clone();
+    let (get, stats, encoded) = (p.get.clone(), p.stats.clone(), p.encoded.clone());
     let out = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
         for id in ids {
-            if let Some(plain) = get(&id) {
+            let bytes = match req.encoded {
+                true => encoded.get(&id, &get),
+                false => get(&id).map(Arc::new),
+            };
+            if let Some(b) = bytes {
                 out.extend_from_slice(id.as_bytes());
-                out.extend_from_slice(&(plain.len() as u32).to_le_bytes());
-                out.extend_from_slice(&plain);
+                out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                out.extend_from_slice(&b);
                 stats.chunks_served.fetch_add(1, Relaxed);
-                stats.bytes_served.fetch_add(plain.len() as u64, Relaxed);
+                stats.bytes_served.fetch_add(b.len() as u64, Relaxed);
             }
         }
         out

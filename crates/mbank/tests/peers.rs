@@ -225,7 +225,13 @@ fn a_station_reads_a_disk_from_a_peers_cache_and_every_chunk_checks() {
     need(&["qemu-img", "curl"]);
     let lab = Lab::start();
     let (a, cache_a) = lab.station("alice", "a", None);
-    let img = common::random_bytes(4 * MIB, 7);
+    // Half random, half text-like: the peer sends the text half compressed.
+    let mut img = common::random_bytes(4 * MIB, 7);
+    let text: Vec<u8> = (0..)
+        .flat_map(|k| format!("line {k:08} of a class starting one base\n").into_bytes())
+        .take(2 * MIB)
+        .collect();
+    img[2 * MIB..].copy_from_slice(&text);
     let img_path = a.scratch.join("disk.raw");
     std::fs::write(&img_path, &img).unwrap();
     a.import("alice/dev", &img_path, &[]);
@@ -247,6 +253,12 @@ fn a_station_reads_a_disk_from_a_peers_cache_and_every_chunk_checks() {
         st["chunks_served"].as_u64().unwrap(),
         fetched,
         "every chunk B fetched came from A: {st}, {jb}"
+    );
+    // In the bank's stored form: the text half costs next to nothing.
+    let served = st["bytes_served"].as_u64().unwrap();
+    assert!(
+        served < (2 * MIB + MIB / 2) as u64,
+        "the peer sent {served} bytes for 2 MiB of random and 2 MiB of text: {st}"
     );
 
     // bob gets no grant over alice's chunks: the same answer as for chunks nobody has.
@@ -314,10 +326,11 @@ fn a_lying_or_vanishing_peer_is_skipped_and_the_disk_reads_right() {
     std::fs::write(&img_path, &img).unwrap();
     a.import("alice/dev", &img_path, &[]);
 
-    // A peer that answers the first chunk asked with bytes of another hash.
+    // A peer that answers the first chunk asked with a well-formed chunk of other
+    // bytes.
     let liar = fake_peer(|body, s| {
         let id = first_asked(body);
-        let junk = vec![0x5a; 65536];
+        let junk = mbank_core::chunk::encode(&[0x5a; 65536], 3).bytes;
         let mut b = Vec::new();
         b.extend_from_slice(&id);
         b.extend_from_slice(&(junk.len() as u32).to_le_bytes());
@@ -332,7 +345,8 @@ fn a_lying_or_vanishing_peer_is_skipped_and_the_disk_reads_right() {
     let (b, cache_b) = lab.station("alice", "b", Some(&liar));
     let (_, err) = read_all(&b, &cache_b, &img_path);
     assert!(
-        err.contains(&format!("peer http://{liar} is skipped")) && err.contains("another hash"),
+        err.contains(&format!("peer http://{liar} is skipped"))
+            && err.contains("content hash mismatch"),
         "{err}"
     );
 
@@ -360,4 +374,36 @@ fn a_lying_or_vanishing_peer_is_skipped_and_the_disk_reads_right() {
     let (d, cache_d) = lab.station("alice", "d", Some(&nothing));
     let (_, err) = read_all(&d, &cache_d, &img_path);
     assert!(err.contains("is skipped"), "{err}");
+}
+
+/// With two peers holding the disk, a station's requests go to both in turn, not all
+/// to the first it names.
+#[test]
+fn a_station_spreads_its_asking_over_several_peers() {
+    need(&["qemu-img", "curl"]);
+    let lab = Lab::start();
+    let (a, cache_a) = lab.station("alice", "a", None);
+    let img = common::random_bytes(4 * MIB, 11);
+    let img_path = a.scratch.join("disk.raw");
+    std::fs::write(&img_path, &img).unwrap();
+    a.import("alice/dev", &img_path, &[]);
+    read_all(&a, &cache_a, &img_path);
+    let (c, cache_c) = lab.station("alice", "c", None);
+    read_all(&c, &cache_c, &img_path);
+    let p1 = PeerService::start(&lab, &cache_a);
+    let p2 = PeerService::start(&lab, &cache_c);
+    let (b, cache_b) = lab.station("alice", "b", Some(&format!("{},{}", p1.addr, p2.addr)));
+    let (jb, _) = read_all(&b, &cache_b, &img_path);
+    let fetched = jb["stats"]["chunks_fetched"].as_u64().unwrap();
+    let (s1, s2) = (p1.stats(), p2.stats());
+    let (n1, n2) = (
+        s1["chunks_served"].as_u64().unwrap(),
+        s2["chunks_served"].as_u64().unwrap(),
+    );
+    assert_eq!(
+        n1 + n2,
+        fetched,
+        "every chunk came from a peer: {s1} {s2} {jb}"
+    );
+    assert!(n1 > 0 && n2 > 0, "both peers served: {s1} {s2}");
 }
