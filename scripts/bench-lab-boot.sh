@@ -226,16 +226,19 @@ lab_end() { serve_stop; lab_down; }
 sent_bytes() { # what the servers sent so far: their metrics, read with the administrator's tokens
     local token u t=0 b
     for u in "${URLS[@]}"; do
+        # credentials.json: bank URL -> {token, ...} (possibly under a wrapper).
         token=$(python3 -c 'import json,sys
 def f(v, url):
     if isinstance(v, dict):
-        if isinstance(v.get("token"), str) and url in json.dumps(v): return v["token"]
-        v = list(v.values())
-    if isinstance(v, list):
-        for x in v:
+        for k, x in v.items():
+            if k.rstrip("/") == url.rstrip("/") and isinstance(x, dict) and isinstance(x.get("token"), str):
+                return x["token"]
+        for x in v.values():
             t = f(x, url)
             if t: return t
+    return None
 print(f(json.load(open(sys.argv[1])), sys.argv[2]))' "$T/cfg-adm/mbank/credentials.json" "$u")
+        [[ $token != None ]] || die "no administrator token for $u"
         b=$(ip netns exec "$(st_ns 1)" curl -sS --cacert "$T/ca.pem" -H "Authorization: Bearer $token" "$u/metrics" |
             awk '$1 == "mbank_sent_bytes_total" { print $2 }')
         t=$(calc "$t + $b")
@@ -511,6 +514,8 @@ for c in "${REPLAY[@]}"; do
     in_srv "$MBANK" -q --bank "$BANK" admin publish lab/base >/dev/null
     forks "$p" "$n"
     in_st 1 "$MBANK" -q --bank "$URL" create bench/traced --from lab/base >/dev/null
+    # QEMU appends to a trace file: each round traces into a new one.
+    rm -f "$T/boot.trace"
     QEMU_EXTRA=(-trace "enable=blk_co_preadv,file=$T/boot.trace")
     boot "$p-traced" 1 bench/traced "$T/cache-$p-traced"
     QEMU_EXTRA=()
