@@ -102,7 +102,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use mbank_core::{ChunkId, MachineName};
-use mbank_sql::{Behavior, Db, Dialect, OptionalExtension, ToSql, Tx, params};
+use mbank_sql::{Behavior, Db, Dialect, OptionalExtension, ToSql, Tx, Value, params};
 use rusqlite::{Connection, OpenFlags};
 use serde::Serialize;
 
@@ -1211,27 +1211,41 @@ impl Access {
             params![machine.as_str(), by, now_ms()],
         )
         .map_err(sql("publish a machine"))?;
-        {
-            let mut own = tx
-                .prepare_cached(
-                    "INSERT INTO published_chunks (machine, chunk) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-                )
-                .map_err(sql("publish a machine"))?;
-            let mut public = tx
-                .prepare_cached(
-                    "INSERT INTO chunk_owners (\"user\", chunk, bytes, charged, recorded_ms)
-                     VALUES (?1, ?2, 0, 0, ?3) ON CONFLICT DO NOTHING",
-                )
-                .map_err(sql("publish a machine"))?;
-            let now = now_ms();
-            for c in chunks {
-                own.execute(params![machine.as_str(), c.as_bytes().as_slice()])
-                    .map_err(sql("publish a machine"))?;
-                public
-                    .execute(params![PUBLIC, c.as_bytes().as_slice(), now])
-                    .map_err(sql("publish a machine"))?;
-            }
-        }
+        let now = now_ms();
+        let chunks: Vec<ChunkId> = chunks.into_iter().collect();
+        let own: Vec<Vec<Value>> = chunks
+            .iter()
+            .map(|c| {
+                vec![
+                    Value::Text(machine.to_string()),
+                    Value::Blob(c.as_bytes().to_vec()),
+                ]
+            })
+            .collect();
+        tx.insert_rows(
+            "INSERT INTO published_chunks (machine, chunk)",
+            "(?, ?)",
+            "ON CONFLICT DO NOTHING",
+            &own,
+        )
+        .map_err(sql("publish a machine"))?;
+        let public: Vec<Vec<Value>> = chunks
+            .iter()
+            .map(|c| {
+                vec![
+                    Value::Text(PUBLIC.to_string()),
+                    Value::Blob(c.as_bytes().to_vec()),
+                    Value::Integer(now),
+                ]
+            })
+            .collect();
+        tx.insert_rows(
+            "INSERT INTO chunk_owners (\"user\", chunk, bytes, charged, recorded_ms)",
+            "(?, ?, 0, 0, ?)",
+            "ON CONFLICT DO NOTHING",
+            &public,
+        )
+        .map_err(sql("publish a machine"))?;
         tx.commit().map_err(sql("publish a machine"))
     }
 
@@ -1420,23 +1434,25 @@ impl Access {
                 });
             }
         }
-        {
-            let mut ins = tx
-                .prepare_cached(
-                    "INSERT INTO chunk_owners (\"user\", chunk, bytes, charged, recorded_ms, first_ms)
-                     VALUES (?1, ?2, ?3, 1, ?4, ?4)",
-                )
-                .map_err(sql("record an upload"))?;
-            for (id, bytes) in &new {
-                ins.execute(params![
-                    user.name,
-                    id.as_bytes().as_slice(),
-                    to_i64(*bytes),
-                    now
-                ])
-                .map_err(sql("record an upload"))?;
-            }
-        }
+        let rows: Vec<Vec<Value>> = new
+            .iter()
+            .map(|(id, bytes)| {
+                vec![
+                    Value::Text(user.name.clone()),
+                    Value::Blob(id.as_bytes().to_vec()),
+                    Value::Integer(to_i64(*bytes)),
+                    Value::Integer(now),
+                    Value::Integer(now),
+                ]
+            })
+            .collect();
+        tx.insert_rows(
+            "INSERT INTO chunk_owners (\"user\", chunk, bytes, charged, recorded_ms, first_ms)",
+            "(?, ?, ?, 1, ?, ?)",
+            "",
+            &rows,
+        )
+        .map_err(sql("record an upload"))?;
         tx.commit().map_err(sql("record an upload"))
     }
 
@@ -1466,19 +1482,25 @@ impl Access {
     pub fn grant(&self, user: &str, ids: &[(ChunkId, u64)]) -> Result<(), AccessError> {
         let tx = self.write("grant chunks")?;
         Self::require_user(&tx, user)?;
-        {
-            let mut ins = tx
-                .prepare_cached(
-                    "INSERT INTO chunk_owners (\"user\", chunk, bytes, charged, recorded_ms)
-                     VALUES (?1, ?2, ?3, 0, ?4) ON CONFLICT DO NOTHING",
-                )
-                .map_err(sql("grant chunks"))?;
-            let now = now_ms();
-            for (id, bytes) in ids {
-                ins.execute(params![user, id.as_bytes().as_slice(), to_i64(*bytes), now])
-                    .map_err(sql("grant chunks"))?;
-            }
-        }
+        let now = now_ms();
+        let rows: Vec<Vec<Value>> = ids
+            .iter()
+            .map(|(id, bytes)| {
+                vec![
+                    Value::Text(user.to_string()),
+                    Value::Blob(id.as_bytes().to_vec()),
+                    Value::Integer(to_i64(*bytes)),
+                    Value::Integer(now),
+                ]
+            })
+            .collect();
+        tx.insert_rows(
+            "INSERT INTO chunk_owners (\"user\", chunk, bytes, charged, recorded_ms)",
+            "(?, ?, ?, 0, ?)",
+            "ON CONFLICT DO NOTHING",
+            &rows,
+        )
+        .map_err(sql("grant chunks"))?;
         tx.commit().map_err(sql("grant chunks"))
     }
 

@@ -8,6 +8,7 @@
 //! which moves; `verify` checks that each head names a version of that machine instead.
 //! The encoding is in `docs/formats.md`.
 
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::Duration;
 
@@ -200,34 +201,50 @@ pub(crate) fn seal_all(conn: &Db) -> Result<(), CatalogError> {
     Ok(())
 }
 
+/// The `versions` rows whose rowids `list` (a query and its parameters) selects, each
+/// read alone as `cols` (each holds its whole index, and results are read whole) and
+/// given to `f` until it breaks; a row removed meanwhile is skipped.
+fn each_version_row(
+    conn: &Db,
+    list: (&str, mbank_sql::Params<'_>),
+    cols: &str,
+    action: &'static str,
+    mut f: impl FnMut(&Row) -> Result<ControlFlow<()>, CatalogError>,
+) -> Result<(), CatalogError> {
+    let rowids = conn.query_all(list.0, list.1).map_err(sql(action))?;
+    let one = format!("SELECT {cols} FROM versions WHERE rowid = ?1");
+    for rowid in rowids {
+        let rowid: i64 = rowid.get(0).map_err(sql(action))?;
+        let Some(r) = conn
+            .query_all(&one, params![rowid])
+            .map_err(sql(action))?
+            .pop()
+        else {
+            continue;
+        };
+        if f(&r)?.is_break() {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// Renames machine `old` to `new` in every table that names it, inside the caller's
 /// transaction: each record of `old` is first held to its checksum (a damaged record
 /// is refused, never sealed again under the new name), then the names change and the
 /// records are sealed anew. Version ids do not change.
 pub(crate) fn rename_records(conn: &Db, old: &str, new: &str) -> Result<(), CatalogError> {
     let action = "check the versions' records before the rename";
-    let damaged = {
-        // One row at a time: each holds its whole index.
-        let rowids = conn
-            .query_all(
-                "SELECT rowid FROM versions WHERE machine = ?1",
-                params![old],
-            )
-            .map_err(sql(action))?;
-        let mut damaged = None;
-        for rowid in rowids {
-            let rowid: i64 = rowid.get(0).map_err(sql(action))?;
-            let Some(r) = conn
-                .query_all(
-                    &format!("SELECT {VERSION_SUMMED}, sum FROM versions WHERE rowid = ?1"),
-                    params![rowid],
-                )
-                .map_err(sql(action))?
-                .pop()
-            else {
-                continue;
-            };
-            let r = &r;
+    let mut damaged = None;
+    each_version_row(
+        conn,
+        (
+            "SELECT rowid FROM versions WHERE machine = ?1",
+            params![old],
+        ),
+        &format!("{VERSION_SUMMED}, sum"),
+        action,
+        |r| {
             let sum = version_sum(conn, r).map_err(sql(action))?;
             if let Some(why) = judge(r.get_ref(VERSION_SUMMED_N + 1).map_err(sql(action))?, &sum) {
                 let id: Vec<u8> = r.get(1).map_err(sql(action))?;
@@ -235,11 +252,11 @@ pub(crate) fn rename_records(conn: &Db, old: &str, new: &str) -> Result<(), Cata
                     .map(mbank_core::VersionId::from_bytes)
                     .map_err(|_| CatalogError::BadRow("a version id is not 16 bytes".into()))?;
                 damaged = Some((id, why));
-                break;
+                return Ok(ControlFlow::Break(()));
             }
-        }
-        damaged
-    };
+            Ok(ControlFlow::Continue(()))
+        },
+    )?;
     if let Some((version, why)) = damaged {
         return Err(CatalogError::RecordDamaged {
             machine: old.to_string(),
@@ -365,46 +382,35 @@ impl Catalog {
         let wanted = |m: &Value| machine.is_none_or(|w| text(m) == w.as_str());
         let sum_col = if out.checksums_checked { "sum" } else { "NULL" };
         let action = "check the versions' records";
-        // One row at a time: each holds its whole index.
-        let rowids = self
-            .conn
-            .query_all("SELECT rowid FROM versions ORDER BY rowid", params![])
-            .map_err(sql(action))?;
-        for rowid in rowids {
-            let rowid: i64 = rowid.get(0).map_err(sql(action))?;
-            let Some(r) = self
-                .conn
-                .query_all(
-                    &format!("SELECT {VERSION_SUMMED}, {sum_col} FROM versions WHERE rowid = ?1"),
-                    params![rowid],
-                )
-                .map_err(sql(action))?
-                .pop()
-            else {
-                continue;
-            };
-            let r = &r;
-            let (id, m) = (
-                r.get_ref(1).map_err(sql(action))?,
-                r.get_ref(2).map_err(sql(action))?,
-            );
-            if !wanted(m) {
-                continue;
-            }
-            out.records += 1;
-            if !out.checksums_checked {
-                continue;
-            }
-            let sum = version_sum(&self.conn, r).map_err(sql(action))?;
-            let stored = r.get_ref(VERSION_SUMMED_N + 1).map_err(sql(action))?;
-            if let Some(why) = judge(stored, &sum) {
-                let rowid: i64 = r.get(0).map_err(sql(action))?;
-                out.problems.push(RecordProblem {
-                    record: describe_version(m, id, rowid),
-                    problem: format!("its catalog record is damaged: {why}"),
-                });
-            }
-        }
+        each_version_row(
+            &self.conn,
+            ("SELECT rowid FROM versions ORDER BY rowid", params![]),
+            &format!("{VERSION_SUMMED}, {sum_col}"),
+            action,
+            |r| {
+                let (id, m) = (
+                    r.get_ref(1).map_err(sql(action))?,
+                    r.get_ref(2).map_err(sql(action))?,
+                );
+                if !wanted(m) {
+                    return Ok(ControlFlow::Continue(()));
+                }
+                out.records += 1;
+                if !out.checksums_checked {
+                    return Ok(ControlFlow::Continue(()));
+                }
+                let sum = version_sum(&self.conn, r).map_err(sql(action))?;
+                let stored = r.get_ref(VERSION_SUMMED_N + 1).map_err(sql(action))?;
+                if let Some(why) = judge(stored, &sum) {
+                    let rowid: i64 = r.get(0).map_err(sql(action))?;
+                    out.problems.push(RecordProblem {
+                        record: describe_version(m, id, rowid),
+                        problem: format!("its catalog record is damaged: {why}"),
+                    });
+                }
+                Ok(ControlFlow::Continue(()))
+            },
+        )?;
         let action = "check the machines' records";
         let mut st = self
             .conn

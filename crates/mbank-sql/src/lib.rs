@@ -312,6 +312,9 @@ pub struct Db {
     in_tx: Cell<bool>,
 }
 
+/// Most rows of one statement of [`Db::insert_rows`].
+const INSERT_BATCH: usize = 256;
+
 /// How long a PostgreSQL writer waits for another's lock, as SQLite's busy timeout.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -374,6 +377,34 @@ impl Db {
                 Ok(n as usize)
             }
         }
+    }
+
+    /// Inserts `rows` with as few statements as it can: `head VALUES row, row, … tail`,
+    /// where `row` is a parenthesised list of bare `?` (and constants) taking one row's
+    /// values. Batches are of 256 rows and then powers of two, so that a call site
+    /// prepares a handful of statements at most. Returns the rows changed.
+    pub fn insert_rows(
+        &self,
+        head: &str,
+        row: &str,
+        tail: &str,
+        rows: &[Vec<Value>],
+    ) -> Result<usize> {
+        let mut n = 0;
+        let mut rest = rows;
+        while !rest.is_empty() {
+            let take = if rest.len() >= INSERT_BATCH {
+                INSERT_BATCH
+            } else {
+                1 << rest.len().ilog2()
+            };
+            let (batch, more) = rest.split_at(take);
+            let sql = format!("{head} VALUES {} {tail}", vec![row; take].join(", "));
+            let params: Vec<&dyn ToSql> = batch.iter().flatten().map(|v| v as &dyn ToSql).collect();
+            n += self.execute(&sql, &params)?;
+            rest = more;
+        }
+        Ok(n)
     }
 
     /// Runs statements separated by `;`, without parameters (schemas).

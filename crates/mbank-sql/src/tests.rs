@@ -258,3 +258,46 @@ fn pool_locks_exclude_across_pools() {
     drop(held);
     waiter.join().unwrap().unwrap();
 }
+
+/// Many rows go in a few statements, every one of them, on both databases.
+#[test]
+fn insert_rows_inserts_every_row_in_batches() {
+    for (db, _dir) in both() {
+        schema(&db);
+        let rows: Vec<Vec<Value>> = (0..600u32)
+            .map(|i| {
+                vec![
+                    Value::Blob(i.to_le_bytes().to_vec()),
+                    Value::Integer(i as i64),
+                ]
+            })
+            .collect();
+        let n = db
+            .insert_rows(
+                "INSERT INTO t (id, n, s)",
+                "(?, ?, 'x')",
+                "ON CONFLICT DO NOTHING",
+                &rows,
+            )
+            .unwrap();
+        assert_eq!(n, 600);
+        // Again: nothing new.
+        let n = db
+            .insert_rows(
+                "INSERT INTO t (id, n, s)",
+                "(?, ?, 'x')",
+                "ON CONFLICT DO NOTHING",
+                &rows[..77],
+            )
+            .unwrap();
+        assert_eq!(n, 0);
+        let (c, total): (i64, i64) = db
+            .query_row(
+                "SELECT count(*), CAST(sum(n) AS BIGINT) FROM t WHERE s = 'x'",
+                params![],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((c, total), (600, (0..600).sum::<i64>()));
+    }
+}

@@ -10,7 +10,6 @@ mod garage;
 mod pki;
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -114,19 +113,8 @@ impl Served {
         self.with_stdin(c, pw).ok();
     }
 
-    fn with_stdin(&self, mut c: Command, input: &str) -> Run {
-        c.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let what = format!("{c:?}");
-        let mut child = c.spawn().unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(format!("{input}\n").as_bytes())
-            .unwrap();
-        Run::from_output(what, child.wait_with_output().unwrap())
+    fn with_stdin(&self, c: Command, input: &str) -> Run {
+        with_stdin(c, input)
     }
 
     /// Starts the server (on the port it had, after the first start).
@@ -276,15 +264,6 @@ impl Drop for Served {
 #[allow(non_snake_case)]
 fn OsStr(s: &str) -> &std::ffi::OsStr {
     std::ffi::OsStr::new(s)
-}
-
-fn find_token(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) if s.starts_with("mbt_") => Some(s.clone()),
-        Value::Object(m) => m.values().find_map(find_token),
-        Value::Array(a) => a.iter().find_map(find_token),
-        _ => None,
-    }
 }
 
 /// An image of `size` bytes with random data in `ranges`.

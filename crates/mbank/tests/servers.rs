@@ -9,7 +9,6 @@ mod common;
 mod pki;
 
 use std::fs;
-use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -168,30 +167,6 @@ fn logs_in(root: &Path) -> String {
             format!("--- server {i}\n{log}")
         })
         .collect()
-}
-
-fn with_stdin(mut c: Command, input: &str) -> Run {
-    c.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let what = format!("{c:?}");
-    let mut child = c.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{input}\n").as_bytes())
-        .unwrap();
-    Run::from_output(what, child.wait_with_output().unwrap())
-}
-
-fn find_token(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) if s.starts_with("mbt_") => Some(s.clone()),
-        Value::Object(m) => m.values().find_map(find_token),
-        Value::Array(a) => a.iter().find_map(find_token),
-        _ => None,
-    }
 }
 
 /// A TCP balancer on 127.0.0.1: each connection goes to the next backend in turn that

@@ -9,7 +9,6 @@ mod common;
 mod pki;
 
 use std::fs;
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
@@ -43,21 +42,6 @@ fn need(tools: &[&str]) {
             .unwrap_or(false);
         assert!(found, "this test needs {t}: run scripts/setup.sh");
     }
-}
-
-fn with_stdin(mut c: Command, input: &str) -> Run {
-    c.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let what = format!("{c:?}");
-    let mut child = c.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{input}\n").as_bytes())
-        .unwrap();
-    Run::from_output(what, child.wait_with_output().unwrap())
 }
 
 impl Console {

@@ -769,6 +769,34 @@ impl Drop for Attached {
     }
 }
 
+/// Runs `c` to completion with `input` and a newline on its standard input (a password
+/// for `--password-stdin`).
+pub fn with_stdin(mut c: Command, input: &str) -> Run {
+    use std::io::Write;
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let what = format!("{c:?}");
+    let mut child = c.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{input}\n").as_bytes())
+        .unwrap();
+    Run::from_output(what, child.wait_with_output().unwrap())
+}
+
+/// The first access token (`mbt_…`) anywhere in `v` (a credentials file).
+pub fn find_token(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if s.starts_with("mbt_") => Some(s.clone()),
+        Value::Object(m) => m.values().find_map(find_token),
+        Value::Array(a) => a.iter().find_map(find_token),
+        _ => None,
+    }
+}
+
 /// Runs `program args...` to completion (standard input closed).
 pub fn tool<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Run {
     let mut c = Command::new(program);
