@@ -222,7 +222,11 @@ lab_up() { # lab_up STORE PROFILE STATIONS: the lab, a bank on STORE, its server
             "$MBANK" -q login "$u" --user benchadm --password-stdin --ca-cert "$T/ca.pem" >/dev/null
     done
 }
-lab_end() { serve_stop; lab_down; }
+lab_end() { # BENCH_BOOT_LOGS=DIR keeps the servers' log there
+    serve_stop
+    [[ -z ${BENCH_BOOT_LOGS:-} ]] || { mkdir -p "$BENCH_BOOT_LOGS" && cp "$T/serve.log" "$BENCH_BOOT_LOGS/serve-$(date +%H%M%S).log"; }
+    lab_down
+}
 sent_bytes() { # what the servers sent so far: their metrics, read with the administrator's tokens
     local token u t=0 b
     for u in "${URLS[@]}"; do

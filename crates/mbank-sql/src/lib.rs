@@ -299,6 +299,25 @@ struct Pg {
     statements: HashMap<String, postgres::Statement>,
 }
 
+impl Drop for Pg {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            drop_client(c);
+        }
+    }
+}
+
+/// Closes a client. The client blocks on its own runtime as it closes, which panics
+/// on an async runtime's thread (a server dropping its pooled connections as it ends):
+/// there it closes on a thread of its own.
+fn drop_client(c: postgres::Client) {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::spawn(move || drop(c));
+    } else {
+        drop(c);
+    }
+}
+
 enum Conn {
     Sqlite(rusqlite::Connection),
     Pg(Box<RefCell<Pg>>),
@@ -660,6 +679,13 @@ pub struct LockPool {
     idle: std::sync::Mutex<Vec<postgres::Client>>,
 }
 
+impl Drop for LockPool {
+    fn drop(&mut self) {
+        let idle = std::mem::take(self.idle.get_mut().unwrap_or_else(|p| p.into_inner()));
+        idle.into_iter().for_each(drop_client);
+    }
+}
+
 /// Connections a [`LockPool`] keeps idle.
 const LOCK_POOL_IDLE: usize = 16;
 
@@ -730,8 +756,10 @@ impl Drop for PoolLock {
             let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
             if idle.len() < LOCK_POOL_IDLE {
                 idle.push(c);
+                return;
             }
         }
+        drop_client(c);
     }
 }
 

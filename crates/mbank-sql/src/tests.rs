@@ -301,3 +301,20 @@ fn insert_rows_inserts_every_row_in_batches() {
         assert_eq!((c, total), (600, (0..600).sum::<i64>()));
     }
 }
+
+/// A connection dropped on an async runtime's thread (a server ending with its pool)
+/// closes without a panic.
+#[test]
+fn a_postgres_connection_dropped_on_an_async_runtime_does_not_panic() {
+    let url = pg().new_database().unwrap();
+    let db = Db::postgres(&url, 13).unwrap();
+    let pool = LockPool::new(&url);
+    drop(pool.lock(5, true).unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        drop(db);
+        drop(pool);
+    });
+}

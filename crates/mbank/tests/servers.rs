@@ -94,6 +94,20 @@ impl Pair {
         self.servers[i] = Some(child);
     }
 
+    /// SIGTERM server `i` and wait: it must end cleanly (no panic in its log).
+    fn stop(&mut self, i: usize) {
+        let c = self.servers[i].take().expect("running");
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        let out = c.wait_with_output().unwrap();
+        let log = fs::read_to_string(self.root.join(format!("server-{i}.log"))).unwrap();
+        assert!(
+            out.status.success() && !log.contains("panicked"),
+            "server {i} did not end cleanly ({}):\n{log}",
+            out.status
+        );
+    }
+
     /// SIGKILL server `i`: no cleanup of any kind.
     fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.servers[i].take() {
@@ -268,6 +282,10 @@ fn two_servers_on_one_postgresql_database_serve_one_bank() {
     let got = b.export("alice/desk", &out);
     assert_same_bytes(&got, &img, "the export through the other server");
     assert_eq!(b.head("alice/desk"), a.head("alice/desk"));
+    // A server ends cleanly, its pooled database connections with it.
+    let mut p = p;
+    p.stop(0);
+    p.stop(1);
 }
 
 /// Imports of one machine through both servers at once: every version is kept, and
