@@ -196,7 +196,8 @@ lab_up() { # lab_up STORE PROFILE STATIONS: the lab, a bank on STORE, its server
         out=$T/serve$s.out
         : >"$out"
         # `exec`: the pid is mbank's own, whose CPU time the rounds read.
-        (exec ip netns exec "$MBANK_LAB_SERVER_NS" "$MBANK" -q --bank "$BANK" serve \
+        # -q unless its log is kept (a line per request).
+        (exec ip netns exec "$MBANK_LAB_SERVER_NS" "$MBANK" $([[ -n ${BENCH_BOOT_LOGS:-} ]] || echo -q) --bank "$BANK" serve \
             --listen "$MBANK_LAB_SERVER_ADDR:0" --lan-sharing "${extra[@]}" \
             --tls-cert "$T/cert.pem" --tls-key "$T/key.pem" >"$out" 2>>"$T/serve.log") &
         SERVER_PIDS+=($!)
