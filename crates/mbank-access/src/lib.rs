@@ -396,7 +396,7 @@ fn exists(db: &Db, q: &str, p: mbank_sql::Params<'_>) -> mbank_sql::Result<bool>
 
 /// Chunk ids a query looks up at once (`chunk IN (…)`): a round trip per batch rather
 /// than per chunk, which matters on PostgreSQL.
-const LOOKUP_BATCH: usize = 64;
+const LOOKUP_BATCH: usize = 512;
 
 /// The chunks of `ids` that `select` (a query of `chunk` ending in `chunk IN`, taking
 /// `first` as `?1`, `?2`) returns, looked up in batches.

@@ -638,8 +638,13 @@ impl Pg {
                 format!("cannot connect to PostgreSQL at {}: {e}", redact(&self.url)),
             )
         })?;
+        // Custom plans: a statement prepared while a table was small (chunk_owners at a
+        // bank's start) keeps its generic plan's sequential scans as the table grows;
+        // planned per execution, it uses the table's size now (a fork's commit took
+        // 10 s on a server whose plans were older than another's).
         client.batch_execute(&format!(
-            "SET lock_timeout = '{}s'; SET client_min_messages = warning",
+            "SET lock_timeout = '{}s'; SET client_min_messages = warning; \
+             SET plan_cache_mode = force_custom_plan",
             LOCK_TIMEOUT.as_secs()
         ))?;
         self.client = Some(client);
