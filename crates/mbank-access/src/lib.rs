@@ -406,13 +406,15 @@ fn chunks_among(
     first: [&dyn ToSql; 2],
     ids: &[ChunkId],
 ) -> mbank_sql::Result<HashSet<Vec<u8>>> {
-    let marks: Vec<String> = (3..3 + LOOKUP_BATCH).map(|i| format!("?{i}")).collect();
-    let q = format!("{select} ({})", marks.join(", "));
     let mut found = HashSet::new();
     for batch in ids.chunks(LOOKUP_BATCH) {
-        // Every batch has the same statement: the last ones are padded with a repeat.
+        // A batch is padded with a repeat to a power of two: a handful of statements
+        // in all, and a short list for a short batch (each is planned when it runs).
+        let n = batch.len().next_power_of_two();
+        let marks: Vec<String> = (3..3 + n).map(|i| format!("?{i}")).collect();
+        let q = format!("{select} ({})", marks.join(", "));
         let mut p: Vec<&dyn ToSql> = first.to_vec();
-        p.extend((0..LOOKUP_BATCH).map(|i| batch[i.min(batch.len() - 1)].as_bytes() as &dyn ToSql));
+        p.extend((0..n).map(|i| batch[i.min(batch.len() - 1)].as_bytes() as &dyn ToSql));
         for r in db.query_all(&q, &p)? {
             found.insert(r.get::<_, Vec<u8>>(0)?);
         }

@@ -28,6 +28,11 @@
 //!   does.
 //! - **A failed statement inside a PostgreSQL transaction aborts it**; SQLite goes on.
 //!   Callers do not rely on going on after an error inside a transaction.
+//! - **Statements are planned per execution** on PostgreSQL (`plan_cache_mode =
+//!   force_custom_plan`): a generic plan made while a table was small keeps its
+//!   sequential scans as the table grows (`chunk_owners` grows by a fork's chunks).
+//!   Many rows go in few statements ([`Db::insert_rows`]): each statement is a round
+//!   trip.
 //! - **A lost PostgreSQL connection** fails the call in flight
 //!   ([`ErrorKind::Unavailable`], retryable) and is opened again by the next call made
 //!   outside a transaction.
