@@ -212,7 +212,33 @@ fn spawn_bound_to_process(mut cmd: Command) -> std::io::Result<Child> {
         .map_err(|_| std::io::Error::other("the spawning thread ended"))?
 }
 
+/// Removes the directories of earlier test processes that are gone (a server kept in
+/// a `static` is never dropped, so its directory stays behind).
+fn remove_dead_runs() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("mbank-pg-"))
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only asks whether the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        if !alive {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 fn tempdir_for(user: Option<(u32, u32)>) -> Result<PathBuf, String> {
+    remove_dead_runs();
     let dir = std::env::temp_dir().join(format!(
         "mbank-pg-{}-{}",
         std::process::id(),
