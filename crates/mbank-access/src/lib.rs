@@ -785,53 +785,21 @@ impl Access {
         tx.commit().map_err(sql("commit the schema migration"))
     }
 
-    /// The schema version on PostgreSQL; `None` before the schema exists.
-    fn pg_version(db: &Db) -> Result<Option<i64>, AccessError> {
-        let there = exists(
-            db,
-            "SELECT 1 FROM information_schema.tables
-             WHERE table_schema = current_schema() AND table_name = 'access_schema'",
-            params![],
-        )
-        .map_err(sql("look for the schema"))?;
-        if !there {
-            return Ok(None);
-        }
-        db.query_row("SELECT max(version) FROM access_schema", params![], |r| {
-            r.get(0)
-        })
-        .map_err(sql("read the schema version"))
-    }
-
     /// Creates the latest schema on PostgreSQL when it is missing (one transaction
     /// holding the domain's lock, so that servers starting at once create it once), and
     /// refuses a newer one.
     fn migrate_postgres(&self) -> Result<(), AccessError> {
-        let check = |v: Option<i64>| match v {
-            Some(v) if v > SCHEMA_VERSION => Err(AccessError::TooNew(v)),
-            Some(v) if v < SCHEMA_VERSION => Err(AccessError::BadRow(format!(
+        let v = self
+            .db
+            .pg_schema("access_schema", SCHEMA_PG, SCHEMA_VERSION)
+            .map_err(sql("create or read the schema"))?;
+        match v {
+            v if v > SCHEMA_VERSION => Err(AccessError::TooNew(v)),
+            v if v < SCHEMA_VERSION => Err(AccessError::BadRow(format!(
                 "schema version {v} on PostgreSQL, which no mbank wrote (PostgreSQL access databases start at version 5)"
             ))),
-            v => Ok(v.is_some()),
-        };
-        if check(Self::pg_version(&self.db)?)? {
-            return Ok(());
+            _ => Ok(()),
         }
-        let tx = self
-            .db
-            .unchecked_transaction(Behavior::Immediate)
-            .map_err(sql("start creating the schema"))?;
-        if check(Self::pg_version(&tx)?)? {
-            return Ok(());
-        }
-        tx.execute_batch(SCHEMA_PG)
-            .map_err(sql("create the schema"))?;
-        tx.execute(
-            "INSERT INTO access_schema (version) VALUES (?1)",
-            params![SCHEMA_VERSION],
-        )
-        .map_err(sql("set the schema version"))?;
-        tx.commit().map_err(sql("commit the new schema"))
     }
 
     /// A write transaction: `BEGIN IMMEDIATE` (on PostgreSQL the access domain's lock),

@@ -336,25 +336,6 @@ CREATE TRIGGER versions_removed AFTER DELETE ON versions
     FOR EACH ROW EXECUTE FUNCTION versions_removed();
 "#;
 
-/// The schema version of a PostgreSQL catalog; `None` when it has no schema yet.
-fn pg_schema_version(db: &Db) -> Result<Option<i64>, CatalogError> {
-    let action = "read the schema version";
-    let has: bool = db
-        .query_row(
-            "SELECT to_regclass('catalog_schema') IS NOT NULL",
-            params![],
-            |r| r.get(0),
-        )
-        .map_err(sql(action))?;
-    if !has {
-        return Ok(None);
-    }
-    db.query_row("SELECT max(version) FROM catalog_schema", params![], |r| {
-        r.get::<_, Option<i64>>(0)
-    })
-    .map_err(sql(action))
-}
-
 /// Longest note on a version, in bytes.
 pub const MAX_NOTE: usize = 1024;
 /// Most tags on a version, and the longest tag in bytes.
@@ -1052,31 +1033,10 @@ impl Catalog {
             at: Location::Postgres(url.to_string()),
             schema: 0,
         };
-        cat.schema = match pg_schema_version(&cat.conn)? {
-            Some(v) => v,
-            None => {
-                let tx = cat
-                    .conn
-                    .transaction_with_behavior(Behavior::Immediate)
-                    .map_err(sql("start creating the schema"))?;
-                // Another server may have created it while this one waited for the lock.
-                let v = match pg_schema_version(&tx)? {
-                    Some(v) => v,
-                    None => {
-                        tx.execute_batch(PG_SCHEMA)
-                            .map_err(sql("create the schema"))?;
-                        tx.execute(
-                            "INSERT INTO catalog_schema (version) VALUES (?1)",
-                            params![SCHEMA_VERSION],
-                        )
-                        .map_err(sql("set the schema version"))?;
-                        SCHEMA_VERSION
-                    }
-                };
-                tx.commit().map_err(sql("commit the schema"))?;
-                v
-            }
-        };
+        cat.schema = cat
+            .conn
+            .pg_schema("catalog_schema", PG_SCHEMA, SCHEMA_VERSION)
+            .map_err(sql("create or read the schema"))?;
         if cat.schema > SCHEMA_VERSION {
             return Err(CatalogError::TooNew(cat.schema));
         }

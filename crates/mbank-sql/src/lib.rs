@@ -431,6 +431,47 @@ impl Db {
         Ok(n)
     }
 
+    /// The schema version a PostgreSQL database records in `table` (its `version`
+    /// column); when it records none, creates `ddl` and records `version` first, in a
+    /// transaction holding the domain's write lock in which the version is read again,
+    /// so that servers starting at once create it once.
+    pub fn pg_schema(&self, table: &str, ddl: &str, version: i64) -> Result<i64> {
+        let read = |db: &Db| -> Result<Option<i64>> {
+            // information_schema rather than to_regclass, whose cache may not yet
+            // show a table another server has just created.
+            let has: bool = db.query_row(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM information_schema.tables \
+                     WHERE table_schema = current_schema() AND table_name = '{table}')"
+                ),
+                params![],
+                |r| r.get(0),
+            )?;
+            if !has {
+                return Ok(None);
+            }
+            db.query_row(
+                &format!("SELECT max(version) FROM {table}"),
+                params![],
+                |r| r.get(0),
+            )
+        };
+        if let Some(v) = read(self)? {
+            return Ok(v);
+        }
+        let tx = self.unchecked_transaction(Behavior::Immediate)?;
+        if let Some(v) = read(&tx)? {
+            return Ok(v);
+        }
+        tx.execute_batch(ddl)?;
+        tx.execute(
+            &format!("INSERT INTO {table} (version) VALUES (?1)"),
+            params![version],
+        )?;
+        tx.commit()?;
+        Ok(version)
+    }
+
     /// Runs statements separated by `;`, without parameters (schemas).
     pub fn execute_batch(&self, sql: &str) -> Result<()> {
         match &self.conn {
