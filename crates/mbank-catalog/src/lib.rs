@@ -2435,6 +2435,17 @@ mod tests {
         (d, c)
     }
 
+    /// `N` versions of machine `m` committed one on another, each moving the head.
+    fn commit_chain<const N: usize>(c: &mut Catalog, m: &str) -> [VersionInfo; N] {
+        let mut parent = None;
+        std::array::from_fn(|i| {
+            let (v, idx) = info(m, parent, i as i64 + 1);
+            c.commit_version(&v, &idx, &[], parent).unwrap();
+            parent = Some(v.id);
+            v
+        })
+    }
+
     fn info(m: &str, parent: Option<VersionId>, t: i64) -> (VersionInfo, DiskIndex) {
         let mut idx = DiskIndex::zeroed(3 * 4096, 4096);
         idx.chunks[1] = Some(ChunkId::of(&t.to_le_bytes()));
@@ -2492,12 +2503,7 @@ mod tests {
     #[test]
     fn head_moves_back_only_from_the_head_it_expects_and_not_during_a_session() {
         for (_d, mut c) in cats() {
-            let (v1, i1) = info("alice/dev", None, 1);
-            let (v2, i2) = info("alice/dev", Some(v1.id), 2);
-            let (v3, i3) = info("alice/dev", Some(v2.id), 3);
-            c.commit_version(&v1, &i1, &[], None).unwrap();
-            c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
-            c.commit_version(&v3, &i3, &[], Some(v2.id)).unwrap();
+            let [v1, v2, v3] = commit_chain(&mut c, "alice/dev");
             let m = v1.machine.clone();
             // Two head moves that both saw v3: the first wins, the second is refused and
             // names the head it found.
@@ -2760,12 +2766,7 @@ mod tests {
         let (d, lite) = catalog_from_schema_1();
         for (_d, mut c) in [(Some(d), lite), (None, pg_cat().1)] {
             assert_eq!(c.version_removals().unwrap(), Removals::default());
-            let (v1, i1) = info("alice/dev", None, 1);
-            let (v2, i2) = info("alice/dev", Some(v1.id), 2);
-            let (v3, i3) = info("alice/dev", Some(v2.id), 3);
-            c.commit_version(&v1, &i1, &[], None).unwrap();
-            c.commit_version(&v2, &i2, &[], Some(v1.id)).unwrap();
-            c.commit_version(&v3, &i3, &[], Some(v2.id)).unwrap();
+            let [v1, _, v3] = commit_chain(&mut c, "alice/dev");
             assert_eq!(
                 c.version_removals().unwrap().count,
                 0,

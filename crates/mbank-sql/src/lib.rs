@@ -707,11 +707,10 @@ impl Pg {
         Ok(self.client.as_mut().expect("connected"))
     }
 
+    /// A prepared statement of the current connection (connecting again first, which
+    /// forgets the statements of a lost one).
     fn statement(&mut self, text: &str) -> Result<postgres::Statement> {
-        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = None;
-            self.connect()?;
-        }
+        self.client()?;
         if let Some(s) = self.statements.get(text) {
             return Ok(s.clone());
         }
