@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use mbank_core::{ChunkId, DiskIndex, MachineRef};
@@ -27,6 +27,9 @@ pub struct ExportReport {
     pub chunks_zero: u64,
     pub bytes_written: u64,
     pub seconds: f64,
+    /// What came from the version's pack, when the bank offered one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pack: Option<crate::pack::PackUse>,
 }
 
 /// Removes the partial output unless the export completed.
@@ -65,6 +68,7 @@ pub fn write_disk(
     let n = write_in_order(
         store,
         index,
+        0,
         w,
         name,
         jobs,
@@ -105,6 +109,7 @@ impl Bank {
             index.disk_size,
             Unit::Bytes,
         );
+        let mut pack = self.pack_for(&v);
         // Standard output, a device or a FIFO (e.g. /dev/null) is written in order,
         // in place: renaming a temp file onto it would replace it.
         let special = out != Path::new("-")
@@ -120,9 +125,32 @@ impl Bank {
                 (Box::new(std::io::stdout()), "standard output".into())
             };
             let mut w = std::io::BufWriter::with_capacity(1 << 20, sink);
+            let mut from = 0;
+            if let Some((src, idx, used)) = &mut pack
+                && used.fell_back.is_none()
+            {
+                let zeros = vec![0u8; index.chunk_size as usize];
+                let (u, next) = crate::pack::walk(
+                    &**src,
+                    &*self.store,
+                    &v,
+                    &index,
+                    idx,
+                    jobs,
+                    progress,
+                    &mut |place, plain| {
+                        let b = plain.unwrap_or(&zeros[..index.chunk_len(place)]);
+                        w.write_all(b)
+                            .map_err(|e| BankError::io("write to", &name, e))
+                    },
+                )?;
+                *used = u;
+                from = next;
+            }
             let n = write_in_order(
                 &*self.store,
                 &index,
+                from,
                 &mut w,
                 &name,
                 jobs,
@@ -130,7 +158,7 @@ impl Bank {
                 (damaged, wrong),
             )?;
             w.flush().map_err(|e| BankError::io("write to", &name, e))?;
-            (n, index.disk_size)
+            (n + pack.as_ref().map_or(0, |p| p.2.chunks), index.disk_size)
         } else {
             // A symlink is written through: the export replaces the file it points to
             // (renamed into place in that file's directory), not the link.
@@ -157,9 +185,32 @@ impl Bank {
                 .map_err(|e| BankError::io("create", &tmp, e))?;
             file.set_len(index.disk_size)
                 .map_err(|e| BankError::io("size", &tmp, e))?;
+            let mut from = 0;
+            if let Some((src, idx, used)) = &mut pack
+                && used.fell_back.is_none()
+            {
+                let (u, next) = crate::pack::walk(
+                    &**src,
+                    &*self.store,
+                    &v,
+                    &index,
+                    idx,
+                    jobs,
+                    progress,
+                    &mut |place, plain| match plain {
+                        None => Ok(()),
+                        Some(p) => file
+                            .write_all_at(p, place as u64 * index.chunk_size as u64)
+                            .map_err(|e| BankError::io("write", &tmp, e)),
+                    },
+                )?;
+                *used = u;
+                from = next;
+            }
             let n = write_chunks(
                 &*self.store,
                 &index,
+                from,
                 &file,
                 &tmp,
                 jobs,
@@ -173,7 +224,7 @@ impl Bank {
             if let Ok(d) = File::open(&dir) {
                 let _ = d.sync_all();
             }
-            (n, index.disk_size)
+            (n + pack.as_ref().map_or(0, |p| p.2.chunks), index.disk_size)
         };
         progress.finish();
         Ok(ExportReport {
@@ -185,7 +236,48 @@ impl Bank {
             chunks_zero: index.chunks.iter().filter(|c| c.is_none()).count() as u64,
             bytes_written,
             seconds: started.elapsed().as_secs_f64(),
+            pack: pack.map(|(_, _, used)| used),
         })
+    }
+
+    /// The pack of `v` and where to read it, when this bank offers packs and `v` has
+    /// one. A pack that cannot be had is no error: the export reads the chunks, and
+    /// says why in its report.
+    fn pack_for(
+        &self,
+        v: &mbank_catalog::VersionInfo,
+    ) -> Option<(
+        Arc<dyn mbank_store::PackSource>,
+        mbank_core::pack::PackIndex,
+        crate::pack::PackUse,
+    )> {
+        let src = self.packs.clone()?;
+        let failed = |why: String| crate::pack::PackUse {
+            fell_back: Some(why),
+            ..Default::default()
+        };
+        match src.pack_index(v.machine.as_str(), v.id) {
+            Ok(None) => None,
+            Ok(Some(b)) => match mbank_core::pack::PackIndex::from_bytes(&b) {
+                Ok(idx) => Some((src, idx, Default::default())),
+                Err(e) => Some((
+                    src,
+                    mbank_core::pack::PackIndex {
+                        version: v.id,
+                        segments: Vec::new(),
+                    },
+                    failed(format!("the pack's index is not valid: {e}")),
+                )),
+            },
+            Err(e) => Some((
+                src,
+                mbank_core::pack::PackIndex {
+                    version: v.id,
+                    segments: Vec::new(),
+                },
+                failed(format!("cannot read the pack's index: {e}")),
+            )),
+        }
     }
 }
 
@@ -193,9 +285,11 @@ impl Bank {
 /// ([`ChunkStore::read_each`]: from a bank server, each chunk is written as it arrives),
 /// each only if it is as long as its place. Zero chunks are left as holes of the
 /// pre-sized file.
+#[allow(clippy::too_many_arguments)]
 fn write_chunks(
     store: &dyn ChunkStore,
     index: &DiskIndex,
+    from: usize,
     file: &File,
     path: &Path,
     jobs: usize,
@@ -205,7 +299,7 @@ fn write_chunks(
         impl Fn(WrongLength) -> BankError + Sync,
     ),
 ) -> Result<u64, BankError> {
-    let (at, ids) = nonzero(index);
+    let (at, ids) = nonzero(index, from);
     let err: Mutex<Option<BankError>> = Mutex::new(None);
     let written = AtomicU64::new(0);
     let fail = |e: BankError| {
@@ -237,7 +331,7 @@ fn write_chunks(
     }
     // The zero chunks, as holes.
     progress.advance(
-        (0..index.chunks.len())
+        (from..index.chunks.len())
             .filter(|&i| index.chunks[i].is_none())
             .map(|i| index.chunk_len(i) as u64)
             .sum(),
@@ -263,11 +357,12 @@ fn start_writeback(file: &File) {
 }
 
 /// The places and ids of an index's non-zero chunks.
-fn nonzero(index: &DiskIndex) -> (Vec<usize>, Vec<ChunkId>) {
+fn nonzero(index: &DiskIndex, from: usize) -> (Vec<usize>, Vec<ChunkId>) {
     index
         .chunks
         .iter()
         .enumerate()
+        .skip(from)
         .filter_map(|(i, c)| c.map(|id| (i, id)))
         .unzip()
 }
@@ -283,9 +378,11 @@ pub const ORDER_WINDOW: usize = 256;
 /// [`ChunkStore::read_each`] on `jobs` threads, and written as soon as every chunk
 /// before them is; a thread with a chunk [`ORDER_WINDOW`] or more ahead of the next
 /// one to write waits. Zero chunks are written as zeros.
+#[allow(clippy::too_many_arguments)]
 fn write_in_order(
     store: &dyn ChunkStore,
     index: &DiskIndex,
+    from: usize,
     w: &mut (dyn Write + Send),
     name: &str,
     jobs: usize,
@@ -305,7 +402,7 @@ fn write_in_order(
         w: &'w mut (dyn Write + Send),
         err: Option<BankError>,
     }
-    let (at, ids) = nonzero(index);
+    let (at, ids) = nonzero(index, from);
     let zeros = vec![0u8; index.chunk_size as usize];
     // Writes the zero chunks before place `to`.
     let zeros_to = |o: &mut Order<'_>, to: usize| -> std::io::Result<()> {
@@ -319,7 +416,7 @@ fn write_in_order(
     };
     let order = Mutex::new(Order {
         next: 0,
-        place: 0,
+        place: from,
         ahead: BTreeMap::new(),
         w,
         err: None,

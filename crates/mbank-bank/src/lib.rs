@@ -43,6 +43,7 @@ mod export;
 pub mod image;
 mod import;
 pub mod lengths;
+pub mod pack;
 mod s3;
 mod stream;
 mod verify;
@@ -330,6 +331,8 @@ pub struct Bank {
     store_spec: Option<StoreSpec>,
     catalog: Box<dyn CatalogApi>,
     read_only: bool,
+    /// Where exports look for a version's pack first (a bank server's client).
+    packs: Option<Arc<dyn mbank_store::PackSource>>,
 }
 
 /// What the `MBANK` marker says.
@@ -672,6 +675,7 @@ impl Bank {
             store_spec: parsed.store,
             catalog: Box::new(catalog),
             read_only,
+            packs: None,
         })
     }
 
@@ -689,7 +693,15 @@ impl Bank {
             store_spec: None,
             catalog,
             read_only: false,
+            packs: None,
         }
+    }
+
+    /// The bank with exports that take a version's chunks from its pack in `packs`
+    /// when there is one (`mbank_bank::pack`), and from the store otherwise.
+    pub fn with_packs(mut self, packs: Arc<dyn mbank_store::PackSource>) -> Bank {
+        self.packs = Some(packs);
+        self
     }
 
     /// The bank's directory; `None` for a bank served by another machine.

@@ -141,6 +141,8 @@ pub struct GcReport {
     /// version naming the removed one's chunks without having touched them (a fork).
     /// The next GC after those writers have finished collects what this one kept.
     pub sweep_deferred: bool,
+    /// Packs (`<bank>/packs/`) of versions that are gone, removed.
+    pub packs_removed: u64,
     pub seconds: f64,
     /// The cutoff, in ms since the epoch: what no writer in flight can rely on is older.
     #[serde(skip)]
@@ -622,8 +624,10 @@ impl Bank {
         // 2. Mark: every chunk of every version.
         let mut live = HashSet::new();
         let mut refused = None;
+        let mut versions = HashSet::new();
         catalog.for_each_index(None, |v, idx| {
             report.versions += 1;
+            versions.insert(v.id);
             match idx {
                 Ok(idx) => live.extend(idx.chunks.iter().flatten().copied()),
                 Err(_) => {
@@ -645,6 +649,11 @@ impl Bank {
             return Err(BankError::GcRefused { machine, version });
         }
         report.chunks_referenced = live.len() as u64;
+        // Packs are derived from versions: those of removed versions go now (a pack
+        // of a version committed since the mark would go too, and cost only speed).
+        if let Some(root) = self.root() {
+            report.packs_removed = crate::pack::prune(root, &|v| versions.contains(&v))?;
+        }
         // 3. A version removed while this GC ran (after it read the writers), or
         // after the oldest live writer began, may have been read by a writer that will
         // commit its chunks without having touched them (a fork): its chunks are in no

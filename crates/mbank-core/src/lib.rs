@@ -9,6 +9,8 @@
 //! - [`index`]: the ordered list of chunk ids that makes up a disk (fixed-size chunks) or
 //!   a memory image (content-defined chunks), and its serialised form.
 //! - [`cdc`]: content-defined chunking (FastCDC) of a stream of unknown length.
+//! - [`pack`]: a version's chunks compressed as a few large frames, for sending a whole
+//!   disk over a link.
 //!
 //! Every byte layout here is documented in `docs/formats.md`; the constants in this crate
 //! are the ones that document names. Every parser checks a size bound before it reads.
@@ -17,6 +19,7 @@ pub mod cdc;
 pub mod chunk;
 pub mod ids;
 pub mod index;
+pub mod pack;
 
 pub use chunk::{ChunkError, Codec, DecodedChunk, EncodedChunk};
 pub use ids::{ChunkId, IdError, MachineName, MachineRef, VersionId};

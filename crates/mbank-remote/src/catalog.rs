@@ -22,7 +22,7 @@ pub struct RemoteCatalog {
 }
 
 /// `/machines/{user}/{name}` for a machine name (`user/name`).
-fn mpath(machine: &str) -> String {
+pub(crate) fn mpath(machine: &str) -> String {
     match machine.split_once('/') {
         Some((user, name)) => format!("/machines/{}/{}", seg(user), seg(name)),
         None => format!("/machines/{}", seg(machine)),

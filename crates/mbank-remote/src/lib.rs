@@ -16,6 +16,7 @@
 pub mod catalog;
 pub mod client;
 pub mod credentials;
+pub mod packs;
 pub mod peers;
 pub mod store;
 mod tls;
@@ -44,7 +45,17 @@ pub type BankParts = (Arc<dyn ChunkStore>, Box<dyn CatalogApi>);
 /// the one filed with the credential. With `MBANK_PEERS` set, reads go through the
 /// lab's peers first ([`peers::PeerStore`]). Makes no request.
 pub fn open_bank(url: &str, ca: Option<&Path>) -> Result<BankParts, ClientError> {
+    open_bank_with_packs(url, ca).map(|(parts, _)| parts)
+}
+
+/// [`open_bank`], and the server's packs (`mbank_bank::Bank::with_packs`), on one
+/// connection pool.
+pub fn open_bank_with_packs(
+    url: &str,
+    ca: Option<&Path>,
+) -> Result<(BankParts, Arc<dyn mbank_store::PackSource>), ClientError> {
     let client = connect(url, ca)?;
+    let packs: Arc<dyn mbank_store::PackSource> = Arc::new(packs::RemotePacks::new(client.clone()));
     let store: Arc<dyn ChunkStore> = Arc::new(RemoteStore::new(client.clone()));
     let peers = peers::peers_from_env();
     let store: Arc<dyn ChunkStore> = if peers.is_empty() {
@@ -52,7 +63,7 @@ pub fn open_bank(url: &str, ca: Option<&Path>) -> Result<BankParts, ClientError>
     } else {
         Arc::new(peers::PeerStore::new(store, client.clone(), &peers))
     };
-    Ok((store, Box::new(RemoteCatalog::new(client))))
+    Ok(((store, Box::new(RemoteCatalog::new(client))), packs))
 }
 
 /// A [`Client`] of the bank at `url` with the token and CA [`open_bank`] would use.

@@ -160,6 +160,8 @@ struct App {
     direct: Option<DirectUrls>,
     /// Direct uploads, when on and the store can stage them.
     direct_writes: Option<DirectUrls>,
+    /// Held while a pack is built.
+    pack_builds: Mutex<()>,
 }
 
 type Shared = Arc<App>;
@@ -256,6 +258,34 @@ impl App {
         } else {
             Err(ApiError::no_machine(m.as_str()))
         }
+    }
+
+    /// Builds the pack of version `info` (one build at a time: a build takes a core).
+    pub(crate) fn build_pack(
+        &self,
+        info: &mbank_catalog::VersionInfo,
+    ) -> Result<mbank_bank::pack::PackReport, ApiError> {
+        let _one = self.pack_builds.lock().unwrap_or_else(|p| p.into_inner());
+        let index = self.catalog(|c| Ok(c.disk_index(info)?))?;
+        let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let r = mbank_bank::pack::build(
+            &*self.store,
+            &self.bank_dir,
+            info,
+            &index,
+            mbank_core::pack::DEFAULT_LEVEL,
+            jobs,
+            &mbank_bank::NoProgress,
+        )
+        .map_err(|e| {
+            ApiError::internal(format!(
+                "cannot build the pack of {}@{}: {e}",
+                info.machine,
+                info.id.short()
+            ))
+        })?;
+        tracing::info!(machine = %info.machine, version = %info.id, stored = r.stored_bytes, pack = r.pack_bytes, seconds = r.seconds, "pack built");
+        Ok(r)
     }
 
     fn writable_machine(&self, user: &User, m: &MachineName) -> Result<(), ApiError> {
@@ -404,6 +434,14 @@ fn router(app: Shared, tls: bool) -> Router {
         )
         .route("/v1/machines/{u}/{n}/versions/{v}/index", get(index))
         .route("/v1/machines/{u}/{n}/versions/{v}/streams/{s}", get(stream))
+        .route(
+            "/v1/machines/{u}/{n}/versions/{v}/pack",
+            get(pack_index).post(build_pack),
+        )
+        .route(
+            "/v1/machines/{u}/{n}/versions/{v}/pack/{k}",
+            get(pack_segment),
+        )
         .route(
             "/v1/machines/{u}/{n}/lease",
             get(lease).put(take_lease).delete(release_lease),
@@ -981,6 +1019,92 @@ async fn index(
         let info = exact_version(app, user, &m, v)?;
         let idx = app.catalog(|c| Ok(c.disk_index(&info)?))?;
         Ok(binary(idx.to_bytes()))
+    })
+    .await
+}
+
+/// The pack of version `v` of `m` and its serialised index, for a user who may read
+/// the version; `404` when it has none. A damaged pack is logged and answered as none:
+/// the export goes on from the chunks.
+fn version_pack(
+    app: &App,
+    user: &User,
+    m: &MachineName,
+    v: VersionId,
+) -> Result<(mbank_core::pack::PackIndex, Vec<u8>), ApiError> {
+    let info = exact_version(app, user, m, v)?;
+    let none = || ApiError::not_found(format!("version {} of {m} has no pack", v.short()));
+    match mbank_bank::pack::read_index(&app.bank_dir, info.id) {
+        Ok(Some(p)) => Ok(p),
+        Ok(None) => Err(none()),
+        Err(why) => {
+            tracing::warn!(machine = %m, version = %v, "the pack cannot be used: {why}; build it again with `mbank pack`");
+            Err(none())
+        }
+    }
+}
+
+async fn pack_index(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path((u, n, v)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    let (m, v) = (machine_name(&u, &n)?, version_id(&v)?);
+    authed(&app, caller, move |app, user| {
+        Ok(binary(version_pack(app, user, &m, v)?.1))
+    })
+    .await
+}
+
+async fn pack_segment(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path((u, n, v, k)): Path<(String, String, String, String)>,
+) -> Result<Response, ApiError> {
+    let (m, v) = (machine_name(&u, &n)?, version_id(&v)?);
+    let k: usize = k
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("{k:?} is not a segment number")))?;
+    authed(&app, caller, move |app, user| {
+        let (idx, _) = version_pack(app, user, &m, v)?;
+        let seg = idx.segments.get(k).ok_or_else(|| {
+            ApiError::not_found(format!(
+                "the pack of {m}@{} has {} segments; there is no segment {k}",
+                v.short(),
+                idx.segments.len()
+            ))
+        })?;
+        // The same rights as reading the chunks one by one.
+        let ids: Vec<ChunkId> = seg.chunks.iter().map(|(id, _)| *id).collect();
+        let ok = app.access(|a| Ok(a.readable(user, &ids)?))?;
+        if let Some((id, _)) = ids.iter().zip(&ok).find(|(_, ok)| !**ok) {
+            return Err(ApiError::no_chunk(id));
+        }
+        let b = mbank_bank::pack::read_segment(&app.bank_dir, v, seg).map_err(|e| {
+            ApiError::internal(format!(
+                "cannot read segment {k} of the pack of {m}@{}: {e}",
+                v.short()
+            ))
+        })?;
+        app.metrics.pack_segments_served.fetch_add(1, Relaxed);
+        app.metrics
+            .pack_bytes_served
+            .fetch_add(b.len() as u64, Relaxed);
+        Ok(binary(b))
+    })
+    .await
+}
+
+async fn build_pack(
+    State(app): State<Shared>,
+    caller: Caller,
+    Path((u, n, v)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    let (m, v) = (machine_name(&u, &n)?, version_id(&v)?);
+    authed(&app, caller, move |app, user| {
+        let info = exact_version(app, user, &m, v)?;
+        app.writable_machine(user, &m)?;
+        Ok(json(&app.build_pack(&info)?))
     })
     .await
 }
@@ -2358,5 +2482,6 @@ fn open_app(bank_dir: &FsPath, limits: Limits, cfg: &Config) -> Result<Shared, S
         limits,
         direct,
         direct_writes,
+        pack_builds: Mutex::new(()),
     }))
 }

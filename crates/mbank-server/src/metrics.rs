@@ -22,6 +22,9 @@ pub struct Metrics {
     pub chunks_dedup: AtomicU64,
     pub bytes_stored: AtomicU64,
     pub chunks_served: AtomicU64,
+    /// Pack segments sent, and their bytes.
+    pub pack_segments_served: AtomicU64,
+    pub pack_bytes_served: AtomicU64,
     /// Presigned URLs handed out for direct chunk reads.
     pub chunk_urls: AtomicU64,
     /// Presigned URLs handed out for direct uploads, and chunks confirmed after one.
@@ -202,6 +205,16 @@ impl Metrics {
             "mbank_chunks_served_total",
             "Chunks downloaded.",
             self.chunks_served.load(Relaxed),
+        );
+        counter(
+            "mbank_pack_segments_served_total",
+            "Pack segments downloaded (exports of versions that have a pack).",
+            self.pack_segments_served.load(Relaxed),
+        );
+        counter(
+            "mbank_pack_bytes_served_total",
+            "Bytes of pack segments downloaded.",
+            self.pack_bytes_served.load(Relaxed),
         );
         counter(
             "mbank_chunk_urls_total",

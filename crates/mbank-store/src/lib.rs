@@ -381,6 +381,28 @@ pub struct StoreStats {
     pub bytes: u64,
 }
 
+/// Where a version's pack comes from (`mbank_core::pack`, docs/formats.md "Pack"): a
+/// bank server, or a bank directory's `packs/`. A pack is derived data, so its reader
+/// checks every chunk against its id and falls back to the chunks when it fails.
+pub trait PackSource: Send + Sync {
+    /// The serialised pack index of version `version` of `machine`; `None` when no pack
+    /// of that version is built.
+    fn pack_index(
+        &self,
+        machine: &str,
+        version: mbank_core::VersionId,
+    ) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The frame of segment `n` of that pack, `seg` as its index describes it.
+    fn pack_segment(
+        &self,
+        machine: &str,
+        version: mbank_core::VersionId,
+        n: usize,
+        seg: &mbank_core::pack::Segment,
+    ) -> Result<Vec<u8>, StoreError>;
+}
+
 /// A place to keep chunks. See the crate docs for what every implementation promises.
 pub trait ChunkStore: Send + Sync {
     /// Stores an encoded chunk; durable and visible once [`ChunkStore::flush`] returns.

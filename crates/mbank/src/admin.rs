@@ -307,6 +307,27 @@ pub fn run(bank_dir: &Path, cmd: AdminCmd, quiet: bool) -> Result<()> {
             say(format!(
                 "published {machine} ({n} chunks); every user may now read and fork it"
             ));
+            // Every station may now fetch its head: pack it for exports.
+            let bank = mbank_bank::Bank::open(bank_dir, false)?;
+            let head: mbank_core::MachineRef = machine.as_str().parse()?;
+            let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+            match bank.build_pack(
+                &head,
+                mbank_core::pack::DEFAULT_LEVEL,
+                jobs,
+                &mbank_bank::NoProgress,
+            ) {
+                Ok(r) => say(format!(
+                    "packed its head {} for exports: {} as stored, {} packed",
+                    &r.version[..12],
+                    crate::bytes(r.stored_bytes),
+                    crate::bytes(r.pack_bytes)
+                )),
+                Err(e) => say(format!(
+                    "warning: its head was not packed ({e}); exports read its chunks; \
+                     `mbank pack {machine}` tries again"
+                )),
+            }
         }
         AdminCmd::Unpublish { machine } => {
             if access.unpublish(&machine)? {

@@ -145,6 +145,28 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Pack a version for exports over the network: its chunks, in the order the disk
+    /// uses them, compressed as a few large zstd streams rather than one frame per
+    /// chunk (a Debian disk: about a fifth fewer bytes to send).
+    ///
+    /// An export through a bank server takes the version's chunks from its pack when
+    /// it has one, and from the chunks otherwise (also when the pack turns out
+    /// damaged). On the bank's host the pack goes into <bank>/packs/; given the
+    /// server's URL, the server builds it (the machine's owner or an administrator may
+    /// ask). `mbank admin publish` packs the published head itself; `mbank gc` removes
+    /// the packs of removed versions.
+    Pack {
+        /// user/name for the head, or user/name@VERSION (any unique prefix of 4+ digits).
+        machine: MachineRef,
+        /// zstd level, 1 to 19 (on the bank's host; a server uses its default).
+        #[arg(long, default_value_t = mbank_core::pack::DEFAULT_LEVEL,
+              value_parser = clap::value_parser!(i32).range(1..=19))]
+        level: i32,
+        /// Print a JSON report: {machine, version, chunks, segments, plain_bytes,
+        /// stored_bytes, pack_bytes, level, path, seconds}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a machine's versions, newest first.
     ///
     /// STATE says `in use` for the version a session (`run` or `attach`, on any
@@ -1097,6 +1119,7 @@ impl Cmd {
             Cmd::Init { .. } => ("init", true, true),
             Cmd::Import { .. } => ("import", false, true),
             Cmd::Export { .. } => ("export", false, false),
+            Cmd::Pack { .. } => ("pack", false, true),
             Cmd::Log { .. } => ("log", false, false),
             Cmd::Ls { .. } => ("ls", false, false),
             Cmd::Cat { .. } => ("cat", false, false),
@@ -1302,8 +1325,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     let mut bank = match &url {
         Some(url) => {
-            let (store, catalog) = mbank_remote::open_bank(url, None)?;
-            Bank::with_parts(mbank_remote::normalize_url(url), store, catalog)
+            let ((store, catalog), packs) = mbank_remote::open_bank_with_packs(url, None)?;
+            Bank::with_parts(mbank_remote::normalize_url(url), store, catalog).with_packs(packs)
         }
         None => Bank::open(&bank_dir, read_only)?,
     };
@@ -1457,6 +1480,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     }
                     e => anyhow::Error::from(e),
                 })?;
+            if let Some(why) = r.pack.as_ref().and_then(|p| p.fell_back.as_ref()) {
+                say(format!(
+                    "warning: the version's pack was not used to the end ({why}); the rest came \
+                     from its chunks, and the export is whole. `mbank pack {}@{}` builds it again",
+                    r.machine,
+                    &r.version[..12]
+                ));
+            }
             if json {
                 json_out(&r)?;
             }
@@ -1468,6 +1499,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bytes(r.disk_size),
                 r.chunks_read,
                 r.chunks_zero,
+                r.seconds
+            ));
+        }
+        Cmd::Pack {
+            machine,
+            level,
+            json,
+        } => {
+            let r = match &url {
+                Some(url) => {
+                    let v = bank.resolve(&machine)?;
+                    let client = mbank_remote::connect(url, None)?;
+                    say(format!(
+                        "the server is packing {}@{} ...",
+                        v.machine,
+                        v.id.short()
+                    ));
+                    let r = mbank_remote::packs::build_pack(&client, v.machine.as_str(), v.id)?;
+                    serde_json::from_value::<mbank_bank::pack::PackReport>(r)
+                        .context("the server's account of the pack is not what this mbank knows")?
+                }
+                None => bank.build_pack(&machine, level, jobs, &bar)?,
+            };
+            if json {
+                json_out(&r)?;
+            }
+            say(format!(
+                "packed {}@{}: {} chunks, {} as stored, {} packed ({:.0}%) in {} segments, {:.1} s",
+                r.machine,
+                &r.version[..12],
+                r.chunks,
+                bytes(r.stored_bytes),
+                bytes(r.pack_bytes),
+                100.0 * r.pack_bytes as f64 / r.stored_bytes.max(1) as f64,
+                r.segments,
                 r.seconds
             ));
         }
@@ -1832,13 +1898,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ));
             }
             say(format!(
-                "gc: {} chunks referenced by {} versions; deleted {} chunks ({}) and {} temp files; \
-                 kept {} unreferenced chunks for {} writers in flight; {:.1} s",
+                "gc: {} chunks referenced by {} versions; deleted {} chunks ({}), {} temp files \
+                 and {} packs of removed versions; kept {} unreferenced chunks for {} writers in \
+                 flight; {:.1} s",
                 r.chunks_referenced,
                 r.versions,
                 r.chunks_deleted,
                 bytes(r.bytes_deleted),
                 r.temp_files_deleted,
+                r.packs_removed,
                 r.chunks_kept_for_writers,
                 r.live_writers,
                 r.seconds

@@ -92,6 +92,142 @@ fn a_disk_goes_through_the_server_across_a_shaped_link() {
     );
 }
 
+/// A pack across the lab: `mbank pack` through the server builds it there, and an
+/// export to the station then takes every chunk from it. The disk's chunks are alike
+/// (one random block, a few bytes changed in each), which one frame per chunk cannot
+/// see and a segment of many can: the export moves a fraction of the bytes, counted by
+/// the link's qdisc. A damaged pack is a warning and the export is still whole; a user
+/// who may not read the machine gets no segment of its pack.
+#[test]
+fn an_export_takes_a_packed_version_across_the_lab_in_fewer_bytes() {
+    let lab = Lab::up(1, "100mbit");
+    let server = LabServer::start(&lab);
+    server.add_user("alice", "alice-lab-secret");
+    server.add_user("bob", "bob-lab-secret");
+    let alice = server.login(lab.station(1), "alice", "alice-lab-secret");
+    let bob = server.login(lab.station(1), "bob", "bob-lab-secret");
+
+    let block = random_bytes(64 << 10, 41);
+    let mut data = Vec::with_capacity(4 * MIB);
+    for i in 0..64u32 {
+        let mut c = block.clone();
+        c[(i as usize * 997) % (64 << 10)..][..4].copy_from_slice(&i.to_le_bytes());
+        data.extend_from_slice(&c);
+    }
+    let image = alice.file("alike.raw");
+    write_image(&image, &data, 4 * MIB as u64);
+    alice.import("alice/alike", &image, &[]);
+
+    // Without a pack: a frame per chunk, each as large as the chunk.
+    let d0 = lab.download(1);
+    let out = alice.file("alike.out");
+    let r = alice.json(&[
+        "export".as_ref(),
+        "--json".as_ref(),
+        "--force".as_ref(),
+        "alice/alike".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert!(r.get("pack").is_none(), "no pack yet: {r}");
+    let d1 = lab.download(1);
+    let plain_bytes = d1.bytes - d0.bytes;
+    assert!(plain_bytes >= data.len() as u64, "{plain_bytes}");
+
+    // `mbank pack` through the server.
+    let p = alice.json(&["pack", "--json", "alice/alike"]);
+    assert_eq!(p["chunks"].as_u64(), Some(64), "{p}");
+    let version = p["version"].as_str().unwrap().to_string();
+    let pack_file = server
+        .bank_dir
+        .join("packs")
+        .join(format!("{version}.pack"));
+    assert!(pack_file.exists(), "the server built no pack: {p}");
+    assert!(
+        p["pack_bytes"].as_u64().unwrap() < p["stored_bytes"].as_u64().unwrap() / 8,
+        "alike chunks pack to far less than their frames: {p}"
+    );
+
+    let d2 = lab.download(1);
+    let r = alice.json(&[
+        "export".as_ref(),
+        "--json".as_ref(),
+        "--force".as_ref(),
+        "alice/alike".as_ref(),
+        out.as_os_str(),
+    ]);
+    let d3 = lab.download(1);
+    assert_same_bytes(
+        &std::fs::read(&out).unwrap(),
+        &std::fs::read(&image).unwrap(),
+        "export from the pack",
+    );
+    assert_eq!(r["pack"]["chunks"].as_u64(), Some(64), "{r}");
+    assert!(r["pack"]["fell_back"].is_null(), "{r}");
+    let packed_bytes = d3.bytes - d2.bytes;
+    assert!(
+        packed_bytes * 4 < plain_bytes,
+        "the export from the pack moved {packed_bytes} bytes down the link, against {plain_bytes} without"
+    );
+
+    // Bob may not read alice's machine: nor its pack's segments.
+    let token = {
+        let p = server
+            .tmp
+            .path()
+            .join(format!("config-bob-{}", lab.station(1)))
+            .join("mbank/credentials.json");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        find_token(&v).expect("bob's token")
+    };
+    for path in ["pack", "pack/0"] {
+        let url = format!(
+            "{}/v1/machines/alice/alike/versions/{version}/{path}",
+            server.url()
+        );
+        let o = Lab::cmd_in(lab.station(1), "curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(&server.ca)
+            .args(["-H", &format!("Authorization: Bearer {token}"), &url])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            "404",
+            "bob's GET {path}"
+        );
+    }
+    let refused = bob.run(&["export", "alice/alike", bob.file("x.raw").to_str().unwrap()]);
+    assert!(!refused.success(), "{refused}");
+
+    // A damaged segment: a warning, and the export is whole.
+    let mut b = std::fs::read(&pack_file).unwrap();
+    let n = b.len();
+    b[n - 8] ^= 0x5a;
+    std::fs::write(&pack_file, &b).unwrap();
+    let run = alice.run(&[
+        "export".as_ref(),
+        "--force".as_ref(),
+        "alice/alike".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert!(run.success(), "{run}");
+    assert!(
+        run.stderr.contains("pack was not used to the end"),
+        "no warning of the damaged pack:\n{run}"
+    );
+    assert_same_bytes(
+        &std::fs::read(&out).unwrap(),
+        &std::fs::read(&image).unwrap(),
+        "export past a damaged pack",
+    );
+    assert!(
+        !server.log().contains("ERROR"),
+        "server log:\n{}",
+        server.log()
+    );
+}
+
 /// The processes in namespace `ns` whose command is `comm`.
 fn pids_named(ns: &str, comm: &str) -> Vec<String> {
     let o = Command::new("ip")

@@ -230,6 +230,8 @@ pub(crate) async fn publish(
         .parse()
         .map_err(|e| ApiError::bad_request(format!("{e}")))?;
     let user = s.user.clone();
+    let publish = f.action == "publish";
+    let head = m.clone();
     blocking(&app, move |app| match f.action.as_str() {
         "publish" => actions::publish(app, &user, &m).map(drop),
         "unpublish" => actions::unpublish(app, &user, &m),
@@ -238,6 +240,19 @@ pub(crate) async fn publish(
         ))),
     })
     .await?;
+    if publish {
+        // Every station will fetch the published head: pack it for exports, after the
+        // answer (a build takes seconds of a core).
+        let app = app.clone();
+        tokio::task::spawn_blocking(move || {
+            let built = app
+                .catalog(|c| Ok(c.resolve(&head, None)?))
+                .and_then(|v| app.build_pack(&v));
+            if let Err(e) = built {
+                tracing::warn!(machine = %head, "the published head was not packed: {}", e.body.message);
+            }
+        });
+    }
     Ok(Redirect::to("/admin/published").into_response())
 }
 

@@ -1,0 +1,565 @@
+//! Packs of versions (`mbank_core::pack`, docs/formats.md "Pack"): built from the
+//! stored chunks into `<bank>/packs/`, served by a bank server, and read by an export
+//! through one, which then moves one zstd stream's bytes rather than one frame per
+//! chunk. A pack is derived data: a missing, damaged or stale one costs only speed.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, mpsc};
+use std::time::{Duration, Instant, SystemTime};
+
+use mbank_catalog::VersionInfo;
+use mbank_core::pack::{self, PackIndex, Segment};
+use mbank_core::{ChunkId, DiskIndex, VersionId};
+use mbank_store::{ChunkStore, PackSource, StoreError};
+use serde::Serialize;
+
+use crate::{BankError, Progress, Unit};
+
+/// The directory of a bank's packs.
+pub const PACKS_DIR: &str = "packs";
+
+/// Where the pack of version `v` lives in the bank at `bank_dir`.
+pub fn pack_path(bank_dir: &Path, v: VersionId) -> PathBuf {
+    bank_dir
+        .join(PACKS_DIR)
+        .join(format!("{}.pack", v.to_hex()))
+}
+
+/// What building a pack did.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct PackReport {
+    pub machine: String,
+    pub version: String,
+    /// Distinct non-zero chunks in the pack.
+    pub chunks: u64,
+    pub segments: u64,
+    /// Their plaintext.
+    pub plain_bytes: u64,
+    /// The same chunks as the bank stores them (one frame each).
+    pub stored_bytes: u64,
+    /// The pack file: its index and frames.
+    pub pack_bytes: u64,
+    pub level: i32,
+    pub path: String,
+    pub seconds: f64,
+}
+
+/// The distinct non-zero chunks of `index` in the order the disk first uses them, each
+/// with its length.
+fn first_uses(index: &DiskIndex) -> Vec<(ChunkId, u32)> {
+    let mut seen = HashSet::new();
+    index
+        .chunks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.map(|id| (i, id)))
+        .filter(|(_, id)| seen.insert(*id))
+        .map(|(i, id)| (id, index.chunk_len(i) as u32))
+        .collect()
+}
+
+/// The segments `chunks` make: runs of at most [`pack::SEGMENT_TARGET`] bytes (or one
+/// chunk, if larger).
+fn plan_segments(chunks: &[(ChunkId, u32)]) -> Vec<Vec<(ChunkId, u32)>> {
+    let mut out: Vec<Vec<(ChunkId, u32)>> = Vec::new();
+    let mut size = 0u64;
+    for &(id, len) in chunks {
+        match out.last_mut() {
+            Some(seg) if size + len as u64 <= pack::SEGMENT_TARGET as u64 => {
+                seg.push((id, len));
+                size += len as u64;
+            }
+            _ => {
+                out.push(vec![(id, len)]);
+                size = len as u64;
+            }
+        }
+    }
+    out
+}
+
+/// Builds the pack of version `v` (whose disk index is `index`) from `store` into
+/// `<bank_dir>/packs/`, replacing an older one: `jobs` segments are read and compressed
+/// at once, at zstd level `level`. The file is written beside its name and renamed
+/// into place once complete and synced.
+pub fn build(
+    store: &dyn ChunkStore,
+    bank_dir: &Path,
+    v: &VersionInfo,
+    index: &DiskIndex,
+    level: i32,
+    jobs: usize,
+    progress: &dyn Progress,
+) -> Result<PackReport, BankError> {
+    let started = Instant::now();
+    let damaged = |source| BankError::Damaged {
+        machine: v.machine.clone(),
+        version: v.id,
+        source: Box::new(source),
+    };
+    let plan = plan_segments(&first_uses(index));
+    let chunks: usize = plan.iter().map(|s| s.len()).sum();
+    let plain_bytes: u64 = plan.iter().flatten().map(|(_, l)| *l as u64).sum();
+    let index_len = pack::HEADER_LEN
+        + plan.len() * pack::SEGMENT_ENTRY_LEN
+        + chunks * pack::CHUNK_ENTRY_LEN
+        + pack::TRAILER_LEN;
+    let dir = bank_dir.join(PACKS_DIR);
+    fs::create_dir_all(&dir).map_err(|e| BankError::io("create", &dir, e))?;
+    let path = pack_path(bank_dir, v.id);
+    let tmp = dir.join(format!(
+        ".tmp-{}-{}-{:x}",
+        v.id.to_hex(),
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+    ));
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| BankError::io("create", &tmp, e))?;
+    let cleanup = scopeguard(&tmp);
+    progress.start(
+        &format!("packing {}@{}", v.machine, v.id.short()),
+        plain_bytes,
+        Unit::Bytes,
+    );
+    let mut segments = Vec::with_capacity(plan.len());
+    let mut offset = index_len as u64;
+    let mut stored_bytes = 0u64;
+    let jobs = jobs.max(1);
+    // Waves of `jobs` segments: each read and compressed on its own thread, then
+    // written in order.
+    for wave in plan.chunks(jobs) {
+        let done: Vec<Result<(Vec<u8>, u64), BankError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = wave
+                .iter()
+                .map(|seg| {
+                    let (tmp, damaged) = (&tmp, &damaged);
+                    s.spawn(move || -> Result<(Vec<u8>, u64), BankError> {
+                        let ids: Vec<ChunkId> = seg.iter().map(|(id, _)| *id).collect();
+                        let raws = store.get_raw_many(&ids).map_err(damaged)?;
+                        let mut stored = 0u64;
+                        let mut plains = Vec::with_capacity(ids.len());
+                        for ((id, len), raw) in seg.iter().zip(raws) {
+                            stored += raw.len() as u64;
+                            let plain = store.verify(id, raw).map_err(damaged)?;
+                            if plain.len() != *len as usize {
+                                return Err(damaged(StoreError::Remote(format!(
+                                    "chunk {id} is {} bytes where the disk has {len}",
+                                    plain.len()
+                                ))));
+                            }
+                            plains.push(plain);
+                        }
+                        let refs: Vec<&[u8]> = plains.iter().map(|p| p.as_slice()).collect();
+                        let frame = pack::compress_segment(&refs, level)
+                            .map_err(|e| BankError::io("compress a segment of", tmp, e))?;
+                        Ok((frame, stored))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a pack builder thread panicked"))
+                .collect()
+        });
+        for (seg, r) in wave.iter().zip(done) {
+            let (frame, stored) = r?;
+            file.write_all_at(&frame, offset)
+                .map_err(|e| BankError::io("write", &tmp, e))?;
+            let plain_len: u32 = seg.iter().map(|(_, l)| *l).sum();
+            segments.push(Segment {
+                offset,
+                frame_len: frame.len() as u64,
+                plain_len,
+                chunks: seg.clone(),
+            });
+            offset += frame.len() as u64;
+            stored_bytes += stored;
+            progress.advance(plain_len as u64);
+        }
+    }
+    let idx = PackIndex {
+        version: v.id,
+        segments,
+    };
+    let bytes = idx.to_bytes();
+    debug_assert_eq!(bytes.len(), index_len);
+    file.write_all_at(&bytes, 0)
+        .map_err(|e| BankError::io("write", &tmp, e))?;
+    file.sync_all()
+        .map_err(|e| BankError::io("sync", &tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| BankError::io("rename the pack to", &path, e))?;
+    drop(cleanup);
+    if let Ok(d) = File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    progress.finish();
+    Ok(PackReport {
+        machine: v.machine.to_string(),
+        version: v.id.to_hex(),
+        chunks: chunks as u64,
+        segments: idx.segments.len() as u64,
+        plain_bytes,
+        stored_bytes,
+        pack_bytes: offset,
+        level,
+        path: path.display().to_string(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+impl crate::Bank {
+    /// Builds the pack of `r` in this bank's directory (see [`build`]); a bank server
+    /// builds its own (`mbank pack` through it asks it to).
+    pub fn build_pack(
+        &self,
+        r: &mbank_core::MachineRef,
+        level: i32,
+        jobs: usize,
+        progress: &dyn Progress,
+    ) -> Result<PackReport, BankError> {
+        self.require_writable("build a pack")?;
+        let root = self.local_root("build a pack")?;
+        let v = self.resolve(r)?;
+        let index = self.catalog.disk_index(&v)?;
+        build(&*self.store, root, &v, &index, level, jobs, progress)
+    }
+}
+
+/// Removes a temp file unless disarmed (by a successful rename, after which the remove
+/// fails harmlessly).
+struct TempFile<'a>(&'a Path);
+impl Drop for TempFile<'_> {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(self.0);
+    }
+}
+fn scopeguard(p: &Path) -> TempFile<'_> {
+    TempFile(p)
+}
+
+/// The serialised index of version `v`'s pack in the bank at `bank_dir`; `None` when
+/// there is none. The index is checked (a damaged one is an error).
+pub fn read_index(bank_dir: &Path, v: VersionId) -> Result<Option<(PackIndex, Vec<u8>)>, String> {
+    let path = pack_path(bank_dir, v);
+    let f = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
+    };
+    let mut head = [0u8; pack::HEADER_LEN];
+    f.read_exact_at(&mut head, 0)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let len = PackIndex::index_len(&head).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file_len = f
+        .metadata()
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .len();
+    if len as u64 > file_len {
+        return Err(format!("{}: the pack is truncated", path.display()));
+    }
+    let mut b = vec![0u8; len];
+    f.read_exact_at(&mut b, 0)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let idx = PackIndex::from_bytes(&b).map_err(|e| format!("{}: {e}", path.display()))?;
+    if idx.version != v {
+        return Err(format!(
+            "{}: the pack is of version {}",
+            path.display(),
+            idx.version.to_hex()
+        ));
+    }
+    if idx.file_len() != file_len {
+        return Err(format!(
+            "{}: the pack is {} ({file_len} bytes; its index says {})",
+            path.display(),
+            if file_len < idx.file_len() {
+                "truncated"
+            } else {
+                "too long"
+            },
+            idx.file_len()
+        ));
+    }
+    Ok(Some((idx, b)))
+}
+
+/// The frame of segment `seg` of version `v`'s pack.
+pub fn read_segment(bank_dir: &Path, v: VersionId, seg: &Segment) -> std::io::Result<Vec<u8>> {
+    let f = File::open(pack_path(bank_dir, v))?;
+    let mut b = vec![0u8; seg.frame_len as usize];
+    f.read_exact_at(&mut b, seg.offset)?;
+    Ok(b)
+}
+
+/// Removes the packs of versions for which `keep` is false, and temp files of builds
+/// that ended more than an hour ago; the number of packs removed.
+pub fn prune(bank_dir: &Path, keep: &dyn Fn(VersionId) -> bool) -> Result<u64, BankError> {
+    let dir = bank_dir.join(PACKS_DIR);
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(BankError::io("list", &dir, e)),
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let old_tmp = name.starts_with(".tmp-")
+            && e.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(3600));
+        let stale = name
+            .strip_suffix(".pack")
+            .and_then(|hex| hex.parse::<VersionId>().ok())
+            .is_some_and(|v| !keep(v));
+        if old_tmp || stale {
+            match fs::remove_file(e.path()) {
+                Ok(()) => removed += stale as u64,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => return Err(BankError::io("remove", e.path(), err)),
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// The packs in a bank directory, as a [`PackSource`].
+pub struct DirPacks(pub PathBuf);
+
+impl PackSource for DirPacks {
+    fn pack_index(
+        &self,
+        _machine: &str,
+        version: VersionId,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        read_index(&self.0, version)
+            .map(|o| o.map(|(_, b)| b))
+            .map_err(StoreError::Remote)
+    }
+
+    fn pack_segment(
+        &self,
+        _machine: &str,
+        version: VersionId,
+        _n: usize,
+        seg: &Segment,
+    ) -> Result<Vec<u8>, StoreError> {
+        read_segment(&self.0, version, seg).map_err(|e| StoreError::Io {
+            action: "read",
+            path: pack_path(&self.0, version),
+            source: e,
+        })
+    }
+}
+
+/// What an export took from a pack.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PackUse {
+    /// Segments fetched, and their bytes.
+    pub segments: u64,
+    pub bytes: u64,
+    /// Places of the disk written from the pack's chunks.
+    pub chunks: u64,
+    /// Why the export went on from the chunks instead, when the pack failed.
+    pub fell_back: Option<String>,
+}
+
+/// Where [`walk`] hands each place of the disk: its number and its bytes (`None` for
+/// zeros).
+pub(crate) type Place<'a> = dyn FnMut(usize, Option<&[u8]>) -> Result<(), BankError> + 'a;
+
+/// Most plaintext [`walk`] keeps of chunks the disk uses again later.
+const KEEP_REPEATS: usize = 64 << 20;
+
+/// Walks the disk's places in order, handing each to `out` (`None` for a zero place):
+/// each chunk's first use comes from the pack (segments fetched `jobs` at a time, each
+/// checked against its ids), a later use from memory or the store. Stops at the first
+/// place the pack cannot give, with the reason in [`PackUse::fell_back`]; returns what
+/// it used and the first place not handed over (the disk's end when it completed).
+/// An error of `out`, or of the store for a repeated chunk, is returned as is.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn walk(
+    src: &dyn PackSource,
+    store: &dyn ChunkStore,
+    v: &VersionInfo,
+    index: &DiskIndex,
+    idx: &PackIndex,
+    jobs: usize,
+    progress: &dyn Progress,
+    out: &mut Place<'_>,
+) -> Result<(PackUse, usize), BankError> {
+    let mut used = PackUse::default();
+    let places = index.chunks.len();
+    // The pack must be the version's chunks in first-use order.
+    let expected = first_uses(index);
+    let packed: Vec<(ChunkId, u32)> = idx.segments.iter().flat_map(|s| s.chunks.clone()).collect();
+    if idx.version != v.id || packed != expected {
+        used.fell_back = Some(format!(
+            "the pack does not hold the chunks of {}@{} in order",
+            v.machine,
+            v.id.short()
+        ));
+        return Ok((used, 0));
+    }
+    // The last place of every chunk used more than once.
+    let mut uses: HashMap<ChunkId, (u32, usize)> = HashMap::new();
+    for (i, c) in index.chunks.iter().enumerate() {
+        if let Some(id) = c {
+            let e = uses.entry(*id).or_insert((0, i));
+            e.0 += 1;
+            e.1 = i;
+        }
+    }
+    let machine = v.machine.to_string();
+    let n = idx.segments.len();
+    let window = jobs.max(2);
+    let next_seg = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let consumed = Mutex::new(0usize);
+    let room = Condvar::new();
+    let (tx, rx) = mpsc::sync_channel::<(usize, Result<Vec<Vec<u8>>, String>, u64)>(window);
+    std::thread::scope(|s| {
+        for _ in 0..window {
+            let tx = tx.clone();
+            let (next_seg, stop, consumed, room, machine) =
+                (&next_seg, &stop, &consumed, &room, &machine);
+            s.spawn(move || {
+                loop {
+                    let k = next_seg.fetch_add(1, Ordering::Relaxed);
+                    if k >= n {
+                        return;
+                    }
+                    // No more than `window` segments ahead of the writer.
+                    let mut c = consumed.lock().unwrap_or_else(|p| p.into_inner());
+                    while k >= *c + window && !stop.load(Ordering::Relaxed) {
+                        c = room.wait(c).unwrap_or_else(|p| p.into_inner());
+                    }
+                    drop(c);
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let seg = &idx.segments[k];
+                    let r = src
+                        .pack_segment(machine, idx.version, k, seg)
+                        .map_err(|e| e.to_string())
+                        .and_then(|f| {
+                            let len = f.len() as u64;
+                            pack::decode_segment(k, seg, &f)
+                                .map(|p| (p, len))
+                                .map_err(|e| e.to_string())
+                        });
+                    let (r, len) = match r {
+                        Ok((p, len)) => (Ok(p), len),
+                        Err(e) => (Err(e), 0),
+                    };
+                    if tx.send((k, r, len)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let result = (|| -> Result<(PackUse, usize), BankError> {
+            let mut ahead: BTreeMap<usize, Result<Vec<Vec<u8>>, String>> = BTreeMap::new();
+            let mut current: std::vec::IntoIter<Vec<u8>> = Vec::new().into_iter();
+            let mut seg_no = 0usize;
+            let mut kept: HashMap<ChunkId, Vec<u8>> = HashMap::new();
+            let mut kept_bytes = 0usize;
+            let mut seen: HashSet<ChunkId> = HashSet::new();
+            for place in 0..places {
+                let Some(id) = index.chunks[place] else {
+                    out(place, None)?;
+                    progress.advance(index.chunk_len(place) as u64);
+                    continue;
+                };
+                let (count, last) = uses[&id];
+                if !seen.insert(id) {
+                    // A later use of a chunk.
+                    let plain = match kept.get(&id) {
+                        Some(p) => p.clone(),
+                        None => store.read(&id).map_err(|e| BankError::Damaged {
+                            machine: v.machine.clone(),
+                            version: v.id,
+                            source: Box::new(e),
+                        })?,
+                    };
+                    if let Some(w) = crate::WrongLength::disk(index, place, id, plain.len()) {
+                        return Err(BankError::WrongLength {
+                            machine: v.machine.clone(),
+                            version: v.id,
+                            wrong: Box::new(w),
+                        });
+                    }
+                    out(place, Some(&plain))?;
+                    if last == place
+                        && let Some(p) = kept.remove(&id)
+                    {
+                        kept_bytes -= p.len();
+                    }
+                    used.chunks += 1;
+                    progress.advance(plain.len() as u64);
+                    continue;
+                }
+                // A first use: the next chunk of the pack.
+                let plain = loop {
+                    if let Some(p) = current.next() {
+                        break p;
+                    }
+                    // The next segment, in order.
+                    let got = loop {
+                        if let Some(r) = ahead.remove(&seg_no) {
+                            break r;
+                        }
+                        match rx.recv() {
+                            Ok((k, r, len)) => {
+                                if r.is_ok() {
+                                    used.segments += 1;
+                                    used.bytes += len;
+                                }
+                                ahead.insert(k, r);
+                            }
+                            Err(_) => break Err("the pack's readers stopped".into()),
+                        }
+                    };
+                    match got {
+                        Ok(p) => {
+                            seg_no += 1;
+                            *consumed.lock().unwrap_or_else(|p| p.into_inner()) = seg_no;
+                            room.notify_all();
+                            current = p.into_iter();
+                        }
+                        Err(e) => {
+                            used.fell_back = Some(e);
+                            return Ok((used, place));
+                        }
+                    }
+                };
+                out(place, Some(&plain))?;
+                used.chunks += 1;
+                progress.advance(plain.len() as u64);
+                if count > 1 && kept_bytes + plain.len() <= KEEP_REPEATS {
+                    kept_bytes += plain.len();
+                    kept.insert(id, plain);
+                }
+            }
+            Ok((used, places))
+        })();
+        stop.store(true, Ordering::Relaxed);
+        room.notify_all();
+        // Unblock senders, then let the scope join them.
+        drop(rx);
+        result
+    })
+}
