@@ -13,6 +13,9 @@
 #   - mbank export lab/base to a file on the station, over HTTPS (`serve --tls-cert`,
 #     a throwaway CA made by openssl) and over plain HTTP (`serve --insecure-http`);
 #   - mbank export lab/base to /dev/null (the in-order path: runs of 16 chunks);
+#   - the same export to a file from the chunks alone: `admin publish` packs the head
+#     (`mbank pack`), and the export rows above read that pack; for this row the pack
+#     is moved aside, as for a version nobody packed;
 #   - curl of base.raw.zst (zstd -3 of the disk, made once, cached) from
 #     `python3 -m http.server` in the server's namespace, to /dev/null.
 # With BENCH_LAB_WHAT containing `upload` (default "export upload"), the other way too:
@@ -108,7 +111,8 @@ log "importing $IMG into a fresh bank as lab/base (on the server's host)"
 "$MBANK" -q --bank "$BANK" admin publish lab/base >/dev/null
 printf 'bench-password-lab\n' | "$MBANK" -q --bank "$BANK" admin user add bench --password-stdin >/dev/null
 STORED=$(jfield "$T/import.json" bytes_stored)
-log "bytes in the bank: $(human "$STORED"); zstd file: $(human "$ZST_BYTES")"
+PACKED=$(stat -c %s "$BANK"/packs/*.pack)
+log "bytes in the bank: $(human "$STORED"); its pack: $(human "$PACKED"); zstd file: $(human "$ZST_BYTES")"
 mkdir -p "$T/www"
 ln "$ZST" "$T/www/base.raw.zst" 2>/dev/null || cp "$ZST" "$T/www/base.raw.zst"
 
@@ -149,6 +153,15 @@ export_file() { in_st "$MBANK" -q --bank "$URL" export lab/base "$T/out.raw"; }
 # took 0.1-0.2 s of the row's time before.
 after_export_file() { rm -f "$T/out.raw"; }
 export_null() { in_st "$MBANK" -q --bank "$URL" export lab/base /dev/null; }
+# Moves the bank's packs aside for the timed command: an export from the chunks alone.
+export_unpacked() {
+    mv "$BANK/packs" "$BANK/packs.aside"
+    local rc=0
+    export_file || rc=$?
+    mv "$BANK/packs.aside" "$BANK/packs"
+    return $rc
+}
+after_export_unpacked() { after_export_file; }
 curl_zst() { # checks the size: a stale server on the port must not pass for a fast one
     local n
     n=$(in_st curl -sS -o /dev/null -w '%{size_download}' "http://$MBANK_LAB_SERVER_ADDR:8099/base.raw.zst")
@@ -200,6 +213,7 @@ declare -A MED RATE
 ROWS=()
 if [[ $WHAT == *" export "* ]]; then
     ROWS+=("mbank export, HTTPS, to a file" "mbank export, HTTPS, to /dev/null")
+    ROWS+=("mbank export, HTTPS, to a file, no pack")
     [[ -n ${BENCH_LAB_SKIP_HTTP:-} ]] || ROWS+=("mbank export, HTTP, to a file")
     ROWS+=("curl of the zstd file, HTTP")
 fi
@@ -268,6 +282,7 @@ for p in "${PROFILES[@]}"; do
     serve_start https
     measure "$p" "mbank export, HTTPS, to a file" export_file
     measure "$p" "mbank export, HTTPS, to /dev/null" export_null
+    measure "$p" "mbank export, HTTPS, to a file, no pack" export_unpacked
     serve_stop
     if [[ -z ${BENCH_LAB_SKIP_HTTP:-} ]]; then
         serve_start http
@@ -294,6 +309,7 @@ PUT_ROW="curl -T of the zstd file, HTTP"
     echo "- $(date -u '+%F %H:%M UTC'); $note; uptime at start: ${uptime_start## }; at end: $(uptime | sed 's/^ *//')"
     echo "- ${MBANK_NOTE:-mbank $MBANK}; $(nproc) cores; one station, the server and the shaping on this machine"
     echo "- lab/base: $(human "$(bytes_of "$IMG")") Debian disk (base.raw), $(human "$STORED") in the bank;" \
+        "its pack $(human "$PACKED") (what the export rows move, but \"no pack\");" \
         "zstd -3 file $(human "$ZST_BYTES"); median of $RUNS run(s)"
     echo
     echo "| link | what | seconds | MiB/s of bytes moved | floor s | floor / this | curl / this |"
@@ -304,6 +320,7 @@ PUT_ROW="curl -T of the zstd file, HTTP"
             t=${MED[$p,$row]:-}
             [[ -n $t ]] || continue # an upload row of a :garage profile
             moved=$STORED
+            [[ $row != "mbank export"* || $row == *"no pack" ]] || moved=$PACKED
             [[ $row != "$CURL_ROW" && $row != "$PUT_ROW" ]] || moved=$ZST_BYTES
             ref=$CURL_ROW
             [[ $row != *import* && $row != "$PUT_ROW" ]] || ref=$PUT_ROW
@@ -316,5 +333,6 @@ PUT_ROW="curl -T of the zstd file, HTTP"
     echo "- floor: bytes in the bank / the link rate (tbf's rate; TCP carries about 95% of it);" \
         "floor / this >= 0.9 is issue 12's goal for mbank, curl / this >= 1.00 its second" \
         "(an import is compared with curl -T, an export with curl's download)"
-    echo "- MiB/s of bytes moved: bytes in the bank (mbank) or of the zstd file (curl) per second"
+    echo "- MiB/s of bytes moved: the pack's bytes (mbank export), bytes in the bank (import," \
+        "export with no pack) or of the zstd file (curl) per second"
 } | tee "$CACHE_DIR/results/bench-lab.md"
