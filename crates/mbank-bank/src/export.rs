@@ -129,7 +129,8 @@ impl Bank {
             if let Some((src, idx, used)) = &mut pack
                 && used.fell_back.is_none()
             {
-                let zeros = vec![0u8; index.chunk_size as usize];
+                // Zero places are written as runs, before the next chunk.
+                let mut zeros = 0u64;
                 let (u, next) = crate::pack::walk(
                     &**src,
                     &*self.store,
@@ -139,11 +140,16 @@ impl Bank {
                     jobs,
                     progress,
                     &mut |place, plain| {
-                        let b = plain.unwrap_or(&zeros[..index.chunk_len(place)]);
-                        w.write_all(b)
+                        let Some(p) = plain else {
+                            zeros += index.chunk_len(place) as u64;
+                            return Ok(());
+                        };
+                        write_zeros(&mut w, std::mem::take(&mut zeros))
+                            .and_then(|()| w.write_all(p))
                             .map_err(|e| BankError::io("write to", &name, e))
                     },
                 )?;
+                write_zeros(&mut w, zeros).map_err(|e| BankError::io("write to", &name, e))?;
                 *used = u;
                 from = next;
             }
@@ -186,6 +192,7 @@ impl Bank {
             file.set_len(index.disk_size)
                 .map_err(|e| BankError::io("size", &tmp, e))?;
             let mut from = 0;
+            let mut written = 0u64;
             if let Some((src, idx, used)) = &mut pack
                 && used.fell_back.is_none()
             {
@@ -197,11 +204,17 @@ impl Bank {
                     idx,
                     jobs,
                     progress,
-                    &mut |place, plain| match plain {
-                        None => Ok(()),
-                        Some(p) => file
-                            .write_all_at(p, place as u64 * index.chunk_size as u64)
-                            .map_err(|e| BankError::io("write", &tmp, e)),
+                    &mut |place, plain| {
+                        let Some(p) = plain else { return Ok(()) };
+                        file.write_all_at(p, place as u64 * index.chunk_size as u64)
+                            .map_err(|e| BankError::io("write", &tmp, e))?;
+                        // As write_chunks does: the disk works while the pack arrives.
+                        let before = written;
+                        written += p.len() as u64;
+                        if written / WRITEBACK_EVERY > before / WRITEBACK_EVERY {
+                            start_writeback(&file);
+                        }
+                        Ok(())
                     },
                 )?;
                 *used = u;
@@ -337,6 +350,21 @@ fn write_chunks(
             .sum(),
     );
     Ok(ids.len() as u64)
+}
+
+/// Writes `n` zero bytes to `w`: a long run straight to the writer under it, in 1 MiB
+/// writes, rather than copied through its buffer.
+fn write_zeros<W: Write>(w: &mut std::io::BufWriter<W>, mut n: u64) -> std::io::Result<()> {
+    const RUN: usize = 1 << 20;
+    static ZEROS: [u8; RUN] = [0; RUN];
+    if n >= RUN as u64 {
+        w.flush()?;
+        while n >= RUN as u64 {
+            w.get_mut().write_all(&ZEROS)?;
+            n -= RUN as u64;
+        }
+    }
+    w.write_all(&ZEROS[..n as usize])
 }
 
 /// Bytes an export writes between asking the kernel to start writing its file back:

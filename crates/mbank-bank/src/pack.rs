@@ -424,12 +424,14 @@ pub(crate) fn walk(
     }
     let machine = v.machine.to_string();
     let n = idx.segments.len();
-    let window = jobs.max(2);
+    // A reader fetches a segment, then decodes it: twice the cores keeps the link
+    // busy while some decode.
+    let window = (2 * jobs).max(4);
     let next_seg = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let consumed = Mutex::new(0usize);
     let room = Condvar::new();
-    let (tx, rx) = mpsc::sync_channel::<(usize, Result<Vec<Vec<u8>>, String>, u64)>(window);
+    let (tx, rx) = mpsc::sync_channel::<(usize, Result<Vec<u8>, String>, u64)>(window);
     std::thread::scope(|s| {
         for _ in 0..window {
             let tx = tx.clone();
@@ -472,8 +474,10 @@ pub(crate) fn walk(
         }
         drop(tx);
         let result = (|| -> Result<(PackUse, usize), BankError> {
-            let mut ahead: BTreeMap<usize, Result<Vec<Vec<u8>>, String>> = BTreeMap::new();
-            let mut current: std::vec::IntoIter<Vec<u8>> = Vec::new().into_iter();
+            let mut ahead: BTreeMap<usize, Result<Vec<u8>, String>> = BTreeMap::new();
+            // The segment being written: its plaintext, its chunks, and the next one's
+            // place in that list and offset (none yet: an empty list).
+            let mut cur: (Vec<u8>, &[(ChunkId, u32)], usize, usize) = (Vec::new(), &[], 0, 0);
             let mut seg_no = 0usize;
             let mut kept: HashMap<ChunkId, Vec<u8>> = HashMap::new();
             let mut kept_bytes = 0usize;
@@ -513,9 +517,12 @@ pub(crate) fn walk(
                     continue;
                 }
                 // A first use: the next chunk of the pack.
-                let plain = loop {
-                    if let Some(p) = current.next() {
-                        break p;
+                let range = loop {
+                    if let Some(&(_, len)) = cur.1.get(cur.2) {
+                        let r = cur.3..cur.3 + len as usize;
+                        cur.2 += 1;
+                        cur.3 = r.end;
+                        break r;
                     }
                     // The next segment, in order.
                     let got = loop {
@@ -535,10 +542,10 @@ pub(crate) fn walk(
                     };
                     match got {
                         Ok(p) => {
+                            cur = (p, &idx.segments[seg_no].chunks, 0, 0);
                             seg_no += 1;
                             *consumed.lock().unwrap_or_else(|p| p.into_inner()) = seg_no;
                             room.notify_all();
-                            current = p.into_iter();
                         }
                         Err(e) => {
                             used.fell_back = Some(e);
@@ -546,12 +553,13 @@ pub(crate) fn walk(
                         }
                     }
                 };
-                out(place, Some(&plain))?;
+                let plain = &cur.0[range];
+                out(place, Some(plain))?;
                 used.chunks += 1;
                 progress.advance(plain.len() as u64);
                 if count > 1 && kept_bytes + plain.len() <= KEEP_REPEATS {
                     kept_bytes += plain.len();
-                    kept.insert(id, plain);
+                    kept.insert(id, plain.to_vec());
                 }
             }
             Ok((used, places))

@@ -264,8 +264,8 @@ pub fn compress_segment(chunks: &[&[u8]], level: i32) -> std::io::Result<Vec<u8>
 }
 
 /// Decompresses segment `n` (described by `seg`) from its frame and checks every
-/// chunk against its id; the plaintexts, in the segment's order.
-pub fn decode_segment(n: usize, seg: &Segment, frame: &[u8]) -> Result<Vec<Vec<u8>>, PackError> {
+/// chunk against its id; the segment's plaintext, its chunks back to back in order.
+pub fn decode_segment(n: usize, seg: &Segment, frame: &[u8]) -> Result<Vec<u8>, PackError> {
     if frame.len() as u64 != seg.frame_len {
         return Err(PackError::SegmentLength {
             segment: n,
@@ -285,7 +285,6 @@ pub fn decode_segment(n: usize, seg: &Segment, frame: &[u8]) -> Result<Vec<Vec<u
     if plain.len() != seg.plain_len as usize {
         return Err(bad(format!("it holds {} bytes", plain.len())));
     }
-    let mut out = Vec::with_capacity(seg.chunks.len());
     let mut at = 0usize;
     for (id, len) in &seg.chunks {
         let c = &plain[at..at + *len as usize];
@@ -296,9 +295,8 @@ pub fn decode_segment(n: usize, seg: &Segment, frame: &[u8]) -> Result<Vec<Vec<u
                 id: *id,
             });
         }
-        out.push(c.to_vec());
     }
-    Ok(out)
+    Ok(plain)
 }
 
 #[cfg(test)]
@@ -357,7 +355,10 @@ mod tests {
         );
         assert_eq!(idx.chunk_count(), 3);
         for (n, f) in frames.iter().enumerate() {
-            assert_eq!(decode_segment(n, &idx.segments[n], f).unwrap(), plain[n]);
+            assert_eq!(
+                decode_segment(n, &idx.segments[n], f).unwrap(),
+                plain[n].concat()
+            );
         }
     }
 

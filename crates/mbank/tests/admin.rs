@@ -235,7 +235,15 @@ fn publish_and_unpublish() {
     assert!(!a.can_read_machine(&alice, &m).unwrap());
     assert!(a.readable(&alice, &chunks).unwrap().iter().all(|r| !r));
 
-    admin(&bank, &["publish", "lab/base"]).ok();
+    let published = admin(&bank, &["publish", "lab/base"]).ok();
+    // Its head is packed for exports.
+    assert!(published.stderr.contains("packed its head"), "{published}");
+    let packs: Vec<_> = std::fs::read_dir(bank.path.join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(packs.len(), 1, "{packs:?}");
+    assert!(packs[0].ends_with(".pack"), "{packs:?}");
     assert_eq!(
         admin(&bank, &["published", "--json"]).ok().json(),
         serde_json::json!(["lab/base"])

@@ -830,6 +830,17 @@ fn console_forks_downloads_and_administers() {
     );
     assert_eq!(a.status, 303, "{}", a.body);
     assert!(root.get("/admin/published").body.contains("alice/dev"));
+    // The server packs the published head for exports, after its answer.
+    let head = s.versions("alice/dev")[0].clone();
+    let pack = s.bank_dir.join("packs").join(format!("{head}.pack"));
+    let t0 = std::time::Instant::now();
+    while !pack.exists() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "no pack of the published head {head} after 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let bhome = bob.get("/");
     assert!(
         bhome.body.contains("id=\"bases\"") && bhome.body.contains("alice/dev"),
