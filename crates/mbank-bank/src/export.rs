@@ -32,6 +32,35 @@ pub struct ExportReport {
     pub pack: Option<crate::pack::PackUse>,
 }
 
+/// A version's pack as an export uses it.
+struct Packed {
+    src: Arc<dyn mbank_store::PackSource>,
+    idx: mbank_core::pack::PackIndex,
+    used: crate::pack::PackUse,
+}
+
+impl Packed {
+    /// Hands the disk's places to `out` from the pack ([`crate::pack::walk`]), unless
+    /// it failed already; the first place left for the chunks.
+    fn write(
+        &mut self,
+        store: &dyn ChunkStore,
+        v: &mbank_catalog::VersionInfo,
+        index: &DiskIndex,
+        jobs: usize,
+        progress: &dyn Progress,
+        out: &mut crate::pack::Place<'_>,
+    ) -> Result<usize, BankError> {
+        if self.used.fell_back.is_some() {
+            return Ok(0);
+        }
+        let (used, next) =
+            crate::pack::walk(&*self.src, store, v, index, &self.idx, jobs, progress, out)?;
+        self.used = used;
+        Ok(next)
+    }
+}
+
 /// Removes the partial output unless the export completed.
 struct PartialFile(Option<PathBuf>);
 impl Drop for PartialFile {
@@ -126,17 +155,13 @@ impl Bank {
             };
             let mut w = std::io::BufWriter::with_capacity(1 << 20, sink);
             let mut from = 0;
-            if let Some((src, idx, used)) = &mut pack
-                && used.fell_back.is_none()
-            {
+            if let Some(packed) = &mut pack {
                 // Zero places are written as runs, before the next chunk.
                 let mut zeros = 0u64;
-                let (u, next) = crate::pack::walk(
-                    &**src,
+                from = packed.write(
                     &*self.store,
                     &v,
                     &index,
-                    idx,
                     jobs,
                     progress,
                     &mut |place, plain| {
@@ -150,8 +175,6 @@ impl Bank {
                     },
                 )?;
                 write_zeros(&mut w, zeros).map_err(|e| BankError::io("write to", &name, e))?;
-                *used = u;
-                from = next;
             }
             let n = write_in_order(
                 &*self.store,
@@ -164,7 +187,10 @@ impl Bank {
                 (damaged, wrong),
             )?;
             w.flush().map_err(|e| BankError::io("write to", &name, e))?;
-            (n + pack.as_ref().map_or(0, |p| p.2.chunks), index.disk_size)
+            (
+                n + pack.as_ref().map_or(0, |p| p.used.chunks),
+                index.disk_size,
+            )
         } else {
             // A symlink is written through: the export replaces the file it points to
             // (renamed into place in that file's directory), not the link.
@@ -193,15 +219,11 @@ impl Bank {
                 .map_err(|e| BankError::io("size", &tmp, e))?;
             let mut from = 0;
             let mut written = 0u64;
-            if let Some((src, idx, used)) = &mut pack
-                && used.fell_back.is_none()
-            {
-                let (u, next) = crate::pack::walk(
-                    &**src,
+            if let Some(packed) = &mut pack {
+                from = packed.write(
                     &*self.store,
                     &v,
                     &index,
-                    idx,
                     jobs,
                     progress,
                     &mut |place, plain| {
@@ -217,8 +239,6 @@ impl Bank {
                         Ok(())
                     },
                 )?;
-                *used = u;
-                from = next;
             }
             let n = write_chunks(
                 &*self.store,
@@ -237,7 +257,10 @@ impl Bank {
             if let Ok(d) = File::open(&dir) {
                 let _ = d.sync_all();
             }
-            (n + pack.as_ref().map_or(0, |p| p.2.chunks), index.disk_size)
+            (
+                n + pack.as_ref().map_or(0, |p| p.used.chunks),
+                index.disk_size,
+            )
         };
         progress.finish();
         Ok(ExportReport {
@@ -249,48 +272,39 @@ impl Bank {
             chunks_zero: index.chunks.iter().filter(|c| c.is_none()).count() as u64,
             bytes_written,
             seconds: started.elapsed().as_secs_f64(),
-            pack: pack.map(|(_, _, used)| used),
+            pack: pack.map(|p| p.used),
         })
     }
 
     /// The pack of `v` and where to read it, when this bank offers packs and `v` has
     /// one. A pack that cannot be had is no error: the export reads the chunks, and
     /// says why in its report.
-    fn pack_for(
-        &self,
-        v: &mbank_catalog::VersionInfo,
-    ) -> Option<(
-        Arc<dyn mbank_store::PackSource>,
-        mbank_core::pack::PackIndex,
-        crate::pack::PackUse,
-    )> {
+    fn pack_for(&self, v: &mbank_catalog::VersionInfo) -> Option<Packed> {
         let src = self.packs.clone()?;
-        let failed = |why: String| crate::pack::PackUse {
-            fell_back: Some(why),
-            ..Default::default()
+        let index = match src.pack_index(v.machine.as_str(), v.id) {
+            Ok(None) => return None,
+            Ok(Some(b)) => mbank_core::pack::PackIndex::from_bytes(&b)
+                .map_err(|e| format!("the pack's index is not valid: {e}")),
+            Err(e) => Err(format!("cannot read the pack's index: {e}")),
         };
-        match src.pack_index(v.machine.as_str(), v.id) {
-            Ok(None) => None,
-            Ok(Some(b)) => match mbank_core::pack::PackIndex::from_bytes(&b) {
-                Ok(idx) => Some((src, idx, Default::default())),
-                Err(e) => Some((
-                    src,
-                    mbank_core::pack::PackIndex {
-                        version: v.id,
-                        segments: Vec::new(),
-                    },
-                    failed(format!("the pack's index is not valid: {e}")),
-                )),
-            },
-            Err(e) => Some((
-                src,
+        let (idx, fell_back) = match index {
+            Ok(idx) => (idx, None),
+            Err(why) => (
                 mbank_core::pack::PackIndex {
                     version: v.id,
                     segments: Vec::new(),
                 },
-                failed(format!("cannot read the pack's index: {e}")),
-            )),
-        }
+                Some(why),
+            ),
+        };
+        Some(Packed {
+            src,
+            idx,
+            used: crate::pack::PackUse {
+                fell_back,
+                ..Default::default()
+            },
+        })
     }
 }
 

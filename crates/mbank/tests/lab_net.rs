@@ -119,15 +119,18 @@ fn an_export_takes_a_packed_version_across_the_lab_in_fewer_bytes() {
     alice.import("alice/alike", &image, &[]);
 
     // Without a pack: a frame per chunk, each as large as the chunk.
-    let d0 = lab.download(1);
     let out = alice.file("alike.out");
-    let r = alice.json(&[
-        "export".as_ref(),
-        "--json".as_ref(),
-        "--force".as_ref(),
-        "alice/alike".as_ref(),
-        out.as_os_str(),
-    ]);
+    let export = || {
+        alice.json(&[
+            "export".as_ref(),
+            "--json".as_ref(),
+            "--force".as_ref(),
+            "alice/alike".as_ref(),
+            out.as_os_str(),
+        ])
+    };
+    let d0 = lab.download(1);
+    let r = export();
     assert!(r.get("pack").is_none(), "no pack yet: {r}");
     let d1 = lab.download(1);
     let plain_bytes = d1.bytes - d0.bytes;
@@ -148,13 +151,7 @@ fn an_export_takes_a_packed_version_across_the_lab_in_fewer_bytes() {
     );
 
     let d2 = lab.download(1);
-    let r = alice.json(&[
-        "export".as_ref(),
-        "--json".as_ref(),
-        "--force".as_ref(),
-        "alice/alike".as_ref(),
-        out.as_os_str(),
-    ]);
+    let r = export();
     let d3 = lab.download(1);
     assert_same_bytes(
         &std::fs::read(&out).unwrap(),
