@@ -194,6 +194,7 @@ pub fn build(
     };
     let bytes = idx.to_bytes();
     debug_assert_eq!(bytes.len(), index_len);
+    debug_assert_eq!(idx.file_len(), offset);
     file.write_all_at(&bytes, 0)
         .map_err(|e| BankError::io("write", &tmp, e))?;
     file.sync_all()
@@ -292,6 +293,75 @@ pub fn read_index(bank_dir: &Path, v: VersionId) -> Result<Option<(PackIndex, Ve
         ));
     }
     Ok(Some((idx, b)))
+}
+
+/// The parsed indexes of the last few packs read from a bank directory, each kept
+/// while its file stays the same (inode, length, modification time): a bank server
+/// answers every segment request of an export from one parse of the index, not one
+/// per segment.
+#[derive(Default)]
+pub struct IndexCache {
+    entries: Mutex<Vec<CachedIndex>>,
+    parses: std::sync::atomic::AtomicU64,
+}
+
+/// A pack's index, its serialised form, and the identity of the file it was read from.
+pub type PackIndexBytes = std::sync::Arc<(PackIndex, Vec<u8>)>;
+struct CachedIndex {
+    version: VersionId,
+    file: (u64, u64, i64, i64),
+    index: PackIndexBytes,
+}
+
+/// Indexes an [`IndexCache`] keeps.
+const CACHED_INDEXES: usize = 8;
+
+impl IndexCache {
+    pub fn new() -> IndexCache {
+        IndexCache::default()
+    }
+
+    /// [`read_index`], from the cache when the file has not changed since.
+    pub fn get(&self, bank_dir: &Path, v: VersionId) -> Result<Option<PackIndexBytes>, String> {
+        use std::os::unix::fs::MetadataExt;
+        let path = pack_path(bank_dir, v);
+        let file = match fs::metadata(&path) {
+            Ok(m) => (m.ino(), m.len(), m.mtime(), m.mtime_nsec()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        {
+            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(at) = entries.iter().position(|e| e.version == v && e.file == file) {
+                let hit = entries.remove(at);
+                let index = hit.index.clone();
+                entries.insert(0, hit);
+                return Ok(Some(index));
+            }
+        }
+        self.parses.fetch_add(1, Ordering::Relaxed);
+        let Some(read) = read_index(bank_dir, v)? else {
+            return Ok(None);
+        };
+        let index: PackIndexBytes = std::sync::Arc::new(read);
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|e| e.version != v);
+        entries.insert(
+            0,
+            CachedIndex {
+                version: v,
+                file,
+                index: index.clone(),
+            },
+        );
+        entries.truncate(CACHED_INDEXES);
+        Ok(Some(index))
+    }
+
+    /// How many times an index was read and parsed from its file.
+    pub fn parses(&self) -> u64 {
+        self.parses.load(Ordering::Relaxed)
+    }
 }
 
 /// The frame of segment `seg` of version `v`'s pack.
@@ -431,8 +501,10 @@ pub(crate) fn walk(
     let stop = AtomicBool::new(false);
     let consumed = Mutex::new(0usize);
     let room = Condvar::new();
-    let (tx, rx) = mpsc::sync_channel::<(usize, Result<Vec<u8>, String>, u64)>(window);
     std::thread::scope(|s| {
+        // Made in the scope, so that the writer ending any way (a panic too) drops the
+        // receiver, and a reader blocked on a full channel stops.
+        let (tx, rx) = mpsc::sync_channel::<(usize, Result<Vec<u8>, String>, u64)>(window);
         for _ in 0..window {
             let tx = tx.clone();
             let (next_seg, stop, consumed, room, machine) =
@@ -473,6 +545,11 @@ pub(crate) fn walk(
             });
         }
         drop(tx);
+        let _stop = StopReaders {
+            stop: &stop,
+            consumed: &consumed,
+            room: &room,
+        };
         let result = (|| -> Result<(PackUse, usize), BankError> {
             let mut ahead: BTreeMap<usize, Result<Vec<u8>, String>> = BTreeMap::new();
             // The segment being written: its plaintext, its chunks, and the next one's
@@ -564,10 +641,177 @@ pub(crate) fn walk(
             }
             Ok((used, places))
         })();
-        stop.store(true, Ordering::Relaxed);
-        room.notify_all();
-        // Unblock senders, then let the scope join them.
+        // Stop the readers, then unblock any sending, before the scope joins them.
+        drop(_stop);
         drop(rx);
         result
     })
+}
+
+/// Stops [`walk`]'s readers however its writer ends, a panic too. `stop` is set under
+/// the window's lock, which a reader holds from its check of `stop` until it waits: so
+/// no reader misses the wake-up and waits for ever.
+struct StopReaders<'a> {
+    stop: &'a AtomicBool,
+    consumed: &'a Mutex<usize>,
+    room: &'a Condvar,
+}
+
+impl Drop for StopReaders<'_> {
+    fn drop(&mut self) {
+        let held = self.consumed.lock().unwrap_or_else(|p| p.into_inner());
+        self.stop.store(true, Ordering::Relaxed);
+        drop(held);
+        self.room.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mbank_store::MemStore;
+
+    /// Segments served from memory, each `n` as built.
+    struct MemPacks(Vec<Vec<u8>>);
+    impl PackSource for MemPacks {
+        fn pack_index(&self, _: &str, _: VersionId) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(None)
+        }
+        fn pack_segment(
+            &self,
+            _: &str,
+            _: VersionId,
+            n: usize,
+            _: &Segment,
+        ) -> Result<Vec<u8>, StoreError> {
+            Ok(self.0[n].clone())
+        }
+    }
+
+    /// A disk of `places` distinct 4 KiB chunks, one per segment, its pack and its
+    /// version.
+    fn disk(places: usize) -> (DiskIndex, PackIndex, MemPacks, VersionInfo) {
+        let plains: Vec<Vec<u8>> = (0..places as u32)
+            .map(|i| i.to_le_bytes().repeat(1024))
+            .collect();
+        let index = DiskIndex {
+            chunk_size: 4096,
+            disk_size: 4096 * places as u64,
+            chunks: plains.iter().map(|p| Some(ChunkId::of(p))).collect(),
+        };
+        let frames: Vec<Vec<u8>> = plains
+            .iter()
+            .map(|p| pack::compress_segment(&[p], 1).unwrap())
+            .collect();
+        let id = VersionId::random();
+        let idx = PackIndex {
+            version: id,
+            segments: plains
+                .iter()
+                .zip(&frames)
+                .map(|(p, f)| Segment {
+                    offset: 0,
+                    frame_len: f.len() as u64,
+                    plain_len: p.len() as u32,
+                    chunks: vec![(ChunkId::of(p), p.len() as u32)],
+                })
+                .collect(),
+        };
+        let v = VersionInfo {
+            id,
+            machine: "lab/m".parse().unwrap(),
+            parent: None,
+            created_ms: 0,
+            disk_size: index.disk_size,
+            chunk_size: index.chunk_size,
+            stats: Default::default(),
+            config: None,
+            streams: Vec::new(),
+        };
+        (index, idx, MemPacks(frames), v)
+    }
+
+    /// Runs `f` on a thread; false if it has not ended within 60 s.
+    fn ends(f: impl FnOnce() + Send + 'static) -> bool {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(60)).is_ok()
+    }
+
+    #[test]
+    fn the_readers_stop_when_the_writer_fails_or_panics() {
+        // Readers run ahead to the window's edge and wait there; the writer then ends
+        // at its first place, by an error and by a panic.
+        for panics in [false, true] {
+            assert!(
+                ends(move || {
+                    let (index, idx, src, v) = disk(64);
+                    let store = MemStore::new();
+                    let r = walk(&src, &store, &v, &index, &idx, 1, &crate::NoProgress, &mut |_, _| {
+                        // Give the readers time to fill the window and wait.
+                        std::thread::sleep(Duration::from_millis(200));
+                        if panics {
+                            panic!("the writer fails");
+                        }
+                        Err(BankError::io("write", "/x", std::io::Error::other("full")))
+                    });
+                    assert!(r.is_err());
+                }),
+                "walk did not end when its writer {} (panics: {panics})",
+                if panics { "panicked" } else { "failed" }
+            );
+        }
+    }
+
+    #[test]
+    fn the_index_cache_parses_a_pack_once_until_its_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (index, _, _, v) = disk(20);
+        let store = MemStore::new();
+        for i in 0..20u32 {
+            let p = i.to_le_bytes().repeat(1024);
+            store
+                .put(&mbank_core::chunk::encode(&p, 3))
+                .unwrap();
+        }
+        let cache = IndexCache::new();
+        assert!(cache.get(dir.path(), v.id).unwrap().is_none());
+        build(&store, dir.path(), &v, &index, 3, 1, &crate::NoProgress).unwrap();
+        let a = cache.get(dir.path(), v.id).unwrap().unwrap();
+        let b = cache.get(dir.path(), v.id).unwrap().unwrap();
+        assert!(std::sync::Arc::ptr_eq(&a, &b));
+        assert_eq!(cache.parses(), 1);
+        // Built again (a new file): read again.
+        build(&store, dir.path(), &v, &index, 5, 1, &crate::NoProgress).unwrap();
+        let c = cache.get(dir.path(), v.id).unwrap().unwrap();
+        assert_eq!(cache.parses(), 2);
+        assert_eq!(c.0.segments.len(), 1);
+        // Gone: none, and a damaged one is an error.
+        let path = pack_path(dir.path(), v.id);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[45] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        assert!(cache.get(dir.path(), v.id).is_err());
+        fs::remove_file(&path).unwrap();
+        assert!(cache.get(dir.path(), v.id).unwrap().is_none());
+    }
+
+    #[test]
+    fn every_place_is_handed_over_once_in_order() {
+        let (index, idx, src, v) = disk(50);
+        let store = MemStore::new();
+        let mut seen = Vec::new();
+        let (used, next) = walk(&src, &store, &v, &index, &idx, 2, &crate::NoProgress, &mut |p, b| {
+            assert_eq!(b.map(ChunkId::of), index.chunks[p]);
+            seen.push(p);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(next, 50);
+        assert_eq!(seen, (0..50).collect::<Vec<_>>());
+        assert_eq!((used.segments, used.chunks, used.fell_back), (50, 50, None));
+    }
 }

@@ -209,12 +209,22 @@ impl PackIndex {
         Ok(PackIndex { version, segments })
     }
 
+    /// The length of the serialised index.
+    pub fn len(&self) -> usize {
+        HEADER_LEN
+            + self.segments.len() * SEGMENT_ENTRY_LEN
+            + self.chunk_count() * CHUNK_ENTRY_LEN
+            + TRAILER_LEN
+    }
+
+    /// True for the pack of a disk that is all zeros: no segments.
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
     /// The length of the whole pack file: its index and every frame.
     pub fn file_len(&self) -> u64 {
-        self.segments
-            .last()
-            .map(|s| s.offset + s.frame_len)
-            .unwrap_or(0)
+        self.len() as u64 + self.segments.iter().map(|s| s.frame_len).sum::<u64>()
     }
 
     /// Chunks over every segment.
@@ -360,6 +370,19 @@ mod tests {
                 plain[n].concat()
             );
         }
+    }
+
+    #[test]
+    fn the_pack_of_a_zero_disk_is_its_index_alone() {
+        let idx = PackIndex {
+            version: VersionId::random(),
+            segments: Vec::new(),
+        };
+        let b = idx.to_bytes();
+        let back = PackIndex::from_bytes(&b).unwrap();
+        assert!(back.is_empty());
+        assert_eq!(back.file_len(), b.len() as u64);
+        assert_eq!(back.len(), b.len());
     }
 
     #[test]

@@ -61,8 +61,9 @@ impl PackSource for RemotePacks {
     }
 }
 
-/// Asks the server to build the pack of version `version` of `machine` (its owner or
-/// an administrator may); what the server's build reported (`mbank_bank::pack::PackReport`).
+/// Asks the server to build the pack of version `version` of `machine` (administrators
+/// only); what the server's build reported (`mbank_bank::pack::PackReport`). While
+/// another build runs the server answers `503`, which the client waits out.
 pub fn build_pack(
     client: &Client,
     machine: &str,

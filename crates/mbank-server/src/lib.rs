@@ -162,6 +162,8 @@ struct App {
     direct_writes: Option<DirectUrls>,
     /// Held while a pack is built.
     pack_builds: Mutex<()>,
+    /// The pack indexes segment requests read.
+    pack_indexes: mbank_bank::pack::IndexCache,
 }
 
 type Shared = Arc<App>;
@@ -261,11 +263,28 @@ impl App {
     }
 
     /// Builds the pack of version `info` (one build at a time: a build takes a core).
+    /// `wait`: for the build running now, rather than answering `503` (a request must not
+    /// hold a worker thread while another build runs).
     pub(crate) fn build_pack(
         &self,
         info: &mbank_catalog::VersionInfo,
+        wait: bool,
     ) -> Result<mbank_bank::pack::PackReport, ApiError> {
-        let _one = self.pack_builds.lock().unwrap_or_else(|p| p.into_inner());
+        let _one = match self.pack_builds.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) if wait => {
+                self.pack_builds.lock().unwrap_or_else(|p| p.into_inner())
+            }
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(ApiError::unavailable(format!(
+                    "another pack is being built; {}@{} is packed after it",
+                    info.machine,
+                    info.id.short()
+                ))
+                .retry_after(5));
+            }
+        };
         let index = self.catalog(|c| Ok(c.disk_index(info)?))?;
         let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
         let r = mbank_bank::pack::build(
@@ -1031,10 +1050,10 @@ fn version_pack(
     user: &User,
     m: &MachineName,
     v: VersionId,
-) -> Result<(mbank_core::pack::PackIndex, Vec<u8>), ApiError> {
+) -> Result<mbank_bank::pack::PackIndexBytes, ApiError> {
     let info = exact_version(app, user, m, v)?;
     let none = || ApiError::not_found(format!("version {} of {m} has no pack", v.short()));
-    match mbank_bank::pack::read_index(&app.bank_dir, info.id) {
+    match app.pack_indexes.get(&app.bank_dir, info.id) {
         Ok(Some(p)) => Ok(p),
         Ok(None) => Err(none()),
         Err(why) => {
@@ -1051,7 +1070,7 @@ async fn pack_index(
 ) -> Result<Response, ApiError> {
     let (m, v) = (machine_name(&u, &n)?, version_id(&v)?);
     authed(&app, caller, move |app, user| {
-        Ok(binary(version_pack(app, user, &m, v)?.1))
+        Ok(binary(version_pack(app, user, &m, v)?.1.clone()))
     })
     .await
 }
@@ -1066,7 +1085,8 @@ async fn pack_segment(
         .parse()
         .map_err(|_| ApiError::bad_request(format!("{k:?} is not a segment number")))?;
     authed(&app, caller, move |app, user| {
-        let (idx, _) = version_pack(app, user, &m, v)?;
+        let pack = version_pack(app, user, &m, v)?;
+        let idx = &pack.0;
         let seg = idx.segments.get(k).ok_or_else(|| {
             ApiError::not_found(format!(
                 "the pack of {m}@{} has {} segments; there is no segment {k}",
@@ -1102,9 +1122,11 @@ async fn build_pack(
 ) -> Result<Response, ApiError> {
     let (m, v) = (machine_name(&u, &n)?, version_id(&v)?);
     authed(&app, caller, move |app, user| {
+        // A pack is a second copy of the version's data, charged to no quota: built
+        // through the server for administrators only.
+        actions::admin_only(user)?;
         let info = exact_version(app, user, &m, v)?;
-        app.writable_machine(user, &m)?;
-        Ok(json(&app.build_pack(&info)?))
+        Ok(json(&app.build_pack(&info, false)?))
     })
     .await
 }
@@ -2483,5 +2505,6 @@ fn open_app(bank_dir: &FsPath, limits: Limits, cfg: &Config) -> Result<Shared, S
         direct,
         direct_writes,
         pack_builds: Mutex::new(()),
+        pack_indexes: mbank_bank::pack::IndexCache::new(),
     }))
 }

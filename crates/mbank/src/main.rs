@@ -152,9 +152,9 @@ enum Cmd {
     /// An export through a bank server takes the version's chunks from its pack when
     /// it has one, and from the chunks otherwise (also when the pack turns out
     /// damaged). On the bank's host the pack goes into <bank>/packs/; given the
-    /// server's URL, the server builds it (the machine's owner or an administrator may
-    /// ask). `mbank admin publish` packs the published head itself; `mbank gc` removes
-    /// the packs of removed versions.
+    /// server's URL, the server builds it (for administrators: a pack is a second copy
+    /// of the data that no quota counts). `mbank admin publish` packs the published
+    /// head itself; `mbank gc` removes the packs of removed versions.
     Pack {
         /// user/name for the head, or user/name@VERSION (any unique prefix of 4+ digits).
         machine: MachineRef,

@@ -247,7 +247,7 @@ pub(crate) async fn publish(
         tokio::task::spawn_blocking(move || {
             let built = app
                 .catalog(|c| Ok(c.resolve(&head, None)?))
-                .and_then(|v| app.build_pack(&v));
+                .and_then(|v| app.build_pack(&v, true));
             if let Err(e) = built {
                 tracing::warn!(machine = %head, "the published head was not packed: {}", e.body.message);
             }
