@@ -332,7 +332,10 @@ impl IndexCache {
         };
         {
             let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(at) = entries.iter().position(|e| e.version == v && e.file == file) {
+            if let Some(at) = entries
+                .iter()
+                .position(|e| e.version == v && e.file == file)
+            {
                 let hit = entries.remove(at);
                 let index = hit.index.clone();
                 entries.insert(0, hit);
@@ -750,14 +753,23 @@ mod tests {
                 ends(move || {
                     let (index, idx, src, v) = disk(64);
                     let store = MemStore::new();
-                    let r = walk(&src, &store, &v, &index, &idx, 1, &crate::NoProgress, &mut |_, _| {
-                        // Give the readers time to fill the window and wait.
-                        std::thread::sleep(Duration::from_millis(200));
-                        if panics {
-                            panic!("the writer fails");
-                        }
-                        Err(BankError::io("write", "/x", std::io::Error::other("full")))
-                    });
+                    let r = walk(
+                        &src,
+                        &store,
+                        &v,
+                        &index,
+                        &idx,
+                        1,
+                        &crate::NoProgress,
+                        &mut |_, _| {
+                            // Give the readers time to fill the window and wait.
+                            std::thread::sleep(Duration::from_millis(200));
+                            if panics {
+                                panic!("the writer fails");
+                            }
+                            Err(BankError::io("write", "/x", std::io::Error::other("full")))
+                        },
+                    );
                     assert!(r.is_err());
                 }),
                 "walk did not end when its writer {} (panics: {panics})",
@@ -773,9 +785,7 @@ mod tests {
         let store = MemStore::new();
         for i in 0..20u32 {
             let p = i.to_le_bytes().repeat(1024);
-            store
-                .put(&mbank_core::chunk::encode(&p, 3))
-                .unwrap();
+            store.put(&mbank_core::chunk::encode(&p, 3)).unwrap();
         }
         let cache = IndexCache::new();
         assert!(cache.get(dir.path(), v.id).unwrap().is_none());
@@ -804,11 +814,20 @@ mod tests {
         let (index, idx, src, v) = disk(50);
         let store = MemStore::new();
         let mut seen = Vec::new();
-        let (used, next) = walk(&src, &store, &v, &index, &idx, 2, &crate::NoProgress, &mut |p, b| {
-            assert_eq!(b.map(ChunkId::of), index.chunks[p]);
-            seen.push(p);
-            Ok(())
-        })
+        let (used, next) = walk(
+            &src,
+            &store,
+            &v,
+            &index,
+            &idx,
+            2,
+            &crate::NoProgress,
+            &mut |p, b| {
+                assert_eq!(b.map(ChunkId::of), index.chunks[p]);
+                seen.push(p);
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!(next, 50);
         assert_eq!(seen, (0..50).collect::<Vec<_>>());

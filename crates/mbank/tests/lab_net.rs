@@ -144,7 +144,14 @@ fn an_export_takes_a_packed_version_across_the_lab_in_fewer_bytes() {
         "{refused}"
     );
     let mut c = server.host().cmd();
-    c.args(["admin", "user", "add", "root", "--admin", "--password-stdin"]);
+    c.args([
+        "admin",
+        "user",
+        "add",
+        "root",
+        "--admin",
+        "--password-stdin",
+    ]);
     run_with_input(c, b"root-lab-secret\n").ok();
     let root = server.login(lab.station(1), "root", "root-lab-secret");
     let p = root.json(&["pack", "--json", "alice/alike"]);

@@ -243,7 +243,9 @@ impl RunningGuest {
         let (lock, cv) = &*self.shared;
         let mut cap = lock.lock().unwrap();
         loop {
-            let hits: Vec<&str> = cap.serial.lines().filter(|l| l.contains(marker)).collect();
+            // Complete lines only: one still being written may hold half a value.
+            let complete = cap.serial.rfind('\n').map_or("", |end| &cap.serial[..end]);
+            let hits: Vec<&str> = complete.lines().filter(|l| l.contains(marker)).collect();
             if hits.len() >= count {
                 return hits[count - 1].to_string();
             }
