@@ -141,7 +141,8 @@ enum Cmd {
         #[arg(long)]
         force: bool,
         /// Print a JSON report: {machine, version, path, disk_size, chunks_read,
-        /// chunks_zero, bytes_written, seconds}.
+        /// chunks_zero, bytes_written, seconds}, and pack: {segments, bytes, chunks,
+        /// fell_back} when the bank offered the version's pack.
         #[arg(long)]
         json: bool,
     },
