@@ -17,7 +17,8 @@
 #     (`mbank pack`), and the export rows above read that pack; for this row the pack
 #     is moved aside, as for a version nobody packed;
 #   - curl of base.raw.zst (zstd -3 of the disk, made once, cached) from
-#     `python3 -m http.server` in the server's namespace, to /dev/null.
+#     `python3 -m http.server` in the server's namespace, to /dev/null, and to a file
+#     (the ratios are against the /dev/null row).
 # With BENCH_LAB_WHAT containing `upload` (default "export upload"), the other way too:
 #   - mbank import of base.raw from the station into a fresh bank served over HTTPS
 #     (each run a new bank on the server's host, so nothing is deduplicated; only the
@@ -167,6 +168,13 @@ curl_zst() { # checks the size: a stale server on the port must not pass for a f
     n=$(in_st curl -sS -o /dev/null -w '%{size_download}' "http://$MBANK_LAB_SERVER_ADDR:8099/base.raw.zst")
     [[ $n == "$ZST_BYTES" ]] || die "curl fetched $n bytes of base.raw.zst, not $ZST_BYTES"
 }
+# The same into a file beside the export's (no fsync: curl does none), removed after.
+curl_zst_file() {
+    local n
+    n=$(in_st curl -sS -o "$T/out.zst" -w '%{size_download}' "http://$MBANK_LAB_SERVER_ADDR:8099/base.raw.zst")
+    [[ $n == "$ZST_BYTES" ]] || die "curl fetched $n bytes of base.raw.zst, not $ZST_BYTES"
+}
+after_curl_zst_file() { rm -f "$T/out.zst"; }
 
 cat >"$T/sink.py" <<'PY'
 import sys
@@ -215,7 +223,7 @@ if [[ $WHAT == *" export "* ]]; then
     ROWS+=("mbank export, HTTPS, to a file" "mbank export, HTTPS, to /dev/null")
     ROWS+=("mbank export, HTTPS, to a file, no pack")
     [[ -n ${BENCH_LAB_SKIP_HTTP:-} ]] || ROWS+=("mbank export, HTTP, to a file")
-    ROWS+=("curl of the zstd file, HTTP")
+    ROWS+=("curl of the zstd file, HTTP" "curl of the zstd file, HTTP, to a file")
 fi
 if [[ $WHAT == *" upload "* ]]; then
     ROWS+=("mbank import to a fresh bank, HTTPS" "curl -T of the zstd file, HTTP")
@@ -296,6 +304,7 @@ for p in "${PROFILES[@]}"; do
         sleep 0.1
     done
     measure "$p" "curl of the zstd file, HTTP" curl_zst
+    measure "$p" "curl of the zstd file, HTTP, to a file" curl_zst_file
     www_stop
     lab_down
 done
@@ -321,7 +330,7 @@ PUT_ROW="curl -T of the zstd file, HTTP"
             [[ -n $t ]] || continue # an upload row of a :garage profile
             moved=$STORED
             [[ $row != "mbank export"* || $row == *"no pack" ]] || moved=$PACKED
-            [[ $row != "$CURL_ROW" && $row != "$PUT_ROW" ]] || moved=$ZST_BYTES
+            [[ $row != "$CURL_ROW"* && $row != "$PUT_ROW" ]] || moved=$ZST_BYTES
             ref=$CURL_ROW
             [[ $row != *import* && $row != "$PUT_ROW" ]] || ref=$PUT_ROW
             printf '| %s | %s | %.2f | %.1f | %.2f | %s | %s |\n' "$p" "$row" "$t" \
