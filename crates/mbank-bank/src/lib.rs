@@ -268,6 +268,10 @@ pub struct BankStats {
     pub chunks_referenced: u64,
     /// logical_nonzero_bytes / bytes_stored.
     pub dedup_ratio: f64,
+    /// Packs in `<bank>/packs/` (`mbank pack`) and their bytes: copies of their
+    /// versions' data for exports, not in `bytes_stored`.
+    pub packs: u64,
+    pub pack_bytes: u64,
     /// Where the chunks are: `local` (the bank directory) or the store URL.
     pub store: String,
 }
@@ -991,6 +995,7 @@ impl Bank {
             Ok(())
         })?;
         s.chunks_referenced = seen.len() as u64;
+        (s.packs, s.pack_bytes) = crate::pack::usage(self.local_root("stats")?)?;
         s.dedup_ratio = if s.bytes_stored > 0 {
             s.logical_nonzero_bytes as f64 / s.bytes_stored as f64
         } else {

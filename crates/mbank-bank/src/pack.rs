@@ -408,6 +408,26 @@ pub fn prune(bank_dir: &Path, keep: &dyn Fn(VersionId) -> bool) -> Result<u64, B
     Ok(removed)
 }
 
+/// The number of packs in the bank at `bank_dir` and their bytes.
+pub fn usage(bank_dir: &Path) -> Result<(u64, u64), BankError> {
+    let dir = bank_dir.join(PACKS_DIR);
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(e) => return Err(BankError::io("list", &dir, e)),
+    };
+    let (mut n, mut bytes) = (0, 0);
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().ends_with(".pack")
+            && let Ok(m) = e.metadata()
+        {
+            n += 1;
+            bytes += m.len();
+        }
+    }
+    Ok((n, bytes))
+}
+
 /// The packs in a bank directory, as a [`PackSource`].
 pub struct DirPacks(pub PathBuf);
 

@@ -234,9 +234,16 @@ fn gc_removes_the_packs_of_removed_versions_only() {
     bank.build_pack(&r, 3, 1, &NoProgress).unwrap();
     bank.build_pack(&r2, 3, 1, &NoProgress).unwrap();
     let root = dir.path().join("bank");
+    let st = bank.stats().unwrap();
+    let on_disk: u64 = [v1, v2]
+        .iter()
+        .map(|v| std::fs::metadata(pack_path(&root, *v)).unwrap().len())
+        .sum();
+    assert_eq!((st.packs, st.pack_bytes), (2, on_disk));
     bank.remove(&r2).unwrap();
     let g = bank.gc(&NoProgress).unwrap();
     assert_eq!(g.packs_removed, 1);
+    assert_eq!(bank.stats().unwrap().packs, 1);
     assert!(pack_path(&root, v1).exists());
     assert!(!pack_path(&root, v2).exists());
 }

@@ -2165,6 +2165,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "deduplication       {:.2}x (non-zero data / bytes stored)",
                     s.dedup_ratio
                 )?;
+                outln!(
+                    "packs               {} ({}; `mbank pack`, copies for exports)",
+                    s.packs,
+                    bytes(s.pack_bytes)
+                )?;
             }
         }
     }

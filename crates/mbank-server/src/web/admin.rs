@@ -302,6 +302,7 @@ pub(crate) async fn storage_page(State(app): State<Shared>, headers: HeaderMap) 
                 tr { th { "Disks hold" } td { (bytes(stats.logical_nonzero_bytes)) " of data in " (stats.versions) " versions of " (stats.machines) " machines (" (bytes(stats.logical_bytes)) " with zeros)" } }
                 tr { th { "Deduplication" } td id="dedup" { (format!("{:.2}", stats.dedup_ratio)) "×" } }
                 tr { th { "Chunks referenced" } td { (stats.chunks_referenced) } }
+                tr { th { "Packs" } td id="packs" { (stats.packs) " (" (bytes(stats.pack_bytes)) ", copies for exports)" } }
             }
         }
         h2 { "Use per user" }
