@@ -378,14 +378,8 @@ pub fn read_segment(bank_dir: &Path, v: VersionId, seg: &Segment) -> std::io::Re
 /// Removes the packs of versions for which `keep` is false, and temp files of builds
 /// that ended more than an hour ago; the number of packs removed.
 pub fn prune(bank_dir: &Path, keep: &dyn Fn(VersionId) -> bool) -> Result<u64, BankError> {
-    let dir = bank_dir.join(PACKS_DIR);
-    let entries = match fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(BankError::io("list", &dir, e)),
-    };
     let mut removed = 0;
-    for e in entries.flatten() {
+    for e in entries(bank_dir)? {
         let name = e.file_name().to_string_lossy().into_owned();
         let old_tmp = name.starts_with(".tmp-")
             && e.metadata()
@@ -408,16 +402,20 @@ pub fn prune(bank_dir: &Path, keep: &dyn Fn(VersionId) -> bool) -> Result<u64, B
     Ok(removed)
 }
 
+/// What `<bank_dir>/packs/` holds (nothing when it does not exist).
+fn entries(bank_dir: &Path) -> Result<Vec<fs::DirEntry>, BankError> {
+    let dir = bank_dir.join(PACKS_DIR);
+    match fs::read_dir(&dir) {
+        Ok(e) => Ok(e.flatten().collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(BankError::io("list", &dir, e)),
+    }
+}
+
 /// The number of packs in the bank at `bank_dir` and their bytes.
 pub fn usage(bank_dir: &Path) -> Result<(u64, u64), BankError> {
-    let dir = bank_dir.join(PACKS_DIR);
-    let entries = match fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
-        Err(e) => return Err(BankError::io("list", &dir, e)),
-    };
     let (mut n, mut bytes) = (0, 0);
-    for e in entries.flatten() {
+    for e in entries(bank_dir)? {
         if e.file_name().to_string_lossy().ends_with(".pack")
             && let Ok(m) = e.metadata()
         {
@@ -754,6 +752,24 @@ mod tests {
         (index, idx, MemPacks(frames), v)
     }
 
+    /// [`walk`] over `disk`'s pack from memory, with `jobs`.
+    fn walk_mem(
+        (index, idx, src, v): &(DiskIndex, PackIndex, MemPacks, VersionInfo),
+        jobs: usize,
+        out: &mut Place<'_>,
+    ) -> Result<(PackUse, usize), BankError> {
+        walk(
+            src,
+            &MemStore::new(),
+            v,
+            index,
+            idx,
+            jobs,
+            &crate::NoProgress,
+            out,
+        )
+    }
+
     /// Runs `f` on a thread; false if it has not ended within 60 s.
     fn ends(f: impl FnOnce() + Send + 'static) -> bool {
         let (tx, rx) = mpsc::channel();
@@ -771,25 +787,14 @@ mod tests {
         for panics in [false, true] {
             assert!(
                 ends(move || {
-                    let (index, idx, src, v) = disk(64);
-                    let store = MemStore::new();
-                    let r = walk(
-                        &src,
-                        &store,
-                        &v,
-                        &index,
-                        &idx,
-                        1,
-                        &crate::NoProgress,
-                        &mut |_, _| {
-                            // Give the readers time to fill the window and wait.
-                            std::thread::sleep(Duration::from_millis(200));
-                            if panics {
-                                panic!("the writer fails");
-                            }
-                            Err(BankError::io("write", "/x", std::io::Error::other("full")))
-                        },
-                    );
+                    let r = walk_mem(&disk(64), 1, &mut |_, _| {
+                        // Give the readers time to fill the window and wait.
+                        std::thread::sleep(Duration::from_millis(200));
+                        if panics {
+                            panic!("the writer fails");
+                        }
+                        Err(BankError::io("write", "/x", std::io::Error::other("full")))
+                    });
                     assert!(r.is_err());
                 }),
                 "walk did not end when its writer {} (panics: {panics})",
@@ -831,23 +836,13 @@ mod tests {
 
     #[test]
     fn every_place_is_handed_over_once_in_order() {
-        let (index, idx, src, v) = disk(50);
-        let store = MemStore::new();
+        let d = disk(50);
         let mut seen = Vec::new();
-        let (used, next) = walk(
-            &src,
-            &store,
-            &v,
-            &index,
-            &idx,
-            2,
-            &crate::NoProgress,
-            &mut |p, b| {
-                assert_eq!(b.map(ChunkId::of), index.chunks[p]);
-                seen.push(p);
-                Ok(())
-            },
-        )
+        let (used, next) = walk_mem(&d, 2, &mut |p, b| {
+            assert_eq!(b.map(ChunkId::of), d.0.chunks[p]);
+            seen.push(p);
+            Ok(())
+        })
         .unwrap();
         assert_eq!(next, 50);
         assert_eq!(seen, (0..50).collect::<Vec<_>>());
