@@ -1175,13 +1175,13 @@ impl Access {
         chunks: impl IntoIterator<Item = ChunkId>,
     ) -> Result<(), AccessError> {
         let tx = self.write("publish a machine")?;
+        let now = now_ms();
         tx.execute(
             "INSERT INTO published (machine, by, since_ms) VALUES (?1, ?2, ?3)
              ON CONFLICT (machine) DO UPDATE SET by = excluded.by",
-            params![machine.as_str(), by, now_ms()],
+            params![machine.as_str(), by, now],
         )
         .map_err(sql("publish a machine"))?;
-        let now = now_ms();
         let chunks: Vec<ChunkId> = chunks.into_iter().collect();
         let own: Vec<Vec<Value>> = chunks
             .iter()

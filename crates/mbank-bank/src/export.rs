@@ -35,7 +35,8 @@ pub struct ExportReport {
 /// A version's pack as an export uses it.
 struct Packed {
     src: Arc<dyn mbank_store::PackSource>,
-    idx: mbank_core::pack::PackIndex,
+    /// `None` when the index could not be had (`used.fell_back` says why).
+    idx: Option<mbank_core::pack::PackIndex>,
     used: crate::pack::PackUse,
 }
 
@@ -51,18 +52,19 @@ impl Packed {
         progress: &dyn Progress,
         out: &mut crate::pack::Place<'_>,
     ) -> Result<usize, BankError> {
-        if self.used.fell_back.is_some() {
+        let Some(idx) = &self.idx else {
             return Ok(0);
-        }
+        };
         let (used, next) =
-            crate::pack::walk(&*self.src, store, v, index, &self.idx, jobs, progress, out)?;
+            crate::pack::walk(&*self.src, store, v, index, idx, jobs, progress, out)?;
         self.used = used;
         Ok(next)
     }
 }
 
-/// Removes the partial output unless the export completed.
-struct PartialFile(Option<PathBuf>);
+/// Removes a partial file (an export's, a pack's) unless disarmed (`None`) once it is
+/// complete.
+pub(crate) struct PartialFile(pub(crate) Option<PathBuf>);
 impl Drop for PartialFile {
     fn drop(&mut self) {
         if let Some(p) = &self.0 {
@@ -143,7 +145,8 @@ impl Bank {
         // in place: renaming a temp file onto it would replace it.
         let special = out != Path::new("-")
             && fs::metadata(out).is_ok_and(|m| !m.file_type().is_file() && !m.is_dir());
-        let (chunks_read, bytes_written) = if out == Path::new("-") || special {
+        // Non-zero places written from the chunks (from `from` on).
+        let from_chunks = if out == Path::new("-") || special {
             let (sink, name): (Box<dyn Write + Send>, String) = if special {
                 let f = OpenOptions::new()
                     .write(true)
@@ -187,10 +190,7 @@ impl Bank {
                 (damaged, wrong),
             )?;
             w.flush().map_err(|e| BankError::io("write to", &name, e))?;
-            (
-                n + pack.as_ref().map_or(0, |p| p.used.chunks),
-                index.disk_size,
-            )
+            n
         } else {
             // A symlink is written through: the export replaces the file it points to
             // (renamed into place in that file's directory), not the link.
@@ -218,7 +218,7 @@ impl Bank {
             file.set_len(index.disk_size)
                 .map_err(|e| BankError::io("size", &tmp, e))?;
             let mut from = 0;
-            let mut written = 0u64;
+            let written = AtomicU64::new(0);
             if let Some(packed) = &mut pack {
                 from = packed.write(
                     &*self.store,
@@ -230,12 +230,7 @@ impl Bank {
                         let Some(p) = plain else { return Ok(()) };
                         file.write_all_at(p, place as u64 * index.chunk_size as u64)
                             .map_err(|e| BankError::io("write", &tmp, e))?;
-                        // As write_chunks does: the disk works while the pack arrives.
-                        let before = written;
-                        written += p.len() as u64;
-                        if written / WRITEBACK_EVERY > before / WRITEBACK_EVERY {
-                            start_writeback(&file);
-                        }
+                        wrote(&file, &written, p.len());
                         Ok(())
                     },
                 )?;
@@ -257,10 +252,7 @@ impl Bank {
             if let Ok(d) = File::open(&dir) {
                 let _ = d.sync_all();
             }
-            (
-                n + pack.as_ref().map_or(0, |p| p.used.chunks),
-                index.disk_size,
-            )
+            n
         };
         progress.finish();
         Ok(ExportReport {
@@ -268,9 +260,9 @@ impl Bank {
             version: v.id.to_hex(),
             path: out.display().to_string(),
             disk_size: index.disk_size,
-            chunks_read,
+            chunks_read: from_chunks + pack.as_ref().map_or(0, |p| p.used.chunks),
             chunks_zero: index.chunks.iter().filter(|c| c.is_none()).count() as u64,
-            bytes_written,
+            bytes_written: index.disk_size,
             seconds: started.elapsed().as_secs_f64(),
             pack: pack.map(|p| p.used),
         })
@@ -288,14 +280,8 @@ impl Bank {
             Err(e) => Err(format!("cannot read the pack's index: {e}")),
         };
         let (idx, fell_back) = match index {
-            Ok(idx) => (idx, None),
-            Err(why) => (
-                mbank_core::pack::PackIndex {
-                    version: v.id,
-                    segments: Vec::new(),
-                },
-                Some(why),
-            ),
+            Ok(idx) => (Some(idx), None),
+            Err(why) => (None, Some(why)),
         };
         Some(Packed {
             src,
@@ -345,10 +331,7 @@ fn write_chunks(
             if let Err(e) = file.write_all_at(&plain, i as u64 * index.chunk_size as u64) {
                 return fail(BankError::io("write", path, e));
             }
-            let before = written.fetch_add(plain.len() as u64, Ordering::Relaxed);
-            if (before + plain.len() as u64) / WRITEBACK_EVERY > before / WRITEBACK_EVERY {
-                start_writeback(file);
-            }
+            wrote(file, &written, plain.len());
             progress.advance(plain.len() as u64);
             ControlFlow::Continue(())
         })
@@ -386,6 +369,15 @@ fn write_zeros<W: Write>(w: &mut std::io::BufWriter<W>, mut n: u64) -> std::io::
 /// (before, an export through a server at 1 Gbit/s spent about a third of its time in
 /// that `fsync`, after the last chunk came).
 const WRITEBACK_EVERY: u64 = 32 << 20;
+
+/// Counts `n` more bytes written to `file` into `written`, and starts its writeback
+/// each time the count passes a multiple of [`WRITEBACK_EVERY`].
+fn wrote(file: &File, written: &AtomicU64, n: usize) {
+    let before = written.fetch_add(n as u64, Ordering::Relaxed);
+    if (before + n as u64) / WRITEBACK_EVERY > before / WRITEBACK_EVERY {
+        start_writeback(file);
+    }
+}
 
 /// Asks the kernel to start writing back `file`'s dirty pages without waiting for
 /// them: a hint; durability comes from the `fsync` at the end.

@@ -104,10 +104,7 @@ pub fn build(
     let plan = plan_segments(&first_uses(index));
     let chunks: usize = plan.iter().map(|s| s.len()).sum();
     let plain_bytes: u64 = plan.iter().flatten().map(|(_, l)| *l as u64).sum();
-    let index_len = pack::HEADER_LEN
-        + plan.len() * pack::SEGMENT_ENTRY_LEN
-        + chunks * pack::CHUNK_ENTRY_LEN
-        + pack::TRAILER_LEN;
+    let index_len = pack::serialized_len(plan.len(), chunks);
     let dir = bank_dir.join(PACKS_DIR);
     fs::create_dir_all(&dir).map_err(|e| BankError::io("create", &dir, e))?;
     let path = pack_path(bank_dir, v.id);
@@ -126,7 +123,7 @@ pub fn build(
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| BankError::io("create", &tmp, e))?;
-    let cleanup = scopeguard(&tmp);
+    let mut cleanup = crate::export::PartialFile(Some(tmp.clone()));
     progress.start(
         &format!("packing {}@{}", v.machine, v.id.short()),
         plain_bytes,
@@ -153,10 +150,19 @@ pub fn build(
                             stored += raw.len() as u64;
                             let plain = store.verify(id, raw).map_err(damaged)?;
                             if plain.len() != *len as usize {
-                                return Err(damaged(StoreError::Remote(format!(
-                                    "chunk {id} is {} bytes where the disk has {len}",
-                                    plain.len()
-                                ))));
+                                // Its first place, where the length was taken.
+                                let i = index.chunks.iter().position(|c| *c == Some(*id));
+                                let wrong = crate::WrongLength::disk(
+                                    index,
+                                    i.expect("a chunk of the index"),
+                                    *id,
+                                    plain.len(),
+                                );
+                                return Err(BankError::WrongLength {
+                                    machine: v.machine.clone(),
+                                    version: v.id,
+                                    wrong: Box::new(wrong.expect("a length that differs")),
+                                });
                             }
                             plains.push(plain);
                         }
@@ -200,7 +206,7 @@ pub fn build(
     file.sync_all()
         .map_err(|e| BankError::io("sync", &tmp, e))?;
     fs::rename(&tmp, &path).map_err(|e| BankError::io("rename the pack to", &path, e))?;
-    drop(cleanup);
+    cleanup.0 = None;
     if let Ok(d) = File::open(&dir) {
         let _ = d.sync_all();
     }
@@ -235,18 +241,6 @@ impl crate::Bank {
         let index = self.catalog.disk_index(&v)?;
         build(&*self.store, root, &v, &index, level, jobs, progress)
     }
-}
-
-/// Removes a temp file unless disarmed (by a successful rename, after which the remove
-/// fails harmlessly).
-struct TempFile<'a>(&'a Path);
-impl Drop for TempFile<'_> {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(self.0);
-    }
-}
-fn scopeguard(p: &Path) -> TempFile<'_> {
-    TempFile(p)
 }
 
 /// The serialised index of version `v`'s pack in the bank at `bank_dir`; `None` when
@@ -305,10 +299,11 @@ pub struct IndexCache {
     parses: std::sync::atomic::AtomicU64,
 }
 
-/// A pack's index, its serialised form, and the identity of the file it was read from.
+/// A pack's index and its serialised form, shared by the requests that read it.
 pub type PackIndexBytes = std::sync::Arc<(PackIndex, Vec<u8>)>;
 struct CachedIndex {
     version: VersionId,
+    /// The file it was read from: inode, length, modification time (s, ns).
     file: (u64, u64, i64, i64),
     index: PackIndexBytes,
 }
@@ -494,9 +489,8 @@ pub(crate) fn walk(
     let mut used = PackUse::default();
     let places = index.chunks.len();
     // The pack must be the version's chunks in first-use order.
-    let expected = first_uses(index);
-    let packed: Vec<(ChunkId, u32)> = idx.segments.iter().flat_map(|s| s.chunks.clone()).collect();
-    if idx.version != v.id || packed != expected {
+    let packed = idx.segments.iter().flat_map(|s| s.chunks.iter().copied());
+    if idx.version != v.id || !packed.eq(first_uses(index)) {
         used.fell_back = Some(format!(
             "the pack does not hold the chunks of {}@{} in order",
             v.machine,
@@ -504,13 +498,11 @@ pub(crate) fn walk(
         ));
         return Ok((used, 0));
     }
-    // The last place of every chunk used more than once.
-    let mut uses: HashMap<ChunkId, (u32, usize)> = HashMap::new();
+    // The first and the last place of every chunk.
+    let mut uses: HashMap<ChunkId, (usize, usize)> = HashMap::new();
     for (i, c) in index.chunks.iter().enumerate() {
         if let Some(id) = c {
-            let e = uses.entry(*id).or_insert((0, i));
-            e.0 += 1;
-            e.1 = i;
+            uses.entry(*id).or_insert((i, i)).1 = i;
         }
     }
     let machine = v.machine.to_string();
@@ -525,7 +517,9 @@ pub(crate) fn walk(
     std::thread::scope(|s| {
         // Made in the scope, so that the writer ending any way (a panic too) drops the
         // receiver, and a reader blocked on a full channel stops.
-        let (tx, rx) = mpsc::sync_channel::<(usize, Result<Vec<u8>, String>, u64)>(window);
+        // A segment's number, and its plaintext with its frame's length, or why not.
+        type Fetched = (usize, Result<(Vec<u8>, u64), String>);
+        let (tx, rx) = mpsc::sync_channel::<Fetched>(window);
         for _ in 0..window {
             let tx = tx.clone();
             let (next_seg, stop, consumed, room, machine) =
@@ -550,16 +544,11 @@ pub(crate) fn walk(
                         .pack_segment(machine, idx.version, k, seg)
                         .map_err(|e| e.to_string())
                         .and_then(|f| {
-                            let len = f.len() as u64;
                             pack::decode_segment(k, seg, &f)
-                                .map(|p| (p, len))
+                                .map(|p| (p, f.len() as u64))
                                 .map_err(|e| e.to_string())
                         });
-                    let (r, len) = match r {
-                        Ok((p, len)) => (Ok(p), len),
-                        Err(e) => (Err(e), 0),
-                    };
-                    if tx.send((k, r, len)).is_err() {
+                    if tx.send((k, r)).is_err() {
                         return;
                     }
                 }
@@ -579,23 +568,26 @@ pub(crate) fn walk(
             let mut seg_no = 0usize;
             let mut kept: HashMap<ChunkId, Vec<u8>> = HashMap::new();
             let mut kept_bytes = 0usize;
-            let mut seen: HashSet<ChunkId> = HashSet::new();
             for place in 0..places {
                 let Some(id) = index.chunks[place] else {
                     out(place, None)?;
                     progress.advance(index.chunk_len(place) as u64);
                     continue;
                 };
-                let (count, last) = uses[&id];
-                if !seen.insert(id) {
+                let (first, last) = uses[&id];
+                if place != first {
                     // A later use of a chunk.
-                    let plain = match kept.get(&id) {
-                        Some(p) => p.clone(),
-                        None => store.read(&id).map_err(|e| BankError::Damaged {
-                            machine: v.machine.clone(),
-                            version: v.id,
-                            source: Box::new(e),
-                        })?,
+                    let read;
+                    let plain: &[u8] = match kept.get(&id) {
+                        Some(p) => p,
+                        None => {
+                            read = store.read(&id).map_err(|e| BankError::Damaged {
+                                machine: v.machine.clone(),
+                                version: v.id,
+                                source: Box::new(e),
+                            })?;
+                            &read
+                        }
                     };
                     if let Some(w) = crate::WrongLength::disk(index, place, id, plain.len()) {
                         return Err(BankError::WrongLength {
@@ -604,14 +596,14 @@ pub(crate) fn walk(
                             wrong: Box::new(w),
                         });
                     }
-                    out(place, Some(&plain))?;
+                    out(place, Some(plain))?;
+                    used.chunks += 1;
+                    progress.advance(plain.len() as u64);
                     if last == place
                         && let Some(p) = kept.remove(&id)
                     {
                         kept_bytes -= p.len();
                     }
-                    used.chunks += 1;
-                    progress.advance(plain.len() as u64);
                     continue;
                 }
                 // A first use: the next chunk of the pack.
@@ -628,11 +620,12 @@ pub(crate) fn walk(
                             break r;
                         }
                         match rx.recv() {
-                            Ok((k, r, len)) => {
-                                if r.is_ok() {
+                            Ok((k, r)) => {
+                                let r = r.map(|(p, len)| {
                                     used.segments += 1;
                                     used.bytes += len;
-                                }
+                                    p
+                                });
                                 ahead.insert(k, r);
                             }
                             Err(_) => break Err("the pack's readers stopped".into()),
@@ -655,7 +648,7 @@ pub(crate) fn walk(
                 out(place, Some(plain))?;
                 used.chunks += 1;
                 progress.advance(plain.len() as u64);
-                if count > 1 && kept_bytes + plain.len() <= KEEP_REPEATS {
+                if last != place && kept_bytes + plain.len() <= KEEP_REPEATS {
                     kept_bytes += plain.len();
                     kept.insert(id, plain.to_vec());
                 }

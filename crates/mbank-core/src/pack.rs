@@ -94,26 +94,23 @@ pub struct PackIndex {
     pub segments: Vec<Segment>,
 }
 
+/// The length of a serialised index of `segments` segments holding `chunks` chunks.
+pub fn serialized_len(segments: usize, chunks: usize) -> usize {
+    HEADER_LEN + segments * SEGMENT_ENTRY_LEN + chunks * CHUNK_ENTRY_LEN + TRAILER_LEN
+}
+
 impl PackIndex {
     /// The length of the serialised index whose first [`HEADER_LEN`] bytes are
     /// `header`: how much of a pack file to read for its index.
     pub fn index_len(header: &[u8]) -> Result<usize, PackError> {
         let (segments, chunks) = parse_header(header)?;
-        Ok(HEADER_LEN
-            + segments as usize * SEGMENT_ENTRY_LEN
-            + chunks as usize * CHUNK_ENTRY_LEN
-            + TRAILER_LEN)
+        Ok(serialized_len(segments as usize, chunks as usize))
     }
 
     /// The serialised index (the frames follow it in a pack file).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let chunks: usize = self.segments.iter().map(|s| s.chunks.len()).sum();
-        let mut b = Vec::with_capacity(
-            HEADER_LEN
-                + self.segments.len() * SEGMENT_ENTRY_LEN
-                + chunks * CHUNK_ENTRY_LEN
-                + TRAILER_LEN,
-        );
+        let chunks = self.chunk_count();
+        let mut b = Vec::with_capacity(self.len());
         b.extend_from_slice(&MAGIC);
         b.push(FORMAT_VERSION);
         b.extend_from_slice(&[0; 3]);
@@ -211,10 +208,7 @@ impl PackIndex {
 
     /// The length of the serialised index.
     pub fn len(&self) -> usize {
-        HEADER_LEN
-            + self.segments.len() * SEGMENT_ENTRY_LEN
-            + self.chunk_count() * CHUNK_ENTRY_LEN
-            + TRAILER_LEN
+        serialized_len(self.segments.len(), self.chunk_count())
     }
 
     /// True for the pack of a disk that is all zeros: no segments.

@@ -286,7 +286,7 @@ impl App {
             }
         };
         let index = self.catalog(|c| Ok(c.disk_index(info)?))?;
-        let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let jobs = mbank_bank::default_jobs();
         let r = mbank_bank::pack::build(
             &*self.store,
             &self.bank_dir,

@@ -310,11 +310,10 @@ pub fn run(bank_dir: &Path, cmd: AdminCmd, quiet: bool) -> Result<()> {
             // Every station may now fetch its head: pack it for exports.
             let bank = mbank_bank::Bank::open(bank_dir, false)?;
             let head: mbank_core::MachineRef = machine.as_str().parse()?;
-            let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
             match bank.build_pack(
                 &head,
                 mbank_core::pack::DEFAULT_LEVEL,
-                jobs,
+                mbank_bank::default_jobs(),
                 &mbank_bank::NoProgress,
             ) {
                 Ok(r) => say(format!(
